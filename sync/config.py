@@ -1,0 +1,392 @@
+"""Activation config: the pydantic model, YAML loading and the checks that run before any read.
+
+One YAML file per activation. Secrets never live in the file: the destination names the
+environment variables that hold the REST API key and the project key.
+
+Every error is a :class:`sync.errors.ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sync.errors import ConfigError
+
+# Batch: custom attribute names are [a-z0-9_], 1 to 30 characters (doc.batch.com SDK
+# "attributes" pages; the Android SDK pattern ^[a-zA-Z0-9_]{1,30}$ lowercases first).
+# We do not lowercase silently: an uppercase name is a config error.
+ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,30}$")
+# Batch's own Segment integration caps custom attributes at 50 per profile.
+MAX_CUSTOM_ATTRIBUTES = 50
+# Activation names end up in state keys, document ids and log labels.
+ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
+TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
+
+
+class RunType(enum.StrEnum):
+    FULL_ONLY = "full_only"
+    FULL_THEN_DELTA = "full_then_delta"
+
+
+class SyncMode(enum.StrEnum):
+    UPSERT = "upsert"
+    MIRROR = "mirror"
+
+
+class AttributeType(enum.StrEnum):
+    STRING = "string"
+    INTEGER = "integer"
+    FLOAT = "float"
+    BOOLEAN = "boolean"
+    DATE = "date"
+    URL = "url"
+    STRING_ARRAY = "string_array"
+
+
+class EndpointPolicy(enum.StrEnum):
+    AUTO = "auto"
+    UPDATE = "update"
+    MASS_UPDATE = "mass-update"
+
+
+class InvalidValuePolicy(enum.StrEnum):
+    REJECT_ROW = "reject_row"
+    DROP_ATTRIBUTE = "drop_attribute"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SegmentSpec(_Strict):
+    query: str | None = Field(None, description="SQL returning one row per person.")
+    table: str | None = Field(None, description="Table reference; read whole. Validated, never interpolated raw.")
+
+    @model_validator(mode="after")
+    def _one_of_query_or_table(self) -> _SegmentSpec:
+        if (self.query is None) == (self.table is None):
+            raise ValueError("give exactly one of 'query' or 'table'")
+        if self.query is not None and not self.query.strip():
+            raise ValueError("'query' is empty")
+        if self.table is not None and not TABLE_REFERENCE.match(self.table):
+            raise ValueError(f"'table' must look like dataset.table (letters, digits, _ and -): {self.table!r}")
+        return self
+
+
+class DuckDBSourceConfig(_SegmentSpec):
+    type: Literal["duckdb"] = "duckdb"
+    database: str = Field(description="DuckDB database file, relative to the activation file. Opened read-only.")
+    batch_rows: int = Field(50_000, ge=1_000, le=1_000_000, description="Rows per Arrow record batch.")
+
+
+class BigQuerySourceConfig(_SegmentSpec):
+    type: Literal["bigquery"] = "bigquery"
+    project: str | None = Field(None, description="Project that runs the query job (default: the client's).")
+    location: str | None = Field(None, description="Job location, e.g. EU or europe-west1.")
+    parameters: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Named query parameters (@name in the query)."
+    )
+    maximum_bytes_billed: int | None = Field(None, ge=1, description="Fail the query above this many bytes.")
+    use_storage_api: bool = Field(True, description="Stream results with the BigQuery Storage Read API.")
+
+
+SourceConfig = Annotated[DuckDBSourceConfig | BigQuerySourceConfig, Field(discriminator="type")]
+
+
+class DestinationConfig(_Strict):
+    api_key_env: str = Field(description="Environment variable holding the Batch REST API key.")
+    project_key_env: str = Field(description="Environment variable holding the Batch project key.")
+    base_url: str = Field("https://api.batch.com", description="Batch API root; point it at the simulator locally.")
+    api_version: str = Field("2.11", pattern=r"^2\.\d{1,2}$")
+    endpoint: EndpointPolicy = EndpointPolicy.AUTO
+    mass_update_threshold: int = Field(
+        10_000, ge=1, description="With endpoint 'auto': a run sending at least this many profiles uses mass-update."
+    )
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    request_timeout_seconds: float = Field(60.0, gt=0, le=600)
+    max_attempts: int = Field(6, ge=1, le=20, description="Attempts per request on transient errors.")
+    rate_limit: bool = Field(True, description="Pace sends to Batch's published limits (profiles/s).")
+
+    @field_validator("api_key_env", "project_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError(f"must be an environment variable name, not a value: {value[:3]}...")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+
+class MappingConfig(_Strict):
+    custom_id: str = Field(description="Column holding the Custom Profile ID.")
+    email: str | None = Field(None, description="Column for $email_address.")
+    phone: str | None = Field(None, description="Column for $phone_number (normalised to E.164).")
+    language: str | None = Field(None, description="Column for $language (ISO 639-1).")
+    region: str | None = Field(None, description="Column for $region (ISO 3166-1 alpha-2).")
+    timezone: str | None = Field(None, description="Column for $timezone (IANA name).")
+    email_marketing: str | None = Field(None, description="Column for $email_marketing.")
+    sms_marketing: str | None = Field(None, description="Column for $sms_marketing.")
+    default_phone_region: str | None = Field(
+        None, description="Region used to read national phone numbers (e.g. FR for 06 12 34 56 78)."
+    )
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Z]{2}$", value):
+            raise ValueError("must be an ISO 3166-1 alpha-2 code in uppercase, e.g. FR")
+        return value
+
+    def native_columns(self) -> dict[str, str]:
+        """Native Batch key -> source column, for the mapped ones only."""
+        pairs = {
+            "$email_address": self.email,
+            "$phone_number": self.phone,
+            "$language": self.language,
+            "$region": self.region,
+            "$timezone": self.timezone,
+            "$email_marketing": self.email_marketing,
+            "$sms_marketing": self.sms_marketing,
+        }
+        return {key: column for key, column in pairs.items() if column is not None}
+
+
+class CustomAttributeConfig(_Strict):
+    column: str = Field(description="Source column.")
+    name: str | None = Field(None, description="Batch attribute name (default: the column name).")
+    type: AttributeType | None = Field(None, description="Batch type (default: inferred from the source type).")
+
+    @property
+    def batch_name(self) -> str:
+        return self.name if self.name is not None else self.column
+
+
+class GuardsConfig(_Strict):
+    abort_on_empty_segment: bool = Field(True, description="Abort when the segment is empty but state exists.")
+    max_removed_percent: float = Field(
+        20.0, ge=0, le=100, description="Abort when a mirror run would clear more than this share of synced profiles."
+    )
+    max_changed_percent: float = Field(
+        100.0, ge=0, le=100, description="Abort when more than this share of synced profiles changed (100 = off)."
+    )
+
+
+class JournalConfig(_Strict):
+    flush_every_profiles: int = Field(2_000, ge=1, description="Commit acknowledged profiles at least this often.")
+    flush_every_seconds: float = Field(5.0, gt=0, description="...and at least this often in time.")
+
+
+class ScheduleConfig(_Strict):
+    cron: str = Field(description="Cloud Scheduler cron expression, e.g. '0 * * * *'.")
+    time_zone: str = Field("Etc/UTC", description="IANA time zone for the cron expression.")
+
+
+class Activation(_Strict):
+    """One segment → one Batch project, with its mapping, run type, sync mode and guards."""
+
+    name: str = Field(description="Unique activation name: [a-z0-9][a-z0-9_-]*, at most 63 characters.")
+    description: str | None = None
+    source: SourceConfig
+    destination: DestinationConfig
+    run_type: RunType = RunType.FULL_THEN_DELTA
+    sync_mode: SyncMode = SyncMode.UPSERT
+    mapping: MappingConfig
+    attributes: list[CustomAttributeConfig] = Field(default_factory=list)
+    on_invalid_value: InvalidValuePolicy = Field(
+        InvalidValuePolicy.REJECT_ROW,
+        description="reject_row: the whole row is not sent; drop_attribute: only the bad value is left out.",
+    )
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    schedule: ScheduleConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ACTIVATION_NAME.match(value):
+            raise ValueError("must match [a-z0-9][a-z0-9_-]* and be at most 63 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Activation:
+        if self.sync_mode is SyncMode.MIRROR and self.run_type is not RunType.FULL_THEN_DELTA:
+            raise ValueError("sync_mode 'mirror' needs run_type 'full_then_delta' (it must know what it synced)")
+        if len(self.attributes) > MAX_CUSTOM_ATTRIBUTES:
+            raise ValueError(
+                f"{len(self.attributes)} custom attributes; Batch accepts at most {MAX_CUSTOM_ATTRIBUTES} per profile"
+            )
+        seen: dict[str, int] = {}
+        for index, attribute in enumerate(self.attributes):
+            name = attribute.batch_name
+            if not ATTRIBUTE_NAME.match(name):
+                raise _FieldError(
+                    f"attributes.{index}.name",
+                    f"Batch attribute name {name!r} must be 1-30 characters of a-z, 0-9 and _ (no uppercase)",
+                )
+            if name in seen:
+                raise _FieldError(
+                    f"attributes.{index}.name",
+                    f"two attributes map to the Batch name {name!r} (attributes.{seen[name]} and this one)",
+                )
+            seen[name] = index
+        return self
+
+    @property
+    def mapped_columns(self) -> list[str]:
+        """Every source column the mapping reads, custom_id first, without duplicates."""
+        columns = [self.mapping.custom_id, *self.mapping.native_columns().values()]
+        columns += [a.column for a in self.attributes]
+        return list(dict.fromkeys(columns))
+
+    def mapping_spec(self) -> dict[str, Any]:
+        """The part of the config that decides payloads; its hash is the mapping version."""
+        return {
+            "mapping": self.mapping.model_dump(mode="json"),
+            "attributes": [a.model_dump(mode="json") for a in self.attributes],
+            "on_invalid_value": self.on_invalid_value.value,
+        }
+
+
+class _FieldError(ValueError):
+    """A model-level check that knows which field it is about."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class Credentials:
+    """The two Batch secrets, resolved from the environment. The repr never shows them."""
+
+    __slots__ = ("api_key", "project_key")
+
+    def __init__(self, api_key: str, project_key: str) -> None:
+        self.api_key = SecretStr(api_key)
+        self.project_key = SecretStr(project_key)
+
+    def __repr__(self) -> str:
+        return "Credentials(api_key='**********', project_key='**********')"
+
+    @classmethod
+    def from_env(cls, activation: Activation, environ: dict[str, str] | None = None) -> Credentials:
+        env = os.environ if environ is None else environ
+        dest = activation.destination
+        missing = [name for name in (dest.api_key_env, dest.project_key_env) if not env.get(name)]
+        if missing:
+            raise ConfigError(
+                f"environment variable(s) {', '.join(missing)} not set (Batch credentials)",
+                source=f"activation '{activation.name}'",
+                field="destination",
+            )
+        return cls(env[dest.api_key_env], env[dest.project_key_env])
+
+
+def mapping_version(activation: Activation) -> str:
+    """A short, stable hash of everything that decides a payload (see docs in fingerprint.py)."""
+    from sync.fingerprint import MAPPING_RULES_VERSION
+
+    spec = json.dumps(
+        {"rules": MAPPING_RULES_VERSION, **activation.mapping_spec()},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
+
+
+def _format_validation_error(error: ValidationError) -> tuple[str, str]:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"] if part not in ("duckdb", "bigquery"))
+    message = first["msg"].removeprefix("Value error, ")
+    ctx = first.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, _FieldError):
+        loc = inner.field
+        message = str(inner)
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return loc or "(root)", message
+
+
+def parse_activation(data: Any, *, source: str) -> Activation:
+    """Validate an already-parsed YAML/JSON document."""
+    if not isinstance(data, dict):
+        raise ConfigError("an activation file must hold a mapping at the top level", source=source)
+    try:
+        activation = Activation.model_validate(data)
+    except ValidationError as error:
+        field, message = _format_validation_error(error)
+        count = error.error_count()
+        if count > 1:
+            message += f" (and {count - 1} more error{'s' if count > 2 else ''})"
+        raise ConfigError(message, source=source, field=field) from None
+    return activation
+
+
+def load_activation(path: str | Path) -> Activation:
+    """Read and validate one activation file.
+
+    A DuckDB ``database`` path is resolved relative to the file, so an activation
+    directory can be moved as a whole.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read activation file: {error.strerror}", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML: {error}", source=str(path)) from None
+    activation = parse_activation(data, source=str(path))
+    source = activation.source
+    if isinstance(source, DuckDBSourceConfig):
+        resolved = (path.parent / source.database).resolve()
+        source = source.model_copy(update={"database": str(resolved)})
+        activation = activation.model_copy(update={"source": source})
+    return activation
+
+
+def load_activations(directory: str | Path) -> dict[str, Activation]:
+    """Every ``*.yaml``/``*.yml`` in a directory, by activation name (names must be unique)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError("activation directory not found", source=str(directory))
+    found: dict[str, Activation] = {}
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        activation = load_activation(path)
+        if activation.name in found:
+            raise ConfigError(f"activation name {activation.name!r} is used twice", source=str(path), field="name")
+        found[activation.name] = activation
+    return found
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of an activation file (``cepsync schema``)."""
+    schema = Activation.model_json_schema()
+    schema["$id"] = "https://github.com/cepsync/cepsync/activation.schema.json"
+    schema["title"] = "cepsync activation"
+    return schema

@@ -1,0 +1,1 @@
+"""Segment sources: read a warehouse query or table as Arrow record batches."""

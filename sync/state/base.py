@@ -1,0 +1,83 @@
+"""The StateStore protocol every backend implements (SQLite, Firestore).
+
+Guarantees a backend must keep (the conformance suite in tests/state/ proves them):
+
+* A fingerprint moves only through :meth:`StateStore.commit`, which the engine calls
+  with acknowledged profiles only.
+* Every write that belongs to a run (commit, intents, meta, compaction) checks the
+  lease's fencing token inside the same transaction; a stale token raises
+  :class:`sync.errors.LeaseLost` and writes nothing.
+* :meth:`StateStore.load_fingerprints` returns committed state including any journal
+  not yet compacted (a crash between commit and compaction loses nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    # -- lease -------------------------------------------------------------------------
+    def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
+        """Take the activation's lease, or raise LeaseHeld if another owner holds an unexpired one.
+
+        Taking a lease (new, expired, or released) increments the fencing token.
+        """
+
+    def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+        """Extend our lease; raise LeaseLost if its token is no longer current."""
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up (no-op if it is no longer ours)."""
+
+    # -- fingerprints --------------------------------------------------------------------
+    def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
+        """Every committed fingerprint of the activation (journal included)."""
+
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
+        """Durably apply acknowledged outcomes (fenced). Entries with fingerprint None delete."""
+
+    def compact(self, lease: Lease, now: datetime) -> None:
+        """Fold journal records into the main layout (no-op where there is no journal)."""
+
+    # -- mirror intents ------------------------------------------------------------------
+    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Durably note ids this activation may be about to create (fenced)."""
+
+    def load_intents(self, activation: str) -> set[str]:
+        """Ids noted as possibly synced and not yet cleared."""
+
+    def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Forget intents for ids that were cleared in Batch (fenced)."""
+
+    # -- per-activation meta -------------------------------------------------------------
+    def load_meta(self, activation: str) -> ActivationMeta:
+        """The activation's meta, or a fresh one."""
+
+    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
+        """Replace the activation's meta (fenced)."""
+
+    # -- run records ---------------------------------------------------------------------
+    def save_run(self, record: dict[str, Any]) -> None:
+        """Insert or replace a run record (keyed by record['run_id'], JSON-serialisable)."""
+
+    def list_runs(self, activation: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest first."""
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """One run record, or None."""
+
+    def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
+        """The run started by this trigger id (a Pub/Sub message/CloudEvent id), if any."""
+
+    # -- admin ---------------------------------------------------------------------------
+    def reset(self, activation: str) -> None:
+        """Forget fingerprints, intents and meta (not run history): the next run is full."""
+
+    def close(self) -> None:
+        """Release connections."""
