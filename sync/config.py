@@ -220,8 +220,8 @@ class Activation(_Strict):
         InvalidValuePolicy.REJECT_ROW,
         description="reject_row: the whole row is not sent; drop_attribute: only the bad value is left out.",
     )
-    guards: GuardsConfig = Field(default_factory=GuardsConfig)
-    journal: JournalConfig = Field(default_factory=JournalConfig)
+    guards: GuardsConfig = Field(default_factory=lambda: GuardsConfig())
+    journal: JournalConfig = Field(default_factory=lambda: JournalConfig())
     schedule: ScheduleConfig | None = None
 
     @field_validator("name")

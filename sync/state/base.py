@@ -76,7 +76,7 @@ class StateStore(Protocol):
         """The run started by this trigger id (a Pub/Sub message/CloudEvent id), if any."""
 
     # -- admin ---------------------------------------------------------------------------
-    def reset(self, activation: str) -> None:
+    def reset(self, activation: str, *, now: datetime | None = None) -> None:
         """Forget fingerprints, intents and meta (not run history): the next run is full."""
 
     def close(self) -> None:

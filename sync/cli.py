@@ -1,0 +1,412 @@
+"""The ``cepsync`` command line (typer + rich).
+
+Exit codes: 0 success (rejected rows are reported, not failures), 1 unexpected failure,
+2 config or usage error, 3 a guard aborted the run, 4 Batch refused the credentials,
+5 another run holds the lease (nothing done), 6 some profiles failed after retries
+(they are resent next run), 7 the time budget ran out (a continuation will finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sync.config import Activation, json_schema, load_activation
+from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
+from sync.errors import ConfigError, SyncError
+from sync.logs import configure_logging
+from sync.plan import GUARD_NAMES, Plan
+from sync.runtime import DEFAULT_STATE_URL, build_client, open_source, open_store
+
+app = typer.Typer(
+    name="cepsync",
+    help="Keep Batch CEP profiles in step with a warehouse segment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+StateOption = Annotated[
+    str,
+    typer.Option(
+        "--state",
+        envvar="CEPSYNC_STATE",
+        help="State store URL: sqlite:///PATH (default) or firestore://[PROJECT[/DATABASE]][?prefix=P].",
+    ),
+]
+ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
+
+
+def _fail(error: SyncError | Exception) -> typer.Exit:
+    code = getattr(error, "exit_code", 1)
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> Activation:
+    try:
+        return load_activation(path)
+    except ConfigError as error:
+        raise _fail(error) from None
+
+
+class _RichProgress:
+    """Progress bars for reading and sending, drawn only on a terminal."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._read = progress.add_task("reading segment", total=None)
+        self._send: Any = None
+
+    def rows_read(self, rows: int) -> None:
+        self._progress.advance(self._read, rows)
+
+    def planned(self, plan: Plan) -> None:
+        self._progress.update(self._read, total=plan.counts["rows"], completed=plan.counts["rows"])
+
+    def sending(self, total: int, endpoint: str) -> None:
+        self._send = self._progress.add_task(f"sending to /profiles/{endpoint}", total=total)
+
+    def sent(self, acknowledged: int, rejected: int, failed: int) -> None:
+        if self._send is not None:
+            self._progress.advance(self._send, acknowledged + rejected + failed)
+
+
+def _progress_bars() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+        disable=not err_console.is_terminal,
+    )
+
+
+def summary_table(record: dict[str, Any]) -> Table:
+    counts = record.get("counts", {})
+    table = Table(title=f"{record['activation']} · run {record['run_id']} · {record['status']}", title_justify="left")
+    table.add_column("outcome")
+    table.add_column("profiles", justify="right")
+    rows = [
+        ("rows read", "rows"),
+        ("new", "new"),
+        ("changed", "changed"),
+        ("unchanged", "unchanged"),
+        ("removed (mirror)", "removed"),
+        ("rejected before sending", "rejected"),
+        ("  of which duplicate ids", "duplicates"),
+        ("sent", "sent"),
+        ("acknowledged by Batch", "acknowledged"),
+        ("rejected by Batch", "rejected_by_batch"),
+        ("failed (resent next run)", "failed"),
+    ]
+    for label, key in rows:
+        if key in counts:
+            table.add_row(label, f"{counts[key]:,}")
+    return table
+
+
+def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
+    console.print(summary_table(record))
+    extra = []
+    if record.get("endpoint"):
+        extra.append(f"endpoint /profiles/{record['endpoint']}")
+    timings = record.get("timings", {})
+    if "total_seconds" in timings:
+        extra.append(f"{timings['total_seconds']:.2f}s total")
+    if "wire_seconds" in timings:
+        extra.append(f"{timings['wire_seconds']:.2f}s waiting on Batch")
+    mapping = record.get("mapping_version") or {}
+    if mapping.get("explanation"):
+        console.print(f"[yellow]mapping changed:[/] {mapping['explanation']}")
+    if extra:
+        console.print(" · ".join(extra), style="dim")
+    if record.get("rejected_by_reason"):
+        reasons = ", ".join(f"{reason} ×{count}" for reason, count in sorted(record["rejected_by_reason"].items()))
+        console.print(f"rejected by reason: {reasons}")
+    shown = record.get("rejected_samples", [])[:samples]
+    if shown:
+        table = Table(title="rejected rows (sample)", title_justify="left")
+        for column in ("row", "custom_id", "field", "reason", "detail"):
+            table.add_column(column, overflow="fold")
+        for sample in shown:
+            for issue in sample["issues"]:
+                table.add_row(
+                    str(sample["row"] if sample["row"] is not None else "-"),
+                    str(sample["custom_id"]),
+                    issue["field"],
+                    issue["reason"],
+                    issue["detail"],
+                )
+        console.print(table)
+    for guard in record.get("guards", []):
+        if guard["tripped"]:
+            state = "overridden" if guard["overridden"] else "TRIPPED"
+            console.print(f"guard {guard['guard']}: {state} — {guard['detail']}")
+    if record.get("error"):
+        err_console.print(f"[red]{record['error']}[/]", highlight=False)
+
+
+def execute_run(
+    activation: Activation,
+    *,
+    state: str,
+    options: RunOptions,
+    progress: Any = None,
+) -> RunResult:
+    """Build the edges and run once (used by `run` and `demo`)."""
+    client = build_client(activation)
+    source = open_source(activation)
+    store = open_store(state)
+    try:
+        run = Run(activation, source=source, store=store, client=client, options=options, progress=progress)
+        return asyncio.run(run.execute())
+    finally:
+        source.close()
+        store.close()
+
+
+@app.command()
+def run(
+    activation_file: ActivationArg,
+    state: StateOption = DEFAULT_STATE_URL,
+    full: Annotated[bool, typer.Option("--full", help="Send every valid row, whatever the stored fingerprints.")] = False,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", help=f"Override a guard for this run only: {', '.join(GUARD_NAMES)}."),
+    ] = None,
+    lease_ttl: Annotated[float, typer.Option(help="Lease time-to-live in seconds (renewed while running).")] = 300.0,
+    time_budget: Annotated[
+        float | None, typer.Option(help="Stop sending after this many seconds and checkpoint (exit 7).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+) -> None:
+    """Sync one activation now."""
+    configure_logging(level="warning")
+    activation = _load(activation_file)
+    bad = set(allow or ()) - set(GUARD_NAMES)
+    if bad:
+        raise _fail(ConfigError(f"unknown guard(s) {sorted(bad)}; known: {', '.join(GUARD_NAMES)}", field="--allow"))
+    options = RunOptions(
+        trigger="cli",
+        full=full,
+        allow_guards=tuple(allow or ()),
+        lease_ttl_seconds=lease_ttl,
+        time_budget_seconds=time_budget,
+    )
+    try:
+        with _progress_bars() as bars:
+            result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars))
+    except SyncError as error:
+        raise _fail(error) from None
+    if json_output:
+        console.print_json(json.dumps(result.record, default=str))
+    else:
+        print_record(result.record)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def plan(
+    activation_file: ActivationArg,
+    state: StateOption = DEFAULT_STATE_URL,
+    full: Annotated[bool, typer.Option("--full", help="Plan as if every valid row were to be sent.")] = False,
+    sample: Annotated[int, typer.Option(help="How many planned changes to show.")] = 5,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plan record as JSON.")] = False,
+) -> None:
+    """Dry run: what the next run would send. Nothing is sent, no state changes."""
+    configure_logging(level="warning")
+    activation = _load(activation_file)
+    source = open_source(activation)
+    store = open_store(state)
+    try:
+        run_ = Run(activation, source=source, store=store, client=None, options=RunOptions(trigger="plan", full=full))
+        planned, record = asyncio.run(run_.plan_only())
+    except SyncError as error:
+        raise _fail(error) from None
+    finally:
+        source.close()
+        store.close()
+    changes = [
+        {"custom_id": s.custom_id, "kind": s.kind, "attributes": planned.spool.read(s.offset, s.length)}
+        for s in planned.sends[:sample]
+    ]
+    removals = planned.removals[:sample]
+    planned.spool.close()
+    if json_output:
+        console.print_json(json.dumps({**record, "sample_changes": changes, "sample_removals": removals}, default=str))
+        raise typer.Exit(0)
+    print_record(record)
+    for change in changes:
+        console.print(f"[bold]{change['kind']}[/] {change['custom_id']}: {json.dumps(change['attributes'])}")
+    for removal in removals:
+        console.print(f"[bold]remove[/] {removal}")
+
+
+@app.command()
+def validate(
+    activation_file: ActivationArg,
+    check_credentials: Annotated[
+        bool, typer.Option(help="Ask Batch whether the REST API key and project key are valid.")
+    ] = True,
+) -> None:
+    """Check the config, the segment query (schema only) and the Batch credentials."""
+    configure_logging(level="warning")
+    activation = _load(activation_file)
+    console.print(f"[green]✓[/] config: activation '{activation.name}' is valid")
+    try:
+        source = open_source(activation)
+        try:
+            from sync.mapping import ProfileMapper, resolve_attribute_types
+
+            types = resolve_attribute_types(activation, source.schema(), source=f"activation '{activation.name}'")
+            mapper = ProfileMapper(activation, types)
+        finally:
+            source.close()
+        console.print(f"[green]✓[/] source: {len(mapper.columns)} mapped columns found, types " + ", ".join(
+            f"{column}={kind.value}" for column, kind in types.items()
+        ))
+        if check_credentials:
+            client = build_client(activation)
+
+            async def check() -> None:
+                async with client:
+                    await client.check_credentials()
+
+            asyncio.run(check())
+            console.print(f"[green]✓[/] Batch accepted the credentials at {activation.destination.base_url}")
+    except SyncError as error:
+        raise _fail(error) from None
+
+
+@app.command()
+def history(
+    activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
+    state: StateOption = DEFAULT_STATE_URL,
+    limit: Annotated[int, typer.Option(help="How many runs.")] = 10,
+    run_id: Annotated[str | None, typer.Option("--run", help="Show one run record in full.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print records as JSON.")] = False,
+) -> None:
+    """Recent runs of an activation, newest first."""
+    name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
+    store = open_store(state)
+    try:
+        if run_id:
+            record = store.get_run(run_id)
+            if record is None:
+                raise _fail(ConfigError(f"no run {run_id!r}", field="--run"))
+            if json_output:
+                console.print_json(json.dumps(record, default=str))
+            else:
+                print_record(record, samples=50)
+            return
+        records = store.list_runs(name, limit)
+    finally:
+        store.close()
+    if json_output:
+        console.print_json(json.dumps(records, default=str))
+        return
+    table = Table(title=f"runs of {name}", title_justify="left")
+    for column in ("run", "trigger", "started", "status", "new", "changed", "removed", "rejected", "acked", "failed"):
+        table.add_column(column)
+    for record in records:
+        counts = record.get("counts", {})
+        table.add_row(
+            record["run_id"],
+            record.get("trigger", {}).get("kind", ""),
+            record.get("started_at", "")[:19],
+            record.get("status", ""),
+            *(str(counts.get(key, "")) for key in ("new", "changed", "removed", "rejected", "acknowledged", "failed")),
+        )
+    console.print(table)
+
+
+@app.command()
+def reset(
+    activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
+    state: StateOption = DEFAULT_STATE_URL,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Forget what was synced (fingerprints, intents, meta): the next run is a full load.
+
+    Run history is kept. Mirror mode will no longer know which profiles it synced before,
+    so it cannot clear profiles that left the segment before the next run.
+    """
+    name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
+    if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
+        raise typer.Exit(1)
+    store = open_store(state)
+    try:
+        store.reset(name)
+    except SyncError as error:
+        raise _fail(error) from None
+    finally:
+        store.close()
+    console.print(f"state of '{name}' forgotten; the next run is a full load")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of activation files."""
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def simulator(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8787,
+    api_key_env: Annotated[str, typer.Option(help="Env var holding the accepted REST API key.")] = "BATCH_REST_API_KEY",
+    project_key_env: Annotated[str, typer.Option(help="Env var holding the accepted project key.")] = "BATCH_PROJECT_KEY",
+    rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
+) -> None:
+    """Run the local Batch Profile API simulator (for demos and tests)."""
+    from sync.batch.simulator import serve
+
+    api_key = os.environ.get(api_key_env)
+    project_key = os.environ.get(project_key_env)
+    if not api_key or not project_key:
+        raise _fail(ConfigError(f"set {api_key_env} and {project_key_env}: the simulator accepts only those keys"))
+    configure_logging(level="info")
+    serve(host, port, {project_key: api_key}, rate_limit=rate_limit)
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the demo database and state.")] = Path(
+        ".cepsync/demo"
+    ),
+    rows: Annotated[int, typer.Option(help="Customers in the demo segment.")] = 2_000,
+) -> None:
+    """A real sync on the embedded default: DuckDB → local Batch simulator, full then delta (mirror)."""
+    from sync.demo_runner import run_demo
+
+    configure_logging(level="warning")
+    if directory.exists():
+        shutil.rmtree(directory)
+    code = run_demo(directory, rows=rows, console=console, progress_factory=_progress_bars,
+                    progress_adapter=_RichProgress)
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
+
+__all__ = ["EXIT_CODES", "app", "execute_run", "print_record"]

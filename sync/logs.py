@@ -1,0 +1,89 @@
+"""Logging set-up (structlog): console for people, JSON for Cloud Logging; secrets scrubbed.
+
+Cloud Logging parses a JSON line on stdout: ``severity`` and ``message`` are understood,
+``logging.googleapis.com/labels`` become labels and ``logging.googleapis.com/trace``
+links the line to a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+_SEVERITY = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warning": "WARNING",
+    "warn": "WARNING",
+    "error": "ERROR",
+    "exception": "ERROR",
+    "critical": "CRITICAL",
+}
+REDACTED = "[REDACTED]"
+
+
+class SecretScrubber:
+    """A structlog processor that replaces any known secret found in any string value."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add(self, secrets: Iterable[str]) -> None:
+        # Very short values would redact innocent text; Batch keys are long random strings.
+        self._secrets.update(s for s in secrets if len(s) >= 6)
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {key: self._scrub(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._scrub(item) for item in value)
+        return value
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if not self._secrets:
+            return event_dict
+        return {key: self._scrub(value) for key, value in event_dict.items()}
+
+
+scrubber = SecretScrubber()
+
+
+def _cloud_logging_shape(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event_dict["severity"] = _SEVERITY.get(method, "DEFAULT")
+    event_dict["message"] = event_dict.pop("event", "")
+    labels = {key: str(event_dict[key]) for key in ("activation", "run_id") if key in event_dict}
+    if labels:
+        event_dict["logging.googleapis.com/labels"] = labels
+    trace = event_dict.pop("trace", None)
+    if trace:
+        event_dict["logging.googleapis.com/trace"] = trace
+    return event_dict
+
+
+def configure_logging(*, json: bool = False, level: str = "info", stream: Any = None) -> None:
+    """Configure structlog once per process (CLI or Cloud Function)."""
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrubber,
+    ]
+    if json:
+        processors += [structlog.processors.format_exc_info, _cloud_logging_shape, structlog.processors.JSONRenderer()]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=False)]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )

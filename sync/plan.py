@@ -1,0 +1,351 @@
+"""Plan: classify every segment row against the stored fingerprints; guards.
+
+Pure: no I/O except the payload spool (a temporary file the planner writes mapped
+payloads to, so a million-profile full load does not hold a million dicts in memory).
+
+Outcomes of one row:
+
+* ``new``        — valid, no stored fingerprint: send (and, in mirror mode, record an intent first);
+* ``changed``    — valid, payload fingerprint differs from the acknowledged one: send;
+* ``unchanged``  — payload equals what Batch acknowledged: not sent (FULL ONLY and forced
+                   full runs send it anyway);
+* ``rejected``   — invalid value, bad or duplicate custom_id: never sent, state untouched,
+                   and the person still counts as *in the segment* (never removed for it);
+* ``removed``    — mirror mode only: an id this activation synced (fingerprint or intent)
+                   that is no longer in the segment.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from sync.config import GuardsConfig, RunType, SyncMode
+from sync.fingerprint import canonical_json, payload_fingerprint, raw_fingerprint
+from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
+
+# How many rejected rows a run record keeps verbatim (counts by reason are always complete).
+REJECTED_SAMPLE_SIZE = 50
+GUARD_NAMES = ("empty_segment", "removed_percent", "changed_percent")
+
+
+class PayloadSpool:
+    """Append-only temporary file of canonical payload JSON, addressed by (offset, length)."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="cepsync-spool-")  # noqa: SIM115 - closed by close()
+        self._end = 0
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        offset = self._end
+        self._file.write(data)
+        self._end += len(data)
+        return offset, len(data)
+
+    def read(self, offset: int, length: int) -> dict[str, Any]:
+        self._file.seek(offset)
+        payload: dict[str, Any] = json.loads(self._file.read(length))
+        self._file.seek(self._end)
+        return payload
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Row:
+    """Planner bookkeeping for one custom_id (slots: a million of these stay small)."""
+
+    __slots__ = ("copies", "first_row", "fingerprint", "kind", "length", "offset")
+
+    def __init__(self, kind: str, first_row: int, fingerprint: Fingerprint | None, offset: int, length: int) -> None:
+        self.kind = kind
+        self.first_row = first_row
+        self.fingerprint = fingerprint
+        self.offset = offset
+        self.length = length
+        self.copies = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    row_number: int
+    custom_id: str | None
+    issues: tuple[RowIssue, ...]
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "row": self.row_number,
+            "custom_id": self.custom_id,
+            "issues": [{"field": i.field, "reason": i.reason.value, "detail": i.detail} for i in self.issues],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSend:
+    """One profile to send: where its payload is in the spool and what to store once acknowledged."""
+
+    custom_id: str
+    kind: str  # new | changed | unchanged (FULL ONLY / forced full)
+    fingerprint: Fingerprint
+    offset: int
+    length: int
+
+
+@dataclass
+class Plan:
+    sends: list[PlannedSend]
+    removals: list[str]
+    refreshes: list[JournalEntry]
+    counts: Counter[str]
+    rejected_by_reason: Counter[str]
+    rejected_samples: list[RejectedRow]
+    dropped_by_reason: Counter[str]
+    synced_before: int
+    full: bool
+    spool: PayloadSpool
+    new_ids: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        keys = ("rows", "new", "changed", "unchanged", "removed", "rejected", "duplicates", "refreshed")
+        return {key: self.counts.get(key, 0) for key in keys}
+
+
+class Planner:
+    """Feeds rows one at a time; ``finish()`` returns the plan.
+
+    Args:
+        run_type / sync_mode: from the activation.
+        full: send every valid row (FULL ONLY, a first run, or ``--full``).
+        stored: acknowledged fingerprints by custom_id.
+        intents: ids recorded as possibly synced (mirror).
+        mapping_version: salts the raw fingerprint.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_type: RunType,
+        sync_mode: SyncMode,
+        full: bool,
+        stored: Mapping[str, Fingerprint],
+        intents: Iterable[str] = (),
+        mapping_version: str,
+    ) -> None:
+        self._full = full or run_type is RunType.FULL_ONLY
+        self._mirror = sync_mode is SyncMode.MIRROR
+        self._stored = stored
+        self._intents = set(intents)
+        self._version = mapping_version
+        self._rows: dict[str, _Row] = {}
+        self._counts: Counter[str] = Counter()
+        self._rejected_by_reason: Counter[str] = Counter()
+        self._dropped_by_reason: Counter[str] = Counter()
+        self._samples: list[RejectedRow] = []
+        self._spool = PayloadSpool()
+        self._row_number = 0
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    # -- hot path ------------------------------------------------------------------------
+    def raw_fingerprint(self, values: list[Any]) -> int:
+        return raw_fingerprint(values, self._version)
+
+    def try_skip(self, custom_id_value: Any, raw: int) -> bool:
+        """Account for a row without mapping it, if its source values are unchanged.
+
+        True when the row's custom_id has a stored fingerprint whose raw hash equals
+        ``raw``: the values, and the mapping version, are those Batch acknowledged, so
+        the payload is unchanged too. Never in a full run (every row must be sent).
+        """
+        if self._full:
+            return False
+        if isinstance(custom_id_value, int) and not isinstance(custom_id_value, bool):
+            custom_id_value = str(custom_id_value)
+        if not isinstance(custom_id_value, str):
+            return False
+        stored = self._stored.get(custom_id_value)
+        if stored is None or stored.raw != raw:
+            return False
+        self._row_number += 1
+        self._counts["rows"] += 1
+        existing = self._rows.get(custom_id_value)
+        if existing is not None:
+            self._duplicate(existing)
+            return True
+        self._rows[custom_id_value] = _Row("unchanged", self._row_number, None, -1, 0)
+        return True
+
+    def add(self, mapped: MappedRow, raw: int) -> None:
+        """Account for one mapped row."""
+        self._row_number += 1
+        self._counts["rows"] += 1
+        for issue in mapped.issues if not mapped.rejected else ():
+            self._dropped_by_reason[issue.reason.value] += 1
+        custom_id = mapped.custom_id
+        if custom_id is not None:
+            existing = self._rows.get(custom_id)
+            if existing is not None:
+                self._duplicate(existing)
+                if mapped.rejected:
+                    self._reject_reasons(mapped.issues)
+                return
+        if mapped.attributes is None:
+            self._reject(custom_id, tuple(mapped.issues))
+            if custom_id is not None:
+                # Present in the segment: a rejected row is never a removal.
+                self._rows[custom_id] = _Row("rejected", self._row_number, None, -1, 0)
+            return
+        assert custom_id is not None
+        data = canonical_json(mapped.attributes)
+        fingerprint = Fingerprint(raw=raw, payload=payload_fingerprint(mapped.attributes))
+        stored = self._stored.get(custom_id)
+        if stored is None:
+            kind = "new"
+        elif stored.payload != fingerprint.payload:
+            kind = "changed"
+        else:
+            kind = "unchanged"
+        if kind == "unchanged" and not self._full:
+            # Same payload as acknowledged (a cosmetic source change or a mapping change
+            # that does not touch this profile): nothing to send, but remember the new raw
+            # hash so the next run can skip mapping this row.
+            kind = "refresh" if stored is not None and stored.raw != raw else "unchanged"
+            self._rows[custom_id] = _Row(kind, self._row_number, fingerprint, -1, 0)
+            return
+        offset, length = self._spool.append(data)
+        self._rows[custom_id] = _Row(kind, self._row_number, fingerprint, offset, length)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _duplicate(self, existing: _Row) -> None:
+        existing.copies += 1
+
+    def _reject_reasons(self, issues: Iterable[RowIssue]) -> None:
+        for reason in {issue.reason.value for issue in issues}:
+            self._rejected_by_reason[reason] += 1
+
+    def _reject(self, custom_id: str | None, issues: tuple[RowIssue, ...]) -> None:
+        self._counts["rejected"] += 1
+        self._reject_reasons(issues)
+        if len(self._samples) < REJECTED_SAMPLE_SIZE:
+            self._samples.append(RejectedRow(self._row_number, custom_id, issues))
+
+    def finish(self) -> Plan:
+        sends: list[PlannedSend] = []
+        refreshes: list[JournalEntry] = []
+        new_ids: list[str] = []
+        counts = self._counts
+        for custom_id, row in self._rows.items():
+            if row.copies > 1:
+                # Census-style: every copy of a duplicated id is rejected; Batch keeps
+                # what it holds for that person (present, so never removed).
+                counts["duplicates"] += row.copies
+                counts["rejected"] += row.copies - (1 if row.kind == "rejected" else 0)
+                self._rejected_by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += row.copies
+                if len(self._samples) < REJECTED_SAMPLE_SIZE:
+                    issue = RowIssue(
+                        "custom_id", Reason.DUPLICATE_CUSTOM_ID, f"appears {row.copies} times in the segment"
+                    )
+                    self._samples.append(RejectedRow(row.first_row, custom_id, (issue,)))
+                continue
+            if row.kind == "rejected":
+                continue
+            counts[row.kind if row.kind != "refresh" else "unchanged"] += 1
+            if row.offset < 0:  # not to be sent
+                if row.kind == "refresh" and row.fingerprint is not None:
+                    counts["refreshed"] += 1
+                    refreshes.append(JournalEntry(custom_id, row.fingerprint))
+                continue
+            assert row.fingerprint is not None
+            if row.kind == "new":
+                new_ids.append(custom_id)
+            sends.append(PlannedSend(custom_id, row.kind, row.fingerprint, row.offset, row.length))
+        removals: list[str] = []
+        synced = set(self._stored) | self._intents
+        if self._mirror:
+            removals = sorted(custom_id for custom_id in synced if custom_id not in self._rows)
+            counts["removed"] = len(removals)
+        # A stable order makes the send checkpoint (a custom_id watermark) meaningful.
+        sends.sort(key=lambda send: send.custom_id)
+        for key in ("rows", "new", "changed", "unchanged", "removed", "rejected", "duplicates", "refreshed"):
+            counts.setdefault(key, 0)
+        return Plan(
+            sends=sends,
+            removals=removals,
+            refreshes=refreshes,
+            counts=counts,
+            rejected_by_reason=self._rejected_by_reason,
+            rejected_samples=sorted(self._samples, key=lambda sample: sample.row_number),
+            dropped_by_reason=self._dropped_by_reason,
+            synced_before=len(synced),
+            full=self._full,
+            spool=self._spool,
+            new_ids=new_ids,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuardVerdict:
+    name: str
+    tripped: bool
+    overridden: bool
+    detail: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {"guard": self.name, "tripped": self.tripped, "overridden": self.overridden, "detail": self.detail}
+
+
+def evaluate_guards(
+    plan: Plan, guards: GuardsConfig, *, sync_mode: SyncMode, allow: Iterable[str] = ()
+) -> list[GuardVerdict]:
+    """Check the plan against the activation's guards, before anything is sent.
+
+    ``allow`` names guards overridden for this run only (CLI ``--allow``).
+    """
+    allowed = set(allow)
+    unknown = allowed - set(GUARD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown guard(s) {sorted(unknown)}; known: {', '.join(GUARD_NAMES)}")
+    verdicts: list[GuardVerdict] = []
+    synced = plan.synced_before
+    rows = plan.counts["rows"]
+
+    empty = guards.abort_on_empty_segment and rows == 0 and synced > 0
+    verdicts.append(
+        GuardVerdict(
+            "empty_segment",
+            empty,
+            empty and "empty_segment" in allowed,
+            f"segment returned {rows} rows while {synced} profiles are synced",
+        )
+    )
+    if sync_mode is SyncMode.MIRROR:
+        removed = plan.counts["removed"]
+        share = 100.0 * removed / synced if synced else 0.0
+        tripped = synced > 0 and share > guards.max_removed_percent
+        verdicts.append(
+            GuardVerdict(
+                "removed_percent",
+                tripped,
+                tripped and "removed_percent" in allowed,
+                f"{removed} of {synced} synced profiles would be cleared ({share:.1f}%, limit "
+                f"{guards.max_removed_percent:g}%)",
+            )
+        )
+    changed = plan.counts["changed"]
+    share = 100.0 * changed / synced if synced else 0.0
+    tripped = synced > 0 and share > guards.max_changed_percent
+    verdicts.append(
+        GuardVerdict(
+            "changed_percent",
+            tripped,
+            tripped and "changed_percent" in allowed,
+            f"{changed} of {synced} synced profiles changed ({share:.1f}%, limit {guards.max_changed_percent:g}%)",
+        )
+    )
+    return verdicts
