@@ -1,0 +1,549 @@
+"""The Batch Profile API client: one logical request per ``send``, with paced retries inside.
+
+Contract (batch-api.md, "Decisions for this project"):
+
+* ``POST {base}/{version}/profiles/update`` (<=200 profiles, 300 profiles/s, burst 1,000) or
+  ``.../profiles/mass-update`` (<=10,000 profiles, 10,000 profiles/s) with a JSON array of
+  ``{"identifiers": {"custom_id": ...}, "attributes": {...}}`` (decision 1).
+* ``202 SUCCESS`` acknowledges every profile; ``202 SUCCESS_WITH_PARTIAL_ERRORS`` rejects
+  the rows at ``errors[].bulk_index`` and acknowledges the rest (decision 5).
+* 429, 500, 502, 503, 504, timeouts and dropped connections are transient: exponential
+  backoff with full jitter, ``Retry-After`` honoured, bounded attempts, then the rows are
+  *failed for this run* (decision 3). 401/403 stop the run; other 4xx mean we broke the
+  contract (decision 4).
+
+Only :attr:`SendOutcome.acknowledged` may ever move stored fingerprints; ``failed`` rows are
+simply sent again by a later attempt or run (upserts are idempotent).
+
+Secrets (the REST API key and the project key) go into request headers only. They never
+appear in an exception, a log line or a repr; any text that comes back from the network
+is scrubbed of them before it is reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import math
+import random as _random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import structlog
+
+from sync import __version__
+from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
+from sync.config import Credentials, DestinationConfig, EndpointPolicy
+from sync.errors import BatchAuthError, BatchContractError, TransientError
+
+log = structlog.get_logger(__name__)
+
+USER_AGENT = f"cepsync/{__version__}"
+
+# Backoff: "wait a few seconds before retrying" (Batch's 429 text). Full jitter (AWS
+# Architecture Blog, "Exponential Backoff And Jitter") spreads concurrent retriers apart.
+BACKOFF_BASE_SECONDS = 1.0
+BACKOFF_CAP_SECONDS = 30.0
+# A Retry-After larger than this is clipped: we would rather spend one more (bounded) 429
+# than park a serverless function for minutes.
+RETRY_AFTER_CAP_SECONDS = 300.0
+# 429s do not consume ordinary attempts (a rate-limit wait is not a failure: Grouparoo's
+# lesson), but they are still bounded so nothing retries forever.
+RATE_LIMITED_ATTEMPTS_FACTOR = 4
+# Statuses worth retrying. 500/503 are documented by Batch; 502/504 come from proxies and
+# load balancers in front of it.
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# How much of a server-provided text we quote in errors and logs.
+QUOTE_LIMIT = 300
+
+SUCCESS = "SUCCESS"
+SUCCESS_WITH_PARTIAL_ERRORS = "SUCCESS_WITH_PARTIAL_ERRORS"
+
+
+class Endpoint(enum.StrEnum):
+    """The two Batch profile endpoints and their published limits (doc.batch.com D1-D3)."""
+
+    UPDATE = "update"
+    MASS_UPDATE = "mass-update"
+
+    @property
+    def max_batch(self) -> int:
+        """Most profiles one request may carry ("or the API call will be rejected")."""
+        return 200 if self is Endpoint.UPDATE else 10_000
+
+    @property
+    def rate_per_second(self) -> float:
+        """Batch's sustained limit, in profiles (updates) per second."""
+        return 300.0 if self is Endpoint.UPDATE else 10_000.0
+
+    @property
+    def burst(self) -> int:
+        """Token-bucket capacity in profiles.
+
+        ``/update`` allows bursts up to 1,000. ``/mass-update`` has "no burst", which we read
+        as a bucket holding exactly one second of rate: it must still admit one full
+        10,000-profile request, and never lets more than the per-second rate through at once.
+        """
+        return 1_000 if self is Endpoint.UPDATE else 10_000
+
+
+def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: int) -> Endpoint:
+    """Pick the endpoint for one run (batch-api.md decision 1).
+
+    Args:
+        policy: The activation's ``destination.endpoint``.
+        profiles_to_send: How many profiles this run will send.
+        threshold: ``destination.mass_update_threshold``; with ``auto``, a run sending at
+            least this many profiles is a "dump" and uses mass-update.
+
+    Returns:
+        The endpoint every request of the run should use.
+    """
+    if profiles_to_send < 0:
+        raise ValueError(f"profiles_to_send must be >= 0, got {profiles_to_send}")
+    if threshold < 1:
+        raise ValueError(f"threshold must be >= 1, got {threshold}")
+    if policy is EndpointPolicy.UPDATE:
+        return Endpoint.UPDATE
+    if policy is EndpointPolicy.MASS_UPDATE:
+        return Endpoint.MASS_UPDATE
+    # Batch meant mass-update for "around one to two times per day": a full load is such a
+    # dump, an ordinary delta is not.
+    return Endpoint.MASS_UPDATE if profiles_to_send >= threshold else Endpoint.UPDATE
+
+
+@dataclass(frozen=True)
+class ProfileUpdate:
+    """One profile to upsert: its Custom ID and the attributes to set (``None`` deletes one)."""
+
+    custom_id: str
+    attributes: dict[str, Any]
+
+    def to_request_item(self) -> dict[str, Any]:
+        """The item as Batch expects it in the request array."""
+        return {"identifiers": {"custom_id": self.custom_id}, "attributes": self.attributes}
+
+
+@dataclass
+class Rejection:
+    """A profile Batch listed in ``errors`` of a ``SUCCESS_WITH_PARTIAL_ERRORS`` answer."""
+
+    custom_id: str
+    reason: str
+    attribute: str | None
+    category: str | None
+
+
+@dataclass
+class SendOutcome:
+    """What became of the profiles of one logical request.
+
+    Every profile of the request is in exactly one of ``acknowledged``, ``rejected`` and
+    ``failed``.
+    """
+
+    acknowledged: list[str] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    failure: str | None = None
+    attempts: int = 0
+    rate_limited: int = 0
+    wire_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes
+    retry_after: float | None
+
+
+class BatchClient:
+    """Sends profile upserts to Batch for one activation.
+
+    Use as an async context manager. Unless a session is injected, the client owns one
+    ``aiohttp.ClientSession`` with an explicit total timeout and a connection pool sized to
+    ``destination.concurrency`` (callers bound their own in-flight requests to the same
+    number).
+
+    Args:
+        destination: The activation's destination settings.
+        credentials: The REST API key and project key.
+        activation: Activation name, used in errors and logs.
+        session: A session to use instead of creating one (not closed by the client).
+        limiters: Rate limiter registry; defaults to the process-wide one, so every
+            activation of this process that shares a project key shares its budget.
+        sleep: Sleep used for retry backoff (tests inject a recorder).
+        random: Source of jitter in [0, 1).
+        clock: Monotonic clock; ``deadline`` arguments are on this clock.
+    """
+
+    def __init__(
+        self,
+        destination: DestinationConfig,
+        credentials: Credentials,
+        *,
+        activation: str,
+        session: aiohttp.ClientSession | None = None,
+        limiters: RateLimiterRegistry | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        random: Callable[[], float] = _random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._destination = destination
+        self._credentials = credentials
+        self._activation = activation
+        self._injected_session = session
+        self._session: aiohttp.ClientSession | None = session
+        self._limiters = PROCESS_LIMITERS if limiters is None else limiters
+        self._sleep = sleep
+        self._random = random
+        self._clock = clock
+        self._log = log.bind(activation=activation)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchClient(activation={self._activation!r}, base_url={self._destination.base_url!r}, "
+            f"api_version={self._destination.api_version!r})"
+        )
+
+    async def __aenter__(self) -> BatchClient:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._destination.request_timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=self._destination.concurrency),
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session if this client created it."""
+        if self._session is not None and self._session is not self._injected_session:
+            await self._session.close()
+        self._session = self._injected_session
+
+    def url(self, endpoint: Endpoint) -> str:
+        """The full URL of an endpoint."""
+        dest = self._destination
+        return f"{dest.base_url}/{dest.api_version}/profiles/{endpoint.value}"
+
+    async def check_credentials(self) -> None:
+        """Ask Batch whether the keys are valid, without changing any profile.
+
+        Posts an empty array to ``/profiles/update``: 401/403 means the keys are wrong;
+        any other answer means Batch accepted them.
+
+        Raises:
+            BatchAuthError: Batch refused the REST API key or the project key.
+            TransientError: Batch could not be reached (``sync.errors.TransientError``).
+        """
+        url = self.url(Endpoint.UPDATE)
+        try:
+            response = await self._post(url, b"[]", self._destination.request_timeout_seconds)
+        except _TRANSPORT_ERRORS as error:
+            raise TransientError(
+                f"activation '{self._activation}': cannot reach Batch at {url}: {self._describe(error)}"
+            ) from None
+        if response.status in (401, 403):
+            raise self._auth_error(response, Endpoint.UPDATE)
+
+    async def send(
+        self, endpoint: Endpoint, profiles: Sequence[ProfileUpdate], *, deadline: float | None = None
+    ) -> SendOutcome:
+        """Send one logical request, retrying transient errors inside.
+
+        Args:
+            endpoint: Where to send.
+            profiles: At most ``endpoint.max_batch`` profiles.
+            deadline: A time on the client's clock (the lease expiry or the run's time
+                budget). No wait ends after it and no request outlives it; when the next
+                wait would, the rows are returned as ``failed``.
+
+        Returns:
+            Which profiles were acknowledged, rejected (by Batch, per row) or failed (not
+            acknowledged for this run: send them again later).
+
+        Raises:
+            ValueError: More profiles than the endpoint accepts in one request.
+            BatchAuthError: 401/403.
+            BatchContractError: Any other 4xx, or a status the contract does not know.
+        """
+        if len(profiles) > endpoint.max_batch:
+            raise ValueError(
+                f"activation '{self._activation}': {len(profiles)} profiles in one request; "
+                f"/profiles/{endpoint.value} accepts at most {endpoint.max_batch}"
+            )
+        outcome = SendOutcome()
+        if not profiles:
+            return outcome
+        ids = [profile.custom_id for profile in profiles]
+        payload = json.dumps(
+            [profile.to_request_item() for profile in profiles], ensure_ascii=False, separators=(",", ":")
+        ).encode("utf-8")
+        url = self.url(endpoint)
+        limiter = self._limiters.get(self._credentials.project_key.get_secret_value(), endpoint)
+        max_attempts = self._destination.max_attempts
+        max_rate_limited = RATE_LIMITED_ATTEMPTS_FACTOR * max_attempts
+        ordinary_failures = 0
+
+        def give_up(reason: str) -> SendOutcome:
+            outcome.failed = list(ids)
+            outcome.failure = reason
+            self._log.warning(
+                "batch_request_failed",
+                endpoint=endpoint.value,
+                profiles=len(ids),
+                attempts=outcome.attempts,
+                rate_limited=outcome.rate_limited,
+                failure=reason,
+            )
+            return outcome
+
+        while True:
+            if self._destination.rate_limit:
+                try:
+                    outcome.wait_seconds += await limiter.acquire(len(ids), max_wait=self._remaining(deadline))
+                except RateLimitWaitTooLong as error:
+                    return give_up(f"deadline reached: {error}")
+            remaining = self._remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                return give_up(self._deadline_reason(outcome, "before the next attempt"))
+            timeout = self._destination.request_timeout_seconds
+            if remaining is not None:
+                # Never let a request outlive the lease or the function's time budget.
+                timeout = min(timeout, remaining)
+
+            outcome.attempts += 1
+            started = self._clock()
+            retry_after: float | None = None
+            try:
+                response = await self._post(url, payload, timeout)
+            except _TRANSPORT_ERRORS as error:
+                problem = self._describe(error)
+                status: int | None = None
+            else:
+                status = response.status
+                retry_after = response.retry_after
+                if status == 202:
+                    accepted = self._read_accepted(response.body, ids, endpoint)
+                    if accepted is not None:
+                        acknowledged, rejected = accepted
+                        outcome.acknowledged = acknowledged
+                        outcome.rejected = rejected
+                        return outcome
+                    problem = f"HTTP 202 with an unrecognised body: {self._quote(response.body)}"
+                elif status in (401, 403):
+                    raise self._auth_error(response, endpoint)
+                elif status in TRANSIENT_STATUSES:
+                    problem = f"HTTP {status}{self._error_details(response.body)}"
+                else:
+                    raise self._contract_error(response, endpoint, len(ids))
+            finally:
+                outcome.wire_seconds += max(0.0, self._clock() - started)
+
+            if status == 429:
+                outcome.rate_limited += 1
+                if outcome.rate_limited >= max_rate_limited:
+                    return give_up(f"rate limited {outcome.rate_limited} times (last: {problem})")
+            else:
+                ordinary_failures += 1
+                if ordinary_failures >= max_attempts:
+                    return give_up(f"{ordinary_failures} attempts failed (last: {problem})")
+
+            wait = self._backoff(outcome.attempts, retry_after)
+            remaining = self._remaining(deadline)
+            if remaining is not None and wait >= remaining:
+                return give_up(self._deadline_reason(outcome, f"a {wait:.2f} s backoff", problem))
+            self._log.warning(
+                "batch_request_retry",
+                endpoint=endpoint.value,
+                status=status,
+                problem=problem,
+                attempt=outcome.attempts,
+                wait_seconds=round(wait, 3),
+                profiles=len(ids),
+            )
+            await self._sleep(wait)
+            outcome.wait_seconds += wait
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _post(self, url: str, payload: bytes, timeout_seconds: float) -> _Response:
+        if self._session is None:
+            raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
+        async with self._session.post(
+            url,
+            data=payload,
+            headers=self._headers(),
+            timeout=aiohttp.ClientTimeout(total=timeout_seconds),
+            allow_redirects=False,
+        ) as response:
+            body = await response.read()
+            return _Response(response.status, body, _parse_retry_after(response.headers.get("Retry-After")))
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._credentials.api_key.get_secret_value()}",
+            "X-Batch-Project": self._credentials.project_key.get_secret_value(),
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+
+    def _remaining(self, deadline: float | None) -> float | None:
+        return None if deadline is None else deadline - self._clock()
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, RETRY_AFTER_CAP_SECONDS)
+        # Full jitter: uniform in [0, min(cap, base * 2^(attempt-1))].
+        ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** min(attempt - 1, 30))
+        return self._random() * ceiling
+
+    def _deadline_reason(self, outcome: SendOutcome, what: str, problem: str | None = None) -> str:
+        last = f" (last: {problem})" if problem else ""
+        return f"deadline reached after {outcome.attempts} attempt(s), no time left for {what}{last}"
+
+    def _read_accepted(
+        self, body: bytes, ids: list[str], endpoint: Endpoint
+    ) -> tuple[list[str], list[Rejection]] | None:
+        """Map a 202 body to (acknowledged, rejected), or None when the body is not understood."""
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(document, dict):
+            return None
+        code = document.get("code")
+        if code == SUCCESS:
+            return list(ids), []
+        if code != SUCCESS_WITH_PARTIAL_ERRORS:
+            return None
+        errors = document.get("errors")
+        if not isinstance(errors, list):
+            # The code says "some rows were refused" but not which: Batch applied the rest,
+            # and the request as a whole was accepted (decision 5 + the brief's rule for a
+            # known code). Keep the evidence in the log.
+            self._log.warning(
+                "batch_partial_errors_unreadable",
+                endpoint=endpoint.value,
+                errors=self._quote(json.dumps(errors)),
+            )
+            return list(ids), []
+        by_index: dict[int, list[dict[str, Any]]] = {}
+        for entry in errors:
+            index = entry.get("bulk_index") if isinstance(entry, dict) else None
+            # bool is an int in Python; a JSON true is not an index.
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(ids):
+                self._log.warning(
+                    "batch_partial_error_ignored",
+                    endpoint=endpoint.value,
+                    profiles=len(ids),
+                    error=self._quote(json.dumps(entry)),
+                    why="bulk_index missing, not an integer or out of range",
+                )
+                continue
+            by_index.setdefault(index, []).append(entry)
+        rejected = [_rejection(ids[index], entries, self._scrub) for index, entries in sorted(by_index.items())]
+        acknowledged = [custom_id for index, custom_id in enumerate(ids) if index not in by_index]
+        return acknowledged, rejected
+
+    def _auth_error(self, response: _Response, endpoint: Endpoint) -> BatchAuthError:
+        dest = self._destination
+        return BatchAuthError(
+            f"activation '{self._activation}': Batch answered {response.status} on "
+            f"/profiles/{endpoint.value}{self._error_details(response.body)}: the REST API key is "
+            f"not valid for this project; check the REST API key (env {dest.api_key_env}) and "
+            f"the project key (env {dest.project_key_env})"
+        )
+
+    def _contract_error(self, response: _Response, endpoint: Endpoint, profiles: int) -> BatchContractError:
+        plural = "" if profiles == 1 else "s"
+        return BatchContractError(
+            f"activation '{self._activation}': Batch answered {response.status} to a request of "
+            f"{profiles} profile{plural} on /profiles/{endpoint.value}{self._error_details(response.body)}"
+        )
+
+    def _error_details(self, body: bytes) -> str:
+        """`` (error_code: message)`` from Batch's error body, or a quote of an unexpected one."""
+        if not body.strip():
+            return ""
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            document = None
+        if isinstance(document, dict) and ("error_code" in document or "error_message" in document):
+            code = document.get("error_code")
+            message = document.get("error_message")
+            parts = [self._scrub(str(part))[:QUOTE_LIMIT] for part in (code, message) if part is not None]
+            return f" ({': '.join(parts)})"
+        return f" (body: {self._quote(body)})"
+
+    def _quote(self, body: bytes | str) -> str:
+        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+        text = self._scrub(text)
+        return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
+
+    def _scrub(self, text: str) -> str:
+        """Remove the secrets from text that came from elsewhere (a server or a library)."""
+        for secret in (
+            self._credentials.api_key.get_secret_value(),
+            self._credentials.project_key.get_secret_value(),
+        ):
+            if secret:
+                text = text.replace(secret, "**********")
+        return text
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, TimeoutError):
+            return "request timed out"
+        detail = self._scrub(str(error))[:QUOTE_LIMIT]
+        return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
+# Transport failures that leave us not knowing whether Batch applied the request. Resending
+# is safe because profile updates are idempotent upserts. ServerTimeoutError and
+# ServerDisconnectedError are ClientConnectionErrors; ClientPayloadError is a body cut short.
+_TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header; None when absent or not a number of seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def _rejection(custom_id: str, entries: list[dict[str, Any]], scrub: Callable[[str], str]) -> Rejection:
+    """One Rejection per row, even when Batch lists several errors for it."""
+
+    def text(value: Any) -> str | None:
+        return None if value is None else scrub(str(value))[:QUOTE_LIMIT]
+
+    reasons = [text(entry.get("reason")) or "no reason given" for entry in entries]
+    attributes = list(dict.fromkeys(a for a in (text(entry.get("attribute")) for entry in entries) if a))
+    categories = list(dict.fromkeys(c for c in (text(entry.get("category")) for entry in entries) if c))
+    return Rejection(
+        custom_id=custom_id,
+        reason="; ".join(reasons),
+        attribute=",".join(attributes) or None,
+        category=",".join(categories) or None,
+    )

@@ -1,0 +1,635 @@
+"""SQLite state store: the embedded default for local runs, the demo and most tests.
+
+One database file holds every activation's lease, fingerprints, mirror intents, meta
+and run records. Two overlapping runs (two processes) may open the same file: the
+lease row, read and written inside ``BEGIN IMMEDIATE`` transactions, makes the second
+one exit cleanly, and the fencing token checked in every run-owned write makes a run
+whose lease was taken over unable to commit anything.
+
+Layout (schema version 1)::
+
+    schema_version(version)
+    leases(activation PK, owner, token, expires_at_us)      -- expires_at_us NULL = released
+    fingerprints(activation, custom_id, raw, payload)       -- PK (activation, custom_id), WITHOUT ROWID
+    intents(activation, custom_id)                          -- PK (activation, custom_id), WITHOUT ROWID
+    meta(activation PK, body JSON)
+    runs(run_id PK, activation, started_at, trigger_id, record JSON)
+
+SQLite has no separate journal here: :meth:`SQLiteStateStore.commit` writes straight
+into ``fingerprints`` in one transaction, so :meth:`SQLiteStateStore.compact` only
+checks the lease.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from sync.errors import FatalError, LeaseHeld, LeaseLost
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+
+SCHEMA_VERSION: Final = 1
+
+# Fingerprints are unsigned 64-bit in Python; SQLite INTEGER is signed 64-bit. Values at
+# or above 2**63 are stored as their two's-complement negative, and masking with
+# _U64_MASK on the way out turns them back (Python's & on a negative int is two's
+# complement, so this is one cheap operation per value on a million-row load).
+_U64_LIMIT: Final = 1 << 64
+_I64_LIMIT: Final = 1 << 63
+_U64_MASK: Final = _U64_LIMIT - 1
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS leases (
+        activation    TEXT    PRIMARY KEY,
+        owner         TEXT    NOT NULL,
+        token         INTEGER NOT NULL,
+        expires_at_us INTEGER
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS fingerprints (
+        activation TEXT    NOT NULL,
+        custom_id  TEXT    NOT NULL,
+        raw        INTEGER NOT NULL,
+        payload    INTEGER NOT NULL,
+        PRIMARY KEY (activation, custom_id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS intents (
+        activation TEXT NOT NULL,
+        custom_id  TEXT NOT NULL,
+        PRIMARY KEY (activation, custom_id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        activation TEXT PRIMARY KEY,
+        body       TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id     TEXT PRIMARY KEY,
+        activation TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        trigger_id TEXT,
+        record     TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS runs_by_activation ON runs (activation, started_at)",
+    "CREATE INDEX IF NOT EXISTS runs_by_trigger ON runs (activation, trigger_id)",
+)
+
+
+class StateSchemaError(FatalError):
+    """The state database was written by a newer (or unknown) version of cepsync."""
+
+
+def _to_us(moment: datetime, what: str) -> int:
+    """Microseconds since the epoch of an aware datetime (exact, unlike a float)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime, got naive {moment.isoformat()}")
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _to_i64(value: int, activation: str, custom_id: str, field: str) -> int:
+    # bool is an int subclass; a bool here is a caller bug, not a hash.
+    if type(value) is not int or not 0 <= value < _U64_LIMIT:
+        raise ValueError(
+            f"activation {activation!r}, custom_id {custom_id!r}: fingerprint {field} must be an "
+            f"unsigned 64-bit int (0 … 2**64-1), got {value!r}"
+        )
+    return value - _U64_LIMIT if value >= _I64_LIMIT else value
+
+
+def _meta_to_json(meta: ActivationMeta) -> str:
+    return json.dumps(
+        {
+            "mapping_version": meta.mapping_version,
+            # Sorted so the stored row is stable across runs (sets have no order).
+            "owned_keys": sorted(meta.owned_keys),
+            "last_success_run_id": meta.last_success_run_id,
+            "continuation": meta.continuation,
+        },
+        ensure_ascii=False,
+        allow_nan=False,
+    )
+
+
+def _meta_from_json(body: str) -> ActivationMeta:
+    data = json.loads(body)
+    return ActivationMeta(
+        mapping_version=data.get("mapping_version"),
+        owned_keys=set(data.get("owned_keys") or ()),
+        last_success_run_id=data.get("last_success_run_id"),
+        continuation=data.get("continuation"),
+    )
+
+
+class SQLiteStateStore:
+    """A :class:`sync.state.base.StateStore` in one SQLite file (or ``":memory:"``).
+
+    Safe to share between threads (one connection, one internal lock) and between
+    processes (SQLite file locking, WAL, a busy timeout).
+
+    Args:
+        path: Database file; parent directories are created. ``":memory:"`` gives a
+            private in-memory store (tests, dry runs).
+        busy_timeout_seconds: How long a write waits for another process's write
+            transaction before failing with ``sqlite3.OperationalError`` ("database is
+            locked"). Our transactions are short, so a few seconds covers two
+            overlapping runs.
+
+    Raises:
+        StateSchemaError: The file was written by a newer schema version.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_seconds: float = 5.0) -> None:
+        self._path = str(path)
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._stats: dict[str, int] = {"transactions": 0, "statements": 0, "rows_written": 0}
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so no
+        # implicit (deferred) transaction can start and upgrade its lock later, which
+        # is where SQLite returns SQLITE_BUSY without waiting on the busy handler.
+        # check_same_thread=False: the engine may call from a worker thread; self._lock
+        # serialises every use of the connection.
+        self._conn = sqlite3.connect(
+            self._path,
+            timeout=busy_timeout_seconds,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            self._configure(busy_timeout_seconds)
+            self._ensure_schema()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _configure(self, busy_timeout_seconds: float) -> None:
+        conn = self._conn
+        # Also set through connect(timeout=...); the pragma makes it explicit and covers
+        # statements outside Python's own retry (the busy handler lives in SQLite).
+        conn.execute(f"PRAGMA busy_timeout = {max(0, int(busy_timeout_seconds * 1000))}")
+        # WAL: readers (a `cepsync history` while a run commits) never block the writer
+        # and vice versa. In-memory databases answer "memory" and that is fine.
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL, not NORMAL: in WAL mode NORMAL does not fsync the WAL at each commit,
+        # only at checkpoints, so a power loss or VM preemption can roll back commits
+        # that already returned. Guarantee 1 needs "commit returned ⇒ durable": the
+        # engine has already told the run record that those profiles are synced, and
+        # guarantee 3 bounds re-sends by the last *durable* flush. FULL fsyncs the WAL
+        # on every commit; commits are per flush (thousands of rows), so it is cheap.
+        conn.execute("PRAGMA synchronous = FULL")
+
+    def _ensure_schema(self) -> None:
+        with self._write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            found = row[0] if row else None
+            if found is not None and found > SCHEMA_VERSION:
+                raise StateSchemaError(
+                    f"state database {self._path} has schema version {found}, but this version of "
+                    f"cepsync understands up to {SCHEMA_VERSION}: upgrade cepsync (refusing to touch it)"
+                )
+            # Version 1 is the first schema: there is nothing older to migrate from.
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            if found is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken with the write lock up front.
+
+        BEGIN IMMEDIATE takes SQLite's RESERVED lock before the first read, so the lease
+        check and the writes it guards see the same state: no other process can slip a
+        lease takeover in between (a DEFERRED transaction could read, lose the race to
+        upgrade, and fail with SQLITE_BUSY regardless of busy_timeout).
+        """
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full, I/O error) can leave the transaction open;
+                # roll it back so the connection is usable and nothing half-applied stays.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._stats["transactions"] += 1
+
+    def _count(self, statements: int, rows: int) -> None:
+        self._stats["statements"] += statements
+        self._stats["rows_written"] += max(0, rows)
+
+    def _check_lease(self, conn: sqlite3.Connection, lease: Lease) -> None:
+        """Raise LeaseLost unless ``lease`` is still the activation's current lease.
+
+        The token is what fences: an expired lease whose token is still current has not
+        been taken over, so nobody else can have written, and its writes are safe.
+        A released lease is no longer ours, even if nobody took it since.
+        """
+        row = conn.execute(
+            "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?",
+            (lease.activation,),
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(
+                f"activation {lease.activation!r}: no lease on record (token {lease.token} of owner "
+                f"{lease.owner!r} is not current); nothing was written"
+            )
+        owner, token, expires_at_us = row
+        if token != lease.token or owner != lease.owner:
+            raise LeaseLost(
+                f"activation {lease.activation!r}: lease token {lease.token} of owner {lease.owner!r} "
+                f"was superseded by token {token} of owner {owner!r}; nothing was written"
+            )
+        if expires_at_us is None:
+            raise LeaseLost(
+                f"activation {lease.activation!r}: lease token {lease.token} of owner {lease.owner!r} "
+                "was released; nothing was written"
+            )
+
+    # -- lease --------------------------------------------------------------------------------
+
+    def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
+        """Take the activation's lease, or raise LeaseHeld if another owner holds an unexpired one.
+
+        A lease is held while ``now < expires_at``. Every acquisition (new, expired,
+        released, or re-acquired by the same owner) increments the fencing token, which
+        never goes backwards: releases and :meth:`reset` keep the counter.
+
+        Raises:
+            LeaseHeld: Another owner holds an unexpired lease (the message names it and
+                when it expires).
+            ValueError: ``ttl_seconds`` is not positive or ``now`` is naive.
+        """
+        if not ttl_seconds > 0:
+            raise ValueError(f"activation {activation!r}: lease ttl_seconds must be > 0, got {ttl_seconds!r}")
+        now_us = _to_us(now, "now")
+        expires_at = now + timedelta(seconds=ttl_seconds)
+        expires_at_us = _to_us(expires_at, "expires_at")
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?", (activation,)
+            ).fetchone()
+            if row is None:
+                token = 1
+            else:
+                held_by, previous_token, held_until_us = row
+                if held_until_us is not None and now_us < held_until_us and held_by != owner:
+                    raise LeaseHeld(
+                        f"activation {activation!r}: lease held by owner {held_by!r} "
+                        f"until {_from_us(held_until_us).isoformat()} (token {previous_token})"
+                    )
+                token = previous_token + 1
+            cursor = conn.execute(
+                "INSERT INTO leases (activation, owner, token, expires_at_us) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (activation) DO UPDATE SET "
+                "owner = excluded.owner, token = excluded.token, expires_at_us = excluded.expires_at_us",
+                (activation, owner, token, expires_at_us),
+            )
+            self._count(2, cursor.rowcount)
+        return Lease(activation=activation, owner=owner, token=token, expires_at=expires_at)
+
+    def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+        """Extend our lease to ``now + ttl_seconds``, keeping its token.
+
+        Raises:
+            LeaseLost: The lease was taken over or released.
+            ValueError: ``ttl_seconds`` is not positive or ``now`` is naive.
+        """
+        if not ttl_seconds > 0:
+            raise ValueError(f"activation {lease.activation!r}: lease ttl_seconds must be > 0, got {ttl_seconds!r}")
+        expires_at = now + timedelta(seconds=ttl_seconds)
+        expires_at_us = _to_us(expires_at, "now")
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            cursor = conn.execute(
+                "UPDATE leases SET expires_at_us = ? WHERE activation = ?",
+                (expires_at_us, lease.activation),
+            )
+            self._count(2, cursor.rowcount)
+        return Lease(activation=lease.activation, owner=lease.owner, token=lease.token, expires_at=expires_at)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up so the next run need not wait for expiry (no-op if not ours).
+
+        The row (and its token counter) stays: only the expiry is cleared.
+        """
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE leases SET expires_at_us = NULL WHERE activation = ? AND token = ? AND owner = ?",
+                (lease.activation, lease.token, lease.owner),
+            )
+            self._count(1, cursor.rowcount)
+
+    # -- fingerprints -------------------------------------------------------------------------
+
+    def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
+        """Every committed fingerprint of the activation, keyed by custom_id."""
+        mask = _U64_MASK
+        with self._lock:
+            cursor = self._conn.execute(
+                "SELECT custom_id, raw, payload FROM fingerprints WHERE activation = ?", (activation,)
+            )
+            # One pass over the cursor (rows stream from SQLite, no intermediate list).
+            # The cyclic GC is paused while the dict is built: a million new objects
+            # trigger repeated full collections that walk every object already built,
+            # which measured ~1.8x slower. Fingerprints and strings cannot form cycles,
+            # so deferring collection frees nothing late.
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                loaded = {custom_id: Fingerprint(raw & mask, payload & mask) for custom_id, raw, payload in cursor}
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+            self._stats["statements"] += 1
+        return loaded
+
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
+        """Apply acknowledged outcomes atomically and durably (fenced by ``lease``).
+
+        Entries with a fingerprint upsert it; entries with ``fingerprint=None`` delete
+        the row. If one custom_id appears more than once, the last entry wins. ``now``
+        is accepted for the protocol; SQLite has no journal to timestamp.
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is written.
+            ValueError: A fingerprint value is not an unsigned 64-bit int; nothing is written.
+        """
+        activation = lease.activation
+        # Last entry per id wins, as if the entries were applied one by one.
+        latest: dict[str, Fingerprint | None] = {}
+        for entry in entries:
+            latest[entry.custom_id] = entry.fingerprint
+        upserts: list[tuple[str, str, int, int]] = []
+        deletes: list[tuple[str, str]] = []
+        for custom_id, fingerprint in latest.items():
+            if fingerprint is None:
+                deletes.append((activation, custom_id))
+            else:
+                upserts.append(
+                    (
+                        activation,
+                        custom_id,
+                        _to_i64(fingerprint.raw, activation, custom_id, "raw"),
+                        _to_i64(fingerprint.payload, activation, custom_id, "payload"),
+                    )
+                )
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            statements, rows = 1, 0
+            if upserts:
+                cursor = conn.executemany(
+                    "INSERT INTO fingerprints (activation, custom_id, raw, payload) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (activation, custom_id) DO UPDATE SET "
+                    "raw = excluded.raw, payload = excluded.payload",
+                    upserts,
+                )
+                statements += 1
+                rows += cursor.rowcount
+            if deletes:
+                cursor = conn.executemany("DELETE FROM fingerprints WHERE activation = ? AND custom_id = ?", deletes)
+                statements += 1
+                rows += cursor.rowcount
+            self._count(statements, rows)
+
+    def compact(self, lease: Lease, now: datetime) -> None:
+        """Check the lease; there is no journal to fold in SQLite.
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current.
+        """
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            self._count(1, 0)
+
+    # -- mirror intents -----------------------------------------------------------------------
+
+    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Durably note ids this activation may be about to create (fenced; idempotent).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is written.
+        """
+        rows = [(lease.activation, custom_id) for custom_id in custom_ids]
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            written = 0
+            if rows:
+                cursor = conn.executemany("INSERT OR IGNORE INTO intents (activation, custom_id) VALUES (?, ?)", rows)
+                written = cursor.rowcount
+            self._count(2 if rows else 1, written)
+
+    def load_intents(self, activation: str) -> set[str]:
+        """Ids noted as possibly synced and not yet cleared."""
+        with self._lock:
+            cursor = self._conn.execute("SELECT custom_id FROM intents WHERE activation = ?", (activation,))
+            intents = {custom_id for (custom_id,) in cursor}
+            self._stats["statements"] += 1
+        return intents
+
+    def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Forget intents for ids cleared in Batch (fenced; unknown ids are ignored).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is deleted.
+        """
+        rows = [(lease.activation, custom_id) for custom_id in custom_ids]
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            written = 0
+            if rows:
+                cursor = conn.executemany("DELETE FROM intents WHERE activation = ? AND custom_id = ?", rows)
+                written = cursor.rowcount
+            self._count(2 if rows else 1, written)
+
+    # -- per-activation meta ------------------------------------------------------------------
+
+    def load_meta(self, activation: str) -> ActivationMeta:
+        """The activation's meta, or a fresh :class:`ActivationMeta`."""
+        with self._lock:
+            row = self._conn.execute("SELECT body FROM meta WHERE activation = ?", (activation,)).fetchone()
+            self._stats["statements"] += 1
+        return ActivationMeta() if row is None else _meta_from_json(row[0])
+
+    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
+        """Replace the activation's meta (fenced).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is written.
+            TypeError: ``meta.continuation`` is not JSON-serialisable.
+        """
+        try:
+            body = _meta_to_json(meta)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"activation {lease.activation!r}: meta is not JSON-serialisable: {exc}") from exc
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            cursor = conn.execute(
+                "INSERT INTO meta (activation, body) VALUES (?, ?) "
+                "ON CONFLICT (activation) DO UPDATE SET body = excluded.body",
+                (lease.activation, body),
+            )
+            self._count(2, cursor.rowcount)
+
+    # -- run records --------------------------------------------------------------------------
+
+    def save_run(self, record: dict[str, Any]) -> None:
+        """Insert or replace a run record keyed by ``record["run_id"]``.
+
+        Not fenced: a run that lost its lease must still be able to record why.
+        ``record["activation"]`` is required; ``record["started_at"]`` (an ISO-8601
+        string in one format, so that string order is time order) orders
+        :meth:`list_runs`; ``record["trigger_id"]`` feeds :meth:`find_run_by_trigger`.
+
+        Raises:
+            ValueError: ``run_id`` or ``activation`` is missing or not a string.
+            TypeError: The record is not JSON-serialisable.
+        """
+        run_id = record.get("run_id")
+        activation = record.get("activation")
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"run record needs a non-empty string 'run_id', got {run_id!r}")
+        if not isinstance(activation, str) or not activation:
+            raise ValueError(f"run record {run_id!r} needs a non-empty string 'activation', got {activation!r}")
+        started_at = record.get("started_at")
+        trigger_id = record.get("trigger_id")
+        try:
+            body = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"run record {run_id!r} is not JSON-serialisable: {exc}") from exc
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (run_id, activation, started_at, trigger_id, record) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (run_id) DO UPDATE SET activation = excluded.activation, "
+                "started_at = excluded.started_at, trigger_id = excluded.trigger_id, "
+                "record = excluded.record",
+                (
+                    run_id,
+                    activation,
+                    "" if started_at is None else str(started_at),
+                    None if trigger_id is None else str(trigger_id),
+                    body,
+                ),
+            )
+            self._count(1, cursor.rowcount)
+
+    def list_runs(self, activation: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The activation's run records, newest ``started_at`` first, at most ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is negative.
+        """
+        if limit < 0:
+            raise ValueError(f"activation {activation!r}: list_runs limit must be >= 0, got {limit}")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT record FROM runs WHERE activation = ? ORDER BY started_at DESC, run_id DESC LIMIT ?",
+                (activation, limit),
+            ).fetchall()
+            self._stats["statements"] += 1
+        return [json.loads(body) for (body,) in rows]
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """One run record, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            self._stats["statements"] += 1
+        return None if row is None else dict(json.loads(row[0]))
+
+    def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
+        """The run started by this trigger id (Pub/Sub redelivers at least once), newest if several."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT record FROM runs WHERE activation = ? AND trigger_id = ? "
+                "ORDER BY started_at DESC, run_id DESC LIMIT 1",
+                (activation, trigger_id),
+            ).fetchone()
+            self._stats["statements"] += 1
+        return None if row is None else dict(json.loads(row[0]))
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def reset(self, activation: str, *, now: datetime | None = None) -> None:
+        """Forget fingerprints, intents and meta (not run history, not the token counter).
+
+        The next run is a full one. Refuses while a run holds the lease rather than pull
+        state from under it.
+
+        Args:
+            activation: The activation to reset.
+            now: The time to judge lease expiry by; defaults to the wall clock (UTC).
+
+        Raises:
+            LeaseHeld: A run holds an unexpired lease; nothing is deleted.
+        """
+        now_us = _to_us(now if now is not None else datetime.now(UTC), "now")
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?", (activation,)
+            ).fetchone()
+            if row is not None:
+                held_by, token, held_until_us = row
+                if held_until_us is not None and now_us < held_until_us:
+                    raise LeaseHeld(
+                        f"activation {activation!r}: cannot reset while owner {held_by!r} holds the lease "
+                        f"until {_from_us(held_until_us).isoformat()} (token {token})"
+                    )
+            rows = 0
+            for table in ("fingerprints", "intents", "meta"):
+                # Table names come from the fixed tuple above, never from input.
+                rows += conn.execute(f"DELETE FROM {table} WHERE activation = ?", (activation,)).rowcount  # noqa: S608
+            self._count(4, rows)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters for benchmarks: write ``transactions``, ``statements`` run, ``rows_written``."""
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        """Close the connection (idempotent). The store is unusable afterwards."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SQLiteStateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStateStore({self._path!r})"

@@ -1,0 +1,843 @@
+"""BatchClient and the profile rate limiter, against real HTTP servers on 127.0.0.1.
+
+Each test scripts a small aiohttp server (statuses, bodies, Retry-After, slow answers,
+dropped connections) and drives the real client against it. Time is faked only where the
+client lets it be injected (backoff sleep, jitter, the deadline clock, the limiter clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+
+from sync import __version__
+from sync.batch.client import (
+    BatchClient,
+    Endpoint,
+    ProfileUpdate,
+    Rejection,
+    SendOutcome,
+    choose_endpoint,
+)
+from sync.batch.ratelimit import PROCESS_LIMITERS, ProfileRateLimiter, RateLimiterRegistry, RateLimitWaitTooLong
+from sync.batch.simulator import BatchSimulator
+from sync.config import Credentials, DestinationConfig, EndpointPolicy
+from sync.errors import BatchAuthError, BatchContractError, TransientError
+
+API_KEY = "rest-key-SECRET-0123456789abcdef"
+PROJECT_KEY = "project_SECRET0664hxvwffvbpn278gxdy"
+API_KEY_ENV = "ACME_BATCH_REST_KEY"
+PROJECT_KEY_ENV = "ACME_BATCH_PROJECT_KEY"
+SECRETS = (API_KEY, PROJECT_KEY)
+
+
+# -- a scripted Batch ------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """What the scripted server does with one request."""
+
+    status: int = 202
+    body: Any = field(default_factory=lambda: {"code": "SUCCESS"})
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    drop: bool = False
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ScriptedBatch:
+    """An HTTP server that answers each request with the next scripted Reply, then `default`."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.default = Reply()
+        self.received: list[Received] = []
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    def script(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.method, request.path, dict(request.headers), body))
+        reply = self.replies.pop(0) if self.replies else self.default
+        if reply.delay:
+            # Wait for the delay or for shutdown, whichever comes first, so stop() is quick.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), reply.delay)
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError("scripted drop")
+        data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+        return web.Response(status=reply.status, body=data, headers=reply.headers, content_type="application/json")
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def batch() -> AsyncIterator[ScriptedBatch]:
+    server = ScriptedBatch()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class FakeTime:
+    """A monotonic clock that only moves when someone sleeps on it; records every sleep."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def destination(base_url: str, **overrides: Any) -> DestinationConfig:
+    settings: dict[str, Any] = {
+        "api_key_env": API_KEY_ENV,
+        "project_key_env": PROJECT_KEY_ENV,
+        "base_url": base_url,
+        "rate_limit": False,
+        "max_attempts": 3,
+        "request_timeout_seconds": 5.0,
+    }
+    settings.update(overrides)
+    return DestinationConfig(**settings)
+
+
+def credentials(project_key: str = PROJECT_KEY) -> Credentials:
+    return Credentials(API_KEY, project_key)
+
+
+def profiles(count: int, prefix: str = "user") -> list[ProfileUpdate]:
+    return [ProfileUpdate(f"{prefix}-{i}", {"firstname": f"Name {i}", "points": i}) for i in range(count)]
+
+
+def make_client(
+    base_url: str,
+    *,
+    time: FakeTime | None = None,
+    random: Callable[[], float] = lambda: 0.5,
+    limiters: RateLimiterRegistry | None = None,
+    session: aiohttp.ClientSession | None = None,
+    activation: str = "vip-segment",
+    project_key: str = PROJECT_KEY,
+    **overrides: Any,
+) -> BatchClient:
+    fake = time or FakeTime()
+    return BatchClient(
+        destination(base_url, **overrides),
+        credentials(project_key),
+        activation=activation,
+        session=session,
+        limiters=limiters if limiters is not None else RateLimiterRegistry(clock=fake.clock, sleep=fake.sleep),
+        sleep=fake.sleep,
+        random=random,
+        clock=fake.clock,
+    )
+
+
+async def send(client: BatchClient, batch: list[ProfileUpdate], **kwargs: Any) -> SendOutcome:
+    async with client:
+        return await client.send(Endpoint.UPDATE, batch, **kwargs)
+
+
+# -- the happy path and the request shape ----------------------------------------------
+
+
+async def test_success_sends_the_exact_body_and_headers_batch_expects(batch: ScriptedBatch) -> None:
+    sent = [
+        ProfileUpdate("jane.doe@demobatch.com", {"$email_address": "jane.doe@demobatch.com", "age": 37}),
+        ProfileUpdate("élodie", {"firstname": "Élodie", "date(birthdate)": "1989-07-20T00:00:00Z", "gone": None}),
+    ]
+    outcome = await send(make_client(batch.base_url), sent)
+
+    assert outcome.acknowledged == ["jane.doe@demobatch.com", "élodie"]
+    assert (outcome.rejected, outcome.failed, outcome.failure) == ([], [], None)
+    assert (outcome.attempts, outcome.rate_limited, outcome.wait_seconds) == (1, 0, 0.0)
+    [request] = batch.received
+    assert request.method == "POST"
+    assert request.path == "/2.11/profiles/update"
+    assert request.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert request.headers["X-Batch-Project"] == PROJECT_KEY
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["User-Agent"] == f"cepsync/{__version__}"
+    assert request.json() == [
+        {
+            "identifiers": {"custom_id": "jane.doe@demobatch.com"},
+            "attributes": {"$email_address": "jane.doe@demobatch.com", "age": 37},
+        },
+        {
+            "identifiers": {"custom_id": "élodie"},
+            "attributes": {"firstname": "Élodie", "date(birthdate)": "1989-07-20T00:00:00Z", "gone": None},
+        },
+    ]
+
+
+async def test_mass_update_uses_its_own_path_and_api_version(batch: ScriptedBatch) -> None:
+    client = make_client(batch.base_url, api_version="2.6")
+    async with client:
+        outcome = await client.send(Endpoint.MASS_UPDATE, profiles(500))
+    assert len(outcome.acknowledged) == 500
+    assert [r.path for r in batch.received] == ["/2.6/profiles/mass-update"]
+    assert len(batch.received[0].json()) == 500
+
+
+async def test_too_many_profiles_is_refused_before_any_request(batch: ScriptedBatch) -> None:
+    client = make_client(batch.base_url)
+    async with client:
+        with pytest.raises(ValueError, match="201 profiles in one request; /profiles/update accepts at most 200"):
+            await client.send(Endpoint.UPDATE, profiles(201))
+        empty = await client.send(Endpoint.UPDATE, [])
+    assert empty == SendOutcome()
+    assert batch.received == []
+
+
+async def test_an_injected_session_is_used_and_left_open(batch: ScriptedBatch) -> None:
+    async with aiohttp.ClientSession() as session:
+        outcome = await send(make_client(batch.base_url, session=session), profiles(2))
+        assert not session.closed
+    assert outcome.acknowledged == ["user-0", "user-1"]
+    assert len(batch.received) == 1
+
+
+# -- partial errors --------------------------------------------------------------------
+
+
+async def test_partial_errors_reject_exactly_the_listed_rows(batch: ScriptedBatch) -> None:
+    batch.script(
+        Reply(
+            body={
+                "code": "SUCCESS_WITH_PARTIAL_ERRORS",
+                "errors": [
+                    {"category": "attribute", "bulk_index": 1, "attribute": "firstname", "reason": "too long"},
+                    {"category": "attribute", "bulk_index": 3, "attribute": "age", "reason": "not an int"},
+                    {"category": "attribute", "bulk_index": 3, "attribute": "city", "reason": "empty"},
+                    {"category": "identifiers", "bulk_index": 4, "reason": "bad custom_id"},
+                    {"bulk_index": 5, "reason": "out of range"},
+                    {"bulk_index": -1, "reason": "negative"},
+                    {"bulk_index": True, "reason": "a boolean is not an index"},
+                    {"bulk_index": "2", "reason": "a string is not an index"},
+                    {"reason": "no index at all"},
+                    "not even an object",
+                ],
+            }
+        )
+    )
+    with structlog.testing.capture_logs() as logs:
+        outcome = await send(make_client(batch.base_url), profiles(5))
+
+    assert outcome.acknowledged == ["user-0", "user-2"]
+    assert outcome.rejected == [
+        Rejection("user-1", "too long", "firstname", "attribute"),
+        Rejection("user-3", "not an int; empty", "age,city", "attribute"),
+        Rejection("user-4", "bad custom_id", None, "identifiers"),
+    ]
+    assert outcome.failed == []
+    ignored = [entry for entry in logs if entry["event"] == "batch_partial_error_ignored"]
+    assert len(ignored) == 6
+    assert all(entry["log_level"] == "warning" for entry in ignored)
+    assert "out of range" in ignored[0]["error"]
+
+
+async def test_partial_errors_without_a_readable_list_acknowledge_the_request(batch: ScriptedBatch) -> None:
+    batch.script(Reply(body={"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": "garbled"}))
+    with structlog.testing.capture_logs() as logs:
+        outcome = await send(make_client(batch.base_url), profiles(3))
+    assert outcome.acknowledged == ["user-0", "user-1", "user-2"]
+    assert outcome.rejected == []
+    assert [e["event"] for e in logs] == ["batch_partial_errors_unreadable"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"code": "SOMETHING_NEW"}, b"<html>gateway</html>", ["SUCCESS"], {"status": "ok"}],
+    ids=["unknown-code", "not-json", "json-list", "no-code"],
+)
+async def test_a_202_with_an_unknown_body_is_transient(batch: ScriptedBatch, body: Any) -> None:
+    batch.script(Reply(body=body))
+    outcome = await send(make_client(batch.base_url), profiles(2))
+    assert outcome.acknowledged == ["user-0", "user-1"]
+    assert outcome.attempts == 2
+
+    batch.script(Reply(body=body), Reply(body=body))
+    outcome = await send(make_client(batch.base_url, max_attempts=2), profiles(2))
+    assert outcome.acknowledged == []
+    assert outcome.failed == ["user-0", "user-1"]
+    assert outcome.failure is not None
+    assert "HTTP 202 with an unrecognised body" in outcome.failure
+
+
+# -- transient errors, retries and backoff ---------------------------------------------
+
+
+async def test_a_429_storm_does_not_consume_ordinary_attempts(batch: ScriptedBatch) -> None:
+    batch.script(*[Reply(429, {"error_code": "TOO_MANY_REQUESTS"}) for _ in range(6)], Reply(503), Reply())
+    time = FakeTime()
+    outcome = await send(make_client(batch.base_url, time=time, max_attempts=2), profiles(3))
+
+    assert outcome.acknowledged == ["user-0", "user-1", "user-2"]
+    assert outcome.failed == []
+    assert (outcome.attempts, outcome.rate_limited) == (8, 6)
+    assert len(time.sleeps) == 7
+    assert outcome.wait_seconds == pytest.approx(sum(time.sleeps))
+
+
+async def test_429s_have_their_own_cap(batch: ScriptedBatch) -> None:
+    batch.default = Reply(429)
+    outcome = await send(make_client(batch.base_url, max_attempts=2), profiles(2))
+    assert outcome.failed == ["user-0", "user-1"]
+    assert (outcome.attempts, outcome.rate_limited) == (8, 8)
+    assert outcome.failure is not None
+    assert outcome.failure.startswith("rate limited 8 times (last: HTTP 429")
+
+
+async def test_5xx_exhaustion_fails_the_rows_with_the_last_reason(batch: ScriptedBatch) -> None:
+    batch.script(
+        Reply(500, {"error_code": "SERVER_ERROR"}),
+        Reply(502, b"bad gateway"),
+        Reply(503, {"error_code": "MAINTENANCE_ERROR", "error_message": "Batch's services are under maintenance"}),
+    )
+    time = FakeTime()
+    with structlog.testing.capture_logs() as logs:
+        outcome = await send(make_client(batch.base_url, time=time, max_attempts=3), profiles(4))
+
+    assert outcome.acknowledged == []
+    assert outcome.failed == ["user-0", "user-1", "user-2", "user-3"]
+    assert outcome.failure == (
+        "3 attempts failed (last: HTTP 503 (MAINTENANCE_ERROR: Batch's services are under maintenance))"
+    )
+    assert (outcome.attempts, outcome.rate_limited) == (3, 0)
+    assert len(batch.received) == 3
+    retries = [e for e in logs if e["event"] == "batch_request_retry"]
+    assert [(e["status"], e["attempt"]) for e in retries] == [(500, 1), (502, 2)]
+    assert [e["wait_seconds"] for e in retries] == [0.5, 1.0]
+    assert all(e["log_level"] == "warning" for e in retries)
+
+
+async def test_504_then_success(batch: ScriptedBatch) -> None:
+    batch.script(Reply(504, b""))
+    outcome = await send(make_client(batch.base_url), profiles(1))
+    assert outcome.acknowledged == ["user-0"]
+    assert outcome.attempts == 2
+
+
+async def test_a_timeout_is_retried(batch: ScriptedBatch) -> None:
+    batch.script(Reply(delay=5.0))
+    outcome = await send(make_client(batch.base_url, request_timeout_seconds=0.2), profiles(2))
+    assert outcome.acknowledged == ["user-0", "user-1"]
+    assert outcome.attempts == 2
+    assert len(batch.received) == 2
+
+
+async def test_timeouts_until_exhaustion_say_so(batch: ScriptedBatch) -> None:
+    batch.default = Reply(delay=5.0)
+    outcome = await send(make_client(batch.base_url, request_timeout_seconds=0.1, max_attempts=2), profiles(1))
+    assert outcome.failed == ["user-0"]
+    assert outcome.failure == "2 attempts failed (last: request timed out)"
+
+
+async def test_a_dropped_connection_is_retried(batch: ScriptedBatch) -> None:
+    batch.script(Reply(drop=True), Reply(drop=True))
+    outcome = await send(make_client(batch.base_url), profiles(2))
+    assert outcome.acknowledged == ["user-0", "user-1"]
+    assert outcome.attempts == 3
+    assert len(batch.received) == 3
+
+
+async def test_an_unreachable_server_fails_the_rows(unused_tcp_port: int) -> None:
+    outcome = await send(make_client(f"http://127.0.0.1:{unused_tcp_port}", max_attempts=2), profiles(1))
+    assert outcome.failed == ["user-0"]
+    assert outcome.failure is not None
+    assert "ClientConnectorError" in outcome.failure
+
+
+async def test_retry_after_is_honoured(batch: ScriptedBatch) -> None:
+    batch.script(
+        Reply(429, headers={"Retry-After": "7"}),
+        Reply(503, headers={"Retry-After": "2.5"}),
+        Reply(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),  # not seconds: ignored
+        Reply(429, headers={"Retry-After": "100000"}),  # clipped
+    )
+    time = FakeTime()
+    outcome = await send(make_client(batch.base_url, time=time, random=lambda: 0.25, max_attempts=5), profiles(1))
+    assert outcome.acknowledged == ["user-0"]
+    # The third wait is full jitter for attempt 3: 0.25 * min(30, 1 * 2^2).
+    assert time.sleeps == [7.0, 2.5, 1.0, 300.0]
+    assert outcome.wait_seconds == pytest.approx(310.5)
+
+
+@pytest.mark.parametrize(
+    ("jitter", "expected"),
+    [
+        (0.0, [0.0] * 7),
+        (0.5, [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]),
+        (0.999, [0.999, 1.998, 3.996, 7.992, 15.984, 29.97, 29.97]),
+    ],
+)
+async def test_full_jitter_stays_within_the_exponential_ceiling(
+    batch: ScriptedBatch, jitter: float, expected: list[float]
+) -> None:
+    batch.default = Reply(500)
+    time = FakeTime()
+    outcome = await send(make_client(batch.base_url, time=time, random=lambda: jitter, max_attempts=8), profiles(1))
+    assert outcome.attempts == 8
+    assert time.sleeps == pytest.approx(expected)
+    ceilings = [min(30.0, 2.0**k) for k in range(7)]
+    assert all(0.0 <= wait <= ceiling for wait, ceiling in zip(time.sleeps, ceilings, strict=True))
+
+
+async def test_the_deadline_stops_retries_before_a_wait_would_pass_it(batch: ScriptedBatch) -> None:
+    batch.default = Reply(503)
+    time = FakeTime()
+    outcome = await send(
+        make_client(batch.base_url, time=time, random=lambda: 1.0, max_attempts=10),
+        profiles(2),
+        deadline=time.now + 5.0,
+    )
+    # Waits of 1 s and 2 s fit; the next (4 s) would end at +7 s, after the deadline.
+    assert time.sleeps == [1.0, 2.0]
+    assert time.now <= 1_005.0
+    assert outcome.attempts == 3
+    assert outcome.failed == ["user-0", "user-1"]
+    assert outcome.failure is not None
+    assert outcome.failure.startswith("deadline reached after 3 attempt(s), no time left for a 4.00 s backoff")
+    assert "HTTP 503" in outcome.failure
+
+
+async def test_a_passed_deadline_sends_nothing(batch: ScriptedBatch) -> None:
+    time = FakeTime()
+    outcome = await send(make_client(batch.base_url, time=time), profiles(2), deadline=time.now - 1.0)
+    assert outcome.failed == ["user-0", "user-1"]
+    assert outcome.attempts == 0
+    assert batch.received == []
+
+
+# -- terminal errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_errors_name_the_env_vars_and_never_the_secrets(batch: ScriptedBatch, status: int) -> None:
+    batch.default = Reply(
+        status,
+        {"error_code": "AUTHENTICATION_INVALID", "error_message": f"key {API_KEY} not valid for {PROJECT_KEY}"},
+    )
+    with pytest.raises(BatchAuthError) as raised:
+        await send(make_client(batch.base_url), profiles(1))
+    message = str(raised.value)
+    assert message.startswith(f"activation 'vip-segment': Batch answered {status} on /profiles/update")
+    assert "AUTHENTICATION_INVALID" in message
+    assert f"(env {API_KEY_ENV})" in message
+    assert f"(env {PROJECT_KEY_ENV})" in message
+    assert not any(secret in message for secret in SECRETS)
+    assert len(batch.received) == 1  # never retried
+
+
+async def test_400_is_a_contract_error_with_batchs_error_code(batch: ScriptedBatch) -> None:
+    batch.default = Reply(400, {"error_code": "MISSING_PARAMETER", "error_message": "identifiers is required"})
+    with pytest.raises(BatchContractError) as raised:
+        await send(make_client(batch.base_url), profiles(3))
+    assert str(raised.value) == (
+        "activation 'vip-segment': Batch answered 400 to a request of 3 profiles on /profiles/update "
+        "(MISSING_PARAMETER: identifiers is required)"
+    )
+    assert len(batch.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (404, b"Not Found", "(body: Not Found)"),
+        (413, b"x" * 5000, "(body: " + "x" * 300 + "...)"),
+        (422, {"error_message": "m" * 1000}, "(" + "m" * 300 + ")"),
+        (400, b"", "on /profiles/update"),
+        (200, {"code": "SUCCESS"}, '(body: {"code": "SUCCESS"})'),
+        (501, b"", "Batch answered 501 to a request of 1 profile on /profiles/update"),
+    ],
+    ids=["404-text", "413-long", "422-long-message", "400-empty", "200-unexpected", "501"],
+)
+async def test_other_statuses_are_contract_errors_that_never_choke_on_the_body(
+    batch: ScriptedBatch, status: int, body: Any, expected: str
+) -> None:
+    batch.default = Reply(status, body)
+    with pytest.raises(BatchContractError) as raised:
+        await send(make_client(batch.base_url), profiles(1))
+    assert str(raised.value).endswith(expected)
+    assert f"Batch answered {status}" in str(raised.value)
+
+
+# -- check_credentials -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [202, 400, 429, 500])
+async def test_check_credentials_accepts_any_non_auth_answer(batch: ScriptedBatch, status: int) -> None:
+    batch.default = Reply(status)
+    client = make_client(batch.base_url)
+    async with client:
+        await client.check_credentials()
+    [request] = batch.received
+    assert request.path == "/2.11/profiles/update"
+    assert request.body == b"[]"
+    assert request.headers["Authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_check_credentials_raises_on_401(batch: ScriptedBatch) -> None:
+    batch.default = Reply(401)
+    client = make_client(batch.base_url)
+    async with client:
+        with pytest.raises(BatchAuthError, match=API_KEY_ENV):
+            await client.check_credentials()
+
+
+# -- secrets never leak ----------------------------------------------------------------
+
+
+async def test_no_error_path_leaks_a_secret(batch: ScriptedBatch, unused_tcp_port: int) -> None:
+    echo = {"error_code": f"E_{API_KEY}", "error_message": f"{PROJECT_KEY} / Bearer {API_KEY}"}
+    texts: list[str] = []
+    time = FakeTime()
+
+    with structlog.testing.capture_logs() as logs:
+        for status in (400, 401, 403, 404, 413):
+            batch.default = Reply(status, echo)
+            with pytest.raises((BatchAuthError, BatchContractError)) as raised:
+                await send(make_client(batch.base_url, time=time), profiles(1))
+            texts.append(str(raised.value))
+            texts.append(repr(raised.value))
+
+        failing = [
+            Reply(500, echo),
+            Reply(429, echo),
+            Reply(202, {"code": f"NEW_{API_KEY}"}),
+            Reply(202, {"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": [{"bulk_index": 9, "reason": API_KEY}]}),
+            Reply(delay=5.0),
+            Reply(drop=True),
+        ]
+        for reply in failing:
+            batch.default = reply
+            outcome = await send(
+                make_client(batch.base_url, time=time, request_timeout_seconds=0.1, max_attempts=1), profiles(1)
+            )
+            texts.append(repr(outcome))
+
+        batch.default = Reply(
+            202, {"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": [{"bulk_index": 0, "reason": API_KEY}]}
+        )
+        outcome = await send(make_client(batch.base_url, time=time), profiles(1))
+        assert len(outcome.rejected) == 1
+        texts.append(repr(outcome))
+
+        outcome = await send(make_client(f"http://127.0.0.1:{unused_tcp_port}", time=time, max_attempts=1), profiles(1))
+        texts.append(repr(outcome))
+
+        client = make_client(f"http://127.0.0.1:{unused_tcp_port}", time=time)
+        async with client:
+            with pytest.raises(TransientError) as unreachable:
+                await client.check_credentials()
+        texts.append(str(unreachable.value))
+        texts.extend([repr(client), repr(credentials()), repr(RateLimiterRegistry())])
+
+        limited = make_client(batch.base_url, time=time, rate_limit=True)
+        batch.default = Reply()
+        async with limited:
+            for _ in range(5):
+                await limited.send(Endpoint.UPDATE, profiles(200), deadline=time.now + 0.1)
+            outcome = await limited.send(Endpoint.UPDATE, profiles(200), deadline=time.now + 0.1)
+        assert outcome.failure is not None
+        assert outcome.failure.startswith("deadline reached: sending 200 profiles needs a 0.67 s wait")
+        texts.append(repr(outcome))
+
+    texts.extend(repr(entry) for entry in logs)
+    assert len(texts) > 20
+    assert any("**********" in text for text in texts)  # the echoed secrets were seen, and scrubbed
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, text
+
+
+# -- choose_endpoint and Endpoint limits -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "count", "threshold", "expected"),
+    [
+        (EndpointPolicy.AUTO, 0, 10_000, Endpoint.UPDATE),
+        (EndpointPolicy.AUTO, 9_999, 10_000, Endpoint.UPDATE),
+        (EndpointPolicy.AUTO, 10_000, 10_000, Endpoint.MASS_UPDATE),
+        (EndpointPolicy.AUTO, 2_000_000, 10_000, Endpoint.MASS_UPDATE),
+        (EndpointPolicy.AUTO, 50, 50, Endpoint.MASS_UPDATE),
+        (EndpointPolicy.UPDATE, 5_000_000, 10_000, Endpoint.UPDATE),
+        (EndpointPolicy.MASS_UPDATE, 1, 10_000, Endpoint.MASS_UPDATE),
+        (EndpointPolicy.MASS_UPDATE, 0, 10_000, Endpoint.MASS_UPDATE),
+    ],
+)
+def test_choose_endpoint(policy: EndpointPolicy, count: int, threshold: int, expected: Endpoint) -> None:
+    assert choose_endpoint(policy, count, threshold) is expected
+
+
+def test_choose_endpoint_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="profiles_to_send"):
+        choose_endpoint(EndpointPolicy.AUTO, -1, 10)
+    with pytest.raises(ValueError, match="threshold"):
+        choose_endpoint(EndpointPolicy.AUTO, 1, 0)
+
+
+def test_endpoint_limits_follow_batch_docs() -> None:
+    assert (Endpoint.UPDATE.max_batch, Endpoint.UPDATE.rate_per_second, Endpoint.UPDATE.burst) == (200, 300, 1_000)
+    assert (Endpoint.MASS_UPDATE.max_batch, Endpoint.MASS_UPDATE.rate_per_second, Endpoint.MASS_UPDATE.burst) == (
+        10_000,
+        10_000,
+        10_000,
+    )
+    for endpoint in Endpoint:
+        assert endpoint.burst >= endpoint.max_batch  # one full request must always be admissible
+
+
+# -- the rate limiter ------------------------------------------------------------------
+
+
+async def test_limiter_allows_the_burst_then_paces_at_the_rate() -> None:
+    time = FakeTime()
+    limiter = ProfileRateLimiter(300, 1_000, clock=time.clock, sleep=time.sleep)
+    waits = [await limiter.acquire(200) for _ in range(5)]
+    assert waits == [0.0] * 5
+    assert time.sleeps == []
+
+    waits = [await limiter.acquire(200) for _ in range(3)]
+    assert waits == pytest.approx([200 / 300] * 3)
+    assert time.sleeps == pytest.approx([200 / 300] * 3)
+
+    time.now += 10.0  # idle: the bucket refills, but never past its capacity
+    assert limiter.available() == pytest.approx(1_000)
+    assert await limiter.acquire(1_000) == 0.0
+    assert await limiter.acquire(300) == pytest.approx(1.0)
+
+
+async def test_concurrent_callers_queue_with_exact_waits() -> None:
+    recorded: list[float] = []
+
+    async def record(seconds: float) -> None:  # a sleep that does not move the clock
+        recorded.append(seconds)
+
+    clock_value = 50.0
+    limiter = ProfileRateLimiter(300, 300, clock=lambda: clock_value, sleep=record)
+    waits = await asyncio.gather(*(limiter.acquire(300) for _ in range(4)))
+    assert waits == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert recorded == pytest.approx([1.0, 2.0, 3.0])
+
+
+async def test_limiter_refuses_oversized_requests_and_long_waits_without_taking_tokens() -> None:
+    time = FakeTime()
+    limiter = ProfileRateLimiter(300, 1_000, clock=time.clock, sleep=time.sleep)
+    with pytest.raises(ValueError, match="capacity 1000"):
+        await limiter.acquire(1_001)
+    assert await limiter.acquire(0) == 0.0
+    assert await limiter.acquire(1_000) == 0.0
+    with pytest.raises(RateLimitWaitTooLong) as raised:
+        await limiter.acquire(300, max_wait=0.5)
+    assert raised.value.wait == pytest.approx(1.0)
+    assert limiter.available() == pytest.approx(0.0)  # nothing was reserved
+    assert await limiter.acquire(300, max_wait=1.0) == pytest.approx(1.0)
+
+
+async def test_a_cancelled_wait_gives_its_tokens_back() -> None:
+    release = asyncio.Event()
+
+    async def blocking_sleep(seconds: float) -> None:
+        await release.wait()
+
+    clock_value = 0.0
+    limiter = ProfileRateLimiter(100, 100, clock=lambda: clock_value, sleep=blocking_sleep)
+    assert await limiter.acquire(100) == 0.0
+    waiter = asyncio.create_task(limiter.acquire(50))
+    await asyncio.sleep(0)
+    assert limiter.available() == pytest.approx(-50.0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.available() == pytest.approx(0.0)
+
+
+def test_registry_shares_per_project_key_and_separates_endpoints() -> None:
+    registry = RateLimiterRegistry()
+    update = registry.get(PROJECT_KEY, Endpoint.UPDATE)
+    assert registry.get(PROJECT_KEY, Endpoint.UPDATE) is update
+    assert registry.get(PROJECT_KEY, Endpoint.MASS_UPDATE) is not update
+    assert registry.get("project_other", Endpoint.UPDATE) is not update
+    assert (update.rate, update.capacity) == (300.0, 1_000)
+    mass = registry.get(PROJECT_KEY, Endpoint.MASS_UPDATE)
+    assert (mass.rate, mass.capacity) == (10_000.0, 10_000)
+    assert PROJECT_KEY not in repr(registry)
+
+
+async def test_clients_sharing_a_project_key_share_one_budget(batch: ScriptedBatch) -> None:
+    time = FakeTime()
+    registry = RateLimiterRegistry(clock=time.clock, sleep=time.sleep)
+
+    def client(activation: str, project_key: str = PROJECT_KEY) -> BatchClient:
+        return make_client(
+            batch.base_url,
+            time=time,
+            limiters=registry,
+            activation=activation,
+            project_key=project_key,
+            rate_limit=True,
+        )
+
+    first, second, other_project = client("first"), client("second"), client("third", "project_other")
+    async with first, second, other_project:
+        burst = [await first.send(Endpoint.UPDATE, profiles(200)) for _ in range(5)]
+        assert [o.wait_seconds for o in burst] == [0.0] * 5
+
+        # The second activation writes to the same project: the burst is already spent.
+        paced = await second.send(Endpoint.UPDATE, profiles(200))
+        assert paced.wait_seconds == pytest.approx(200 / 300)
+
+        # Another project key has its own budget; so has the other endpoint.
+        fresh = await other_project.send(Endpoint.UPDATE, profiles(200))
+        mass = await second.send(Endpoint.MASS_UPDATE, profiles(5_000))
+        assert (fresh.wait_seconds, mass.wait_seconds) == (0.0, 0.0)
+
+    assert time.sleeps == pytest.approx([200 / 300])
+    assert all(len(o.acknowledged) == 200 for o in [*burst, paced, fresh])
+    assert len(mass.acknowledged) == 5_000
+
+
+async def test_every_attempt_pays_the_rate_limiter(batch: ScriptedBatch) -> None:
+    time = FakeTime()
+    registry = RateLimiterRegistry(clock=time.clock, sleep=time.sleep)
+    client = make_client(batch.base_url, time=time, limiters=registry, rate_limit=True)
+    async with client:
+        for _ in range(4):
+            await client.send(Endpoint.UPDATE, profiles(200))
+        batch.script(Reply(503))
+        assert registry.get(PROJECT_KEY, Endpoint.UPDATE).available() == pytest.approx(200)
+        outcome = await client.send(Endpoint.UPDATE, profiles(200))
+    # 200 tokens for the 503'd attempt, 200 more for the retry after its 0.5 s backoff,
+    # during which 150 tokens came back: the retry waits for the 50 still missing.
+    assert len(outcome.acknowledged) == 200
+    assert outcome.attempts == 2
+    assert time.sleeps == pytest.approx([0.5, 50 / 300])
+    assert outcome.wait_seconds == pytest.approx(0.5 + 50 / 300)
+
+
+async def test_the_process_wide_registry_is_the_default(batch: ScriptedBatch) -> None:
+    project_key = "project_only_used_by_the_default_registry_test"
+    shared = PROCESS_LIMITERS.get(project_key, Endpoint.UPDATE)
+    before = shared.available()
+    client = BatchClient(destination(batch.base_url, rate_limit=True), credentials(project_key), activation="defaults")
+    async with client:
+        outcome = await client.send(Endpoint.UPDATE, profiles(100))
+    assert outcome.acknowledged == [f"user-{i}" for i in range(100)]
+    # Real clock: a few tokens may have come back meanwhile, far fewer than the 100 taken.
+    assert shared.available() < before - 50
+
+
+def test_client_repr_names_the_activation_only() -> None:
+    client = BatchClient(destination("https://api.batch.com"), credentials(), activation="vip-segment")
+    assert repr(client) == "BatchClient(activation='vip-segment', base_url='https://api.batch.com', api_version='2.11')"
+
+
+# -- against the project's Batch simulator ---------------------------------------------
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[tuple[BatchSimulator, str]]:
+    sim = BatchSimulator(credentials={PROJECT_KEY: API_KEY}, rate_limit=True)
+    base_url = await sim.start()
+    yield sim, base_url
+    await sim.stop()
+
+
+async def test_a_thousand_profiles_land_in_the_simulator(simulator: tuple[BatchSimulator, str]) -> None:
+    sim, base_url = simulator
+    # A few faults on the way: retried inside send, invisible in the result.
+    # Every retry pays the client's limiter again (200 profiles beyond the 1,000 burst cost
+    # 2/3 s of real time at 300/s), so keep the faults few.
+    sim.faults.update({"fail_next": 1, "fail_status": 503, "drop_before_apply": 1})
+    time = FakeTime()  # backoff sleeps only; the rate limiter runs on the real clock
+    client = make_client(base_url, time=time, limiters=RateLimiterRegistry(), rate_limit=True, concurrency=4)
+    sent = [
+        ProfileUpdate(
+            f"customer-{i:04d}",
+            {"$email_address": f"customer{i}@example.com", "firstname": f"Name {i}", "points": i, "vip": i % 2 == 0},
+        )
+        for i in range(1_000)
+    ]
+    chunks = [sent[start : start + Endpoint.UPDATE.max_batch] for start in range(0, len(sent), 200)]
+    async with client:
+        outcomes = await asyncio.gather(*(client.send(Endpoint.UPDATE, chunk) for chunk in chunks))
+
+    acknowledged = [custom_id for outcome in outcomes for custom_id in outcome.acknowledged]
+    assert sorted(acknowledged) == [p.custom_id for p in sent]
+    assert all(not o.failed and not o.rejected for o in outcomes)
+    assert sum(o.attempts for o in outcomes) == 5 + 2  # one 503 and one dropped connection, retried
+    stored = sim.profiles(PROJECT_KEY)
+    assert len(stored) == 1_000
+    for profile in sent:
+        assert stored[profile.custom_id] == profile.attributes
+
+
+async def test_simulator_partial_errors_map_back_to_the_right_rows(simulator: tuple[BatchSimulator, str]) -> None:
+    sim, base_url = simulator
+    sent = [
+        ProfileUpdate("ok-1", {"firstname": "Ann"}),
+        ProfileUpdate("too-long", {"firstname": "x" * 301}),
+        ProfileUpdate("ok-2", {"firstname": "Bob"}),
+        ProfileUpdate("bad-name", {"First Name": "Eve"}),
+    ]
+    outcome = await send(make_client(base_url), sent)
+    assert outcome.acknowledged == ["ok-1", "ok-2"]
+    assert [r.custom_id for r in outcome.rejected] == ["too-long", "bad-name"]
+    assert outcome.rejected[0].attribute == "firstname"
+    assert set(sim.profiles(PROJECT_KEY)) == {"ok-1", "ok-2"}
+
+
+async def test_simulator_refuses_a_wrong_key_with_batch_auth_error(simulator: tuple[BatchSimulator, str]) -> None:
+    _, base_url = simulator
+    client = make_client(base_url, project_key="project_unknown_to_the_simulator")
+    async with client:
+        with pytest.raises(BatchAuthError, match=PROJECT_KEY_ENV):
+            await client.check_credentials()

@@ -1,0 +1,493 @@
+"""The StateStore contract: every backend's test module subclasses :class:`StateStoreContract`.
+
+A subclass provides one pytest fixture, ``store``, yielding a fresh, empty store::
+
+    class TestSQLiteStateStore(StateStoreContract):
+        @pytest.fixture
+        def store(self, tmp_path: Path) -> Iterator[StateStore]:
+            s = SQLiteStateStore(tmp_path / "state.db")
+            yield s
+            s.close()
+
+The tests use only the :class:`sync.state.base.StateStore` protocol and clock values
+derived from the fixed :data:`T0` (never the wall clock), so the same suite proves the
+same guarantees for SQLite and Firestore: fencing (guarantees 1 and 4), durable intents
+(guarantee 7), and state that a reset or another activation cannot disturb.
+
+Lease semantics pinned here: a lease is held while ``now < expires_at``; every
+acquisition increments the token and tokens never go backwards (not after a release,
+not after a reset); a released lease is no longer ours (fenced writes raise LeaseLost).
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from sync.errors import LeaseHeld, LeaseLost
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.state.base import StateStore
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TTL = 60.0
+U64_MAX = 2**64 - 1
+# reset() judges lease expiry by the wall clock (the protocol gives it no `now`), so the
+# test that needs a lease to be *held* during a reset uses a TTL that outlives any
+# plausible wall clock rather than reading the clock.
+CENTURY = 100 * 366 * 24 * 3600.0
+
+ODD_IDS = (
+    "émilie.dupont@example.com",
+    "用户-42",
+    "emoji-🎉-id",
+    "a/b/c",
+    "/leading/slash",
+    "trailing/",
+    ".",
+    "..",
+    "...dots...",
+    "__reserved__",
+    "with space",
+    "tab\tand\nnewline",
+    "quote'\"backslash\\",
+    "x" * 1024,
+    "é" * 1024,
+)
+
+
+def at(seconds: float) -> datetime:
+    """T0 plus an offset: the only clock the contract uses."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def fp(n: int) -> Fingerprint:
+    """A distinct, deterministic fingerprint per n."""
+    return Fingerprint(raw=(n * 0x9E3779B97F4A7C15) % 2**64, payload=(n * 0xC2B2AE3D27D4EB4F + 1) % 2**64)
+
+
+def entries(*pairs: tuple[str, Fingerprint | None]) -> list[JournalEntry]:
+    return [JournalEntry(custom_id, fingerprint) for custom_id, fingerprint in pairs]
+
+
+def run_record(run_id: str, activation: str, started_at: str, trigger_id: str | None = None) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "activation": activation,
+        "started_at": started_at,
+        "trigger_id": trigger_id,
+        "status": "succeeded",
+        "counts": {"new": 3, "changed": 1, "rejected": 0},
+        "rejected_samples": [{"custom_id": "u-1", "reason": "invalid_email", "detail": "nope@"}],
+    }
+
+
+class StateStoreContract:
+    """Behaviour every :class:`StateStore` backend must show. Subclasses provide ``store``."""
+
+    # -- lease: acquire --------------------------------------------------------------------
+
+    def test_is_a_state_store(self, store: StateStore) -> None:
+        assert isinstance(store, StateStore)
+
+    def test_acquire_returns_a_lease_for_the_caller(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        assert lease.activation == "act"
+        assert lease.owner == "run-a"
+        assert lease.token >= 1
+        assert lease.expires_at == at(TTL)
+
+    def test_second_owner_is_refused_while_the_lease_is_held(self, store: StateStore) -> None:
+        store.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(LeaseHeld) as excinfo:
+            store.acquire_lease("act", "run-b", TTL, at(TTL - 1))
+        message = str(excinfo.value)
+        assert "act" in message
+        assert "run-a" in message
+
+    def test_lease_is_held_until_strictly_before_expiry(self, store: StateStore) -> None:
+        first = store.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(LeaseHeld):
+            store.acquire_lease("act", "run-b", TTL, first.expires_at - timedelta(microseconds=1))
+        second = store.acquire_lease("act", "run-b", TTL, first.expires_at)
+        assert second.owner == "run-b"
+
+    def test_expired_lease_is_taken_over_with_a_higher_token(self, store: StateStore) -> None:
+        first = store.acquire_lease("act", "run-a", TTL, T0)
+        second = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        assert second.token > first.token
+        assert second.owner == "run-b"
+        assert second.expires_at == at(2 * TTL + 1)
+
+    def test_same_owner_reacquiring_an_unexpired_lease_increments_the_token(self, store: StateStore) -> None:
+        first = store.acquire_lease("act", "run-a", TTL, T0)
+        again = store.acquire_lease("act", "run-a", TTL, at(5))
+        assert again.token > first.token
+        assert again.expires_at == at(5 + TTL)
+        # The re-acquisition superseded the first lease: it may no longer write.
+        with pytest.raises(LeaseLost):
+            store.commit(first, entries(("u1", fp(1))), at(6))
+        store.commit(again, entries(("u1", fp(1))), at(6))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+
+    def test_tokens_never_go_backwards_across_release_and_reset(self, store: StateStore) -> None:
+        tokens = []
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        tokens.append(lease.token)
+        store.release_lease(lease)
+        lease = store.acquire_lease("act", "run-b", TTL, at(1))
+        tokens.append(lease.token)
+        store.commit(lease, entries(("u1", fp(1))), at(2))
+        store.release_lease(lease)
+        store.reset("act")
+        lease = store.acquire_lease("act", "run-c", TTL, at(3))
+        tokens.append(lease.token)
+        lease = store.acquire_lease("act", "run-d", TTL, at(3 + TTL))  # expired takeover
+        tokens.append(lease.token)
+        assert tokens == sorted(set(tokens)), tokens
+        assert store.load_fingerprints("act") == {}
+
+    # -- lease: renew and release ----------------------------------------------------------
+
+    def test_renew_extends_the_expiry_and_keeps_the_token(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        renewed = store.renew_lease(lease, TTL, at(50))
+        assert renewed.token == lease.token
+        assert renewed.owner == "run-a"
+        assert renewed.expires_at == at(50 + TTL)
+        # Past the original expiry but inside the renewed one: still held.
+        with pytest.raises(LeaseHeld):
+            store.acquire_lease("act", "run-b", TTL, at(TTL + 10))
+        store.commit(renewed, entries(("u1", fp(1))), at(TTL + 10))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+
+    def test_renew_of_a_superseded_lease_raises_lease_lost(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        new = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.renew_lease(old, TTL, at(TTL + 2))
+        # The failed renewal did not disturb the new holder.
+        with pytest.raises(LeaseHeld):
+            store.acquire_lease("act", "run-c", TTL, at(TTL + 3))
+        store.commit(new, entries(("u1", fp(1))), at(TTL + 3))
+
+    def test_renew_of_a_released_lease_raises_lease_lost(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.release_lease(lease)
+        with pytest.raises(LeaseLost):
+            store.renew_lease(lease, TTL, at(1))
+
+    def test_release_lets_another_owner_in_before_expiry(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.release_lease(lease)
+        other = store.acquire_lease("act", "run-b", TTL, at(1))
+        assert other.token > lease.token
+
+    def test_release_of_a_superseded_lease_changes_nothing(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        current = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        store.release_lease(old)
+        with pytest.raises(LeaseHeld):
+            store.acquire_lease("act", "run-c", TTL, at(TTL + 2))
+        store.commit(current, entries(("u1", fp(1))), at(TTL + 2))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+
+    def test_release_twice_is_harmless(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.release_lease(lease)
+        store.release_lease(lease)
+        assert store.acquire_lease("act", "run-b", TTL, at(1)).owner == "run-b"
+
+    # -- fencing ---------------------------------------------------------------------------
+
+    def test_stale_token_commit_raises_and_writes_nothing(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(old, entries(("u1", fp(1)), ("u2", fp(2))), at(1))
+        store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        # From the old run's point of view its lease has not expired yet (its clock says
+        # 10 s): the store must still refuse, because the token was superseded.
+        assert old.expires_at > at(10)
+        with pytest.raises(LeaseLost):
+            store.commit(old, entries(("u1", None), ("u2", fp(22)), ("u3", fp(3))), at(10))
+        assert store.load_fingerprints("act") == {"u1": fp(1), "u2": fp(2)}
+
+    def test_stale_token_empty_commit_and_compact_raise(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.commit(old, [], at(TTL + 2))
+        with pytest.raises(LeaseLost):
+            store.compact(old, at(TTL + 2))
+
+    def test_commit_after_release_raises(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.release_lease(lease)
+        with pytest.raises(LeaseLost):
+            store.commit(lease, entries(("u1", fp(1))), at(1))
+        assert store.load_fingerprints("act") == {}
+
+    def test_commit_with_a_lease_never_granted_raises(self, store: StateStore) -> None:
+        forged = Lease(activation="act", owner="run-x", token=1, expires_at=at(TTL))
+        with pytest.raises(LeaseLost):
+            store.commit(forged, entries(("u1", fp(1))), T0)
+        granted = store.acquire_lease("act", "run-a", TTL, T0)
+        impostor = Lease(activation="act", owner="run-x", token=granted.token, expires_at=granted.expires_at)
+        with pytest.raises(LeaseLost):
+            store.commit(impostor, entries(("u1", fp(1))), at(1))
+        assert store.load_fingerprints("act") == {}
+
+    def test_expired_but_not_taken_over_lease_may_still_commit(self, store: StateStore) -> None:
+        # The token fences, not the clock: nobody took the lease, so nobody else wrote.
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(TTL + 30))
+        store.compact(lease, at(TTL + 31))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+
+    # -- fingerprints ------------------------------------------------------------------------
+
+    def test_unknown_activation_has_no_fingerprints(self, store: StateStore) -> None:
+        assert store.load_fingerprints("never-seen") == {}
+
+    def test_commit_round_trip_with_overwrites_and_deletes(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1)), ("u2", fp(2)), ("u3", fp(3))), at(1))
+        store.compact(lease, at(2))
+        assert store.load_fingerprints("act") == {"u1": fp(1), "u2": fp(2), "u3": fp(3)}
+        store.commit(lease, entries(("u1", fp(11)), ("u3", None), ("u4", fp(4)), ("ghost", None)), at(3))
+        assert store.load_fingerprints("act") == {"u1": fp(11), "u2": fp(2), "u4": fp(4)}
+        store.compact(lease, at(4))
+        assert store.load_fingerprints("act") == {"u1": fp(11), "u2": fp(2), "u4": fp(4)}
+
+    def test_loaded_fingerprints_include_uncompacted_commits(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        for n in range(5):
+            store.commit(lease, entries((f"u{n}", fp(n))), at(1 + n))
+        assert store.load_fingerprints("act") == {f"u{n}": fp(n) for n in range(5)}
+
+    def test_last_entry_for_an_id_in_one_batch_wins(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1)), ("u1", fp(2)), ("u2", fp(5)), ("u2", None)), at(1))
+        assert store.load_fingerprints("act") == {"u1": fp(2)}
+        store.commit(lease, entries(("u1", None), ("u1", fp(9))), at(2))
+        assert store.load_fingerprints("act") == {"u1": fp(9)}
+
+    def test_delete_then_recreate_across_commits(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        store.commit(lease, entries(("u1", None)), at(2))
+        assert store.load_fingerprints("act") == {}
+        store.commit(lease, entries(("u1", fp(7))), at(3))
+        store.compact(lease, at(4))
+        assert store.load_fingerprints("act") == {"u1": fp(7)}
+
+    def test_unsigned_64_bit_extremes_round_trip(self, store: StateStore) -> None:
+        values = (0, 1, 2**63 - 1, 2**63, 2**63 + 1, U64_MAX - 1, U64_MAX)
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        committed = {
+            f"u-{i}-{j}": Fingerprint(raw=raw, payload=payload)
+            for i, raw in enumerate(values)
+            for j, payload in enumerate(values)
+        }
+        store.commit(lease, [JournalEntry(k, v) for k, v in committed.items()], at(1))
+        loaded = store.load_fingerprints("act")
+        assert loaded == committed
+        assert all(0 <= f.raw <= U64_MAX and 0 <= f.payload <= U64_MAX for f in loaded.values())
+        store.compact(lease, at(2))
+        assert store.load_fingerprints("act") == committed
+
+    def test_hundred_thousand_fingerprints_in_chunks_round_trip(self, store: StateStore) -> None:
+        rnd = random.Random(20260101)
+        committed = {f"user-{n:06d}": Fingerprint(rnd.getrandbits(64), rnd.getrandbits(64)) for n in range(100_000)}
+        items = [JournalEntry(k, v) for k, v in committed.items()]
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        for start in range(0, len(items), 10_000):
+            store.commit(lease, items[start : start + 10_000], at(1))
+        store.compact(lease, at(2))
+        loaded = store.load_fingerprints("act")
+        assert len(loaded) == len(committed)
+        assert loaded == committed
+
+    def test_odd_custom_ids_round_trip(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        committed = {custom_id: fp(n) for n, custom_id in enumerate(ODD_IDS)}
+        store.commit(lease, [JournalEntry(k, v) for k, v in committed.items()], at(1))
+        store.compact(lease, at(2))
+        assert store.load_fingerprints("act") == committed
+        store.record_intents(lease, ODD_IDS)
+        assert store.load_intents("act") == set(ODD_IDS)
+        store.commit(lease, entries(("a/b/c", None), ("..", None)), at(3))
+        expected = {k: v for k, v in committed.items() if k not in {"a/b/c", ".."}}
+        assert store.load_fingerprints("act") == expected
+
+    # -- isolation ----------------------------------------------------------------------------
+
+    def test_activations_are_isolated(self, store: StateStore) -> None:
+        lease_a = store.acquire_lease("act-a", "run-1", TTL, T0)
+        lease_b = store.acquire_lease("act-b", "run-2", TTL, T0)  # not blocked by act-a's lease
+        store.commit(lease_a, entries(("shared-id", fp(1)), ("only-a", fp(2))), at(1))
+        store.commit(lease_b, entries(("shared-id", fp(3))), at(1))
+        store.record_intents(lease_a, ["intent-a"])
+        store.record_intents(lease_b, ["intent-b"])
+        store.save_meta(lease_a, ActivationMeta(mapping_version="va", owned_keys={"a"}))
+        store.commit(lease_b, entries(("only-a", None)), at(2))  # deleting in b leaves a alone
+
+        assert store.load_fingerprints("act-a") == {"shared-id": fp(1), "only-a": fp(2)}
+        assert store.load_fingerprints("act-b") == {"shared-id": fp(3)}
+        assert store.load_intents("act-a") == {"intent-a"}
+        assert store.load_intents("act-b") == {"intent-b"}
+        assert store.load_meta("act-b") == ActivationMeta()
+
+        store.release_lease(lease_a)
+        store.reset("act-a")
+        assert store.load_fingerprints("act-a") == {}
+        assert store.load_fingerprints("act-b") == {"shared-id": fp(3)}
+        assert store.load_intents("act-b") == {"intent-b"}
+
+    def test_lease_of_one_activation_cannot_write_another(self, store: StateStore) -> None:
+        lease_a = store.acquire_lease("act-a", "run-1", TTL, T0)
+        lease_b = store.acquire_lease("act-b", "run-2", TTL, T0)
+        # act-a's owner and token, pointed at act-b: act-b's lease row says otherwise.
+        forged = Lease(activation="act-b", owner="run-1", token=lease_a.token, expires_at=lease_a.expires_at)
+        with pytest.raises(LeaseLost):
+            store.commit(forged, entries(("u1", fp(1))), at(1))
+        store.commit(lease_a, entries(("u1", fp(1))), at(1))
+        store.commit(lease_b, entries(("u2", fp(2))), at(1))
+        assert store.load_fingerprints("act-a") == {"u1": fp(1)}
+        assert store.load_fingerprints("act-b") == {"u2": fp(2)}
+
+    # -- intents ------------------------------------------------------------------------------
+
+    def test_intents_record_load_clear(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        assert store.load_intents("act") == set()
+        store.record_intents(lease, ["u1", "u2", "u3"])
+        store.record_intents(lease, (f"u{n}" for n in (3, 4, 4)))  # any iterable; duplicates fine
+        assert store.load_intents("act") == {"u1", "u2", "u3", "u4"}
+        store.clear_intents(lease, ["u2", "u4", "never-recorded"])
+        assert store.load_intents("act") == {"u1", "u3"}
+        store.record_intents(lease, [])
+        store.clear_intents(lease, [])
+        assert store.load_intents("act") == {"u1", "u3"}
+
+    def test_intents_are_fenced(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        store.record_intents(old, ["u1", "u2"])
+        new = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.record_intents(old, ["u3"])
+        with pytest.raises(LeaseLost):
+            store.clear_intents(old, ["u1"])
+        assert store.load_intents("act") == {"u1", "u2"}
+        store.clear_intents(new, ["u1"])
+        assert store.load_intents("act") == {"u2"}
+
+    def test_many_intents_in_one_call(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        ids = {f"user-{n:05d}" for n in range(20_000)}
+        store.record_intents(lease, sorted(ids))
+        assert store.load_intents("act") == ids
+        store.clear_intents(lease, sorted(ids)[:10_000])
+        assert store.load_intents("act") == set(sorted(ids)[10_000:])
+
+    # -- meta ---------------------------------------------------------------------------------
+
+    def test_meta_defaults_to_fresh(self, store: StateStore) -> None:
+        assert store.load_meta("act") == ActivationMeta()
+
+    def test_meta_round_trip_and_replace(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        meta = ActivationMeta(
+            mapping_version="m-3f2a",
+            owned_keys={"$email_address", "plan", "signup_date", "tags"},
+            last_success_run_id="run-0001",
+            continuation={"cursor": "user-0042", "attempt": 2, "nested": {"ids": ["a", "é"]}},
+        )
+        store.save_meta(lease, meta)
+        assert store.load_meta("act") == meta
+        replaced = ActivationMeta(mapping_version="m-4", owned_keys={"plan"})
+        store.save_meta(lease, replaced)
+        loaded = store.load_meta("act")
+        assert loaded == replaced
+        assert loaded.continuation is None
+        assert loaded.last_success_run_id is None
+
+    def test_meta_is_fenced(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        first = ActivationMeta(mapping_version="v1", owned_keys={"a"})
+        store.save_meta(old, first)
+        store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.save_meta(old, ActivationMeta(mapping_version="v2"))
+        assert store.load_meta("act") == first
+
+    # -- run records --------------------------------------------------------------------------
+
+    def test_runs_save_get_and_replace(self, store: StateStore) -> None:
+        record = run_record("run-1", "act", "2026-01-01T00:00:00Z", trigger_id="msg-1")
+        assert store.get_run("run-1") is None
+        store.save_run(record)
+        assert store.get_run("run-1") == record
+        updated = {**record, "status": "failed", "error": "LeaseLost"}
+        store.save_run(updated)
+        assert store.get_run("run-1") == updated
+        assert store.list_runs("act") == [updated]
+
+    def test_runs_list_newest_first_with_limit(self, store: StateStore) -> None:
+        started = ["2026-01-03T00:00:00Z", "2026-01-01T00:00:00Z", "2026-01-05T00:00:00Z", "2026-01-02T00:00:00Z"]
+        for n, started_at in enumerate(started):
+            store.save_run(run_record(f"run-{n}", "act", started_at))
+        store.save_run(run_record("other-run", "other-act", "2026-02-01T00:00:00Z"))
+        listed = store.list_runs("act")
+        assert [r["started_at"] for r in listed] == sorted(started, reverse=True)
+        assert [r["run_id"] for r in store.list_runs("act", limit=2)] == ["run-2", "run-0"]
+        assert [r["run_id"] for r in store.list_runs("other-act")] == ["other-run"]
+        assert store.list_runs("never-seen") == []
+
+    def test_find_run_by_trigger(self, store: StateStore) -> None:
+        store.save_run(run_record("run-1", "act", "2026-01-01T00:00:00Z", trigger_id="msg-1"))
+        store.save_run(run_record("run-2", "act", "2026-01-02T00:00:00Z", trigger_id="msg-2"))
+        store.save_run(run_record("run-3", "other", "2026-01-02T00:00:00Z", trigger_id="msg-3"))
+        found = store.find_run_by_trigger("act", "msg-2")
+        assert found is not None
+        assert found["run_id"] == "run-2"
+        assert store.find_run_by_trigger("act", "msg-3") is None  # other activation's trigger
+        assert store.find_run_by_trigger("act", "msg-unknown") is None
+
+    # -- reset --------------------------------------------------------------------------------
+
+    def test_reset_forgets_state_but_keeps_runs(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        store.record_intents(lease, ["u1"])
+        store.save_meta(lease, ActivationMeta(mapping_version="v1", owned_keys={"k"}))
+        record = run_record("run-a", "act", "2026-01-01T00:00:00Z", trigger_id="msg-1")
+        store.save_run(record)
+        store.release_lease(lease)
+
+        store.reset("act")
+
+        assert store.load_fingerprints("act") == {}
+        assert store.load_intents("act") == set()
+        assert store.load_meta("act") == ActivationMeta()
+        assert store.get_run("run-a") == record
+        assert store.list_runs("act") == [record]
+        assert store.find_run_by_trigger("act", "msg-1") == record
+
+    def test_reset_refuses_while_another_run_holds_the_lease(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", CENTURY, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        store.record_intents(lease, ["u1"])
+        with pytest.raises(LeaseHeld) as excinfo:
+            store.reset("act")
+        assert "run-a" in str(excinfo.value)
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+        assert store.load_intents("act") == {"u1"}
+        # The running sync was not disturbed.
+        store.commit(lease, entries(("u2", fp(2))), at(2))
+        assert store.load_fingerprints("act") == {"u1": fp(1), "u2": fp(2)}
+
+    def test_reset_of_an_unknown_activation_is_harmless(self, store: StateStore) -> None:
+        store.reset("never-seen")
+        assert store.load_fingerprints("never-seen") == {}

@@ -1,0 +1,374 @@
+"""SQLiteStateStore: the shared StateStore contract, plus what only SQLite has (files,
+several connections or processes on one file, schema versions, pragmas)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
+
+from sync.errors import LeaseHeld, LeaseLost
+from sync.model import ActivationMeta, Fingerprint, JournalEntry
+from sync.state.base import StateStore
+from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TestSQLiteStateStore(StateStoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[StateStore]:
+        s = SQLiteStateStore(tmp_path / "state.db")
+        yield s
+        s.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "nested" / "dir" / "state.db"
+
+
+# -- files and set-up ------------------------------------------------------------------------
+
+
+def test_creates_parent_directories_and_a_versioned_schema(db_path: Path) -> None:
+    with SQLiteStateStore(db_path):
+        pass
+    assert db_path.is_file()
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        raw.close()
+
+
+def test_reopening_keeps_one_schema_version_row(db_path: Path) -> None:
+    for _ in range(3):
+        SQLiteStateStore(db_path).close()
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
+    finally:
+        raw.close()
+
+
+def test_commits_are_fsynced(db_path: Path) -> None:
+    # Killing a process cannot show the difference between NORMAL and FULL (the OS page
+    # cache survives; only a power loss loses NORMAL's last commits), so the setting
+    # that guarantee 1 relies on is asserted directly.
+    with SQLiteStateStore(db_path) as store:
+        assert store._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # 2 = FULL
+
+
+def test_refuses_a_newer_schema_version(db_path: Path) -> None:
+    SQLiteStateStore(db_path).close()
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+        raw.execute("DROP TABLE intents")  # a newer schema may differ: we must not "repair" it
+    raw.close()
+    with pytest.raises(StateSchemaError) as excinfo:
+        SQLiteStateStore(db_path)
+    message = str(excinfo.value)
+    assert str(db_path) in message
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    raw = sqlite3.connect(db_path)
+    try:
+        tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "intents" not in tables
+    finally:
+        raw.close()
+
+
+def test_in_memory_store_works(tmp_path: Path) -> None:
+    with SQLiteStateStore(":memory:") as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_close_is_idempotent_and_final(db_path: Path) -> None:
+    store = SQLiteStateStore(db_path)
+    store.close()
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.load_fingerprints("act")
+
+
+def test_repr_names_the_file_only(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        assert repr(store) == f"SQLiteStateStore({str(db_path)!r})"
+
+
+# -- durability ------------------------------------------------------------------------------
+
+
+def test_everything_survives_close_and_reopen(db_path: Path) -> None:
+    meta = ActivationMeta(mapping_version="v1", owned_keys={"plan", "$email_address"}, continuation={"n": 1})
+    record = run_record("run-1", "act", "2026-01-01T00:00:00Z", trigger_id="msg-1")
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1)), ("u2", Fingerprint(2**64 - 1, 2**63))), at(1))
+        store.record_intents(lease, ["u1", "u3"])
+        store.save_meta(lease, meta)
+        store.save_run(record)
+        store.release_lease(lease)
+
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_fingerprints("act") == {"u1": fp(1), "u2": Fingerprint(2**64 - 1, 2**63)}
+        assert store.load_intents("act") == {"u1", "u3"}
+        assert store.load_meta("act") == meta
+        assert store.get_run("run-1") == record
+        assert store.find_run_by_trigger("act", "msg-1") == record
+        # The token counter survived too: the next lease's token is higher.
+        assert store.acquire_lease("act", "run-b", TTL, at(2)).token > lease.token
+
+
+def test_a_failed_commit_leaves_the_transaction_closed(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        new = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.commit(old, entries(("u1", fp(1))), at(TTL + 2))
+        assert not store._conn.in_transaction
+        # The write lock was released: another connection can write at once.
+        with SQLiteStateStore(db_path, busy_timeout_seconds=0) as other:
+            other.save_run(run_record("run-x", "act", "2026-01-01T00:00:00Z"))
+        store.commit(new, entries(("u1", fp(1))), at(TTL + 2))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+
+
+# -- several connections / processes on one file --------------------------------------------
+
+
+def test_lease_exclusion_and_fencing_across_connections(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as first, SQLiteStateStore(db_path) as second:
+        lease_a = first.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(LeaseHeld) as excinfo:
+            second.acquire_lease("act", "run-b", TTL, at(1))
+        assert "run-a" in str(excinfo.value)
+        assert "2026-01-01T00:01:00+00:00" in str(excinfo.value)  # when it expires
+
+        first.commit(lease_a, entries(("u1", fp(1))), at(2))
+        assert second.load_fingerprints("act") == {"u1": fp(1)}
+
+        lease_b = second.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            first.commit(lease_a, entries(("u1", None), ("u2", fp(2))), at(3))
+        with pytest.raises(LeaseLost):
+            first.record_intents(lease_a, ["u2"])
+        second.commit(lease_b, entries(("u3", fp(3))), at(TTL + 2))
+        assert first.load_fingerprints("act") == {"u1": fp(1), "u3": fp(3)}
+        assert first.load_intents("act") == set()
+
+
+_CHILD = """
+import sys
+from datetime import UTC, datetime, timedelta
+from sync.errors import LeaseHeld, LeaseLost
+from sync.model import Fingerprint, JournalEntry, Lease
+from sync.state.sqlite import SQLiteStateStore
+
+t0 = datetime(2026, 1, 1, tzinfo=UTC)
+store = SQLiteStateStore(sys.argv[1])
+try:
+    store.acquire_lease("act", "child", 60.0, t0 + timedelta(seconds=1))
+except LeaseHeld as exc:
+    print("held:", exc)
+forged = Lease("act", "child", int(sys.argv[2]), t0 + timedelta(seconds=60))
+try:
+    store.commit(forged, [JournalEntry("from-child", Fingerprint(1, 1))], t0)
+except LeaseLost:
+    print("lost")
+print("seen:", sorted(store.load_fingerprints("act")))
+store.close()
+"""
+
+
+def test_lease_exclusion_across_processes(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "parent", TTL, T0)
+        store.commit(lease, entries(("from-parent", fp(1))), at(1))
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(db_path), str(lease.token)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert child.returncode == 0, child.stderr
+        lines = child.stdout.splitlines()
+        assert lines[0].startswith("held: ")
+        assert "parent" in lines[0]
+        assert lines[1:] == ["lost", "seen: ['from-parent']"]
+        assert store.load_fingerprints("act") == {"from-parent": fp(1)}
+
+
+def test_a_writer_waits_for_another_connections_transaction(db_path: Path) -> None:
+    SQLiteStateStore(db_path).close()
+    blocker = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release_soon() -> None:
+        released.wait(0.3)
+        blocker.execute("COMMIT")
+
+    thread = threading.Thread(target=release_soon)
+    thread.start()
+    try:
+        with SQLiteStateStore(db_path, busy_timeout_seconds=30) as store:
+            lease = store.acquire_lease("act", "run-a", TTL, T0)  # waits, then succeeds
+            assert lease.owner == "run-a"
+    finally:
+        released.set()
+        thread.join()
+        blocker.close()
+
+
+def test_a_writer_gives_up_after_the_busy_timeout(db_path: Path) -> None:
+    with SQLiteStateStore(db_path, busy_timeout_seconds=0.05) as store:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                store.acquire_lease("act", "run-a", TTL, T0)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert store.acquire_lease("act", "run-a", TTL, T0).token == 1
+
+
+def test_usable_from_worker_threads(db_path: Path) -> None:
+    errors: list[BaseException] = []
+    with SQLiteStateStore(db_path) as store:
+
+        def run(activation: str) -> None:
+            try:
+                lease = store.acquire_lease(activation, "worker", TTL, T0)
+                for chunk in range(20):
+                    store.commit(lease, [JournalEntry(f"{activation}-{chunk}-{n}", fp(n)) for n in range(50)], T0)
+                    store.record_intents(lease, [f"{activation}-{chunk}"])
+            except BaseException as exc:  # reported to the main thread below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(f"act-{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        for i in range(4):
+            assert len(store.load_fingerprints(f"act-{i}")) == 20 * 50
+            assert len(store.load_intents(f"act-{i}")) == 20
+
+
+# -- SQLite-specific validation and admin ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 2**70, True])
+def test_out_of_range_fingerprint_raises_and_writes_nothing(db_path: Path, bad: int) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        batch = [JournalEntry("good", fp(1)), JournalEntry("bad-id", Fingerprint(raw=1, payload=bad))]
+        with pytest.raises(ValueError, match="bad-id") as excinfo:
+            store.commit(lease, batch, at(1))
+        assert "'act'" in str(excinfo.value)
+        assert store.load_fingerprints("act") == {}
+
+
+def test_naive_datetimes_are_refused(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        with pytest.raises(ValueError, match="timezone-aware"):
+            store.acquire_lease("act", "run-a", TTL, datetime(2026, 1, 1))
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(ValueError, match="timezone-aware"):
+            store.renew_lease(lease, TTL, datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize("ttl", [0.0, -5.0])
+def test_non_positive_ttl_is_refused(db_path: Path, ttl: float) -> None:
+    with SQLiteStateStore(db_path) as store:
+        with pytest.raises(ValueError, match="ttl_seconds"):
+            store.acquire_lease("act", "run-a", ttl, T0)
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(ValueError, match="ttl_seconds"):
+            store.renew_lease(lease, ttl, at(1))
+
+
+def test_reset_judges_the_lease_by_the_given_now(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        with pytest.raises(LeaseHeld, match="run-a"):
+            store.reset("act", now=at(TTL - 1))
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+        store.reset("act", now=at(TTL))  # expired: a crashed run does not block a reset
+        assert store.load_fingerprints("act") == {}
+
+
+def test_reset_refuses_under_the_wall_clock_default(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        store.acquire_lease("act", "run-a", CENTURY, T0)
+        with pytest.raises(LeaseHeld):
+            store.reset("act")
+
+
+def test_run_records_need_an_id_and_an_activation_and_json(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        with pytest.raises(ValueError, match="run_id"):
+            store.save_run({"activation": "act"})
+        with pytest.raises(ValueError, match="activation"):
+            store.save_run({"run_id": "run-1"})
+        with pytest.raises(TypeError, match="run-1"):
+            store.save_run({"run_id": "run-1", "activation": "act", "when": object()})
+        with pytest.raises(ValueError, match="limit"):
+            store.list_runs("act", limit=-1)
+        assert store.get_run("run-1") is None
+        assert store.list_runs("act", limit=0) == []
+
+
+def test_meta_with_a_non_json_continuation_is_refused(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(TypeError, match="'act'"):
+            store.save_meta(lease, ActivationMeta(continuation={"at": T0}))
+        assert store.load_meta("act") == ActivationMeta()
+
+
+def test_meta_owned_keys_are_stored_sorted(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.save_meta(lease, ActivationMeta(owned_keys={"zeta", "alpha", "$email_address"}))
+    raw = sqlite3.connect(db_path)
+    try:
+        (body,) = raw.execute("SELECT body FROM meta WHERE activation = 'act'").fetchone()
+    finally:
+        raw.close()
+    assert '"owned_keys": ["$email_address", "alpha", "zeta"]' in body
+
+
+def test_stats_count_writes(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        before = store.stats()
+        store.commit(lease, entries(("u1", fp(1)), ("u2", fp(2)), ("u3", fp(3))), at(1))
+        store.commit(lease, entries(("u1", None)), at(2))
+        after = store.stats()
+        assert after["transactions"] - before["transactions"] == 2
+        assert after["rows_written"] - before["rows_written"] == 4
+        assert after["statements"] > before["statements"]
+        store.load_fingerprints("act")
+        assert store.stats()["rows_written"] == after["rows_written"]
