@@ -1,0 +1,1 @@
+"""Batch CEP Profile API: the client and a local simulator of the API."""

@@ -1,0 +1,778 @@
+"""Row → Batch profile payload: typing, normalisation, validation and reason codes.
+
+Two entry points, both pure:
+
+* :func:`resolve_attribute_types` checks an activation's mapping against the segment's
+  Arrow schema before anything is read (a missing column or an impossible type is a
+  config error, not a million row errors), and fixes the Batch type of every custom
+  attribute.
+* :class:`ProfileMapper` turns one source row (a dict from ``RecordBatch.to_pylist()``)
+  into a :class:`sync.model.MappedRow`: the full payload, or a rejection with every
+  problem found, each with a :class:`sync.model.Reason`.
+
+The rules are the project's reading of Batch's limits (``batch-api.md``, decision 7):
+strings 1-300 characters, ``url()`` at most 2048, string arrays 1-25 items, ``date()``
+ISO-8601 UTC ending in ``Z``, E.164 phones, ISO 639-1 / 3166-1 codes, IANA time zones.
+Values are validated with maintained libraries (``phonenumbers``, ``email-validator``,
+``pycountry``, ``zoneinfo``), not hand-written patterns.
+
+Mapping is the hot path of a run (a delta run maps every row whose raw values moved),
+so lookup tables are built once per process and :meth:`ProfileMapper.map_row` allocates
+little beyond the payload dict: converters are precomputed per column at construction
+and a failure object is created only for a bad value.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zoneinfo
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
+
+import phonenumbers
+import pyarrow as pa
+import pycountry
+from email_validator import EmailNotValidError, validate_email
+
+from sync.config import Activation, AttributeType, InvalidValuePolicy
+from sync.errors import ConfigError
+from sync.model import MappedRow, Reason, RowIssue
+
+__all__ = ["ProfileMapper", "resolve_attribute_types"]
+
+# --- Batch limits (batch-api.md "Limits" and decision 7) --------------------------------
+# custom_id: the SDK caps it at 1024 characters (doc.batch.com SDK "custom-user-id").
+MAX_CUSTOM_ID_LENGTH: Final = 1024
+# The SDKs refuse these ids (case-insensitive): they are what a null turns into when a
+# client stringifies it, so a profile under such an id would merge unrelated people.
+BLOCKED_CUSTOM_IDS: Final = frozenset({"null", "undefined", "nan"})
+# ATTR_STRING_MAX_LENGTH_CEP = 300 in the Android SDK's ProfileDataHelper.
+MAX_STRING_LENGTH: Final = 300
+# URL attributes: at most 2048 characters (Android SDK, doc.batch.com attributes page).
+MAX_URL_LENGTH: Final = 2048
+# String arrays: 1 to 25 items (Android SDK, doc.batch.com attributes page).
+MAX_ARRAY_ITEMS: Final = 25
+# Email: at most 256 characters (Android SDK ProfileDataHelper).
+MAX_EMAIL_LENGTH: Final = 256
+# Batch integers are JSON numbers; we keep to what every JSON consumer and the
+# warehouse (INT64) can hold exactly.
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+# An issue's detail quotes the offending value, cut to about this many characters.
+DETAIL_VALUE_LENGTH: Final = 40
+
+_SUBSCRIBED: Final = "subscribed"
+_UNSUBSCRIBED: Final = "unsubscribed"
+# Spellings a warehouse commonly uses for a marketing consent flag, after strip + lower.
+SUBSCRIPTION_VALUES: Final[Mapping[str, str]] = {
+    **dict.fromkeys(
+        ("subscribed", "true", "yes", "y", "1", "opt_in", "opt-in", "optin", "opted_in", "opted-in"),
+        _SUBSCRIBED,
+    ),
+    **dict.fromkeys(
+        ("unsubscribed", "false", "no", "n", "0", "opt_out", "opt-out", "optout", "opted_out", "opted-out"),
+        _UNSUBSCRIBED,
+    ),
+}
+
+_NATIVE_FIELDS: Final = (
+    ("email", "$email_address"),
+    ("phone", "$phone_number"),
+    ("language", "$language"),
+    ("region", "$region"),
+    ("timezone", "$timezone"),
+    ("email_marketing", "$email_marketing"),
+    ("sms_marketing", "$sms_marketing"),
+)
+
+
+# --- Lookup tables, built once per process on first use --------------------------------
+
+
+@functools.cache
+def _languages() -> dict[str, str]:
+    """ISO 639-1 code (lowercase) -> itself."""
+    return {lang.alpha_2.lower(): lang.alpha_2.lower() for lang in pycountry.languages if hasattr(lang, "alpha_2")}
+
+
+@functools.cache
+def _regions() -> dict[str, str]:
+    """ISO 3166-1 alpha-2 and alpha-3 codes (uppercase) -> alpha-2."""
+    table: dict[str, str] = {}
+    for country in pycountry.countries:
+        table[country.alpha_2] = country.alpha_2
+        table[country.alpha_3] = country.alpha_2
+    return table
+
+
+@functools.cache
+def _timezones() -> tuple[frozenset[str], dict[str, str]]:
+    """IANA names, and lowercase name -> canonical spelling (no two names differ only by case)."""
+    names = frozenset(zoneinfo.available_timezones())
+    return names, {name.lower(): name for name in names}
+
+
+# --- Converters --------------------------------------------------------------------------
+# A converter takes a non-None source value and returns the payload value, None for
+# "no value" (sent as null), or a _Failure. Returning instead of raising keeps the common
+# path free of exception set-up and makes "never raises" easy to hold.
+
+
+class _Failure:
+    __slots__ = ("detail", "reason")
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+
+
+Converter = Callable[[Any], Any]
+
+
+def _quote(value: Any) -> str:
+    # Slice long strings before repr so a 1 MB cell does not cost a 1 MB repr.
+    text = repr(value[: DETAIL_VALUE_LENGTH + 1]) if isinstance(value, str) else repr(value)
+    return text if len(text) <= DETAIL_VALUE_LENGTH else text[: DETAIL_VALUE_LENGTH - 1] + "…"
+
+
+def _fail(reason: Reason, message: str, value: Any) -> _Failure:
+    return _Failure(reason, f"{message}: {_quote(value)}")
+
+
+def _wrong_type(reason: Reason, expected: str, value: Any) -> _Failure:
+    return _Failure(reason, f"expected {expected}, got {type(value).__name__} {_quote(value)}")
+
+
+def _blank_or_wrong_type(reason: Reason, expected: str, value: Any) -> _Failure | None:
+    # An empty string is "no value" whatever the column's type (decision 9), so it never
+    # counts as a type error; checked only once the value is already off the happy path.
+    if isinstance(value, str) and _is_blank(value):
+        return None
+    return _wrong_type(reason, expected, value)
+
+
+def _is_blank(text: str) -> bool:
+    # isspace() is False for "", so both tests are needed; neither allocates.
+    return not text or text.isspace()
+
+
+def _convert_email(value: Any) -> Any:
+    if not isinstance(value, str):
+        return _wrong_type(Reason.INVALID_EMAIL, "a string", value)
+    text = value.strip()
+    if not text:
+        return None
+    if len(text) > MAX_EMAIL_LENGTH:
+        return _fail(Reason.INVALID_EMAIL, f"longer than {MAX_EMAIL_LENGTH} characters", value)
+    try:
+        # Syntax only: a DNS lookup per row would be slow, flaky and a network call.
+        normalized: str = validate_email(text, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return _fail(Reason.INVALID_EMAIL, "not a valid email address", value)
+    if len(normalized) > MAX_EMAIL_LENGTH:
+        return _fail(Reason.INVALID_EMAIL, f"longer than {MAX_EMAIL_LENGTH} characters", value)
+    return normalized
+
+
+def _phone_converter(default_region: str | None) -> Converter:
+    e164 = phonenumbers.PhoneNumberFormat.E164
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            # An integer column cannot hold a leading "+" or "0". With a default region,
+            # phonenumbers reads it as national or recognises the region's country code;
+            # without one, an integer can only be an international number.
+            text = str(value) if default_region is not None else f"+{value}"
+        else:
+            return _wrong_type(Reason.INVALID_PHONE, "a string or a positive integer", value)
+        try:
+            number = phonenumbers.parse(text, default_region)
+        except phonenumbers.NumberParseException:
+            return _fail(Reason.INVALID_PHONE, "not a phone number", value)
+        if not phonenumbers.is_valid_number(number):
+            return _fail(Reason.INVALID_PHONE, "not a valid phone number", value)
+        # E.164 is what Batch accepts (SDK pattern ^\+[0-9]{1,15}$); extensions are dropped.
+        return phonenumbers.format_number(number, e164)
+
+    return convert
+
+
+def _language_converter() -> Converter:
+    table = _languages()
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, str):
+            return _wrong_type(Reason.INVALID_LANGUAGE, "a string", value)
+        text = value.strip()
+        if not text:
+            return None
+        # A locale (fr-FR, fr_FR) carries its language first, as Batch's Segment mapping reads it.
+        primary = text.replace("_", "-").split("-", 1)[0].lower()
+        code = table.get(primary)
+        if code is None:
+            return _fail(Reason.INVALID_LANGUAGE, "not an ISO 639-1 language code", value)
+        return code
+
+    return convert
+
+
+def _region_converter() -> Converter:
+    table = _regions()
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, str):
+            return _wrong_type(Reason.INVALID_REGION, "a string", value)
+        text = value.strip()
+        if not text:
+            return None
+        code = table.get(text.upper())
+        if code is None:
+            return _fail(Reason.INVALID_REGION, "not an ISO 3166-1 country code", value)
+        return code
+
+    return convert
+
+
+def _timezone_converter() -> Converter:
+    names, by_lower = _timezones()
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, str):
+            return _wrong_type(Reason.INVALID_TIMEZONE, "a string", value)
+        text = value.strip()
+        if not text:
+            return None
+        if text in names:
+            return text
+        name = by_lower.get(text.lower())
+        if name is None:
+            return _fail(Reason.INVALID_TIMEZONE, "not an IANA time zone name", value)
+        return name
+
+    return convert
+
+
+def _convert_subscription(value: Any) -> Any:
+    if value is True:
+        return _SUBSCRIBED
+    if value is False:
+        return _UNSUBSCRIBED
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        status = SUBSCRIPTION_VALUES.get(text.lower())
+        if status is None:
+            return _fail(Reason.INVALID_SUBSCRIPTION, "not a subscription status", value)
+        return status
+    if isinstance(value, int) and value in (0, 1):
+        return _SUBSCRIBED if value else _UNSUBSCRIBED
+    return _wrong_type(Reason.INVALID_SUBSCRIPTION, "a boolean or a subscription status", value)
+
+
+def _convert_string(value: Any) -> Any:
+    if not isinstance(value, str):
+        return _wrong_type(Reason.INVALID_STRING, "a string", value)
+    # Batch refuses empty and whitespace-only strings; they mean "no value" (decision 9).
+    # The value itself is sent untrimmed: leading spaces may be meaningful to the user.
+    if _is_blank(value):
+        return None
+    if len(value) > MAX_STRING_LENGTH:
+        return _fail(Reason.STRING_TOO_LONG, f"{len(value)} characters, Batch accepts {MAX_STRING_LENGTH}", value)
+    return value
+
+
+def _integral_decimal(value: Decimal) -> int | None:
+    """The int a Decimal holds exactly, or None (fractional, NaN, infinite or absurdly large)."""
+    # adjusted() bounds the magnitude before int() so 1E+999999999 never becomes a huge int.
+    if not value.is_finite() or value.adjusted() > MAX_CUSTOM_ID_LENGTH:
+        return None
+    if value != value.to_integral_value():
+        return None
+    return int(value)
+
+
+def _convert_integer(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _wrong_type(Reason.INVALID_INTEGER, "an integer", value)
+    if isinstance(value, int):
+        number = int(value)
+    elif isinstance(value, Decimal):
+        integral = _integral_decimal(value)
+        if integral is None:
+            return _fail(Reason.INVALID_INTEGER, "not a whole number", value)
+        number = integral
+    else:
+        return _blank_or_wrong_type(Reason.INVALID_INTEGER, "an integer", value)
+    if not INT64_MIN <= number <= INT64_MAX:
+        return _fail(Reason.INVALID_INTEGER, "outside the signed 64-bit range", value)
+    return number
+
+
+def _convert_float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _wrong_type(Reason.INVALID_FLOAT, "a number", value)
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, int | Decimal):
+        if isinstance(value, Decimal) and not value.is_finite():
+            return _fail(Reason.INVALID_FLOAT, "not a finite number", value)
+        try:
+            number = float(value)
+        except OverflowError:
+            return _fail(Reason.INVALID_FLOAT, "too large for a float", value)
+    else:
+        return _blank_or_wrong_type(Reason.INVALID_FLOAT, "a number", value)
+    # JSON has no NaN or Infinity; Batch would refuse the whole body.
+    if not math.isfinite(number):
+        return _fail(Reason.INVALID_FLOAT, "not a finite number", value)
+    # -0.0 and 0.0 are the same attribute value; send one spelling.
+    return 0.0 if number == 0 else number
+
+
+def _convert_boolean(value: Any) -> Any:
+    if value is True or value is False:
+        return value
+    if isinstance(value, str):
+        # Reachable only from a string column explicitly typed boolean.
+        text = value.strip().lower()
+        if not text:
+            return None
+        if text == "true":
+            return True
+        if text == "false":
+            return False
+        return _fail(Reason.INVALID_BOOLEAN, "expected 'true' or 'false'", value)
+    return _wrong_type(Reason.INVALID_BOOLEAN, "a boolean", value)
+
+
+def _format_utc(moment: datetime) -> str:
+    millis = moment.microsecond // 1000
+    base = (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
+    return f"{base}.{millis:03d}Z" if millis else f"{base}Z"
+
+
+def _convert_date(value: Any) -> Any:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        return f"{value.year:04d}-{value.month:02d}-{value.day:02d}T00:00:00Z"
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return _fail(Reason.INVALID_DATE, "not an ISO-8601 date", value)
+    else:
+        return _wrong_type(Reason.INVALID_DATE, "a date, a timestamp or an ISO-8601 string", value)
+    # Batch wants UTC with a Z (decision 7). A naive value is taken as UTC: BigQuery
+    # DATETIME and DuckDB TIMESTAMP carry no zone, and UTC is the warehouse convention.
+    if moment.tzinfo is not None:
+        try:
+            moment = moment.astimezone(UTC)
+        except (OverflowError, ValueError):
+            return _fail(Reason.INVALID_DATE, "outside the representable range in UTC", value)
+    return _format_utc(moment)
+
+
+def _convert_url(value: Any) -> Any:
+    if not isinstance(value, str):
+        return _wrong_type(Reason.INVALID_URL, "a string", value)
+    text = value.strip()
+    if not text:
+        return None
+    if len(text) > MAX_URL_LENGTH:
+        return _fail(Reason.INVALID_URL, f"{len(text)} characters, Batch accepts {MAX_URL_LENGTH}", value)
+    # RFC 3986 has no raw spaces or control characters; urlsplit would silently drop some.
+    if " " in text or not text.isprintable():
+        return _fail(Reason.INVALID_URL, "contains whitespace or control characters", value)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return _fail(Reason.INVALID_URL, "not a URL", value)
+    # Batch's shape is scheme://[authority][path][?query][#fragment]: the authority may be
+    # empty for app deep links (myapp:///home), but a web URL without a host is useless.
+    if not parts.scheme or not text[len(parts.scheme) :].startswith("://"):
+        return _fail(Reason.INVALID_URL, "expected scheme://...", value)
+    if not parts.netloc and parts.scheme.lower() in ("http", "https"):
+        return _fail(Reason.INVALID_URL, "no host", value)
+    return text
+
+
+def _convert_string_array(value: Any) -> Any:
+    if not isinstance(value, list | tuple):
+        return _blank_or_wrong_type(Reason.INVALID_ARRAY, "a list of strings", value)
+    items: list[str] = []
+    for item in value:
+        # Null and empty items carry no value (decision 9); they are dropped, not refused.
+        if item is None:
+            continue
+        if not isinstance(item, str):
+            return _wrong_type(Reason.INVALID_ARRAY, "string items", item)
+        if _is_blank(item):
+            continue
+        if len(item) > MAX_STRING_LENGTH:
+            return _fail(
+                Reason.INVALID_ARRAY, f"an item of {len(item)} characters, Batch accepts {MAX_STRING_LENGTH}", item
+            )
+        items.append(item)
+    if not items:
+        return None
+    if len(items) > MAX_ARRAY_ITEMS:
+        return _fail(Reason.ARRAY_TOO_LONG, f"{len(items)} items, Batch accepts {MAX_ARRAY_ITEMS}", items)
+    return items
+
+
+_CUSTOM_CONVERTERS: Final[Mapping[AttributeType, Converter]] = {
+    AttributeType.STRING: _convert_string,
+    AttributeType.INTEGER: _convert_integer,
+    AttributeType.FLOAT: _convert_float,
+    AttributeType.BOOLEAN: _convert_boolean,
+    AttributeType.DATE: _convert_date,
+    AttributeType.URL: _convert_url,
+    AttributeType.STRING_ARRAY: _convert_string_array,
+}
+
+
+def _convert_custom_id(value: Any) -> str | _Failure:
+    if value is None:
+        return _Failure(Reason.MISSING_CUSTOM_ID, "custom_id is null")
+    if isinstance(value, str):
+        # Batch ids are case- and whitespace-sensitive: never trimmed, only refused when blank.
+        if _is_blank(value):
+            return _fail(Reason.MISSING_CUSTOM_ID, "custom_id is empty", value)
+        if len(value) > MAX_CUSTOM_ID_LENGTH:
+            return _fail(
+                Reason.CUSTOM_ID_TOO_LONG, f"{len(value)} characters, Batch accepts {MAX_CUSTOM_ID_LENGTH}", value
+            )
+        if value.lower() in BLOCKED_CUSTOM_IDS:
+            return _fail(Reason.INVALID_CUSTOM_ID, "a placeholder the Batch SDKs refuse as an id", value)
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, Decimal) and (integral := _integral_decimal(value)) is not None:
+        # BigQuery NUMERIC ids arrive as Decimal even when they hold whole numbers.
+        text = str(integral)
+    else:
+        return _wrong_type(Reason.INVALID_CUSTOM_ID, "a string or an integer", value)
+    if len(text) > MAX_CUSTOM_ID_LENGTH:
+        return _fail(Reason.CUSTOM_ID_TOO_LONG, f"{len(text)} digits, Batch accepts {MAX_CUSTOM_ID_LENGTH}", value)
+    return text
+
+
+# --- The mapper ---------------------------------------------------------------------------
+
+
+class _Field(NamedTuple):
+    column: str
+    key: str  # bare key: "$email_address", "birthdate"; used for null
+    present_key: str  # key for a present value: "date(birthdate)", "url(site)", else == key
+    convert: Converter
+
+
+class ProfileMapper:
+    """Maps source rows of one activation to Batch profile payloads.
+
+    Build one per run (construction resolves converters and lookup tables) and call
+    :meth:`map_row` for every row. The mapper holds no per-row state.
+
+    Attributes:
+        columns: The activation's mapped columns, custom_id first, in the order the raw
+            fingerprint hashes them (``activation.mapped_columns``).
+        owned_keys: The bare Batch keys this mapping writes: the native ``$...`` keys it
+            maps and the custom attribute names (never ``date(...)``/``url(...)``).
+    """
+
+    def __init__(self, activation: Activation, attribute_types: Mapping[str, AttributeType]) -> None:
+        """Prepare the per-column converters.
+
+        Args:
+            activation: The validated activation.
+            attribute_types: Column -> effective type of every custom attribute, as
+                returned by :func:`resolve_attribute_types`.
+
+        Raises:
+            ConfigError: A custom attribute's column has no type in ``attribute_types``, or
+                the time zone column is mapped and this machine has no IANA time zone data.
+        """
+        mapping = activation.mapping
+        self.columns: list[str] = activation.mapped_columns
+        self._id_column = mapping.custom_id
+        self._reject_row = activation.on_invalid_value is InvalidValuePolicy.REJECT_ROW
+
+        natives = mapping.native_columns()
+        if "$timezone" in natives and not _timezones()[0]:
+            raise ConfigError(
+                f"activation '{activation.name}': no IANA time zone database on this machine "
+                "(install the 'tzdata' package)",
+                field="mapping.timezone",
+            )
+        # Factories, so a lookup table is only built when its native key is mapped.
+        native_converters: dict[str, Callable[[], Converter]] = {
+            "$email_address": lambda: _convert_email,
+            "$phone_number": lambda: _phone_converter(mapping.default_phone_region),
+            "$language": _language_converter,
+            "$region": _region_converter,
+            "$timezone": _timezone_converter,
+            "$email_marketing": lambda: _convert_subscription,
+            "$sms_marketing": lambda: _convert_subscription,
+        }
+        fields = [_Field(column, key, key, native_converters[key]()) for key, column in natives.items()]
+
+        for index, attribute in enumerate(activation.attributes):
+            attribute_type = attribute_types.get(attribute.column)
+            if attribute_type is None:
+                raise ConfigError(
+                    f"activation '{activation.name}': no resolved type for column '{attribute.column}' "
+                    "(call resolve_attribute_types first)",
+                    field=f"attributes.{index}.type",
+                )
+            name = attribute.batch_name
+            if attribute_type is AttributeType.DATE:
+                present_key = f"date({name})"
+            elif attribute_type is AttributeType.URL:
+                present_key = f"url({name})"
+            else:
+                present_key = name
+            fields.append(_Field(attribute.column, name, present_key, _CUSTOM_CONVERTERS[attribute_type]))
+
+        self._fields: tuple[_Field, ...] = tuple(fields)
+        self.owned_keys: frozenset[str] = frozenset(field.key for field in fields)
+
+    def map_row(self, row: Mapping[str, Any]) -> MappedRow:
+        """Map one source row; never raises on any value of any type.
+
+        Args:
+            row: Column name -> value, as produced by ``RecordBatch.to_pylist()``. A
+                missing column reads as null.
+
+        Returns:
+            The payload with every mapped key (``None`` where the row has no value), or
+            ``attributes=None`` when the row is rejected. ``issues`` lists every problem
+            found, each naming the source column. A bad custom_id always rejects the row
+            (``custom_id`` is then ``None``); a bad attribute value rejects it under
+            ``reject_row`` and is left out of the payload under ``drop_attribute``.
+        """
+        issues: list[RowIssue] = []
+        custom_id: str | None
+        converted_id = _convert_custom_id(row.get(self._id_column))
+        if isinstance(converted_id, _Failure):
+            issues.append(RowIssue(self._id_column, converted_id.reason, converted_id.detail))
+            custom_id = None
+        else:
+            custom_id = converted_id
+
+        attributes: dict[str, Any] = {}
+        for column, key, present_key, convert in self._fields:
+            value = row.get(column)
+            if value is None:
+                attributes[key] = None
+                continue
+            result = convert(value)
+            if result is None:
+                attributes[key] = None
+            elif type(result) is _Failure:
+                issues.append(RowIssue(column, result.reason, result.detail))
+            else:
+                attributes[present_key] = result
+
+        if custom_id is None:
+            return MappedRow(custom_id=None, attributes=None, issues=issues)
+        if issues and self._reject_row:
+            return MappedRow(custom_id=custom_id, attributes=None, issues=issues)
+        return MappedRow(custom_id=custom_id, attributes=attributes, issues=issues)
+
+
+# --- Schema checks -------------------------------------------------------------------------
+
+# Arrow type families, as far as mapping is concerned.
+_STRING = "string"
+_INTEGER = "integer"
+_FLOAT = "float"
+_DECIMAL = "decimal"
+_INTEGRAL_DECIMAL = "integral decimal"
+_BOOLEAN = "boolean"
+_TEMPORAL = "date/timestamp"
+_STRING_LIST = "list of strings"
+_NULL = "null"
+_OTHER = "other"
+
+_INFERRED: Final[Mapping[str, AttributeType]] = {
+    _STRING: AttributeType.STRING,
+    _INTEGER: AttributeType.INTEGER,
+    _INTEGRAL_DECIMAL: AttributeType.INTEGER,
+    _FLOAT: AttributeType.FLOAT,
+    _DECIMAL: AttributeType.FLOAT,
+    _BOOLEAN: AttributeType.BOOLEAN,
+    _TEMPORAL: AttributeType.DATE,
+    _STRING_LIST: AttributeType.STRING_ARRAY,
+}
+
+# Which source families an explicit type may read. An all-null column fits any type.
+_COMPATIBLE: Final[Mapping[AttributeType, frozenset[str]]] = {
+    AttributeType.STRING: frozenset({_STRING, _NULL}),
+    AttributeType.INTEGER: frozenset({_INTEGER, _INTEGRAL_DECIMAL, _NULL}),
+    AttributeType.FLOAT: frozenset({_FLOAT, _DECIMAL, _INTEGRAL_DECIMAL, _INTEGER, _NULL}),
+    # Strings 'true'/'false' are read per row when a string column is typed boolean.
+    AttributeType.BOOLEAN: frozenset({_BOOLEAN, _STRING, _NULL}),
+    # Strings are parsed as ISO-8601 per row.
+    AttributeType.DATE: frozenset({_TEMPORAL, _STRING, _NULL}),
+    AttributeType.URL: frozenset({_STRING, _NULL}),
+    AttributeType.STRING_ARRAY: frozenset({_STRING_LIST, _NULL}),
+}
+
+# Source families each native key (and the custom_id) can be read from.
+_NATIVE_COMPATIBLE: Final[Mapping[str, frozenset[str]]] = {
+    "custom_id": frozenset({_STRING, _INTEGER, _INTEGRAL_DECIMAL, _DECIMAL}),
+    "email": frozenset({_STRING, _NULL}),
+    "phone": frozenset({_STRING, _INTEGER, _NULL}),
+    "language": frozenset({_STRING, _NULL}),
+    "region": frozenset({_STRING, _NULL}),
+    "timezone": frozenset({_STRING, _NULL}),
+    "email_marketing": frozenset({_BOOLEAN, _STRING, _INTEGER, _NULL}),
+    "sms_marketing": frozenset({_BOOLEAN, _STRING, _INTEGER, _NULL}),
+}
+
+
+def _is_string_type(arrow_type: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
+    )
+
+
+def _family(arrow_type: pa.DataType) -> str:
+    """The mapping family of an Arrow type (dictionary-encoded columns read as their values)."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if _is_string_type(arrow_type):
+        return _STRING
+    if pa.types.is_boolean(arrow_type):
+        return _BOOLEAN
+    if pa.types.is_integer(arrow_type):
+        return _INTEGER
+    if pa.types.is_floating(arrow_type):
+        return _FLOAT
+    if pa.types.is_decimal(arrow_type):
+        return _INTEGRAL_DECIMAL if arrow_type.scale == 0 else _DECIMAL
+    if pa.types.is_date(arrow_type) or pa.types.is_timestamp(arrow_type):
+        return _TEMPORAL
+    if (
+        pa.types.is_list(arrow_type)
+        or pa.types.is_large_list(arrow_type)
+        or pa.types.is_fixed_size_list(arrow_type)
+        or pa.types.is_list_view(arrow_type)
+        or pa.types.is_large_list_view(arrow_type)
+    ):
+        item_type = arrow_type.value_type
+        if pa.types.is_dictionary(item_type):
+            item_type = item_type.value_type
+        return _STRING_LIST if _is_string_type(item_type) else _OTHER
+    if pa.types.is_null(arrow_type):
+        return _NULL
+    return _OTHER
+
+
+def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source: str) -> dict[str, AttributeType]:
+    """Check the mapping against the segment's schema and fix every custom attribute's type.
+
+    Runs before the run reads a row, so a broken mapping stops the run with one clear
+    error instead of rejecting every row.
+
+    Args:
+        activation: The validated activation.
+        schema: The segment's Arrow schema (``Source.schema()``).
+        source: Where the activation came from (file path), for the error.
+
+    Returns:
+        Column -> effective :class:`AttributeType` for every custom attribute column:
+        the explicit type when given, else the type inferred from the Arrow type
+        (string → string, integers → integer, floats and decimals → float, decimals with
+        scale 0 → integer, bool → boolean, date/timestamp → date, list of strings →
+        string_array).
+
+    Raises:
+        ConfigError: A mapped column (custom_id, a native, an attribute) is not in the
+            schema; a native column has a type it cannot be read from; an explicit type
+            does not fit the column's Arrow type; a type cannot be inferred; or one column
+            is given two different types.
+    """
+    where = f"activation '{activation.name}'"
+    families: dict[str, str] = {}
+    for arrow_field in schema:
+        families[arrow_field.name] = _family(arrow_field.type)
+    arrow_types = {arrow_field.name: arrow_field.type for arrow_field in schema}
+
+    def require(column: str, field: str) -> str:
+        family = families.get(column)
+        if family is None:
+            available = ", ".join(schema.names[:20]) + (", ..." if len(schema.names) > 20 else "")
+            raise ConfigError(
+                f"{where}: column '{column}' is not in the segment (columns: {available or 'none'})",
+                source=source,
+                field=field,
+            )
+        return family
+
+    mapping = activation.mapping
+    for field_name in ("custom_id", *(name for name, _ in _NATIVE_FIELDS)):
+        column = getattr(mapping, field_name)
+        if column is None:
+            continue
+        family = require(column, f"mapping.{field_name}")
+        if family not in _NATIVE_COMPATIBLE[field_name]:
+            raise ConfigError(
+                f"{where}: column '{column}' has Arrow type {arrow_types[column]}, "
+                f"which cannot be read as {field_name}",
+                source=source,
+                field=f"mapping.{field_name}",
+            )
+
+    resolved: dict[str, AttributeType] = {}
+    resolved_from: dict[str, int] = {}
+    for index, attribute in enumerate(activation.attributes):
+        column = attribute.column
+        family = require(column, f"attributes.{index}.column")
+        arrow_type = arrow_types[column]
+        if attribute.type is not None:
+            attribute_type = attribute.type
+            if family not in _COMPATIBLE[attribute_type]:
+                raise ConfigError(
+                    f"{where}: column '{column}' has Arrow type {arrow_type}, "
+                    f"which cannot be read as {attribute_type.value}",
+                    source=source,
+                    field=f"attributes.{index}.type",
+                )
+        else:
+            inferred = _INFERRED.get(family)
+            if inferred is None:
+                raise ConfigError(
+                    f"{where}: cannot infer a Batch type for column '{column}' (Arrow type {arrow_type}); "
+                    "give one in 'type' or cast the column in the segment query",
+                    source=source,
+                    field=f"attributes.{index}.type",
+                )
+            attribute_type = inferred
+        previous = resolved.get(column)
+        if previous is not None and previous is not attribute_type:
+            raise ConfigError(
+                f"{where}: column '{column}' is mapped as {previous.value} "
+                f"(attributes.{resolved_from[column]}) and as {attribute_type.value}",
+                source=source,
+                field=f"attributes.{index}.type",
+            )
+        resolved[column] = attribute_type
+        resolved_from[column] = index
+    return resolved
