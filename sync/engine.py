@@ -36,7 +36,7 @@ from sync.config import Activation, SyncMode, mapping_version
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import ActivationMeta, JournalEntry, Lease, Reason
-from sync.plan import Plan, Planner, PlannedSend, evaluate_guards
+from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, evaluate_guards
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -176,21 +176,26 @@ class _Journal:
 
 
 class _Watermark:
-    """The highest custom_id below which every batch has completed (sends are sorted by id).
+    """The highest custom_id below which every batch was fully answered (sends are sorted by id).
 
-    A continuation of a full pass skips ids at or below it: the send checkpoint.
+    A continuation of a full pass skips ids at or below it: the send checkpoint. A batch
+    with failed rows stops the watermark for good in this run, so a continuation resends
+    from there (acknowledged rows after it are resent too: idempotent, and bounded).
     """
 
     def __init__(self) -> None:
         self._done: set[int] = set()
         self._next = 0
         self._last_ids: dict[int, str] = {}
+        self._blocked_at: int | None = None
         self.value: str | None = None
 
-    def complete(self, index: int, last_id: str) -> None:
+    def complete(self, index: int, last_id: str, *, clean: bool) -> None:
+        if not clean and (self._blocked_at is None or index < self._blocked_at):
+            self._blocked_at = index
         self._done.add(index)
         self._last_ids[index] = last_id
-        while self._next in self._done:
+        while self._next in self._done and (self._blocked_at is None or self._next < self._blocked_at):
             self.value = self._last_ids.pop(self._next)
             self._done.discard(self._next)
             self._next += 1
@@ -220,11 +225,13 @@ class Run:
         self.run_id = new_run_id(self.clock)
         self._started_monotonic = self.clock.monotonic()
         self._lease_box: list[Lease] = []
+        self._spool: PayloadSpool | None = None
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
         self.record: dict[str, Any] = {
             "run_id": self.run_id,
             "activation": activation.name,
             "trigger": {"kind": self.options.trigger, "id": self.options.trigger_id},
+            "trigger_id": self.options.trigger_id,
             "continuation_of": self.options.continuation_of,
             "started_at": self.clock.now().isoformat(),
             "ended_at": None,
@@ -310,6 +317,8 @@ class Run:
             self.record["error"] = f"unexpected {type(error).__name__}: {error}"
             self.log.exception("run failed unexpectedly")
         finally:
+            if self._spool is not None:
+                self._spool.close()
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             self.record["ended_at"] = self.clock.now().isoformat()
@@ -364,6 +373,7 @@ class Run:
             return plan
 
         plan = await asyncio.to_thread(read_and_plan)
+        self._spool = plan.spool
         self.record["source"] = self.source.stats()
         progress.planned(plan)
         return plan
@@ -509,7 +519,6 @@ class Run:
         if acknowledged_new:
             await asyncio.to_thread(self.store.clear_intents, self._lease_box[0], acknowledged_new)
         await asyncio.to_thread(self.store.compact, self._lease_box[0], self.clock.now())
-        plan.spool.close()
 
         timings = self.record["timings"]
         timings["send_seconds"] = round(time.perf_counter() - started_send, 3)
@@ -572,7 +581,7 @@ class Run:
                 outcome = await client.send(endpoint, profiles, deadline=self._deadline())
                 absorb(outcome, fingerprints, upserts is None)
                 if upserts is not None:
-                    watermark.complete(index, upserts[-1].custom_id)
+                    watermark.complete(index, upserts[-1].custom_id, clean=not outcome.failed)
                 if journal.due():
                     await journal.flush()
             finally:
