@@ -625,7 +625,9 @@ class Run:
         """No request may keep retrying past the time budget or the lease expiry."""
         lease = self._lease_box[0]
         lease_left = (lease.expires_at - self.clock.now()).total_seconds()
-        deadline = self.clock.monotonic() + max(lease_left - 5.0, 0.0)
+        # Keep a margin before expiry (the renewer extends the lease every ttl/3).
+        margin = min(5.0, self.options.lease_ttl_seconds * 0.25)
+        deadline = self.clock.monotonic() + max(lease_left - margin, 0.0)
         budget = self.options.time_budget_seconds
         if budget is not None:
             deadline = min(deadline, self._started_monotonic + budget - self.options.budget_margin_seconds / 2)

@@ -1,0 +1,56 @@
+# cepsync — every target a newcomer needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+
+.PHONY: help install demo test test-fast lint bench package checkov simulator bigquery-emulator clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cepsync needs Python >= 3.11, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## Create .venv with the pinned packages (requirements.lock) and cepsync itself
+
+demo: install ## A real sync on the embedded default: DuckDB -> local Batch simulator, full then delta
+	$(BIN)/cepsync demo
+
+bigquery-emulator: ## Install the local BigQuery emulator (.venv-bq, Python 3.13, pinned, offline-ready)
+	bash scripts/install-bigquery-emulator.sh
+
+test: install bigquery-emulator ## The whole suite: unit, integration, emulators (Firestore, Pub/Sub, BigQuery), infra + checkov
+	$(BIN)/python -m pytest
+	bash infra/checkov.sh
+
+test-fast: install ## Unit and simulator tests only (no emulators, no slow crash tests)
+	$(BIN)/python -m pytest -m "not emulator and not slow"
+
+lint: install ## ruff (lint + format check) and mypy --strict
+	$(BIN)/ruff check sync tests main.py infra bench
+	$(BIN)/ruff format --check sync tests main.py infra bench
+	$(BIN)/mypy sync main.py
+
+bench: install ## Benchmark: 1M profiles DuckDB -> simulator (limits on), then a 1 %-changed delta
+	$(BIN)/python bench/bench_sync.py
+
+package: install ## Build dist/function-source.zip for Cloud Functions
+	$(BIN)/python infra/package.py --out dist/function-source.zip
+
+checkov: ## Static security scan of infra/ (own venv, pinned checkov)
+	bash infra/checkov.sh
+
+simulator: install ## Run the Batch simulator on :8787 (keys from BATCH_REST_API_KEY / BATCH_PROJECT_KEY)
+	$(BIN)/cepsync simulator
+
+clean: ## Remove build outputs and local state (keeps the virtualenvs)
+	rm -rf dist build .cepsync .pytest_cache .hypothesis .mypy_cache .ruff_cache bench/results

@@ -1,0 +1,153 @@
+"""A run killed with SIGKILL mid-send (the real CLI in a subprocess), then a clean run.
+
+Proves guarantees 2 (convergence), 3 (bounded duplicates: at most the unflushed window
+plus the requests in flight) and 7 (mirror owns what it may have sent, via intents).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_support import ENV, PROJECT_KEY, API_KEY, people, stored_ids, write_segment
+from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.state.sqlite import SQLiteStateStore
+
+pytestmark = pytest.mark.slow
+
+ROWS = 3_000
+BATCH = 200  # /profiles/update
+CONCURRENCY = 2
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorThread]:
+    with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)) as running:
+        yield running
+
+
+def write_activation(directory: Path, base_url: str, *, mode: str, flush_every: int) -> Path:
+    config = {
+        "name": "crash_test",
+        "source": {"type": "duckdb", "database": "segment.duckdb", "query": "SELECT * FROM people WHERE active"},
+        "destination": {
+            "api_key_env": "BATCH_REST_API_KEY",
+            "project_key_env": "BATCH_PROJECT_KEY",
+            "base_url": base_url,
+            "endpoint": "update",
+            "concurrency": CONCURRENCY,
+            "rate_limit": False,
+        },
+        "sync_mode": mode,
+        "mapping": {"custom_id": "customer_id", "email": "email"},
+        "attributes": [{"column": "points"}],
+        "journal": {"flush_every_profiles": flush_every, "flush_every_seconds": 3600},
+        "guards": {"max_removed_percent": 50},
+    }
+    path = directory / "crash_test.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def cli(config: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sync.cli", "run", str(config), "--state", f"sqlite:///{state}", "--lease-ttl", "2", *extra],
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def kill_after_applied(process: subprocess.Popen[bytes], simulator: BatchSimulator, applied: int) -> int:
+    deadline = time.monotonic() + 60
+    while simulator.stats()["profiles_applied"] < applied:
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        assert time.monotonic() < deadline, "the run never got that far"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    if process.stdout:
+        process.stdout.close()
+    time.sleep(0.3)  # let the simulator finish any request it was applying
+    return int(simulator.stats()["profiles_applied"])
+
+
+def test_killed_run_resends_at_most_the_unflushed_window_and_converges(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    sim = simulator.simulator
+    sim.faults.latency_ms = 40
+    write_segment(tmp_path / "segment.duckdb", people(ROWS))
+    flush_every = 200
+    config = write_activation(tmp_path, simulator.base_url, mode="upsert", flush_every=flush_every)
+    state = tmp_path / "state.db"
+
+    applied_at_kill = kill_after_applied(cli(config, state), sim, 1_400)
+    committed = len(stored_ids(state, "crash_test"))
+    assert committed <= applied_at_kill  # guarantee 1: nothing stored that Batch did not take
+    assert committed >= applied_at_kill - flush_every - CONCURRENCY * BATCH
+
+    time.sleep(2.2)  # the killed run's lease expires
+    sim.faults.latency_ms = 0
+    finished = cli(config, state)
+    output = finished.communicate(timeout=120)[0].decode()
+    assert finished.returncode == 0, output
+
+    stats = sim.stats()
+    resent = stats["profiles_applied"] - ROWS
+    assert resent == applied_at_kill - committed  # exactly the unflushed acknowledged profiles
+    assert resent <= flush_every + CONCURRENCY * BATCH
+    assert stats["max_updates_per_custom_id"] <= 2
+    held = sim.profiles(PROJECT_KEY)
+    assert len(held) == ROWS
+    assert all(held[f"c{i:05d}"]["points"] == i for i in range(ROWS))
+    assert len(stored_ids(state, "crash_test")) == ROWS
+
+
+def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segment(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    sim = simulator.simulator
+    sim.faults.latency_ms = 40
+    rows = people(ROWS)
+    write_segment(tmp_path / "segment.duckdb", rows)
+    # No flush before the kill: Batch holds profiles the journal never recorded.
+    config = write_activation(tmp_path, simulator.base_url, mode="mirror", flush_every=1_000_000)
+    state = tmp_path / "state.db"
+
+    kill_after_applied(cli(config, state), sim, 800)
+    assert stored_ids(state, "crash_test") == set()
+    store = SQLiteStateStore(state)
+    try:
+        assert len(store.load_intents("crash_test")) == ROWS  # recorded before the first send
+    finally:
+        store.close()
+    landed = {cid for cid, attrs in sim.profiles(PROJECT_KEY).items() if attrs}
+    assert landed
+
+    for row in rows[:600]:
+        row["active"] = False
+    write_segment(tmp_path / "segment.duckdb", rows)
+    time.sleep(2.2)
+    sim.faults.latency_ms = 0
+    finished = cli(config, state)
+    output = finished.communicate(timeout=120)[0].decode()
+    assert finished.returncode == 0, output
+
+    held = {cid for cid, attrs in sim.profiles(PROJECT_KEY).items() if any(v is not None for v in attrs.values())}
+    assert held == {f"c{i:05d}" for i in range(600, ROWS)}
+    departed_that_had_landed = {f"c{i:05d}" for i in range(600)} & landed
+    assert departed_that_had_landed, "the crash should have left some departed profiles in Batch"
+    store = SQLiteStateStore(state)
+    try:
+        assert store.load_intents("crash_test") == set()
+    finally:
+        store.close()
