@@ -1,0 +1,627 @@
+"""BigQuery segment source: a query or a table, streamed as Arrow record batches.
+
+How it talks to BigQuery, and why:
+
+* ``schema()`` never reads rows. A table's schema comes from ``tables.get``; a query's from a
+  **dry run**, which BigQuery does not bill (it only validates the SQL and estimates the bytes).
+  A ``SELECT * FROM (query) LIMIT 0`` wrapper would be billed as a full scan of every column the
+  query references: on-demand pricing charges bytes read, and ``LIMIT`` does not reduce them.
+* ``read_batches()`` runs the query once, then reads its result table (or the segment table)
+  with ``list_rows(selected_fields=...)``: through the **Storage Read API** when a read client is
+  available (parallel Arrow streams, bounded queue), else by **REST paging** (``tabledata.list``).
+  Reading the result table rather than iterating ``QueryJob.result()`` directly keeps the path
+  deterministic (the client library silently skips the Storage API when the first REST page
+  happens to hold the whole result) and fetches only the needed columns on both paths.
+* Query parameters are always ``ScalarQueryParameter``s, never spliced into the SQL; a table
+  reference is validated and passed as a :class:`~google.cloud.bigquery.TableReference`, never
+  interpolated into SQL.
+* Transient failures (429, 5xx, connection resets, ``rateLimitExceeded``/``backendError``) are
+  retried with the client's own retry objects, bounded in time so a run stays inside its Cloud
+  Functions budget. Everything else becomes a :class:`sync.errors.FatalError` subclass naming
+  the activation; retries exhausted become a :class:`sync.errors.TransientError`.
+
+Every batch is cast to the Arrow schema derived from the BigQuery schema (:func:`arrow_schema`),
+so both read paths yield identical batches (the Storage API names list children ``l``, REST
+``item``; REST tags DATETIME with extension metadata).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
+from google.auth import exceptions as auth_exceptions
+from google.cloud import bigquery
+from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
+
+from sync.config import BigQuerySourceConfig
+from sync.errors import ConfigError, FatalError, TransientError
+
+if TYPE_CHECKING:
+    from google.cloud.bigquery_storage import BigQueryReadClient
+
+# Bounded retries for API calls (jobs.insert, getQueryResults, tabledata.list, tables.get).
+# The library default retries for 10 minutes; an event-triggered function dies at 540 s, so we
+# stop well before and let the run be retried as a whole.
+API_RETRY: api_retry.Retry = DEFAULT_RETRY.with_timeout(90.0).with_delay(initial=1.0, maximum=16.0)
+# Bounded retries of a *failed job* (jobRateLimitExceeded, backendError...): the query restarts.
+JOB_RETRY: api_retry.Retry = DEFAULT_JOB_RETRY.with_timeout(240.0).with_delay(initial=1.0, maximum=32.0)
+# Most rows per batch handed to the engine: the tabledata.list page size on the REST path
+# (BigQuery also caps a page at 10 MB), and the size larger Storage API pages are sliced to
+# (zero-copy), so the mapping stage, which builds Python objects per row, works on bounded
+# chunks whatever page size the server chose.
+BATCH_ROWS = 20_000
+# Storage Read streams read in parallel (one thread each, queue of one page per stream). A
+# Cloud Function has 1-2 vCPUs: more streams would only add memory, not speed.
+STORAGE_MAX_STREAMS = 4
+# Parameter names: letters, digits and underscores, not starting with a digit, at most 128.
+PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Table references: [project.]dataset.table. Project ids are lowercase letters, digits and
+# hyphens (some legacy ids have uppercase); datasets are letters, digits and underscores; table
+# names also allow hyphens. Stricter than BigQuery for tables (no Unicode, no spaces) on purpose:
+# the reference lands in logs and run records.
+_PROJECT_ID = r"[A-Za-z0-9][A-Za-z0-9-]{0,62}"
+_DATASET_ID = r"[A-Za-z_][A-Za-z0-9_]{0,1023}"
+_TABLE_ID = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,1023}"
+TABLE_REFERENCE = re.compile(rf"^(?:(?P<project>{_PROJECT_ID})\.)?(?P<dataset>{_DATASET_ID})\.(?P<table>{_TABLE_ID})$")
+# Job labels (cost attribution in INFORMATION_SCHEMA.JOBS): lowercase, digits, _ and -, <= 63.
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+# Credentials that could appear in a URL quoted by an error message (API keys, OAuth tokens).
+_SECRET_IN_URL = re.compile(r"(?i)([a-z_.-]*(?:key|token|signature|sig))=[^&\s]+")
+
+_SCALAR_TYPES: Mapping[str, pa.DataType] = {
+    "STRING": pa.string(),
+    "BYTES": pa.binary(),
+    "INTEGER": pa.int64(),
+    "INT64": pa.int64(),
+    "FLOAT": pa.float64(),
+    "FLOAT64": pa.float64(),
+    "NUMERIC": pa.decimal128(38, 9),
+    "BIGNUMERIC": pa.decimal256(76, 38),
+    "BOOLEAN": pa.bool_(),
+    "BOOL": pa.bool_(),
+    "DATE": pa.date32(),
+    "DATETIME": pa.timestamp("us"),
+    "TIME": pa.time64("us"),
+    "TIMESTAMP": pa.timestamp("us", tz="UTC"),
+    # GEOGRAPHY arrives as WKT text and JSON as its text form on both read paths.
+    "GEOGRAPHY": pa.string(),
+    "JSON": pa.string(),
+}
+
+
+class BigQuerySourceError(FatalError):
+    """BigQuery refused the segment; retrying the same run cannot help."""
+
+    def __init__(self, message: str, *, activation: str, reason: str | None = None) -> None:
+        self.activation = activation
+        self.reason = reason
+        super().__init__(f"activation '{activation}': {message}")
+
+
+class BigQueryQueryInvalid(BigQuerySourceError):
+    """The segment SQL (or a parameter) is invalid: syntax, unknown name, type mismatch."""
+
+
+class BigQueryBytesLimitExceeded(BigQuerySourceError):
+    """The query would bill more than ``maximum_bytes_billed``."""
+
+
+class BigQueryNotFound(BigQuerySourceError):
+    """A dataset, table or project the segment needs does not exist (or is in another location)."""
+
+
+class BigQueryPermissionDenied(BigQuerySourceError):
+    """Missing credentials, or the identity lacks a BigQuery permission."""
+
+
+class BigQueryUnavailable(TransientError):
+    """BigQuery stayed unavailable (429/5xx/timeouts) through every bounded retry."""
+
+    def __init__(self, message: str, *, activation: str) -> None:
+        self.activation = activation
+        super().__init__(f"activation '{activation}': {message}")
+
+
+def arrow_type(field: bigquery.SchemaField) -> pa.DataType:
+    """The Arrow type a BigQuery field is read as (REPEATED becomes a list).
+
+    Raises:
+        ValueError: for a field type this source does not read (e.g. RANGE, INTERVAL).
+    """
+    field_type = (field.field_type or "").upper()
+    if field_type in ("RECORD", "STRUCT"):
+        item: pa.DataType = pa.struct([_arrow_field(sub) for sub in field.fields])
+    elif field_type in _SCALAR_TYPES:
+        item = _SCALAR_TYPES[field_type]
+    else:
+        raise ValueError(f"column {field.name!r} has BigQuery type {field_type}, which cepsync does not read")
+    return pa.list_(item) if field.mode == "REPEATED" else item
+
+
+def _arrow_field(field: bigquery.SchemaField) -> pa.Field:
+    # REQUIRED columns are declared non-nullable; a REPEATED column is never NULL (empty array).
+    nullable = field.mode not in ("REQUIRED", "REPEATED")
+    return pa.field(field.name, arrow_type(field), nullable=nullable)
+
+
+def arrow_schema(fields: Sequence[bigquery.SchemaField]) -> pa.Schema:
+    """The Arrow schema of a BigQuery schema, as :meth:`BigQuerySource.read_batches` yields it.
+
+    STRING→string, INT64→int64, FLOAT64→float64, NUMERIC→decimal128(38, 9),
+    BIGNUMERIC→decimal256(76, 38), BOOL→bool, DATE→date32, DATETIME→timestamp[us],
+    TIME→time64[us], TIMESTAMP→timestamp[us, UTC], BYTES→binary, GEOGRAPHY/JSON→string,
+    RECORD→struct, and any REPEATED field → list of its type.
+    """
+    return pa.schema([_arrow_field(field) for field in fields])
+
+
+def parse_table_reference(table: str, *, default_project: str | None, activation: str) -> bigquery.TableReference:
+    """``project.dataset.table`` or ``dataset.table`` → a TableReference, or a ConfigError.
+
+    Checked here even though the config model checks too: a source may be built from a config
+    made with ``model_construct`` or by code, and the reference must never reach an API call
+    (let alone SQL) unless it is plain identifiers.
+    """
+    match = _check_table_reference(table, activation=activation)
+    project = match.group("project") or default_project
+    if project is None:
+        raise ConfigError(
+            f"BigQuery table {table!r} names no project and neither the source nor the client has one",
+            source=f"activation '{activation}'",
+            field="source.project",
+        )
+    return bigquery.TableReference(bigquery.DatasetReference(project, match.group("dataset")), match.group("table"))
+
+
+def _check_table_reference(table: str, *, activation: str) -> re.Match[str]:
+    match = TABLE_REFERENCE.match(table)
+    if match is None:
+        raise ConfigError(
+            f"BigQuery table {table[:80]!r} must be project.dataset.table or dataset.table "
+            "(letters, digits, _ and -; no quotes, spaces or SQL)",
+            source=f"activation '{activation}'",
+            field="source.table",
+        )
+    return match
+
+
+def query_parameters(parameters: Mapping[str, object], *, activation: str) -> list[bigquery.ScalarQueryParameter]:
+    """Named ``@parameters`` typed from their Python values (bool before int: bool is an int)."""
+    result: list[bigquery.ScalarQueryParameter] = []
+    for name, value in parameters.items():
+        if not PARAMETER_NAME.match(name):
+            raise ConfigError(
+                f"query parameter name {name[:40]!r} must be letters, digits and _ (not starting with a digit)",
+                source=f"activation '{activation}'",
+                field="source.parameters",
+            )
+        if isinstance(value, bool):
+            type_ = "BOOL"
+        elif isinstance(value, int):
+            type_ = "INT64"
+        elif isinstance(value, float):
+            type_ = "FLOAT64"
+        elif isinstance(value, str):
+            type_ = "STRING"
+        else:
+            raise ConfigError(
+                f"query parameter {name!r} has unsupported type {type(value).__name__}",
+                source=f"activation '{activation}'",
+                field="source.parameters",
+            )
+        result.append(bigquery.ScalarQueryParameter(name, type_, value))
+    return result
+
+
+def _default_read_client() -> BigQueryReadClient | None:
+    try:
+        from google.cloud.bigquery_storage import BigQueryReadClient
+    except ImportError:
+        # google-cloud-bigquery-storage is optional: without it we page over REST.
+        return None
+    return BigQueryReadClient()  # type: ignore[no-untyped-call]  # generated client, unannotated __init__
+
+
+class BigQuerySource:
+    """Reads one segment (a query or a table) from BigQuery.
+
+    Args:
+        config: The activation's ``source`` block.
+        activation: The activation name, used in every error message and as a job label.
+        client: A BigQuery client. Default: ``bigquery.Client(project=config.project,
+            location=config.location)`` with Application Default Credentials.
+        read_client: A Storage Read API client. Default: one with Application Default
+            Credentials when ``use_storage_api`` is set, no ``client`` was injected and
+            ``google-cloud-bigquery-storage`` is installed. A caller that injects ``client``
+            (another endpoint, other credentials) injects the matching read client too;
+            without one the source pages over REST.
+        retry: Retry policy for API calls (default :data:`API_RETRY`).
+        job_retry: Retry policy for failed query jobs (default :data:`JOB_RETRY`).
+        batch_rows: Most rows per yielded batch (default :data:`BATCH_ROWS`).
+
+    Raises:
+        ConfigError: an invalid table reference or query parameter (before any API call).
+        BigQueryPermissionDenied: no Application Default Credentials for the default client.
+    """
+
+    def __init__(
+        self,
+        config: BigQuerySourceConfig,
+        *,
+        activation: str,
+        client: bigquery.Client | None = None,
+        read_client: BigQueryReadClient | None = None,
+        retry: api_retry.Retry | None = None,
+        job_retry: api_retry.Retry | None = None,
+        batch_rows: int = BATCH_ROWS,
+    ) -> None:
+        self._config = config
+        self._activation = activation
+        self._retry = API_RETRY if retry is None else retry
+        self._job_retry = JOB_RETRY if job_retry is None else job_retry
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be at least 1")
+        self._batch_rows = batch_rows
+        # Validate everything the config says before creating clients or calling anything.
+        self._parameters = query_parameters(config.parameters, activation=activation) if config.query else []
+        if config.table is not None:
+            # Checked before a client exists, so a hostile reference never reaches any call.
+            _check_table_reference(config.table, activation=activation)
+        if config.query is None and config.table is None:
+            raise ConfigError("give exactly one of 'query' or 'table'", source=self._where, field="source")
+
+        self._owns_client = client is None
+        if client is None:
+            try:
+                client = bigquery.Client(project=config.project, location=config.location)
+            except auth_exceptions.DefaultCredentialsError:
+                raise BigQueryPermissionDenied(
+                    "no Google credentials found (Application Default Credentials): run "
+                    "'gcloud auth application-default login' or attach a service account",
+                    activation=activation,
+                ) from None
+        self._client = client
+        self._owns_read_client = False
+        if read_client is None and config.use_storage_api and self._owns_client:
+            try:
+                read_client = _default_read_client()
+            except auth_exceptions.DefaultCredentialsError:
+                read_client = None
+            self._owns_read_client = read_client is not None
+        self._read_client = read_client if config.use_storage_api else None
+
+        self._table_ref = (
+            parse_table_reference(config.table, default_project=config.project or client.project, activation=activation)
+            if config.table is not None
+            else None
+        )
+        self._source_schema: list[bigquery.SchemaField] | None = None
+        self._open_batches: Iterator[pa.RecordBatch] | None = None
+        self._stats: dict[str, Any] = {
+            "engine": "bigquery",
+            "segment": "table" if self._table_ref is not None else "query",
+            "table": str(self._table_ref) if self._table_ref is not None else None,
+            "rows": 0,
+            "batches": 0,
+            "read_seconds": 0.0,
+            "bytes_estimated": None,
+            "bytes_processed": None,
+            "bytes_billed": None,
+            "cache_hit": None,
+            "job_id": None,
+            "location": config.location,
+            "read_path": None,
+        }
+
+    @property
+    def _where(self) -> str:
+        return f"activation '{self._activation}'"
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def schema(self) -> pa.Schema:
+        """The segment's columns as Arrow types, without reading a row.
+
+        A table: ``tables.get``. A query: a dry run (free on BigQuery; validates the SQL and the
+        parameters, so a bad query fails here, before the run takes its lease).
+        """
+        fields = self._bigquery_schema()
+        try:
+            return arrow_schema(fields)
+        except ValueError as error:
+            raise ConfigError(str(error), source=self._where, field="source") from None
+
+    def _bigquery_schema(self) -> list[bigquery.SchemaField]:
+        if self._source_schema is not None:
+            return self._source_schema
+        if self._table_ref is not None:
+            table = self._call("reading the table's schema", self._client.get_table, self._table_ref, retry=self._retry)
+            if table.table_type not in (None, "TABLE", "MATERIALIZED_VIEW", "SNAPSHOT", "EXTERNAL"):
+                # tabledata.list and the Storage API cannot read a logical VIEW.
+                raise ConfigError(
+                    f"BigQuery {str(table.table_type).lower()} {self._table_ref} cannot be read as a table: "
+                    "use a 'query' that selects from it instead",
+                    source=self._where,
+                    field="source.table",
+                )
+            self._source_schema = list(table.schema)
+        else:
+            job = self._call("validating the query (dry run)", self._start_query, dry_run=True)
+            self._stats["bytes_estimated"] = job.total_bytes_processed
+            if not job.schema:
+                raise ConfigError(
+                    "the query returns no columns (a script or DDL is not a segment: end with one SELECT)",
+                    source=self._where,
+                    field="source.query",
+                )
+            self._source_schema = list(job.schema)
+        return self._source_schema
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The segment's rows, only ``columns`` (in that order), as Arrow record batches.
+
+        Raises:
+            ConfigError: a requested column is not in the segment.
+            BigQuerySourceError: BigQuery refused the query or the read (a FatalError).
+            BigQueryUnavailable: BigQuery stayed unavailable through the bounded retries.
+        """
+        if not columns:
+            # BigQuery reads every column when selected_fields is empty: never what was meant.
+            raise ConfigError("no columns to read", source=self._where, field="mapping")
+        # Checked now, against the table schema or the dry run's, so a missing column fails
+        # before the query runs (and is billed), not at the first batch.
+        self._select(self._bigquery_schema(), columns)
+        batches = self._read(columns)
+        self._open_batches = batches
+        return batches
+
+    def _read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        started = time.perf_counter()
+        if self._table_ref is not None:
+            fields = self._select(self._bigquery_schema(), columns)
+            source: bigquery.Table | bigquery.TableReference = self._table_ref
+        else:
+            job = self._call("running the query", self._start_query, dry_run=False)
+            self._stats["job_id"] = job.job_id
+            # result() with no page size asks getQueryResults for zero rows: it only waits.
+            self._call("running the query", job.result, retry=self._retry)
+            self._stats.update(
+                bytes_processed=job.total_bytes_processed,
+                bytes_billed=job.total_bytes_billed,
+                cache_hit=job.cache_hit,
+                location=job.location,
+            )
+            if job.destination is None:
+                raise ConfigError(
+                    "the query produced no result table (a script or DDL is not a segment: end with one SELECT)",
+                    source=self._where,
+                    field="source.query",
+                )
+            # The job's final schema is authoritative (the dry run's is an estimate of it).
+            fields = self._select(list(job.schema or self._bigquery_schema()), columns)
+            source = job.destination
+        target = arrow_schema(fields)
+        rows = self._call(
+            "reading the segment",
+            self._client.list_rows,
+            source,
+            selected_fields=fields,
+            page_size=None if self._read_client is not None else self._batch_rows,
+            retry=self._retry,
+        )
+        self._stats["read_path"] = "storage_api" if self._read_client is not None else "rest_paging"
+        if self._read_client is not None:
+            stream = rows.to_arrow_iterable(bqstorage_client=self._read_client, max_stream_count=STORAGE_MAX_STREAMS)
+        else:
+            stream = rows.to_arrow_iterable()
+        self._stats["read_seconds"] += time.perf_counter() - started
+        iterator = iter(stream)
+        try:
+            while True:
+                started = time.perf_counter()
+                batch = self._call("reading the segment", next, iterator, None)
+                self._stats["read_seconds"] += time.perf_counter() - started
+                if batch is None:
+                    break
+                if batch.num_rows == 0:
+                    continue
+                batch = self._conform(batch, target)
+                for offset in range(0, batch.num_rows, self._batch_rows):
+                    chunk = batch.slice(offset, self._batch_rows)
+                    self._stats["rows"] += chunk.num_rows
+                    self._stats["batches"] += 1
+                    yield chunk
+        finally:
+            # Stops the Storage API worker threads when the consumer stops early.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            self._stats["read_seconds"] = round(self._stats["read_seconds"], 3)
+
+    def _select(self, fields: Sequence[bigquery.SchemaField], columns: list[str]) -> list[bigquery.SchemaField]:
+        by_name = {field.name: field for field in fields}
+        missing = [column for column in columns if column not in by_name]
+        if missing:
+            folded = {field.name.casefold(): field.name for field in fields}
+            hints = [
+                f"{column!r} (the segment has {folded[column.casefold()]!r})"
+                for column in missing
+                if column.casefold() in folded
+            ]
+            detail = f"; names are case-sensitive here: {', '.join(hints)}" if hints else ""
+            available = ", ".join(field.name for field in fields[:30])
+            raise ConfigError(
+                f"column(s) {', '.join(repr(c) for c in missing)} not in the segment "
+                f"(it has: {available}{', ...' if len(fields) > 30 else ''}){detail}",
+                source=self._where,
+                field="mapping",
+            )
+        try:
+            for column in columns:
+                arrow_type(by_name[column])
+        except ValueError as error:
+            raise ConfigError(str(error), source=self._where, field="mapping") from None
+        return [by_name[column] for column in columns]
+
+    def _conform(self, batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+        """Order the columns as asked and cast to the one schema both read paths share."""
+        try:
+            arrays = [batch.column(field.name) for field in target]
+        except KeyError as error:
+            raise BigQuerySourceError(
+                f"BigQuery returned a batch without column {error}", activation=self._activation
+            ) from None
+        projected = pa.RecordBatch.from_arrays(arrays, names=target.names)
+        if projected.schema.equals(target, check_metadata=True):
+            return projected
+        try:
+            return projected.cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise BigQuerySourceError(
+                f"BigQuery returned data that does not fit the segment schema: {error}", activation=self._activation
+            ) from None
+
+    def _start_query(self, *, dry_run: bool) -> bigquery.QueryJob:
+        assert self._config.query is not None
+        job_config = bigquery.QueryJobConfig(
+            dry_run=dry_run,
+            # A dry run must not be answered from the cache: it would report 0 bytes.
+            use_query_cache=not dry_run,
+            use_legacy_sql=False,
+            query_parameters=self._parameters,
+        )
+        # Only set when given: an explicit null is refused by stricter JSON validators.
+        if self._config.maximum_bytes_billed is not None:
+            job_config.maximum_bytes_billed = self._config.maximum_bytes_billed
+        if _LABEL_VALUE.match(self._activation):
+            job_config.labels = {"cepsync_activation": self._activation}
+        return self._client.query(
+            self._config.query,
+            job_config=job_config,
+            project=self._config.project,
+            location=self._config.location,
+            retry=self._retry,
+            job_retry=None if dry_run else self._job_retry,
+        )
+
+    # --- errors -------------------------------------------------------------------------------
+
+    def _call(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (ConfigError, BigQuerySourceError, BigQueryUnavailable):
+            raise
+        except Exception as error:
+            translated = self._translate(action, error)
+            if translated is None:
+                raise
+            raise translated from None
+
+    def _translate(self, action: str, error: Exception) -> Exception | None:
+        activation = self._activation
+        if isinstance(error, api_exceptions.RetryError):
+            cause = error.cause if isinstance(error.cause, Exception) else None
+            detail = _describe(cause) if cause is not None else "no answer"
+            return BigQueryUnavailable(
+                f"BigQuery unavailable while {action}, retries exhausted: {detail}", activation=activation
+            )
+        if isinstance(error, concurrent.futures.TimeoutError):
+            return BigQueryUnavailable(f"BigQuery timed out while {action}", activation=activation)
+        if isinstance(error, auth_exceptions.RefreshError | auth_exceptions.DefaultCredentialsError):
+            return BigQueryPermissionDenied(
+                f"Google credentials were refused while {action} (expired or revoked)", activation=activation
+            )
+        if isinstance(error, auth_exceptions.TransportError | ConnectionError):
+            return BigQueryUnavailable(f"cannot reach BigQuery while {action}", activation=activation)
+        if not isinstance(error, api_exceptions.GoogleAPICallError):
+            return None
+        reason = _reason(error)
+        detail = _describe(error)
+        if reason == "bytesBilledLimitExceeded":
+            return BigQueryBytesLimitExceeded(
+                f"the query would bill more than maximum_bytes_billed={self._config.maximum_bytes_billed}: {detail}",
+                activation=activation,
+                reason=reason,
+            )
+        if reason in ("rateLimitExceeded", "quotaExceeded", "backendError", "internalError") or isinstance(
+            error,
+            api_exceptions.TooManyRequests
+            | api_exceptions.InternalServerError
+            | api_exceptions.BadGateway
+            | api_exceptions.ServiceUnavailable
+            | api_exceptions.GatewayTimeout,
+        ):
+            return BigQueryUnavailable(f"BigQuery unavailable while {action}: {detail}", activation=activation)
+        if isinstance(error, api_exceptions.NotFound):
+            return BigQueryNotFound(f"not found while {action}: {detail}", activation=activation, reason=reason)
+        if isinstance(error, api_exceptions.Forbidden | api_exceptions.Unauthorized):
+            return BigQueryPermissionDenied(
+                f"permission denied while {action}: {detail}", activation=activation, reason=reason
+            )
+        if isinstance(error, api_exceptions.BadRequest):
+            return BigQueryQueryInvalid(
+                f"BigQuery rejected the segment while {action}: {detail}", activation=activation, reason=reason
+            )
+        return BigQuerySourceError(f"BigQuery failed while {action}: {detail}", activation=activation, reason=reason)
+
+    # --- run record ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Facts for the run record.
+
+        Keys: ``rows``, ``batches``, ``read_seconds``, ``bytes_estimated`` (dry run),
+        ``bytes_processed``, ``bytes_billed``, ``cache_hit``, ``job_id``, ``location`` (query
+        segments; ``None`` for a table, which runs no job), ``read_path`` (``"storage_api"`` or
+        ``"rest_paging"``), ``segment`` (``"query"``/``"table"``), ``table``, ``engine``.
+        """
+        return dict(self._stats)
+
+    def close(self) -> None:
+        """Stop an unfinished read and close the clients this source created (not injected ones)."""
+        if self._open_batches is not None:
+            close = getattr(self._open_batches, "close", None)
+            if close is not None:
+                close()
+            self._open_batches = None
+        # The google clients' close() methods carry no annotations.
+        if self._owns_client:
+            self._client.close()  # type: ignore[no-untyped-call]
+        if self._owns_read_client and self._read_client is not None:
+            self._read_client.transport.close()  # type: ignore[no-untyped-call]
+
+
+def _reason(error: api_exceptions.GoogleAPICallError) -> str | None:
+    for item in error.errors or []:
+        if isinstance(item, Mapping) and isinstance(item.get("reason"), str):
+            return str(item["reason"])
+    return None
+
+
+def _describe(error: Exception) -> str:
+    """The server's own explanation, first line only, without URLs' secrets, bounded in size."""
+    message = ""
+    if isinstance(error, api_exceptions.GoogleAPICallError):
+        for item in error.errors or []:
+            if isinstance(item, Mapping) and item.get("message"):
+                message = str(item["message"])
+                break
+        if not message:
+            message = str(error.message or "")
+        code = f"HTTP {error.code}" if isinstance(error.code, int) else type(error).__name__
+    else:
+        code = type(error).__name__
+        message = str(error)
+    first_line = message.strip().splitlines()[0] if message.strip() else "(no message)"
+    first_line = _SECRET_IN_URL.sub(r"\1=<redacted>", first_line)
+    if len(first_line) > 500:
+        first_line = first_line[:500] + "..."
+    return f"{first_line} ({code})"
