@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,7 +97,7 @@ def _progress_bars() -> Progress:
 
 def summary_table(record: dict[str, Any]) -> Table:
     counts = record.get("counts", {})
-    table = Table(title=f"{record['activation']} · run {record['run_id']} · {record['status']}", title_justify="left")
+    table = Table()
     table.add_column("outcome")
     table.add_column("profiles", justify="right")
     rows = [
@@ -121,6 +120,9 @@ def summary_table(record: dict[str, Any]) -> Table:
 
 
 def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
+    status = record["status"]
+    style = "green" if status.startswith("succeeded") or status == "planned" else "red"
+    console.print(f"[bold]{record['activation']}[/] · run {record['run_id']} · [{style}]{status}[/]")
     console.print(summary_table(record))
     extra = []
     if record.get("endpoint"):
@@ -395,8 +397,9 @@ def demo(
     from sync.demo_runner import run_demo
 
     configure_logging(level="warning")
-    if directory.exists():
-        shutil.rmtree(directory)
+    # Start afresh, removing only what a previous demo wrote (never the folder itself).
+    for name in ("segment.duckdb", "segment.duckdb.wal", "state.db", "state.db-wal", "state.db-shm", "vip_customers.yaml"):
+        (directory / name).unlink(missing_ok=True)
     code = run_demo(directory, rows=rows, console=console, progress_factory=_progress_bars,
                     progress_adapter=_RichProgress)
     raise typer.Exit(code)

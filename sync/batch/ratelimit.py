@@ -34,6 +34,10 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+
+# Share of Batch's published rate we aim for (see RateLimiterRegistry.get).
+RATE_HEADROOM = 0.97
+
 class RateLimitWaitTooLong(TransientError):
     """Waiting for the rate limiter would take longer than the caller may wait."""
 
@@ -159,7 +163,11 @@ class RateLimiterRegistry:
         key = (digest, endpoint.value)
         limiter = self._limiters.get(key)
         if limiter is None:
-            limiter = ProfileRateLimiter(endpoint.rate_per_second, endpoint.burst, clock=self._clock, sleep=self._sleep)
+            # A little under Batch's published rate: our clock and Batch's bucket never start
+            # in step, and a 429 costs a round trip plus a backoff, far more than 3 %.
+            limiter = ProfileRateLimiter(
+                endpoint.rate_per_second * RATE_HEADROOM, endpoint.burst, clock=self._clock, sleep=self._sleep
+            )
             self._limiters[key] = limiter
         return limiter
 

@@ -28,10 +28,18 @@ from sync.batch.client import (
     SendOutcome,
     choose_endpoint,
 )
-from sync.batch.ratelimit import PROCESS_LIMITERS, ProfileRateLimiter, RateLimiterRegistry, RateLimitWaitTooLong
+from sync.batch.ratelimit import (
+    PROCESS_LIMITERS,
+    RATE_HEADROOM,
+    ProfileRateLimiter,
+    RateLimiterRegistry,
+    RateLimitWaitTooLong,
+)
 from sync.batch.simulator import BatchSimulator
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import BatchAuthError, BatchContractError, TransientError
+
+RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s
 
 API_KEY = "rest-key-SECRET-0123456789abcdef"
 PROJECT_KEY = "project_SECRET0664hxvwffvbpn278gxdy"
@@ -586,7 +594,7 @@ async def test_no_error_path_leaks_a_secret(batch: ScriptedBatch, unused_tcp_por
                 await limited.send(Endpoint.UPDATE, profiles(200), deadline=time.now + 0.1)
             outcome = await limited.send(Endpoint.UPDATE, profiles(200), deadline=time.now + 0.1)
         assert outcome.failure is not None
-        assert outcome.failure.startswith("deadline reached: sending 200 profiles needs a 0.67 s wait")
+        assert outcome.failure.startswith(f"deadline reached: sending 200 profiles needs a {200 / RATE:.2f} s wait")
         texts.append(repr(outcome))
 
     texts.extend(repr(entry) for entry in logs)
@@ -706,9 +714,9 @@ def test_registry_shares_per_project_key_and_separates_endpoints() -> None:
     assert registry.get(PROJECT_KEY, Endpoint.UPDATE) is update
     assert registry.get(PROJECT_KEY, Endpoint.MASS_UPDATE) is not update
     assert registry.get("project_other", Endpoint.UPDATE) is not update
-    assert (update.rate, update.capacity) == (300.0, 1_000)
+    assert (update.rate, update.capacity) == (300.0 * RATE_HEADROOM, 1_000)
     mass = registry.get(PROJECT_KEY, Endpoint.MASS_UPDATE)
-    assert (mass.rate, mass.capacity) == (10_000.0, 10_000)
+    assert (mass.rate, mass.capacity) == (10_000.0 * RATE_HEADROOM, 10_000)
     assert PROJECT_KEY not in repr(registry)
 
 
@@ -733,14 +741,14 @@ async def test_clients_sharing_a_project_key_share_one_budget(batch: ScriptedBat
 
         # The second activation writes to the same project: the burst is already spent.
         paced = await second.send(Endpoint.UPDATE, profiles(200))
-        assert paced.wait_seconds == pytest.approx(200 / 300)
+        assert paced.wait_seconds == pytest.approx(200 / RATE)
 
         # Another project key has its own budget; so has the other endpoint.
         fresh = await other_project.send(Endpoint.UPDATE, profiles(200))
         mass = await second.send(Endpoint.MASS_UPDATE, profiles(5_000))
         assert (fresh.wait_seconds, mass.wait_seconds) == (0.0, 0.0)
 
-    assert time.sleeps == pytest.approx([200 / 300])
+    assert time.sleeps == pytest.approx([200 / RATE])
     assert all(len(o.acknowledged) == 200 for o in [*burst, paced, fresh])
     assert len(mass.acknowledged) == 5_000
 
@@ -759,8 +767,8 @@ async def test_every_attempt_pays_the_rate_limiter(batch: ScriptedBatch) -> None
     # during which 150 tokens came back: the retry waits for the 50 still missing.
     assert len(outcome.acknowledged) == 200
     assert outcome.attempts == 2
-    assert time.sleeps == pytest.approx([0.5, 50 / 300])
-    assert outcome.wait_seconds == pytest.approx(0.5 + 50 / 300)
+    assert time.sleeps == pytest.approx([0.5, (200 - 0.5 * RATE) / RATE])
+    assert outcome.wait_seconds == pytest.approx(0.5 + (200 - 0.5 * RATE) / RATE)
 
 
 async def test_the_process_wide_registry_is_the_default(batch: ScriptedBatch) -> None:
