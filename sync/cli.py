@@ -186,7 +186,9 @@ def execute_run(
 def run(
     activation_file: ActivationArg,
     state: StateOption = DEFAULT_STATE_URL,
-    full: Annotated[bool, typer.Option("--full", help="Send every valid row, whatever the stored fingerprints.")] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Send every valid row, whatever the stored fingerprints.")
+    ] = False,
     allow: Annotated[
         list[str] | None,
         typer.Option("--allow", help=f"Override a guard for this run only: {', '.join(GUARD_NAMES)}."),
@@ -279,9 +281,10 @@ def validate(
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()
-        console.print(f"[green]✓[/] source: {len(mapper.columns)} mapped columns found, types " + ", ".join(
-            f"{column}={kind.value}" for column, kind in types.items()
-        ))
+        console.print(
+            f"[green]✓[/] source: {len(mapper.columns)} mapped columns found, types "
+            + ", ".join(f"{column}={kind.value}" for column, kind in types.items())
+        )
         if check_credentials:
             client = build_client(activation)
 
@@ -372,7 +375,9 @@ def simulator(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8787,
     api_key_env: Annotated[str, typer.Option(help="Env var holding the accepted REST API key.")] = "BATCH_REST_API_KEY",
-    project_key_env: Annotated[str, typer.Option(help="Env var holding the accepted project key.")] = "BATCH_PROJECT_KEY",
+    project_key_env: Annotated[
+        str, typer.Option(help="Env var holding the accepted project key.")
+    ] = "BATCH_PROJECT_KEY",
     rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
 ) -> None:
     """Run the local Batch Profile API simulator (for demos and tests)."""
@@ -398,10 +403,18 @@ def demo(
 
     configure_logging(level="warning")
     # Start afresh, removing only what a previous demo wrote (never the folder itself).
-    for name in ("segment.duckdb", "segment.duckdb.wal", "state.db", "state.db-wal", "state.db-shm", "vip_customers.yaml"):
+    for name in (
+        "segment.duckdb",
+        "segment.duckdb.wal",
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+        "vip_customers.yaml",
+    ):
         (directory / name).unlink(missing_ok=True)
-    code = run_demo(directory, rows=rows, console=console, progress_factory=_progress_bars,
-                    progress_adapter=_RichProgress)
+    code = run_demo(
+        directory, rows=rows, console=console, progress_factory=_progress_bars, progress_adapter=_RichProgress
+    )
     raise typer.Exit(code)
 
 

@@ -95,7 +95,7 @@ def invalid_rows(start: int) -> list[dict[str, Any]]:
     """Rows a real warehouse produces now and then; each must be rejected with a reason."""
     rng = random.Random(start)
     rows = []
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"email": "not-an-email"},
         {"phone": "12"},
         {"timezone": "Mars/Olympus"},
@@ -132,8 +132,9 @@ def generate_segment(rows: int, *, seed: int = 7, with_invalid: bool = True) -> 
     return customers
 
 
-def next_day(customers: list[dict[str, Any]], *, seed: int = 8, change: float = 0.05,
-             leave: float = 0.02, join: float = 0.01) -> list[dict[str, Any]]:
+def next_day(
+    customers: list[dict[str, Any]], *, seed: int = 8, change: float = 0.05, leave: float = 0.02, join: float = 0.01
+) -> list[dict[str, Any]]:
     """A day later: some customers changed, some left the segment, some joined."""
     rng = random.Random(seed)
     valid = [c for c in customers if c["customer_id"] and c["customer_id"].startswith("cust-")]

@@ -73,7 +73,7 @@ def run_demo(
     progress_factory: Callable[[], Any],
     progress_adapter: Callable[[Any], Any],
 ) -> int:
-    from sync.cli import execute_run, print_record
+    from sync.cli import print_record
 
     directory.mkdir(parents=True, exist_ok=True)
     api_key = os.environ.setdefault("BATCH_REST_API_KEY", "demo-" + secrets.token_hex(12))
@@ -127,7 +127,9 @@ def _has_data(attributes: dict[str, Any]) -> bool:
     return any(value is not None for value in attributes.get("attributes", attributes).values())
 
 
-def _one_run(activation: Any, state: str, progress_factory: Callable[[], Any], adapter: Callable[[Any], Any]) -> RunResult:
+def _one_run(
+    activation: Any, state: str, progress_factory: Callable[[], Any], adapter: Callable[[Any], Any]
+) -> RunResult:
     from sync.cli import execute_run
 
     with progress_factory() as bars:

@@ -20,6 +20,7 @@ the state store, the Batch client and the clock. Guarantees kept here (ARCHITECT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -324,10 +325,8 @@ class Run:
             self.record["ended_at"] = self.clock.now().isoformat()
             self.record["timings"]["total_seconds"] = round(self.clock.monotonic() - self._started_monotonic, 3)
             self.store.save_run(self.record)
-            try:
+            with contextlib.suppress(SyncError):  # lost already: nothing to release
                 self.store.release_lease(self._lease_box[0])
-            except SyncError:  # lost already: nothing to release
-                pass
         self.log.info("run finished", status=self.record["status"], counts=self.record["counts"])
         return RunResult(self.record)
 
@@ -405,7 +404,9 @@ class Run:
         self._fill_plan_record(plan, version, meta)
         self.log.info("plan ready", **plan.summary())
 
-        verdicts = evaluate_guards(plan, activation.guards, sync_mode=activation.sync_mode, allow=self.options.allow_guards)
+        verdicts = evaluate_guards(
+            plan, activation.guards, sync_mode=activation.sync_mode, allow=self.options.allow_guards
+        )
         self.record["guards"] = [v.as_record() for v in verdicts]
         tripped = [v for v in verdicts if v.tripped and not v.overridden]
         if tripped:
@@ -651,4 +652,3 @@ class Run:
         if save and status == "skipped_lease_held":
             self.store.save_run(self.record)
         return RunResult(self.record)
-

@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -75,7 +75,7 @@ def _tag(value: Any) -> Any:
     # Called by json.dumps only for values it cannot encode itself.
     if isinstance(value, datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc)
+            value = value.astimezone(UTC)
         return {"$t": "datetime", "v": value.isoformat()}
     if isinstance(value, date):
         return {"$t": "date", "v": value.isoformat()}

@@ -69,6 +69,16 @@ def _cloud_logging_shape(logger: Any, method: str, event_dict: MutableMapping[st
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it out and close it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, json: bool = False, level: str = "info", stream: Any = None) -> None:
     """Configure structlog once per process (CLI or Cloud Function)."""
     processors: list[Any] = [
@@ -84,6 +94,6 @@ def configure_logging(*, json: bool = False, level: str = "info", stream: Any = 
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

@@ -59,7 +59,7 @@ class PayloadSpool:
 class _Row:
     """Planner bookkeeping for one custom_id (slots: a million of these stay small)."""
 
-    __slots__ = ("copies", "first_row", "fingerprint", "kind", "length", "offset")
+    __slots__ = ("copies", "fingerprint", "first_row", "kind", "length", "offset")
 
     def __init__(self, kind: str, first_row: int, fingerprint: Fingerprint | None, offset: int, length: int) -> None:
         self.kind = kind

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlparse
 
-from sync.batch.client import BatchClient, RateLimiterRegistry
+from sync.batch.client import BatchClient
+from sync.batch.ratelimit import RateLimiterRegistry
 from sync.config import Activation, BigQuerySourceConfig, Credentials, DuckDBSourceConfig
 from sync.errors import ConfigError
 from sync.sources.base import Source

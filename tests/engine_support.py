@@ -64,7 +64,11 @@ def write_segment(path: Path, rows: list[dict[str, Any]]) -> None:
 def make_activation(directory: Path, base_url: str, **overrides: Any) -> Activation:
     config: dict[str, Any] = {
         "name": "test_people",
-        "source": {"type": "duckdb", "database": str(directory / "segment.duckdb"), "query": "SELECT * FROM people WHERE active"},
+        "source": {
+            "type": "duckdb",
+            "database": str(directory / "segment.duckdb"),
+            "query": "SELECT * FROM people WHERE active",
+        },
         "destination": {
             "api_key_env": "BATCH_REST_API_KEY",
             "project_key_env": "BATCH_PROJECT_KEY",

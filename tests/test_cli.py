@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 from typer.testing import CliRunner
 
-from engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
 from sync.state.sqlite import SQLiteStateStore
@@ -88,7 +88,9 @@ def test_config_errors_exit_2_naming_file_and_field(tmp_path: Path, activation_f
 
 
 def test_missing_credentials_are_a_config_error(tmp_path: Path, activation_file: Path) -> None:
-    result = runner.invoke(app, ["run", str(activation_file), "--state", state_url(tmp_path)], env={"BATCH_REST_API_KEY": ""})
+    result = runner.invoke(
+        app, ["run", str(activation_file), "--state", state_url(tmp_path)], env={"BATCH_REST_API_KEY": ""}
+    )
     assert result.exit_code == 2
     assert "BATCH_REST_API_KEY" in result.output
 
@@ -100,7 +102,7 @@ def test_run_plan_history_reset(tmp_path: Path, activation_file: Path, simulator
     assert "acknowledged by Batch" in output
     assert len(simulator.simulator.profiles(PROJECT_KEY)) == 40
 
-    write_segment(tmp_path / "segment.duckdb", people(39) + [{**people(1, start=39)[0], "points": 999}])
+    write_segment(tmp_path / "segment.duckdb", [*people(39), {**people(1, start=39)[0], "points": 999}])
     code, output = invoke("plan", str(activation_file), "--state", state, "--json")
     assert code == 0, output
     planned = json.loads(output)
@@ -123,7 +125,8 @@ def test_run_plan_history_reset(tmp_path: Path, activation_file: Path, simulator
     assert output.count("succeeded") == 2
     run_id = runs[0]["run_id"]
     code, output = invoke("history", "cli_people", "--state", state, "--run", run_id)
-    assert code == 0 and run_id in output
+    assert code == 0
+    assert run_id in output
     code, output = invoke("history", "cli_people", "--state", state, "--run", "nope")
     assert code == 2
 
@@ -133,7 +136,9 @@ def test_run_plan_history_reset(tmp_path: Path, activation_file: Path, simulator
     assert json.loads(output)["counts"]["new"] == 40
 
 
-def test_a_held_lease_exits_5_and_sends_nothing(tmp_path: Path, activation_file: Path, simulator: SimulatorThread) -> None:
+def test_a_held_lease_exits_5_and_sends_nothing(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
     store = SQLiteStateStore(tmp_path / "state.db")
     try:
         store.acquire_lease("cli_people", "someone-else", 600, datetime.now(UTC))

@@ -131,9 +131,9 @@ def test_secret_values_are_not_accepted_as_env_var_names_and_not_echoed() -> Non
 def test_bad_yaml_and_missing_file_name_the_file(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed", encoding="utf-8")
-    with pytest.raises(ConfigError, match="broken.yaml"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml"):
         load_activation(broken)
-    with pytest.raises(ConfigError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_activation(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_activation(write(tmp_path, ["a", "list"]))

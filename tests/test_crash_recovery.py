@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from engine_support import API_KEY, ENV, PROJECT_KEY, people, stored_ids, write_segment
 
-from engine_support import ENV, PROJECT_KEY, API_KEY, people, stored_ids, write_segment
 from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.state.sqlite import SQLiteStateStore
 
@@ -59,7 +59,18 @@ def write_activation(directory: Path, base_url: str, *, mode: str, flush_every: 
 
 def cli(config: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "sync.cli", "run", str(config), "--state", f"sqlite:///{state}", "--lease-ttl", "2", *extra],
+        [
+            sys.executable,
+            "-m",
+            "sync.cli",
+            "run",
+            str(config),
+            "--state",
+            f"sqlite:///{state}",
+            "--lease-ttl",
+            "2",
+            *extra,
+        ],
         env={**os.environ, **ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import structlog
-
 from engine_support import (
     API_KEY,
     PROJECT_KEY,
@@ -21,6 +20,7 @@ from engine_support import (
     stored_ids,
     write_segment,
 )
+
 from sync.batch.simulator import BatchSimulator
 from sync.state.sqlite import SQLiteStateStore
 
@@ -45,10 +45,16 @@ def state(tmp_path: Path) -> Path:
 
 def held(simulator: BatchSimulator) -> dict[str, dict[str, Any]]:
     """Profiles that hold at least one attribute value (a cleared profile holds none)."""
-    return {cid: attrs for cid, attrs in simulator.profiles(PROJECT_KEY).items() if any(v is not None for v in attrs.values())}
+    return {
+        cid: attrs
+        for cid, attrs in simulator.profiles(PROJECT_KEY).items()
+        if any(v is not None for v in attrs.values())
+    }
 
 
-async def test_full_then_delta_sends_only_what_changed(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_full_then_delta_sends_only_what_changed(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     rows = people(300)
     write_segment(segment, rows)
@@ -78,7 +84,9 @@ async def test_full_then_delta_sends_only_what_changed(sim: tuple[BatchSimulator
     assert third.record["counts"]["unchanged"] == 301
 
 
-async def test_full_only_sends_every_valid_row_every_run(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_full_only_sends_every_valid_row_every_run(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(120))
     activation = make_activation(tmp_path, url, run_type="full_only")
@@ -89,7 +97,9 @@ async def test_full_only_sends_every_valid_row_every_run(sim: tuple[BatchSimulat
     assert simulator.stats()["profiles_received"] == 240
 
 
-async def test_mirror_clears_what_left_and_only_what_it_synced(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_mirror_clears_what_left_and_only_what_it_synced(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     rows = people(50)
     write_segment(segment, rows)
@@ -109,7 +119,9 @@ async def test_mirror_clears_what_left_and_only_what_it_synced(sim: tuple[BatchS
     assert len(held(simulator)) == 49
 
 
-async def test_guards_abort_before_anything_is_sent(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_guards_abort_before_anything_is_sent(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     rows = people(40)
     write_segment(segment, rows)
@@ -133,7 +145,9 @@ async def test_guards_abort_before_anything_is_sent(sim: tuple[BatchSimulator, s
     assert len(held(simulator)) == 20
 
 
-async def test_empty_segment_with_state_is_refused(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_empty_segment_with_state_is_refused(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(10))
     activation = make_activation(tmp_path, url, sync_mode="mirror", guards={"max_removed_percent": 100})
@@ -145,7 +159,9 @@ async def test_empty_segment_with_state_is_refused(sim: tuple[BatchSimulator, st
     assert len(held(simulator)) == 10
 
 
-async def test_partial_errors_are_not_committed_and_are_retried_next_run(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_partial_errors_are_not_committed_and_are_retried_next_run(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(30))
     simulator.faults.reject_custom_ids = {"c00005", "c00006"}
@@ -155,7 +171,7 @@ async def test_partial_errors_are_not_committed_and_are_retried_next_run(sim: tu
     assert first.record["counts"]["rejected_by_batch"] == 2
     assert first.record["counts"]["acknowledged"] == 28
     assert {"c00005", "c00006"}.isdisjoint(stored_ids(state))
-    sample = [s for s in first.record["rejected_samples"] if s["custom_id"] == "c00005"][0]
+    sample = next(s for s in first.record["rejected_samples"] if s["custom_id"] == "c00005")
     assert sample["issues"][0]["reason"] == "batch_rejected"
 
     simulator.faults.reject_custom_ids = set()
@@ -165,7 +181,9 @@ async def test_partial_errors_are_not_committed_and_are_retried_next_run(sim: tu
     assert len(stored_ids(state)) == 30
 
 
-async def test_a_storm_of_429_5xx_and_dropped_connections_loses_nothing(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_a_storm_of_429_5xx_and_dropped_connections_loses_nothing(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(600))
     simulator.faults.update({"fail_next": 6, "fail_status": 429, "drop_after_apply": 2, "drop_before_apply": 1})
@@ -192,7 +210,9 @@ async def test_a_storm_of_429_5xx_and_dropped_connections_loses_nothing(sim: tup
     assert {attrs["points"] for attrs in held(simulator).values()} == {index + 1 for index in range(600)}
 
 
-async def test_exhausted_retries_leave_rows_uncommitted_then_converge(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_exhausted_retries_leave_rows_uncommitted_then_converge(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(20))
     simulator.faults.update({"fail_next": 1_000, "fail_status": 503})
@@ -211,7 +231,9 @@ async def test_exhausted_retries_leave_rows_uncommitted_then_converge(sim: tuple
     assert len(held(simulator)) == 20
 
 
-async def test_bad_credentials_stop_the_run_without_leaking_them(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_bad_credentials_stop_the_run_without_leaking_them(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     _, url = sim
     write_segment(segment, people(5))
     activation = make_activation(tmp_path, url)
@@ -233,7 +255,9 @@ async def test_bad_credentials_stop_the_run_without_leaking_them(sim: tuple[Batc
     assert saved[0]["status"] == "auth_error"
 
 
-async def test_a_config_error_stops_before_any_read_or_lease(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_a_config_error_stops_before_any_read_or_lease(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(5))
     activation = make_activation(tmp_path, url, attributes=[{"column": "no_such_column"}])
@@ -249,7 +273,9 @@ async def test_a_config_error_stops_before_any_read_or_lease(sim: tuple[BatchSim
         store.close()
 
 
-async def test_overlapping_runs_one_commits_the_other_exits_cleanly(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_overlapping_runs_one_commits_the_other_exits_cleanly(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(100))
     simulator.faults.latency_ms = 150
@@ -263,7 +289,9 @@ async def test_overlapping_runs_one_commits_the_other_exits_cleanly(sim: tuple[B
     assert simulator.stats()["max_updates_per_custom_id"] == 1
 
 
-async def test_a_redelivered_trigger_does_not_run_twice(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_a_redelivered_trigger_does_not_run_twice(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(10))
     activation = make_activation(tmp_path, url, run_type="full_only")
@@ -275,7 +303,9 @@ async def test_a_redelivered_trigger_does_not_run_twice(sim: tuple[BatchSimulato
     assert simulator.stats()["profiles_received"] == 10
 
 
-async def test_a_mapping_change_resends_only_affected_profiles_and_says_why(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_a_mapping_change_resends_only_affected_profiles_and_says_why(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     rows = people(10)
     rows[0]["phone"] = "06 12 34 56 78"  # national format: needs a default region
@@ -286,7 +316,9 @@ async def test_a_mapping_change_resends_only_affected_profiles_and_says_why(sim:
     assert "$phone_number" not in simulator.profiles(PROJECT_KEY)["c00000"]
 
     remapped = make_activation(
-        tmp_path, url, on_invalid_value="drop_attribute",
+        tmp_path,
+        url,
+        on_invalid_value="drop_attribute",
         mapping={"custom_id": "customer_id", "email": "email", "phone": "phone", "default_phone_region": "FR"},
     )
     second = await run_once(remapped, state)
@@ -301,7 +333,9 @@ async def test_a_mapping_change_resends_only_affected_profiles_and_says_why(sim:
     assert third.record["counts"]["sent"] == 0
 
 
-async def test_time_budget_checkpoints_and_a_continuation_finishes_the_pass(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_time_budget_checkpoints_and_a_continuation_finishes_the_pass(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     simulator, url = sim
     write_segment(segment, people(1_000))
     simulator.faults.latency_ms = 100
@@ -320,7 +354,9 @@ async def test_time_budget_checkpoints_and_a_continuation_finishes_the_pass(sim:
     assert len(held(simulator)) == 1_000
 
 
-async def test_run_records_are_kept_with_counts_and_samples(sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path) -> None:
+async def test_run_records_are_kept_with_counts_and_samples(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
     _, url = sim
     rows = people(5)
     rows[1]["email"] = "nope"

@@ -74,7 +74,14 @@ def test_delta_sends_only_new_and_changed() -> None:
     )
     assert {s.custom_id: s.kind for s in plan.sends} == {"moved": "changed", "fresh": "new"}
     assert plan.summary() == {
-        "rows": 3, "new": 1, "changed": 1, "unchanged": 1, "removed": 0, "rejected": 0, "duplicates": 0, "refreshed": 0
+        "rows": 3,
+        "new": 1,
+        "changed": 1,
+        "unchanged": 1,
+        "removed": 0,
+        "rejected": 0,
+        "duplicates": 0,
+        "refreshed": 0,
     }
 
 
@@ -121,7 +128,10 @@ def test_try_skip_accounts_unchanged_rows_without_mapping() -> None:
 
 def test_full_runs_never_skip() -> None:
     planner = Planner(
-        run_type=RunType.FULL_ONLY, sync_mode=SyncMode.UPSERT, full=False, stored={"a": Fingerprint(5, 6)},
+        run_type=RunType.FULL_ONLY,
+        sync_mode=SyncMode.UPSERT,
+        full=False,
+        stored={"a": Fingerprint(5, 6)},
         mapping_version=VERSION,
     )
     assert not planner.try_skip("a", 5)
@@ -210,7 +220,9 @@ def test_removed_percent_threshold_is_strict() -> None:
     stored = {str(i): stored_for({"p": 1}) for i in range(10)}
     rows = [(row(str(i), p=1), 1) for i in range(8)]
     plan = make_plan(rows, stored=stored, sync_mode=SyncMode.MIRROR)
-    at_limit = {v.name: v for v in evaluate_guards(plan, GuardsConfig(max_removed_percent=20), sync_mode=SyncMode.MIRROR)}
+    at_limit = {
+        v.name: v for v in evaluate_guards(plan, GuardsConfig(max_removed_percent=20), sync_mode=SyncMode.MIRROR)
+    }
     below = {v.name: v for v in evaluate_guards(plan, GuardsConfig(max_removed_percent=19), sync_mode=SyncMode.MIRROR)}
     assert not at_limit["removed_percent"].tripped
     assert below["removed_percent"].tripped
@@ -220,7 +232,9 @@ def test_changed_percent_guard() -> None:
     stored = {str(i): stored_for({"p": 1}) for i in range(4)}
     rows = [(row(str(i), p=2 if i < 3 else 1), 1) for i in range(4)]
     plan = make_plan(rows, stored=stored)
-    verdicts = {v.name: v for v in evaluate_guards(plan, GuardsConfig(max_changed_percent=50), sync_mode=SyncMode.UPSERT)}
+    verdicts = {
+        v.name: v for v in evaluate_guards(plan, GuardsConfig(max_changed_percent=50), sync_mode=SyncMode.UPSERT)
+    }
     assert verdicts["changed_percent"].tripped
     assert "3 of 4" in verdicts["changed_percent"].detail
     assert "removed_percent" not in verdicts  # upsert never removes
