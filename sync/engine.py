@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -150,7 +151,7 @@ class _Journal:
         self.flushes = 0
         self.committed = 0
         self.commit_seconds = 0.0
-        self.on_flush: Callable[[], None] | None = None
+        self.on_flush: Callable[[], Awaitable[None]] | None = None
 
     def add(self, entries: Sequence[JournalEntry]) -> None:
         self._pending.extend(entries)
@@ -173,7 +174,7 @@ class _Journal:
             self.flushes += 1
             self.committed += len(entries)
             if self.on_flush is not None:
-                self.on_flush()
+                await self.on_flush()
 
 
 class _Watermark:
@@ -299,6 +300,7 @@ class Run:
             return self._finish_early("skipped_lease_held", error)
         self._lease_box.append(lease)
         self.record["lease_token"] = lease.token
+        self._close_abandoned_runs()
         self.store.save_run(self.record)
         renewer = asyncio.create_task(self._renew_lease_forever())
         try:
@@ -449,13 +451,16 @@ class Run:
         new_ids = set(plan.new_ids) if activation.sync_mode is SyncMode.MIRROR else set()
         failures: list[str] = []
 
-        def checkpoint() -> None:
+        async def checkpoint() -> None:
+            # The run record follows each commit, so a killed run still shows how far it got.
             self.record["checkpoint"] = {
                 "at": self.clock.now().isoformat(),
                 "acknowledged": counts["acknowledged"],
                 "committed": journal.committed,
                 "watermark": watermark.value,
             }
+            snapshot = copy.deepcopy(self.record)
+            await asyncio.to_thread(self.store.save_run, snapshot)
 
         journal.on_flush = checkpoint
 
@@ -613,6 +618,18 @@ class Run:
             await journal.flush()
             raise errors[0]
         return incomplete
+
+    def _close_abandoned_runs(self) -> None:
+        """Runs still marked running once we hold the lease were killed or timed out: say so."""
+        for record in self.store.list_runs(self.activation.name, 20):
+            if record.get("status") == "running" and record["run_id"] != self.run_id:
+                record["status"] = "abandoned"
+                record["error"] = (
+                    "the run stopped without finishing (process killed or timed out); what it committed up to "
+                    "its last checkpoint is kept, the rest was planned again by the next run"
+                )
+                record["abandoned_noticed_by"] = self.run_id
+                self.store.save_run(record)
 
     # -- time ------------------------------------------------------------------------------
     def _budget_exhausted(self) -> bool:

@@ -121,6 +121,15 @@ def test_killed_run_resends_at_most_the_unflushed_window_and_converges(
     assert len(held) == ROWS
     assert all(held[f"c{i:05d}"]["points"] == i for i in range(ROWS))
     assert len(stored_ids(state, "crash_test")) == ROWS
+    store = SQLiteStateStore(state)
+    try:
+        killed, recovered = sorted(store.list_runs("crash_test"), key=lambda r: r["started_at"])
+    finally:
+        store.close()
+    assert killed["status"] == "abandoned"  # noticed and labelled by the next run
+    # The record follows each commit; the kill may land between a commit and its record write.
+    assert committed - flush_every - CONCURRENCY * BATCH <= killed["checkpoint"]["committed"] <= committed
+    assert recovered["status"] == "succeeded"
 
 
 def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segment(
