@@ -326,14 +326,16 @@ def history(
         console.print_json(json.dumps(records, default=str))
         return
     table = Table(title=f"runs of {name}", title_justify="left")
-    for column in ("run", "trigger", "started", "status", "new", "changed", "removed", "rejected", "acked", "failed"):
-        table.add_column(column)
+    # The run id starts with its UTC start time, so no separate column for it.
+    for column in ("run", "trigger", "status"):
+        table.add_column(column, no_wrap=True)
+    for column in ("new", "changed", "removed", "rejected", "acked", "failed"):
+        table.add_column(column, justify="right", no_wrap=True)
     for record in records:
         counts = record.get("counts", {})
         table.add_row(
             record["run_id"],
             record.get("trigger", {}).get("kind", ""),
-            record.get("started_at", "")[:19],
             record.get("status", ""),
             *(str(counts.get(key, "")) for key in ("new", "changed", "removed", "rejected", "acknowledged", "failed")),
         )
