@@ -1,56 +1,36 @@
-"""Cloud Function entry points (functions-framework). Thin: parse, then call sync.function.
+"""Cloud Function entry points (functions-framework). Thin: hand the request to sync.function.
 
-Deploy with entry point ``pubsub_sync`` (Pub/Sub / Cloud Scheduler, event trigger) or
-``http_sync`` (HTTP, e.g. Cloud Scheduler with OIDC for the 60-minute limit).
+Deploy with entry point ``pubsub_sync`` (event trigger on ``google.cloud.pubsub.topic.v1.messagePublished``:
+Cloud Scheduler → Pub/Sub, and continuation messages) or ``http_sync`` (HTTP, e.g. Cloud
+Scheduler with OIDC for the 60-minute limit). Both take ``{"activation": NAME, "full": false}``.
+Settings, retry policy and the continuation hand-over are described in :mod:`sync.function`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import functions_framework
 from cloudevents.http import CloudEvent
 from flask import Request
 
-from sync.errors import ConfigError
-from sync.function import decode_pubsub_data, handle
-from sync.logs import configure_logging
+from sync.function import configure_runtime_logging, handle_http, handle_pubsub
 
-configure_logging(json=True, level=os.environ.get("CEPSYNC_LOG_LEVEL", "info"))
-
-
-def _trace(header: str | None) -> str | None:
-    # X-Cloud-Trace-Context: TRACE_ID/SPAN_ID;o=1 → projects/PROJECT/traces/TRACE_ID
-    project = os.environ.get("GOOGLE_CLOUD_PROJECT")
-    if not header or not project:
-        return None
-    return f"projects/{project}/traces/{header.split('/')[0]}"
+configure_runtime_logging()
 
 
 @functions_framework.cloud_event
 def pubsub_sync(event: CloudEvent) -> None:
-    """Pub/Sub ``messagePublished``: data is base64 JSON ``{"activation": NAME, "full": false}``."""
-    try:
-        payload: Any = decode_pubsub_data(event.data)
-    except ConfigError as error:
-        # A malformed message can never succeed: log it and acknowledge (no retry storm).
-        handle({"error": str(error)}, trigger="pubsub", trigger_id=event["id"])
-        return
-    handle(payload, trigger="pubsub", trigger_id=event["id"], trace=_trace(event.get("traceparent")))
+    """Pub/Sub ``messagePublished``: ``message.data`` is base64 JSON ``{"activation": NAME, "full": false}``.
+
+    Returns normally (Pub/Sub acknowledges) unless a redelivery could help, in which case
+    :class:`sync.function.RetryableRunError` propagates and the framework answers 500.
+    """
+    handle_pubsub(event.data, event_id=str(event["id"]), traceparent=event.get("traceparent"))
 
 
 @functions_framework.http
 def http_sync(request: Request) -> tuple[dict[str, Any], int]:
-    """HTTP POST with the same JSON body; answers the run summary."""
-    if request.method != "POST":
-        return {"error": "use POST with a JSON body"}, 405
-    payload = request.get_json(silent=True)
-    status, body = handle(
-        payload,
-        trigger="http",
-        trigger_id=request.headers.get("X-Request-Id"),
-        trace=_trace(request.headers.get("X-Cloud-Trace-Context")),
-        http=True,
-    )
-    return body, status
+    """HTTP ``POST`` with the same JSON body; answers the run summary and a status code."""
+    outcome = handle_http(request.method, request.get_json(silent=True), request.headers)
+    return outcome.body, outcome.http_status
