@@ -284,7 +284,12 @@ class Run:
             return self._finish_early("config_error" if error.exit_code == 2 else "failed", error)
         if self.options.trigger_id:
             previous = self.store.find_run_by_trigger(self.activation.name, self.options.trigger_id)
-            if previous is not None and previous.get("status") not in ("running", "skipped_lease_held"):
+            # A redelivery after a retryable failure must run again: that is why the function raised.
+            if (
+                previous is not None
+                and previous.get("status") not in ("running", "skipped_lease_held", "abandoned")
+                and not previous.get("retryable")
+            ):
                 self.record["duplicate_of"] = previous["run_id"]
                 return self._finish_early("duplicate_trigger", None, save=False)
         try:

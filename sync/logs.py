@@ -85,10 +85,12 @@ def configure_logging(*, json: bool = False, level: str = "info", stream: Any = 
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks become text first, so the scrubber sees them too.
+        structlog.processors.format_exc_info,
         scrubber,
     ]
     if json:
-        processors += [structlog.processors.format_exc_info, _cloud_logging_shape, structlog.processors.JSONRenderer()]
+        processors += [_cloud_logging_shape, structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(

@@ -6,4 +6,4 @@ on a free port, only when a test asks for it, and fails loudly (never skips) if 
 
 from __future__ import annotations
 
-pytest_plugins = ["fixtures_firestore", "fixtures_bigquery"]
+pytest_plugins = ["fixtures_pubsub", "fixtures_firestore", "fixtures_bigquery"]

@@ -376,3 +376,28 @@ async def test_run_records_are_kept_with_counts_and_samples(
         assert store.get_run(record["run_id"])["status"] == "succeeded_with_rejections"
     finally:
         store.close()
+
+
+async def test_a_redelivery_after_a_retryable_failure_runs_again(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
+) -> None:
+    simulator, url = sim
+    write_segment(segment, people(10))
+    activation = make_activation(tmp_path, url)
+    store = SQLiteStateStore(state)
+    try:
+        store.save_run(
+            {
+                "run_id": "20260101T000000Z-aaaaaa",
+                "activation": "test_people",
+                "started_at": "2026-01-01T00:00:00+00:00",
+                "trigger_id": "msg-7",
+                "status": "failed",
+                "retryable": True,
+            }
+        )
+    finally:
+        store.close()
+    again = await run_once(activation, state, trigger="pubsub", trigger_id="msg-7")
+    assert again.status == "succeeded"
+    assert simulator.stats()["profiles_received"] == 10
