@@ -34,9 +34,9 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
-
 # Share of Batch's published rate we aim for (see RateLimiterRegistry.get).
 RATE_HEADROOM = 0.97
+
 
 class RateLimitWaitTooLong(TransientError):
     """Waiting for the rate limiter would take longer than the caller may wait."""
