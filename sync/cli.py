@@ -105,6 +105,7 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("new", "new"),
         ("changed", "changed"),
         ("unchanged", "unchanged"),
+        ("  of which not even mapped", "skipped_unmapped"),
         ("removed (mirror)", "removed"),
         ("rejected before sending", "rejected"),
         ("  of which duplicate ids", "duplicates"),

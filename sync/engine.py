@@ -511,7 +511,7 @@ class Run:
             async with self.client:
                 removal_payload = {key: None for key in sorted(owned)}
                 batches: list[tuple[list[PlannedSend] | None, list[str] | None]] = []
-                size = endpoint.max_batch
+                size = endpoint.send_batch
                 for start in range(0, len(sends), size):
                     batches.append((sends[start : start + size], None))
                 for start in range(0, len(plan.removals), size):

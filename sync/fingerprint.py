@@ -67,7 +67,12 @@ def canonical_json(value: Any) -> bytes:
 
 
 def payload_fingerprint(attributes: dict[str, Any]) -> int:
-    digest = hashlib.blake2b(_PAYLOAD_SALT + canonical_json(attributes), digest_size=8).digest()
+    return payload_fingerprint_of(canonical_json(attributes))
+
+
+def payload_fingerprint_of(canonical: bytes) -> int:
+    """Payload fingerprint of bytes already produced by :func:`canonical_json` (no second encoding)."""
+    digest = hashlib.blake2b(_PAYLOAD_SALT + canonical, digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 

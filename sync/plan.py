@@ -25,12 +25,23 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from sync.config import GuardsConfig, RunType, SyncMode
-from sync.fingerprint import canonical_json, payload_fingerprint, raw_fingerprint
+from sync.fingerprint import canonical_json, payload_fingerprint_of, raw_fingerprint
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
 GUARD_NAMES = ("empty_segment", "removed_percent", "changed_percent")
+COUNT_KEYS = (
+    "rows",
+    "new",
+    "changed",
+    "unchanged",
+    "skipped_unmapped",
+    "removed",
+    "rejected",
+    "duplicates",
+    "refreshed",
+)
 
 
 class PayloadSpool:
@@ -68,6 +79,11 @@ class _Row:
         self.offset = offset
         self.length = length
         self.copies = 1
+
+
+# One shared record for every row skipped without mapping (most rows of a delta run):
+# a million skipped rows cost a dict entry each, not a million objects.
+_SKIPPED = _Row("unchanged", 0, None, -1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +126,7 @@ class Plan:
     new_ids: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
-        keys = ("rows", "new", "changed", "unchanged", "removed", "rejected", "duplicates", "refreshed")
-        return {key: self.counts.get(key, 0) for key in keys}
+        return {key: self.counts.get(key, 0) for key in COUNT_KEYS}
 
 
 class Planner:
@@ -174,11 +189,15 @@ class Planner:
             return False
         self._row_number += 1
         self._counts["rows"] += 1
+        self._counts["skipped_unmapped"] += 1
         existing = self._rows.get(custom_id_value)
+        if existing is _SKIPPED:
+            # A second copy: only now does this id need its own bookkeeping.
+            existing = self._rows[custom_id_value] = _Row("unchanged", self._row_number, None, -1, 0)
         if existing is not None:
             self._duplicate(existing)
             return True
-        self._rows[custom_id_value] = _Row("unchanged", self._row_number, None, -1, 0)
+        self._rows[custom_id_value] = _SKIPPED
         return True
 
     def add(self, mapped: MappedRow, raw: int) -> None:
@@ -190,6 +209,8 @@ class Planner:
         custom_id = mapped.custom_id
         if custom_id is not None:
             existing = self._rows.get(custom_id)
+            if existing is _SKIPPED:
+                existing = self._rows[custom_id] = _Row("unchanged", self._row_number, None, -1, 0)
             if existing is not None:
                 self._duplicate(existing)
                 if mapped.rejected:
@@ -203,7 +224,7 @@ class Planner:
             return
         assert custom_id is not None
         data = canonical_json(mapped.attributes)
-        fingerprint = Fingerprint(raw=raw, payload=payload_fingerprint(mapped.attributes))
+        fingerprint = Fingerprint(raw=raw, payload=payload_fingerprint_of(data))
         stored = self._stored.get(custom_id)
         if stored is None:
             kind = "new"
@@ -272,7 +293,7 @@ class Planner:
             counts["removed"] = len(removals)
         # A stable order makes the send checkpoint (a custom_id watermark) meaningful.
         sends.sort(key=lambda send: send.custom_id)
-        for key in ("rows", "new", "changed", "unchanged", "removed", "rejected", "duplicates", "refreshed"):
+        for key in COUNT_KEYS:
             counts.setdefault(key, 0)
         return Plan(
             sends=sends,

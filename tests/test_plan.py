@@ -78,6 +78,7 @@ def test_delta_sends_only_new_and_changed() -> None:
         "new": 1,
         "changed": 1,
         "unchanged": 1,
+        "skipped_unmapped": 0,
         "removed": 0,
         "rejected": 0,
         "duplicates": 0,
@@ -123,6 +124,7 @@ def test_try_skip_accounts_unchanged_rows_without_mapping() -> None:
     plan = planner.finish()
     _open_plans.append(plan)
     assert plan.counts["unchanged"] == 2
+    assert plan.counts["skipped_unmapped"] == 2
     assert plan.removals == []  # skipped rows are present in the segment
 
 
@@ -243,3 +245,23 @@ def test_changed_percent_guard() -> None:
 def test_no_guard_trips_on_a_first_run() -> None:
     plan = make_plan([(row("a", p=1), 1)])
     assert not any(v.tripped for v in evaluate_guards(plan, GuardsConfig(), sync_mode=SyncMode.MIRROR))
+
+
+def test_a_skipped_row_seen_twice_is_a_duplicate_and_other_rows_are_unaffected() -> None:
+    planner = Planner(
+        run_type=RunType.FULL_THEN_DELTA,
+        sync_mode=SyncMode.MIRROR,
+        full=False,
+        stored={"a": Fingerprint(5, 6), "b": Fingerprint(7, 8), "c": Fingerprint(9, 10)},
+        mapping_version=VERSION,
+    )
+    assert planner.try_skip("a", 5)
+    assert planner.try_skip("b", 7)
+    assert planner.try_skip("a", 5)  # the same id again, skipped again
+    planner.add(row("b", p=1), 99)  # and b again, mapped this time
+    plan = planner.finish()
+    _open_plans.append(plan)
+    assert plan.counts["duplicates"] == 4
+    assert plan.counts["rejected"] == 4
+    assert plan.counts["unchanged"] == 0
+    assert plan.removals == ["c"]

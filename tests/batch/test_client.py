@@ -849,3 +849,11 @@ async def test_simulator_refuses_a_wrong_key_with_batch_auth_error(simulator: tu
     async with client:
         with pytest.raises(BatchAuthError, match=PROJECT_KEY_ENV):
             await client.check_credentials()
+
+
+def test_send_batches_leave_half_the_bucket_as_slack() -> None:
+    # /update: 200 per request (the API maximum) is well under its 1,000 burst.
+    assert Endpoint.UPDATE.send_batch == 200
+    # /mass-update: a 10,000 request would need the whole "no burst" bucket at once.
+    assert Endpoint.MASS_UPDATE.send_batch == 5_000
+    assert all(e.send_batch <= e.max_batch for e in Endpoint)
