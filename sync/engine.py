@@ -38,7 +38,7 @@ from sync.config import Activation, SyncMode, mapping_version
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import ActivationMeta, JournalEntry, Lease, Reason
-from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, evaluate_guards
+from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, evaluate_guards, plan_batch
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -355,7 +355,6 @@ class Run:
             full=full,
             stored=stored,
             intents=intents,
-            mapping_version=version,
         )
         columns = mapper.columns
         id_column = activation.mapping.custom_id
@@ -363,16 +362,18 @@ class Run:
 
         def read_and_plan() -> Plan:
             started = time.perf_counter()
-            raw_fingerprint = planner.raw_fingerprint
-            try_skip = planner.try_skip
-            add = planner.add
-            map_row = mapper.map_row
+            rows_before = 0
             for batch in self.source.read_batches(columns):
-                for row in batch.to_pylist():
-                    raw = raw_fingerprint([row[c] for c in columns])
-                    if try_skip(row[id_column], raw):
-                        continue
-                    add(map_row(row), raw)
+                plan_batch(
+                    planner,
+                    mapper,
+                    batch,
+                    columns=columns,
+                    id_column=id_column,
+                    mapping_version=version,
+                    first_row_number=rows_before + 1,
+                )
+                rows_before += batch.num_rows
                 progress.rows_read(batch.num_rows)
             plan = planner.finish()
             self.record["timings"]["read_and_plan_seconds"] = round(time.perf_counter() - started, 3)

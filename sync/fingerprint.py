@@ -14,12 +14,16 @@ profile's payload unchanged there is nothing to resend.
 
 **Raw fingerprint** — lets a delta run skip mapping unchanged rows::
 
-    blake2b(b"cepsync/raw/1\\0" + mapping_version + b"\\0" + canonical_json(tagged values), digest_size=8)
+    blake2b(b"cepsync/raw/1\\0" + salt + b"\\0" + json(values), digest_size=8)
 
-over the source values of the mapped columns in mapping order, each non-JSON value tagged
-with its type (``{"$t":"datetime","v":"2024-01-01T00:00:00+00:00"}``). It *is* salted with
-the mapping version, so any mapping change forces every row through the mapper again,
-and the run record can say the resend came from a mapping change.
+over the source values of the mapped columns in mapping order. The engine takes the
+values column by column from the Arrow batch (``sync.plan.hashable_columns``: timestamps
+as integers of their unit since the epoch, dates as day counts, decimals as text), so no
+per-row dict is built for a row that did not move; any other non-JSON value is tagged
+with its type (``{"$t":"datetime","v":"2024-01-01T00:00:00+00:00"}``). The salt
+(``sync.plan.raw_salt``) is the mapping version plus the Arrow types of the mapped
+columns, so a mapping change or a column type change forces every row through the
+mapper again, and the run record can say the resend came from a mapping change.
 
 Both are computed in Python from values, never from SQL output, so they are identical
 whatever engine produced the rows (emulators format ``TO_JSON_STRING`` differently).

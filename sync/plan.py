@@ -17,16 +17,23 @@ Outcomes of one row:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from decimal import Decimal
+from typing import IO, TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from sync.config import GuardsConfig, RunType, SyncMode
 from sync.fingerprint import canonical_json, payload_fingerprint_of, raw_fingerprint
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
+
+if TYPE_CHECKING:
+    from sync.mapping import ProfileMapper
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -137,7 +144,6 @@ class Planner:
         full: send every valid row (FULL ONLY, a first run, or ``--full``).
         stored: acknowledged fingerprints by custom_id.
         intents: ids recorded as possibly synced (mirror).
-        mapping_version: salts the raw fingerprint.
     """
 
     def __init__(
@@ -148,13 +154,11 @@ class Planner:
         full: bool,
         stored: Mapping[str, Fingerprint],
         intents: Iterable[str] = (),
-        mapping_version: str,
     ) -> None:
         self._full = full or run_type is RunType.FULL_ONLY
         self._mirror = sync_mode is SyncMode.MIRROR
         self._stored = stored
         self._intents = set(intents)
-        self._version = mapping_version
         self._rows: dict[str, _Row] = {}
         self._counts: Counter[str] = Counter()
         self._rejected_by_reason: Counter[str] = Counter()
@@ -168,10 +172,7 @@ class Planner:
         return self._full
 
     # -- hot path ------------------------------------------------------------------------
-    def raw_fingerprint(self, values: list[Any]) -> int:
-        return raw_fingerprint(values, self._version)
-
-    def try_skip(self, custom_id_value: Any, raw: int) -> bool:
+    def try_skip(self, custom_id_value: Any, raw: int, row_number: int | None = None) -> bool:
         """Account for a row without mapping it, if its source values are unchanged.
 
         True when the row's custom_id has a stored fingerprint whose raw hash equals
@@ -182,12 +183,14 @@ class Planner:
             return False
         if isinstance(custom_id_value, int) and not isinstance(custom_id_value, bool):
             custom_id_value = str(custom_id_value)
+        elif isinstance(custom_id_value, Decimal) and custom_id_value == custom_id_value.to_integral_value():
+            custom_id_value = str(int(custom_id_value))  # NUMERIC ids, as the mapper writes them
         if not isinstance(custom_id_value, str):
             return False
         stored = self._stored.get(custom_id_value)
         if stored is None or stored.raw != raw:
             return False
-        self._row_number += 1
+        self._row_number = self._row_number + 1 if row_number is None else row_number
         self._counts["rows"] += 1
         self._counts["skipped_unmapped"] += 1
         existing = self._rows.get(custom_id_value)
@@ -200,9 +203,9 @@ class Planner:
         self._rows[custom_id_value] = _SKIPPED
         return True
 
-    def add(self, mapped: MappedRow, raw: int) -> None:
-        """Account for one mapped row."""
-        self._row_number += 1
+    def add(self, mapped: MappedRow, raw: int, row_number: int | None = None) -> None:
+        """Account for one mapped row (``row_number`` counts from 1 in segment order)."""
+        self._row_number = self._row_number + 1 if row_number is None else row_number
         self._counts["rows"] += 1
         for issue in mapped.issues if not mapped.rejected else ():
             self._dropped_by_reason[issue.reason.value] += 1
@@ -308,6 +311,65 @@ class Planner:
             spool=self._spool,
             new_ids=new_ids,
         )
+
+
+def hashable_columns(batch: pa.RecordBatch, columns: Sequence[str]) -> list[list[Any]]:
+    """The batch's mapped columns as plain Python lists that ``json`` encodes without callbacks.
+
+    Timestamps become their integer count of the column's unit since the epoch (UTC),
+    dates their day or millisecond count, decimals their text: converting column by
+    column is several times cheaper than building a dict per row, and the raw salt
+    carries the column types, so an integer and a timestamp with equal numbers differ.
+    """
+    lists: list[list[Any]] = []
+    for name in columns:
+        column = batch.column(name)
+        kind = column.type
+        if pa.types.is_timestamp(kind) or pa.types.is_date64(kind) or pa.types.is_time64(kind):
+            column = column.cast(pa.int64())
+        elif pa.types.is_date32(kind) or pa.types.is_time32(kind):
+            column = column.cast(pa.int32())
+        elif pa.types.is_decimal(kind):
+            column = column.cast(pa.string())
+        lists.append(column.to_pylist())
+    return lists
+
+
+def raw_salt(mapping_version: str, schema: pa.Schema, columns: Sequence[str]) -> str:
+    """Mapping version plus the Arrow types of the mapped columns (see ``hashable_columns``)."""
+    types = ";".join(f"{name}:{schema.field(name).type}" for name in columns)
+    return f"{mapping_version}/{hashlib.blake2b(types.encode(), digest_size=8).hexdigest()}"
+
+
+def plan_batch(
+    planner: Planner,
+    mapper: ProfileMapper,
+    batch: pa.RecordBatch,
+    *,
+    columns: Sequence[str],
+    id_column: str,
+    mapping_version: str,
+    first_row_number: int,
+) -> None:
+    """Plan one record batch: hash every row's source values, map only rows that moved.
+
+    Rows whose raw fingerprint matches the acknowledged one are accounted for without a
+    row dict ever being built; the others are taken from the batch and mapped, in order.
+    """
+    salt = raw_salt(mapping_version, batch.schema, columns)
+    ids = batch.column(id_column).to_pylist()
+    try_skip = planner.try_skip
+    to_map: list[tuple[int, int]] = []
+    for index, values in enumerate(zip(*hashable_columns(batch, columns), strict=True)):
+        raw = raw_fingerprint(values, salt)
+        if not try_skip(ids[index], raw, first_row_number + index):
+            to_map.append((index, raw))
+    if not to_map:
+        return
+    rows = batch.take(pa.array([index for index, _ in to_map], type=pa.int64())).to_pylist()
+    map_row, add = mapper.map_row, planner.add
+    for (index, raw), row in zip(to_map, rows, strict=True):
+        add(map_row(row), raw, first_row_number + index)
 
 
 @dataclass(frozen=True, slots=True)

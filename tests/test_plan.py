@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
-from sync.config import GuardsConfig, RunType, SyncMode
+from sync.config import GuardsConfig, RunType, SyncMode, parse_activation
 from sync.fingerprint import payload_fingerprint
+from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import Fingerprint, MappedRow, Reason, RowIssue
-from sync.plan import Plan, Planner, evaluate_guards
+from sync.plan import Plan, Planner, evaluate_guards, hashable_columns, plan_batch, raw_salt
 
 VERSION = "v1"
 _open_plans: list[Plan] = []
@@ -50,7 +54,6 @@ def make_plan(
         full=full,
         stored=stored or {},
         intents=intents or set(),
-        mapping_version=VERSION,
     )
     for mapped, raw in rows:
         planner.add(mapped, raw)
@@ -114,7 +117,6 @@ def test_try_skip_accounts_unchanged_rows_without_mapping() -> None:
         sync_mode=SyncMode.MIRROR,
         full=False,
         stored={"a": Fingerprint(5, 6), "7": Fingerprint(8, 9)},
-        mapping_version=VERSION,
     )
     assert planner.try_skip("a", 5)
     assert planner.try_skip(7, 8)  # integer ids are compared as their decimal string
@@ -134,7 +136,6 @@ def test_full_runs_never_skip() -> None:
         sync_mode=SyncMode.UPSERT,
         full=False,
         stored={"a": Fingerprint(5, 6)},
-        mapping_version=VERSION,
     )
     assert not planner.try_skip("a", 5)
     _open_plans.append(planner.finish())
@@ -253,7 +254,6 @@ def test_a_skipped_row_seen_twice_is_a_duplicate_and_other_rows_are_unaffected()
         sync_mode=SyncMode.MIRROR,
         full=False,
         stored={"a": Fingerprint(5, 6), "b": Fingerprint(7, 8), "c": Fingerprint(9, 10)},
-        mapping_version=VERSION,
     )
     assert planner.try_skip("a", 5)
     assert planner.try_skip("b", 7)
@@ -265,3 +265,87 @@ def test_a_skipped_row_seen_twice_is_a_duplicate_and_other_rows_are_unaffected()
     assert plan.counts["rejected"] == 4
     assert plan.counts["unchanged"] == 0
     assert plan.removals == ["c"]
+
+
+# -- plan_batch: the engine's per-batch loop ------------------------------------------------
+
+
+def _mapper_and_batch(rows: list[dict[str, Any]]) -> tuple[Any, pa.RecordBatch]:
+    activation = parse_activation(
+        {
+            "name": "plan_batch",
+            "source": {"type": "duckdb", "database": "x.duckdb", "table": "t"},
+            "destination": {"api_key_env": "K", "project_key_env": "P"},
+            "mapping": {"custom_id": "id", "email": "email"},
+            "attributes": [{"column": "seen_at"}, {"column": "born"}, {"column": "amount"}],
+        },
+        source="test",
+    )
+    batch = pa.RecordBatch.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("email", pa.string()),
+                ("seen_at", pa.timestamp("us", tz="UTC")),
+                ("born", pa.date32()),
+                ("amount", pa.decimal128(10, 2)),
+            ]
+        ),
+    )
+    mapper = ProfileMapper(activation, resolve_attribute_types(activation, batch.schema, source="test"))
+    return mapper, batch
+
+
+def _rows(count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"p{i}",
+            "email": f"p{i}@example.com",
+            "seen_at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=i),
+            "born": date(1990, 1, 1) + timedelta(days=i),
+            "amount": Decimal(f"{i}.50"),
+        }
+        for i in range(count)
+    ]
+
+
+def _plan_batch(batch: pa.RecordBatch, mapper: Any, stored: dict[str, Fingerprint]) -> Plan:
+    planner = Planner(run_type=RunType.FULL_THEN_DELTA, sync_mode=SyncMode.UPSERT, full=False, stored=stored)
+    plan_batch(planner, mapper, batch, columns=mapper.columns, id_column="id", mapping_version="v1", first_row_number=1)
+    plan = planner.finish()
+    _open_plans.append(plan)
+    return plan
+
+
+def test_hashable_columns_are_plain_values() -> None:
+    _, batch = _mapper_and_batch(_rows(2))
+    seen_at, born, amount = hashable_columns(batch, ["seen_at", "born", "amount"])
+    assert seen_at == [1_767_225_600_000_000, 1_767_229_200_000_000]  # µs since the epoch
+    assert born == [7305, 7306]  # days since the epoch
+    assert amount == ["0.50", "1.50"]
+
+
+def test_the_raw_salt_follows_column_types() -> None:
+    as_int = pa.schema([("x", pa.int64())])
+    as_time = pa.schema([("x", pa.timestamp("us"))])
+    assert raw_salt("v1", as_int, ["x"]) != raw_salt("v1", as_time, ["x"])
+    assert raw_salt("v1", as_int, ["x"]) != raw_salt("v2", as_int, ["x"])
+    assert raw_salt("v1", as_int, ["x"]) == raw_salt("v1", as_int, ["x"])
+
+
+def test_plan_batch_skips_unchanged_rows_and_maps_moved_ones_in_place() -> None:
+    rows = _rows(5)
+    mapper, batch = _mapper_and_batch(rows)
+    first = _plan_batch(batch, mapper, {})
+    assert first.counts["new"] == 5
+    stored = {send.custom_id: send.fingerprint for send in first.sends}
+
+    rows[1]["seen_at"] += timedelta(seconds=1)
+    rows[3]["email"] = "broken"
+    mapper, batch = _mapper_and_batch(rows)
+    second = _plan_batch(batch, mapper, stored)
+    assert second.counts["skipped_unmapped"] == 3
+    assert [send.custom_id for send in second.sends] == ["p1"]
+    assert second.spool.read(second.sends[0].offset, second.sends[0].length)["date(seen_at)"] == "2026-01-01T01:00:01Z"
+    assert [(sample.row_number, sample.custom_id) for sample in second.rejected_samples] == [(4, "p3")]
