@@ -25,7 +25,8 @@ from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
 from sync.plan import GUARD_NAMES, Plan
-from sync.runtime import DEFAULT_STATE_URL, build_client, open_source, open_store
+from sync.runtime import DEFAULT_STATE_URL, BigQueryEmulatorEndpoints, build_client, open_source, open_store
+from sync.sources.base import Source
 
 app = typer.Typer(
     name="cepsync",
@@ -52,6 +53,12 @@ def _fail(error: SyncError | Exception) -> typer.Exit:
     code = getattr(error, "exit_code", 1)
     err_console.print(f"[bold red]error:[/] {error}", highlight=False)
     return typer.Exit(code)
+
+
+def _open_source(activation: Activation) -> Source:
+    """The activation's source; BIGQUERY_EMULATOR_HOST points a BigQuery one at a local emulator."""
+    emulator = BigQueryEmulatorEndpoints.from_env(os.environ)
+    return open_source(activation, bigquery_emulator=emulator, default_project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
 
 
 def _load(path: Path) -> Activation:
@@ -173,7 +180,7 @@ def execute_run(
 ) -> RunResult:
     """Build the edges and run once (used by `run` and `demo`)."""
     client = build_client(activation)
-    source = open_source(activation)
+    source = _open_source(activation)
     store = open_store(state)
     try:
         run = Run(activation, source=source, store=store, client=client, options=options, progress=progress)
@@ -236,7 +243,7 @@ def plan(
     """Dry run: what the next run would send. Nothing is sent, no state changes."""
     configure_logging(level="warning")
     activation = _load(activation_file)
-    source = open_source(activation)
+    source = _open_source(activation)
     store = open_store(state)
     try:
         run_ = Run(activation, source=source, store=store, client=None, options=RunOptions(trigger="plan", full=full))
@@ -274,7 +281,7 @@ def validate(
     activation = _load(activation_file)
     console.print(f"[green]✓[/] config: activation '{activation.name}' is valid")
     try:
-        source = open_source(activation)
+        source = _open_source(activation)
         try:
             from sync.mapping import ProfileMapper, resolve_attribute_types
 

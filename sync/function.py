@@ -53,11 +53,11 @@ from typing import Any, Protocol
 
 import structlog
 
-from sync.config import ACTIVATION_NAME, Activation, BigQuerySourceConfig, load_activations
+from sync.config import ACTIVATION_NAME, Activation, load_activations
 from sync.engine import Run, RunOptions
 from sync.errors import ConfigError
 from sync.logs import configure_logging
-from sync.runtime import build_client, open_source, open_store
+from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source, open_store
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -95,20 +95,6 @@ class RetryableRunError(RuntimeError):
 
 
 # --- settings -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BigQueryEmulatorEndpoints:
-    """Where a local BigQuery emulator listens (tests and local runs only; never in production).
-
-    ``rest_url`` comes from ``BIGQUERY_EMULATOR_HOST`` (the name google-cloud-bigquery itself
-    reads for its REST endpoint, a URL such as ``http://127.0.0.1:9050``); ``storage_address``
-    from ``BIGQUERY_STORAGE_EMULATOR_HOST`` (``HOST:PORT`` of the Storage Read gRPC server,
-    reached on an insecure channel; without it the source pages over REST).
-    """
-
-    rest_url: str
-    storage_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,9 +154,6 @@ class Settings:
             )
         ttl = _positive_number(env, "CEPSYNC_LEASE_TTL_SECONDS", DEFAULT_LEASE_TTL_SECONDS)
         default_dir = Path(__file__).resolve().parent.parent / "activations"
-        emulator_url = env.get("BIGQUERY_EMULATOR_HOST") or None
-        if emulator_url is not None and not re.match(r"^https?://[^\s/]+", emulator_url):
-            raise ConfigError("must be a URL such as http://127.0.0.1:9050", field="BIGQUERY_EMULATOR_HOST")
         return cls(
             activations_dir=Path(env.get("CEPSYNC_ACTIVATIONS_DIR") or default_dir),
             state_url=state,
@@ -179,11 +162,7 @@ class Settings:
             budget_margin_seconds=margin,
             lease_ttl_seconds=ttl,
             continuation_topic=_topic_path(env.get("CEPSYNC_CONTINUATION_TOPIC") or None, project),
-            bigquery_emulator=(
-                BigQueryEmulatorEndpoints(emulator_url.rstrip("/"), env.get("BIGQUERY_STORAGE_EMULATOR_HOST") or None)
-                if emulator_url is not None
-                else None
-            ),
+            bigquery_emulator=BigQueryEmulatorEndpoints.from_env(env),
         )
 
 
@@ -583,38 +562,9 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
 def open_segment_source(activation: Activation, settings: Settings, closers: list[Callable[[], None]]) -> Source:
     """The activation's source; a BigQuery source goes to the emulator when one is configured.
 
-    Appends to ``closers`` what must be closed after the run (the source, and any client
-    built here that the source does not own).
+    Appends to ``closers`` what must be closed after the run.
     """
-    config = activation.source
-    if settings.bigquery_emulator is None or not isinstance(config, BigQuerySourceConfig):
-        source = open_source(activation)
-        closers.append(source.close)
-        return source
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import bigquery
-
-    from sync.sources.bigquery import BigQuerySource
-
-    emulator = settings.bigquery_emulator
-    # Anonymous credentials only here: an emulator accepts any caller and has no token endpoint.
-    client = bigquery.Client(
-        project=config.project or settings.project,
-        location=config.location,
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # google-auth is unannotated
-        client_options={"api_endpoint": emulator.rest_url},
-    )
-    closers.append(client.close)
-    read_client = None
-    if emulator.storage_address is not None and config.use_storage_api:
-        import grpc
-        from google.cloud.bigquery_storage import BigQueryReadClient
-        from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
-
-        channel = grpc.insecure_channel(emulator.storage_address)
-        closers.append(channel.close)
-        read_client = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))  # type: ignore[no-untyped-call]
-    source = BigQuerySource(config, activation=activation.name, client=client, read_client=read_client)
+    source = open_source(activation, bigquery_emulator=settings.bigquery_emulator, default_project=settings.project)
     closers.append(source.close)
     return source
 

@@ -12,7 +12,13 @@ embedded default runs without them.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+import pyarrow as pa
 
 from sync.batch.client import BatchClient
 from sync.batch.ratelimit import RateLimiterRegistry
@@ -50,8 +56,62 @@ def open_store(url: str) -> StateStore:
     raise ConfigError(f"unknown state URL scheme {parsed.scheme!r}: use sqlite:///PATH or firestore://", field="state")
 
 
-def open_source(activation: Activation) -> Source:
-    """The segment source the activation describes."""
+@dataclass(frozen=True)
+class BigQueryEmulatorEndpoints:
+    """Where a local BigQuery emulator listens (tests and local runs only; never in production).
+
+    ``rest_url`` comes from ``BIGQUERY_EMULATOR_HOST`` (the name google-cloud-bigquery itself
+    reads for its REST endpoint, a URL such as ``http://127.0.0.1:9050``); ``storage_address``
+    from ``BIGQUERY_STORAGE_EMULATOR_HOST`` (``HOST:PORT`` of the Storage Read gRPC server,
+    reached on an insecure channel; without it the source pages over REST).
+    """
+
+    rest_url: str
+    storage_address: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BigQueryEmulatorEndpoints | None:
+        url = env.get("BIGQUERY_EMULATOR_HOST") or None
+        if url is None:
+            return None
+        if not re.match(r"^https?://[^\s/]+", url):
+            raise ConfigError("must be a URL such as http://127.0.0.1:9050", field="BIGQUERY_EMULATOR_HOST")
+        return cls(url.rstrip("/"), env.get("BIGQUERY_STORAGE_EMULATOR_HOST") or None)
+
+
+class _SourceWithClients:
+    """A source plus the clients built for it, closed together."""
+
+    def __init__(self, source: Source, closers: list[Callable[[], None]]) -> None:
+        self._source = source
+        self._closers = closers
+
+    def schema(self) -> pa.Schema:
+        return self._source.schema()
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        return self._source.read_batches(columns)
+
+    def stats(self) -> dict[str, Any]:
+        return self._source.stats()
+
+    def close(self) -> None:
+        self._source.close()
+        for close in reversed(self._closers):
+            close()
+
+
+def open_source(
+    activation: Activation,
+    *,
+    bigquery_emulator: BigQueryEmulatorEndpoints | None = None,
+    default_project: str | None = None,
+) -> Source:
+    """The segment source the activation describes.
+
+    A BigQuery source uses Application Default Credentials, or a local emulator when
+    ``bigquery_emulator`` is given (see :meth:`BigQueryEmulatorEndpoints.from_env`).
+    """
     config = activation.source
     if isinstance(config, DuckDBSourceConfig):
         from sync.sources.duckdb import DuckDBSource
@@ -60,8 +120,43 @@ def open_source(activation: Activation) -> Source:
     if isinstance(config, BigQuerySourceConfig):
         from sync.sources.bigquery import BigQuerySource
 
-        return BigQuerySource(config, activation=activation.name)
+        if bigquery_emulator is None:
+            return BigQuerySource(config, activation=activation.name)
+        return _emulated_bigquery_source(activation, config, bigquery_emulator, default_project)
     raise ConfigError(f"unsupported source type {type(config).__name__}", field="source")
+
+
+def _emulated_bigquery_source(
+    activation: Activation,
+    config: BigQuerySourceConfig,
+    emulator: BigQueryEmulatorEndpoints,
+    default_project: str | None,
+) -> Source:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    from sync.sources.bigquery import BigQuerySource
+
+    closers: list[Callable[[], None]] = []
+    # Anonymous credentials only here: an emulator accepts any caller and has no token endpoint.
+    client = bigquery.Client(
+        project=config.project or default_project,
+        location=config.location,
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # google-auth is unannotated
+        client_options={"api_endpoint": emulator.rest_url},
+    )
+    closers.append(client.close)
+    read_client = None
+    if emulator.storage_address is not None and config.use_storage_api:
+        import grpc
+        from google.cloud.bigquery_storage import BigQueryReadClient
+        from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
+
+        channel = grpc.insecure_channel(emulator.storage_address)
+        closers.append(channel.close)
+        read_client = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))  # type: ignore[no-untyped-call]
+    source = BigQuerySource(config, activation=activation.name, client=client, read_client=read_client)
+    return _SourceWithClients(source, closers)
 
 
 def build_client(activation: Activation, environ: dict[str, str] | None = None) -> BatchClient:
