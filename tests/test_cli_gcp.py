@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from google.cloud import bigquery
-
 from bigquery_emulator import BigQueryEmulator
 from engine_support import API_KEY, ENV, PROJECT_KEY
 from firestore_emulator import FirestoreEmulator
+from google.cloud import bigquery
+
 from sync.batch.simulator import BatchSimulator, SimulatorThread
 
 pytestmark = pytest.mark.emulator
