@@ -131,7 +131,8 @@ def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
     status = record["status"]
     style = "green" if status.startswith("succeeded") or status == "planned" else "red"
     console.print(f"[bold]{record['activation']}[/] · run {record['run_id']} · [{style}]{status}[/]")
-    console.print(summary_table(record))
+    if record.get("counts"):
+        console.print(summary_table(record))
     extra = []
     if record.get("endpoint"):
         extra.append(f"endpoint /profiles/{record['endpoint']}")
@@ -285,7 +286,7 @@ def validate(
         try:
             from sync.mapping import ProfileMapper, resolve_attribute_types
 
-            types = resolve_attribute_types(activation, source.schema(), source=f"activation '{activation.name}'")
+            types = resolve_attribute_types(activation, source.schema(), source=activation.origin)
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -223,6 +224,13 @@ class Activation(_Strict):
     guards: GuardsConfig = Field(default_factory=lambda: GuardsConfig())
     journal: JournalConfig = Field(default_factory=lambda: JournalConfig())
     schedule: ScheduleConfig | None = None
+    # Where the activation was loaded from, for error messages (not part of the file).
+    _source_path: str | None = PrivateAttr(default=None)
+
+    @property
+    def origin(self) -> str:
+        """The activation file, or the activation's name when it was not loaded from a file."""
+        return self._source_path or f"activation '{self.name}'"
 
     @field_validator("name")
     @classmethod
@@ -367,6 +375,7 @@ def load_activation(path: str | Path) -> Activation:
         resolved = (path.parent / source.database).resolve()
         source = source.model_copy(update={"database": str(resolved)})
         activation = activation.model_copy(update={"source": source})
+    activation._source_path = str(path)
     return activation
 
 

@@ -259,7 +259,7 @@ class Run:
     def prepare(self) -> tuple[ProfileMapper, str]:
         """Check the mapping against the source schema; raises ConfigError before any read."""
         schema = self.source.schema()
-        types = resolve_attribute_types(self.activation, schema, source=f"activation '{self.activation.name}'")
+        types = resolve_attribute_types(self.activation, schema, source=self.activation.origin)
         return ProfileMapper(self.activation, types), mapping_version(self.activation)
 
     async def plan_only(self) -> tuple[Plan, dict[str, Any]]:

@@ -167,3 +167,19 @@ def test_demo_runs_a_real_sync_and_checks_convergence(tmp_path: Path) -> None:
     assert "Day 2: delta run (mirror)" in output
     assert "✓ Batch holds data for exactly the segment's" in output
     assert "invalid_phone" in output
+
+
+def test_a_column_missing_from_the_source_names_file_field_and_activation(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    data = yaml.safe_load(activation_file.read_text())
+    data["attributes"] = [{"column": "pointz"}]
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    code, output = invoke("run", str(bad), "--state", state_url(tmp_path))
+    assert code == 2
+    flat = " ".join(output.split())
+    assert "typo.yaml" in flat
+    assert "attributes.0.column" in flat
+    assert "'pointz' is not in the segment" in flat
+    assert simulator.simulator.stats()["profiles_received"] == 0
