@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_sync.py            # 1,000,000 profiles
     .venv/bin/python bench/bench_sync.py --quick    # 100,000 profiles (smoke run)
     .venv/bin/python bench/bench_sync.py --rows 250000 --changed-percent 5
+    .venv/bin/python bench/bench_sync.py --state firestore   # state in the Firestore emulator
 
 What runs (see bench/README.md for how to read the figures):
 
@@ -15,7 +16,10 @@ What runs (see bench/README.md for how to read the figures):
    Batch's rate limits on, so the engine and the simulator never share a GIL.
 3. Each engine run is its own child process (this script with ``--_child``), so its peak
    RSS and CPU time are that run's alone. The activation is the demo's mapping in
-   ``upsert`` mode, ``full_then_delta``, endpoint ``auto``.
+   ``upsert`` mode, ``full_then_delta``, endpoint ``auto``. State is in SQLite, or with
+   ``--state firestore`` in the official Firestore emulator (started here, in its own
+   process group); each run then also reports the Firestore document reads, writes,
+   deletes and transactions its own store instance issued (``FirestoreStateStore.op_counts``).
 4. Stage probes (also child processes, before the full and the delta run) replay the
    engine's read → raw fingerprint → skip → map → plan loop with a timer per stage,
    against the same data and state, without sending or committing anything.
@@ -41,11 +45,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import duckdb
 import pyarrow as pa
@@ -55,6 +59,9 @@ from sync.batch.client import Endpoint
 from sync.demo import SCHEMA as DEMO_SCHEMA
 from sync.demo import invalid_rows
 from sync.demo_runner import ACTIVATION_TEMPLATE
+
+if TYPE_CHECKING:
+    from sync.state.base import StateStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "results" / "latest.json"
@@ -66,6 +73,14 @@ QUICK_ROWS = 100_000
 # The full-load probe maps every row it reads; a sample keeps it from doubling the bench time.
 FULL_PROBE_ROWS = 100_000
 SIMULATOR_START_SECONDS = 30.0
+STATE_BACKENDS = ("sqlite", "firestore")
+# The project the emulator serves and the state URL the engine children open (through
+# `sync.runtime.open_store`, the edge `cepsync run` uses); any project id works locally.
+FIRESTORE_PROJECT = "test-proj"
+FIRESTORE_STATE_URL = f"firestore://{FIRESTORE_PROJECT}/(default)?prefix=bench"
+# The JVM emulator takes ~10-20 s to answer on 2 cores; more when the machine is busy.
+FIRESTORE_START_SECONDS = 120.0
+FIRESTORE_OPS = ("reads", "writes", "deletes", "transactions")
 
 # The demo's customers, generated in SQL. Values are derived from hash(i, salt) (shifted to
 # fit BIGINT, so integer arithmetic and list indexing type-check), so the
@@ -232,6 +247,28 @@ def simulator_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
                     process.wait()
 
 
+@contextmanager
+def firestore_emulator_process() -> Iterator[str]:
+    """Run the official Firestore emulator; yield its ``host:port`` for ``FIRESTORE_EMULATOR_HOST``.
+
+    Reuses the tests' harness (``tests/firestore_emulator.py``): it starts gcloud in its own
+    process group, because killing gcloud alone leaves the Java server holding the port.
+    The emulator is stopped on every exit path, Ctrl-C included (the harness also
+    registers an ``atexit`` hook for an interpreter that dies some other way).
+    """
+    tests_dir = str(REPO_ROOT / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    from firestore_emulator import FirestoreEmulator
+
+    emulator = FirestoreEmulator(project=FIRESTORE_PROJECT, start_timeout=FIRESTORE_START_SECONDS)
+    try:
+        emulator.start()
+        yield emulator.host
+    finally:
+        emulator.stop()
+
+
 # --- child processes: one engine run, or one stage probe --------------------------------------
 
 
@@ -242,18 +279,40 @@ def _state_bytes(state_path: Path) -> int:
     )
 
 
+def _open_child_store(spec: dict[str, Any]) -> tuple[StateStore, Callable[[], dict[str, int]]]:
+    """The state store a child runs on, and the function that reads that instance's counters.
+
+    SQLite: ``stats()`` (transactions, statements, rows written). Firestore: ``op_counts()``
+    (document reads, writes, deletes, transactions since the store was created), through
+    the same ``open_store`` URL a deployment uses; the client finds the emulator through
+    ``FIRESTORE_EMULATOR_HOST``, inherited from the bench.
+    """
+    url: str | None = spec.get("state_url")
+    if url is None:
+        from sync.state.sqlite import SQLiteStateStore
+
+        sqlite_store = SQLiteStateStore(spec["state_path"])
+        return sqlite_store, sqlite_store.stats
+    from sync.runtime import open_store
+    from sync.state.firestore import FirestoreStateStore
+
+    store = open_store(url)
+    if not isinstance(store, FirestoreStateStore):
+        raise RuntimeError(f"state URL {url!r} did not open a Firestore store ({type(store).__name__})")
+    return store, store.op_counts
+
+
 def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     """One real engine run (the same edges `cepsync run` builds); measured from inside."""
     from sync.config import parse_activation
     from sync.engine import Run, RunOptions
     from sync.logs import configure_logging
     from sync.runtime import build_client, open_source
-    from sync.state.sqlite import SQLiteStateStore
 
     configure_logging(level="warning")
     activation = parse_activation(spec["activation"], source="bench")
     source = open_source(activation)
-    store = SQLiteStateStore(spec["state_path"])
+    store, counters = _open_child_store(spec)
     try:
         run = Run(
             activation, source=source, store=store, client=build_client(activation), options=RunOptions(trigger="bench")
@@ -263,11 +322,14 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
         result = asyncio.run(run.execute())
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
-        store_stats = store.stats()
+        # Read right after the run: this store instance served the whole run and nothing
+        # else (creating it issues no request), so these are the run's own Firestore ops.
+        store_stats = counters()
     finally:
         source.close()
         store.close()
     return {
+        "state_backend": "firestore" if spec.get("state_url") else "sqlite",
         "record": result.record,
         "wall_seconds": round(wall, 3),
         "cpu_seconds": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 3),
@@ -278,37 +340,45 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Replay the engine's read → raw fingerprint → skip → map → plan loop with stage timers.
+    """Replay the engine's per-batch plan (``sync.plan.plan_batch``) with stage timers.
 
-    Nothing is sent and nothing is committed (the planner's spool is a temporary file).
-    Stages are timed per record batch, not per row, so the timers cost nothing measurable.
+    The same steps in the same order: Arrow columns → raw fingerprint → skip → row dicts
+    for the rows that moved → map → plan. Nothing is sent and nothing is committed (the
+    planner's spool is a temporary file). Stages are timed per record batch, not per row,
+    so the timers cost nothing measurable.
     """
     from sync.config import mapping_version, parse_activation
+    from sync.fingerprint import raw_fingerprint
     from sync.mapping import ProfileMapper, resolve_attribute_types
-    from sync.plan import Planner
+    from sync.plan import Planner, hashable_columns, raw_salt
     from sync.runtime import open_source
-    from sync.state.sqlite import SQLiteStateStore
 
     activation = parse_activation(spec["activation"], source="bench")
     max_rows: int | None = spec["max_rows"]
     source = open_source(activation)
-    store = SQLiteStateStore(spec["state_path"])
+    store, counters = _open_child_store(spec)
     seconds = dict.fromkeys(
-        ("load_state", "read_arrow", "to_pylist", "raw_fingerprint", "try_skip", "map_row", "plan_add", "finish"), 0.0
+        (
+            "load_state",
+            "read_arrow",
+            "to_columns",
+            "raw_fingerprint",
+            "try_skip",
+            "to_pylist",
+            "map_row",
+            "plan_add",
+            "finish",
+        ),
+        0.0,
     )
     try:
         types = resolve_attribute_types(activation, source.schema(), source="bench")
         mapper = ProfileMapper(activation, types)
+        version = mapping_version(activation)
         started = time.perf_counter()
         stored = store.load_fingerprints(activation.name)
         seconds["load_state"] = time.perf_counter() - started
-        planner = Planner(
-            run_type=activation.run_type,
-            sync_mode=activation.sync_mode,
-            full=False,
-            stored=stored,
-            mapping_version=mapping_version(activation),
-        )
+        planner = Planner(run_type=activation.run_type, sync_mode=activation.sync_mode, full=False, stored=stored)
         columns = mapper.columns
         id_column = activation.mapping.custom_id
         rows_seen = skipped = mapped = 0
@@ -322,38 +392,48 @@ def _child_probe(spec: dict[str, Any]) -> dict[str, Any]:
                 break
             if max_rows is not None and rows_seen + batch.num_rows > max_rows:
                 batch = batch.slice(0, max_rows - rows_seen)
+            first = rows_seen + 1
             mark = now
-            rows = batch.to_pylist()
+            salt = raw_salt(version, batch.schema, columns)
+            ids = batch.column(id_column).to_pylist()
+            lists = hashable_columns(batch, columns)
             now = time.perf_counter()
-            seconds["to_pylist"] += now - mark
+            seconds["to_columns"] += now - mark
             mark = now
-            raws = [planner.raw_fingerprint([row[c] for c in columns]) for row in rows]
+            raws = [raw_fingerprint(values, salt) for values in zip(*lists, strict=True)]
             now = time.perf_counter()
             seconds["raw_fingerprint"] += now - mark
             mark = now
-            keep = [not planner.try_skip(row[id_column], raw) for row, raw in zip(rows, raws, strict=True)]
+            to_map = [
+                (index, raw) for index, raw in enumerate(raws) if not planner.try_skip(ids[index], raw, first + index)
+            ]
             now = time.perf_counter()
             seconds["try_skip"] += now - mark
             mark = now
-            to_add = [(mapper.map_row(row), raw) for row, raw, k in zip(rows, raws, keep, strict=True) if k]
+            rows = batch.take(pa.array([index for index, _ in to_map], type=pa.int64())).to_pylist() if to_map else []
+            now = time.perf_counter()
+            seconds["to_pylist"] += now - mark
+            mark = now
+            mapped_rows = [mapper.map_row(row) for row in rows]
             now = time.perf_counter()
             seconds["map_row"] += now - mark
             mark = now
-            for mapped_row, raw in to_add:
-                planner.add(mapped_row, raw)
+            for (index, raw), mapped_row in zip(to_map, mapped_rows, strict=True):
+                planner.add(mapped_row, raw, first + index)
             seconds["plan_add"] += time.perf_counter() - mark
-            rows_seen += len(rows)
-            mapped += len(to_add)
-            skipped += len(rows) - len(to_add)
+            rows_seen += batch.num_rows
+            mapped += len(to_map)
+            skipped += batch.num_rows - len(to_map)
         mark = time.perf_counter()
         plan = planner.finish()
         seconds["finish"] = time.perf_counter() - mark
         plan.spool.close()
+        store_stats = counters()
     finally:
         source.close()
         store.close()
     per_row = {stage: round(1e6 * value / rows_seen, 2) if rows_seen else 0.0 for stage, value in seconds.items()}
-    mapped_stages = ("map_row", "plan_add")
+    mapped_stages = ("to_pylist", "map_row", "plan_add")
     per_mapped = {stage: round(1e6 * seconds[stage] / mapped, 2) if mapped else 0.0 for stage in mapped_stages}
     return {
         "rows": rows_seen,
@@ -364,6 +444,7 @@ def _child_probe(spec: dict[str, Any]) -> dict[str, Any]:
         "total_seconds": round(sum(seconds.values()), 3),
         "microseconds_per_row": per_row,
         "microseconds_per_mapped_row": per_mapped,
+        "state_store": store_stats,
     }
 
 
@@ -394,8 +475,12 @@ def child_main(kind: str, spec_path: str) -> int:
 # --- figures ----------------------------------------------------------------------------------
 
 
-def summarise_run(result: dict[str, Any], state_path: Path) -> dict[str, Any]:
-    """The figures of one engine run, derived from its run record and the child's counters."""
+def summarise_run(result: dict[str, Any], state_path: Path | None) -> dict[str, Any]:
+    """The figures of one engine run, derived from its run record and the child's counters.
+
+    ``state_path`` is the SQLite state file, or None when the state is in Firestore (its
+    size on disk then means nothing; the run's Firestore ops are reported instead).
+    """
     record = result["record"]
     counts = record.get("counts", {})
     timings = record.get("timings", {})
@@ -438,9 +523,11 @@ def summarise_run(result: dict[str, Any], state_path: Path) -> dict[str, Any]:
             "total_seconds": timings.get("total_seconds"),
         },
         "journal": record.get("journal"),
+        "state_backend": result.get("state_backend", "sqlite"),
         "state_store": result["state_store"],
+        "firestore_ops": result["state_store"] if result.get("state_backend") == "firestore" else None,
         "peak_rss_bytes": result["peak_rss_bytes"],
-        "state_db_bytes": _state_bytes(state_path),
+        "state_db_bytes": _state_bytes(state_path) if state_path is not None else None,
         "run_id": record["run_id"],
     }
 
@@ -476,8 +563,9 @@ def render(report: dict[str, Any]) -> str:
             f"{timings['read_and_plan_seconds']:>8.2f}{timings['send_seconds']:>8.2f}"
             f"{timings['wire_seconds_summed']:>9.2f}{timings['wait_seconds_summed']:>9.2f}"
             f"{timings['commit_seconds']:>9.2f}{run['cpu_seconds']:>8.2f}{_mb(run['peak_rss_bytes']):>8}"
-            f"{_mb(run['state_db_bytes']):>9}"
+            f"{_mb(run['state_db_bytes']) if run['state_db_bytes'] is not None else '-':>9}"
         )
+    lines += render_firestore_ops(runs)
     lines.append("")
     for name, run in runs.items():
         counts = run["counts"]
@@ -489,7 +577,7 @@ def render(report: dict[str, Any]) -> str:
         )
     probes: dict[str, dict[str, Any]] = report.get("probes", {})
     if probes:
-        lines += ["", "stage probes (µs per row scanned; map_row/plan_add also per mapped row):"]
+        lines += ["", "stage probes (µs per row scanned; to_pylist/map_row/plan_add also per mapped row):"]
         for name, probe in probes.items():
             per_row = probe["microseconds_per_row"]
             stages = " · ".join(f"{stage} {value:g}" for stage, value in per_row.items() if stage != "load_state")
@@ -499,7 +587,10 @@ def render(report: dict[str, Any]) -> str:
                 f"{probe['mapped']:,} mapped, load_state {probe['seconds']['load_state']:.2f} s"
             )
             lines.append(f"    {stages}")
-            lines.append(f"    per mapped row: map_row {per_mapped['map_row']:g} · plan_add {per_mapped['plan_add']:g}")
+            lines.append(
+                f"    per mapped row: to_pylist {per_mapped.get('to_pylist', 0):g} · map_row {per_mapped['map_row']:g}"
+                f" · plan_add {per_mapped['plan_add']:g}"
+            )
     simulator = report.get("simulator", {})
     if simulator:
         lines += [
@@ -509,6 +600,28 @@ def render(report: dict[str, Any]) -> str:
             f"· stored {simulator.get('profiles_stored'):,}",
         ]
     return "\n".join(lines)
+
+
+def render_firestore_ops(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The "Firestore ops per run" table; no lines when the state was not in Firestore."""
+    measured = {name: run for name, run in runs.items() if run.get("firestore_ops") is not None}
+    if not measured:
+        return []
+    header = f"{'run':<10}{'reads':>10}{'writes':>10}{'deletes':>10}{'transactions':>14}{'rows':>12}{'sent':>10}"
+    lines = [
+        "",
+        "Firestore ops per run (document reads, writes, deletes as Firestore bills them, and transactions;",
+        "counted by the FirestoreStateStore instance the engine ran on):",
+        header,
+        "-" * len(header),
+    ]
+    for name, run in measured.items():
+        ops = run["firestore_ops"]
+        lines.append(
+            f"{name:<10}{ops['reads']:>10,}{ops['writes']:>10,}{ops['deletes']:>10,}{ops['transactions']:>14,}"
+            f"{run['rows_scanned']:>12,}{run['profiles_sent']:>10,}"
+        )
+    return lines
 
 
 # --- orchestration ----------------------------------------------------------------------------
@@ -521,6 +634,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help=f"smoke run with {QUICK_ROWS:,} profiles")
     parser.add_argument("--changed-percent", type=float, default=1.0, help="share of rows changed before the delta run")
     parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: the activation's)")
+    parser.add_argument(
+        "--state",
+        choices=STATE_BACKENDS,
+        default="sqlite",
+        help="state store: sqlite (default) or firestore (starts the Firestore emulator; reports each run's ops)",
+    )
     parser.add_argument("--no-probe", action="store_true", help="skip the stage probes (saves ~10-20 %% of the time)")
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON figures")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
@@ -540,10 +659,17 @@ def _step(message: str) -> None:
     print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
+    # A plain SIGTERM would end the process without unwinding: the simulator and the
+    # emulator (its own process group, so it never sees our signals) would outlive it.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:
         return child_main(*args._child)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     command = shlex.join([Path(sys.executable).name, "bench/bench_sync.py", *argv])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cepsync-bench-"))
@@ -570,32 +696,47 @@ def main(argv: list[str]) -> int:
             "platform": platform.platform(terse=True),
             "duckdb": duckdb.__version__,
         },
+        "state": args.state,
         "runs": {},
         "probes": {},
     }
+    firestore = args.state == "firestore"
+    # None: the state is in Firestore, there is no state file to measure.
+    measured_state: Path | None = None if firestore else state_path
     try:
-        _step(f"generating {args.rows:,} customers in {database}")
-        report["segment"] = generate_segment(database, args.rows)
-        with simulator_process(env, workdir / "simulator.log") as base_url:
+        with ExitStack() as services:
+            if firestore:
+                # Started first, so a missing gcloud fails before minutes of data generation.
+                _step("starting the Firestore emulator")
+                env["FIRESTORE_EMULATOR_HOST"] = services.enter_context(firestore_emulator_process())
+                report["firestore"] = {
+                    "emulator_host": env["FIRESTORE_EMULATOR_HOST"],
+                    "state_url": FIRESTORE_STATE_URL,
+                }
+            _step(f"generating {args.rows:,} customers in {database}")
+            report["segment"] = generate_segment(database, args.rows)
+            base_url = services.enter_context(simulator_process(env, workdir / "simulator.log"))
             activation = build_activation(database, base_url, args.concurrency)
-            spec = {"activation": activation, "state_path": str(state_path)}
+            spec: dict[str, Any] = {"activation": activation, "state_path": str(state_path)}
+            if firestore:
+                spec["state_url"] = FIRESTORE_STATE_URL
             if not args.no_probe:
                 _step("probe: full-load stages")
                 report["probes"]["full"] = run_child(
                     "probe", {**spec, "max_rows": min(args.rows, FULL_PROBE_ROWS)}, workdir, env, "probe-full"
                 )
             _step("run 1: full load")
-            report["runs"]["full"] = summarise_run(run_child("run", spec, workdir, env, "run-full"), state_path)
+            report["runs"]["full"] = summarise_run(run_child("run", spec, workdir, env, "run-full"), measured_state)
             _step(f"changing {args.changed_percent:g} % of the rows")
             report["change"] = change_rows(database, args.rows, args.changed_percent)
             if not args.no_probe:
                 _step("probe: delta stages")
                 report["probes"]["delta"] = run_child("probe", {**spec, "max_rows": None}, workdir, env, "probe-delta")
             _step("run 2: delta")
-            report["runs"]["delta"] = summarise_run(run_child("run", spec, workdir, env, "run-delta"), state_path)
+            report["runs"]["delta"] = summarise_run(run_child("run", spec, workdir, env, "run-delta"), measured_state)
             _step("run 3: delta, nothing changed")
             report["runs"]["no_change"] = summarise_run(
-                run_child("run", spec, workdir, env, "run-nochange"), state_path
+                run_child("run", spec, workdir, env, "run-nochange"), measured_state
             )
             report["simulator"] = _get_json(f"{base_url}/_sim/stats")
     except BaseException:
