@@ -191,8 +191,10 @@ class GuardsConfig(_Strict):
     max_removed_percent: float = Field(
         20.0, ge=0, le=100, description="Abort when a mirror run would clear more than this share of synced profiles."
     )
+    # Half the audience rewritten at once is rare in a delta and common in a mistake (a broken
+    # join, a column swapped); a deliberate one (a new attribute) is one `--allow` away.
     max_changed_percent: float = Field(
-        100.0, ge=0, le=100, description="Abort when more than this share of synced profiles changed (100 = off)."
+        50.0, ge=0, le=100, description="Abort when more than this share of synced profiles changed (100 = off)."
     )
 
 

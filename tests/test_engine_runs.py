@@ -187,7 +187,7 @@ async def test_a_storm_of_429_5xx_and_dropped_connections_loses_nothing(
     simulator, url = sim
     write_segment(segment, people(600))
     simulator.faults.update({"fail_next": 6, "fail_status": 429, "drop_after_apply": 2, "drop_before_apply": 1})
-    activation = make_activation(tmp_path, url)
+    activation = make_activation(tmp_path, url, guards={"max_changed_percent": 100})  # round 2 rewrites all
     first = await run_once(activation, state)
     assert first.status == "succeeded", first.record["error"]
     assert first.record["counts"]["acknowledged"] == 600
