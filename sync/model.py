@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -118,3 +119,26 @@ class ActivationMeta:
     owned_keys: set[str] = field(default_factory=set)
     last_success_run_id: str | None = None
     continuation: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """The JSON every state store keeps (owned keys sorted, so the stored text is stable)."""
+        return json.dumps(
+            {
+                "mapping_version": self.mapping_version,
+                "owned_keys": sorted(self.owned_keys),
+                "last_success_run_id": self.last_success_run_id,
+                "continuation": self.continuation,
+            },
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+
+    @classmethod
+    def from_json(cls, body: str) -> ActivationMeta:
+        data = json.loads(body)
+        return cls(
+            mapping_version=data.get("mapping_version"),
+            owned_keys=set(data.get("owned_keys") or ()),
+            last_success_run_id=data.get("last_success_run_id"),
+            continuation=data.get("continuation"),
+        )

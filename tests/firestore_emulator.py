@@ -1,143 +1,33 @@
-"""Start, reset and stop the official Firestore emulator (Google Cloud CLI) for tests.
+"""The official Firestore emulator (Google Cloud CLI) for tests: start, reset, connect, stop.
 
-Why it is done this way (ARCHITECTURE.md §7):
-
-* ``gcloud emulators firestore start`` is a Python wrapper that execs a shell script that
-  runs a Java server. Killing the gcloud process leaves the Java child alive and holding
-  the port, so the emulator is started with ``start_new_session=True`` (``setsid``) and
-  stopped by signalling the whole process group.
-* A scratch ``CLOUDSDK_CONFIG`` keeps the run away from the user's gcloud configuration
-  (no account, no prompts, no state written into ``~/.config/gcloud``).
-* The Firestore client picks the emulator up from ``FIRESTORE_EMULATOR_HOST`` *when it is
-  constructed*; :meth:`FirestoreEmulator.client` sets it only for that moment, so the
-  variable does not leak into other tests.
+The process handling (own process group, scratch gcloud config) is in ``gcloud_emulator``.
+The Firestore client picks the emulator up from ``FIRESTORE_EMULATOR_HOST`` *when it is
+constructed*; :meth:`FirestoreEmulator.client` sets it only for that moment, so the variable
+does not leak into other tests.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Final
 
+from gcloud_emulator import DEFAULT_PROJECT, EmulatorError, GcloudEmulator
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 
-DEFAULT_PROJECT: Final = "test-proj"
-_LOG_TAIL_BYTES: Final = 4000
+__all__ = ["DEFAULT_PROJECT", "EmulatorError", "FirestoreEmulator"]
 
 
-class EmulatorError(RuntimeError):
-    """The emulator could not be started or answered unexpectedly (message carries its log tail)."""
+class FirestoreEmulator(GcloudEmulator):
+    """One Firestore emulator process group on 127.0.0.1."""
 
+    label = "Firestore"
+    host_variable = "FIRESTORE_EMULATOR_HOST"
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class FirestoreEmulator:
-    """One Firestore emulator process group on 127.0.0.1.
-
-    Args:
-        project: The project id the emulator serves (any string works).
-        start_timeout: Seconds to wait for the emulator to answer before giving up.
-    """
-
-    def __init__(self, project: str = DEFAULT_PROJECT, *, start_timeout: float = 60.0) -> None:
-        self.project = project
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.startup_seconds: float | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._workdir: Path | None = None
-        self._log_path: Path | None = None
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``, the value for ``FIRESTORE_EMULATOR_HOST``."""
-        return f"127.0.0.1:{self.port}"
-
-    def log_tail(self) -> str:
-        """The last few KB of the emulator's combined stdout/stderr."""
-        if self._log_path is None or not self._log_path.exists():
-            return "(no emulator log)"
-        data = self._log_path.read_bytes()
-        return data[-_LOG_TAIL_BYTES:].decode("utf-8", errors="replace")
-
-    def start(self) -> None:
-        """Start the emulator and wait until it answers.
-
-        Raises:
-            EmulatorError: gcloud is missing, the process exited, or it did not answer
-                within ``start_timeout`` (the process group is stopped first).
-        """
-        gcloud = shutil.which("gcloud")
-        if gcloud is None:
-            raise EmulatorError("the Google Cloud CLI ('gcloud') is not on PATH; it ships the Firestore emulator")
-        self._workdir = Path(tempfile.mkdtemp(prefix="cepsync-firestore-emulator-"))
-        self._log_path = self._workdir / "emulator.log"
-        config_dir = self._workdir / "gcloud-config"
-        config_dir.mkdir()
-        env = dict(os.environ)
-        env.update(CLOUDSDK_CONFIG=str(config_dir), CLOUDSDK_CORE_DISABLE_PROMPTS="1")
-        env.pop("FIRESTORE_EMULATOR_HOST", None)
-        self.port = _free_port()
-        started = time.monotonic()
-        with self._log_path.open("wb") as log:
-            self._process = subprocess.Popen(
-                [
-                    gcloud,
-                    "emulators",
-                    "firestore",
-                    "start",
-                    f"--host-port={self.host}",
-                    f"--project={self.project}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self._workdir,
-                start_new_session=True,  # own process group: stop() must reach the Java child
-            )
-        # Registered now, so an interpreter exit (Ctrl-C twice, a crash of the test
-        # runner) still stops the Java server.
-        atexit.register(self.stop)
-        deadline = started + self.start_timeout
-        while True:
-            if self._process.poll() is not None:
-                code, tail = self._process.returncode, self.log_tail()
-                self.stop()
-                raise EmulatorError(f"Firestore emulator exited with code {code} before answering:\n{tail}")
-            if self._answers():
-                self.startup_seconds = time.monotonic() - started
-                return
-            if time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise EmulatorError(
-                    f"Firestore emulator did not answer on {self.host} within {self.start_timeout:.0f}s:\n{tail}"
-                )
-            time.sleep(0.1)
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return False
+    def command(self, gcloud: str, workdir: Path) -> list[str]:
+        return [gcloud, "emulators", "firestore", "start", f"--host-port={self.host}", f"--project={self.project}"]
 
     def reset(self) -> None:
         """Delete every document in the emulator's default database.
@@ -166,32 +56,3 @@ class FirestoreEmulator:
                 os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
             else:
                 os.environ["FIRESTORE_EMULATOR_HOST"] = previous
-
-    def stop(self) -> None:
-        """Stop the whole process group (gcloud, its shell and Java children); idempotent."""
-        process, self._process = self._process, None
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            # The group leader is gone; make sure no straggler (the Java server) is left,
-            # and wait until init has reaped the group so the port is free again.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.killpg(process.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-        atexit.unregister(self.stop)
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-            self._log_path = None

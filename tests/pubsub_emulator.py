@@ -1,50 +1,26 @@
-"""Start, use and stop the official Pub/Sub emulator (Google Cloud CLI) for tests.
+"""The official Pub/Sub emulator (Google Cloud CLI) for tests, with a small REST client.
 
-Why it is done this way (ARCHITECTURE.md §7, the same quirks as the Firestore emulator):
-
-* ``gcloud beta emulators pubsub start`` (the command lives in the beta track on this CLI
-  release) is a Python wrapper that runs a Java server. Killing the wrapper leaves the Java
-  child alive and holding the port, so the emulator is started with ``start_new_session=True``
-  (``setsid``) and stopped by signalling the whole process group.
-* A scratch ``CLOUDSDK_CONFIG`` keeps the run away from the user's gcloud configuration, and
-  ``CLOUDSDK_CORE_DISABLE_PROMPTS=1`` makes sure nothing waits for a keyboard.
-* The test side talks to the emulator over its REST API with the standard library, so no
-  ``PUBSUB_EMULATOR_HOST`` is ever set in the test process (it would silently redirect every
-  Pub/Sub client created later). The code under test gets the variable in its own process.
+The process handling (own process group, scratch gcloud config) is in ``gcloud_emulator``;
+``gcloud beta emulators pubsub start`` lives in the beta track on this CLI release. The test
+side talks to the emulator over its REST API with the standard library, so no
+``PUBSUB_EMULATOR_HOST`` is ever set in the test process (it would silently redirect every
+Pub/Sub client created later). The code under test gets the variable in its own process.
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-DEFAULT_PROJECT: Final = "test-proj"
-_LOG_TAIL_BYTES: Final = 4000
+from gcloud_emulator import DEFAULT_PROJECT, EmulatorError, GcloudEmulator
 
-
-class EmulatorError(RuntimeError):
-    """The emulator could not start or refused a request (the message carries its log tail)."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["DEFAULT_PROJECT", "EmulatorError", "PubSubEmulator", "PulledMessage"]
 
 
 @dataclass(frozen=True)
@@ -75,128 +51,25 @@ class PulledMessage:
         }
 
 
-class PubSubEmulator:
-    """One Pub/Sub emulator process group on 127.0.0.1, with a small REST client.
+class PubSubEmulator(GcloudEmulator):
+    """One Pub/Sub emulator process group on 127.0.0.1, with a small REST client."""
 
-    Args:
-        project: The project id the emulator serves (any string works).
-        start_timeout: Seconds to wait for the emulator to answer before giving up.
-    """
+    label = "Pub/Sub"
+    host_variable = "PUBSUB_EMULATOR_HOST"
 
-    def __init__(self, project: str = DEFAULT_PROJECT, *, start_timeout: float = 60.0) -> None:
-        self.project = project
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.startup_seconds: float | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._workdir: Path | None = None
-        self._log_path: Path | None = None
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``, the value for ``PUBSUB_EMULATOR_HOST``."""
-        return f"127.0.0.1:{self.port}"
-
-    def log_tail(self) -> str:
-        """The last few KB of the emulator's combined stdout/stderr."""
-        if self._log_path is None or not self._log_path.exists():
-            return "(no emulator log)"
-        return self._log_path.read_bytes()[-_LOG_TAIL_BYTES:].decode("utf-8", errors="replace")
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the emulator and wait until it answers.
-
-        Raises:
-            EmulatorError: gcloud is missing, the process exited, or it did not answer
-                within ``start_timeout`` (the process group is stopped first).
-        """
-        gcloud = shutil.which("gcloud")
-        if gcloud is None:
-            raise EmulatorError("the Google Cloud CLI ('gcloud') is not on PATH; it ships the Pub/Sub emulator")
-        self._workdir = Path(tempfile.mkdtemp(prefix="cepsync-pubsub-emulator-"))
-        self._log_path = self._workdir / "emulator.log"
-        config_dir = self._workdir / "gcloud-config"
-        config_dir.mkdir()
-        (self._workdir / "data").mkdir()  # gcloud writes env.yaml there and does not create it
-        env = dict(os.environ)
-        env.update(CLOUDSDK_CONFIG=str(config_dir), CLOUDSDK_CORE_DISABLE_PROMPTS="1")
-        env.pop("PUBSUB_EMULATOR_HOST", None)
-        self.port = _free_port()
-        started = time.monotonic()
-        with self._log_path.open("wb") as log:
-            self._process = subprocess.Popen(
-                [
-                    gcloud,
-                    "beta",
-                    "emulators",
-                    "pubsub",
-                    "start",
-                    f"--host-port={self.host}",
-                    f"--project={self.project}",
-                    f"--data-dir={self._workdir / 'data'}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self._workdir,
-                start_new_session=True,  # own process group: stop() must reach the Java child
-            )
-        # Registered now, so an interpreter exit still stops the Java server.
-        atexit.register(self.stop)
-        deadline = started + self.start_timeout
-        while True:
-            if self._process.poll() is not None:
-                code, tail = self._process.returncode, self.log_tail()
-                self.stop()
-                raise EmulatorError(f"Pub/Sub emulator exited with code {code} before answering:\n{tail}")
-            if self._answers():
-                self.startup_seconds = time.monotonic() - started
-                return
-            if time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise EmulatorError(
-                    f"Pub/Sub emulator did not answer on {self.host} within {self.start_timeout:.0f}s:\n{tail}"
-                )
-            time.sleep(0.1)
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Stop the whole process group (gcloud and its Java child); idempotent."""
-        process, self._process = self._process, None
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            # The leader is gone; make sure no straggler (the Java server) keeps the port.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.killpg(process.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-        atexit.unregister(self.stop)
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-            self._log_path = None
+    def command(self, gcloud: str, workdir: Path) -> list[str]:
+        data = workdir / "data"
+        data.mkdir(exist_ok=True)  # gcloud writes env.yaml there and does not create it
+        return [
+            gcloud,
+            "beta",
+            "emulators",
+            "pubsub",
+            "start",
+            f"--host-port={self.host}",
+            f"--project={self.project}",
+            f"--data-dir={data}",
+        ]
 
     # -- REST API ----------------------------------------------------------------------------
 

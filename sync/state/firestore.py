@@ -291,30 +291,6 @@ def _check_document_id(value: str, what: str) -> None:
         )
 
 
-def _meta_to_json(meta: ActivationMeta) -> str:
-    return json.dumps(
-        {
-            "mapping_version": meta.mapping_version,
-            # Sorted so the stored document is stable across runs (sets have no order).
-            "owned_keys": sorted(meta.owned_keys),
-            "last_success_run_id": meta.last_success_run_id,
-            "continuation": meta.continuation,
-        },
-        ensure_ascii=False,
-        allow_nan=False,
-    )
-
-
-def _meta_from_json(body: str) -> ActivationMeta:
-    data = json.loads(body)
-    return ActivationMeta(
-        mapping_version=data.get("mapping_version"),
-        owned_keys=set(data.get("owned_keys") or ()),
-        last_success_run_id=data.get("last_success_run_id"),
-        continuation=data.get("continuation"),
-    )
-
-
 @dataclass(slots=True)
 class _NsState:
     """The state map of one namespace in the activation document.
@@ -718,7 +694,7 @@ class FirestoreStateStore:
         """The activation's meta, or a fresh :class:`ActivationMeta`."""
         doc = self._get(self._activation_ref(activation))
         body = (doc or {}).get("meta_json")
-        return ActivationMeta() if body is None else _meta_from_json(body)
+        return ActivationMeta() if body is None else ActivationMeta.from_json(body)
 
     def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
         """Replace the activation's meta (fenced).
@@ -728,7 +704,7 @@ class FirestoreStateStore:
             TypeError: ``meta.continuation`` is not JSON-serialisable.
         """
         try:
-            body = _meta_to_json(meta)
+            body = meta.to_json()
         except (TypeError, ValueError) as exc:
             raise TypeError(f"activation {lease.activation!r}: meta is not JSON-serialisable: {exc}") from exc
 

@@ -118,30 +118,6 @@ def _to_i64(value: int, activation: str, custom_id: str, field: str) -> int:
     return value - _U64_LIMIT if value >= _I64_LIMIT else value
 
 
-def _meta_to_json(meta: ActivationMeta) -> str:
-    return json.dumps(
-        {
-            "mapping_version": meta.mapping_version,
-            # Sorted so the stored row is stable across runs (sets have no order).
-            "owned_keys": sorted(meta.owned_keys),
-            "last_success_run_id": meta.last_success_run_id,
-            "continuation": meta.continuation,
-        },
-        ensure_ascii=False,
-        allow_nan=False,
-    )
-
-
-def _meta_from_json(body: str) -> ActivationMeta:
-    data = json.loads(body)
-    return ActivationMeta(
-        mapping_version=data.get("mapping_version"),
-        owned_keys=set(data.get("owned_keys") or ()),
-        last_success_run_id=data.get("last_success_run_id"),
-        continuation=data.get("continuation"),
-    )
-
-
 class SQLiteStateStore:
     """A :class:`sync.state.base.StateStore` in one SQLite file (or ``":memory:"``).
 
@@ -476,7 +452,7 @@ class SQLiteStateStore:
         with self._lock:
             row = self._conn.execute("SELECT body FROM meta WHERE activation = ?", (activation,)).fetchone()
             self._stats["statements"] += 1
-        return ActivationMeta() if row is None else _meta_from_json(row[0])
+        return ActivationMeta() if row is None else ActivationMeta.from_json(row[0])
 
     def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
         """Replace the activation's meta (fenced).
@@ -486,7 +462,7 @@ class SQLiteStateStore:
             TypeError: ``meta.continuation`` is not JSON-serialisable.
         """
         try:
-            body = _meta_to_json(meta)
+            body = meta.to_json()
         except (TypeError, ValueError) as exc:
             raise TypeError(f"activation {lease.activation!r}: meta is not JSON-serialisable: {exc}") from exc
         with self._write() as conn:
