@@ -3,14 +3,17 @@
 Exit codes: 0 success (rejected rows are reported, not failures), 1 unexpected failure,
 2 config or usage error, 3 a guard aborted the run, 4 Batch refused the credentials,
 5 another run holds the lease (nothing done), 6 some profiles failed after retries
-(they are resent next run), 7 the time budget ran out (a continuation will finish).
+(they are resent next run), 7 the time budget ran out (a continuation will finish),
+130 interrupted by Ctrl-C or SIGTERM (what Batch acknowledged was committed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -172,6 +175,14 @@ def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
         err_console.print(f"[red]{record['error']}[/]", highlight=False)
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run; it committed what Batch had acknowledged."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        super().__init__("interrupted")
+
+
 def execute_run(
     activation: Activation,
     *,
@@ -183,9 +194,20 @@ def execute_run(
     client = build_client(activation)
     source = _open_source(activation)
     store = open_store(state)
+    run = Run(activation, source=source, store=store, client=client, options=options, progress=progress)
+
+    async def main() -> RunResult:
+        # SIGTERM behaves like Ctrl-C: the run commits what Batch acknowledged, then stops.
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on some platforms
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run.execute()
+
     try:
-        run = Run(activation, source=source, store=store, client=client, options=options, progress=progress)
-        return asyncio.run(run.execute())
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise RunInterrupted(run.record) from None
     finally:
         source.close()
         store.close()
@@ -226,6 +248,9 @@ def run(
             result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars))
     except SyncError as error:
         raise _fail(error) from None
+    except RunInterrupted as interrupted:
+        print_record(interrupted.record)
+        raise typer.Exit(EXIT_CODES["interrupted"]) from None
     if json_output:
         console.print_json(json.dumps(result.record, default=str))
     else:

@@ -133,6 +133,7 @@ EXIT_CODES = {
     "skipped_lease_held": 5,
     "partial": 6,
     "incomplete": 7,
+    "interrupted": 130,
 }
 
 
@@ -228,6 +229,7 @@ class Run:
         self._started_monotonic = self.clock.monotonic()
         self._lease_box: list[Lease] = []
         self._spool: PayloadSpool | None = None
+        self._journal: _Journal | None = None
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
         self.record: dict[str, Any] = {
             "run_id": self.run_id,
@@ -313,6 +315,18 @@ class Run:
         except GuardTripped as error:
             self.record["status"] = "aborted_by_guard"
             self.record["error"] = str(error)
+        except asyncio.CancelledError:
+            # Ctrl-C, SIGTERM, or a caller cancelling us: keep what Batch acknowledged.
+            self.record["status"] = "interrupted"
+            self.record["error"] = (
+                "interrupted: profiles Batch acknowledged so far were committed; the next run goes on"
+            )
+            if self._journal is not None:
+                try:
+                    await self._journal.flush()
+                except Exception as error:  # the state store itself may be what failed
+                    self.record["error"] += f" (final commit failed: {error})"
+            raise
         except SyncError as error:
             self.record["status"] = "auth_error" if error.exit_code == 4 else "failed"
             self.record["error"] = str(error)
@@ -442,7 +456,7 @@ class Run:
             meta.owned_keys = owned
             await asyncio.to_thread(self.store.save_meta, lease, meta)
 
-        journal = _Journal(self.store, self._lease_box, activation, self.clock)
+        journal = self._journal = _Journal(self.store, self._lease_box, activation, self.clock)
         counts = self.record["counts"]
         counts.update({"sent": 0, "acknowledged": 0, "rejected_by_batch": 0, "failed": 0})
         samples: list[dict[str, Any]] = self.record["rejected_samples"]

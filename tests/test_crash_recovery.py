@@ -57,7 +57,7 @@ def write_activation(directory: Path, base_url: str, *, mode: str, flush_every: 
     return path
 
 
-def cli(config: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
+def cli(config: Path, state: Path, *extra: str, lease_ttl: float = 2) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -68,7 +68,7 @@ def cli(config: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
             "--state",
             f"sqlite:///{state}",
             "--lease-ttl",
-            "2",
+            str(lease_ttl),
             *extra,
         ],
         env={**os.environ, **ENV},
@@ -171,3 +171,43 @@ def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segmen
         assert store.load_intents("crash_test") == set()
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_commits_what_was_acknowledged_and_frees_the_lease(
+    tmp_path: Path, simulator: SimulatorThread, stop: signal.Signals
+) -> None:
+    sim = simulator.simulator
+    sim.faults.latency_ms = 40
+    write_segment(tmp_path / "segment.duckdb", people(ROWS))
+    # No flush would happen before the end: only the interruption handler commits.
+    config = write_activation(tmp_path, simulator.base_url, mode="upsert", flush_every=1_000_000)
+    state = tmp_path / "state.db"
+    process = cli(config, state, lease_ttl=600)
+    deadline = time.monotonic() + 60
+    while sim.stats()["profiles_applied"] < 800:
+        assert process.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(stop)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 130, output
+    time.sleep(0.3)
+    applied_at_stop = sim.stats()["profiles_applied"]
+    committed = len(stored_ids(state, "crash_test"))
+    assert 0 < committed <= applied_at_stop
+    assert applied_at_stop - committed <= CONCURRENCY * BATCH  # only what was in flight
+    store = SQLiteStateStore(state)
+    try:
+        record = store.list_runs("crash_test")[0]
+    finally:
+        store.close()
+    assert record["status"] == "interrupted"
+    assert record["checkpoint"]["committed"] == committed
+
+    sim.faults.latency_ms = 0
+    finished = cli(config, state, lease_ttl=600)  # no wait: the lease was released
+    output = finished.communicate(timeout=120)[0].decode()
+    assert finished.returncode == 0, output
+    assert sim.stats()["profiles_applied"] - ROWS == applied_at_stop - committed
+    assert len(stored_ids(state, "crash_test")) == ROWS

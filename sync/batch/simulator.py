@@ -807,7 +807,11 @@ class BatchSimulator:
         if not self._authenticated(request):
             return self._api_error(401, "AUTHENTICATION_INVALID", "The Rest API Key is not valid for this project")
         project_key = request.headers["X-Batch-Project"]
-        body = await request.read()
+        try:
+            body = await request.read()
+        except ConnectionResetError:
+            # The client went away mid-body (timed out, interrupted): nothing to apply or answer.
+            raise web.HTTPBadRequest(reason="connection lost while reading the body") from None
         try:
             items = _parse_items(body, _MAX_ITEMS[endpoint])
         except _Malformed as exc:
