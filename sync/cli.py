@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +50,10 @@ StateOption = Annotated[
         help="State store URL: sqlite:///PATH (default) or firestore://[PROJECT[/DATABASE]][?prefix=P].",
     ),
 ]
+RejectsOption = Annotated[
+    Path | None,
+    typer.Option("--rejects", help="Write every rejected row (JSON lines: row, custom_id, field, reason) here."),
+]
 ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
 
 
@@ -62,6 +67,20 @@ def _open_source(activation: Activation) -> Source:
     """The activation's source; BIGQUERY_EMULATOR_HOST points a BigQuery one at a local emulator."""
     emulator = BigQueryEmulatorEndpoints.from_env(os.environ)
     return open_source(activation, bigquery_emulator=emulator, default_project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+
+
+@contextlib.contextmanager
+def _rejects_file(path: Path | None) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+    """A sink writing one JSON line per rejected row, or None when no file was asked for."""
+    if path is None:
+        yield None
+        return
+    with path.open("w", encoding="utf-8") as out:
+
+        def write(record: dict[str, Any]) -> None:
+            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+        yield write
 
 
 def _load(path: Path) -> Activation:
@@ -189,12 +208,15 @@ def execute_run(
     state: str,
     options: RunOptions,
     progress: Any = None,
+    rejects: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Build the edges and run once (used by `run` and `demo`)."""
     client = build_client(activation)
     source = _open_source(activation)
     store = open_store(state)
-    run = Run(activation, source=source, store=store, client=client, options=options, progress=progress)
+    run = Run(
+        activation, source=source, store=store, client=client, options=options, progress=progress, rejects=rejects
+    )
 
     async def main() -> RunResult:
         # SIGTERM behaves like Ctrl-C: the run commits what Batch acknowledged, then stops.
@@ -229,6 +251,7 @@ def run(
         float | None, typer.Option(help="Stop sending after this many seconds and checkpoint (exit 7).")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+    rejects: RejectsOption = None,
 ) -> None:
     """Sync one activation now."""
     configure_logging(level="warning")
@@ -244,8 +267,8 @@ def run(
         time_budget_seconds=time_budget,
     )
     try:
-        with _progress_bars() as bars:
-            result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars))
+        with _progress_bars() as bars, _rejects_file(rejects) as sink:
+            result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars), rejects=sink)
     except SyncError as error:
         raise _fail(error) from None
     except RunInterrupted as interrupted:
@@ -265,6 +288,7 @@ def plan(
     full: Annotated[bool, typer.Option("--full", help="Plan as if every valid row were to be sent.")] = False,
     sample: Annotated[int, typer.Option(help="How many planned changes to show.")] = 5,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan record as JSON.")] = False,
+    rejects: RejectsOption = None,
 ) -> None:
     """Dry run: what the next run would send. Nothing is sent, no state changes."""
     configure_logging(level="warning")
@@ -272,8 +296,10 @@ def plan(
     source = _open_source(activation)
     store = open_store(state)
     try:
-        run_ = Run(activation, source=source, store=store, client=None, options=RunOptions(trigger="plan", full=full))
-        planned, record = asyncio.run(run_.plan_only())
+        with _rejects_file(rejects) as sink:
+            options = RunOptions(trigger="plan", full=full)
+            run_ = Run(activation, source=source, store=store, client=None, options=options, rejects=sink)
+            planned, record = asyncio.run(run_.plan_only())
     except SyncError as error:
         raise _fail(error) from None
     finally:

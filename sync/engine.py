@@ -37,8 +37,8 @@ from sync.batch.client import BatchClient, Endpoint, ProfileUpdate, SendOutcome,
 from sync.config import Activation, SyncMode, mapping_version
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.model import ActivationMeta, JournalEntry, Lease, Reason
-from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, evaluate_guards, plan_batch
+from sync.model import ActivationMeta, JournalEntry, Lease, Reason, RowIssue
+from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, RejectedRow, evaluate_guards, plan_batch
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -217,8 +217,11 @@ class Run:
         options: RunOptions | None = None,
         clock: Clock | None = None,
         progress: Progress | None = None,
+        rejects: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.activation = activation
+        # Every rejected row as a record (the run record keeps a sample): `cepsync run --rejects`.
+        self.rejects = rejects
         self.source = source
         self.store = store
         self.client = client
@@ -369,6 +372,7 @@ class Run:
             full=full,
             stored=stored,
             intents=intents,
+            on_reject=None if self.rejects is None else self._reject_row,
         )
         columns = mapper.columns
         id_column = activation.mapping.custom_id
@@ -503,20 +507,14 @@ class Run:
             for rejection in outcome.rejected:
                 by_reason = self.record["rejected_by_reason"]
                 by_reason[Reason.BATCH_REJECTED.value] = by_reason.get(Reason.BATCH_REJECTED.value, 0) + 1
+                issue = RowIssue(
+                    rejection.attribute or "(profile)", Reason.BATCH_REJECTED, f"Batch: {rejection.reason}"
+                )
+                refused = RejectedRow(None, rejection.custom_id, (issue,))
+                if self.rejects is not None:
+                    self._reject_row(refused)
                 if len(samples) < 100:
-                    samples.append(
-                        {
-                            "row": None,
-                            "custom_id": rejection.custom_id,
-                            "issues": [
-                                {
-                                    "field": rejection.attribute or "(profile)",
-                                    "reason": Reason.BATCH_REJECTED.value,
-                                    "detail": f"Batch: {rejection.reason}",
-                                }
-                            ],
-                        }
-                    )
+                    samples.append(refused.as_record())
             self.progress.sent(len(outcome.acknowledged), len(outcome.rejected), len(outcome.failed))
 
         started_send = time.perf_counter()
@@ -638,6 +636,10 @@ class Run:
             await journal.flush()
             raise errors[0]
         return incomplete
+
+    def _reject_row(self, rejected: RejectedRow) -> None:
+        assert self.rejects is not None
+        self.rejects({"run_id": self.run_id, "activation": self.activation.name, **rejected.as_record()})
 
     def _close_abandoned_runs(self) -> None:
         """Runs still marked running once we hold the lease were killed or timed out: say so."""

@@ -21,7 +21,7 @@ import hashlib
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import IO, TYPE_CHECKING, Any
@@ -95,7 +95,7 @@ _SKIPPED = _Row("unchanged", 0, None, -1, 0)
 
 @dataclass(frozen=True, slots=True)
 class RejectedRow:
-    row_number: int
+    row_number: int | None  # None: refused by Batch, after planning
     custom_id: str | None
     issues: tuple[RowIssue, ...]
 
@@ -144,6 +144,7 @@ class Planner:
         full: send every valid row (FULL ONLY, a first run, or ``--full``).
         stored: acknowledged fingerprints by custom_id.
         intents: ids recorded as possibly synced (mirror).
+        on_reject: called with every rejected row (the run record keeps only a sample).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class Planner:
         full: bool,
         stored: Mapping[str, Fingerprint],
         intents: Iterable[str] = (),
+        on_reject: Callable[[RejectedRow], None] | None = None,
     ) -> None:
         self._full = full or run_type is RunType.FULL_ONLY
         self._mirror = sync_mode is SyncMode.MIRROR
@@ -166,6 +168,7 @@ class Planner:
         self._samples: list[RejectedRow] = []
         self._spool = PayloadSpool()
         self._row_number = 0
+        self._on_reject = on_reject
 
     @property
     def full(self) -> bool:
@@ -256,8 +259,13 @@ class Planner:
     def _reject(self, custom_id: str | None, issues: tuple[RowIssue, ...]) -> None:
         self._counts["rejected"] += 1
         self._reject_reasons(issues)
+        self._keep(RejectedRow(self._row_number, custom_id, issues))
+
+    def _keep(self, rejected: RejectedRow) -> None:
+        if self._on_reject is not None:
+            self._on_reject(rejected)
         if len(self._samples) < REJECTED_SAMPLE_SIZE:
-            self._samples.append(RejectedRow(self._row_number, custom_id, issues))
+            self._samples.append(rejected)
 
     def finish(self) -> Plan:
         sends: list[PlannedSend] = []
@@ -271,11 +279,8 @@ class Planner:
                 counts["duplicates"] += row.copies
                 counts["rejected"] += row.copies - (1 if row.kind == "rejected" else 0)
                 self._rejected_by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += row.copies
-                if len(self._samples) < REJECTED_SAMPLE_SIZE:
-                    issue = RowIssue(
-                        "custom_id", Reason.DUPLICATE_CUSTOM_ID, f"appears {row.copies} times in the segment"
-                    )
-                    self._samples.append(RejectedRow(row.first_row, custom_id, (issue,)))
+                issue = RowIssue("custom_id", Reason.DUPLICATE_CUSTOM_ID, f"appears {row.copies} times in the segment")
+                self._keep(RejectedRow(row.first_row, custom_id, (issue,)))
                 continue
             if row.kind == "rejected":
                 continue
@@ -304,7 +309,7 @@ class Planner:
             refreshes=refreshes,
             counts=counts,
             rejected_by_reason=self._rejected_by_reason,
-            rejected_samples=sorted(self._samples, key=lambda sample: sample.row_number),
+            rejected_samples=sorted(self._samples, key=lambda sample: sample.row_number or 0),
             dropped_by_reason=self._dropped_by_reason,
             synced_before=len(synced),
             full=self._full,

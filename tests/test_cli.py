@@ -183,3 +183,25 @@ def test_a_column_missing_from_the_source_names_file_field_and_activation(
     assert "attributes.0.column" in flat
     assert "'pointz' is not in the segment" in flat
     assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+def test_rejects_file_lists_every_rejected_row(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    rows = people(40)
+    for row in rows[:30]:
+        row["email"] = "not-an-email"
+    rows.append({**rows[35]})  # a duplicate id
+    write_segment(tmp_path / "segment.duckdb", rows)
+    simulator.simulator.faults.reject_custom_ids = {"c00031"}
+    rejects = tmp_path / "rejects.jsonl"
+    code, output = invoke("run", str(activation_file), "--state", state_url(tmp_path), "--rejects", str(rejects))
+    assert code == 0, output
+    lines = [json.loads(line) for line in rejects.read_text().splitlines()]
+    reasons = [(line["custom_id"], line["issues"][0]["reason"]) for line in lines]
+    assert len(reasons) == 32  # all 30 invalid rows (the run record keeps a sample), 1 duplicate, 1 refused by Batch
+    assert reasons.count(("c00035", "duplicate_custom_id")) == 1
+    assert ("c00031", "batch_rejected") in reasons
+    assert {line["activation"] for line in lines} == {"cli_people"}
+    assert lines[0]["row"] == 1
+    assert lines[0]["issues"][0]["field"] == "email"
