@@ -296,7 +296,7 @@ class Run:
                 and not previous.get("retryable")
             ):
                 self.record["duplicate_of"] = previous["run_id"]
-                return self._finish_early("duplicate_trigger", None, save=False)
+                return self._finish_early("duplicate_trigger", None)
         try:
             lease = await asyncio.to_thread(
                 self.store.acquire_lease,
@@ -538,10 +538,9 @@ class Run:
             for start in range(0, len(plan.refreshes), 10_000):
                 journal.add(plan.refreshes[start : start + 10_000])
                 await journal.flush()
-        if cleared:
-            await asyncio.to_thread(self.store.clear_intents, self._lease_box[0], cleared)
-        if acknowledged_new:
-            await asyncio.to_thread(self.store.clear_intents, self._lease_box[0], acknowledged_new)
+        # Intents are no longer needed once an id is fingerprinted (acknowledged) or cleared.
+        if cleared or acknowledged_new:
+            await asyncio.to_thread(self.store.clear_intents, self._lease_box[0], cleared + acknowledged_new)
         await asyncio.to_thread(self.store.compact, self._lease_box[0], self.clock.now())
 
         timings = self.record["timings"]
@@ -553,8 +552,7 @@ class Run:
         if failures:
             self.record["error"] = "; ".join(failures)
 
-        meta = self.store.load_meta(activation.name)
-        meta.owned_keys = owned
+        # `meta` was read under this lease and nobody else writes it meanwhile: no second read.
         if incomplete:
             meta.continuation = {
                 "run_id": self.options.continuation_of or self.run_id,
@@ -599,7 +597,7 @@ class Run:
                     fingerprints: dict[str, Any] = {s.custom_id: s.fingerprint for s in upserts}
                 else:
                     assert removals is not None
-                    profiles = [ProfileUpdate(custom_id, dict(removal_payload)) for custom_id in removals]
+                    profiles = [ProfileUpdate(custom_id, removal_payload) for custom_id in removals]
                     fingerprints = {}
                 counts["sent"] += len(profiles)
                 outcome = await client.send(endpoint, profiles, deadline=self._deadline())
@@ -684,10 +682,10 @@ class Run:
                 return
             self._lease_box[0] = renewed
 
-    def _finish_early(self, status: str, error: BaseException | None, *, save: bool = True) -> RunResult:
+    def _finish_early(self, status: str, error: BaseException | None) -> RunResult:
         self.record["status"] = status
         self.record["error"] = str(error) if error else None
         self.record["ended_at"] = self.clock.now().isoformat()
-        if save and status == "skipped_lease_held":
+        if status == "skipped_lease_held":  # visible in history; config errors never got this far
             self.store.save_run(self.record)
         return RunResult(self.record)

@@ -201,7 +201,7 @@ class Planner:
             # A second copy: only now does this id need its own bookkeeping.
             existing = self._rows[custom_id_value] = _Row("unchanged", self._row_number, None, -1, 0)
         if existing is not None:
-            self._duplicate(existing)
+            existing.copies += 1
             return True
         self._rows[custom_id_value] = _SKIPPED
         return True
@@ -218,7 +218,7 @@ class Planner:
             if existing is _SKIPPED:
                 existing = self._rows[custom_id] = _Row("unchanged", self._row_number, None, -1, 0)
             if existing is not None:
-                self._duplicate(existing)
+                existing.copies += 1
                 if mapped.rejected:
                     self._reject_reasons(mapped.issues)
                 return
@@ -249,9 +249,6 @@ class Planner:
         self._rows[custom_id] = _Row(kind, self._row_number, fingerprint, offset, length)
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def _duplicate(self, existing: _Row) -> None:
-        existing.copies += 1
-
     def _reject_reasons(self, issues: Iterable[RowIssue]) -> None:
         for reason in {issue.reason.value for issue in issues}:
             self._rejected_by_reason[reason] += 1

@@ -21,16 +21,13 @@ from urllib.parse import parse_qs, urlparse
 import pyarrow as pa
 
 from sync.batch.client import BatchClient
-from sync.batch.ratelimit import RateLimiterRegistry
+from sync.batch.ratelimit import PROCESS_LIMITERS
 from sync.config import Activation, BigQuerySourceConfig, Credentials, DuckDBSourceConfig
 from sync.errors import ConfigError
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
 DEFAULT_STATE_URL = "sqlite:///.cepsync/state.db"
-
-# One registry per process: activations sharing a project key share Batch's budget.
-_LIMITERS = RateLimiterRegistry()
 
 
 def open_store(url: str) -> StateStore:
@@ -165,4 +162,4 @@ def build_client(activation: Activation, environ: dict[str, str] | None = None) 
     from sync.logs import scrubber
 
     scrubber.add([credentials.api_key.get_secret_value(), credentials.project_key.get_secret_value()])
-    return BatchClient(activation.destination, credentials, activation=activation.name, limiters=_LIMITERS)
+    return BatchClient(activation.destination, credentials, activation=activation.name, limiters=PROCESS_LIMITERS)
