@@ -28,7 +28,7 @@ from sync.config import Activation, json_schema, load_activation
 from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
-from sync.plan import GUARD_NAMES, Plan
+from sync.plan import GUARD_NAMES
 from sync.runtime import DEFAULT_STATE_URL, BigQueryEmulatorEndpoints, build_client, open_source, open_store
 from sync.sources.base import Source
 
@@ -101,8 +101,9 @@ class _RichProgress:
     def rows_read(self, rows: int) -> None:
         self._progress.advance(self._read, rows)
 
-    def planned(self, plan: Plan) -> None:
-        self._progress.update(self._read, total=plan.counts["rows"], completed=plan.counts["rows"])
+    def planned(self, counts: dict[str, int]) -> None:
+        # The id scan counted the segment: the reading bar gets its total.
+        self._progress.update(self._read, total=counts["rows"])
 
     def sending(self, total: int, endpoint: str) -> None:
         self._send = self._progress.add_task(f"sending to /profiles/{endpoint}", total=total)
@@ -299,18 +300,13 @@ def plan(
         with _rejects_file(rejects) as sink:
             options = RunOptions(trigger="plan", full=full)
             run_ = Run(activation, source=source, store=store, client=None, options=options, rejects=sink)
-            planned, record = asyncio.run(run_.plan_only())
+            preview = asyncio.run(run_.plan_only(sample=sample))
     except SyncError as error:
         raise _fail(error) from None
     finally:
         source.close()
         store.close()
-    changes = [
-        {"custom_id": s.custom_id, "kind": s.kind, "attributes": planned.spool.read(s.offset, s.length)}
-        for s in planned.sends[:sample]
-    ]
-    removals = planned.removals[:sample]
-    planned.spool.close()
+    record, changes, removals = preview.record, preview.sample_changes, preview.sample_removals
     if json_output:
         console.print_json(json.dumps({**record, "sample_changes": changes, "sample_removals": removals}, default=str))
         raise typer.Exit(0)

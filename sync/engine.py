@@ -1,48 +1,69 @@
-"""One run of one activation: wires the stages, the journal, checkpoints and the run record.
+"""One run of one activation, as a straight line of stages (``docs/how-a-run-works.md``):
 
-    schema check → lease → compaction → load state → read + map + plan → guards
-      → (mirror) intents + owned keys → send upserts → send removals → final flush
-      → compact → meta → run record → release lease
+    prepare → lease → recover → scan → plan moved rows → guards → claim
+      → stream (read → diff → map → send, in one pipeline) → removals → settle → finish
 
-The stages are pure (mapping, fingerprint, plan); the edges are injected: the source,
-the state store, the Batch client and the clock. Guarantees kept here (ARCHITECTURE.md §3):
+The stages are pure (:mod:`sync.diff` in DuckDB, :mod:`sync.mapping`, :mod:`sync.plan`);
+the edges are injected: the source, the state store, the Batch client and the clock.
+Guarantees kept here (the numbers are those of the README's table):
 
-1. A fingerprint moves only in :meth:`_Journal.flush`, with entries built from
-   acknowledged profiles only (202 and not listed in ``errors``).
-3. A crash re-sends at most what was acknowledged since the last flush (every
-   ``flush_every_profiles`` / ``flush_every_seconds``).
+1. A fingerprint moves only through the journal (:class:`sync.send.Journal`), fed by
+   acknowledged profiles only.
+3. A crash re-sends at most what was acknowledged since the last journal flush.
 4. The lease is taken before state is read and every commit is fenced by its token.
-5. Rejected rows are counted, sampled and never sent; a config error stops the run
-   before the lease is taken and before any row is read.
-7. In mirror mode, intents for new ids are durable before their first send.
+5. Rejected rows are counted, sampled and never sent; a config error stops the run before
+   the lease is taken and before any row is read.
+7. In mirror mode, a new id's intent is durable before the request that creates it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
+import json
 import os
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 
-from sync.batch.client import BatchClient, Endpoint, ProfileUpdate, SendOutcome, choose_endpoint
-from sync.config import Activation, SyncMode, mapping_version
-from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
+from sync.batch.client import BatchClient, Endpoint, SendOutcome, choose_endpoint
+from sync.config import Activation, RunType, SyncMode, mapping_version
+from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
+from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import ActivationMeta, JournalEntry, Lease, Reason, RowIssue
-from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, RejectedRow, evaluate_guards, plan_batch
+from sync.plan import (
+    REJECTED_SAMPLE_SIZE,
+    BatchPlan,
+    PlanCounts,
+    PlannedSend,
+    RejectedRow,
+    evaluate_guards,
+    plan_rows,
+)
+from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings
+from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
+__all__ = ["EXIT_CODES", "Clock", "PlanPreview", "Progress", "Run", "RunOptions", "RunResult"]
+
 log = structlog.get_logger("cepsync.engine")
+
+# Batch refusals kept verbatim in the run record (after the planning sample).
+BATCH_REJECTED_SAMPLE_SIZE = 100
+# Mapped send groups waiting for a free request slot, per slot: bounds memory while the
+# mapping thread runs ahead of Batch's rate.
+QUEUED_GROUPS_PER_SLOT = 2
 
 
 class Clock:
@@ -59,7 +80,7 @@ class Progress(Protocol):
     """What the engine tells a UI (the CLI draws progress bars; the function logs)."""
 
     def rows_read(self, rows: int) -> None: ...
-    def planned(self, plan: Plan) -> None: ...
+    def planned(self, counts: dict[str, int]) -> None: ...
     def sending(self, total: int, endpoint: str) -> None: ...
     def sent(self, acknowledged: int, rejected: int, failed: int) -> None: ...
 
@@ -68,7 +89,7 @@ class _NoProgress:
     def rows_read(self, rows: int) -> None:
         pass
 
-    def planned(self, plan: Plan) -> None:
+    def planned(self, counts: dict[str, int]) -> None:
         pass
 
     def sending(self, total: int, endpoint: str) -> None:
@@ -97,7 +118,7 @@ class RunOptions:
     allow_guards: tuple[str, ...] = ()
     lease_ttl_seconds: float = 300.0
     time_budget_seconds: float | None = None
-    # Stop launching batches this long before the budget ends, to flush and hand over.
+    # Stop launching requests this long before the budget ends, to flush and hand over.
     budget_margin_seconds: float = 30.0
     owner: str = field(default_factory=default_owner)
     continuation_of: str | None = None
@@ -117,91 +138,43 @@ class RunResult:
 
     @property
     def needs_continuation(self) -> bool:
-        return self.status == "incomplete"
+        return self.status == RunStatus.INCOMPLETE.value
 
 
-# Exit codes (also documented in the README and `cepsync run --help`).
-EXIT_CODES = {
-    "succeeded": 0,
-    "succeeded_with_rejections": 0,
-    "planned": 0,
-    "duplicate_trigger": 0,
-    "failed": 1,
-    "config_error": 2,
-    "aborted_by_guard": 3,
-    "auth_error": 4,
-    "skipped_lease_held": 5,
-    "partial": 6,
-    "incomplete": 7,
-    "interrupted": 130,
-}
+@dataclass
+class PlanPreview:
+    """A dry run's outcome: the record plus a sample of what would be sent and cleared."""
+
+    record: dict[str, Any]
+    sample_changes: list[dict[str, Any]]
+    sample_removals: list[str]
 
 
-class _Journal:
-    """Acknowledged outcomes waiting to be committed; flushed by count, by time, and at the end."""
-
-    def __init__(self, store: StateStore, lease_box: list[Lease], activation: Activation, clock: Clock) -> None:
-        self._store = store
-        self._lease_box = lease_box
-        self._every = activation.journal.flush_every_profiles
-        self._seconds = activation.journal.flush_every_seconds
-        self._clock = clock
-        self._pending: list[JournalEntry] = []
-        self._last_flush = clock.monotonic()
-        self._lock = asyncio.Lock()
-        self.flushes = 0
-        self.committed = 0
-        self.commit_seconds = 0.0
-        self.on_flush: Callable[[], Awaitable[None]] | None = None
-
-    def add(self, entries: Sequence[JournalEntry]) -> None:
-        self._pending.extend(entries)
-
-    def due(self) -> bool:
-        return bool(self._pending) and (
-            len(self._pending) >= self._every or self._clock.monotonic() - self._last_flush >= self._seconds
-        )
-
-    async def flush(self) -> None:
-        async with self._lock:
-            entries, self._pending = self._pending, []
-            self._last_flush = self._clock.monotonic()
-            if not entries:
-                return
-            started = time.perf_counter()
-            lease = self._lease_box[0]
-            await asyncio.to_thread(self._store.commit, lease, entries, self._clock.now())
-            self.commit_seconds += time.perf_counter() - started
-            self.flushes += 1
-            self.committed += len(entries)
-            if self.on_flush is not None:
-                await self.on_flush()
+@dataclass
+class _Prepared:
+    mapper: ProfileMapper
+    version: str
+    schema: pa.Schema
 
 
-class _Watermark:
-    """The highest custom_id below which every batch was fully answered (sends are sorted by id).
+@dataclass
+class _Scan:
+    """What the state and one read of the id column say, before any row is mapped."""
 
-    A continuation of a full pass skips ids at or below it: the send checkpoint. A batch
-    with failed rows stops the watermark for good in this run, so a continuation resends
-    from there (acknowledged rows after it are resent too: idempotent, and bounded).
-    """
+    diff: SegmentDiff
+    ids: IdScan
+    meta: ActivationMeta
+    full: bool  # every valid row is sent (FULL ONLY, --full, or a continued full pass)
+    watermark: str | None  # a continued full pass skips ids at or below it
 
-    def __init__(self) -> None:
-        self._done: set[int] = set()
-        self._next = 0
-        self._last_ids: dict[int, str] = {}
-        self._blocked_at: int | None = None
-        self.value: str | None = None
 
-    def complete(self, index: int, last_id: str, *, clean: bool) -> None:
-        if not clean and (self._blocked_at is None or index < self._blocked_at):
-            self._blocked_at = index
-        self._done.add(index)
-        self._last_ids[index] = last_id
-        while self._next in self._done and (self._blocked_at is None or self._next < self._blocked_at):
-            self.value = self._last_ids.pop(self._next)
-            self._done.discard(self._next)
-            self._next += 1
+@dataclass
+class _Moved:
+    """Rows with a stored fingerprint whose raw values moved, mapped before the first send."""
+
+    sends: list[PlannedSend]
+    refreshes: list[JournalEntry]
+    tally: PlanCounts
 
 
 class Run:
@@ -230,75 +203,80 @@ class Run:
         self.progress: Progress = progress or _NoProgress()
         self.run_id = new_run_id(self.clock)
         self._started_monotonic = self.clock.monotonic()
-        self._lease_box: list[Lease] = []
-        self._spool: PayloadSpool | None = None
-        self._journal: _Journal | None = None
+        self._lease: Lease | None = None
+        self._journal: Journal | None = None
+        self._stages = StageTimings()
+        self._reject_lock = threading.Lock()
+        self._stop = threading.Event()
+        # Rows Batch refused, by reason (added to the planning's rejections in the record).
+        self._refused: dict[str, int] = {}
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
-        self.record: dict[str, Any] = {
-            "run_id": self.run_id,
-            "activation": activation.name,
-            "trigger": {"kind": self.options.trigger, "id": self.options.trigger_id},
-            "trigger_id": self.options.trigger_id,
-            "continuation_of": self.options.continuation_of,
-            "started_at": self.clock.now().isoformat(),
-            "ended_at": None,
-            "status": "running",
-            "run_type": activation.run_type.value,
-            "sync_mode": activation.sync_mode.value,
-            "full": False,
-            "endpoint": None,
-            "mapping_version": None,
-            "counts": {},
-            "rejected_by_reason": {},
-            "dropped_attributes_by_reason": {},
-            "rejected_samples": [],
-            "guards": [],
-            "timings": {},
-            "checkpoint": None,
-            "source": {},
-            "lease_token": None,
-            "error": None,
-        }
+        self.run = RunRecord(
+            run_id=self.run_id,
+            activation=activation.name,
+            started_at=self.clock.now().isoformat(),
+            run_type=activation.run_type.value,
+            sync_mode=activation.sync_mode.value,
+            trigger={"kind": self.options.trigger, "id": self.options.trigger_id},
+            trigger_id=self.options.trigger_id,
+            continuation_of=self.options.continuation_of,
+        )
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The run record as stored (a snapshot)."""
+        return self.run.to_dict()
 
     # -- public --------------------------------------------------------------------------
-    def prepare(self) -> tuple[ProfileMapper, str]:
+    def prepare(self) -> _Prepared:
         """Check the mapping against the source schema; raises ConfigError before any read."""
         schema = self.source.schema()
         types = resolve_attribute_types(self.activation, schema, source=self.activation.origin)
-        return ProfileMapper(self.activation, types), mapping_version(self.activation)
+        return _Prepared(ProfileMapper(self.activation, types), mapping_version(self.activation), schema)
 
-    async def plan_only(self) -> tuple[Plan, dict[str, Any]]:
-        """Dry run: read, map, plan and check guards. No lease, no send, no state change."""
-        mapper, version = self.prepare()
+    async def plan_only(self, *, sample: int = 5) -> PlanPreview:
+        """Dry run: read, diff, map and check guards. No lease, no send, no state change."""
+        prepared = self.prepare()
         meta = self.store.load_meta(self.activation.name)
-        plan = await self._build_plan(mapper, version, meta)
-        verdicts = evaluate_guards(
-            plan, self.activation.guards, sync_mode=self.activation.sync_mode, allow=self.options.allow_guards
-        )
-        self._fill_plan_record(plan, version, meta)
-        self.record["guards"] = [v.as_record() for v in verdicts]
-        self.record["status"] = "planned"
-        self.record["ended_at"] = self.clock.now().isoformat()
-        return plan, self.record
+        scan = await self._scan(prepared, meta)
+        changes: list[dict[str, Any]] = []
+        try:
+            moved = await asyncio.to_thread(self._plan_moved, prepared, scan)
+            self._check_guards(scan, moved, raise_on_trip=False)
+            tally = PlanCounts()
+            tally.add(moved.tally if not scan.full else PlanCounts())
+
+            def preview() -> None:
+                for group in self._produce_sends(prepared, scan, moved, tally, group_size=sample or 1):
+                    for send in group.upserts:
+                        if len(changes) < sample:
+                            attributes = json.loads(send.body)
+                            changes.append(
+                                {"custom_id": send.custom_id, "kind": send.kind.value, "attributes": attributes}
+                            )
+
+            await asyncio.to_thread(preview)
+            self._fill_counts(scan, moved, tally)
+        finally:
+            scan.diff.close()
+        self.run.status = RunStatus.PLANNED
+        self.run.ended_at = self.clock.now().isoformat()
+        self.run.timings["stages"] = self._stages.as_dict()
+        return PlanPreview(self.record, changes, scan.ids.removed[:sample])
 
     async def execute(self) -> RunResult:
         """The whole run. Never raises for an expected failure: the run record says what happened."""
         try:
-            mapper, version = self.prepare()
+            prepared = self.prepare()
         except SyncError as error:
-            return self._finish_early("config_error" if error.exit_code == 2 else "failed", error)
-        if self.options.trigger_id:
-            previous = self.store.find_run_by_trigger(self.activation.name, self.options.trigger_id)
-            # A redelivery after a retryable failure must run again: that is why the function raised.
-            if (
-                previous is not None
-                and previous.get("status") not in ("running", "skipped_lease_held", "abandoned")
-                and not previous.get("retryable")
-            ):
-                self.record["duplicate_of"] = previous["run_id"]
-                return self._finish_early("duplicate_trigger", None)
+            status = RunStatus.CONFIG_ERROR if isinstance(error, ConfigError) else RunStatus.FAILED
+            return self._finish_early(status, error)
+        duplicate = self._duplicate_trigger()
+        if duplicate is not None:
+            self.run.duplicate_of = duplicate
+            return self._finish_early(RunStatus.DUPLICATE_TRIGGER, None)
         try:
-            lease = await asyncio.to_thread(
+            self._lease = await asyncio.to_thread(
                 self.store.acquire_lease,
                 self.activation.name,
                 self.options.owner,
@@ -307,135 +285,142 @@ class Run:
             )
         except LeaseHeld as error:
             self.log.info("lease held by another run; exiting", detail=str(error))
-            return self._finish_early("skipped_lease_held", error)
-        self._lease_box.append(lease)
-        self.record["lease_token"] = lease.token
+            return self._finish_early(RunStatus.SKIPPED_LEASE_HELD, error)
+        self.run.lease_token = self._lease.token
         self._close_abandoned_runs()
         self.store.save_run(self.record)
         renewer = asyncio.create_task(self._renew_lease_forever())
         try:
-            await self._execute_under_lease(mapper, version)
+            await self._under_lease(prepared)
         except GuardTripped as error:
-            self.record["status"] = "aborted_by_guard"
-            self.record["error"] = str(error)
+            self.run.status = RunStatus.ABORTED_BY_GUARD
+            self.run.error = str(error)
         except asyncio.CancelledError:
             # Ctrl-C, SIGTERM, or a caller cancelling us: keep what Batch acknowledged.
-            self.record["status"] = "interrupted"
-            self.record["error"] = (
-                "interrupted: profiles Batch acknowledged so far were committed; the next run goes on"
-            )
+            self._stop.set()
+            self.run.status = RunStatus.INTERRUPTED
+            self.run.error = "interrupted: profiles Batch acknowledged so far were committed; the next run goes on"
             if self._journal is not None:
                 try:
                     await self._journal.flush()
                 except Exception as error:  # the state store itself may be what failed
-                    self.record["error"] += f" (final commit failed: {error})"
+                    self.run.error += f" (final commit failed: {error})"
             raise
         except SyncError as error:
-            self.record["status"] = "auth_error" if error.exit_code == 4 else "failed"
-            self.record["error"] = str(error)
-            self.record["retryable"] = isinstance(error, TransientError)
+            self._stop.set()
+            self.run.status = RunStatus.AUTH_ERROR if isinstance(error, BatchAuthError) else RunStatus.FAILED
+            self.run.error = str(error)
+            self.run.retryable = isinstance(error, TransientError)
             self.log.error("run failed", error=str(error))
         except Exception as error:
             # Unknown (a warehouse or state-store outage, say): a retry may succeed.
-            self.record["status"] = "failed"
-            self.record["retryable"] = True
-            self.record["error"] = f"unexpected {type(error).__name__}: {error}"
+            self._stop.set()
+            self.run.status = RunStatus.FAILED
+            self.run.retryable = True
+            self.run.error = f"unexpected {type(error).__name__}: {error}"
             self.log.exception("run failed unexpectedly")
         finally:
-            if self._spool is not None:
-                self._spool.close()
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
-            self.record["ended_at"] = self.clock.now().isoformat()
-            self.record["timings"]["total_seconds"] = round(self.clock.monotonic() - self._started_monotonic, 3)
+            self.run.ended_at = self.clock.now().isoformat()
+            self.run.timings["total_seconds"] = round(self.clock.monotonic() - self._started_monotonic, 3)
+            self.run.timings["stages"] = self._stages.as_dict()
             self.store.save_run(self.record)
             with contextlib.suppress(SyncError):  # lost already: nothing to release
-                self.store.release_lease(self._lease_box[0])
-        self.log.info("run finished", status=self.record["status"], counts=self.record["counts"])
+                self.store.release_lease(self._lease)
+        self.log.info("run finished", status=self.run.status.value, counts=self.run.counts)
         return RunResult(self.record)
 
     # -- stages ----------------------------------------------------------------------------
-    async def _build_plan(self, mapper: ProfileMapper, version: str, meta: ActivationMeta) -> Plan:
+    async def _under_lease(self, prepared: _Prepared) -> None:
+        lease = self._current_lease()
+        await asyncio.to_thread(self.store.compact, lease, self.clock.now())  # recover a crashed run's journal
+        meta = self.store.load_meta(self.activation.name)
+        scan = await self._scan(prepared, meta)
+        try:
+            moved = await asyncio.to_thread(self._plan_moved, prepared, scan)
+            self._check_guards(scan, moved, raise_on_trip=True)
+            await self._claim(prepared, scan)
+            tally = PlanCounts()
+            if not scan.full:
+                tally.add(moved.tally)
+            sender = await self._stream(prepared, scan, moved, tally)
+            await self._settle(scan, moved, sender)
+        finally:
+            scan.diff.close()
+        self._finish(prepared, scan, sender)
+        await asyncio.to_thread(self.store.save_meta, self._current_lease(), scan.meta)
+
+    async def _scan(self, prepared: _Prepared, meta: ActivationMeta) -> _Scan:
+        """Load the state as arrays and read the id column: counts, duplicates, removals."""
         activation = self.activation
-        stored = await asyncio.to_thread(self.store.load_fingerprints, activation.name)
+        stored = await asyncio.to_thread(self.store.load_fingerprint_table, activation.name)
         intents = (
             await asyncio.to_thread(self.store.load_intents, activation.name)
             if activation.sync_mode is SyncMode.MIRROR
             else set()
         )
-        full = self.options.full
-        if meta.continuation and meta.continuation.get("full"):
-            full = True  # a continued full pass stays full
-        planner = Planner(
-            run_type=activation.run_type,
-            sync_mode=activation.sync_mode,
-            full=full,
+        continuation = meta.continuation or {}
+        full = self.options.full or activation.run_type is RunType.FULL_ONLY or bool(continuation.get("full"))
+        watermark = continuation.get("watermark") if full else None
+        engine = type(self.source).__name__
+        salt = raw_salt(prepared.version, prepared.schema, prepared.mapper.columns, engine)
+        diff = SegmentDiff(
+            self.source,
+            columns=prepared.mapper.columns,
+            schema=prepared.schema,
             stored=stored,
-            intents=intents,
-            on_reject=None if self.rejects is None else self._reject_row,
+            intents=sorted(intents),
+            salt=salt,
+            on_rows=self.progress.rows_read,
         )
-        columns = mapper.columns
-        id_column = activation.mapping.custom_id
-        progress = self.progress
+        try:
+            ids = await asyncio.to_thread(diff.scan_ids)
+        except BaseException:
+            diff.close()
+            raise
+        if activation.sync_mode is not SyncMode.MIRROR:
+            ids.removed = []
+        self.run.full = full
+        self.run.source = self.source.stats()
+        self.progress.planned({"rows": ids.rows})
+        return _Scan(diff, ids, meta, full, str(watermark) if watermark else None)
 
-        def read_and_plan() -> Plan:
-            started = time.perf_counter()
-            rows_before = 0
-            for batch in self.source.read_batches(columns):
-                plan_batch(
-                    planner,
-                    mapper,
-                    batch,
-                    columns=columns,
-                    id_column=id_column,
-                    mapping_version=version,
-                    first_row_number=rows_before + 1,
-                )
-                rows_before += batch.num_rows
-                progress.rows_read(batch.num_rows)
-            plan = planner.finish()
-            self.record["timings"]["read_and_plan_seconds"] = round(time.perf_counter() - started, 3)
-            return plan
+    def _plan_moved(self, prepared: _Prepared, scan: _Scan) -> _Moved:
+        """Map the rows whose stored fingerprint may have changed: the changed count is exact."""
+        moved = _Moved([], [], PlanCounts())
+        for batch in scan.diff.moved_rows():
+            planned = self._map_and_plan(prepared, scan, batch, full=False)
+            moved.tally.add(planned.tally)
+            if not scan.full:
+                moved.sends.extend(planned.sends)
+                moved.refreshes.extend(planned.refreshes)
+                self._keep_rejected(planned)
+        return moved
 
-        plan = await asyncio.to_thread(read_and_plan)
-        self._spool = plan.spool
-        self.record["source"] = self.source.stats()
-        progress.planned(plan)
-        return plan
+    def _map_and_plan(self, prepared: _Prepared, scan: _Scan, batch: pa.RecordBatch, *, full: bool) -> BatchPlan:
+        started = time.perf_counter()
+        mapped = prepared.mapper.map_batch(batch)
+        planned = plan_rows(
+            batch, mapped, full=full, duplicates=scan.ids.duplicates, id_column=self.activation.mapping.custom_id
+        )
+        self._stages.map += time.perf_counter() - started
+        return planned
 
-    def _fill_plan_record(self, plan: Plan, version: str, meta: ActivationMeta) -> None:
-        self.record["full"] = plan.full
-        self.record["mapping_version"] = {
-            "current": version,
-            "previous": meta.mapping_version,
-            "changed": meta.mapping_version is not None and meta.mapping_version != version,
-        }
-        if self.record["mapping_version"]["changed"]:
-            self.record["mapping_version"]["explanation"] = (
-                f"the mapping changed since the last successful run ({meta.mapping_version} → {version}): every row "
-                f"was mapped again; {plan.counts['changed']} profiles whose payload differs are resent, the others "
-                "are unchanged"
-            )
-        self.record["counts"] = dict(plan.summary())
-        self.record["rejected_by_reason"] = dict(plan.rejected_by_reason)
-        self.record["dropped_attributes_by_reason"] = dict(plan.dropped_by_reason)
-        self.record["rejected_samples"] = [sample.as_record() for sample in plan.rejected_samples]
-
-    async def _execute_under_lease(self, mapper: ProfileMapper, version: str) -> None:
+    def _check_guards(self, scan: _Scan, moved: _Moved, *, raise_on_trip: bool) -> None:
         activation = self.activation
-        lease = self._lease_box[0]
-        await asyncio.to_thread(self.store.compact, lease, self.clock.now())  # recover a crashed run's journal
-        meta = self.store.load_meta(activation.name)
-        plan = await self._build_plan(mapper, version, meta)
-        self._fill_plan_record(plan, version, meta)
-        self.log.info("plan ready", **plan.summary())
-
+        counts = {"rows": scan.ids.rows, "removed": len(scan.ids.removed), "changed": moved.tally.counts["changed"]}
         verdicts = evaluate_guards(
-            plan, activation.guards, sync_mode=activation.sync_mode, allow=self.options.allow_guards
+            counts,
+            activation.guards,
+            synced_before=scan.ids.synced,
+            sync_mode=activation.sync_mode,
+            allow=self.options.allow_guards,
         )
-        self.record["guards"] = [v.as_record() for v in verdicts]
+        self.run.guards = [v.as_record() for v in verdicts]
         tripped = [v for v in verdicts if v.tripped and not v.overridden]
-        if tripped:
+        if tripped and raise_on_trip:
+            self._fill_counts(scan, moved, moved.tally)
             names = ", ".join(v.name for v in tripped)
             raise GuardTripped(
                 f"activation '{activation.name}': guard(s) {names} tripped, nothing was sent: "
@@ -443,207 +428,292 @@ class Run:
                 + f". To proceed once, rerun with --allow {tripped[0].name}."
             )
 
-        sends = plan.sends
-        continuation = meta.continuation
-        if continuation and continuation.get("watermark") and plan.full:
-            watermark = continuation["watermark"]
-            skipped = sum(1 for s in sends if s.custom_id <= watermark)
-            sends = [s for s in sends if s.custom_id > watermark]
-            self.record["counts"]["skipped_by_checkpoint"] = skipped
+    async def _claim(self, prepared: _Prepared, scan: _Scan) -> None:
+        """Own the keys this mapping writes (mirror clears exactly those), before any send."""
+        owned = set(scan.meta.owned_keys) | set(prepared.mapper.owned_keys)
+        if owned != scan.meta.owned_keys:
+            scan.meta.owned_keys = owned
+            await asyncio.to_thread(self.store.save_meta, self._current_lease(), scan.meta)
 
-        # Mirror: own what we may send (guarantee 7), durably, before the first send.
-        owned = set(meta.owned_keys) | set(mapper.owned_keys)
-        if activation.sync_mode is SyncMode.MIRROR and plan.new_ids:
-            for start in range(0, len(plan.new_ids), 5_000):
-                await asyncio.to_thread(self.store.record_intents, lease, plan.new_ids[start : start + 5_000])
-        if owned != meta.owned_keys:
-            meta.owned_keys = owned
-            await asyncio.to_thread(self.store.save_meta, lease, meta)
+    def _produce_sends(
+        self, prepared: _Prepared, scan: _Scan, moved: _Moved, tally: PlanCounts, *, group_size: int
+    ) -> Iterator[SendGroup]:
+        """Read, diff, map and plan the rows to send, one group (one request) at a time.
 
-        journal = self._journal = _Journal(self.store, self._lease_box, activation, self.clock)
-        counts = self.record["counts"]
+        Runs in a worker thread: DuckDB and Arrow release the GIL, the mapping does not.
+        """
+        pending: list[PlannedSend] = list(moved.sends)
+        skipped = 0
+        for batch in scan.diff.rows_to_send(full=scan.full, ordered=scan.full):
+            if self._stop.is_set():
+                return
+            if scan.watermark is not None:
+                keys = batch.column(KEY)
+                keep = pc.or_kleene(pc.greater(keys, pa.scalar(scan.watermark, pa.string())), pc.is_null(keys))
+                before = batch.num_rows
+                batch = batch.filter(keep)
+                skipped += before - batch.num_rows
+                self.run.counts["skipped_by_checkpoint"] = skipped
+                if batch.num_rows == 0:
+                    continue
+            planned = self._map_and_plan(prepared, scan, batch, full=scan.full)
+            tally.add(planned.tally)
+            self._keep_rejected(planned)
+            pending.extend(planned.sends)
+            while len(pending) >= group_size:
+                group, pending = pending[:group_size], pending[group_size:]
+                yield SendGroup(upserts=group)
+        for start in range(0, len(pending), group_size):
+            yield SendGroup(upserts=pending[start : start + group_size])
+
+    async def _stream(self, prepared: _Prepared, scan: _Scan, moved: _Moved, tally: PlanCounts) -> Sender | None:
+        """The pipeline: a worker thread reads and maps; the event loop sends as groups arrive."""
+        activation = self.activation
+        ids = scan.ids
+        expected = len(moved.sends) + ids.new_ids + (ids.matched if scan.full else 0) + len(ids.removed)
+        endpoint = choose_endpoint(
+            activation.destination.endpoint, expected, activation.destination.mass_update_threshold
+        )
+        counts = self.run.counts
         counts.update({"sent": 0, "acknowledged": 0, "rejected_by_batch": 0, "failed": 0})
-        samples: list[dict[str, Any]] = self.record["rejected_samples"]
-        total = len(sends) + len(plan.removals)
-        endpoint = choose_endpoint(activation.destination.endpoint, total, activation.destination.mass_update_threshold)
-        self.record["endpoint"] = endpoint.value
-        watermark = _Watermark()
-        incomplete = False
-        wire = wait = 0.0
-        cleared: list[str] = []
-        acknowledged_new: list[str] = []
-        new_ids = set(plan.new_ids) if activation.sync_mode is SyncMode.MIRROR else set()
-        failures: list[str] = []
+        journal = self._journal = Journal(
+            self.store,
+            self._current_lease,
+            every_profiles=activation.journal.flush_every_profiles,
+            every_seconds=activation.journal.flush_every_seconds,
+            clock=self.clock.monotonic,
+            now=self.clock.now,
+        )
+        sender: Sender | None = None
+        if self.client is None:
+            raise RuntimeError("a run that sends needs a Batch client")
+        async with self.client as client:
+            sender = Sender(
+                client,
+                endpoint,
+                concurrency=activation.destination.concurrency,
+                journal=journal,
+                deadline=self._deadline,
+                budget_exhausted=self._budget_exhausted,
+                record_intents=self._record_intents if activation.sync_mode is SyncMode.MIRROR else None,
+                removal_attributes=json.dumps(dict.fromkeys(sorted(scan.meta.owned_keys))).encode(),
+                on_outcome=self._absorb,
+            )
+            journal.on_flush = self._checkpoint_for(sender)
+            started = time.perf_counter()
+            await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
+            if ids.removed and not sender.incomplete and not sender.failed:
+                for start in range(0, len(ids.removed), endpoint.send_batch):
+                    if not await sender.submit(SendGroup(removals=ids.removed[start : start + endpoint.send_batch])):
+                        break
+            await sender.drain()
+            self._stages.send = time.perf_counter() - (sender.started_at or started)
+        self.run.endpoint = endpoint.value if sender.tally.requests else None
+        return sender
 
-        async def checkpoint() -> None:
-            # The run record follows each commit, so a killed run still shows how far it got.
-            self.record["checkpoint"] = {
-                "at": self.clock.now().isoformat(),
-                "acknowledged": counts["acknowledged"],
-                "committed": journal.committed,
-                "watermark": watermark.value,
-            }
-            snapshot = copy.deepcopy(self.record)
-            await asyncio.to_thread(self.store.save_run, snapshot)
+    async def _pump(
+        self,
+        prepared: _Prepared,
+        scan: _Scan,
+        moved: _Moved,
+        tally: PlanCounts,
+        sender: Sender,
+        endpoint: Endpoint,
+        expected: int,
+    ) -> None:
+        """Feed the mapping thread's groups to the sender, under backpressure."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SendGroup | BaseException | None] = asyncio.Queue(
+            maxsize=QUEUED_GROUPS_PER_SLOT * self.activation.destination.concurrency
+        )
+        announced = False
 
-        journal.on_flush = checkpoint
+        def produce() -> None:
+            try:
+                for group in self._produce_sends(prepared, scan, moved, tally, group_size=endpoint.send_batch):
+                    asyncio.run_coroutine_threadsafe(queue.put(group), loop).result()
+                    if self._stop.is_set():
+                        break
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+            except BaseException as error:  # handed to the event loop, raised there
+                asyncio.run_coroutine_threadsafe(queue.put(error), loop).result()
 
-        def absorb(outcome: SendOutcome, fingerprints: dict[str, Any], removal: bool) -> None:
-            nonlocal wire, wait
-            wire += outcome.wire_seconds
-            wait += outcome.wait_seconds
-            counts["acknowledged"] += len(outcome.acknowledged)
-            counts["rejected_by_batch"] += len(outcome.rejected)
-            counts["failed"] += len(outcome.failed)
-            if outcome.failure and len(failures) < 5:
-                failures.append(outcome.failure)
-            if removal:
-                journal.add([JournalEntry(custom_id, None) for custom_id in outcome.acknowledged])
-                cleared.extend(outcome.acknowledged)
-            else:
-                journal.add([JournalEntry(custom_id, fingerprints[custom_id]) for custom_id in outcome.acknowledged])
-                if new_ids:
-                    acknowledged_new.extend(c for c in outcome.acknowledged if c in new_ids)
-            for rejection in outcome.rejected:
-                by_reason = self.record["rejected_by_reason"]
-                by_reason[Reason.BATCH_REJECTED.value] = by_reason.get(Reason.BATCH_REJECTED.value, 0) + 1
-                issue = RowIssue(
-                    rejection.attribute or "(profile)", Reason.BATCH_REJECTED, f"Batch: {rejection.reason}"
-                )
-                refused = RejectedRow(None, rejection.custom_id, (issue,))
-                if self.rejects is not None:
-                    self._reject_row(refused)
-                if len(samples) < 100:
-                    samples.append(refused.as_record())
-            self.progress.sent(len(outcome.acknowledged), len(outcome.rejected), len(outcome.failed))
+        producer = loop.run_in_executor(None, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if not announced:
+                    announced = True
+                    self.progress.sending(expected, endpoint.value)
+                if not await sender.submit(item):
+                    break
+        finally:
+            self._stop.set()
+            # Unblock the producer if it waits on a full queue, then wait for it to end.
+            while not producer.done():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                await asyncio.sleep(0.01)
+            self._fill_counts(scan, moved, tally)
 
-        started_send = time.perf_counter()
-        if total:
-            assert self.client is not None, "a run that sends needs a Batch client"
-            self.progress.sending(total, endpoint.value)
-            async with self.client:
-                removal_payload = {key: None for key in sorted(owned)}
-                batches: list[tuple[list[PlannedSend] | None, list[str] | None]] = []
-                size = endpoint.send_batch
-                for start in range(0, len(sends), size):
-                    batches.append((sends[start : start + size], None))
-                for start in range(0, len(plan.removals), size):
-                    batches.append((None, plan.removals[start : start + size]))
-                incomplete = await self._send_all(
-                    batches, endpoint, plan, removal_payload, journal, watermark, absorb, counts
-                )
-        # Commit what was acknowledged, then the raw-hash refreshes (payload equal: nothing to send).
+    async def _settle(self, scan: _Scan, moved: _Moved, sender: Sender | None) -> None:
+        """Commit what was acknowledged, then refreshes; drop intents that are no longer needed."""
+        assert self._journal is not None
+        journal = self._journal
         await journal.flush()
-        if plan.refreshes and not incomplete:
-            for start in range(0, len(plan.refreshes), 10_000):
-                journal.add(plan.refreshes[start : start + 10_000])
+        incomplete = sender is not None and sender.incomplete
+        if moved.refreshes and not incomplete and not scan.full:
+            for start in range(0, len(moved.refreshes), 10_000):
+                journal.add(moved.refreshes[start : start + 10_000])
                 await journal.flush()
-        # Intents are no longer needed once an id is fingerprinted (acknowledged) or cleared.
-        if cleared or acknowledged_new:
-            await asyncio.to_thread(self.store.clear_intents, self._lease_box[0], cleared + acknowledged_new)
-        await asyncio.to_thread(self.store.compact, self._lease_box[0], self.clock.now())
+        if sender is not None and (sender.tally.cleared or sender.tally.acknowledged_new):
+            await asyncio.to_thread(
+                self.store.clear_intents, self._current_lease(), sender.tally.cleared + sender.tally.acknowledged_new
+            )
+        await asyncio.to_thread(self.store.compact, self._current_lease(), self.clock.now())
 
-        timings = self.record["timings"]
-        timings["send_seconds"] = round(time.perf_counter() - started_send, 3)
-        timings["wire_seconds"] = round(wire, 3)
-        timings["wait_seconds"] = round(wait, 3)
-        timings["commit_seconds"] = round(journal.commit_seconds, 3)
-        self.record["journal"] = {"flushes": journal.flushes, "committed": journal.committed}
-        if failures:
-            self.record["error"] = "; ".join(failures)
-
-        # `meta` was read under this lease and nobody else writes it meanwhile: no second read.
-        if incomplete:
+    def _finish(self, prepared: _Prepared, scan: _Scan, sender: Sender | None) -> None:
+        """The run's status, and the activation meta (continuation, mapping version, success)."""
+        assert self._journal is not None
+        meta = scan.meta
+        tally = sender.tally if sender is not None else None
+        self._stages.commit = self._journal.commit_seconds
+        self._stages.batch_wait = tally.wire_seconds if tally else 0.0
+        self._stages.rate_limit_wait = tally.wait_seconds if tally else 0.0
+        self._stages.read = scan.diff.seconds["read"]
+        self._stages.hash_and_diff = scan.diff.seconds["hash_and_diff"]
+        timings = self.run.timings
+        timings["send_seconds"] = round(self._stages.send, 3)
+        timings["wire_seconds"] = round(self._stages.batch_wait, 3)
+        timings["wait_seconds"] = round(self._stages.rate_limit_wait, 3)
+        timings["commit_seconds"] = round(self._journal.commit_seconds, 3)
+        self.run.journal = {"flushes": self._journal.flushes, "committed": self._journal.committed}
+        if tally and tally.failures:
+            self.run.error = "; ".join(tally.failures)
+        counts = self.run.counts
+        if sender is not None and sender.incomplete:
             meta.continuation = {
                 "run_id": self.options.continuation_of or self.run_id,
-                "full": plan.full,
-                "watermark": watermark.value,
+                "full": scan.full,
+                "watermark": sender.watermark.value if scan.full else None,
             }
-            self.record["status"] = "incomplete"
-        else:
-            meta.continuation = None
-            meta.mapping_version = version
-            if counts["failed"]:
-                self.record["status"] = "partial"
-            else:
-                meta.last_success_run_id = self.run_id
-                rejected = counts["rejected"] + counts["rejected_by_batch"]
-                self.record["status"] = "succeeded_with_rejections" if rejected else "succeeded"
-        await asyncio.to_thread(self.store.save_meta, self._lease_box[0], meta)
+            self.run.status = RunStatus.INCOMPLETE
+            return
+        meta.continuation = None
+        meta.mapping_version = prepared.version
+        if counts.get("failed"):
+            self.run.status = RunStatus.PARTIAL
+            return
+        meta.last_success_run_id = self.run_id
+        rejected = counts.get("rejected", 0) + counts.get("rejected_by_batch", 0)
+        self.run.status = RunStatus.SUCCEEDED_WITH_REJECTIONS if rejected else RunStatus.SUCCEEDED
 
-    async def _send_all(
-        self,
-        batches: list[tuple[list[PlannedSend] | None, list[str] | None]],
-        endpoint: Endpoint,
-        plan: Plan,
-        removal_payload: dict[str, Any],
-        journal: _Journal,
-        watermark: _Watermark,
-        absorb: Callable[[SendOutcome, dict[str, Any], bool], None],
-        counts: dict[str, Any],
-    ) -> bool:
-        """Send every batch under the concurrency limit; True if the time budget cut it short."""
-        assert self.client is not None
-        client = self.client
-        semaphore = asyncio.Semaphore(self.activation.destination.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
-        errors: list[BaseException] = []
-        incomplete = False
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _fill_counts(self, scan: _Scan, moved: _Moved, tally: PlanCounts) -> None:
+        """The record's counts: the id scan's, the moved rows', and what the stream planned."""
+        version = mapping_version(self.activation)
+        meta = scan.meta
+        self.run.mapping_version = {
+            "current": version,
+            "previous": meta.mapping_version,
+            "changed": meta.mapping_version is not None and meta.mapping_version != version,
+        }
+        ids = scan.ids
+        counts = self.run.counts
+        summary = tally.summary()
+        skipped = 0 if scan.full else max(0, ids.matched - moved.tally.counts["rows_mapped"])
+        summary["rows"] = ids.rows
+        summary["skipped_unmapped"] = skipped
+        summary["unchanged"] += skipped
+        summary["removed"] = len(ids.removed)
+        counts.update(summary)
+        self.run.rejected_by_reason = dict(tally.rejected_by_reason)
+        self.run.dropped_attributes_by_reason = dict(tally.dropped_by_reason)
+        for key, value in self._refused.items():
+            self.run.rejected_by_reason[key] = self.run.rejected_by_reason.get(key, 0) + value
+        if self.run.mapping_version["changed"]:
+            self.run.mapping_version["explanation"] = (
+                f"the mapping changed since the last successful run ({meta.mapping_version} → {version}): every row "
+                f"was mapped again; {counts['changed']} profiles whose payload differs are resent, the others "
+                "are unchanged"
+            )
 
-        async def send_one(index: int, upserts: list[PlannedSend] | None, removals: list[str] | None) -> None:
-            try:
-                if upserts is not None:
-                    profiles = [ProfileUpdate(s.custom_id, plan.spool.read(s.offset, s.length)) for s in upserts]
-                    fingerprints: dict[str, Any] = {s.custom_id: s.fingerprint for s in upserts}
-                else:
-                    assert removals is not None
-                    profiles = [ProfileUpdate(custom_id, removal_payload) for custom_id in removals]
-                    fingerprints = {}
-                counts["sent"] += len(profiles)
-                outcome = await client.send(endpoint, profiles, deadline=self._deadline())
-                absorb(outcome, fingerprints, upserts is None)
-                if upserts is not None:
-                    watermark.complete(index, upserts[-1].custom_id, clean=not outcome.failed)
-                if journal.due():
-                    await journal.flush()
-            finally:
-                semaphore.release()
+    def _keep_rejected(self, planned: BatchPlan) -> None:
+        if not planned.rejected:
+            return
+        rows = sorted(planned.rejected, key=lambda rejected: rejected.row_number or 0)
+        with self._reject_lock:
+            samples = self.run.rejected_samples
+            for rejected in rows:
+                if self.rejects is not None:
+                    self._reject_row(rejected)
+                if len(samples) < REJECTED_SAMPLE_SIZE:
+                    samples.append(rejected.as_record())
+            samples.sort(key=lambda sample: sample["row"] or 0)
 
-        def on_done(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                errors.append(task.exception())  # type: ignore[arg-type]  # checked just above
+    def _absorb(self, outcome: SendOutcome) -> None:
+        counts = self.run.counts
+        counts["sent"] = counts.get("sent", 0) + len(outcome.acknowledged) + len(outcome.rejected) + len(outcome.failed)
+        counts["acknowledged"] = counts.get("acknowledged", 0) + len(outcome.acknowledged)
+        counts["rejected_by_batch"] = counts.get("rejected_by_batch", 0) + len(outcome.rejected)
+        counts["failed"] = counts.get("failed", 0) + len(outcome.failed)
+        refused = Reason.BATCH_REJECTED.value
+        for rejection in outcome.rejected:
+            self._refused[refused] = self._refused.get(refused, 0) + 1
+            self.run.rejected_by_reason[refused] = self.run.rejected_by_reason.get(refused, 0) + 1
+            issue = RowIssue(rejection.attribute or "(profile)", Reason.BATCH_REJECTED, f"Batch: {rejection.reason}")
+            row = RejectedRow(None, rejection.custom_id, (issue,))
+            with self._reject_lock:
+                if self.rejects is not None:
+                    self._reject_row(row)
+                if len(self.run.rejected_samples) < BATCH_REJECTED_SAMPLE_SIZE:
+                    self.run.rejected_samples.append(row.as_record())
+        self.progress.sent(len(outcome.acknowledged), len(outcome.rejected), len(outcome.failed))
 
-        for index, (upserts, removals) in enumerate(batches):
-            await semaphore.acquire()
-            if errors:
-                semaphore.release()
-                break
-            if self._budget_exhausted():
-                semaphore.release()
-                incomplete = True
-                self.log.warning("time budget nearly spent: handing over to a continuation", batch=index)
-                break
-            task = asyncio.create_task(send_one(index, upserts, removals))
-            tasks.add(task)
-            task.add_done_callback(on_done)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if errors:
-            # Commit what was acknowledged before the fatal error, then report it.
-            await journal.flush()
-            raise errors[0]
-        return incomplete
+    def _checkpoint_for(self, sender: Sender) -> Callable[[], Any]:
+        async def checkpoint() -> None:
+            # The run record follows each commit, so a killed run still shows how far it got.
+            assert self._journal is not None
+            self.run.checkpoint = {
+                "at": self.clock.now().isoformat(),
+                "acknowledged": self.run.counts.get("acknowledged", 0),
+                "committed": self._journal.committed,
+                "watermark": sender.watermark.value,
+            }
+            await asyncio.to_thread(self.store.save_run, self.record)
+
+        return checkpoint
+
+    async def _record_intents(self, custom_ids: list[str]) -> None:
+        await asyncio.to_thread(self.store.record_intents, self._current_lease(), custom_ids)
 
     def _reject_row(self, rejected: RejectedRow) -> None:
         assert self.rejects is not None
         self.rejects({"run_id": self.run_id, "activation": self.activation.name, **rejected.as_record()})
 
+    def _duplicate_trigger(self) -> str | None:
+        """The run a redelivered trigger already started, if it must not run again."""
+        if not self.options.trigger_id:
+            return None
+        previous = self.store.find_run_by_trigger(self.activation.name, self.options.trigger_id)
+        # A redelivery after a retryable failure must run again: that is why the function raised.
+        if (
+            previous is not None
+            and previous.get("status") not in ("running", "skipped_lease_held", "abandoned")
+            and not previous.get("retryable")
+        ):
+            return str(previous["run_id"])
+        return None
+
     def _close_abandoned_runs(self) -> None:
         """Runs still marked running once we hold the lease were killed or timed out: say so."""
         for record in self.store.list_runs(self.activation.name, 20):
-            if record.get("status") == "running" and record["run_id"] != self.run_id:
-                record["status"] = "abandoned"
+            if record.get("status") == RunStatus.RUNNING.value and record["run_id"] != self.run_id:
+                record["status"] = RunStatus.ABANDONED.value
                 record["error"] = (
                     "the run stopped without finishing (process killed or timed out); what it committed up to "
                     "its last checkpoint is kept, the rest was planned again by the next run"
@@ -652,6 +722,10 @@ class Run:
                 self.store.save_run(record)
 
     # -- time ------------------------------------------------------------------------------
+    def _current_lease(self) -> Lease:
+        assert self._lease is not None, "no lease taken"
+        return self._lease
+
     def _budget_exhausted(self) -> bool:
         budget = self.options.time_budget_seconds
         if budget is None:
@@ -661,7 +735,7 @@ class Run:
 
     def _deadline(self) -> float:
         """No request may keep retrying past the time budget or the lease expiry."""
-        lease = self._lease_box[0]
+        lease = self._current_lease()
         lease_left = (lease.expires_at - self.clock.now()).total_seconds()
         # Keep a margin before expiry (the renewer extends the lease every ttl/3).
         margin = min(5.0, self.options.lease_ttl_seconds * 0.25)
@@ -676,16 +750,16 @@ class Run:
         while True:
             await asyncio.sleep(max(ttl / 3, 0.05))
             try:
-                renewed = await asyncio.to_thread(self.store.renew_lease, self._lease_box[0], ttl, self.clock.now())
+                renewed = await asyncio.to_thread(self.store.renew_lease, self._current_lease(), ttl, self.clock.now())
             except LeaseLost:
                 self.log.error("lease lost: another run took over; no further commit will succeed")
                 return
-            self._lease_box[0] = renewed
+            self._lease = renewed
 
-    def _finish_early(self, status: str, error: BaseException | None) -> RunResult:
-        self.record["status"] = status
-        self.record["error"] = str(error) if error else None
-        self.record["ended_at"] = self.clock.now().isoformat()
-        if status == "skipped_lease_held":  # visible in history; config errors never got this far
+    def _finish_early(self, status: RunStatus, error: BaseException | None) -> RunResult:
+        self.run.status = status
+        self.run.error = str(error) if error else None
+        self.run.ended_at = self.clock.now().isoformat()
+        if status is RunStatus.SKIPPED_LEASE_HELD:  # visible in history; config errors never got this far
             self.store.save_run(self.record)
         return RunResult(self.record)

@@ -1,39 +1,37 @@
-"""Plan: classify every segment row against the stored fingerprints; guards.
+"""Plan: decide what becomes of each row that moved, and check the guards. Pure: no I/O.
 
-Pure: no I/O except the payload spool (a temporary file the planner writes mapped
-payloads to, so a million-profile full load does not hold a million dicts in memory).
+The differ (:mod:`sync.diff`) hands over only the rows that need mapping, with what the
+state knows of each (its stored fingerprint, whether its id is duplicated). After mapping,
+:func:`plan_rows` gives each one an :class:`Outcome`:
 
-Outcomes of one row:
+* ``new``       — valid, no stored fingerprint: send (mirror: record an intent first);
+* ``changed``   — valid, payload fingerprint differs from the acknowledged one: send;
+* ``unchanged`` — payload equals what Batch acknowledged: not sent, except in a full pass
+                  (FULL ONLY, ``--full``) which sends every valid row;
+* ``refresh``   — unchanged payload but moved raw values (``fr`` → ``FR``): nothing to send,
+                  the stored raw hash is updated so the next run skips mapping the row;
+* ``rejected``  — invalid value, bad or duplicated custom_id: never sent, state untouched,
+                  and the person still counts as *in the segment* (never removed for it);
+* ``removed``   — mirror mode only: an id this activation synced that left the segment
+                  (found by the differ's anti-join, never by mapping).
 
-* ``new``        — valid, no stored fingerprint: send (and, in mirror mode, record an intent first);
-* ``changed``    — valid, payload fingerprint differs from the acknowledged one: send;
-* ``unchanged``  — payload equals what Batch acknowledged: not sent (FULL ONLY and forced
-                   full runs send it anyway);
-* ``rejected``   — invalid value, bad or duplicate custom_id: never sent, state untouched,
-                   and the person still counts as *in the segment* (never removed for it);
-* ``removed``    — mirror mode only: an id this activation synced (fingerprint or intent)
-                   that is no longer in the segment.
+Rows the differ did not hand over are unchanged and were never mapped (``skipped_unmapped``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tempfile
+import enum
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import IO, TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
-from sync.config import GuardsConfig, RunType, SyncMode
-from sync.fingerprint import canonical_json, payload_fingerprint_of, raw_fingerprint
+from sync.config import GuardsConfig, SyncMode
+from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.fingerprint import canonical_json, payload_fingerprint_of
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
-
-if TYPE_CHECKING:
-    from sync.mapping import ProfileMapper
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -51,46 +49,13 @@ COUNT_KEYS = (
 )
 
 
-class PayloadSpool:
-    """Append-only temporary file of canonical payload JSON, addressed by (offset, length)."""
-
-    def __init__(self) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="cepsync-spool-")  # noqa: SIM115 - closed by close()
-        self._end = 0
-
-    def append(self, data: bytes) -> tuple[int, int]:
-        offset = self._end
-        self._file.write(data)
-        self._end += len(data)
-        return offset, len(data)
-
-    def read(self, offset: int, length: int) -> dict[str, Any]:
-        self._file.seek(offset)
-        payload: dict[str, Any] = json.loads(self._file.read(length))
-        self._file.seek(self._end)
-        return payload
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Row:
-    """Planner bookkeeping for one custom_id (slots: a million of these stay small)."""
-
-    __slots__ = ("copies", "fingerprint", "first_row", "kind", "length", "offset")
-
-    def __init__(self, kind: str, first_row: int, fingerprint: Fingerprint | None, offset: int, length: int) -> None:
-        self.kind = kind
-        self.first_row = first_row
-        self.fingerprint = fingerprint
-        self.offset = offset
-        self.length = length
-        self.copies = 1
-
-
-# One shared record for every row skipped without mapping (most rows of a delta run):
-# a million skipped rows cost a dict entry each, not a million objects.
-_SKIPPED = _Row("unchanged", 0, None, -1, 0)
+class Outcome(enum.StrEnum):
+    NEW = "new"
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    REFRESH = "refresh"
+    REJECTED = "rejected"
+    REMOVED = "removed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,269 +74,117 @@ class RejectedRow:
 
 @dataclass(frozen=True, slots=True)
 class PlannedSend:
-    """One profile to send: where its payload is in the spool and what to store once acknowledged."""
+    """One profile to send: its canonical payload and what to store once Batch acknowledged it."""
 
     custom_id: str
-    kind: str  # new | changed | unchanged (FULL ONLY / forced full)
+    kind: Outcome  # new | changed | unchanged (a full pass sends those too)
     fingerprint: Fingerprint
-    offset: int
-    length: int
+    body: bytes  # canonical JSON of the attributes (sync.fingerprint), sent as it is
 
 
 @dataclass
-class Plan:
-    sends: list[PlannedSend]
-    removals: list[str]
-    refreshes: list[JournalEntry]
-    counts: Counter[str]
-    rejected_by_reason: Counter[str]
-    rejected_samples: list[RejectedRow]
-    dropped_by_reason: Counter[str]
-    synced_before: int
-    full: bool
-    spool: PayloadSpool
-    new_ids: list[str] = field(default_factory=list)
+class PlanCounts:
+    """Counts per outcome (and why rows were rejected or attributes dropped), added up over batches."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    dropped_by_reason: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: PlanCounts) -> None:
+        self.counts.update(other.counts)
+        self.rejected_by_reason.update(other.rejected_by_reason)
+        self.dropped_by_reason.update(other.dropped_by_reason)
 
     def summary(self) -> dict[str, int]:
         return {key: self.counts.get(key, 0) for key in COUNT_KEYS}
 
 
-class Planner:
-    """Feeds rows one at a time; ``finish()`` returns the plan.
+@dataclass
+class BatchPlan:
+    """The outcome of one mapped batch."""
+
+    sends: list[PlannedSend] = field(default_factory=list)
+    refreshes: list[JournalEntry] = field(default_factory=list)
+    rejected: list[RejectedRow] = field(default_factory=list)
+    tally: PlanCounts = field(default_factory=PlanCounts)
+
+
+def plan_rows(
+    batch: pa.RecordBatch,
+    mapped: Sequence[MappedRow],
+    *,
+    full: bool,
+    duplicates: Mapping[str, int],
+    id_column: str,
+) -> BatchPlan:
+    """Classify the mapped rows of one differ batch (see the module docstring).
 
     Args:
-        run_type / sync_mode: from the activation.
-        full: send every valid row (FULL ONLY, a first run, or ``--full``).
-        stored: acknowledged fingerprints by custom_id.
-        intents: ids recorded as possibly synced (mirror).
-        on_reject: called with every rejected row (the run record keeps only a sample).
+        batch: A batch from :mod:`sync.diff` (mapped columns plus the differ's columns).
+        mapped: ``mapper.map_batch(batch)``, one per row, in order.
+        full: A full pass: every valid row is sent, unchanged ones included.
+        duplicates: Custom ID -> copies in the segment, for every duplicated id.
+        id_column: The Custom ID column (named in a duplicate's rejection).
     """
-
-    def __init__(
-        self,
-        *,
-        run_type: RunType,
-        sync_mode: SyncMode,
-        full: bool,
-        stored: Mapping[str, Fingerprint],
-        intents: Iterable[str] = (),
-        on_reject: Callable[[RejectedRow], None] | None = None,
-    ) -> None:
-        self._full = full or run_type is RunType.FULL_ONLY
-        self._mirror = sync_mode is SyncMode.MIRROR
-        self._stored = stored
-        self._intents = set(intents)
-        self._rows: dict[str, _Row] = {}
-        self._counts: Counter[str] = Counter()
-        self._rejected_by_reason: Counter[str] = Counter()
-        self._dropped_by_reason: Counter[str] = Counter()
-        self._samples: list[RejectedRow] = []
-        self._spool = PayloadSpool()
-        self._row_number = 0
-        self._on_reject = on_reject
-
-    @property
-    def full(self) -> bool:
-        return self._full
-
-    # -- hot path ------------------------------------------------------------------------
-    def try_skip(self, custom_id_value: Any, raw: int, row_number: int | None = None) -> bool:
-        """Account for a row without mapping it, if its source values are unchanged.
-
-        True when the row's custom_id has a stored fingerprint whose raw hash equals
-        ``raw``: the values, and the mapping version, are those Batch acknowledged, so
-        the payload is unchanged too. Never in a full run (every row must be sent).
-        """
-        if self._full:
-            return False
-        if isinstance(custom_id_value, int) and not isinstance(custom_id_value, bool):
-            custom_id_value = str(custom_id_value)
-        elif isinstance(custom_id_value, Decimal) and custom_id_value == custom_id_value.to_integral_value():
-            custom_id_value = str(int(custom_id_value))  # NUMERIC ids, as the mapper writes them
-        if not isinstance(custom_id_value, str):
-            return False
-        stored = self._stored.get(custom_id_value)
-        if stored is None or stored.raw != raw:
-            return False
-        self._row_number = self._row_number + 1 if row_number is None else row_number
-        self._counts["rows"] += 1
-        self._counts["skipped_unmapped"] += 1
-        existing = self._rows.get(custom_id_value)
-        if existing is _SKIPPED:
-            # A second copy: only now does this id need its own bookkeeping.
-            existing = self._rows[custom_id_value] = _Row("unchanged", self._row_number, None, -1, 0)
-        if existing is not None:
-            existing.copies += 1
-            return True
-        self._rows[custom_id_value] = _SKIPPED
-        return True
-
-    def add(self, mapped: MappedRow, raw: int, row_number: int | None = None) -> None:
-        """Account for one mapped row (``row_number`` counts from 1 in segment order)."""
-        self._row_number = self._row_number + 1 if row_number is None else row_number
-        self._counts["rows"] += 1
-        for issue in mapped.issues if not mapped.rejected else ():
-            self._dropped_by_reason[issue.reason.value] += 1
-        custom_id = mapped.custom_id
-        if custom_id is not None:
-            existing = self._rows.get(custom_id)
-            if existing is _SKIPPED:
-                existing = self._rows[custom_id] = _Row("unchanged", self._row_number, None, -1, 0)
-            if existing is not None:
-                existing.copies += 1
-                if mapped.rejected:
-                    self._reject_reasons(mapped.issues)
-                return
-        if mapped.attributes is None:
-            self._reject(custom_id, tuple(mapped.issues))
-            if custom_id is not None:
-                # Present in the segment: a rejected row is never a removal.
-                self._rows[custom_id] = _Row("rejected", self._row_number, None, -1, 0)
-            return
-        assert custom_id is not None
-        data = canonical_json(mapped.attributes)
-        fingerprint = Fingerprint(raw=raw, payload=payload_fingerprint_of(data))
-        stored = self._stored.get(custom_id)
-        if stored is None:
-            kind = "new"
-        elif stored.payload != fingerprint.payload:
-            kind = "changed"
+    plan = BatchPlan()
+    counts = plan.tally.counts
+    by_reason = plan.tally.rejected_by_reason
+    dropped = plan.tally.dropped_by_reason
+    rows = batch.column(ROW).to_pylist()
+    raws = batch.column(RAW).to_pylist()
+    is_duplicate = batch.column(DUPLICATE).to_pylist()
+    stored_raws = batch.column(STORED_RAW).to_pylist()
+    stored_payloads = batch.column(STORED_PAYLOAD).to_pylist()
+    counts["rows_mapped"] += len(mapped)
+    for index, row in enumerate(mapped):
+        custom_id = row.custom_id
+        if is_duplicate[index] and custom_id is not None:
+            # Census-style: every copy of a duplicated id is rejected; Batch keeps what it
+            # holds for that person (present in the segment, so never removed).
+            counts["rejected"] += 1
+            counts["duplicates"] += 1
+            by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += 1
+            # A copy that is also invalid (or lost an attribute) says so in the counts too.
+            if row.attributes is None:
+                for reason in {issue.reason.value for issue in row.issues}:
+                    by_reason[reason] += 1
+            else:
+                for issue in row.issues:
+                    dropped[issue.reason.value] += 1
+            copies = duplicates.get(custom_id, 2)
+            issue = RowIssue(id_column, Reason.DUPLICATE_CUSTOM_ID, f"appears {copies} times in the segment")
+            plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
+            continue
+        attributes = row.attributes
+        if attributes is None:
+            counts["rejected"] += 1
+            for reason in {issue.reason.value for issue in row.issues}:
+                by_reason[reason] += 1
+            plan.rejected.append(RejectedRow(rows[index], custom_id, tuple(row.issues)))
+            continue
+        assert custom_id is not None  # a row with attributes always has an id
+        for issue in row.issues:
+            dropped[issue.reason.value] += 1
+        body = canonical_json(attributes)
+        fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(body))
+        stored_payload = stored_payloads[index]
+        if stored_payload is None:
+            kind = Outcome.NEW
+        elif stored_payload != fingerprint.payload:
+            kind = Outcome.CHANGED
         else:
-            kind = "unchanged"
-        if kind == "unchanged" and not self._full:
-            # Same payload as acknowledged (a cosmetic source change or a mapping change
-            # that does not touch this profile): nothing to send, but remember the new raw
-            # hash so the next run can skip mapping this row.
-            kind = "refresh" if stored is not None and stored.raw != raw else "unchanged"
-            self._rows[custom_id] = _Row(kind, self._row_number, fingerprint, -1, 0)
-            return
-        offset, length = self._spool.append(data)
-        self._rows[custom_id] = _Row(kind, self._row_number, fingerprint, offset, length)
-
-    # -- bookkeeping -----------------------------------------------------------------------
-    def _reject_reasons(self, issues: Iterable[RowIssue]) -> None:
-        for reason in {issue.reason.value for issue in issues}:
-            self._rejected_by_reason[reason] += 1
-
-    def _reject(self, custom_id: str | None, issues: tuple[RowIssue, ...]) -> None:
-        self._counts["rejected"] += 1
-        self._reject_reasons(issues)
-        self._keep(RejectedRow(self._row_number, custom_id, issues))
-
-    def _keep(self, rejected: RejectedRow) -> None:
-        if self._on_reject is not None:
-            self._on_reject(rejected)
-        if len(self._samples) < REJECTED_SAMPLE_SIZE:
-            self._samples.append(rejected)
-
-    def finish(self) -> Plan:
-        sends: list[PlannedSend] = []
-        refreshes: list[JournalEntry] = []
-        new_ids: list[str] = []
-        counts = self._counts
-        for custom_id, row in self._rows.items():
-            if row.copies > 1:
-                # Census-style: every copy of a duplicated id is rejected; Batch keeps
-                # what it holds for that person (present, so never removed).
-                counts["duplicates"] += row.copies
-                counts["rejected"] += row.copies - (1 if row.kind == "rejected" else 0)
-                self._rejected_by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += row.copies
-                issue = RowIssue("custom_id", Reason.DUPLICATE_CUSTOM_ID, f"appears {row.copies} times in the segment")
-                self._keep(RejectedRow(row.first_row, custom_id, (issue,)))
-                continue
-            if row.kind == "rejected":
-                continue
-            counts[row.kind if row.kind != "refresh" else "unchanged"] += 1
-            if row.offset < 0:  # not to be sent
-                if row.kind == "refresh" and row.fingerprint is not None:
-                    counts["refreshed"] += 1
-                    refreshes.append(JournalEntry(custom_id, row.fingerprint))
-                continue
-            assert row.fingerprint is not None
-            if row.kind == "new":
-                new_ids.append(custom_id)
-            sends.append(PlannedSend(custom_id, row.kind, row.fingerprint, row.offset, row.length))
-        removals: list[str] = []
-        synced = set(self._stored) | self._intents
-        if self._mirror:
-            removals = sorted(custom_id for custom_id in synced if custom_id not in self._rows)
-            counts["removed"] = len(removals)
-        # A stable order makes the send checkpoint (a custom_id watermark) meaningful.
-        sends.sort(key=lambda send: send.custom_id)
-        for key in COUNT_KEYS:
-            counts.setdefault(key, 0)
-        return Plan(
-            sends=sends,
-            removals=removals,
-            refreshes=refreshes,
-            counts=counts,
-            rejected_by_reason=self._rejected_by_reason,
-            rejected_samples=sorted(self._samples, key=lambda sample: sample.row_number or 0),
-            dropped_by_reason=self._dropped_by_reason,
-            synced_before=len(synced),
-            full=self._full,
-            spool=self._spool,
-            new_ids=new_ids,
-        )
-
-
-def hashable_columns(batch: pa.RecordBatch, columns: Sequence[str]) -> list[list[Any]]:
-    """The batch's mapped columns as plain Python lists that ``json`` encodes without callbacks.
-
-    Timestamps become their integer count of the column's unit since the epoch (UTC),
-    dates their day or millisecond count, decimals their text: converting column by
-    column is several times cheaper than building a dict per row, and the raw salt
-    carries the column types, so an integer and a timestamp with equal numbers differ.
-    """
-    lists: list[list[Any]] = []
-    for name in columns:
-        column = batch.column(name)
-        kind = column.type
-        if pa.types.is_timestamp(kind) or pa.types.is_date64(kind) or pa.types.is_time64(kind):
-            column = column.cast(pa.int64())
-        elif pa.types.is_date32(kind) or pa.types.is_time32(kind):
-            column = column.cast(pa.int32())
-        elif pa.types.is_decimal(kind):
-            column = column.cast(pa.string())
-        lists.append(column.to_pylist())
-    return lists
-
-
-def raw_salt(mapping_version: str, schema: pa.Schema, columns: Sequence[str]) -> str:
-    """Mapping version plus the Arrow types of the mapped columns (see ``hashable_columns``)."""
-    types = ";".join(f"{name}:{schema.field(name).type}" for name in columns)
-    return f"{mapping_version}/{hashlib.blake2b(types.encode(), digest_size=8).hexdigest()}"
-
-
-def plan_batch(
-    planner: Planner,
-    mapper: ProfileMapper,
-    batch: pa.RecordBatch,
-    *,
-    columns: Sequence[str],
-    id_column: str,
-    mapping_version: str,
-    first_row_number: int,
-) -> None:
-    """Plan one record batch: hash every row's source values, map only rows that moved.
-
-    Rows whose raw fingerprint matches the acknowledged one are accounted for without a
-    row dict ever being built; the others are taken from the batch and mapped, in order.
-    """
-    salt = raw_salt(mapping_version, batch.schema, columns)
-    ids = batch.column(id_column).to_pylist()
-    try_skip = planner.try_skip
-    to_map: list[tuple[int, int]] = []
-    for index, values in enumerate(zip(*hashable_columns(batch, columns), strict=True)):
-        raw = raw_fingerprint(values, salt)
-        if not try_skip(ids[index], raw, first_row_number + index):
-            to_map.append((index, raw))
-    if not to_map:
-        return
-    rows = batch.take(pa.array([index for index, _ in to_map], type=pa.int64())).to_pylist()
-    map_row, add = mapper.map_row, planner.add
-    for (index, raw), row in zip(to_map, rows, strict=True):
-        add(map_row(row), raw, first_row_number + index)
+            kind = Outcome.UNCHANGED
+        counts[kind.value] += 1
+        if kind is Outcome.UNCHANGED and not full:
+            if stored_raws[index] != fingerprint.raw:
+                # Same payload as acknowledged (a cosmetic source change, or a mapping change
+                # that does not touch this profile): remember the new raw hash so the next run
+                # skips mapping the row. The payload fingerprint never moves without a 202.
+                counts["refreshed"] += 1
+                plan.refreshes.append(JournalEntry(custom_id, fingerprint))
+            continue
+        plan.sends.append(PlannedSend(custom_id, kind, fingerprint, body))
+    return plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,19 +199,30 @@ class GuardVerdict:
 
 
 def evaluate_guards(
-    plan: Plan, guards: GuardsConfig, *, sync_mode: SyncMode, allow: Iterable[str] = ()
+    counts: Mapping[str, int],
+    guards: GuardsConfig,
+    *,
+    synced_before: int,
+    sync_mode: SyncMode,
+    allow: Iterable[str] = (),
 ) -> list[GuardVerdict]:
-    """Check the plan against the activation's guards, before anything is sent.
+    """Check a run's counts against the activation's guards, before anything is sent.
 
-    ``allow`` names guards overridden for this run only (CLI ``--allow``).
+    Args:
+        counts: ``rows``, ``removed`` and ``changed`` (exact: the differ found the removals,
+            and every row that could have changed was mapped before the first send).
+        guards: The activation's guards.
+        synced_before: Profiles this activation had synced (stored fingerprints + intents).
+        sync_mode: Removals are only guarded in mirror mode.
+        allow: Guards overridden for this run only (CLI ``--allow``).
     """
     allowed = set(allow)
     unknown = allowed - set(GUARD_NAMES)
     if unknown:
         raise ValueError(f"unknown guard(s) {sorted(unknown)}; known: {', '.join(GUARD_NAMES)}")
     verdicts: list[GuardVerdict] = []
-    synced = plan.synced_before
-    rows = plan.counts["rows"]
+    synced = synced_before
+    rows = counts.get("rows", 0)
 
     empty = guards.abort_on_empty_segment and rows == 0 and synced > 0
     verdicts.append(
@@ -410,7 +234,7 @@ def evaluate_guards(
         )
     )
     if sync_mode is SyncMode.MIRROR:
-        removed = plan.counts["removed"]
+        removed = counts.get("removed", 0)
         share = 100.0 * removed / synced if synced else 0.0
         tripped = synced > 0 and share > guards.max_removed_percent
         verdicts.append(
@@ -422,7 +246,7 @@ def evaluate_guards(
                 f"{guards.max_removed_percent:g}%)",
             )
         )
-    changed = plan.counts["changed"]
+    changed = counts.get("changed", 0)
     share = 100.0 * changed / synced if synced else 0.0
     tripped = synced > 0 and share > guards.max_changed_percent
     verdicts.append(

@@ -199,8 +199,10 @@ def test_rejects_file_lists_every_rejected_row(
     assert code == 0, output
     lines = [json.loads(line) for line in rejects.read_text().splitlines()]
     reasons = [(line["custom_id"], line["issues"][0]["reason"]) for line in lines]
-    assert len(reasons) == 32  # all 30 invalid rows (the run record keeps a sample), 1 duplicate, 1 refused by Batch
-    assert reasons.count(("c00035", "duplicate_custom_id")) == 1
+    # All 30 invalid rows (the run record keeps a sample), both copies of the duplicated id
+    # (each copy is its own rejected row), and the row Batch refused.
+    assert len(reasons) == 33
+    assert reasons.count(("c00035", "duplicate_custom_id")) == 2
     assert ("c00031", "batch_rejected") in reasons
     assert {line["activation"] for line in lines} == {"cli_people"}
     assert lines[0]["row"] == 1

@@ -145,20 +145,27 @@ def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segmen
 
     kill_after_applied(cli(config, state), sim, 800)
     assert stored_ids(state, "crash_test") == set()
-    store = SQLiteStateStore(state)
-    try:
-        assert len(store.load_intents("crash_test")) == ROWS  # recorded before the first send
-    finally:
-        store.close()
     landed = {cid for cid, attrs in sim.profiles(PROJECT_KEY).items() if attrs}
     assert landed
+    store = SQLiteStateStore(state)
+    try:
+        # Guarantee 7: every profile that reached Batch had its intent recorded first (the
+        # streamed pipeline records them request by request, before each request leaves).
+        intents = store.load_intents("crash_test")
+        assert landed <= intents
+        assert len(intents) < ROWS or len(landed) == ROWS
+    finally:
+        store.close()
 
     for row in rows[:600]:
         row["active"] = False
     write_segment(tmp_path / "segment.duckdb", rows)
     time.sleep(2.2)
     sim.faults.latency_ms = 0
-    finished = cli(config, state)
+    # Intents are recorded request by request, so only the ~800 ids the killed run had
+    # started to send count as synced: clearing 600 of them trips the 50 % removal guard,
+    # rightly. The run under test is the deliberate recovery, so the guard is allowed once.
+    finished = cli(config, state, "--allow", "removed_percent")
     output = finished.communicate(timeout=120)[0].decode()
     assert finished.returncode == 0, output
 

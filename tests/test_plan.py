@@ -1,351 +1,354 @@
-"""The planner and the guards, on hand-built mapped rows (pure: no source, no Batch)."""
+"""Planning: outcomes of moved rows, the guards, and the columnar pipeline against the reference.
+
+The columnar pipeline (sync.diff in DuckDB → map only moved rows → sync.plan) must decide
+exactly what the row-at-a-time reference planner (tests/reference_plan.py, the engine's
+previous design) decides: new, changed, unchanged, refreshed, removed, rejected with the
+same reasons. The property test drives both on generated segments with nulls, duplicates,
+unicode and cosmetic changes, through the real engine (DuckDB file, SQLite state, the
+HTTP simulator for the acknowledgements of the first run).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+import asyncio
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pytest
+from engine_support import API_KEY, PROJECT_KEY, make_activation, make_client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference_plan import Planner
 
-from sync.config import GuardsConfig, RunType, SyncMode, parse_activation
+from sync.batch.simulator import BatchSimulator
+from sync.config import Activation, GuardsConfig, RunType, SyncMode
+from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.engine import Run, RunOptions
 from sync.fingerprint import payload_fingerprint
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import Fingerprint, MappedRow, Reason, RowIssue
-from sync.plan import Plan, Planner, evaluate_guards, hashable_columns, plan_batch, raw_salt
+from sync.plan import Outcome, evaluate_guards, plan_rows
+from sync.sources.duckdb import DuckDBSource
+from sync.state.sqlite import SQLiteStateStore
 
-VERSION = "v1"
-_open_plans: list[Plan] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_spools() -> Iterator[None]:
-    yield
-    while _open_plans:
-        _open_plans.pop().spool.close()
+# -- plan_rows on hand-built differ batches ------------------------------------------------
 
 
-def row(custom_id: str | None, **attributes: Any) -> MappedRow:
+def differ_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    """A batch as sync.diff hands it over: row number, raw hash, duplicate flag, stored fingerprint."""
+    return pa.RecordBatch.from_pylist(
+        [
+            {
+                ROW: index + 1,
+                RAW: row.get("raw", 1),
+                DUPLICATE: row.get("duplicate", False),
+                STORED_RAW: row.get("stored_raw"),
+                STORED_PAYLOAD: row.get("stored_payload"),
+            }
+            for index, row in enumerate(rows)
+        ],
+        schema=pa.schema(
+            [
+                (ROW, pa.int64()),
+                (RAW, pa.uint64()),
+                (DUPLICATE, pa.bool_()),
+                (STORED_RAW, pa.uint64()),
+                (STORED_PAYLOAD, pa.uint64()),
+            ]
+        ),
+    )
+
+
+def mapped(custom_id: str | None, **attributes: Any) -> MappedRow:
     return MappedRow(custom_id, dict(attributes))
 
 
-def bad(custom_id: str | None, reason: Reason = Reason.INVALID_EMAIL) -> MappedRow:
-    return MappedRow(custom_id, None, [RowIssue("email", reason, "'nope'")])
-
-
-def stored_for(attributes: dict[str, Any], raw: int = 1) -> Fingerprint:
-    return Fingerprint(raw=raw, payload=payload_fingerprint(attributes))
-
-
-def make_plan(
-    rows: list[tuple[MappedRow, int]],
-    *,
-    stored: dict[str, Fingerprint] | None = None,
-    intents: set[str] | None = None,
-    run_type: RunType = RunType.FULL_THEN_DELTA,
-    sync_mode: SyncMode = SyncMode.UPSERT,
-    full: bool = False,
-) -> Plan:
-    planner = Planner(
-        run_type=run_type,
-        sync_mode=sync_mode,
-        full=full,
-        stored=stored or {},
-        intents=intents or set(),
+def test_new_changed_unchanged_and_refresh_are_told_apart() -> None:
+    same = payload_fingerprint({"p": 1})
+    batch = differ_batch(
+        [
+            {},  # no stored fingerprint
+            {"stored_raw": 9, "stored_payload": same, "raw": 2},  # payload moved
+            {"stored_raw": 9, "stored_payload": same, "raw": 3},  # raw moved, payload equal
+        ]
     )
-    for mapped, raw in rows:
-        planner.add(mapped, raw)
-    plan = planner.finish()
-    _open_plans.append(plan)
-    return plan
-
-
-def test_first_run_sends_every_valid_row_as_new_sorted_by_id() -> None:
-    plan = make_plan([(row("b", points=1), 1), (row("a", points=2), 2)])
-    assert [s.custom_id for s in plan.sends] == ["a", "b"]
-    assert {s.kind for s in plan.sends} == {"new"}
-    assert plan.counts["new"] == 2
-    assert plan.spool.read(plan.sends[0].offset, plan.sends[0].length) == {"points": 2}
-
-
-def test_delta_sends_only_new_and_changed() -> None:
-    stored = {"same": stored_for({"points": 1}), "moved": stored_for({"points": 1})}
-    plan = make_plan(
-        [(row("same", points=1), 1), (row("moved", points=2), 1), (row("fresh", points=3), 1)], stored=stored
+    plan = plan_rows(
+        batch, [mapped("a", p=1), mapped("b", p=2), mapped("c", p=1)], full=False, duplicates={}, id_column="id"
     )
-    assert {s.custom_id: s.kind for s in plan.sends} == {"moved": "changed", "fresh": "new"}
-    assert plan.summary() == {
-        "rows": 3,
-        "new": 1,
-        "changed": 1,
-        "unchanged": 1,
-        "skipped_unmapped": 0,
-        "removed": 0,
-        "rejected": 0,
-        "duplicates": 0,
-        "refreshed": 0,
-    }
+    assert [(s.custom_id, s.kind) for s in plan.sends] == [("a", Outcome.NEW), ("b", Outcome.CHANGED)]
+    assert plan.sends[0].body == b'{"p":1}'
+    assert [(r.custom_id, r.fingerprint) for r in plan.refreshes] == [("c", Fingerprint(3, same))]
+    assert plan.tally.summary()["refreshed"] == 1
+    assert plan.tally.summary()["unchanged"] == 1
 
 
-def test_a_cosmetic_source_change_is_a_refresh_not_a_send() -> None:
-    stored = {"a": stored_for({"lang": "fr"}, raw=10)}
-    plan = make_plan([(row("a", lang="fr"), 11)], stored=stored)
-    assert plan.sends == []
-    assert plan.counts["refreshed"] == 1
-    assert plan.refreshes[0].custom_id == "a"
-    assert plan.refreshes[0].fingerprint == Fingerprint(raw=11, payload=stored["a"].payload)
+def test_a_full_pass_sends_unchanged_payloads_too() -> None:
+    same = payload_fingerprint({"p": 1})
+    batch = differ_batch([{"stored_raw": 1, "stored_payload": same}])
+    plan = plan_rows(batch, [mapped("a", p=1)], full=True, duplicates={}, id_column="id")
+    assert [(s.custom_id, s.kind) for s in plan.sends] == [("a", Outcome.UNCHANGED)]
+    assert plan.refreshes == []
 
 
-@pytest.mark.parametrize("how", ["full_only", "forced"])
-def test_full_runs_send_unchanged_rows_too(how: str) -> None:
-    stored = {"a": stored_for({"points": 1})}
-    plan = make_plan(
-        [(row("a", points=1), 1)],
-        stored=stored,
-        run_type=RunType.FULL_ONLY if how == "full_only" else RunType.FULL_THEN_DELTA,
-        full=how == "forced",
+def test_every_copy_of_a_duplicated_id_is_rejected_with_its_row_number() -> None:
+    batch = differ_batch([{"duplicate": True}, {}, {"duplicate": True}])
+    plan = plan_rows(
+        batch, [mapped("d", p=1), mapped("e", p=1), mapped("d", p=2)], full=False, duplicates={"d": 2}, id_column="id"
     )
-    assert [(s.custom_id, s.kind) for s in plan.sends] == [("a", "unchanged")]
-    assert plan.full
+    assert [s.custom_id for s in plan.sends] == ["e"]
+    assert [(r.row_number, r.custom_id, r.issues[0].reason) for r in plan.rejected] == [
+        (1, "d", Reason.DUPLICATE_CUSTOM_ID),
+        (3, "d", Reason.DUPLICATE_CUSTOM_ID),
+    ]
+    assert plan.rejected[0].issues[0].field == "id"
+    assert "appears 2 times" in plan.rejected[0].issues[0].detail
+    assert plan.tally.summary()["duplicates"] == 2
+    assert plan.tally.summary()["rejected"] == 2
 
 
-def test_try_skip_accounts_unchanged_rows_without_mapping() -> None:
-    planner = Planner(
-        run_type=RunType.FULL_THEN_DELTA,
-        sync_mode=SyncMode.MIRROR,
-        full=False,
-        stored={"a": Fingerprint(5, 6), "7": Fingerprint(8, 9)},
-    )
-    assert planner.try_skip("a", 5)
-    assert planner.try_skip(7, 8)  # integer ids are compared as their decimal string
-    assert not planner.try_skip("a", 99)
-    assert not planner.try_skip("unknown", 5)
-    assert not planner.try_skip(None, 5)
-    plan = planner.finish()
-    _open_plans.append(plan)
-    assert plan.counts["unchanged"] == 2
-    assert plan.counts["skipped_unmapped"] == 2
-    assert plan.removals == []  # skipped rows are present in the segment
-
-
-def test_full_runs_never_skip() -> None:
-    planner = Planner(
-        run_type=RunType.FULL_ONLY,
-        sync_mode=SyncMode.UPSERT,
-        full=False,
-        stored={"a": Fingerprint(5, 6)},
-    )
-    assert not planner.try_skip("a", 5)
-    _open_plans.append(planner.finish())
-
-
-def test_every_copy_of_a_duplicated_id_is_rejected_and_not_removed() -> None:
-    stored = {"twin": stored_for({"points": 1})}
-    plan = make_plan(
-        [(row("twin", points=2), 1), (row("solo", points=1), 1), (row("twin", points=3), 2)],
-        stored=stored,
-        sync_mode=SyncMode.MIRROR,
-    )
-    assert [s.custom_id for s in plan.sends] == ["solo"]
-    assert plan.counts["duplicates"] == 2
-    assert plan.counts["rejected"] == 2
-    assert plan.rejected_by_reason[Reason.DUPLICATE_CUSTOM_ID.value] == 2
-    assert plan.removals == []
-    assert plan.rejected_samples[0].custom_id == "twin"
-
-
-def test_a_duplicate_where_one_copy_is_also_invalid_counts_each_row_once() -> None:
-    plan = make_plan([(bad("x"), 1), (row("x", points=1), 2), (row("x", points=2), 3)])
-    assert plan.counts["rejected"] == 3
-    assert plan.counts["duplicates"] == 3
-    assert plan.sends == []
-
-
-def test_a_rejected_row_is_not_a_removal_even_in_mirror_mode() -> None:
-    stored = {"kept": stored_for({"points": 1}), "gone": stored_for({"points": 1})}
-    plan = make_plan([(bad("kept"), 1)], stored=stored, sync_mode=SyncMode.MIRROR)
-    assert plan.removals == ["gone"]
-    assert plan.counts["rejected"] == 1
-    assert plan.rejected_samples[0].issues[0].reason is Reason.INVALID_EMAIL
-
-
-def test_mirror_removes_synced_and_intended_ids_that_left() -> None:
-    stored = {"a": stored_for({"p": 1}), "b": stored_for({"p": 1})}
-    plan = make_plan([(row("a", p=1), 1)], stored=stored, intents={"c", "a"}, sync_mode=SyncMode.MIRROR)
-    assert plan.removals == ["b", "c"]
-    assert plan.synced_before == 3
-
-
-def test_upsert_never_removes() -> None:
-    plan = make_plan([], stored={"a": stored_for({"p": 1})}, sync_mode=SyncMode.UPSERT)
-    assert plan.removals == []
-
-
-def test_rows_without_a_usable_id_are_rejected_and_sampled() -> None:
-    plan = make_plan([(bad(None, Reason.MISSING_CUSTOM_ID), 1)])
-    assert plan.counts["rejected"] == 1
-    assert plan.rejected_samples[0].as_record() == {
-        "row": 1,
-        "custom_id": None,
-        "issues": [{"field": "email", "reason": "missing_custom_id", "detail": "'nope'"}],
-    }
-
-
-def test_dropped_attributes_are_counted_but_the_row_is_sent() -> None:
-    mapped = MappedRow("a", {"points": 1}, [RowIssue("phone", Reason.INVALID_PHONE, "'12'")])
-    plan = make_plan([(mapped, 1)])
-    assert len(plan.sends) == 1
-    assert plan.dropped_by_reason == {"invalid_phone": 1}
+def test_invalid_rows_are_rejected_and_dropped_attributes_counted() -> None:
+    bad = MappedRow("x", None, [RowIssue("email", Reason.INVALID_EMAIL, "'nope'")])
+    dropped = MappedRow("y", {"p": 1}, [RowIssue("phone", Reason.INVALID_PHONE, "'0'")])
+    no_id = MappedRow(None, None, [RowIssue("id", Reason.MISSING_CUSTOM_ID, "custom_id is null")])
+    plan = plan_rows(differ_batch([{}, {}, {}]), [bad, dropped, no_id], full=False, duplicates={}, id_column="id")
+    assert [s.custom_id for s in plan.sends] == ["y"]
+    assert plan.tally.rejected_by_reason == {"invalid_email": 1, "missing_custom_id": 1}
+    assert plan.tally.dropped_by_reason == {"invalid_phone": 1}
 
 
 # -- guards -------------------------------------------------------------------------------
 
 
+def verdicts_of(counts: dict[str, int], synced: int, guards: GuardsConfig, mode: SyncMode, **kw: Any) -> dict[str, Any]:
+    return {v.name: v for v in evaluate_guards(counts, guards, synced_before=synced, sync_mode=mode, **kw)}
+
+
 def test_guards_trip_on_an_empty_segment_with_state() -> None:
-    plan = make_plan([], stored={"a": stored_for({"p": 1})}, sync_mode=SyncMode.MIRROR)
-    verdicts = {v.name: v for v in evaluate_guards(plan, GuardsConfig(), sync_mode=SyncMode.MIRROR)}
+    verdicts = verdicts_of({"rows": 0, "removed": 1}, 1, GuardsConfig(), SyncMode.MIRROR)
     assert verdicts["empty_segment"].tripped
     assert verdicts["removed_percent"].tripped
     assert "1 of 1" in verdicts["removed_percent"].detail
 
 
 def test_guards_can_be_overridden_for_one_run() -> None:
-    plan = make_plan([], stored={"a": stored_for({"p": 1})}, sync_mode=SyncMode.MIRROR)
-    verdicts = evaluate_guards(plan, GuardsConfig(), sync_mode=SyncMode.MIRROR, allow=["empty_segment"])
+    counts = {"rows": 0, "removed": 1}
+    verdicts = evaluate_guards(
+        counts, GuardsConfig(), synced_before=1, sync_mode=SyncMode.MIRROR, allow=["empty_segment"]
+    )
     assert [v.name for v in verdicts if v.tripped and not v.overridden] == ["removed_percent"]
     with pytest.raises(ValueError, match="unknown guard"):
-        evaluate_guards(plan, GuardsConfig(), sync_mode=SyncMode.MIRROR, allow=["everything"])
+        evaluate_guards(counts, GuardsConfig(), synced_before=1, sync_mode=SyncMode.MIRROR, allow=["everything"])
 
 
 def test_removed_percent_threshold_is_strict() -> None:
-    stored = {str(i): stored_for({"p": 1}) for i in range(10)}
-    rows = [(row(str(i), p=1), 1) for i in range(8)]
-    plan = make_plan(rows, stored=stored, sync_mode=SyncMode.MIRROR)
-    at_limit = {
-        v.name: v for v in evaluate_guards(plan, GuardsConfig(max_removed_percent=20), sync_mode=SyncMode.MIRROR)
-    }
-    below = {v.name: v for v in evaluate_guards(plan, GuardsConfig(max_removed_percent=19), sync_mode=SyncMode.MIRROR)}
-    assert not at_limit["removed_percent"].tripped
-    assert below["removed_percent"].tripped
+    counts = {"rows": 8, "removed": 2}
+    assert not verdicts_of(counts, 10, GuardsConfig(max_removed_percent=20), SyncMode.MIRROR)["removed_percent"].tripped
+    assert verdicts_of(counts, 10, GuardsConfig(max_removed_percent=19), SyncMode.MIRROR)["removed_percent"].tripped
 
 
 def test_changed_percent_guard() -> None:
-    stored = {str(i): stored_for({"p": 1}) for i in range(4)}
-    rows = [(row(str(i), p=2 if i < 3 else 1), 1) for i in range(4)]
-    plan = make_plan(rows, stored=stored)
-    verdicts = {
-        v.name: v for v in evaluate_guards(plan, GuardsConfig(max_changed_percent=50), sync_mode=SyncMode.UPSERT)
-    }
+    verdicts = verdicts_of({"rows": 4, "changed": 3}, 4, GuardsConfig(max_changed_percent=50), SyncMode.UPSERT)
     assert verdicts["changed_percent"].tripped
     assert "3 of 4" in verdicts["changed_percent"].detail
     assert "removed_percent" not in verdicts  # upsert never removes
 
 
 def test_no_guard_trips_on_a_first_run() -> None:
-    plan = make_plan([(row("a", p=1), 1)])
-    assert not any(v.tripped for v in evaluate_guards(plan, GuardsConfig(), sync_mode=SyncMode.MIRROR))
-
-
-def test_a_skipped_row_seen_twice_is_a_duplicate_and_other_rows_are_unaffected() -> None:
-    planner = Planner(
-        run_type=RunType.FULL_THEN_DELTA,
-        sync_mode=SyncMode.MIRROR,
-        full=False,
-        stored={"a": Fingerprint(5, 6), "b": Fingerprint(7, 8), "c": Fingerprint(9, 10)},
+    assert not any(
+        v.tripped for v in evaluate_guards({"rows": 1}, GuardsConfig(), synced_before=0, sync_mode=SyncMode.MIRROR)
     )
-    assert planner.try_skip("a", 5)
-    assert planner.try_skip("b", 7)
-    assert planner.try_skip("a", 5)  # the same id again, skipped again
-    planner.add(row("b", p=1), 99)  # and b again, mapped this time
-    plan = planner.finish()
-    _open_plans.append(plan)
-    assert plan.counts["duplicates"] == 4
-    assert plan.counts["rejected"] == 4
-    assert plan.counts["unchanged"] == 0
-    assert plan.removals == ["c"]
 
 
-# -- plan_batch: the engine's per-batch loop ------------------------------------------------
+# -- the columnar pipeline against the row-at-a-time reference -----------------------------
 
-
-def _mapper_and_batch(rows: list[dict[str, Any]]) -> tuple[Any, pa.RecordBatch]:
-    activation = parse_activation(
-        {
-            "name": "plan_batch",
-            "source": {"type": "duckdb", "database": "x.duckdb", "table": "t"},
-            "destination": {"api_key_env": "K", "project_key_env": "P"},
-            "mapping": {"custom_id": "id", "email": "email"},
-            "attributes": [{"column": "seen_at"}, {"column": "born"}, {"column": "amount"}],
-        },
-        source="test",
-    )
-    batch = pa.RecordBatch.from_pylist(
-        rows,
-        schema=pa.schema(
-            [
-                ("id", pa.string()),
-                ("email", pa.string()),
-                ("seen_at", pa.timestamp("us", tz="UTC")),
-                ("born", pa.date32()),
-                ("amount", pa.decimal128(10, 2)),
-            ]
-        ),
-    )
-    mapper = ProfileMapper(activation, resolve_attribute_types(activation, batch.schema, source="test"))
-    return mapper, batch
-
-
-def _rows(count: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"p{i}",
-            "email": f"p{i}@example.com",
-            "seen_at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=i),
-            "born": date(1990, 1, 1) + timedelta(days=i),
-            "amount": Decimal(f"{i}.50"),
-        }
-        for i in range(count)
+SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("email", pa.string()),
+        ("language", pa.string()),
+        ("points", pa.int64()),
+        ("active", pa.bool_()),
     ]
+)
+IDS = st.one_of(
+    st.none(),
+    st.sampled_from(["", " ", "null", "a", "b", "c", "d", "é", "ü-1", " e", "e"]),
+    st.text(alphabet="abcxyzé ", min_size=1, max_size=4),
+)
+ROWS = st.fixed_dictionaries(
+    {
+        "customer_id": IDS,
+        "email": st.sampled_from([None, "", "a@example.com", "B@Example.com", "nope", "[/x]@@"]),
+        "language": st.sampled_from([None, "fr", "FR", "fr-FR", "xx", "en"]),
+        "points": st.one_of(st.none(), st.integers(-3, 3)),
+        "active": st.just(True),
+    }
+)
+# A second day: every row may change a little (a cosmetic language change, new points) or
+# leave; new rows may join.
+CHANGES = st.lists(st.sampled_from(["same", "points", "cosmetic", "leave", "email"]), min_size=0, max_size=12)
 
 
-def _plan_batch(batch: pa.RecordBatch, mapper: Any, stored: dict[str, Fingerprint]) -> Plan:
-    planner = Planner(run_type=RunType.FULL_THEN_DELTA, sync_mode=SyncMode.UPSERT, full=False, stored=stored)
-    plan_batch(planner, mapper, batch, columns=mapper.columns, id_column="id", mapping_version="v1", first_row_number=1)
-    plan = planner.finish()
-    _open_plans.append(plan)
-    return plan
+def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    with duckdb.connect(str(path)) as connection:
+        connection.register("incoming", pa.Table.from_pylist(rows, schema=SCHEMA))
+        connection.execute("CREATE OR REPLACE TABLE people AS SELECT * FROM incoming")
+        connection.unregister("incoming")
 
 
-def test_hashable_columns_are_plain_values() -> None:
-    _, batch = _mapper_and_batch(_rows(2))
-    seen_at, born, amount = hashable_columns(batch, ["seen_at", "born", "amount"])
-    assert seen_at == [1_767_225_600_000_000, 1_767_229_200_000_000]  # µs since the epoch
-    assert born == [7305, 7306]  # days since the epoch
-    assert amount == ["0.50", "1.50"]
+def activation_for(directory: Path, base_url: str, mode: SyncMode, run_type: RunType) -> Activation:
+    return make_activation(
+        directory,
+        base_url,
+        sync_mode=mode.value,
+        run_type=run_type.value,
+        mapping={"custom_id": "customer_id", "email": "email", "phone": None, "language": "language"},
+        attributes=[{"column": "points"}],
+        guards={"max_removed_percent": 100, "max_changed_percent": 100, "abort_on_empty_segment": False},
+    )
 
 
-def test_the_raw_salt_follows_column_types() -> None:
-    as_int = pa.schema([("x", pa.int64())])
-    as_time = pa.schema([("x", pa.timestamp("us"))])
-    assert raw_salt("v1", as_int, ["x"]) != raw_salt("v1", as_time, ["x"])
-    assert raw_salt("v1", as_int, ["x"]) != raw_salt("v2", as_int, ["x"])
-    assert raw_salt("v1", as_int, ["x"]) == raw_salt("v1", as_int, ["x"])
+def reference_decisions(
+    activation: Activation, day1: list[dict[str, Any]], day2: list[dict[str, Any]], full: bool
+) -> dict[str, Any]:
+    """The reference planner, both days: day 1 acknowledged in full, day 2 planned."""
+    types = resolve_attribute_types(activation, SCHEMA, source="test")
+    mapper = ProfileMapper(activation, types)
 
+    def plan(rows: list[dict[str, Any]], stored: dict[str, Fingerprint], *, full: bool) -> Any:
+        planner = Planner(run_type=activation.run_type, sync_mode=activation.sync_mode, full=full, stored=stored)
+        for index, row in enumerate(rows):
+            planner.add(mapper.map_row(row), raw=hash(repr(sorted(row.items()))) & (2**64 - 1), row_number=index + 1)
+        return planner.finish()
 
-def test_plan_batch_skips_unchanged_rows_and_maps_moved_ones_in_place() -> None:
-    rows = _rows(5)
-    mapper, batch = _mapper_and_batch(rows)
-    first = _plan_batch(batch, mapper, {})
-    assert first.counts["new"] == 5
+    first = plan(day1, {}, full=False)
     stored = {send.custom_id: send.fingerprint for send in first.sends}
+    first.spool.close()
+    second = plan(day2, stored, full=full)
+    second.spool.close()
+    return {
+        "sends": sorted((send.custom_id, send.kind) for send in second.sends),
+        "removals": sorted(second.removals),
+        "rejected": Counter(second.rejected_by_reason),
+        "rejected_rows": second.counts["rejected"],
+        "unchanged": second.counts["unchanged"],
+    }
 
-    rows[1]["seen_at"] += timedelta(seconds=1)
-    rows[3]["email"] = "broken"
-    mapper, batch = _mapper_and_batch(rows)
-    second = _plan_batch(batch, mapper, stored)
-    assert second.counts["skipped_unmapped"] == 3
-    assert [send.custom_id for send in second.sends] == ["p1"]
-    assert second.spool.read(second.sends[0].offset, second.sends[0].length)["date(seen_at)"] == "2026-01-01T01:00:01Z"
-    assert [(sample.row_number, sample.custom_id) for sample in second.rejected_samples] == [(4, "p3")]
+
+def engine_decisions(
+    tmp_path: Path, activation: Activation, day1: list[dict[str, Any]], day2: list[dict[str, Any]], full: bool
+) -> dict[str, Any]:
+    """The engine: day 1 really sent to the simulator and acknowledged, day 2 planned."""
+    segment = tmp_path / "segment.duckdb"
+    state = tmp_path / "state.db"
+
+    async def both() -> dict[str, Any]:
+        write_table(segment, day1)
+        store = SQLiteStateStore(state)
+        try:
+            source = DuckDBSource(activation.source, activation=activation.name)  # type: ignore[arg-type]
+            try:
+                first = await Run(activation, source=source, store=store, client=make_client(activation)).execute()
+                assert first.status.startswith("succeeded"), first.record["error"]
+            finally:
+                source.close()
+            write_table(segment, day2)
+            source = DuckDBSource(activation.source, activation=activation.name)  # type: ignore[arg-type]
+            try:
+                rejected: list[dict[str, Any]] = []
+                run = Run(
+                    activation,
+                    source=source,
+                    store=store,
+                    client=None,
+                    options=RunOptions(trigger="plan", full=full),
+                    rejects=rejected.append,
+                )
+                preview = await run.plan_only(sample=10_000)
+            finally:
+                source.close()
+        finally:
+            store.close()
+        counts = preview.record["counts"]
+        reasons = Counter(preview.record["rejected_by_reason"])
+        return {
+            "sends": sorted((change["custom_id"], change["kind"]) for change in preview.sample_changes),
+            "removals": sorted(preview.sample_removals),
+            "rejected": reasons,
+            "rejected_rows": counts["rejected"],
+            "unchanged": counts["unchanged"],
+        }
+
+    return asyncio.run(both())
+
+
+def day_two(day1: list[dict[str, Any]], changes: list[str], joiners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for index, row in enumerate(day1):
+        change = changes[index] if index < len(changes) else "same"
+        if change == "leave":
+            continue
+        row = dict(row)
+        if change == "points":
+            row["points"] = (row["points"] or 0) + 10
+        elif change == "cosmetic" and row["language"] == "fr":
+            row["language"] = "FR"  # maps to the same payload: a refresh
+        elif change == "email":
+            row["email"] = "changed@example.com"
+        rows.append(row)
+    return rows + joiners
+
+
+@pytest.mark.parametrize(
+    ("mode", "run_type", "full"),
+    [
+        (SyncMode.UPSERT, RunType.FULL_THEN_DELTA, False),
+        (SyncMode.MIRROR, RunType.FULL_THEN_DELTA, False),
+        (SyncMode.UPSERT, RunType.FULL_ONLY, False),
+        (SyncMode.MIRROR, RunType.FULL_THEN_DELTA, True),
+    ],
+    ids=["upsert-delta", "mirror-delta", "full-only", "mirror-forced-full"],
+)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    day1=st.lists(ROWS, min_size=0, max_size=14),
+    changes=CHANGES,
+    joiners=st.lists(ROWS, max_size=4),
+)
+def test_the_columnar_pipeline_decides_like_the_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+    mode: SyncMode,
+    run_type: RunType,
+    full: bool,
+    day1: list[dict[str, Any]],
+    changes: list[str],
+    joiners: list[dict[str, Any]],
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("plan")
+    simulator = BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)
+
+    async def start() -> str:
+        return await simulator.start()
+
+    loop = asyncio.new_event_loop()
+    try:
+        base_url = loop.run_until_complete(start())
+        # The simulator serves from its own loop in a thread while the engine runs.
+        import threading
+
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            activation = activation_for(tmp_path, base_url, mode, run_type)
+            day2 = day_two(day1, changes, joiners)
+            expected = reference_decisions(activation, day1, day2, full)
+            assert engine_decisions(tmp_path, activation, day1, day2, full) == expected
+        finally:
+            asyncio.run_coroutine_threadsafe(simulator.stop(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+    finally:
+        loop.close()

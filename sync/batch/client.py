@@ -131,14 +131,29 @@ def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: in
 
 @dataclass(frozen=True)
 class ProfileUpdate:
-    """One profile to upsert: its Custom ID and the attributes to set (``None`` deletes one)."""
+    """One profile to upsert: its Custom ID and the attributes to set (``None`` deletes one).
+
+    ``encoded``, when given, is the attributes already encoded as a JSON object (the
+    engine's canonical payload bytes, ``sync.fingerprint.canonical_json``): the request body
+    is assembled from it as it is, so a full load encodes each payload once, not twice.
+    """
 
     custom_id: str
-    attributes: dict[str, Any]
+    attributes: dict[str, Any] | None = None
+    encoded: bytes | None = None
 
     def to_request_item(self) -> dict[str, Any]:
         """The item as Batch expects it in the request array."""
-        return {"identifiers": {"custom_id": self.custom_id}, "attributes": self.attributes}
+        attributes = self.attributes if self.encoded is None else json.loads(self.encoded)
+        return {"identifiers": {"custom_id": self.custom_id}, "attributes": attributes}
+
+    def request_bytes(self) -> bytes:
+        """The item as UTF-8 JSON bytes, ready to join into the request array."""
+        attributes = self.encoded
+        if attributes is None:
+            attributes = json.dumps(self.attributes, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        identifier = json.dumps(self.custom_id, ensure_ascii=False).encode("utf-8")
+        return b'{"identifiers":{"custom_id":' + identifier + b'},"attributes":' + attributes + b"}"
 
 
 @dataclass
@@ -302,9 +317,7 @@ class BatchClient:
         if not profiles:
             return outcome
         ids = [profile.custom_id for profile in profiles]
-        payload = json.dumps(
-            [profile.to_request_item() for profile in profiles], ensure_ascii=False, separators=(",", ":")
-        ).encode("utf-8")
+        payload = b"[" + b",".join(profile.request_bytes() for profile in profiles) + b"]"
         url = self.url(endpoint)
         limiter = self._limiters.get(self._credentials.project_key.get_secret_value(), endpoint)
         max_attempts = self._destination.max_attempts

@@ -304,6 +304,8 @@ class BigQuerySource:
         )
         self._source_schema: list[bigquery.SchemaField] | None = None
         self._open_batches: Iterator[pa.RecordBatch] | None = None
+        # The query's result table and schema once it ran: later reads of the run reuse it.
+        self._result: tuple[bigquery.TableReference, list[bigquery.SchemaField]] | None = None
         self._stats: dict[str, Any] = {
             "engine": "bigquery",
             "segment": "table" if self._table_ref is not None else "query",
@@ -389,6 +391,12 @@ class BigQuerySource:
         if self._table_ref is not None:
             fields = self._select(self._bigquery_schema(), columns)
             source: bigquery.Table | bigquery.TableReference = self._table_ref
+        elif self._result is not None:
+            # A later read of the same run (the engine reads the id column, then the rows):
+            # the query's result table again, one consistent snapshot, no second job.
+            destination, result_fields = self._result
+            fields = self._select(result_fields, columns)
+            source = destination
         else:
             job = self._call("running the query", self._start_query, dry_run=False)
             self._stats["job_id"] = job.job_id
@@ -407,8 +415,10 @@ class BigQuerySource:
                     field="source.query",
                 )
             # The job's final schema is authoritative (the dry run's is an estimate of it).
-            fields = self._select(list(job.schema or self._bigquery_schema()), columns)
+            result_fields = list(job.schema or self._bigquery_schema())
+            fields = self._select(result_fields, columns)
             source = job.destination
+            self._result = (job.destination, result_fields)
         target = arrow_schema(fields)
         rows = self._call(
             "reading the segment",

@@ -72,10 +72,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from google.cloud import firestore
 
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.state.base import fold_journal
 
 # Firestore hard limits (https://cloud.google.com/firestore/quotas): a document is at most
 # 1 MiB (1,048,576 bytes) including its name and field names; an API request (so a
@@ -241,6 +244,57 @@ def _decode(blob: bytes, magic: bytes, *, with_flags: bool, with_values: bool, w
     starts = [0, *ends[:-1]] if ends else []
     ids = [text[a:b] for a, b in zip(starts, ends, strict=True)]
     return _Columns(ids, flags, raws, payloads)
+
+
+def _decode_table(blob: bytes, magic: bytes, *, with_flags: bool, where: str) -> pa.Table:
+    """A fingerprint blob as Arrow arrays over its own bytes (plus ``put`` for a journal blob)."""
+    try:
+        body = zlib.decompress(blob)
+        found, count, id_bytes = _HEADER.unpack_from(body, 0)
+    except (zlib.error, struct.error) as exc:
+        raise StateCorruptError(f"{where}: state blob cannot be decoded ({exc})") from exc
+    if found != magic:
+        raise StateCorruptError(f"{where}: state blob has format {found!r}, expected {magic!r}")
+    expected = _HEADER.size + 4 * count + id_bytes + (count if with_flags else 0) + 16 * count
+    if len(body) != expected:
+        raise StateCorruptError(f"{where}: state blob is {len(body)} bytes, expected {expected}")
+    if sys.byteorder == "big":  # pragma: no cover - blobs are little-endian; decode the slow way
+        columns = _decode(blob, magic, with_flags=with_flags, with_values=True, where=where)
+        arrays = [pa.array(columns.ids, pa.string()), pa.array(columns.raws, pa.uint64())]
+        arrays.append(pa.array(columns.payloads, pa.uint64()))
+        if with_flags:
+            assert columns.flags is not None
+            arrays.append(pa.array([bool(flag) for flag in columns.flags], pa.bool_()))
+        return pa.table(arrays, names=["custom_id", "raw", "payload", "put"][: len(arrays)])
+    buffer = pa.py_buffer(body)
+    offset = _HEADER.size
+    lengths = pa.Array.from_buffers(pa.uint32(), count, [None, buffer.slice(offset, 4 * count)])
+    offset += 4 * count
+    id_block = buffer.slice(offset, id_bytes)
+    offset += id_bytes
+    if count and pc.sum(lengths).as_py() == id_bytes:
+        # Lengths are in code points; when they add up to the byte count every id is ASCII,
+        # so they are byte lengths too and become Arrow offsets as they are.
+        ends = pc.cumulative_sum(lengths.cast(pa.int64())).cast(pa.int32())
+        offsets = pa.concat_arrays([pa.array([0], pa.int32()), ends])
+        ids: pa.Array = pa.Array.from_buffers(pa.string(), count, [None, offsets.buffers()[1], id_block])
+    else:
+        text = id_block.to_pybytes().decode("utf-8")
+        bounds = list(itertools.accumulate(lengths.to_pylist()))
+        ids = pa.array([text[a:b] for a, b in zip([0, *bounds[:-1]], bounds, strict=True)], pa.string())
+    arrays = [ids]
+    put: pa.Array | None = None
+    if with_flags:
+        put = pa.Array.from_buffers(pa.uint8(), count, [None, buffer.slice(offset, count)]).cast(pa.bool_())
+        offset += count
+    arrays.append(pa.Array.from_buffers(pa.uint64(), count, [None, buffer.slice(offset, 8 * count)]))
+    offset += 8 * count
+    arrays.append(pa.Array.from_buffers(pa.uint64(), count, [None, buffer.slice(offset, 8 * count)]))
+    names = ["custom_id", "raw", "payload"]
+    if put is not None:
+        arrays.append(put)
+        names.append("put")
+    return pa.table(arrays, names=names)
 
 
 def _hash64(custom_id: str) -> int:
@@ -592,6 +646,21 @@ class FirestoreStateStore:
                 else:
                     result.pop(custom_id, None)
         return result
+
+    def load_fingerprint_table(self, activation: str) -> pa.Table:
+        """Every committed fingerprint as an Arrow table (``sync.state.base.FINGERPRINT_SCHEMA``).
+
+        Each blob is turned into Arrow arrays over its own bytes (ids as one UTF-8 block plus
+        offsets, the two u64 columns as they are stored): no Python object per profile. The
+        live journal is folded in columns (:func:`sync.state.base.fold_journal`).
+        """
+        base: list[pa.Table] = []
+        journal: list[pa.Table] = []
+        for path, blob, is_journal in self._load_blobs(activation, _FP):
+            magic = _FP.journal_magic if is_journal else _FP.shard_magic
+            table = _decode_table(blob, magic, with_flags=is_journal, where=path)
+            (journal if is_journal else base).append(table)
+        return fold_journal(base, journal)
 
     def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
         """Durably apply acknowledged outcomes as journal documents (fenced).
@@ -948,6 +1017,22 @@ class FirestoreStateStore:
 
     def _load_namespace(self, activation: str, ns: _Namespace) -> list[tuple[_Columns, bool]]:
         """Decoded shards then journal documents in sequence order, from one consistent snapshot."""
+        return [
+            (
+                _decode(
+                    blob,
+                    ns.journal_magic if is_journal else ns.shard_magic,
+                    with_flags=is_journal,
+                    with_values=ns.with_values,
+                    where=path,
+                ),
+                is_journal,
+            )
+            for path, blob, is_journal in self._load_blobs(activation, ns)
+        ]
+
+    def _load_blobs(self, activation: str, ns: _Namespace) -> list[tuple[str, bytes, bool]]:
+        """(path, blob, is_journal) of the shards then the journal, from one consistent snapshot."""
         ref = self._activation_ref(activation)
 
         def read(txn: Any) -> list[tuple[str, bytes, bool]]:
@@ -974,20 +1059,8 @@ class FirestoreStateStore:
                 blobs.append((journal_ref.path, entry["blob"], True))
             return blobs
 
-        blobs = self._run_transaction(read, read_only=True)
-        return [
-            (
-                _decode(
-                    blob,
-                    ns.journal_magic if is_journal else ns.shard_magic,
-                    with_flags=is_journal,
-                    with_values=ns.with_values,
-                    where=path,
-                ),
-                is_journal,
-            )
-            for path, blob, is_journal in blobs
-        ]
+        blobs: list[tuple[str, bytes, bool]] = self._run_transaction(read, read_only=True)
+        return blobs
 
     # -- compaction ---------------------------------------------------------------------------
 

@@ -33,8 +33,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+import pyarrow as pa
+
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.state.base import FINGERPRINT_SCHEMA
 
 SCHEMA_VERSION: Final = 1
 
@@ -47,6 +50,8 @@ _I64_LIMIT: Final = 1 << 63
 _U64_MASK: Final = _U64_LIMIT - 1
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# Fingerprints fetched per cursor round trip when loading them as Arrow arrays.
+_LOAD_CHUNK_ROWS: Final = 50_000
 
 _SCHEMA: Final = (
     """
@@ -346,6 +351,37 @@ class SQLiteStateStore:
                     gc.enable()
             self._stats["statements"] += 1
         return loaded
+
+    def load_fingerprint_table(self, activation: str) -> pa.Table:
+        """Every committed fingerprint as an Arrow table (``sync.state.base.FINGERPRINT_SCHEMA``).
+
+        Rows come off the cursor a chunk at a time and go straight into Arrow arrays, so no
+        dict or Fingerprint object is ever built per profile, and the transient tuples of one
+        chunk are all that exist at once. SQLite's signed INTEGER is reinterpreted as the
+        unsigned 64-bit fingerprint with a zero-copy view (two's complement, as stored).
+        """
+        chunks: list[pa.RecordBatch] = []
+        with self._lock:
+            cursor = self._conn.execute(
+                "SELECT custom_id, raw, payload FROM fingerprints WHERE activation = ?", (activation,)
+            )
+            while True:
+                rows = cursor.fetchmany(_LOAD_CHUNK_ROWS)
+                if not rows:
+                    break
+                ids, raws, payloads = zip(*rows, strict=True)
+                chunks.append(
+                    pa.RecordBatch.from_arrays(
+                        [
+                            pa.array(ids, pa.string()),
+                            pa.array(raws, pa.int64()).view(pa.uint64()),
+                            pa.array(payloads, pa.int64()).view(pa.uint64()),
+                        ],
+                        schema=FINGERPRINT_SCHEMA,
+                    )
+                )
+            self._stats["statements"] += 1
+        return pa.Table.from_batches(chunks, schema=FINGERPRINT_SCHEMA)
 
     def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
         """Apply acknowledged outcomes atomically and durably (fenced by ``lease``).

@@ -1,0 +1,301 @@
+"""Change detection in columns: the segment against the acknowledged fingerprints, in DuckDB.
+
+A delta run must look at every segment row, and most rows did not move. This stage never
+builds a Python object for a row that did not move: the segment streams as Arrow record
+batches into an in-memory DuckDB database (the *differ*), which computes each row's
+Custom ID key and raw-values hash and joins them against the stored fingerprints, an Arrow
+table of ``custom_id, raw, payload``. Only the rows that need mapping come back out.
+
+Three reads of the segment, each one streamed (``docs/how-a-run-works.md``):
+
+1. :meth:`SegmentDiff.scan_ids` reads the Custom ID column alone: row count, null ids,
+   duplicated ids (``GROUP BY … HAVING count(*) > 1``), how many ids already have a stored
+   fingerprint, and the ids that left the segment (mirror removals, an anti-join against
+   the synced ids). Everything a guard needs is known before anything is mapped or sent.
+2. :meth:`SegmentDiff.moved_rows` (runs that have state): rows with a stored fingerprint
+   whose raw hash moved. They are few in a delta and must be mapped before the first send,
+   because the ``changed_percent`` guard counts the payloads that really differ.
+3. :meth:`SegmentDiff.rows_to_send`: rows without a stored fingerprint (new), rows with a
+   bad or duplicated id (to be rejected with a reason), and in a full pass every row. This
+   read feeds the send pipeline as it goes: the first request leaves after one batch.
+
+The **raw hash** recipe is DuckDB's ``hash()`` over the mapped columns, salted with the
+mapping version, the columns' Arrow types, the source engine and the DuckDB version::
+
+    hash('<salt>', c1, c2, …, cn)        -- UBIGINT, order-sensitive over its arguments
+
+It only says "the source values may have moved": a mismatch (a DuckDB upgrade, say) costs
+one re-mapping, never a wrong send, because the payload fingerprint (computed in Python from
+the canonical payload, :mod:`sync.fingerprint`) alone decides what is sent.
+
+The **key** is the Custom ID as the mapper writes it (:func:`key_sql`): the string itself,
+or the decimal digits of an integer id. It must equal the mapper's ``custom_id`` exactly,
+or a stored fingerprint would be missed (a resend) and, in mirror mode, the profile taken
+for a removal; ``tests/test_diff.py`` holds the two together on every id type.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sync.errors import ConfigError
+from sync.sources.base import Source
+
+# Columns the differ adds to the mapped ones (names no warehouse column is likely to use).
+KEY: Final = "__cepsync_key"
+RAW: Final = "__cepsync_raw"
+ROW: Final = "__cepsync_row"
+DUPLICATE: Final = "__cepsync_duplicate"
+STORED_RAW: Final = "__cepsync_stored_raw"
+STORED_PAYLOAD: Final = "__cepsync_stored_payload"
+
+# Rows per batch handed to the mapper: small enough that the first request leaves within a
+# second of the stream starting, large enough that per-batch overhead is negligible.
+OUTPUT_BATCH_ROWS: Final = 10_000
+# The differ's own memory cap. DuckDB spills a larger hash table to disk instead of
+# growing without bound; a million stored fingerprints need well under half of this.
+DIFFER_MEMORY_LIMIT: Final = "512MB"
+
+
+def quote_identifier(name: str) -> str:
+    """SQL-quote one identifier (DuckDB doubles any quote)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def key_sql(column: str, arrow_type: pa.DataType) -> str:
+    """SQL for the Custom ID key of ``column``, exactly as ``sync.mapping`` writes the id.
+
+    Strings are taken as they are (never trimmed: Batch ids are whitespace-sensitive);
+    integers become their decimal digits; a decimal becomes the digits of its integral value
+    and NULL when it has a fraction (the mapper rejects such an id, so it has no key).
+    """
+    ref = quote_identifier(column)
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type):
+        return f"CAST({ref} AS VARCHAR)"
+    if pa.types.is_integer(arrow_type):
+        return f"CAST({ref} AS VARCHAR)"
+    if pa.types.is_decimal(arrow_type):
+        if arrow_type.scale == 0:
+            return f"CAST(CAST({ref} AS HUGEINT) AS VARCHAR)"
+        return f"CASE WHEN {ref} = trunc({ref}) THEN CAST(CAST({ref} AS HUGEINT) AS VARCHAR) END"
+    raise ConfigError(
+        f"column '{column}' of Arrow type {arrow_type} cannot hold a Custom ID", field="mapping.custom_id"
+    )
+
+
+def raw_salt(mapping_version: str, schema: pa.Schema, columns: Sequence[str], engine: str) -> str:
+    """What the raw hash is salted with: mapping version, column types, source engine, DuckDB."""
+    types = ";".join(f"{name}:{schema.field(name).type}" for name in columns)
+    return f"cepsync/raw/2|{mapping_version}|{engine}|duckdb {duckdb.__version__}|{types}"
+
+
+@dataclass
+class IdScan:
+    """What one read of the Custom ID column says about the segment."""
+
+    rows: int
+    null_ids: int
+    # key -> copies, for every id that appears more than once.
+    duplicates: dict[str, int]
+    # Distinct non-duplicated ids that already have a stored fingerprint.
+    matched: int
+    # Distinct non-duplicated ids without one (profiles a run will create).
+    new_ids: int
+    # Synced ids (stored or intents) no longer in the segment, sorted.
+    removed: list[str] = field(default_factory=list)
+    # Profiles the activation had synced before this run (stored fingerprints or intents).
+    synced: int = 0
+
+    @property
+    def duplicate_rows(self) -> int:
+        return sum(self.duplicates.values())
+
+
+class SegmentDiff:
+    """The differ of one run: an in-memory DuckDB holding the stored fingerprints.
+
+    Args:
+        source: Where the segment comes from (read up to three times, streamed each time).
+        columns: The mapped columns, Custom ID first (``ProfileMapper.columns``).
+        schema: The segment's Arrow schema (``Source.schema()``).
+        stored: The acknowledged fingerprints (``sync.state.base.FINGERPRINT_SCHEMA``).
+        intents: Ids recorded as possibly synced (mirror mode), not in ``stored``.
+        salt: :func:`raw_salt` of this run.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        columns: Sequence[str],
+        schema: pa.Schema,
+        stored: pa.Table,
+        intents: Sequence[str] = (),
+        salt: str,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> None:
+        self._source = source
+        self._columns = list(columns)
+        self._id_column = self._columns[0]
+        self._schema = schema
+        self._key = key_sql(self._id_column, schema.field(self._id_column).type)
+        self._raw = "hash(" + ", ".join([_literal(salt), *(quote_identifier(c) for c in self._columns)]) + ")"
+        self._names = itertools.count()
+        self._on_rows = on_rows
+        self.stored_count = stored.num_rows
+        self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
+        self._con = duckdb.connect(":memory:")
+        # The differ's joins always build their hash table on the stored side and stream
+        # the segment through it. DuckDB cannot know how many rows an Arrow stream holds
+        # (it guesses one), so its optimiser would otherwise build on the segment and hold
+        # all of it in memory before the first row comes out.
+        self._con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        self._con.execute(f"SET memory_limit = {_literal(DIFFER_MEMORY_LIMIT)}")
+        self._con.execute("SET preserve_insertion_order = false")
+        self._con.register("stored", stored)
+        synced = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
+        self._con.register("intents", synced)
+        self._con.execute("CREATE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+
+    def close(self) -> None:
+        self._con.close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _stream(self, columns: list[str], *, numbered: bool, report: bool = False) -> str:
+        """Register one streamed read of the segment; return the view's name."""
+        batches = self._source.read_batches(columns)
+        schema = pa.schema([self._schema.field(c) for c in columns])
+        if numbered:
+            schema = schema.append(pa.field(ROW, pa.int64()))
+
+        def timed() -> Iterator[pa.RecordBatch]:
+            row = 0
+            base: pa.Array | None = None
+            while True:
+                started = time.perf_counter()
+                batch = next(batches, None)
+                self.seconds["read"] += time.perf_counter() - started
+                if batch is None:
+                    return
+                if report and self._on_rows is not None:
+                    self._on_rows(batch.num_rows)
+                if numbered:
+                    # Row numbers (from 1, in read order) for rejected rows: one shared base
+                    # array, shifted per batch, never a Python int per row.
+                    if base is None or len(base) < batch.num_rows:
+                        base = pa.array(range(1, max(batch.num_rows, OUTPUT_BATCH_ROWS) + 1), pa.int64())
+                    numbers = pc.add(base.slice(0, batch.num_rows), pa.scalar(row, pa.int64()))
+                    batch = pa.RecordBatch.from_arrays([*batch.columns, numbers], schema=schema)
+                    row += batch.num_rows
+                yield batch
+
+        name = f"segment_{next(self._names)}"
+        self._con.register(name, pa.RecordBatchReader.from_batches(schema, timed()))
+        return name
+
+    def _fetch(self, sql: str, params: list[Any] | None = None) -> Iterator[pa.RecordBatch]:
+        started = time.perf_counter()
+        reader: pa.RecordBatchReader = self._con.sql(sql, params=params).to_arrow_reader(OUTPUT_BATCH_ROWS)
+        read_before = self.seconds["read"]
+        try:
+            while True:
+                batch = reader.read_next_batch()
+                self._account(started, read_before)
+                yield batch
+                started, read_before = time.perf_counter(), self.seconds["read"]
+        except StopIteration:
+            self._account(started, read_before)
+
+    def _account(self, started: float, read_before: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.seconds["hash_and_diff"] += max(0.0, elapsed - (self.seconds["read"] - read_before))
+
+    def scan_ids(self) -> IdScan:
+        """Read the Custom ID column once: counts, duplicates, and the ids that left."""
+        started = time.perf_counter()
+        read_before = self.seconds["read"]
+        view = self._stream([self._id_column], numbered=False)
+        con = self._con
+        con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
+        rows, keyed = con.execute("SELECT count(*), count(k) FROM seen").fetchone() or (0, 0)
+        con.execute(
+            "INSERT INTO duplicates SELECT k, count(*) FROM seen WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1"
+        )
+        duplicates = {key: int(copies) for key, copies in con.execute("SELECT k, copies FROM duplicates").fetchall()}
+        matched_row = con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT k FROM seen WHERE k IS NOT NULL) s "
+            "SEMI JOIN stored ON stored.custom_id = s.k ANTI JOIN duplicates ON duplicates.k = s.k"
+        ).fetchone()
+        matched = int(matched_row[0]) if matched_row else 0
+        distinct_row = con.execute("SELECT count(DISTINCT k) FROM seen").fetchone()
+        distinct = int(distinct_row[0]) if distinct_row else 0
+        removed = [
+            key
+            for (key,) in con.execute(
+                "SELECT custom_id FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents) synced "
+                "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id ORDER BY custom_id"
+            ).fetchall()
+        ]
+        synced_row = con.execute(
+            "SELECT count(*) FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents)"
+        ).fetchone()
+        con.execute("DROP TABLE seen")
+        con.unregister(view)
+        self._account(started, read_before)
+        return IdScan(
+            rows=int(rows),
+            null_ids=int(rows) - int(keyed),
+            duplicates=duplicates,
+            matched=matched,
+            new_ids=distinct - len(duplicates) - matched,
+            removed=removed,
+            synced=int(synced_row[0]) if synced_row else 0,
+        )
+
+    def _select(self, view: str) -> str:
+        columns = ", ".join(quote_identifier(c) for c in self._columns)
+        return f"SELECT {columns}, {ROW}, {self._key} AS {KEY}, {self._raw} AS {RAW} FROM {view}"
+
+    def moved_rows(self) -> Iterator[pa.RecordBatch]:
+        """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
+        if self.stored_count == 0:
+            return iter(())
+        view = self._stream(self._columns, numbered=True)
+        sql = (
+            f"SELECT s.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+            f"FROM ({self._select(view)}) s JOIN stored st ON st.custom_id = s.{KEY} "
+            f"ANTI JOIN duplicates d ON d.k = s.{KEY} WHERE st.raw <> s.{RAW}"
+        )
+        return self._fetch(sql)
+
+    def rows_to_send(self, *, full: bool, ordered: bool = False) -> Iterator[pa.RecordBatch]:
+        """Rows to map and send: new ids, bad or duplicated ids, and every row in a full pass.
+
+        Args:
+            full: Every row, including those whose fingerprint is unchanged.
+            ordered: In Custom ID order (a full pass with a send checkpoint needs it).
+        """
+        view = self._stream(self._columns, numbered=True, report=True)
+        where = "" if full else "WHERE st.custom_id IS NULL OR d.k IS NOT NULL"
+        order = f"ORDER BY s.{KEY}" if ordered else ""
+        sql = (
+            f"SELECT s.*, d.k IS NOT NULL AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+            f"FROM ({self._select(view)}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
+            f"LEFT JOIN duplicates d ON d.k = s.{KEY} {where} {order}"
+        )
+        return self._fetch(sql)

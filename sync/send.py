@@ -1,0 +1,258 @@
+"""Send: profiles to Batch, concurrently and rate-limited, with the journal and the checkpoint.
+
+Guarantees kept here (``docs/how-a-run-works.md``):
+
+1. A fingerprint moves only through :meth:`Journal.flush`, fed by acknowledged profiles
+   (202 and not listed in ``errors``).
+3. A crash re-sends at most what was acknowledged since the last flush (every
+   ``journal.flush_every_profiles`` / ``flush_every_seconds``).
+7. In mirror mode, a new id's intent is durable before the request that creates it leaves.
+
+The sender consumes :class:`SendGroup`\\ s (one request each) from an asyncio queue that the
+mapping thread fills while it reads, so the first request leaves after the first batch is
+mapped, and a full load is bound by Batch's rate rather than by our CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from sync.batch.client import BatchClient, Endpoint, ProfileUpdate, SendOutcome
+from sync.model import JournalEntry, Lease
+from sync.plan import Outcome, PlannedSend
+from sync.state.base import StateStore
+
+log = structlog.get_logger("cepsync.send")
+
+
+class Journal:
+    """Acknowledged outcomes waiting to be committed; flushed by count, by time, and at the end."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        lease: Callable[[], Lease],
+        *,
+        every_profiles: int,
+        every_seconds: float,
+        clock: Callable[[], float],
+        now: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._lease = lease
+        self._every = every_profiles
+        self._seconds = every_seconds
+        self._clock = clock
+        self._now = now
+        self._pending: list[JournalEntry] = []
+        self._last_flush = clock()
+        self._lock = asyncio.Lock()
+        self.flushes = 0
+        self.committed = 0
+        self.commit_seconds = 0.0
+        self.on_flush: Callable[[], Awaitable[None]] | None = None
+
+    def add(self, entries: Sequence[JournalEntry]) -> None:
+        self._pending.extend(entries)
+
+    def due(self) -> bool:
+        return bool(self._pending) and (
+            len(self._pending) >= self._every or self._clock() - self._last_flush >= self._seconds
+        )
+
+    async def flush(self) -> None:
+        async with self._lock:
+            entries, self._pending = self._pending, []
+            self._last_flush = self._clock()
+            if not entries:
+                return
+            started = time.perf_counter()
+            await asyncio.to_thread(self._store.commit, self._lease(), entries, self._now())
+            self.commit_seconds += time.perf_counter() - started
+            self.flushes += 1
+            self.committed += len(entries)
+            if self.on_flush is not None:
+                await self.on_flush()
+
+
+class Watermark:
+    """The highest custom_id below which every group was fully answered (full passes send in id order).
+
+    A continuation of a full pass skips ids at or below it: the send checkpoint. A group
+    with failed rows stops the watermark for good in this run, so a continuation resends
+    from there (acknowledged rows after it are resent too: idempotent, and bounded).
+    """
+
+    def __init__(self) -> None:
+        self._done: set[int] = set()
+        self._next = 0
+        self._last_ids: dict[int, str] = {}
+        self._blocked_at: int | None = None
+        self.value: str | None = None
+
+    def complete(self, index: int, last_id: str, *, clean: bool) -> None:
+        if not clean and (self._blocked_at is None or index < self._blocked_at):
+            self._blocked_at = index
+        self._done.add(index)
+        self._last_ids[index] = last_id
+        while self._next in self._done and (self._blocked_at is None or self._next < self._blocked_at):
+            self.value = self._last_ids.pop(self._next)
+            self._done.discard(self._next)
+            self._next += 1
+
+
+@dataclass
+class SendGroup:
+    """One request's worth: upserts (in id order within a full pass) or removals."""
+
+    upserts: list[PlannedSend] = field(default_factory=list)
+    removals: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SendTally:
+    """What the sends of one run came to."""
+
+    attempted: int = 0
+    acknowledged: int = 0
+    rejected: int = 0
+    failed: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    wire_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    cleared: list[str] = field(default_factory=list)
+    acknowledged_new: list[str] = field(default_factory=list)
+
+
+class Sender:
+    """Sends groups under the activation's concurrency limit; the client paces and retries.
+
+    Args:
+        client: The Batch client (already entered).
+        endpoint: The endpoint every request of the run uses.
+        concurrency: Requests in flight at once.
+        journal: Where acknowledged fingerprints go.
+        deadline: The monotonic time no request may outlive (lease expiry, time budget).
+        budget_exhausted: True once no new request may start (the run hands over).
+        record_intents: Mirror mode: makes new ids' intents durable before their request.
+        removal_attributes: The ``null`` payload a removal sends (every owned key).
+        on_outcome: Called with every outcome (the engine counts and samples refusals).
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        endpoint: Endpoint,
+        *,
+        concurrency: int,
+        journal: Journal,
+        deadline: Callable[[], float],
+        budget_exhausted: Callable[[], bool],
+        record_intents: Callable[[list[str]], Awaitable[None]] | None,
+        removal_attributes: bytes,
+        on_outcome: Callable[[SendOutcome], None],
+    ) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._journal = journal
+        self._deadline = deadline
+        self._budget_exhausted = budget_exhausted
+        self._record_intents = record_intents
+        self._removal = removal_attributes
+        self._on_outcome = on_outcome
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._errors: list[BaseException] = []
+        self._index = 0
+        self.watermark = Watermark()
+        self.tally = SendTally()
+        self.incomplete = False
+        self.started_at: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._errors)
+
+    async def submit(self, group: SendGroup) -> bool:
+        """Start one request (waits for a free slot). False when the run must stop sending."""
+        await self._semaphore.acquire()
+        if self._errors:
+            self._semaphore.release()
+            return False
+        if self._budget_exhausted():
+            self._semaphore.release()
+            self.incomplete = True
+            log.warning("time budget nearly spent: handing over to a continuation", group=self._index)
+            return False
+        if self.started_at is None:
+            self.started_at = time.perf_counter()
+        task = asyncio.create_task(self._send(self._index, group))
+        self._index += 1
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return True
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._errors.append(task.exception())  # type: ignore[arg-type]  # checked just above
+
+    async def _send(self, index: int, group: SendGroup) -> None:
+        try:
+            tally = self.tally
+            if group.upserts:
+                new_ids = [send.custom_id for send in group.upserts if send.kind is Outcome.NEW]
+                if new_ids and self._record_intents is not None:
+                    # Guarantee 7: own what we may create, durably, before the request leaves.
+                    await self._record_intents(new_ids)
+                profiles = [ProfileUpdate(send.custom_id, encoded=send.body) for send in group.upserts]
+            else:
+                profiles = [ProfileUpdate(custom_id, encoded=self._removal) for custom_id in group.removals]
+            tally.attempted += len(profiles)
+            tally.requests += 1
+            outcome = await self._client.send(self._endpoint, profiles, deadline=self._deadline())
+            tally.wire_seconds += outcome.wire_seconds
+            tally.wait_seconds += outcome.wait_seconds
+            tally.retries += max(0, outcome.attempts - 1)
+            tally.rate_limited += outcome.rate_limited
+            tally.acknowledged += len(outcome.acknowledged)
+            tally.rejected += len(outcome.rejected)
+            tally.failed += len(outcome.failed)
+            if outcome.failure and len(tally.failures) < 5:
+                tally.failures.append(outcome.failure)
+            if group.upserts:
+                fingerprints = {send.custom_id: send for send in group.upserts}
+                self._journal.add(
+                    [JournalEntry(custom_id, fingerprints[custom_id].fingerprint) for custom_id in outcome.acknowledged]
+                )
+                if self._record_intents is not None:
+                    tally.acknowledged_new.extend(
+                        c for c in outcome.acknowledged if fingerprints[c].kind is Outcome.NEW
+                    )
+                self.watermark.complete(index, group.upserts[-1].custom_id, clean=not outcome.failed)
+            else:
+                self._journal.add([JournalEntry(custom_id, None) for custom_id in outcome.acknowledged])
+                tally.cleared.extend(outcome.acknowledged)
+            self._on_outcome(outcome)
+            if self._journal.due():
+                await self._journal.flush()
+        finally:
+            self._semaphore.release()
+
+    async def drain(self) -> None:
+        """Wait for every request in flight; re-raise the first fatal error (after a flush)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._errors:
+            # Commit what was acknowledged before the fatal error, then report it.
+            await self._journal.flush()
+            raise self._errors[0]
