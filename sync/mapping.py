@@ -13,8 +13,9 @@ Two entry points, both pure:
 The rules are the project's reading of Batch's limits (``batch-api.md``, decision 7):
 strings 1-300 characters, ``url()`` at most 2048, string arrays 1-25 items, ``date()``
 ISO-8601 UTC ending in ``Z``, E.164 phones, ISO 639-1 / 3166-1 codes, IANA time zones.
-Values are validated with maintained libraries (``phonenumbers``, ``email-validator``,
-``pycountry``, ``zoneinfo``), not hand-written patterns.
+Values are validated with maintained libraries (``rphonenumbers`` and ``phonenumbers``,
+``email-validator``, ``pycountry``, ``zoneinfo``), not hand-written patterns; the few
+patterns here only pick out values those libraries certainly accept, to skip the call.
 
 Mapping is the hot path of a run (a delta run maps every row whose raw values moved),
 so lookup tables are built once per process and :meth:`ProfileMapper.map_row` allocates
