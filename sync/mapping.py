@@ -13,19 +13,24 @@ Two entry points, both pure:
 The rules are the project's reading of Batch's limits (``batch-api.md``, decision 7):
 strings 1-300 characters, ``url()`` at most 2048, string arrays 1-25 items, ``date()``
 ISO-8601 UTC ending in ``Z``, E.164 phones, ISO 639-1 / 3166-1 codes, IANA time zones.
-Values are validated with maintained libraries (``phonenumbers``, ``email-validator``,
-``pycountry``, ``zoneinfo``), not hand-written patterns.
+Values are validated with maintained libraries (``rphonenumbers`` and ``phonenumbers``,
+``email-validator``, ``pycountry``, ``zoneinfo``), not hand-written patterns; the few
+patterns here only pick out values those libraries certainly accept, to skip the call.
 
 Mapping is the hot path of a run (a delta run maps every row whose raw values moved),
 so lookup tables are built once per process and :meth:`ProfileMapper.map_row` allocates
 little beyond the payload dict: converters are precomputed per column at construction
-and a failure object is created only for a bad value.
+and a failure object is created only for a bad value. :meth:`ProfileMapper.map_batch`
+maps a whole Arrow record batch with the same converters, each called once per distinct
+value of a string or temporal column, and returns exactly what ``map_row`` returns for
+each row. ``docs/mapping.md`` says what each Batch field accepts and how we normalise it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
@@ -35,8 +40,11 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 import pyarrow as pa
+import pyarrow.compute as pc
 import pycountry
-from email_validator import EmailNotValidError, validate_email
+import rphonenumbers
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
 from sync.config import Activation, AttributeType, InvalidValuePolicy
 from sync.errors import ConfigError
@@ -160,6 +168,51 @@ def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
+# Batch's SDKs check an address against this pattern (batch-api.md, "Native attributes"):
+# any local part without "@", CR, LF or tab, and an ASCII domain. "[A-z]" is Batch's own
+# spelling: it also admits [\]^_` , which the domain rule below never produces.
+_BATCH_EMAIL = re.compile(r"[^@\r\n\t]+@[A-z0-9\-\.]+\.[A-z0-9]+")
+
+# The fast path: ASCII addresses that email-validator (as we call it) certainly accepts,
+# and whose normalised form is the address with its domain lowercased. Anything else,
+# including every address this pattern is unsure of, goes through email-validator, so the
+# result is the library's by construction; tests/test_mapping_columns.py checks the two
+# against each other. The pattern is deliberately narrower than RFC 5322:
+# * local part: dot-separated runs of letters, digits, "_", "+", "-" (a subset of the
+#   library's dot-atom); the library lowercases a few RFC 2142 mailbox names
+#   (CASE_INSENSITIVE_MAILBOX_NAMES), so those take the slow path;
+# * domain: labels of letters and digits joined by single hyphens (the library refuses
+#   "--" in the third and fourth place, "xn--" labels need IDNA checks), at least one dot,
+#   and a top-level domain of 2-63 letters that is not a special-use name (.local, .test, ...);
+# * at most 254 characters in all (the library's limit) and 63 per label (checked in code).
+_PLAIN_EMAIL = re.compile(
+    r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
+    r"@((?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)+([A-Za-z]{2,63}))"
+)
+_EMAIL_MAX_LENGTH: Final = 254  # email-validator's EMAIL_MAX_LENGTH (RFC 5321 4.5.3.1.3)
+_DNS_LABEL_MAX_LENGTH: Final = 63  # RFC 1035 2.3.1
+_SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+_CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+def _plain_email(text: str) -> str | None:
+    """The normalised address when ``text`` is on the fast path, else None."""
+    if len(text) > _EMAIL_MAX_LENGTH:
+        return None
+    match = _PLAIN_EMAIL.fullmatch(text)
+    if match is None:
+        return None
+    domain, tld = match.group(1, 2)
+    if tld.lower() in _SPECIAL_USE_TLDS:
+        return None
+    if len(domain) > _DNS_LABEL_MAX_LENGTH and max(map(len, domain.split("."))) > _DNS_LABEL_MAX_LENGTH:
+        return None
+    local = text[: match.start(1) - 1]
+    if local.lower() in _CASE_INSENSITIVE_MAILBOXES:
+        return None
+    return f"{local}@{domain.lower()}"
+
+
 def _convert_email(value: Any) -> Any:
     if not isinstance(value, str):
         return _wrong_type(Reason.INVALID_EMAIL, "a string", value)
@@ -168,18 +221,34 @@ def _convert_email(value: Any) -> Any:
         return None
     if len(text) > MAX_EMAIL_LENGTH:
         return _fail(Reason.INVALID_EMAIL, f"longer than {MAX_EMAIL_LENGTH} characters", value)
+    plain = _plain_email(text)
+    if plain is not None:
+        return plain
     try:
         # Syntax only: a DNS lookup per row would be slow, flaky and a network call.
-        normalized: str = validate_email(text, check_deliverability=False).normalized
+        validated = validate_email(text, check_deliverability=False)
     except EmailNotValidError:
         return _fail(Reason.INVALID_EMAIL, "not a valid email address", value)
+    # Internationalised domains are sent in their ASCII (IDNA) form: Batch refuses a
+    # domain with other characters (its pattern above), so "joe@examplé.fr" goes as
+    # "joe@xn--exampl-gva.fr", the same mailbox. A non-ASCII local part is kept: Batch's
+    # pattern accepts it, and it has no ASCII spelling to fall back on (docs/mapping.md).
+    normalized = f"{validated.local_part}@{validated.ascii_domain}"
     if len(normalized) > MAX_EMAIL_LENGTH:
         return _fail(Reason.INVALID_EMAIL, f"longer than {MAX_EMAIL_LENGTH} characters", value)
+    if _BATCH_EMAIL.fullmatch(normalized) is None:
+        # Batch's pattern wants a top-level domain of letters and digits only, so an
+        # internationalised one (".рф" is "xn--p1ai") can never be sent. Refusing it here
+        # says so once, instead of a partial error from Batch and a re-send on every run.
+        if "-" in validated.ascii_domain.rpartition(".")[2]:
+            return _fail(Reason.INVALID_EMAIL, "Batch refuses an internationalised top-level domain", value)
+        return _fail(Reason.INVALID_EMAIL, "an address Batch's email pattern refuses", value)
     return normalized
 
 
 def _phone_converter(default_region: str | None) -> Converter:
     e164 = phonenumbers.PhoneNumberFormat.E164
+    fast_e164 = rphonenumbers.PhoneNumberFormat.E164
 
     def convert(value: Any) -> Any:
         if isinstance(value, str):
@@ -193,6 +262,17 @@ def _phone_converter(default_region: str | None) -> Converter:
             text = str(value) if default_region is not None else f"+{value}"
         else:
             return _wrong_type(Reason.INVALID_PHONE, "a string or a positive integer", value)
+        # rphonenumbers (libphonenumber in Rust, ~8x faster) answers first. A number it
+        # refuses is asked again of phonenumbers, and only refused when both refuse it:
+        # their metadata differ on a few ranges (docs/mapping.md), and a number one of
+        # them knows is valid must not cost the user a profile. Batch only checks E.164.
+        try:
+            fast = rphonenumbers.parse(text, default_region)
+        except rphonenumbers.NumberParseException:
+            pass
+        else:
+            if rphonenumbers.is_valid_number(fast):
+                return rphonenumbers.format_number(fast, fast_e164)
         try:
             number = phonenumbers.parse(text, default_region)
         except phonenumbers.NumberParseException:
@@ -388,6 +468,13 @@ def _convert_date(value: Any) -> Any:
     return _format_utc(moment)
 
 
+# The common case, a web URL with an ASCII host, passes every check below; urlsplit
+# would find scheme "http(s)" and a non-empty host (no brackets, so no ValueError), so it
+# is accepted without the ~2 µs urlsplit costs. Whitespace and control characters are
+# refused before this pattern is tried, and it admits none.
+_PLAIN_WEB_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]+)?(?:[/?#][!-~]*)?")
+
+
 def _convert_url(value: Any) -> Any:
     if not isinstance(value, str):
         return _wrong_type(Reason.INVALID_URL, "a string", value)
@@ -399,6 +486,8 @@ def _convert_url(value: Any) -> Any:
     # RFC 3986 has no raw spaces or control characters; urlsplit would silently drop some.
     if " " in text or not text.isprintable():
         return _fail(Reason.INVALID_URL, "contains whitespace or control characters", value)
+    if _PLAIN_WEB_URL.fullmatch(text) is not None:
+        return text
     try:
         parts = urlsplit(text)
     except ValueError:
@@ -599,6 +688,142 @@ class ProfileMapper:
         if issues and self._reject_row:
             return MappedRow(custom_id=custom_id, attributes=None, issues=issues)
         return MappedRow(custom_id=custom_id, attributes=attributes, issues=issues)
+
+    def map_batch(self, batch: pa.RecordBatch) -> list[MappedRow]:
+        """Map every row of a record batch, column by column.
+
+        The result is exactly ``[self.map_row(row) for row in batch.to_pylist()]``: the
+        same converters run on the same Python values, and the rows are assembled in the
+        same key and issue order. What changes is the work: each mapped column is read
+        out of the batch once (never a dict per row), and a string or temporal column is
+        dictionary-encoded so its converter runs once per distinct value (a language or
+        time zone column has a handful per batch) and the results are fanned out.
+
+        Args:
+            batch: Rows of the segment whose schema passed :func:`resolve_attribute_types`.
+                A mapped column missing from the batch reads as null, as in ``map_row``.
+
+        Returns:
+            One :class:`MappedRow` per row, in the batch's order.
+        """
+        rows = batch.num_rows
+        # Last one wins for a repeated name, as in the dicts of RecordBatch.to_pylist().
+        positions = {name: index for index, name in enumerate(batch.schema.names)}
+        id_position = positions.get(self._id_column)
+        id_values = batch.column(id_position).to_pylist() if id_position is not None else [None] * rows
+
+        payloads: list[dict[str, Any]] = [{} for _ in range(rows)]
+        issues: list[list[RowIssue]] = [[] for _ in range(rows)]
+        custom_ids: list[str | None] = []
+        for row_issues, value in zip(issues, id_values, strict=True):
+            converted_id = _convert_custom_id(value)
+            if isinstance(converted_id, _Failure):
+                row_issues.append(RowIssue(self._id_column, converted_id.reason, converted_id.detail))
+                custom_ids.append(None)
+            else:
+                custom_ids.append(converted_id)
+
+        decoded: dict[str, _DecodedColumn] = {}
+        for column, key, present_key, convert in self._fields:
+            position = positions.get(column)
+            if position is None:
+                for payload in payloads:
+                    payload[key] = None
+                continue
+            source = decoded.get(column)
+            if source is None:
+                source = decoded[column] = _decode_column(batch.column(position))
+            _fill_field(payloads, issues, source, column, key, present_key, convert)
+
+        reject_row = self._reject_row
+        mapped: list[MappedRow] = []
+        append = mapped.append
+        for custom_id, payload, row_issues in zip(custom_ids, payloads, issues, strict=True):
+            if custom_id is None:
+                append(MappedRow(custom_id=None, attributes=None, issues=row_issues))
+            elif row_issues and reject_row:
+                append(MappedRow(custom_id=custom_id, attributes=None, issues=row_issues))
+            else:
+                append(MappedRow(custom_id=custom_id, attributes=payload, issues=row_issues))
+        return mapped
+
+
+# --- Columnar helpers for map_batch ---------------------------------------------------------
+
+
+class _DecodedColumn(NamedTuple):
+    """One column as Python values: ``values[codes[i]]`` is row i's value when ``codes``
+    is set (a dictionary-encoded column; nulls point at a trailing None), else ``values[i]``."""
+
+    values: list[Any]
+    codes: list[int] | None
+
+
+def _dedupes(arrow_type: pa.DataType) -> bool:
+    # Strings repeat (codes, flags, names) and cost a converter call each; dates and
+    # timestamps repeat and cost a datetime each. Numbers are cheaper to convert than
+    # to hash, and lists cannot be dictionary-encoded. Equal Arrow values of one type
+    # are equal Python values of one type, so a converter sees exactly what map_row sees.
+    return bool(
+        _is_string_type(arrow_type)
+        or pa.types.is_date(arrow_type)
+        or pa.types.is_timestamp(arrow_type)
+        or pa.types.is_boolean(arrow_type)
+    )
+
+
+# Time zones whose offset is always zero.
+_UTC_ZONES: Final = frozenset({"UTC", "Etc/UTC", "+00:00"})
+
+
+def _decode_column(array: pa.Array) -> _DecodedColumn:
+    if pa.types.is_timestamp(array.type) and array.type.tz in _UTC_ZONES:
+        # A UTC timestamp read as naive has the same fields, and _convert_date formats an
+        # aware value's UTC fields and a naive value's own fields alike, so the result is
+        # the same; pyarrow builds naive datetimes several times faster than aware ones.
+        # Only _convert_date reads temporal columns (resolve_attribute_types).
+        array = array.cast(pa.timestamp(array.type.unit))
+    if pa.types.is_dictionary(array.type):
+        encoded = array
+    elif _dedupes(array.type):
+        encoded = pc.dictionary_encode(array)
+    else:
+        return _DecodedColumn(array.to_pylist(), None)
+    values = encoded.dictionary.to_pylist()
+    # A null row points past the dictionary, at the None appended there.
+    codes = pc.fill_null(encoded.indices.cast(pa.int64()), len(values)).to_pylist()
+    values.append(None)
+    return _DecodedColumn(values, codes)
+
+
+def _fill_field(
+    payloads: list[dict[str, Any]],
+    issues: list[list[RowIssue]],
+    source: _DecodedColumn,
+    column: str,
+    key: str,
+    present_key: str,
+    convert: Converter,
+) -> None:
+    """Write one field into every row's payload, as map_row's loop body does per row."""
+    # None is "no value" both as a source value and as a converter result.
+    converted = [None if value is None else convert(value) for value in source.values]
+    results = converted if source.codes is None else list(map(converted.__getitem__, source.codes))
+    has_failure = any(type(result) is _Failure for result in converted)
+    if not has_failure and key == present_key:
+        for payload, result in zip(payloads, results, strict=True):
+            payload[key] = result
+    elif not has_failure:
+        for payload, result in zip(payloads, results, strict=True):
+            payload[key if result is None else present_key] = result
+    else:
+        for payload, row_issues, result in zip(payloads, issues, results, strict=True):
+            if result is None:
+                payload[key] = None
+            elif type(result) is _Failure:
+                row_issues.append(RowIssue(column, result.reason, result.detail))
+            else:
+                payload[present_key] = result
 
 
 # --- Schema checks -------------------------------------------------------------------------
