@@ -565,7 +565,7 @@ class Run:
         assert self._journal is not None
         journal = self._journal
         await journal.flush()
-        incomplete = sender is not None and sender.incomplete
+        incomplete = self._incomplete(sender)
         if moved.refreshes and not incomplete and not scan.full:
             for start in range(0, len(moved.refreshes), 10_000):
                 journal.add(moved.refreshes[start : start + 10_000])
@@ -595,7 +595,7 @@ class Run:
         if tally and tally.failures:
             self.run.error = "; ".join(tally.failures)
         counts = self.run.counts
-        if sender is not None and sender.incomplete:
+        if self._incomplete(sender):
             meta.continuation = {
                 "run_id": self.options.continuation_of or self.run_id,
                 "full": scan.full,
@@ -720,6 +720,16 @@ class Run:
                 )
                 record["abandoned_noticed_by"] = self.run_id
                 self.store.save_run(record)
+
+    def _incomplete(self, sender: Sender | None) -> bool:
+        """The pass did not finish within the time budget: a continuation goes on from the checkpoint.
+
+        Either no request could start any more, or requests that started were cut by the
+        budget's deadline (their rows failed for this run and are resent by the continuation).
+        """
+        if sender is None:
+            return False
+        return sender.incomplete or (sender.tally.failed > 0 and self._budget_exhausted())
 
     # -- time ------------------------------------------------------------------------------
     def _current_lease(self) -> Lease:

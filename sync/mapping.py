@@ -641,11 +641,6 @@ class ProfileMapper:
         self._fields: tuple[_Field, ...] = tuple(fields)
         self.owned_keys: frozenset[str] = frozenset(field.key for field in fields)
 
-    def map_batch(self, batch: pa.RecordBatch) -> list[MappedRow]:
-        """Map every row of an Arrow record batch, in order (``map_row`` of each row)."""
-        present = [name for name in self.columns if name in batch.schema.names]
-        return [self.map_row(row) for row in batch.select(present).to_pylist()]
-
     def map_row(self, row: Mapping[str, Any]) -> MappedRow:
         """Map one source row; never raises on any value of any type.
 
