@@ -52,3 +52,15 @@ resource "google_firestore_field" "index_exemption" {
   # An empty index_config disables every single-field index on the field.
   index_config {}
 }
+
+# Delivery counts (the function's bound on Pub/Sub redeliveries, see README "bounded
+# redeliveries"): Firestore deletes a count once its expire_at has passed, 31 days after the
+# message's last delivery, longer than Pub/Sub keeps any message.
+resource "google_firestore_field" "delivery_ttl" {
+  project    = var.project_id
+  database   = google_firestore_database.state.name
+  collection = "${var.firestore_prefix}_deliveries"
+  field      = "expire_at"
+
+  ttl_config {}
+}

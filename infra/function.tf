@@ -42,7 +42,8 @@ resource "google_cloudfunctions2_function" "sync" {
     all_traffic_on_latest_revision = true
 
     environment_variables = merge(local.runtime_environment, {
-      CEPSYNC_TIME_BUDGET_SECONDS = tostring(var.time_budget_seconds)
+      CEPSYNC_TIME_BUDGET_SECONDS   = tostring(var.time_budget_seconds)
+      CEPSYNC_MAX_DELIVERY_ATTEMPTS = tostring(var.max_delivery_attempts)
     })
 
     # Pinned versions, never "latest": every instance of a deploy uses the same key.

@@ -326,6 +326,19 @@ variable "dead_letter_max_delivery_attempts" {
   }
 }
 
+variable "max_delivery_attempts" {
+  description = "Pub/Sub deliveries of one message before the function records the run as failed_permanently and acknowledges it (CEPSYNC_MAX_DELIVERY_ATTEMPTS)."
+  type        = number
+  default     = 5
+
+  # Keep it below dead_letter_max_delivery_attempts, so the function (which records why)
+  # gives up first. (A validation may only refer to its own variable before Terraform 1.9.)
+  validation {
+    condition     = var.max_delivery_attempts >= 1 && var.max_delivery_attempts <= 100 && floor(var.max_delivery_attempts) == var.max_delivery_attempts
+    error_message = "max_delivery_attempts must be a whole number from 1 to 100 (the function's own limits)."
+  }
+}
+
 # ---------------------------------------------------------------- optional HTTP entry point
 
 variable "enable_http_trigger" {

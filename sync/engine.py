@@ -595,7 +595,7 @@ class Run:
         if tally and tally.failures:
             self.run.error = "; ".join(tally.failures)
         counts = self.run.counts
-        if self._incomplete(sender):
+        if sender is not None and self._incomplete(sender):
             meta.continuation = {
                 "run_id": self.options.continuation_of or self.run_id,
                 "full": scan.full,

@@ -21,6 +21,18 @@ message, a bad config, a tripped guard, refused Batch credentials, a held lease 
 delivery are logged and acknowledged: a redelivery would only repeat the same answer until
 the message expires (a retry storm, and the logs drowned in it).
 
+Bounded redeliveries: "retryable" is a guess, and a cause that is transient in principle (a
+quota exhausted for the day, an outage) can outlast any useful number of attempts. So every
+Pub/Sub delivery is counted per activation and message id in the state store
+(:meth:`sync.state.base.StateStore.record_delivery_attempt`) before the run. When delivery
+``CEPSYNC_MAX_DELIVERY_ATTEMPTS`` (default 5) would be retried again, the function instead
+records the run as ``failed_permanently`` (with the last error and the attempt count),
+acknowledges the message, and logs one ERROR line whose message is
+:data:`FAILED_PERMANENTLY_EVENT`, for alerting. A later delivery of the same message is
+answered ``duplicate_trigger`` without running. Continuations are messages like any other and
+are bounded the same way. If the state store itself is unreachable nothing can be counted,
+and the event is redelivered until the store answers or Pub/Sub drops the message.
+
 Time budget: an event-triggered function is killed at 540 s, an HTTP one at 3600 s
 (ARCHITECTURE.md §5). The engine stops launching batches ``CEPSYNC_BUDGET_MARGIN_SECONDS``
 before ``CEPSYNC_TIME_BUDGET_SECONDS`` (counted from the start of the invocation), flushes,
@@ -48,13 +60,14 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from sync.config import ACTIVATION_NAME, Activation, load_activations
-from sync.engine import Run, RunOptions
+from sync.engine import Clock, Run, RunOptions, new_run_id
 from sync.errors import ConfigError
 from sync.logs import configure_logging
 from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source, open_store
@@ -88,6 +101,13 @@ _TRACEPARENT = re.compile(
 _CLOUD_TRACE = re.compile(r"^(?P<trace>[0-9a-fA-F]{32})(?:/(?P<span>\d{1,20}))?(?:;o=(?P<options>\d+))?$")
 # Trigger ids end up in document ids and log labels: keep them short and printable.
 _MAX_TRIGGER_ID = 200
+# Pub/Sub deliveries of one message before it is acknowledged as failed_permanently. With the
+# Eventarc subscription's backoff (10 s doubling up to 600 s) five attempts span about 2.5 min.
+DEFAULT_MAX_DELIVERY_ATTEMPTS = 5
+_MAX_DELIVERY_ATTEMPTS_LIMIT = 100
+# The message of the one ERROR line logged when a message's attempts are exhausted: stable,
+# documented in infra/README.md; log-based alerts match on it.
+FAILED_PERMANENTLY_EVENT = "run_failed_permanently"
 
 
 class RetryableRunError(RuntimeError):
@@ -119,6 +139,8 @@ class Settings:
             run continues from the checkpoint.
         bigquery_emulator: Local BigQuery emulator endpoints, or None (the real API with
             Application Default Credentials).
+        max_delivery_attempts: ``CEPSYNC_MAX_DELIVERY_ATTEMPTS`` (default 5, 1-100): Pub/Sub
+            deliveries of one message before a retryable failure becomes ``failed_permanently``.
     """
 
     activations_dir: Path
@@ -129,6 +151,7 @@ class Settings:
     lease_ttl_seconds: float
     continuation_topic: str | None
     bigquery_emulator: BigQueryEmulatorEndpoints | None = None
+    max_delivery_attempts: int = DEFAULT_MAX_DELIVERY_ATTEMPTS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, http: bool = False) -> Settings:
@@ -163,7 +186,19 @@ class Settings:
             lease_ttl_seconds=ttl,
             continuation_topic=_topic_path(env.get("CEPSYNC_CONTINUATION_TOPIC") or None, project),
             bigquery_emulator=BigQueryEmulatorEndpoints.from_env(env),
+            max_delivery_attempts=_attempts(env, "CEPSYNC_MAX_DELIVERY_ATTEMPTS", DEFAULT_MAX_DELIVERY_ATTEMPTS),
         )
+
+
+def _attempts(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_DELIVERY_ATTEMPTS_LIMIT:
+        raise ConfigError(
+            f"must be a whole number of attempts from 1 to {_MAX_DELIVERY_ATTEMPTS_LIMIT}, got {raw[:20]!r}", field=name
+        )
+    return int(raw)
 
 
 def _positive_number(env: Mapping[str, str], name: str, default: float) -> float:
@@ -376,6 +411,8 @@ HTTP_STATUS: Mapping[str, int] = {
     "auth_error": 502,
     "partial": 502,
     "failed": 500,
+    # Acknowledged on purpose: the message's delivery attempts are exhausted (Pub/Sub only).
+    "failed_permanently": 200,
 }
 
 
@@ -410,7 +447,13 @@ class _Invocation:
     trigger: str
     trigger_id: str | None
     started: float
+    count_deliveries: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)
+    # Set by _run once known: the store, the activation and this delivery's attempt number.
+    store: StateStore | None = None
+    activation: str | None = None
+    continuation_of: str | None = None
+    attempt: int | None = None
 
 
 def handle_pubsub(
@@ -435,7 +478,9 @@ def handle_pubsub(
         # A malformed message can never succeed: acknowledge it, with a reason in the logs.
         log.error("malformed message acknowledged, not retried", error=str(error), message_id=trigger_id)
         return InvocationOutcome(HTTP_STATUS["bad_request"], {"status": "bad_request", "error": str(error)})
-    outcome = _invoke(request, environ, trigger="pubsub", trigger_id=trigger_id, http=False, started=started)
+    outcome = _invoke(
+        request, environ, trigger="pubsub", trigger_id=trigger_id, http=False, started=started, count_deliveries=True
+    )
     if outcome.retry:
         raise RetryableRunError(
             f"activation '{request.activation}': {outcome.body.get('error') or 'failed'}; redelivery may succeed"
@@ -480,38 +525,116 @@ def _invoke(
     trigger_id: str | None,
     http: bool,
     started: float,
+    count_deliveries: bool = False,
 ) -> InvocationOutcome:
     structlog.contextvars.bind_contextvars(activation=request.activation)
     try:
         settings = Settings.from_env(environ, http=http)
-        invocation = _Invocation(settings, environ, trigger, trigger_id, started)
-        try:
-            record = _run(request, invocation)
-        finally:
-            for close in reversed(invocation.closers):
-                with contextlib.suppress(Exception):  # closing must not hide the outcome
-                    close()
     except ConfigError as error:
         log.error("configuration error: acknowledged, not retried", error=str(error))
         return InvocationOutcome(HTTP_STATUS["config_error"], {"status": "config_error", "error": str(error)})
-    except RetryableRunError as error:
-        log.error("invocation failed, retry may help", error=str(error))
-        return InvocationOutcome(503, {"activation": request.activation, "status": "failed", "error": str(error)}, True)
-    except Exception as error:
-        # Outside the run (state store unreachable, a client library failure): transient as far
-        # as we can tell, and a redelivery is safe (lease, acknowledged-only commits).
-        log.exception("invocation failed unexpectedly, retry may help")
-        return InvocationOutcome(
-            503,
-            {"activation": request.activation, "status": "failed", "error": f"unexpected {type(error).__name__}"},
-            True,
-        )
-    outcome = outcome_for(record)
+    invocation = _Invocation(settings, environ, trigger, trigger_id, started, count_deliveries)
+    record: dict[str, Any] | None = None
+    try:
+        try:
+            record = _run(request, invocation)
+        except ConfigError as error:
+            log.error("configuration error: acknowledged, not retried", error=str(error))
+            return InvocationOutcome(HTTP_STATUS["config_error"], {"status": "config_error", "error": str(error)})
+        except RetryableRunError as error:
+            log.error("invocation failed", error=str(error), delivery_attempt=invocation.attempt)
+            outcome = InvocationOutcome(
+                503, {"activation": request.activation, "status": "failed", "error": str(error)}, True
+            )
+        except Exception as error:
+            # Outside the run (state store unreachable, a client library failure): transient as far
+            # as we can tell, and a redelivery is safe (lease, acknowledged-only commits).
+            log.exception("invocation failed unexpectedly", delivery_attempt=invocation.attempt)
+            outcome = InvocationOutcome(
+                503,
+                {"activation": request.activation, "status": "failed", "error": f"unexpected {type(error).__name__}"},
+                True,
+            )
+        else:
+            outcome = outcome_for(record)
+        if outcome.retry and _attempts_exhausted(invocation):
+            # Inside the try: the store is still open.
+            record = _fail_permanently(record if record is not None else _edge_record(invocation, outcome), invocation)
+            outcome = outcome_for(record)
+    finally:
+        for close in reversed(invocation.closers):
+            with contextlib.suppress(Exception):  # closing must not hide the outcome
+                close()
+    if record is None:  # failed outside the run (logged above); a redelivery may help
+        return outcome
+    context = {"delivery_attempt": invocation.attempt} if invocation.attempt is not None else {}
     log_method = log.info if outcome.http_status < 400 else log.warning if not outcome.retry else log.error
+    if record.get("status") == "failed_permanently":
+        log_method = log.warning  # the one ERROR line for it is FAILED_PERMANENTLY_EVENT
     log_method(
-        "invocation finished", run_id=record.get("run_id"), **{k: v for k, v in outcome.body.items() if k != "run_id"}
+        "invocation finished",
+        run_id=record.get("run_id"),
+        **context,
+        **{k: v for k, v in outcome.body.items() if k != "run_id"},
     )
     return outcome
+
+
+def _attempts_exhausted(invocation: _Invocation) -> bool:
+    return invocation.attempt is not None and invocation.attempt >= invocation.settings.max_delivery_attempts
+
+
+def _edge_record(invocation: _Invocation, outcome: InvocationOutcome) -> dict[str, Any]:
+    """A run record for a failure outside the engine's run (it saved none): same keys as the engine's."""
+    now = datetime.now(UTC)
+    return {
+        "run_id": new_run_id(Clock()),
+        "activation": invocation.activation,
+        "trigger": {"kind": invocation.trigger, "id": invocation.trigger_id},
+        "trigger_id": invocation.trigger_id,
+        "continuation_of": invocation.continuation_of,
+        "started_at": now.isoformat(),
+        "ended_at": now.isoformat(),
+        "status": "failed",
+        "retryable": True,
+        "full": False,
+        "endpoint": None,
+        "mapping_version": None,
+        "lease_token": None,
+        "counts": {},
+        "rejected_by_reason": {},
+        "dropped_attributes_by_reason": {},
+        "rejected_samples": [],
+        "guards": [],
+        "timings": {},
+        "checkpoint": None,
+        "source": {},
+        "error": str(outcome.body.get("error") or "failed"),
+    }
+
+
+def _fail_permanently(record: dict[str, Any], invocation: _Invocation) -> dict[str, Any]:
+    """Record the last attempt's run as ``failed_permanently`` so Pub/Sub stops redelivering it."""
+    assert invocation.store is not None  # set before any attempt is counted
+    assert invocation.attempt is not None
+    maximum = invocation.settings.max_delivery_attempts
+    record["status"] = "failed_permanently"
+    # Not retryable any more: a late redelivery is answered as a duplicate of this run.
+    record["retryable"] = False
+    record["delivery"] = {"attempt": invocation.attempt, "max_attempts": maximum}
+    record["error"] = (
+        f"gave up after {invocation.attempt} deliveries of message {invocation.trigger_id} "
+        f"(CEPSYNC_MAX_DELIVERY_ATTEMPTS={maximum}); last error: {record.get('error') or 'unknown'}"
+    )
+    invocation.store.save_run(record)
+    log.error(
+        FAILED_PERMANENTLY_EVENT,
+        run_id=record["run_id"],
+        delivery_attempt=invocation.attempt,
+        max_delivery_attempts=maximum,
+        error=record["error"],
+    )
+    return record
 
 
 def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
@@ -526,6 +649,22 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
         )
     store = open_store(settings.state_url)
     invocation.closers.append(store.close)
+    invocation.store = store
+    invocation.activation = activation.name
+    invocation.continuation_of = request.continuation_of
+    if invocation.count_deliveries and invocation.trigger_id:
+        attempt = store.record_delivery_attempt(activation.name, invocation.trigger_id, datetime.now(UTC))
+        invocation.attempt = attempt
+        if attempt > settings.max_delivery_attempts:
+            # Acknowledged before as failed_permanently (an acknowledgement can be lost): never rerun it.
+            previous = store.find_run_by_trigger(activation.name, invocation.trigger_id)
+            log.warning("delivery after the attempts were exhausted: acknowledged, not run", delivery_attempt=attempt)
+            return {
+                "activation": activation.name,
+                "status": "duplicate_trigger",
+                "trigger_id": invocation.trigger_id,
+                "duplicate_of": previous["run_id"] if previous is not None else None,
+            }
     if request.continuation_of is not None and not _continuation_wanted(
         store, activation.name, request.continuation_of
     ):

@@ -30,6 +30,8 @@ class RunStatus(enum.StrEnum):
     INCOMPLETE = "incomplete"
     INTERRUPTED = "interrupted"
     ABANDONED = "abandoned"
+    # The function's last allowed Pub/Sub delivery failed too: acknowledged, not retried.
+    FAILED_PERMANENTLY = "failed_permanently"
 
     @property
     def exit_code(self) -> int:
@@ -47,6 +49,7 @@ _EXIT_CODES: dict[RunStatus, int] = {
     RunStatus.PLANNED: 0,
     RunStatus.DUPLICATE_TRIGGER: 0,
     RunStatus.FAILED: 1,
+    RunStatus.FAILED_PERMANENTLY: 1,
     RunStatus.CONFIG_ERROR: 2,
     RunStatus.ABORTED_BY_GUARD: 3,
     RunStatus.AUTH_ERROR: 4,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
@@ -27,7 +27,20 @@ from sync.errors import ConfigError
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
+if TYPE_CHECKING:
+    from google.cloud.bigquery_storage import BigQueryReadClient
+
 DEFAULT_STATE_URL = "sqlite:///.cepsync/state.db"
+
+# Options for every gRPC channel cepsync builds itself. gRPC's default caps a received message
+# at 4 MiB, but a Storage Read server may send far larger ones (the local emulator sends up to
+# 100,000 rows per message, several MiB for a few string columns). The generated Google
+# clients lift both limits on the channels *they* build (-1: unlimited); a channel we build
+# must do the same, or a large segment fails on every read.
+GRPC_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+)
 
 
 def open_store(url: str) -> StateStore:
@@ -145,15 +158,24 @@ def _emulated_bigquery_source(
     closers.append(client.close)
     read_client = None
     if emulator.storage_address is not None and config.use_storage_api:
-        import grpc
-        from google.cloud.bigquery_storage import BigQueryReadClient
-        from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
-
-        channel = grpc.insecure_channel(emulator.storage_address)
-        closers.append(channel.close)
-        read_client = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))  # type: ignore[no-untyped-call]
+        read_client, close_channel = emulator_read_client(emulator.storage_address)
+        closers.append(close_channel)
     source = BigQuerySource(config, activation=activation.name, client=client, read_client=read_client)
     return _SourceWithClients(source, closers)
+
+
+def emulator_read_client(address: str) -> tuple[BigQueryReadClient, Callable[[], None]]:
+    """A Storage Read client on an insecure channel to ``HOST:PORT`` (an emulator), and its closer.
+
+    The channel accepts messages of any size (:data:`GRPC_CHANNEL_OPTIONS`).
+    """
+    import grpc
+    from google.cloud.bigquery_storage import BigQueryReadClient
+    from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
+
+    channel = grpc.insecure_channel(address, options=list(GRPC_CHANNEL_OPTIONS))
+    client = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))  # type: ignore[no-untyped-call]
+    return client, channel.close
 
 
 def build_client(activation: Activation, environ: dict[str, str] | None = None) -> BatchClient:

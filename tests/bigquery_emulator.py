@@ -24,7 +24,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 from google.cloud.bigquery_storage import BigQueryReadClient
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
+
+from sync.runtime import GRPC_CHANNEL_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-bigquery-emulator.sh"
@@ -67,9 +70,13 @@ class BigQueryEmulator:
             client_options={"api_endpoint": self.rest_url},
         )
 
-    def read_client(self) -> BigQueryReadClient:
-        """A real Storage Read API client on an insecure gRPC channel to the emulator."""
-        channel = grpc.insecure_channel(self.grpc_address)
+    def read_client(self, *, options: Sequence[tuple[str, int]] = GRPC_CHANNEL_OPTIONS) -> BigQueryReadClient:
+        """A real Storage Read API client on an insecure gRPC channel to the emulator.
+
+        ``options`` default to the ones cepsync's own channels use (no message size limit);
+        a test that needs gRPC's stock 4 MiB receive limit passes its own.
+        """
+        channel = grpc.insecure_channel(self.grpc_address, options=list(options))
         self._channels.append(channel)
         return BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))  # type: ignore[no-untyped-call]
 
@@ -343,3 +350,78 @@ class RecordingProxy:
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade", "host"}
 )
+
+
+@dataclass
+class GrpcFault:
+    method: str
+    code: grpc.StatusCode
+    details: str
+    times: int
+
+
+class GrpcFaultProxy:
+    """A real gRPC server on 127.0.0.1 in front of the emulator's Storage Read port.
+
+    Every call is forwarded byte for byte (no message is decoded, so nothing of the protocol is
+    re-implemented here), except the next ``times`` calls of a method given to :meth:`inject`,
+    which are answered with that gRPC status instead: the errors BigQuery sends that the
+    emulator never does (PERMISSION_DENIED, INVALID_ARGUMENT, quota RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self._channel = grpc.insecure_channel(upstream, options=list(GRPC_CHANNEL_OPTIONS))
+        self._faults: list[GrpcFault] = []
+        self._lock = threading.Lock()
+        self.calls: list[str] = []
+        proxy = self
+
+        class Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no annotations
+            def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+                method: str = handler_call_details.method
+                if method.endswith("/ReadRows"):  # the one server-streaming method of BigQueryRead
+                    return grpc.unary_stream_rpc_method_handler(proxy._forward_stream(method))
+                return grpc.unary_unary_rpc_method_handler(proxy._forward_unary(method))
+
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=8), options=list(GRPC_CHANNEL_OPTIONS))
+        self._server.add_generic_rpc_handlers((Handler(),))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{port}"
+        self._server.start()
+
+    def inject(self, method: str, code: grpc.StatusCode, details: str, *, times: int = 1) -> None:
+        """Answer the next ``times`` calls whose method name ends with ``method`` with ``code``."""
+        with self._lock:
+            self._faults.append(GrpcFault(method, code, details, times))
+
+    def _fault(self, method: str) -> GrpcFault | None:
+        with self._lock:
+            self.calls.append(method.rsplit("/", 1)[-1])
+            for fault in self._faults:
+                if fault.times > 0 and method.endswith(fault.method):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def _forward_unary(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        def forward(request: bytes, context: grpc.ServicerContext) -> bytes:
+            fault = self._fault(method)
+            if fault is not None:
+                context.abort(fault.code, fault.details)
+            answer: bytes = self._channel.unary_unary(method)(request, metadata=context.invocation_metadata())
+            return answer
+
+        return forward
+
+    def _forward_stream(self, method: str) -> Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]:
+        def forward(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            fault = self._fault(method)
+            if fault is not None:
+                context.abort(fault.code, fault.details)
+            yield from self._channel.unary_stream(method)(request, metadata=context.invocation_metadata())
+
+        return forward
+
+    def close(self) -> None:
+        self._server.stop(grace=None)
+        self._channel.close()

@@ -33,13 +33,14 @@ from typing import Any
 
 import pytest
 import yaml
-from bigquery_emulator import BigQueryEmulator
+from bigquery_emulator import BigQueryEmulator, RecordingProxy
 from engine_support import API_KEY, PROJECT_KEY
 from firestore_emulator import FirestoreEmulator
 from fixtures_pubsub import PubSubChannel
-from pubsub_emulator import PubSubEmulator
+from pubsub_emulator import EventarcRelay, PubSubEmulator
 
 from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.function import FAILED_PERMANENTLY_EVENT
 from sync.state.firestore import FirestoreStateStore
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -51,6 +52,9 @@ REQUEST_TIMEOUT_SECONDS = 120.0
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SMALL_ROWS = 300
 LARGE_ROWS = 1600  # 8 batches of 200 on /profiles/update
+# More rows than one 4 MiB gRPC message holds: the emulator sends them in one ~6 MB message.
+WIDE_ROWS = 100_000
+QUOTA_MESSAGE = "Quota exceeded: Your project exceeded quota for concurrent queries."
 
 
 # --- the function under functions-framework ------------------------------------------------------
@@ -200,13 +204,14 @@ def batch(simulator: SimulatorThread) -> BatchSimulator:
 
 @pytest.fixture(scope="module")
 def segment_dataset(bq_emulator: BigQueryEmulator) -> Iterator[str]:
-    """Two segment tables in the BigQuery emulator: ``small`` and ``large`` people."""
+    """Segment tables in the BigQuery emulator: ``small``, ``large`` and ``wide`` (100k) people."""
     client = bq_emulator.client()
     dataset = client.create_dataset(f"fn_{uuid.uuid4().hex[:10]}")
-    for table, rows in (("small", SMALL_ROWS), ("large", LARGE_ROWS)):
+    for table, rows in (("small", SMALL_ROWS), ("large", LARGE_ROWS), ("wide", WIDE_ROWS)):
+        digits = len(str(rows))  # c00007 for the small tables, c000007 for 100,000 rows
         client.query_and_wait(
             f"CREATE TABLE `{dataset.dataset_id}.{table}` AS "
-            "SELECT CONCAT('c', LPAD(CAST(n AS STRING), 5, '0')) AS customer_id, "
+            f"SELECT CONCAT('c', LPAD(CAST(n AS STRING), {max(digits, 5)}, '0')) AS customer_id, "
             "CONCAT('person', CAST(n AS STRING), '@example.com') AS email, "
             "CONCAT('Name', CAST(n AS STRING)) AS first_name, n AS points "
             f"FROM UNNEST(GENERATE_ARRAY(1, {rows})) AS n"
@@ -496,3 +501,171 @@ def test_the_http_entry_point_runs_and_answers_the_summary(
     retry = server.post(json.dumps({"activation": "fn_http", "full": True}).encode(), headers)
     assert (retry.status, retry.json()["status"]) == (200, "duplicate_trigger")
     assert batch.stats()["profiles_received"] == received
+
+
+# --- bounded redeliveries: Pub/Sub pushing to the function, as Eventarc does --------------------
+
+
+@dataclass
+class PushedTopic:
+    """A topic whose push subscription reaches the function through an Eventarc-like relay."""
+
+    emulator: PubSubEmulator
+    topic: str
+    subscription: str
+    relay: EventarcRelay
+
+    def publish(self, payload: dict[str, Any]) -> str:
+        return self.emulator.publish(self.topic, json.dumps(payload).encode())
+
+
+@contextlib.contextmanager
+def pushed_topic(
+    emulator: PubSubEmulator, server: FunctionServer, *, ack_deadline_seconds: int = 60
+) -> Iterator[PushedTopic]:
+    suffix = uuid.uuid4().hex[:12]
+    relay = EventarcRelay(server.url)
+    topic = emulator.create_topic(f"cepsync-push-{suffix}")
+    # A short backoff (1 s doubling to 2 s) instead of Eventarc's 10 s to 600 s keeps the test short.
+    subscription = emulator.create_push_subscription(
+        f"cepsync-push-{suffix}", topic, relay.url, ack_deadline_seconds=ack_deadline_seconds
+    )
+    try:
+        yield PushedTopic(emulator, topic, subscription, relay)
+    finally:
+        emulator.delete_subscription(subscription)
+        relay.close()
+
+
+@pytest.fixture
+def quota_proxy(bq_proxy: RecordingProxy, deployment: Deployment) -> RecordingProxy:
+    """The function reaches BigQuery's REST API through the recording proxy (Storage Read stays direct)."""
+    deployment.env["BIGQUERY_EMULATOR_HOST"] = bq_proxy.url
+    return bq_proxy
+
+
+def test_a_failure_that_keeps_repeating_is_acknowledged_after_n_deliveries_with_one_record(
+    deployment: Deployment,
+    state: FirestoreStateStore,
+    batch: BatchSimulator,
+    simulator: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    segment_dataset: str,
+    pubsub_emulator: PubSubEmulator,
+    quota_proxy: RecordingProxy,
+) -> None:
+    deployment.write_activation(
+        "fn_quota",
+        source=bigquery_source(bq_emulator, segment_dataset, "small"),
+        destination={"base_url": simulator.base_url},
+    )
+    # Every getQueryResults answers a quota error: transient by nature, but it never clears.
+    quota_proxy.inject("GET", "/queries/", status=403, reason="quotaExceeded", message=QUOTA_MESSAGE, times=10_000)
+    server = deployment.start("pubsub_sync", "cloudevent", CEPSYNC_MAX_DELIVERY_ATTEMPTS="3")
+
+    with pushed_topic(pubsub_emulator, server) as pushed:
+        started = time.monotonic()
+        message_id = pushed.publish({"activation": "fn_quota"})
+        deliveries = pushed.relay.wait_for_acknowledgement(message_id, timeout=150)
+        elapsed = time.monotonic() - started
+        time.sleep(4)  # twice the longest backoff: a further redelivery would have arrived by now
+        deliveries = pushed.relay.deliveries_of(message_id)
+    print(f"\npermanent error: {len(deliveries)} deliveries, acknowledged after {elapsed:.1f}s")
+
+    # Two failures asked for a redelivery (500); the third was acknowledged, and nothing came after.
+    assert [delivery.status for delivery in deliveries] == [500, 500, 200], server.log_tail()
+    assert state.delivery_attempts("fn_quota", message_id) == 3
+    runs = state.list_runs("fn_quota")
+    assert [run["status"] for run in runs] == ["failed_permanently", "failed", "failed"]
+    final = runs[0]
+    assert final["trigger_id"] == message_id
+    assert final["delivery"] == {"attempt": 3, "max_attempts": 3}
+    assert final["retryable"] is False
+    assert f"gave up after 3 deliveries of message {message_id}" in final["error"]
+    assert QUOTA_MESSAGE in final["error"]
+    assert batch.stats()["profiles_received"] == 0
+
+    # Exactly one ERROR line alerting can match, naming the run and the attempts.
+    [alert] = [entry for entry in server.json_logs() if entry.get("message") == FAILED_PERMANENTLY_EVENT]
+    assert alert["severity"] == "ERROR"
+    assert alert["logging.googleapis.com/labels"] == {"activation": "fn_quota", "run_id": final["run_id"]}
+    assert (alert["delivery_attempt"], alert["max_delivery_attempts"]) == (3, 3)
+
+    # A late redelivery (a lost acknowledgement) is not run again.
+    quota_proxy.reset()
+    again = server.post_pubsub_event(message_id, push_body({"activation": "fn_quota"}, message_id))
+    assert again.status == 200
+    assert [run["status"] for run in state.list_runs("fn_quota")] == ["failed_permanently", "failed", "failed"]
+    assert log_lines(server, "invocation finished")[-1]["status"] == "duplicate_trigger"
+    assert batch.stats()["profiles_received"] == 0
+
+
+def test_a_transient_error_that_clears_on_the_third_delivery_succeeds(
+    deployment: Deployment,
+    state: FirestoreStateStore,
+    batch: BatchSimulator,
+    simulator: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    segment_dataset: str,
+    pubsub_emulator: PubSubEmulator,
+    quota_proxy: RecordingProxy,
+) -> None:
+    deployment.write_activation(
+        "fn_flaky",
+        source=bigquery_source(bq_emulator, segment_dataset, "small"),
+        destination={"base_url": simulator.base_url},
+    )
+    quota_proxy.inject("GET", "/queries/", status=403, reason="quotaExceeded", message=QUOTA_MESSAGE, times=2)
+    server = deployment.start("pubsub_sync", "cloudevent")  # the default bound, 5 deliveries
+
+    with pushed_topic(pubsub_emulator, server) as pushed:
+        started = time.monotonic()
+        message_id = pushed.publish({"activation": "fn_flaky"})
+        deliveries = pushed.relay.wait_for_acknowledgement(message_id, timeout=150)
+        elapsed = time.monotonic() - started
+    print(f"\ntransient error: {len(deliveries)} deliveries, succeeded after {elapsed:.1f}s")
+
+    assert [delivery.status for delivery in deliveries] == [500, 500, 200], server.log_tail()
+    runs = state.list_runs("fn_flaky")
+    assert [run["status"] for run in runs] == ["succeeded", "failed", "failed"]
+    assert all(run["trigger_id"] == message_id for run in runs)
+    assert runs[1]["retryable"] is True
+    assert QUOTA_MESSAGE in runs[1]["error"]
+    assert runs[0]["counts"]["acknowledged"] == SMALL_ROWS
+    assert len(batch.profiles(PROJECT_KEY)) == SMALL_ROWS
+    assert batch.stats()["max_updates_per_custom_id"] == 1
+    assert state.delivery_attempts("fn_flaky", message_id) == 3
+    assert [entry for entry in server.json_logs() if entry.get("message") == FAILED_PERMANENTLY_EVENT] == []
+
+
+def test_a_100k_row_segment_reads_through_storage_read_on_the_emulator(
+    deployment: Deployment,
+    state: FirestoreStateStore,
+    batch: BatchSimulator,
+    simulator: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    segment_dataset: str,
+    pubsub_emulator: PubSubEmulator,
+) -> None:
+    deployment.write_activation(
+        "fn_wide",
+        source=bigquery_source(bq_emulator, segment_dataset, "wide"),
+        destination={"base_url": simulator.base_url, "endpoint": "mass-update", "rate_limit": False},
+        journal={"flush_every_profiles": 50_000, "flush_every_seconds": 30},
+    )
+    server = deployment.start("pubsub_sync", "cloudevent", CEPSYNC_TIME_BUDGET_SECONDS="240")
+
+    with pushed_topic(pubsub_emulator, server, ack_deadline_seconds=300) as pushed:
+        started = time.monotonic()
+        message_id = pushed.publish({"activation": "fn_wide"})
+        deliveries = pushed.relay.wait_for_acknowledgement(message_id, timeout=300)
+        elapsed = time.monotonic() - started
+    print(f"\n100k rows: {len(deliveries)} delivery, synced in {elapsed:.1f}s")
+
+    assert [delivery.status for delivery in deliveries] == [200], server.log_tail()
+    [record] = state.list_runs("fn_wide")
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["source"]["read_path"] == "storage_api"
+    assert record["source"]["rows"] == WIDE_ROWS
+    assert record["counts"]["acknowledged"] == WIDE_ROWS
+    assert len(batch.profiles(PROJECT_KEY)) == WIDE_ROWS

@@ -19,15 +19,19 @@ import pytest
 import structlog
 import yaml
 from engine_support import API_KEY, PROJECT_KEY, people, write_segment
+from pubsub_emulator import PubSubEmulator
 
 from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.errors import ConfigError
 from sync.function import (
     DEFAULT_EVENT_BUDGET_SECONDS,
     DEFAULT_HTTP_BUDGET_SECONDS,
+    DEFAULT_MAX_DELIVERY_ATTEMPTS,
+    FAILED_PERMANENTLY_EVENT,
     HTTP_STATUS,
     BigQueryEmulatorEndpoints,
     InvocationOutcome,
+    RetryableRunError,
     Settings,
     SyncRequest,
     TraceContext,
@@ -105,6 +109,17 @@ def test_a_margin_as_large_as_the_budget_is_refused() -> None:
 def test_a_bad_budget_names_its_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="CEPSYNC_TIME_BUDGET_SECONDS"):
         Settings.from_env({"CEPSYNC_TIME_BUDGET_SECONDS": value})
+
+
+def test_delivery_attempts_default_to_five_and_take_a_whole_number() -> None:
+    assert Settings.from_env({}).max_delivery_attempts == DEFAULT_MAX_DELIVERY_ATTEMPTS == 5
+    assert Settings.from_env({"CEPSYNC_MAX_DELIVERY_ATTEMPTS": "12"}).max_delivery_attempts == 12
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many", "101"])
+def test_a_bad_delivery_attempt_bound_names_its_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="CEPSYNC_MAX_DELIVERY_ATTEMPTS"):
+        Settings.from_env({"CEPSYNC_MAX_DELIVERY_ATTEMPTS": value})
 
 
 def test_a_bare_topic_name_is_resolved_in_the_project() -> None:
@@ -248,6 +263,7 @@ def test_http_trigger_ids_come_from_scheduler_or_an_idempotency_key() -> None:
         ("auth_error", 502),
         ("partial", 502),
         ("failed", 500),
+        ("failed_permanently", 200),
         ("something_new", 500),
     ],
 )
@@ -382,6 +398,52 @@ def test_the_time_budget_hands_over_and_continuations_finish_the_pass_exactly_on
     assert (late.http_status, late.body["status"]) == (200, "continuation_stale")
     assert simulator.simulator.stats()["profiles_received"] == stats["profiles_received"]
     assert [run["continuation_of"] for run in runs(environ)] == [root, None]
+
+
+def test_a_failure_outside_the_run_is_bounded_too_and_leaves_one_record(
+    environ: dict[str, str],
+    simulator: SimulatorThread,
+    pubsub_emulator: PubSubEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The run is cut by its budget and must hand over, but the continuation topic does not
+    # exist: publishing fails after the run saved its record, outside the engine.
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
+    environ.update(
+        CEPSYNC_TIME_BUDGET_SECONDS="1.0",
+        CEPSYNC_BUDGET_MARGIN_SECONDS="0.5",
+        CEPSYNC_CONTINUATION_TOPIC=pubsub_emulator.topic_path("no-such-topic"),
+        CEPSYNC_MAX_DELIVERY_ATTEMPTS="2",
+    )
+    simulator.simulator.faults.update({"latency_ms": 400})
+    with pytest.raises(RetryableRunError, match=r"publishing to .*no-such-topic failed"):
+        handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-h", environ=environ)
+    [cut] = runs(environ)
+    assert cut["status"] == "incomplete"
+
+    # The redelivery is a duplicate of that run and publishes the hand-over again; it fails
+    # again and this was the last attempt: acknowledged, with a record of its own.
+    with structlog.testing.capture_logs() as logs:
+        last = handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-h", environ=environ)
+    assert (last.http_status, last.retry, last.body["status"]) == (200, False, "failed_permanently")
+    final, previous = runs(environ)
+    assert previous["run_id"] == cut["run_id"]
+    assert previous["status"] == "incomplete"  # the run that did the work keeps its own record
+    assert final["status"] == "failed_permanently"
+    assert final["trigger_id"] == "evt-h"
+    assert final["delivery"] == {"attempt": 2, "max_attempts": 2}
+    assert "no-such-topic" in final["error"]
+    # The keys every run record has, so `cepsync history` and alerting read it like any other.
+    assert set(cut) - {"run_type", "sync_mode", "journal", "handover", "plan"} <= set(final), set(cut) - set(final)
+    alerts = [entry for entry in logs if entry["event"] == FAILED_PERMANENTLY_EVENT]
+    assert [entry["log_level"] for entry in alerts] == ["error"]
+
+    # Pub/Sub delivers it once more (the acknowledgement was lost): nothing runs or is published.
+    received = simulator.simulator.stats()["profiles_received"]
+    late = handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-h", environ=environ)
+    assert (late.body["status"], late.body["duplicate_of"]) == ("duplicate_trigger", final["run_id"])
+    assert simulator.simulator.stats()["profiles_received"] == received
+    assert len(runs(environ)) == 2
 
 
 def test_http_checks_the_method_and_body_then_runs(environ: dict[str, str]) -> None:

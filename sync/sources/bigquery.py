@@ -19,6 +19,12 @@ How it talks to BigQuery, and why:
   retried with the client's own retry objects, bounded in time so a run stays inside its Cloud
   Functions budget. Everything else becomes a :class:`sync.errors.FatalError` subclass naming
   the activation; retries exhausted become a :class:`sync.errors.TransientError`.
+* Fatal means "the same request will get the same answer": permission denied (403, gRPC
+  PERMISSION_DENIED/UNAUTHENTICATED), not found (404, NOT_FOUND), an invalid query or
+  argument (400, INVALID_ARGUMENT) and a result too large to receive (gRPC RESOURCE_EXHAUSTED
+  "message larger than max", BigQuery ``responseTooLarge``) are fatal on both read paths, so
+  the function does not ask Pub/Sub to redeliver them. Only a quota, a rate limit or an
+  outage is transient, and the function bounds even those (infra/README.md).
 
 Every batch is cast to the Arrow schema derived from the BigQuery schema (:func:`arrow_schema`),
 so both read paths yield identical batches (the Storage API names list children ``l``, REST
@@ -119,6 +125,15 @@ class BigQueryNotFound(BigQuerySourceError):
 
 class BigQueryPermissionDenied(BigQuerySourceError):
     """Missing credentials, or the identity lacks a BigQuery permission."""
+
+
+class BigQueryResultTooLarge(BigQuerySourceError):
+    """A result or a Storage Read message is larger than the receiving side accepts.
+
+    Retrying reads the same rows into the same limit, so it is fatal: a gRPC channel capped
+    below the server's message size (``Received message larger than max``), or BigQuery's
+    ``responseTooLarge`` for a query result that exceeds its response limit.
+    """
 
 
 class BigQueryUnavailable(TransientError):
@@ -556,6 +571,16 @@ class BigQuerySource:
             return None
         reason = _reason(error)
         detail = _describe(error)
+        # Checked before the transient codes: gRPC reports an over-size message as
+        # RESOURCE_EXHAUSTED (HTTP 429), which would otherwise read as a quota to wait out.
+        if _too_large(error, reason):
+            return BigQueryResultTooLarge(
+                f"the result is too large to receive while {action}: {detail}. A Storage Read channel must accept "
+                "messages of any size (see GRPC_CHANNEL_OPTIONS in sync/runtime.py); a query result over "
+                "BigQuery's response limit needs use_storage_api: true",
+                activation=activation,
+                reason=reason,
+            )
         if reason == "bytesBilledLimitExceeded":
             return BigQueryBytesLimitExceeded(
                 f"the query would bill more than maximum_bytes_billed={self._config.maximum_bytes_billed}: {detail}",
@@ -568,7 +593,9 @@ class BigQuerySource:
             | api_exceptions.InternalServerError
             | api_exceptions.BadGateway
             | api_exceptions.ServiceUnavailable
-            | api_exceptions.GatewayTimeout,
+            | api_exceptions.GatewayTimeout
+            # gRPC ABORTED: a concurrency conflict the server asks the caller to retry.
+            | api_exceptions.Aborted,
         ):
             return BigQueryUnavailable(f"BigQuery unavailable while {action}: {detail}", activation=activation)
         if isinstance(error, api_exceptions.NotFound):
@@ -607,6 +634,17 @@ class BigQuerySource:
             self._client.close()  # type: ignore[no-untyped-call]
         if self._owns_read_client and self._read_client is not None:
             self._read_client.transport.close()  # type: ignore[no-untyped-call]
+
+
+# gRPC's own wording when a message exceeds a channel's max_receive_message_length (or the
+# send limit): "Received message larger than max (7845001 vs. 4194304)".
+_GRPC_TOO_LARGE = re.compile(r"(?:Received|Sent) message larger than max")
+
+
+def _too_large(error: api_exceptions.GoogleAPICallError, reason: str | None) -> bool:
+    if reason == "responseTooLarge":
+        return True
+    return isinstance(error, api_exceptions.ResourceExhausted) and bool(_GRPC_TOO_LARGE.search(str(error.message)))
 
 
 def _reason(error: api_exceptions.GoogleAPICallError) -> str | None:

@@ -9,17 +9,24 @@ Guarantees a backend must keep (the conformance suite in tests/state/ proves the
   :class:`sync.errors.LeaseLost` and writes nothing.
 * :meth:`StateStore.load_fingerprints` returns committed state including any journal
   not yet compacted (a crash between commit and compaction loses nothing).
+* :meth:`StateStore.record_delivery_attempt` is an atomic increment: the Cloud Function
+  bounds Pub/Sub redeliveries of one message with it (see sync/function.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+
+# How long a delivery count is kept. Pub/Sub keeps an unacknowledged message at most 7 days
+# (31 with topic retention); a count outliving that could never be consulted again.
+DELIVERY_RETENTION = timedelta(days=31)
+
 
 # The acknowledged fingerprints of one activation as a run holds them: ids plus two u64
 # columns, ~30 bytes a profile (StateStore.load_fingerprint_table).
@@ -123,6 +130,19 @@ class StateStore(Protocol):
 
     def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
         """The run started by this trigger id (a Pub/Sub message/CloudEvent id), if any."""
+
+    # -- delivery attempts ----------------------------------------------------------------
+    def record_delivery_attempt(self, activation: str, trigger_id: str, now: datetime) -> int:
+        """Count one more delivery of a trigger (a Pub/Sub message id) to the activation.
+
+        Returns the number of deliveries counted so far, this one included (1 the first
+        time). Atomic: two concurrent deliveries of one message get two different numbers.
+        Not fenced (it is counted before the run takes its lease). Counts older than
+        :data:`DELIVERY_RETENTION` may be forgotten: Pub/Sub never redelivers that late.
+        """
+
+    def delivery_attempts(self, activation: str, trigger_id: str) -> int:
+        """How many deliveries of the trigger were counted (0 if none)."""
 
     # -- admin ---------------------------------------------------------------------------
     def reset(self, activation: str, *, now: datetime | None = None) -> None:

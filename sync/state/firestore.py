@@ -15,6 +15,9 @@ Layout (``P`` is the collection prefix, ``cepsync`` by default)::
       intent_journal/{seq:012d}
     P_runs/{run_id}                       record_json, activation, started_at, trigger_id,
                                           run_key, trigger_key (see "Run records" below)
+    P_deliveries/{sha256(activation NUL trigger_id)}
+                                          activation, trigger_id, attempts, first_at,
+                                          last_at, expire_at (a TTL policy deletes it)
 
 A record goes to shard ``blake2b-64(custom_id) mod K`` (``K`` a power of two, so growing
 ``K`` splits every shard into whole shards of the next layout). Every blob is a columnar
@@ -78,7 +81,7 @@ from google.cloud import firestore
 
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
-from sync.state.base import fold_journal
+from sync.state.base import DELIVERY_RETENTION, fold_journal
 
 # Firestore hard limits (https://cloud.google.com/firestore/quotas): a document is at most
 # 1 MiB (1,048,576 bytes) including its name and field names; an API request (so a
@@ -462,6 +465,7 @@ class FirestoreStateStore:
         self._close_client = close_client
         self._activations = client.collection(f"{prefix}_activations")
         self._runs = client.collection(f"{prefix}_runs")
+        self._deliveries = client.collection(f"{prefix}_deliveries")
         self._lock = threading.Lock()
         self._ops: dict[str, int] = {"reads": 0, "writes": 0, "deletes": 0, "transactions": 0}
 
@@ -869,6 +873,47 @@ class FirestoreStateStore:
             return None
         newest = max(found, key=lambda doc: doc["run_key"])
         return dict(json.loads(newest["record_json"]))
+
+    # -- delivery attempts --------------------------------------------------------------------
+
+    def _delivery_ref(self, activation: str, trigger_id: str) -> Any:
+        # A trigger id may hold '/' or be long: hash the pair into a valid document id.
+        key = hashlib.sha256(f"{activation}\0{trigger_id}".encode()).hexdigest()
+        return self._deliveries.document(key)
+
+    def record_delivery_attempt(self, activation: str, trigger_id: str, now: datetime) -> int:
+        """Count one more delivery of ``trigger_id`` to ``activation``; return the count so far.
+
+        One transaction (read, increment, write), so concurrent deliveries of one message
+        get distinct counts. ``expire_at`` (``now`` + :data:`sync.state.base.DELIVERY_RETENTION`)
+        is the field a Firestore TTL policy deletes the document by (infra/firestore.tf).
+        """
+        _require_aware(now, "now")
+        ref = self._delivery_ref(activation, trigger_id)
+
+        def body(txn: Any) -> int:
+            doc = self._get(ref, txn)
+            attempts = int(doc["attempts"]) + 1 if doc is not None else 1
+            self._write_doc(
+                txn,
+                ref,
+                {
+                    "activation": activation,
+                    "trigger_id": trigger_id,
+                    "attempts": attempts,
+                    "first_at": doc["first_at"] if doc is not None else now,
+                    "last_at": now,
+                    "expire_at": now + DELIVERY_RETENTION,
+                },
+            )
+            return attempts
+
+        return int(self._run_transaction(body))
+
+    def delivery_attempts(self, activation: str, trigger_id: str) -> int:
+        """How many deliveries of ``trigger_id`` were counted (0 if none)."""
+        doc = self._get(self._delivery_ref(activation, trigger_id))
+        return 0 if doc is None else int(doc["attempts"])
 
     # -- admin --------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ Layout (schema version 1)::
     intents(activation, custom_id)                          -- PK (activation, custom_id), WITHOUT ROWID
     meta(activation PK, body JSON)
     runs(run_id PK, activation, started_at, trigger_id, record JSON)
+    deliveries(activation, trigger_id, attempts, first_at_us, last_at_us)  -- PK (activation, trigger_id)
 
 SQLite has no separate journal here: :meth:`SQLiteStateStore.commit` writes straight
 into ``fingerprints`` in one transaction, so :meth:`SQLiteStateStore.compact` only
@@ -37,7 +38,7 @@ import pyarrow as pa
 
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
-from sync.state.base import FINGERPRINT_SCHEMA
+from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA
 
 SCHEMA_VERSION: Final = 1
 
@@ -95,6 +96,18 @@ _SCHEMA: Final = (
     """,
     "CREATE INDEX IF NOT EXISTS runs_by_activation ON runs (activation, started_at)",
     "CREATE INDEX IF NOT EXISTS runs_by_trigger ON runs (activation, trigger_id)",
+    # Added after version 1 shipped, without a version bump: CREATE TABLE IF NOT EXISTS
+    # adds it to an existing file on open, and an older cepsync simply never reads it.
+    """
+    CREATE TABLE IF NOT EXISTS deliveries (
+        activation  TEXT    NOT NULL,
+        trigger_id  TEXT    NOT NULL,
+        attempts    INTEGER NOT NULL,
+        first_at_us INTEGER NOT NULL,
+        last_at_us  INTEGER NOT NULL,
+        PRIMARY KEY (activation, trigger_id)
+    ) WITHOUT ROWID
+    """,
 )
 
 
@@ -586,6 +599,37 @@ class SQLiteStateStore:
             ).fetchone()
             self._stats["statements"] += 1
         return None if row is None else dict(json.loads(row[0]))
+
+    # -- delivery attempts --------------------------------------------------------------------
+
+    def record_delivery_attempt(self, activation: str, trigger_id: str, now: datetime) -> int:
+        """Count one more delivery of ``trigger_id`` to ``activation``; return the count so far.
+
+        One write transaction (an upsert), which also forgets counts last touched more than
+        :data:`sync.state.base.DELIVERY_RETENTION` before ``now``.
+        """
+        now_us = _to_us(now, "now")
+        horizon_us = _to_us(now - DELIVERY_RETENTION, "now")
+        with self._write() as conn:
+            pruned = conn.execute("DELETE FROM deliveries WHERE last_at_us < ?", (horizon_us,)).rowcount
+            row = conn.execute(
+                "INSERT INTO deliveries (activation, trigger_id, attempts, first_at_us, last_at_us) "
+                "VALUES (?, ?, 1, ?, ?) "
+                "ON CONFLICT (activation, trigger_id) DO UPDATE SET attempts = attempts + 1, last_at_us = ? "
+                "RETURNING attempts",
+                (activation, trigger_id, now_us, now_us, now_us),
+            ).fetchone()
+            self._count(2, pruned + 1)
+        return int(row[0])
+
+    def delivery_attempts(self, activation: str, trigger_id: str) -> int:
+        """How many deliveries of ``trigger_id`` were counted (0 if none)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT attempts FROM deliveries WHERE activation = ? AND trigger_id = ?", (activation, trigger_id)
+            ).fetchone()
+            self._stats["statements"] += 1
+        return 0 if row is None else int(row[0])
 
     # -- admin --------------------------------------------------------------------------------
 

@@ -14,22 +14,25 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from bigquery_emulator import BigQueryEmulator, RecordingProxy
+from bigquery_emulator import BigQueryEmulator, GrpcFaultProxy, RecordingProxy
 from google.cloud import bigquery
 from google.cloud.bigquery_storage import BigQueryReadClient
 from pydantic import ValidationError
 
 from sync.config import BigQuerySourceConfig
 from sync.errors import ConfigError, FatalError, TransientError
+from sync.runtime import emulator_read_client
 from sync.sources.bigquery import (
     API_RETRY,
     BigQueryBytesLimitExceeded,
     BigQueryNotFound,
     BigQueryPermissionDenied,
     BigQueryQueryInvalid,
+    BigQueryResultTooLarge,
     BigQuerySource,
     BigQueryUnavailable,
     arrow_schema,
@@ -49,6 +52,11 @@ BIG_ROWS = 25_000
 # The emulator serves one Storage Read stream per 100,000 rows, each as a single Arrow page;
 # this many rows makes it split the read into three streams.
 HUGE_ROWS = 210_000
+# 100,000 rows of four columns: one Storage Read message of about 6 MB from the emulator,
+# more than gRPC's stock 4 MiB receive limit.
+WIDE_ROWS = 100_000
+WIDE_COLUMNS = ["id", "email", "first_name", "points"]
+GRPC_DEFAULT_RECEIVE_LIMIT = 4 * 1024 * 1024
 PEOPLE_SCHEMA = [
     bigquery.SchemaField("id", "STRING", mode="REQUIRED"),
     bigquery.SchemaField("age", "INT64"),
@@ -126,6 +134,12 @@ def segment(bq_emulator: BigQueryEmulator) -> Iterator[str]:
     )
     client.query_and_wait(
         f"CREATE TABLE `{dataset.dataset_id}.huge` AS SELECT n AS id FROM UNNEST(GENERATE_ARRAY(1, {HUGE_ROWS})) AS n"
+    )
+    client.query_and_wait(
+        f"CREATE TABLE `{dataset.dataset_id}.wide` AS "
+        "SELECT CONCAT('c', LPAD(CAST(n AS STRING), 6, '0')) AS id, "
+        "CONCAT('person', CAST(n AS STRING), '@example.com') AS email, "
+        f"CONCAT('Name', CAST(n AS STRING)) AS first_name, n AS points FROM UNNEST(GENERATE_ARRAY(1, {WIDE_ROWS})) AS n"
     )
     yield dataset.dataset_id
     client.delete_dataset(dataset, delete_contents=True, not_found_ok=True)
@@ -371,6 +385,152 @@ def test_the_storage_api_streams_a_multi_stream_read_page_by_page(
     assert checksum == HUGE_ROWS * (HUGE_ROWS + 1) // 2
     assert source.stats()["read_path"] == "storage_api"
     source.close()
+
+
+def test_a_100k_row_segment_reads_through_storage_read_on_the_channel_cepsync_builds(
+    bq_proxy: RecordingProxy, bq_emulator: BigQueryEmulator, segment: str
+) -> None:
+    read_client, close_channel = emulator_read_client(bq_emulator.grpc_address)
+    source = BigQuerySource(
+        BigQuerySourceConfig(query=f"SELECT * FROM `{segment}.wide`", project=bq_emulator.project),
+        activation=ACTIVATION,
+        client=bq_proxy.client(bq_emulator.project),
+        read_client=read_client,
+        batch_rows=1_000_000,  # no slicing: every batch is a message the server sent
+    )
+    try:
+        rows = 0
+        checksum = 0
+        largest = 0
+        for batch in source.read_batches(WIDE_COLUMNS):
+            rows += batch.num_rows
+            checksum += pc.sum(batch.column("points")).as_py()
+            largest = max(largest, batch.nbytes)
+        assert rows == WIDE_ROWS
+        assert checksum == WIDE_ROWS * (WIDE_ROWS + 1) // 2
+        # At least one message was larger than a stock gRPC channel accepts.
+        assert largest > GRPC_DEFAULT_RECEIVE_LIMIT
+        assert source.stats()["read_path"] == "storage_api"
+        assert row_reads(bq_proxy) == []  # no REST fallback
+    finally:
+        source.close()
+        close_channel()
+
+
+def test_a_message_over_the_channel_limit_is_fatal_not_transient(
+    bq_proxy: RecordingProxy, bq_emulator: BigQueryEmulator, segment: str
+) -> None:
+    # What the emulator channel did before: gRPC's stock receive limit.
+    capped = bq_emulator.read_client(options=[("grpc.max_receive_message_length", GRPC_DEFAULT_RECEIVE_LIMIT)])
+    source = make_source(bq_proxy, bq_emulator, capped, table=f"{segment}.wide")
+    with pytest.raises(BigQueryResultTooLarge) as caught:
+        list(source.read_batches(WIDE_COLUMNS))
+    assert isinstance(caught.value, FatalError)
+    assert not isinstance(caught.value, TransientError)
+    message = str(caught.value)
+    assert message.startswith(f"activation '{ACTIVATION}': the result is too large to receive while reading")
+    assert "Received message larger than max" in message
+    source.close()
+
+
+def test_a_query_result_over_bigquerys_response_limit_is_fatal(
+    bq_proxy: RecordingProxy, bq_emulator: BigQueryEmulator, segment: str
+) -> None:
+    source = make_source(bq_proxy, bq_emulator, None, query=f"SELECT id FROM `{segment}.people`")
+    source.schema()
+    # BigQuery answers 403 responseTooLarge: not a permission problem, and no retry changes it.
+    bq_proxy.inject(
+        "GET",
+        "/queries/",
+        status=403,
+        reason="responseTooLarge",
+        message="Response too large to return. Consider specifying a destination table in your job configuration.",
+        times=1,
+    )
+    with pytest.raises(BigQueryResultTooLarge, match="Response too large to return") as caught:
+        list(source.read_batches(["id"]))
+    assert not isinstance(caught.value, TransientError | BigQueryPermissionDenied)
+    source.close()
+
+
+@pytest.fixture
+def grpc_proxy(bq_emulator: BigQueryEmulator) -> Iterator[GrpcFaultProxy]:
+    proxy = GrpcFaultProxy(bq_emulator.grpc_address)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "code", "details", "expected", "fatal"),
+    [
+        (
+            "CreateReadSession",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "request failed: the user does not have 'bigquery.readsessions.create' permission",
+            BigQueryPermissionDenied,
+            True,
+        ),
+        (
+            "ReadRows",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "request failed: the user does not have 'bigquery.tables.getData' permission",
+            BigQueryPermissionDenied,
+            True,
+        ),
+        ("CreateReadSession", grpc.StatusCode.UNAUTHENTICATED, "invalid credentials", BigQueryPermissionDenied, True),
+        ("CreateReadSession", grpc.StatusCode.NOT_FOUND, "Not found: Table p:ds.people", BigQueryNotFound, True),
+        (
+            "CreateReadSession",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request failed: Invalid row restriction",
+            BigQueryQueryInvalid,
+            True,
+        ),
+        # A quota is the one RESOURCE_EXHAUSTED that waiting can cure: it stays transient
+        # (and the function bounds how often it is retried).
+        (
+            "CreateReadSession",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Quota exceeded for quota metric 'Concurrent read sessions'",
+            BigQueryUnavailable,
+            False,
+        ),
+    ],
+    ids=["session-permission", "read-permission", "unauthenticated", "not-found", "invalid-argument", "quota"],
+)
+def test_storage_read_errors_are_classified_by_whether_a_retry_can_help(
+    method: str,
+    code: grpc.StatusCode,
+    details: str,
+    expected: type[Exception],
+    fatal: bool,
+    bq_proxy: RecordingProxy,
+    bq_emulator: BigQueryEmulator,
+    grpc_proxy: GrpcFaultProxy,
+    segment: str,
+) -> None:
+    read_client, close_channel = emulator_read_client(grpc_proxy.address)
+    source = make_source(bq_proxy, bq_emulator, read_client, table=f"{segment}.people")
+    grpc_proxy.inject(method, code, details)
+    try:
+        with pytest.raises(expected) as caught:
+            list(source.read_batches(["id"]))
+        assert isinstance(caught.value, FatalError) is fatal
+        assert isinstance(caught.value, TransientError) is not fatal
+        assert str(caught.value).startswith(f"activation '{ACTIVATION}': ")
+        assert details in str(caught.value)
+        assert method in grpc_proxy.calls
+    finally:
+        source.close()
+        close_channel()
+    # The proxy forwards everything else: the same source reads through it once the fault is spent.
+    read_client, close_channel = emulator_read_client(grpc_proxy.address)
+    again = make_source(bq_proxy, bq_emulator, read_client, table=f"{segment}.people")
+    try:
+        assert sorted(row["id"] for row in read_all(again, ["id"])[0].to_pylist()) == sorted(p["id"] for p in PEOPLE)
+    finally:
+        again.close()
+        close_channel()
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ not after a reset); a released lease is no longer ours (fenced writes raise Leas
 from __future__ import annotations
 
 import random
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -454,6 +455,50 @@ class StateStoreContract:
         assert found["run_id"] == "run-2"
         assert store.find_run_by_trigger("act", "msg-3") is None  # other activation's trigger
         assert store.find_run_by_trigger("act", "msg-unknown") is None
+
+    # -- delivery attempts --------------------------------------------------------------------
+
+    def test_delivery_attempts_count_up_per_activation_and_trigger(self, store: StateStore) -> None:
+        assert store.delivery_attempts("act", "msg-1") == 0
+        assert [store.record_delivery_attempt("act", "msg-1", at(n)) for n in range(3)] == [1, 2, 3]
+        assert store.record_delivery_attempt("act", "msg-2", at(4)) == 1
+        assert store.record_delivery_attempt("other", "msg-1", at(5)) == 1  # same message id, other activation
+        assert store.delivery_attempts("act", "msg-1") == 3
+        assert store.delivery_attempts("act", "msg-2") == 1
+        assert store.delivery_attempts("other", "msg-1") == 1
+        assert store.delivery_attempts("act", "msg-never") == 0
+
+    def test_delivery_attempts_take_any_trigger_id(self, store: StateStore) -> None:
+        for trigger_id in ("scheduler:job/with/slashes@2026-01-01T00:00:00Z", "..", "__x__", "é" * 200):
+            assert store.record_delivery_attempt("act", trigger_id, T0) == 1
+            assert store.record_delivery_attempt("act", trigger_id, at(1)) == 2
+            assert store.delivery_attempts("act", trigger_id) == 2
+
+    def test_concurrent_deliveries_get_distinct_counts(self, store: StateStore) -> None:
+        workers = 4
+        barrier = threading.Barrier(workers)
+        counts: list[int] = []
+        lock = threading.Lock()
+
+        def deliver() -> None:
+            barrier.wait()
+            count = store.record_delivery_attempt("act", "msg-1", T0)
+            with lock:
+                counts.append(count)
+
+        threads = [threading.Thread(target=deliver) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(counts) == list(range(1, workers + 1))
+        assert store.delivery_attempts("act", "msg-1") == workers
+
+    def test_delivery_attempts_survive_a_reset(self, store: StateStore) -> None:
+        # A reset forgets sync state, not how often Pub/Sub delivered a message.
+        store.record_delivery_attempt("act", "msg-1", T0)
+        store.reset("act")
+        assert store.record_delivery_attempt("act", "msg-1", at(1)) == 2
 
     # -- reset --------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries,
 
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry
-from sync.state.base import StateStore
+from sync.state.base import DELIVERY_RETENTION, StateStore
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +49,34 @@ def test_creates_parent_directories_and_a_versioned_schema(db_path: Path) -> Non
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         raw.close()
+
+
+def test_a_file_from_before_delivery_counts_gains_the_table_on_open(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        store.save_run(run_record("run-1", "act", "2026-01-01T00:00:00Z", trigger_id="msg-1"))
+    # The file as schema version 1 first shipped: no deliveries table.
+    raw = sqlite3.connect(db_path)
+    raw.execute("DROP TABLE deliveries")
+    raw.commit()
+    raw.close()
+    with SQLiteStateStore(db_path) as store:
+        assert store.record_delivery_attempt("act", "msg-1", T0) == 1
+        assert store.find_run_by_trigger("act", "msg-1") is not None  # nothing else touched
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    finally:
+        raw.close()
+
+
+def test_delivery_counts_older_than_the_retention_are_forgotten(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        assert store.record_delivery_attempt("act", "old", T0) == 1
+        assert store.record_delivery_attempt("act", "recent", T0 + DELIVERY_RETENTION) == 1
+        # Recording anything prunes counts last touched before now - retention.
+        store.record_delivery_attempt("act", "new", T0 + DELIVERY_RETENTION + timedelta(seconds=1))
+        assert store.delivery_attempts("act", "old") == 0
+        assert store.delivery_attempts("act", "recent") == 1
 
 
 def test_reopening_keeps_one_schema_version_row(db_path: Path) -> None:
