@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from sync.config import Activation, json_schema, load_activation
 from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
@@ -47,7 +48,9 @@ StateOption = Annotated[
     typer.Option(
         "--state",
         envvar="CEPSYNC_STATE",
-        help="State store URL: sqlite:///PATH (default) or firestore://[PROJECT[/DATABASE]][?prefix=P].",
+        # Help text is rich markup: square brackets would be read as tags, so none here.
+        help="State store URL: sqlite:///PATH (the default) or firestore://PROJECT/DATABASE?prefix=P "
+        "(project, database and prefix may each be left out).",
     ),
 ]
 RejectsOption = Annotated[
@@ -57,9 +60,23 @@ RejectsOption = Annotated[
 ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
 
 
+# Rendering rule: anything that comes from data, config, state or the environment is put
+# on screen as rich Text (never a markup string), so "[b]", "[/oops]" or ":smile:" in a
+# value is printed as it is, and no value can crash the output with a MarkupError.
+
+
+def _styled(*parts: str | tuple[str, str]) -> Text:
+    """Plain strings verbatim, (text, style) pairs styled; no markup or emoji parsing."""
+    return Text.assemble(*parts)
+
+
+def print_error(error: SyncError | Exception, *, err: Console | None = None) -> None:
+    (err or err_console).print(_styled(("error:", "bold red"), " ", str(error)))
+
+
 def _fail(error: SyncError | Exception) -> typer.Exit:
     code = getattr(error, "exit_code", 1)
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+    print_error(error)
     return typer.Exit(code)
 
 
@@ -145,16 +162,21 @@ def summary_table(record: dict[str, Any]) -> Table:
     ]
     for label, key in rows:
         if key in counts:
-            table.add_row(label, f"{counts[key]:,}")
+            table.add_row(Text(label), Text(f"{counts[key]:,}"))
     return table
 
 
-def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
-    status = record["status"]
+def print_record(
+    record: dict[str, Any], *, samples: int = 10, out: Console | None = None, err: Console | None = None
+) -> None:
+    """A run or plan record for people: status, counts, timings, rejections, guards, error."""
+    out = out or console
+    err = err or err_console
+    status = str(record["status"])
     style = "green" if status.startswith("succeeded") or status == "planned" else "red"
-    console.print(f"[bold]{record['activation']}[/] · run {record['run_id']} · [{style}]{status}[/]")
+    out.print(_styled((str(record["activation"]), "bold"), f" · run {record['run_id']} · ", (status, style)))
     if record.get("counts"):
-        console.print(summary_table(record))
+        out.print(summary_table(record))
     extra = []
     if record.get("endpoint"):
         extra.append(f"endpoint /profiles/{record['endpoint']}")
@@ -165,12 +187,12 @@ def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
         extra.append(f"{timings['wire_seconds']:.2f}s waiting on Batch")
     mapping = record.get("mapping_version") or {}
     if mapping.get("explanation"):
-        console.print(f"[yellow]mapping changed:[/] {mapping['explanation']}")
+        out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
     if extra:
-        console.print(" · ".join(extra), style="dim")
+        out.print(Text(" · ".join(extra), style="dim"))
     if record.get("rejected_by_reason"):
         reasons = ", ".join(f"{reason} ×{count}" for reason, count in sorted(record["rejected_by_reason"].items()))
-        console.print(f"rejected by reason: {reasons}")
+        out.print(Text(f"rejected by reason: {reasons}"))
     shown = record.get("rejected_samples", [])[:samples]
     if shown:
         table = Table(title="rejected rows (sample)", title_justify="left")
@@ -179,19 +201,39 @@ def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
         for sample in shown:
             for issue in sample["issues"]:
                 table.add_row(
-                    str(sample["row"] if sample["row"] is not None else "-"),
-                    str(sample["custom_id"]),
-                    issue["field"],
-                    issue["reason"],
-                    issue["detail"],
+                    Text(str(sample["row"] if sample["row"] is not None else "-")),
+                    Text(str(sample["custom_id"])),
+                    Text(str(issue["field"])),
+                    Text(str(issue["reason"])),
+                    Text(str(issue["detail"])),
                 )
-        console.print(table)
+        out.print(table)
     for guard in record.get("guards", []):
         if guard["tripped"]:
             state = "overridden" if guard["overridden"] else "TRIPPED"
-            console.print(f"guard {guard['guard']}: {state} — {guard['detail']}")
+            out.print(Text(f"guard {guard['guard']}: {state} — {guard['detail']}"))
     if record.get("error"):
-        err_console.print(f"[red]{record['error']}[/]", highlight=False)
+        err.print(Text(str(record["error"]), style="red"))
+
+
+def print_plan_sample(changes: list[dict[str, Any]], removals: list[str], *, out: Console | None = None) -> None:
+    """The sample of planned sends and removals under `cepsync plan`."""
+    out = out or console
+    for change in changes:
+        attributes = json.dumps(change["attributes"], ensure_ascii=False, default=str)
+        out.print(_styled((str(change["kind"]), "bold"), f" {change['custom_id']}: {attributes}"))
+    for removal in removals:
+        out.print(_styled(("remove", "bold"), f" {removal}"))
+
+
+def print_check(out: Console, message: str) -> None:
+    """One passed check of `cepsync validate`."""
+    out.print(_styled(("✓", "green"), " ", message))
+
+
+def print_source_check(out: Console, columns: int, types: dict[str, Any]) -> None:
+    kinds = ", ".join(f"{column}={getattr(kind, 'value', kind)}" for column, kind in types.items())
+    print_check(out, f"source: {columns} mapped columns found, types {kinds}")
 
 
 class RunInterrupted(Exception):
@@ -315,10 +357,7 @@ def plan(
         console.print_json(json.dumps({**record, "sample_changes": changes, "sample_removals": removals}, default=str))
         raise typer.Exit(0)
     print_record(record)
-    for change in changes:
-        console.print(f"[bold]{change['kind']}[/] {change['custom_id']}: {json.dumps(change['attributes'])}")
-    for removal in removals:
-        console.print(f"[bold]remove[/] {removal}")
+    print_plan_sample(changes, removals)
 
 
 @app.command()
@@ -331,7 +370,7 @@ def validate(
     """Check the config, the segment query (schema only) and the Batch credentials."""
     configure_logging(level="warning")
     activation = _load(activation_file)
-    console.print(f"[green]✓[/] config: activation '{activation.name}' is valid")
+    print_check(console, f"config: activation '{activation.name}' is valid")
     try:
         source = _open_source(activation)
         try:
@@ -341,10 +380,7 @@ def validate(
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()
-        console.print(
-            f"[green]✓[/] source: {len(mapper.columns)} mapped columns found, types "
-            + ", ".join(f"{column}={kind.value}" for column, kind in types.items())
-        )
+        print_source_check(console, len(mapper.columns), types)
         if check_credentials:
             client = build_client(activation)
 
@@ -353,7 +389,7 @@ def validate(
                     await client.check_credentials()
 
             asyncio.run(check())
-            console.print(f"[green]✓[/] Batch accepted the credentials at {activation.destination.base_url}")
+            print_check(console, f"Batch accepted the credentials at {activation.destination.base_url}")
     except SyncError as error:
         raise _fail(error) from None
 
@@ -423,7 +459,7 @@ def reset(
         raise _fail(error) from None
     finally:
         store.close()
-    console.print(f"state of '{name}' forgotten; the next run is a full load")
+    console.print(Text(f"state of '{name}' forgotten; the next run is a full load"))
 
 
 @app.command()
