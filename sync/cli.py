@@ -29,9 +29,18 @@ from sync.config import Activation, json_schema, load_activation
 from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
+from sync.model import ActivationMeta
 from sync.plan import GUARD_NAMES, Plan
-from sync.runtime import DEFAULT_STATE_URL, BigQueryEmulatorEndpoints, build_client, open_source, open_store
+from sync.runtime import (
+    BigQueryEmulatorEndpoints,
+    StateNotFound,
+    build_client,
+    expand_state_url,
+    open_source,
+    open_store,
+)
 from sync.sources.base import Source
+from sync.state.base import StateStore
 
 app = typer.Typer(
     name="cepsync",
@@ -49,8 +58,10 @@ StateOption = Annotated[
         "--state",
         envvar="CEPSYNC_STATE",
         # Help text is rich markup: square brackets would be read as tags, so none here.
-        help="State store URL: sqlite:///PATH (the default) or firestore://PROJECT/DATABASE?prefix=P "
-        "(project, database and prefix may each be left out).",
+        help="State store URL: sqlite:///PATH or firestore://PROJECT/DATABASE?prefix=P (project, database and "
+        "prefix may each be left out; the word firestore reads CEPSYNC_FIRESTORE_* like the function). "
+        "Default: one file per user, $XDG_STATE_HOME/cepsync/state.db (~/.local/state/cepsync/state.db).",
+        show_default=False,
     ),
 ]
 RejectsOption = Annotated[
@@ -74,10 +85,33 @@ def print_error(error: SyncError | Exception, *, err: Console | None = None) -> 
     (err or err_console).print(_styled(("error:", "bold red"), " ", str(error)))
 
 
-def _fail(error: SyncError | Exception) -> typer.Exit:
+# The status word a run record would carry, for an error that stopped a command early.
+_STATUS_OF_EXIT_CODE = {1: "failed", 2: "config_error", 3: "aborted_by_guard", 4: "auth_error", 5: "skipped_lease_held"}
+
+
+def _fail(error: SyncError | Exception, *, json_output: bool = False, activation: str | None = None) -> typer.Exit:
+    """Report an error (on stderr, or as one JSON object on stdout with --json) and exit with its code."""
     code = getattr(error, "exit_code", 1)
-    print_error(error)
+    if json_output:
+        outcome = {
+            "activation": activation,
+            "status": _STATUS_OF_EXIT_CODE.get(code, "failed"),
+            "exit_code": code,
+            "error": str(error),
+        }
+        typer.echo(json.dumps(outcome, ensure_ascii=False))
+    else:
+        print_error(error)
     return typer.Exit(code)
+
+
+def _store(state: str, *, create: bool = True) -> StateStore:
+    """The state store ``--state`` names (ConfigError if it cannot be opened)."""
+    return open_store(expand_state_url(state, os.environ), create=create)
+
+
+def _state_label(state: str) -> str:
+    return expand_state_url(state, os.environ).removeprefix("sqlite:///")
 
 
 def _open_source(activation: Activation) -> Source:
@@ -255,7 +289,11 @@ def execute_run(
     """Build the edges and run once (used by `run` and `demo`)."""
     client = build_client(activation)
     source = _open_source(activation)
-    store = open_store(state)
+    try:
+        store = _store(state)
+    except BaseException:
+        source.close()
+        raise
     run = Run(
         activation, source=source, store=store, client=client, options=options, progress=progress, rejects=rejects
     )
@@ -280,7 +318,7 @@ def execute_run(
 @app.command()
 def run(
     activation_file: ActivationArg,
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     full: Annotated[
         bool, typer.Option("--full", help="Send every valid row, whatever the stored fingerprints.")
     ] = False,
@@ -326,7 +364,7 @@ def run(
 @app.command()
 def plan(
     activation_file: ActivationArg,
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     full: Annotated[bool, typer.Option("--full", help="Plan as if every valid row were to be sent.")] = False,
     sample: Annotated[int, typer.Option(help="How many planned changes to show.")] = 5,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan record as JSON.")] = False,
@@ -335,8 +373,24 @@ def plan(
     """Dry run: what the next run would send. Nothing is sent, no state changes."""
     configure_logging(level="warning")
     activation = _load(activation_file)
-    source = _open_source(activation)
-    store = open_store(state)
+    try:
+        source = _open_source(activation)
+    except SyncError as error:
+        raise _fail(error) from None
+    try:
+        # A plan changes no state, so it creates none either: without stored state it
+        # plans against an empty one (a first run: every valid row is new).
+        store = _store(state, create=False)
+    except StateNotFound:
+        if not json_output:
+            err_console.print(
+                Text(f"no state yet at {_state_label(state)}: planning a first run (every valid row is new)"),
+                style="dim",
+            )
+        store = open_store("sqlite:///:memory:")
+    except SyncError as error:
+        source.close()
+        raise _fail(error) from None
     try:
         with _rejects_file(rejects) as sink:
             options = RunOptions(trigger="plan", full=full)
@@ -397,14 +451,17 @@ def validate(
 @app.command()
 def history(
     activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     limit: Annotated[int, typer.Option(help="How many runs.")] = 10,
     run_id: Annotated[str | None, typer.Option("--run", help="Show one run record in full.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print records as JSON.")] = False,
 ) -> None:
     """Recent runs of an activation, newest first."""
     name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
-    store = open_store(state)
+    try:
+        store = _store(state, create=False)
+    except SyncError as error:
+        raise _fail(error) from None
     try:
         if run_id:
             record = store.get_run(run_id)
@@ -418,6 +475,8 @@ def history(
         records = store.list_runs(name, limit)
     finally:
         store.close()
+    if not records:
+        raise _fail(ConfigError(f"no runs of activation '{name}' recorded in {_state_label(state)}", field="NAME"))
     if json_output:
         console.print_json(json.dumps(records, default=str))
         return
@@ -441,7 +500,7 @@ def history(
 @app.command()
 def reset(
     activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Forget what was synced (fingerprints, intents, meta): the next run is a full load.
@@ -452,8 +511,15 @@ def reset(
     name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
     if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
         raise typer.Exit(1)
-    store = open_store(state)
     try:
+        store = _store(state, create=False)
+    except SyncError as error:
+        raise _fail(error) from None
+    try:
+        if not store.list_runs(name, 1) and store.load_meta(name) == ActivationMeta():
+            raise ConfigError(
+                f"nothing to forget: no state for activation '{name}' in {_state_label(state)}", field="NAME"
+            )
         store.reset(name)
     except SyncError as error:
         raise _fail(error) from None

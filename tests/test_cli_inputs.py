@@ -61,7 +61,7 @@ def activation_file(tmp_path: Path, simulator: SimulatorThread) -> Path:
     return path
 
 
-def invoke(*args: str, env: dict[str, str] | None = None, columns: int = 200) -> tuple[int, str]:
+def invoke(*args: str, env: dict[str, str | None] | None = None, columns: int = 200) -> tuple[int, str]:
     result = runner.invoke(app, list(args), env={**ENV, "COLUMNS": str(columns), **(env or {})})
     return result.exit_code, result.output
 
@@ -209,3 +209,211 @@ def test_errors_print_any_printable_string_verbatim(value: str) -> None:
     err, buffer = _capture()
     cli.print_error(ConfigError(value, source=value, field=value), err=err)
     assert buffer.getvalue().count(value) >= 3
+
+
+# -- 8. source errors are config errors (exit 2) ----------------------------------------------
+
+
+def _with_source(tmp_path: Path, base_url: str, source: dict[str, Any]) -> Path:
+    config = activation_config(base_url, source={"type": "duckdb", "database": "segment.duckdb", **source})
+    path = tmp_path / "source.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("source", "field", "words"),
+    [
+        ({"query": "SELEC * FROM people"}, "source.query", "syntax error"),
+        ({"table": "no_such_table"}, "source.table", "no_such_table"),
+        ({"query": "SELECT * FROM missing_table"}, "source.query", "missing_table"),
+        ({"database": "not_duckdb.txt", "table": "people"}, "source.database", "not_duckdb.txt"),
+        ({"database": "a_directory", "table": "people"}, "source.database", "a_directory"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "plan", "validate"])
+def test_source_errors_exit_2_naming_the_field(
+    tmp_path: Path,
+    simulator: SimulatorThread,
+    command: str,
+    source: dict[str, Any],
+    field: str,
+    words: str,
+) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    (tmp_path / "not_duckdb.txt").write_text("hello, I am not a database\n" * 100)
+    (tmp_path / "a_directory").mkdir()
+    path = _with_source(tmp_path, simulator.base_url, source)
+    args = [command, str(path)] + ([] if command == "validate" else ["--state", state_url(tmp_path)])
+    code, output = invoke(*args)
+    assert code == 2, output
+    text = flat(output)
+    assert field in text
+    assert words in text
+    assert "source.yaml" in text
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+# -- 9. state-store failures are clear errors, and a corrupt store is never overwritten --------
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "history", "reset"])
+def test_a_state_path_through_a_file_is_a_config_error(tmp_path: Path, activation_file: Path, command: str) -> None:
+    (tmp_path / "plain_file").write_text("x")
+    state = f"sqlite:///{tmp_path / 'plain_file' / 'state.db'}"
+    target = "inputs" if command in ("history", "reset") else str(activation_file)
+    code, output = invoke(command, target, "--state", state, *(["--yes"] if command == "reset" else []))
+    assert code == 2, output
+    assert "plain_file" in flat(output)
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "history", "reset"])
+def test_a_directory_as_state_is_a_config_error(tmp_path: Path, activation_file: Path, command: str) -> None:
+    (tmp_path / "state_dir").mkdir()
+    target = "inputs" if command in ("history", "reset") else str(activation_file)
+    extra = ["--yes"] if command == "reset" else []
+    code, output = invoke(command, target, "--state", f"sqlite:///{tmp_path / 'state_dir'}", *extra)
+    assert code == 2, output
+    assert "is a directory" in flat(output)
+
+
+def _corrupt_files(tmp_path: Path) -> dict[str, bytes]:
+    from sync.state.sqlite import SQLiteStateStore
+
+    good = tmp_path / "good.db"
+    with SQLiteStateStore(good):
+        pass
+    whole = good.read_bytes()
+    # A page-sized file whose header is SQLite's but whose schema page is garbage.
+    malformed = whole[:100] + bytes(range(256)) * ((len(whole) - 100) // 256 + 1)
+    return {"random": bytes(range(256)) * 64, "malformed": malformed[: len(whole)]}
+
+
+@pytest.mark.parametrize("kind", ["random", "malformed"])
+@pytest.mark.parametrize("command", ["run", "plan", "history", "reset"])
+def test_a_corrupt_state_file_is_refused_and_left_untouched(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, kind: str
+) -> None:
+    content = _corrupt_files(tmp_path)[kind]
+    state_file = tmp_path / "corrupt.db"
+    state_file.write_bytes(content)
+    target = "inputs" if command in ("history", "reset") else str(activation_file)
+    extra = ["--yes"] if command == "reset" else []
+    code, output = invoke(command, target, "--state", f"sqlite:///{state_file}", *extra)
+    assert code == 2, output
+    text = flat(output)
+    assert "corrupt.db" in text
+    assert "not a usable SQLite state database" in text
+    assert state_file.read_bytes() == content
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+def test_a_read_only_state_directory_is_a_config_error(tmp_path: Path, activation_file: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        probe = locked / "probe"
+        try:
+            probe.write_text("x")
+        except PermissionError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("this user writes into read-only directories (root): nothing to refuse")
+        code, output = invoke("run", str(activation_file), "--state", f"sqlite:///{locked / 'state.db'}")
+        assert code == 2, output
+        assert "locked" in flat(output)
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "history", "reset"])
+def test_an_unknown_state_scheme_is_a_config_error_for_every_command(
+    tmp_path: Path, activation_file: Path, command: str
+) -> None:
+    target = "inputs" if command in ("history", "reset") else str(activation_file)
+    extra = ["--yes"] if command == "reset" else []
+    code, output = invoke(command, target, "--state", "postgres://db/state", *extra)
+    assert code == 2, output
+    assert "unknown state URL scheme 'postgres'" in flat(output)
+
+
+def test_firestore_state_without_credentials_is_a_config_error(tmp_path: Path, activation_file: Path) -> None:
+    env: dict[str, str | None] = {
+        "HOME": str(tmp_path),  # no gcloud application-default credentials here
+        "GOOGLE_APPLICATION_CREDENTIALS": None,
+        "FIRESTORE_EMULATOR_HOST": None,
+        "NO_GCE_CHECK": "True",  # not on Google Cloud: do not probe the metadata server
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+    }
+    code, output = invoke("history", "inputs", "--state", "firestore://some-project", env=env)
+    assert code == 2, output
+    assert "credentials" in flat(output)
+
+
+def test_the_functions_state_word_firestore_is_understood(tmp_path: Path) -> None:
+    env: dict[str, str | None] = {
+        "HOME": str(tmp_path),
+        "GOOGLE_APPLICATION_CREDENTIALS": None,
+        "FIRESTORE_EMULATOR_HOST": None,
+        "NO_GCE_CHECK": "True",
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+        "GOOGLE_CLOUD_PROJECT": "some-project",
+        "CEPSYNC_STATE": "firestore",
+    }
+    code, output = invoke("history", "inputs", env=env)
+    assert code == 2, output
+    assert "unknown state URL scheme" not in output
+    assert "credentials" in flat(output)
+
+
+# -- 10. one default state location, and commands that only read never create state ------------
+
+
+def test_the_default_state_is_the_same_from_any_directory(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_home = tmp_path / "xdg-state"
+    env = {"XDG_STATE_HOME": str(state_home), "CEPSYNC_STATE": ""}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, output = invoke("run", str(activation_file), env=env)
+    assert code == 0, output
+    assert (state_home / "cepsync" / "state.db").is_file()
+    monkeypatch.chdir(elsewhere)
+    code, output = invoke("plan", str(activation_file), "--json", env=env)
+    assert code == 0, output
+    planned = json.loads(output)
+    assert planned["counts"]["unchanged"] == 10
+    assert planned["counts"]["new"] == 0
+    assert not (elsewhere / ".cepsync").exists()
+
+
+def test_plan_and_history_do_not_create_state(tmp_path: Path, activation_file: Path) -> None:
+    state_file = tmp_path / "nowhere" / "state.db"
+    state = f"sqlite:///{state_file}"
+    code, output = invoke("plan", str(activation_file), "--state", state, "--json")
+    assert code == 0, output
+    assert json.loads(output)["counts"]["new"] == 10
+    assert not state_file.exists()
+    assert not state_file.parent.exists()
+    code, output = invoke("history", "inputs", "--state", state)
+    assert code == 2, output
+    assert "no state" in flat(output)
+    assert not state_file.parent.exists()
+
+
+def test_history_and_reset_of_an_unknown_activation_say_so(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    code, output = invoke("history", "no_such_activation", "--state", state)
+    assert code == 2, output
+    assert "no runs of activation 'no_such_activation'" in flat(output)
+    code, output = invoke("reset", "no_such_activation", "--state", state, "--yes")
+    assert code == 2, output
+    assert "nothing to forget" in flat(output)
+    code, output = invoke("reset", "inputs", "--state", state, "--yes")
+    assert code == 0, output
