@@ -122,11 +122,23 @@ def _open_source(activation: Activation) -> Source:
 
 @contextlib.contextmanager
 def _rejects_file(path: Path | None) -> Iterator[Callable[[dict[str, Any]], None] | None]:
-    """A sink writing one JSON line per rejected row, or None when no file was asked for."""
+    """A sink writing one JSON line per rejected row, or None when no file was asked for.
+
+    The file is opened on entry, before the run reads or sends anything, so a path that
+    cannot be written is a config error up front, not a traceback after the run.
+    """
     if path is None:
         yield None
         return
-    with path.open("w", encoding="utf-8") as out:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; name a file to write the rejected rows to", field="--rejects")
+    if not path.parent.is_dir():
+        raise ConfigError(f"directory {path.parent} is missing; create it first", field="--rejects")
+    try:
+        out = path.open("w", encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot write {path}: {error.strerror or error}", field="--rejects") from None
+    with out:
 
         def write(record: dict[str, Any]) -> None:
             out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
@@ -134,11 +146,29 @@ def _rejects_file(path: Path | None) -> Iterator[Callable[[dict[str, Any]], None
         yield write
 
 
-def _load(path: Path) -> Activation:
+def _load(path: Path, *, json_output: bool = False) -> Activation:
     try:
         return load_activation(path)
     except ConfigError as error:
-        raise _fail(error) from None
+        raise _fail(error, json_output=json_output) from None
+
+
+def _print_json(document: Any) -> None:
+    """One JSON document on stdout, never wrapped or styled (it is for programs)."""
+    typer.echo(json.dumps(document, ensure_ascii=False, default=str, indent=2))
+
+
+# The engine stops launching batches this long before a time budget ends, to flush and hand over.
+_BUDGET_MARGIN_SECONDS = RunOptions().budget_margin_seconds
+
+
+def _check_time_budget(value: float | None) -> float | None:
+    if value is not None and value <= _BUDGET_MARGIN_SECONDS:
+        raise typer.BadParameter(
+            f"{value:g} s would never send a batch: a run stops launching batches {_BUDGET_MARGIN_SECONDS:g} s "
+            f"before its budget ends, to commit and hand over; give more than {_BUDGET_MARGIN_SECONDS:g}"
+        )
+    return value
 
 
 class _RichProgress:
@@ -326,19 +356,24 @@ def run(
         list[str] | None,
         typer.Option("--allow", help=f"Override a guard for this run only: {', '.join(GUARD_NAMES)}."),
     ] = None,
-    lease_ttl: Annotated[float, typer.Option(help="Lease time-to-live in seconds (renewed while running).")] = 300.0,
+    lease_ttl: Annotated[
+        float, typer.Option(min=1.0, help="Lease time-to-live in seconds (renewed while running).")
+    ] = 300.0,
     time_budget: Annotated[
-        float | None, typer.Option(help="Stop sending after this many seconds and checkpoint (exit 7).")
+        float | None,
+        typer.Option(
+            callback=_check_time_budget,
+            help=f"Stop sending after this many seconds and checkpoint (exit 7); more than {_BUDGET_MARGIN_SECONDS:g}.",
+        ),
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the run record, or the error, as one JSON object.")
+    ] = False,
     rejects: RejectsOption = None,
 ) -> None:
     """Sync one activation now."""
     configure_logging(level="warning")
-    activation = _load(activation_file)
-    bad = set(allow or ()) - set(GUARD_NAMES)
-    if bad:
-        raise _fail(ConfigError(f"unknown guard(s) {sorted(bad)}; known: {', '.join(GUARD_NAMES)}", field="--allow"))
+    activation = _load(activation_file, json_output=json_output)
     options = RunOptions(
         trigger="cli",
         full=full,
@@ -347,15 +382,21 @@ def run(
         time_budget_seconds=time_budget,
     )
     try:
-        with _progress_bars() as bars, _rejects_file(rejects) as sink:
+        bad = set(allow or ()) - set(GUARD_NAMES)
+        if bad:
+            raise ConfigError(f"unknown guard(s) {sorted(bad)}; known: {', '.join(GUARD_NAMES)}", field="--allow")
+        with _rejects_file(rejects) as sink, _progress_bars() as bars:
             result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars), rejects=sink)
     except SyncError as error:
-        raise _fail(error) from None
+        raise _fail(error, json_output=json_output, activation=activation.name) from None
     except RunInterrupted as interrupted:
-        print_record(interrupted.record)
+        if json_output:
+            _print_json(interrupted.record)
+        else:
+            print_record(interrupted.record)
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
     if json_output:
-        console.print_json(json.dumps(result.record, default=str))
+        _print_json(result.record)
     else:
         print_record(result.record)
     raise typer.Exit(result.exit_code)
@@ -366,41 +407,37 @@ def plan(
     activation_file: ActivationArg,
     state: StateOption = "",
     full: Annotated[bool, typer.Option("--full", help="Plan as if every valid row were to be sent.")] = False,
-    sample: Annotated[int, typer.Option(help="How many planned changes to show.")] = 5,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the plan record as JSON.")] = False,
+    sample: Annotated[int, typer.Option(min=0, help="How many planned changes to show.")] = 5,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the plan record, or the error, as one JSON object.")
+    ] = False,
     rejects: RejectsOption = None,
 ) -> None:
     """Dry run: what the next run would send. Nothing is sent, no state changes."""
     configure_logging(level="warning")
-    activation = _load(activation_file)
-    try:
-        source = _open_source(activation)
-    except SyncError as error:
-        raise _fail(error) from None
-    try:
-        # A plan changes no state, so it creates none either: without stored state it
-        # plans against an empty one (a first run: every valid row is new).
-        store = _store(state, create=False)
-    except StateNotFound:
-        if not json_output:
-            err_console.print(
-                Text(f"no state yet at {_state_label(state)}: planning a first run (every valid row is new)"),
-                style="dim",
-            )
-        store = open_store("sqlite:///:memory:")
-    except SyncError as error:
-        source.close()
-        raise _fail(error) from None
-    try:
-        with _rejects_file(rejects) as sink:
+    activation = _load(activation_file, json_output=json_output)
+    with contextlib.ExitStack() as stack:
+        try:
+            sink = stack.enter_context(_rejects_file(rejects))
+            source = _open_source(activation)
+            stack.callback(source.close)
+            try:
+                # A plan changes no state, so it creates none either: without stored state it
+                # plans against an empty one (a first run: every valid row is new).
+                store = _store(state, create=False)
+            except StateNotFound:
+                if not json_output:
+                    err_console.print(
+                        Text(f"no state yet at {_state_label(state)}: planning a first run (every valid row is new)"),
+                        style="dim",
+                    )
+                store = open_store("sqlite:///:memory:")
+            stack.callback(store.close)
             options = RunOptions(trigger="plan", full=full)
             run_ = Run(activation, source=source, store=store, client=None, options=options, rejects=sink)
             planned, record = asyncio.run(run_.plan_only())
-    except SyncError as error:
-        raise _fail(error) from None
-    finally:
-        source.close()
-        store.close()
+        except SyncError as error:
+            raise _fail(error, json_output=json_output, activation=activation.name) from None
     changes = [
         {"custom_id": s.custom_id, "kind": s.kind, "attributes": planned.spool.read(s.offset, s.length)}
         for s in planned.sends[:sample]
@@ -408,7 +445,7 @@ def plan(
     removals = planned.removals[:sample]
     planned.spool.close()
     if json_output:
-        console.print_json(json.dumps({**record, "sample_changes": changes, "sample_removals": removals}, default=str))
+        _print_json({**record, "sample_changes": changes, "sample_removals": removals})
         raise typer.Exit(0)
     print_record(record)
     print_plan_sample(changes, removals)
@@ -452,7 +489,7 @@ def validate(
 def history(
     activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
     state: StateOption = "",
-    limit: Annotated[int, typer.Option(help="How many runs.")] = 10,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs.")] = 10,
     run_id: Annotated[str | None, typer.Option("--run", help="Show one run record in full.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print records as JSON.")] = False,
 ) -> None:

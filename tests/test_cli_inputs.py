@@ -417,3 +417,125 @@ def test_history_and_reset_of_an_unknown_activation_say_so(
     assert "nothing to forget" in flat(output)
     code, output = invoke("reset", "inputs", "--state", state, "--yes")
     assert code == 0, output
+
+
+# -- 11. --rejects is checked before the run -----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize(("target", "words"), [("a_dir", "is a directory"), ("missing/rejects.jsonl", "missing")])
+def test_a_rejects_path_that_cannot_be_written_fails_before_the_run(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, target: str, words: str
+) -> None:
+    (tmp_path / "a_dir").mkdir()
+    state_file = tmp_path / "state.db"
+    code, output = invoke(
+        command, str(activation_file), "--state", f"sqlite:///{state_file}", "--rejects", str(tmp_path / target)
+    )
+    assert code == 2, output
+    text = flat(output)
+    assert "--rejects" in text
+    assert words in text
+    assert simulator.simulator.stats()["profiles_received"] == 0
+    assert not state_file.exists()  # refused before anything was opened
+
+
+# -- 12. options are checked at parse time -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["run", "--time-budget", "-5"], "--time-budget"),
+        (["run", "--time-budget", "20"], "30"),
+        (["run", "--time-budget", "30"], "30"),
+        (["run", "--lease-ttl", "0"], "--lease-ttl"),
+        (["run", "--lease-ttl", "-1"], "--lease-ttl"),
+        (["plan", "--sample", "-1"], "--sample"),
+    ],
+)
+def test_out_of_range_options_are_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, args: list[str], words: str
+) -> None:
+    state_file = tmp_path / "state.db"
+    code, output = invoke(args[0], str(activation_file), "--state", f"sqlite:///{state_file}", *args[1:])
+    assert code == 2, output
+    assert words in flat(output)
+    assert simulator.simulator.stats()["profiles_received"] == 0
+    assert not state_file.exists()
+
+
+def test_a_budget_too_small_to_send_says_why() -> None:
+    code, output = invoke("run", "x.yaml", "--time-budget", "20")
+    assert code == 2
+    assert "never send" in flat(output)
+
+
+def test_history_limit_must_be_positive(tmp_path: Path) -> None:
+    code, output = invoke("history", "inputs", "--state", state_url(tmp_path), "--limit", "-1")
+    assert code == 2, output
+    assert "--limit" in flat(output)
+
+
+def test_plan_sample_zero_shows_no_sample(tmp_path: Path, activation_file: Path) -> None:
+    code, output = invoke("plan", str(activation_file), "--state", state_url(tmp_path), "--sample", "0")
+    assert code == 0, output
+    assert "new c0000" not in output
+
+
+# -- 13. --json: one JSON object on stdout for every outcome ------------------------------------
+
+
+def _json_stdout(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, dict[str, Any]]:
+    result = runner.invoke(app, list(args), env={**ENV, "COLUMNS": "200", **(env or {})})
+    return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_json_reports_a_yaml_error_as_one_object(tmp_path: Path, command: str) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: [unclosed\n", encoding="utf-8")
+    code, outcome = _json_stdout(command, str(bad), "--state", state_url(tmp_path), "--json")
+    assert code == 2
+    assert outcome["status"] == "config_error"
+    assert outcome["exit_code"] == 2
+    assert "broken.yaml" in outcome["error"]
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_json_reports_a_config_error_after_loading_as_one_object(
+    tmp_path: Path, activation_file: Path, command: str
+) -> None:
+    code, outcome = _json_stdout(command, str(activation_file), "--state", "postgres://x", "--json")
+    assert code == 2
+    assert outcome == {
+        "activation": "inputs",
+        "status": "config_error",
+        "exit_code": 2,
+        "error": outcome["error"],
+    }
+    assert "postgres" in outcome["error"]
+
+
+def test_json_reports_an_unknown_guard_and_missing_credentials(tmp_path: Path, activation_file: Path) -> None:
+    code, outcome = _json_stdout(
+        "run", str(activation_file), "--state", state_url(tmp_path), "--allow", "nope", "--json"
+    )
+    assert (code, outcome["status"]) == (2, "config_error")
+    assert "unknown guard" in outcome["error"]
+    code, outcome = _json_stdout(
+        "run", str(activation_file), "--state", state_url(tmp_path), "--json", env={"BATCH_REST_API_KEY": None}
+    )
+    assert (code, outcome["status"]) == (2, "config_error")
+    assert "BATCH_REST_API_KEY" in outcome["error"]
+
+
+def test_json_reports_a_guard_and_bad_credentials_with_the_run_record(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    code, outcome = _json_stdout(
+        "run", str(activation_file), "--state", state_url(tmp_path), "--json", env={"BATCH_REST_API_KEY": "wrong-key"}
+    )
+    assert code == 4
+    assert outcome["status"] == "auth_error"
+    assert outcome["activation"] == "inputs"
