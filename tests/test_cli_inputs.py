@@ -539,3 +539,18 @@ def test_json_reports_a_guard_and_bad_credentials_with_the_run_record(
     assert code == 4
     assert outcome["status"] == "auth_error"
     assert outcome["activation"] == "inputs"
+
+
+# -- 6. validate: only a 2xx answer means Batch accepted the credentials ------------------------
+
+
+def test_validate_reports_a_404_instead_of_accepting(tmp_path: Path, simulator: SimulatorThread) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    path = tmp_path / "extra_path.yaml"
+    path.write_text(yaml.safe_dump(activation_config(f"{simulator.base_url}/extra")), encoding="utf-8")
+    code, output = invoke("validate", str(path))
+    assert code == 2, output
+    text = flat(output)
+    assert "accepted" not in text
+    assert "Batch answered 404" in text
+    assert "destination.base_url" in text
