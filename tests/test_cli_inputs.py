@@ -554,3 +554,18 @@ def test_validate_reports_a_404_instead_of_accepting(tmp_path: Path, simulator: 
     assert "accepted" not in text
     assert "Batch answered 404" in text
     assert "destination.base_url" in text
+
+
+# -- 21. URLs and commands in the demo are never wrapped ----------------------------------------
+
+
+def test_demo_prints_urls_and_commands_whole_at_80_columns(tmp_path: Path) -> None:
+    directory = tmp_path / ("a-rather-long-directory-name-" * 3) / "demo"
+    code, output = invoke("demo", "--dir", str(directory), "--rows", "60", columns=80)
+    assert code == 0, output
+    lines = output.splitlines()
+    command = f"cepsync history vip_customers --state sqlite:///{directory / 'state.db'}"
+    assert len(command) > 80
+    assert any(command in line for line in lines), output
+    assert any(str(directory / "vip_customers.yaml") in line for line in lines)
+    assert any(str(directory / "segment.duckdb") in line and "http://127.0.0.1:" in line for line in lines)
