@@ -206,28 +206,53 @@ def _progress_bars() -> Progress:
 
 
 def summary_table(record: dict[str, Any]) -> Table:
+    """Counts per outcome. What was planned, then what happened to what was sent."""
     counts = record.get("counts", {})
     table = Table()
     table.add_column("outcome")
     table.add_column("profiles", justify="right")
+    unchanged = "unchanged (sent anyway: --full)" if record.get("full") else "unchanged"
     rows = [
         ("rows read", "rows"),
         ("new", "new"),
         ("changed", "changed"),
-        ("unchanged", "unchanged"),
+        (unchanged, "unchanged"),
         ("  of which not even mapped", "skipped_unmapped"),
         ("removed (mirror)", "removed"),
         ("rejected before sending", "rejected"),
         ("  of which duplicate ids", "duplicates"),
-        ("sent", "sent"),
+        # A profile sent is attempted once, then ends in exactly one of the three below.
+        ("attempted (sent to Batch)", "sent"),
         ("acknowledged by Batch", "acknowledged"),
-        ("rejected by Batch", "rejected_by_batch"),
-        ("failed (resent next run)", "failed"),
+        ("refused by Batch (per profile)", "rejected_by_batch"),
+        ("failed, no answer (resent next run)", "failed"),
     ]
     for label, key in rows:
         if key in counts:
             table.add_row(Text(label), Text(f"{counts[key]:,}"))
     return table
+
+
+def _facts_line(record: dict[str, Any]) -> str:
+    """Where profiles went and how long things took, each time saying what it measures."""
+    facts = []
+    if record.get("endpoint") and record.get("counts", {}).get("sent"):
+        facts.append(f"sent to /profiles/{record['endpoint']}")
+    timings = record.get("timings", {})
+    if "total_seconds" in timings:
+        facts.append(f"run took {timings['total_seconds']:.2f} s")
+    if "read_and_plan_seconds" in timings:
+        facts.append(f"reading and planning {timings['read_and_plan_seconds']:.2f} s")
+    # Requests run concurrently, so these sums can exceed the run's own duration.
+    if timings.get("wire_seconds"):
+        facts.append(f"{timings['wire_seconds']:.2f} s in requests to Batch (summed over concurrent requests)")
+    if timings.get("wait_seconds"):
+        facts.append(f"{timings['wait_seconds']:.2f} s waiting for rate limits and retries (summed)")
+    return " · ".join(facts)
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
 
 
 def print_record(
@@ -241,22 +266,17 @@ def print_record(
     out.print(_styled((str(record["activation"]), "bold"), f" · run {record['run_id']} · ", (status, style)))
     if record.get("counts"):
         out.print(summary_table(record))
-    extra = []
-    if record.get("endpoint"):
-        extra.append(f"endpoint /profiles/{record['endpoint']}")
-    timings = record.get("timings", {})
-    if "total_seconds" in timings:
-        extra.append(f"{timings['total_seconds']:.2f}s total")
-    if "wire_seconds" in timings:
-        extra.append(f"{timings['wire_seconds']:.2f}s waiting on Batch")
     mapping = record.get("mapping_version") or {}
     if mapping.get("explanation"):
         out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
-    if extra:
-        out.print(Text(" · ".join(extra), style="dim"))
+    facts = _facts_line(record)
+    if facts:
+        out.print(Text(facts, style="dim"))
     if record.get("rejected_by_reason"):
-        reasons = ", ".join(f"{reason} ×{count}" for reason, count in sorted(record["rejected_by_reason"].items()))
-        out.print(Text(f"rejected by reason: {reasons}"))
+        out.print(Text(f"rejected by reason: {_by_reason(record['rejected_by_reason'])}"))
+    if record.get("dropped_attributes_by_reason"):
+        dropped = _by_reason(record["dropped_attributes_by_reason"])
+        out.print(Text(f"attributes dropped (rows sent without them): {dropped}"))
     shown = record.get("rejected_samples", [])[:samples]
     if shown:
         table = Table(title="rejected rows (sample)", title_justify="left")

@@ -569,3 +569,110 @@ def test_demo_prints_urls_and_commands_whole_at_80_columns(tmp_path: Path) -> No
     assert any(command in line for line in lines), output
     assert any(str(directory / "vip_customers.yaml") in line for line in lines)
     assert any(str(directory / "segment.duckdb") in line and "http://127.0.0.1:" in line for line in lines)
+
+
+# -- 16, 17. the summary says what each number and each time is ---------------------------------
+
+
+def _printed(record: dict[str, Any]) -> str:
+    out, buffer = _capture()
+    err, _ = _capture()
+    cli.print_record(record, out=out, err=err)
+    return buffer.getvalue()
+
+
+def _row(printed: str, label: str) -> str:
+    [line] = [line for line in printed.splitlines() if f" {label} " in line]
+    return " ".join(line.replace("│", " ").split())
+
+
+def test_the_summary_separates_attempted_acknowledged_refused_and_failed() -> None:
+    record = {
+        "activation": "a",
+        "run_id": "r",
+        "status": "partial",
+        "counts": {
+            "rows": 4000,
+            "new": 4000,
+            "sent": 4000,
+            "acknowledged": 3000,
+            "rejected_by_batch": 10,
+            "failed": 990,
+        },
+        "endpoint": "update",
+    }
+    printed = _printed(record)
+    assert _row(printed, "attempted (sent to Batch)").endswith("4,000")
+    assert _row(printed, "acknowledged by Batch").endswith("3,000")
+    assert _row(printed, "refused by Batch").endswith("10")
+    assert _row(printed, "failed, no answer (resent next run)").endswith("990")
+    # No bare "sent" count that could be read as "delivered".
+    assert not any(line.split("│")[1].strip() == "sent" for line in printed.splitlines() if "│" in line)
+
+
+def test_full_runs_say_unchanged_rows_are_sent_anyway() -> None:
+    record = {
+        "activation": "a",
+        "run_id": "r",
+        "status": "succeeded",
+        "full": True,
+        "counts": {"rows": 400, "unchanged": 400, "sent": 400, "acknowledged": 400},
+        "endpoint": "update",
+    }
+    assert _row(_printed(record), "unchanged (sent anyway: --full)").endswith("400")
+
+
+def test_no_endpoint_is_named_when_nothing_was_sent() -> None:
+    record = {
+        "activation": "a",
+        "run_id": "r",
+        "status": "succeeded",
+        "counts": {"rows": 40, "unchanged": 40, "sent": 0, "acknowledged": 0},
+        "endpoint": "update",
+        "timings": {"total_seconds": 1.5},
+    }
+    printed = _printed(record)
+    assert "/profiles/" not in printed
+    record["counts"]["sent"] = 3
+    assert "sent to /profiles/update" in _printed(record)
+
+
+def test_each_time_says_what_it_is() -> None:
+    record = {
+        "activation": "a",
+        "run_id": "r",
+        "status": "succeeded",
+        "counts": {"sent": 10},
+        "endpoint": "update",
+        "timings": {"total_seconds": 2.0, "read_and_plan_seconds": 0.5, "wire_seconds": 6.0, "wait_seconds": 1.25},
+    }
+    printed = flat(_printed(record))
+    assert "run took 2.00 s" in printed
+    assert "reading and planning 0.50 s" in printed
+    assert "6.00 s in requests to Batch (summed over concurrent requests)" in printed
+    assert "1.25 s waiting for rate limits and retries (summed)" in printed
+    assert "waiting on Batch" not in printed
+
+
+def test_dropped_attributes_are_counted_by_reason() -> None:
+    record = {
+        "activation": "a",
+        "run_id": "r",
+        "status": "succeeded",
+        "counts": {"rows": 10},
+        "dropped_attributes_by_reason": {"invalid_email": 3, "string_too_long": 1},
+    }
+    printed = flat(_printed(record))
+    assert "attributes dropped (rows sent without them): invalid_email ×3, string_too_long ×1" in printed
+
+
+def test_a_real_drop_attribute_run_shows_the_dropped_count(tmp_path: Path, simulator: SimulatorThread) -> None:
+    rows = people(5)
+    rows[0]["email"] = "not-an-email"
+    write_segment(tmp_path / "segment.duckdb", rows)
+    config = activation_config(simulator.base_url, on_invalid_value="drop_attribute")
+    path = tmp_path / "drop.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    assert "attributes dropped (rows sent without them): invalid_email ×1" in flat(output)
