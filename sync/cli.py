@@ -317,7 +317,8 @@ def print_check(out: Console, message: str) -> None:
 
 def print_source_check(out: Console, columns: int, types: dict[str, Any]) -> None:
     kinds = ", ".join(f"{column}={getattr(kind, 'value', kind)}" for column, kind in types.items())
-    print_check(out, f"source: {columns} mapped columns found, types {kinds}")
+    described = f"types {kinds}" if kinds else "no custom attributes"
+    print_check(out, f"source: {columns} mapped columns found, {described}")
 
 
 class RunInterrupted(Exception):
