@@ -567,17 +567,18 @@ def reset(
     so it cannot clear profiles that left the segment before the next run.
     """
     name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
-    if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
-        raise typer.Exit(1)
     try:
         store = _store(state, create=False)
     except SyncError as error:
         raise _fail(error) from None
     try:
+        # Said before asking for confirmation: a typo in the name is not a reset to confirm.
         if not store.list_runs(name, 1) and store.load_meta(name) == ActivationMeta():
             raise ConfigError(
                 f"nothing to forget: no state for activation '{name}' in {_state_label(state)}", field="NAME"
             )
+        if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
+            raise typer.Exit(1)
         store.reset(name)
     except SyncError as error:
         raise _fail(error) from None
