@@ -52,5 +52,5 @@ checkov: ## Static security scan of infra/ (own venv, pinned checkov)
 simulator: install ## Run the Batch simulator on :8787 (keys from BATCH_REST_API_KEY / BATCH_PROJECT_KEY)
 	$(BIN)/cepsync simulator
 
-clean: ## Remove build outputs and local state (keeps the virtualenvs)
+clean: ## Remove build outputs and the demo's files (keeps the virtualenvs and the per-user sync state)
 	rm -rf dist build .cepsync .pytest_cache .hypothesis .mypy_cache .ruff_cache bench/results

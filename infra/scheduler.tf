@@ -32,13 +32,9 @@ resource "google_cloud_scheduler_job" "activation" {
 
   lifecycle {
     precondition {
-      # Five fields (minute hour day-of-month month day-of-week), as Cloud Scheduler expects.
-      condition     = can(regex("^\\s*\\S+(\\s+\\S+){4}\\s*$", each.value.cron))
-      error_message = "Activation ${each.key}: schedule.cron must be a five-field cron expression such as \"0 * * * *\"."
-    }
-    precondition {
-      condition     = length(trimspace(each.value.time_zone)) > 0
-      error_message = "Activation ${each.key}: schedule.time_zone must be an IANA time zone such as Europe/Paris."
+      # The rules of sync.config.ScheduleConfig, as far as Terraform can check them (schedule_checks.tf).
+      condition     = length(local.schedule_problems[each.key]) == 0
+      error_message = "Activation ${each.key}: ${join("; ", local.schedule_problems[each.key])}."
     }
   }
 
@@ -83,8 +79,9 @@ resource "google_cloud_scheduler_job" "activation_http" {
 
   lifecycle {
     precondition {
-      condition     = can(regex("^\\s*\\S+(\\s+\\S+){4}\\s*$", each.value.cron))
-      error_message = "Activation ${each.key}: schedule.cron must be a five-field cron expression such as \"0 * * * *\"."
+      # The rules of sync.config.ScheduleConfig, as far as Terraform can check them (schedule_checks.tf).
+      condition     = length(local.schedule_problems[each.key]) == 0
+      error_message = "Activation ${each.key}: ${join("; ", local.schedule_problems[each.key])}."
     }
   }
 

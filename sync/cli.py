@@ -23,14 +23,24 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from sync.config import Activation, json_schema, load_activation
 from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
+from sync.model import ActivationMeta
 from sync.plan import GUARD_NAMES
-from sync.runtime import DEFAULT_STATE_URL, BigQueryEmulatorEndpoints, build_client, open_source, open_store
+from sync.runtime import (
+    BigQueryEmulatorEndpoints,
+    StateNotFound,
+    build_client,
+    expand_state_url,
+    open_source,
+    open_store,
+)
 from sync.sources.base import Source
+from sync.state.base import StateStore
 
 app = typer.Typer(
     name="cepsync",
@@ -47,7 +57,11 @@ StateOption = Annotated[
     typer.Option(
         "--state",
         envvar="CEPSYNC_STATE",
-        help="State store URL: sqlite:///PATH (default) or firestore://[PROJECT[/DATABASE]][?prefix=P].",
+        # Help text is rich markup: square brackets would be read as tags, so none here.
+        help="State store URL: sqlite:///PATH or firestore://PROJECT/DATABASE?prefix=P (project, database and "
+        "prefix may each be left out; the word firestore reads CEPSYNC_FIRESTORE_* like the function). "
+        "Default: one file per user, $XDG_STATE_HOME/cepsync/state.db (~/.local/state/cepsync/state.db).",
+        show_default=False,
     ),
 ]
 RejectsOption = Annotated[
@@ -57,10 +71,47 @@ RejectsOption = Annotated[
 ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
 
 
-def _fail(error: SyncError | Exception) -> typer.Exit:
+# Rendering rule: anything that comes from data, config, state or the environment is put
+# on screen as rich Text (never a markup string), so "[b]", "[/oops]" or ":smile:" in a
+# value is printed as it is, and no value can crash the output with a MarkupError.
+
+
+def _styled(*parts: str | tuple[str, str]) -> Text:
+    """Plain strings verbatim, (text, style) pairs styled; no markup or emoji parsing."""
+    return Text.assemble(*parts)
+
+
+def print_error(error: SyncError | Exception, *, err: Console | None = None) -> None:
+    (err or err_console).print(_styled(("error:", "bold red"), " ", str(error)))
+
+
+# The status word a run record would carry, for an error that stopped a command early.
+_STATUS_OF_EXIT_CODE = {1: "failed", 2: "config_error", 3: "aborted_by_guard", 4: "auth_error", 5: "skipped_lease_held"}
+
+
+def _fail(error: SyncError | Exception, *, json_output: bool = False, activation: str | None = None) -> typer.Exit:
+    """Report an error (on stderr, or as one JSON object on stdout with --json) and exit with its code."""
     code = getattr(error, "exit_code", 1)
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+    if json_output:
+        outcome = {
+            "activation": activation,
+            "status": _STATUS_OF_EXIT_CODE.get(code, "failed"),
+            "exit_code": code,
+            "error": str(error),
+        }
+        typer.echo(json.dumps(outcome, ensure_ascii=False))
+    else:
+        print_error(error)
     return typer.Exit(code)
+
+
+def _store(state: str, *, create: bool = True) -> StateStore:
+    """The state store ``--state`` names (ConfigError if it cannot be opened)."""
+    return open_store(expand_state_url(state, os.environ), create=create)
+
+
+def _state_label(state: str) -> str:
+    return expand_state_url(state, os.environ).removeprefix("sqlite:///")
 
 
 def _open_source(activation: Activation) -> Source:
@@ -71,11 +122,23 @@ def _open_source(activation: Activation) -> Source:
 
 @contextlib.contextmanager
 def _rejects_file(path: Path | None) -> Iterator[Callable[[dict[str, Any]], None] | None]:
-    """A sink writing one JSON line per rejected row, or None when no file was asked for."""
+    """A sink writing one JSON line per rejected row, or None when no file was asked for.
+
+    The file is opened on entry, before the run reads or sends anything, so a path that
+    cannot be written is a config error up front, not a traceback after the run.
+    """
     if path is None:
         yield None
         return
-    with path.open("w", encoding="utf-8") as out:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; name a file to write the rejected rows to", field="--rejects")
+    if not path.parent.is_dir():
+        raise ConfigError(f"directory {path.parent} is missing; create it first", field="--rejects")
+    try:
+        out = path.open("w", encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot write {path}: {error.strerror or error}", field="--rejects") from None
+    with out:
 
         def write(record: dict[str, Any]) -> None:
             out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
@@ -83,11 +146,29 @@ def _rejects_file(path: Path | None) -> Iterator[Callable[[dict[str, Any]], None
         yield write
 
 
-def _load(path: Path) -> Activation:
+def _load(path: Path, *, json_output: bool = False) -> Activation:
     try:
         return load_activation(path)
     except ConfigError as error:
-        raise _fail(error) from None
+        raise _fail(error, json_output=json_output) from None
+
+
+def _print_json(document: Any) -> None:
+    """One JSON document on stdout, never wrapped or styled (it is for programs)."""
+    typer.echo(json.dumps(document, ensure_ascii=False, default=str, indent=2))
+
+
+# The engine stops launching batches this long before a time budget ends, to flush and hand over.
+_BUDGET_MARGIN_SECONDS = RunOptions().budget_margin_seconds
+
+
+def _check_time_budget(value: float | None) -> float | None:
+    if value is not None and value <= _BUDGET_MARGIN_SECONDS:
+        raise typer.BadParameter(
+            f"{value:g} s would never send a batch: a run stops launching batches {_BUDGET_MARGIN_SECONDS:g} s "
+            f"before its budget ends, to commit and hand over; give more than {_BUDGET_MARGIN_SECONDS:g}"
+        )
+    return value
 
 
 class _RichProgress:
@@ -126,52 +207,77 @@ def _progress_bars() -> Progress:
 
 
 def summary_table(record: dict[str, Any]) -> Table:
+    """Counts per outcome. What was planned, then what happened to what was sent."""
     counts = record.get("counts", {})
     table = Table()
     table.add_column("outcome")
     table.add_column("profiles", justify="right")
+    unchanged = "unchanged (sent anyway: --full)" if record.get("full") else "unchanged"
     rows = [
         ("rows read", "rows"),
         ("new", "new"),
         ("changed", "changed"),
-        ("unchanged", "unchanged"),
+        (unchanged, "unchanged"),
         ("  of which not even mapped", "skipped_unmapped"),
         ("removed (mirror)", "removed"),
         ("rejected before sending", "rejected"),
         ("  of which duplicate ids", "duplicates"),
-        ("sent", "sent"),
+        # A profile sent is attempted once, then ends in exactly one of the three below.
+        ("attempted (sent to Batch)", "sent"),
         ("acknowledged by Batch", "acknowledged"),
-        ("rejected by Batch", "rejected_by_batch"),
-        ("failed (resent next run)", "failed"),
+        ("refused by Batch (per profile)", "rejected_by_batch"),
+        ("failed, no answer (resent next run)", "failed"),
     ]
     for label, key in rows:
         if key in counts:
-            table.add_row(label, f"{counts[key]:,}")
+            table.add_row(Text(label), Text(f"{counts[key]:,}"))
     return table
 
 
-def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
-    status = record["status"]
-    style = "green" if status.startswith("succeeded") or status == "planned" else "red"
-    console.print(f"[bold]{record['activation']}[/] · run {record['run_id']} · [{style}]{status}[/]")
-    if record.get("counts"):
-        console.print(summary_table(record))
-    extra = []
-    if record.get("endpoint"):
-        extra.append(f"endpoint /profiles/{record['endpoint']}")
+def _facts_line(record: dict[str, Any]) -> str:
+    """Where profiles went and how long things took, each time saying what it measures."""
+    facts = []
+    if record.get("endpoint") and record.get("counts", {}).get("sent"):
+        facts.append(f"sent to /profiles/{record['endpoint']}")
     timings = record.get("timings", {})
     if "total_seconds" in timings:
-        extra.append(f"{timings['total_seconds']:.2f}s total")
-    if "wire_seconds" in timings:
-        extra.append(f"{timings['wire_seconds']:.2f}s waiting on Batch")
+        facts.append(f"run took {timings['total_seconds']:.2f} s")
+    if "read_and_plan_seconds" in timings:
+        facts.append(f"reading and planning {timings['read_and_plan_seconds']:.2f} s")
+    # Requests run concurrently, so these sums can exceed the run's own duration.
+    if timings.get("wire_seconds"):
+        facts.append(f"{timings['wire_seconds']:.2f} s in requests to Batch (summed over concurrent requests)")
+    if timings.get("wait_seconds"):
+        facts.append(f"{timings['wait_seconds']:.2f} s waiting for rate limits and retries (summed)")
+    return " · ".join(facts)
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
+
+
+def print_record(
+    record: dict[str, Any], *, samples: int = 10, out: Console | None = None, err: Console | None = None
+) -> None:
+    """A run or plan record for people: status, counts, timings, rejections, guards, error."""
+    out = out or console
+    err = err or err_console
+    status = str(record["status"])
+    style = "green" if status.startswith("succeeded") or status == "planned" else "red"
+    out.print(_styled((str(record["activation"]), "bold"), f" · run {record['run_id']} · ", (status, style)))
+    if record.get("counts"):
+        out.print(summary_table(record))
     mapping = record.get("mapping_version") or {}
     if mapping.get("explanation"):
-        console.print(f"[yellow]mapping changed:[/] {mapping['explanation']}")
-    if extra:
-        console.print(" · ".join(extra), style="dim")
+        out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
+    facts = _facts_line(record)
+    if facts:
+        out.print(Text(facts, style="dim"))
     if record.get("rejected_by_reason"):
-        reasons = ", ".join(f"{reason} ×{count}" for reason, count in sorted(record["rejected_by_reason"].items()))
-        console.print(f"rejected by reason: {reasons}")
+        out.print(Text(f"rejected by reason: {_by_reason(record['rejected_by_reason'])}"))
+    if record.get("dropped_attributes_by_reason"):
+        dropped = _by_reason(record["dropped_attributes_by_reason"])
+        out.print(Text(f"attributes dropped (rows sent without them): {dropped}"))
     shown = record.get("rejected_samples", [])[:samples]
     if shown:
         table = Table(title="rejected rows (sample)", title_justify="left")
@@ -180,19 +286,40 @@ def print_record(record: dict[str, Any], *, samples: int = 10) -> None:
         for sample in shown:
             for issue in sample["issues"]:
                 table.add_row(
-                    str(sample["row"] if sample["row"] is not None else "-"),
-                    str(sample["custom_id"]),
-                    issue["field"],
-                    issue["reason"],
-                    issue["detail"],
+                    Text(str(sample["row"] if sample["row"] is not None else "-")),
+                    Text(str(sample["custom_id"])),
+                    Text(str(issue["field"])),
+                    Text(str(issue["reason"])),
+                    Text(str(issue["detail"])),
                 )
-        console.print(table)
+        out.print(table)
     for guard in record.get("guards", []):
         if guard["tripped"]:
             state = "overridden" if guard["overridden"] else "TRIPPED"
-            console.print(f"guard {guard['guard']}: {state} — {guard['detail']}")
+            out.print(Text(f"guard {guard['guard']}: {state} — {guard['detail']}"))
     if record.get("error"):
-        err_console.print(f"[red]{record['error']}[/]", highlight=False)
+        err.print(Text(str(record["error"]), style="red"))
+
+
+def print_plan_sample(changes: list[dict[str, Any]], removals: list[str], *, out: Console | None = None) -> None:
+    """The sample of planned sends and removals under `cepsync plan`."""
+    out = out or console
+    for change in changes:
+        attributes = json.dumps(change["attributes"], ensure_ascii=False, default=str)
+        out.print(_styled((str(change["kind"]), "bold"), f" {change['custom_id']}: {attributes}"))
+    for removal in removals:
+        out.print(_styled(("remove", "bold"), f" {removal}"))
+
+
+def print_check(out: Console, message: str) -> None:
+    """One passed check of `cepsync validate`."""
+    out.print(_styled(("✓", "green"), " ", message))
+
+
+def print_source_check(out: Console, columns: int, types: dict[str, Any]) -> None:
+    kinds = ", ".join(f"{column}={getattr(kind, 'value', kind)}" for column, kind in types.items())
+    described = f"types {kinds}" if kinds else "no custom attributes"
+    print_check(out, f"source: {columns} mapped columns found, {described}")
 
 
 class RunInterrupted(Exception):
@@ -214,7 +341,11 @@ def execute_run(
     """Build the edges and run once (used by `run` and `demo`)."""
     client = build_client(activation)
     source = _open_source(activation)
-    store = open_store(state)
+    try:
+        store = _store(state)
+    except BaseException:
+        source.close()
+        raise
     run = Run(
         activation, source=source, store=store, client=client, options=options, progress=progress, rejects=rejects
     )
@@ -239,7 +370,7 @@ def execute_run(
 @app.command()
 def run(
     activation_file: ActivationArg,
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     full: Annotated[
         bool, typer.Option("--full", help="Send every valid row, whatever the stored fingerprints.")
     ] = False,
@@ -247,19 +378,24 @@ def run(
         list[str] | None,
         typer.Option("--allow", help=f"Override a guard for this run only: {', '.join(GUARD_NAMES)}."),
     ] = None,
-    lease_ttl: Annotated[float, typer.Option(help="Lease time-to-live in seconds (renewed while running).")] = 300.0,
+    lease_ttl: Annotated[
+        float, typer.Option(min=1.0, help="Lease time-to-live in seconds (renewed while running).")
+    ] = 300.0,
     time_budget: Annotated[
-        float | None, typer.Option(help="Stop sending after this many seconds and checkpoint (exit 7).")
+        float | None,
+        typer.Option(
+            callback=_check_time_budget,
+            help=f"Stop sending after this many seconds and checkpoint (exit 7); more than {_BUDGET_MARGIN_SECONDS:g}.",
+        ),
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the run record, or the error, as one JSON object.")
+    ] = False,
     rejects: RejectsOption = None,
 ) -> None:
     """Sync one activation now."""
     configure_logging(level="warning")
-    activation = _load(activation_file)
-    bad = set(allow or ()) - set(GUARD_NAMES)
-    if bad:
-        raise _fail(ConfigError(f"unknown guard(s) {sorted(bad)}; known: {', '.join(GUARD_NAMES)}", field="--allow"))
+    activation = _load(activation_file, json_output=json_output)
     options = RunOptions(
         trigger="cli",
         full=full,
@@ -268,15 +404,21 @@ def run(
         time_budget_seconds=time_budget,
     )
     try:
-        with _progress_bars() as bars, _rejects_file(rejects) as sink:
+        bad = set(allow or ()) - set(GUARD_NAMES)
+        if bad:
+            raise ConfigError(f"unknown guard(s) {sorted(bad)}; known: {', '.join(GUARD_NAMES)}", field="--allow")
+        with _rejects_file(rejects) as sink, _progress_bars() as bars:
             result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars), rejects=sink)
     except SyncError as error:
-        raise _fail(error) from None
+        raise _fail(error, json_output=json_output, activation=activation.name) from None
     except RunInterrupted as interrupted:
-        print_record(interrupted.record)
+        if json_output:
+            _print_json(interrupted.record)
+        else:
+            print_record(interrupted.record)
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
     if json_output:
-        console.print_json(json.dumps(result.record, default=str))
+        _print_json(result.record)
     else:
         print_record(result.record)
     raise typer.Exit(result.exit_code)
@@ -285,36 +427,45 @@ def run(
 @app.command()
 def plan(
     activation_file: ActivationArg,
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     full: Annotated[bool, typer.Option("--full", help="Plan as if every valid row were to be sent.")] = False,
-    sample: Annotated[int, typer.Option(help="How many planned changes to show.")] = 5,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the plan record as JSON.")] = False,
+    sample: Annotated[int, typer.Option(min=0, help="How many planned changes to show.")] = 5,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the plan record, or the error, as one JSON object.")
+    ] = False,
     rejects: RejectsOption = None,
 ) -> None:
     """Dry run: what the next run would send. Nothing is sent, no state changes."""
     configure_logging(level="warning")
-    activation = _load(activation_file)
-    source = _open_source(activation)
-    store = open_store(state)
-    try:
-        with _rejects_file(rejects) as sink:
+    activation = _load(activation_file, json_output=json_output)
+    with contextlib.ExitStack() as stack:
+        try:
+            sink = stack.enter_context(_rejects_file(rejects))
+            source = _open_source(activation)
+            stack.callback(source.close)
+            try:
+                # A plan changes no state, so it creates none either: without stored state it
+                # plans against an empty one (a first run: every valid row is new).
+                store = _store(state, create=False)
+            except StateNotFound:
+                if not json_output:
+                    err_console.print(
+                        Text(f"no state yet at {_state_label(state)}: planning a first run (every valid row is new)"),
+                        style="dim",
+                    )
+                store = open_store("sqlite:///:memory:")
+            stack.callback(store.close)
             options = RunOptions(trigger="plan", full=full)
             run_ = Run(activation, source=source, store=store, client=None, options=options, rejects=sink)
             preview = asyncio.run(run_.plan_only(sample=sample))
-    except SyncError as error:
-        raise _fail(error) from None
-    finally:
-        source.close()
-        store.close()
+        except SyncError as error:
+            raise _fail(error, json_output=json_output, activation=activation.name) from None
     record, changes, removals = preview.record, preview.sample_changes, preview.sample_removals
     if json_output:
-        console.print_json(json.dumps({**record, "sample_changes": changes, "sample_removals": removals}, default=str))
+        _print_json({**record, "sample_changes": changes, "sample_removals": removals})
         raise typer.Exit(0)
     print_record(record)
-    for change in changes:
-        console.print(f"[bold]{change['kind']}[/] {change['custom_id']}: {json.dumps(change['attributes'])}")
-    for removal in removals:
-        console.print(f"[bold]remove[/] {removal}")
+    print_plan_sample(changes, removals)
 
 
 @app.command()
@@ -327,7 +478,7 @@ def validate(
     """Check the config, the segment query (schema only) and the Batch credentials."""
     configure_logging(level="warning")
     activation = _load(activation_file)
-    console.print(f"[green]✓[/] config: activation '{activation.name}' is valid")
+    print_check(console, f"config: activation '{activation.name}' is valid")
     try:
         source = _open_source(activation)
         try:
@@ -337,10 +488,7 @@ def validate(
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()
-        console.print(
-            f"[green]✓[/] source: {len(mapper.columns)} mapped columns found, types "
-            + ", ".join(f"{column}={kind.value}" for column, kind in types.items())
-        )
+        print_source_check(console, len(mapper.columns), types)
         if check_credentials:
             client = build_client(activation)
 
@@ -349,7 +497,7 @@ def validate(
                     await client.check_credentials()
 
             asyncio.run(check())
-            console.print(f"[green]✓[/] Batch accepted the credentials at {activation.destination.base_url}")
+            print_check(console, f"Batch accepted the credentials at {activation.destination.base_url}")
     except SyncError as error:
         raise _fail(error) from None
 
@@ -357,14 +505,17 @@ def validate(
 @app.command()
 def history(
     activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
-    state: StateOption = DEFAULT_STATE_URL,
-    limit: Annotated[int, typer.Option(help="How many runs.")] = 10,
+    state: StateOption = "",
+    limit: Annotated[int, typer.Option(min=1, help="How many runs.")] = 10,
     run_id: Annotated[str | None, typer.Option("--run", help="Show one run record in full.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print records as JSON.")] = False,
 ) -> None:
     """Recent runs of an activation, newest first."""
     name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
-    store = open_store(state)
+    try:
+        store = _store(state, create=False)
+    except SyncError as error:
+        raise _fail(error) from None
     try:
         if run_id:
             record = store.get_run(run_id)
@@ -378,6 +529,8 @@ def history(
         records = store.list_runs(name, limit)
     finally:
         store.close()
+    if not records:
+        raise _fail(ConfigError(f"no runs of activation '{name}' recorded in {_state_label(state)}", field="NAME"))
     if json_output:
         console.print_json(json.dumps(records, default=str))
         return
@@ -401,7 +554,7 @@ def history(
 @app.command()
 def reset(
     activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
-    state: StateOption = DEFAULT_STATE_URL,
+    state: StateOption = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Forget what was synced (fingerprints, intents, meta): the next run is a full load.
@@ -410,16 +563,24 @@ def reset(
     so it cannot clear profiles that left the segment before the next run.
     """
     name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
-    if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
-        raise typer.Exit(1)
-    store = open_store(state)
     try:
+        store = _store(state, create=False)
+    except SyncError as error:
+        raise _fail(error) from None
+    try:
+        # Said before asking for confirmation: a typo in the name is not a reset to confirm.
+        if not store.list_runs(name, 1) and store.load_meta(name) == ActivationMeta():
+            raise ConfigError(
+                f"nothing to forget: no state for activation '{name}' in {_state_label(state)}", field="NAME"
+            )
+        if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
+            raise typer.Exit(1)
         store.reset(name)
     except SyncError as error:
         raise _fail(error) from None
     finally:
         store.close()
-    console.print(f"state of '{name}' forgotten; the next run is a full load")
+    console.print(Text(f"state of '{name}' forgotten; the next run is a full load"))
 
 
 @app.command()

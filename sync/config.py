@@ -13,10 +13,15 @@ import hashlib
 import json
 import os
 import re
+import zoneinfo
+from collections.abc import Hashable
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import phonenumbers
 import yaml
+from croniter import croniter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -41,6 +46,12 @@ ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
 TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
+# Cloud Scheduler reads unix-cron: five fields of numbers, `*`, ranges, steps, lists, and
+# three-letter month and day names. croniter also knows seconds, years, `L`, `#` and `H`,
+# which Cloud Scheduler refuses, so the shape is checked first and the ranges by croniter.
+# infra/scheduler.tf checks the same shape (its CRON_FIELD local) before a deploy.
+_CRON_ATOM = r"(\*|[0-9]+|[A-Za-z]{3})"
+CRON_FIELD = re.compile(rf"^{_CRON_ATOM}(-{_CRON_ATOM})?(/[0-9]+)?(,{_CRON_ATOM}(-{_CRON_ATOM})?(/[0-9]+)?)*$")
 
 
 class RunType(enum.StrEnum):
@@ -160,6 +171,10 @@ class MappingConfig(_Strict):
     def _region(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^[A-Z]{2}$", value):
             raise ValueError("must be an ISO 3166-1 alpha-2 code in uppercase, e.g. FR")
+        # A code the phone library has no numbering plan for (XX, or a region without
+        # phones of its own) would reject every national number of the segment.
+        if value is not None and value not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region with a phone numbering plan (libphonenumber); e.g. FR, GB, US")
         return value
 
     def native_columns(self) -> dict[str, str]:
@@ -203,9 +218,33 @@ class JournalConfig(_Strict):
     flush_every_seconds: float = Field(5.0, gt=0, description="...and at least this often in time.")
 
 
+@cache
+def _iana_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
 class ScheduleConfig(_Strict):
-    cron: str = Field(description="Cloud Scheduler cron expression, e.g. '0 * * * *'.")
+    cron: str = Field(description="Cloud Scheduler (unix-cron) expression, five fields, e.g. '0 * * * *'.")
     time_zone: str = Field("Etc/UTC", description="IANA time zone for the cron expression.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(CRON_FIELD.match(f) for f in fields) or not croniter.is_valid(value):
+            raise ValueError(
+                f"{value!r} is not a five-field cron expression (minute hour day-of-month month day-of-week, "
+                "e.g. '0 * * * *' or '*/15 9-17 * * mon-fri')"
+            )
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        # Names exactly as the IANA database spells them (tzdata ships it): Europe/Paris.
+        if value not in _iana_zones():
+            raise ValueError(f"{value!r} is not an IANA time zone name, e.g. Europe/Paris or Etc/UTC")
+        return value
 
 
 class Activation(_Strict):
@@ -341,6 +380,32 @@ def _format_validation_error(error: ValidationError) -> tuple[str, str]:
     return loc or "(root)", message
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    Plain PyYAML keeps the last value, so a second ``attributes:`` block would silently
+    replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # the base class refuses an unhashable key with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}): keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
 def parse_activation(data: Any, *, source: str) -> Activation:
     """Validate an already-parsed YAML/JSON document."""
     if not isinstance(data, dict):
@@ -364,13 +429,23 @@ def load_activation(path: str | Path) -> Activation:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read activation file: {error.strerror}", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        # utf-8-sig: a byte order mark some editors add is dropped, not a key's first character.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}): save the file as UTF-8",
+            source=str(path),
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", source=str(path)) from None
+        # The text was decoded here, so PyYAML calls it "<unicode string>"; the source is the file.
+        detail = str(error).replace('in "<unicode string>", ', "")
+        raise ConfigError(f"not valid YAML: {detail}", source=str(path)) from None
     activation = parse_activation(data, source=str(path))
     source = activation.source
     if isinstance(source, DuckDBSourceConfig):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.config import load_activation
@@ -89,7 +90,12 @@ def run_demo(
         config_path.write_text(ACTIVATION_TEMPLATE.format(base_url=running.base_url), encoding="utf-8")
         activation = load_activation(config_path)
         console.rule("[bold]Day 1: first run (full load)")
-        console.print(f"segment: {len(day_one):,} rows in {database} · Batch simulator at {running.base_url}")
+        # Paths, URLs and commands are printed whole (soft_wrap: no line break is inserted),
+        # so they can be copied from a narrow terminal, and as Text (a path is not markup).
+        console.print(
+            Text(f"segment: {len(day_one):,} rows in {database} · Batch simulator at {running.base_url}"),
+            soft_wrap=True,
+        )
         result = _one_run(activation, state, progress_factory, progress_adapter)
         print_record(result.record, samples=12)
         if result.exit_code:
@@ -119,7 +125,10 @@ def run_demo(
                 f"[red]✗[/] mismatch: {len(held - expected)} unexpected, {len(expected - held)} missing profiles"
             )
             return 1
-        console.print(f"\nactivation: {config_path}\nhistory:    cepsync history vip_customers --state {state}")
+        console.print(
+            Text(f"\nactivation: {config_path}\nhistory:    cepsync history vip_customers --state {state}"),
+            soft_wrap=True,
+        )
     return 0
 
 

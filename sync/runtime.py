@@ -2,9 +2,18 @@
 
 State locations are URLs:
 
-* ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` — the embedded default;
+* ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` — the embedded store.
+  Without ``--state`` / ``CEPSYNC_STATE`` the CLI uses one file per user,
+  ``$XDG_STATE_HOME/cepsync/state.db`` (``~/.local/state/cepsync/state.db`` when that
+  variable is unset): the same state whatever directory a command runs from, keyed
+  inside by activation name (see :func:`default_state_url`);
 * ``firestore://`` — Firestore in the ambient project (``GOOGLE_CLOUD_PROJECT`` / ADC);
-  ``firestore://PROJECT/DATABASE?prefix=cepsync`` names them.
+  ``firestore://PROJECT/DATABASE?prefix=cepsync`` names them. The bare word ``firestore``
+  (the deployed function's ``CEPSYNC_STATE``) is expanded by :func:`expand_state_url`.
+
+A state store that cannot be opened (a path through a file, a directory, a file that is
+not a SQLite database, no Google credentials) is a :class:`ConfigError` naming it; a
+damaged file is never written to.
 
 Google Cloud libraries are imported only when a Google Cloud edge is asked for, so the
 embedded default runs without them.
@@ -12,9 +21,12 @@ embedded default runs without them.
 
 from __future__ import annotations
 
+import os
 import re
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
@@ -23,14 +35,17 @@ import pyarrow as pa
 from sync.batch.client import BatchClient
 from sync.batch.ratelimit import PROCESS_LIMITERS
 from sync.config import Activation, BigQuerySourceConfig, Credentials, DuckDBSourceConfig
-from sync.errors import ConfigError
+from sync.errors import ConfigError, FatalError
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
 if TYPE_CHECKING:
     from google.cloud.bigquery_storage import BigQueryReadClient
 
-DEFAULT_STATE_URL = "sqlite:///.cepsync/state.db"
+
+class StateNotFound(ConfigError):
+    """A command that only reads state found none at the URL (and created none)."""
+
 
 # Options for every gRPC channel cepsync builds itself. gRPC's default caps a received message
 # at 4 MiB, but a Storage Read server may send far larger ones (the local emulator sends up to
@@ -43,27 +58,118 @@ GRPC_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
-def open_store(url: str) -> StateStore:
-    """Open the state store a URL names (see module docstring)."""
+def default_state_url(environ: Mapping[str, str]) -> str:
+    """The CLI's state when neither ``--state`` nor ``CEPSYNC_STATE`` is given.
+
+    One SQLite file per user, in the XDG state directory, so that the same activation run
+    from any directory finds the same state (a path relative to the working directory
+    planned a full resend from elsewhere).
+    """
+    base = environ.get("XDG_STATE_HOME") or ""
+    # The XDG spec ignores a relative value; so do we.
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    return f"sqlite:///{root / 'cepsync' / 'state.db'}"
+
+
+def expand_state_url(value: str, environ: Mapping[str, str]) -> str:
+    """``firestore`` alone means what it means to the deployed function (sync/function.py):
+    Firestore in ``GOOGLE_CLOUD_PROJECT``, database ``CEPSYNC_FIRESTORE_DATABASE`` (default
+    ``(default)``), collection prefix ``CEPSYNC_FIRESTORE_PREFIX`` (default ``cepsync``).
+    An empty value is the default state."""
+    if not value:
+        return default_state_url(environ)
+    if value == "firestore":
+        project = environ.get("GOOGLE_CLOUD_PROJECT") or ""
+        database = environ.get("CEPSYNC_FIRESTORE_DATABASE") or "(default)"
+        prefix = environ.get("CEPSYNC_FIRESTORE_PREFIX") or "cepsync"
+        return f"firestore://{project}/{database}?prefix={prefix}"
+    return value
+
+
+def open_store(url: str, *, create: bool = True) -> StateStore:
+    """Open the state store a URL names (see module docstring).
+
+    Args:
+        url: ``sqlite:///PATH`` or ``firestore://...``.
+        create: False for commands that only read (plan, history, reset): a SQLite file
+            that does not exist raises :class:`StateNotFound` instead of being created.
+    """
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
-        from sync.state.sqlite import SQLiteStateStore
-
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
         if not path:
-            raise ConfigError("sqlite state URL needs a path, e.g. sqlite:///.cepsync/state.db", field="state")
-        return SQLiteStateStore(path)
+            raise ConfigError("sqlite state URL needs a path, e.g. sqlite:///state/cepsync.db", field="--state")
+        return _open_sqlite(path, create=create)
     if parsed.scheme == "firestore":
-        from google.cloud import firestore
+        return _open_firestore(parsed)
+    raise ConfigError(
+        f"unknown state URL scheme {parsed.scheme!r}: use sqlite:///PATH or firestore://PROJECT/DATABASE",
+        field="--state",
+    )
 
-        from sync.state.firestore import FirestoreStateStore
 
-        project = parsed.netloc or None
-        database = parsed.path.strip("/") or "(default)"
-        prefix = parse_qs(parsed.query).get("prefix", ["cepsync"])[0]
+def _open_sqlite(path: str, *, create: bool) -> StateStore:
+    from sync.state.sqlite import SQLiteStateStore
+
+    if path == ":memory:":
+        return SQLiteStateStore(path)
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(
+            f"state path {path} is a directory; name a file in it, e.g. {file / 'state.db'}", field="--state"
+        )
+    # A path that goes through a file can never be created (FileExistsError, NotADirectoryError).
+    ancestor = next((parent for parent in file.absolute().parents if parent.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise ConfigError(
+            f"state path {path} goes through {ancestor}, which is a file, not a directory", field="--state"
+        )
+    if not create and not file.exists():
+        raise StateNotFound(f"no state at {path}: nothing has run with this state yet", field="--state")
+    try:
+        return SQLiteStateStore(path)
+    except OSError as error:
+        # A parent that is a file (FileExistsError, NotADirectoryError) or cannot be written.
+        raise ConfigError(
+            f"cannot create the state database {path}: {error.strerror or error}", field="--state"
+        ) from None
+    except sqlite3.DatabaseError as error:
+        if isinstance(error, sqlite3.OperationalError) and "not a database" not in str(error):
+            writable = os.access(file.parent, os.W_OK) and (not file.exists() or os.access(file, os.W_OK))
+            hint = "" if writable else " (the file or its directory is not writable)"
+            raise ConfigError(f"cannot open the state database {path}: {error}{hint}", field="--state") from None
+        # "file is not a database", "database disk image is malformed": SQLite refused it
+        # before anything was written; we leave it exactly as it is.
+        raise ConfigError(
+            f"{path} is not a usable SQLite state database ({error}); it was left untouched: move it away "
+            "or restore it, or point --state at another file",
+            field="--state",
+        ) from None
+
+
+def _open_firestore(parsed: Any) -> StateStore:
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import firestore
+
+    from sync.state.firestore import FirestoreStateStore
+
+    project = parsed.netloc or None
+    database = parsed.path.strip("/") or "(default)"
+    prefix = parse_qs(parsed.query).get("prefix", ["cepsync"])[0]
+    try:
         client = firestore.Client(project=project, database=database)
-        return FirestoreStateStore(client, prefix=prefix)
-    raise ConfigError(f"unknown state URL scheme {parsed.scheme!r}: use sqlite:///PATH or firestore://", field="state")
+    except DefaultCredentialsError:
+        raise ConfigError(
+            "Firestore state needs Google Cloud credentials and none were found: run "
+            "`gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
+            "(or FIRESTORE_EMULATOR_HOST for an emulator)",
+            field="--state",
+        ) from None
+    except OSError as error:  # google-cloud-core: "Project was not passed and could not be determined"
+        raise ConfigError(
+            f"Firestore state: {error}; name it, firestore://PROJECT, or set GOOGLE_CLOUD_PROJECT", field="--state"
+        ) from None
+    return FirestoreStateStore(client, prefix=prefix)
 
 
 @dataclass(frozen=True)
@@ -111,6 +217,52 @@ class _SourceWithClients:
             close()
 
 
+class _DuckDBSegment:
+    """A DuckDB source whose open and schema failures are config errors (exit 2).
+
+    Before any row is read, a DuckDB failure can only come from the activation: a file
+    that is not a DuckDB database, a directory, a missing table, SQL that does not parse
+    or bind. Those are the user's to fix, so they name the file and the field; a failure
+    while reading rows stays a run failure.
+    """
+
+    def __init__(self, activation: Activation, config: DuckDBSourceConfig) -> None:
+        from sync.sources.duckdb import DuckDBSource
+
+        self._origin = activation.origin
+        self._segment_field = "source.table" if config.table is not None else "source.query"
+        try:
+            self._source = DuckDBSource(config, activation=activation.name)
+        except ConfigError as error:
+            raise ConfigError(_detail(error), source=self._origin, field="source.database") from None
+        except FatalError as error:
+            raise ConfigError(
+                f"{_detail(error)} (is it a DuckDB database file?)", source=self._origin, field="source.database"
+            ) from None
+
+    def schema(self) -> pa.Schema:
+        try:
+            return self._source.schema()
+        except ConfigError:
+            raise
+        except FatalError as error:
+            raise ConfigError(_detail(error), source=self._origin, field=self._segment_field) from None
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        return self._source.read_batches(columns)
+
+    def stats(self) -> dict[str, Any]:
+        return self._source.stats()
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _detail(error: Exception) -> str:
+    """The source's message without its "activation 'x': " prefix (the config error names the file)."""
+    return re.sub(r"^activation '[^']*'(, field '[^']*')?: ", "", str(error))
+
+
 def open_source(
     activation: Activation,
     *,
@@ -124,9 +276,7 @@ def open_source(
     """
     config = activation.source
     if isinstance(config, DuckDBSourceConfig):
-        from sync.sources.duckdb import DuckDBSource
-
-        return DuckDBSource(config, activation=activation.name)
+        return _DuckDBSegment(activation, config)
     if isinstance(config, BigQuerySourceConfig):
         from sync.sources.bigquery import BigQuerySource
 

@@ -175,3 +175,105 @@ def test_json_schema_describes_the_model() -> None:
     assert {"name", "source", "destination", "mapping"} <= set(schema["required"])
     json.dumps(schema)
     assert Activation.model_json_schema()["additionalProperties"] is False
+
+
+# -- issue 8: encodings, duplicate keys, schedules, phone regions --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("encoding", "prefix"),
+    [("latin-1", b""), ("utf-16", b""), ("random", b"\xff\xfe\x00\x9c\x81")],
+)
+def test_a_file_that_is_not_utf8_names_the_file_and_the_encoding(tmp_path: Path, encoding: str, prefix: bytes) -> None:
+    text = yaml.safe_dump(base_config(description="Clients fidèles"), allow_unicode=True)
+    data = prefix + (text.encode(encoding) if encoding != "random" else bytes(range(128, 256)))
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        load_activation(path)
+    message = str(caught.value)
+    assert "latin.yaml" in message
+    assert "UTF-8" in message
+
+
+def test_utf8_with_a_byte_order_mark_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(base_config(description="fidèles")).encode("utf-8"))
+    assert load_activation(path).description == "fidèles"
+
+
+def test_a_duplicated_key_is_a_config_error_naming_key_and_line(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base_config(), sort_keys=False) + "attributes:\n  - column: other\n"
+    path = tmp_path / "twice.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_activation(path)
+    message = str(caught.value)
+    assert "twice.yaml" in message
+    assert "'attributes'" in message
+    assert "line" in message
+
+
+def test_a_duplicated_nested_key_is_refused_too(tmp_path: Path) -> None:
+    path = tmp_path / "nested.yaml"
+    text = yaml.safe_dump(base_config(), sort_keys=False).replace(
+        "  email: email\n", "  email: email\n  email: other_email\n"
+    )
+    assert text.count("email:") == 2
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="'email'"):
+        load_activation(path)
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "every hour please",
+        "61 * * * *",
+        "* 24 * * *",
+        "0 0 32 * *",
+        "0 0 * 13 *",
+        "0 0 * * 8",
+        "* * * *",
+        "0 * * * * *",
+    ],
+)
+def test_a_bad_cron_expression_is_refused(cron: str) -> None:
+    error = error_of(base_config(schedule={"cron": cron}))
+    assert error.field == "schedule.cron"
+    assert "cron" in str(error)
+
+
+@pytest.mark.parametrize("cron", ["0 * * * *", "*/15 9-17 * * mon-fri", "30 2 1,15 jan,jul *", "0 0 * * 0"])
+def test_good_cron_expressions_load(cron: str) -> None:
+    assert parse_activation(base_config(schedule={"cron": cron}), source="a.yaml").schedule is not None
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "Europe/Pariss", "", "../etc/passwd", "europe/paris"])
+def test_a_time_zone_not_in_the_iana_database_is_refused(zone: str) -> None:
+    error = error_of(base_config(schedule={"cron": "0 * * * *", "time_zone": zone}))
+    assert error.field == "schedule.time_zone"
+    assert "IANA" in str(error)
+
+
+def test_a_real_time_zone_loads() -> None:
+    activation = parse_activation(
+        base_config(schedule={"cron": "0 * * * *", "time_zone": "America/Argentina/Buenos_Aires"}), source="a.yaml"
+    )
+    assert activation.schedule is not None
+    assert activation.schedule.time_zone == "America/Argentina/Buenos_Aires"
+
+
+@pytest.mark.parametrize("region", ["XX", "ZZ", "AA"])
+def test_a_default_phone_region_unknown_to_the_phone_library_is_refused(region: str) -> None:
+    error = error_of(
+        base_config(mapping={"custom_id": "customer_id", "phone": "phone", "default_phone_region": region})
+    )
+    assert error.field == "mapping.default_phone_region"
+    assert region in str(error)
+
+
+@pytest.mark.parametrize("region", ["FR", "GB", "US", "DE", "RE"])
+def test_a_real_default_phone_region_loads(region: str) -> None:
+    config = base_config(mapping={"custom_id": "customer_id", "phone": "phone", "default_phone_region": region})
+    assert parse_activation(config, source="a.yaml").mapping.default_phone_region == region

@@ -39,7 +39,7 @@ import structlog
 from sync import __version__
 from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
-from sync.errors import BatchAuthError, BatchContractError, TransientError
+from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -270,12 +270,15 @@ class BatchClient:
     async def check_credentials(self) -> None:
         """Ask Batch whether the keys are valid, without changing any profile.
 
-        Posts an empty array to ``/profiles/update``: 401/403 means the keys are wrong;
-        any other answer means Batch accepted them.
+        Posts an empty array to ``/profiles/update``. Only a 2xx answer means Batch accepted
+        the keys: a 404 (a ``base_url`` with an extra path, a wrong ``api_version``) or any
+        other answer is reported as it is, since a run would meet the same answer.
 
         Raises:
-            BatchAuthError: Batch refused the REST API key or the project key.
-            TransientError: Batch could not be reached (``sync.errors.TransientError``).
+            BatchAuthError: 401/403, Batch refused the REST API key or the project key.
+            TransientError: Batch could not be reached, or answered 429/5xx: nothing is
+                known about the keys yet (``sync.errors.TransientError``).
+            ConfigError: Any other answer: the URL does not lead to Batch's profile API.
         """
         url = self.url(Endpoint.UPDATE)
         try:
@@ -284,8 +287,23 @@ class BatchClient:
             raise TransientError(
                 f"activation '{self._activation}': cannot reach Batch at {url}: {self._describe(error)}"
             ) from None
+        if 200 <= response.status < 300:
+            return
         if response.status in (401, 403):
             raise self._auth_error(response, Endpoint.UPDATE)
+        details = self._error_details(response.body)
+        if response.status in TRANSIENT_STATUSES:
+            raise TransientError(
+                f"activation '{self._activation}': Batch answered {response.status} at {url}{details}: "
+                "the credentials could not be checked; try again later"
+            )
+        raise ConfigError(
+            f"Batch answered {response.status} at {url}{details}, not 2xx: the credentials could not be "
+            "checked and a run would fail the same way; check destination.base_url (no path after the host) "
+            "and destination.api_version",
+            source=f"activation '{self._activation}'",
+            field="destination",
+        )
 
     async def send(
         self, endpoint: Endpoint, profiles: Sequence[ProfileUpdate], *, deadline: float | None = None

@@ -37,7 +37,7 @@ from sync.batch.ratelimit import (
 )
 from sync.batch.simulator import BatchSimulator
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
-from sync.errors import BatchAuthError, BatchContractError, TransientError
+from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
 
 RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s
 
@@ -519,8 +519,8 @@ async def test_other_statuses_are_contract_errors_that_never_choke_on_the_body(
 # -- check_credentials -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [202, 400, 429, 500])
-async def test_check_credentials_accepts_any_non_auth_answer(batch: ScriptedBatch, status: int) -> None:
+@pytest.mark.parametrize("status", [200, 202, 204])
+async def test_check_credentials_accepts_a_2xx_answer(batch: ScriptedBatch, status: int) -> None:
     batch.default = Reply(status)
     client = make_client(batch.base_url)
     async with client:
@@ -529,6 +529,27 @@ async def test_check_credentials_accepts_any_non_auth_answer(batch: ScriptedBatc
     assert request.path == "/2.11/profiles/update"
     assert request.body == b"[]"
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 301])
+async def test_check_credentials_reports_any_other_answer_as_a_config_error(batch: ScriptedBatch, status: int) -> None:
+    batch.default = Reply(status, {"error_code": "ROUTE_NOT_FOUND", "error_message": "no such route"})
+    client = make_client(batch.base_url)
+    async with client:
+        with pytest.raises(ConfigError) as raised:
+            await client.check_credentials()
+    assert f"Batch answered {status}" in str(raised.value)
+    assert "ROUTE_NOT_FOUND" in str(raised.value)
+    assert "destination.base_url" in str(raised.value)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_check_credentials_cannot_tell_on_a_transient_answer(batch: ScriptedBatch, status: int) -> None:
+    batch.default = Reply(status)
+    client = make_client(batch.base_url)
+    async with client:
+        with pytest.raises(TransientError, match=f"Batch answered {status}"):
+            await client.check_credentials()
 
 
 async def test_check_credentials_raises_on_401(batch: ScriptedBatch) -> None:

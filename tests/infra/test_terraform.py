@@ -548,3 +548,69 @@ def test_terraform_evaluates_the_selection_like_the_runtime(
     evaluated = json.loads(json.loads(completed.stdout.strip().splitlines()[-1]))
     assert evaluated == _runtime_selection(activation_dir)
     assert set(evaluated) == {"hourly", "nightly-paris"}
+
+
+SCHEDULES = {
+    "hourly": ("0 * * * *", "Etc/UTC"),
+    "office": ("*/15 9-17 * * mon-fri", "Europe/Paris"),
+    "twice": ("30 2 1,15 jan,jul *", "America/Argentina/Buenos_Aires"),
+    "words": ("every hour please", "Etc/UTC"),
+    "minute61": ("61 * * * *", "Etc/UTC"),
+    "hour24": ("* 24 * * *", "Etc/UTC"),
+    "day32": ("0 0 32 * *", "Etc/UTC"),
+    "monthname": ("0 0 * foo *", "Etc/UTC"),
+    "fourfields": ("* * * *", "Etc/UTC"),
+    "sixfields": ("0 * * * * *", "Etc/UTC"),
+    "lastday": ("0 0 L * *", "Etc/UTC"),
+    "emptyzone": ("0 * * * *", ""),
+    "lowerzone": ("0 * * * *", "europe/paris"),
+    "pathzone": ("0 * * * *", "../etc/passwd"),
+}
+# What Terraform cannot know without a time zone database; `make package` refuses them.
+ONLY_THE_MODEL_REFUSES = {"Mars/Olympus"}
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary to evaluate expressions with")
+def test_terraform_schedule_checks_agree_with_the_model(tmp_path: Path) -> None:
+    """infra/schedule_checks.tf, evaluated by `terraform console`, refuses what ScheduleConfig refuses."""
+    module = tmp_path / "module"
+    module.mkdir()
+    shutil.copy(INFRA / "schedule_checks.tf", module / "schedule_checks.tf")
+    schedules = {name: {"cron": cron, "time_zone": zone} for name, (cron, zone) in SCHEDULES.items()}
+    (module / "main.tf").write_text(
+        'variable "schedules" {\n  type = map(object({ cron = string, time_zone = string }))\n}\n\n'
+        "locals {\n  scheduled_activations = var.schedules\n}\n",
+        encoding="utf-8",
+    )
+    (module / "terraform.tfvars.json").write_text(json.dumps({"schedules": schedules}), encoding="utf-8")
+    (tmp_path / "terraformrc").write_text("", encoding="utf-8")
+    environment = {
+        **os.environ,
+        "CHECKPOINT_DISABLE": "1",
+        "TF_CLI_CONFIG_FILE": str(tmp_path / "terraformrc"),
+        "TF_IN_AUTOMATION": "1",
+    }
+    completed = subprocess.run(
+        ["terraform", "console"],
+        input="jsonencode(local.schedule_problems)\n",
+        capture_output=True,
+        text=True,
+        cwd=module,
+        env=environment,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    problems = json.loads(json.loads(completed.stdout.strip().splitlines()[-1]))
+    for name, (cron, zone) in SCHEDULES.items():
+        try:
+            ScheduleConfig(cron=cron, time_zone=zone)
+            model_accepts = True
+        except ValueError:
+            model_accepts = False
+        assert (problems[name] == []) is model_accepts, (name, problems[name])
+    assert any("minute field '61'" in p for p in problems["minute61"])
+    assert any("five fields" in p for p in problems["fourfields"])
+    for zone in ONLY_THE_MODEL_REFUSES:
+        with pytest.raises(ValueError, match="IANA"):
+            ScheduleConfig(cron="0 * * * *", time_zone=zone)

@@ -1,0 +1,38 @@
+"""The deployment docs list what the code reads and answers (docs/function.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sync.function import HTTP_STATUS
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTION_DOC = (ROOT / "docs" / "function.md").read_text(encoding="utf-8")
+
+
+def test_every_cepsync_variable_of_the_code_and_infra_is_documented() -> None:
+    sources = [*ROOT.joinpath("sync").rglob("*.py"), ROOT / "main.py", *ROOT.joinpath("infra").glob("*.tf")]
+    names = set()
+    for path in sources:
+        names |= set(re.findall(r"CEPSYNC_[A-Z][A-Z_]*[A-Z]", path.read_text(encoding="utf-8")))
+    names.discard("CEPSYNC_FIRESTORE")  # the family CEPSYNC_FIRESTORE_* named in a help text
+    assert "CEPSYNC_STATE" in names
+    undocumented = sorted(name for name in names if f"`{name}`" not in FUNCTION_DOC)
+    assert undocumented == []
+
+
+def test_every_http_status_of_http_sync_is_documented() -> None:
+    for status, code in HTTP_STATUS.items():
+        assert re.search(rf"^\| {code} \| [^|]*`{status}`", FUNCTION_DOC, re.MULTILINE), (status, code)
+    assert "| 503 |" in FUNCTION_DOC
+    assert "Idempotency-Key" in FUNCTION_DOC
+
+
+def test_the_readme_links_only_files_of_the_repository() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):
+        if target.startswith("http"):
+            continue
+        assert (ROOT / target).exists(), target
+    assert "../shared" not in readme
