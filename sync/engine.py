@@ -39,6 +39,7 @@ from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError, Transient
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import ActivationMeta, JournalEntry, Lease, Reason, RowIssue
 from sync.plan import PayloadSpool, Plan, PlannedSend, Planner, RejectedRow, evaluate_guards, plan_batch
+from sync.runconfig import config_as_run
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -258,6 +259,7 @@ class Run:
             "source": {},
             "lease_token": None,
             "error": None,
+            "config": config_as_run(activation),
         }
 
     # -- public --------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from sync.config import ACTIVATION_NAME, Activation, load_activations
 from sync.engine import Run, RunOptions
 from sync.errors import ConfigError
 from sync.logs import configure_logging
+from sync.runlog import log_run_end
 from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source, open_store
 from sync.sources.base import Source
 from sync.state.base import StateStore
@@ -507,6 +508,7 @@ def _invoke(
             True,
         )
     outcome = outcome_for(record)
+    log_run_end(record)
     log_method = log.info if outcome.http_status < 400 else log.warning if not outcome.retry else log.error
     log_method(
         "invocation finished", run_id=record.get("run_id"), **{k: v for k, v in outcome.body.items() if k != "run_id"}
