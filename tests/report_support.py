@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_support import make_activation, make_client, people, person, run_once, write_segment
+from engine_support import API_KEY, PROJECT_KEY, make_activation, make_client, people, person, run_once, write_segment
 
 from sync.batch.simulator import SimulatorThread
 from sync.config import Activation
@@ -89,6 +89,7 @@ def build_history(directory: Path, simulator: SimulatorThread) -> History:
     statuses.append(run())
     last = [person(i, points=i + 1) if i < 20 else person(i) for i in range(300)]
     last[3] = person(3, email=MARKUP_EMAIL)
+    last[10] = person(10, customer_id=SCRIPT_ID, phone="<b>not a phone</b>")
     write_segment(segment, last)
     faults.reject_custom_ids = {"c00015"}
     statuses.append(run())
@@ -100,3 +101,65 @@ def build_history(directory: Path, simulator: SimulatorThread) -> History:
     finally:
         store.close()
     return History(state, activation, records)
+
+
+def function_run_end_lines(directory: Path, simulator: SimulatorThread) -> list[dict[str, Any]]:
+    """Run the Cloud Function's Pub/Sub handler twice and return the run-end lines it wrote.
+
+    The first run rejects rows (ours and Batch's), the second is refused by Batch (401).
+    Logging is configured exactly as on Cloud Functions (JSON for Cloud Logging), into a
+    buffer; each returned dict is one parsed line, as Cloud Logging would get it.
+    """
+    import base64
+    import io
+    import json
+
+    import structlog
+    import yaml
+
+    from sync.function import configure_runtime_logging, handle_pubsub
+    from sync.runlog import RUN_END_EVENT
+
+    write_segment(directory / "segment.duckdb", first_segment())
+    activations = directory / "activations"
+    activations.mkdir()
+    config = {
+        "name": "fn_metrics",
+        "source": {"type": "duckdb", "database": "../segment.duckdb", "query": "SELECT * FROM people"},
+        "destination": {
+            "api_key_env": "BATCH_REST_API_KEY",
+            "project_key_env": "BATCH_PROJECT_KEY",
+            "base_url": simulator.base_url,
+            "endpoint": "update",
+            "max_attempts": 2,
+            "rate_limit": False,
+        },
+        "mapping": {"custom_id": "customer_id", "email": "email", "phone": "phone"},
+        "attributes": [{"column": "points"}],
+    }
+    (activations / "fn_metrics.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    environ = {
+        "CEPSYNC_STATE": f"sqlite:///{directory / 'state.db'}",
+        "CEPSYNC_ACTIVATIONS_DIR": str(activations),
+        "BATCH_REST_API_KEY": API_KEY,
+        "BATCH_PROJECT_KEY": PROJECT_KEY,
+        "GOOGLE_CLOUD_PROJECT": "acme-prod",
+    }
+
+    def envelope() -> dict[str, Any]:
+        data = base64.b64encode(json.dumps({"activation": "fn_metrics"}).encode()).decode()
+        return {"message": {"data": data, "messageId": "1"}, "subscription": "projects/acme-prod/subscriptions/s"}
+
+    saved = structlog.get_config()
+    buffer = io.StringIO()
+    try:
+        configure_runtime_logging(environ)
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(buffer))
+        simulator.simulator.faults.reject_custom_ids = {"c00007"}
+        handle_pubsub(envelope(), event_id="evt-ok", environ=environ)
+        simulator.simulator.faults.clear()
+        handle_pubsub(envelope(), event_id="evt-401", environ={**environ, "BATCH_REST_API_KEY": "wrong-key-000000"})
+    finally:
+        structlog.configure(**saved)
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    return [line for line in lines if line.get("cepsync_event") == RUN_END_EVENT]

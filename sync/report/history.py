@@ -70,14 +70,13 @@ def abbreviate(value: Any) -> str:
     number = abs(value)
     if number < 1000:
         return f"{sign}{number}"
-    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if number >= size:
-            scaled = number / size
-            if scaled < 9.95:
-                return f"{sign}{scaled:.1f}{unit}"
-            if scaled < 999.5 or unit == "G":
-                return f"{sign}{scaled:.0f}{unit}"
-    return f"{sign}{number}"  # pragma: no cover - every int >= 1000 matched a unit
+    for unit, size in (("k", 10**3), ("M", 10**6), ("G", 10**9)):
+        scaled = number / size
+        if scaled < 9.95:
+            return f"{sign}{scaled:.1f}{unit}"
+        if scaled < 999.5 or unit == "G":
+            return f"{sign}{scaled:.0f}{unit}"
+    return f"{sign}{number}"  # pragma: no cover - the G unit takes every larger number
 
 
 def short_duration(seconds: float | None) -> str:
