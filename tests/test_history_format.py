@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from engine_support import API_KEY, PROJECT_KEY
@@ -24,7 +22,7 @@ BIG_RUN_ID = "20991231T235959Z-abcdef"
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
+def history(tmp_path_factory: pytest.TempPathFactory) -> History:
     directory = tmp_path_factory.mktemp("history")
     with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)) as simulator:
         built = build_history(directory, simulator)
@@ -39,7 +37,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
         store.save_run(big)
     finally:
         store.close()
-    yield built
+    return built
 
 
 def cepsync(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
