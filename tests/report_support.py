@@ -103,10 +103,11 @@ def build_history(directory: Path, simulator: SimulatorThread) -> History:
     return History(state, activation, records)
 
 
-def function_run_end_lines(directory: Path, simulator: SimulatorThread) -> list[dict[str, Any]]:
-    """Run the Cloud Function's Pub/Sub handler twice and return the run-end lines it wrote.
+def function_log_lines(directory: Path, simulator: SimulatorThread) -> list[dict[str, Any]]:
+    """Run the Cloud Function's Pub/Sub handler twice and return every log line it wrote.
 
-    The first run rejects rows (ours and Batch's), the second is refused by Batch (401).
+    The first run meets one 503 (a retry line), then rejects rows (ours and Batch's); the
+    second is refused by Batch (401).
     Logging is configured exactly as on Cloud Functions (JSON for Cloud Logging), into a
     buffer; each returned dict is one parsed line, as Cloud Logging would get it.
     """
@@ -118,7 +119,6 @@ def function_run_end_lines(directory: Path, simulator: SimulatorThread) -> list[
     import yaml
 
     from sync.function import configure_runtime_logging, handle_pubsub
-    from sync.runlog import RUN_END_EVENT
 
     write_segment(directory / "segment.duckdb", first_segment())
     activations = directory / "activations"
@@ -156,10 +156,18 @@ def function_run_end_lines(directory: Path, simulator: SimulatorThread) -> list[
         configure_runtime_logging(environ)
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(buffer))
         simulator.simulator.faults.reject_custom_ids = {"c00007"}
+        simulator.simulator.faults.update({"fail_next": 1, "fail_status": 503})
         handle_pubsub(envelope(), event_id="evt-ok", environ=environ)
         simulator.simulator.faults.clear()
         handle_pubsub(envelope(), event_id="evt-401", environ={**environ, "BATCH_REST_API_KEY": "wrong-key-000000"})
     finally:
         structlog.configure(**saved)
-    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+def function_run_end_lines(directory: Path, simulator: SimulatorThread) -> list[dict[str, Any]]:
+    """The run-end lines among :func:`function_log_lines`."""
+    from sync.runlog import RUN_END_EVENT
+
+    lines = function_log_lines(directory, simulator)
     return [line for line in lines if line.get("cepsync_event") == RUN_END_EVENT]
