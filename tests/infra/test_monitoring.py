@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,10 +181,10 @@ def log_entry(line: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
+def entries(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)) as simulator:
         lines = function_log_lines(tmp_path_factory.mktemp("monitoring"), simulator)
-    yield [log_entry(line) for line in lines]
+    return [log_entry(line) for line in lines]
 
 
 def run_ends(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,7 +210,9 @@ def test_run_metrics_match_exactly_the_run_end_lines(terraform: dict[str, Any], 
         assert matched == run_ends(entries), name
 
 
-def test_the_retry_metric_matches_the_retry_lines_only(terraform: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+def test_the_retry_metric_matches_the_retry_lines_only(
+    terraform: dict[str, Any], entries: list[dict[str, Any]]
+) -> None:
     matched = [e for e in entries if matches(metric_filters(terraform)["cepsync_batch_retries"], e)]
     assert matched == retries(entries)
 
