@@ -8,11 +8,18 @@ each point gets an SVG ``<title>``, which browsers show as a native tooltip inst
 
 from __future__ import annotations
 
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
 import pygal
 from pygal.style import Style
+
+# Importing pygal appends a legacy import hook to sys.meta_path (for its map plugins, unused
+# here). It has no find_spec, so on Python 3.11 every later *failed* import in the process
+# (an optional dependency probed with try/except) raises an ImportWarning through it; under
+# warnings-as-errors that breaks unrelated code. The report needs no pygal plugin: drop it.
+sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != "PluginImportFixer"]
 
 from sync.report.summary import OUTCOME_CLASSES, StageTimes, Timeline, stage_names
 
