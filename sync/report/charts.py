@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import pygal
 from pygal.style import Style
 
+from sync.report.summary import OUTCOME_CLASSES, StageTimes, Timeline, stage_names
+
 # Importing pygal appends a legacy import hook to sys.meta_path (for its map plugins, unused
 # here). It has no find_spec, so on Python 3.11 every later *failed* import in the process
 # (an optional dependency probed with try/except) raises an ImportWarning through it; under
 # warnings-as-errors that breaks unrelated code. The report needs no pygal plugin: drop it.
 sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != "PluginImportFixer"]
-
-from sync.report.summary import OUTCOME_CLASSES, StageTimes, Timeline, stage_names
 
 # Outcome colours: green for success, red for failures, grey for runs that did nothing.
 OUTCOME_COLOURS = {"success": "#2e7d32", "failure": "#c62828", "other": "#9e9e9e"}
