@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help install demo test test-fast lint bench package checkov simulator bigquery-emulator clean
+.PHONY: help install demo test test-fast lint bench package checkov simulator bigquery-emulator browser clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,11 +28,17 @@ demo: install ## A real sync on the embedded default: DuckDB -> local Batch simu
 bigquery-emulator: ## Install the local BigQuery emulator (.venv-bq, Python 3.13, pinned, offline-ready)
 	bash scripts/install-bigquery-emulator.sh
 
-test: install bigquery-emulator ## The whole suite: unit, integration, emulators (Firestore, Pub/Sub, BigQuery), infra + checkov
+browser: ## Install Debian's headless Chromium and its driver (the HTML report's browser test), if missing
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "make browser: run as root or install chromium and chromium-driver with your package manager" >&2; exit 1; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver
+
+test: install bigquery-emulator browser ## The whole suite: unit, integration, emulators (Firestore, Pub/Sub, BigQuery), infra + checkov
 	$(BIN)/python -m pytest
 	bash infra/checkov.sh
 
-test-fast: install ## Unit and simulator tests only (no emulators, no slow crash tests)
+test-fast: install browser ## Unit and simulator tests only (no emulators, no slow crash tests)
 	$(BIN)/python -m pytest -m "not emulator and not slow"
 
 lint: install ## ruff (lint + format check) and mypy --strict

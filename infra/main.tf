@@ -1,6 +1,7 @@
 # Shared values, the project lookup and the APIs. The other files are split by concern:
 # storage.tf (source zip), pubsub.tf (topics), firestore.tf (state), secrets.tf (Batch
-# keys), iam.tf (identities and their grants), function.tf, scheduler.tf.
+# keys), iam.tf (identities and their grants), function.tf, scheduler.tf, monitoring.tf
+# (log-based metrics, alerts, dashboard).
 
 data "google_project" "this" {
   project_id = var.project_id
@@ -81,6 +82,7 @@ locals {
     "firestore.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
+    "monitoring.googleapis.com", # alert policies and the dashboard (monitoring.tf)
     "pubsub.googleapis.com",
     "run.googleapis.com", # 2nd gen functions are Cloud Run services
     "secretmanager.googleapis.com",

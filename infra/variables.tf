@@ -379,3 +379,49 @@ variable "http_time_budget_seconds" {
     error_message = "http_time_budget_seconds must be a whole number from 30 to 3590 (and below http_timeout_seconds)."
   }
 }
+
+# ---------------------------------------------------------------- monitoring (monitoring.tf)
+
+variable "notification_channels" {
+  description = "Cloud Monitoring notification channels the alerts go to, as projects/PROJECT/notificationChannels/ID (create an e-mail channel in the console or with gcloud). Empty: alerts only show in the console."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.notification_channels : can(regex("^projects/[^/]+/notificationChannels/[^/]+$", c))])
+    error_message = "Each notification channel must look like projects/PROJECT/notificationChannels/ID."
+  }
+}
+
+variable "alert_run_period_seconds" {
+  description = "How often the activations are scheduled to run, in seconds (the cron's period, e.g. 3600 for hourly). Sets the windows of the failure and no-success alerts."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.alert_run_period_seconds >= 300 && floor(var.alert_run_period_seconds) == var.alert_run_period_seconds
+    error_message = "alert_run_period_seconds must be a whole number of seconds, at least 300."
+  }
+}
+
+variable "alert_missed_periods" {
+  description = "Alert when no run succeeded for this many run periods (the sync has stopped or fails every time)."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.alert_missed_periods >= 2 && var.alert_missed_periods <= 48 && floor(var.alert_missed_periods) == var.alert_missed_periods
+    error_message = "alert_missed_periods must be a whole number from 2 to 48."
+  }
+}
+
+variable "alert_rejected_share" {
+  description = "Alert when one run rejects at least this share of its rows (ours and Batch's refusals), e.g. 0.2 for 20 %: usually an upstream schema change."
+  type        = number
+  default     = 0.2
+
+  validation {
+    condition     = var.alert_rejected_share > 0 && var.alert_rejected_share <= 1
+    error_message = "alert_rejected_share must be a share above 0 and at most 1."
+  }
+}

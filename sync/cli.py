@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import os
 import signal
@@ -31,6 +32,9 @@ from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
 from sync.model import ActivationMeta
 from sync.plan import GUARD_NAMES
+from sync.report.history import history_csv, history_table
+from sync.runconfig import config_as_run
+from sync.runlog import log_run_end
 from sync.runtime import (
     BigQueryEmulatorEndpoints,
     StateNotFound,
@@ -412,11 +416,13 @@ def run(
     except SyncError as error:
         raise _fail(error, json_output=json_output, activation=activation.name) from None
     except RunInterrupted as interrupted:
+        log_run_end(interrupted.record)
         if json_output:
             _print_json(interrupted.record)
         else:
             print_record(interrupted.record)
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
+    log_run_end(result.record)
     if json_output:
         _print_json(result.record)
     else:
@@ -502,16 +508,35 @@ def validate(
         raise _fail(error) from None
 
 
+class HistoryFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _activation_name(activation: str) -> tuple[str, Activation | None]:
+    """An activation argument is a name or a YAML file; a file also gives its config."""
+    if activation.endswith((".yaml", ".yml")):
+        loaded = _load(Path(activation))
+        return loaded.name, loaded
+    return activation, None
+
+
 @app.command()
 def history(
     activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
     state: StateOption = "",
     limit: Annotated[int, typer.Option(min=1, help="How many runs.")] = 10,
     run_id: Annotated[str | None, typer.Option("--run", help="Show one run record in full.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print records as JSON.")] = False,
+    output_format: Annotated[
+        HistoryFormat, typer.Option("--format", help="table (80 columns), json (full records) or csv.")
+    ] = HistoryFormat.table,
+    json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
     """Recent runs of an activation, newest first."""
-    name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
+    name, _ = _activation_name(activation)
+    if json_output:
+        output_format = HistoryFormat.json
     try:
         store = _store(state, create=False)
     except SyncError as error:
@@ -521,8 +546,10 @@ def history(
             record = store.get_run(run_id)
             if record is None:
                 raise _fail(ConfigError(f"no run {run_id!r}", field="--run"))
-            if json_output:
-                console.print_json(json.dumps(record, default=str))
+            if output_format is HistoryFormat.json:
+                typer.echo(json.dumps(record, default=str, indent=2))
+            elif output_format is HistoryFormat.csv:
+                typer.echo(history_csv([record]), nl=False)
             else:
                 print_record(record, samples=50)
             return
@@ -531,24 +558,56 @@ def history(
         store.close()
     if not records:
         raise _fail(ConfigError(f"no runs of activation '{name}' recorded in {_state_label(state)}", field="NAME"))
-    if json_output:
-        console.print_json(json.dumps(records, default=str))
-        return
-    table = Table(title=f"runs of {name}", title_justify="left")
-    # The run id starts with its UTC start time, so no separate column for it.
-    for column in ("run", "trigger", "status"):
-        table.add_column(column, no_wrap=True)
-    for column in ("new", "changed", "removed", "rejected", "acked", "failed"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for record in records:
-        counts = record.get("counts", {})
-        table.add_row(
-            record["run_id"],
-            record.get("trigger", {}).get("kind", ""),
-            record.get("status", ""),
-            *(str(counts.get(key, "")) for key in ("new", "changed", "removed", "rejected", "acknowledged", "failed")),
-        )
-    console.print(table)
+    if output_format is HistoryFormat.json:
+        typer.echo(json.dumps(records, default=str, indent=2))
+    elif output_format is HistoryFormat.csv:
+        typer.echo(history_csv(records), nl=False)
+    else:
+        console.print(history_table(name, records))
+
+
+@app.command()
+def report(
+    activation: Annotated[str, typer.Argument(help="Activation name or YAML file.")],
+    state: StateOption = "",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="HTML file to write (default: NAME-report.html).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="How many of the latest runs to cover.", min=1)] = 2000,
+) -> None:
+    """Write one self-contained HTML report of an activation's runs (opens offline).
+
+    Charts of runs over time and time per stage, the latest run's outcomes, rejected rows by
+    reason with samples, guard verdicts, mapping changes and the config as it ran.
+    """
+    from sync.report.html import render_report
+
+    name, loaded = _activation_name(activation)
+    try:
+        store = _store(state, create=False)
+    except SyncError as error:
+        raise _fail(error) from None
+    try:
+        records = store.list_runs(name, limit)
+    except SyncError as error:
+        raise _fail(error) from None
+    finally:
+        store.close()
+    if not records:
+        raise _fail(ConfigError(f"no runs of activation '{name}' recorded in {_state_label(state)}", field="NAME"))
+    config_file = None
+    if loaded is not None:
+        config_file = config_as_run(loaded)
+    page = render_report(
+        name,
+        records,
+        state_kind=state.split(":", 1)[0],
+        config_file=config_file,
+        config_file_name=Path(activation).name if loaded is not None else None,
+    )
+    target = out or Path(f"{name}-report.html")
+    target.write_text(page, encoding="utf-8")
+    console.print(Text(f"wrote {target} ({len(records)} runs); open it in a browser, it needs no network"))
 
 
 @app.command()

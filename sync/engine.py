@@ -51,6 +51,7 @@ from sync.plan import (
     plan_rows,
 )
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings
+from sync.runconfig import config_as_run
 from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
 from sync.state.base import StateStore
@@ -220,6 +221,7 @@ class Run:
             trigger={"kind": self.options.trigger, "id": self.options.trigger_id},
             trigger_id=self.options.trigger_id,
             continuation_of=self.options.continuation_of,
+            config=config_as_run(activation),
         )
 
     @property

@@ -70,6 +70,7 @@ from sync.config import ACTIVATION_NAME, Activation, load_activations
 from sync.engine import Clock, Run, RunOptions, new_run_id
 from sync.errors import ConfigError
 from sync.logs import configure_logging
+from sync.runlog import log_run_end
 from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source, open_store
 from sync.sources.base import Source
 from sync.state.base import StateStore
@@ -567,6 +568,7 @@ def _invoke(
                 close()
     if record is None:  # failed outside the run (logged above); a redelivery may help
         return outcome
+    log_run_end(record)
     context = {"delivery_attempt": invocation.attempt} if invocation.attempt is not None else {}
     log_method = log.info if outcome.http_status < 400 else log.warning if not outcome.retry else log.error
     if record.get("status") == "failed_permanently":
@@ -609,6 +611,8 @@ def _edge_record(invocation: _Invocation, outcome: InvocationOutcome) -> dict[st
         "timings": {},
         "checkpoint": None,
         "source": {},
+        # The activation may not even have loaded: no config to show.
+        "config": {},
         "error": str(outcome.body.get("error") or "failed"),
     }
 

@@ -117,6 +117,8 @@ class RunRecord:
     retryable: bool | None = None
     journal: dict[str, int] | None = None
     duplicate_of: str | None = None
+    # The activation's config as it ran, without secrets (sync.runconfig).
+    config: dict[str, Any] = field(default_factory=dict)
     # Fields written by the edges after the run (the function's hand-over), kept verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
 

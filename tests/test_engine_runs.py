@@ -340,7 +340,10 @@ async def test_time_budget_checkpoints_and_a_continuation_finishes_the_pass(
     write_segment(segment, people(1_000))
     simulator.faults.latency_ms = 100
     activation = make_activation(tmp_path, url, run_type="full_only", destination={"concurrency": 1})
-    first = await run_once(activation, state, time_budget_seconds=0.6, budget_margin_seconds=0.1)
+    # The deadline of a request is budget - margin/2 and no request starts after budget - margin:
+    # a margin well above twice the latency keeps a request from being cut while Batch applies
+    # it (its resend would rightly count as a second update under at-least-once delivery).
+    first = await run_once(activation, state, time_budget_seconds=1.0, budget_margin_seconds=0.6)
     assert first.status == "incomplete"
     assert first.exit_code == 7
     sent_first = first.record["counts"]["acknowledged"]

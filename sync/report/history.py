@@ -1,0 +1,168 @@
+"""``cepsync history`` output: an 80-column table, CSV and JSON, from run records.
+
+The table keeps the run id whole (it is what ``--run ID`` takes) and fits 80 columns by
+abbreviating the rest: counts as 999, 12k, 1.2M; durations as 4.2s, 12m; statuses by
+the short names of :data:`SHORT_STATUS`. CSV and JSON keep every value as recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from sync.runlog import duration_seconds, outcome, rejected_total
+
+SHORT_STATUS = {
+    "succeeded": "ok",
+    "succeeded_with_rejections": "ok, rejects",
+    "planned": "planned",
+    "duplicate_trigger": "duplicate",
+    "failed": "FAILED",
+    "failed_permanently": "gave up",
+    "config_error": "config error",
+    "aborted_by_guard": "guard stop",
+    "auth_error": "auth error",
+    "skipped_lease_held": "lease held",
+    "partial": "partial",
+    "incomplete": "incomplete",
+    "interrupted": "interrupted",
+    "abandoned": "abandoned",
+    "running": "running",
+}
+# 23 (run id) + 12 + 6 counts x 4 + 5 (time) + 8 gaps of 2 = 80 columns.
+STATUS_WIDTH = 12
+NUMBER_COLUMNS = (("new", "new"), ("chg", "changed"), ("rem", "removed"), ("ack", "acknowledged"), ("fail", "failed"))
+
+CSV_COLUMNS = (
+    "run_id",
+    "activation",
+    "started_at",
+    "ended_at",
+    "status",
+    "trigger",
+    "duration_seconds",
+    "rows",
+    "new",
+    "changed",
+    "unchanged",
+    "removed",
+    "rejected",
+    "rejected_by_batch",
+    "sent",
+    "acknowledged",
+    "failed",
+    "error",
+)
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def abbreviate(value: Any) -> str:
+    """A count in at most 4 characters: 999, 1.2k, 12k, 999k, 1.2M, 12M, 1.2G."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return ""
+    sign = "-" if value < 0 else ""
+    number = abs(value)
+    if number < 1000:
+        return f"{sign}{number}"
+    for unit, size in (("k", 10**3), ("M", 10**6), ("G", 10**9)):
+        scaled = number / size
+        if scaled < 9.95:
+            return f"{sign}{scaled:.1f}{unit}"
+        if scaled < 999.5 or unit == "G":
+            return f"{sign}{scaled:.0f}{unit}"
+    return f"{sign}{number}"  # pragma: no cover - the G unit takes every larger number
+
+
+def short_duration(seconds: float | None) -> str:
+    """A duration in at most 5 characters: 0.4s, 42s, 4.2m, 42m, 1.5h, 30h."""
+    if seconds is None:
+        return ""
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
+    if seconds < 99.5:
+        return f"{seconds:.0f}s"
+    minutes = seconds / 60
+    if minutes < 9.95:
+        return f"{minutes:.1f}m"
+    if minutes < 99.5:
+        return f"{minutes:.0f}m"
+    hours = minutes / 60
+    return f"{hours:.1f}h" if hours < 9.95 else f"{hours:.0f}h"
+
+
+def short_status(status: str) -> str:
+    text = SHORT_STATUS.get(status, status)
+    return text if len(text) <= STATUS_WIDTH else text[: STATUS_WIDTH - 1] + "…"
+
+
+def history_table(name: str, records: Sequence[Mapping[str, Any]]) -> Table:
+    """Recent runs, newest first, in 80 columns. Every cell is plain text, never markup."""
+    table = Table(
+        title=Text(f"runs of {name}"),
+        title_justify="left",
+        box=None,
+        padding=(0, 1),
+        pad_edge=False,
+        caption=Text("counts: k thousand, M million · rej includes rows Batch refused"),
+        caption_justify="left",
+    )
+    table.add_column("run", no_wrap=True, min_width=23)
+    table.add_column("status", no_wrap=True, max_width=STATUS_WIDTH)
+    for header, _ in NUMBER_COLUMNS[:3]:
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("rej", justify="right", no_wrap=True)
+    for header, _ in NUMBER_COLUMNS[3:]:
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    styles = {"success": "green", "failure": "bold red", "other": "dim"}
+    for record in records:
+        counts = record.get("counts") or {}
+        status = str(record.get("status", ""))
+        numbers = [abbreviate(counts.get(key)) for _, key in NUMBER_COLUMNS]
+        rejected = abbreviate(rejected_total(counts)) if counts else ""
+        table.add_row(
+            Text(str(record.get("run_id", ""))),
+            Text(short_status(status), style=styles[outcome(status)]),
+            *(Text(n) for n in numbers[:3]),
+            Text(rejected),
+            *(Text(n) for n in numbers[3:]),
+            Text(short_duration(duration_seconds(record))),
+        )
+    return table
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def history_csv(records: Sequence[Mapping[str, Any]]) -> str:
+    """One CSV row per run with its counts and error (text cells safe to open in a spreadsheet)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        counts = record.get("counts") or {}
+        trigger = record.get("trigger")
+        row: dict[str, Any] = {
+            "run_id": record.get("run_id"),
+            "activation": record.get("activation"),
+            "started_at": record.get("started_at"),
+            "ended_at": record.get("ended_at"),
+            "status": record.get("status"),
+            "trigger": trigger.get("kind") if isinstance(trigger, Mapping) else trigger,
+            "duration_seconds": duration_seconds(record),
+            "error": record.get("error"),
+        }
+        for key in CSV_COLUMNS:
+            if key not in row:
+                row[key] = counts.get(key)
+        writer.writerow(["" if row[key] is None else _csv_cell(row[key]) for key in CSV_COLUMNS])
+    return out.getvalue()
