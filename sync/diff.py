@@ -37,6 +37,7 @@ for a removal; ``tests/test_diff.py`` holds the two together on every id type.
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,9 +61,9 @@ STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 # Rows per batch handed to the mapper: small enough that the first request leaves within a
 # second of the stream starting, large enough that per-batch overhead is negligible.
 OUTPUT_BATCH_ROWS: Final = 10_000
-# The differ's own memory cap. DuckDB spills a larger hash table to disk instead of
-# growing without bound; a million stored fingerprints need well under half of this.
-DIFFER_MEMORY_LIMIT: Final = "512MB"
+# The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
+# of its own instead of growing without bound; five million stored fingerprints fit in it.
+DIFFER_MEMORY_LIMIT: Final = "1GB"
 
 
 def quote_identifier(name: str) -> str:
@@ -164,8 +165,17 @@ class SegmentDiff:
         # (it guesses one), so its optimiser would otherwise build on the segment and hold
         # all of it in memory before the first row comes out.
         self._con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
+        self._con.execute(f"SET temp_directory = {_literal(self._spill.name)}")
         self._con.execute(f"SET memory_limit = {_literal(DIFFER_MEMORY_LIMIT)}")
+        # Hand freed memory back to the OS between the differ's reads instead of caching up
+        # to 128 MB per thread and 512 MB after bulk frees (DuckDB's defaults): a function
+        # instance's memory is what it is billed and sized by.
+        self._con.execute("SET allocator_flush_threshold = '16MB'")
+        self._con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
+        self._con.execute("SET allocator_background_threads = true")
         self._con.execute("SET preserve_insertion_order = false")
+        self._con.execute("SET threads = 1")
         self._con.register("stored", stored)
         synced = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         self._con.register("intents", synced)
@@ -173,6 +183,7 @@ class SegmentDiff:
 
     def close(self) -> None:
         self._con.close()
+        self._spill.cleanup()
 
     # -- reads -------------------------------------------------------------------------------
 

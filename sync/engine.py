@@ -502,14 +502,14 @@ class Run:
                 on_outcome=self._absorb,
             )
             journal.on_flush = self._checkpoint_for(sender)
-            started = time.perf_counter()
             await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
             if ids.removed and not sender.incomplete and not sender.failed:
                 for start in range(0, len(ids.removed), endpoint.send_batch):
                     if not await sender.submit(SendGroup(removals=ids.removed[start : start + endpoint.send_batch])):
                         break
             await sender.drain()
-            self._stages.send = time.perf_counter() - (sender.started_at or started)
+            # From the first request to the last answer (0 when nothing was sent).
+            self._stages.send = time.perf_counter() - sender.started_at if sender.started_at else 0.0
         self.run.endpoint = endpoint.value if sender.tally.requests else None
         return sender
 

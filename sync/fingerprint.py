@@ -70,6 +70,19 @@ def canonical_json(value: Any) -> bytes:
     ).encode("utf-8")
 
 
+def canonical_payload(attributes: dict[str, Any]) -> bytes:
+    """:func:`canonical_json` of a payload the mapper built, without the normalising walk.
+
+    The mapper already writes every float finite and ``0.0`` for ``-0.0``
+    (``sync.mapping._convert_float``), so the walk would return its input unchanged: the
+    bytes are the same, at half the cost on the hot path of a full load.
+    ``allow_nan=False`` still refuses a non-finite float, should one ever slip through.
+    """
+    return json.dumps(attributes, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
 def payload_fingerprint(attributes: dict[str, Any]) -> int:
     return payload_fingerprint_of(canonical_json(attributes))
 

@@ -24,13 +24,13 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from sync.config import GuardsConfig, SyncMode
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
-from sync.fingerprint import canonical_json, payload_fingerprint_of
+from sync.fingerprint import canonical_payload, payload_fingerprint_of
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
@@ -72,8 +72,7 @@ class RejectedRow:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedSend:
+class PlannedSend(NamedTuple):
     """One profile to send: its canonical payload and what to store once Batch acknowledged it."""
 
     custom_id: str
@@ -165,7 +164,7 @@ def plan_rows(
         assert custom_id is not None  # a row with attributes always has an id
         for issue in row.issues:
             dropped[issue.reason.value] += 1
-        body = canonical_json(attributes)
+        body = canonical_payload(attributes)
         fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(body))
         stored_payload = stored_payloads[index]
         if stored_payload is None:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import structlog
@@ -129,8 +129,7 @@ def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: in
     return Endpoint.MASS_UPDATE if profiles_to_send >= threshold else Endpoint.UPDATE
 
 
-@dataclass(frozen=True)
-class ProfileUpdate:
+class ProfileUpdate(NamedTuple):
     """One profile to upsert: its Custom ID and the attributes to set (``None`` deletes one).
 
     ``encoded``, when given, is the attributes already encoded as a JSON object (the

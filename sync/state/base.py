@@ -47,14 +47,14 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
 
     entries = pa.concat_tables(
         [
-            table.append_column("seq", pa.array([index] * table.num_rows, pa.int64()))
+            table.append_column("seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows))
             for index, table in enumerate(journal)
         ]
     )
     with duckdb.connect(":memory:") as con:
         con.register("base", base_table)
         con.register("entries", entries)
-        latest: pa.Table = con.execute(
+        latest: pa.Table = con.sql(
             "SELECT custom_id, raw, payload, put FROM ("
             "  SELECT custom_id, raw, payload, put,"
             "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
@@ -62,7 +62,7 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
             ") WHERE r = 1"
         ).to_arrow_table()
         con.register("latest", latest)
-        folded: pa.Table = con.execute(
+        folded: pa.Table = con.sql(
             "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
             "UNION ALL SELECT custom_id, raw, payload FROM latest WHERE put"
         ).to_arrow_table()

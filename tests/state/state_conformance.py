@@ -30,7 +30,7 @@ import pytest
 
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
-from sync.state.base import StateStore
+from sync.state.base import FINGERPRINT_SCHEMA, StateStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TTL = 60.0
@@ -309,6 +309,36 @@ class StateStoreContract:
         loaded = store.load_fingerprints("act")
         assert len(loaded) == len(committed)
         assert loaded == committed
+
+    def test_the_arrow_table_holds_the_same_fingerprints_as_the_dict(self, store: StateStore) -> None:
+        # What a run loads (sync.diff joins it in DuckDB) must be exactly what the store holds:
+        # before and after compaction, with deletions, u64 extremes and non-ASCII ids.
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        assert store.load_fingerprint_table("act").num_rows == 0
+        store.commit(lease, entries(("u1", fp(1)), ("é-2", Fingerprint(U64_MAX, 0)), ("u3", fp(3))), at(1))
+        store.compact(lease, at(2))
+        store.commit(lease, entries(("u3", None), ("u4", Fingerprint(2**63, 5)), ("u1", fp(11))), at(3))
+        for _ in range(2):
+            table = store.load_fingerprint_table("act")
+            assert table.schema.equals(FINGERPRINT_SCHEMA)
+            as_dict = dict(
+                zip(
+                    table.column("custom_id").to_pylist(),
+                    map(Fingerprint, table.column("raw").to_pylist(), table.column("payload").to_pylist()),
+                    strict=True,
+                )
+            )
+            assert len(as_dict) == table.num_rows
+            assert (
+                as_dict
+                == store.load_fingerprints("act")
+                == {
+                    "u1": fp(11),
+                    "é-2": Fingerprint(U64_MAX, 0),
+                    "u4": Fingerprint(2**63, 5),
+                }
+            )
+            store.compact(lease, at(4))
 
     def test_odd_custom_ids_round_trip(self, store: StateStore) -> None:
         lease = store.acquire_lease("act", "run-a", TTL, T0)

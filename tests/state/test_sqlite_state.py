@@ -400,3 +400,50 @@ def test_stats_count_writes(db_path: Path) -> None:
         assert after["statements"] > before["statements"]
         store.load_fingerprints("act")
         assert store.stats()["rows_written"] == after["rows_written"]
+
+
+def test_a_version_1_file_is_converted_to_packed_fingerprints_on_open(db_path: Path) -> None:
+    # A database as schema version 1 wrote it: one row per fingerprint, u64 stored signed.
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(db_path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1)")
+    raw.execute(
+        "CREATE TABLE fingerprints (activation TEXT NOT NULL, custom_id TEXT NOT NULL, raw INTEGER NOT NULL, "
+        "payload INTEGER NOT NULL, PRIMARY KEY (activation, custom_id)) WITHOUT ROWID"
+    )
+    big = 2**64 - 5  # stored as its two's complement
+    raw.executemany(
+        "INSERT INTO fingerprints VALUES (?, ?, ?, ?)",
+        [("act", "u1", 1, 2), ("act", "é-2", big - 2**64, 7), ("other", "u1", 3, 4)],
+    )
+    raw.commit()
+    raw.close()
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_fingerprints("act") == {"u1": Fingerprint(1, 2), "é-2": Fingerprint(big, 7)}
+        assert store.load_fingerprints("other") == {"u1": Fingerprint(3, 4)}
+    check = sqlite3.connect(db_path)
+    try:
+        assert check.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        tables = {name for (name,) in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "fingerprints" not in tables
+    finally:
+        check.close()
+
+
+def test_commits_append_journal_blobs_that_compaction_folds(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1)), ("u2", fp(2))), at(1))
+        store.commit(lease, entries(("u2", None), ("u3", fp(3)), ("u1", fp(9))), at(2))
+        expected = {"u1": fp(9), "u3": fp(3)}
+        assert store.load_fingerprints("act") == expected
+        raw = sqlite3.connect(db_path)
+        try:
+            assert raw.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (2,)
+            store.compact(lease, at(3))
+            assert raw.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (0,)
+            assert raw.execute("SELECT SUM(rows) FROM fingerprint_base").fetchone() == (2,)
+        finally:
+            raw.close()
+        assert store.load_fingerprints("act") == expected
