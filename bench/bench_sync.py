@@ -40,6 +40,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,8 @@ API_KEY_ENV = "BATCH_REST_API_KEY"
 PROJECT_KEY_ENV = "BATCH_PROJECT_KEY"
 ACTIVATION_NAME = "bench_customers"
 FULL_ROWS = 1_000_000
+# The engine before the columnar rebuild (read everything, plan row by row, then send).
+BASELINE_REF = "a0d5929471e28a97de05b934c43637e358026780"
 QUICK_ROWS = 100_000
 # The full-load probe maps every row it reads; a sample keeps it from doubling the bench time.
 FULL_PROBE_ROWS = 100_000
@@ -148,6 +151,15 @@ WHERE customer_id LIKE 'cust-%'
 """
 
 
+# Rows leaving the segment for the delta run (mirror mode clears them in Batch).
+_LEAVE_SQL = """
+UPDATE customers SET is_active = FALSE
+WHERE customer_id LIKE 'cust-%'
+  AND CAST(substr(customer_id, 6) AS BIGINT) < $rows
+  AND (CAST(substr(customer_id, 6) AS BIGINT) + 1) % $every = 0
+"""
+
+
 # --- data -------------------------------------------------------------------------------------
 
 
@@ -188,9 +200,9 @@ def build_activation(database: Path, base_url: str, concurrency: int | None) -> 
     """The demo's activation (same mapping), in upsert mode, pointed at the bench database."""
     config: dict[str, Any] = yaml.safe_load(ACTIVATION_TEMPLATE.format(base_url=base_url))
     config["name"] = ACTIVATION_NAME
-    config["description"] = "cepsync benchmark: the demo's mapping, upsert"
+    config["description"] = "cepsync benchmark: the demo's mapping, mirror"
     config["source"]["database"] = str(database)
-    config["sync_mode"] = "upsert"
+    config["sync_mode"] = "mirror"
     config["destination"]["endpoint"] = "auto"
     if concurrency is not None:
         config["destination"]["concurrency"] = concurrency
@@ -309,14 +321,20 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     from sync.logs import configure_logging
     from sync.runtime import build_client, open_source
 
+    if spec.get("cpus"):
+        # The Cloud Functions default: one vCPU. The simulator keeps the other core.
+        os.sched_setaffinity(0, set(spec["cpus"]))
     configure_logging(level="warning")
     activation = parse_activation(spec["activation"], source="bench")
     source = open_source(activation)
     store, counters = _open_child_store(spec)
+    options = RunOptions(trigger="bench")
+    if spec.get("time_budget_seconds") is not None:
+        options.time_budget_seconds = float(spec["time_budget_seconds"])
+    if spec.get("continuation_of"):
+        options.continuation_of = str(spec["continuation_of"])
     try:
-        run = Run(
-            activation, source=source, store=store, client=build_client(activation), options=RunOptions(trigger="bench")
-        )
+        run = Run(activation, source=source, store=store, client=build_client(activation), options=options)
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         result = asyncio.run(run.execute())
@@ -339,124 +357,23 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Replay the engine's per-batch plan (``sync.plan.plan_batch``) with stage timers.
+def run_child(
+    spec: dict[str, Any], workdir: Path, env: dict[str, str], label: str, *, tree: Path = REPO_ROOT
+) -> dict[str, Any]:
+    """Run an engine child (`bench_sync.py --_child run SPEC`) of the code in ``tree``; its JSON result.
 
-    The same steps in the same order: Arrow columns → raw fingerprint → skip → row dicts
-    for the rows that moved → map → plan. Nothing is sent and nothing is committed (the
-    planner's spool is a temporary file). Stages are timed per record batch, not per row,
-    so the timers cost nothing measurable.
+    ``tree`` is this checkout, or a checkout of the baseline commit: its own bench script
+    runs its own engine (``PYTHONPATH`` puts that tree's ``sync`` first), against the same
+    segment, simulator and machine, so the two are compared in one run.
     """
-    from sync.config import mapping_version, parse_activation
-    from sync.fingerprint import raw_fingerprint
-    from sync.mapping import ProfileMapper, resolve_attribute_types
-    from sync.plan import Planner, hashable_columns, raw_salt
-    from sync.runtime import open_source
-
-    activation = parse_activation(spec["activation"], source="bench")
-    max_rows: int | None = spec["max_rows"]
-    source = open_source(activation)
-    store, counters = _open_child_store(spec)
-    seconds = dict.fromkeys(
-        (
-            "load_state",
-            "read_arrow",
-            "to_columns",
-            "raw_fingerprint",
-            "try_skip",
-            "to_pylist",
-            "map_row",
-            "plan_add",
-            "finish",
-        ),
-        0.0,
-    )
-    try:
-        types = resolve_attribute_types(activation, source.schema(), source="bench")
-        mapper = ProfileMapper(activation, types)
-        version = mapping_version(activation)
-        started = time.perf_counter()
-        stored = store.load_fingerprints(activation.name)
-        seconds["load_state"] = time.perf_counter() - started
-        planner = Planner(run_type=activation.run_type, sync_mode=activation.sync_mode, full=False, stored=stored)
-        columns = mapper.columns
-        id_column = activation.mapping.custom_id
-        rows_seen = skipped = mapped = 0
-        batches = iter(source.read_batches(columns))
-        while max_rows is None or rows_seen < max_rows:
-            mark = time.perf_counter()
-            batch = next(batches, None)
-            now = time.perf_counter()
-            seconds["read_arrow"] += now - mark
-            if batch is None:
-                break
-            if max_rows is not None and rows_seen + batch.num_rows > max_rows:
-                batch = batch.slice(0, max_rows - rows_seen)
-            first = rows_seen + 1
-            mark = now
-            salt = raw_salt(version, batch.schema, columns)
-            ids = batch.column(id_column).to_pylist()
-            lists = hashable_columns(batch, columns)
-            now = time.perf_counter()
-            seconds["to_columns"] += now - mark
-            mark = now
-            raws = [raw_fingerprint(values, salt) for values in zip(*lists, strict=True)]
-            now = time.perf_counter()
-            seconds["raw_fingerprint"] += now - mark
-            mark = now
-            to_map = [
-                (index, raw) for index, raw in enumerate(raws) if not planner.try_skip(ids[index], raw, first + index)
-            ]
-            now = time.perf_counter()
-            seconds["try_skip"] += now - mark
-            mark = now
-            rows = batch.take(pa.array([index for index, _ in to_map], type=pa.int64())).to_pylist() if to_map else []
-            now = time.perf_counter()
-            seconds["to_pylist"] += now - mark
-            mark = now
-            mapped_rows = [mapper.map_row(row) for row in rows]
-            now = time.perf_counter()
-            seconds["map_row"] += now - mark
-            mark = now
-            for (index, raw), mapped_row in zip(to_map, mapped_rows, strict=True):
-                planner.add(mapped_row, raw, first + index)
-            seconds["plan_add"] += time.perf_counter() - mark
-            rows_seen += batch.num_rows
-            mapped += len(to_map)
-            skipped += batch.num_rows - len(to_map)
-        mark = time.perf_counter()
-        plan = planner.finish()
-        seconds["finish"] = time.perf_counter() - mark
-        plan.spool.close()
-        store_stats = counters()
-    finally:
-        source.close()
-        store.close()
-    per_row = {stage: round(1e6 * value / rows_seen, 2) if rows_seen else 0.0 for stage, value in seconds.items()}
-    mapped_stages = ("to_pylist", "map_row", "plan_add")
-    per_mapped = {stage: round(1e6 * seconds[stage] / mapped, 2) if mapped else 0.0 for stage in mapped_stages}
-    return {
-        "rows": rows_seen,
-        "skipped_without_mapping": skipped,
-        "mapped": mapped,
-        "plan_counts": dict(plan.summary()),
-        "seconds": {stage: round(value, 3) for stage, value in seconds.items()},
-        "total_seconds": round(sum(seconds.values()), 3),
-        "microseconds_per_row": per_row,
-        "microseconds_per_mapped_row": per_mapped,
-        "state_store": store_stats,
-    }
-
-
-def run_child(kind: str, spec: dict[str, Any], workdir: Path, env: dict[str, str], label: str) -> dict[str, Any]:
-    """Run this script as a child (`--_child KIND SPEC`), return its JSON result."""
     spec_path = workdir / f"{label}.spec.json"
     result_path = workdir / f"{label}.result.json"
     spec_path.write_text(json.dumps({**spec, "result_path": str(result_path)}), encoding="utf-8")
-    command = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, str(spec_path)]
+    command = [sys.executable, str(tree / "bench" / "bench_sync.py"), "--_child", "run", str(spec_path)]
+    child_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with (workdir / f"{label}.log").open("wb") as log:
-        completed = subprocess.run(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)  # noqa: S603 - this script, fixed arguments
+        completed = subprocess.run(command, env=child_env, cwd=tree, stdout=log, stderr=subprocess.STDOUT, check=False)  # noqa: S603 - a bench script of ours, fixed arguments
     elapsed = time.perf_counter() - started
     if completed.returncode != 0:
         raise RuntimeError(f"{label}: child exited with code {completed.returncode}; see {workdir / f'{label}.log'}")
@@ -467,161 +384,127 @@ def run_child(kind: str, spec: dict[str, Any], workdir: Path, env: dict[str, str
 
 def child_main(kind: str, spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    result = _child_run(spec) if kind == "run" else _child_probe(spec)
+    if kind != "run":
+        raise SystemExit(f"unknown child kind {kind!r}")
+    result = _child_run(spec)
     Path(spec["result_path"]).write_text(json.dumps(result, default=str), encoding="utf-8")
     return 0
+
+
+@contextmanager
+def baseline_tree(ref: str, workdir: Path) -> Iterator[Path]:
+    """A detached checkout of ``ref`` (the engine to compare against), removed afterwards."""
+    tree = workdir / f"baseline-{ref[:12]}"
+    subprocess.run(  # noqa: S603 - git, fixed arguments
+        ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "--force", str(tree), ref],  # noqa: S607 - git from PATH
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield tree
+    finally:
+        subprocess.run(  # noqa: S603 - git, fixed arguments
+            ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(tree)],  # noqa: S607 - git from PATH
+            check=False,
+            capture_output=True,
+        )
 
 
 # --- figures ----------------------------------------------------------------------------------
 
 
-def summarise_run(result: dict[str, Any], state_path: Path | None) -> dict[str, Any]:
-    """The figures of one engine run, derived from its run record and the child's counters.
-
-    ``state_path`` is the SQLite state file, or None when the state is in Firestore (its
-    size on disk then means nothing; the run's Firestore ops are reported instead).
-    """
+def summarise_run(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one engine run, from its run record and the child's counters."""
     record = result["record"]
     counts = record.get("counts", {})
     timings = record.get("timings", {})
-    wall = result["wall_seconds"]
     rows = counts.get("rows", 0)
     sent = counts.get("sent", 0)
-    acknowledged = counts.get("acknowledged", 0)
     send_seconds = timings.get("send_seconds", 0.0)
-    read_and_plan = timings.get("read_and_plan_seconds", 0.0)
     endpoint = record.get("endpoint")
     limit = Endpoint(endpoint).rate_per_second if endpoint else None
     send_rate = sent / send_seconds if sent and send_seconds else 0.0
-    # A send that fits in the endpoint's token bucket (burst) is not paced at all, so its
-    # rate says nothing about the sustained limit: no ratio for it.
+    # A send that fits in the endpoint's burst is not paced: no ratio to the limit for it.
     paced = bool(endpoint) and sent > Endpoint(endpoint).burst
+    # The previous engine read and planned everything before its first send.
+    first = timings.get("first_request_seconds", timings.get("read_and_plan_seconds") if sent else None)
     return {
         "status": record["status"],
-        "endpoint": endpoint if sent else f"{endpoint} (nothing sent)",
-        "batch_limit_per_second": limit,
-        "wall_seconds": wall,
-        "process_seconds": result["process_seconds"],
+        "endpoint": endpoint,
+        "wall_seconds": result["wall_seconds"],
         "cpu_seconds": result["cpu_seconds"],
-        "rows_scanned": rows,
-        "rows_scanned_per_second": round(rows / wall, 1) if wall else 0.0,
-        "counts": counts,
-        "rejected_by_reason": record.get("rejected_by_reason", {}),
-        "profiles_sent": sent,
-        "profiles_acknowledged": acknowledged,
-        "profiles_per_second_overall": round(acknowledged / wall, 1) if wall else 0.0,
-        "send_profiles_per_second": round(send_rate, 1),
-        "send_ratio_to_batch_limit": round(send_rate / limit, 3) if limit and send_rate and paced else None,
-        "timings": {
-            "read_and_plan_seconds": read_and_plan,
-            "source_read_seconds": record.get("source", {}).get("read_seconds"),
-            "send_seconds": send_seconds,
-            "wire_seconds_summed": timings.get("wire_seconds", 0.0),
-            "wait_seconds_summed": timings.get("wait_seconds", 0.0),
-            "commit_seconds": timings.get("commit_seconds", 0.0),
-            "other_seconds": round(max(0.0, timings.get("total_seconds", wall) - read_and_plan - send_seconds), 3),
-            "total_seconds": timings.get("total_seconds"),
-        },
-        "journal": record.get("journal"),
-        "state_backend": result.get("state_backend", "sqlite"),
-        "state_store": result["state_store"],
-        "firestore_ops": result["state_store"] if result.get("state_backend") == "firestore" else None,
+        "cpu_us_per_row": round(1e6 * result["cpu_seconds"] / rows, 2) if rows else None,
+        "rows": rows,
+        "sent": sent,
+        "acknowledged": counts.get("acknowledged", 0),
+        "send_ratio_to_limit": round(send_rate / limit, 3) if limit and send_rate and paced else None,
+        "first_request_seconds": first,
         "peak_rss_bytes": result["peak_rss_bytes"],
-        "state_db_bytes": _state_bytes(state_path) if state_path is not None else None,
-        "run_id": record["run_id"],
+        "stages": timings.get("stages"),
+        "timings": timings,
+        "counts": counts,
     }
 
 
-def _mb(value: float) -> str:
-    return f"{value / 1e6:,.1f}"
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None or value != value else format(value, spec)
 
 
 def render(report: dict[str, Any]) -> str:
-    runs: dict[str, dict[str, Any]] = report["runs"]
     lines = [
-        f"cepsync benchmark · {report['rows']:,} profiles · {report['machine']['cpu_count']} CPUs · "
-        f"Python {report['machine']['python']} · {report['machine']['platform']}",
+        f"cepsync benchmark · {report['rows']:,} profiles · {report['repeat']} repetitions (median) · "
+        f"{report['machine']['cpu_count']} CPUs · Python {report['machine']['python']}",
         f"command: {report['command']}",
-        f"segment: {report['segment']['table_rows']:,} rows generated in {report['segment']['seconds']:.1f} s "
-        f"({report['segment']['invalid_rows_added']} deliberately invalid); "
-        f"delta: {report['change']['rows_changed']:,} rows changed ({report['change']['percent']:g} %)",
+        f"engines: current = this checkout; baseline = {report.get('baseline') or 'not run'}",
         "",
     ]
+    engines = [name for name in ("baseline", "current") if report["runs"].get(name)]
     header = (
-        f"{'run':<10}{'status':>27}{'wall s':>9}{'rows/s':>11}{'sent':>10}{'prof/s':>9}{'endpoint':>13}"
-        f"{'x limit':>9}{'plan s':>8}{'send s':>8}{'wire Σs':>9}{'wait Σs':>9}{'commit s':>9}{'cpu s':>8}"
-        f"{'RSS MB':>8}{'state MB':>9}"
+        f"{'run':<10}{'figure':<26}"
+        + "".join(f"{name:>14}" for name in engines)
+        + (f"{'ratio':>9}" if len(engines) == 2 else "")
     )
     lines += [header, "-" * len(header)]
-    for name, run in runs.items():
-        timings = run["timings"]
-        ratio = run["send_ratio_to_batch_limit"]
-        lines.append(
-            f"{name:<10}{run['status']:>27}{run['wall_seconds']:>9.2f}{run['rows_scanned_per_second']:>11,.0f}"
-            f"{run['profiles_sent']:>10,}{run['profiles_per_second_overall']:>9,.0f}"
-            f"{run['endpoint'] if run['profiles_sent'] else '-':>13}{(f'{ratio:.2f}' if ratio else '-'):>9}"
-            f"{timings['read_and_plan_seconds']:>8.2f}{timings['send_seconds']:>8.2f}"
-            f"{timings['wire_seconds_summed']:>9.2f}{timings['wait_seconds_summed']:>9.2f}"
-            f"{timings['commit_seconds']:>9.2f}{run['cpu_seconds']:>8.2f}{_mb(run['peak_rss_bytes']):>8}"
-            f"{_mb(run['state_db_bytes']) if run['state_db_bytes'] is not None else '-':>9}"
-        )
-    lines += render_firestore_ops(runs)
-    lines.append("")
-    for name, run in runs.items():
-        counts = run["counts"]
-        lines.append(
-            f"{name}: rows {counts.get('rows', 0):,} · new {counts.get('new', 0):,} · changed "
-            f"{counts.get('changed', 0):,} · unchanged {counts.get('unchanged', 0):,} · rejected "
-            f"{counts.get('rejected', 0):,} {run['rejected_by_reason']} · acknowledged "
-            f"{run['profiles_acknowledged']:,} · process incl. start-up {run['process_seconds']:.2f} s"
-        )
-    probes: dict[str, dict[str, Any]] = report.get("probes", {})
-    if probes:
-        lines += ["", "stage probes (µs per row scanned; to_pylist/map_row/plan_add also per mapped row):"]
-        for name, probe in probes.items():
-            per_row = probe["microseconds_per_row"]
-            stages = " · ".join(f"{stage} {value:g}" for stage, value in per_row.items() if stage != "load_state")
-            per_mapped = probe["microseconds_per_mapped_row"]
-            lines.append(
-                f"  {name}: {probe['rows']:,} rows, {probe['skipped_without_mapping']:,} skipped without mapping, "
-                f"{probe['mapped']:,} mapped, load_state {probe['seconds']['load_state']:.2f} s"
-            )
-            lines.append(f"    {stages}")
-            lines.append(
-                f"    per mapped row: to_pylist {per_mapped.get('to_pylist', 0):g} · map_row {per_mapped['map_row']:g}"
-                f" · plan_add {per_mapped['plan_add']:g}"
-            )
-    simulator = report.get("simulator", {})
-    if simulator:
+    figures = [
+        ("wall s", "wall_seconds", ".1f"),
+        ("engine CPU µs/row", "cpu_us_per_row", ".1f"),
+        ("first request after s", "first_request_seconds", ".2f"),
+        ("x Batch's limit", "send_ratio_to_limit", ".2f"),
+        ("peak RSS MB", "peak_rss_mb", ".0f"),
+        ("429s from the simulator", "too_many_requests", ".0f"),
+    ]
+    for run_name in ("full", "delta", "no_change"):
+        for label, key, spec in figures:
+            values = [median(report["runs"][engine][run_name][key]) for engine in engines]
+            if all(v != v for v in values):
+                continue
+            ratio = ""
+            if len(values) == 2 and values[1] == values[1] and values[1] and values[0] == values[0]:
+                ratio = f"{values[0] / values[1]:>8.2f}x"
+            lines.append(f"{run_name:<10}{label:<26}" + "".join(f"{_fmt(v, spec):>14}" for v in values) + ratio)
+    big = report.get("big")
+    if big:
         lines += [
             "",
-            f"simulator: requests {simulator.get('requests')} · 429s {simulator.get('too_many_requests')} · "
-            f"profiles received {simulator.get('profiles_received'):,} · applied {simulator.get('profiles_applied'):,} "
-            f"· stored {simulator.get('profiles_stored'):,}",
+            f"{big['rows']:,}-row first sync, {big['budget_seconds']:g} s budget per invocation, "
+            "engine pinned to one core:",
         ]
-    return "\n".join(lines)
-
-
-def render_firestore_ops(runs: dict[str, dict[str, Any]]) -> list[str]:
-    """The "Firestore ops per run" table; no lines when the state was not in Firestore."""
-    measured = {name: run for name, run in runs.items() if run.get("firestore_ops") is not None}
-    if not measured:
-        return []
-    header = f"{'run':<10}{'reads':>10}{'writes':>10}{'deletes':>10}{'transactions':>14}{'rows':>12}{'sent':>10}"
-    lines = [
-        "",
-        "Firestore ops per run (document reads, writes, deletes as Firestore bills them, and transactions;",
-        "counted by the FirestoreStateStore instance the engine ran on):",
-        header,
-        "-" * len(header),
-    ]
-    for name, run in measured.items():
-        ops = run["firestore_ops"]
+        for leg in big["legs"]:
+            lines.append(
+                f"  leg {leg['leg']}: {leg['status']:<26} wall {leg['wall_seconds']:8.1f} s · acknowledged "
+                f"{leg['acknowledged']:>10,} · first request after {_fmt(leg['first_request_seconds'], '.2f')} s · "
+                f"peak RSS {leg['peak_rss_bytes'] / 1e6:,.0f} MB"
+            )
+        total = sum(leg["acknowledged"] for leg in big["legs"])
         lines.append(
-            f"{name:<10}{ops['reads']:>10,}{ops['writes']:>10,}{ops['deletes']:>10,}{ops['transactions']:>14,}"
-            f"{run['rows_scanned']:>12,}{run['profiles_sent']:>10,}"
+            f"  total acknowledged {total:,} of {big['valid_rows']:,} valid rows; "
+            f"simulator holds {big['stored']:,} profiles, at most {big['max_updates_per_custom_id']} update per id"
         )
-    return lines
+    return "\n".join(lines)
 
 
 # --- orchestration ----------------------------------------------------------------------------
@@ -631,16 +514,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rows", type=int, default=FULL_ROWS, help="valid profiles in the segment (default 1,000,000)")
-    size.add_argument("--quick", action="store_true", help=f"smoke run with {QUICK_ROWS:,} profiles")
-    parser.add_argument("--changed-percent", type=float, default=1.0, help="share of rows changed before the delta run")
-    parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: the activation's)")
+    size.add_argument("--quick", action="store_true", help=f"smoke run with {QUICK_ROWS:,} profiles, one repetition")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each engine's runs (median; default 3)")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_REF,
+        help=f"git commit of the engine to compare against (default {BASELINE_REF[:7]}, the row-at-a-time engine); "
+        "'none' to skip",
+    )
+    parser.add_argument("--changed-percent", type=float, default=1.0, help="rows changed before the delta run")
+    parser.add_argument("--removed-percent", type=float, default=0.5, help="rows that leave before the delta run")
+    parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the first-sync case (0 to skip)")
+    parser.add_argument("--big-budget", type=float, default=540.0, help="time budget per invocation of the big case")
     parser.add_argument(
         "--state",
         choices=STATE_BACKENDS,
         default="sqlite",
         help="state store: sqlite (default) or firestore (starts the Firestore emulator; reports each run's ops)",
     )
-    parser.add_argument("--no-probe", action="store_true", help="skip the stage probes (saves ~10-20 %% of the time)")
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON figures")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (database, state, logs)")
@@ -648,10 +539,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows = QUICK_ROWS
-    if args.rows < 1:
-        parser.error("--rows must be at least 1")
-    if not 0 <= args.changed_percent <= 100:
-        parser.error("--changed-percent must be between 0 and 100")
+        args.repeat = 1
+        args.big_rows = 0
+    if args.rows < 1 or args.repeat < 1:
+        parser.error("--rows and --repeat must be at least 1")
+    if not 0 <= args.changed_percent <= 100 or not 0 <= args.removed_percent <= 100:
+        parser.error("--changed-percent and --removed-percent must be between 0 and 100")
     return args
 
 
@@ -665,6 +558,90 @@ def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+def remove_rows(database: Path, rows: int, percent: float) -> int:
+    """Make ``percent`` % of the generated customers leave the segment (mirror clears them)."""
+    every = max(1, round(100.0 / percent)) if percent > 0 else 0
+    if not every:
+        return 0
+    with duckdb.connect(str(database)) as connection:
+        result = connection.execute(_LEAVE_SQL, {"rows": rows, "every": every}).fetchone()
+    return int(result[0]) if result else 0
+
+
+def one_engine(
+    name: str, tree: Path, base: Path, args: argparse.Namespace, env: dict[str, str], workdir: Path, rep: int
+) -> dict[str, dict[str, Any]]:
+    """Full load, then a delta (changed + removed rows), then a run with nothing changed."""
+    scratch = workdir / f"{name}-{rep}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    database = scratch / "segment.duckdb"
+    shutil.copy(base, database)
+    spec: dict[str, Any] = {"state_path": str(scratch / "state.db")}
+    results: dict[str, dict[str, Any]] = {}
+    with simulator_process(env, scratch / "simulator.log") as base_url:
+        spec["activation"] = build_activation(database, base_url, None)
+        for run_name in ("full", "delta", "no_change"):
+            if run_name == "delta":
+                change_rows(database, args.rows, args.changed_percent)
+                remove_rows(database, args.rows, args.removed_percent)
+            before = _get_json(f"{base_url}/_sim/stats")
+            _step(f"{name} #{rep + 1}: {run_name}")
+            result = summarise_run(run_child(spec, scratch, env, f"run-{run_name}", tree=tree))
+            after = _get_json(f"{base_url}/_sim/stats")
+            result["too_many_requests"] = after.get("too_many_requests", 0) - before.get("too_many_requests", 0)
+            result["peak_rss_mb"] = result["peak_rss_bytes"] / 1e6
+            results[run_name] = result
+    shutil.rmtree(scratch, ignore_errors=True) if not args.keep else None
+    return results
+
+
+def big_first_sync(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """A first sync larger than one invocation: continuations until the pass is done, one core."""
+    scratch = workdir / "big"
+    scratch.mkdir(parents=True, exist_ok=True)
+    database = scratch / "segment.duckdb"
+    _step(f"generating {args.big_rows:,} customers for the first-sync case")
+    segment = generate_segment(database, args.big_rows)
+    spec: dict[str, Any] = {
+        "state_path": str(scratch / "state.db"),
+        "time_budget_seconds": args.big_budget,
+        "cpus": [0],
+    }
+    legs: list[dict[str, Any]] = []
+    with simulator_process(env, scratch / "simulator.log") as base_url:
+        spec["activation"] = build_activation(database, base_url, None)
+        root: str | None = None
+        while True:
+            _step(f"first sync, invocation {len(legs) + 1}")
+            leg_spec = {**spec, "continuation_of": root}
+            result = run_child(leg_spec, scratch, env, f"big-{len(legs) + 1}")
+            record = result["record"]
+            legs.append(
+                {
+                    "leg": len(legs) + 1,
+                    "status": record["status"],
+                    "wall_seconds": result["wall_seconds"],
+                    "acknowledged": record.get("counts", {}).get("acknowledged", 0),
+                    "first_request_seconds": record.get("timings", {}).get("first_request_seconds"),
+                    "peak_rss_bytes": result["peak_rss_bytes"],
+                    "cpu_seconds": result["cpu_seconds"],
+                }
+            )
+            root = root or record["run_id"]
+            if record["status"] != "incomplete" or legs[-1]["acknowledged"] == 0 or len(legs) >= 10:
+                break
+        stats = _get_json(f"{base_url}/_sim/stats")
+    return {
+        "rows": args.big_rows,
+        "valid_rows": args.big_rows,
+        "budget_seconds": args.big_budget,
+        "segment": segment,
+        "legs": legs,
+        "stored": stats.get("profiles_stored", 0),
+        "max_updates_per_custom_id": stats.get("max_updates_per_custom_id"),
+    }
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:
@@ -674,73 +651,56 @@ def main(argv: list[str]) -> int:
     command = shlex.join([Path(sys.executable).name, "bench/bench_sync.py", *argv])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cepsync-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    database = workdir / "segment.duckdb"
-    state_path = workdir / "state.db"
-    for stale in (database, state_path, Path(f"{state_path}-wal"), Path(f"{state_path}-shm")):
-        stale.unlink(missing_ok=True)
     # Fresh random keys for this bench only; they go to the children through the environment.
     env = {
         **os.environ,
         API_KEY_ENV: "bench-" + secrets.token_hex(16),
         PROJECT_KEY_ENV: "project_bench" + secrets.token_hex(8),
     }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-
     report: dict[str, Any] = {
         "command": command,
         "started_at": datetime.now(UTC).isoformat(),
         "rows": args.rows,
+        "repeat": args.repeat,
+        "baseline": None if args.baseline == "none" else args.baseline,
         "machine": {
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(terse=True),
             "duckdb": duckdb.__version__,
         },
-        "state": args.state,
         "runs": {},
-        "probes": {},
     }
-    firestore = args.state == "firestore"
-    # None: the state is in Firestore, there is no state file to measure.
-    measured_state: Path | None = None if firestore else state_path
     try:
         with ExitStack() as services:
-            if firestore:
-                # Started first, so a missing gcloud fails before minutes of data generation.
-                _step("starting the Firestore emulator")
-                env["FIRESTORE_EMULATOR_HOST"] = services.enter_context(firestore_emulator_process())
-                report["firestore"] = {
-                    "emulator_host": env["FIRESTORE_EMULATOR_HOST"],
-                    "state_url": FIRESTORE_STATE_URL,
-                }
-            _step(f"generating {args.rows:,} customers in {database}")
-            report["segment"] = generate_segment(database, args.rows)
-            base_url = services.enter_context(simulator_process(env, workdir / "simulator.log"))
-            activation = build_activation(database, base_url, args.concurrency)
-            spec: dict[str, Any] = {"activation": activation, "state_path": str(state_path)}
-            if firestore:
-                spec["state_url"] = FIRESTORE_STATE_URL
-            if not args.no_probe:
-                _step("probe: full-load stages")
-                report["probes"]["full"] = run_child(
-                    "probe", {**spec, "max_rows": min(args.rows, FULL_PROBE_ROWS)}, workdir, env, "probe-full"
-                )
-            _step("run 1: full load")
-            report["runs"]["full"] = summarise_run(run_child("run", spec, workdir, env, "run-full"), measured_state)
-            _step(f"changing {args.changed_percent:g} % of the rows")
-            report["change"] = change_rows(database, args.rows, args.changed_percent)
-            if not args.no_probe:
-                _step("probe: delta stages")
-                report["probes"]["delta"] = run_child("probe", {**spec, "max_rows": None}, workdir, env, "probe-delta")
-            _step("run 2: delta")
-            report["runs"]["delta"] = summarise_run(run_child("run", spec, workdir, env, "run-delta"), measured_state)
-            _step("run 3: delta, nothing changed")
-            report["runs"]["no_change"] = summarise_run(
-                run_child("run", spec, workdir, env, "run-nochange"), measured_state
-            )
-            report["simulator"] = _get_json(f"{base_url}/_sim/stats")
+            base = workdir / "base-segment.duckdb"
+            _step(f"generating {args.rows:,} customers")
+            report["segment"] = generate_segment(base, args.rows)
+            engines: list[tuple[str, Path]] = [("current", REPO_ROOT)]
+            if report["baseline"]:
+                engines.insert(0, ("baseline", services.enter_context(baseline_tree(args.baseline, workdir))))
+            for rep in range(args.repeat):
+                # Alternate which engine goes first, so drift on a shared machine hits both.
+                order = engines if rep % 2 == 0 else list(reversed(engines))
+                for name, tree in order:
+                    runs = one_engine(name, tree, base, args, env, workdir, rep)
+                    for run_name, result in runs.items():
+                        slot = report["runs"].setdefault(name, {}).setdefault(run_name, {"results": []})
+                        slot["results"].append(result)
+            for engine_runs in report["runs"].values():
+                for slot in engine_runs.values():
+                    for key in (
+                        "wall_seconds",
+                        "cpu_us_per_row",
+                        "first_request_seconds",
+                        "send_ratio_to_limit",
+                        "peak_rss_mb",
+                        "too_many_requests",
+                    ):
+                        slot[key] = [r[key] for r in slot["results"] if r.get(key) is not None]
+            if args.big_rows:
+                report["big"] = big_first_sync(args, env, workdir)
     except BaseException:
-        # Keep the logs the error points at.
         print(f"benchmark failed; scratch kept in {workdir}", file=sys.stderr)
         raise
     if not args.keep and args.workdir is None:
@@ -749,12 +709,16 @@ def main(argv: list[str]) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     print(render(report))
-    print(f"\nfigures written to {args.output}" + (f"; scratch kept in {workdir}" if args.keep or args.workdir else ""))
+    print(f"\nfigures written to {args.output}")
     failed = [
-        name for name, run in report["runs"].items() if run["status"] not in ("succeeded", "succeeded_with_rejections")
+        f"{engine}/{name}"
+        for engine, engine_runs in report["runs"].items()
+        for name, slot in engine_runs.items()
+        for result in slot["results"]
+        if result["status"] not in ("succeeded", "succeeded_with_rejections")
     ]
     if failed:
-        print(f"runs that did not succeed: {', '.join(failed)} (see the run records in {args.output})", file=sys.stderr)
+        print(f"runs that did not succeed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

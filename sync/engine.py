@@ -204,6 +204,7 @@ class Run:
         self.progress: Progress = progress or _NoProgress()
         self.run_id = new_run_id(self.clock)
         self._started_monotonic = self.clock.monotonic()
+        self._started_perf = time.perf_counter()
         self._lease: Lease | None = None
         self._journal: Journal | None = None
         self._stages = StageTimings()
@@ -508,6 +509,9 @@ class Run:
                     if not await sender.submit(SendGroup(removals=ids.removed[start : start + endpoint.send_batch])):
                         break
             await sender.drain()
+            if sender.started_at is not None:
+                # How long after the run started its first request left (the pipeline streams).
+                self.run.timings["first_request_seconds"] = round(sender.started_at - self._started_perf, 3)
             # From the first request to the last answer (0 when nothing was sent).
             self._stages.send = time.perf_counter() - sender.started_at if sender.started_at else 0.0
         self.run.endpoint = endpoint.value if sender.tally.requests else None
