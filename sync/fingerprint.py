@@ -12,21 +12,11 @@ not sent again. The payload fingerprint is *not* salted with the mapping version
 payload is exactly what Batch holds for the keys we own, so if a mapping change leaves a
 profile's payload unchanged there is nothing to resend.
 
-**Raw fingerprint** — lets a delta run skip mapping unchanged rows::
-
-    blake2b(b"cepsync/raw/1\\0" + salt + b"\\0" + json(values), digest_size=8)
-
-over the source values of the mapped columns in mapping order. The engine takes the
-values column by column from the Arrow batch (``sync.plan.hashable_columns``: timestamps
-as integers of their unit since the epoch, dates as day counts, decimals as text), so no
-per-row dict is built for a row that did not move; any other non-JSON value is tagged
-with its type (``{"$t":"datetime","v":"2024-01-01T00:00:00+00:00"}``). The salt
-(``sync.plan.raw_salt``) is the mapping version plus the Arrow types of the mapped
-columns, so a mapping change or a column type change forces every row through the
-mapper again, and the run record can say the resend came from a mapping change.
-
-Both are computed in Python from values, never from SQL output, so they are identical
-whatever engine produced the rows (emulators format ``TO_JSON_STRING`` differently).
+**Raw fingerprint** — lets a delta run skip mapping unchanged rows. It is computed in
+columns by the differ (DuckDB's ``hash()`` over the mapped columns, salted with the mapping
+version, the column types, the source engine and the DuckDB version): see
+:mod:`sync.diff`. It only says "the source values may have moved"; the payload
+fingerprint alone decides what is sent, so it is the same whatever engine read the rows.
 
 64 bits: a change is missed only if a profile's old and new payloads collide, about
 one chance in 1.8e19 per change.
@@ -34,13 +24,9 @@ one chance in 1.8e19 per change.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
-from collections.abc import Sequence
-from datetime import UTC, date, datetime, time
-from decimal import Decimal
 from typing import Any
 
 # Bump when mapping rules change in a way that alters payloads (it is part of the mapping
@@ -48,7 +34,6 @@ from typing import Any
 MAPPING_RULES_VERSION = "1"
 
 _PAYLOAD_SALT = b"cepsync/payload/1\0"
-_RAW_SALT = b"cepsync/raw/1\0"
 
 
 def _normalise(value: Any) -> Any:
@@ -90,33 +75,4 @@ def payload_fingerprint(attributes: dict[str, Any]) -> int:
 def payload_fingerprint_of(canonical: bytes) -> int:
     """Payload fingerprint of bytes already produced by :func:`canonical_json` (no second encoding)."""
     digest = hashlib.blake2b(_PAYLOAD_SALT + canonical, digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def _tag(value: Any) -> Any:
-    # Called by json.dumps only for values it cannot encode itself.
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC)
-        return {"$t": "datetime", "v": value.isoformat()}
-    if isinstance(value, date):
-        return {"$t": "date", "v": value.isoformat()}
-    if isinstance(value, time):
-        return {"$t": "time", "v": value.isoformat()}
-    if isinstance(value, Decimal):
-        return {"$t": "decimal", "v": str(value.normalize())}
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"$t": "bytes", "v": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, set | frozenset):
-        return {"$t": "set", "v": sorted(map(repr, value))}
-    return {"$t": type(value).__name__, "v": repr(value)}
-
-
-def raw_fingerprint(values: Sequence[Any], mapping_version: str) -> int:
-    """Hash of one row's source values (in mapping column order) under a mapping version."""
-    # NaN and Infinity are written as bare tokens (allow_nan), which is fine for a hash.
-    encoded = json.dumps(values, separators=(",", ":"), ensure_ascii=False, default=_tag)
-    digest = hashlib.blake2b(
-        _RAW_SALT + mapping_version.encode() + b"\0" + encoded.encode("utf-8"), digest_size=8
-    ).digest()
     return int.from_bytes(digest, "big")

@@ -18,19 +18,21 @@ Outcomes of one row:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from sync.config import RunType, SyncMode
-from sync.fingerprint import canonical_json, payload_fingerprint_of, raw_fingerprint
+from sync.fingerprint import canonical_json, payload_fingerprint_of
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
 
 if TYPE_CHECKING:
@@ -373,3 +375,37 @@ def plan_batch(
     map_row, add = mapper.map_row, planner.add
     for (index, raw), row in zip(to_map, rows, strict=True):
         add(map_row(row), raw, first_row_number + index)
+
+
+# The previous raw-values recipe (blake2b over JSON of the row's values), kept with the
+# reference planner it belongs to.
+_RAW_SALT = b"cepsync/raw/1\0"
+
+
+def _tag(value: Any) -> Any:
+    # Called by json.dumps only for values it cannot encode itself.
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return {"$t": "datetime", "v": value.isoformat()}
+    if isinstance(value, date):
+        return {"$t": "date", "v": value.isoformat()}
+    if isinstance(value, time):
+        return {"$t": "time", "v": value.isoformat()}
+    if isinstance(value, Decimal):
+        return {"$t": "decimal", "v": str(value.normalize())}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$t": "bytes", "v": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, set | frozenset):
+        return {"$t": "set", "v": sorted(map(repr, value))}
+    return {"$t": type(value).__name__, "v": repr(value)}
+
+
+def raw_fingerprint(values: Sequence[Any], mapping_version: str) -> int:
+    """Hash of one row's source values (in mapping column order) under a mapping version."""
+    # NaN and Infinity are written as bare tokens (allow_nan), which is fine for a hash.
+    encoded = json.dumps(values, separators=(",", ":"), ensure_ascii=False, default=_tag)
+    digest = hashlib.blake2b(
+        _RAW_SALT + mapping_version.encode() + b"\0" + encoded.encode("utf-8"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big")
