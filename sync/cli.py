@@ -392,6 +392,13 @@ def run(
             help=f"Stop sending after this many seconds and checkpoint (exit 7); more than {_BUDGET_MARGIN_SECONDS:g}.",
         ),
     ] = None,
+    map_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Worker processes that map rows (default: the cores this machine spares, for large runs; 0: none).",
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the run record, or the error, as one JSON object.")
     ] = False,
@@ -406,6 +413,7 @@ def run(
         allow_guards=tuple(allow or ()),
         lease_ttl_seconds=lease_ttl,
         time_budget_seconds=time_budget,
+        map_workers=map_workers,
     )
     try:
         bad = set(allow or ()) - set(GUARD_NAMES)

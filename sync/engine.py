@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import structlog
 
 from sync.batch.client import BatchClient, Endpoint, SendOutcome, choose_endpoint
-from sync.config import Activation, RunType, SyncMode, mapping_version
+from sync.config import Activation, AttributeType, RunType, SyncMode, mapping_version
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
@@ -55,6 +55,7 @@ from sync.runconfig import config_as_run
 from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
 from sync.state.base import StateStore
+from sync.workers import AUTO_POOL_MIN_ROWS, MappingPool, auto_workers
 
 __all__ = ["EXIT_CODES", "Clock", "PlanPreview", "Progress", "Run", "RunOptions", "RunResult"]
 
@@ -123,6 +124,9 @@ class RunOptions:
     budget_margin_seconds: float = 30.0
     owner: str = field(default_factory=default_owner)
     continuation_of: str | None = None
+    # Worker processes that map batches (sync.workers). None: as many as the machine spares
+    # for large runs (none on two cores or fewer); 0: map in the pipeline's own thread.
+    map_workers: int | None = None
 
 
 @dataclass
@@ -156,6 +160,7 @@ class _Prepared:
     mapper: ProfileMapper
     version: str
     schema: pa.Schema
+    types: dict[str, AttributeType]
 
 
 @dataclass
@@ -235,7 +240,7 @@ class Run:
         """Check the mapping against the source schema; raises ConfigError before any read."""
         schema = self.source.schema()
         types = resolve_attribute_types(self.activation, schema, source=self.activation.origin)
-        return _Prepared(ProfileMapper(self.activation, types), mapping_version(self.activation), schema)
+        return _Prepared(ProfileMapper(self.activation, types), mapping_version(self.activation), schema, types)
 
     async def plan_only(self, *, sample: int = 5) -> PlanPreview:
         """Dry run: read, diff, map and check guards. No lease, no send, no state change."""
@@ -446,6 +451,31 @@ class Run:
         Runs in a worker thread: DuckDB and Arrow release the GIL, the mapping does not.
         """
         pending: list[PlannedSend] = list(moved.sends)
+        pool = self._mapping_pool(prepared, scan)
+        try:
+            if pool is None:
+                planned_batches: Iterator[BatchPlan] = (
+                    self._map_and_plan(prepared, scan, batch, full=scan.full) for batch in self._batches_to_send(scan)
+                )
+            else:
+                planned_batches = self._timed(pool.map_in_order(self._batches_to_send(scan), full=scan.full))
+            for planned in planned_batches:
+                tally.add(planned.tally)
+                self._keep_rejected(planned)
+                pending.extend(planned.sends)
+                while len(pending) >= group_size:
+                    group, pending = pending[:group_size], pending[group_size:]
+                    yield SendGroup(upserts=group)
+                if self._stop.is_set():
+                    return
+        finally:
+            if pool is not None:
+                pool.close()
+        for start in range(0, len(pending), group_size):
+            yield SendGroup(upserts=pending[start : start + group_size])
+
+    def _batches_to_send(self, scan: _Scan) -> Iterator[pa.RecordBatch]:
+        """The differ's rows to send; a continued full pass drops what its first legs sent."""
         skipped = 0
         for batch in scan.diff.rows_to_send(full=scan.full, ordered=scan.full):
             if self._stop.is_set():
@@ -459,15 +489,25 @@ class Run:
                 self.run.counts["skipped_by_checkpoint"] = skipped
                 if batch.num_rows == 0:
                     continue
-            planned = self._map_and_plan(prepared, scan, batch, full=scan.full)
-            tally.add(planned.tally)
-            self._keep_rejected(planned)
-            pending.extend(planned.sends)
-            while len(pending) >= group_size:
-                group, pending = pending[:group_size], pending[group_size:]
-                yield SendGroup(upserts=group)
-        for start in range(0, len(pending), group_size):
-            yield SendGroup(upserts=pending[start : start + group_size])
+            yield batch
+
+    def _mapping_pool(self, prepared: _Prepared, scan: _Scan) -> MappingPool | None:
+        """Worker processes for the mapping, when asked for or when the run is large enough."""
+        workers = self.options.map_workers
+        if workers is None:
+            rows = scan.ids.new_ids + (scan.ids.matched if scan.full else 0)
+            workers = auto_workers() if rows >= AUTO_POOL_MIN_ROWS else 0
+        if workers <= 0:
+            return None
+        self.run.timings["map_workers"] = workers
+        return MappingPool(
+            workers, self.activation, prepared.types, scan.ids.duplicates, self.activation.mapping.custom_id
+        )
+
+    def _timed(self, results: Iterator[tuple[BatchPlan, float]]) -> Iterator[BatchPlan]:
+        for planned, seconds in results:
+            self._stages.map += seconds
+            yield planned
 
     async def _stream(self, prepared: _Prepared, scan: _Scan, moved: _Moved, tally: PlanCounts) -> Sender | None:
         """The pipeline: a worker thread reads and maps; the event loop sends as groups arrive."""

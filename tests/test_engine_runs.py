@@ -404,3 +404,44 @@ async def test_a_redelivery_after_a_retryable_failure_runs_again(
     again = await run_once(activation, state, trigger="pubsub", trigger_id="msg-7")
     assert again.status == "succeeded"
     assert simulator.stats()["profiles_received"] == 10
+
+
+async def test_mapping_in_worker_processes_changes_no_decision(tmp_path: Path) -> None:
+    # The same segment, synced once with the mapping in the pipeline's thread and once with
+    # two worker processes: same records, same stored fingerprints, same profiles in Batch.
+    rows = people(2_500)
+    rows[3]["email"] = "nope"
+    rows.append(person(7))  # a duplicated id
+    outcomes = []
+    for workers in (0, 2):
+        directory = tmp_path / f"workers-{workers}"
+        directory.mkdir()
+        simulator = BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)
+        url = await simulator.start()
+        try:
+            write_segment(directory / "segment.duckdb", rows)
+            activation = make_activation(directory, url, run_type="full_only")
+            state = directory / "state.db"
+            result = await run_once(activation, state, map_workers=workers)
+            assert result.status == "succeeded_with_rejections", result.record["error"]
+            if workers:
+                assert result.record["timings"]["map_workers"] == 2
+            store = SQLiteStateStore(state)
+            try:
+                fingerprints = store.load_fingerprints("test_people")
+            finally:
+                store.close()
+            outcomes.append(
+                (
+                    result.record["counts"],
+                    result.record["rejected_by_reason"],
+                    fingerprints,
+                    simulator.profiles(PROJECT_KEY),
+                )
+            )
+        finally:
+            await simulator.stop()
+    counts = [outcome[0] for outcome in outcomes]
+    assert counts[0] == counts[1]
+    assert outcomes[0][1:] == outcomes[1][1:]
+    assert counts[0]["acknowledged"] == 2_498
