@@ -1,28 +1,21 @@
-"""End-to-end throughput benchmark of one activation: full load, 1 % delta, no-change delta.
+"""End-to-end benchmark of one activation, against the engine it replaced, in one run.
 
-    .venv/bin/python bench/bench_sync.py            # 1,000,000 profiles
-    .venv/bin/python bench/bench_sync.py --quick    # 100,000 profiles (smoke run)
-    .venv/bin/python bench/bench_sync.py --rows 250000 --changed-percent 5
-    .venv/bin/python bench/bench_sync.py --state firestore   # state in the Firestore emulator
+    .venv/bin/python bench/bench_sync.py                 # 1M profiles x 3, then a 5M first sync
+    .venv/bin/python bench/bench_sync.py --quick         # 100,000 profiles, once
+    .venv/bin/python bench/bench_sync.py --baseline none --big-rows 0 --rows 250000
 
-What runs (see bench/README.md for how to read the figures):
+What runs (bench/README.md says how to read the figures):
 
-1. A realistic ``customers`` table (the demo's columns and value shapes) is generated
-   with DuckDB SQL in a scratch directory, plus the demo's deliberately invalid rows.
-   Generating a million rows in Python (``sync.demo.generate_segment``) costs ~90 µs a
-   row, mostly validating phone numbers, so the valid rows are produced in SQL from
-   templates that ``phonenumbers`` accepts; the run record counts every rejection.
+1. A realistic ``customers`` table (the demo's columns and value shapes) is generated with
+   DuckDB SQL, plus the demo's deliberately invalid rows (the run records count them).
 2. The Batch simulator runs in its own process (``python -m sync.cli simulator``) with
    Batch's rate limits on, so the engine and the simulator never share a GIL.
-3. Each engine run is its own child process (this script with ``--_child``), so its peak
-   RSS and CPU time are that run's alone. The activation is the demo's mapping in
-   ``upsert`` mode, ``full_then_delta``, endpoint ``auto``. State is in SQLite, or with
-   ``--state firestore`` in the official Firestore emulator (started here, in its own
-   process group); each run then also reports the Firestore document reads, writes,
-   deletes and transactions its own store instance issued (``FirestoreStateStore.op_counts``).
-4. Stage probes (also child processes, before the full and the delta run) replay the
-   engine's read → raw fingerprint → skip → map → plan loop with a timer per stage,
-   against the same data and state, without sending or committing anything.
+3. Each engine run is its own child process (a bench script with ``--_child``), so its
+   peak RSS and CPU time are that run's alone: full load, a delta (changed and removed
+   rows), a run with nothing changed; the demo's mapping in ``mirror`` mode, state in
+   SQLite. The baseline engine is a checkout of its commit, run by its own bench script.
+4. A first sync larger than one invocation, the engine pinned to one core, continued until
+   its pass is done.
 
 Figures are printed as a table and written to ``bench/results/latest.json``.
 """
@@ -73,17 +66,7 @@ FULL_ROWS = 1_000_000
 # The engine before the columnar rebuild (read everything, plan row by row, then send).
 BASELINE_REF = "a0d5929471e28a97de05b934c43637e358026780"
 QUICK_ROWS = 100_000
-# The full-load probe maps every row it reads; a sample keeps it from doubling the bench time.
-FULL_PROBE_ROWS = 100_000
 SIMULATOR_START_SECONDS = 30.0
-STATE_BACKENDS = ("sqlite", "firestore")
-# The project the emulator serves and the state URL the engine children open (through
-# `sync.runtime.open_store`, the edge `cepsync run` uses); any project id works locally.
-FIRESTORE_PROJECT = "test-proj"
-FIRESTORE_STATE_URL = f"firestore://{FIRESTORE_PROJECT}/(default)?prefix=bench"
-# The JVM emulator takes ~10-20 s to answer on 2 cores; more when the machine is busy.
-FIRESTORE_START_SECONDS = 120.0
-FIRESTORE_OPS = ("reads", "writes", "deletes", "transactions")
 
 # The demo's customers, generated in SQL. Values are derived from hash(i, salt) (shifted to
 # fit BIGINT, so integer arithmetic and list indexing type-check), so the
@@ -259,28 +242,6 @@ def simulator_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
                     process.wait()
 
 
-@contextmanager
-def firestore_emulator_process() -> Iterator[str]:
-    """Run the official Firestore emulator; yield its ``host:port`` for ``FIRESTORE_EMULATOR_HOST``.
-
-    Reuses the tests' harness (``tests/firestore_emulator.py``): it starts gcloud in its own
-    process group, because killing gcloud alone leaves the Java server holding the port.
-    The emulator is stopped on every exit path, Ctrl-C included (the harness also
-    registers an ``atexit`` hook for an interpreter that dies some other way).
-    """
-    tests_dir = str(REPO_ROOT / "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    from firestore_emulator import FirestoreEmulator
-
-    emulator = FirestoreEmulator(project=FIRESTORE_PROJECT, start_timeout=FIRESTORE_START_SECONDS)
-    try:
-        emulator.start()
-        yield emulator.host
-    finally:
-        emulator.stop()
-
-
 # --- child processes: one engine run, or one stage probe --------------------------------------
 
 
@@ -292,26 +253,11 @@ def _state_bytes(state_path: Path) -> int:
 
 
 def _open_child_store(spec: dict[str, Any]) -> tuple[StateStore, Callable[[], dict[str, int]]]:
-    """The state store a child runs on, and the function that reads that instance's counters.
+    """The SQLite state store a child runs on, and its counters (transactions, statements, rows)."""
+    from sync.state.sqlite import SQLiteStateStore
 
-    SQLite: ``stats()`` (transactions, statements, rows written). Firestore: ``op_counts()``
-    (document reads, writes, deletes, transactions since the store was created), through
-    the same ``open_store`` URL a deployment uses; the client finds the emulator through
-    ``FIRESTORE_EMULATOR_HOST``, inherited from the bench.
-    """
-    url: str | None = spec.get("state_url")
-    if url is None:
-        from sync.state.sqlite import SQLiteStateStore
-
-        sqlite_store = SQLiteStateStore(spec["state_path"])
-        return sqlite_store, sqlite_store.stats
-    from sync.runtime import open_store
-    from sync.state.firestore import FirestoreStateStore
-
-    store = open_store(url)
-    if not isinstance(store, FirestoreStateStore):
-        raise RuntimeError(f"state URL {url!r} did not open a Firestore store ({type(store).__name__})")
-    return store, store.op_counts
+    store = SQLiteStateStore(spec["state_path"])
+    return store, store.stats
 
 
 def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +293,6 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
         source.close()
         store.close()
     return {
-        "state_backend": "firestore" if spec.get("state_url") else "sqlite",
         "record": result.record,
         "wall_seconds": round(wall, 3),
         "cpu_seconds": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 3),
@@ -526,12 +471,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--removed-percent", type=float, default=0.5, help="rows that leave before the delta run")
     parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the first-sync case (0 to skip)")
     parser.add_argument("--big-budget", type=float, default=540.0, help="time budget per invocation of the big case")
-    parser.add_argument(
-        "--state",
-        choices=STATE_BACKENDS,
-        default="sqlite",
-        help="state store: sqlite (default) or firestore (starts the Firestore emulator; reports each run's ops)",
-    )
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON figures")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (database, state, logs)")
