@@ -123,22 +123,35 @@ class WarehouseStateStore:
         self.base.compact(lease, now)  # raises LeaseLost for a stale lease before anything is written
         if not entries:
             return
-        self.ensure_tables()
-        flush = next(self._flushes)
-        count = len(entries)
         raws = [0 if e.fingerprint is None else e.fingerprint.raw for e in entries]
         payloads = [0 if e.fingerprint is None else e.fingerprint.payload for e in entries]
+        self.append(
+            lease,
+            pa.array([e.custom_id for e in entries], pa.string()),
+            pa.array(raws, pa.uint64()),
+            pa.array(payloads, pa.uint64()),
+            pa.array([e.fingerprint is not None for e in entries], pa.bool_()),
+            now,
+        )
+
+    def append(
+        self, lease: Lease, custom_ids: pa.Array, raws: pa.Array, payloads: pa.Array, puts: pa.Array, now: datetime
+    ) -> None:
+        """One load job of journal rows, built from arrays (no Python object per profile)."""
+        self.ensure_tables()
+        flush = next(self._flushes)
+        count = len(custom_ids)
         rows = pa.table(
             {
                 "activation": pa.array([lease.activation] * count, pa.string()),
-                "custom_id": pa.array([e.custom_id for e in entries], pa.string()),
-                "raw": to_signed(pa.array(raws, pa.uint64())),
-                "payload": to_signed(pa.array(payloads, pa.uint64())),
+                "custom_id": custom_ids,
+                "raw": to_signed(raws),
+                "payload": to_signed(payloads),
                 "token": pa.array([lease.token] * count, pa.int64()),
                 "flush": pa.array([flush] * count, pa.int64()),
                 "pos": pa.array(range(count), pa.int64()),
                 "acknowledged_at": pa.array([now] * count, pa.timestamp("us", tz="UTC")),
-                "put": pa.array([e.fingerprint is not None for e in entries], pa.bool_()),
+                "put": puts,
             }
         )
         self.warehouse.load("journal append", self.journal, rows)
@@ -191,6 +204,10 @@ class WarehouseStateStore:
     # -- admin -----------------------------------------------------------------------------
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
         self.base.reset(activation, now=now)
+        self.forget(activation)
+
+    def forget(self, activation: str) -> None:
+        """Delete the activation's fingerprints and journal from BigQuery (admin, not fenced)."""
         self.ensure_tables()
         for reference in (self._journal_sql, self._fingerprints_sql):
             self.warehouse.query("reset", sql.forget_sql(reference), self._params(activation))
