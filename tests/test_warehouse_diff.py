@@ -14,6 +14,7 @@ checked for presence and job ids here, and their values only on real BigQuery.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def open_store(client: bigquery.Client, dataset: bigquery.Dataset, state: Path) 
 
 
 async def run(
-    activation: Activation, client: bigquery.Client, dataset: bigquery.Dataset, state: Path
+    activation: Activation, client: bigquery.Client, dataset: bigquery.Dataset, state: Path, *, full: bool = False
 ) -> tuple[dict[str, Any], WarehouseStateStore]:
     store = open_store(client, dataset, state)
     source = BigQuerySource(activation.source, activation=NAME, client=client)  # type: ignore[arg-type]
@@ -99,7 +100,7 @@ async def run(
             source=source,
             store=store,
             client=make_client(activation),
-            options=RunOptions(lease_ttl_seconds=60),
+            options=RunOptions(lease_ttl_seconds=60, full=full),
         ).execute()
     finally:
         source.close()
@@ -340,3 +341,64 @@ async def test_switching_modes_carries_the_state_over_and_resends_nothing(
     assert result.record["status"] == "succeeded"
     assert result.record["counts"]["sent"] == 0
     assert len(held(simulator)) == 12
+
+
+async def test_every_statement_is_the_pinned_sql_with_parameters_and_a_bytes_cap(
+    sim: tuple[BatchSimulator, str],
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    bq_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    _, url = sim
+    activation = activation_for(bq_dataset, url)
+    write_segment(bq_client, bq_dataset, people(5))
+    proxy_client = bq_proxy.client(bq_dataset.project)
+    record, store = await run(activation, proxy_client, bq_dataset, tmp_path / "state.sqlite")
+    assert record["status"] == "succeeded", record.get("error")
+    # A full pass (--full) reads every row back, ordered by Custom ID for its checkpoint.
+    full, _ = await run(activation, proxy_client, bq_dataset, tmp_path / "state.sqlite", full=True)
+    proxy_client.close()  # type: ignore[no-untyped-call]
+    assert full["counts"]["acknowledged"] == 5
+    assert rows_out(full) == 5
+    record["warehouse"]["jobs"] += full["warehouse"]["jobs"]
+    queries = [
+        request.json()["configuration"]["query"]
+        for request in bq_proxy.requests
+        if request.method == "POST"
+        and request.path.split("?")[0].endswith("/bigquery/v2/projects/cepsync-test/jobs")
+        and "query" in request.json()["configuration"]
+    ]
+    assert len(queries) == len([job for job in record["warehouse"]["jobs"] if job["purpose"] != "journal append"])
+    for query in queries:
+        assert query["maximumBytesBilled"] == "10000000000"
+        assert query["useLegacySql"] is False
+        assert NAME not in query["query"]  # the activation is a parameter, never spliced in
+    texts = {query["query"] for query in queries}
+    fingerprints, journal, fence = (sql.table_sql(t) for t in (store.fingerprints, store.journal, store.fence))
+    segment = sql.table_sql(bq_dataset.table("people"))
+    columns = ["customer_id", "email", "first_name", "points"]
+    assert sql.merge_sql(fingerprints, journal, fence) in texts
+    assert sql.drop_merged_sql(journal, fence) in texts
+    assert sql.id_scan_sql(segment, "`customer_id`", fingerprints) in texts
+    assert sql.diff_sql(segment, columns, "`customer_id`", fingerprints) in texts
+    assert sql.full_sql(segment, columns, "`customer_id`", fingerprints, ordered=True) in texts
+    assert sql.register_fence_sql(fence) in texts
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"diff": {"mode": "warehouse"}}, "needs 'dataset'"),
+        ({"diff": {"mode": "warehouse", "dataset": "bad.name.x"}}, "[project.]dataset"),
+        ({"diff": {"mode": "function", "dataset": "state"}}, "only apply to mode 'warehouse'"),
+        ({"journal": {"flush_every_profiles": 2_000, "flush_every_seconds": 30}}, "load job"),
+        ({"source": {"type": "duckdb", "database": "x.duckdb", "table": "people"}}, "needs a BigQuery source"),
+    ],
+)
+def test_the_warehouse_option_is_validated(change: dict[str, Any], message: str) -> None:
+    from sync.errors import ConfigError
+
+    base = activation_for(bigquery.Dataset("cepsync-test.state"), "http://127.0.0.1:1").model_dump(mode="json")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_activation({**base, **change}, source="test")
