@@ -425,3 +425,25 @@ variable "alert_rejected_share" {
     error_message = "alert_rejected_share must be a share above 0 and at most 1."
   }
 }
+
+variable "warehouse_state_dataset" {
+  description = "Dataset (in project_id) for activations with diff.mode warehouse; null creates none. The runtime identity gets roles/bigquery.dataEditor on it only."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.warehouse_state_dataset == null || can(regex("^[A-Za-z_][A-Za-z0-9_]{0,1023}$", coalesce(var.warehouse_state_dataset, "x")))
+    error_message = "warehouse_state_dataset must be a BigQuery dataset id (letters, digits, underscores)."
+  }
+}
+
+variable "warehouse_state_location" {
+  description = "Location of warehouse_state_dataset (EU, US or a region): the segments' location, or the diff query cannot join them. Required with warehouse_state_dataset."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.warehouse_state_location == null || can(regex("^[A-Za-z]+(-[a-z]+[0-9]{1,2})?$", coalesce(var.warehouse_state_location, "x")))
+    error_message = "warehouse_state_location must be EU, US or a region such as europe-west1."
+  }
+}

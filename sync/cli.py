@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from sync.config import Activation, json_schema, load_activation
+from sync.config import Activation, DiffMode, json_schema, load_activation
 from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
@@ -629,9 +629,14 @@ def reset(
     Run history is kept. Mirror mode will no longer know which profiles it synced before,
     so it cannot clear profiles that left the segment before the next run.
     """
-    name = _load(Path(activation)).name if activation.endswith((".yaml", ".yml")) else activation
+    config = _load(Path(activation)) if activation.endswith((".yaml", ".yml")) else None
+    name = config.name if config is not None else activation
     try:
         store = _store(state, create=False)
+        if config is not None and config.diff.mode is DiffMode.WAREHOUSE:  # its fingerprints are in BigQuery
+            from sync.warehouse.hook import warehouse_store
+
+            store = warehouse_store(config, store)
     except SyncError as error:
         raise _fail(error) from None
     try:
@@ -648,6 +653,41 @@ def reset(
     finally:
         store.close()
     console.print(Text(f"state of '{name}' forgotten; the next run is a full load"))
+
+
+@app.command("switch-diff")
+def switch_diff(
+    activation: ActivationArg,
+    to: Annotated[DiffMode, typer.Option("--to", help="The diff mode the activation moves to.")],
+    state: StateOption = "",
+) -> None:
+    """Carry the acknowledged fingerprints between diff modes (function <-> warehouse): nothing is re-sent.
+
+    Give the activation YAML that names diff.dataset (mode warehouse); run it while no sync
+    runs (it takes the lease), then deploy the YAML with the new mode.
+    """
+    from sync.engine import default_owner
+    from sync.warehouse.hook import warehouse_store
+    from sync.warehouse.store import WarehouseStateStore
+    from sync.warehouse.switch import switch_diff as carry_over
+
+    config = _load(activation)
+    try:
+        if config.diff.mode is not DiffMode.WAREHOUSE:
+            raise ConfigError(
+                "give the activation YAML with diff.mode 'warehouse' (it names the dataset)", field="diff"
+            )
+        store = warehouse_store(config, _store(state))
+        assert isinstance(store, WarehouseStateStore)
+    except SyncError as error:
+        raise _fail(error) from None
+    try:
+        moved = carry_over(config, store, to=to, owner=default_owner())
+    except SyncError as error:
+        raise _fail(error) from None
+    finally:
+        store.close()
+    console.print(Text(f"{moved} fingerprints of '{config.name}' now in the {to.value} diff's store"))
 
 
 @app.command()

@@ -213,6 +213,46 @@ class GuardsConfig(_Strict):
     )
 
 
+class DiffMode(enum.StrEnum):
+    FUNCTION = "function"
+    WAREHOUSE = "warehouse"
+
+
+# [project.]dataset: the BigQuery dataset that holds a warehouse-diff activation's fingerprints.
+STATE_DATASET = re.compile(r"^(?:[a-z][a-z0-9-]{4,28}[a-z0-9]\.)?[A-Za-z_][A-Za-z0-9_]{0,1023}$")
+# Warehouse diff: fewer, larger journal flushes. Each flush is one BigQuery load job, and
+# BigQuery allows 1,500 load jobs per table per day (sync/warehouse/store.py).
+WAREHOUSE_MIN_FLUSH_SECONDS = 30.0
+WAREHOUSE_MIN_FLUSH_PROFILES = 100_000
+
+
+class DiffConfig(_Strict):
+    """Where the segment is compared with the acknowledged fingerprints."""
+
+    mode: DiffMode = Field(
+        DiffMode.FUNCTION,
+        description="function: the function reads the whole segment and diffs it in DuckDB; "
+        "warehouse: BigQuery diffs it and only changed rows leave the warehouse (BigQuery sources only).",
+    )
+    dataset: str | None = Field(
+        None, description="warehouse mode: [project.]dataset holding the fingerprint tables (the function owns it)."
+    )
+    maximum_bytes_billed: int | None = Field(
+        None, ge=1, description="warehouse mode: fail any query the run issues above this many bytes billed."
+    )
+
+    @model_validator(mode="after")
+    def _dataset_for_warehouse(self) -> DiffConfig:
+        if self.mode is DiffMode.WAREHOUSE:
+            if self.dataset is None:
+                raise ValueError("mode 'warehouse' needs 'dataset' ([project.]dataset for the fingerprint tables)")
+            if not STATE_DATASET.match(self.dataset):
+                raise ValueError(f"'dataset' must look like [project.]dataset: {self.dataset!r}")
+        elif self.dataset is not None or self.maximum_bytes_billed is not None:
+            raise ValueError("'dataset' and 'maximum_bytes_billed' only apply to mode 'warehouse'")
+        return self
+
+
 class JournalConfig(_Strict):
     flush_every_profiles: int = Field(2_000, ge=1, description="Commit acknowledged profiles at least this often.")
     flush_every_seconds: float = Field(5.0, gt=0, description="...and at least this often in time.")
@@ -264,6 +304,7 @@ class Activation(_Strict):
     )
     guards: GuardsConfig = Field(default_factory=lambda: GuardsConfig())
     journal: JournalConfig = Field(default_factory=lambda: JournalConfig())
+    diff: DiffConfig = Field(default_factory=lambda: DiffConfig())
     schedule: ScheduleConfig | None = None
     # Where the activation was loaded from, for error messages (not part of the file).
     _source_path: str | None = PrivateAttr(default=None)
@@ -302,6 +343,20 @@ class Activation(_Strict):
                     f"two attributes map to the Batch name {name!r} (attributes.{seen[name]} and this one)",
                 )
             seen[name] = index
+        if self.diff.mode is DiffMode.WAREHOUSE:
+            if not isinstance(self.source, BigQuerySourceConfig):
+                raise _FieldError("diff.mode", "mode 'warehouse' needs a BigQuery source (type: bigquery)")
+            journal = self.journal
+            if (
+                journal.flush_every_seconds < WAREHOUSE_MIN_FLUSH_SECONDS
+                or journal.flush_every_profiles < WAREHOUSE_MIN_FLUSH_PROFILES
+            ):
+                raise _FieldError(
+                    "journal",
+                    "with diff mode 'warehouse' each journal flush is a BigQuery load job (1,500 per table per "
+                    f"day): set journal.flush_every_seconds >= {WAREHOUSE_MIN_FLUSH_SECONDS:.0f} and "
+                    f"journal.flush_every_profiles >= {WAREHOUSE_MIN_FLUSH_PROFILES}",
+                )
         return self
 
     @property

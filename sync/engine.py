@@ -29,14 +29,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
 from sync.batch.client import BatchClient, Endpoint, SendOutcome, choose_endpoint
-from sync.config import Activation, AttributeType, RunType, SyncMode, mapping_version
+from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
@@ -55,7 +55,11 @@ from sync.runconfig import config_as_run
 from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
 from sync.state.base import StateStore
+from sync.warehouse import hook as warehouse
 from sync.workers import AUTO_POOL_MIN_ROWS, MappingPool, auto_workers
+
+if TYPE_CHECKING:
+    from sync.warehouse.diff import WarehouseDiff
 
 __all__ = ["EXIT_CODES", "Clock", "PlanPreview", "Progress", "Run", "RunOptions", "RunResult"]
 
@@ -167,7 +171,7 @@ class _Prepared:
 class _Scan:
     """What the state and one read of the id column say, before any row is mapped."""
 
-    diff: SegmentDiff
+    diff: SegmentDiff | WarehouseDiff
     ids: IdScan
     meta: ActivationMeta
     full: bool  # every valid row is sent (FULL ONLY, --full, or a continued full pass)
@@ -239,6 +243,7 @@ class Run:
     def prepare(self) -> _Prepared:
         """Check the mapping against the source schema; raises ConfigError before any read."""
         schema = self.source.schema()
+        self.store = warehouse.warehouse_store(self.activation, self.store)  # diff: warehouse: BigQuery state
         types = resolve_attribute_types(self.activation, schema, source=self.activation.origin)
         return _Prepared(ProfileMapper(self.activation, types), mapping_version(self.activation), schema, types)
 
@@ -333,6 +338,7 @@ class Run:
             self.run.ended_at = self.clock.now().isoformat()
             self.run.timings["total_seconds"] = round(self.clock.monotonic() - self._started_monotonic, 3)
             self.run.timings["stages"] = self._stages.as_dict()
+            self.run.extra.update(warehouse.costs(self.store))
             self.store.save_run(self.record)
             with contextlib.suppress(SyncError):  # lost already: nothing to release
                 self.store.release_lease(self._lease)
@@ -362,7 +368,6 @@ class Run:
     async def _scan(self, prepared: _Prepared, meta: ActivationMeta) -> _Scan:
         """Load the state as arrays and read the id column: counts, duplicates, removals."""
         activation = self.activation
-        stored = await asyncio.to_thread(self.store.load_fingerprint_table, activation.name)
         intents = (
             await asyncio.to_thread(self.store.load_intents, activation.name)
             if activation.sync_mode is SyncMode.MIRROR
@@ -373,15 +378,27 @@ class Run:
         watermark = continuation.get("watermark") if full else None
         engine = type(self.source).__name__
         salt = raw_salt(prepared.version, prepared.schema, prepared.mapper.columns, engine)
-        diff = SegmentDiff(
-            self.source,
-            columns=prepared.mapper.columns,
-            schema=prepared.schema,
-            stored=stored,
-            intents=sorted(intents),
-            salt=salt,
-            on_rows=self.progress.rows_read,
-        )
+        if activation.diff.mode is DiffMode.WAREHOUSE:
+            diff: SegmentDiff | WarehouseDiff = warehouse.open_diff(
+                activation,
+                self.store,
+                columns=prepared.mapper.columns,
+                schema=prepared.schema,
+                mapping_version=prepared.version,
+                intents=sorted(intents),
+                on_rows=self.progress.rows_read,
+            )
+        else:
+            stored = await asyncio.to_thread(self.store.load_fingerprint_table, activation.name)
+            diff = SegmentDiff(
+                self.source,
+                columns=prepared.mapper.columns,
+                schema=prepared.schema,
+                stored=stored,
+                intents=sorted(intents),
+                salt=salt,
+                on_rows=self.progress.rows_read,
+            )
         try:
             ids = await asyncio.to_thread(diff.scan_ids)
         except BaseException:

@@ -246,6 +246,10 @@ class InjectedFault:
     reason: str
     message: str
     times: int
+    # Only requests whose body contains this text (a statement of a jobs.insert), after skipping
+    # the first ``skip`` of them.
+    body_contains: str | None = None
+    skip: int = 0
 
 
 class RecordingProxy:
@@ -320,14 +324,32 @@ class RecordingProxy:
             self.requests.append(RecordedRequest(method, path, body))
             for fault in self._faults:
                 if fault.times > 0 and fault.method == method and fault.path_contains in path:
+                    if fault.body_contains is not None and fault.body_contains.encode() not in body:
+                        continue
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        continue
                     fault.times -= 1
                     return fault
         return None
 
-    def inject(self, method: str, path_contains: str, *, status: int, reason: str, message: str, times: int) -> None:
+    def inject(
+        self,
+        method: str,
+        path_contains: str,
+        *,
+        status: int,
+        reason: str,
+        message: str,
+        times: int,
+        body_contains: str | None = None,
+        skip: int = 0,
+    ) -> None:
         """Answer the next ``times`` matching requests with this BigQuery error instead of forwarding."""
         with self._lock:
-            self._faults.append(InjectedFault(method, path_contains, status, reason, message, times))
+            self._faults.append(
+                InjectedFault(method, path_contains, status, reason, message, times, body_contains, skip)
+            )
 
     def reset(self) -> None:
         with self._lock:

@@ -274,10 +274,33 @@ def test_dataset_read_is_granted_per_dataset_never_project_wide(config: dict[str
         if role == "roles/bigquery.dataViewer":
             assert rtype == "google_bigquery_dataset_iam_member", f"{rtype}.{name}: dataViewer must be per dataset"
     readers = _of_type(config, "google_bigquery_dataset_iam_member")
-    assert set(readers) == {"runtime_segment_reader"}
+    assert set(readers) == {"runtime_segment_reader", "runtime_state_editor"}
     reader = readers["runtime_segment_reader"]
     assert reader["for_each"] == "${local.bigquery_datasets}"
     assert reader["dataset_id"] == "${each.value.dataset_id}"
+
+
+def test_warehouse_state_dataset_is_explicit_never_expires_and_only_it_is_writable(config: dict[str, Any]) -> None:
+    datasets = _of_type(config, "google_bigquery_dataset")
+    assert set(datasets) == {"warehouse_state"}
+    dataset = datasets["warehouse_state"]
+    assert dataset["count"] == "${var.warehouse_state_dataset == null ? 0 : 1}"
+    assert dataset["location"] == "${var.warehouse_state_location}"
+    assert not {"default_table_expiration_ms", "default_partition_expiration_ms"} & set(dataset)
+    assert dataset["delete_contents_on_destroy"] is False
+    precondition = _single(_single(dataset["lifecycle"])["precondition"])
+    assert precondition["condition"] == "${var.warehouse_state_location != null}"
+    editors = [
+        (rtype, name, body)
+        for (rtype, name), body in config["resources"].items()
+        if body.get("role") == "roles/bigquery.dataEditor"
+    ]
+    assert len(editors) == 1
+    rtype, name, editor = editors[0]
+    assert (rtype, name) == ("google_bigquery_dataset_iam_member", "runtime_state_editor")
+    assert editor["dataset_id"] == "${google_bigquery_dataset.warehouse_state[0].dataset_id}"
+    assert editor["member"] == "serviceAccount:${google_service_account.runtime.email}"
+    assert "warehouse_state_dataset" in config["variables"]
 
 
 def test_project_level_grants_are_the_expected_short_list(config: dict[str, Any]) -> None:

@@ -1,0 +1,190 @@
+"""BigQuery jobs of a warehouse-diff run: every query capped, every job on the cost ledger.
+
+* Every query carries ``maximum_bytes_billed`` (``diff.maximum_bytes_billed``) and a
+  ``cepsync_activation`` label, and only named parameters.
+* Every job (query or load) lands on the :class:`Ledger`: job id, bytes processed and
+  billed, slot-ms. The run record shows it under ``warehouse.jobs``.
+* Results are read from the job's result table (Storage Read API when a read client is
+  given, REST paging otherwise) and cast to the Arrow types the engine expects.
+* BigQuery errors become the BigQuery source's error classes: fatal for a refused query
+  or a bytes cap, transient for quota/rate/outage.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from google.api_core import exceptions as api_exceptions
+from google.cloud import bigquery
+
+from sync.sources.bigquery import (
+    API_RETRY,
+    JOB_RETRY,
+    BigQueryBytesLimitExceeded,
+    BigQueryNotFound,
+    BigQueryPermissionDenied,
+    BigQueryQueryInvalid,
+    BigQuerySourceError,
+    BigQueryUnavailable,
+)
+
+if TYPE_CHECKING:
+    from google.cloud.bigquery_storage import BigQueryReadClient
+
+Parameter = bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+
+
+@dataclass
+class Ledger:
+    """Every BigQuery job the run issued, with what it cost."""
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_record(self) -> dict[str, Any]:
+        def total(key: str) -> int:
+            return sum(int(job.get(key) or 0) for job in self.jobs)
+
+        return {
+            "jobs": list(self.jobs),
+            "bytes_processed": total("bytes_processed"),
+            "bytes_billed": total("bytes_billed"),
+            "slot_ms": total("slot_ms"),
+            "rows_out": total("rows_out"),
+        }
+
+
+class Warehouse:
+    """The BigQuery client of one activation's warehouse diff and state."""
+
+    def __init__(
+        self,
+        client: bigquery.Client,
+        *,
+        activation: str,
+        read_client: BigQueryReadClient | None = None,
+        location: str | None = None,
+        maximum_bytes_billed: int | None = None,
+        closers: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.client = client
+        self.read_client = read_client
+        self.activation = activation
+        self.location = location
+        self.maximum_bytes_billed = maximum_bytes_billed
+        self.ledger = Ledger()
+        self._closers = list(closers)
+
+    def close(self) -> None:
+        """Close the clients built for this warehouse (not injected ones)."""
+        for close in reversed(self._closers):
+            close()
+        self._closers.clear()
+
+    def query(self, purpose: str, sql: str, parameters: Sequence[Parameter] = ()) -> bigquery.QueryJob:
+        """Run one statement and wait for it; its cost goes on the ledger."""
+        config = bigquery.QueryJobConfig(use_legacy_sql=False, query_parameters=list(parameters))
+        if self.maximum_bytes_billed is not None:
+            config.maximum_bytes_billed = self.maximum_bytes_billed
+        if _LABEL_VALUE.match(self.activation):
+            config.labels = {"cepsync_activation": self.activation}
+        try:
+            job = self.client.query(
+                sql, job_config=config, location=self.location, retry=API_RETRY, job_retry=JOB_RETRY
+            )
+            job.result(retry=API_RETRY)
+        except api_exceptions.GoogleAPICallError as error:
+            raise self._translate(purpose, error) from error
+        self.ledger.jobs.append(
+            {
+                "purpose": purpose,
+                "job_id": job.job_id,
+                "bytes_processed": job.total_bytes_processed,
+                "bytes_billed": job.total_bytes_billed,
+                "slot_ms": job.slot_millis,
+                "rows_out": 0,
+            }
+        )
+        return job
+
+    def read(self, job: bigquery.QueryJob, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        """The job's result rows, cast to ``schema`` (int64 hashes reinterpreted as uint64)."""
+        entry = next(e for e in reversed(self.ledger.jobs) if e["job_id"] == job.job_id)
+        if job.destination is None:
+            return
+        try:
+            rows = self.client.list_rows(job.destination, retry=API_RETRY)
+            if self.read_client is not None:
+                stream = rows.to_arrow_iterable(bqstorage_client=self.read_client)
+            else:
+                stream = rows.to_arrow_iterable()
+            for batch in stream:
+                if batch.num_rows == 0:
+                    continue
+                entry["rows_out"] += batch.num_rows
+                yield conform(batch, schema)
+        except api_exceptions.GoogleAPICallError as error:
+            raise self._translate("reading a result", error) from error
+
+    def load(self, purpose: str, table: bigquery.TableReference, rows: pa.Table) -> None:
+        """Append ``rows`` with one load job: all of them or none (a load job is atomic)."""
+        buffer = io.BytesIO()
+        pq.write_table(rows, buffer)
+        buffer.seek(0)
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET, write_disposition=bigquery.WriteDisposition.WRITE_APPEND
+        )
+        try:
+            job = self.client.load_table_from_file(buffer, table, job_config=config, location=self.location)
+            job.result(retry=API_RETRY)
+        except api_exceptions.GoogleAPICallError as error:
+            raise self._translate(purpose, error) from error
+        self.ledger.jobs.append(
+            {"purpose": purpose, "job_id": job.job_id, "bytes_processed": 0, "bytes_billed": 0, "slot_ms": 0}
+        )
+
+    def _translate(self, purpose: str, error: api_exceptions.GoogleAPICallError) -> Exception:
+        reasons = {str(item.get("reason")) for item in (error.errors or []) if isinstance(item, dict)}
+        message = f"warehouse diff, {purpose}: {error.message}"
+        if "bytesBilledLimitExceeded" in reasons:
+            return BigQueryBytesLimitExceeded(
+                message + " (raise diff.maximum_bytes_billed if this is expected)",
+                activation=self.activation,
+                reason="bytesBilledLimitExceeded",
+            )
+        if isinstance(error, api_exceptions.TooManyRequests | api_exceptions.ServerError) or reasons & {
+            "rateLimitExceeded",
+            "backendError",
+            "quotaExceeded",
+        }:
+            return BigQueryUnavailable(message, activation=self.activation)
+        if isinstance(error, api_exceptions.Forbidden | api_exceptions.Unauthorized):
+            return BigQueryPermissionDenied(message, activation=self.activation)
+        if isinstance(error, api_exceptions.NotFound):
+            return BigQueryNotFound(message, activation=self.activation)
+        if isinstance(error, api_exceptions.BadRequest):
+            return BigQueryQueryInvalid(message, activation=self.activation)
+        return BigQuerySourceError(message, activation=self.activation)
+
+
+def to_signed(values: pa.Array) -> pa.Array:
+    """uint64 hashes as the INT64 BigQuery stores (same 64 bits)."""
+    return values.cast(pa.uint64()).view(pa.int64())
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    arrays = []
+    for target in schema:
+        column = batch.column(target.name)
+        if pa.types.is_uint64(target.type) and pa.types.is_int64(column.type):
+            column = column.view(pa.uint64())
+        elif not column.type.equals(target.type):
+            column = column.cast(target.type)
+        arrays.append(column)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

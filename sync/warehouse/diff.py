@@ -1,0 +1,190 @@
+"""The segment diff run as BigQuery SQL: only the changes leave the warehouse.
+
+:class:`WarehouseDiff` has the interface of :class:`sync.diff.SegmentDiff` and the same
+output columns, so the engine maps, plans and sends its batches unchanged. Queries of a run
+(sync/warehouse/sql.py has their text):
+
+1. ``id scan`` (:meth:`scan_ids`) reads the Custom ID column only: row count, null ids,
+   duplicated ids with their copies, how many ids have a stored fingerprint, and in mirror
+   mode the ids that left. Only the duplicated and removed ids leave the warehouse.
+2. ``diff`` (delta runs) hashes every row in SQL and joins it to the state table; its
+   result table holds only rows that are new, moved, or have a null/duplicated id.
+   :meth:`moved_rows` and :meth:`rows_to_send` each read one part of that small table.
+3. ``full`` (full passes only) returns every row with its stored fingerprint, ordered by
+   Custom ID when the engine checkpoints a full pass.
+
+Rows that leave the warehouse carry no row number (``__cepsync_row`` is NULL): BigQuery
+has no stable row order, and numbering 100M rows would serialise the query on one worker.
+Rejected rows are named by their Custom ID instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import pyarrow as pa
+from google.cloud import bigquery
+
+from sync.config import Activation, BigQuerySourceConfig
+from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, IdScan
+from sync.errors import ConfigError
+from sync.sources.bigquery import parse_table_reference, query_parameters
+from sync.warehouse import sql
+from sync.warehouse.bq import Warehouse
+
+
+class WarehouseDiff:
+    """The differ of one run, in BigQuery (see the module docstring)."""
+
+    def __init__(
+        self,
+        activation: Activation,
+        warehouse: Warehouse,
+        *,
+        fingerprints: str,
+        columns: Sequence[str],
+        schema: pa.Schema,
+        mapping_version: str,
+        intents: Sequence[str] = (),
+        on_rows: Callable[[int], None] | None = None,
+    ) -> None:
+        config = activation.source
+        if not isinstance(config, BigQuerySourceConfig):
+            raise ConfigError("diff mode 'warehouse' needs a BigQuery source", field="diff.mode")
+        self._warehouse = warehouse
+        self._activation = activation.name
+        self._mirror = activation.sync_mode.value == "mirror"
+        self._columns = list(columns)
+        self._fingerprints = fingerprints
+        if config.table is not None:
+            reference = parse_table_reference(
+                config.table, default_project=config.project or warehouse.client.project, activation=activation.name
+            )
+            self._segment = sql.table_sql(reference)
+        else:
+            assert config.query is not None
+            self._segment = f"(\n{config.query}\n)"
+        field_types = {c: _field_type(schema.field(c).type) for c in self._columns}
+        self._key = sql.key_sql(self._columns[0], field_types[self._columns[0]])
+        types = [f"{c}:{field_types[c]}" for c in self._columns]
+        self._parameters: list[sql_parameter] = [
+            *query_parameters(config.parameters, activation=activation.name),
+            bigquery.ScalarQueryParameter("cepsync_activation", "STRING", activation.name),
+            bigquery.ScalarQueryParameter("cepsync_salt", "STRING", sql.raw_salt(mapping_version, types)),
+        ]
+        self._intents = sorted(set(intents))
+        self._output = pa.schema(
+            [
+                *(schema.field(c) for c in self._columns),
+                pa.field(ROW, pa.int64()),
+                pa.field(KEY, pa.string()),
+                pa.field(RAW, pa.uint64()),
+                pa.field(DUPLICATE, pa.bool_()),
+                pa.field(STORED_RAW, pa.uint64()),
+                pa.field(STORED_PAYLOAD, pa.uint64()),
+            ]
+        )
+        self._on_rows = on_rows
+        self._diff_job: bigquery.QueryJob | None = None
+        self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
+        self.stored_count = 0
+
+    @property
+    def ledger(self) -> Warehouse:
+        return self._warehouse
+
+    def close(self) -> None:
+        """Nothing to release: result tables are BigQuery's anonymous ones (kept 24 h)."""
+
+    def _query(self, purpose: str, text: str, extra: Sequence[sql_parameter] = ()) -> bigquery.QueryJob:
+        started = time.perf_counter()
+        job = self._warehouse.query(purpose, text, [*self._parameters, *extra])
+        self.seconds["hash_and_diff"] += time.perf_counter() - started
+        return job
+
+    def _read(self, job: bigquery.QueryJob) -> Iterator[pa.RecordBatch]:
+        batches = self._warehouse.read(job, self._output)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds["read"] += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
+
+    def scan_ids(self) -> IdScan:
+        job = self._query(
+            "id scan",
+            sql.id_scan_sql(self._segment, self._key, self._fingerprints),
+            [
+                bigquery.ArrayQueryParameter("cepsync_intents", "STRING", self._intents),
+                bigquery.ScalarQueryParameter("cepsync_mirror", "BOOL", self._mirror),
+            ],
+        )
+        schema = pa.schema([("kind", pa.string()), ("k", pa.string()), ("n", pa.int64())])
+        counts: dict[str, int] = {}
+        duplicates: dict[str, int] = {}
+        removed: list[str] = []
+        started = time.perf_counter()
+        for batch in self._warehouse.read(job, schema):
+            for kind, key, n in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+                if kind == "duplicate":
+                    duplicates[key] = int(n)
+                elif kind == "removed":
+                    removed.append(key)
+                else:
+                    counts[kind] = int(n or 0)
+        self.seconds["read"] += time.perf_counter() - started
+        matched = counts.get("matched", 0)
+        self.stored_count = counts.get("synced", 0)
+        if self._on_rows is not None:
+            self._on_rows(counts.get("rows", 0))
+        return IdScan(
+            rows=counts.get("rows", 0),
+            null_ids=counts.get("null_ids", 0),
+            duplicates=duplicates,
+            matched=matched,
+            new_ids=counts.get("distinct", 0) - len(duplicates) - matched,
+            removed=sorted(removed),
+            synced=counts.get("synced", 0),
+        )
+
+    def _diff(self) -> bigquery.QueryJob:
+        if self._diff_job is None:
+            self._diff_job = self._query(
+                "diff", sql.diff_sql(self._segment, self._columns, self._key, self._fingerprints)
+            )
+        return self._diff_job
+
+    def _part(self, *, moved: bool) -> Iterator[pa.RecordBatch]:
+        diff = self._diff()
+        if diff.destination is None:
+            return iter(())
+        result = sql.table_sql(diff.destination)
+        job = self._query("moved rows" if moved else "new and bad rows", sql.result_part_sql(result, moved=moved))
+        return self._read(job)
+
+    def moved_rows(self) -> Iterator[pa.RecordBatch]:
+        """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
+        return self._part(moved=True)
+
+    def rows_to_send(self, *, full: bool, ordered: bool = False) -> Iterator[pa.RecordBatch]:
+        """New rows and rows with a bad id; in a full pass, every row (ordered by Custom ID if asked)."""
+        if not full:
+            return self._part(moved=False)
+        job = self._query(
+            "full pass", sql.full_sql(self._segment, self._columns, self._key, self._fingerprints, ordered=ordered)
+        )
+        return self._read(job)
+
+
+def _field_type(arrow: pa.DataType) -> str:
+    if pa.types.is_string(arrow):
+        return "STRING"
+    if pa.types.is_int64(arrow):
+        return "INT64"
+    return str(arrow)
+
+
+sql_parameter = bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter

@@ -1,0 +1,233 @@
+"""The SQL a warehouse-diff run sends to BigQuery, as pure functions (pinned by tests).
+
+Every value is a named query parameter (``@cepsync_*``, a prefix the segment's own
+parameters cannot use by accident); every identifier is either a table reference built
+from validated parts (:func:`table_sql`) or a mapped column name quoted with backticks after
+:func:`column_sql` checked it. Nothing a user typed is spliced into SQL except the segment
+query itself, which runs as a subquery exactly as the BigQuery source runs it.
+
+The raw hash recipe (``diff: warehouse``)::
+
+    FARM_FINGERPRINT(TO_JSON_STRING(STRUCT(@cepsync_salt AS s, c1 AS f1, …, cn AS fn)))
+
+an INT64 whose 64 bits are read back as the engine's uint64. The salt names the mapping
+version and the engine (:func:`raw_salt`), so a hash from the DuckDB differ never matches
+one from BigQuery: switching modes re-maps each row once (a "refresh", nothing is sent).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Final
+
+from google.cloud import bigquery
+
+from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.errors import ConfigError
+
+# The result column saying why a row left the warehouse: 'moved', 'new' or 'bad' (null or
+# duplicated id).
+KIND: Final = "__cepsync_kind"
+FINGERPRINTS: Final = "cepsync_fingerprints"
+JOURNAL: Final = "cepsync_journal"
+FENCE: Final = "cepsync_fence"
+# BigQuery column names: letters, digits and underscores, not starting with a digit.
+_COLUMN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
+_PROJECT: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+_DATASET: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
+_TABLE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,1023}$")
+
+FINGERPRINTS_SCHEMA: Final = [
+    bigquery.SchemaField("activation", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("custom_id", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("raw", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("payload", "INT64", mode="REQUIRED"),
+    # The lease token of the run that acknowledged it (run records carry lease_token), and
+    # its position in that run's journal: the merge keeps the newest (token, flush, pos).
+    bigquery.SchemaField("token", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("flush", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("pos", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("acknowledged_at", "TIMESTAMP", mode="REQUIRED"),
+]
+JOURNAL_SCHEMA: Final = [*FINGERPRINTS_SCHEMA, bigquery.SchemaField("put", "BOOL", mode="REQUIRED")]
+FENCE_SCHEMA: Final = [
+    bigquery.SchemaField("activation", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("token", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("registered_at", "TIMESTAMP", mode="REQUIRED"),
+]
+
+
+def table_sql(reference: bigquery.TableReference) -> str:
+    """```project.dataset.table``` after checking each part is a plain identifier."""
+    if not (
+        _PROJECT.match(reference.project) and _DATASET.match(reference.dataset_id) and _TABLE.match(reference.table_id)
+    ):
+        raise ConfigError(f"not a plain BigQuery table reference: {reference}", field="diff.dataset")
+    return f"`{reference.project}.{reference.dataset_id}.{reference.table_id}`"
+
+
+def column_sql(name: str) -> str:
+    if not _COLUMN.match(name):
+        raise ConfigError(f"column {name!r} cannot be used by the warehouse diff", field="mapping")
+    return f"`{name}`"
+
+
+def key_sql(column: str, field_type: str) -> str:
+    """The Custom ID as the mapper writes it: a STRING as is, an INT64 as its decimal digits."""
+    ref = column_sql(column)
+    if field_type == "STRING":
+        return ref
+    if field_type in ("INT64", "INTEGER"):
+        return f"CAST({ref} AS STRING)"
+    raise ConfigError(
+        f"the warehouse diff needs a STRING or INT64 Custom ID column; '{column}' is {field_type}",
+        field="mapping.custom_id",
+    )
+
+
+def raw_sql(columns: Sequence[str]) -> str:
+    fields = ", ".join(f"{column_sql(c)} AS f{i}" for i, c in enumerate(columns, 1))
+    return f"FARM_FINGERPRINT(TO_JSON_STRING(STRUCT(@cepsync_salt AS s, {fields})))"
+
+
+def raw_salt(mapping_version: str, types: Sequence[str]) -> str:
+    return f"cepsync/raw/bq1|{mapping_version}|bigquery-warehouse|{';'.join(types)}"
+
+
+def id_scan_sql(segment: str, key: str, fingerprints: str) -> str:
+    """One query over the id column: counts, duplicated ids and (mirror) the ids that left."""
+    return (
+        f"WITH seg AS (SELECT {key} AS k FROM {segment}),\n"
+        "counts AS (SELECT k, COUNT(*) AS n FROM seg WHERE k IS NOT NULL GROUP BY k),\n"
+        f"stored AS (SELECT custom_id FROM {fingerprints} WHERE activation = @cepsync_activation),\n"
+        "synced AS (SELECT custom_id FROM stored UNION DISTINCT "
+        "SELECT custom_id FROM UNNEST(@cepsync_intents) AS custom_id)\n"
+        "SELECT 'rows' AS kind, CAST(NULL AS STRING) AS k, (SELECT COUNT(*) FROM seg) AS n\n"
+        "UNION ALL SELECT 'null_ids', NULL, (SELECT COUNTIF(k IS NULL) FROM seg)\n"
+        "UNION ALL SELECT 'distinct', NULL, (SELECT COUNT(*) FROM counts)\n"
+        "UNION ALL SELECT 'matched', NULL, "
+        "(SELECT COUNT(*) FROM counts JOIN stored ON stored.custom_id = counts.k WHERE counts.n = 1)\n"
+        "UNION ALL SELECT 'synced', NULL, (SELECT COUNT(*) FROM synced)\n"
+        "UNION ALL SELECT 'duplicate', k, n FROM counts WHERE n > 1\n"
+        "UNION ALL SELECT 'removed', synced.custom_id, 0 FROM synced "
+        "LEFT JOIN counts ON counts.k = synced.custom_id WHERE @cepsync_mirror AND counts.k IS NULL"
+    )
+
+
+def _rows_sql(segment: str, columns: Sequence[str], key: str) -> str:
+    selected = ", ".join(column_sql(c) for c in columns)
+    return (
+        f"SELECT {selected}, {key} AS {KEY}, {raw_sql(columns)} AS {RAW}, "
+        f"COUNT(*) OVER (PARTITION BY {key}) AS copies FROM {segment}"
+    )
+
+
+def _output(columns: Sequence[str]) -> str:
+    selected = ", ".join(f"seg.{column_sql(c)}" for c in columns)
+    return (
+        f"{selected}, CAST(NULL AS INT64) AS {ROW}, seg.{KEY}, seg.{RAW}, "
+        f"(seg.{KEY} IS NOT NULL AND seg.copies > 1) AS {DUPLICATE}, "
+        f"st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}"
+    )
+
+
+def diff_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str) -> str:
+    """The delta diff: only rows that are new, moved, or carry a null or duplicated id."""
+    return (
+        f"WITH seg AS ({_rows_sql(segment, columns, key)}),\n"
+        f"st AS (SELECT custom_id, raw, payload FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
+        f"SELECT {_output(columns)},\n"
+        f"  CASE WHEN seg.{KEY} IS NULL OR seg.copies > 1 THEN 'bad' "
+        f"WHEN st.custom_id IS NULL THEN 'new' ELSE 'moved' END AS {KIND}\n"
+        f"FROM seg LEFT JOIN st ON st.custom_id = seg.{KEY}\n"
+        f"WHERE seg.{KEY} IS NULL OR seg.copies > 1 OR st.custom_id IS NULL OR st.raw <> seg.{RAW}"
+    )
+
+
+def full_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str, *, ordered: bool) -> str:
+    """A full pass: every row, with its stored fingerprint when there is one."""
+    order = f"\nORDER BY seg.{KEY}" if ordered else ""
+    return (
+        f"WITH seg AS ({_rows_sql(segment, columns, key)}),\n"
+        f"st AS (SELECT custom_id, raw, payload FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
+        f"SELECT {_output(columns)}\n"
+        f"FROM seg LEFT JOIN st ON st.custom_id = seg.{KEY}{order}"
+    )
+
+
+def result_part_sql(result: str, *, moved: bool) -> str:
+    """The moved rows, or the others, of a diff result (a small table: only the changes)."""
+    condition = "=" if moved else "<>"
+    return f"SELECT * EXCEPT ({KIND}) FROM {result} WHERE {KIND} {condition} 'moved'"
+
+
+def _latest_journal(journal: str, fence: str) -> str:
+    return (
+        "SELECT custom_id, raw, payload, put, token, flush, pos, acknowledged_at "
+        f"FROM {journal} WHERE activation = @cepsync_activation AND token <= @cepsync_token "
+        f"AND @cepsync_token = (SELECT MAX(token) FROM {fence} WHERE activation = @cepsync_activation)\n"
+        "  QUALIFY ROW_NUMBER() OVER (PARTITION BY custom_id ORDER BY token DESC, flush DESC, pos DESC) = 1"
+    )
+
+
+_NEWER: Final = (
+    "(j.token > t.token OR (j.token = t.token AND (j.flush > t.flush OR (j.flush = t.flush AND j.pos >= t.pos))))"
+)
+
+
+def register_fence_sql(fence: str) -> str:
+    return (
+        f"INSERT INTO {fence} (activation, token, registered_at) "
+        "VALUES (@cepsync_activation, @cepsync_token, CURRENT_TIMESTAMP())"
+    )
+
+
+def fence_sql(fence: str) -> str:
+    return f"SELECT MAX(token) AS token FROM {fence} WHERE activation = @cepsync_activation"
+
+
+def merge_sql(fingerprints: str, journal: str, fence: str) -> str:
+    """Fold the journal into the state table, fenced: a token that is not the newest merges nothing.
+
+    Idempotent (the newest ``(token, flush, pos)`` wins, a replay changes nothing), so a
+    crash between this statement and :func:`drop_merged_sql` only means the next run merges
+    the same rows again.
+    """
+    return (
+        f"MERGE {fingerprints} AS t\n"
+        f"USING ({_latest_journal(journal, fence)}) AS j\n"
+        "ON t.activation = @cepsync_activation AND t.custom_id = j.custom_id\n"
+        f"WHEN MATCHED AND NOT j.put AND {_NEWER} THEN DELETE\n"
+        f"WHEN MATCHED AND j.put AND {_NEWER} THEN UPDATE SET raw = j.raw, payload = j.payload, "
+        "token = j.token, flush = j.flush, pos = j.pos, acknowledged_at = j.acknowledged_at\n"
+        "WHEN NOT MATCHED AND j.put THEN INSERT (activation, custom_id, raw, payload, token, flush, pos, "
+        "acknowledged_at) VALUES (@cepsync_activation, j.custom_id, j.raw, j.payload, j.token, j.flush, j.pos, "
+        "j.acknowledged_at)"
+    )
+
+
+def drop_merged_sql(journal: str, fence: str) -> str:
+    return (
+        f"DELETE FROM {journal} WHERE activation = @cepsync_activation AND token <= @cepsync_token "
+        f"AND @cepsync_token = (SELECT MAX(token) FROM {fence} WHERE activation = @cepsync_activation)"
+    )
+
+
+def folded_sql(fingerprints: str, journal: str) -> str:
+    """Every acknowledged fingerprint of the activation: the state table with its journal applied."""
+    return (
+        "SELECT custom_id, raw, payload FROM (\n"
+        "  SELECT * FROM (\n"
+        "    SELECT custom_id, raw, payload, TRUE AS put, token, flush, pos "
+        f"FROM {fingerprints} WHERE activation = @cepsync_activation\n"
+        "    UNION ALL SELECT custom_id, raw, payload, put, token, flush, pos "
+        f"FROM {journal} WHERE activation = @cepsync_activation\n"
+        "  ) WHERE TRUE\n"
+        "  QUALIFY ROW_NUMBER() OVER (PARTITION BY custom_id ORDER BY token DESC, flush DESC, pos DESC) = 1\n"
+        ") WHERE put"
+    )
+
+
+def forget_sql(table: str) -> str:
+    return f"DELETE FROM {table} WHERE activation = @cepsync_activation"

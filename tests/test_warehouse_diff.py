@@ -1,0 +1,404 @@
+"""``diff: warehouse`` end to end: the local BigQuery emulator (real google-cloud-bigquery
+client), SQLite for the lease/meta/intents/runs, and the Batch simulator.
+
+full → delta → no change → mirror removal → crash between journal append and merge →
+convergence → crash between merge and journal clean-up → convergence, then the fence.
+
+A "crash" at a boundary is BigQuery refusing the statement that starts the next step (an
+HTTP 403 injected by a real proxy in front of the emulator): the run stops there exactly as
+a killed process would, with the journal appended and not merged (or merged and not cleaned).
+The emulator reports 0 bytes processed and no slot-ms for every job, so cost figures are
+checked for presence and job ids here, and their values only on real BigQuery.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from bigquery_emulator import BigQueryEmulator, RecordingProxy
+from engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people, person
+from google.cloud import bigquery
+from typer.testing import CliRunner
+
+from sync.batch.simulator import BatchSimulator
+from sync.cli import app
+from sync.config import Activation, parse_activation
+from sync.engine import Run, RunOptions
+from sync.errors import LeaseLost
+from sync.sources.bigquery import BigQuerySource
+from sync.state.sqlite import SQLiteStateStore
+from sync.warehouse import sql
+from sync.warehouse.bq import Warehouse
+from sync.warehouse.store import WarehouseStateStore
+
+NAME = "wh_people"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[tuple[BatchSimulator, str]]:
+    simulator = BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)
+    base_url = await simulator.start()
+    yield simulator, base_url
+    await simulator.stop()
+
+
+def write_segment(client: bigquery.Client, dataset: bigquery.Dataset, rows: list[dict[str, Any]]) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer)
+    buffer.seek(0)
+    config = bigquery.LoadJobConfig(
+        source_format=bigquery.SourceFormat.PARQUET,
+        write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+    )
+    client.load_table_from_file(buffer, dataset.table("people"), job_config=config).result()
+
+
+def activation_for(dataset: bigquery.Dataset, base_url: str) -> Activation:
+    return parse_activation(
+        {
+            "name": NAME,
+            "source": {"type": "bigquery", "project": dataset.project, "table": f"{dataset.dataset_id}.people"},
+            "destination": {
+                "api_key_env": "BATCH_REST_API_KEY",
+                "project_key_env": "BATCH_PROJECT_KEY",
+                "base_url": base_url,
+                "concurrency": 2,
+                "max_attempts": 2,
+            },
+            "sync_mode": "mirror",
+            "mapping": {"custom_id": "customer_id", "email": "email"},
+            "attributes": [{"column": "first_name", "name": "firstname"}, {"column": "points"}],
+            "guards": {"max_removed_percent": 50, "max_changed_percent": 100},
+            "journal": {"flush_every_profiles": 100_000, "flush_every_seconds": 30},
+            "diff": {"mode": "warehouse", "dataset": dataset.dataset_id, "maximum_bytes_billed": 10_000_000_000},
+        },
+        source="test",
+    )
+
+
+def open_store(client: bigquery.Client, dataset: bigquery.Dataset, state: Path) -> WarehouseStateStore:
+    warehouse = Warehouse(client, activation=NAME, maximum_bytes_billed=10_000_000_000)
+    return WarehouseStateStore(SQLiteStateStore(state), warehouse, dataset.reference)
+
+
+async def run(
+    activation: Activation, client: bigquery.Client, dataset: bigquery.Dataset, state: Path, *, full: bool = False
+) -> tuple[dict[str, Any], WarehouseStateStore]:
+    store = open_store(client, dataset, state)
+    source = BigQuerySource(activation.source, activation=NAME, client=client)  # type: ignore[arg-type]
+    try:
+        result = await Run(
+            activation,
+            source=source,
+            store=store,
+            client=make_client(activation),
+            options=RunOptions(lease_ttl_seconds=60, full=full),
+        ).execute()
+    finally:
+        source.close()
+        store.base.close()
+    return result.record, store
+
+
+def table_rows(client: bigquery.Client, dataset: bigquery.Dataset, table: str) -> dict[str, tuple[int, int]]:
+    rows = client.query(f"SELECT custom_id, raw, payload FROM `{dataset.project}.{dataset.dataset_id}.{table}`")
+    return {row[0]: (row[1], row[2]) for row in rows.result()}
+
+
+def rows_out(record: dict[str, Any]) -> int:
+    """Segment rows that left the warehouse (the diff's parts and a full pass)."""
+    parts = ("moved rows", "new and bad rows", "full pass")
+    return sum(job["rows_out"] for job in record["warehouse"]["jobs"] if job["purpose"] in parts)
+
+
+def held(simulator: BatchSimulator) -> dict[str, dict[str, Any]]:
+    return {
+        cid: attrs
+        for cid, attrs in simulator.profiles(PROJECT_KEY).items()
+        if any(v is not None for v in attrs.values())
+    }
+
+
+async def test_full_delta_mirror_crashes_and_convergence(
+    sim: tuple[BatchSimulator, str],
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    bq_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    simulator, url = sim
+    activation = activation_for(bq_dataset, url)
+    state = tmp_path / "state.sqlite"
+    segment = people(30)
+    write_segment(bq_client, bq_dataset, segment)
+
+    # 1. Full: every row leaves once, every profile is acknowledged and merged.
+    record, _ = await run(activation, bq_client, bq_dataset, state)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["counts"]["acknowledged"] == 30
+    assert rows_out(record) == 30
+    assert len(held(simulator)) == 30
+    assert len(table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)) == 30
+    assert table_rows(bq_client, bq_dataset, sql.JOURNAL) == {}
+    cost = record["warehouse"]
+    purposes = [job["purpose"] for job in cost["jobs"]]
+    assert {"id scan", "diff", "journal append", "merge", "drop merged journal"} <= set(purposes)
+    assert all(job["job_id"] for job in cost["jobs"])
+    assert {"bytes_processed", "bytes_billed", "slot_ms"} <= set(cost)
+
+    # 2. Delta: two changed, one new; only those three rows leave the warehouse.
+    segment[3] = person(3, first_name="Changed")
+    segment[7] = person(7, points=7_000)
+    segment.append(person(30))
+    write_segment(bq_client, bq_dataset, segment)
+    record, _ = await run(activation, bq_client, bq_dataset, state)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["counts"]["acknowledged"] == 3
+    assert rows_out(record) == 3
+    assert held(simulator)["c00003"]["firstname"] == "Changed"
+
+    # 3. No change: nothing leaves, nothing is sent.
+    record, _ = await run(activation, bq_client, bq_dataset, state)
+    assert record["counts"]["sent"] == 0
+    assert rows_out(record) == 0
+
+    # 4. Mirror removal: two ids left the segment; they are cleared and forgotten.
+    segment = [row for row in segment if row["customer_id"] not in ("c00010", "c00011")]
+    write_segment(bq_client, bq_dataset, segment)
+    record, _ = await run(activation, bq_client, bq_dataset, state)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["counts"]["removed"] == 2
+    assert "c00010" not in held(simulator)
+    assert "c00011" not in held(simulator)
+    stored = table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)
+    assert len(stored) == 29
+    assert "c00010" not in stored
+
+    # 5. Crash between the journal append and the merge: BigQuery refuses the end-of-run
+    # MERGE (the recovery MERGE at the start of the run is let through).
+    proxy_client = bq_proxy.client(bq_dataset.project)
+    segment[0] = person(0, first_name="AfterCrash")
+    write_segment(bq_client, bq_dataset, segment)
+    bq_proxy.inject(
+        "POST", "/jobs", status=403, reason="accessDenied", message="crash", times=1, body_contains="MERGE ", skip=1
+    )
+    record, _ = await run(activation, proxy_client, bq_dataset, state)
+    assert record["status"] == "failed"
+    assert record["counts"]["acknowledged"] == 1
+    assert set(table_rows(bq_client, bq_dataset, sql.JOURNAL)) == {"c00000"}
+    before = table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)["c00000"]
+    journal = table_rows(bq_client, bq_dataset, sql.JOURNAL)["c00000"]
+    assert before != journal
+
+    # 6. Convergence: the next run merges the crashed run's journal first; nothing is re-sent.
+    record, _ = await run(activation, bq_client, bq_dataset, state)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["counts"]["sent"] == 0
+    assert rows_out(record) == 0
+    assert table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)["c00000"] == journal
+    assert table_rows(bq_client, bq_dataset, sql.JOURNAL) == {}
+
+    # 7. Crash during the merge step, between the MERGE and the journal clean-up.
+    segment[1] = person(1, first_name="MidMerge")
+    write_segment(bq_client, bq_dataset, segment)
+    bq_proxy.inject(
+        "POST",
+        "/jobs",
+        status=403,
+        reason="accessDenied",
+        message="crash",
+        times=1,
+        body_contains="DELETE FROM",
+        skip=1,
+    )
+    record, _ = await run(activation, proxy_client, bq_dataset, state)
+    assert record["status"] == "failed"
+    merged = table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)["c00001"]
+    assert table_rows(bq_client, bq_dataset, sql.JOURNAL) == {"c00001": merged}
+    record, _ = await run(activation, bq_client, bq_dataset, state)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["counts"]["sent"] == 0
+    assert table_rows(bq_client, bq_dataset, sql.JOURNAL) == {}
+    assert table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)["c00001"] == merged
+    assert held(simulator)["c00001"]["firstname"] == "MidMerge"
+    proxy_client.close()  # type: ignore[no-untyped-call]
+
+
+async def test_a_stale_lease_can_neither_append_nor_merge(
+    bq_client: bigquery.Client, bq_dataset: bigquery.Dataset, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from sync.model import Fingerprint, JournalEntry
+
+    store = open_store(bq_client, bq_dataset, tmp_path / "state.sqlite")
+    now = datetime.now(UTC)
+    try:
+        stale = store.acquire_lease(NAME, "old", 60, now)
+        store.register(stale)
+        store.commit(stale, [JournalEntry("a", Fingerprint(1, 2))], now)
+        store.release_lease(stale)
+        current = store.acquire_lease(NAME, "new", 60, now)
+        store.register(current)
+        store.commit(current, [JournalEntry("a", Fingerprint(3, 4)), JournalEntry("b", Fingerprint(5, 6))], now)
+        # The base store refuses the stale token before BigQuery is asked anything...
+        with pytest.raises(LeaseLost):
+            store.commit(stale, [JournalEntry("c", Fingerprint(7, 8))], now)
+        # ...and the MERGE itself is fenced in SQL: sent with the stale token, it changes nothing.
+        store.warehouse.query(
+            "stale merge",
+            sql.merge_sql(store.fingerprints_sql, sql.table_sql(store.journal), sql.table_sql(store.fence)),
+            [
+                bigquery.ScalarQueryParameter("cepsync_activation", "STRING", NAME),
+                bigquery.ScalarQueryParameter("cepsync_token", "INT64", stale.token),
+            ],
+        )
+        assert table_rows(bq_client, bq_dataset, sql.FINGERPRINTS) == {}
+        store.compact(current, now)
+        assert table_rows(bq_client, bq_dataset, sql.FINGERPRINTS) == {"a": (3, 4), "b": (5, 6)}
+        assert store.load_fingerprints(NAME) == {"a": Fingerprint(3, 4), "b": Fingerprint(5, 6)}
+    finally:
+        store.base.close()
+
+
+async def test_switching_modes_carries_the_state_over_and_resends_nothing(
+    sim: tuple[BatchSimulator, str],
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    simulator, url = sim
+    warehouse_activation = activation_for(bq_dataset, url)
+    config = warehouse_activation.model_dump(mode="json", exclude={"diff"})
+    function_activation = parse_activation(config, source="test")
+    state = tmp_path / "state.sqlite"
+    write_segment(bq_client, bq_dataset, people(12))
+
+    # diff: function, with the same BigQuery segment: a full load into SQLite.
+    source = BigQuerySource(function_activation.source, activation=NAME, client=bq_client)  # type: ignore[arg-type]
+    store = SQLiteStateStore(state)
+    try:
+        result = await Run(
+            function_activation, source=source, store=store, client=make_client(function_activation)
+        ).execute()
+    finally:
+        source.close()
+        store.close()
+    assert result.record["counts"]["acknowledged"] == 12
+
+    # The documented step, through the real CLI, with the YAML that names the dataset.
+    path = tmp_path / "wh.yaml"
+    path.write_text(yaml.safe_dump(warehouse_activation.model_dump(mode="json")), encoding="utf-8")
+    env = {
+        "BIGQUERY_EMULATOR_HOST": bq_emulator.rest_url,
+        "GOOGLE_CLOUD_PROJECT": bq_dataset.project,
+        "COLUMNS": "200",
+    }
+    outcome = CliRunner().invoke(
+        app, ["switch-diff", str(path), "--to", "warehouse", "--state", f"sqlite:///{state}"], env=env
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert "12 fingerprints" in outcome.output
+    assert len(table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)) == 12
+    emptied = SQLiteStateStore(state)
+    try:
+        assert emptied.load_fingerprints(NAME) == {}
+    finally:
+        emptied.close()
+
+    # diff: warehouse now: every row is mapped once (the raw hash recipe differs), nothing is sent.
+    record, _ = await run(warehouse_activation, bq_client, bq_dataset, state)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["counts"]["sent"] == 0
+    assert rows_out(record) == 12
+    record, _ = await run(warehouse_activation, bq_client, bq_dataset, state)
+    assert rows_out(record) == 0
+
+    # And back: the function diff finds every fingerprint and sends nothing.
+    outcome = CliRunner().invoke(
+        app, ["switch-diff", str(path), "--to", "function", "--state", f"sqlite:///{state}"], env=env
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert table_rows(bq_client, bq_dataset, sql.FINGERPRINTS) == {}
+    source = BigQuerySource(function_activation.source, activation=NAME, client=bq_client)  # type: ignore[arg-type]
+    store = SQLiteStateStore(state)
+    try:
+        result = await Run(
+            function_activation, source=source, store=store, client=make_client(function_activation)
+        ).execute()
+    finally:
+        source.close()
+        store.close()
+    assert result.record["status"] == "succeeded"
+    assert result.record["counts"]["sent"] == 0
+    assert len(held(simulator)) == 12
+
+
+async def test_every_statement_is_the_pinned_sql_with_parameters_and_a_bytes_cap(
+    sim: tuple[BatchSimulator, str],
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    bq_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    _, url = sim
+    activation = activation_for(bq_dataset, url)
+    write_segment(bq_client, bq_dataset, people(5))
+    proxy_client = bq_proxy.client(bq_dataset.project)
+    record, store = await run(activation, proxy_client, bq_dataset, tmp_path / "state.sqlite")
+    assert record["status"] == "succeeded", record.get("error")
+    # A full pass (--full) reads every row back, ordered by Custom ID for its checkpoint.
+    full, _ = await run(activation, proxy_client, bq_dataset, tmp_path / "state.sqlite", full=True)
+    proxy_client.close()  # type: ignore[no-untyped-call]
+    assert full["counts"]["acknowledged"] == 5
+    assert rows_out(full) == 5
+    record["warehouse"]["jobs"] += full["warehouse"]["jobs"]
+    queries = [
+        request.json()["configuration"]["query"]
+        for request in bq_proxy.requests
+        if request.method == "POST"
+        and request.path.split("?")[0].endswith("/bigquery/v2/projects/cepsync-test/jobs")
+        and "query" in request.json()["configuration"]
+    ]
+    assert len(queries) == len([job for job in record["warehouse"]["jobs"] if job["purpose"] != "journal append"])
+    for query in queries:
+        assert query["maximumBytesBilled"] == "10000000000"
+        assert query["useLegacySql"] is False
+        assert NAME not in query["query"]  # the activation is a parameter, never spliced in
+    texts = {query["query"] for query in queries}
+    fingerprints, journal, fence = (sql.table_sql(t) for t in (store.fingerprints, store.journal, store.fence))
+    segment = sql.table_sql(bq_dataset.table("people"))
+    columns = ["customer_id", "email", "first_name", "points"]
+    assert sql.merge_sql(fingerprints, journal, fence) in texts
+    assert sql.drop_merged_sql(journal, fence) in texts
+    assert sql.id_scan_sql(segment, "`customer_id`", fingerprints) in texts
+    assert sql.diff_sql(segment, columns, "`customer_id`", fingerprints) in texts
+    assert sql.full_sql(segment, columns, "`customer_id`", fingerprints, ordered=True) in texts
+    assert sql.register_fence_sql(fence) in texts
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"diff": {"mode": "warehouse"}}, "needs 'dataset'"),
+        ({"diff": {"mode": "warehouse", "dataset": "bad.name.x"}}, "[project.]dataset"),
+        ({"diff": {"mode": "function", "dataset": "state"}}, "only apply to mode 'warehouse'"),
+        ({"journal": {"flush_every_profiles": 2_000, "flush_every_seconds": 30}}, "load job"),
+        ({"source": {"type": "duckdb", "database": "x.duckdb", "table": "people"}}, "needs a BigQuery source"),
+    ],
+)
+def test_the_warehouse_option_is_validated(change: dict[str, Any], message: str) -> None:
+    from sync.errors import ConfigError
+
+    base = activation_for(bigquery.Dataset("cepsync-test.state"), "http://127.0.0.1:1").model_dump(mode="json")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_activation({**base, **change}, source="test")
