@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help install demo test test-fast lint bench package checkov simulator bigquery-emulator browser clean
+.PHONY: help install demo test test-fast lint bench bench-warehouse package checkov simulator bigquery-emulator browser clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,8 +46,11 @@ lint: install ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff format --check sync tests main.py infra bench
 	$(BIN)/mypy sync main.py
 
-bench: install ## Benchmark: 1M profiles DuckDB -> simulator (limits on), then a 1 %-changed delta
+bench: install ## Benchmark: 1M profiles DuckDB -> simulator, this engine vs the previous one (x3), then a 5M first sync
 	$(BIN)/python bench/bench_sync.py
+
+bench-warehouse: install bigquery-emulator ## Warehouse diff vs function diff on the local BigQuery emulator (rows leaving the warehouse)
+	$(BIN)/python bench/bench_warehouse.py
 
 package: install ## Build dist/function-source.zip for Cloud Functions
 	$(BIN)/python infra/package.py --out dist/function-source.zip
