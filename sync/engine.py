@@ -405,7 +405,12 @@ class Run:
         started = time.perf_counter()
         mapped = prepared.mapper.map_batch(batch)
         planned = plan_rows(
-            batch, mapped, full=full, duplicates=scan.ids.duplicates, id_column=self.activation.mapping.custom_id
+            batch,
+            mapped,
+            full=full,
+            duplicates=scan.ids.duplicates,
+            id_column=self.activation.mapping.custom_id,
+            payload_keys=prepared.mapper.payload_keys,
         )
         self._stages.map += time.perf_counter() - started
         return planned

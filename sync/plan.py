@@ -115,6 +115,7 @@ def plan_rows(
     full: bool,
     duplicates: Mapping[str, int],
     id_column: str,
+    payload_keys: Sequence[tuple[str, str]] = (),
 ) -> BatchPlan:
     """Classify the mapped rows of one differ batch (see the module docstring).
 
@@ -124,6 +125,11 @@ def plan_rows(
         full: A full pass: every valid row is sent, unchanged ones included.
         duplicates: Custom ID -> copies in the segment, for every duplicated id.
         id_column: The Custom ID column (named in a duplicate's rejection).
+        payload_keys: ``ProfileMapper.payload_keys``. A row that lost attributes
+            (``drop_attribute``) is fingerprinted as if each dropped key were null, which is
+            what Batch holds for it after the send unless it held a value (it keeps that):
+            a previously-null attribute whose new value is invalid is no change to send.
+            The body sent still leaves the dropped keys out.
     """
     plan = BatchPlan()
     counts = plan.tally.counts
@@ -165,7 +171,12 @@ def plan_rows(
         for issue in row.issues:
             dropped[issue.reason.value] += 1
         body = canonical_payload(attributes)
-        fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(body))
+        compared = body
+        if row.issues and payload_keys:
+            dropped_keys = [key for key, present in payload_keys if key not in attributes and present not in attributes]
+            if dropped_keys:
+                compared = canonical_payload({**attributes, **dict.fromkeys(dropped_keys)})
+        fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(compared))
         stored_payload = stored_payloads[index]
         if stored_payload is None:
             kind = Outcome.NEW
