@@ -70,7 +70,10 @@ StateOption = Annotated[
 ]
 RejectsOption = Annotated[
     Path | None,
-    typer.Option("--rejects", help="Write every rejected row (JSON lines: row, custom_id, field, reason) here."),
+    typer.Option(
+        "--rejects",
+        help="Write every rejected row and dropped attribute (JSON lines: row, custom_id, field, reason) here.",
+    ),
 ]
 ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
 

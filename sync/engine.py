@@ -508,12 +508,17 @@ class Run:
                 on_outcome=self._absorb,
             )
             journal.on_flush = self._checkpoint_for(sender)
-            await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
-            if ids.removed and not sender.incomplete and not sender.failed:
-                for start in range(0, len(ids.removed), endpoint.send_batch):
-                    if not await sender.submit(SendGroup(removals=ids.removed[start : start + endpoint.send_batch])):
-                        break
-            await sender.drain()
+            try:
+                await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
+                if ids.removed and not sender.incomplete and not sender.failed:
+                    for start in range(0, len(ids.removed), endpoint.send_batch):
+                        if not await sender.submit(
+                            SendGroup(removals=ids.removed[start : start + endpoint.send_batch])
+                        ):
+                            break
+                await sender.drain()
+            finally:
+                self._settle_counts(sender)
             if sender.started_at is not None:
                 # How long after the run started its first request left (the pipeline streams).
                 self.run.timings["first_request_seconds"] = round(sender.started_at - self._started_perf, 3)
@@ -654,6 +659,10 @@ class Run:
             )
 
     def _keep_rejected(self, planned: BatchPlan) -> None:
+        if self.rejects is not None and planned.dropped:
+            with self._reject_lock:
+                for dropped in planned.dropped:
+                    self.rejects({"run_id": self.run_id, "activation": self.activation.name, **dropped.as_record()})
         if not planned.rejected:
             return
         rows = sorted(planned.rejected, key=lambda rejected: rejected.row_number or 0)
@@ -665,6 +674,15 @@ class Run:
                 if len(samples) < REJECTED_SAMPLE_SIZE:
                     samples.append(rejected.as_record())
             samples.sort(key=lambda sample: sample["row"] or 0)
+
+    def _settle_counts(self, sender: Sender) -> None:
+        """``sent`` is every profile a request carried; one Batch did not answer for (a request
+        stopped by a 401 or an unreachable host) is ``failed`` like a transient failure."""
+        counts = self.run.counts
+        attempted = sender.tally.attempted
+        counts["sent"] = attempted
+        answered = counts.get("acknowledged", 0) + counts.get("rejected_by_batch", 0)
+        counts["failed"] = max(counts.get("failed", 0), attempted - answered)
 
     def _absorb(self, outcome: SendOutcome) -> None:
         counts = self.run.counts

@@ -72,6 +72,26 @@ class RejectedRow:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class DroppedAttribute:
+    """One attribute left out of a row under ``drop_attribute`` (a ``--rejects`` line of its own)."""
+
+    row_number: int | None
+    custom_id: str | None
+    issue: RowIssue
+    row_sent: bool  # the row itself was sent without the attribute (else: unchanged or rejected)
+
+    def as_record(self) -> dict[str, Any]:
+        issue = self.issue
+        return {
+            "row": self.row_number,
+            "custom_id": self.custom_id,
+            "issues": [{"field": issue.field, "reason": issue.reason.value, "detail": issue.detail}],
+            "attribute_dropped": True,
+            "row_sent": self.row_sent,
+        }
+
+
 class PlannedSend(NamedTuple):
     """One profile to send: its canonical payload and what to store once Batch acknowledged it."""
 
@@ -105,6 +125,7 @@ class BatchPlan:
     sends: list[PlannedSend] = field(default_factory=list)
     refreshes: list[JournalEntry] = field(default_factory=list)
     rejected: list[RejectedRow] = field(default_factory=list)
+    dropped: list[DroppedAttribute] = field(default_factory=list)
     tally: PlanCounts = field(default_factory=PlanCounts)
 
 
@@ -156,6 +177,7 @@ def plan_rows(
             else:
                 for issue in row.issues:
                     dropped[issue.reason.value] += 1
+                    plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=False))
             copies = duplicates.get(custom_id, 2)
             issue = RowIssue(id_column, Reason.DUPLICATE_CUSTOM_ID, f"appears {copies} times in the segment")
             plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
@@ -168,8 +190,6 @@ def plan_rows(
             plan.rejected.append(RejectedRow(rows[index], custom_id, tuple(row.issues)))
             continue
         assert custom_id is not None  # a row with attributes always has an id
-        for issue in row.issues:
-            dropped[issue.reason.value] += 1
         body = canonical_payload(attributes)
         compared = body
         if row.issues and payload_keys:
@@ -185,7 +205,11 @@ def plan_rows(
         else:
             kind = Outcome.UNCHANGED
         counts[kind.value] += 1
-        if kind is Outcome.UNCHANGED and not full:
+        sent = kind is not Outcome.UNCHANGED or full
+        for issue in row.issues:
+            dropped[issue.reason.value] += 1
+            plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=sent))
+        if not sent:
             if stored_raws[index] != fingerprint.raw:
                 # Same payload as acknowledged (a cosmetic source change, or a mapping change
                 # that does not touch this profile): remember the new raw hash so the next run

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import PROJECT_KEY, make_activation, people, run_once, write_segment
+from engine_support import PROJECT_KEY, make_activation, make_client, people, person, run_once, write_segment
 
 from sync.batch.simulator import BatchSimulator
 
@@ -55,3 +55,48 @@ async def test_a_dropped_attribute_compares_as_null_not_as_a_missing_key(
     third = await run_once(activation, state)
     assert third.record["counts"]["changed"] == 0
     assert received(simulator) == before + 1
+
+
+async def test_every_dropped_attribute_and_every_duplicate_copy_is_a_rejects_line(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    """Issue 8 item 17 (engine half): one --rejects line per dropped attribute, both duplicate copies."""
+    _, url = sim
+    rows = people(5)
+    rows[0]["email"] = "not an email"
+    rows[0]["phone"] = "12"
+    rows[1]["email"] = "nope"
+    rows.append(person(3))  # c00003 twice
+    write_segment(tmp_path / "segment.duckdb", rows)
+    activation = make_activation(tmp_path, url, on_invalid_value="drop_attribute")
+    lines: list[dict[str, Any]] = []
+    result = await run_once(activation, tmp_path / "state.db", rejects=lines.append)
+    assert result.record["dropped_attributes_by_reason"] == {"invalid_email": 2, "invalid_phone": 1}
+    dropped = [line for line in lines if line.get("attribute_dropped")]
+    assert sorted((line["custom_id"], line["issues"][0]["field"], line["issues"][0]["reason"]) for line in dropped) == [
+        ("c00000", "email", "invalid_email"),
+        ("c00000", "phone", "invalid_phone"),
+        ("c00001", "email", "invalid_email"),
+    ]
+    assert all(line["row_sent"] is True and len(line["issues"]) == 1 for line in dropped)
+    assert all(line["run_id"] == result.record["run_id"] for line in lines)
+    copies = [line for line in lines if line["custom_id"] == "c00003"]
+    assert sorted(line["row"] for line in copies) == [4, 6]
+    assert all(line["issues"][0]["reason"] == "duplicate_custom_id" for line in copies)
+
+
+async def test_sent_counts_every_attempted_profile_even_when_batch_refuses_the_key(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    """Issue 8 item 16 (engine half): "sent" means attempted; acknowledged/refused/failed apart."""
+    _, url = sim
+    write_segment(tmp_path / "segment.duckdb", people(30))
+    activation = make_activation(tmp_path, url)
+    client = make_client(activation, api_key="wrong-key-0000")
+    result = await run_once(activation, tmp_path / "state.db", client=client)
+    assert result.status == "auth_error"
+    counts = result.record["counts"]
+    assert counts["sent"] == 30  # one request of 30 left; Batch answered 401
+    assert counts["acknowledged"] == 0
+    assert counts["rejected_by_batch"] == 0
+    assert counts["failed"] == 30
