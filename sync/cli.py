@@ -277,6 +277,8 @@ def print_record(
     mapping = record.get("mapping_version") or {}
     if mapping.get("explanation"):
         out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
+    for warning in record.get("warnings") or ():
+        out.print(_styled(("warning:", "yellow"), " ", str(warning)))
     facts = _facts_line(record)
     if facts:
         out.print(Text(facts, style="dim"))

@@ -426,6 +426,15 @@ class Run:
             allow=self.options.allow_guards,
         )
         self.run.guards = [v.as_record() for v in verdicts]
+        if scan.ids.rows == 0 and scan.ids.synced == 0 and not self.run.warnings:
+            # The empty-segment guard protects synced profiles; here there are none, so an
+            # empty first run is allowed (a new segment may be empty) but never silent.
+            warning = (
+                "the segment returned no rows and this activation has synced nothing yet: check source.query "
+                "(or source.table) if profiles were expected"
+            )
+            self.run.warnings.append(warning)
+            self.log.warning("empty segment on a first run", detail=warning)
         tripped = [v for v in verdicts if v.tripped and not v.overridden]
         if tripped and raise_on_trip:
             self._fill_counts(scan, moved, moved.tally)

@@ -117,6 +117,8 @@ class RunRecord:
     retryable: bool | None = None
     journal: dict[str, int] | None = None
     duplicate_of: str | None = None
+    # Things that did not stop the run but deserve a look (an empty first segment).
+    warnings: list[str] = field(default_factory=list)
     # The activation's config as it ran, without secrets (sync.runconfig).
     config: dict[str, Any] = field(default_factory=dict)
     # Fields written by the edges after the run (the function's hand-over), kept verbatim.
@@ -126,8 +128,8 @@ class RunRecord:
         """The stored JSON shape (a plain dict; ``extra`` keys at the top level)."""
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
         data["status"] = self.status.value
-        for optional in ("retryable", "journal", "duplicate_of"):
-            if data[optional] is None:
+        for optional in ("retryable", "journal", "duplicate_of", "warnings"):
+            if not data[optional] and data[optional] is not False:
                 del data[optional]
         data.update(self.extra)
         return data
