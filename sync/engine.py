@@ -223,6 +223,7 @@ class Run:
             trigger_id=self.options.trigger_id,
             continuation_of=self.options.continuation_of,
             config=config_as_run(activation),
+            allow=list(self.options.allow_guards),
         )
 
     @property
@@ -439,10 +440,15 @@ class Run:
         if tripped and raise_on_trip:
             self._fill_counts(scan, moved, moved.tally)
             names = ", ".join(v.name for v in tripped)
+            if self.options.trigger == "cli":
+                approve = "rerun with " + " ".join(f"--allow {v.name}" for v in tripped)
+            else:  # the deployed function: its message carries the approval
+                message = {"activation": activation.name, "allow": [v.name for v in tripped]}
+                approve = f"send the function the message {json.dumps(message)}"
             raise GuardTripped(
                 f"activation '{activation.name}': guard(s) {names} tripped, nothing was sent: "
                 + "; ".join(v.detail for v in tripped)
-                + f". To proceed once, rerun with --allow {tripped[0].name}."
+                + f". To proceed once, {approve}."
             )
 
     async def _claim(self, prepared: _Prepared, scan: _Scan) -> None:
