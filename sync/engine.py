@@ -790,9 +790,18 @@ class Run:
     def _deadline(self) -> float:
         """No request may keep retrying past the time budget or the lease expiry."""
         lease = self._current_lease()
+        ttl = self.options.lease_ttl_seconds
         lease_left = (lease.expires_at - self.clock.now()).total_seconds()
-        # Keep a margin before expiry (the renewer extends the lease every ttl/3).
-        margin = min(5.0, self.options.lease_ttl_seconds * 0.25)
+        if lease_left >= ttl / 2:
+            # The renewer is keeping up (it extends the lease to a full ttl every ttl/3, so a
+            # healthy lease never has less than two thirds left): count on that renewal rather
+            # than on what the current lease has left, or a short lease would fail a request
+            # whose rate-limit wait is longer than a fraction of the ttl. A lease that renewal
+            # stopped extending falls below half and bounds requests by its real expiry again
+            # (and no commit outlives it: every commit is fenced).
+            lease_left = ttl
+        # Keep a margin before expiry.
+        margin = min(5.0, ttl * 0.25)
         deadline = self.clock.monotonic() + max(lease_left - margin, 0.0)
         budget = self.options.time_budget_seconds
         if budget is not None:

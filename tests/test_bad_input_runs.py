@@ -100,3 +100,19 @@ async def test_sent_counts_every_attempted_profile_even_when_batch_refuses_the_k
     assert counts["acknowledged"] == 0
     assert counts["rejected_by_batch"] == 0
     assert counts["failed"] == 30
+
+
+async def test_a_short_lease_does_not_fail_a_clean_rate_limited_run(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    """Issue 8 item 22: the renewer extends the lease every ttl/3; a rate-limit wait may count on it."""
+    simulator, url = sim
+    write_segment(tmp_path / "segment.duckdb", people(3_000))
+    # Six requests of 200 in flight at ~290 profiles/s: a request may wait 4.1 s for its turn,
+    # more than a 6 s lease has left (after its 1.5 s margin) once a third of it has passed,
+    # but less than a full renewed lease minus the margin (4.5 s).
+    activation = make_activation(tmp_path, url, destination={"endpoint": "update", "concurrency": 6})
+    result = await run_once(activation, tmp_path / "state.db", lease_ttl_seconds=6.0)
+    assert result.status == "succeeded", result.record.get("error")
+    assert result.record["counts"]["acknowledged"] == 3_000
+    assert simulator.stats()["max_updates_per_custom_id"] == 1
