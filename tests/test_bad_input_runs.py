@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import PROJECT_KEY, make_activation, make_client, people, person, run_once, write_segment
+import structlog
+from engine_support import (
+    PROJECT_KEY,
+    make_activation,
+    make_client,
+    people,
+    person,
+    run_once,
+    stored_ids,
+    write_segment,
+)
 
 from sync.batch.simulator import BatchSimulator
 
@@ -116,3 +128,26 @@ async def test_a_short_lease_does_not_fail_a_clean_rate_limited_run(
     assert result.status == "succeeded", result.record.get("error")
     assert result.record["counts"]["acknowledged"] == 3_000
     assert simulator.stats()["max_updates_per_custom_id"] == 1
+
+
+async def test_an_unreachable_batch_host_stops_the_run_at_once_with_one_message(tmp_path: Path) -> None:
+    """Issue 8 item 19: connection refused on several requests in a row stops the run."""
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    write_segment(tmp_path / "segment.duckdb", people(4_000))
+    activation = make_activation(tmp_path, f"http://127.0.0.1:{port}", destination={"endpoint": "update"})
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        result = await run_once(activation, tmp_path / "state.db")
+    assert time.monotonic() - started < 10
+    assert (result.status, result.exit_code, result.record["retryable"]) == ("failed", 1, True)
+    error = result.record["error"]
+    assert f"cannot reach Batch at http://127.0.0.1:{port}" in error
+    assert "destination.base_url" in error
+    retries = [entry for entry in logs if entry["event"] in ("batch_request_retry", "batch_request_failed")]
+    assert len(retries) <= 8, len(retries)
+    counts = result.record["counts"]
+    assert counts["acknowledged"] == 0
+    assert counts["sent"] == counts["failed"] <= 4 * 200  # at most the requests in flight
+    assert stored_ids(tmp_path / "state.db") == set()
