@@ -229,6 +229,7 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("removed (mirror)", "removed"),
         ("rejected before sending", "rejected"),
         ("  of which duplicate ids", "duplicates"),
+        ("refused by Batch before, unchanged (not resent)", "refused_unchanged"),
         # A profile sent is attempted once, then ends in exactly one of the three below.
         ("attempted (sent to Batch)", "sent"),
         ("acknowledged by Batch", "acknowledged"),

@@ -40,7 +40,7 @@ from sync.config import Activation, RunType, SyncMode, mapping_version
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.model import ActivationMeta, JournalEntry, Lease, Reason, RowIssue
+from sync.model import ActivationMeta, JournalEntry, Lease, Reason, Refusal, RowIssue
 from sync.plan import (
     REJECTED_SAMPLE_SIZE,
     BatchPlan,
@@ -212,6 +212,10 @@ class Run:
         self._stop = threading.Event()
         # Rows Batch refused, by reason (added to the planning's rejections in the record).
         self._refused: dict[str, int] = {}
+        # Payloads Batch refused in earlier runs (by custom_id), and the ids of those that
+        # Batch acknowledged a payload for in this run (their refusal is forgotten).
+        self._refusals: dict[str, Refusal] = {}
+        self._refusals_cleared: list[str] = []
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
         self.run = RunRecord(
             run_id=self.run_id,
@@ -364,6 +368,7 @@ class Run:
             if activation.sync_mode is SyncMode.MIRROR
             else set()
         )
+        self._refusals = await asyncio.to_thread(self.store.load_refusals, activation.name)
         continuation = meta.continuation or {}
         full = self.options.full or activation.run_type is RunType.FULL_ONLY or bool(continuation.get("full"))
         watermark = continuation.get("watermark") if full else None
@@ -412,6 +417,8 @@ class Run:
             duplicates=scan.ids.duplicates,
             id_column=self.activation.mapping.custom_id,
             payload_keys=prepared.mapper.payload_keys,
+            # --full (or a full message) is the way to send refused payloads again anyway.
+            refused=None if self.options.full else self._refusals,
         )
         self._stages.map += time.perf_counter() - started
         return planned
@@ -601,6 +608,10 @@ class Run:
             for start in range(0, len(moved.refreshes), 10_000):
                 journal.add(moved.refreshes[start : start + 10_000])
                 await journal.flush()
+        if sender is not None and sender.tally.refusals:
+            await asyncio.to_thread(self.store.record_refusals, self._current_lease(), sender.tally.refusals)
+        if self._refusals_cleared:
+            await asyncio.to_thread(self.store.clear_refusals, self._current_lease(), self._refusals_cleared)
         if sender is not None and (sender.tally.cleared or sender.tally.acknowledged_new):
             await asyncio.to_thread(
                 self.store.clear_intents, self._current_lease(), sender.tally.cleared + sender.tally.acknowledged_new
@@ -640,7 +651,7 @@ class Run:
             self.run.status = RunStatus.PARTIAL
             return
         meta.last_success_run_id = self.run_id
-        rejected = counts.get("rejected", 0) + counts.get("rejected_by_batch", 0)
+        rejected = counts.get("rejected", 0) + counts.get("rejected_by_batch", 0) + counts.get("refused_unchanged", 0)
         self.run.status = RunStatus.SUCCEEDED_WITH_REJECTIONS if rejected else RunStatus.SUCCEEDED
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -705,6 +716,8 @@ class Run:
         counts["acknowledged"] = counts.get("acknowledged", 0) + len(outcome.acknowledged)
         counts["rejected_by_batch"] = counts.get("rejected_by_batch", 0) + len(outcome.rejected)
         counts["failed"] = counts.get("failed", 0) + len(outcome.failed)
+        if self._refusals:
+            self._refusals_cleared.extend(c for c in outcome.acknowledged if c in self._refusals)
         refused = Reason.BATCH_REJECTED.value
         for rejection in outcome.rejected:
             self._refused[refused] = self._refused.get(refused, 0) + 1

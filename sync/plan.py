@@ -12,6 +12,8 @@ state knows of each (its stored fingerprint, whether its id is duplicated). Afte
                   the stored raw hash is updated so the next run skips mapping the row;
 * ``rejected``  — invalid value, bad or duplicated custom_id: never sent, state untouched,
                   and the person still counts as *in the segment* (never removed for it);
+* ``refused_unchanged`` — the very payload Batch refused in an earlier run (a partial
+                  error listed it): not sent again until it changes (``--full`` does);
 * ``removed``   — mirror mode only: an id this activation synced that left the segment
                   (found by the differ's anti-join, never by mapping).
 
@@ -31,7 +33,7 @@ import pyarrow as pa
 from sync.config import GuardsConfig, SyncMode
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
-from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
+from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, Refusal, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -46,6 +48,7 @@ COUNT_KEYS = (
     "rejected",
     "duplicates",
     "refreshed",
+    "refused_unchanged",
 )
 
 
@@ -137,6 +140,7 @@ def plan_rows(
     duplicates: Mapping[str, int],
     id_column: str,
     payload_keys: Sequence[tuple[str, str]] = (),
+    refused: Mapping[str, Refusal] | None = None,
 ) -> BatchPlan:
     """Classify the mapped rows of one differ batch (see the module docstring).
 
@@ -151,6 +155,10 @@ def plan_rows(
             what Batch holds for it after the send unless it held a value (it keeps that):
             a previously-null attribute whose new value is invalid is no change to send.
             The body sent still leaves the dropped keys out.
+        refused: Payloads Batch refused before, by custom_id (``StateStore.load_refusals``).
+            A row whose payload is the one Batch refused is not sent again (Batch would
+            refuse it again): it is listed with Batch's reason and counted
+            ``refused_unchanged``. A changed payload is sent as usual.
     """
     plan = BatchPlan()
     counts = plan.tally.counts
@@ -204,6 +212,17 @@ def plan_rows(
             kind = Outcome.CHANGED
         else:
             kind = Outcome.UNCHANGED
+        prior = refused.get(custom_id) if refused else None
+        if prior is not None and prior.payload == fingerprint.payload and kind is not Outcome.UNCHANGED:
+            counts["refused_unchanged"] += 1
+            by_reason[Reason.BATCH_REJECTED.value] += 1
+            for issue in row.issues:
+                dropped[issue.reason.value] += 1
+                plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=False))
+            detail = f"Batch refused this payload before ({prior.reason}); not sent again until it changes"
+            issue = RowIssue(prior.field, Reason.BATCH_REJECTED, detail)
+            plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
+            continue
         counts[kind.value] += 1
         sent = kind is not Outcome.UNCHANGED or full
         for issue in row.issues:

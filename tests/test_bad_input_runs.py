@@ -22,6 +22,7 @@ from engine_support import (
 )
 
 from sync.batch.simulator import BatchSimulator
+from sync.state.sqlite import SQLiteStateStore
 
 
 @pytest.fixture
@@ -151,3 +152,71 @@ async def test_an_unreachable_batch_host_stops_the_run_at_once_with_one_message(
     assert counts["acknowledged"] == 0
     assert counts["sent"] == counts["failed"] <= 4 * 200  # at most the requests in flight
     assert stored_ids(tmp_path / "state.db") == set()
+
+
+async def test_a_payload_batch_refused_is_not_resent_until_it_changes(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    """Issue 8 item 14: a partial error is remembered per payload; transient failures are not."""
+    simulator, url = sim
+    state = tmp_path / "state.db"
+    rows = people(30)
+    write_segment(tmp_path / "segment.duckdb", rows)
+    simulator.faults.reject_custom_ids = {"c00005"}
+    activation = make_activation(tmp_path, url)
+    first = await run_once(activation, state)
+    assert first.record["counts"]["rejected_by_batch"] == 1
+    before = received(simulator)
+
+    lines: list[dict[str, Any]] = []
+    second = await run_once(activation, state, rejects=lines.append)
+    assert received(simulator) == before  # nothing sent: Batch would refuse the same payload again
+    assert second.status == "succeeded_with_rejections"
+    assert second.record["counts"]["refused_unchanged"] == 1
+    assert second.record["counts"]["new"] == 0
+    assert second.record["rejected_by_reason"] == {"batch_rejected": 1}
+    (line,) = lines
+    assert line["custom_id"] == "c00005"
+    assert line["issues"][0]["reason"] == "batch_rejected"
+    assert "simulated rejection" in line["issues"][0]["detail"]
+    assert any(s["custom_id"] == "c00005" for s in second.record["rejected_samples"])
+
+    # A changed payload is sent again; once Batch acknowledges it, the refusal is forgotten.
+    simulator.faults.reject_custom_ids = set()
+    rows[5]["points"] += 1
+    write_segment(tmp_path / "segment.duckdb", rows)
+    third = await run_once(activation, state)
+    assert (third.status, third.record["counts"]["new"], third.record["counts"]["acknowledged"]) == ("succeeded", 1, 1)
+    assert "c00005" in stored_ids(state)
+    store = SQLiteStateStore(state)
+    try:
+        assert store.load_refusals("test_people") == {}
+    finally:
+        store.close()
+
+
+async def test_full_resends_a_refused_payload_and_transient_failures_retry_every_run(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    simulator, url = sim
+    state = tmp_path / "state.db"
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    simulator.faults.reject_custom_ids = {"c00001"}
+    activation = make_activation(tmp_path, url)
+    await run_once(activation, state)
+    simulator.faults.reject_custom_ids = set()
+    simulator.faults.update({"fail_next": 1_000, "fail_status": 503})
+    write_segment(tmp_path / "segment.duckdb", people(12))  # two new rows meet a Batch outage
+    failed = await run_once(activation, state)
+    assert (failed.status, failed.record["counts"]["failed"], failed.record["counts"]["refused_unchanged"]) == (
+        "partial",
+        2,
+        1,
+    )
+    simulator.faults.clear()
+    retried = await run_once(activation, state)
+    assert retried.record["counts"]["new"] == 2  # a transient failure is retried the next run
+    full = await run_once(activation, state, full=True)
+    assert full.status == "succeeded"
+    assert full.record["counts"]["acknowledged"] == 12  # --full sends the refused payload too
+    assert "c00001" in stored_ids(state)
