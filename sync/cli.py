@@ -70,7 +70,10 @@ StateOption = Annotated[
 ]
 RejectsOption = Annotated[
     Path | None,
-    typer.Option("--rejects", help="Write every rejected row (JSON lines: row, custom_id, field, reason) here."),
+    typer.Option(
+        "--rejects",
+        help="Write every rejected row and dropped attribute (JSON lines: row, custom_id, field, reason) here.",
+    ),
 ]
 ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
 
@@ -226,6 +229,7 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("removed (mirror)", "removed"),
         ("rejected before sending", "rejected"),
         ("  of which duplicate ids", "duplicates"),
+        ("refused by Batch before, unchanged (not resent)", "refused_unchanged"),
         # A profile sent is attempted once, then ends in exactly one of the three below.
         ("attempted (sent to Batch)", "sent"),
         ("acknowledged by Batch", "acknowledged"),
@@ -274,6 +278,8 @@ def print_record(
     mapping = record.get("mapping_version") or {}
     if mapping.get("explanation"):
         out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
+    for warning in record.get("warnings") or ():
+        out.print(_styled(("warning:", "yellow"), " ", str(warning)))
     facts = _facts_line(record)
     if facts:
         out.print(Text(facts, style="dim"))

@@ -40,7 +40,7 @@ from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, 
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.model import ActivationMeta, JournalEntry, Lease, Reason, RowIssue
+from sync.model import ActivationMeta, JournalEntry, Lease, Reason, Refusal, RowIssue
 from sync.plan import (
     REJECTED_SAMPLE_SIZE,
     BatchPlan,
@@ -221,6 +221,10 @@ class Run:
         self._stop = threading.Event()
         # Rows Batch refused, by reason (added to the planning's rejections in the record).
         self._refused: dict[str, int] = {}
+        # Payloads Batch refused in earlier runs (by custom_id), and the ids of those that
+        # Batch acknowledged a payload for in this run (their refusal is forgotten).
+        self._refusals: dict[str, Refusal] = {}
+        self._refusals_cleared: list[str] = []
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
         self.run = RunRecord(
             run_id=self.run_id,
@@ -232,6 +236,7 @@ class Run:
             trigger_id=self.options.trigger_id,
             continuation_of=self.options.continuation_of,
             config=config_as_run(activation),
+            allow=list(self.options.allow_guards),
         )
 
     @property
@@ -373,6 +378,7 @@ class Run:
             if activation.sync_mode is SyncMode.MIRROR
             else set()
         )
+        self._refusals = await asyncio.to_thread(self.store.load_refusals, activation.name)
         continuation = meta.continuation or {}
         full = self.options.full or activation.run_type is RunType.FULL_ONLY or bool(continuation.get("full"))
         watermark = continuation.get("watermark") if full else None
@@ -427,7 +433,14 @@ class Run:
         started = time.perf_counter()
         mapped = prepared.mapper.map_batch(batch)
         planned = plan_rows(
-            batch, mapped, full=full, duplicates=scan.ids.duplicates, id_column=self.activation.mapping.custom_id
+            batch,
+            mapped,
+            full=full,
+            duplicates=scan.ids.duplicates,
+            id_column=self.activation.mapping.custom_id,
+            payload_keys=prepared.mapper.payload_keys,
+            # --full (or a full message) is the way to send refused payloads again anyway.
+            refused=None if self.options.full else self._refusals,
         )
         self._stages.map += time.perf_counter() - started
         return planned
@@ -443,14 +456,28 @@ class Run:
             allow=self.options.allow_guards,
         )
         self.run.guards = [v.as_record() for v in verdicts]
+        if scan.ids.rows == 0 and scan.ids.synced == 0 and not self.run.warnings:
+            # The empty-segment guard protects synced profiles; here there are none, so an
+            # empty first run is allowed (a new segment may be empty) but never silent.
+            warning = (
+                "the segment returned no rows and this activation has synced nothing yet: check source.query "
+                "(or source.table) if profiles were expected"
+            )
+            self.run.warnings.append(warning)
+            self.log.warning("empty segment on a first run", detail=warning)
         tripped = [v for v in verdicts if v.tripped and not v.overridden]
         if tripped and raise_on_trip:
             self._fill_counts(scan, moved, moved.tally)
             names = ", ".join(v.name for v in tripped)
+            if self.options.trigger == "cli":
+                approve = "rerun with " + " ".join(f"--allow {v.name}" for v in tripped)
+            else:  # the deployed function: its message carries the approval
+                message = {"activation": activation.name, "allow": [v.name for v in tripped]}
+                approve = f"send the function the message {json.dumps(message)}"
             raise GuardTripped(
                 f"activation '{activation.name}': guard(s) {names} tripped, nothing was sent: "
                 + "; ".join(v.detail for v in tripped)
-                + f". To proceed once, rerun with --allow {tripped[0].name}."
+                + f". To proceed once, {approve}."
             )
 
     async def _claim(self, prepared: _Prepared, scan: _Scan) -> None:
@@ -560,12 +587,17 @@ class Run:
                 on_outcome=self._absorb,
             )
             journal.on_flush = self._checkpoint_for(sender)
-            await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
-            if ids.removed and not sender.incomplete and not sender.failed:
-                for start in range(0, len(ids.removed), endpoint.send_batch):
-                    if not await sender.submit(SendGroup(removals=ids.removed[start : start + endpoint.send_batch])):
-                        break
-            await sender.drain()
+            try:
+                await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
+                if ids.removed and not sender.incomplete and not sender.failed:
+                    for start in range(0, len(ids.removed), endpoint.send_batch):
+                        if not await sender.submit(
+                            SendGroup(removals=ids.removed[start : start + endpoint.send_batch])
+                        ):
+                            break
+                await sender.drain()
+            finally:
+                self._settle_counts(sender)
             if sender.started_at is not None:
                 # How long after the run started its first request left (the pipeline streams).
                 self.run.timings["first_request_seconds"] = round(sender.started_at - self._started_perf, 3)
@@ -633,6 +665,10 @@ class Run:
             for start in range(0, len(moved.refreshes), 10_000):
                 journal.add(moved.refreshes[start : start + 10_000])
                 await journal.flush()
+        if sender is not None and sender.tally.refusals:
+            await asyncio.to_thread(self.store.record_refusals, self._current_lease(), sender.tally.refusals)
+        if self._refusals_cleared:
+            await asyncio.to_thread(self.store.clear_refusals, self._current_lease(), self._refusals_cleared)
         if sender is not None and (sender.tally.cleared or sender.tally.acknowledged_new):
             await asyncio.to_thread(
                 self.store.clear_intents, self._current_lease(), sender.tally.cleared + sender.tally.acknowledged_new
@@ -672,7 +708,7 @@ class Run:
             self.run.status = RunStatus.PARTIAL
             return
         meta.last_success_run_id = self.run_id
-        rejected = counts.get("rejected", 0) + counts.get("rejected_by_batch", 0)
+        rejected = counts.get("rejected", 0) + counts.get("rejected_by_batch", 0) + counts.get("refused_unchanged", 0)
         self.run.status = RunStatus.SUCCEEDED_WITH_REJECTIONS if rejected else RunStatus.SUCCEEDED
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -706,6 +742,10 @@ class Run:
             )
 
     def _keep_rejected(self, planned: BatchPlan) -> None:
+        if self.rejects is not None and planned.dropped:
+            with self._reject_lock:
+                for dropped in planned.dropped:
+                    self.rejects({"run_id": self.run_id, "activation": self.activation.name, **dropped.as_record()})
         if not planned.rejected:
             return
         rows = sorted(planned.rejected, key=lambda rejected: rejected.row_number or 0)
@@ -718,12 +758,23 @@ class Run:
                     samples.append(rejected.as_record())
             samples.sort(key=lambda sample: sample["row"] or 0)
 
+    def _settle_counts(self, sender: Sender) -> None:
+        """``sent`` is every profile a request carried; one Batch did not answer for (a request
+        stopped by a 401 or an unreachable host) is ``failed`` like a transient failure."""
+        counts = self.run.counts
+        attempted = sender.tally.attempted
+        counts["sent"] = attempted
+        answered = counts.get("acknowledged", 0) + counts.get("rejected_by_batch", 0)
+        counts["failed"] = max(counts.get("failed", 0), attempted - answered)
+
     def _absorb(self, outcome: SendOutcome) -> None:
         counts = self.run.counts
         counts["sent"] = counts.get("sent", 0) + len(outcome.acknowledged) + len(outcome.rejected) + len(outcome.failed)
         counts["acknowledged"] = counts.get("acknowledged", 0) + len(outcome.acknowledged)
         counts["rejected_by_batch"] = counts.get("rejected_by_batch", 0) + len(outcome.rejected)
         counts["failed"] = counts.get("failed", 0) + len(outcome.failed)
+        if self._refusals:
+            self._refusals_cleared.extend(c for c in outcome.acknowledged if c in self._refusals)
         refused = Reason.BATCH_REJECTED.value
         for rejection in outcome.rejected:
             self._refused[refused] = self._refused.get(refused, 0) + 1
@@ -809,9 +860,18 @@ class Run:
     def _deadline(self) -> float:
         """No request may keep retrying past the time budget or the lease expiry."""
         lease = self._current_lease()
+        ttl = self.options.lease_ttl_seconds
         lease_left = (lease.expires_at - self.clock.now()).total_seconds()
-        # Keep a margin before expiry (the renewer extends the lease every ttl/3).
-        margin = min(5.0, self.options.lease_ttl_seconds * 0.25)
+        if lease_left >= ttl / 2:
+            # The renewer is keeping up (it extends the lease to a full ttl every ttl/3, so a
+            # healthy lease never has less than two thirds left): count on that renewal rather
+            # than on what the current lease has left, or a short lease would fail a request
+            # whose rate-limit wait is longer than a fraction of the ttl. A lease that renewal
+            # stopped extending falls below half and bounds requests by its real expiry again
+            # (and no commit outlives it: every commit is fenced).
+            lease_left = ttl
+        # Keep a margin before expiry.
+        margin = min(5.0, ttl * 0.25)
         deadline = self.clock.monotonic() + max(lease_left - margin, 0.0)
         budget = self.options.time_budget_seconds
         if budget is not None:

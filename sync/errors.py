@@ -38,6 +38,10 @@ class ConfigError(FatalError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class BatchUnreachable(TransientError):
+    """Several attempts in a row could not connect to Batch's host: the run stops (retryable)."""
+
+
 class BatchAuthError(FatalError):
     """Batch answered 401: the REST API key is not valid for this project key."""
 

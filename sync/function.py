@@ -70,6 +70,7 @@ from sync.config import ACTIVATION_NAME, Activation, load_activations
 from sync.engine import Clock, Run, RunOptions, new_run_id
 from sync.errors import ConfigError
 from sync.logs import configure_logging
+from sync.plan import GUARD_NAMES
 from sync.runlog import log_run_end
 from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source, open_store
 from sync.sources.base import Source
@@ -258,13 +259,15 @@ class SyncRequest:
     activation: str
     full: bool = False
     continuation_of: str | None = None
+    # Guards approved for this run only (the CLI's --allow), carried into its continuations.
+    allow: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, data: Any) -> SyncRequest:
         """Validate a decoded message; every error is a ConfigError naming the key."""
         if not isinstance(data, dict):
             raise ConfigError('the message must be a JSON object like {"activation": "NAME", "full": false}')
-        unknown = sorted(str(key)[:40] for key in data if key not in ("activation", "full", "continuation_of"))
+        unknown = sorted(str(key)[:40] for key in data if key not in ("activation", "full", "continuation_of", "allow"))
         if unknown:
             raise ConfigError(f"unknown key(s) in the message: {', '.join(unknown)}")
         name = data.get("activation")
@@ -278,14 +281,27 @@ class SyncRequest:
         continuation_of = data.get("continuation_of")
         if continuation_of is not None and not (isinstance(continuation_of, str) and _RUN_ID.match(continuation_of)):
             raise ConfigError("must be a run id such as 20261129T020304Z-3f9a1c", field="continuation_of")
-        return cls(name, full, continuation_of)
+        return cls(name, full, continuation_of, _allow_list(data.get("allow", [])))
 
     def as_message(self) -> dict[str, Any]:
         """The JSON object a message carries for this request."""
         message: dict[str, Any] = {"activation": self.activation, "full": self.full}
         if self.continuation_of is not None:
             message["continuation_of"] = self.continuation_of
+        if self.allow:
+            message["allow"] = list(self.allow)
         return message
+
+
+def _allow_list(value: Any) -> tuple[str, ...]:
+    """The guards a message approves for one run: a list of guard names."""
+    known = ", ".join(GUARD_NAMES)
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise ConfigError(f'must be a list of guard names, such as ["changed_percent"] (known: {known})', field="allow")
+    unknown = [name[:40] for name in value if name not in GUARD_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown guard(s) {', '.join(map(repr, unknown))}; known: {known}", field="allow")
+    return tuple(dict.fromkeys(value))
 
 
 def decode_pubsub_data(envelope: Any) -> Any:
@@ -692,6 +708,7 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
         time_budget_seconds=max(settings.time_budget_seconds - elapsed, 0.0),
         budget_margin_seconds=settings.budget_margin_seconds,
         continuation_of=request.continuation_of,
+        allow_guards=request.allow,
     )
     result = asyncio.run(Run(activation, source=source, store=store, client=client, options=options).execute())
     record = result.record
@@ -751,7 +768,7 @@ def _hand_over(record: dict[str, Any], request: SyncRequest, settings: Settings,
         report = log.warning if settings.continuation_topic is None else log.error
         report("time budget reached, no continuation published", run_id=record["run_id"], reason=skip)
     else:
-        message = SyncRequest(activation=str(record["activation"]), continuation_of=root)
+        message = SyncRequest(activation=str(record["activation"]), continuation_of=root, allow=request.allow)
         message_id = _publish_or_retry(settings.continuation_topic, message, record)
         record["handover"] = {"topic": settings.continuation_topic, "message_id": message_id, "continuation_of": root}
         log.info("continuation published", run_id=record["run_id"], message_id=message_id, continuation_of=root)
@@ -769,7 +786,8 @@ def _finish_hand_over_of_duplicate(record: dict[str, Any], settings: Settings, s
     root = str(previous.get("continuation_of") or previous["run_id"])
     if settings.continuation_topic is None or not _continuation_wanted(store, str(previous["activation"]), root):
         return
-    message = SyncRequest(activation=str(previous["activation"]), continuation_of=root)
+    allow = tuple(str(name) for name in previous.get("allow") or ())
+    message = SyncRequest(activation=str(previous["activation"]), continuation_of=root, allow=allow)
     message_id = _publish_or_retry(settings.continuation_topic, message, previous)
     previous["handover"] = {"topic": settings.continuation_topic, "message_id": message_id, "continuation_of": root}
     store.save_run(previous)

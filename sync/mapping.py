@@ -583,6 +583,8 @@ class ProfileMapper:
             fingerprint hashes them (``activation.mapped_columns``).
         owned_keys: The bare Batch keys this mapping writes: the native ``$...`` keys it
             maps and the custom attribute names (never ``date(...)``/``url(...)``).
+        payload_keys: ``(bare key, present key)`` of every mapped field, in payload order:
+            a payload holds one of the two unless the attribute was dropped.
     """
 
     def __init__(self, activation: Activation, attribute_types: Mapping[str, AttributeType]) -> None:
@@ -640,6 +642,8 @@ class ProfileMapper:
 
         self._fields: tuple[_Field, ...] = tuple(fields)
         self.owned_keys: frozenset[str] = frozenset(field.key for field in fields)
+        # (bare key, key of a present value) of every field: what a payload holds when full.
+        self.payload_keys: tuple[tuple[str, str], ...] = tuple((field.key, field.present_key) for field in fields)
 
     def map_row(self, row: Mapping[str, Any]) -> MappedRow:
         """Map one source row; never raises on any value of any type.

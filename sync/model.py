@@ -107,6 +107,21 @@ class JournalEntry(NamedTuple):
     fingerprint: Fingerprint | None
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A payload Batch refused for one profile (listed in ``SUCCESS_WITH_PARTIAL_ERRORS``).
+
+    Kept so that the same payload is not sent again run after run: Batch would refuse it
+    again. ``payload`` is the refused payload's fingerprint; ``field`` and ``reason`` are
+    Batch's own words (the attribute it named, or ``(profile)``).
+    """
+
+    custom_id: str
+    payload: int
+    field: str
+    reason: str
+
+
 @dataclass(slots=True)
 class ActivationMeta:
     """Per-activation facts that outlive runs.

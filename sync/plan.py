@@ -12,6 +12,8 @@ state knows of each (its stored fingerprint, whether its id is duplicated). Afte
                   the stored raw hash is updated so the next run skips mapping the row;
 * ``rejected``  — invalid value, bad or duplicated custom_id: never sent, state untouched,
                   and the person still counts as *in the segment* (never removed for it);
+* ``refused_unchanged`` — the very payload Batch refused in an earlier run (a partial
+                  error listed it): not sent again until it changes (``--full`` does);
 * ``removed``   — mirror mode only: an id this activation synced that left the segment
                   (found by the differ's anti-join, never by mapping).
 
@@ -31,7 +33,7 @@ import pyarrow as pa
 from sync.config import GuardsConfig, SyncMode
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
-from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
+from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, Refusal, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -46,6 +48,7 @@ COUNT_KEYS = (
     "rejected",
     "duplicates",
     "refreshed",
+    "refused_unchanged",
 )
 
 
@@ -69,6 +72,26 @@ class RejectedRow:
             "row": self.row_number,
             "custom_id": self.custom_id,
             "issues": [{"field": i.field, "reason": i.reason.value, "detail": i.detail} for i in self.issues],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedAttribute:
+    """One attribute left out of a row under ``drop_attribute`` (a ``--rejects`` line of its own)."""
+
+    row_number: int | None
+    custom_id: str | None
+    issue: RowIssue
+    row_sent: bool  # the row itself was sent without the attribute (else: unchanged or rejected)
+
+    def as_record(self) -> dict[str, Any]:
+        issue = self.issue
+        return {
+            "row": self.row_number,
+            "custom_id": self.custom_id,
+            "issues": [{"field": issue.field, "reason": issue.reason.value, "detail": issue.detail}],
+            "attribute_dropped": True,
+            "row_sent": self.row_sent,
         }
 
 
@@ -105,6 +128,7 @@ class BatchPlan:
     sends: list[PlannedSend] = field(default_factory=list)
     refreshes: list[JournalEntry] = field(default_factory=list)
     rejected: list[RejectedRow] = field(default_factory=list)
+    dropped: list[DroppedAttribute] = field(default_factory=list)
     tally: PlanCounts = field(default_factory=PlanCounts)
 
 
@@ -115,6 +139,8 @@ def plan_rows(
     full: bool,
     duplicates: Mapping[str, int],
     id_column: str,
+    payload_keys: Sequence[tuple[str, str]] = (),
+    refused: Mapping[str, Refusal] | None = None,
 ) -> BatchPlan:
     """Classify the mapped rows of one differ batch (see the module docstring).
 
@@ -124,6 +150,15 @@ def plan_rows(
         full: A full pass: every valid row is sent, unchanged ones included.
         duplicates: Custom ID -> copies in the segment, for every duplicated id.
         id_column: The Custom ID column (named in a duplicate's rejection).
+        payload_keys: ``ProfileMapper.payload_keys``. A row that lost attributes
+            (``drop_attribute``) is fingerprinted as if each dropped key were null, which is
+            what Batch holds for it after the send unless it held a value (it keeps that):
+            a previously-null attribute whose new value is invalid is no change to send.
+            The body sent still leaves the dropped keys out.
+        refused: Payloads Batch refused before, by custom_id (``StateStore.load_refusals``).
+            A row whose payload is the one Batch refused is not sent again (Batch would
+            refuse it again): it is listed with Batch's reason and counted
+            ``refused_unchanged``. A changed payload is sent as usual.
     """
     plan = BatchPlan()
     counts = plan.tally.counts
@@ -150,6 +185,7 @@ def plan_rows(
             else:
                 for issue in row.issues:
                     dropped[issue.reason.value] += 1
+                    plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=False))
             copies = duplicates.get(custom_id, 2)
             issue = RowIssue(id_column, Reason.DUPLICATE_CUSTOM_ID, f"appears {copies} times in the segment")
             plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
@@ -162,10 +198,13 @@ def plan_rows(
             plan.rejected.append(RejectedRow(rows[index], custom_id, tuple(row.issues)))
             continue
         assert custom_id is not None  # a row with attributes always has an id
-        for issue in row.issues:
-            dropped[issue.reason.value] += 1
         body = canonical_payload(attributes)
-        fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(body))
+        compared = body
+        if row.issues and payload_keys:
+            dropped_keys = [key for key, present in payload_keys if key not in attributes and present not in attributes]
+            if dropped_keys:
+                compared = canonical_payload({**attributes, **dict.fromkeys(dropped_keys)})
+        fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(compared))
         stored_payload = stored_payloads[index]
         if stored_payload is None:
             kind = Outcome.NEW
@@ -173,8 +212,23 @@ def plan_rows(
             kind = Outcome.CHANGED
         else:
             kind = Outcome.UNCHANGED
+        prior = refused.get(custom_id) if refused else None
+        if prior is not None and prior.payload == fingerprint.payload and kind is not Outcome.UNCHANGED:
+            counts["refused_unchanged"] += 1
+            by_reason[Reason.BATCH_REJECTED.value] += 1
+            for issue in row.issues:
+                dropped[issue.reason.value] += 1
+                plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=False))
+            detail = f"Batch refused this payload before ({prior.reason}); not sent again until it changes"
+            issue = RowIssue(prior.field, Reason.BATCH_REJECTED, detail)
+            plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
+            continue
         counts[kind.value] += 1
-        if kind is Outcome.UNCHANGED and not full:
+        sent = kind is not Outcome.UNCHANGED or full
+        for issue in row.issues:
+            dropped[issue.reason.value] += 1
+            plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=sent))
+        if not sent:
             if stored_raws[index] != fingerprint.raw:
                 # Same payload as acknowledged (a cosmetic source change, or a mapping change
                 # that does not touch this profile): remember the new raw hash so the next run

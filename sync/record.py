@@ -109,6 +109,8 @@ class RunRecord:
     dropped_attributes_by_reason: dict[str, int] = field(default_factory=dict)
     rejected_samples: list[dict[str, Any]] = field(default_factory=list)
     guards: list[dict[str, Any]] = field(default_factory=list)
+    # Guards approved for this run only (CLI --allow, or the function message's "allow").
+    allow: list[str] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +119,8 @@ class RunRecord:
     retryable: bool | None = None
     journal: dict[str, int] | None = None
     duplicate_of: str | None = None
+    # Things that did not stop the run but deserve a look (an empty first segment).
+    warnings: list[str] = field(default_factory=list)
     # The activation's config as it ran, without secrets (sync.runconfig).
     config: dict[str, Any] = field(default_factory=dict)
     # Fields written by the edges after the run (the function's hand-over), kept verbatim.
@@ -126,8 +130,8 @@ class RunRecord:
         """The stored JSON shape (a plain dict; ``extra`` keys at the top level)."""
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
         data["status"] = self.status.value
-        for optional in ("retryable", "journal", "duplicate_of"):
-            if data[optional] is None:
+        for optional in ("retryable", "journal", "duplicate_of", "warnings", "allow"):
+            if not data[optional] and data[optional] is not False:
                 del data[optional]
         data.update(self.extra)
         return data

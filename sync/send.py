@@ -24,7 +24,7 @@ from datetime import datetime
 import structlog
 
 from sync.batch.client import BatchClient, Endpoint, ProfileUpdate, SendOutcome
-from sync.model import JournalEntry, Lease
+from sync.model import JournalEntry, Lease, Refusal
 from sync.plan import Outcome, PlannedSend
 from sync.state.base import StateStore
 
@@ -131,6 +131,8 @@ class SendTally:
     failures: list[str] = field(default_factory=list)
     cleared: list[str] = field(default_factory=list)
     acknowledged_new: list[str] = field(default_factory=list)
+    # Payloads Batch refused (partial errors), remembered so they are not sent again unchanged.
+    refusals: list[Refusal] = field(default_factory=list)
 
 
 class Sender:
@@ -238,6 +240,13 @@ class Sender:
                     tally.acknowledged_new.extend(
                         c for c in outcome.acknowledged if fingerprints[c].kind is Outcome.NEW
                     )
+                tally.refusals.extend(
+                    Refusal(
+                        r.custom_id, fingerprints[r.custom_id].fingerprint.payload, r.attribute or "(profile)", r.reason
+                    )
+                    for r in outcome.rejected
+                    if r.custom_id in fingerprints
+                )
                 self.watermark.complete(index, group.upserts[-1].custom_id, clean=not outcome.failed)
             else:
                 self._journal.add([JournalEntry(custom_id, None) for custom_id in outcome.acknowledged])

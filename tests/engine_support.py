@@ -7,6 +7,7 @@ Only the client's backoff sleep is shortened, so retry storms take milliseconds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ async def run_once(
     state_path: Path,
     *,
     client: BatchClient | None = None,
+    rejects: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> RunResult:
     source = DuckDBSource(activation.source, activation=activation.name)  # type: ignore[arg-type]
@@ -120,6 +122,7 @@ async def run_once(
             store=store,
             client=client or make_client(activation),
             options=RunOptions(**options),
+            rejects=rejects,
         )
         return await run.execute()
     finally:

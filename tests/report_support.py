@@ -78,7 +78,8 @@ def build_history(directory: Path, simulator: SimulatorThread) -> History:
     faults.reject_custom_ids = {"c00007", "c00008"}
     statuses.append(run())
     faults.clear()
-    write_segment(segment, people(300))
+    # Batch refused c00007 and c00008: they are sent again once their payload changed.
+    write_segment(segment, [person(i, points=i + 1_000) if i in (7, 8) else person(i) for i in range(300)])
     statuses.append(run())
     write_segment(segment, [person(i, points=i + 1) if i < 20 else person(i) for i in range(300)])
     faults.update({"fail_next": 1_000, "fail_status": 503})
@@ -159,6 +160,10 @@ def function_log_lines(directory: Path, simulator: SimulatorThread) -> list[dict
         simulator.simulator.faults.update({"fail_next": 1, "fail_status": 503})
         handle_pubsub(envelope(), event_id="evt-ok", environ=environ)
         simulator.simulator.faults.clear()
+        # Batch refused c00007: its payload must change for the next run to send it (to a 401).
+        changed = first_segment()
+        changed[7] = person(7, points=1_007)
+        write_segment(directory / "segment.duckdb", changed)
         handle_pubsub(envelope(), event_id="evt-401", environ={**environ, "BATCH_REST_API_KEY": "wrong-key-000000"})
     finally:
         structlog.configure(**saved)

@@ -676,3 +676,21 @@ def test_a_real_drop_attribute_run_shows_the_dropped_count(tmp_path: Path, simul
     code, output = invoke("run", str(path), "--state", state_url(tmp_path))
     assert code == 0, output
     assert "attributes dropped (rows sent without them): invalid_email ×1" in flat(output)
+
+
+# -- 20. a first run on an empty segment says so ------------------------------------------------
+
+
+def test_a_first_run_on_an_empty_segment_warns(tmp_path: Path, simulator: SimulatorThread) -> None:
+    write_segment(tmp_path / "segment.duckdb", [])
+    path = tmp_path / "empty.yaml"
+    path.write_text(yaml.safe_dump(activation_config(simulator.base_url)), encoding="utf-8")
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    assert "warning: the segment returned no rows and this activation has synced nothing yet" in flat(output)
+    code, record = _json_stdout("plan", str(path), "--state", state_url(tmp_path), "--json")
+    assert code == 0
+    assert record["warnings"] == [
+        "the segment returned no rows and this activation has synced nothing yet: check source.query "
+        "(or source.table) if profiles were expected"
+    ]

@@ -159,11 +159,12 @@ async def test_empty_segment_with_state_is_refused(
     assert len(held(simulator)) == 10
 
 
-async def test_partial_errors_are_not_committed_and_are_retried_next_run(
+async def test_partial_errors_are_not_committed_and_are_retried_once_changed(
     sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path
 ) -> None:
     simulator, url = sim
-    write_segment(segment, people(30))
+    rows = people(30)
+    write_segment(segment, rows)
     simulator.faults.reject_custom_ids = {"c00005", "c00006"}
     activation = make_activation(tmp_path, url)
     first = await run_once(activation, state)
@@ -175,6 +176,12 @@ async def test_partial_errors_are_not_committed_and_are_retried_next_run(
     assert sample["issues"][0]["reason"] == "batch_rejected"
 
     simulator.faults.reject_custom_ids = set()
+    unchanged = await run_once(activation, state)  # the refused payloads are not sent again as they are
+    assert unchanged.record["counts"]["refused_unchanged"] == 2
+    assert unchanged.record["counts"]["sent"] == 0
+    for row in rows[5:7]:
+        row["points"] += 1
+    write_segment(segment, rows)
     second = await run_once(activation, state)
     assert second.record["counts"]["new"] == 2
     assert second.status == "succeeded"

@@ -454,3 +454,41 @@ def test_http_checks_the_method_and_body_then_runs(environ: dict[str, str]) -> N
     done = handle_http("POST", {"activation": ACTIVATION, "full": True}, headers, environ=environ)
     assert (done.http_status, done.body["status"], done.body["trigger_id"]) == (200, "succeeded", "http:manual-1")
     assert done.body["counts"]["acknowledged"] == 600
+
+
+# --- approving one run past a guard (issue 8 item 25) ------------------------------------------
+
+
+def test_a_request_carries_an_allow_list_of_known_guards() -> None:
+    request = SyncRequest.parse({"activation": "vip", "allow": ["changed_percent", "removed_percent"]})
+    assert request.allow == ("changed_percent", "removed_percent")
+    assert SyncRequest.parse(request.as_message()) == request
+    assert "allow" not in SyncRequest("vip").as_message()
+    with pytest.raises(
+        ConfigError, match=r"field 'allow'.*no_such_guard.*empty_segment, removed_percent, changed_percent"
+    ):
+        SyncRequest.parse({"activation": "vip", "allow": ["no_such_guard"]})
+    for bad in ("changed_percent", [3], {"changed_percent": True}):
+        with pytest.raises(ConfigError, match="field 'allow'"):
+            SyncRequest.parse({"activation": "vip", "allow": bad})
+
+
+def test_a_tripped_guard_says_how_to_approve_one_run_of_the_function(environ: dict[str, str], tmp_path: Path) -> None:
+    first = handle_http("POST", {"activation": ACTIVATION}, {}, environ=environ)
+    assert first.body["status"] == "succeeded"
+    rows = people(600)
+    for row in rows:
+        row["points"] += 1
+    write_segment(tmp_path / "segment.duckdb", rows)
+
+    refused = handle_http("POST", {"activation": ACTIVATION}, {}, environ=environ)
+    assert (refused.http_status, refused.body["status"]) == (412, "aborted_by_guard")
+    assert '{"activation": "fn_entry", "allow": ["changed_percent"]}' in refused.body["error"]
+    assert "--allow" not in refused.body["error"]
+
+    approved = handle_http("POST", {"activation": ACTIVATION, "allow": ["changed_percent"]}, {}, environ=environ)
+    assert (approved.http_status, approved.body["status"]) == (200, "succeeded")
+    record = next(run for run in runs(environ) if run["run_id"] == approved.body["run_id"])
+    assert record["allow"] == ["changed_percent"]
+    assert [g["guard"] for g in record["guards"] if g["overridden"]] == ["changed_percent"]
+    assert "allow" not in next(run for run in runs(environ) if run["run_id"] == first.body["run_id"])

@@ -39,7 +39,7 @@ import structlog
 from sync import __version__
 from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
-from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
+from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,10 @@ RATE_LIMITED_ATTEMPTS_FACTOR = 4
 # Statuses worth retrying. 500/503 are documented by Batch; 502/504 come from proxies and
 # load balancers in front of it.
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Attempts in a row, over all the requests of a client, that could not even connect (refused,
+# DNS failure, no route) before the run stops: the host is wrong or down, and retrying every
+# request of the segment would only take minutes and print a warning per attempt.
+UNREACHABLE_AFTER_ATTEMPTS = 5
 # How much of a server-provided text we quote in errors and logs.
 QUOTE_LIMIT = 300
 
@@ -232,6 +236,8 @@ class BatchClient:
         self._random = random
         self._clock = clock
         self._log = log.bind(activation=activation)
+        # Attempts in a row that could not connect; any answer from the host resets it.
+        self._connect_failures = 0
 
     def __repr__(self) -> str:
         return (
@@ -324,6 +330,8 @@ class BatchClient:
             ValueError: More profiles than the endpoint accepts in one request.
             BatchAuthError: 401/403.
             BatchContractError: Any other 4xx, or a status the contract does not know.
+            BatchUnreachable: :data:`UNREACHABLE_AFTER_ATTEMPTS` attempts in a row (of any
+                request of this client) could not connect to the host.
         """
         if len(profiles) > endpoint.max_batch:
             raise ValueError(
@@ -376,7 +384,17 @@ class BatchClient:
             except _TRANSPORT_ERRORS as error:
                 problem = self._describe(error)
                 status: int | None = None
+                if isinstance(error, aiohttp.ClientConnectorError):
+                    self._connect_failures += 1
+                    if self._connect_failures >= UNREACHABLE_AFTER_ATTEMPTS:
+                        raise BatchUnreachable(
+                            f"activation '{self._activation}': cannot reach Batch at {url}: "
+                            f"{self._connect_failures} attempts in a row could not connect (last: {problem}); "
+                            "the run stopped, nothing more was sent and what Batch acknowledged before is kept. "
+                            "Check destination.base_url and the network; the next run resends the rest"
+                        ) from None
             else:
+                self._connect_failures = 0
                 status = response.status
                 retry_after = response.retry_after
                 if status == 202:

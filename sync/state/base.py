@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 
 # How long a delivery count is kept. Pub/Sub keeps an unacknowledged message at most 7 days
 # (31 with topic retention); a count outliving that could never be consulted again.
@@ -111,6 +111,16 @@ class StateStore(Protocol):
     def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         """Forget intents for ids that were cleared in Batch (fenced)."""
 
+    # -- payloads Batch refused -----------------------------------------------------------
+    def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
+        """Remember payloads Batch refused, one per id (a newer one replaces it; fenced)."""
+
+    def load_refusals(self, activation: str) -> dict[str, Refusal]:
+        """Every remembered refusal of the activation, by custom_id."""
+
+    def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Forget the refusals of these ids (Batch acknowledged a payload since; fenced)."""
+
     # -- per-activation meta -------------------------------------------------------------
     def load_meta(self, activation: str) -> ActivationMeta:
         """The activation's meta, or a fresh one."""
@@ -146,7 +156,7 @@ class StateStore(Protocol):
 
     # -- admin ---------------------------------------------------------------------------
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        """Forget fingerprints, intents and meta (not run history): the next run is full."""
+        """Forget fingerprints, intents, refusals and meta (not run history): the next run is full."""
 
     def close(self) -> None:
         """Release connections."""

@@ -13,6 +13,12 @@ Layout (``P`` is the collection prefix, ``cepsync`` by default)::
                                           commit (or several for a large one)
       intent_shards/{gen:06d}-{k:05d}     the same two layers for mirror-mode intents
       intent_journal/{seq:012d}
+      refusals/{sha256(custom_id)}        custom_id, payload (decimal text: a u64), field,
+                                          reason, gen: a payload Batch refused. One document
+                                          per refused profile (they are few: the mapper
+                                          refuses what Batch would); only those whose gen
+                                          equals the activation's ``refusals_gen`` count, so
+                                          a reset forgets them all in its one transaction
     P_runs/{run_id}                       record_json, activation, started_at, trigger_id,
                                           run_key, trigger_key (see "Run records" below)
     P_deliveries/{sha256(activation NUL trigger_id)}
@@ -80,7 +86,7 @@ import pyarrow.compute as pc
 from google.cloud import firestore
 
 from sync.errors import FatalError, LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state.base import DELIVERY_RETENTION, fold_journal
 
 # Firestore hard limits (https://cloud.google.com/firestore/quotas): a document is at most
@@ -761,6 +767,107 @@ class FirestoreStateStore:
         _check_ids_encodable(lease.activation, ids)
         self._append_journal(lease, _INTENTS, dict.fromkeys(ids), None)
 
+    # -- payloads Batch refused -----------------------------------------------------------------
+
+    @staticmethod
+    def _refusal_ref(activation_ref: Any, custom_id: str) -> Any:
+        return activation_ref.collection("refusals").document(hashlib.sha256(custom_id.encode()).hexdigest())
+
+    def _fenced_refusal_writes(self, lease: Lease, custom_ids: Sequence[str], write: Callable[..., None]) -> None:
+        """Apply ``write(txn, ref, custom_id, gen)`` to ids in fenced transactions of bounded size."""
+        ids = list(dict.fromkeys(custom_ids))
+        _check_ids_encodable(lease.activation, ids)
+        start = 0
+        while True:  # at least one transaction, so an empty call is fenced too
+            chunk = ids[start : start + _MAX_WRITES_PER_COMMIT - 100]
+
+            def body(txn: Any, chunk: list[str] = chunk) -> None:
+                ref, doc = self._fenced_doc(txn, lease)
+                gen = int(doc.get("refusals_gen", 0))
+                for custom_id in chunk:
+                    write(txn, self._refusal_ref(ref, custom_id), custom_id, gen)
+
+            self._run_transaction(body)
+            start += len(chunk)
+            if start >= len(ids):
+                return
+
+    def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
+        """Remember payloads Batch refused, one per id, a newer one replacing it (fenced).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing more is written.
+        """
+        by_id = {refusal.custom_id: refusal for refusal in refusals}
+        for refusal in by_id.values():
+            _check_u64(refusal.payload, lease.activation, refusal.custom_id, "payload")
+
+        def write(txn: Any, ref: Any, custom_id: str, gen: int) -> None:
+            refusal = by_id[custom_id]
+            txn.set(
+                ref,
+                {
+                    "custom_id": custom_id,
+                    "payload": str(refusal.payload),
+                    "field": refusal.field,
+                    "reason": refusal.reason,
+                    "gen": gen,
+                },
+            )
+            self._count(writes=1)
+
+        self._fenced_refusal_writes(lease, list(by_id), write)
+
+    def load_refusals(self, activation: str) -> dict[str, Refusal]:
+        """Every remembered refusal of the activation, by custom_id (one read per refusal)."""
+        ref = self._activation_ref(activation)
+        doc = self._get(ref)
+        if doc is None:
+            return {}
+        gen = int(doc.get("refusals_gen", 0))
+        refusals: dict[str, Refusal] = {}
+        for snapshot in ref.collection("refusals").stream():
+            self._count(reads=1)
+            data = snapshot.to_dict() or {}
+            if data.get("gen") != gen:
+                continue  # forgotten by a reset, not yet deleted
+            custom_id = str(data["custom_id"])
+            refusals[custom_id] = Refusal(custom_id, int(data["payload"]), str(data["field"]), str(data["reason"]))
+        return refusals
+
+    def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Forget the refusals of these ids (fenced; unknown ids are ignored).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing more is deleted.
+        """
+
+        def delete(txn: Any, ref: Any, custom_id: str, gen: int) -> None:
+            txn.delete(ref)
+            self._count(deletes=1)
+
+        self._fenced_refusal_writes(lease, list(custom_ids), delete)
+
+    def _delete_forgotten_refusals(self, activation: str) -> None:
+        """After a reset: delete refusal documents of older generations (best effort)."""
+        ref = self._activation_ref(activation)
+        doc = self._get(ref) or {}
+        gen = int(doc.get("refusals_gen", 0))
+        batch = self._client.batch()
+        pending = 0
+        for snapshot in ref.collection("refusals").stream():
+            self._count(reads=1)
+            if (snapshot.to_dict() or {}).get("gen") != gen:
+                batch.delete(snapshot.reference)
+                pending += 1
+                if pending == _MAX_WRITES_PER_COMMIT:
+                    batch.commit()
+                    self._count(deletes=pending)
+                    batch, pending = self._client.batch(), 0
+        if pending:
+            batch.commit()
+            self._count(deletes=pending)
+
     # -- per-activation meta ------------------------------------------------------------------
 
     def load_meta(self, activation: str) -> ActivationMeta:
@@ -918,7 +1025,7 @@ class FirestoreStateStore:
     # -- admin --------------------------------------------------------------------------------
 
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        """Forget fingerprints, intents and meta (not run history, not the token counter).
+        """Forget fingerprints, intents, refusals and meta (not run history, not the token counter).
 
         The live layout is emptied in one transaction (the next run is a full one); the
         superseded documents are then deleted as garbage.
@@ -955,6 +1062,7 @@ class FirestoreStateStore:
                 state.low = state.next
                 doc[ns.key] = state.to_doc()
             doc.pop("meta_json", None)
+            doc["refusals_gen"] = int(doc.get("refusals_gen", 0)) + 1
             self._write_doc(txn, ref, doc)
             return True
 
@@ -962,6 +1070,7 @@ class FirestoreStateStore:
             for ns in _NAMESPACES:
                 for _ in self._collect_garbage(activation, ns):
                     pass
+            self._delete_forgotten_refusals(activation)
 
     # -- housekeeping -------------------------------------------------------------------------
 

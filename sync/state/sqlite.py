@@ -42,7 +42,7 @@ from typing import Any, Final
 import pyarrow as pa
 
 from sync.errors import FatalError, LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal
 
 SCHEMA_VERSION: Final = 2
@@ -140,6 +140,17 @@ _SCHEMA: Final = (
         PRIMARY KEY (activation, trigger_id)
     ) WITHOUT ROWID
     """,
+    # Added the same way: payloads Batch refused (StateStore.record_refusals).
+    """
+    CREATE TABLE IF NOT EXISTS refusals (
+        activation TEXT    NOT NULL,
+        custom_id  TEXT    NOT NULL,
+        payload    INTEGER NOT NULL,
+        field      TEXT    NOT NULL,
+        reason     TEXT    NOT NULL,
+        PRIMARY KEY (activation, custom_id)
+    ) WITHOUT ROWID
+    """,
 )
 
 
@@ -166,6 +177,11 @@ def _check_u64(value: int, activation: str, custom_id: str, field: str) -> int:
             f"unsigned 64-bit int (0 … 2**64-1), got {value!r}"
         )
     return value
+
+
+def _signed(value: int) -> int:
+    """An unsigned 64-bit value as SQLite's signed INTEGER (two's complement; ``% 2**64`` undoes it)."""
+    return value - _U64_LIMIT if value >= _U64_LIMIT // 2 else value
 
 
 class SQLiteStateStore:
@@ -563,6 +579,63 @@ class SQLiteStateStore:
                 written = cursor.rowcount
             self._count(2 if rows else 1, written)
 
+    # -- payloads Batch refused -----------------------------------------------------------------
+
+    def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
+        """Remember payloads Batch refused, one per id, a newer one replacing it (fenced).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is written.
+        """
+        activation = lease.activation
+        rows = [
+            (
+                activation,
+                r.custom_id,
+                _signed(_check_u64(r.payload, activation, r.custom_id, "payload")),
+                r.field,
+                r.reason,
+            )
+            for r in refusals
+        ]
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            if rows:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO refusals (activation, custom_id, payload, field, reason) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+            self._count(2 if rows else 1, len(rows))
+
+    def load_refusals(self, activation: str) -> dict[str, Refusal]:
+        """Every remembered refusal of the activation, by custom_id."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "SELECT custom_id, payload, field, reason FROM refusals WHERE activation = ?", (activation,)
+            )
+            refusals = {
+                custom_id: Refusal(custom_id, payload % _U64_LIMIT, field, reason)
+                for custom_id, payload, field, reason in cursor
+            }
+            self._stats["statements"] += 1
+        return refusals
+
+    def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        """Forget the refusals of these ids (fenced; unknown ids are ignored).
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is deleted.
+        """
+        rows = [(lease.activation, custom_id) for custom_id in custom_ids]
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            written = 0
+            if rows:
+                cursor = conn.executemany("DELETE FROM refusals WHERE activation = ? AND custom_id = ?", rows)
+                written = cursor.rowcount
+            self._count(2 if rows else 1, written)
+
     # -- per-activation meta ------------------------------------------------------------------
 
     def load_meta(self, activation: str) -> ActivationMeta:
@@ -703,7 +776,7 @@ class SQLiteStateStore:
     # -- admin --------------------------------------------------------------------------------
 
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        """Forget fingerprints, intents and meta (not run history, not the token counter).
+        """Forget fingerprints, intents, refusals and meta (not run history, not the token counter).
 
         The next run is a full one. Refuses while a run holds the lease rather than pull
         state from under it.
@@ -728,7 +801,7 @@ class SQLiteStateStore:
                         f"until {_from_us(held_until_us).isoformat()} (token {token})"
                     )
             rows = 0
-            for table in ("fingerprint_base", "fingerprint_journal", "intents", "meta"):
+            for table in ("fingerprint_base", "fingerprint_journal", "intents", "refusals", "meta"):
                 # Table names come from the fixed tuple above, never from input.
                 rows += conn.execute(f"DELETE FROM {table} WHERE activation = ?", (activation,)).rowcount  # noqa: S608
             self._count(5, rows)

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from sync.errors import LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state.base import FINGERPRINT_SCHEMA, StateStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -421,6 +421,46 @@ class StateStoreContract:
         assert store.load_intents("act") == ids
         store.clear_intents(lease, sorted(ids)[:10_000])
         assert store.load_intents("act") == set(sorted(ids)[10_000:])
+
+    # -- refusals -----------------------------------------------------------------------------
+
+    def test_refusals_record_replace_load_clear(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        assert store.load_refusals("act") == {}
+        first = Refusal("u1", U64_MAX, "$email_address", "invalid email")
+        store.record_refusals(lease, [first, Refusal("u2", 0, "(profile)", "simulated rejection")])
+        newer = Refusal("u1", 7, "firstname", "string too long: 'é\"[/x]'")
+        store.record_refusals(lease, [newer])
+        assert store.load_refusals("act") == {"u1": newer, "u2": Refusal("u2", 0, "(profile)", "simulated rejection")}
+        store.clear_refusals(lease, ["u2", "never-refused"])
+        assert store.load_refusals("act") == {"u1": newer}
+        store.record_refusals(lease, [])
+        store.clear_refusals(lease, [])
+        assert store.load_refusals("act") == {"u1": newer}
+        assert store.load_refusals("other") == {}
+
+    def test_refusals_take_odd_ids_and_many_at_once(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        refusals = [Refusal(custom_id, n, "f", "r") for n, custom_id in enumerate(ODD_IDS)]
+        refusals += [Refusal(f"user-{n:05d}", n, "f", "r") for n in range(1_200)]
+        store.record_refusals(lease, refusals)
+        assert store.load_refusals("act") == {refusal.custom_id: refusal for refusal in refusals}
+        store.clear_refusals(lease, [refusal.custom_id for refusal in refusals[:700]])
+        assert store.load_refusals("act") == {refusal.custom_id: refusal for refusal in refusals[700:]}
+
+    def test_refusals_are_fenced_and_reset(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        kept = Refusal("u1", 1, "f", "r")
+        store.record_refusals(old, [kept])
+        new = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.record_refusals(old, [Refusal("u2", 2, "f", "r")])
+        with pytest.raises(LeaseLost):
+            store.clear_refusals(old, ["u1"])
+        assert store.load_refusals("act") == {"u1": kept}
+        store.release_lease(new)
+        store.reset("act")
+        assert store.load_refusals("act") == {}
 
     # -- meta ---------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
 
 from sync.errors import LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal
 from sync.state.base import DELIVERY_RETENTION, StateStore
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
 
@@ -67,6 +67,23 @@ def test_a_file_from_before_delivery_counts_gains_the_table_on_open(db_path: Pat
         assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         raw.close()
+
+
+def test_a_file_from_before_refusals_gains_the_table_on_open(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        store.release_lease(lease)
+    raw = sqlite3.connect(db_path)
+    raw.execute("DROP TABLE refusals")
+    raw.commit()
+    raw.close()
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_refusals("act") == {}
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+        lease = store.acquire_lease("act", "run-b", TTL, at(2))
+        store.record_refusals(lease, [Refusal("u2", 2, "f", "r")])
+        assert store.load_refusals("act") == {"u2": Refusal("u2", 2, "f", "r")}
 
 
 def test_delivery_counts_older_than_the_retention_are_forgotten(db_path: Path) -> None:
