@@ -545,7 +545,13 @@ class Run:
             return None
         self.run.timings["map_workers"] = workers
         return MappingPool(
-            workers, self.activation, prepared.types, scan.ids.duplicates, self.activation.mapping.custom_id
+            workers,
+            self.activation,
+            prepared.types,
+            scan.ids.duplicates,
+            self.activation.mapping.custom_id,
+            # --full (or a full message) is the way to send refused payloads again anyway.
+            refused=None if self.options.full else self._refusals,
         )
 
     def _timed(self, results: Iterator[tuple[BatchPlan, float]]) -> Iterator[BatchPlan]:

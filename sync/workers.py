@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from sync.config import Activation, AttributeType
 from sync.mapping import ProfileMapper
+from sync.model import Refusal
 from sync.plan import BatchPlan, plan_rows
 
 # Batches in flight per worker: enough to keep every worker busy while results are taken
@@ -32,6 +33,7 @@ AUTO_POOL_MAX_WORKERS = 4
 
 _mapper: ProfileMapper | None = None
 _duplicates: Mapping[str, int] = {}
+_refused: Mapping[str, Refusal] | None = None
 _id_column = ""
 
 
@@ -44,18 +46,33 @@ def auto_workers() -> int:
     return max(0, min(AUTO_POOL_MAX_WORKERS, cores - 2))
 
 
-def _start(activation_json: str, types: dict[str, str], duplicates: dict[str, int], id_column: str) -> None:
-    global _mapper, _duplicates, _id_column
+def _start(
+    activation_json: str,
+    types: dict[str, str],
+    duplicates: dict[str, int],
+    id_column: str,
+    refused: dict[str, Refusal] | None,
+) -> None:
+    global _mapper, _duplicates, _id_column, _refused
     activation = Activation.model_validate_json(activation_json)
     _mapper = ProfileMapper(activation, {column: AttributeType(value) for column, value in types.items()})
     _duplicates = duplicates
     _id_column = id_column
+    _refused = refused
 
 
 def _map_and_plan(batch: pa.RecordBatch, full: bool) -> tuple[BatchPlan, float]:
     assert _mapper is not None, "worker not started"
     started = time.perf_counter()
-    plan = plan_rows(batch, _mapper.map_batch(batch), full=full, duplicates=_duplicates, id_column=_id_column)
+    plan = plan_rows(
+        batch,
+        _mapper.map_batch(batch),
+        full=full,
+        duplicates=_duplicates,
+        id_column=_id_column,
+        payload_keys=_mapper.payload_keys,
+        refused=_refused,
+    )
     return plan, time.perf_counter() - started
 
 
@@ -68,6 +85,7 @@ class MappingPool:
         types: Column -> resolved attribute type (``resolve_attribute_types``).
         duplicates: Custom ID -> copies for every duplicated id (from the id scan).
         id_column: The Custom ID column.
+        refused: Payloads Batch refused, by Custom ID (not sent again unchanged), or None.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class MappingPool:
         types: Mapping[str, AttributeType],
         duplicates: Mapping[str, int],
         id_column: str,
+        refused: Mapping[str, Refusal] | None = None,
     ) -> None:
         self.workers = workers
         # spawn, not fork: the parent runs DuckDB and asyncio threads, which a fork would
@@ -90,6 +109,7 @@ class MappingPool:
                 {column: kind.value for column, kind in types.items()},
                 dict(duplicates),
                 id_column,
+                None if refused is None else dict(refused),
             ),
         )
 

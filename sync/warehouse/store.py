@@ -43,7 +43,7 @@ import pyarrow as pa
 from google.cloud import bigquery
 
 from sync.errors import ConfigError, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state.base import FINGERPRINT_SCHEMA, StateStore
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
@@ -234,6 +234,16 @@ class WarehouseStateStore:
 
     def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         self.base.clear_intents(lease, custom_ids)
+
+    # Payloads Batch refused are few and per id: they stay in the base store, like intents.
+    def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
+        self.base.record_refusals(lease, refusals)
+
+    def load_refusals(self, activation: str) -> dict[str, Refusal]:
+        return self.base.load_refusals(activation)
+
+    def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+        self.base.clear_refusals(lease, custom_ids)
 
     def load_meta(self, activation: str) -> ActivationMeta:
         return self.base.load_meta(activation)
