@@ -675,10 +675,6 @@ class Run:
             await asyncio.to_thread(self.store.record_refusals, self._current_lease(), sender.tally.refusals)
         if self._refusals_cleared:
             await asyncio.to_thread(self.store.clear_refusals, self._current_lease(), self._refusals_cleared)
-        if sender is not None and (sender.tally.cleared or sender.tally.acknowledged_new):
-            await asyncio.to_thread(
-                self.store.clear_intents, self._current_lease(), sender.tally.cleared + sender.tally.acknowledged_new
-            )
         await asyncio.to_thread(self.store.compact, self._current_lease(), self.clock.now())
 
     def _finish(self, prepared: _Prepared, scan: _Scan, sender: Sender | None) -> None:

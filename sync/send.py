@@ -51,6 +51,8 @@ class Journal:
         self._clock = clock
         self._now = now
         self._pending: list[JournalEntry] = []
+        # Mirror intents no longer needed once the entries above are committed.
+        self._intents_done: list[str] = []
         self._last_flush = clock()
         self._lock = asyncio.Lock()
         self.flushes = 0
@@ -58,8 +60,15 @@ class Journal:
         self.commit_seconds = 0.0
         self.on_flush: Callable[[], Awaitable[None]] | None = None
 
-    def add(self, entries: Sequence[JournalEntry]) -> None:
+    def add(self, entries: Sequence[JournalEntry], *, intents_done: Sequence[str] = ()) -> None:
+        """Entries to commit; ``intents_done``: mirror intents to drop once they are committed.
+
+        An intent only matters until the id's fingerprint (or its removal) is durable, so it
+        is dropped right after the commit that made it so, flush by flush: a million-profile
+        first sync never holds a million ids to clear at its end.
+        """
         self._pending.extend(entries)
+        self._intents_done.extend(intents_done)
 
     def due(self) -> bool:
         return bool(self._pending) and (
@@ -69,11 +78,16 @@ class Journal:
     async def flush(self) -> None:
         async with self._lock:
             entries, self._pending = self._pending, []
+            intents, self._intents_done = self._intents_done, []
             self._last_flush = self._clock()
             if not entries:
                 return
             started = time.perf_counter()
             await asyncio.to_thread(self._store.commit, self._lease(), entries, self._now())
+            if intents:
+                # After the commit: a crash in between leaves intents for stored ids, harmless
+                # (both say "synced"), never an acknowledged id without either.
+                await asyncio.to_thread(self._store.clear_intents, self._lease(), intents)
             self.commit_seconds += time.perf_counter() - started
             self.flushes += 1
             self.committed += len(entries)
@@ -129,8 +143,8 @@ class SendTally:
     wire_seconds: float = 0.0
     wait_seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
-    cleared: list[str] = field(default_factory=list)
-    acknowledged_new: list[str] = field(default_factory=list)
+    cleared: int = 0
+    acknowledged_new: int = 0
     # Payloads Batch refused (partial errors), remembered so they are not sent again unchanged.
     refusals: list[Refusal] = field(default_factory=list)
 
@@ -233,13 +247,19 @@ class Sender:
                 tally.failures.append(outcome.failure)
             if group.upserts:
                 fingerprints = {send.custom_id: send for send in group.upserts}
-                self._journal.add(
-                    [JournalEntry(custom_id, fingerprints[custom_id].fingerprint) for custom_id in outcome.acknowledged]
+                new_ids = (
+                    [c for c in outcome.acknowledged if fingerprints[c].kind is Outcome.NEW]
+                    if self._record_intents is not None
+                    else []
                 )
-                if self._record_intents is not None:
-                    tally.acknowledged_new.extend(
-                        c for c in outcome.acknowledged if fingerprints[c].kind is Outcome.NEW
-                    )
+                self._journal.add(
+                    [
+                        JournalEntry(custom_id, fingerprints[custom_id].fingerprint)
+                        for custom_id in outcome.acknowledged
+                    ],
+                    intents_done=new_ids,
+                )
+                tally.acknowledged_new += len(new_ids)
                 tally.refusals.extend(
                     Refusal(
                         r.custom_id, fingerprints[r.custom_id].fingerprint.payload, r.attribute or "(profile)", r.reason
@@ -249,8 +269,11 @@ class Sender:
                 )
                 self.watermark.complete(index, group.upserts[-1].custom_id, clean=not outcome.failed)
             else:
-                self._journal.add([JournalEntry(custom_id, None) for custom_id in outcome.acknowledged])
-                tally.cleared.extend(outcome.acknowledged)
+                self._journal.add(
+                    [JournalEntry(custom_id, None) for custom_id in outcome.acknowledged],
+                    intents_done=outcome.acknowledged,
+                )
+                tally.cleared += len(outcome.acknowledged)
             self._on_outcome(outcome)
             if self._journal.due():
                 await self._journal.flush()
