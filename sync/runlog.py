@@ -54,7 +54,6 @@ PROFILE_COUNTS = (
     "acknowledged",
     "failed",
 )
-# Stage timings the engine may record under timings.stages, in pipeline order.
 # The engine's timings.stages keys (sync.record.StageTimings), in pipeline order.
 KNOWN_STAGES = ("read", "hash_and_diff", "map", "send", "batch_wait", "rate_limit_wait", "commit")
 _MAX_ERROR = 500

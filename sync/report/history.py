@@ -15,7 +15,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from sync.runlog import duration_seconds, outcome, rejected_total
+from sync.runlog import PROFILE_COUNTS, duration_seconds, outcome, rejected_total
 
 SHORT_STATUS = {
     "succeeded": "ok",
@@ -46,16 +46,7 @@ CSV_COLUMNS = (
     "status",
     "trigger",
     "duration_seconds",
-    "rows",
-    "new",
-    "changed",
-    "unchanged",
-    "removed",
-    "rejected",
-    "rejected_by_batch",
-    "sent",
-    "acknowledged",
-    "failed",
+    *PROFILE_COUNTS,
     "error",
 )
 # A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").

@@ -213,7 +213,8 @@ def _encode(
     return zlib.compress(b"".join(parts), _ZLIB_LEVEL)
 
 
-def _decode(blob: bytes, magic: bytes, *, with_flags: bool, with_values: bool, where: str) -> _Columns:
+def _unpack(blob: bytes, magic: bytes, *, with_flags: bool, with_values: bool, where: str) -> tuple[bytes, int, int]:
+    """The decompressed body of a blob, its record count and its id block's byte length (checked)."""
     try:
         body = zlib.decompress(blob)
         found, count, id_bytes = _HEADER.unpack_from(body, 0)
@@ -224,6 +225,11 @@ def _decode(blob: bytes, magic: bytes, *, with_flags: bool, with_values: bool, w
     expected = _HEADER.size + 4 * count + id_bytes + (count if with_flags else 0) + (16 * count if with_values else 0)
     if len(body) != expected:
         raise StateCorruptError(f"{where}: state blob is {len(body)} bytes, expected {expected}")
+    return body, count, id_bytes
+
+
+def _decode(blob: bytes, magic: bytes, *, with_flags: bool, with_values: bool, where: str) -> _Columns:
+    body, count, id_bytes = _unpack(blob, magic, with_flags=with_flags, with_values=with_values, where=where)
     offset = _HEADER.size
     lengths = array("I")
     lengths.frombytes(body[offset : offset + 4 * count])
@@ -257,16 +263,7 @@ def _decode(blob: bytes, magic: bytes, *, with_flags: bool, with_values: bool, w
 
 def _decode_table(blob: bytes, magic: bytes, *, with_flags: bool, where: str) -> pa.Table:
     """A fingerprint blob as Arrow arrays over its own bytes (plus ``put`` for a journal blob)."""
-    try:
-        body = zlib.decompress(blob)
-        found, count, id_bytes = _HEADER.unpack_from(body, 0)
-    except (zlib.error, struct.error) as exc:
-        raise StateCorruptError(f"{where}: state blob cannot be decoded ({exc})") from exc
-    if found != magic:
-        raise StateCorruptError(f"{where}: state blob has format {found!r}, expected {magic!r}")
-    expected = _HEADER.size + 4 * count + id_bytes + (count if with_flags else 0) + 16 * count
-    if len(body) != expected:
-        raise StateCorruptError(f"{where}: state blob is {len(body)} bytes, expected {expected}")
+    body, count, id_bytes = _unpack(blob, magic, with_flags=with_flags, with_values=True, where=where)
     if sys.byteorder == "big":  # pragma: no cover - blobs are little-endian; decode the slow way
         columns = _decode(blob, magic, with_flags=with_flags, with_values=True, where=where)
         arrays = [pa.array(columns.ids, pa.string()), pa.array(columns.raws, pa.uint64())]

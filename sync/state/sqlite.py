@@ -570,14 +570,7 @@ class SQLiteStateStore:
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is deleted.
         """
-        rows = [(lease.activation, custom_id) for custom_id in custom_ids]
-        with self._write() as conn:
-            self._check_lease(conn, lease)
-            written = 0
-            if rows:
-                cursor = conn.executemany("DELETE FROM intents WHERE activation = ? AND custom_id = ?", rows)
-                written = cursor.rowcount
-            self._count(2 if rows else 1, written)
+        self._delete_ids(lease, "intents", custom_ids)
 
     # -- payloads Batch refused -----------------------------------------------------------------
 
@@ -627,13 +620,18 @@ class SQLiteStateStore:
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is deleted.
         """
+        self._delete_ids(lease, "refusals", custom_ids)
+
+    def _delete_ids(self, lease: Lease, table: str, custom_ids: Iterable[str]) -> None:
+        """Delete the activation's rows of these ids from ``table`` (fenced by ``lease``)."""
         rows = [(lease.activation, custom_id) for custom_id in custom_ids]
         with self._write() as conn:
             self._check_lease(conn, lease)
             written = 0
             if rows:
-                cursor = conn.executemany("DELETE FROM refusals WHERE activation = ? AND custom_id = ?", rows)
-                written = cursor.rowcount
+                # ``table`` is one of this class's own table names, never input.
+                sql = f"DELETE FROM {table} WHERE activation = ? AND custom_id = ?"  # noqa: S608
+                written = conn.executemany(sql, rows).rowcount
             self._count(2 if rows else 1, written)
 
     # -- per-activation meta ------------------------------------------------------------------
