@@ -1,0 +1,64 @@
+"""fold_journal: base fingerprints plus journal entries, folded in columns, against a dict reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sync.state.base import FINGERPRINT_SCHEMA, fold_journal
+
+JOURNAL_SCHEMA = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
+IDS = st.sampled_from(["a", "b", "c", "d", "é", "ü-1", "long-id-0000000001"])
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def table(
+    rows: list[tuple[str, int, int]], schema: pa.Schema = FINGERPRINT_SCHEMA, puts: list[bool] | None = None
+) -> pa.Table:
+    columns: list[Any] = [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]]
+    if puts is not None:
+        columns.append(puts)
+    return pa.table(columns, schema=schema)
+
+
+def as_dict(folded: pa.Table) -> dict[str, tuple[int, int]]:
+    ids = folded.column("custom_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    return dict(
+        zip(ids, zip(folded.column("raw").to_pylist(), folded.column("payload").to_pylist(), strict=True), strict=True)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.dictionaries(IDS, st.tuples(U64, U64), max_size=5),
+    journal=st.lists(st.lists(st.tuples(IDS, U64, U64, st.booleans()), max_size=6), max_size=4),
+)
+def test_the_fold_is_the_last_entry_per_id_applied_to_the_base(
+    base: dict[str, tuple[int, int]], journal: list[list[tuple[str, int, int, bool]]]
+) -> None:
+    expected = dict(base)
+    for entries in journal:
+        for custom_id, raw, payload, put in entries:
+            if put:
+                expected[custom_id] = (raw, payload)
+            else:
+                expected.pop(custom_id, None)
+    base_table = table([(k, *v) for k, v in base.items()])
+    journal_tables = [
+        table([(e[0], e[1], e[2]) for e in entries], JOURNAL_SCHEMA, [e[3] for e in entries]) for entries in journal
+    ]
+    folded = fold_journal([base_table], journal_tables)
+    assert folded.schema.equals(FINGERPRINT_SCHEMA)
+    assert as_dict(folded) == expected
+
+
+def test_a_journal_of_new_ids_only_is_appended_as_it_is() -> None:
+    base = table([("a", 1, 2)])
+    journal = [table([("b", 3, 4), ("c", 5, 6)], JOURNAL_SCHEMA, [True, True])]
+    folded = fold_journal([base], journal)
+    assert folded.column("custom_id").to_pylist() == ["a", "b", "c"]
+    assert as_dict(folded) == {"a": (1, 2), "b": (3, 4), "c": (5, 6)}
