@@ -61,10 +61,9 @@ STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 # Rows per batch handed to the mapper: small enough that the first request leaves within a
 # second of the stream starting, large enough that per-batch overhead is negligible.
 OUTPUT_BATCH_ROWS: Final = 10_000
-# The differ's own memory cap. Beyond it DuckDB spills its hash tables to a temporary
-# directory of its own instead of growing: at 5M rows the id scan's peak went from ~425 MB
-# to ~180 MB above the process's base, at the same speed; a million rows never reach it.
-DIFFER_MEMORY_LIMIT: Final = "128MB"
+# The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
+# of its own instead of growing without bound; five million stored fingerprints fit in it.
+DIFFER_MEMORY_LIMIT: Final = "1GB"
 
 
 def quote_identifier(name: str) -> str:
