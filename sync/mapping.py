@@ -10,7 +10,7 @@ Two entry points, both pure:
   into a :class:`sync.model.MappedRow`: the full payload, or a rejection with every
   problem found, each with a :class:`sync.model.Reason`.
 
-The rules are the project's reading of Batch's limits (``batch-api.md``, decision 7):
+The rules are the project's reading of Batch's limits (``docs/batch-api.md``, "Checked before sending"):
 strings 1-300 characters, ``url()`` at most 2048, string arrays 1-25 items, ``date()``
 ISO-8601 UTC ending in ``Z``, E.164 phones, ISO 639-1 / 3166-1 codes, IANA time zones.
 Values are validated with maintained libraries (``rphonenumbers`` and ``phonenumbers``,
@@ -52,7 +52,7 @@ from sync.model import MappedRow, Reason, RowIssue
 
 __all__ = ["ProfileMapper", "resolve_attribute_types"]
 
-# --- Batch limits (batch-api.md "Limits" and decision 7) --------------------------------
+# --- Batch limits (docs/batch-api.md, "Checked before sending") -----------------
 # custom_id: the SDK caps it at 1024 characters (doc.batch.com SDK "custom-user-id").
 MAX_CUSTOM_ID_LENGTH: Final = 1024
 # The SDKs refuse these ids (case-insensitive): they are what a null turns into when a
@@ -168,7 +168,7 @@ def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
-# Batch's SDKs check an address against this pattern (batch-api.md, "Native attributes"):
+# Batch's SDKs check an address against this pattern (docs/batch-api.md, "Checked before sending"):
 # any local part without "@", CR, LF or tab, and an ASCII domain. "[A-z]" is Batch's own
 # spelling: it also admits [\]^_` , which the domain rule below never produces.
 _BATCH_EMAIL = re.compile(r"[^@\r\n\t]+@[A-z0-9\-\.]+\.[A-z0-9]+")

@@ -1,6 +1,6 @@
 """The Batch Profile API client: one logical request per ``send``, with paced retries inside.
 
-Contract (batch-api.md, "Decisions for this project"):
+Contract (docs/batch-api.md):
 
 * ``POST {base}/{version}/profiles/update`` (<=200 profiles, 300 profiles/s, burst 1,000) or
   ``.../profiles/mass-update`` (<=10,000 profiles, 10,000 profiles/s) with a JSON array of
@@ -109,7 +109,7 @@ class Endpoint(enum.StrEnum):
 
 
 def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: int) -> Endpoint:
-    """Pick the endpoint for one run (batch-api.md decision 1).
+    """Pick the endpoint for one run (docs/batch-api.md).
 
     Args:
         policy: The activation's ``destination.endpoint``.

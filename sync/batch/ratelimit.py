@@ -6,7 +6,7 @@ Batch counts its rate limits in *updates* (one Custom ID in a request), not in r
 right API endpoint"). Pacing ourselves to those numbers keeps 429 storms rare; the
 client still retries the 429s that slip through.
 
-Decision 2 of batch-api.md: one budget per project key and per endpoint, shared by every
+docs/batch-api.md, "Limits, counted in profiles": one budget per project key and per endpoint, shared by every
 activation of the process that uses that project key. :class:`RateLimiterRegistry` hands
 out those shared buckets.
 
@@ -185,5 +185,5 @@ class RateLimiterRegistry:
 
 
 # Process-wide default: every BatchClient built without an explicit registry shares it
-# (batch-api.md decision 2). Safe across event loops: limiters hold no loop-bound objects.
+# (docs/batch-api.md). Safe across event loops: limiters hold no loop-bound objects.
 PROCESS_LIMITERS = RateLimiterRegistry()

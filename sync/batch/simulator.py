@@ -1,7 +1,7 @@
 """A local, in-memory simulator of Batch's CEP Profile API (``/profiles/update``, ``/profiles/mass-update``).
 
-It follows /work/shared/batch-api.md: the documented facts where Batch documents them, and
-the project's "Decisions" where Batch is silent. Integration tests, ``cepsync demo``,
+It follows docs/batch-api.md: the documented facts where Batch documents them, and
+the project's choices where Batch is silent. Integration tests, ``cepsync demo``,
 ``cepsync simulator`` and the 1M-profile benchmark all run against it, so validation is
 written for speed (a 10,000-item mass-update is validated in a small fraction of a second).
 
@@ -20,7 +20,7 @@ Profile API routes (auth: ``Authorization: Bearer <api_key>`` + ``X-Batch-Projec
   error is ``{"category": "identifiers"|"attribute"|"event", "bulk_index": i, "attribute"?: key,
   "reason": text}``. An item with any error is dropped whole; every other item is applied.
 
-Per-item rules (batch-api.md decision 7): ``identifiers`` holds exactly one of ``custom_id``
+Per-item rules (docs/batch-api.md): ``identifiers`` holds exactly one of ``custom_id``
 (non-empty string, <= 1024 characters) or ``installation`` (a non-empty object; its shape is
 unconfirmed, so such items are validated and acknowledged but not stored). Attribute names are
 ``[a-z0-9_]{1,30}``, bare or wrapped as ``date(name)`` / ``url(name)``; native keys are
@@ -69,7 +69,7 @@ Order of processing for a Profile API request: latency, route version, auth, bod
 injected failure (``fail_next``, then ``failure_rate``), rate limit, item validation,
 ``drop_before_apply``, apply, ``drop_after_apply``, answer. 502 and 504 are answered with an
 HTML body, as a proxy in front of Batch would, so clients prove they never fail on an
-unexpected body (batch-api.md decision 6).
+unexpected body (docs/batch-api.md).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ __all__ = ["BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
 
 _log = structlog.get_logger(__name__)
 
-# --- Batch limits (batch-api.md "Limits") -------------------------------------------------
+# --- Batch limits (docs/batch-api.md, "Limits, counted in profiles") -------------------------------------------------
 
 UPDATE: Final = "update"
 MASS_UPDATE: Final = "mass-update"
@@ -138,7 +138,7 @@ _SUBSCRIPTIONS: Final = frozenset({"subscribed", "unsubscribed"})
 _FAIL_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 _RANDOM_FAILURE_STATUSES: Final = frozenset({500, 502, 503, 504})
 
-# The legacy 1.x names are the only ones seen for these statuses (batch-api.md "Error codes").
+# The legacy 1.x names are the only ones seen for these statuses (docs/batch-api.md, "Answers").
 _ERROR_BODIES: Final = {
     429: ("TOO_MANY_REQUESTS", "Too many requests: wait a few seconds before retrying"),
     500: ("SERVER_ERROR", "Unexpected error"),
