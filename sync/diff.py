@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import duckdb
 import pyarrow as pa
@@ -219,9 +219,9 @@ class SegmentDiff:
         self._con.register(name, pa.RecordBatchReader.from_batches(schema, timed()))
         return name
 
-    def _fetch(self, sql: str, params: list[Any] | None = None) -> Iterator[pa.RecordBatch]:
+    def _fetch(self, sql: str) -> Iterator[pa.RecordBatch]:
         started = time.perf_counter()
-        reader: pa.RecordBatchReader = self._con.sql(sql, params=params).to_arrow_reader(OUTPUT_BATCH_ROWS)
+        reader: pa.RecordBatchReader = self._con.sql(sql).to_arrow_reader(OUTPUT_BATCH_ROWS)
         read_before = self.seconds["read"]
         try:
             while True:

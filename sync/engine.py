@@ -176,6 +176,7 @@ class _Scan:
     meta: ActivationMeta
     full: bool  # every valid row is sent (FULL ONLY, --full, or a continued full pass)
     watermark: str | None  # a continued full pass skips ids at or below it
+    version: str  # the mapping version (prepare computed it)
 
 
 @dataclass
@@ -415,7 +416,7 @@ class Run:
         self.run.full = full
         self.run.source = self.source.stats()
         self.progress.planned({"rows": ids.rows})
-        return _Scan(diff, ids, meta, full, str(watermark) if watermark else None)
+        return _Scan(diff, ids, meta, full, str(watermark) if watermark else None, prepared.version)
 
     def _plan_moved(self, prepared: _Prepared, scan: _Scan) -> _Moved:
         """Map the rows whose stored fingerprint may have changed: the changed count is exact."""
@@ -716,7 +717,7 @@ class Run:
     # -- bookkeeping -------------------------------------------------------------------------
     def _fill_counts(self, scan: _Scan, moved: _Moved, tally: PlanCounts) -> None:
         """The record's counts: the id scan's, the moved rows', and what the stream planned."""
-        version = mapping_version(self.activation)
+        version = scan.version
         meta = scan.meta
         self.run.mapping_version = {
             "current": version,

@@ -34,13 +34,13 @@ are bounded the same way. If the state store itself is unreachable nothing can b
 and the event is redelivered until the store answers or Pub/Sub drops the message.
 
 Time budget: an event-triggered function is killed at 540 s, an HTTP one at 3600 s
-(docs/how-a-run-works.md, "Time budget and continuations"). The engine stops launching
-batches ``CEPSYNC_BUDGET_MARGIN_SECONDS`` before ``CEPSYNC_TIME_BUDGET_SECONDS`` (counted from the start of the invocation), flushes,
-checkpoints and releases the lease; this module then publishes a continuation message
-``{"activation": NAME, "continuation_of": ROOT_RUN_ID}`` to ``CEPSYNC_CONTINUATION_TOPIC`` and
-the next invocation resumes from the checkpoint. A continuation whose pass has already ended
-is a no-op, and a continuation that made no progress does not hand over again (a budget too
-small to send one batch would otherwise loop forever).
+(docs/how-a-run-works.md, "Time budget and continuations"). The engine stops launching batches
+``CEPSYNC_BUDGET_MARGIN_SECONDS`` before ``CEPSYNC_TIME_BUDGET_SECONDS`` (counted from the start
+of the invocation), flushes, checkpoints and releases the lease; this module then publishes a
+continuation message ``{"activation": NAME, "continuation_of": ROOT_RUN_ID}`` to
+``CEPSYNC_CONTINUATION_TOPIC`` and the next invocation resumes from the checkpoint. A
+continuation whose pass has already ended is a no-op, and a continuation that made no progress
+does not hand over again (a budget too small to send one batch would otherwise loop forever).
 
 Secrets: the Batch keys come from environment variables (Secret Manager mounts them); they are
 read only by :func:`sync.runtime.build_client`, which registers them with the log scrubber.

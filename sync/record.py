@@ -38,10 +38,6 @@ class RunStatus(enum.StrEnum):
         """The CLI's exit code (README "Exit codes")."""
         return _EXIT_CODES.get(self, 1)
 
-    @property
-    def succeeded(self) -> bool:
-        return self in (RunStatus.SUCCEEDED, RunStatus.SUCCEEDED_WITH_REJECTIONS)
-
 
 _EXIT_CODES: dict[RunStatus, int] = {
     RunStatus.SUCCEEDED: 0,
