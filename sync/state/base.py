@@ -98,7 +98,9 @@ class StateStore(Protocol):
     def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
         """Take the activation's lease, or raise LeaseHeld if another owner holds an unexpired one.
 
-        Taking a lease (new, expired, or released) increments the fencing token.
+        A lease is held while ``now < expires_at``. Every acquisition (new, expired,
+        released, or re-acquired by the same owner) increments the fencing token, which
+        never goes backwards: releases and :meth:`reset` keep the counter.
         """
 
     def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
@@ -153,7 +155,13 @@ class StateStore(Protocol):
 
     # -- run records ---------------------------------------------------------------------
     def save_run(self, record: dict[str, Any]) -> None:
-        """Insert or replace a run record (keyed by record['run_id'], JSON-serialisable)."""
+        """Insert or replace a run record (keyed by record['run_id'], JSON-serialisable).
+
+        Not fenced: a run that lost its lease must still be able to record why.
+        ``record["activation"]`` is required; ``record["started_at"]`` (an ISO-8601
+        string in one format, so that string order is time order) orders
+        :meth:`list_runs`; ``record["trigger_id"]`` feeds :meth:`find_run_by_trigger`.
+        """
 
     def list_runs(self, activation: str, limit: int = 20) -> list[dict[str, Any]]:
         """Newest first."""

@@ -29,7 +29,6 @@ profile) is converted when it is opened.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,40 +40,20 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from sync.errors import FatalError, LeaseHeld, LeaseLost
+from sync.errors import FatalError
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.state import core
 from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal
+from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
 
 SCHEMA_VERSION: Final = 2
-
-# Fingerprints are unsigned 64-bit; the blobs hold them as Arrow uint64.
-_U64_LIMIT: Final = 1 << 64
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
 # into ~15-30 MB).
 _CHUNK_ROWS: Final = 1_000_000
-_JOURNAL_SCHEMA: Final = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
 # lz4: ids compress about 3x, at a few ms per million fingerprints.
 _IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
-
-
-def _pack(table: pa.Table) -> memoryview:
-    """A table as an Arrow IPC stream (what a blob holds)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
-        writer.write_table(table)
-    return memoryview(sink.getvalue())
-
-
-def _unpack(blob: bytes, schema: pa.Schema, where: str) -> pa.Table:
-    try:
-        table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
-    except (pa.ArrowInvalid, OSError) as error:
-        raise StateSchemaError(f"{where}: a fingerprint blob cannot be read ({error})") from error
-    if not table.schema.equals(schema):
-        raise StateSchemaError(f"{where}: a fingerprint blob has columns {table.schema.names}, expected {schema.names}")
-    return table
 
 
 _SCHEMA: Final = (
@@ -160,28 +139,24 @@ class StateSchemaError(FatalError):
 
 def _to_us(moment: datetime, what: str) -> int:
     """Microseconds since the epoch of an aware datetime (exact, unlike a float)."""
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError(f"{what} must be a timezone-aware datetime, got naive {moment.isoformat()}")
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return (core.require_aware(moment, what) - _EPOCH) // timedelta(microseconds=1)
 
 
 def _from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def _check_u64(value: int, activation: str, custom_id: str, field: str) -> int:
-    # bool is an int subclass; a bool here is a caller bug, not a hash.
-    if type(value) is not int or not 0 <= value < _U64_LIMIT:
-        raise ValueError(
-            f"activation {activation!r}, custom_id {custom_id!r}: fingerprint {field} must be an "
-            f"unsigned 64-bit int (0 … 2**64-1), got {value!r}"
-        )
-    return value
-
-
 def _signed(value: int) -> int:
     """An unsigned 64-bit value as SQLite's signed INTEGER (two's complement; ``% 2**64`` undoes it)."""
-    return value - _U64_LIMIT if value >= _U64_LIMIT // 2 else value
+    return value - U64_LIMIT if value >= U64_LIMIT // 2 else value
+
+
+def _pack(table: pa.Table) -> memoryview:
+    return memoryview(core.pack_table(table, _IPC_OPTIONS))
+
+
+def _unpack(blob: bytes, schema: pa.Schema, where: str) -> pa.Table:
+    return core.unpack_table(blob, schema, where, StateSchemaError)
 
 
 class SQLiteStateStore:
@@ -310,92 +285,52 @@ class SQLiteStateStore:
         self._stats["statements"] += statements
         self._stats["rows_written"] += max(0, rows)
 
-    def _check_lease(self, conn: sqlite3.Connection, lease: Lease) -> None:
-        """Raise LeaseLost unless ``lease`` is still the activation's current lease.
-
-        The token is what fences: an expired lease whose token is still current has not
-        been taken over, so nobody else can have written, and its writes are safe.
-        A released lease is no longer ours, even if nobody took it since.
-        """
+    @staticmethod
+    def _lease_record(conn: sqlite3.Connection, activation: str) -> LeaseRecord | None:
         row = conn.execute(
-            "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?",
-            (lease.activation,),
+            "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?", (activation,)
         ).fetchone()
         if row is None:
-            raise LeaseLost(
-                f"activation {lease.activation!r}: no lease on record (token {lease.token} of owner "
-                f"{lease.owner!r} is not current); nothing was written"
-            )
+            return None
         owner, token, expires_at_us = row
-        if token != lease.token or owner != lease.owner:
-            raise LeaseLost(
-                f"activation {lease.activation!r}: lease token {lease.token} of owner {lease.owner!r} "
-                f"was superseded by token {token} of owner {owner!r}; nothing was written"
-            )
-        if expires_at_us is None:
-            raise LeaseLost(
-                f"activation {lease.activation!r}: lease token {lease.token} of owner {lease.owner!r} "
-                "was released; nothing was written"
-            )
+        return LeaseRecord(owner, token, None if expires_at_us is None else _from_us(expires_at_us))
+
+    def _check_lease(self, conn: sqlite3.Connection, lease: Lease) -> None:
+        """Raise LeaseLost unless ``lease`` is still current (:func:`sync.state.core.check_lease`)."""
+        core.check_lease(lease, self._lease_record(conn, lease.activation))
 
     # -- lease --------------------------------------------------------------------------------
 
     def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
-        """Take the activation's lease, or raise LeaseHeld if another owner holds an unexpired one.
-
-        A lease is held while ``now < expires_at``. Every acquisition (new, expired,
-        released, or re-acquired by the same owner) increments the fencing token, which
-        never goes backwards: releases and :meth:`reset` keep the counter.
+        """Take the activation's lease in one write transaction (see :class:`sync.state.base.StateStore`).
 
         Raises:
             LeaseHeld: Another owner holds an unexpired lease (the message names it and
                 when it expires).
             ValueError: ``ttl_seconds`` is not positive or ``now`` is naive.
         """
-        if not ttl_seconds > 0:
-            raise ValueError(f"activation {activation!r}: lease ttl_seconds must be > 0, got {ttl_seconds!r}")
-        now_us = _to_us(now, "now")
-        expires_at = now + timedelta(seconds=ttl_seconds)
-        expires_at_us = _to_us(expires_at, "expires_at")
+        expires_at = core.lease_expiry(activation, ttl_seconds, now)
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?", (activation,)
-            ).fetchone()
-            if row is None:
-                token = 1
-            else:
-                held_by, previous_token, held_until_us = row
-                if held_until_us is not None and now_us < held_until_us and held_by != owner:
-                    raise LeaseHeld(
-                        f"activation {activation!r}: lease held by owner {held_by!r} "
-                        f"until {_from_us(held_until_us).isoformat()} (token {previous_token})"
-                    )
-                token = previous_token + 1
+            current = self._lease_record(conn, activation)
+            core.refuse_if_held(activation, current, now, taker=owner)
+            token = 1 if current is None else current.token + 1
             cursor = conn.execute(
                 "INSERT INTO leases (activation, owner, token, expires_at_us) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (activation) DO UPDATE SET "
                 "owner = excluded.owner, token = excluded.token, expires_at_us = excluded.expires_at_us",
-                (activation, owner, token, expires_at_us),
+                (activation, owner, token, _to_us(expires_at, "expires_at")),
             )
             self._count(2, cursor.rowcount)
         return Lease(activation=activation, owner=owner, token=token, expires_at=expires_at)
 
     def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
-        """Extend our lease to ``now + ttl_seconds``, keeping its token.
-
-        Raises:
-            LeaseLost: The lease was taken over or released.
-            ValueError: ``ttl_seconds`` is not positive or ``now`` is naive.
-        """
-        if not ttl_seconds > 0:
-            raise ValueError(f"activation {lease.activation!r}: lease ttl_seconds must be > 0, got {ttl_seconds!r}")
-        expires_at = now + timedelta(seconds=ttl_seconds)
-        expires_at_us = _to_us(expires_at, "now")
+        """Extend our lease to ``now + ttl_seconds``, keeping its token (LeaseLost if it is not ours)."""
+        expires_at = core.lease_expiry(lease.activation, ttl_seconds, now)
         with self._write() as conn:
             self._check_lease(conn, lease)
             cursor = conn.execute(
                 "UPDATE leases SET expires_at_us = ? WHERE activation = ?",
-                (expires_at_us, lease.activation),
+                (_to_us(expires_at, "expires_at"), lease.activation),
             )
             self._count(2, cursor.rowcount)
         return Lease(activation=lease.activation, owner=lease.owner, token=lease.token, expires_at=expires_at)
@@ -450,7 +385,7 @@ class SQLiteStateStore:
             )
         ]
         journal = [
-            _unpack(blob, _JOURNAL_SCHEMA, where)
+            _unpack(blob, JOURNAL_SCHEMA, where)
             for (blob,) in conn.execute(
                 "SELECT blob FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
             )
@@ -458,43 +393,17 @@ class SQLiteStateStore:
         return base, journal
 
     def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
-        """Apply acknowledged outcomes atomically and durably (fenced by ``lease``).
+        """Append the entries as one journal blob, in one fenced transaction.
 
-        Entries with a fingerprint upsert it; entries with ``fingerprint=None`` delete it.
-        If one custom_id appears more than once, the last entry wins. The entries are
-        appended as one journal blob; ``now`` is accepted for the protocol.
+        ``now`` is accepted for the protocol.
 
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is written.
             ValueError: A fingerprint value is not an unsigned 64-bit int; nothing is written.
         """
         activation = lease.activation
-        ids: list[str] = []
-        raws: list[int] = []
-        payloads: list[int] = []
-        puts: list[bool] = []
-        for custom_id, fingerprint in entries:
-            ids.append(custom_id)
-            if fingerprint is None:
-                raws.append(0)
-                payloads.append(0)
-                puts.append(False)
-            else:
-                raws.append(_check_u64(fingerprint.raw, activation, custom_id, "raw"))
-                payloads.append(_check_u64(fingerprint.payload, activation, custom_id, "payload"))
-                puts.append(True)
-        blob = None
-        if ids:
-            table = pa.table(
-                [
-                    pa.array(ids, pa.string()),
-                    pa.array(raws, pa.uint64()),
-                    pa.array(payloads, pa.uint64()),
-                    pa.array(puts),
-                ],
-                schema=_JOURNAL_SCHEMA,
-            )
-            blob = _pack(table)
+        table = core.journal_table(activation, entries)
+        blob = _pack(table) if table.num_rows else None
         with self._write() as conn:
             self._check_lease(conn, lease)
             if blob is None:
@@ -505,9 +414,9 @@ class SQLiteStateStore:
             ).fetchone()
             conn.execute(
                 "INSERT INTO fingerprint_journal (activation, seq, rows, blob) VALUES (?, ?, ?, ?)",
-                (activation, (row[0] if row else 0) + 1, len(ids), blob),
+                (activation, (row[0] if row else 0) + 1, table.num_rows, blob),
             )
-            self._count(3, len(ids))
+            self._count(3, table.num_rows)
 
     def compact(self, lease: Lease, now: datetime) -> None:
         """Fold the journal into the base blobs, in one fenced transaction.
@@ -547,14 +456,7 @@ class SQLiteStateStore:
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is written.
         """
-        rows = [(lease.activation, custom_id) for custom_id in custom_ids]
-        with self._write() as conn:
-            self._check_lease(conn, lease)
-            written = 0
-            if rows:
-                cursor = conn.executemany("INSERT OR IGNORE INTO intents (activation, custom_id) VALUES (?, ?)", rows)
-                written = cursor.rowcount
-            self._count(2 if rows else 1, written)
+        self._write_ids(lease, "INSERT OR IGNORE INTO intents (activation, custom_id) VALUES (?, ?)", custom_ids)
 
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""
@@ -570,7 +472,7 @@ class SQLiteStateStore:
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is deleted.
         """
-        self._delete_ids(lease, "intents", custom_ids)
+        self._write_ids(lease, "DELETE FROM intents WHERE activation = ? AND custom_id = ?", custom_ids)
 
     # -- payloads Batch refused -----------------------------------------------------------------
 
@@ -585,7 +487,7 @@ class SQLiteStateStore:
             (
                 activation,
                 r.custom_id,
-                _signed(_check_u64(r.payload, activation, r.custom_id, "payload")),
+                _signed(core.check_u64(r.payload, activation, r.custom_id, "payload")),
                 r.field,
                 r.reason,
             )
@@ -608,7 +510,7 @@ class SQLiteStateStore:
                 "SELECT custom_id, payload, field, reason FROM refusals WHERE activation = ?", (activation,)
             )
             refusals = {
-                custom_id: Refusal(custom_id, payload % _U64_LIMIT, field, reason)
+                custom_id: Refusal(custom_id, payload % U64_LIMIT, field, reason)
                 for custom_id, payload, field, reason in cursor
             }
             self._stats["statements"] += 1
@@ -620,18 +522,14 @@ class SQLiteStateStore:
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is deleted.
         """
-        self._delete_ids(lease, "refusals", custom_ids)
+        self._write_ids(lease, "DELETE FROM refusals WHERE activation = ? AND custom_id = ?", custom_ids)
 
-    def _delete_ids(self, lease: Lease, table: str, custom_ids: Iterable[str]) -> None:
-        """Delete the activation's rows of these ids from ``table`` (fenced by ``lease``)."""
-        rows = [(lease.activation, custom_id) for custom_id in custom_ids]
+    def _write_ids(self, lease: Lease, sql: str, custom_ids: Iterable[str]) -> None:
+        """Run ``sql`` once per id with ``(activation, custom_id)``, in one transaction fenced by ``lease``."""
+        rows = [(lease.activation, custom_id) for custom_id in core.unique_ids(lease.activation, custom_ids)]
         with self._write() as conn:
             self._check_lease(conn, lease)
-            written = 0
-            if rows:
-                # ``table`` is one of this class's own table names, never input.
-                sql = f"DELETE FROM {table} WHERE activation = ? AND custom_id = ?"  # noqa: S608
-                written = conn.executemany(sql, rows).rowcount
+            written = conn.executemany(sql, rows).rowcount if rows else 0
             self._count(2 if rows else 1, written)
 
     # -- per-activation meta ------------------------------------------------------------------
@@ -650,10 +548,7 @@ class SQLiteStateStore:
             LeaseLost: ``lease`` is no longer current; nothing is written.
             TypeError: ``meta.continuation`` is not JSON-serialisable.
         """
-        try:
-            body = meta.to_json()
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"activation {lease.activation!r}: meta is not JSON-serialisable: {exc}") from exc
+        body = core.meta_json(lease.activation, meta)
         with self._write() as conn:
             self._check_lease(conn, lease)
             cursor = conn.execute(
@@ -666,29 +561,13 @@ class SQLiteStateStore:
     # -- run records --------------------------------------------------------------------------
 
     def save_run(self, record: dict[str, Any]) -> None:
-        """Insert or replace a run record keyed by ``record["run_id"]``.
-
-        Not fenced: a run that lost its lease must still be able to record why.
-        ``record["activation"]`` is required; ``record["started_at"]`` (an ISO-8601
-        string in one format, so that string order is time order) orders
-        :meth:`list_runs`; ``record["trigger_id"]`` feeds :meth:`find_run_by_trigger`.
+        """Insert or replace a run record in one transaction (not fenced, see the protocol).
 
         Raises:
             ValueError: ``run_id`` or ``activation`` is missing or not a string.
             TypeError: The record is not JSON-serialisable.
         """
-        run_id = record.get("run_id")
-        activation = record.get("activation")
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"run record needs a non-empty string 'run_id', got {run_id!r}")
-        if not isinstance(activation, str) or not activation:
-            raise ValueError(f"run record {run_id!r} needs a non-empty string 'activation', got {activation!r}")
-        started_at = record.get("started_at")
-        trigger_id = record.get("trigger_id")
-        try:
-            body = json.dumps(record, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"run record {run_id!r} is not JSON-serialisable: {exc}") from exc
+        row = core.run_row(record)
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (run_id, activation, started_at, trigger_id, record) "
@@ -696,13 +575,7 @@ class SQLiteStateStore:
                 "ON CONFLICT (run_id) DO UPDATE SET activation = excluded.activation, "
                 "started_at = excluded.started_at, trigger_id = excluded.trigger_id, "
                 "record = excluded.record",
-                (
-                    run_id,
-                    activation,
-                    "" if started_at is None else str(started_at),
-                    None if trigger_id is None else str(trigger_id),
-                    body,
-                ),
+                (row.run_id, row.activation, row.started_at, row.trigger_id, row.body),
             )
             self._count(1, cursor.rowcount)
 
@@ -712,22 +585,21 @@ class SQLiteStateStore:
         Raises:
             ValueError: ``limit`` is negative.
         """
-        if limit < 0:
-            raise ValueError(f"activation {activation!r}: list_runs limit must be >= 0, got {limit}")
+        core.check_limit(activation, limit)
         with self._lock:
             rows = self._conn.execute(
                 "SELECT record FROM runs WHERE activation = ? ORDER BY started_at DESC, run_id DESC LIMIT ?",
                 (activation, limit),
             ).fetchall()
             self._stats["statements"] += 1
-        return [json.loads(body) for (body,) in rows]
+        return [core.run_record(body) for (body,) in rows]
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """One run record, or None."""
         with self._lock:
             row = self._conn.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             self._stats["statements"] += 1
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else core.run_record(row[0])
 
     def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
         """The run started by this trigger id (Pub/Sub redelivers at least once), newest if several."""
@@ -738,7 +610,7 @@ class SQLiteStateStore:
                 (activation, trigger_id),
             ).fetchone()
             self._stats["statements"] += 1
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else core.run_record(row[0])
 
     # -- delivery attempts --------------------------------------------------------------------
 
@@ -786,18 +658,9 @@ class SQLiteStateStore:
         Raises:
             LeaseHeld: A run holds an unexpired lease; nothing is deleted.
         """
-        now_us = _to_us(now if now is not None else datetime.now(UTC), "now")
+        moment = core.require_aware(now if now is not None else datetime.now(UTC), "now")
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT owner, token, expires_at_us FROM leases WHERE activation = ?", (activation,)
-            ).fetchone()
-            if row is not None:
-                held_by, token, held_until_us = row
-                if held_until_us is not None and now_us < held_until_us:
-                    raise LeaseHeld(
-                        f"activation {activation!r}: cannot reset while owner {held_by!r} holds the lease "
-                        f"until {_from_us(held_until_us).isoformat()} (token {token})"
-                    )
+            core.refuse_if_held(activation, self._lease_record(conn, activation), moment, taker=None)
             rows = 0
             for table in ("fingerprint_base", "fingerprint_journal", "intents", "refusals", "meta"):
                 # Table names come from the fixed tuple above, never from input.

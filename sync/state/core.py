@@ -1,0 +1,229 @@
+"""What every state store decides the same way, whatever it keeps its state in.
+
+The lease rules (who may write, the three ways a lease is lost), the checks on what a
+caller hands in (fingerprint values, custom ids, times, run records, meta), the journal
+of one commit as an Arrow table, and Arrow IPC blobs. A backend reads and writes its own
+rows or documents; this module owns the decisions and the error messages, so that the
+SQLite and Firestore stores cannot drift apart in them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import pyarrow as pa
+
+from sync.errors import FatalError, LeaseHeld, LeaseLost
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.state.base import FINGERPRINT_SCHEMA
+
+# Fingerprints are unsigned 64-bit ints.
+U64_LIMIT: Final = 1 << 64
+
+# One commit's outcomes: the fingerprint columns plus ``put`` (false: the id is deleted).
+JOURNAL_SCHEMA: Final = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
+
+# -- leases -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """An activation's lease as a store holds it. ``expires_at`` None: released."""
+
+    owner: str
+    token: int
+    expires_at: datetime | None
+
+
+def check_lease(lease: Lease, current: LeaseRecord | None) -> None:
+    """Raise LeaseLost unless ``lease`` is still the activation's current lease.
+
+    The token is what fences: an expired lease whose token is still current has not
+    been taken over, so nobody else can have written, and its writes are safe. A
+    released lease is no longer ours, even if nobody took it since.
+    """
+    who = f"activation {lease.activation!r}: lease token {lease.token} of owner {lease.owner!r}"
+    if current is None:
+        raise LeaseLost(
+            f"activation {lease.activation!r}: no lease on record (token {lease.token} of owner "
+            f"{lease.owner!r} is not current); nothing was written"
+        )
+    if current.token != lease.token or current.owner != lease.owner:
+        raise LeaseLost(
+            f"{who} was superseded by token {current.token} of owner {current.owner!r}; nothing was written"
+        )
+    if current.expires_at is None:
+        raise LeaseLost(f"{who} was released; nothing was written")
+
+
+def refuse_if_held(activation: str, current: LeaseRecord | None, now: datetime, *, taker: str | None) -> None:
+    """Raise LeaseHeld if someone other than ``taker`` holds an unexpired lease at ``now``.
+
+    ``taker`` None: nobody may hold it (a reset, which refuses even the lease's own owner).
+    A lease is held while ``now < expires_at``.
+    """
+    if current is None or current.expires_at is None or not now < current.expires_at:
+        return
+    until = f"until {current.expires_at.isoformat()} (token {current.token})"
+    if taker is None:
+        raise LeaseHeld(
+            f"activation {activation!r}: cannot reset while owner {current.owner!r} holds the lease {until}"
+        )
+    if current.owner != taker:
+        raise LeaseHeld(f"activation {activation!r}: lease held by owner {current.owner!r} {until}")
+
+
+def lease_expiry(activation: str, ttl_seconds: float, now: datetime) -> datetime:
+    """When a lease taken or renewed at ``now`` for ``ttl_seconds`` expires (both checked)."""
+    if not ttl_seconds > 0:
+        raise ValueError(f"activation {activation!r}: lease ttl_seconds must be > 0, got {ttl_seconds!r}")
+    return require_aware(now, "now") + timedelta(seconds=ttl_seconds)
+
+
+def require_aware(moment: datetime, what: str) -> datetime:
+    """``moment`` itself, if it is timezone-aware (a naive time has no place in state)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime, got naive {moment.isoformat()}")
+    return moment
+
+
+# -- values handed in ---------------------------------------------------------------------
+
+
+def check_u64(value: int, activation: str, custom_id: str, field: str) -> int:
+    """``value`` itself, if it is an unsigned 64-bit int (what a fingerprint is)."""
+    # bool is an int subclass; a bool here is a caller bug, not a hash.
+    if type(value) is not int or not 0 <= value < U64_LIMIT:
+        raise ValueError(
+            f"activation {activation!r}, custom_id {custom_id!r}: fingerprint {field} must be an "
+            f"unsigned 64-bit int (0 … 2**64-1), got {value!r}"
+        )
+    return value
+
+
+def unique_ids(activation: str, custom_ids: Iterable[str]) -> list[str]:
+    """The ids once each, in first-seen order; every one a str that encodes as UTF-8."""
+    ids = list(dict.fromkeys(custom_ids))
+    for custom_id in ids:
+        if not isinstance(custom_id, str):
+            raise ValueError(f"activation {activation!r}: custom_id must be a str, got {custom_id!r}")
+        try:
+            custom_id.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"activation {activation!r}: custom_id {custom_id!r} is not valid UTF-8") from exc
+    return ids
+
+
+def latest_entries(entries: Iterable[JournalEntry]) -> dict[str, Fingerprint | None]:
+    """One outcome per id: where an id appears more than once, its last entry wins."""
+    latest: dict[str, Fingerprint | None] = {}
+    for custom_id, fingerprint in entries:
+        latest[custom_id] = fingerprint
+    return latest
+
+
+def journal_table(activation: str, entries: Iterable[JournalEntry]) -> pa.Table:
+    """A commit's entries as one :data:`JOURNAL_SCHEMA` table, the last entry of an id winning.
+
+    Raises:
+        ValueError: A fingerprint is not an unsigned 64-bit int, or a custom_id is not
+            valid text.
+    """
+    latest = latest_entries(entries)
+    ids = unique_ids(activation, latest)
+    raws = [0 if fp is None else check_u64(fp.raw, activation, i, "raw") for i, fp in latest.items()]
+    payloads = [0 if fp is None else check_u64(fp.payload, activation, i, "payload") for i, fp in latest.items()]
+    puts = [fp is not None for fp in latest.values()]
+    columns = [pa.array(ids, pa.string()), pa.array(raws, pa.uint64()), pa.array(payloads, pa.uint64())]
+    return pa.table([*columns, pa.array(puts, pa.bool_())], schema=JOURNAL_SCHEMA)
+
+
+def meta_json(activation: str, meta: ActivationMeta) -> str:
+    """The meta as the JSON a store keeps.
+
+    Raises:
+        TypeError: ``meta.continuation`` is not JSON-serialisable.
+    """
+    try:
+        return meta.to_json()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"activation {activation!r}: meta is not JSON-serialisable: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A run record as a store keeps it: its keys, and the whole record as JSON."""
+
+    run_id: str
+    activation: str
+    started_at: str  # "" when the record has none
+    trigger_id: str | None
+    body: str
+
+
+def run_row(record: dict[str, Any], *, check_run_id: Callable[[str], None] | None = None) -> RunRow:
+    """Validate a run record and take out what a store indexes it by.
+
+    ``check_run_id``: the store's own rule for ids (a Firestore document id), applied
+    before the record is serialised.
+
+    Raises:
+        ValueError: ``run_id`` or ``activation`` is missing or not a non-empty string.
+        TypeError: The record is not JSON-serialisable.
+    """
+    run_id = record.get("run_id")
+    activation = record.get("activation")
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run record needs a non-empty string 'run_id', got {run_id!r}")
+    if not isinstance(activation, str) or not activation:
+        raise ValueError(f"run record {run_id!r} needs a non-empty string 'activation', got {activation!r}")
+    if check_run_id is not None:
+        check_run_id(run_id)
+    try:
+        body = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"run record {run_id!r} is not JSON-serialisable: {exc}") from exc
+    started_at, trigger_id = record.get("started_at"), record.get("trigger_id")
+    return RunRow(
+        run_id=run_id,
+        activation=activation,
+        started_at="" if started_at is None else str(started_at),
+        trigger_id=None if trigger_id is None else str(trigger_id),
+        body=body,
+    )
+
+
+def run_record(body: str) -> dict[str, Any]:
+    """The run record a :attr:`RunRow.body` holds."""
+    return dict(json.loads(body))
+
+
+def check_limit(activation: str, limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"activation {activation!r}: list_runs limit must be >= 0, got {limit}")
+
+
+# -- Arrow IPC blobs ----------------------------------------------------------------------
+
+
+def pack_table(table: pa.Table, options: pa.ipc.IpcWriteOptions) -> pa.Buffer:
+    """A table as one Arrow IPC stream (what a state blob holds)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def unpack_table(blob: bytes, schema: pa.Schema, where: str, error: type[FatalError]) -> pa.Table:
+    """The table an IPC blob holds, which must have ``schema``; else ``error``, naming ``where``."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise error(f"{where}: a state blob cannot be read ({exc})") from exc
+    if not table.schema.equals(schema):
+        raise error(f"{where}: a state blob has columns {table.schema.names}, expected {schema.names}")
+    return table
