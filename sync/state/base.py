@@ -187,7 +187,18 @@ class StateStore(Protocol):
 
     # -- admin ---------------------------------------------------------------------------
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        """Forget fingerprints, intents, refusals and meta (not run history): the next run is full."""
+        """Forget fingerprints, intents, refusals and meta (not run history): the next run is full.
+
+        Neither run records nor the lease's token counter are forgotten. Refuses while a run
+        holds the lease rather than pull state from under it.
+
+        Args:
+            activation: The activation to reset.
+            now: The time to judge lease expiry by; defaults to the wall clock (UTC).
+
+        Raises:
+            LeaseHeld: A run holds an unexpired lease; nothing is deleted.
+        """
 
     def close(self) -> None:
         """Release connections."""

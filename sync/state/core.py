@@ -34,7 +34,7 @@ JOURNAL_SCHEMA: Final = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
 class LeaseRecord:
     """An activation's lease as a store holds it. ``expires_at`` None: released."""
 
-    owner: str
+    owner: str | None
     token: int
     expires_at: datetime | None
 
@@ -140,6 +140,12 @@ def journal_table(activation: str, entries: Iterable[JournalEntry]) -> pa.Table:
     puts = [fp is not None for fp in latest.values()]
     columns = [pa.array(ids, pa.string()), pa.array(raws, pa.uint64()), pa.array(payloads, pa.uint64())]
     return pa.table([*columns, pa.array(puts, pa.bool_())], schema=JOURNAL_SCHEMA)
+
+
+def fingerprints_of(table: pa.Table) -> dict[str, Fingerprint]:
+    """A :data:`~sync.state.base.FINGERPRINT_SCHEMA` table as ``{custom_id: Fingerprint}``."""
+    raws, payloads = table.column("raw").to_pylist(), table.column("payload").to_pylist()
+    return dict(zip(table.column("custom_id").to_pylist(), map(Fingerprint, raws, payloads), strict=True))
 
 
 def meta_json(activation: str, meta: ActivationMeta) -> str:

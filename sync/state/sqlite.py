@@ -351,14 +351,7 @@ class SQLiteStateStore:
 
     def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
         """Every committed fingerprint of the activation, keyed by custom_id (journal included)."""
-        table = self.load_fingerprint_table(activation)
-        return dict(
-            zip(
-                table.column("custom_id").to_pylist(),
-                map(Fingerprint, table.column("raw").to_pylist(), table.column("payload").to_pylist()),
-                strict=True,
-            )
-        )
+        return core.fingerprints_of(self.load_fingerprint_table(activation))
 
     def load_fingerprint_table(self, activation: str) -> pa.Table:
         """Every committed fingerprint as an Arrow table (``sync.state.base.FINGERPRINT_SCHEMA``).
@@ -517,11 +510,7 @@ class SQLiteStateStore:
         return refusals
 
     def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        """Forget the refusals of these ids (fenced; unknown ids are ignored).
-
-        Raises:
-            LeaseLost: ``lease`` is no longer current; nothing is deleted.
-        """
+        """Delete the refusal rows of these ids (fenced: LeaseLost and nothing deleted if ``lease`` is stale)."""
         self._write_ids(lease, "DELETE FROM refusals WHERE activation = ? AND custom_id = ?", custom_ids)
 
     def _write_ids(self, lease: Lease, sql: str, custom_ids: Iterable[str]) -> None:
@@ -646,17 +635,9 @@ class SQLiteStateStore:
     # -- admin --------------------------------------------------------------------------------
 
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        """Forget fingerprints, intents, refusals and meta (not run history, not the token counter).
+        """Delete the activation's rows but its lease and runs, in one write transaction.
 
-        The next run is a full one. Refuses while a run holds the lease rather than pull
-        state from under it.
-
-        Args:
-            activation: The activation to reset.
-            now: The time to judge lease expiry by; defaults to the wall clock (UTC).
-
-        Raises:
-            LeaseHeld: A run holds an unexpired lease; nothing is deleted.
+        See :meth:`sync.state.base.StateStore.reset`.
         """
         moment = core.require_aware(now if now is not None else datetime.now(UTC), "now")
         with self._write() as conn:

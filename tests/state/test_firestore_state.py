@@ -17,6 +17,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -304,6 +305,56 @@ def test_reset_during_an_expired_runs_compaction_stops_it_without_orphans(
         assert layout.shard_sizes == {}
         assert layout.journal_ids == []
     assert store.load_fingerprints("act") == {}
+
+
+# -- blobs written by the previous codec -------------------------------------------------------
+
+LEGACY_BLOBS = Path(__file__).parent / "legacy_firestore_blobs"  # see test_firestore_codec.py
+
+
+def test_a_layout_written_by_the_previous_codec_loads_and_compacts(
+    make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
+) -> None:
+    # The documents as the store wrote them before Arrow IPC: one shard (K = 1) and one live
+    # journal document per namespace, zlib-packed (tests/state/legacy_firestore_blobs).
+    ref = firestore_client.collection(f"{firestore_prefix}_activations").document("act")
+    live = {"gen": 1, "count": 1, "gen_seq": 1, "low": 0, "next": 1, "gc_from": 0, "building": None, "retired": []}
+    ref.set({"fp": live, "intents": live})
+    for kind in ("fp", "intent"):  # fp_shards/, fp_journal/, intent_shards/, intent_journal/
+        blob = (LEGACY_BLOBS / f"{kind}_shard{'_text' if kind == 'fp' else ''}.bin").read_bytes()
+        ref.collection(f"{kind}_shards").document("000001-00000").set({"blob": blob, "token": 1})
+        blob = (LEGACY_BLOBS / f"{kind}_journal.bin").read_bytes()
+        ref.collection(f"{kind}_journal").document(f"{0:012d}").set({"blob": blob, "entries": 2, "token": 1})
+    u64_max = 2**64 - 1
+    expected = {
+        "emoji-🎉": Fingerprint(u64_max, u64_max),
+        "é-2": Fingerprint(11, 12),
+        "用户-42": Fingerprint(9, 10),
+        "new": Fingerprint(u64_max, 1),
+    }
+
+    store = make_firestore_store()
+    assert store.load_fingerprints("act") == expected
+    table = store.load_fingerprint_table("act")
+    assert dict(zip(table.column("custom_id").to_pylist(), table.column("raw").to_pylist(), strict=True)) == {
+        custom_id: value.raw for custom_id, value in expected.items()
+    }
+    assert store.load_intents("act") == {"ï-2", "i-3"}
+
+    lease = store.acquire_lease("act", "run-a", TTL, at(0))
+    store.commit(lease, entries(("later", fp(1)), ("new", None)), at(1))  # a new-format journal after a legacy one
+    expected["later"] = fp(1)
+    del expected["new"]
+    assert store.load_fingerprints("act") == expected
+    store.compact(lease, at(2))
+    for namespace in ("fp", "intents"):
+        layout = raw_layout(firestore_client, firestore_prefix, "act", namespace)
+        assert layout.journal_ids == []
+        assert list(layout.shard_sizes) == ["000001-00000"]  # rewritten in place
+    for shard in ref.collection("fp_shards").stream():
+        assert shard.get("blob")[:4] == b"\xff\xff\xff\xff"  # rewritten as Arrow IPC
+    assert store.load_fingerprints("act") == expected
+    assert store.load_intents("act") == {"ï-2", "i-3"}
 
 
 # -- growth ----------------------------------------------------------------------------------

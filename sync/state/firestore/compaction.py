@@ -1,0 +1,350 @@
+"""Compaction: folding a namespace's journal into its shards, growing the shard count, garbage collection.
+
+Every shard write is a fenced transaction; the journal is dropped (its low-water mark
+advanced) only after every shard is written, so a crash at any point leaves shards +
+journal that load to the same state, and the next compaction finishes the job. Growing
+``K`` writes a new *generation* of shards and flips the activation document to it in one
+transaction, so readers never see a half-resharded layout. Superseded shards and folded
+journal documents are deleted afterwards (garbage collection, recorded in the activation
+document so a crash never leaks documents).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from google.cloud.firestore import DocumentReference, Transaction
+
+from sync.errors import FatalError, LeaseLost
+from sync.model import Lease
+from sync.state.firestore import codec
+from sync.state.firestore.documents import Documents
+from sync.state.firestore.journal import Journal
+from sync.state.firestore.layout import (
+    SHARD_READ_BATCH,
+    Collections,
+    Doc,
+    Namespace,
+    NamespaceState,
+    commit_groups,
+    next_power_of_two,
+    shard_hash,
+)
+
+# The records of one shard: {custom_id: (raw, payload)}, (0, 0) for an intent.
+Records = dict[str, tuple[int, int]]
+# The outcome of the journal per id: a record, or None (deleted).
+Pending = dict[str, tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionStep:
+    """Progress of :meth:`FirestoreStateStore.iter_compaction`, yielded after each durable write.
+
+    Attributes:
+        namespace: ``"fp"`` (fingerprints) or ``"intents"``.
+        kind: ``"shards_written"`` (a fenced batch of shard documents),
+            ``"build_started"`` (a new shard generation was announced),
+            ``"journal_folded"`` (the live layout now includes the journal; for a
+            re-shard this is the flip to the new generation), or
+            ``"garbage_collected"`` (superseded documents deleted).
+        shard_count: K of the layout being written or made live.
+        documents: Documents written or deleted by this step.
+    """
+
+    namespace: str
+    kind: str
+    shard_count: int
+    documents: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Fold:
+    """One namespace's fold: under whose lease, from which state, up to which journal document (excluded)."""
+
+    lease: Lease
+    ns: Namespace
+    ref: DocumentReference
+    state: NamespaceState
+    upto: int
+
+
+class Compactor:
+    def __init__(self, docs: Documents, collections: Collections, journal: Journal, target_bytes: int) -> None:
+        self._docs = docs
+        self._collections = collections
+        self._journal = journal
+        self._target = target_bytes
+
+    def compact(self, lease: Lease, ns: Namespace) -> Iterator[CompactionStep]:
+        """Fold the live journal of ``ns`` into its shards, then collect its garbage."""
+        ref = self._collections.activation(lease.activation)
+        state = NamespaceState.from_doc(self._docs.fenced(ref, lease), ns)
+        upto = state.next
+        if state.low < upto or state.building is not None:
+            yield from self._fold(_Fold(lease, ns, ref, state, upto))
+        yield from self.collect_garbage(lease.activation, ns)
+
+    # -- folding ------------------------------------------------------------------------------
+
+    def _fold(self, fold: _Fold) -> Iterator[CompactionStep]:
+        state = fold.state
+        pending = codec.latest(fold.ns, self._journal.read_live(fold.ref, fold.ns, state.low, fold.upto))
+        hashes = {custom_id: shard_hash(custom_id) for custom_id in pending}
+        if state.count == 0:
+            # First compaction (or after a reset): size K on the uncompressed size, which
+            # bounds the compressed one.
+            live = {i: v for i, v in pending.items() if v is not None}
+            estimate = sum(codec.RECORD_FIXED_BYTES + len(i.encode("utf-8")) for i in live)
+            shard_count = next_power_of_two(-(-estimate // self._target))
+            yield from self._build_generation(fold, [lambda: live], hashes, shard_count)
+            return
+
+        merged = self._merge(fold, pending, hashes)
+        largest = max(map(len, merged.values()), default=0)
+        if largest > self._target:
+            # Grow: split every shard into `factor` shards of the next layout, sized on the
+            # largest merged shard seen (the rest hash evenly). Decoded one old shard at a
+            # time (only compressed blobs stay in memory).
+            factor = max(2, next_power_of_two(-(-largest * 4 // (self._target * 3))))
+            sources = [
+                functools.partial(self._decode_shard, fold.ns, merged[k], f"merged shard {k}")
+                if k in merged
+                else functools.partial(self._read_shard, fold.ref, fold.ns, state.gen, k)
+                for k in range(state.count)
+            ]
+            yield from self._build_generation(fold, sources, hashes, state.count * factor)
+            return
+        yield from self._rewrite_in_place(fold, merged)
+
+    def _merge(self, fold: _Fold, pending: Pending, hashes: dict[str, int]) -> dict[int, bytes]:
+        """The journal merged into every shard it touches: ``{k: new blob}`` (only compressed results kept)."""
+        ns, ref, state = fold.ns, fold.ref, fold.state
+        mask = state.count - 1
+        groups: dict[int, Pending] = {}
+        for custom_id, value in pending.items():
+            groups.setdefault(hashes[custom_id] & mask, {})[custom_id] = value
+        merged: dict[int, bytes] = {}
+        affected = sorted(groups)
+        for start in range(0, len(affected), SHARD_READ_BATCH):
+            batch = affected[start : start + SHARD_READ_BATCH]
+            shard_refs = {k: self._collections.shard(ref, ns, state.gen, k) for k in batch}
+            docs = self._docs.get_all(list(shard_refs.values()))
+            for k in batch:
+                path = shard_refs[k].path
+                current = docs[path]
+                records = {} if current is None else self._decode_shard(ns, current["blob"], path)
+                for custom_id, value in groups[k].items():
+                    if value is None:
+                        records.pop(custom_id, None)
+                    else:
+                        records[custom_id] = value
+                merged[k] = self._encode_shard(ns, records)
+        return merged
+
+    def _rewrite_in_place(self, fold: _Fold, merged: dict[int, bytes]) -> Iterator[CompactionStep]:
+        """Write the merged shards over the live ones, then drop the folded journal."""
+        gen, count = fold.state.gen, fold.state.count
+
+        def finish(current: NamespaceState) -> None:
+            current.low = max(current.low, fold.upto)
+            current.abandon_build()
+
+        yield from self._write_then_fold(
+            fold.lease,
+            fold.ns,
+            lambda current: current.gen == gen and current.count == count,
+            [(self._collections.shard(fold.ref, fold.ns, gen, k), blob) for k, blob in sorted(merged.items())],
+            count,
+            finish,
+        )
+
+    # -- a new generation ---------------------------------------------------------------------
+
+    def _build_generation(
+        self, fold: _Fold, sources: Sequence[Callable[[], Records]], hashes: dict[str, int], shard_count: int
+    ) -> Iterator[CompactionStep]:
+        """Write a new shard generation of (at least) ``shard_count`` shards and flip to it.
+
+        ``sources`` are the records of the old layout with the journal already merged
+        (for a first build, one source: the journal itself).
+        """
+        lease, ns, state = fold.lease, fold.ns, fold.state
+        blobs = self._split(lease.activation, ns, sources, hashes, shard_count)
+        while blobs is None:
+            shard_count *= 2
+            blobs = self._split(lease.activation, ns, sources, hashes, shard_count)
+
+        # Announce the generation before writing it, so a compaction that dies half way
+        # leaves documents the next one knows to delete.
+        new_gen = max(state.gen_seq, state.gen, (state.building or {}).get("gen", 0)) + 1
+        announced = {"gen": new_gen, "count": shard_count}
+
+        def announce(current: NamespaceState) -> None:
+            current.abandon_build()
+            current.gen_seq = max(current.gen_seq, new_gen)
+            current.building = dict(announced)
+
+        self._update_state(lease, ns, announce)
+        yield CompactionStep(ns.key, "build_started", shard_count, 1)
+
+        def flip(current: NamespaceState) -> None:
+            if current.building != announced:
+                raise LeaseLost(
+                    f"activation {lease.activation!r}: shard generation {new_gen} was superseded during "
+                    "compaction; nothing was flipped"
+                )
+            current.go_live(new_gen, shard_count, fold.upto)
+
+        yield from self._write_then_fold(
+            lease,
+            ns,
+            lambda current: current.building == announced,
+            [(self._collections.shard(fold.ref, ns, new_gen, k), blob) for k, blob in sorted(blobs.items())],
+            shard_count,
+            flip,
+        )
+
+    def _split(
+        self,
+        activation: str,
+        ns: Namespace,
+        sources: Sequence[Callable[[], Records]],
+        hashes: dict[str, int],
+        shard_count: int,
+    ) -> dict[int, bytes] | None:
+        """The sources' records as ``shard_count`` shard blobs, or None if one would exceed the target.
+
+        Since both counts are powers of two, each old shard splits into whole new shards,
+        so sources are encoded one at a time and only compressed blobs are kept.
+        """
+        mask = shard_count - 1
+        blobs: dict[int, bytes] = {}
+        for source in sources:
+            parts: dict[int, Records] = {}
+            for custom_id, value in source().items():
+                digest = hashes.get(custom_id)
+                if digest is None:
+                    digest = shard_hash(custom_id)
+                parts.setdefault(digest & mask, {})[custom_id] = value
+            for k, part in parts.items():
+                blob = self._encode_shard(ns, part)
+                if len(blob) > self._target:
+                    if len(part) == 1:
+                        raise FatalError(
+                            f"activation {activation!r}: one {ns.key} record packs to {len(blob)} "
+                            f"bytes, over the {self._target}-byte shard target"
+                        )
+                    return None
+                blobs[k] = blob
+        return blobs
+
+    def _write_then_fold(
+        self,
+        lease: Lease,
+        ns: Namespace,
+        layout: Callable[[NamespaceState], bool],
+        writes: list[tuple[DocumentReference, bytes]],
+        shard_count: int,
+        make_live: Callable[[NamespaceState], None],
+    ) -> Iterator[CompactionStep]:
+        """Write shard blobs in fenced transactions under the commit limits, then apply ``make_live`` to the state.
+
+        A fenced transaction, not a BulkWriter: BulkWriter writes are neither atomic nor
+        conditional, so a stale owner could clobber shards after losing the lease.
+        ``layout`` must still hold for the namespace state: a reset while this run's
+        lease had expired retires the generation being written, and shards written after
+        that would be orphans nobody deletes. ``make_live`` makes the written shards the
+        live layout with the journal folded into it.
+        """
+
+        def check_layout(current: NamespaceState) -> None:
+            if not layout(current):
+                raise LeaseLost(
+                    f"activation {lease.activation!r}: the {ns.key} shard layout changed during "
+                    "compaction (reset while the lease had expired?); nothing more was written"
+                )
+
+        written = 0
+        for batch in commit_groups(writes, lambda write: len(write[1])):
+            self._update_state(
+                lease, ns, check_layout, writes=[(ref, {"blob": b, "token": lease.token}) for ref, b in batch]
+            )
+            written += len(batch)
+            yield CompactionStep(ns.key, "shards_written", shard_count, len(batch))
+        self._update_state(lease, ns, make_live)
+        yield CompactionStep(ns.key, "journal_folded", shard_count, written)
+
+    def _update_state(
+        self,
+        lease: Lease,
+        ns: Namespace,
+        change: Callable[[NamespaceState], None],
+        writes: Sequence[tuple[DocumentReference, Doc]] = (),
+    ) -> None:
+        """In one transaction fenced by ``lease``: apply ``change`` to the namespace's state, or write ``writes``.
+
+        With ``writes``, ``change`` only checks the state (raises to write nothing); the
+        activation document is not rewritten.
+        """
+        ref = self._collections.activation(lease.activation)
+
+        def body(txn: Transaction) -> None:
+            doc = self._docs.fenced(ref, lease, txn)
+            current = NamespaceState.from_doc(doc, ns)
+            change(current)
+            for write_ref, data in writes:
+                self._docs.set(txn, write_ref, data)
+            if not writes:
+                doc[ns.key] = current.to_doc()
+                self._docs.set(txn, ref, doc)
+
+        self._docs.transact(body)
+
+    # -- shard documents ----------------------------------------------------------------------
+
+    @staticmethod
+    def _encode_shard(ns: Namespace, records: Records) -> bytes:
+        return codec.encode(codec.shard_table(ns, records))
+
+    @staticmethod
+    def _decode_shard(ns: Namespace, blob: bytes, where: str) -> Records:
+        return codec.records(ns, codec.decode(blob, ns, journal=False, where=where))
+
+    def _read_shard(self, ref: DocumentReference, ns: Namespace, gen: int, k: int) -> Records:
+        shard_ref = self._collections.shard(ref, ns, gen, k)
+        doc = self._docs.get(shard_ref)
+        return {} if doc is None else self._decode_shard(ns, doc["blob"], shard_ref.path)
+
+    # -- garbage ------------------------------------------------------------------------------
+
+    def collect_garbage(self, activation: str, ns: Namespace) -> Iterator[CompactionStep]:
+        """Delete retired shard generations and folded journal documents.
+
+        Not fenced: these documents are outside the live layout, nobody reads them, and
+        generation and sequence numbers are never reused, so deleting them is safe
+        whoever holds the lease.
+        """
+        ref = self._collections.activation(activation)
+        state = NamespaceState.from_doc(self._docs.get(ref), ns)
+        if not state.has_garbage:
+            return
+        retired = list(state.retired)
+        gc_upto = state.low
+        refs = [self._collections.shard(ref, ns, r["gen"], k) for r in retired for k in range(r["count"])]
+        refs += [self._collections.journal(ref, ns, seq) for seq in range(state.gc_from, gc_upto)]
+        self._docs.delete_all(refs)
+
+        def forget(txn: Transaction) -> None:
+            doc = self._docs.get(ref, txn)
+            assert doc is not None
+            current = NamespaceState.from_doc(doc, ns)
+            current.retired = [r for r in current.retired if r not in retired]
+            current.gc_from = max(current.gc_from, gc_upto)
+            doc[ns.key] = current.to_doc()
+            self._docs.set(txn, ref, doc)
+
+        self._docs.transact(forget)
+        yield CompactionStep(ns.key, "garbage_collected", state.count, len(refs))

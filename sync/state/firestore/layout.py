@@ -1,0 +1,302 @@
+"""Where the Firestore store keeps what: collections, document names, limits, index exemptions.
+
+Layout (``P`` is the collection prefix, ``cepsync`` by default)::
+
+    P_activations/{activation}            lease (owner, token, expires_at), meta_json,
+                                          refusals_gen, and one state map per namespace
+                                          ("fp", "intents": :class:`NamespaceState`)
+      fp_shards/{gen:06d}-{k:05d}         blob: shard k of generation gen (sync.state.firestore.codec)
+      fp_journal/{seq:012d}               blob: the entries of one commit, deletions included
+                                          (or of part of a large one), entries, token, written_at
+      intent_shards/{gen:06d}-{k:05d}     the same two layers for mirror-mode intents
+      intent_journal/{seq:012d}
+      refusals/{sha256(custom_id)}        custom_id, payload (decimal text: a u64), field,
+                                          reason, gen: a payload Batch refused. One document
+                                          per refused profile (they are few: the mapper
+                                          refuses what Batch would); only those whose gen
+                                          equals the activation's ``refusals_gen`` count, so
+                                          a reset forgets them all in its one transaction
+    P_runs/{run_id}                       record_json, activation, started_at, trigger_id,
+                                          run_key, trigger_key (see :func:`run_key`)
+    P_deliveries/{sha256(activation NUL trigger_id)}
+                                          activation, trigger_id, attempts, first_at,
+                                          last_at, expire_at (a TTL policy deletes it)
+
+A record goes to shard ``blake2b-64(custom_id) mod K`` (``K`` a power of two, so growing
+``K`` splits every shard into whole shards of the next layout).
+
+Indexing (production): Firestore indexes every field by default. The blob fields are
+never queried; indexing them only costs index storage and write latency (and Firestore
+only indexes the first 1,500 bytes of a value anyway). Exempt them with single-field index
+exemptions, see :data:`INDEX_EXEMPTIONS`. The emulator does not model index limits, so
+tests cannot prove this either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from google.cloud.firestore import Client, CollectionReference, DocumentReference
+
+T = TypeVar("T")
+
+# A Firestore document's fields as the client gives and takes them.
+Doc = dict[str, Any]
+
+# Firestore hard limits (https://cloud.google.com/firestore/quotas): a document is at most
+# 1 MiB (1,048,576 bytes) including its name and field names; an API request (so a
+# transaction's commit) at most 10 MiB; a transaction or batch at most 500 writes.
+MAX_DOCUMENT_BYTES: Final = 1_048_576
+MAX_WRITES_PER_COMMIT: Final = 500
+# Bytes of blobs per commit request. Production accepts 10 MiB requests, but the emulator's
+# gRPC server refuses messages over 4 MiB (RESOURCE_EXHAUSTED, which the client then
+# retries for 60 s): 3.5 MiB works on both, and costs only a few more transactions.
+COMMIT_BYTE_BUDGET: Final = 3_500_000
+# Bytes reserved in a shard document for its name and non-blob fields.
+DOCUMENT_OVERHEAD: Final = 4096
+MIN_TARGET_SHARD_BYTES: Final = 1024
+MAX_TARGET_SHARD_BYTES: Final = MAX_DOCUMENT_BYTES - DOCUMENT_OVERHEAD - 32 * 1024
+# How many shard documents one get_all fetches during compaction: bounds the memory
+# holding decoded shards (each up to target_shard_bytes compressed).
+SHARD_READ_BATCH: Final = 16
+# A single run record is one document; leave room for its other fields.
+MAX_RECORD_JSON_BYTES: Final = MAX_DOCUMENT_BYTES - 64 * 1024
+
+# Collection ids and document ids must not contain '/', be '.' or '..', or match __.*__.
+PREFIX_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+_RESERVED_ID_RE: Final = re.compile(r"__.*__")
+
+
+def commit_groups(items: Sequence[T], size: Callable[[T], int]) -> list[list[T]]:
+    """Items in order, grouped into commits under :data:`COMMIT_BYTE_BUDGET` and the write count limit.
+
+    One write of each commit is kept for the activation document.
+    """
+    groups: list[list[T]] = []
+    group_bytes = 0
+    for item in items:
+        if not groups or (
+            group_bytes + size(item) > COMMIT_BYTE_BUDGET or len(groups[-1]) >= MAX_WRITES_PER_COMMIT - 1
+        ):
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(item)
+        group_bytes += size(item)
+    return groups
+
+
+def check_document_id(value: str, what: str) -> None:
+    if (
+        not value
+        or "/" in value
+        or value in {".", ".."}
+        or _RESERVED_ID_RE.fullmatch(value)
+        or len(value.encode("utf-8")) > 1500
+    ):
+        raise ValueError(
+            f"{what} {value!r} cannot be a Firestore document id (no '/', not '.' or '..', "
+            "not __…__, at most 1,500 bytes)"
+        )
+
+
+# -- index exemptions (a deployment concern: infra/firestore.tf declares the same list) -----
+
+
+@dataclass(frozen=True, slots=True)
+class IndexExemption:
+    """A single-field index exemption the deployment must declare (Terraform ``google_firestore_field``)."""
+
+    collection: str
+    field: str
+    reason: str
+
+
+def index_exemptions(prefix: str = "cepsync") -> list[IndexExemption]:
+    """The single-field index exemptions this store wants in production, for ``prefix``.
+
+    Subcollection ids (``fp_shards``...) do not depend on the prefix: an exemption on a
+    collection id applies to every collection with that id, wherever it is nested.
+    """
+    blob = "packed state blob, never queried; only its first 1,500 bytes would be indexed"
+    return [
+        IndexExemption("fp_shards", "blob", blob),
+        IndexExemption("fp_journal", "blob", blob),
+        IndexExemption("intent_shards", "blob", blob),
+        IndexExemption("intent_journal", "blob", blob),
+        IndexExemption(f"{prefix}_activations", "meta_json", "meta as JSON, never queried"),
+        IndexExemption(f"{prefix}_runs", "record_json", "run record as JSON, never queried"),
+    ]
+
+
+INDEX_EXEMPTIONS: Final = index_exemptions()
+
+
+# -- packed namespaces ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """One packed keyspace: fingerprints (with values) or intents (ids only)."""
+
+    key: str  # field of the activation document holding this namespace's state map
+    shards: str  # subcollection id
+    journal: str  # subcollection id
+    with_values: bool
+
+
+FP: Final = Namespace("fp", "fp_shards", "fp_journal", with_values=True)
+INTENTS: Final = Namespace("intents", "intent_shards", "intent_journal", with_values=False)
+NAMESPACES: Final = (FP, INTENTS)
+
+
+@dataclass(slots=True)
+class NamespaceState:
+    """The state map of one namespace in the activation document.
+
+    ``gen``/``count``: the live shard generation and its shard count K (0: no shards).
+    ``gen_seq``: the highest generation ever allocated (generations are never reused).
+    ``low``/``next``: live journal documents are ``low <= seq < next``.
+    ``gc_from``: journal documents ``gc_from <= seq < low`` are folded and not yet deleted.
+    ``building``: a generation being written by a compaction (garbage if that one died).
+    ``retired``: superseded generations whose shard documents are not yet deleted.
+    """
+
+    gen: int = 0
+    count: int = 0
+    gen_seq: int = 0
+    low: int = 0
+    next: int = 0
+    gc_from: int = 0
+    building: dict[str, int] | None = None
+    retired: list[dict[str, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_doc(cls, doc: Doc | None, ns: Namespace) -> NamespaceState:
+        raw = (doc or {}).get(ns.key) or {}
+        building = raw.get("building")
+        return cls(
+            gen=int(raw.get("gen", 0)),
+            count=int(raw.get("count", 0)),
+            gen_seq=int(raw.get("gen_seq", 0)),
+            low=int(raw.get("low", 0)),
+            next=int(raw.get("next", 0)),
+            gc_from=int(raw.get("gc_from", 0)),
+            building=None if building is None else {"gen": int(building["gen"]), "count": int(building["count"])},
+            retired=[{"gen": int(r["gen"]), "count": int(r["count"])} for r in raw.get("retired") or ()],
+        )
+
+    def to_doc(self) -> Doc:
+        return {
+            "gen": self.gen,
+            "count": self.count,
+            "gen_seq": self.gen_seq,
+            "low": self.low,
+            "next": self.next,
+            "gc_from": self.gc_from,
+            "building": self.building,
+            "retired": list(self.retired),
+        }
+
+    @property
+    def has_garbage(self) -> bool:
+        return bool(self.retired) or self.gc_from < self.low
+
+    def abandon_build(self) -> None:
+        """A generation announced by a compaction that died before its flip never went live: garbage."""
+        if self.building is not None:
+            self.retired.append(self.building)
+            self.building = None
+
+    def go_live(self, gen: int, count: int, folded_upto: int) -> None:
+        """Make generation ``gen`` of ``count`` shards the live one, with the journal below ``folded_upto`` in it."""
+        if self.count:
+            self.retired.append({"gen": self.gen, "count": self.count})
+        self.gen, self.count, self.building = gen, count, None
+        self.low = max(self.low, folded_upto)
+
+    def empty(self) -> None:
+        """Retire every shard and fold away the whole journal (a reset): the namespace loads empty."""
+        if self.count:
+            self.retired.append({"gen": self.gen, "count": self.count})
+        self.abandon_build()
+        self.count = 0
+        self.low = self.next
+
+
+def shard_hash(custom_id: str) -> int:
+    """The 64-bit hash whose low bits pick an id's shard."""
+    # blake2b, not hash(): Python's str hash is salted per process, and the shard of an
+    # id must be the same in every function instance, forever.
+    return int.from_bytes(hashlib.blake2b(custom_id.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def next_power_of_two(value: int) -> int:
+    return 1 if value <= 1 else 1 << (value - 1).bit_length()
+
+
+# -- document references ----------------------------------------------------------------------
+
+
+class Collections:
+    """The store's collections under one prefix, and the names of the documents in them."""
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        if not PREFIX_RE.fullmatch(prefix):
+            raise ValueError(f"Firestore collection prefix {prefix!r} must match {PREFIX_RE.pattern}")
+        self.prefix = prefix
+        self.activations: CollectionReference = client.collection(f"{prefix}_activations")
+        self.runs: CollectionReference = client.collection(f"{prefix}_runs")
+        self.deliveries: CollectionReference = client.collection(f"{prefix}_deliveries")
+
+    def activation(self, activation: str) -> DocumentReference:
+        check_document_id(activation, "activation")
+        return self.activations.document(activation)
+
+    def run(self, run_id: str) -> DocumentReference:
+        return self.runs.document(run_id)
+
+    def delivery(self, activation: str, trigger_id: str) -> DocumentReference:
+        # A trigger id may hold '/' or be long: hash the pair into a valid document id.
+        return self.deliveries.document(hashlib.sha256(f"{activation}\0{trigger_id}".encode()).hexdigest())
+
+    @staticmethod
+    def shard(activation_ref: DocumentReference, ns: Namespace, gen: int, k: int) -> DocumentReference:
+        return _subcollection(activation_ref, ns.shards).document(f"{gen:06d}-{k:05d}")
+
+    @staticmethod
+    def journal(activation_ref: DocumentReference, ns: Namespace, seq: int) -> DocumentReference:
+        return _subcollection(activation_ref, ns.journal).document(f"{seq:012d}")
+
+    @staticmethod
+    def refusals(activation_ref: DocumentReference) -> CollectionReference:
+        return _subcollection(activation_ref, "refusals")
+
+    @staticmethod
+    def refusal(activation_ref: DocumentReference, custom_id: str) -> DocumentReference:
+        return _subcollection(activation_ref, "refusals").document(hashlib.sha256(custom_id.encode()).hexdigest())
+
+
+def _subcollection(activation_ref: DocumentReference, collection_id: str) -> CollectionReference:
+    collection: CollectionReference = activation_ref.collection(collection_id)  # unannotated in the client
+    return collection
+
+
+def run_key(activation: str, started_at: str, run_id: str) -> str:
+    """What ``list_runs`` ranges and orders on: one field, so no composite index to declare.
+
+    An equality filter on ``activation`` plus ``order_by(started_at)`` would need a
+    composite index; a range on this key plus an ordering on it is served by the automatic
+    single-field index (in the emulator and in production). NUL sorts before every other
+    character, so ``[activation NUL, activation \\x01)`` holds exactly one activation's
+    keys, in started_at then run_id order.
+    """
+    return f"{activation}\0{started_at}\0{run_id}"
+
+
+def trigger_key(activation: str, trigger_id: str) -> str:
+    """What ``find_run_by_trigger`` looks a run up by (an equality on one field)."""
+    return f"{activation}\0{trigger_id}"
