@@ -40,6 +40,7 @@ from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, 
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
 from sync.mapping import ProfileMapper, resolve_attribute_types
+from sync.memory import release_free_memory, use_system_arrow_pool
 from sync.model import ActivationMeta, JournalEntry, Lease, Reason, Refusal, RowIssue
 from sync.plan import (
     REJECTED_SAMPLE_SIZE,
@@ -70,6 +71,8 @@ BATCH_REJECTED_SAMPLE_SIZE = 100
 # Mapped send groups waiting for a free request slot, per slot: bounds memory while the
 # mapping thread runs ahead of Batch's rate.
 QUEUED_GROUPS_PER_SLOT = 2
+# Rows mapped between two hand-backs of freed memory to the OS (sync/memory.py).
+TRIM_EVERY_ROWS = 50_000
 
 
 class Clock:
@@ -255,6 +258,7 @@ class Run:
 
     async def plan_only(self, *, sample: int = 5) -> PlanPreview:
         """Dry run: read, diff, map and check guards. No lease, no send, no state change."""
+        use_system_arrow_pool()
         prepared = self.prepare()
         meta = self.store.load_meta(self.activation.name)
         scan = await self._scan(prepared, meta)
@@ -285,6 +289,7 @@ class Run:
 
     async def execute(self) -> RunResult:
         """The whole run. Never raises for an expected failure: the run record says what happened."""
+        use_system_arrow_pool()
         try:
             prepared = self.prepare()
         except SyncError as error:
@@ -365,9 +370,11 @@ class Run:
             if not scan.full:
                 tally.add(moved.tally)
             sender = await self._stream(prepared, scan, moved, tally)
+            release_free_memory()
             await self._settle(scan, moved, sender)
         finally:
             scan.diff.close()
+            release_free_memory()
         self._finish(prepared, scan, sender)
         await asyncio.to_thread(self.store.save_meta, self._current_lease(), scan.meta)
 
@@ -411,6 +418,7 @@ class Run:
         except BaseException:
             diff.close()
             raise
+        release_free_memory()  # the id scan's hash tables are gone; so is their memory
         if activation.sync_mode is not SyncMode.MIRROR:
             ids.removed = []
         self.run.full = full
@@ -504,7 +512,12 @@ class Run:
                 )
             else:
                 planned_batches = self._timed(pool.map_in_order(self._batches_to_send(scan), full=scan.full))
+            rows_since_trim = 0
             for planned in planned_batches:
+                rows_since_trim += len(planned.sends) + len(planned.refreshes) + len(planned.rejected)
+                if rows_since_trim >= TRIM_EVERY_ROWS:
+                    rows_since_trim = 0
+                    release_free_memory()
                 tally.add(planned.tally)
                 self._keep_rejected(planned)
                 pending.extend(planned.sends)
