@@ -49,7 +49,7 @@ import duckdb
 import pyarrow as pa
 import yaml
 
-from sync.batch.client import Endpoint
+from sync.batch.endpoint import Endpoint
 from sync.demo import SCHEMA as DEMO_SCHEMA
 from sync.demo import invalid_rows
 from sync.demo_runner import ACTIVATION_TEMPLATE

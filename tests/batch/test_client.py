@@ -22,12 +22,12 @@ from aiohttp import web
 from sync import __version__
 from sync.batch.client import (
     BatchClient,
-    Endpoint,
     ProfileUpdate,
     Rejection,
     SendOutcome,
     choose_endpoint,
 )
+from sync.batch.endpoint import Endpoint
 from sync.batch.ratelimit import (
     PROCESS_LIMITERS,
     RATE_HEADROOM,
