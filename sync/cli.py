@@ -713,7 +713,7 @@ def simulator(
     rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
 ) -> None:
     """Run the local Batch Profile API simulator (for demos and tests)."""
-    from sync.batch.simulator import serve
+    from sync.dev.simulator import serve
 
     api_key = os.environ.get(api_key_env)
     project_key = os.environ.get(project_key_env)
@@ -731,7 +731,7 @@ def demo(
     rows: Annotated[int, typer.Option(help="Customers in the demo segment.")] = 2_000,
 ) -> None:
     """A real sync on the embedded default: DuckDB → local Batch simulator, full then delta (mirror)."""
-    from sync.demo_runner import run_demo
+    from sync.dev.demo_runner import run_demo
 
     configure_logging(level="warning")
     # Start afresh, removing only what a previous demo wrote (never the folder itself).
@@ -745,7 +745,13 @@ def demo(
     ):
         (directory / name).unlink(missing_ok=True)
     code = run_demo(
-        directory, rows=rows, console=console, progress_factory=_progress_bars, progress_adapter=_RichProgress
+        directory,
+        rows=rows,
+        console=console,
+        progress_factory=_progress_bars,
+        progress_adapter=_RichProgress,
+        execute_run=execute_run,
+        print_record=print_record,
     )
     raise typer.Exit(code)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from engine_support import API_KEY, PROJECT_KEY, make_activation, make_client, people, person, run_once, write_segment
 
-from sync.batch.simulator import SimulatorThread
 from sync.config import Activation
+from sync.dev.simulator import SimulatorThread
 from sync.state.sqlite import SQLiteStateStore
 
 NAME = "report_people"

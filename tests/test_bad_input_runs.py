@@ -21,7 +21,7 @@ from engine_support import (
     write_segment,
 )
 
-from sync.batch.simulator import BatchSimulator
+from sync.dev.simulator import BatchSimulator
 from sync.state.sqlite import SQLiteStateStore
 
 

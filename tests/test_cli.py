@@ -12,8 +12,8 @@ import yaml
 from engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 from typer.testing import CliRunner
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.state.sqlite import SQLiteStateStore
 
 runner = CliRunner()

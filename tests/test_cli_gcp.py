@@ -22,7 +22,7 @@ from engine_support import API_KEY, ENV, PROJECT_KEY
 from firestore_emulator import FirestoreEmulator
 from google.cloud import bigquery
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 
 pytestmark = pytest.mark.emulator
 

@@ -22,8 +22,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sync import cli
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.errors import ConfigError
 
 runner = CliRunner()

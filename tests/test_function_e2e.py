@@ -39,7 +39,7 @@ from firestore_emulator import FirestoreEmulator
 from fixtures_pubsub import PubSubChannel
 from pubsub_emulator import EventarcRelay, PubSubEmulator
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.function import FAILED_PERMANENTLY_EVENT
 from sync.state.firestore import FirestoreStateStore
 

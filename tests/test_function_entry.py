@@ -21,7 +21,7 @@ import yaml
 from engine_support import API_KEY, PROJECT_KEY, people, write_segment
 from pubsub_emulator import PubSubEmulator
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.errors import ConfigError
 from sync.function import (
     DEFAULT_EVENT_BUDGET_SECONDS,

@@ -14,7 +14,7 @@ import pytest
 from engine_support import API_KEY, PROJECT_KEY
 from report_support import NAME, SCRIPT_ID, History, build_history
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.report.history import abbreviate, short_duration, short_status
 from sync.state.sqlite import SQLiteStateStore
 

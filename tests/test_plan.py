@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_plan import Planner
 
-from sync.batch.simulator import BatchSimulator
 from sync.config import Activation, GuardsConfig, RunType, SyncMode
+from sync.dev.simulator import BatchSimulator
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.engine import Run, RunOptions
 from sync.fingerprint import payload_fingerprint

@@ -27,8 +27,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from typer.testing import CliRunner
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

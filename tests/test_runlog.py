@@ -15,7 +15,7 @@ import pytest
 from engine_support import API_KEY, PROJECT_KEY
 from report_support import function_run_end_lines
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.runlog import (
     ERROR_EVENT_TYPE,
     RUN_END_EVENT,

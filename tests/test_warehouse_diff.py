@@ -28,9 +28,9 @@ from engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people, pe
 from google.cloud import bigquery
 from typer.testing import CliRunner
 
-from sync.batch.simulator import BatchSimulator
 from sync.cli import app
 from sync.config import Activation, parse_activation
+from sync.dev.simulator import BatchSimulator
 from sync.engine import Run, RunOptions
 from sync.errors import LeaseLost
 from sync.sources.bigquery import BigQuerySource

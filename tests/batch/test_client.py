@@ -35,8 +35,8 @@ from sync.batch.ratelimit import (
     RateLimiterRegistry,
     RateLimitWaitTooLong,
 )
-from sync.batch.simulator import BatchSimulator
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
+from sync.dev.simulator import BatchSimulator
 from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
 
 RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s

@@ -22,7 +22,7 @@ import pytest
 from engine_support import API_KEY, PROJECT_KEY
 from report_support import function_log_lines
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.runlog import RUN_END_EVENT
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
