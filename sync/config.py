@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from sync.errors import ConfigError
+from sync.natives import NATIVE_FIELDS, NativeField
 
 # Batch: custom attribute names are [a-z0-9_], 1 to 30 characters (doc.batch.com SDK
 # "attributes" pages; the Android SDK pattern ^[a-zA-Z0-9_]{1,30}$ lowercases first).
@@ -177,18 +178,13 @@ class MappingConfig(_Strict):
             raise ValueError(f"{value!r} is not a region with a phone numbering plan (libphonenumber); e.g. FR, GB, US")
         return value
 
+    def mapped_natives(self) -> list[tuple[NativeField, str]]:
+        """(native field, source column) of the mapped native fields, in the table's order."""
+        return [(native, column) for native in NATIVE_FIELDS if (column := getattr(self, native.field)) is not None]
+
     def native_columns(self) -> dict[str, str]:
         """Native Batch key -> source column, for the mapped ones only."""
-        pairs = {
-            "$email_address": self.email,
-            "$phone_number": self.phone,
-            "$language": self.language,
-            "$region": self.region,
-            "$timezone": self.timezone,
-            "$email_marketing": self.email_marketing,
-            "$sms_marketing": self.sms_marketing,
-        }
-        return {key: column for key, column in pairs.items() if column is not None}
+        return {native.key: column for native, column in self.mapped_natives()}
 
 
 class CustomAttributeConfig(_Strict):
