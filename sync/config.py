@@ -45,6 +45,8 @@ MAX_CUSTOM_ATTRIBUTES = 50
 # Activation names end up in state keys, document ids and log labels.
 ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An http(s) URL with a host: the Batch API root, a local emulator's endpoint.
+HTTP_URL = re.compile(r"^https?://[^\s/]+")
 # BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
 TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
 # Cloud Scheduler reads unix-cron: five fields of numbers, `*`, ranges, steps, lists, and
@@ -149,7 +151,7 @@ class DestinationConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
+        if not HTTP_URL.match(value):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
