@@ -1,7 +1,7 @@
 """Planning: outcomes of moved rows, the guards, and the columnar pipeline against the reference.
 
 The columnar pipeline (sync.diff in DuckDB → map only moved rows → sync.plan) must decide
-exactly what the row-at-a-time reference planner (tests/reference_plan.py, the engine's
+exactly what the row-at-a-time reference planner (tests/support/reference_plan.py, the engine's
 previous design) decides: new, changed, unchanged, refreshed, removed, rejected with the
 same reasons. The property test drives both on generated segments with nulls, duplicates,
 unicode and cosmetic changes, through the real engine (DuckDB file, SQLite state, the
@@ -18,10 +18,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pytest
-from engine_support import API_KEY, PROJECT_KEY, make_activation, make_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_plan import Planner
 
 from sync.config import Activation, GuardsConfig, RunType, SyncMode
 from sync.dev.simulator import BatchSimulator
@@ -34,6 +32,8 @@ from sync.model import Fingerprint, MappedRow, Reason, RowIssue
 from sync.plan import Outcome, check_guard_names, evaluate_guards, plan_rows
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import API_KEY, PROJECT_KEY, make_activation, make_client
+from tests.support.reference_plan import Planner
 
 # -- plan_rows on hand-built differ batches ------------------------------------------------
 
