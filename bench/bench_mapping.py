@@ -27,7 +27,7 @@ import yaml
 from email_validator import EmailNotValidError, validate_email
 
 from sync.config import parse_activation
-from sync.demo_runner import ACTIVATION_TEMPLATE
+from sync.dev.demo_runner import ACTIVATION_TEMPLATE
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import MappedRow
 

@@ -49,10 +49,10 @@ import duckdb
 import pyarrow as pa
 import yaml
 
-from sync.batch.client import Endpoint
-from sync.demo import SCHEMA as DEMO_SCHEMA
-from sync.demo import invalid_rows
-from sync.demo_runner import ACTIVATION_TEMPLATE
+from sync.batch.endpoint import Endpoint
+from sync.dev.demo import SCHEMA as DEMO_SCHEMA
+from sync.dev.demo import invalid_rows
+from sync.dev.demo_runner import ACTIVATION_TEMPLATE
 
 if TYPE_CHECKING:
     from sync.state.base import StateStore

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+# The BigQuery emulator wrapper of the tests (tests.support.bigquery_emulator).
+sys.path.insert(0, str(REPO_ROOT))
 
 from bench_sync import simulator_process  # noqa: E402 - after the path set-up above
 
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> int:
         spec = json.loads(Path(args._child).read_text(encoding="utf-8"))
         Path(spec["result_path"]).write_text(json.dumps(child(spec)), encoding="utf-8")
         return 0
-    from bigquery_emulator import running_emulator
+    from tests.support.bigquery_emulator import running_emulator
 
     workdir = Path(tempfile.mkdtemp(prefix="cepsync-bench-wh-"))
     env = {

@@ -3,7 +3,9 @@
 The zip holds what the Python runtime needs to build and run the functions:
 
 - ``main.py`` (the functions-framework entry points ``pubsub_sync`` and ``http_sync``);
-- the ``sync/`` package, without tests, ``__pycache__`` or compiled files;
+- the ``sync/`` package, without tests, ``__pycache__`` or compiled files, and without
+  ``sync/dev/`` (the local Batch simulator and ``cepsync demo``: development aids the
+  function never imports);
 - ``activations/``: the activation YAML files, validated with :mod:`sync.config` first, so
   a broken file fails here rather than in the first scheduled run;
 - ``requirements.txt``: the runtime closure of the project's dependencies plus the ``gcp``
@@ -55,6 +57,9 @@ _UNIX_SYSTEM = 3
 
 _EXCLUDED_DIRECTORY_NAMES = frozenset({"__pycache__", "tests", "test", ".mypy_cache", ".pytest_cache"})
 _EXCLUDED_SUFFIXES = (".pyc", ".pyo")
+# Sub-packages of sync/ that stay out of the zip: development aids (sync/dev/: the Batch
+# simulator and the demo), imported only inside the CLI commands that run them.
+DEV_ONLY_PACKAGES = frozenset({"dev"})
 
 
 class PackageError(Exception):
@@ -251,6 +256,8 @@ def _package_files(package_dir: Path) -> Iterator[Path]:
     for path in sorted(package_dir.rglob("*")):
         relative = path.relative_to(package_dir)
         if any(part in _EXCLUDED_DIRECTORY_NAMES or part.startswith(".") for part in relative.parts):
+            continue
+        if relative.parts[0] in DEV_ONLY_PACKAGES:
             continue
         if not path.is_file() or path.suffix in _EXCLUDED_SUFFIXES:
             continue

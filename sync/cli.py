@@ -31,19 +31,11 @@ from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
 from sync.model import ActivationMeta
-from sync.plan import GUARD_NAMES
+from sync.plan import GUARD_NAMES, check_guard_names
 from sync.report.history import history_csv, history_table
 from sync.runconfig import config_as_run
 from sync.runlog import log_run_end
-from sync.runtime import (
-    BigQueryEmulatorEndpoints,
-    StateNotFound,
-    build_client,
-    expand_state_url,
-    open_source,
-    open_store,
-)
-from sync.sources.base import Source
+from sync.runtime import StateNotFound, build_client, expand_state_url, open_source_from_env, open_store
 from sync.state.base import StateStore
 
 app = typer.Typer(
@@ -119,12 +111,6 @@ def _store(state: str, *, create: bool = True) -> StateStore:
 
 def _state_label(state: str) -> str:
     return expand_state_url(state, os.environ).removeprefix("sqlite:///")
-
-
-def _open_source(activation: Activation) -> Source:
-    """The activation's source; BIGQUERY_EMULATOR_HOST points a BigQuery one at a local emulator."""
-    emulator = BigQueryEmulatorEndpoints.from_env(os.environ)
-    return open_source(activation, bigquery_emulator=emulator, default_project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
 
 
 @contextlib.contextmanager
@@ -350,7 +336,7 @@ def execute_run(
 ) -> RunResult:
     """Build the edges and run once (used by `run` and `demo`)."""
     client = build_client(activation)
-    source = _open_source(activation)
+    source = open_source_from_env(activation, os.environ)
     try:
         store = _store(state)
     except BaseException:
@@ -422,9 +408,7 @@ def run(
         map_workers=map_workers,
     )
     try:
-        bad = set(allow or ()) - set(GUARD_NAMES)
-        if bad:
-            raise ConfigError(f"unknown guard(s) {sorted(bad)}; known: {', '.join(GUARD_NAMES)}", field="--allow")
+        check_guard_names(allow or (), field="--allow")
         with _rejects_file(rejects) as sink, _progress_bars() as bars:
             result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars), rejects=sink)
     except SyncError as error:
@@ -461,7 +445,7 @@ def plan(
     with contextlib.ExitStack() as stack:
         try:
             sink = stack.enter_context(_rejects_file(rejects))
-            source = _open_source(activation)
+            source = open_source_from_env(activation, os.environ)
             stack.callback(source.close)
             try:
                 # A plan changes no state, so it creates none either: without stored state it
@@ -500,7 +484,7 @@ def validate(
     activation = _load(activation_file)
     print_check(console, f"config: activation '{activation.name}' is valid")
     try:
-        source = _open_source(activation)
+        source = open_source_from_env(activation, os.environ)
         try:
             from sync.mapping import ProfileMapper, resolve_attribute_types
 
@@ -713,7 +697,7 @@ def simulator(
     rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
 ) -> None:
     """Run the local Batch Profile API simulator (for demos and tests)."""
-    from sync.batch.simulator import serve
+    from sync.dev.simulator import serve
 
     api_key = os.environ.get(api_key_env)
     project_key = os.environ.get(project_key_env)
@@ -731,7 +715,7 @@ def demo(
     rows: Annotated[int, typer.Option(help="Customers in the demo segment.")] = 2_000,
 ) -> None:
     """A real sync on the embedded default: DuckDB → local Batch simulator, full then delta (mirror)."""
-    from sync.demo_runner import run_demo
+    from sync.dev.demo_runner import run_demo
 
     configure_logging(level="warning")
     # Start afresh, removing only what a previous demo wrote (never the folder itself).
@@ -745,7 +729,13 @@ def demo(
     ):
         (directory / name).unlink(missing_ok=True)
     code = run_demo(
-        directory, rows=rows, console=console, progress_factory=_progress_bars, progress_adapter=_RichProgress
+        directory,
+        rows=rows,
+        console=console,
+        progress_factory=_progress_bars,
+        progress_adapter=_RichProgress,
+        execute_run=execute_run,
+        print_record=print_record,
     )
     raise typer.Exit(code)
 

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from sync.errors import ConfigError
+from sync.natives import NATIVE_FIELDS, NativeField
 
 # Batch: custom attribute names are [a-z0-9_], 1 to 30 characters (doc.batch.com SDK
 # "attributes" pages; the Android SDK pattern ^[a-zA-Z0-9_]{1,30}$ lowercases first).
@@ -44,6 +45,8 @@ MAX_CUSTOM_ATTRIBUTES = 50
 # Activation names end up in state keys, document ids and log labels.
 ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An http(s) URL with a host: the Batch API root, a local emulator's endpoint.
+HTTP_URL = re.compile(r"^https?://[^\s/]+")
 # BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
 TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
 # Cloud Scheduler reads unix-cron: five fields of numbers, `*`, ranges, steps, lists, and
@@ -148,7 +151,7 @@ class DestinationConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
+        if not HTTP_URL.match(value):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
@@ -177,18 +180,13 @@ class MappingConfig(_Strict):
             raise ValueError(f"{value!r} is not a region with a phone numbering plan (libphonenumber); e.g. FR, GB, US")
         return value
 
+    def mapped_natives(self) -> list[tuple[NativeField, str]]:
+        """(native field, source column) of the mapped native fields, in the table's order."""
+        return [(native, column) for native in NATIVE_FIELDS if (column := getattr(self, native.field)) is not None]
+
     def native_columns(self) -> dict[str, str]:
         """Native Batch key -> source column, for the mapped ones only."""
-        pairs = {
-            "$email_address": self.email,
-            "$phone_number": self.phone,
-            "$language": self.language,
-            "$region": self.region,
-            "$timezone": self.timezone,
-            "$email_marketing": self.email_marketing,
-            "$sms_marketing": self.sms_marketing,
-        }
-        return {key: column for key, column in pairs.items() if column is not None}
+        return {native.key: column for native, column in self.mapped_natives()}
 
 
 class CustomAttributeConfig(_Strict):

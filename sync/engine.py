@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from sync.batch.client import BatchClient, Endpoint, SendOutcome, choose_endpoint
+from sync.batch.client import BatchClient, SendOutcome, choose_endpoint
+from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError

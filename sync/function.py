@@ -70,9 +70,9 @@ from sync.config import ACTIVATION_NAME, Activation, load_activations
 from sync.engine import Clock, Run, RunOptions, new_run_id
 from sync.errors import ConfigError
 from sync.logs import configure_logging
-from sync.plan import GUARD_NAMES
+from sync.plan import GUARD_NAMES, check_guard_names
 from sync.runlog import log_run_end
-from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source, open_store
+from sync.runtime import BigQueryEmulatorEndpoints, build_client, open_source_from_env, open_store
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -298,10 +298,7 @@ def _allow_list(value: Any) -> tuple[str, ...]:
     known = ", ".join(GUARD_NAMES)
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
         raise ConfigError(f'must be a list of guard names, such as ["changed_percent"] (known: {known})', field="allow")
-    unknown = [name[:40] for name in value if name not in GUARD_NAMES]
-    if unknown:
-        raise ConfigError(f"unknown guard(s) {', '.join(map(repr, unknown))}; known: {known}", field="allow")
-    return tuple(dict.fromkeys(value))
+    return check_guard_names(value, field="allow")
 
 
 def decode_pubsub_data(envelope: Any) -> Any:
@@ -697,7 +694,7 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
         }
     # Credentials before the source: a missing secret is a config error before any read.
     client = build_client(activation, dict(invocation.environ))
-    source = open_segment_source(activation, settings, invocation.closers)
+    source = open_segment_source(activation, invocation.environ, invocation.closers)
     # The budget counts from the start of the invocation, not from the engine's start.
     elapsed = time.monotonic() - invocation.started
     options = RunOptions(
@@ -719,12 +716,14 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
     return record
 
 
-def open_segment_source(activation: Activation, settings: Settings, closers: list[Callable[[], None]]) -> Source:
+def open_segment_source(
+    activation: Activation, environ: Mapping[str, str], closers: list[Callable[[], None]]
+) -> Source:
     """The activation's source; a BigQuery source goes to the emulator when one is configured.
 
     Appends to ``closers`` what must be closed after the run.
     """
-    source = open_source(activation, bigquery_emulator=settings.bigquery_emulator, default_project=settings.project)
+    source = open_source_from_env(activation, environ)
     closers.append(source.close)
     return source
 

@@ -49,6 +49,7 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from sync.config import Activation, AttributeType, InvalidValuePolicy
 from sync.errors import ConfigError
 from sync.model import MappedRow, Reason, RowIssue
+from sync.natives import NATIVE_FIELDS, NativeType
 
 __all__ = ["ProfileMapper", "resolve_attribute_types"]
 
@@ -86,17 +87,6 @@ SUBSCRIPTION_VALUES: Final[Mapping[str, str]] = {
         _UNSUBSCRIBED,
     ),
 }
-
-_NATIVE_FIELDS: Final = (
-    ("email", "$email_address"),
-    ("phone", "$phone_number"),
-    ("language", "$language"),
-    ("region", "$region"),
-    ("timezone", "$timezone"),
-    ("email_marketing", "$email_marketing"),
-    ("sms_marketing", "$sms_marketing"),
-)
-
 
 # --- Lookup tables, built once per process on first use --------------------------------
 
@@ -604,24 +594,25 @@ class ProfileMapper:
         self._id_column = mapping.custom_id
         self._reject_row = activation.on_invalid_value is InvalidValuePolicy.REJECT_ROW
 
-        natives = mapping.native_columns()
-        if "$timezone" in natives and not _timezones()[0]:
+        natives = mapping.mapped_natives()
+        if any(native.type is NativeType.TIMEZONE for native, _ in natives) and not _timezones()[0]:
             raise ConfigError(
                 f"activation '{activation.name}': no IANA time zone database on this machine "
                 "(install the 'tzdata' package)",
                 field="mapping.timezone",
             )
-        # Factories, so a lookup table is only built when its native key is mapped.
-        native_converters: dict[str, Callable[[], Converter]] = {
-            "$email_address": lambda: _convert_email,
-            "$phone_number": lambda: _phone_converter(mapping.default_phone_region),
-            "$language": _language_converter,
-            "$region": _region_converter,
-            "$timezone": _timezone_converter,
-            "$email_marketing": lambda: _convert_subscription,
-            "$sms_marketing": lambda: _convert_subscription,
+        # Factories, so a lookup table is only built when a native field of its type is mapped.
+        native_converters: dict[NativeType, Callable[[], Converter]] = {
+            NativeType.EMAIL: lambda: _convert_email,
+            NativeType.PHONE: lambda: _phone_converter(mapping.default_phone_region),
+            NativeType.LANGUAGE: _language_converter,
+            NativeType.REGION: _region_converter,
+            NativeType.TIMEZONE: _timezone_converter,
+            NativeType.SUBSCRIPTION: lambda: _convert_subscription,
         }
-        fields = [_Field(column, key, key, native_converters[key]()) for key, column in natives.items()]
+        fields = [
+            _Field(column, native.key, native.key, native_converters[native.type]()) for native, column in natives
+        ]
 
         for index, attribute in enumerate(activation.attributes):
             attribute_type = attribute_types.get(attribute.column)
@@ -863,16 +854,15 @@ _COMPATIBLE: Final[Mapping[AttributeType, frozenset[str]]] = {
     AttributeType.STRING_ARRAY: frozenset({_STRING_LIST, _NULL}),
 }
 
-# Source families each native key (and the custom_id) can be read from.
-_NATIVE_COMPATIBLE: Final[Mapping[str, frozenset[str]]] = {
-    "custom_id": frozenset({_STRING, _INTEGER, _INTEGRAL_DECIMAL, _DECIMAL}),
-    "email": frozenset({_STRING, _NULL}),
-    "phone": frozenset({_STRING, _INTEGER, _NULL}),
-    "language": frozenset({_STRING, _NULL}),
-    "region": frozenset({_STRING, _NULL}),
-    "timezone": frozenset({_STRING, _NULL}),
-    "email_marketing": frozenset({_BOOLEAN, _STRING, _INTEGER, _NULL}),
-    "sms_marketing": frozenset({_BOOLEAN, _STRING, _INTEGER, _NULL}),
+# Source families the custom_id, and a native field of each type, can be read from.
+_CUSTOM_ID_COMPATIBLE: Final = frozenset({_STRING, _INTEGER, _INTEGRAL_DECIMAL, _DECIMAL})
+_NATIVE_COMPATIBLE: Final[Mapping[NativeType, frozenset[str]]] = {
+    NativeType.EMAIL: frozenset({_STRING, _NULL}),
+    NativeType.PHONE: frozenset({_STRING, _INTEGER, _NULL}),
+    NativeType.LANGUAGE: frozenset({_STRING, _NULL}),
+    NativeType.REGION: frozenset({_STRING, _NULL}),
+    NativeType.TIMEZONE: frozenset({_STRING, _NULL}),
+    NativeType.SUBSCRIPTION: frozenset({_BOOLEAN, _STRING, _INTEGER, _NULL}),
 }
 
 
@@ -956,12 +946,14 @@ def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source
         return family
 
     mapping = activation.mapping
-    for field_name in ("custom_id", *(name for name, _ in _NATIVE_FIELDS)):
+    readable = [("custom_id", _CUSTOM_ID_COMPATIBLE)]
+    readable += [(native.field, _NATIVE_COMPATIBLE[native.type]) for native in NATIVE_FIELDS]
+    for field_name, families_read in readable:
         column = getattr(mapping, field_name)
         if column is None:
             continue
         family = require(column, f"mapping.{field_name}")
-        if family not in _NATIVE_COMPATIBLE[field_name]:
+        if family not in families_read:
             raise ConfigError(
                 f"{where}: column '{column}' has Arrow type {arrow_types[column]}, "
                 f"which cannot be read as {field_name}",

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from sync.config import GuardsConfig, SyncMode
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.errors import ConfigError
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, Refusal, RowIssue
 
@@ -249,6 +250,21 @@ class GuardVerdict:
 
     def as_record(self) -> dict[str, Any]:
         return {"guard": self.name, "tripped": self.tripped, "overridden": self.overridden, "detail": self.detail}
+
+
+def check_guard_names(names: Iterable[str], *, field: str) -> tuple[str, ...]:
+    """Guards a person or a message asks to override for one run, each once, in the order given.
+
+    Raises:
+        ConfigError: a name is not a guard's; the error names ``field`` and lists the guards.
+    """
+    wanted = tuple(dict.fromkeys(names))
+    unknown = [name for name in wanted if name not in GUARD_NAMES]
+    if unknown:
+        # A name may come from an untrusted message: quoted, and cut short.
+        quoted = ", ".join(repr(name[:40]) for name in unknown)
+        raise ConfigError(f"unknown guard(s) {quoted}; known: {', '.join(GUARD_NAMES)}", field=field)
+    return wanted
 
 
 def evaluate_guards(

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from sync.batch.client import BatchClient
 from sync.batch.ratelimit import PROCESS_LIMITERS
-from sync.config import Activation, BigQuerySourceConfig, Credentials, DuckDBSourceConfig
+from sync.config import HTTP_URL, Activation, BigQuerySourceConfig, Credentials, DuckDBSourceConfig
 from sync.errors import ConfigError, FatalError
 from sync.sources.base import Source
 from sync.state.base import StateStore
@@ -190,7 +190,7 @@ class BigQueryEmulatorEndpoints:
         url = env.get("BIGQUERY_EMULATOR_HOST") or None
         if url is None:
             return None
-        if not re.match(r"^https?://[^\s/]+", url):
+        if not HTTP_URL.match(url):
             raise ConfigError("must be a URL such as http://127.0.0.1:9050", field="BIGQUERY_EMULATOR_HOST")
         return cls(url.rstrip("/"), env.get("BIGQUERY_STORAGE_EMULATOR_HOST") or None)
 
@@ -284,6 +284,20 @@ def open_source(
             return BigQuerySource(config, activation=activation.name)
         return _emulated_bigquery_source(activation, config, bigquery_emulator, default_project)
     raise ConfigError(f"unsupported source type {type(config).__name__}", field="source")
+
+
+def open_source_from_env(activation: Activation, env: Mapping[str, str]) -> Source:
+    """The activation's source, as the CLI and the function open it.
+
+    ``BIGQUERY_EMULATOR_HOST`` (and ``BIGQUERY_STORAGE_EMULATOR_HOST``) point a BigQuery
+    source at a local emulator, whose project is ``GOOGLE_CLOUD_PROJECT`` when the
+    activation names none.
+    """
+    return open_source(
+        activation,
+        bigquery_emulator=BigQueryEmulatorEndpoints.from_env(env),
+        default_project=env.get("GOOGLE_CLOUD_PROJECT") or None,
+    )
 
 
 def _emulated_bigquery_source(

@@ -23,7 +23,8 @@ from datetime import datetime
 
 import structlog
 
-from sync.batch.client import BatchClient, Endpoint, ProfileUpdate, SendOutcome
+from sync.batch.client import BatchClient, ProfileUpdate, SendOutcome
+from sync.batch.endpoint import Endpoint
 from sync.model import JournalEntry, Lease, Refusal
 from sync.plan import Outcome, PlannedSend
 from sync.state.base import StateStore

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 import structlog
-from engine_support import (
+
+from sync.dev.simulator import BatchSimulator
+from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import (
     PROJECT_KEY,
     make_activation,
     make_client,
@@ -20,9 +23,6 @@ from engine_support import (
     stored_ids,
     write_segment,
 )
-
-from sync.batch.simulator import BatchSimulator
-from sync.state.sqlite import SQLiteStateStore
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 from typer.testing import CliRunner
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 
 runner = CliRunner()
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bigquery_emulator import BigQueryEmulator
-from engine_support import API_KEY, ENV, PROJECT_KEY
-from firestore_emulator import FirestoreEmulator
 from google.cloud import bigquery
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
+from tests.support.bigquery_emulator import BigQueryEmulator
+from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY
+from tests.support.firestore_emulator import FirestoreEmulator
 
 pytestmark = pytest.mark.emulator
 

@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 import yaml
-from engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 from typer.testing import CliRunner
 
 from sync import cli
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.errors import ConfigError
+from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 
 runner = CliRunner()
 

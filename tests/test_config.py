@@ -12,6 +12,7 @@ import yaml
 from sync.config import (
     Activation,
     Credentials,
+    MappingConfig,
     json_schema,
     load_activation,
     load_activations,
@@ -19,6 +20,7 @@ from sync.config import (
     parse_activation,
 )
 from sync.errors import ConfigError
+from sync.natives import NATIVE_FIELDS
 
 
 def base_config(**overrides: Any) -> dict[str, Any]:
@@ -277,3 +279,15 @@ def test_a_default_phone_region_unknown_to_the_phone_library_is_refused(region: 
 def test_a_real_default_phone_region_loads(region: str) -> None:
     config = base_config(mapping={"custom_id": "customer_id", "phone": "phone", "default_phone_region": region})
     assert parse_activation(config, source="a.yaml").mapping.default_phone_region == region
+
+
+def test_the_native_field_table_is_the_mapping_configs_native_fields_in_order() -> None:
+    declared = [name for name in MappingConfig.model_fields if name not in ("custom_id", "default_phone_region")]
+    assert declared == [native.field for native in NATIVE_FIELDS]
+    for native in NATIVE_FIELDS:
+        assert native.key in (MappingConfig.model_fields[native.field].description or ""), native
+    columns = {native.field: f"col_{native.field}" for native in reversed(NATIVE_FIELDS)}
+    mapping = MappingConfig(custom_id="id", **columns)
+    # The table's order, whatever the order of the activation file.
+    assert list(mapping.native_columns().items()) == [(native.key, f"col_{native.field}") for native in NATIVE_FIELDS]
+    assert MappingConfig(custom_id="id", phone="tel").native_columns() == {"$phone_number": "tel"}

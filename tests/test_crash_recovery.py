@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from engine_support import API_KEY, ENV, PROJECT_KEY, people, stored_ids, write_segment
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, people, stored_ids, write_segment
 
 pytestmark = pytest.mark.slow
 

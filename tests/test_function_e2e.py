@@ -33,15 +33,15 @@ from typing import Any
 
 import pytest
 import yaml
-from bigquery_emulator import BigQueryEmulator, RecordingProxy
-from engine_support import API_KEY, PROJECT_KEY
-from firestore_emulator import FirestoreEmulator
-from fixtures_pubsub import PubSubChannel
-from pubsub_emulator import EventarcRelay, PubSubEmulator
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.function import FAILED_PERMANENTLY_EVENT
 from sync.state.firestore import FirestoreStateStore
+from tests.support.bigquery_emulator import BigQueryEmulator, RecordingProxy
+from tests.support.engine_support import API_KEY, PROJECT_KEY
+from tests.support.firestore_emulator import FirestoreEmulator
+from tests.support.fixtures_pubsub import PubSubChannel
+from tests.support.pubsub_emulator import EventarcRelay, PubSubEmulator
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.timeout(240)]
 

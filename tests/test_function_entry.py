@@ -18,10 +18,8 @@ from typing import Any
 import pytest
 import structlog
 import yaml
-from engine_support import API_KEY, PROJECT_KEY, people, write_segment
-from pubsub_emulator import PubSubEmulator
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.errors import ConfigError
 from sync.function import (
     DEFAULT_EVENT_BUDGET_SECONDS,
@@ -44,6 +42,8 @@ from sync.function import (
     trace_from_headers,
 )
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import API_KEY, PROJECT_KEY, people, write_segment
+from tests.support.pubsub_emulator import PubSubEmulator
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 

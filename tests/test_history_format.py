@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import pytest
-from engine_support import API_KEY, PROJECT_KEY
-from report_support import NAME, SCRIPT_ID, History, build_history
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.report.history import abbreviate, short_duration, short_status
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import API_KEY, PROJECT_KEY
+from tests.support.report_support import NAME, SCRIPT_ID, History, build_history
 
 BIG_RUN_ID = "20991231T235959Z-abcdef"
 

@@ -24,8 +24,8 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sync.batch.simulator import BatchSimulator
 from sync.config import AttributeType, parse_activation
+from sync.dev.simulator import BatchSimulator
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import MappedRow, Reason
 

@@ -1,7 +1,7 @@
 """Planning: outcomes of moved rows, the guards, and the columnar pipeline against the reference.
 
 The columnar pipeline (sync.diff in DuckDB → map only moved rows → sync.plan) must decide
-exactly what the row-at-a-time reference planner (tests/reference_plan.py, the engine's
+exactly what the row-at-a-time reference planner (tests/support/reference_plan.py, the engine's
 previous design) decides: new, changed, unchanged, refreshed, removed, rejected with the
 same reasons. The property test drives both on generated segments with nulls, duplicates,
 unicode and cosmetic changes, through the real engine (DuckDB file, SQLite state, the
@@ -18,21 +18,22 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pytest
-from engine_support import API_KEY, PROJECT_KEY, make_activation, make_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_plan import Planner
 
-from sync.batch.simulator import BatchSimulator
 from sync.config import Activation, GuardsConfig, RunType, SyncMode
+from sync.dev.simulator import BatchSimulator
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.engine import Run, RunOptions
+from sync.errors import ConfigError
 from sync.fingerprint import payload_fingerprint
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import Fingerprint, MappedRow, Reason, RowIssue
-from sync.plan import Outcome, evaluate_guards, plan_rows
+from sync.plan import Outcome, check_guard_names, evaluate_guards, plan_rows
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import API_KEY, PROJECT_KEY, make_activation, make_client
+from tests.support.reference_plan import Planner
 
 # -- plan_rows on hand-built differ batches ------------------------------------------------
 
@@ -141,6 +142,20 @@ def test_guards_can_be_overridden_for_one_run() -> None:
     assert [v.name for v in verdicts if v.tripped and not v.overridden] == ["removed_percent"]
     with pytest.raises(ValueError, match="unknown guard"):
         evaluate_guards(counts, GuardsConfig(), synced_before=1, sync_mode=SyncMode.MIRROR, allow=["everything"])
+
+
+def test_guard_names_to_override_are_checked_once_for_the_cli_and_the_function() -> None:
+    assert check_guard_names(["changed_percent", "empty_segment", "changed_percent"], field="allow") == (
+        "changed_percent",
+        "empty_segment",
+    )
+    assert check_guard_names([], field="--allow") == ()
+    with pytest.raises(ConfigError) as raised:
+        check_guard_names(["empty_segment", "nope", "x" * 100], field="--allow")
+    assert raised.value.field == "--allow"
+    assert f"unknown guard(s) 'nope', '{'x' * 40}'; known: empty_segment, removed_percent, changed_percent" in str(
+        raised.value
+    )
 
 
 def test_removed_percent_threshold_is_strict() -> None:

@@ -8,12 +8,12 @@ from html.parser import HTMLParser
 from typing import Any
 
 import pytest
-from engine_support import API_KEY, PROJECT_KEY
-from report_support import History, build_history
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.report.html import render_report
 from sync.report.summary import MAX_BUCKETS, RECENT_RUNS, stage_names, stage_times, timeline
+from tests.support.engine_support import API_KEY, PROJECT_KEY
+from tests.support.report_support import History, build_history
 
 T0 = datetime(2026, 7, 1, tzinfo=UTC)
 

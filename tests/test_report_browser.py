@@ -20,15 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import API_KEY, PROJECT_KEY
-from report_support import DESCRIPTION, MARKUP_EMAIL, NAME, QUERY_INJECTION, SCRIPT_ID, History, build_history
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from typer.testing import CliRunner
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.cli import app
+from sync.dev.simulator import BatchSimulator, SimulatorThread
+from tests.support.engine_support import API_KEY, PROJECT_KEY
+from tests.support.report_support import (
+    DESCRIPTION,
+    MARKUP_EMAIL,
+    NAME,
+    QUERY_INJECTION,
+    SCRIPT_ID,
+    History,
+    build_history,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_support import API_KEY, PROJECT_KEY
-from report_support import function_run_end_lines
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.runlog import (
     ERROR_EVENT_TYPE,
     RUN_END_EVENT,
@@ -25,6 +23,8 @@ from sync.runlog import (
     severity,
     stage_seconds,
 )
+from tests.support.engine_support import API_KEY, PROJECT_KEY
+from tests.support.report_support import function_run_end_lines
 
 GOLDEN_RUN_FIELDS = {
     "schema_version": int,
@@ -188,10 +188,10 @@ def test_guards_tripped_lists_only_guards_that_stopped_the_run() -> None:
 
 def test_the_cli_run_command_writes_the_line_too(tmp_path: Path) -> None:
     import yaml
-    from engine_support import ENV, people, write_segment
     from typer.testing import CliRunner
 
     from sync.cli import app
+    from tests.support.engine_support import ENV, people, write_segment
 
     write_segment(tmp_path / "segment.duckdb", people(5))
     with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)) as simulator:

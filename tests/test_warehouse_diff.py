@@ -23,14 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from bigquery_emulator import BigQueryEmulator, RecordingProxy
-from engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people, person
 from google.cloud import bigquery
 from typer.testing import CliRunner
 
-from sync.batch.simulator import BatchSimulator
 from sync.cli import app
 from sync.config import Activation, parse_activation
+from sync.dev.simulator import BatchSimulator
 from sync.engine import Run, RunOptions
 from sync.errors import LeaseLost
 from sync.sources.bigquery import BigQuerySource
@@ -38,6 +36,8 @@ from sync.state.sqlite import SQLiteStateStore
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse
 from sync.warehouse.store import WarehouseStateStore
+from tests.support.bigquery_emulator import BigQueryEmulator, RecordingProxy
+from tests.support.engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people, person
 
 NAME = "wh_people"
 

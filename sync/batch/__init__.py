@@ -1,1 +1,1 @@
-"""Batch CEP Profile API: the client and a local simulator of the API."""
+"""Batch CEP Profile API: the client, its endpoints and their client-side rate limits."""

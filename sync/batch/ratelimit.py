@@ -23,12 +23,9 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
+from sync.batch.endpoint import Endpoint
 from sync.errors import TransientError
-
-if TYPE_CHECKING:
-    from sync.batch.client import Endpoint
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -172,7 +169,7 @@ class RateLimiterRegistry:
             # with one request's worth, not the whole second, leaves that lag as slack: the
             # second request of a run leaves half a second after the first instead of at once
             # (a 1M full load measured one 429 at its start without it).
-            initial = endpoint.burst - endpoint.send_batch if endpoint.value == "mass-update" else None
+            initial = endpoint.burst - endpoint.send_batch if endpoint is Endpoint.MASS_UPDATE else None
             limiter = ProfileRateLimiter(
                 endpoint.rate_per_second * RATE_HEADROOM,
                 endpoint.burst,

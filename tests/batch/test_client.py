@@ -22,12 +22,12 @@ from aiohttp import web
 from sync import __version__
 from sync.batch.client import (
     BatchClient,
-    Endpoint,
     ProfileUpdate,
     Rejection,
     SendOutcome,
     choose_endpoint,
 )
+from sync.batch.endpoint import Endpoint
 from sync.batch.ratelimit import (
     PROCESS_LIMITERS,
     RATE_HEADROOM,
@@ -35,8 +35,8 @@ from sync.batch.ratelimit import (
     RateLimiterRegistry,
     RateLimitWaitTooLong,
 )
-from sync.batch.simulator import BatchSimulator
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
+from sync.dev.simulator import BatchSimulator
 from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
 
 RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s

@@ -19,11 +19,11 @@ from typing import Any
 
 import hcl2
 import pytest
-from engine_support import API_KEY, PROJECT_KEY
-from report_support import function_log_lines
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.runlog import RUN_END_EVENT
+from tests.support.engine_support import API_KEY, PROJECT_KEY
+from tests.support.report_support import function_log_lines
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 SERVICE = "cepsync-sync"  # local.function_name with the default name_prefix

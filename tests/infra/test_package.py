@@ -21,6 +21,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SCRIPT = REPO_ROOT / "infra" / "package.py"
 PYTHON = sys.executable
+# Development aids: the local Batch simulator and `cepsync demo`; never deployed.
+DEV_PACKAGE = REPO_ROOT / "sync" / "dev"
+DEV_MODULES = ("simulator.py", "demo.py", "demo_runner.py")
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
 DEV_ONLY = {"pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "ruff", "mypy", "python-hcl2", "iniconfig"}
 RUNTIME_MUST_HAVE = {
@@ -81,7 +84,7 @@ def test_zip_holds_entry_points_package_activations_and_requirements(built: Buil
     expected_modules = {
         path.relative_to(REPO_ROOT).as_posix()
         for path in (REPO_ROOT / "sync").rglob("*.py")
-        if "__pycache__" not in path.parts and "tests" not in path.parts
+        if "__pycache__" not in path.parts and "tests" not in path.parts and not path.is_relative_to(DEV_PACKAGE)
     }
     assert expected_modules, "sync/ has no modules"
     assert expected_modules <= set(names), sorted(expected_modules - set(names))
@@ -91,6 +94,35 @@ def test_zip_holds_entry_points_package_activations_and_requirements(built: Buil
         assert "/tests/" not in name, name
         assert name.split("/", 1)[0] in {"main.py", "requirements.txt", "sync", "activations"}, name
     assert (built.unpacked / "main.py").read_bytes() == (REPO_ROOT / "main.py").read_bytes()
+
+
+def test_zip_holds_neither_the_simulator_nor_the_demo(built: Built) -> None:
+    assert {path.name for path in DEV_PACKAGE.glob("*.py")} >= set(DEV_MODULES), "the dev modules moved"
+    with zipfile.ZipFile(built.zip_path) as archive:
+        names = archive.namelist()
+        sources = {name: archive.read(name).decode("utf-8") for name in names if name.endswith(".py")}
+    assert not [name for name in names if name.startswith("sync/dev")]
+    assert not [name for name in names if name.rsplit("/", 1)[-1] in DEV_MODULES]
+    # By content too: a copy of either under another name would still ship.
+    for name, text in sources.items():
+        assert "class BatchSimulator" not in text, name
+        assert "def run_demo" not in text, name
+        assert "def generate_segment" not in text, name
+    # -S: no site-packages, so the editable install of this checkout cannot supply sync.dev.
+    probe = "import importlib.util, sync; print(sync.__file__); print(importlib.util.find_spec('sync.dev'))"
+    completed = subprocess.run(
+        [PYTHON, "-S", "-c", probe],
+        cwd=built.unpacked,
+        env={**os.environ, "PYTHONPATH": str(built.unpacked), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    sync_file, dev_spec = completed.stdout.strip().splitlines()
+    assert Path(sync_file).resolve().is_relative_to(built.unpacked.resolve()), sync_file
+    assert dev_spec == "None"
 
 
 def test_activations_come_from_the_default_directory(built: Built) -> None:

@@ -18,7 +18,6 @@ import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from bigquery_emulator import BigQueryEmulator, GrpcFaultProxy, RecordingProxy
 from google.cloud import bigquery
 from google.cloud.bigquery_storage import BigQueryReadClient
 from pydantic import ValidationError
@@ -37,6 +36,7 @@ from sync.sources.bigquery import (
     BigQueryUnavailable,
     arrow_schema,
 )
+from tests.support.bigquery_emulator import BigQueryEmulator, GrpcFaultProxy, RecordingProxy
 
 pytestmark = [
     pytest.mark.emulator,

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from firestore_emulator import FirestoreEmulator
 from google.cloud import firestore
 from state_conformance import TTL, StateStoreContract, at, entries, fp
 
@@ -29,6 +28,7 @@ from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
 from sync.state.base import StateStore
 from sync.state.firestore import INDEX_EXEMPTIONS, FirestoreStateStore, index_exemptions
+from tests.support.firestore_emulator import FirestoreEmulator
 
 pytestmark = pytest.mark.emulator
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from pubsub_emulator import EmulatorError, PubSubEmulator
+
+from tests.support.pubsub_emulator import EmulatorError, PubSubEmulator
 
 _STARTUP_KEY = pytest.StashKey[float]()
 

@@ -39,7 +39,7 @@ from google.cloud.bigquery_storage_v1.services.big_query_read.transports import 
 
 from sync.runtime import GRPC_CHANNEL_OPTIONS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-bigquery-emulator.sh"
 VENV = Path(os.environ.get("CEPSYNC_BQ_VENV", REPO_ROOT / ".venv-bq"))
 LAUNCHER = VENV / "bin" / "cepsync-bigquery-emulator"

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from sync.batch.simulator import BatchSimulator, SimulatorFaults, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorFaults, SimulatorThread
 
 PROJECT = "project_0664hxvwffvbpn278gxdyhsadddqgna6"
 KEY = "rest-key-a"
@@ -810,9 +810,7 @@ def test_simulator_thread_reports_a_port_already_in_use() -> None:
 
 
 def test_serve_logs_its_url_and_stops_on_sigterm() -> None:
-    script = (
-        f"from sync.batch.simulator import serve; serve('127.0.0.1', 0, {{{PROJECT!r}: {KEY!r}}}, rate_limit=False)"
-    )
+    script = f"from sync.dev.simulator import serve; serve('127.0.0.1', 0, {{{PROJECT!r}: {KEY!r}}}, rate_limit=False)"
     process = subprocess.Popen(
         [sys.executable, "-u", "-c", script],
         cwd=REPO_ROOT,

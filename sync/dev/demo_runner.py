@@ -17,10 +17,15 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from sync.batch.simulator import BatchSimulator, SimulatorThread
 from sync.config import load_activation
-from sync.demo import generate_segment, invalid_ids, next_day, write_customers
+from sync.dev.demo import generate_segment, invalid_ids, next_day, write_customers
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.engine import RunOptions, RunResult
+
+# The two commands the demo borrows from the CLI, which hands them in (the CLI imports this
+# module only when `cepsync demo` runs; this module never imports the CLI).
+ExecuteRun = Callable[..., RunResult]
+PrintRecord = Callable[..., None]
 
 ACTIVATION_TEMPLATE = """\
 # A demo activation: active customers mirrored to a Batch project.
@@ -73,9 +78,9 @@ def run_demo(
     console: Console,
     progress_factory: Callable[[], Any],
     progress_adapter: Callable[[Any], Any],
+    execute_run: ExecuteRun,
+    print_record: PrintRecord,
 ) -> int:
-    from sync.cli import print_record
-
     directory.mkdir(parents=True, exist_ok=True)
     api_key = os.environ.setdefault("BATCH_REST_API_KEY", "demo-" + secrets.token_hex(12))
     project_key = os.environ.setdefault("BATCH_PROJECT_KEY", "project_demo" + secrets.token_hex(8))
@@ -96,7 +101,7 @@ def run_demo(
             Text(f"segment: {len(day_one):,} rows in {database} · Batch simulator at {running.base_url}"),
             soft_wrap=True,
         )
-        result = _one_run(activation, state, progress_factory, progress_adapter)
+        result = _one_run(execute_run, activation, state, progress_factory, progress_adapter)
         print_record(result.record, samples=12)
         if result.exit_code:
             return result.exit_code
@@ -107,7 +112,7 @@ def run_demo(
         console.print(
             "overnight: ~5% of customers changed, ~2% left the segment, ~1% joined, ~1% had a cosmetic change"
         )
-        result = _one_run(activation, state, progress_factory, progress_adapter)
+        result = _one_run(execute_run, activation, state, progress_factory, progress_adapter)
         print_record(result.record, samples=3)
         if result.exit_code:
             return result.exit_code
@@ -137,9 +142,11 @@ def _has_data(attributes: dict[str, Any]) -> bool:
 
 
 def _one_run(
-    activation: Any, state: str, progress_factory: Callable[[], Any], adapter: Callable[[Any], Any]
+    execute_run: ExecuteRun,
+    activation: Any,
+    state: str,
+    progress_factory: Callable[[], Any],
+    adapter: Callable[[Any], Any],
 ) -> RunResult:
-    from sync.cli import execute_run
-
     with progress_factory() as bars:
         return execute_run(activation, state=state, options=RunOptions(trigger="demo"), progress=adapter(bars))

@@ -13,9 +13,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gcloud_emulator import DEFAULT_PROJECT, EmulatorError, GcloudEmulator
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
+
+from tests.support.gcloud_emulator import DEFAULT_PROJECT, EmulatorError, GcloudEmulator
 
 __all__ = ["DEFAULT_PROJECT", "EmulatorError", "FirestoreEmulator"]
 

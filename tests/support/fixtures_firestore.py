@@ -16,10 +16,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from firestore_emulator import EmulatorError, FirestoreEmulator
 from google.cloud import firestore
 
 from sync.state.firestore import FirestoreStateStore
+from tests.support.firestore_emulator import EmulatorError, FirestoreEmulator
 
 _STARTUP_KEY = pytest.StashKey[float]()
 

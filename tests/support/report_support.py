@@ -14,11 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_support import API_KEY, PROJECT_KEY, make_activation, make_client, people, person, run_once, write_segment
-
-from sync.batch.simulator import SimulatorThread
 from sync.config import Activation
+from sync.dev.simulator import SimulatorThread
 from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import (
+    API_KEY,
+    PROJECT_KEY,
+    make_activation,
+    make_client,
+    people,
+    person,
+    run_once,
+    write_segment,
+)
 
 NAME = "report_people"
 SCRIPT_ID = "<script>window.__pwned=1</script>"

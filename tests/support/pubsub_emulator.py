@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gcloud_emulator import DEFAULT_PROJECT, EmulatorError, GcloudEmulator
+from tests.support.gcloud_emulator import DEFAULT_PROJECT, EmulatorError, GcloudEmulator
 
 __all__ = ["DEFAULT_PROJECT", "Delivery", "EmulatorError", "EventarcRelay", "PubSubEmulator", "PulledMessage"]
 

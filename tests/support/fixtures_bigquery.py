@@ -2,13 +2,13 @@
 
 Fixtures:
 
-* ``bq_emulator`` (session): a running :class:`bigquery_emulator.BigQueryEmulator`, with
+* ``bq_emulator`` (session): a running :class:`tests.support.bigquery_emulator.BigQueryEmulator`, with
   ``client()`` and ``read_client()`` factories for the real google-cloud clients. Installs
   ``.venv-bq`` first when needed; fails loudly, never skips, if the emulator cannot start.
 * ``bq_client`` (session): one ``bigquery.Client`` on the emulator.
 * ``bq_read_client`` (session): one Storage Read API client on the emulator.
 * ``bq_dataset`` (function): a fresh, empty dataset, deleted with its tables afterwards.
-* ``bq_proxy`` (function): a :class:`bigquery_emulator.RecordingProxy` in front of the
+* ``bq_proxy`` (function): a :class:`tests.support.bigquery_emulator.RecordingProxy` in front of the
   emulator's REST API, to see which calls were made and to inject BigQuery errors.
 
 Named ``bq_*`` so they cannot clash with the ``bigquery_*`` fixtures that local-bigquery's own
@@ -21,9 +21,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from bigquery_emulator import BigQueryEmulator, RecordingProxy, running_emulator
 from google.cloud import bigquery
 from google.cloud.bigquery_storage import BigQueryReadClient
+
+from tests.support.bigquery_emulator import BigQueryEmulator, RecordingProxy, running_emulator
 
 
 @pytest.fixture(scope="session")

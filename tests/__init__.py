@@ -1,0 +1,1 @@
+"""cepsync's test suite; shared helpers are the package :mod:`tests.support`."""

@@ -1,0 +1,1 @@
+"""Row → Batch payload mapping (sync/mapping.py), one module per converter family."""
