@@ -100,7 +100,7 @@ def _fail(error: SyncError | Exception, *, json_output: bool = False, activation
     """
     status = status_of_error(error)
     if json_output:
-        outcome = {"activation": activation, "status": status, "exit_code": status.exit_code, "error": str(error)}
+        outcome = {"activation": activation, "status": status.value, "exit_code": status.exit_code, "error": str(error)}
         typer.echo(json.dumps(outcome, ensure_ascii=False))
     else:
         print_error(error)
