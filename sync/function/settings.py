@@ -55,6 +55,8 @@ class _Environment(PydanticBaseSettingsSource):
     """Each field's variable (its validation alias), from ``os.environ`` or the mapping given to from_env.
 
     Only non-empty values count: an empty variable is unset, so its field keeps its default.
+    pydantic-settings' own environment source reads ``os.environ`` only, and the handlers take
+    an ``environ`` mapping (tests give one per invocation); this source serves both.
     """
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
