@@ -27,11 +27,12 @@ from rich.table import Table
 from rich.text import Text
 
 from sync.config import Activation, DiffMode, json_schema, load_activation
-from sync.engine import EXIT_CODES, Run, RunOptions, RunResult
+from sync.engine import Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
 from sync.model import ActivationMeta
 from sync.plan import GUARD_NAMES, check_guard_names
+from sync.record import EXIT_CODES, RunStatus, status_of_error
 from sync.report.history import history_csv, history_table
 from sync.runconfig import config_as_run
 from sync.runlog import log_run_end
@@ -84,24 +85,18 @@ def print_error(error: SyncError | Exception, *, err: Console | None = None) -> 
     (err or err_console).print(_styled(("error:", "bold red"), " ", str(error)))
 
 
-# The status word a run record would carry, for an error that stopped a command early.
-_STATUS_OF_EXIT_CODE = {1: "failed", 2: "config_error", 3: "aborted_by_guard", 4: "auth_error", 5: "skipped_lease_held"}
-
-
 def _fail(error: SyncError | Exception, *, json_output: bool = False, activation: str | None = None) -> typer.Exit:
-    """Report an error (on stderr, or as one JSON object on stdout with --json) and exit with its code."""
-    code = getattr(error, "exit_code", 1)
+    """Report an error (on stderr, or as one JSON object on stdout with --json) and exit with its code.
+
+    The error's family gives the status a run record would carry, and the status the exit code.
+    """
+    status = status_of_error(error)
     if json_output:
-        outcome = {
-            "activation": activation,
-            "status": _STATUS_OF_EXIT_CODE.get(code, "failed"),
-            "exit_code": code,
-            "error": str(error),
-        }
+        outcome = {"activation": activation, "status": status.value, "exit_code": status.exit_code, "error": str(error)}
         typer.echo(json.dumps(outcome, ensure_ascii=False))
     else:
         print_error(error)
-    return typer.Exit(code)
+    return typer.Exit(status.exit_code)
 
 
 def _store(state: str, *, create: bool = True) -> StateStore:
@@ -250,6 +245,10 @@ def _by_reason(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
 
 
+# Statuses printed in green: the run (or plan) did what it was asked.
+_GREEN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.SUCCEEDED_WITH_REJECTIONS, RunStatus.PLANNED})
+
+
 def print_record(
     record: dict[str, Any], *, samples: int = 10, out: Console | None = None, err: Console | None = None
 ) -> None:
@@ -257,7 +256,7 @@ def print_record(
     out = out or console
     err = err or err_console
     status = str(record["status"])
-    style = "green" if status.startswith("succeeded") or status == "planned" else "red"
+    style = "green" if RunStatus.of(status) in _GREEN_STATUSES else "red"
     out.print(_styled((str(record["activation"]), "bold"), f" · run {record['run_id']} · ", (status, style)))
     if record.get("counts"):
         out.print(summary_table(record))
@@ -419,7 +418,7 @@ def run(
             _print_json(interrupted.record)
         else:
             print_record(interrupted.record)
-        raise typer.Exit(EXIT_CODES["interrupted"]) from None
+        raise typer.Exit(RunStatus.INTERRUPTED.exit_code) from None
     log_run_end(result.record)
     if json_output:
         _print_json(result.record)

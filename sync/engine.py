@@ -52,7 +52,7 @@ from sync.plan import (
     evaluate_guards,
     plan_rows,
 )
-from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings
+from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of
 from sync.runconfig import config_as_run
 from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
@@ -147,7 +147,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.status, 1)
+        return exit_code_of(self.status)
 
     @property
     def needs_continuation(self) -> bool:
@@ -834,7 +834,7 @@ class Run:
         # A redelivery after a retryable failure must run again: that is why the function raised.
         if (
             previous is not None
-            and previous.get("status") not in ("running", "skipped_lease_held", "abandoned")
+            and previous.get("status") not in (RunStatus.RUNNING, RunStatus.SKIPPED_LEASE_HELD, RunStatus.ABANDONED)
             and not previous.get("retryable")
         ):
             return str(previous["run_id"])

@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from sync.redact import REDACTOR, Redactor
+
 _SEVERITY = {
     "debug": "DEBUG",
     "info": "INFO",
@@ -23,38 +25,24 @@ _SEVERITY = {
     "exception": "ERROR",
     "critical": "CRITICAL",
 }
-REDACTED = "[REDACTED]"
 
 
 class SecretScrubber:
-    """A structlog processor that replaces any known secret found in any string value."""
+    """A structlog processor: every string value of a log line goes through a :class:`Redactor`."""
 
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
 
     def add(self, secrets: Iterable[str]) -> None:
-        # Very short values would redact innocent text; Batch keys are long random strings.
-        self._secrets.update(s for s in secrets if len(s) >= 6)
-
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {key: self._scrub(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(self._scrub(item) for item in value)
-        return value
+        """Register secret values with the redactor (see :meth:`sync.redact.Redactor.add`)."""
+        self._redactor.add(secrets)
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        if not self._secrets:
-            return event_dict
-        return {key: self._scrub(value) for key, value in event_dict.items()}
+        return {key: self._redactor.value(value) for key, value in event_dict.items()}
 
 
-scrubber = SecretScrubber()
+# The process-wide redactor, shared with the BigQuery errors (sync.redact).
+scrubber = SecretScrubber(REDACTOR)
 
 
 def _cloud_logging_shape(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -12,9 +12,16 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sync.errors import BatchAuthError, ConfigError, ConflictError, GuardTripped, SyncError, TransientError
+
 
 class RunStatus(enum.StrEnum):
-    """How a run ended. Each status knows its CLI exit code and the function's HTTP status."""
+    """How a run ended, and what the function answered: the one status vocabulary.
+
+    Each status carries the CLI's exit code (README "Exit codes") and the HTTP status the
+    function answers with it (docs/function.md). A status read back from a stored record is
+    looked up with :meth:`of`, which knows no status a newer version may have written.
+    """
 
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -32,31 +39,104 @@ class RunStatus(enum.StrEnum):
     ABANDONED = "abandoned"
     # The function's last allowed Pub/Sub delivery failed too: acknowledged, not retried.
     FAILED_PERMANENTLY = "failed_permanently"
+    # Answered by the function without a run: a continuation of a pass that already ended,
+    # and a message or request that is not {"activation": NAME, ...}.
+    CONTINUATION_STALE = "continuation_stale"
+    BAD_REQUEST = "bad_request"
+
+    @classmethod
+    def of(cls, value: object) -> RunStatus | None:
+        """The status a record names, or None for one this version does not know."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return None
 
     @property
     def exit_code(self) -> int:
         """The CLI's exit code (README "Exit codes")."""
-        return _EXIT_CODES.get(self, 1)
+        return _CODES[self][0]
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status of the function's answer (a failure marked retryable answers 503 instead)."""
+        return _CODES[self][1]
 
 
-_EXIT_CODES: dict[RunStatus, int] = {
-    RunStatus.SUCCEEDED: 0,
-    RunStatus.SUCCEEDED_WITH_REJECTIONS: 0,
-    RunStatus.PLANNED: 0,
-    RunStatus.DUPLICATE_TRIGGER: 0,
-    RunStatus.FAILED: 1,
-    RunStatus.FAILED_PERMANENTLY: 1,
-    RunStatus.CONFIG_ERROR: 2,
-    RunStatus.ABORTED_BY_GUARD: 3,
-    RunStatus.AUTH_ERROR: 4,
-    RunStatus.SKIPPED_LEASE_HELD: 5,
-    RunStatus.PARTIAL: 6,
-    RunStatus.INCOMPLETE: 7,
-    RunStatus.INTERRUPTED: 130,
+# Status -> (CLI exit code, HTTP status of the function's answer). Pub/Sub ignores the HTTP
+# status: only a raise makes it redeliver. The CLI never ends with the last two statuses.
+_CODES: dict[RunStatus, tuple[int, int]] = {
+    RunStatus.SUCCEEDED: (0, 200),
+    RunStatus.SUCCEEDED_WITH_REJECTIONS: (0, 200),
+    RunStatus.PLANNED: (0, 200),
+    RunStatus.DUPLICATE_TRIGGER: (0, 200),
+    RunStatus.CONTINUATION_STALE: (0, 200),
+    RunStatus.FAILED: (1, 500),
+    # Acknowledged on purpose: the message's delivery attempts are exhausted (Pub/Sub only).
+    RunStatus.FAILED_PERMANENTLY: (1, 200),
+    RunStatus.RUNNING: (1, 500),
+    RunStatus.ABANDONED: (1, 500),
+    RunStatus.CONFIG_ERROR: (2, 422),
+    RunStatus.BAD_REQUEST: (2, 400),
+    RunStatus.ABORTED_BY_GUARD: (3, 412),
+    # Batch refused our REST API key or failed some profiles: an upstream problem, not the
+    # caller's (a 401 here would read as "your OIDC token was refused").
+    RunStatus.AUTH_ERROR: (4, 502),
+    RunStatus.SKIPPED_LEASE_HELD: (5, 409),
+    RunStatus.PARTIAL: (6, 502),
+    # Accepted: the pass goes on in a continuation invocation.
+    RunStatus.INCOMPLETE: (7, 202),
+    RunStatus.INTERRUPTED: (130, 500),
 }
+# A status this version does not know (a newer record): a failure as far as we can tell.
+UNKNOWN_STATUS_EXIT_CODE = 1
+UNKNOWN_STATUS_HTTP_STATUS = 500
+# The function's answer to a failure the engine marked retryable: Pub/Sub redelivers it.
+RETRY_HTTP_STATUS = 503
+
+
+def exit_code_of(status: object) -> int:
+    """The exit code of a status as a record holds it (text), unknown ones included."""
+    known = RunStatus.of(status)
+    return known.exit_code if known is not None else UNKNOWN_STATUS_EXIT_CODE
+
+
+def http_status_of(status: object) -> int:
+    """The HTTP status of a status as a record holds it (text), unknown ones included."""
+    known = RunStatus.of(status)
+    return known.http_status if known is not None else UNKNOWN_STATUS_HTTP_STATUS
+
 
 # Status value -> exit code, for callers that hold a status as text (a stored record).
-EXIT_CODES: dict[str, int] = {status.value: code for status, code in _EXIT_CODES.items()}
+EXIT_CODES: dict[str, int] = {status.value: status.exit_code for status in RunStatus}
+
+
+def status_of_error(error: BaseException) -> RunStatus:
+    """The status an error ends a run or a command with, by its family (sync.errors).
+
+    The most specific kind first; any other error, ours or not, is a plain failure.
+    """
+    for kind, status in _STATUS_OF_ERROR:
+        if isinstance(error, kind):
+            return status
+    return RunStatus.FAILED
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether trying again may help: a :class:`TransientError`, or an error we did not foresee.
+
+    Every other :class:`SyncError` (a :class:`FatalError`, a :class:`ConflictError`) is an
+    answer that a retry would only repeat.
+    """
+    return isinstance(error, TransientError) or not isinstance(error, SyncError)
+
+
+_STATUS_OF_ERROR: tuple[tuple[type[BaseException], RunStatus], ...] = (
+    (ConfigError, RunStatus.CONFIG_ERROR),
+    (GuardTripped, RunStatus.ABORTED_BY_GUARD),
+    (BatchAuthError, RunStatus.AUTH_ERROR),
+    (ConflictError, RunStatus.SKIPPED_LEASE_HELD),
+)
 
 
 @dataclass

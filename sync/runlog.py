@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from sync import __version__
+from sync.record import RunStatus
 
 RUN_END_EVENT = "run_end.v1"
 SCHEMA_VERSION = 1
@@ -36,11 +37,19 @@ ERROR_EVENT_TYPE = "type.googleapis.com/google.devtools.clouderrorreporting.v1be
 
 # Outcome of a run, for alerts: a success, a failure someone must look at, or neither
 # (nothing to do, another run holds the lease, a continuation will finish the pass).
-SUCCESS_STATUSES = frozenset({"succeeded", "succeeded_with_rejections"})
-ERROR_STATUSES = frozenset({"failed", "failed_permanently", "auth_error", "config_error", "partial"})
+SUCCESS_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.SUCCEEDED_WITH_REJECTIONS})
+ERROR_STATUSES = frozenset(
+    {
+        RunStatus.FAILED,
+        RunStatus.FAILED_PERMANENTLY,
+        RunStatus.AUTH_ERROR,
+        RunStatus.CONFIG_ERROR,
+        RunStatus.PARTIAL,
+    }
+)
 # Stopped on purpose or from outside: not an error of the sync, but it did not sync.
-STOPPED_STATUSES = frozenset({"aborted_by_guard", "interrupted", "abandoned"})
-WARNING_STATUSES = STOPPED_STATUSES | {"skipped_lease_held", "incomplete"}
+STOPPED_STATUSES = frozenset({RunStatus.ABORTED_BY_GUARD, RunStatus.INTERRUPTED, RunStatus.ABANDONED})
+WARNING_STATUSES = STOPPED_STATUSES | {RunStatus.SKIPPED_LEASE_HELD, RunStatus.INCOMPLETE}
 
 PROFILE_COUNTS = (
     "rows",
@@ -61,18 +70,20 @@ _MAX_ERROR = 500
 
 def outcome(status: str) -> str:
     """``success``, ``failure`` or ``other`` (alerts count the first two)."""
-    if status in SUCCESS_STATUSES:
+    known = RunStatus.of(status)
+    if known in SUCCESS_STATUSES:
         return "success"
-    if status in ERROR_STATUSES or status in STOPPED_STATUSES:
+    if known in ERROR_STATUSES or known in STOPPED_STATUSES:
         return "failure"
     return "other"
 
 
 def severity(status: str) -> str:
     """The log severity of a run's end: ERROR for failures, WARNING when it did not sync."""
-    if status in ERROR_STATUSES:
+    known = RunStatus.of(status)
+    if known in ERROR_STATUSES:
         return "error"
-    if status in WARNING_STATUSES:
+    if known in WARNING_STATUSES:
         return "warning"
     return "info"
 

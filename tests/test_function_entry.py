@@ -2,7 +2,7 @@
 
 The runs here go through the real stack (DuckDB segment, SQLite state, the HTTP Batch
 simulator in a thread) with ``CEPSYNC_STATE`` pointing at SQLite, so the idempotency,
-time-budget and continuation logic of sync/function.py is checked in a second or two. The
+time-budget and continuation logic of sync/function/ is checked in a second or two. The
 same paths over functions-framework, Pub/Sub, Firestore and BigQuery emulators are in
 test_function_e2e.py.
 """
@@ -26,7 +26,6 @@ from sync.function import (
     DEFAULT_HTTP_BUDGET_SECONDS,
     DEFAULT_MAX_DELIVERY_ATTEMPTS,
     FAILED_PERMANENTLY_EVENT,
-    HTTP_STATUS,
     BigQueryEmulatorEndpoints,
     InvocationOutcome,
     RetryableRunError,
@@ -41,6 +40,7 @@ from sync.function import (
     outcome_for,
     trace_from_headers,
 )
+from sync.record import RunStatus
 from sync.state.sqlite import SQLiteStateStore
 from tests.support.engine_support import API_KEY, PROJECT_KEY, people, write_segment
 from tests.support.pubsub_emulator import PubSubEmulator
@@ -449,7 +449,7 @@ def test_a_failure_outside_the_run_is_bounded_too_and_leaves_one_record(
 def test_http_checks_the_method_and_body_then_runs(environ: dict[str, str]) -> None:
     assert handle_http("GET", None, {}, environ=environ).http_status == 405
     bad = handle_http("POST", None, {}, environ=environ)
-    assert (bad.http_status, bad.body["status"]) == (HTTP_STATUS["bad_request"], "bad_request")
+    assert (bad.http_status, bad.body["status"]) == (RunStatus.BAD_REQUEST.http_status, "bad_request")
     headers = {"Idempotency-Key": "manual-1", "X-Cloud-Trace-Context": f"{TRACE_ID}/1;o=1"}
     done = handle_http("POST", {"activation": ACTIVATION, "full": True}, headers, environ=environ)
     assert (done.http_status, done.body["status"], done.body["trigger_id"]) == (200, "succeeded", "http:manual-1")

@@ -17,7 +17,7 @@ simply sent again by a later attempt or run (upserts are idempotent).
 
 Secrets (the REST API key and the project key) go into request headers only. They never
 appear in an exception, a log line or a repr; any text that comes back from the network
-is scrubbed of them before it is reused.
+goes through the shared redactor (:mod:`sync.redact`) before it is reused.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from sync.batch.endpoint import Endpoint
 from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
+from sync.redact import Redactor
 
 log = structlog.get_logger(__name__)
 
@@ -189,6 +190,7 @@ class BatchClient:
     ) -> None:
         self._destination = destination
         self._credentials = credentials
+        self._redactor = Redactor([credentials.api_key.get_secret_value(), credentials.project_key.get_secret_value()])
         self._activation = activation
         self._injected_session = session
         self._session: aiohttp.ClientSession | None = session
@@ -519,13 +521,7 @@ class BatchClient:
 
     def _scrub(self, text: str) -> str:
         """Remove the secrets from text that came from elsewhere (a server or a library)."""
-        for secret in (
-            self._credentials.api_key.get_secret_value(),
-            self._credentials.project_key.get_secret_value(),
-        ):
-            if secret:
-                text = text.replace(secret, "**********")
-        return text
+        return self._redactor.text(text)
 
     def _describe(self, error: BaseException) -> str:
         if isinstance(error, TimeoutError):

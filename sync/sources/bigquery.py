@@ -48,6 +48,7 @@ from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
 
 from sync.config import BigQuerySourceConfig
 from sync.errors import ConfigError, FatalError, TransientError
+from sync.redact import redact
 
 if TYPE_CHECKING:
     from google.cloud.bigquery_storage import BigQueryReadClient
@@ -78,8 +79,6 @@ _TABLE_ID = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,1023}"
 TABLE_REFERENCE = re.compile(rf"^(?:(?P<project>{_PROJECT_ID})\.)?(?P<dataset>{_DATASET_ID})\.(?P<table>{_TABLE_ID})$")
 # Job labels (cost attribution in INFORMATION_SCHEMA.JOBS): lowercase, digits, _ and -, <= 63.
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
-# Credentials that could appear in a URL quoted by an error message (API keys, OAuth tokens).
-_SECRET_IN_URL = re.compile(r"(?i)([a-z_.-]*(?:key|token|signature|sig))=[^&\s]+")
 
 _SCALAR_TYPES: Mapping[str, pa.DataType] = {
     "STRING": pa.string(),
@@ -669,7 +668,7 @@ def _describe(error: Exception) -> str:
         code = type(error).__name__
         message = str(error)
     first_line = message.strip().splitlines()[0] if message.strip() else "(no message)"
-    first_line = _SECRET_IN_URL.sub(r"\1=<redacted>", first_line)
+    first_line = redact(first_line)
     if len(first_line) > 500:
         first_line = first_line[:500] + "..."
     return f"{first_line} ({code})"

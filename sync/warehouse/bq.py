@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
+from sync.redact import redact
 from sync.sources.bigquery import (
     API_RETRY,
     JOB_RETRY,
@@ -151,7 +152,7 @@ class Warehouse:
 
     def _translate(self, purpose: str, error: api_exceptions.GoogleAPICallError) -> Exception:
         reasons = {str(item.get("reason")) for item in (error.errors or []) if isinstance(item, dict)}
-        message = f"warehouse diff, {purpose}: {error.message}"
+        message = f"warehouse diff, {purpose}: {redact(str(error.message))}"
         if "bytesBilledLimitExceeded" in reasons:
             return BigQueryBytesLimitExceeded(
                 message + " (raise diff.maximum_bytes_billed if this is expected)",

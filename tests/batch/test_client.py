@@ -38,6 +38,7 @@ from sync.batch.ratelimit import (
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.dev.simulator import BatchSimulator
 from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
+from sync.redact import MASK
 
 RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s
 
@@ -621,6 +622,7 @@ async def test_no_error_path_leaks_a_secret(batch: ScriptedBatch, unused_tcp_por
     texts.extend(repr(entry) for entry in logs)
     assert len(texts) > 20
     assert any("**********" in text for text in texts)  # the echoed secrets were seen, and scrubbed
+    assert any(MASK in text for text in texts)  # ... by the shared redactor (sync.redact)
     for text in texts:
         for secret in SECRETS:
             assert secret not in text, text

@@ -1,0 +1,408 @@
+"""One invocation: parse what arrived, run once, hand over if needed, answer (see the package docstring).
+
+:func:`handle_pubsub` and :func:`handle_http` are what ``main.py`` calls. A run's record gives
+the answer (:func:`outcome_for`); an error raised outside the engine's run is classified by
+its family (:func:`sync.record.status_of_error`, :func:`sync.record.is_retryable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+
+from sync.config import Activation, load_activations
+from sync.engine import Clock, Run, RunOptions, RunResult, new_run_id
+from sync.errors import ConfigError, RetryableRunError, SyncError
+from sync.function.handover import continuation_wanted, finish_hand_over_of_duplicate, hand_over
+from sync.function.messages import SyncRequest, TriggerHeaders, bounded_id, decode_pubsub_data
+from sync.function.settings import Settings
+from sync.function.trace import Headers, TraceContext, trace_from_headers
+from sync.record import RETRY_HTTP_STATUS, RunStatus, http_status_of, is_retryable, status_of_error
+from sync.runlog import log_run_end
+from sync.runtime import build_client, open_source, open_store
+from sync.sources.base import Source
+from sync.state.base import StateStore
+
+log = structlog.get_logger("cepsync.function")
+
+# The message of the one ERROR line logged when a message's attempts are exhausted: stable,
+# documented in infra/README.md; log-based alerts match on it.
+FAILED_PERMANENTLY_EVENT = "run_failed_permanently"
+# Every status http_sync can answer with; docs/function.md lists each with its HTTP status.
+ANSWERED_STATUSES = (
+    RunStatus.SUCCEEDED,
+    RunStatus.SUCCEEDED_WITH_REJECTIONS,
+    RunStatus.DUPLICATE_TRIGGER,
+    RunStatus.CONTINUATION_STALE,
+    RunStatus.FAILED_PERMANENTLY,
+    RunStatus.INCOMPLETE,
+    RunStatus.BAD_REQUEST,
+    RunStatus.SKIPPED_LEASE_HELD,
+    RunStatus.ABORTED_BY_GUARD,
+    RunStatus.CONFIG_ERROR,
+    RunStatus.FAILED,
+    RunStatus.AUTH_ERROR,
+    RunStatus.PARTIAL,
+)
+# The record keys an answer's body carries.
+_BODY_KEYS = ("run_id", "activation", "status", "trigger_id", "counts", "error", "duplicate_of", "handover")
+
+
+@dataclass(frozen=True)
+class InvocationOutcome:
+    """What one invocation answers: an HTTP status, a JSON summary, and whether to retry."""
+
+    http_status: int
+    body: dict[str, Any]
+    retry: bool = False
+
+
+def outcome_for(record: Mapping[str, Any]) -> InvocationOutcome:
+    """Map a run record to the answer: only a failure the engine marked retryable is retried."""
+    retry = RunStatus.of(record.get("status")) is RunStatus.FAILED and bool(record.get("retryable"))
+    body = {key: record.get(key) for key in _BODY_KEYS if record.get(key) is not None}
+    return InvocationOutcome(RETRY_HTTP_STATUS if retry else http_status_of(record.get("status")), body, retry)
+
+
+def _refusal(status: RunStatus, error: ConfigError) -> InvocationOutcome:
+    """The answer to a request refused before any run: never retried."""
+    return InvocationOutcome(status.http_status, {"status": status.value, "error": str(error)})
+
+
+# --- the two triggers ---------------------------------------------------------------------------
+
+
+def handle_pubsub(
+    data: Any, *, event_id: str, traceparent: str | None = None, environ: Mapping[str, str] | None = None
+) -> InvocationOutcome:
+    """Run what a Pub/Sub CloudEvent asks; raise :class:`RetryableRunError` only if a retry can help.
+
+    Args:
+        data: The CloudEvent data: ``{"message": {"data": BASE64, "messageId": ...}, "subscription": ...}``.
+        event_id: The CloudEvent id (the Pub/Sub message id), used as the idempotency key.
+        traceparent: The CloudEvent ``traceparent`` extension, if any.
+        environ: Settings source (default ``os.environ``).
+    """
+    started = time.monotonic()
+    environ = os.environ if environ is None else environ
+    trigger_id = bounded_id(event_id)
+    _bind_context(TraceContext.from_traceparent(traceparent), environ, trigger="pubsub", trigger_id=trigger_id)
+    try:
+        request = SyncRequest.parse(decode_pubsub_data(data))
+    except ConfigError as error:
+        # A malformed message can never succeed: acknowledge it, with a reason in the logs.
+        log.error("malformed message acknowledged, not retried", error=str(error), message_id=trigger_id)
+        return _refusal(RunStatus.BAD_REQUEST, error)
+    invocation = _Invocation(environ, "pubsub", trigger_id, started, count_deliveries=True)
+    outcome = _invoke(request, invocation, http=False)
+    if outcome.retry:
+        raise RetryableRunError(
+            f"activation '{request.activation}': {outcome.body.get('error') or 'failed'}; redelivery may succeed"
+        )
+    return outcome
+
+
+def handle_http(
+    method: str, body: Any, headers: Headers, *, environ: Mapping[str, str] | None = None
+) -> InvocationOutcome:
+    """Run what an HTTP POST asks (same JSON as the Pub/Sub message); never raises for a run failure."""
+    started = time.monotonic()
+    environ = os.environ if environ is None else environ
+    trigger_id = TriggerHeaders.read(headers).trigger_id()
+    _bind_context(trace_from_headers(headers), environ, trigger="http", trigger_id=trigger_id)
+    if method != "POST":
+        return InvocationOutcome(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            {"status": RunStatus.BAD_REQUEST.value, "error": 'use POST with {"activation": NAME}'},
+        )
+    try:
+        request = SyncRequest.parse(body)
+    except ConfigError as error:
+        log.error("malformed request refused", error=str(error))
+        return _refusal(RunStatus.BAD_REQUEST, error)
+    return _invoke(request, _Invocation(environ, "http", trigger_id, started), http=True)
+
+
+def _bind_context(
+    trace: TraceContext | None, environ: Mapping[str, str], *, trigger: str, trigger_id: str | None
+) -> None:
+    # Gunicorn reuses threads across requests: start every invocation from a clean context.
+    structlog.contextvars.clear_contextvars()
+    fields: dict[str, Any] = {"trigger": trigger, "trigger_id": trigger_id}
+    if trace is not None:
+        fields.update(trace.log_fields(environ.get("GOOGLE_CLOUD_PROJECT") or None))
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+# --- one invocation -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Invocation:
+    environ: Mapping[str, str]
+    trigger: str
+    trigger_id: str | None
+    started: float
+    count_deliveries: bool = False
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    # Set once known: the settings, the store, the activation and this delivery's attempt number.
+    settings: Settings | None = None
+    store: StateStore | None = None
+    activation: str | None = None
+    continuation_of: str | None = None
+    attempt: int | None = None
+
+    @property
+    def max_attempts(self) -> int:
+        assert self.settings is not None
+        return self.settings.max_delivery_attempts
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            with contextlib.suppress(Exception):  # closing must not hide the outcome
+                close()
+
+
+def _invoke(request: SyncRequest, invocation: _Invocation, *, http: bool) -> InvocationOutcome:
+    structlog.contextvars.bind_contextvars(activation=request.activation)
+    try:
+        invocation.settings = Settings.from_env(invocation.environ, http=http)
+    except ConfigError as error:
+        log.error("configuration error: acknowledged, not retried", error=str(error))
+        return _refusal(RunStatus.CONFIG_ERROR, error)
+    try:
+        record, outcome = _attempt(request, invocation)
+    finally:
+        invocation.close()
+    if record is not None:  # None: failed outside the run (logged already)
+        _log_end(record, outcome, invocation)
+    return outcome
+
+
+def _attempt(request: SyncRequest, invocation: _Invocation) -> tuple[dict[str, Any] | None, InvocationOutcome]:
+    """Run once; a last delivery that would be retried is recorded as failed_permanently instead."""
+    record: dict[str, Any] | None = None
+    try:
+        record = _run(request, invocation)
+    except Exception as error:
+        outcome = _outcome_of_error(error, request, invocation)
+    else:
+        outcome = outcome_for(record)
+    if outcome.retry and _attempts_exhausted(invocation):
+        # The store is still open: the invocation closes it after this.
+        record = _fail_permanently(record if record is not None else _edge_record(invocation, outcome), invocation)
+        outcome = outcome_for(record)
+    return record, outcome
+
+
+def _outcome_of_error(error: Exception, request: SyncRequest, invocation: _Invocation) -> InvocationOutcome:
+    """The answer to an error raised outside the engine's run, by its family.
+
+    A config error is acknowledged; a transient error, or one we did not foresee (the state
+    store unreachable, a client library failure), is retried: a redelivery is safe (lease,
+    acknowledged-only commits).
+    """
+    status = status_of_error(error)
+    if isinstance(error, ConfigError):
+        log.error("configuration error: acknowledged, not retried", error=str(error))
+        return _refusal(status, error)
+    retry = is_retryable(error)
+    if isinstance(error, SyncError):
+        log.error("invocation failed", error=str(error), delivery_attempt=invocation.attempt)
+        text = str(error)
+    else:
+        log.exception("invocation failed unexpectedly", delivery_attempt=invocation.attempt)
+        text = f"unexpected {type(error).__name__}"
+    body = {"activation": request.activation, "status": status.value, "error": text}
+    return InvocationOutcome(RETRY_HTTP_STATUS if retry else status.http_status, body, retry)
+
+
+def _log_end(record: dict[str, Any], outcome: InvocationOutcome, invocation: _Invocation) -> None:
+    log_run_end(record)
+    context = {"delivery_attempt": invocation.attempt} if invocation.attempt is not None else {}
+    log_method = log.info if outcome.http_status < 400 else log.warning if not outcome.retry else log.error
+    if RunStatus.of(record.get("status")) is RunStatus.FAILED_PERMANENTLY:
+        log_method = log.warning  # the one ERROR line for it is FAILED_PERMANENTLY_EVENT
+    log_method(
+        "invocation finished",
+        run_id=record.get("run_id"),
+        **context,
+        **{key: value for key, value in outcome.body.items() if key != "run_id"},
+    )
+
+
+def _attempts_exhausted(invocation: _Invocation) -> bool:
+    return invocation.attempt is not None and invocation.attempt >= invocation.max_attempts
+
+
+def _edge_record(invocation: _Invocation, outcome: InvocationOutcome) -> dict[str, Any]:
+    """A run record for a failure outside the engine's run (it saved none): same keys as the engine's."""
+    now = datetime.now(UTC)
+    return {
+        "run_id": new_run_id(Clock()),
+        "activation": invocation.activation,
+        "trigger": {"kind": invocation.trigger, "id": invocation.trigger_id},
+        "trigger_id": invocation.trigger_id,
+        "continuation_of": invocation.continuation_of,
+        "started_at": now.isoformat(),
+        "ended_at": now.isoformat(),
+        "status": RunStatus.FAILED.value,
+        "retryable": True,
+        "full": False,
+        "endpoint": None,
+        "mapping_version": None,
+        "lease_token": None,
+        "counts": {},
+        "rejected_by_reason": {},
+        "dropped_attributes_by_reason": {},
+        "rejected_samples": [],
+        "guards": [],
+        "timings": {},
+        "checkpoint": None,
+        "source": {},
+        # The activation may not even have loaded: no config to show.
+        "config": {},
+        "error": str(outcome.body.get("error") or "failed"),
+    }
+
+
+def _fail_permanently(record: dict[str, Any], invocation: _Invocation) -> dict[str, Any]:
+    """Record the last attempt's run as ``failed_permanently`` so Pub/Sub stops redelivering it."""
+    assert invocation.store is not None  # set before any attempt is counted
+    assert invocation.attempt is not None
+    maximum = invocation.max_attempts
+    record["status"] = RunStatus.FAILED_PERMANENTLY.value
+    # Not retryable any more: a late redelivery is answered as a duplicate of this run.
+    record["retryable"] = False
+    record["delivery"] = {"attempt": invocation.attempt, "max_attempts": maximum}
+    record["error"] = (
+        f"gave up after {invocation.attempt} deliveries of message {invocation.trigger_id} "
+        f"(CEPSYNC_MAX_DELIVERY_ATTEMPTS={maximum}); last error: {record.get('error') or 'unknown'}"
+    )
+    invocation.store.save_run(record)
+    log.error(
+        FAILED_PERMANENTLY_EVENT,
+        run_id=record["run_id"],
+        delivery_attempt=invocation.attempt,
+        max_delivery_attempts=maximum,
+        error=record["error"],
+    )
+    return record
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
+    """Load the activation, check the delivery and the continuation are still wanted, run once, hand over."""
+    assert invocation.settings is not None
+    settings = invocation.settings
+    activation = _load_activation(request, settings)
+    store = _open_store(invocation, settings)
+    invocation.activation = activation.name
+    invocation.continuation_of = request.continuation_of
+    answer = _given_up_delivery(activation, invocation, store) or _stale_continuation(
+        activation, request, invocation, store
+    )
+    if answer is not None:
+        return answer
+    result = _execute(activation, request, invocation, store)
+    if result.needs_continuation:
+        hand_over(result.record, request, settings, store)
+    elif RunStatus.of(result.status) is RunStatus.DUPLICATE_TRIGGER:
+        finish_hand_over_of_duplicate(result.record, settings, store)
+    return result.record
+
+
+def _load_activation(request: SyncRequest, settings: Settings) -> Activation:
+    activations = load_activations(settings.activations_dir)
+    activation = activations.get(request.activation)
+    if activation is None:
+        raise ConfigError(
+            f"no activation named {request.activation!r} (known: {', '.join(sorted(activations)) or 'none'})",
+            source=str(settings.activations_dir),
+        )
+    return activation
+
+
+def _open_store(invocation: _Invocation, settings: Settings) -> StateStore:
+    """The state store, closed with the invocation."""
+    store = open_store(settings.state_url)
+    invocation.closers.append(store.close)
+    invocation.store = store
+    return store
+
+
+def _given_up_delivery(activation: Activation, invocation: _Invocation, store: StateStore) -> dict[str, Any] | None:
+    """Count this Pub/Sub delivery; past the last allowed one, the answer without running."""
+    if not (invocation.count_deliveries and invocation.trigger_id):
+        return None
+    attempt = store.record_delivery_attempt(activation.name, invocation.trigger_id, datetime.now(UTC))
+    invocation.attempt = attempt
+    if attempt <= invocation.max_attempts:
+        return None
+    # Acknowledged before as failed_permanently (an acknowledgement can be lost): never rerun it.
+    previous = store.find_run_by_trigger(activation.name, invocation.trigger_id)
+    log.warning("delivery after the attempts were exhausted: acknowledged, not run", delivery_attempt=attempt)
+    return {
+        "activation": activation.name,
+        "status": RunStatus.DUPLICATE_TRIGGER.value,
+        "trigger_id": invocation.trigger_id,
+        "duplicate_of": previous["run_id"] if previous is not None else None,
+    }
+
+
+def _stale_continuation(
+    activation: Activation, request: SyncRequest, invocation: _Invocation, store: StateStore
+) -> dict[str, Any] | None:
+    """A continuation of a pass that already ended: the answer without running."""
+    if request.continuation_of is None or continuation_wanted(store, activation.name, request.continuation_of):
+        return None
+    log.info("continuation of a pass that already ended: nothing to do", continuation_of=request.continuation_of)
+    return {
+        "activation": activation.name,
+        "status": RunStatus.CONTINUATION_STALE.value,
+        "trigger_id": invocation.trigger_id,
+        "continuation_of": request.continuation_of,
+    }
+
+
+def _execute(activation: Activation, request: SyncRequest, invocation: _Invocation, store: StateStore) -> RunResult:
+    """The engine's run, with the time left of the invocation's budget."""
+    assert invocation.settings is not None
+    settings = invocation.settings
+    # Credentials before the source: a missing secret is a config error before any read.
+    client = build_client(activation, dict(invocation.environ))
+    source = open_segment_source(activation, settings, invocation.closers)
+    # The budget counts from the start of the invocation, not from the engine's start.
+    elapsed = time.monotonic() - invocation.started
+    options = RunOptions(
+        trigger=invocation.trigger,
+        trigger_id=invocation.trigger_id,
+        full=request.full,
+        lease_ttl_seconds=settings.lease_ttl_seconds,
+        time_budget_seconds=max(settings.time_budget_seconds - elapsed, 0.0),
+        budget_margin_seconds=settings.budget_margin_seconds,
+        continuation_of=request.continuation_of,
+        allow_guards=request.allow,
+    )
+    return asyncio.run(Run(activation, source=source, store=store, client=client, options=options).execute())
+
+
+def open_segment_source(activation: Activation, settings: Settings, closers: list[Callable[[], None]]) -> Source:
+    """The activation's source; a BigQuery source goes to the emulator when one is configured.
+
+    Appends to ``closers`` what must be closed after the run.
+    """
+    source = open_source(activation, bigquery_emulator=settings.bigquery_emulator, default_project=settings.project)
+    closers.append(source.close)
+    return source
