@@ -111,6 +111,14 @@ class DuckDBSourceConfig(_SegmentSpec):
     type: Literal["duckdb"] = "duckdb"
     database: str = Field(description="DuckDB database file, relative to the activation file. Opened read-only.")
     batch_rows: int = Field(50_000, ge=1_000, le=1_000_000, description="Rows per Arrow record batch.")
+    memory_limit: str = Field(
+        "128MB",
+        pattern=r"^[1-9][0-9]{0,5} ?(MB|GB|MiB|GiB)$",
+        description=(
+            "Memory DuckDB may use for the segment query and its cache of the file's blocks; "
+            "a query needing more spills to a temporary directory."
+        ),
+    )
 
 
 class BigQuerySourceConfig(_SegmentSpec):

@@ -371,6 +371,9 @@ class Run:
             if not scan.full:
                 tally.add(moved.tally)
             sender = await self._stream(prepared, scan, moved, tally)
+            # The differ (and the stored fingerprints it holds) is done before the state is
+            # compacted, so the two never take memory at the same time.
+            scan.diff.close()
             release_free_memory()
             await self._settle(scan, moved, sender)
         finally:

@@ -15,9 +15,10 @@ Guarantees a backend must keep (the conformance suite in tests/state/ proves the
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,33 +39,46 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
     """Apply journal tables (``custom_id, raw, payload, put: bool``, oldest first) to base tables.
 
     The base tables hold each id at most once between them; in the journal the last entry of
-    an id wins, and ``put = false`` deletes it. Done in DuckDB, so a large journal (a run
-    that crashed mid full load) folds in columns, not in a Python loop.
+    an id wins, and ``put = false`` deletes it. Done in columns, so a large journal (a run
+    that crashed mid full load) never becomes Python objects, and with bounded memory:
+    only what the fold returns is held whole (``docs/how-a-run-works.md``, "Memory").
     """
     base_table = pa.concat_tables(base) if base else FINGERPRINT_SCHEMA.empty_table()
     if not journal:
         return base_table.cast(FINGERPRINT_SCHEMA)
-    appended = _appended_only(base_table, journal)
-    if appended is not None:
-        return appended
+    entries = pa.concat_tables(journal)
+    repeats = _has_repeats(entries.column("custom_id"))
+    if not repeats:
+        appended = _appended_only(base_table, entries)
+        if appended is not None:
+            return appended
     import duckdb
 
-    entries = pa.concat_tables(
-        [
-            table.append_column("seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows))
-            for index, table in enumerate(journal)
-        ]
-    )
-    with duckdb.connect(":memory:") as con:
+    with duckdb.connect(":memory:") as con, tempfile.TemporaryDirectory(prefix="cepsync-fold-") as spill:
+        # A journal of millions of entries meets a base of millions: the join spills to
+        # disk past FOLD_MEMORY_LIMIT instead of building its whole hash table in memory.
+        con.execute("SET temp_directory = '" + spill.replace("'", "''") + "'")
+        con.execute(f"SET memory_limit = '{FOLD_MEMORY_LIMIT}'")
+        con.execute("SET threads = 1")
+        con.execute("SET preserve_insertion_order = false")
         con.register("base", base_table)
-        con.register("entries", entries)
-        latest: pa.Table = con.sql(
-            "SELECT custom_id, raw, payload, put FROM ("
-            "  SELECT custom_id, raw, payload, put,"
-            "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
-            "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
-            ") WHERE r = 1"
-        ).to_arrow_table()
+        if repeats:
+            sequenced = pa.concat_tables(
+                [
+                    table.append_column("seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows))
+                    for index, table in enumerate(journal)
+                ]
+            )
+            con.register("entries", sequenced)
+            latest: pa.Table = con.sql(
+                "SELECT custom_id, raw, payload, put FROM ("
+                "  SELECT custom_id, raw, payload, put,"
+                "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
+                "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
+                ") WHERE r = 1"
+            ).to_arrow_table()
+        else:
+            latest = entries
         con.register("latest", latest)
         folded: pa.Table = con.sql(
             "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
@@ -73,23 +87,44 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
     return folded.cast(FINGERPRINT_SCHEMA)
 
 
-def _appended_only(base: pa.Table, journal: Sequence[pa.Table]) -> pa.Table | None:
+# What the general fold's DuckDB may hold before it spills to a temporary directory.
+FOLD_MEMORY_LIMIT: Final = "256MB"
+
+
+def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:
     """The fold when the journal only adds new ids, each once (a first full load): a concatenation.
 
-    Checked in columns (one hash of the journal's ids); None when an entry deletes, repeats
-    an id or touches an id of ``base``, so the general fold runs. Saves sorting millions of
-    entries at the end of a large first sync.
+    ``entries`` repeat no id (the caller checked). Checked in columns; None when an entry
+    deletes or touches an id of ``base``, so the general fold runs. Saves sorting millions of entries at the end of a
+    large first sync. Memory is what decides how: a hash set of five million ids (what
+    ``count_distinct`` or ``is_in`` build) costs ~700 MB, so repeats are found by sorting
+    the ids (their order, ~8 bytes an id) and the overlap with ``base`` by a set of the
+    smaller side only.
     """
-    entries = pa.concat_tables(journal)
     if not pc.all(entries.column("put")).as_py():
         return None
     ids = entries.column("custom_id")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        return None
-    if base.num_rows and pc.any(pc.is_in(ids, value_set=base.column("custom_id"))).as_py():
-        return None
+    if base.num_rows:
+        stored = base.column("custom_id")
+        small, large = (ids, stored) if len(ids) <= len(stored) else (stored, ids)
+        if len(small) > _MAX_OVERLAP_SET:
+            return None
+        if pc.any(pc.is_in(large, value_set=small.combine_chunks())).as_py():
+            return None
     added = entries.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA)
     return pa.concat_tables([base.cast(FINGERPRINT_SCHEMA), added])
+
+
+# Most ids a fast-path overlap check puts in a hash set (~140 bytes an id while it is built).
+_MAX_OVERLAP_SET = 1_000_000
+
+
+def _has_repeats(ids: pa.ChunkedArray) -> bool:
+    """Whether an id appears twice: equal neighbours once the ids are sorted."""
+    if len(ids) < 2:
+        return False
+    ordered = ids.take(pc.sort_indices(ids))
+    return bool(pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py())
 
 
 @runtime_checkable

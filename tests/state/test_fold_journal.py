@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sync.state.base as state_base
 from sync.state.base import FINGERPRINT_SCHEMA, fold_journal
 
 JOURNAL_SCHEMA = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
@@ -62,3 +64,28 @@ def test_a_journal_of_new_ids_only_is_appended_as_it_is() -> None:
     folded = fold_journal([base], journal)
     assert folded.column("custom_id").to_pylist() == ["a", "b", "c"]
     assert as_dict(folded) == {"a": (1, 2), "b": (3, 4), "c": (5, 6)}
+
+
+def test_past_the_overlap_check_limit_the_general_fold_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Above the limit the fast path does not build a set of ids; the general fold runs.
+    monkeypatch.setattr(state_base, "_MAX_OVERLAP_SET", 1)
+    base = table([("a", 1, 2), ("b", 3, 4), ("c", 5, 6)])
+    journal = [table([("d", 7, 8), ("e", 9, 10)], JOURNAL_SCHEMA, [True, True])]
+    assert as_dict(fold_journal([base], journal)) == {
+        "a": (1, 2),
+        "b": (3, 4),
+        "c": (5, 6),
+        "d": (7, 8),
+        "e": (9, 10),
+    }
+    overlapping = [table([("c", 11, 12), ("f", 13, 14)], JOURNAL_SCHEMA, [True, True])]
+    assert as_dict(fold_journal([base], overlapping)) == {"a": (1, 2), "b": (3, 4), "c": (11, 12), "f": (13, 14)}
+
+
+def test_an_id_repeated_across_journal_tables_keeps_its_last_entry() -> None:
+    base = table([("a", 1, 2)])
+    journal = [
+        table([("b", 3, 4)], JOURNAL_SCHEMA, [True]),
+        table([("b", 5, 6), ("a", 0, 0)], JOURNAL_SCHEMA, [True, False]),
+    ]
+    assert as_dict(fold_journal([base], journal)) == {"b": (5, 6)}
