@@ -217,7 +217,7 @@ class _SourceWithClients:
             close()
 
 
-class _DuckDBSegment:
+class _DuckDBSegment(_SourceWithClients):
     """A DuckDB source whose open and schema failures are config errors (exit 2).
 
     Before any row is read, a DuckDB failure can only come from the activation: a file
@@ -232,13 +232,14 @@ class _DuckDBSegment:
         self._origin = activation.origin
         self._segment_field = "source.table" if config.table is not None else "source.query"
         try:
-            self._source = DuckDBSource(config, activation=activation.name)
+            source = DuckDBSource(config, activation=activation.name)
         except ConfigError as error:
-            raise ConfigError(_detail(error), source=self._origin, field="source.database") from None
+            raise ConfigError(_detail(error), source=self._origin, field=error.field or "source.database") from None
         except FatalError as error:
             raise ConfigError(
                 f"{_detail(error)} (is it a DuckDB database file?)", source=self._origin, field="source.database"
             ) from None
+        super().__init__(source, [])
 
     def schema(self) -> pa.Schema:
         try:
@@ -247,15 +248,6 @@ class _DuckDBSegment:
             raise
         except FatalError as error:
             raise ConfigError(_detail(error), source=self._origin, field=self._segment_field) from None
-
-    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        return self._source.read_batches(columns)
-
-    def stats(self) -> dict[str, Any]:
-        return self._source.stats()
-
-    def close(self) -> None:
-        self._source.close()
 
 
 def _detail(error: Exception) -> str:
