@@ -110,7 +110,12 @@ class _SegmentSpec(_Strict):
 class DuckDBSourceConfig(_SegmentSpec):
     type: Literal["duckdb"] = "duckdb"
     database: str = Field(description="DuckDB database file, relative to the activation file. Opened read-only.")
-    batch_rows: int = Field(50_000, ge=1_000, le=1_000_000, description="Rows per Arrow record batch.")
+    batch_rows: int = Field(
+        10_000,
+        ge=1_000,
+        le=1_000_000,
+        description="Rows per Arrow record batch (the differ maps 10,000 at a time; larger batches only hold more).",
+    )
     memory_limit: str = Field(
         "128MB",
         pattern=r"^[1-9][0-9]{0,5} ?(MB|GB|MiB|GiB)$",

@@ -159,36 +159,46 @@ class SegmentDiff:
         self._on_rows = on_rows
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
-        self._con = duckdb.connect(":memory:")
+        self._stored = stored
+        self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
+        self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
+        self._con = self._connect()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A differ database: the stored fingerprints and intents registered, memory bounded."""
+        con = duckdb.connect(":memory:")
         # The differ's joins always build their hash table on the stored side and stream
         # the segment through it. DuckDB cannot know how many rows an Arrow stream holds
         # (it guesses one), so its optimiser would otherwise build on the segment and hold
         # all of it in memory before the first row comes out.
-        self._con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-        self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
-        self._con.execute(f"SET temp_directory = {_literal(self._spill.name)}")
-        self._con.execute(f"SET memory_limit = {_literal(DIFFER_MEMORY_LIMIT)}")
+        con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        con.execute(f"SET temp_directory = {_literal(self._spill.name)}")
+        con.execute(f"SET memory_limit = {_literal(DIFFER_MEMORY_LIMIT)}")
         # Hand freed memory back to the OS between the differ's reads instead of caching up
         # to 128 MB per thread and 512 MB after bulk frees (DuckDB's defaults): a function
         # instance's memory is what it is billed and sized by.
-        self._con.execute("SET allocator_flush_threshold = '16MB'")
-        self._con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
-        self._con.execute("SET allocator_background_threads = true")
-        self._con.execute("SET preserve_insertion_order = false")
-        self._con.execute("SET threads = 1")
-        self._con.register("stored", stored)
-        synced = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
-        self._con.register("intents", synced)
-        self._con.execute("CREATE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+        con.execute("SET allocator_flush_threshold = '16MB'")
+        con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
+        con.execute("SET allocator_background_threads = true")
+        con.execute("SET preserve_insertion_order = false")
+        con.execute("SET threads = 1")
+        con.register("stored", self._stored)
+        con.register("intents", self._intents)
+        con.execute("CREATE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+        return con
 
     def close(self) -> None:
         self._con.close()
         self._spill.cleanup()
+        # The stored fingerprints (tens of MB a million) are not needed past the diff.
+        self._stored = self._stored.slice(0, 0)
 
     # -- reads -------------------------------------------------------------------------------
 
-    def _stream(self, columns: list[str], *, numbered: bool, report: bool = False) -> str:
-        """Register one streamed read of the segment; return the view's name."""
+    def _stream(
+        self, columns: list[str], *, numbered: bool, report: bool = False, con: duckdb.DuckDBPyConnection | None = None
+    ) -> str:
+        """Register one streamed read of the segment (in ``con``, the differ's by default); return its name."""
         batches = self._source.read_batches(columns)
         schema = pa.schema([self._schema.field(c) for c in columns])
         if numbered:
@@ -216,7 +226,7 @@ class SegmentDiff:
                 yield batch
 
         name = f"segment_{next(self._names)}"
-        self._con.register(name, pa.RecordBatchReader.from_batches(schema, timed()))
+        (self._con if con is None else con).register(name, pa.RecordBatchReader.from_batches(schema, timed()))
         return name
 
     def _fetch(self, sql: str) -> Iterator[pa.RecordBatch]:
@@ -240,33 +250,41 @@ class SegmentDiff:
         """Read the Custom ID column once: counts, duplicates, and the ids that left."""
         started = time.perf_counter()
         read_before = self.seconds["read"]
-        view = self._stream([self._id_column], numbered=False)
-        con = self._con
-        con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
-        rows, keyed = con.execute("SELECT count(*), count(k) FROM seen").fetchone() or (0, 0)
-        con.execute(
-            "INSERT INTO duplicates SELECT k, count(*) FROM seen WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1"
-        )
-        duplicates = {key: int(copies) for key, copies in con.execute("SELECT k, copies FROM duplicates").fetchall()}
-        matched_row = con.execute(
-            "SELECT count(*) FROM (SELECT DISTINCT k FROM seen WHERE k IS NOT NULL) s "
-            "SEMI JOIN stored ON stored.custom_id = s.k ANTI JOIN duplicates ON duplicates.k = s.k"
-        ).fetchone()
-        matched = int(matched_row[0]) if matched_row else 0
-        distinct_row = con.execute("SELECT count(DISTINCT k) FROM seen").fetchone()
-        distinct = int(distinct_row[0]) if distinct_row else 0
-        removed = [
-            key
-            for (key,) in con.execute(
-                "SELECT custom_id FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents) synced "
-                "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id ORDER BY custom_id"
-            ).fetchall()
-        ]
-        synced_row = con.execute(
-            "SELECT count(*) FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents)"
-        ).fetchone()
-        con.execute("DROP TABLE seen")
-        con.unregister(view)
+        # A database of its own, closed at the end: DuckDB keeps what a query freed for
+        # reuse until its database closes, and the scan's hash tables (tens of MB a
+        # million ids) are never needed again. Only the duplicated ids move over.
+        con = self._connect()
+        try:
+            view = self._stream([self._id_column], numbered=False, con=con)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
+            rows, keyed = con.execute("SELECT count(*), count(k) FROM seen").fetchone() or (0, 0)
+            con.execute(
+                "INSERT INTO duplicates SELECT k, count(*) FROM seen WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1"
+            )
+            copies = con.sql("SELECT k, copies FROM duplicates").to_arrow_table()
+            duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
+            matched_row = con.execute(
+                "SELECT count(*) FROM (SELECT DISTINCT k FROM seen WHERE k IS NOT NULL) s "
+                "SEMI JOIN stored ON stored.custom_id = s.k ANTI JOIN duplicates ON duplicates.k = s.k"
+            ).fetchone()
+            matched = int(matched_row[0]) if matched_row else 0
+            distinct_row = con.execute("SELECT count(DISTINCT k) FROM seen").fetchone()
+            distinct = int(distinct_row[0]) if distinct_row else 0
+            removed = [
+                key
+                for (key,) in con.execute(
+                    "SELECT custom_id FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents) synced "
+                    "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id ORDER BY custom_id"
+                ).fetchall()
+            ]
+            synced_row = con.execute(
+                "SELECT count(*) FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents)"
+            ).fetchone()
+        finally:
+            con.close()
+        self._con.register("duplicates_found", copies)
+        self._con.execute("INSERT INTO duplicates SELECT k, copies FROM duplicates_found")
+        self._con.unregister("duplicates_found")
         self._account(started, read_before)
         return IdScan(
             rows=int(rows),

@@ -72,7 +72,7 @@ def default_state_url(environ: Mapping[str, str]) -> str:
 
 
 def expand_state_url(value: str, environ: Mapping[str, str]) -> str:
-    """``firestore`` alone means what it means to the deployed function (sync/function.py):
+    """``firestore`` alone means what it means to the deployed function (sync/function/settings.py):
     Firestore in ``GOOGLE_CLOUD_PROJECT``, database ``CEPSYNC_FIRESTORE_DATABASE`` (default
     ``(default)``), collection prefix ``CEPSYNC_FIRESTORE_PREFIX`` (default ``cepsync``).
     An empty value is the default state."""

@@ -10,7 +10,7 @@ Guarantees a backend must keep (the conformance suite in tests/state/ proves the
 * :meth:`StateStore.load_fingerprints` returns committed state including any journal
   not yet compacted (a crash between commit and compaction loses nothing).
 * :meth:`StateStore.record_delivery_attempt` is an atomic increment: the Cloud Function
-  bounds Pub/Sub redeliveries of one message with it (see sync/function.py).
+  bounds Pub/Sub redeliveries of one message with it (see sync/function/handlers.py).
 """
 
 from __future__ import annotations
