@@ -161,6 +161,8 @@ class SegmentDiff:
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self._stored = stored
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
+        # Ids the id scan found more than once (key, copies), copied into every database.
+        self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
 
@@ -185,7 +187,14 @@ class SegmentDiff:
         con.register("stored", self._stored)
         con.register("intents", self._intents)
         con.execute("CREATE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+        self._load_duplicates(con)
         return con
+
+    def _load_duplicates(self, con: duckdb.DuckDBPyConnection) -> None:
+        if self._duplicates.num_rows:
+            con.register("duplicates_found", self._duplicates)
+            con.execute("INSERT INTO duplicates SELECT k, copies FROM duplicates_found")
+            con.unregister("duplicates_found")
 
     def close(self) -> None:
         self._con.close()
@@ -229,9 +238,9 @@ class SegmentDiff:
         (self._con if con is None else con).register(name, pa.RecordBatchReader.from_batches(schema, timed()))
         return name
 
-    def _fetch(self, sql: str) -> Iterator[pa.RecordBatch]:
+    def _fetch(self, sql: str, con: duckdb.DuckDBPyConnection | None = None) -> Iterator[pa.RecordBatch]:
         started = time.perf_counter()
-        reader: pa.RecordBatchReader = self._con.sql(sql).to_arrow_reader(OUTPUT_BATCH_ROWS)
+        reader: pa.RecordBatchReader = (self._con if con is None else con).sql(sql).to_arrow_reader(OUTPUT_BATCH_ROWS)
         read_before = self.seconds["read"]
         try:
             while True:
@@ -282,9 +291,8 @@ class SegmentDiff:
             ).fetchone()
         finally:
             con.close()
-        self._con.register("duplicates_found", copies)
-        self._con.execute("INSERT INTO duplicates SELECT k, copies FROM duplicates_found")
-        self._con.unregister("duplicates_found")
+        self._duplicates = copies
+        self._load_duplicates(self._con)
         self._account(started, read_before)
         return IdScan(
             rows=int(rows),
@@ -304,13 +312,22 @@ class SegmentDiff:
         """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
         if self.stored_count == 0:
             return iter(())
-        view = self._stream(self._columns, numbered=True)
-        sql = (
-            f"SELECT s.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
-            f"FROM ({self._select(view)}) s JOIN stored st ON st.custom_id = s.{KEY} "
-            f"ANTI JOIN duplicates d ON d.k = s.{KEY} WHERE st.raw <> s.{RAW}"
-        )
-        return self._fetch(sql)
+        return self._moved_rows()
+
+    def _moved_rows(self) -> Iterator[pa.RecordBatch]:
+        # In a database of its own, closed once read: its hash table of the stored
+        # fingerprints (~100 bytes an id) is not kept for the stream, which builds its own.
+        con = self._connect()
+        try:
+            view = self._stream(self._columns, numbered=True, con=con)
+            sql = (
+                f"SELECT s.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+                f"FROM ({self._select(view)}) s JOIN stored st ON st.custom_id = s.{KEY} "
+                f"ANTI JOIN duplicates d ON d.k = s.{KEY} WHERE st.raw <> s.{RAW}"
+            )
+            yield from self._fetch(sql, con)
+        finally:
+            con.close()
 
     def rows_to_send(self, *, full: bool, ordered: bool = False) -> Iterator[pa.RecordBatch]:
         """Rows to map and send: new ids, bad or duplicated ids, and every row in a full pass.

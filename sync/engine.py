@@ -39,7 +39,7 @@ from sync.batch.client import BatchClient, SendOutcome, choose_endpoint
 from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
-from sync.errors import BatchAuthError, ConfigError, GuardTripped, LeaseHeld, LeaseLost, SyncError, TransientError
+from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, use_system_arrow_pool
 from sync.model import ActivationMeta, JournalEntry, Lease, Reason, Refusal, RowIssue
@@ -52,7 +52,7 @@ from sync.plan import (
     evaluate_guards,
     plan_rows,
 )
-from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of
+from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of, is_retryable, status_of_error
 from sync.runconfig import config_as_run
 from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
@@ -294,8 +294,7 @@ class Run:
         try:
             prepared = self.prepare()
         except SyncError as error:
-            status = RunStatus.CONFIG_ERROR if isinstance(error, ConfigError) else RunStatus.FAILED
-            return self._finish_early(status, error)
+            return self._finish_early(status_of_error(error), error)
         duplicate = self._duplicate_trigger()
         if duplicate is not None:
             self.run.duplicate_of = duplicate
@@ -333,9 +332,11 @@ class Run:
             raise
         except SyncError as error:
             self._stop.set()
-            self.run.status = RunStatus.AUTH_ERROR if isinstance(error, BatchAuthError) else RunStatus.FAILED
+            # Classified by family (sync/record.py): a config error found mid-run (a Custom ID
+            # column of a type no id can have) is config_error, like one found before it.
+            self.run.status = status_of_error(error)
             self.run.error = str(error)
-            self.run.retryable = isinstance(error, TransientError)
+            self.run.retryable = is_retryable(error)
             self.log.error("run failed", error=str(error))
         except Exception as error:
             # Unknown (a warehouse or state-store outage, say): a retry may succeed.
@@ -365,6 +366,7 @@ class Run:
         scan = await self._scan(prepared, meta)
         try:
             moved = await asyncio.to_thread(self._plan_moved, prepared, scan)
+            release_free_memory()
             self._check_guards(scan, moved, raise_on_trip=True)
             await self._claim(prepared, scan)
             tally = PlanCounts()
