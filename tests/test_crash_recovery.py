@@ -185,10 +185,7 @@ def test_an_interrupted_run_commits_what_was_acknowledged_and_frees_the_lease(
     tmp_path: Path, simulator: SimulatorThread, stop: signal.Signals
 ) -> None:
     sim = simulator.simulator
-    # The run must still be sending when the signal lands: at 40 ms a request, the ~2,200
-    # profiles left after the 800th take ~0.2 s, and a busy CI machine once let the run
-    # finish first. At 150 ms they take ~0.8 s.
-    sim.faults.latency_ms = 150
+    sim.faults.latency_ms = 40
     write_segment(tmp_path / "segment.duckdb", people(ROWS))
     # No flush would happen before the end: only the interruption handler commits.
     config = write_activation(tmp_path, simulator.base_url, mode="upsert", flush_every=1_000_000)
