@@ -47,6 +47,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError
 from sync.sources.base import Source
 
@@ -64,15 +65,6 @@ OUTPUT_BATCH_ROWS: Final = 10_000
 # The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
 # of its own instead of growing without bound; five million stored fingerprints fit in it.
 DIFFER_MEMORY_LIMIT: Final = "1GB"
-
-
-def quote_identifier(name: str) -> str:
-    """SQL-quote one identifier (DuckDB doubles any quote)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def key_sql(column: str, arrow_type: pa.DataType) -> str:
@@ -154,7 +146,7 @@ class SegmentDiff:
         self._id_column = self._columns[0]
         self._schema = schema
         self._key = key_sql(self._id_column, schema.field(self._id_column).type)
-        self._raw = "hash(" + ", ".join([_literal(salt), *(quote_identifier(c) for c in self._columns)]) + ")"
+        self._raw = "hash(" + ", ".join([quote_literal(salt), *(quote_identifier(c) for c in self._columns)]) + ")"
         self._names = itertools.count()
         self._on_rows = on_rows
         self.stored_count = stored.num_rows
@@ -174,13 +166,7 @@ class SegmentDiff:
         # (it guesses one), so its optimiser would otherwise build on the segment and hold
         # all of it in memory before the first row comes out.
         con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-        con.execute(f"SET temp_directory = {_literal(self._spill.name)}")
-        con.execute(f"SET memory_limit = {_literal(DIFFER_MEMORY_LIMIT)}")
-        # Hand freed memory back to the OS between the differ's reads instead of caching up
-        # to 128 MB per thread and 512 MB after bulk frees (DuckDB's defaults): a function
-        # instance's memory is what it is billed and sized by.
-        con.execute("SET allocator_flush_threshold = '16MB'")
-        con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
+        bound_memory(con, memory_limit=DIFFER_MEMORY_LIMIT, spill_directory=self._spill.name)
         con.execute("SET allocator_background_threads = true")
         con.execute("SET preserve_insertion_order = false")
         con.execute("SET threads = 1")

@@ -17,16 +17,8 @@ import duckdb
 import pyarrow as pa
 
 from sync.config import DuckDBSourceConfig
+from sync.duckdb_sql import bound_memory, quote_identifier
 from sync.errors import ConfigError, FatalError
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def quote_identifier(name: str) -> str:
-    """SQL-quote one identifier (DuckDB and BigQuery standard SQL both double any quote)."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 class DuckDBSource:
@@ -49,26 +41,13 @@ class DuckDBSource:
             self._connection = duckdb.connect(str(path), read_only=True)
         except duckdb.Error as error:
             raise FatalError(f"activation '{activation}': cannot open DuckDB database {str(path)!r}: {error}") from None
-        # The engine streams the segment out of here as Arrow batches and drops each one once
-        # diffed: return freed memory to the OS instead of caching up to 128 MB per thread
-        # (DuckDB's default), or a million-row read leaves hundreds of MB behind.
-        self._connection.execute("SET allocator_flush_threshold = '16MB'")
-        self._connection.execute("SET allocator_bulk_deallocation_flush_threshold = '16MB'")
         # DuckDB keeps every block of the file it has read, up to 80 % of the machine's
         # memory by default: a 5M-row segment read three times stayed resident (~220 MB).
         # Bounded, it evicts them as the stream moves on, and a heavy segment query spills
-        # to a directory of its own (a read-only database has none by default).
+        # to a directory of its own (a read-only database has none by default). Every size
+        # the config's pattern lets through is one DuckDB accepts.
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-source-")
-        self._connection.execute(f"SET temp_directory = {_literal(self._spill.name)}")
-        try:
-            self._connection.execute(f"SET memory_limit = {_literal(config.memory_limit)}")
-        except duckdb.Error as error:
-            self.close()
-            raise ConfigError(
-                f"DuckDB refuses memory limit {config.memory_limit!r}: {error}",
-                source=f"activation '{activation}'",
-                field="source.memory_limit",
-            ) from None
+        bound_memory(self._connection, memory_limit=config.memory_limit, spill_directory=self._spill.name)
 
     def _segment_sql(self) -> str:
         if self._config.table is not None:

@@ -54,11 +54,12 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
             return appended
     import duckdb
 
+    from sync.duckdb_sql import bound_memory
+
     with duckdb.connect(":memory:") as con, tempfile.TemporaryDirectory(prefix="cepsync-fold-") as spill:
         # A journal of millions of entries meets a base of millions: the join spills to
         # disk past FOLD_MEMORY_LIMIT instead of building its whole hash table in memory.
-        con.execute("SET temp_directory = '" + spill.replace("'", "''") + "'")
-        con.execute(f"SET memory_limit = '{FOLD_MEMORY_LIMIT}'")
+        bound_memory(con, memory_limit=FOLD_MEMORY_LIMIT, spill_directory=spill)
         con.execute("SET threads = 1")
         con.execute("SET preserve_insertion_order = false")
         con.register("base", base_table)
