@@ -39,15 +39,16 @@ from sync.batch.client import BatchClient, SendOutcome, choose_endpoint
 from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
+from sync.encode import encode_batch
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, use_system_arrow_pool
-from sync.model import ActivationMeta, JournalEntry, Lease, Reason, Refusal, RowIssue
+from sync.model import ActivationMeta, Lease, Reason, Refusal, RowIssue
 from sync.plan import (
     REJECTED_SAMPLE_SIZE,
     BatchPlan,
     PlanCounts,
-    PlannedSend,
+    ProfileRows,
     RejectedRow,
     evaluate_guards,
     plan_rows,
@@ -187,8 +188,8 @@ class _Scan:
 class _Moved:
     """Rows with a stored fingerprint whose raw values moved, mapped before the first send."""
 
-    sends: list[PlannedSend]
-    refreshes: list[JournalEntry]
+    sends: ProfileRows
+    refreshes: ProfileRows
     tally: PlanCounts
 
 
@@ -434,22 +435,24 @@ class Run:
 
     def _plan_moved(self, prepared: _Prepared, scan: _Scan) -> _Moved:
         """Map the rows whose stored fingerprint may have changed: the changed count is exact."""
-        moved = _Moved([], [], PlanCounts())
+        tally = PlanCounts()
+        sends: list[ProfileRows] = []
+        refreshes: list[ProfileRows] = []
         for batch in scan.diff.moved_rows():
             planned = self._map_and_plan(prepared, scan, batch, full=False)
-            moved.tally.add(planned.tally)
+            tally.add(planned.tally)
             if not scan.full:
-                moved.sends.extend(planned.sends)
-                moved.refreshes.extend(planned.refreshes)
+                sends.append(planned.sends)
+                refreshes.append(planned.refreshes)
                 self._keep_rejected(planned)
-        return moved
+        return _Moved(ProfileRows.concat(sends), ProfileRows.concat(refreshes), tally)
 
     def _map_and_plan(self, prepared: _Prepared, scan: _Scan, batch: pa.RecordBatch, *, full: bool) -> BatchPlan:
         started = time.perf_counter()
-        mapped = prepared.mapper.map_batch(batch)
+        encoded = encode_batch(prepared.mapper.convert_batch(batch))
         planned = plan_rows(
             batch,
-            mapped,
+            encoded,
             full=full,
             duplicates=scan.ids.duplicates,
             id_column=self.activation.mapping.custom_id,
@@ -509,7 +512,7 @@ class Run:
 
         Runs in a worker thread: DuckDB and Arrow release the GIL, the mapping does not.
         """
-        pending: list[PlannedSend] = list(moved.sends)
+        pending = moved.sends
         pool = self._mapping_pool(prepared, scan)
         try:
             if pool is None:
@@ -526,9 +529,10 @@ class Run:
                     release_free_memory()
                 tally.add(planned.tally)
                 self._keep_rejected(planned)
-                pending.extend(planned.sends)
+                if planned.sends:
+                    pending = ProfileRows.concat([pending, planned.sends])
                 while len(pending) >= group_size:
-                    group, pending = pending[:group_size], pending[group_size:]
+                    group, pending = pending.slice(0, group_size), pending.slice(group_size)
                     yield SendGroup(upserts=group)
                 if self._stop.is_set():
                     return
@@ -536,7 +540,7 @@ class Run:
             if pool is not None:
                 pool.close()
         for start in range(0, len(pending), group_size):
-            yield SendGroup(upserts=pending[start : start + group_size])
+            yield SendGroup(upserts=pending.slice(start, group_size))
 
     def _batches_to_send(self, scan: _Scan) -> Iterator[pa.RecordBatch]:
         """The differ's rows to send; a continued full pass drops what its first legs sent."""
@@ -689,7 +693,7 @@ class Run:
         incomplete = self._incomplete(sender)
         if moved.refreshes and not incomplete and not scan.full:
             for start in range(0, len(moved.refreshes), 10_000):
-                journal.add(moved.refreshes[start : start + 10_000])
+                journal.add(moved.refreshes.slice(start, 10_000).journal())
                 await journal.flush()
         if sender is not None and sender.tally.refusals:
             await asyncio.to_thread(self.store.record_refusals, self._current_lease(), sender.tally.refusals)

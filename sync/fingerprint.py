@@ -33,7 +33,7 @@ from typing import Any
 # version, so every profile is re-mapped and what changed is resent).
 MAPPING_RULES_VERSION = "1"
 
-_PAYLOAD_SALT = b"cepsync/payload/1\0"
+PAYLOAD_SALT = b"cepsync/payload/1\0"
 
 
 def _normalise(value: Any) -> Any:
@@ -74,5 +74,5 @@ def payload_fingerprint(attributes: dict[str, Any]) -> int:
 
 def payload_fingerprint_of(canonical: bytes) -> int:
     """Payload fingerprint of bytes already produced by :func:`canonical_json` (no second encoding)."""
-    digest = hashlib.blake2b(_PAYLOAD_SALT + canonical, digest_size=8).digest()
+    digest = hashlib.blake2b(PAYLOAD_SALT + canonical, digest_size=8).digest()
     return int.from_bytes(digest, "big")

@@ -51,7 +51,7 @@ from sync.errors import ConfigError
 from sync.model import MappedRow, Reason, RowIssue
 from sync.natives import NATIVE_FIELDS, NativeType
 
-__all__ = ["ProfileMapper", "resolve_attribute_types"]
+__all__ = ["ConvertedBatch", "ConvertedField", "Failure", "ProfileMapper", "resolve_attribute_types"]
 
 # --- Batch limits (docs/batch-api.md, "Checked before sending") -----------------
 # custom_id: the SDK caps it at 1024 characters (doc.batch.com SDK "custom-user-id").
@@ -116,11 +116,13 @@ def _timezones() -> tuple[frozenset[str], dict[str, str]]:
 
 # --- Converters --------------------------------------------------------------------------
 # A converter takes a non-None source value and returns the payload value, None for
-# "no value" (sent as null), or a _Failure. Returning instead of raising keeps the common
+# "no value" (sent as null), or a Failure. Returning instead of raising keeps the common
 # path free of exception set-up and makes "never raises" easy to hold.
 
 
-class _Failure:
+class Failure:
+    """A converter's verdict on an invalid value: the reason code and a human detail."""
+
     __slots__ = ("detail", "reason")
 
     def __init__(self, reason: Reason, detail: str) -> None:
@@ -137,15 +139,15 @@ def _quote(value: Any) -> str:
     return text if len(text) <= DETAIL_VALUE_LENGTH else text[: DETAIL_VALUE_LENGTH - 1] + "…"
 
 
-def _fail(reason: Reason, message: str, value: Any) -> _Failure:
-    return _Failure(reason, f"{message}: {_quote(value)}")
+def _fail(reason: Reason, message: str, value: Any) -> Failure:
+    return Failure(reason, f"{message}: {_quote(value)}")
 
 
-def _wrong_type(reason: Reason, expected: str, value: Any) -> _Failure:
-    return _Failure(reason, f"expected {expected}, got {type(value).__name__} {_quote(value)}")
+def _wrong_type(reason: Reason, expected: str, value: Any) -> Failure:
+    return Failure(reason, f"expected {expected}, got {type(value).__name__} {_quote(value)}")
 
 
-def _blank_or_wrong_type(reason: Reason, expected: str, value: Any) -> _Failure | None:
+def _blank_or_wrong_type(reason: Reason, expected: str, value: Any) -> Failure | None:
     # An empty string is "no value" whatever the column's type (decision 9), so it never
     # counts as a type error; checked only once the value is already off the happy path.
     if isinstance(value, str) and _is_blank(value):
@@ -526,9 +528,9 @@ _CUSTOM_CONVERTERS: Final[Mapping[AttributeType, Converter]] = {
 }
 
 
-def _convert_custom_id(value: Any) -> str | _Failure:
+def _convert_custom_id(value: Any) -> str | Failure:
     if value is None:
-        return _Failure(Reason.MISSING_CUSTOM_ID, "custom_id is null")
+        return Failure(Reason.MISSING_CUSTOM_ID, "custom_id is null")
     if isinstance(value, str):
         # Batch ids are case- and whitespace-sensitive: never trimmed, only refused when blank.
         if _is_blank(value):
@@ -653,7 +655,7 @@ class ProfileMapper:
         issues: list[RowIssue] = []
         custom_id: str | None
         converted_id = _convert_custom_id(row.get(self._id_column))
-        if isinstance(converted_id, _Failure):
+        if isinstance(converted_id, Failure):
             issues.append(RowIssue(self._id_column, converted_id.reason, converted_id.detail))
             custom_id = None
         else:
@@ -668,7 +670,7 @@ class ProfileMapper:
             result = convert(value)
             if result is None:
                 attributes[key] = None
-            elif type(result) is _Failure:
+            elif type(result) is Failure:
                 issues.append(RowIssue(column, result.reason, result.detail))
             else:
                 attributes[present_key] = result
@@ -679,66 +681,114 @@ class ProfileMapper:
             return MappedRow(custom_id=custom_id, attributes=None, issues=issues)
         return MappedRow(custom_id=custom_id, attributes=attributes, issues=issues)
 
-    def map_batch(self, batch: pa.RecordBatch) -> list[MappedRow]:
-        """Map every row of a record batch, column by column.
+    def convert_batch(self, batch: pa.RecordBatch) -> ConvertedBatch:
+        """Run every converter over a record batch, column by column.
 
-        The result is exactly ``[self.map_row(row) for row in batch.to_pylist()]``: the
-        same converters run on the same Python values, and the rows are assembled in the
-        same key and issue order. What changes is the work: each mapped column is read
-        out of the batch once (never a dict per row), and a string or temporal column is
-        dictionary-encoded so its converter runs once per distinct value (a language or
-        time zone column has a handful per batch) and the results are fanned out.
+        Each mapped column is read out of the batch once (never a dict per row), and a
+        string, boolean or temporal column is dictionary-encoded so its converter runs once
+        per distinct value (a language or time zone column has a handful per batch). The
+        same converters see the same Python values as in :meth:`map_row`, so the results
+        are the ones ``map_row`` would put in each row's payload.
 
         Args:
             batch: Rows of the segment whose schema passed :func:`resolve_attribute_types`.
                 A mapped column missing from the batch reads as null, as in ``map_row``.
-
-        Returns:
-            One :class:`MappedRow` per row, in the batch's order.
         """
         rows = batch.num_rows
         # Last one wins for a repeated name, as in the dicts of RecordBatch.to_pylist().
         positions = {name: index for index, name in enumerate(batch.schema.names)}
         id_position = positions.get(self._id_column)
         id_values = batch.column(id_position).to_pylist() if id_position is not None else [None] * rows
-
-        payloads: list[dict[str, Any]] = [{} for _ in range(rows)]
-        issues: list[list[RowIssue]] = [[] for _ in range(rows)]
+        issues: dict[int, list[RowIssue]] = {}
         custom_ids: list[str | None] = []
-        for row_issues, value in zip(issues, id_values, strict=True):
+        for row, value in enumerate(id_values):
             converted_id = _convert_custom_id(value)
-            if isinstance(converted_id, _Failure):
-                row_issues.append(RowIssue(self._id_column, converted_id.reason, converted_id.detail))
+            if isinstance(converted_id, Failure):
+                issues[row] = [RowIssue(self._id_column, converted_id.reason, converted_id.detail)]
                 custom_ids.append(None)
             else:
                 custom_ids.append(converted_id)
 
         decoded: dict[str, _DecodedColumn] = {}
+        fields: list[ConvertedField] = []
         for column, key, present_key, convert in self._fields:
             position = positions.get(column)
             if position is None:
-                for payload in payloads:
-                    payload[key] = None
+                fields.append(ConvertedField(column, key, present_key, [None], _zeros(rows), False))
                 continue
             source = decoded.get(column)
             if source is None:
                 source = decoded[column] = _decode_column(batch.column(position))
-            _fill_field(payloads, issues, source, column, key, present_key, convert)
+            # None is "no value" both as a source value and as a converter result.
+            converted: list[Any] = [None if value is None else convert(value) for value in source.values]
+            has_failure = any(type(result) is Failure for result in converted)
+            fields.append(ConvertedField(column, key, present_key, converted, source.codes, has_failure))
+            if has_failure:
+                for row in _failed_rows(converted, source.codes):
+                    failure: Failure = converted[row if source.codes is None else source.codes[row].as_py()]
+                    issues.setdefault(row, []).append(RowIssue(column, failure.reason, failure.detail))
+        return ConvertedBatch(rows, custom_ids, issues, tuple(fields), self._reject_row)
 
-        reject_row = self._reject_row
+    def map_batch(self, batch: pa.RecordBatch) -> list[MappedRow]:
+        """Map every row of a record batch: exactly ``[self.map_row(row) for row in batch.to_pylist()]``.
+
+        The converters run in columns (:meth:`convert_batch`); the payload dicts are then
+        assembled row by row, in the same key and issue order as ``map_row``. The engine
+        does not build dicts at all: it encodes the converted columns straight to JSON
+        (:mod:`sync.encode`). This is the form the tests and the mapping benchmark compare.
+        """
+        converted = self.convert_batch(batch)
+        payloads: list[dict[str, Any]] = [{} for _ in range(converted.rows)]
+        for field in converted.fields:
+            values = field.values
+            results = values if field.codes is None else list(map(values.__getitem__, field.codes.to_pylist()))
+            key, present_key = field.key, field.present_key
+            for payload, result in zip(payloads, results, strict=True):
+                if result is None:
+                    payload[key] = None
+                elif type(result) is not Failure:
+                    payload[present_key] = result
         mapped: list[MappedRow] = []
-        append = mapped.append
-        for custom_id, payload, row_issues in zip(custom_ids, payloads, issues, strict=True):
+        for row, (custom_id, payload) in enumerate(zip(converted.custom_ids, payloads, strict=True)):
+            row_issues = converted.issues.get(row, [])
             if custom_id is None:
-                append(MappedRow(custom_id=None, attributes=None, issues=row_issues))
-            elif row_issues and reject_row:
-                append(MappedRow(custom_id=custom_id, attributes=None, issues=row_issues))
+                mapped.append(MappedRow(custom_id=None, attributes=None, issues=row_issues))
+            elif row_issues and self._reject_row:
+                mapped.append(MappedRow(custom_id=custom_id, attributes=None, issues=row_issues))
             else:
-                append(MappedRow(custom_id=custom_id, attributes=payload, issues=row_issues))
+                mapped.append(MappedRow(custom_id=custom_id, attributes=payload, issues=row_issues))
         return mapped
 
 
-# --- Columnar helpers for map_batch ---------------------------------------------------------
+# --- Columns: what convert_batch hands to the encoder ---------------------------------------
+
+
+class ConvertedField(NamedTuple):
+    """One mapped field of a batch after conversion.
+
+    Row i's result is ``values[codes[i]]`` when ``codes`` is set (a dictionary-encoded
+    column: one converter call per distinct value), else ``values[i]``. A result is
+    ``None`` (no value: the bare ``key`` is sent as null), a :class:`Failure` (the value
+    is invalid: the row is rejected, or the attribute dropped), or the payload value,
+    sent under ``present_key``.
+    """
+
+    column: str
+    key: str
+    present_key: str
+    values: list[Any]
+    codes: pa.Int64Array | None
+    has_failure: bool
+
+
+class ConvertedBatch(NamedTuple):
+    """A batch after :meth:`ProfileMapper.convert_batch`: ids, field results and issues."""
+
+    rows: int
+    custom_ids: list[str | None]  # None: the id is missing or invalid (the row is rejected)
+    issues: dict[int, list[RowIssue]]  # row -> its problems in map_row's order; rows without any are absent
+    fields: tuple[ConvertedField, ...]  # in payload order
+    reject_row: bool  # on_invalid_value: an invalid attribute rejects its row (else: it is dropped)
 
 
 class _DecodedColumn(NamedTuple):
@@ -746,7 +796,21 @@ class _DecodedColumn(NamedTuple):
     is set (a dictionary-encoded column; nulls point at a trailing None), else ``values[i]``."""
 
     values: list[Any]
-    codes: list[int] | None
+    codes: pa.Int64Array | None
+
+
+def _zeros(rows: int) -> pa.Int64Array:
+    zeros: pa.Int64Array = pc.fill_null(pa.nulls(rows, pa.int64()), 0)
+    return zeros
+
+
+def _failed_rows(converted: list[Any], codes: pa.Int64Array | None) -> list[int]:
+    """The rows whose result is a Failure, in row order."""
+    failed = [index for index, result in enumerate(converted) if type(result) is Failure]
+    if codes is None:
+        return failed
+    rows: list[int] = pc.indices_nonzero(pc.is_in(codes, pa.array(failed, pa.int64()))).to_pylist()
+    return rows
 
 
 def _dedupes(arrow_type: pa.DataType) -> bool:
@@ -781,39 +845,9 @@ def _decode_column(array: pa.Array) -> _DecodedColumn:
         return _DecodedColumn(array.to_pylist(), None)
     values = encoded.dictionary.to_pylist()
     # A null row points past the dictionary, at the None appended there.
-    codes = pc.fill_null(encoded.indices.cast(pa.int64()), len(values)).to_pylist()
+    codes = pc.fill_null(encoded.indices.cast(pa.int64()), len(values))
     values.append(None)
     return _DecodedColumn(values, codes)
-
-
-def _fill_field(
-    payloads: list[dict[str, Any]],
-    issues: list[list[RowIssue]],
-    source: _DecodedColumn,
-    column: str,
-    key: str,
-    present_key: str,
-    convert: Converter,
-) -> None:
-    """Write one field into every row's payload, as map_row's loop body does per row."""
-    # None is "no value" both as a source value and as a converter result.
-    converted = [None if value is None else convert(value) for value in source.values]
-    results = converted if source.codes is None else list(map(converted.__getitem__, source.codes))
-    has_failure = any(type(result) is _Failure for result in converted)
-    if not has_failure and key == present_key:
-        for payload, result in zip(payloads, results, strict=True):
-            payload[key] = result
-    elif not has_failure:
-        for payload, result in zip(payloads, results, strict=True):
-            payload[key if result is None else present_key] = result
-    else:
-        for payload, row_issues, result in zip(payloads, issues, results, strict=True):
-            if result is None:
-                payload[key] = None
-            elif type(result) is _Failure:
-                row_issues.append(RowIssue(column, result.reason, result.detail))
-            else:
-                payload[present_key] = result
 
 
 # --- Schema checks -------------------------------------------------------------------------

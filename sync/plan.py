@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.config import GuardsConfig, SyncMode
 from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.encode import EncodedBatch, encode_rows
 from sync.errors import ConfigError
-from sync.fingerprint import canonical_payload, payload_fingerprint_of
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, Refusal, RowIssue
+from sync.state.core import JOURNAL_SCHEMA
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -105,6 +107,100 @@ class PlannedSend(NamedTuple):
     body: bytes  # canonical JSON of the attributes (sync.fingerprint), sent as it is
 
 
+# Profiles to send (or fingerprints to refresh), one row each. ``kind`` is an index into
+# _KINDS. A full load builds no Python object per profile between the differ and the wire.
+PROFILE_ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("custom_id", pa.string(), nullable=False),
+        pa.field("kind", pa.int8(), nullable=False),
+        pa.field("raw", pa.uint64(), nullable=False),
+        pa.field("payload", pa.uint64(), nullable=False),
+        pa.field("body", pa.string(), nullable=False),
+    ]
+)
+_KINDS = (Outcome.NEW, Outcome.CHANGED, Outcome.UNCHANGED)
+_KIND_CODE = {kind: code for code, kind in enumerate(_KINDS)}
+
+
+class ProfileRows:
+    """Planned profiles in columns (:data:`PROFILE_ROWS_SCHEMA`), in plan order.
+
+    Iterating (or indexing) gives :class:`PlannedSend` tuples, for previews and tests; the
+    engine reads the columns. As refreshes, :meth:`entries` gives the journal entries.
+    """
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: pa.Table | None = None) -> None:
+        self.table: pa.Table = PROFILE_ROWS_SCHEMA.empty_table() if table is None else table
+
+    @classmethod
+    def concat(cls, parts: Iterable[ProfileRows]) -> ProfileRows:
+        tables = [part.table for part in parts if part.table.num_rows]
+        if not tables:
+            return cls()
+        return cls(pa.concat_tables(tables))
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def __bool__(self) -> bool:
+        return bool(self.table.num_rows > 0)
+
+    def slice(self, start: int, length: int | None = None) -> ProfileRows:
+        return ProfileRows(self.table.slice(start, length))
+
+    def __iter__(self) -> Iterator[PlannedSend]:
+        columns = [self.table.column(name).to_pylist() for name in PROFILE_ROWS_SCHEMA.names]
+        for custom_id, kind, raw, payload, body in zip(*columns, strict=True):
+            yield PlannedSend(custom_id, _KINDS[kind], Fingerprint(raw, payload), body.encode("utf-8"))
+
+    def __getitem__(self, index: int) -> PlannedSend:
+        return next(iter(self.slice(index if index >= 0 else len(self) + index, 1)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ProfileRows):
+            return bool(self.table.equals(other.table))
+        if isinstance(other, list):
+            return list(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking container: not hashable
+
+    def ids(self) -> list[str]:
+        ids: list[str] = self.table.column("custom_id").to_pylist()
+        return ids
+
+    def new_ids(self) -> list[str]:
+        """Ids of the profiles this send may create (no stored fingerprint)."""
+        new = pc.equal(self.table.column("kind"), _KIND_CODE[Outcome.NEW])
+        ids: list[str] = self.table.column("custom_id").filter(new).to_pylist()
+        return ids
+
+    def last_id(self) -> str:
+        last: str = self.table.column("custom_id")[-1].as_py()
+        return last
+
+    def journal(self, acknowledged: Sequence[str] | None = None) -> pa.Table:
+        """The journal rows (``sync.state.base.JOURNAL_SCHEMA``) of these profiles, or of the acknowledged ones."""
+        table = self.table
+        if acknowledged is not None and len(acknowledged) != table.num_rows:
+            table = table.filter(pc.is_in(table.column("custom_id"), pa.array(acknowledged, pa.string())))
+        return pa.table(
+            [
+                table.column("custom_id"),
+                table.column("raw"),
+                table.column("payload"),
+                pa.repeat(pa.scalar(True), table.num_rows),
+            ],
+            schema=JOURNAL_SCHEMA,
+        )
+
+    def entries(self) -> list[JournalEntry]:
+        """As journal entries (one Python object per row: for tests and small lists)."""
+        return [JournalEntry(send.custom_id, send.fingerprint) for send in self]
+
+
 @dataclass
 class PlanCounts:
     """Counts per outcome (and why rows were rejected or attributes dropped), added up over batches."""
@@ -126,8 +222,8 @@ class PlanCounts:
 class BatchPlan:
     """The outcome of one mapped batch."""
 
-    sends: list[PlannedSend] = field(default_factory=list)
-    refreshes: list[JournalEntry] = field(default_factory=list)
+    sends: ProfileRows = field(default_factory=ProfileRows)
+    refreshes: ProfileRows = field(default_factory=ProfileRows)
     rejected: list[RejectedRow] = field(default_factory=list)
     dropped: list[DroppedAttribute] = field(default_factory=list)
     tally: PlanCounts = field(default_factory=PlanCounts)
@@ -135,7 +231,7 @@ class BatchPlan:
 
 def plan_rows(
     batch: pa.RecordBatch,
-    mapped: Sequence[MappedRow],
+    mapped: EncodedBatch | Sequence[MappedRow],
     *,
     full: bool,
     duplicates: Mapping[str, int],
@@ -145,100 +241,132 @@ def plan_rows(
 ) -> BatchPlan:
     """Classify the mapped rows of one differ batch (see the module docstring).
 
+    The decisions are taken in columns (Arrow compute over the whole batch); only rows
+    that need a word of their own (rejected, duplicated, refused before, or with a
+    dropped attribute) are visited one by one.
+
     Args:
         batch: A batch from :mod:`sync.diff` (mapped columns plus the differ's columns).
-        mapped: ``mapper.map_batch(batch)``, one per row, in order.
+        mapped: The batch's payloads: ``encode_batch(mapper.convert_batch(batch))``, or
+            (the reference form, for tests) ``mapper.map_batch(batch)``, one per row.
         full: A full pass: every valid row is sent, unchanged ones included.
         duplicates: Custom ID -> copies in the segment, for every duplicated id.
         id_column: The Custom ID column (named in a duplicate's rejection).
-        payload_keys: ``ProfileMapper.payload_keys``. A row that lost attributes
-            (``drop_attribute``) is fingerprinted as if each dropped key were null, which is
-            what Batch holds for it after the send unless it held a value (it keeps that):
-            a previously-null attribute whose new value is invalid is no change to send.
-            The body sent still leaves the dropped keys out.
+        payload_keys: ``ProfileMapper.payload_keys``, needed with the reference form only.
+            A row that lost attributes (``drop_attribute``) is fingerprinted as if each
+            dropped key were null, which is what Batch holds for it after the send unless it
+            held a value (it keeps that): a previously-null attribute whose new value is
+            invalid is no change to send. The body sent still leaves the dropped keys out.
         refused: Payloads Batch refused before, by custom_id (``StateStore.load_refusals``).
             A row whose payload is the one Batch refused is not sent again (Batch would
             refuse it again): it is listed with Batch's reason and counted
             ``refused_unchanged``. A changed payload is sent as usual.
     """
+    encoded = mapped if isinstance(mapped, EncodedBatch) else encode_rows(mapped, payload_keys)
     plan = BatchPlan()
     counts = plan.tally.counts
     by_reason = plan.tally.rejected_by_reason
     dropped = plan.tally.dropped_by_reason
-    rows = batch.column(ROW).to_pylist()
-    raws = batch.column(RAW).to_pylist()
-    is_duplicate = batch.column(DUPLICATE).to_pylist()
-    stored_raws = batch.column(STORED_RAW).to_pylist()
-    stored_payloads = batch.column(STORED_PAYLOAD).to_pylist()
-    counts["rows_mapped"] += len(mapped)
-    for index, row in enumerate(mapped):
-        custom_id = row.custom_id
-        if is_duplicate[index] and custom_id is not None:
+    rows = batch.num_rows
+    custom_ids = encoded.custom_ids
+    counts["rows_mapped"] += rows
+    if rows == 0:
+        return plan
+    has_id = pa.array([custom_id is not None for custom_id in custom_ids], pa.bool_())
+    duplicate = pc.and_(pc.fill_null(batch.column(DUPLICATE), False), has_id)
+    eligible = pc.and_(encoded.valid, pc.invert(duplicate))
+    payload = encoded.payloads
+    stored_payload = batch.column(STORED_PAYLOAD)
+    new = pc.is_null(stored_payload)
+    unchanged = pc.fill_null(pc.equal(stored_payload, payload), False)
+
+    # Rows that need a word of their own, in row order.
+    special = pc.invert(eligible)
+    if encoded.issues:
+        with_issues = pc.is_in(pa.array(range(rows), pa.int64()), pa.array(list(encoded.issues), pa.int64()))
+        special = pc.or_(special, with_issues)
+    ids_array = pa.array(custom_ids, pa.string())
+    if refused:
+        special = pc.or_(special, pc.fill_null(pc.is_in(ids_array, pa.array(list(refused), pa.string())), False))
+    row_numbers = batch.column(ROW)
+    refused_again: list[int] = []
+    sent_mask = eligible if full else pc.and_(eligible, pc.invert(unchanged))
+    for index in pc.indices_nonzero(special).to_pylist():
+        custom_id = custom_ids[index]
+        row_number = row_numbers[index].as_py()
+        issues = encoded.issues.get(index, [])
+        if duplicate[index].as_py():
             # Census-style: every copy of a duplicated id is rejected; Batch keeps what it
             # holds for that person (present in the segment, so never removed).
             counts["rejected"] += 1
             counts["duplicates"] += 1
             by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += 1
             # A copy that is also invalid (or lost an attribute) says so in the counts too.
-            if row.attributes is None:
-                for reason in {issue.reason.value for issue in row.issues}:
+            if not encoded.valid[index].as_py():
+                for reason in {issue.reason.value for issue in issues}:
                     by_reason[reason] += 1
             else:
-                for issue in row.issues:
+                for issue in issues:
                     dropped[issue.reason.value] += 1
-                    plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=False))
+                    plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=False))
+            assert custom_id is not None
             copies = duplicates.get(custom_id, 2)
             issue = RowIssue(id_column, Reason.DUPLICATE_CUSTOM_ID, f"appears {copies} times in the segment")
-            plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
+            plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
             continue
-        attributes = row.attributes
-        if attributes is None:
+        if not encoded.valid[index].as_py():
             counts["rejected"] += 1
-            for reason in {issue.reason.value for issue in row.issues}:
+            for reason in {issue.reason.value for issue in issues}:
                 by_reason[reason] += 1
-            plan.rejected.append(RejectedRow(rows[index], custom_id, tuple(row.issues)))
+            plan.rejected.append(RejectedRow(row_number, custom_id, tuple(issues)))
             continue
-        assert custom_id is not None  # a row with attributes always has an id
-        body = canonical_payload(attributes)
-        compared = body
-        if row.issues and payload_keys:
-            dropped_keys = [key for key, present in payload_keys if key not in attributes and present not in attributes]
-            if dropped_keys:
-                compared = canonical_payload({**attributes, **dict.fromkeys(dropped_keys)})
-        fingerprint = Fingerprint(raw=raws[index], payload=payload_fingerprint_of(compared))
-        stored_payload = stored_payloads[index]
-        if stored_payload is None:
-            kind = Outcome.NEW
-        elif stored_payload != fingerprint.payload:
-            kind = Outcome.CHANGED
-        else:
-            kind = Outcome.UNCHANGED
+        assert custom_id is not None  # a valid row always has an id
         prior = refused.get(custom_id) if refused else None
-        if prior is not None and prior.payload == fingerprint.payload and kind is not Outcome.UNCHANGED:
+        if prior is not None and prior.payload == payload[index].as_py() and not unchanged[index].as_py():
+            refused_again.append(index)
             counts["refused_unchanged"] += 1
             by_reason[Reason.BATCH_REJECTED.value] += 1
-            for issue in row.issues:
+            for issue in issues:
                 dropped[issue.reason.value] += 1
-                plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=False))
+                plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=False))
             detail = f"Batch refused this payload before ({prior.reason}); not sent again until it changes"
             issue = RowIssue(prior.field, Reason.BATCH_REJECTED, detail)
-            plan.rejected.append(RejectedRow(rows[index], custom_id, (issue,)))
+            plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
             continue
-        counts[kind.value] += 1
-        sent = kind is not Outcome.UNCHANGED or full
-        for issue in row.issues:
+        sent = bool(sent_mask[index].as_py())
+        for issue in issues:
             dropped[issue.reason.value] += 1
-            plan.dropped.append(DroppedAttribute(rows[index], custom_id, issue, row_sent=sent))
-        if not sent:
-            if stored_raws[index] != fingerprint.raw:
-                # Same payload as acknowledged (a cosmetic source change, or a mapping change
-                # that does not touch this profile): remember the new raw hash so the next run
-                # skips mapping the row. The payload fingerprint never moves without a 202.
-                counts["refreshed"] += 1
-                plan.refreshes.append(JournalEntry(custom_id, fingerprint))
-            continue
-        plan.sends.append(PlannedSend(custom_id, kind, fingerprint, body))
+            plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=sent))
+
+    if refused_again:
+        again = pc.is_in(pa.array(range(rows), pa.int64()), pa.array(refused_again, pa.int64()))
+        eligible = pc.and_(eligible, pc.invert(again))
+        sent_mask = pc.and_(sent_mask, pc.invert(again))
+    counts["new"] += _count(pc.and_(eligible, new))
+    counts["unchanged"] += _count(pc.and_(eligible, unchanged))
+    counts["changed"] += _count(eligible) - counts["new"] - counts["unchanged"]
+    kind = pc.if_else(new, _KIND_CODE[Outcome.NEW], pc.if_else(unchanged, _KIND_CODE[Outcome.UNCHANGED], 1)).cast(
+        pa.int8()
+    )
+    profiles = pa.table([ids_array, kind, batch.column(RAW), payload, encoded.bodies], names=PROFILE_ROWS_SCHEMA.names)
+    plan.sends = ProfileRows(_as_profile_rows(profiles.filter(sent_mask)))
+    if not full:
+        # Same payload as acknowledged (a cosmetic source change, or a mapping change that
+        # does not touch this profile): remember the new raw hash so the next run skips
+        # mapping the row. The payload fingerprint never moves without a 202.
+        moved_raw = pc.fill_null(pc.not_equal(batch.column(STORED_RAW), batch.column(RAW)), True)
+        refresh = pc.and_(pc.and_(eligible, unchanged), moved_raw)
+        plan.refreshes = ProfileRows(_as_profile_rows(profiles.filter(refresh)))
+        counts["refreshed"] += len(plan.refreshes)
     return plan
+
+
+def _count(mask: pa.BooleanArray) -> int:
+    return int(pc.sum(mask).as_py() or 0)
+
+
+def _as_profile_rows(table: pa.Table) -> pa.Table:
+    return table.cast(PROFILE_ROWS_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import pyarrow as pa
 import structlog
 
-from sync.batch.client import BatchClient, ProfileUpdate, SendOutcome
+from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
+from sync.encode import request_array
 from sync.model import JournalEntry, Lease, Refusal
-from sync.plan import Outcome, PlannedSend
+from sync.plan import ProfileRows
+from sync.state import core
 from sync.state.base import StateStore
 
 log = structlog.get_logger("cepsync.send")
@@ -51,7 +54,9 @@ class Journal:
         self._seconds = every_seconds
         self._clock = clock
         self._now = now
-        self._pending: list[JournalEntry] = []
+        # Acknowledged outcomes: the sender's columns (JOURNAL_SCHEMA tables) or entries.
+        self._pending: list[pa.Table | Sequence[JournalEntry]] = []
+        self._pending_rows = 0
         # Mirror intents no longer needed once the entries above are committed.
         self._intents_done: list[str] = []
         self._last_flush = clock()
@@ -61,37 +66,42 @@ class Journal:
         self.commit_seconds = 0.0
         self.on_flush: Callable[[], Awaitable[None]] | None = None
 
-    def add(self, entries: Sequence[JournalEntry], *, intents_done: Sequence[str] = ()) -> None:
+    def add(self, entries: Sequence[JournalEntry] | pa.Table, *, intents_done: Sequence[str] = ()) -> None:
         """Entries to commit; ``intents_done``: mirror intents to drop once they are committed.
 
         An intent only matters until the id's fingerprint (or its removal) is durable, so it
         is dropped right after the commit that made it so, flush by flush: a million-profile
         first sync never holds a million ids to clear at its end.
         """
-        self._pending.extend(entries)
+        rows = entries.num_rows if isinstance(entries, pa.Table) else len(entries)
+        if rows:
+            self._pending.append(entries)
+            self._pending_rows += rows
         self._intents_done.extend(intents_done)
 
     def due(self) -> bool:
-        return bool(self._pending) and (
-            len(self._pending) >= self._every or self._clock() - self._last_flush >= self._seconds
+        return self._pending_rows > 0 and (
+            self._pending_rows >= self._every or self._clock() - self._last_flush >= self._seconds
         )
 
     async def flush(self) -> None:
         async with self._lock:
-            entries, self._pending = self._pending, []
+            pending, self._pending, self._pending_rows = self._pending, [], 0
             intents, self._intents_done = self._intents_done, []
             self._last_flush = self._clock()
-            if not entries:
+            if not pending:
                 return
             started = time.perf_counter()
-            await asyncio.to_thread(self._store.commit, self._lease(), entries, self._now())
+            lease = self._lease()
+            entries = await asyncio.to_thread(_one_table, lease.activation, pending)
+            await asyncio.to_thread(self._store.commit, lease, entries, self._now())
             if intents:
                 # After the commit: a crash in between leaves intents for stored ids, harmless
                 # (both say "synced"), never an acknowledged id without either.
                 await asyncio.to_thread(self._store.clear_intents, self._lease(), intents)
             self.commit_seconds += time.perf_counter() - started
             self.flushes += 1
-            self.committed += len(entries)
+            self.committed += entries.num_rows
             if self.on_flush is not None:
                 await self.on_flush()
 
@@ -126,7 +136,7 @@ class Watermark:
 class SendGroup:
     """One request's worth: upserts (in id order within a full pass) or removals."""
 
-    upserts: list[PlannedSend] = field(default_factory=list)
+    upserts: ProfileRows = field(default_factory=ProfileRows)
     removals: list[str] = field(default_factory=list)
 
 
@@ -227,11 +237,15 @@ class Sender:
         try:
             tally = self.tally
             if group.upserts:
-                new_ids = [send.custom_id for send in group.upserts if send.kind is Outcome.NEW]
+                upserts = group.upserts
+                new_ids = upserts.new_ids() if self._record_intents is not None else []
                 if new_ids and self._record_intents is not None:
                     # Guarantee 7: own what we may create, durably, before the request leaves.
                     await self._record_intents(new_ids)
-                profiles = [ProfileUpdate(send.custom_id, encoded=send.body) for send in group.upserts]
+                ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
+                profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
+                    ids.to_pylist(), request_array(ids.combine_chunks(), bodies.combine_chunks())
+                )
             else:
                 profiles = [ProfileUpdate(custom_id, encoded=self._removal) for custom_id in group.removals]
             tally.attempted += len(profiles)
@@ -247,28 +261,21 @@ class Sender:
             if outcome.failure and len(tally.failures) < 5:
                 tally.failures.append(outcome.failure)
             if group.upserts:
-                fingerprints = {send.custom_id: send for send in group.upserts}
-                new_ids = (
-                    [c for c in outcome.acknowledged if fingerprints[c].kind is Outcome.NEW]
-                    if self._record_intents is not None
-                    else []
-                )
-                self._journal.add(
-                    [
-                        JournalEntry(custom_id, fingerprints[custom_id].fingerprint)
-                        for custom_id in outcome.acknowledged
-                    ],
-                    intents_done=new_ids,
-                )
+                upserts = group.upserts
+                everything = len(outcome.acknowledged) == len(upserts)
+                if new_ids and not everything:
+                    acknowledged = set(outcome.acknowledged)
+                    new_ids = [custom_id for custom_id in new_ids if custom_id in acknowledged]
+                self._journal.add(upserts.journal(None if everything else outcome.acknowledged), intents_done=new_ids)
                 tally.acknowledged_new += len(new_ids)
-                tally.refusals.extend(
-                    Refusal(
-                        r.custom_id, fingerprints[r.custom_id].fingerprint.payload, r.attribute or "(profile)", r.reason
+                if outcome.rejected:
+                    payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
+                    tally.refusals.extend(
+                        Refusal(r.custom_id, payloads[r.custom_id], r.attribute or "(profile)", r.reason)
+                        for r in outcome.rejected
+                        if r.custom_id in payloads
                     )
-                    for r in outcome.rejected
-                    if r.custom_id in fingerprints
-                )
-                self.watermark.complete(index, group.upserts[-1].custom_id, clean=not outcome.failed)
+                self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)
             else:
                 self._journal.add(
                     [JournalEntry(custom_id, None) for custom_id in outcome.acknowledged],
@@ -289,3 +296,9 @@ class Sender:
             # Commit what was acknowledged before the fatal error, then report it.
             await self._journal.flush()
             raise self._errors[0]
+
+
+def _one_table(activation: str, pending: list[pa.Table | Sequence[JournalEntry]]) -> pa.Table:
+    """The pending outcomes as one journal table (``sync.state.core.JOURNAL_SCHEMA``), oldest first."""
+    tables = [part if isinstance(part, pa.Table) else core.journal_table(activation, part) for part in pending]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

@@ -1,4 +1,4 @@
-"""Mapping on several cores: the same ``map_batch`` + ``plan_rows``, in worker processes.
+"""Mapping on several cores: the same ``convert_batch`` + ``encode_batch`` + ``plan_rows``, in worker processes.
 
 Mapping is the one stage that holds the GIL (phone numbers, emails, dates are Python code).
 On a machine with spare cores, the engine hands the differ's batches to a pool of worker
@@ -20,6 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import pyarrow as pa
 
 from sync.config import Activation, AttributeType
+from sync.encode import encode_batch
 from sync.mapping import ProfileMapper
 from sync.model import Refusal
 from sync.plan import BatchPlan, plan_rows
@@ -66,7 +67,7 @@ def _map_and_plan(batch: pa.RecordBatch, full: bool) -> tuple[BatchPlan, float]:
     started = time.perf_counter()
     plan = plan_rows(
         batch,
-        _mapper.map_batch(batch),
+        encode_batch(_mapper.convert_batch(batch)),
         full=full,
         duplicates=_duplicates,
         id_column=_id_column,

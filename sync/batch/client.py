@@ -121,6 +121,21 @@ class ProfileUpdate(NamedTuple):
         return b'{"identifiers":{"custom_id":' + identifier + b'},"attributes":' + attributes + b"}"
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedProfiles:
+    """Profiles already encoded as a request's JSON array (``sync.encode.request_array``).
+
+    ``ids`` lists their Custom IDs in the array's order: Batch's partial errors name
+    profiles by id, and every id must be acknowledged, rejected or failed.
+    """
+
+    ids: list[str]
+    payload: bytes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class Rejection:
     """A profile Batch listed in ``errors`` of a ``SUCCESS_WITH_PARTIAL_ERRORS`` answer."""
@@ -274,13 +289,17 @@ class BatchClient:
         )
 
     async def send(
-        self, endpoint: Endpoint, profiles: Sequence[ProfileUpdate], *, deadline: float | None = None
+        self,
+        endpoint: Endpoint,
+        profiles: Sequence[ProfileUpdate] | EncodedProfiles,
+        *,
+        deadline: float | None = None,
     ) -> SendOutcome:
         """Send one logical request, retrying transient errors inside.
 
         Args:
             endpoint: Where to send.
-            profiles: At most ``endpoint.max_batch`` profiles.
+            profiles: At most ``endpoint.max_batch`` profiles, one by one or already encoded.
             deadline: A time on the client's clock (the lease expiry or the run's time
                 budget). No wait ends after it and no request outlives it; when the next
                 wait would, the rows are returned as ``failed``.
@@ -304,8 +323,11 @@ class BatchClient:
         outcome = SendOutcome()
         if not profiles:
             return outcome
-        ids = [profile.custom_id for profile in profiles]
-        payload = b"[" + b",".join(profile.request_bytes() for profile in profiles) + b"]"
+        if isinstance(profiles, EncodedProfiles):
+            ids, payload = profiles.ids, profiles.payload
+        else:
+            ids = [profile.custom_id for profile in profiles]
+            payload = b"[" + b",".join(profile.request_bytes() for profile in profiles) + b"]"
         url = self.url(endpoint)
         limiter = self._limiters.get(self._credentials.project_key.get_secret_value(), endpoint)
         max_attempts = self._destination.max_attempts

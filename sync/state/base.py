@@ -156,7 +156,7 @@ class StateStore(Protocol):
         (``sync.diff`` joins it against the segment in DuckDB).
         """
 
-    def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Durably apply acknowledged outcomes (fenced). Entries with fingerprint None delete."""
 
     def compact(self, lease: Lease, now: datetime) -> None:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
@@ -126,19 +127,33 @@ def latest_entries(entries: Iterable[JournalEntry]) -> dict[str, Fingerprint | N
     return latest
 
 
-def journal_table(activation: str, entries: Iterable[JournalEntry]) -> pa.Table:
+def journal_table(activation: str, entries: Iterable[JournalEntry] | pa.Table) -> pa.Table:
     """A commit's entries as one :data:`JOURNAL_SCHEMA` table, the last entry of an id winning.
+
+    ``entries`` may already be a :data:`JOURNAL_SCHEMA` table (the sender's columns): it is
+    kept as it is when its ids are distinct, with no Python object per row.
 
     Raises:
         ValueError: A fingerprint is not an unsigned 64-bit int, or a custom_id is not
             valid text.
     """
+    if isinstance(entries, pa.Table):
+        table = entries.select(JOURNAL_SCHEMA.names).cast(JOURNAL_SCHEMA)
+        ids = table.column("custom_id")
+        if ids.null_count:
+            raise ValueError(f"activation {activation!r}: custom_id must be a str, got None")
+        if pc.count_distinct(ids).as_py() == table.num_rows:
+            return table.combine_chunks()
+        entries = [
+            JournalEntry(custom_id, Fingerprint(raw, payload) if put else None)
+            for custom_id, raw, payload, put in zip(*(column.to_pylist() for column in table.columns), strict=True)
+        ]
     latest = latest_entries(entries)
-    ids = unique_ids(activation, latest)
+    ids_list = unique_ids(activation, latest)
     raws = [0 if fp is None else check_u64(fp.raw, activation, i, "raw") for i, fp in latest.items()]
     payloads = [0 if fp is None else check_u64(fp.payload, activation, i, "payload") for i, fp in latest.items()]
     puts = [fp is not None for fp in latest.values()]
-    columns = [pa.array(ids, pa.string()), pa.array(raws, pa.uint64()), pa.array(payloads, pa.uint64())]
+    columns = [pa.array(ids_list, pa.string()), pa.array(raws, pa.uint64()), pa.array(payloads, pa.uint64())]
     return pa.table([*columns, pa.array(puts, pa.bool_())], schema=JOURNAL_SCHEMA)
 
 

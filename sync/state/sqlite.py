@@ -385,7 +385,7 @@ class SQLiteStateStore:
         ]
         return base, journal
 
-    def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Append the entries as one journal blob, in one fenced transaction.
 
         ``now`` is accepted for the protocol.

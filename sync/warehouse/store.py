@@ -44,6 +44,7 @@ from google.cloud import bigquery
 
 from sync.errors import ConfigError, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.state import core
 from sync.state.base import FINGERPRINT_SCHEMA, StateStore
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
@@ -118,9 +119,15 @@ class WarehouseStateStore:
             )
         }
 
-    def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Append acknowledged entries to the journal: one load job, all rows or none (fenced)."""
         self.base.compact(lease, now)  # raises LeaseLost for a stale lease before anything is written
+        if isinstance(entries, pa.Table):
+            table = core.journal_table(lease.activation, entries)
+            if table.num_rows:
+                ids, raws, payloads, puts = (table.column(name).combine_chunks() for name in table.column_names)
+                self.append(lease, ids, raws, payloads, puts, now)
+            return
         if not entries:
             return
         raws = [0 if e.fingerprint is None else e.fingerprint.raw for e in entries]

@@ -171,7 +171,7 @@ class FirestoreStateStore:
         """
         return fold_journal(*self._journal.load(activation, FP))
 
-    def commit(self, lease: Lease, entries: Sequence[JournalEntry], now: datetime) -> None:
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Durably apply acknowledged outcomes as journal documents (fenced; see :mod:`.journal`).
 
         Raises:

@@ -1,0 +1,218 @@
+"""Encode: converted columns → canonical JSON payloads and their fingerprints, in columns.
+
+A full load sends every row, and building a dict per row for ``json.dumps`` to sort and
+encode was the largest single cost of the hot path. Here each field of a batch is encoded
+once per distinct value (or once per row for a column that does not repeat) into a
+*fragment*, ``,"key":value``; Arrow gathers the fragments per row and joins them in sorted
+key order. The result is, byte for byte, what :func:`sync.fingerprint.canonical_payload`
+writes for the dict :meth:`sync.mapping.ProfileMapper.map_row` builds (UTF-8, sorted keys,
+no whitespace, non-ASCII kept), so the payload fingerprints stored by earlier versions stay
+valid. ``tests/test_encode.py`` holds the two together on generated batches.
+
+The request body Batch receives is assembled the same way (:func:`request_array`): no
+Python object per profile between the mapped columns and the bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sync.fingerprint import PAYLOAD_SALT, canonical_payload, payload_fingerprint_of
+from sync.mapping import ConvertedBatch, ConvertedField, Failure
+from sync.model import MappedRow, RowIssue
+
+# What json.dumps(..., ensure_ascii=False) writes for a str: C code, escapes only '"', '\\'
+# and control characters.
+_encode_str: Final = json.encoder.encode_basestring
+# A custom_id that holds none of these is its own JSON string between quotes.
+_NEEDS_ESCAPE: Final = r'[\x00-\x1f"\\]'
+
+
+def json_value(value: Any) -> str:
+    """One payload value as canonical JSON (as it appears inside ``canonical_payload``).
+
+    Raises:
+        ValueError: A non-finite float (``canonical_payload`` refuses it the same way).
+    """
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
+        return float.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is list and all(type(item) is str for item in value):
+        return "[" + ",".join(map(_encode_str, value)) + "]"
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One batch's payloads, in columns.
+
+    Attributes:
+        custom_ids: Row -> its Custom ID, or None when the id is missing or invalid.
+        issues: Row -> its problems (as ``MappedRow.issues``); rows without any are absent.
+        valid: Row -> it has a payload to send (a rejected row has none).
+        bodies: Row -> the canonical JSON of its payload (what is sent), null where not valid.
+        payloads: Row -> the payload fingerprint, null where not valid. A row that lost
+            attributes (``drop_attribute``) is fingerprinted as if each dropped key were
+            null: Batch keeps its old value for a key we leave out, so a previously-null
+            attribute whose new value is invalid is no change to send.
+    """
+
+    custom_ids: list[str | None]
+    issues: dict[int, list[RowIssue]]
+    valid: pa.BooleanArray
+    bodies: pa.StringArray
+    payloads: pa.UInt64Array
+
+
+def encode_batch(converted: ConvertedBatch) -> EncodedBatch:
+    """Encode the payloads of a converted batch (:meth:`ProfileMapper.convert_batch`)."""
+    rows = converted.rows
+    valid_rows = [custom_id is not None for custom_id in converted.custom_ids]
+    if converted.reject_row:
+        for row in converted.issues:
+            valid_rows[row] = False
+    valid = pa.array(valid_rows, pa.bool_())
+    slots: list[tuple[str, pa.StringArray]] = []
+    compared_slots: list[tuple[str, pa.StringArray]] = []
+    drops = not converted.reject_row and any(field.has_failure for field in converted.fields)
+    for field in converted.fields:
+        field_slots = _field_slots(field)
+        slots.extend(field_slots)
+        if drops:
+            compared_slots.extend(_field_slots(field, dropped_as_null=True) if field.has_failure else field_slots)
+    bodies = _join_objects(slots, rows)
+    compared = _join_objects(compared_slots, rows) if drops else bodies
+    null_string = pa.scalar(None, pa.string())
+    return EncodedBatch(
+        custom_ids=converted.custom_ids,
+        issues=converted.issues,
+        valid=valid,
+        bodies=pc.if_else(valid, bodies, null_string),
+        payloads=pc.if_else(valid, payload_fingerprints(compared), pa.scalar(None, pa.uint64())),
+    )
+
+
+def _field_slots(field: ConvertedField, *, dropped_as_null: bool = False) -> list[tuple[str, pa.StringArray]]:
+    """The fragments of one field, as (key they sort by, one fragment per row; "" where absent).
+
+    A field writes its bare key for null and its present key (``date(x)``, ``url(x)``)
+    for a value; when the two differ they sort apart, so each gets its own slot.
+    """
+    key, present_key, values = field.key, field.present_key, field.values
+    null = "," + _encode_str(key) + ":null"
+    prefix = "," + _encode_str(present_key) + ":"
+    # A failure is left out of the payload (the attribute is dropped), or, in the payload
+    # the fingerprint is taken of, written as null.
+    failed = null if dropped_as_null else ""
+    if key == present_key:
+        merged = [
+            null if value is None else failed if type(value) is Failure else prefix + json_value(value)
+            for value in values
+        ]
+        return [(key, _gather(merged, field.codes))]
+    nulls = [null if value is None else failed if type(value) is Failure else "" for value in values]
+    presents = ["" if value is None or type(value) is Failure else prefix + json_value(value) for value in values]
+    return [(key, _gather(nulls, field.codes)), (present_key, _gather(presents, field.codes))]
+
+
+def _gather(fragments: list[str], codes: pa.Int64Array | None) -> pa.StringArray:
+    array = pa.array(fragments, pa.string())
+    return array if codes is None else array.take(codes)
+
+
+def _join_objects(slots: list[tuple[str, pa.StringArray]], rows: int) -> pa.StringArray:
+    """Each row's fragments in sorted key order, as one JSON object per row."""
+    if not slots:
+        return pa.array(["{}"] * rows, pa.string())
+    # Keys are unique per mapping (config), so sorting the slots sorts every row's keys.
+    ordered = [array for _, array in sorted(slots, key=lambda slot: slot[0])]
+    joined = pc.binary_join_element_wise(*ordered, "")
+    # Every fragment starts with a comma: drop the first one and wrap in braces.
+    objects: pa.StringArray = pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 1), "}", "")
+    return objects
+
+
+def payload_fingerprints(bodies: pa.StringArray) -> pa.UInt64Array:
+    """:func:`sync.fingerprint.payload_fingerprint_of` of every body, as a uint64 array (nulls → 0)."""
+    salted = hashlib.blake2b(PAYLOAD_SALT, digest_size=8)
+    digests: list[bytes] = []
+    append = digests.append
+    for body in pc.fill_null(bodies, "").cast(pa.binary()).to_pylist():
+        hasher = salted.copy()
+        hasher.update(body)
+        # The fingerprint reads the digest big-endian; Arrow's uint64 buffer is little-endian.
+        append(hasher.digest()[::-1])
+    buffer = pa.py_buffer(b"".join(digests))
+    fingerprints: pa.UInt64Array = pa.Array.from_buffers(pa.uint64(), len(bodies), [None, buffer])
+    return fingerprints
+
+
+def encode_rows(mapped: Sequence[MappedRow], payload_keys: Sequence[tuple[str, str]] = ()) -> EncodedBatch:
+    """The same columns from rows mapped one by one (``ProfileMapper.map_row``): the reference.
+
+    Args:
+        mapped: Mapped rows, in batch order.
+        payload_keys: ``ProfileMapper.payload_keys``, to find the attributes a row lost.
+    """
+    bodies: list[str | None] = []
+    payloads: list[int | None] = []
+    issues: dict[int, list[RowIssue]] = {}
+    for row, mapped_row in enumerate(mapped):
+        if mapped_row.issues:
+            issues[row] = mapped_row.issues
+        attributes = mapped_row.attributes
+        if attributes is None or mapped_row.custom_id is None:
+            bodies.append(None)
+            payloads.append(None)
+            continue
+        body = canonical_payload(attributes)
+        compared = body
+        if mapped_row.issues and payload_keys:
+            dropped = [key for key, present in payload_keys if key not in attributes and present not in attributes]
+            if dropped:
+                compared = canonical_payload({**attributes, **dict.fromkeys(dropped)})
+        bodies.append(body.decode("utf-8"))
+        payloads.append(payload_fingerprint_of(compared))
+    return EncodedBatch(
+        custom_ids=[row.custom_id for row in mapped],
+        issues=issues,
+        valid=pa.array([body is not None for body in bodies], pa.bool_()),
+        bodies=pa.array(bodies, pa.string()),
+        payloads=pa.array(payloads, pa.uint64()),
+    )
+
+
+def json_strings(values: pa.StringArray) -> pa.StringArray:
+    """Each string as a JSON string literal (what ``json.dumps(s, ensure_ascii=False)`` writes)."""
+    if not pc.any(pc.match_substring_regex(values, _NEEDS_ESCAPE)).as_py():
+        quoted: pa.StringArray = pc.binary_join_element_wise('"', values, '"', "")
+        return quoted
+    return pa.array([_encode_str(value) for value in values.to_pylist()], pa.string())
+
+
+def request_array(custom_ids: pa.StringArray, bodies: pa.StringArray) -> bytes:
+    """The JSON array of profiles a Batch request carries, from ids and canonical bodies."""
+    items = pc.binary_join_element_wise(
+        '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "}", ""
+    )
+    listed = pa.ListArray.from_arrays(pa.array([0, len(items)], pa.int32()), items)
+    joined: str = pc.binary_join(listed, ",")[0].as_py()
+    return b"[" + joined.encode("utf-8") + b"]"
