@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from sync.config import AttributeType, parse_activation
 from sync.dev.simulator import BatchSimulator
-from sync.mapping import ProfileMapper, resolve_attribute_types
+from sync.mapping import ProfileMapper, _convert_date, _dates_in_columns, resolve_attribute_types
 from sync.model import MappedRow, Reason
 
 # --- helpers ------------------------------------------------------------------------------
@@ -474,3 +474,37 @@ def test_urls(value: str, accepted: bool) -> None:
         assert row.attributes == {"url(site)": value}
     else:
         assert [issue.reason for issue in row.issues] == [Reason.INVALID_URL]
+
+
+# --- dates in columns -------------------------------------------------------------------------
+
+IN_RANGE_MOMENTS = st.datetimes(min_value=datetime(2, 1, 2), max_value=datetime(9998, 12, 30))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    moments=st.lists(st.none() | IN_RANGE_MOMENTS, min_size=1, max_size=20),
+    unit=st.sampled_from(["s", "ms", "us", "date"]),
+    zone=st.sampled_from([None, "UTC", "Europe/Paris", "America/St_Johns"]),
+)
+def test_dates_formatted_in_columns_are_what_the_converter_writes(
+    moments: list[datetime | None], unit: str, zone: str | None
+) -> None:
+    """The Arrow path for date and timestamp columns (pre-1970, sub-second, any zone)."""
+    if unit == "date":
+        array = pa.array([None if m is None else m.date() for m in moments], pa.date32())
+    else:
+        tz = None if zone is None else ZoneInfo(zone)
+        cells = [None if m is None else m.replace(tzinfo=tz) for m in moments]
+        array = pa.array(cells, pa.timestamp("us", tz=zone)).cast(pa.timestamp(unit, tz=zone), safe=False)
+    formatted = _dates_in_columns(array)
+    assert formatted is not None
+    expected = [None if value is None else _convert_date(value) for value in array.to_pylist()]
+    assert formatted.to_pylist() == expected
+
+
+def test_dates_outside_the_columnar_range_go_through_the_converter() -> None:
+    assert _dates_in_columns(pa.array([date(1, 1, 1), date(2024, 1, 1)], pa.date32())) is None
+    assert _dates_in_columns(pa.array([datetime(2024, 1, 1)], pa.timestamp("ns"))) is None
+    assert _dates_in_columns(pa.array(["2024-01-01"])) is None
+    assert _dates_in_columns(pa.array([None, None], pa.date32())).to_pylist() == [None, None]
