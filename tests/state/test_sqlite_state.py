@@ -119,7 +119,7 @@ def test_refuses_a_newer_schema_version(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     with raw:
         raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-        raw.execute("DROP TABLE intents")  # a newer schema may differ: we must not "repair" it
+        raw.execute("DROP TABLE intent_batches")  # a newer schema may differ: we must not "repair" it
     raw.close()
     with pytest.raises(StateSchemaError) as excinfo:
         SQLiteStateStore(db_path)
@@ -129,7 +129,7 @@ def test_refuses_a_newer_schema_version(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     try:
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert "intents" not in tables
+        assert "intent_batches" not in tables
     finally:
         raw.close()
 
