@@ -58,6 +58,7 @@ _IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
 
 # A blob of mirror intents: the ids alone.
 _INTENT_SCHEMA: Final = pa.schema([("custom_id", pa.string())])
+_INTENT_IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions()
 # Ids per blob when intents are merged (sorted, so each blob holds a narrow range of ids and
 # a clear reads only the blobs its ids fall in): ~1 MB of ids, ~1 ms to unpack.
 _INTENT_CHUNK_ROWS: Final = 50_000
@@ -179,10 +180,20 @@ def _unpack(blob: bytes, schema: pa.Schema, where: str) -> pa.Table:
     return core.unpack_table(blob, schema, where, StateSchemaError)
 
 
+def _pack_intents(ids: pa.Array | pa.ChunkedArray) -> memoryview:
+    # Uncompressed: intents are few and short-lived, and lz4 would cost more CPU per call
+    # (packing and unpacking 1,000 ids) than the bytes it saves in the WAL.
+    return memoryview(core.pack_table(pa.table([ids], schema=_INTENT_SCHEMA), _INTENT_IPC_OPTIONS))
+
+
 def _id_range(ids: pa.Array | pa.ChunkedArray) -> tuple[bytes, bytes]:
-    """The smallest and largest of (non-empty) ``ids`` as UTF-8 bytes, in SQLite's BLOB order (bytewise)."""
-    bounds = pc.min_max(ids.cast(pa.binary())).as_py()
-    return bounds["min"], bounds["max"]
+    """The smallest and largest of (non-empty) ``ids`` as UTF-8 bytes, in SQLite's BLOB order.
+
+    Arrow orders strings bytewise, as SQLite compares BLOBs (and as Python orders str:
+    UTF-8 keeps code point order).
+    """
+    bounds = pc.min_max(ids).as_py()
+    return bounds["min"].encode(), bounds["max"].encode()
 
 
 class SQLiteStateStore:
@@ -550,10 +561,10 @@ class SQLiteStateStore:
             if not len(cleared):
                 self._count(1, 0)
                 return
-            bounds = pc.min_max(cleared.cast(pa.binary())).as_py()
+            lowest, highest = _id_range(cleared)
             candidates = conn.execute(
                 "SELECT seq, blob FROM intent_batches WHERE activation = ? AND hi >= ? AND lo <= ? ORDER BY seq",
-                (activation, bounds["min"], bounds["max"]),
+                (activation, lowest, highest),
             ).fetchall()
             self._count(2, 0)
             if not candidates:
@@ -563,20 +574,19 @@ class SQLiteStateStore:
             held = pa.concat_tables(tables).column("custom_id")
             value_set = cleared.combine_chunks() if isinstance(cleared, pa.ChunkedArray) else cleared
             hit = pc.is_in(held, value_set=value_set)
-            if not pc.any(hit).as_py():
-                return
             start = 0
             for (seq, _), table in zip(candidates, tables, strict=True):
                 mask = hit.slice(start, table.num_rows)
                 start += table.num_rows
-                if not pc.any(mask).as_py():
+                hits = pc.sum(mask).as_py() or 0
+                if not hits:
                     continue
-                kept = table.column("custom_id").filter(pc.invert(mask))
-                if len(kept):
+                if hits < table.num_rows:
+                    kept = table.column("custom_id").filter(pc.invert(mask))
                     lo, hi = _id_range(kept)
                     conn.execute(
                         "UPDATE intent_batches SET rows = ?, lo = ?, hi = ?, blob = ? WHERE activation = ? AND seq = ?",
-                        (len(kept), lo, hi, _pack(pa.table([kept], schema=_INTENT_SCHEMA)), activation, seq),
+                        (len(kept), lo, hi, _pack_intents(kept), activation, seq),
                     )
                 else:
                     conn.execute("DELETE FROM intent_batches WHERE activation = ? AND seq = ?", (activation, seq))
@@ -596,7 +606,7 @@ class SQLiteStateStore:
                 len(ids),
                 lo,
                 hi,
-                _pack(pa.table([ids], schema=_INTENT_SCHEMA)),
+                _pack_intents(ids),
             ),
         )
 
