@@ -6,16 +6,17 @@ lease row, read and written inside ``BEGIN IMMEDIATE`` transactions, makes the s
 one exit cleanly, and the fencing token checked in every run-owned write makes a run
 whose lease was taken over unable to commit anything.
 
-Layout (schema version 2)::
+Layout (schema version 3)::
 
     schema_version(version)
     leases(activation PK, owner, token, expires_at_us)      -- expires_at_us NULL = released
     fingerprint_base(activation, chunk, rows, blob)         -- PK (activation, chunk): packed fingerprints
     fingerprint_journal(activation, seq, rows, blob)        -- PK (activation, seq): one per commit
-    intents(activation, custom_id)                          -- PK (activation, custom_id), WITHOUT ROWID
+    intent_batches(activation, seq, rows, lo, hi, blob)     -- PK (activation, seq): packed mirror intents
     meta(activation PK, body JSON)
     runs(run_id PK, activation, started_at, trigger_id, record JSON)
     deliveries(activation, trigger_id, attempts, first_at_us, last_at_us)  -- PK (activation, trigger_id)
+    refusals(activation, custom_id, payload, field, reason)  -- PK (activation, custom_id)
 
 Fingerprints are packed, as in the Firestore store: a run loads a million of them as a
 handful of Arrow IPC blobs (``custom_id, raw, payload``), read straight into the Arrow
@@ -23,8 +24,17 @@ table the differ joins against, with no Python object per profile. Each
 :meth:`SQLiteStateStore.commit` appends one journal blob (``custom_id, raw, payload, put``;
 absolute values, so applying one twice changes nothing); :meth:`SQLiteStateStore.compact`
 folds the journal into the base chunks in the same fenced transaction, at the start of a run
-(after a crash) and at its end. A database written with schema version 1 (one row per
-profile) is converted when it is opened.
+(after a crash) and at its end.
+
+Mirror intents are packed too: each :meth:`SQLiteStateStore.record_intents` call (one request
+group) appends one blob of its ids (``custom_id``), with the smallest and largest id (``lo``,
+``hi``) beside it. :meth:`SQLiteStateStore.clear_intents` reads only the blobs whose range
+meets the cleared ids', and rewrites or deletes those that held one; many small blobs are
+merged into sorted ones of ``_INTENT_CHUNK_ROWS`` ids. An id may sit in several blobs; it is
+an intent while any holds it, and a clear removes it from all.
+
+Older files are converted when opened, in the transaction that reads their version: schema
+version 1 kept one row per fingerprint, versions 1 and 2 one ``intents`` row per id.
 """
 
 from __future__ import annotations
