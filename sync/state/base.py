@@ -164,13 +164,23 @@ class StateStore(Protocol):
 
     # -- mirror intents ------------------------------------------------------------------
     def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        """Durably note ids this activation may be about to create (fenced)."""
+        """Durably note ids this activation may be about to create (fenced).
+
+        Intents are a set: noting an id twice keeps it once, and repeats in one call are
+        fine. Called once per request group before it leaves, so a call should cost a few
+        writes and columnar work, not a write or a Python object per id. Raises ValueError,
+        writing nothing, if an id is not a str that encodes as UTF-8.
+        """
 
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""
 
     def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        """Forget intents for ids that were cleared in Batch (fenced)."""
+        """Forget intents for ids that were cleared in Batch (fenced).
+
+        One clear removes an id however often it was noted; an id never noted is ignored.
+        Called after each journal flush with the ids it committed.
+        """
 
     # -- payloads Batch refused -----------------------------------------------------------
     def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:

@@ -119,6 +119,28 @@ def unique_ids(activation: str, custom_ids: Iterable[str]) -> list[str]:
     return ids
 
 
+def id_array(activation: str, custom_ids: Iterable[str]) -> pa.Array | pa.ChunkedArray:
+    """The ids as one Arrow string array, checked in columns; repeats are kept.
+
+    What :func:`unique_ids` checks (every id a str that encodes as UTF-8), without a Python
+    object per id: Arrow infers the array's type from the values, so anything but str
+    (bytes, a number, None) shows as a type other than string or as a null. Only then are
+    the ids checked one by one, for :func:`unique_ids`'s message naming the bad one.
+    """
+    ids = custom_ids if isinstance(custom_ids, list | tuple) else list(custom_ids)
+    try:
+        array = pa.array(ids)
+    except (pa.ArrowException, UnicodeEncodeError):
+        unique_ids(activation, ids)  # raises, naming the id
+        raise
+    if not len(array):
+        return pa.array([], pa.string())
+    if array.type != pa.string() or array.null_count:
+        unique_ids(activation, ids)  # raises, naming the id
+        raise ValueError(f"activation {activation!r}: custom_ids must be str, got Arrow type {array.type}")
+    return array
+
+
 def latest_entries(entries: Iterable[JournalEntry]) -> dict[str, Fingerprint | None]:
     """One outcome per id: where an id appears more than once, its last entry wins."""
     latest: dict[str, Fingerprint | None] = {}

@@ -6,16 +6,17 @@ lease row, read and written inside ``BEGIN IMMEDIATE`` transactions, makes the s
 one exit cleanly, and the fencing token checked in every run-owned write makes a run
 whose lease was taken over unable to commit anything.
 
-Layout (schema version 2)::
+Layout (schema version 3)::
 
     schema_version(version)
     leases(activation PK, owner, token, expires_at_us)      -- expires_at_us NULL = released
     fingerprint_base(activation, chunk, rows, blob)         -- PK (activation, chunk): packed fingerprints
     fingerprint_journal(activation, seq, rows, blob)        -- PK (activation, seq): one per commit
-    intents(activation, custom_id)                          -- PK (activation, custom_id), WITHOUT ROWID
+    intent_batches(activation, seq, rows, lo, hi, blob)     -- PK (activation, seq): packed mirror intents
     meta(activation PK, body JSON)
     runs(run_id PK, activation, started_at, trigger_id, record JSON)
     deliveries(activation, trigger_id, attempts, first_at_us, last_at_us)  -- PK (activation, trigger_id)
+    refusals(activation, custom_id, payload, field, reason)  -- PK (activation, custom_id)
 
 Fingerprints are packed, as in the Firestore store: a run loads a million of them as a
 handful of Arrow IPC blobs (``custom_id, raw, payload``), read straight into the Arrow
@@ -23,8 +24,17 @@ table the differ joins against, with no Python object per profile. Each
 :meth:`SQLiteStateStore.commit` appends one journal blob (``custom_id, raw, payload, put``;
 absolute values, so applying one twice changes nothing); :meth:`SQLiteStateStore.compact`
 folds the journal into the base chunks in the same fenced transaction, at the start of a run
-(after a crash) and at its end. A database written with schema version 1 (one row per
-profile) is converted when it is opened.
+(after a crash) and at its end.
+
+Mirror intents are packed too: each :meth:`SQLiteStateStore.record_intents` call (one request
+group) appends one blob of its ids (``custom_id``), with the smallest and largest id (``lo``,
+``hi``) beside it. :meth:`SQLiteStateStore.clear_intents` reads only the blobs whose range
+meets the cleared ids', and rewrites or deletes those that held one; many small blobs are
+merged into sorted ones of ``_INTENT_CHUNK_ROWS`` ids. An id may sit in several blobs; it is
+an intent while any holds it, and a clear removes it from all.
+
+Older files are converted when opened, in the transaction that reads their version: schema
+version 1 kept one row per fingerprint, versions 1 and 2 one ``intents`` row per id.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from types import TracebackType
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.errors import FatalError
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
@@ -46,7 +57,7 @@ from sync.state import core
 from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal
 from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
@@ -54,6 +65,17 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _CHUNK_ROWS: Final = 1_000_000
 # lz4: ids compress about 3x, at a few ms per million fingerprints.
 _IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
+
+# A blob of mirror intents: the ids alone.
+_INTENT_SCHEMA: Final = pa.schema([("custom_id", pa.string())])
+_INTENT_IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions()
+# Ids per blob when intents are merged (sorted, so each blob holds a narrow range of ids and
+# a clear reads only the blobs its ids fall in): ~1 MB of ids, ~1 ms to unpack.
+_INTENT_CHUNK_ROWS: Final = 50_000
+# Blobs under _INTENT_CHUNK_ROWS an activation may hold before record_intents merges them.
+# In a healthy run the outstanding intents are the groups in flight plus one flush window, a
+# few blobs; many mean requests failed (their intents stay) or a crash left them.
+_INTENT_MERGE_AT: Final = 64
 
 
 _SCHEMA: Final = (
@@ -83,12 +105,21 @@ _SCHEMA: Final = (
         PRIMARY KEY (activation, seq)
     ) WITHOUT ROWID
     """,
+    # lo, hi: the smallest and largest id in the blob, as UTF-8 bytes (a BLOB compares
+    # bytewise, the order Arrow's binary comparisons use), so clear_intents reads only the
+    # blobs whose range can hold an id it clears. A rowid table, not WITHOUT ROWID: there a
+    # row is an index entry, and scanning rows, lo, hi read each blob's overflow pages too
+    # (~1.5 ms for 60 blobs, per record_intents); here the blob is only read when selected.
     """
-    CREATE TABLE IF NOT EXISTS intents (
-        activation TEXT NOT NULL,
-        custom_id  TEXT NOT NULL,
-        PRIMARY KEY (activation, custom_id)
-    ) WITHOUT ROWID
+    CREATE TABLE IF NOT EXISTS intent_batches (
+        activation TEXT    NOT NULL,
+        seq        INTEGER NOT NULL,
+        rows       INTEGER NOT NULL,
+        lo         BLOB    NOT NULL,
+        hi         BLOB    NOT NULL,
+        blob       BLOB    NOT NULL,
+        PRIMARY KEY (activation, seq)
+    )
     """,
     """
     CREATE TABLE IF NOT EXISTS meta (
@@ -157,6 +188,22 @@ def _pack(table: pa.Table) -> memoryview:
 
 def _unpack(blob: bytes, schema: pa.Schema, where: str) -> pa.Table:
     return core.unpack_table(blob, schema, where, StateSchemaError)
+
+
+def _pack_intents(ids: pa.Array | pa.ChunkedArray) -> memoryview:
+    # Uncompressed: intents are few and short-lived, and lz4 would cost more CPU per call
+    # (packing and unpacking 1,000 ids) than the bytes it saves in the WAL.
+    return memoryview(core.pack_table(pa.table([ids], schema=_INTENT_SCHEMA), _INTENT_IPC_OPTIONS))
+
+
+def _id_range(ids: pa.Array | pa.ChunkedArray) -> tuple[bytes, bytes]:
+    """The smallest and largest of (non-empty) ``ids`` as UTF-8 bytes, in SQLite's BLOB order.
+
+    Arrow orders strings bytewise, as SQLite compares BLOBs (and as Python orders str:
+    UTF-8 keeps code point order).
+    """
+    bounds = pc.min_max(ids).as_py()
+    return bounds["min"].encode(), bounds["max"].encode()
 
 
 class SQLiteStateStore:
@@ -233,8 +280,12 @@ class SQLiteStateStore:
                 conn.execute(statement)
             if found is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif found == 1:
-                self._migrate_from_v1(conn)
+            elif found < SCHEMA_VERSION:
+                # In the transaction that reads the version: a second process opening the
+                # file meanwhile waits, then finds it converted.
+                if found == 1:
+                    self._migrate_from_v1(conn)
+                self._migrate_intents(conn)
                 conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     def _migrate_from_v1(self, conn: sqlite3.Connection) -> None:
@@ -257,6 +308,22 @@ class SQLiteStateStore:
             )
             self._write_base(conn, activation, table)
         conn.execute("DROP TABLE fingerprints")
+
+    def _migrate_intents(self, conn: sqlite3.Connection) -> None:
+        """Versions 1 and 2 kept one ``intents`` row per id: pack each activation's into blobs.
+
+        Converted once, when the file is opened, rather than read in both layouts forever:
+        the rows are few in a healthy state (a crashed run leaves at most its requests in
+        flight and one flush window), and one layout keeps set semantics in one place.
+        """
+        table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'intents'").fetchone()
+        if table is None:
+            return
+        activations = [a for (a,) in conn.execute("SELECT DISTINCT activation FROM intents")]
+        for activation in activations:
+            ids = [i for (i,) in conn.execute("SELECT custom_id FROM intents WHERE activation = ?", (activation,))]
+            self._insert_intent_chunks(conn, activation, pa.array(ids, pa.string()))
+        conn.execute("DROP TABLE intents")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -442,30 +509,136 @@ class SQLiteStateStore:
             )
 
     # -- mirror intents -----------------------------------------------------------------------
+    #
+    # Packed, like fingerprints: each record_intents call adds one blob of its ids, so a
+    # request group costs a few statements and columnar work, no Python object per id. An id
+    # recorded twice may sit in two blobs: load_intents returns the union, and clear_intents
+    # removes an id from every blob that holds it, which keeps set semantics.
 
     def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         """Durably note ids this activation may be about to create (fenced; idempotent).
 
+        One blob per call. When an activation holds more than ``_INTENT_MERGE_AT`` blobs
+        under ``_INTENT_CHUNK_ROWS`` ids (requests failed, or a crash left intents), they
+        are merged, in this transaction, into sorted blobs of ``_INTENT_CHUNK_ROWS`` ids.
+
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is written.
+            ValueError: An id is not a str (or not valid UTF-8); nothing is written.
         """
-        self._write_ids(lease, "INSERT OR IGNORE INTO intents (activation, custom_id) VALUES (?, ?)", custom_ids)
+        activation = lease.activation
+        ids = core.id_array(activation, custom_ids)
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            if not len(ids):
+                self._count(1, 0)
+                return
+            self._insert_intents(conn, activation, ids)
+            row = conn.execute(
+                "SELECT COUNT(*) FROM intent_batches WHERE activation = ? AND rows < ?",
+                (activation, _INTENT_CHUNK_ROWS),
+            ).fetchone()
+            self._count(4, len(ids))
+            if row and row[0] > _INTENT_MERGE_AT:
+                self._merge_intents(conn, activation)
 
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""
+        where = f"state database {self._path}, activation {activation!r}"
         with self._lock:
-            cursor = self._conn.execute("SELECT custom_id FROM intents WHERE activation = ?", (activation,))
-            intents = {custom_id for (custom_id,) in cursor}
+            cursor = self._conn.execute("SELECT blob FROM intent_batches WHERE activation = ?", (activation,))
+            tables = [_unpack(blob, _INTENT_SCHEMA, where) for (blob,) in cursor]
             self._stats["statements"] += 1
-        return intents
+        if not tables:
+            return set()
+        return set(pa.concat_tables(tables).column("custom_id").to_pylist())
 
     def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         """Forget intents for ids cleared in Batch (fenced; unknown ids are ignored).
 
+        Reads the blobs whose id range overlaps the cleared ids' range, finds the ids in
+        them with one ``is_in`` over their concatenation, and rewrites (or deletes) only the
+        blobs that held one, in one transaction.
+
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is deleted.
+            ValueError: An id is not a str (or not valid UTF-8); nothing is deleted.
         """
-        self._write_ids(lease, "DELETE FROM intents WHERE activation = ? AND custom_id = ?", custom_ids)
+        activation = lease.activation
+        cleared = core.id_array(activation, custom_ids)
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            if not len(cleared):
+                self._count(1, 0)
+                return
+            lowest, highest = _id_range(cleared)
+            candidates = conn.execute(
+                "SELECT seq, blob FROM intent_batches WHERE activation = ? AND hi >= ? AND lo <= ? ORDER BY seq",
+                (activation, lowest, highest),
+            ).fetchall()
+            self._count(2, 0)
+            if not candidates:
+                return
+            where = f"state database {self._path}, activation {activation!r}"
+            tables = [_unpack(blob, _INTENT_SCHEMA, where) for _, blob in candidates]
+            held = pa.concat_tables(tables).column("custom_id")
+            value_set = cleared.combine_chunks() if isinstance(cleared, pa.ChunkedArray) else cleared
+            hit = pc.is_in(held, value_set=value_set)
+            start = 0
+            for (seq, _), table in zip(candidates, tables, strict=True):
+                mask = hit.slice(start, table.num_rows)
+                start += table.num_rows
+                hits = pc.sum(mask).as_py() or 0
+                if not hits:
+                    continue
+                if hits < table.num_rows:
+                    kept = table.column("custom_id").filter(pc.invert(mask))
+                    lo, hi = _id_range(kept)
+                    conn.execute(
+                        "UPDATE intent_batches SET rows = ?, lo = ?, hi = ?, blob = ? WHERE activation = ? AND seq = ?",
+                        (len(kept), lo, hi, _pack_intents(kept), activation, seq),
+                    )
+                else:
+                    conn.execute("DELETE FROM intent_batches WHERE activation = ? AND seq = ?", (activation, seq))
+                self._count(1, 1)
+
+    def _insert_intents(self, conn: sqlite3.Connection, activation: str, ids: pa.Array | pa.ChunkedArray) -> None:
+        """Append one blob holding ``ids`` (not empty), after the activation's last one."""
+        row = conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM intent_batches WHERE activation = ?", (activation,)
+        ).fetchone()
+        lo, hi = _id_range(ids)
+        conn.execute(
+            "INSERT INTO intent_batches (activation, seq, rows, lo, hi, blob) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                activation,
+                (row[0] if row else 0) + 1,
+                len(ids),
+                lo,
+                hi,
+                _pack_intents(ids),
+            ),
+        )
+
+    def _insert_intent_chunks(self, conn: sqlite3.Connection, activation: str, ids: pa.Array | pa.ChunkedArray) -> None:
+        """Append ``ids`` once each, sorted, in blobs of ``_INTENT_CHUNK_ROWS``."""
+        unique = pc.unique(ids)
+        ordered = unique.take(pc.sort_indices(unique))
+        for start in range(0, len(ordered), _INTENT_CHUNK_ROWS):
+            self._insert_intents(conn, activation, ordered.slice(start, _INTENT_CHUNK_ROWS))
+
+    def _merge_intents(self, conn: sqlite3.Connection, activation: str) -> None:
+        """Fold the activation's blobs under ``_INTENT_CHUNK_ROWS`` ids into sorted, full ones."""
+        where = f"state database {self._path}, activation {activation!r}"
+        small = (activation, _INTENT_CHUNK_ROWS)
+        tables = [
+            _unpack(blob, _INTENT_SCHEMA, where)
+            for (blob,) in conn.execute("SELECT blob FROM intent_batches WHERE activation = ? AND rows < ?", small)
+        ]
+        conn.execute("DELETE FROM intent_batches WHERE activation = ? AND rows < ?", small)
+        merged = pa.concat_tables(tables).column("custom_id")
+        self._insert_intent_chunks(conn, activation, merged)
+        self._count(2 + len(merged) // _INTENT_CHUNK_ROWS, len(merged))
 
     # -- payloads Batch refused -----------------------------------------------------------------
 
@@ -511,13 +684,10 @@ class SQLiteStateStore:
 
     def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         """Delete the refusal rows of these ids (fenced: LeaseLost and nothing deleted if ``lease`` is stale)."""
-        self._write_ids(lease, "DELETE FROM refusals WHERE activation = ? AND custom_id = ?", custom_ids)
-
-    def _write_ids(self, lease: Lease, sql: str, custom_ids: Iterable[str]) -> None:
-        """Run ``sql`` once per id with ``(activation, custom_id)``, in one transaction fenced by ``lease``."""
         rows = [(lease.activation, custom_id) for custom_id in core.unique_ids(lease.activation, custom_ids)]
         with self._write() as conn:
             self._check_lease(conn, lease)
+            sql = "DELETE FROM refusals WHERE activation = ? AND custom_id = ?"
             written = conn.executemany(sql, rows).rowcount if rows else 0
             self._count(2 if rows else 1, written)
 
@@ -643,7 +813,7 @@ class SQLiteStateStore:
         with self._write() as conn:
             core.refuse_if_held(activation, self._lease_record(conn, activation), moment, taker=None)
             rows = 0
-            for table in ("fingerprint_base", "fingerprint_journal", "intents", "refusals", "meta"):
+            for table in ("fingerprint_base", "fingerprint_journal", "intent_batches", "refusals", "meta"):
                 # Table names come from the fixed tuple above, never from input.
                 rows += conn.execute(f"DELETE FROM {table} WHERE activation = ?", (activation,)).rowcount  # noqa: S608
             self._count(5, rows)

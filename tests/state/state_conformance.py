@@ -414,6 +414,37 @@ class StateStoreContract:
         store.clear_intents(new, ["u1"])
         assert store.load_intents("act") == {"u2"}
 
+    def test_an_id_recorded_twice_is_gone_after_one_clear(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.record_intents(lease, ["a", "b"])
+        store.record_intents(lease, ["c", "a"])
+        store.record_intents(lease, ["a"])
+        store.clear_intents(lease, ["a"])
+        assert store.load_intents("act") == {"b", "c"}
+        store.record_intents(lease, ["a"])  # noted again after the clear: back
+        assert store.load_intents("act") == {"a", "b", "c"}
+
+    def test_intents_of_odd_ids_clear_one_by_one(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.record_intents(lease, ODD_IDS)
+        remaining = set(ODD_IDS)
+        for custom_id in sorted(ODD_IDS, key=lambda i: (len(i), i)):
+            store.clear_intents(lease, [custom_id])
+            remaining.discard(custom_id)
+            assert store.load_intents("act") == remaining
+
+    def test_intents_that_are_not_text_raise_and_write_nothing(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.record_intents(lease, ["kept"])
+        bad: list[Any] = ["fine", b"bytes"]
+        with pytest.raises(ValueError, match="custom_id must be a str"):
+            store.record_intents(lease, bad)
+        with pytest.raises(ValueError, match="custom_id must be a str"):
+            store.clear_intents(lease, ["kept", None])
+        with pytest.raises(ValueError, match="not valid UTF-8"):
+            store.record_intents(lease, ["\ud800"])
+        assert store.load_intents("act") == {"kept"}
+
     def test_many_intents_in_one_call(self, store: StateStore) -> None:
         lease = store.acquire_lease("act", "run-a", TTL, T0)
         ids = {f"user-{n:05d}" for n in range(20_000)}

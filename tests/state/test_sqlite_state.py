@@ -4,6 +4,8 @@ several connections or processes on one file, schema versions, pragmas)."""
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,10 +19,12 @@ from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries,
 
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal
+from sync.state import sqlite as sqlite_module
 from sync.state.base import DELIVERY_RETENTION, StateStore
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LEGACY = Path(__file__).resolve().parent / "legacy_sqlite"
 
 
 class TestSQLiteStateStore(StateStoreContract):
@@ -119,7 +123,7 @@ def test_refuses_a_newer_schema_version(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     with raw:
         raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-        raw.execute("DROP TABLE intents")  # a newer schema may differ: we must not "repair" it
+        raw.execute("DROP TABLE intent_batches")  # a newer schema may differ: we must not "repair" it
     raw.close()
     with pytest.raises(StateSchemaError) as excinfo:
         SQLiteStateStore(db_path)
@@ -129,7 +133,7 @@ def test_refuses_a_newer_schema_version(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     try:
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert "intents" not in tables
+        assert "intent_batches" not in tables
     finally:
         raw.close()
 
@@ -464,3 +468,188 @@ def test_commits_append_journal_blobs_that_compaction_folds(db_path: Path) -> No
         finally:
             raw.close()
         assert store.load_fingerprints("act") == expected
+
+
+# -- mirror intents: packed blobs, upgrades ----------------------------------------------------
+
+# The intents table of schema versions 1 and 2: one row per id.
+_V2_INTENTS_DDL = (
+    "CREATE TABLE intents (activation TEXT NOT NULL, custom_id TEXT NOT NULL, "
+    "PRIMARY KEY (activation, custom_id)) WITHOUT ROWID"
+)
+
+
+def _tables(path: Path) -> set[str]:
+    raw = sqlite3.connect(path)
+    try:
+        return {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        raw.close()
+
+
+def _intent_blobs(path: Path, activation: str = "act") -> list[tuple[int, int, bytes, bytes, bytes]]:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(
+            "SELECT seq, rows, lo, hi, blob FROM intent_batches WHERE activation = ? ORDER BY seq", (activation,)
+        ).fetchall()
+    finally:
+        raw.close()
+
+
+def test_a_version_2_file_from_the_previous_release_keeps_its_intents(db_path: Path) -> None:
+    # state_v2.db was written by cepsync at schema version 2 (README.md beside it).
+    db_path.parent.mkdir(parents=True)
+    shutil.copyfile(LEGACY / "state_v2.db", db_path)
+    assert "intents" in _tables(db_path)
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_intents("act") == {"u1", "new-1", "é-2", "用户-42", "with space"}
+        assert store.load_intents("other") == {"x"}
+        # Everything else of the file is as it was.
+        assert store.load_fingerprints("act") == {"u1": Fingerprint(1, 2), "é-2": Fingerprint(2**64 - 1, 7)}
+        assert store.load_meta("act") == ActivationMeta(mapping_version="v1", owned_keys={"plan"})
+        assert [r["run_id"] for r in store.list_runs("act")] == ["run-v2"]
+        lease = store.acquire_lease("act", "run-v3", TTL, T0)
+        assert lease.token == 2  # the token counter survived
+        store.clear_intents(lease, ["u1", "用户-42", "never-recorded"])
+        store.record_intents(lease, ["new-2"])
+        assert store.load_intents("act") == {"new-1", "é-2", "with space", "new-2"}
+    assert "intents" not in _tables(db_path)
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_intents("act") == {"new-1", "é-2", "with space", "new-2"}
+        assert store.load_intents("other") == {"x"}
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    finally:
+        raw.close()
+
+
+def test_a_version_2_file_with_many_intents_becomes_sorted_chunks(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+    # The same file as version 2 held it: per-id intent rows.
+    count = 2 * sqlite_module._INTENT_CHUNK_ROWS + 123
+    ids = [f"id-{n:07d}" for n in range(count)]
+    random.Random(7).shuffle(ids)
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.execute("DROP TABLE intent_batches")
+        raw.execute(_V2_INTENTS_DDL)
+        raw.executemany("INSERT INTO intents VALUES ('act', ?)", [(i,) for i in ids])
+        raw.execute("INSERT INTO intents VALUES ('other', 'é')")
+        raw.execute("UPDATE schema_version SET version = 2")
+    raw.close()
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_intents("act") == set(ids)
+        assert store.load_intents("other") == {"é"}
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+        blobs = _intent_blobs(db_path)
+        assert [rows for _, rows, _, _, _ in blobs] == [
+            sqlite_module._INTENT_CHUNK_ROWS,
+            sqlite_module._INTENT_CHUNK_ROWS,
+            123,
+        ]
+        # Sorted chunks: each blob's range ends before the next one's starts.
+        assert all(blobs[k][3] < blobs[k + 1][2] for k in range(len(blobs) - 1))
+        assert blobs[0][2] == b"id-0000000"
+        assert blobs[-1][3] == f"id-{count - 1:07d}".encode()
+        # Clearing one id rewrites only the chunk whose range holds it.
+        lease = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        store.clear_intents(lease, ["id-0060000"])
+        after = _intent_blobs(db_path)
+        assert [b[1] for b in after] == [sqlite_module._INTENT_CHUNK_ROWS, sqlite_module._INTENT_CHUNK_ROWS - 1, 123]
+        assert after[0] == blobs[0]
+        assert after[2] == blobs[2]
+        assert store.load_intents("act") == set(ids) - {"id-0060000"}
+    assert "intents" not in _tables(db_path)
+
+
+def test_a_version_1_file_gets_its_intents_packed_too(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(db_path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1)")
+    raw.execute(
+        "CREATE TABLE fingerprints (activation TEXT NOT NULL, custom_id TEXT NOT NULL, raw INTEGER NOT NULL, "
+        "payload INTEGER NOT NULL, PRIMARY KEY (activation, custom_id)) WITHOUT ROWID"
+    )
+    raw.execute("INSERT INTO fingerprints VALUES ('act', 'u1', 1, 2)")
+    raw.execute(_V2_INTENTS_DDL)
+    raw.executemany("INSERT INTO intents VALUES (?, ?)", [("act", "u2"), ("act", "ü3"), ("b", "u2")])
+    raw.commit()
+    raw.close()
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_fingerprints("act") == {"u1": Fingerprint(1, 2)}
+        assert store.load_intents("act") == {"u2", "ü3"}
+        assert store.load_intents("b") == {"u2"}
+    assert not {"intents", "fingerprints"} & _tables(db_path)
+
+
+def test_a_clear_rewrites_only_the_blobs_that_held_a_cleared_id(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        for group in range(5):  # like a full pass: groups of consecutive ids
+            store.record_intents(lease, [f"u{group}-{n:03d}" for n in range(100)])
+        before = _intent_blobs(db_path)
+        assert [(seq, rows) for seq, rows, _, _, _ in before] == [(k, 100) for k in range(1, 6)]
+        written = store.stats()["rows_written"]
+        store.clear_intents(lease, [f"u1-{n:03d}" for n in range(50, 100)] + [f"u2-{n:03d}" for n in range(100)])
+        after = _intent_blobs(db_path)
+        assert [(seq, rows) for seq, rows, _, _, _ in after] == [(1, 100), (2, 50), (4, 100), (5, 100)]
+        assert after[1][2:4] == (b"u1-000", b"u1-049")  # the rewritten blob's range shrank
+        assert [after[0], *after[2:]] == [before[0], *before[3:]]
+        assert store.stats()["rows_written"] - written == 2  # one blob rewritten, one deleted
+
+
+def test_many_small_intent_blobs_are_merged(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        rng = random.Random(3)
+        recorded: set[str] = set()
+        # Groups whose requests failed: their intents stay, with ids spread over the key space.
+        for _ in range(3 * sqlite_module._INTENT_MERGE_AT):
+            group = [f"id-{rng.randrange(100_000):05d}" for _ in range(20)]
+            store.record_intents(lease, group)
+            recorded.update(group)
+            assert len(_intent_blobs(db_path)) <= sqlite_module._INTENT_MERGE_AT + 1
+        assert store.load_intents("act") == recorded
+        blobs = _intent_blobs(db_path)
+        assert sum(rows for _, rows, _, _, _ in blobs) < 3 * sqlite_module._INTENT_MERGE_AT * 20  # repeats folded
+        cleared = set(rng.sample(sorted(recorded), 500))
+        store.clear_intents(lease, cleared)
+        assert store.load_intents("act") == recorded - cleared
+
+
+# Ids whose byte order differs from a naive one: empty, NUL, DEL, multi-byte UTF-8.
+ODD_IDS_SAMPLE = ("émilie", "用户-42", "emoji-🎉", "a\x00b", "a", "", "Z", "~", "\x7f", "é" * 40)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_intents_behave_as_a_set_under_random_records_and_clears(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    # Tiny chunks and an early merge, so a few hundred operations cross every path: partial
+    # rewrites, deleted blobs, merges into several chunks, repeats inside and across blobs.
+    monkeypatch.setattr(sqlite_module, "_INTENT_CHUNK_ROWS", 7)
+    monkeypatch.setattr(sqlite_module, "_INTENT_MERGE_AT", 4)
+    rng = random.Random(seed)
+    universe = [*ODD_IDS_SAMPLE, *(f"u{n}" for n in range(60))]
+    model: set[str] = set()
+    with SQLiteStateStore(db_path) as store:
+        other = store.acquire_lease("other", "run-o", TTL, T0)
+        store.record_intents(other, ["u1", "émilie"])
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        for _ in range(300):
+            ids = [rng.choice(universe) for _ in range(rng.randrange(0, 12))]
+            if rng.random() < 0.55:
+                store.record_intents(lease, ids)
+                model.update(ids)
+            else:
+                store.clear_intents(lease, ids)
+                model.difference_update(ids)
+            assert store.load_intents("act") == model
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_intents("act") == model
+        assert store.load_intents("other") == {"u1", "émilie"}
