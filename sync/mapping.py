@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 import zoneinfo
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
@@ -45,6 +46,7 @@ import pycountry
 import rphonenumbers
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+from email_validator.syntax import validate_email_local_part
 
 from sync.config import Activation, AttributeType, InvalidValuePolicy
 from sync.errors import ConfigError
@@ -187,22 +189,59 @@ _SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
 _CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
+def _plain_domain(domain: str, tld: str) -> bool:
+    """A domain the patterns matched that email-validator accepts as its lowercase self."""
+    if tld.lower() in _SPECIAL_USE_TLDS:
+        return False
+    return len(domain) <= _DNS_LABEL_MAX_LENGTH or max(map(len, domain.split("."))) <= _DNS_LABEL_MAX_LENGTH
+
+
 def _plain_email(text: str) -> str | None:
     """The normalised address when ``text`` is on the fast path, else None."""
     if len(text) > _EMAIL_MAX_LENGTH:
         return None
     match = _PLAIN_EMAIL.fullmatch(text)
     if match is None:
-        return None
+        return _plain_domain_email(text)
     domain, tld = match.group(1, 2)
-    if tld.lower() in _SPECIAL_USE_TLDS:
-        return None
-    if len(domain) > _DNS_LABEL_MAX_LENGTH and max(map(len, domain.split("."))) > _DNS_LABEL_MAX_LENGTH:
+    if not _plain_domain(domain, tld):
         return None
     local = text[: match.start(1) - 1]
     if local.lower() in _CASE_INSENSITIVE_MAILBOXES:
         return None
     return f"{local}@{domain.lower()}"
+
+
+# An internationalised local part (an accented name: "inès.martin@example.com") with a
+# plain ASCII domain. email-validator's domain checks (IDNA, UTS-46) are most of its cost
+# and such a domain never needs them; the local part still goes through the library's own
+# check, NFC normalisation included, exactly as validate_email runs it. Anything the
+# library refuses, or that comes near its length limit, takes the full path.
+_INTL_LOCAL_EMAIL = re.compile(r"([\w+-]+(?:\.[\w+-]+)*)@((?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)+([A-Za-z]{2,63}))")
+
+
+def _plain_domain_email(text: str) -> str | None:
+    if text.isascii():
+        return None
+    match = _INTL_LOCAL_EMAIL.fullmatch(text)
+    if match is None:
+        return None
+    local, domain, tld = match.group(1, 2, 3)
+    if not _plain_domain(domain, tld):
+        return None
+    normalized = unicodedata.normalize("NFC", local)
+    try:
+        checked = validate_email_local_part(local)
+        if normalized != local:
+            checked = validate_email_local_part(normalized)
+    except EmailNotValidError:
+        return None
+    if checked["ascii_local_part"] is not None:
+        return None  # ASCII after all: the library may lowercase a mailbox name
+    address = f"{checked['local_part']}@{domain.lower()}"
+    if len(text.encode("utf-8")) > _EMAIL_MAX_LENGTH or len(address.encode("utf-8")) > _EMAIL_MAX_LENGTH:
+        return None
+    return address
 
 
 def _convert_email(value: Any) -> Any:
