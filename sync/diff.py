@@ -63,8 +63,10 @@ STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 # second of the stream starting, large enough that per-batch overhead is negligible.
 OUTPUT_BATCH_ROWS: Final = 10_000
 # The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
-# of its own instead of growing without bound; five million stored fingerprints fit in it.
-DIFFER_MEMORY_LIMIT: Final = "1GB"
+# of its own instead of growing without bound. A million stored ids join within it; five
+# million spill part of their joins and aggregates (~20 s more for a 5M-row delta, measured
+# in docs/how-a-run-works.md, "Memory"), and a run's peak stays under 700 MB.
+DIFFER_MEMORY_LIMIT: Final = "128MB"
 
 
 def key_sql(column: str, arrow_type: pa.DataType) -> str:
@@ -323,11 +325,33 @@ class SegmentDiff:
             ordered: In Custom ID order (a full pass with a send checkpoint needs it).
         """
         view = self._stream(self._columns, numbered=True, report=True)
-        where = "" if full else "WHERE st.custom_id IS NULL OR d.k IS NOT NULL"
         order = f"ORDER BY s.{KEY}" if ordered else ""
-        sql = (
-            f"SELECT s.*, d.k IS NOT NULL AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
-            f"FROM ({self._select(view)}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
-            f"LEFT JOIN duplicates d ON d.k = s.{KEY} {where} {order}"
-        )
+        flags = f"d.k IS NOT NULL AS {DUPLICATE}"
+        if self.stored_count == 0:
+            # Nothing stored: every row is new, and there is nothing to join.
+            sql = (
+                f"SELECT s.*, {flags}, CAST(NULL AS UBIGINT) AS {STORED_RAW}, "
+                f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD} "
+                f"FROM ({self._select(view)}) s LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+            )
+        elif full:
+            sql = (
+                f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+                f"FROM ({self._select(view)}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
+                f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+            )
+        else:
+            # Only rows without a stored fingerprint and rows with a duplicated id come out, so
+            # the join against every stored id needs the ids alone (its hash table is then
+            # about half as large); the few duplicated rows take their stored fingerprints
+            # from the stored rows of the duplicated ids, found by probing the stored table
+            # through the small table of duplicates.
+            sql = (
+                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD} "
+                f"FROM ({self._select(view)}) s LEFT JOIN (SELECT custom_id FROM stored) st ON st.custom_id = s.{KEY} "
+                f"LEFT JOIN duplicates d ON d.k = s.{KEY} "
+                f"LEFT JOIN (SELECT custom_id, raw, payload FROM stored SEMI JOIN duplicates ON duplicates.k = "
+                f"stored.custom_id) sd ON sd.custom_id = s.{KEY} "
+                f"WHERE st.custom_id IS NULL OR d.k IS NOT NULL {order}"
+            )
         return self._fetch(sql)
