@@ -41,9 +41,10 @@ from typing import Any, Final
 import pyarrow as pa
 
 from sync.errors import FatalError
+from sync.memory import release_free_memory
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal
+from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, appended_entries, fold_journal, no_common_ids
 from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
 
 SCHEMA_VERSION: Final = 2
@@ -426,11 +427,88 @@ class SQLiteStateStore:
             if not pending or not pending[0]:
                 self._count(2, 0)
                 return
+            journal = self._read_journal(conn, activation)
+            if self._append_to_base(conn, activation, journal):
+                conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
+                self._count(6, sum(table.num_rows for table in journal))
+                return
             base, journal = self._read_blobs(conn, activation)
             folded = fold_journal(base, journal)
             conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
             self._write_base(conn, activation, folded)
             self._count(6, folded.num_rows)
+
+    def _read_journal(self, conn: sqlite3.Connection, activation: str) -> list[pa.Table]:
+        """The journal blobs, oldest first, gathered into tables of about a chunk each.
+
+        A long run commits thousands of small blobs; as thousands of small tables they take
+        about twice their size in memory, gathered they take their size.
+        """
+        where = f"state database {self._path}, activation {activation!r}"
+        gathered: list[pa.Table] = []
+        pending: list[pa.Table] = []
+        rows = 0
+        for (blob,) in conn.execute(
+            "SELECT blob FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+        ):
+            table = _unpack(blob, JOURNAL_SCHEMA, where)
+            pending.append(table)
+            rows += table.num_rows
+            if rows >= _CHUNK_ROWS // 10:
+                gathered.append(pa.concat_tables(pending).combine_chunks())
+                pending, rows = [], 0
+        if pending:
+            gathered.append(pa.concat_tables(pending).combine_chunks())
+        return gathered
+
+    def _append_to_base(self, conn: sqlite3.Connection, activation: str, journal: list[pa.Table]) -> bool:
+        """Compact a journal that only adds new ids by appending them to the base chunks.
+
+        The common case (a first sync, new profiles in a delta): only the last, partly
+        filled chunk is rewritten, and the base is read one chunk at a time to check that
+        no journal id is already there, so compaction holds the journal and one chunk
+        instead of the whole state twice. False (nothing written) when the journal deletes,
+        repeats or updates an id: the general fold then runs.
+        """
+        entries = pa.concat_tables(journal) if journal else JOURNAL_SCHEMA.empty_table()
+        added = appended_entries(entries)
+        # The repeat check sorted the ids: give that memory back before the chunks are packed.
+        release_free_memory()
+        if added is None:
+            return False
+        where = f"state database {self._path}, activation {activation!r}"
+        chunks = conn.execute(
+            "SELECT chunk, rows FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+        ).fetchall()
+        for chunk, _rows in chunks:
+            row = conn.execute(
+                "SELECT blob FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk)
+            ).fetchone()
+            stored = _unpack(row[0], FINGERPRINT_SCHEMA, where)
+            del row
+            disjoint = no_common_ids(stored.column("custom_id"), added.column("custom_id"))
+            del stored
+            release_free_memory()  # one chunk at a time: the next one reuses this one's memory
+            if not disjoint:
+                return False
+        next_chunk = chunks[-1][0] + 1 if chunks else 0
+        if chunks and chunks[-1][1] < _CHUNK_ROWS:
+            # Fill the last chunk up first, so that many small runs do not leave many small chunks.
+            last_chunk = chunks[-1][0]
+            row = conn.execute(
+                "SELECT blob FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, last_chunk)
+            ).fetchone()
+            added = pa.concat_tables([_unpack(row[0], FINGERPRINT_SCHEMA, where), added])
+            conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, last_chunk))
+            next_chunk = last_chunk
+        for chunk, start in enumerate(range(0, added.num_rows, _CHUNK_ROWS), start=next_chunk):
+            part = added.slice(start, _CHUNK_ROWS)
+            conn.execute(
+                "INSERT INTO fingerprint_base (activation, chunk, rows, blob) VALUES (?, ?, ?, ?)",
+                (activation, chunk, part.num_rows, _pack(part)),
+            )
+            release_free_memory()
+        return True
 
     def _write_base(self, conn: sqlite3.Connection, activation: str, table: pa.Table) -> None:
         conn.execute("DELETE FROM fingerprint_base WHERE activation = ?", (activation,))
