@@ -114,6 +114,8 @@ class IdScan:
     removed: list[str] = field(default_factory=list)
     # Profiles the activation had synced before this run (stored fingerprints or intents).
     synced: int = 0
+    # Rows whose id is at or below a continued full pass's watermark (left out of its stream).
+    below_watermark: int = 0
 
     @property
     def duplicate_rows(self) -> int:
@@ -130,6 +132,8 @@ class SegmentDiff:
         stored: The acknowledged fingerprints (``sync.state.base.FINGERPRINT_SCHEMA``).
         intents: Ids recorded as possibly synced (mirror mode), not in ``stored``.
         salt: :func:`raw_salt` of this run.
+        after: A continued full pass's watermark: :meth:`rows_to_send` leaves out the rows
+            whose id is at or below it (its first legs sent them), before joining or sorting.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class SegmentDiff:
         intents: Sequence[str] = (),
         salt: str,
         on_rows: Callable[[int], None] | None = None,
+        after: str | None = None,
     ) -> None:
         self._source = source
         self._columns = list(columns)
@@ -151,6 +156,7 @@ class SegmentDiff:
         self._raw = "hash(" + ", ".join([quote_literal(salt), *(quote_identifier(c) for c in self._columns)]) + ")"
         self._names = itertools.count()
         self._on_rows = on_rows
+        self._after = after
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self._stored = stored
@@ -277,6 +283,11 @@ class SegmentDiff:
             synced_row = con.execute(
                 "SELECT count(*) FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents)"
             ).fetchone()
+            below_row = (
+                con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
+                if self._after is not None
+                else None
+            )
         finally:
             con.close()
         self._duplicates = copies
@@ -290,11 +301,16 @@ class SegmentDiff:
             new_ids=distinct - len(duplicates) - matched,
             removed=removed,
             synced=int(synced_row[0]) if synced_row else 0,
+            below_watermark=int(below_row[0]) if below_row else 0,
         )
 
-    def _select(self, view: str) -> str:
+    def _select(self, view: str, *, after: str | None = None) -> str:
         columns = ", ".join(quote_identifier(c) for c in self._columns)
-        return f"SELECT {columns}, {ROW}, {self._key} AS {KEY}, {self._raw} AS {RAW} FROM {view}"
+        sql = f"SELECT {columns}, {ROW}, {self._key} AS {KEY}, {self._raw} AS {RAW} FROM {view}"
+        if after is not None:
+            # Rows without an id stay: they are rejected (with their row number) on every pass.
+            sql = f"SELECT * FROM ({sql}) WHERE {KEY} IS NULL OR {KEY} > {quote_literal(after)}"
+        return sql
 
     def moved_rows(self) -> Iterator[pa.RecordBatch]:
         """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
@@ -323,21 +339,25 @@ class SegmentDiff:
         Args:
             full: Every row, including those whose fingerprint is unchanged.
             ordered: In Custom ID order (a full pass with a send checkpoint needs it).
+
+        Rows at or below the watermark (``after``) never come out.
         """
         view = self._stream(self._columns, numbered=True, report=True)
         order = f"ORDER BY s.{KEY}" if ordered else ""
+        # A continuation never joins or sorts what its first legs sent.
+        selected = self._select(view, after=self._after)
         flags = f"d.k IS NOT NULL AS {DUPLICATE}"
         if self.stored_count == 0:
             # Nothing stored: every row is new, and there is nothing to join.
             sql = (
                 f"SELECT s.*, {flags}, CAST(NULL AS UBIGINT) AS {STORED_RAW}, "
                 f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD} "
-                f"FROM ({self._select(view)}) s LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+                f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
             )
         elif full:
             sql = (
                 f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
-                f"FROM ({self._select(view)}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
+                f"FROM ({selected}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
                 f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
             )
         else:
@@ -348,7 +368,7 @@ class SegmentDiff:
             # through the small table of duplicates.
             sql = (
                 f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD} "
-                f"FROM ({self._select(view)}) s LEFT JOIN (SELECT custom_id FROM stored) st ON st.custom_id = s.{KEY} "
+                f"FROM ({selected}) s LEFT JOIN (SELECT custom_id FROM stored) st ON st.custom_id = s.{KEY} "
                 f"LEFT JOIN duplicates d ON d.k = s.{KEY} "
                 f"LEFT JOIN (SELECT custom_id, raw, payload FROM stored SEMI JOIN duplicates ON duplicates.k = "
                 f"stored.custom_id) sd ON sd.custom_id = s.{KEY} "

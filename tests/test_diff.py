@@ -300,6 +300,24 @@ def test_a_full_read_in_order_hands_over_every_row_sorted_by_key() -> None:
     assert {row["id"]: row[STORED_PAYLOAD] for row in rows if row["id"] == "a"} == {"a": 10}
 
 
+def test_a_continued_full_pass_leaves_out_ids_at_or_below_its_watermark_and_counts_them() -> None:
+    stored = {"a": (0, 10), "c": (0, 30)}
+    diff = differ(SEGMENT, stored, after="b")
+    everything = differ(SEGMENT, stored)
+    try:
+        scan = diff.scan_ids()
+        everything.scan_ids()
+        rows = [row for batch in diff.rows_to_send(full=True, ordered=True) for row in batch.to_pylist()]
+        reference = [row for batch in everything.rows_to_send(full=True, ordered=True) for row in batch.to_pylist()]
+    finally:
+        diff.close()
+        everything.close()
+    # Byte order, as the send checkpoint records it: "  " and "a" sort before "b".
+    assert scan.below_watermark == 4
+    assert rows == [row for row in reference if row[KEY] is None or row[KEY] > "b"]
+    assert [row["id"] for row in rows] == ["c", "new", None]
+
+
 def test_the_stream_is_read_as_batches_and_each_read_asks_only_for_what_it_needs() -> None:
     source = TableSource(SEGMENT, batch_rows=2)
     diff = SegmentDiff(source, columns=["id", "points"], schema=SEGMENT.schema, stored=stored_table({}), salt="s")
