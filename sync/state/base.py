@@ -47,7 +47,7 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
     if not journal:
         return base_table.cast(FINGERPRINT_SCHEMA)
     entries = pa.concat_tables(journal)
-    repeats = _has_repeats(entries.column("custom_id"))
+    repeats = has_repeats(entries.column("custom_id"))
     if not repeats:
         appended = _appended_only(base_table, entries)
         if appended is not None:
@@ -107,17 +107,6 @@ def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:
     return pa.concat_tables([base.cast(FINGERPRINT_SCHEMA), added])
 
 
-def appended_entries(entries: pa.Table) -> pa.Table | None:
-    """A journal's entries as fingerprints when they only add ids, each once; else None.
-
-    What a store can append to its base as it is, once :func:`no_common_ids` says the base
-    holds none of them (``docs/how-a-run-works.md``, "Memory").
-    """
-    if not pc.all(entries.column("put")).as_py() or _has_repeats(entries.column("custom_id")):
-        return None
-    return entries.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA)
-
-
 def no_common_ids(stored: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.Array) -> bool:
     """Whether the two id columns share no id; False when that is too costly to check here.
 
@@ -139,8 +128,11 @@ def no_common_ids(stored: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.
 _MAX_OVERLAP_SET = 1_000_000
 
 
-def _has_repeats(ids: pa.ChunkedArray) -> bool:
+def has_repeats(ids: pa.ChunkedArray) -> bool:
     """Whether an id appears twice: equal neighbours once the ids are sorted.
+
+    A journal of puts whose ids do not repeat, and which :func:`no_common_ids` finds
+    nowhere in the stored fingerprints, can be appended to them as it is.
 
     Their order costs 8 bytes an id (a hash set of them ~140); the sorted ids are then
     compared a slice at a time rather than copied whole.
@@ -155,7 +147,7 @@ def _has_repeats(ids: pa.ChunkedArray) -> bool:
     return False
 
 
-# Sorted ids compared at a time by _has_repeats.
+# Sorted ids compared at a time by has_repeats.
 _REPEAT_SLICE: Final = 250_000
 
 

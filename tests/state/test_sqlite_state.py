@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
 
+import sync.state.sqlite as sqlite_state
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal
 from sync.state.base import DELIVERY_RETENTION, StateStore
@@ -504,3 +505,24 @@ def test_compacting_a_journal_that_updates_deletes_or_repeats_ids_folds_it(db_pa
             store.compact(lease, at(4))
         assert store.load_fingerprints("a") == {"x": fp(11), "z": fp(3), "new": fp(4), "twice": fp(6)}
         assert sum(rows for _chunk, rows in _base_chunks(db_path)) == 4
+
+
+def test_appended_fingerprints_are_cut_into_full_chunks_across_journal_blobs(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 4)
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("a", "run", TTL, at(0))
+        expected: dict[str, Fingerprint] = {}
+        for run in range(3):
+            for blob in range(2):
+                batch = {f"id-{run}-{blob}-{n}": fp(run * 100 + blob * 10 + n) for n in range(3 - blob)}
+                store.commit(lease, entries(*batch.items()), at(1))
+                expected |= batch
+            store.compact(lease, at(2))
+        assert _base_chunks(db_path) == [(0, 4), (1, 4), (2, 4), (3, 3)]
+        assert store.load_fingerprints("a") == expected
+        store.commit(lease, entries(("id-0-0-0", None), ("id-2-1-1", fp(7))), at(3))
+        store.compact(lease, at(4))
+        del expected["id-0-0-0"]
+        assert store.load_fingerprints("a") == expected | {"id-2-1-1": fp(7)}
