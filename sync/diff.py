@@ -63,10 +63,12 @@ STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 # second of the stream starting, large enough that per-batch overhead is negligible.
 OUTPUT_BATCH_ROWS: Final = 10_000
 # The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
-# of its own instead of growing without bound. A million stored ids join within it; five
-# million spill part of their joins and aggregates (~20 s more for a 5M-row delta, measured
-# in docs/how-a-run-works.md, "Memory"), and a run's peak stays under 700 MB.
+# of its own instead of growing without bound. A million stored ids join within it; past
+# LARGE_STATE_ROWS the stored table itself takes ~32 bytes an id of the run's memory, so the
+# differ gets half the cap, and spills more (measured in docs/how-a-run-works.md, "Memory").
 DIFFER_MEMORY_LIMIT: Final = "128MB"
+DIFFER_MEMORY_LIMIT_LARGE_STATE: Final = "64MB"
+LARGE_STATE_ROWS: Final = 2_000_000
 
 
 def key_sql(column: str, arrow_type: pa.DataType) -> str:
@@ -174,7 +176,8 @@ class SegmentDiff:
         # (it guesses one), so its optimiser would otherwise build on the segment and hold
         # all of it in memory before the first row comes out.
         con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-        bound_memory(con, memory_limit=DIFFER_MEMORY_LIMIT, spill_directory=self._spill.name)
+        limit = DIFFER_MEMORY_LIMIT if self.stored_count <= LARGE_STATE_ROWS else DIFFER_MEMORY_LIMIT_LARGE_STATE
+        bound_memory(con, memory_limit=limit, spill_directory=self._spill.name)
         con.execute("SET allocator_background_threads = true")
         con.execute("SET preserve_insertion_order = false")
         con.execute("SET threads = 1")
