@@ -63,8 +63,12 @@ STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 # second of the stream starting, large enough that per-batch overhead is negligible.
 OUTPUT_BATCH_ROWS: Final = 10_000
 # The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
-# of its own instead of growing without bound; five million stored fingerprints fit in it.
-DIFFER_MEMORY_LIMIT: Final = "1GB"
+# of its own instead of growing without bound. A million stored ids join within it; past
+# LARGE_STATE_ROWS the stored table itself takes ~32 bytes an id of the run's memory, so the
+# differ gets half the cap, and spills more (measured in docs/how-a-run-works.md, "Memory").
+DIFFER_MEMORY_LIMIT: Final = "128MB"
+DIFFER_MEMORY_LIMIT_LARGE_STATE: Final = "64MB"
+LARGE_STATE_ROWS: Final = 2_000_000
 
 
 def key_sql(column: str, arrow_type: pa.DataType) -> str:
@@ -112,6 +116,8 @@ class IdScan:
     removed: list[str] = field(default_factory=list)
     # Profiles the activation had synced before this run (stored fingerprints or intents).
     synced: int = 0
+    # Rows whose id is at or below a continued full pass's watermark (left out of its stream).
+    below_watermark: int = 0
 
     @property
     def duplicate_rows(self) -> int:
@@ -128,6 +134,8 @@ class SegmentDiff:
         stored: The acknowledged fingerprints (``sync.state.base.FINGERPRINT_SCHEMA``).
         intents: Ids recorded as possibly synced (mirror mode), not in ``stored``.
         salt: :func:`raw_salt` of this run.
+        after: A continued full pass's watermark: :meth:`rows_to_send` leaves out the rows
+            whose id is at or below it (its first legs sent them), before joining or sorting.
     """
 
     def __init__(
@@ -140,6 +148,7 @@ class SegmentDiff:
         intents: Sequence[str] = (),
         salt: str,
         on_rows: Callable[[int], None] | None = None,
+        after: str | None = None,
     ) -> None:
         self._source = source
         self._columns = list(columns)
@@ -149,6 +158,7 @@ class SegmentDiff:
         self._raw = "hash(" + ", ".join([quote_literal(salt), *(quote_identifier(c) for c in self._columns)]) + ")"
         self._names = itertools.count()
         self._on_rows = on_rows
+        self._after = after
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self._stored = stored
@@ -166,7 +176,8 @@ class SegmentDiff:
         # (it guesses one), so its optimiser would otherwise build on the segment and hold
         # all of it in memory before the first row comes out.
         con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-        bound_memory(con, memory_limit=DIFFER_MEMORY_LIMIT, spill_directory=self._spill.name)
+        limit = DIFFER_MEMORY_LIMIT if self.stored_count <= LARGE_STATE_ROWS else DIFFER_MEMORY_LIMIT_LARGE_STATE
+        bound_memory(con, memory_limit=limit, spill_directory=self._spill.name)
         con.execute("SET allocator_background_threads = true")
         con.execute("SET preserve_insertion_order = false")
         con.execute("SET threads = 1")
@@ -275,6 +286,11 @@ class SegmentDiff:
             synced_row = con.execute(
                 "SELECT count(*) FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents)"
             ).fetchone()
+            below_row = (
+                con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
+                if self._after is not None
+                else None
+            )
         finally:
             con.close()
         self._duplicates = copies
@@ -288,11 +304,16 @@ class SegmentDiff:
             new_ids=distinct - len(duplicates) - matched,
             removed=removed,
             synced=int(synced_row[0]) if synced_row else 0,
+            below_watermark=int(below_row[0]) if below_row else 0,
         )
 
-    def _select(self, view: str) -> str:
+    def _select(self, view: str, *, after: str | None = None) -> str:
         columns = ", ".join(quote_identifier(c) for c in self._columns)
-        return f"SELECT {columns}, {ROW}, {self._key} AS {KEY}, {self._raw} AS {RAW} FROM {view}"
+        sql = f"SELECT {columns}, {ROW}, {self._key} AS {KEY}, {self._raw} AS {RAW} FROM {view}"
+        if after is not None:
+            # Rows without an id stay: they are rejected (with their row number) on every pass.
+            sql = f"SELECT * FROM ({sql}) WHERE {KEY} IS NULL OR {KEY} > {quote_literal(after)}"
+        return sql
 
     def moved_rows(self) -> Iterator[pa.RecordBatch]:
         """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
@@ -321,13 +342,39 @@ class SegmentDiff:
         Args:
             full: Every row, including those whose fingerprint is unchanged.
             ordered: In Custom ID order (a full pass with a send checkpoint needs it).
+
+        Rows at or below the watermark (``after``) never come out.
         """
         view = self._stream(self._columns, numbered=True, report=True)
-        where = "" if full else "WHERE st.custom_id IS NULL OR d.k IS NOT NULL"
         order = f"ORDER BY s.{KEY}" if ordered else ""
-        sql = (
-            f"SELECT s.*, d.k IS NOT NULL AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
-            f"FROM ({self._select(view)}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
-            f"LEFT JOIN duplicates d ON d.k = s.{KEY} {where} {order}"
-        )
+        # A continuation never joins or sorts what its first legs sent.
+        selected = self._select(view, after=self._after)
+        flags = f"d.k IS NOT NULL AS {DUPLICATE}"
+        if self.stored_count == 0:
+            # Nothing stored: every row is new, and there is nothing to join.
+            sql = (
+                f"SELECT s.*, {flags}, CAST(NULL AS UBIGINT) AS {STORED_RAW}, "
+                f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD} "
+                f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+            )
+        elif full:
+            sql = (
+                f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+                f"FROM ({selected}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
+                f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+            )
+        else:
+            # Only rows without a stored fingerprint and rows with a duplicated id come out, so
+            # the join against every stored id needs the ids alone (its hash table is then
+            # about half as large); the few duplicated rows take their stored fingerprints
+            # from the stored rows of the duplicated ids, found by probing the stored table
+            # through the small table of duplicates.
+            sql = (
+                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD} "
+                f"FROM ({selected}) s LEFT JOIN (SELECT custom_id FROM stored) st ON st.custom_id = s.{KEY} "
+                f"LEFT JOIN duplicates d ON d.k = s.{KEY} "
+                f"LEFT JOIN (SELECT custom_id, raw, payload FROM stored SEMI JOIN duplicates ON duplicates.k = "
+                f"stored.custom_id) sd ON sd.custom_id = s.{KEY} "
+                f"WHERE st.custom_id IS NULL OR d.k IS NOT NULL {order}"
+            )
         return self._fetch(sql)

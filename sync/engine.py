@@ -419,6 +419,7 @@ class Run:
                 intents=sorted(intents),
                 salt=salt,
                 on_rows=self.progress.rows_read,
+                after=str(watermark) if watermark else None,
             )
         try:
             ids = await asyncio.to_thread(diff.scan_ids)
@@ -544,7 +545,9 @@ class Run:
 
     def _batches_to_send(self, scan: _Scan) -> Iterator[pa.RecordBatch]:
         """The differ's rows to send; a continued full pass drops what its first legs sent."""
-        skipped = 0
+        skipped = scan.ids.below_watermark  # what the differ already left out
+        if scan.watermark is not None:
+            self.run.counts["skipped_by_checkpoint"] = skipped
         for batch in scan.diff.rows_to_send(full=scan.full, ordered=scan.full):
             if self._stop.is_set():
                 return

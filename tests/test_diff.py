@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.config import parse_activation
-from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, SegmentDiff, key_sql, raw_salt
+from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, SegmentDiff, key_sql, raw_salt
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.state.base import FINGERPRINT_SCHEMA
 
@@ -250,6 +250,43 @@ def test_a_delta_read_hands_over_new_duplicated_and_unkeyed_rows_with_their_row_
     ]
 
 
+def test_a_delta_read_gives_a_duplicated_stored_id_the_stored_fingerprint_a_full_read_gives_it() -> None:
+    raws = hashes_by_id(SEGMENT)
+    stored = {"a": (raws["a"], 10), "b": (7, 20), "c": (raws["c"] + 1, 30)}
+    reads = {}
+    for full in (False, True):
+        diff = differ(SEGMENT, stored)
+        try:
+            diff.scan_ids()
+            reads[full] = {row[ROW]: row for row in rows_of(diff.rows_to_send(full=full))}
+        finally:
+            diff.close()
+    delta, every = reads[False], reads[True]
+    assert [(row["id"], row[DUPLICATE], row[STORED_RAW], row[STORED_PAYLOAD]) for row in delta.values()] == [
+        ("b", True, 7, 20),
+        ("b", True, 7, 20),
+        (None, False, None, None),
+        ("new", False, None, None),
+        ("  ", False, None, None),
+    ]
+    assert all(every[number] == row for number, row in delta.items())
+
+
+def test_with_nothing_stored_the_rows_and_their_types_are_those_of_a_join_that_matches_nothing() -> None:
+    reads = []
+    for stored in ({}, {"not in the segment": (1, 2)}):
+        diff = differ(SEGMENT, stored)
+        try:
+            diff.scan_ids()
+            batches = list(diff.rows_to_send(full=False))
+        finally:
+            diff.close()
+        reads.append((batches[0].schema, rows_of(iter(batches))))
+    assert reads[0] == reads[1]
+    assert reads[0][0].field(STORED_RAW).type == pa.uint64()
+    assert len(reads[0][1]) == SEGMENT.num_rows
+
+
 def test_a_full_read_in_order_hands_over_every_row_sorted_by_key() -> None:
     diff = differ(SEGMENT, {"a": (0, 10)})
     try:
@@ -261,6 +298,24 @@ def test_a_full_read_in_order_hands_over_every_row_sorted_by_key() -> None:
     assert keys == sorted(keys)
     assert len(rows) == SEGMENT.num_rows
     assert {row["id"]: row[STORED_PAYLOAD] for row in rows if row["id"] == "a"} == {"a": 10}
+
+
+def test_a_continued_full_pass_leaves_out_ids_at_or_below_its_watermark_and_counts_them() -> None:
+    stored = {"a": (0, 10), "c": (0, 30)}
+    diff = differ(SEGMENT, stored, after="b")
+    everything = differ(SEGMENT, stored)
+    try:
+        scan = diff.scan_ids()
+        everything.scan_ids()
+        rows = [row for batch in diff.rows_to_send(full=True, ordered=True) for row in batch.to_pylist()]
+        reference = [row for batch in everything.rows_to_send(full=True, ordered=True) for row in batch.to_pylist()]
+    finally:
+        diff.close()
+        everything.close()
+    # Byte order, as the send checkpoint records it: "  " and "a" sort before "b".
+    assert scan.below_watermark == 4
+    assert rows == [row for row in reference if row[KEY] is None or row[KEY] > "b"]
+    assert [row["id"] for row in rows] == ["c", "new", None]
 
 
 def test_the_stream_is_read_as_batches_and_each_read_asks_only_for_what_it_needs() -> None:

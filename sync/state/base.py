@@ -47,7 +47,7 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
     if not journal:
         return base_table.cast(FINGERPRINT_SCHEMA)
     entries = pa.concat_tables(journal)
-    repeats = _has_repeats(entries.column("custom_id"))
+    repeats = has_repeats(entries.column("custom_id"))
     if not repeats:
         appended = _appended_only(base_table, entries)
         if appended is not None:
@@ -97,35 +97,58 @@ def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:
 
     ``entries`` repeat no id (the caller checked). Checked in columns; None when an entry
     deletes or touches an id of ``base``, so the general fold runs. Saves sorting millions of entries at the end of a
-    large first sync. Memory is what decides how: a hash set of five million ids (what
-    ``count_distinct`` or ``is_in`` build) costs ~700 MB, so repeats are found by sorting
-    the ids (their order, ~8 bytes an id) and the overlap with ``base`` by a set of the
-    smaller side only.
+    large first sync.
     """
     if not pc.all(entries.column("put")).as_py():
         return None
-    ids = entries.column("custom_id")
-    if base.num_rows:
-        stored = base.column("custom_id")
-        small, large = (ids, stored) if len(ids) <= len(stored) else (stored, ids)
-        if len(small) > _MAX_OVERLAP_SET:
-            return None
-        if pc.any(pc.is_in(large, value_set=small.combine_chunks())).as_py():
-            return None
+    if base.num_rows and not no_common_ids(base.column("custom_id"), entries.column("custom_id")):
+        return None
     added = entries.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA)
     return pa.concat_tables([base.cast(FINGERPRINT_SCHEMA), added])
 
 
-# Most ids a fast-path overlap check puts in a hash set (~140 bytes an id while it is built).
+def no_common_ids(stored: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether the two id columns share no id; False when that is too costly to check here.
+
+    Memory decides how: a hash set of five million ids (what ``count_distinct`` or
+    ``is_in`` build) costs ~700 MB, so only the smaller side goes in a set, and not at all
+    past :data:`_MAX_OVERLAP_SET` ids (the caller then folds in DuckDB, which spills).
+    """
+    if len(stored) == 0 or len(ids) == 0:
+        return True
+    small, large = (ids, stored) if len(ids) <= len(stored) else (stored, ids)
+    if len(small) > _MAX_OVERLAP_SET:
+        return False
+    if isinstance(small, pa.ChunkedArray):
+        small = small.combine_chunks()
+    return not pc.any(pc.is_in(large, value_set=small)).as_py()
+
+
+# Most ids an overlap check puts in a hash set (~140 bytes an id while it is built).
 _MAX_OVERLAP_SET = 1_000_000
 
 
-def _has_repeats(ids: pa.ChunkedArray) -> bool:
-    """Whether an id appears twice: equal neighbours once the ids are sorted."""
+def has_repeats(ids: pa.ChunkedArray) -> bool:
+    """Whether an id appears twice: equal neighbours once the ids are sorted.
+
+    A journal of puts whose ids do not repeat, and which :func:`no_common_ids` finds
+    nowhere in the stored fingerprints, can be appended to them as it is.
+
+    Their order costs 8 bytes an id (a hash set of them ~140); the sorted ids are then
+    compared a slice at a time rather than copied whole.
+    """
     if len(ids) < 2:
         return False
-    ordered = ids.take(pc.sort_indices(ids))
-    return bool(pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py())
+    order = pc.sort_indices(ids)
+    for start in range(0, len(order) - 1, _REPEAT_SLICE):
+        ordered = ids.take(order.slice(start, _REPEAT_SLICE + 1))
+        if pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py():
+            return True
+    return False
+
+
+# Sorted ids compared at a time by has_repeats.
+_REPEAT_SLICE: Final = 250_000
 
 
 @runtime_checkable

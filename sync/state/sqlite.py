@@ -52,9 +52,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.errors import FatalError
+from sync.memory import release_free_memory
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal
+from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal, has_repeats, no_common_ids
 from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
 
 SCHEMA_VERSION: Final = 3
@@ -493,11 +494,117 @@ class SQLiteStateStore:
             if not pending or not pending[0]:
                 self._count(2, 0)
                 return
+            appended = self._append_to_base(conn, activation)
+            if appended is not None:
+                conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
+                self._count(6, appended)
+                return
             base, journal = self._read_blobs(conn, activation)
             folded = fold_journal(base, journal)
             conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
             self._write_base(conn, activation, folded)
             self._count(6, folded.num_rows)
+
+    def _append_to_base(self, conn: sqlite3.Connection, activation: str) -> int | None:
+        """Compact a journal that only adds new ids by appending them to the base chunks.
+
+        The common case (a first sync, the new profiles of a delta). Memory decides how
+        (``docs/how-a-run-works.md``, "Memory"): a first pass over the journal keeps its ids
+        alone, to check that none repeats and, one base chunk at a time, that none is
+        stored already; a second pass streams the journal into new chunks, a chunk at a
+        time, after filling up the last, partly filled one. Nothing else is rewritten.
+
+        Returns:
+            The number of fingerprints appended, or None (nothing written) when the journal
+            deletes, repeats or updates an id: the general fold then runs.
+        """
+        where = f"state database {self._path}, activation {activation!r}"
+        seqs = [
+            seq
+            for (seq,) in conn.execute(
+                "SELECT seq FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+
+        def journal() -> Iterator[pa.Table]:
+            for seq in seqs:
+                row = conn.execute(
+                    "SELECT blob FROM fingerprint_journal WHERE activation = ? AND seq = ?", (activation, seq)
+                ).fetchone()
+                yield _unpack(row[0], JOURNAL_SCHEMA, where)
+
+        ids = self._journal_ids(journal())
+        if ids is None or has_repeats(ids):
+            return None
+        chunks = conn.execute(
+            "SELECT chunk, rows FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+        ).fetchall()
+        for chunk, _rows in chunks:
+            stored = self._base_chunk(conn, activation, chunk, where)
+            disjoint = no_common_ids(stored.column("custom_id"), ids)
+            del stored
+            release_free_memory()  # one chunk at a time: the next one reuses this one's memory
+            if not disjoint:
+                return None
+        appended = len(ids)
+        del ids
+        release_free_memory()
+        pending: list[pa.Table] = []
+        rows = 0
+        next_chunk = chunks[-1][0] + 1 if chunks else 0
+        if chunks and chunks[-1][1] < _CHUNK_ROWS:
+            # Fill the last chunk up first, so that many small runs do not leave many small chunks.
+            next_chunk = chunks[-1][0]
+            pending.append(self._base_chunk(conn, activation, next_chunk, where))
+            rows = pending[0].num_rows
+            conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, next_chunk))
+        for table in journal():
+            pending.append(table.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA))
+            rows += table.num_rows
+            while rows >= _CHUNK_ROWS:
+                gathered = pa.concat_tables(pending)
+                self._insert_chunk(conn, activation, next_chunk, gathered.slice(0, _CHUNK_ROWS))
+                pending, rows, next_chunk = [gathered.slice(_CHUNK_ROWS)], rows - _CHUNK_ROWS, next_chunk + 1
+        if rows:
+            self._insert_chunk(conn, activation, next_chunk, pa.concat_tables(pending))
+        return appended
+
+    @staticmethod
+    def _journal_ids(tables: Iterable[pa.Table]) -> pa.ChunkedArray | None:
+        """The ids of journal tables that only put (None at the first deletion), gathered.
+
+        Held as thousands of small arrays (one per flush) they would take about twice
+        their size; they are gathered into arrays of ~100,000 ids.
+        """
+        gathered: list[pa.Array] = []
+        pending: list[pa.Array] = []
+        rows = 0
+        for table in tables:
+            if pc.all(table.column("put")).as_py() is False:
+                return None
+            pending.extend(table.column("custom_id").chunks)
+            rows += table.num_rows
+            if rows >= _CHUNK_ROWS // 10:
+                gathered.append(pa.concat_arrays(pending))
+                pending, rows = [], 0
+        if pending:
+            gathered.append(pa.concat_arrays(pending))
+        return pa.chunked_array(gathered, pa.string())
+
+    @staticmethod
+    def _base_chunk(conn: sqlite3.Connection, activation: str, chunk: int, where: str) -> pa.Table:
+        row = conn.execute(
+            "SELECT blob FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk)
+        ).fetchone()
+        return _unpack(row[0], FINGERPRINT_SCHEMA, where)
+
+    @staticmethod
+    def _insert_chunk(conn: sqlite3.Connection, activation: str, chunk: int, table: pa.Table) -> None:
+        conn.execute(
+            "INSERT INTO fingerprint_base (activation, chunk, rows, blob) VALUES (?, ?, ?, ?)",
+            (activation, chunk, table.num_rows, _pack(table)),
+        )
+        release_free_memory()  # the packed chunk is written: the next one reuses its memory
 
     def _write_base(self, conn: sqlite3.Connection, activation: str, table: pa.Table) -> None:
         conn.execute("DELETE FROM fingerprint_base WHERE activation = ?", (activation,))

@@ -89,3 +89,18 @@ def test_an_id_repeated_across_journal_tables_keeps_its_last_entry() -> None:
         table([("b", 5, 6), ("a", 0, 0)], JOURNAL_SCHEMA, [True, False]),
     ]
     assert as_dict(fold_journal([base], journal)) == {"b": (5, 6)}
+
+
+@pytest.mark.parametrize("repeated", range(7))
+def test_a_repeat_is_found_wherever_it_falls_among_the_slices_of_sorted_ids(
+    monkeypatch: pytest.MonkeyPatch, repeated: int
+) -> None:
+    # The sorted ids are compared a slice at a time: a repeat on a slice boundary counts too.
+    monkeypatch.setattr(state_base, "_REPEAT_SLICE", 2)
+    ids = [f"id-{n}" for n in range(7)]
+    journal = [
+        table([(cid, n, n) for n, cid in enumerate(ids)], JOURNAL_SCHEMA, [True] * len(ids)),
+        table([(ids[repeated], 100, 100)], JOURNAL_SCHEMA, [True]),
+    ]
+    folded = as_dict(fold_journal([], journal))
+    assert folded == {cid: (100, 100) if cid == ids[repeated] else (n, n) for n, cid in enumerate(ids)}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
 
+import sync.state.sqlite as sqlite_state
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal
 from sync.state import sqlite as sqlite_module
@@ -653,3 +654,64 @@ def test_intents_behave_as_a_set_under_random_records_and_clears(
     with SQLiteStateStore(db_path) as store:
         assert store.load_intents("act") == model
         assert store.load_intents("other") == {"u1", "émilie"}
+
+
+# -- compaction ------------------------------------------------------------------------------
+
+
+def _base_chunks(path: Path) -> list[tuple[int, int]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT chunk, rows FROM fingerprint_base WHERE activation = 'a' ORDER BY chunk").fetchall()
+
+
+def test_compacting_new_ids_fills_the_last_chunk_instead_of_adding_one_per_run(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("a", "run", TTL, at(0))
+        expected: dict[str, Fingerprint] = {}
+        for run in range(3):
+            batch = {f"id-{run}-{n}": fp(run * 10 + n) for n in range(4)}
+            store.commit(lease, entries(*batch.items()), at(1))
+            store.commit(lease, entries((f"id-{run}-late", fp(run + 100))), at(1))
+            expected |= batch | {f"id-{run}-late": fp(run + 100)}
+            store.compact(lease, at(2))
+            assert store.load_fingerprints("a") == expected
+        assert _base_chunks(db_path) == [(0, 15)]
+
+
+def test_compacting_a_journal_that_updates_deletes_or_repeats_ids_folds_it(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("a", "run", TTL, at(0))
+        store.commit(lease, entries(("x", fp(1)), ("y", fp(2)), ("z", fp(3))), at(1))
+        store.compact(lease, at(2))
+        journals = [
+            [entries(("x", fp(11)), ("new", fp(4)))],  # updates a stored id
+            [entries(("y", None))],  # deletes one
+            [entries(("twice", fp(5))), entries(("twice", fp(6)))],  # repeats a new id
+        ]
+        for commits in journals:
+            for commit in commits:
+                store.commit(lease, commit, at(3))
+            store.compact(lease, at(4))
+        assert store.load_fingerprints("a") == {"x": fp(11), "z": fp(3), "new": fp(4), "twice": fp(6)}
+        assert sum(rows for _chunk, rows in _base_chunks(db_path)) == 4
+
+
+def test_appended_fingerprints_are_cut_into_full_chunks_across_journal_blobs(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 4)
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("a", "run", TTL, at(0))
+        expected: dict[str, Fingerprint] = {}
+        for run in range(3):
+            for blob in range(2):
+                batch = {f"id-{run}-{blob}-{n}": fp(run * 100 + blob * 10 + n) for n in range(3 - blob)}
+                store.commit(lease, entries(*batch.items()), at(1))
+                expected |= batch
+            store.compact(lease, at(2))
+        assert _base_chunks(db_path) == [(0, 4), (1, 4), (2, 4), (3, 3)]
+        assert store.load_fingerprints("a") == expected
+        store.commit(lease, entries(("id-0-0-0", None), ("id-2-1-1", fp(7))), at(3))
+        store.compact(lease, at(4))
+        del expected["id-0-0-0"]
+        assert store.load_fingerprints("a") == expected | {"id-2-1-1": fp(7)}
