@@ -72,7 +72,7 @@ log = structlog.get_logger("cepsync.engine")
 BATCH_REJECTED_SAMPLE_SIZE = 100
 # Mapped send groups waiting for a free request slot, per slot: bounds memory while the
 # mapping thread runs ahead of Batch's rate.
-QUEUED_GROUPS_PER_SLOT = 2
+QUEUED_GROUPS_PER_SLOT = 1
 # Rows mapped between two hand-backs of freed memory to the OS (sync/memory.py).
 TRIM_EVERY_ROWS = 50_000
 

@@ -196,6 +196,11 @@ class ProfileRows:
             schema=JOURNAL_SCHEMA,
         )
 
+    def without_bodies(self) -> ProfileRows:
+        """The same profiles with empty bodies (once a request holds them, only ids and hashes matter)."""
+        empty = pa.repeat(pa.scalar("", pa.string()), self.table.num_rows)
+        return ProfileRows(self.table.set_column(self.table.schema.get_field_index("body"), "body", empty))
+
     def entries(self) -> list[JournalEntry]:
         """As journal entries (one Python object per row: for tests and small lists)."""
         return [JournalEntry(send.custom_id, send.fingerprint) for send in self]

@@ -246,6 +246,9 @@ class Sender:
                 profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
                     ids.to_pylist(), request_array(ids.combine_chunks(), bodies.combine_chunks())
                 )
+                # The request holds the bodies now; what is left is what the journal needs.
+                del bodies
+                upserts = group.upserts = upserts.without_bodies()
             else:
                 profiles = [ProfileUpdate(custom_id, encoded=self._removal) for custom_id in group.removals]
             tally.attempted += len(profiles)
