@@ -111,10 +111,10 @@ class DuckDBSourceConfig(_SegmentSpec):
     type: Literal["duckdb"] = "duckdb"
     database: str = Field(description="DuckDB database file, relative to the activation file. Opened read-only.")
     batch_rows: int = Field(
-        10_000,
+        4_096,
         ge=1_000,
         le=1_000_000,
-        description="Rows per Arrow record batch (the differ maps 10,000 at a time; larger batches only hold more).",
+        description="Rows per Arrow record batch (the differ maps 4,096 at a time; larger batches only hold more).",
     )
     memory_limit: str = Field(
         "128MB",

@@ -60,8 +60,11 @@ STORED_RAW: Final = "__cepsync_stored_raw"
 STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 
 # Rows per batch handed to the mapper: small enough that the first request leaves within a
-# second of the stream starting, large enough that per-batch overhead is negligible.
-OUTPUT_BATCH_ROWS: Final = 10_000
+# second of the stream starting and that a batch's working set (its Python values, Arrow
+# arrays and DuckDB vectors, at every stage at once) stays small, large enough that
+# per-batch overhead is negligible. Two DuckDB vectors. 10,000 cost ~40 MB more at the peak
+# of a 1M full load, for the same CPU (docs/how-a-run-works.md, "Memory").
+OUTPUT_BATCH_ROWS: Final = 4_096
 # The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
 # of its own instead of growing without bound. A million stored ids join within it; past
 # LARGE_STATE_ROWS the stored table itself takes ~32 bytes an id of the run's memory, so the
