@@ -92,6 +92,21 @@ def phone_call(library: Any) -> Callable[[str], Any]:
     return call
 
 
+def compare(
+    reference: tuple[str, Callable[[], Any]], columnar: tuple[str, Callable[[], Any]], rows: int, repeat: int
+) -> None:
+    """Time both (median of ``repeat``), check they agree, and print µs/row and the ratio."""
+    (reference_name, reference_run), (columnar_name, columnar_run) = reference, columnar
+    reference_seconds, expected = timed(reference_run, repeat)
+    columnar_seconds, actual = timed(columnar_run, repeat)
+    if expected != actual:
+        raise SystemExit(f"{columnar_name} and {reference_name} disagree")
+    del expected, actual
+    print(f"{reference_name:<31}: {reference_seconds / rows * 1e6:6.2f} µs/row")
+    print(f"{columnar_name:<31}: {columnar_seconds / rows * 1e6:6.2f} µs/row")
+    print(f"{'ratio':<31}: {reference_seconds / columnar_seconds:6.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -113,14 +128,7 @@ def main() -> None:
     def by_batch() -> list[MappedRow]:
         return [mapped for batch in batches for mapped in mapper.map_batch(batch)]
 
-    row_seconds, row_result = timed(by_row, args.repeat)
-    batch_seconds, batch_result = timed(by_batch, args.repeat)
-    if row_result != batch_result:
-        raise SystemExit("map_batch and map_row disagree")
-    del row_result, batch_result
-    print(f"map_row   (to_pylist + map_row): {row_seconds / rows * 1e6:6.2f} µs/row")
-    print(f"map_batch                      : {batch_seconds / rows * 1e6:6.2f} µs/row")
-    print(f"ratio                          : {row_seconds / batch_seconds:6.2f}x")
+    compare(("map_row   (to_pylist + map_row)", by_row), ("map_batch", by_batch), rows, args.repeat)
 
     # What the engine runs: converters in columns, payloads encoded to JSON in columns and
     # fingerprinted; against the same from map_row's dicts (canonical_payload per row).
@@ -133,14 +141,12 @@ def main() -> None:
     def encoded_by_batch() -> list[list[str | None]]:
         return [encode_batch(mapper.convert_batch(batch)).bodies.to_pylist() for batch in batches]
 
-    row_seconds, row_bodies = timed(encoded_by_row, args.repeat)
-    batch_seconds, batch_bodies = timed(encoded_by_batch, args.repeat)
-    if row_bodies != batch_bodies:
-        raise SystemExit("encode_batch and canonical_payload disagree")
-    del row_bodies, batch_bodies
-    print(f"map_row + canonical JSON + hash: {row_seconds / rows * 1e6:6.2f} µs/row")
-    print(f"convert_batch + encode_batch   : {batch_seconds / rows * 1e6:6.2f} µs/row")
-    print(f"ratio                          : {row_seconds / batch_seconds:6.2f}x")
+    compare(
+        ("map_row + canonical JSON + hash", encoded_by_row),
+        ("convert_batch + encode_batch", encoded_by_batch),
+        rows,
+        args.repeat,
+    )
 
     sample = table.slice(0, args.sample)
     emails = [value.strip() for value in sample.column("email").to_pylist() if value]

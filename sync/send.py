@@ -86,22 +86,22 @@ class Journal:
 
     async def flush(self) -> None:
         async with self._lock:
-            pending, self._pending, self._pending_rows = self._pending, [], 0
+            pending, rows, self._pending, self._pending_rows = self._pending, self._pending_rows, [], 0
             intents, self._intents_done = self._intents_done, []
             self._last_flush = self._clock()
             if not pending:
                 return
             started = time.perf_counter()
-            lease = self._lease()
-            entries = await asyncio.to_thread(_one_table, lease.activation, pending)
-            await asyncio.to_thread(self._store.commit, lease, entries, self._now())
+            lease, now = self._lease(), self._now()
+            # One worker-thread hop: gathering the pending tables and committing them.
+            await asyncio.to_thread(lambda: self._store.commit(lease, _one_table(lease.activation, pending), now))
             if intents:
                 # After the commit: a crash in between leaves intents for stored ids, harmless
                 # (both say "synced"), never an acknowledged id without either.
                 await asyncio.to_thread(self._store.clear_intents, self._lease(), intents)
             self.commit_seconds += time.perf_counter() - started
             self.flushes += 1
-            self.committed += entries.num_rows
+            self.committed += rows
             if self.on_flush is not None:
                 await self.on_flush()
 
