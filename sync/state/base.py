@@ -15,8 +15,9 @@ Guarantees a backend must keep (the conformance suite in tests/state/ proves the
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -52,6 +53,31 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
         appended = _appended_only(base_table, entries)
         if appended is not None:
             return appended
+
+    with _fold_database() as con:
+        con.register("base", base_table)
+        latest = _latest_in(con, journal) if repeats else entries
+        con.register("latest", latest)
+        folded: pa.Table = con.sql(
+            "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
+            "UNION ALL SELECT custom_id, raw, payload FROM latest WHERE put"
+        ).to_arrow_table()
+    return folded.cast(FINGERPRINT_SCHEMA)
+
+
+def latest_entries_table(journal: Sequence[pa.Table]) -> pa.Table:
+    """Each id of journal tables (oldest first) once, as its last entry left it (``put`` kept)."""
+    if not journal:
+        return FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_())).empty_table()
+    entries = pa.concat_tables(journal).select(["custom_id", "raw", "payload", "put"])
+    if not has_repeats(entries.column("custom_id")):
+        return entries
+    with _fold_database() as con:
+        return _latest_in(con, journal)
+
+
+@contextlib.contextmanager
+def _fold_database() -> Iterator[Any]:
     import duckdb
 
     from sync.duckdb_sql import bound_memory
@@ -62,30 +88,29 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
         bound_memory(con, memory_limit=FOLD_MEMORY_LIMIT, spill_directory=spill)
         con.execute("SET threads = 1")
         con.execute("SET preserve_insertion_order = false")
-        con.register("base", base_table)
-        if repeats:
-            sequenced = pa.concat_tables(
-                [
-                    table.append_column("seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows))
-                    for index, table in enumerate(journal)
-                ]
+        yield con
+
+
+def _latest_in(con: Any, journal: Sequence[pa.Table]) -> pa.Table:
+    """The last entry of every id of ``journal`` (oldest table first), computed in ``con``."""
+    sequenced = pa.concat_tables(
+        [
+            table.select(["custom_id", "raw", "payload", "put"]).append_column(
+                "seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows)
             )
-            con.register("entries", sequenced)
-            latest: pa.Table = con.sql(
-                "SELECT custom_id, raw, payload, put FROM ("
-                "  SELECT custom_id, raw, payload, put,"
-                "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
-                "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
-                ") WHERE r = 1"
-            ).to_arrow_table()
-        else:
-            latest = entries
-        con.register("latest", latest)
-        folded: pa.Table = con.sql(
-            "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
-            "UNION ALL SELECT custom_id, raw, payload FROM latest WHERE put"
-        ).to_arrow_table()
-    return folded.cast(FINGERPRINT_SCHEMA)
+            for index, table in enumerate(journal)
+        ]
+    )
+    con.register("entries", sequenced)
+    latest: pa.Table = con.sql(
+        "SELECT custom_id, raw, payload, put FROM ("
+        "  SELECT custom_id, raw, payload, put,"
+        "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
+        "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
+        ") WHERE r = 1"
+    ).to_arrow_table()
+    con.unregister("entries")
+    return latest
 
 
 # What the general fold's DuckDB may hold before it spills to a temporary directory.

@@ -55,7 +55,14 @@ from sync.errors import FatalError
 from sync.memory import release_free_memory
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import DELIVERY_RETENTION, FINGERPRINT_SCHEMA, fold_journal, has_repeats, no_common_ids
+from sync.state.base import (
+    DELIVERY_RETENTION,
+    FINGERPRINT_SCHEMA,
+    fold_journal,
+    has_repeats,
+    latest_entries_table,
+    no_common_ids,
+)
 from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
 
 SCHEMA_VERSION: Final = 3
@@ -63,7 +70,7 @@ SCHEMA_VERSION: Final = 3
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
 # into ~15-30 MB).
-_CHUNK_ROWS: Final = 1_000_000
+_CHUNK_ROWS: Final = 250_000
 # lz4: ids compress about 3x, at a few ms per million fingerprints.
 _IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
 
@@ -495,6 +502,8 @@ class SQLiteStateStore:
                 self._count(2, 0)
                 return
             appended = self._append_to_base(conn, activation)
+            if appended is None:
+                appended = self._fold_by_chunk(conn, activation)
             if appended is not None:
                 conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
                 self._count(6, appended)
@@ -549,16 +558,31 @@ class SQLiteStateStore:
         appended = len(ids)
         del ids
         release_free_memory()
+        self._append_chunks(conn, activation, chunks, journal(), where)
+        return appended
+
+    def _append_chunks(
+        self,
+        conn: sqlite3.Connection,
+        activation: str,
+        chunks: list[tuple[int, int]],
+        tables: Iterable[pa.Table],
+        where: str,
+    ) -> None:
+        """Append fingerprints (ids stored nowhere yet) to the base chunks ``(chunk, rows)``.
+
+        The last chunk is filled up first, so that many small runs do not leave many small
+        chunks; then new chunks are cut, one at a time.
+        """
         pending: list[pa.Table] = []
         rows = 0
         next_chunk = chunks[-1][0] + 1 if chunks else 0
         if chunks and chunks[-1][1] < _CHUNK_ROWS:
-            # Fill the last chunk up first, so that many small runs do not leave many small chunks.
             next_chunk = chunks[-1][0]
             pending.append(self._base_chunk(conn, activation, next_chunk, where))
             rows = pending[0].num_rows
             conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, next_chunk))
-        for table in journal():
+        for table in tables:
             pending.append(table.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA))
             rows += table.num_rows
             while rows >= _CHUNK_ROWS:
@@ -567,7 +591,56 @@ class SQLiteStateStore:
                 pending, rows, next_chunk = [gathered.slice(_CHUNK_ROWS)], rows - _CHUNK_ROWS, next_chunk + 1
         if rows:
             self._insert_chunk(conn, activation, next_chunk, pa.concat_tables(pending))
-        return appended
+
+    def _fold_by_chunk(self, conn: sqlite3.Connection, activation: str) -> int | None:
+        """Compact a journal of at most one chunk that updates or deletes ids, a stored chunk at a time.
+
+        The usual delta: a few thousand changed, new and removed profiles against millions
+        stored. The journal's last entry per id is taken; each stored chunk that holds one
+        of its ids is rewritten without them; the ids it puts are then appended. The same
+        result as the general fold (``fold_journal``), holding one chunk at a time instead
+        of the whole state (``docs/how-a-run-works.md``, "Memory").
+
+        Returns:
+            The number of fingerprints stored afterwards, or None (nothing written) when
+            the journal is larger than a chunk: the general fold then runs.
+        """
+        where = f"state database {self._path}, activation {activation!r}"
+        row = conn.execute(
+            "SELECT COALESCE(SUM(rows), 0) FROM fingerprint_journal WHERE activation = ?", (activation,)
+        ).fetchone()
+        if not row or row[0] > _CHUNK_ROWS:
+            return None
+        journal = [
+            _unpack(blob, JOURNAL_SCHEMA, where)
+            for (blob,) in conn.execute(
+                "SELECT blob FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+        latest = latest_entries_table(journal)
+        del journal
+        touched = latest.column("custom_id").combine_chunks()
+        chunks = conn.execute(
+            "SELECT chunk, rows FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+        ).fetchall()
+        kept: list[tuple[int, int]] = []
+        for chunk, rows in chunks:
+            stored = self._base_chunk(conn, activation, chunk, where)
+            hit = pc.is_in(stored.column("custom_id"), value_set=touched)
+            if pc.any(hit).as_py():
+                remaining = stored.filter(pc.invert(hit))
+                conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk))
+                if remaining.num_rows:
+                    self._insert_chunk(conn, activation, chunk, remaining)
+                rows = remaining.num_rows
+                del remaining
+            if rows:
+                kept.append((chunk, rows))
+            del stored, hit
+            release_free_memory()  # one chunk at a time: the next one reuses this one's memory
+        puts = latest.filter(latest.column("put"))
+        self._append_chunks(conn, activation, kept, [puts], where)
+        return sum(rows for _, rows in kept) + int(puts.num_rows)
 
     @staticmethod
     def _journal_ids(tables: Iterable[pa.Table]) -> pa.ChunkedArray | None:

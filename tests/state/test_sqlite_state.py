@@ -715,3 +715,69 @@ def test_appended_fingerprints_are_cut_into_full_chunks_across_journal_blobs(
         store.compact(lease, at(4))
         del expected["id-0-0-0"]
         assert store.load_fingerprints("a") == expected | {"id-2-1-1": fp(7)}
+
+
+def _chunk_blobs(path: Path) -> dict[int, bytes]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT chunk, blob FROM fingerprint_base WHERE activation = 'a' ORDER BY chunk")
+        return {chunk: bytes(blob) for chunk, blob in rows}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_small_journal_folds_a_chunk_at_a_time_like_the_general_fold(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Updates, deletions, new and repeated ids against several chunks: the same fingerprints
+    as the reference (last entry wins, a deletion removes), chunks no larger than a chunk,
+    and a chunk the journal does not touch left as it was."""
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 6)
+    rng = random.Random(seed)
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("a", "run", TTL, at(0))
+        expected: dict[str, Fingerprint] = {f"id-{n:02d}": fp(n) for n in range(20)}
+        store.commit(lease, entries(*expected.items()), at(1))
+        store.compact(lease, at(2))
+        assert _base_chunks(db_path) == [(0, 6), (1, 6), (2, 6), (3, 2)]
+        before = _chunk_blobs(db_path)
+        pool = [f"id-{n:02d}" for n in range(6, 25)]  # never chunk 0's ids; some new ones
+        commits = []
+        for _ in range(rng.randint(1, 3)):  # at most 6 entries: one chunk
+            picked = rng.sample(pool, rng.randint(1, 2))
+            commits.append(
+                [(custom_id, None if rng.random() < 0.4 else fp(rng.randint(100, 999))) for custom_id in picked]
+            )
+        for commit in commits:
+            store.commit(lease, entries(*commit), at(3))
+            for custom_id, value in commit:
+                if value is None:
+                    expected.pop(custom_id, None)
+                else:
+                    expected[custom_id] = value
+        store.compact(lease, at(4))
+        assert store.load_fingerprints("a") == expected
+        chunks = _base_chunks(db_path)
+        assert all(rows <= 6 for _chunk, rows in chunks)
+        assert sum(rows for _chunk, rows in chunks) == len(expected)
+        assert _chunk_blobs(db_path)[0] == before[0]  # untouched: not rewritten
+        with sqlite3.connect(db_path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (0,)
+
+
+def test_a_journal_larger_than_a_chunk_goes_through_the_general_fold(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 3)
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("a", "run", TTL, at(0))
+        store.commit(lease, entries(*((f"id-{n}", fp(n)) for n in range(6))), at(1))
+        store.compact(lease, at(2))
+        store.commit(lease, entries(("id-0", None), ("id-1", fp(11)), ("id-2", fp(12)), ("id-9", fp(9))), at(3))
+        store.compact(lease, at(4))
+        assert store.load_fingerprints("a") == {
+            "id-1": fp(11),
+            "id-2": fp(12),
+            "id-3": fp(3),
+            "id-4": fp(4),
+            "id-5": fp(5),
+            "id-9": fp(9),
+        }
