@@ -116,12 +116,14 @@ class DuckDBSourceConfig(_SegmentSpec):
         le=1_000_000,
         description="Rows per Arrow record batch (the differ maps 4,096 at a time; larger batches only hold more).",
     )
-    memory_limit: str = Field(
-        "128MB",
+    memory_limit: str | None = Field(
+        None,
         pattern=r"^[1-9][0-9]{0,5} ?(MB|GB|MiB|GiB)$",
         description=(
             "Memory DuckDB may use for the segment query and its cache of the file's blocks; "
-            "a query needing more spills to a temporary directory."
+            "a query needing more spills to a temporary directory. Unset, each read is sized: "
+            "a query DuckDB streams (scans, filters, projections) gets 8 MB plus 1.25 MB a "
+            "column read, up to 128 MB; one that sorts, joins, aggregates or windows gets 128 MB."
         ),
     )
 

@@ -3,22 +3,78 @@
 The database is opened read-only, so a sync can never change the segment, and several
 runs (or a BI tool) can read it at once. Rows stream as Arrow record batches, so memory
 stays bounded whatever the segment size.
+
+DuckDB's memory limit bounds both a query's working memory and its cache of the file's
+blocks, which fills up to the limit on every read. Unless the activation sets
+``source.memory_limit``, each read gets what its plan needs (:func:`read_memory_limit`):
+a query DuckDB streams holds a few blocks per column at a time, so a small cap keeps the
+cache small; a sort, join, aggregate or window keeps the generous default, under which it
+spills rather than fails (``docs/how-a-run-works.md``, "Memory").
 """
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import pyarrow as pa
 
 from sync.config import DuckDBSourceConfig
-from sync.duckdb_sql import bound_memory, quote_identifier
+from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError, FatalError
+
+# The cap of a read whose plan holds rows (sorts, joins, aggregates, windows), and of any
+# read's when the activation sets none.
+QUERY_MEMORY_LIMIT_MB: Final = 128
+# A streamed read pins a block or two per column and thread, and caches the file's blocks up
+# to its cap. Measured with two threads: 81 long string columns fail at 64 MB and pass at
+# 96 MB (this gives 110 MB); the benchmark's 17 short columns pass at 12 MB (this gives 30).
+STREAM_BASE_MB: Final = 8
+STREAM_PER_COLUMN_MB: Final = 1.25
+# Physical operators that pass rows through without holding them (EXPLAIN's names).
+STREAMING_OPERATORS: Final = frozenset(
+    {
+        "PROJECTION",
+        "FILTER",
+        "SEQ_SCAN",
+        "TABLE_SCAN",
+        "DUMMY_SCAN",
+        "EMPTY_RESULT",
+        "STREAMING_LIMIT",
+        "LIMIT",
+        "UNION",
+        "UNNEST",
+    }
+)
+
+
+def plan_operators(connection: duckdb.DuckDBPyConnection, sql: str) -> set[str] | None:
+    """The physical operators of ``sql``'s plan (None when DuckDB cannot explain it)."""
+    try:
+        rows = connection.execute(f"EXPLAIN (FORMAT json) {sql}").fetchall()
+        nodes = [node for _, text in rows for node in json.loads(text)]
+    except (duckdb.Error, ValueError, TypeError):
+        return None
+    names: set[str] = set()
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, dict):
+            names.add(str(node.get("name", "")).strip())
+            nodes.extend(node.get("children") or [])
+    return names
+
+
+def read_memory_limit(operators: set[str] | None, columns: int) -> str:
+    """The cap of one read: small for a plan that streams, the default for one that holds rows."""
+    if operators is None or not operators <= STREAMING_OPERATORS:
+        return f"{QUERY_MEMORY_LIMIT_MB}MB"
+    return f"{min(QUERY_MEMORY_LIMIT_MB, math.ceil(STREAM_BASE_MB + STREAM_PER_COLUMN_MB * columns))}MB"
 
 
 class DuckDBSource:
@@ -47,7 +103,8 @@ class DuckDBSource:
         # to a directory of its own (a read-only database has none by default). Every size
         # the config's pattern lets through is one DuckDB accepts.
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-source-")
-        bound_memory(self._connection, memory_limit=config.memory_limit, spill_directory=self._spill.name)
+        self._limit = config.memory_limit or f"{QUERY_MEMORY_LIMIT_MB}MB"
+        bound_memory(self._connection, memory_limit=self._limit, spill_directory=self._spill.name)
 
     def _segment_sql(self) -> str:
         if self._config.table is not None:
@@ -57,12 +114,14 @@ class DuckDBSource:
         assert self._config.query is not None
         return self._config.query
 
-    def _relation(self, columns: list[str] | None) -> duckdb.DuckDBPyRelation:
+    def _read_sql(self, columns: list[str] | None) -> str:
         inner = self._segment_sql()
         projection = "*" if columns is None else ", ".join(quote_identifier(c) for c in columns)
-        sql = f"SELECT {projection} FROM ({inner}) AS segment"  # noqa: S608 - inner is the user's own segment SQL
+        return f"SELECT {projection} FROM ({inner}) AS segment"  # noqa: S608 - inner is the user's own segment SQL
+
+    def _relation(self, columns: list[str] | None) -> duckdb.DuckDBPyRelation:
         try:
-            return self._connection.sql(sql)
+            return self._connection.sql(self._read_sql(columns))
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': the segment query failed: {error}") from None
 
@@ -73,7 +132,17 @@ class DuckDBSource:
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': the segment query failed: {error}") from None
 
+    def _bound_read(self, columns: list[str]) -> None:
+        """Size the connection's cap for the next read (unless the activation set one)."""
+        if self._config.memory_limit is not None:
+            return
+        # Set on every read: DuckDB shares one database (and its settings) between the
+        # connections of a process to the same file.
+        self._limit = read_memory_limit(plan_operators(self._connection, self._read_sql(columns)), len(columns))
+        self._connection.execute(f"SET memory_limit = {quote_literal(self._limit)}")
+
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        self._bound_read(columns)
         relation = self._relation(columns)
         started = time.perf_counter()
         try:
@@ -84,6 +153,12 @@ class DuckDBSource:
                 self._seconds += time.perf_counter() - started
                 yield batch
                 started = time.perf_counter()
+        except duckdb.OutOfMemoryException as error:
+            raise FatalError(
+                f"activation '{self._activation}': reading the segment needs more memory than "
+                f"source.memory_limit allows ({self._limit}): set a larger one in the activation. "
+                f"DuckDB said: {error}"
+            ) from None
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': reading the segment failed: {error}") from None
 

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from sync.config import DuckDBSourceConfig
-from sync.errors import ConfigError
-from sync.sources.duckdb import DuckDBSource
+from sync.errors import ConfigError, FatalError
+from sync.sources.duckdb import DuckDBSource, plan_operators, read_memory_limit
 
 
 @pytest.fixture
@@ -62,3 +62,92 @@ def test_a_missing_database_names_the_activation_and_the_field(tmp_path: Path) -
         DuckDBSource(DuckDBSourceConfig(database=str(tmp_path / "nope.duckdb"), table="people"), activation="act")
     assert caught.value.field == "source.database"
     assert "activation 'act'" in str(caught.value)
+
+
+def memory_limit_as_shown(limit: str) -> str:
+    """How DuckDB shows ``limit`` once set (it rounds sizes to MiB with one decimal)."""
+    with duckdb.connect() as con:
+        con.execute(f"SET memory_limit = '{limit}'")
+        return str(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
+
+
+def test_a_streamed_read_is_capped_by_its_columns_and_a_read_that_holds_rows_keeps_the_default(
+    tmp_path: Path,
+) -> None:
+    # Two files: a process's connections to one file share its database, and its settings.
+    paths = [tmp_path / "streamed.duckdb", tmp_path / "ranked.duckdb"]
+    for path in paths:
+        with duckdb.connect(str(path)) as con:
+            con.execute(
+                "CREATE TABLE people AS SELECT 'id-' || i AS id, i AS points, i % 7 AS tier FROM range(5000) t(i)"
+            )
+    streamed = DuckDBSource(
+        DuckDBSourceConfig(database=str(paths[0]), query="SELECT * FROM people WHERE points % 2 = 0"), activation="act"
+    )
+    ranked = DuckDBSource(
+        DuckDBSourceConfig(
+            database=str(paths[1]),
+            query="SELECT * FROM people QUALIFY row_number() OVER (PARTITION BY tier ORDER BY points DESC) <= 100",
+        ),
+        activation="act",
+    )
+    try:
+        assert sum(batch.num_rows for batch in streamed.read_batches(["id"])) == 2500
+        assert setting(streamed, "memory_limit") == memory_limit_as_shown("10MB")  # 8 MB + 1.25 MB, rounded up
+        assert sum(batch.num_rows for batch in streamed.read_batches(["id", "points", "tier"])) == 2500
+        assert setting(streamed, "memory_limit") == memory_limit_as_shown("12MB")  # 8 MB + 3 x 1.25 MB, rounded up
+        assert sum(batch.num_rows for batch in ranked.read_batches(["id", "points"])) == 700
+        assert setting(ranked, "memory_limit") == memory_limit_as_shown("128MB")
+    finally:
+        streamed.close()
+        ranked.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "streams"),
+    [
+        ("SELECT * FROM people", True),
+        ("SELECT id FROM people WHERE points > 10 LIMIT 5", True),
+        ("SELECT * FROM people UNION ALL SELECT * FROM people", True),
+        ("SELECT * FROM people ORDER BY points", False),
+        ("SELECT id, count(*) AS n FROM people GROUP BY id", False),
+        ("SELECT DISTINCT id FROM people", False),
+        ("SELECT a.id FROM people a JOIN people b USING (id)", False),
+        ("SELECT * FROM no_such_table", False),  # not explained: the generous cap, and the query's own error
+    ],
+)
+def test_only_a_plan_of_streaming_operators_gets_the_small_cap(database: Path, sql: str, streams: bool) -> None:
+    with duckdb.connect(str(database), read_only=True) as con:
+        limit = read_memory_limit(plan_operators(con, sql), 2)
+    assert (limit == "11MB") is streams
+    assert (limit == "128MB") is not streams
+
+
+def test_a_set_memory_limit_holds_for_every_read(database: Path) -> None:
+    source = DuckDBSource(
+        DuckDBSourceConfig(database=str(database), table="people", memory_limit="300MB"), activation="act"
+    )
+    try:
+        assert sum(batch.num_rows for batch in source.read_batches(["id"])) == 5000
+        assert setting(source, "memory_limit") == memory_limit_as_shown("300MB")
+    finally:
+        source.close()
+
+
+def test_a_read_that_outgrows_its_cap_names_the_activation_and_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "segment.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE people AS SELECT 'a fairly long id, number ' || i AS id FROM range(400000) t(i)")
+    source = DuckDBSource(
+        DuckDBSourceConfig(database=str(path), query="SELECT * FROM people ORDER BY id DESC", memory_limit="1MB"),
+        activation="vip",
+    )
+    try:
+        with pytest.raises(FatalError) as caught:
+            sum(batch.num_rows for batch in source.read_batches(["id"]))
+    finally:
+        source.close()
+    message = str(caught.value)
+    assert "activation 'vip'" in message
+    assert "source.memory_limit" in message
+    assert "1MB" in message
