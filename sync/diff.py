@@ -267,28 +267,41 @@ class SegmentDiff:
             view = self._stream([self._id_column], numbered=False, con=con)
             con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
             rows, keyed = con.execute("SELECT count(*), count(k) FROM seen").fetchone() or (0, 0)
+            # Every query below builds its hash table on the smaller side, or on 8-byte
+            # hashes of the ids, never on a million ids as strings twice over: the scan's
+            # peak is the run's (docs/how-a-run-works.md, "Memory"). Duplicated ids are
+            # found among the ids whose hash repeats (every duplicated id, and the rare
+            # distinct ids whose hashes collide), then counted exactly.
             con.execute(
-                "INSERT INTO duplicates SELECT k, count(*) FROM seen WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1"
+                "INSERT INTO duplicates SELECT k, count(*) FROM seen "
+                "SEMI JOIN (SELECT hash(k) AS h FROM seen WHERE k IS NOT NULL GROUP BY h HAVING count(*) > 1) c "
+                "ON c.h = hash(seen.k) WHERE seen.k IS NOT NULL GROUP BY k HAVING count(*) > 1"
             )
             copies = con.sql("SELECT k, copies FROM duplicates").to_arrow_table()
             duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
+            # Stored ids are unique: the stored rows found in the segment, less the
+            # duplicated ones, are the distinct non-duplicated ids that have a fingerprint.
             matched_row = con.execute(
-                "SELECT count(*) FROM (SELECT DISTINCT k FROM seen WHERE k IS NOT NULL) s "
-                "SEMI JOIN stored ON stored.custom_id = s.k ANTI JOIN duplicates ON duplicates.k = s.k"
+                "SELECT count(*) FROM stored SEMI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s "
+                "ON s.k = stored.custom_id ANTI JOIN duplicates ON duplicates.k = stored.custom_id"
             ).fetchone()
             matched = int(matched_row[0]) if matched_row else 0
-            distinct_row = con.execute("SELECT count(DISTINCT k) FROM seen").fetchone()
-            distinct = int(distinct_row[0]) if distinct_row else 0
+            distinct = int(keyed) - sum(duplicates.values()) + len(duplicates)
+            # Stored and intent ids stream through one anti-join on the segment's ids; only
+            # the few that come out are deduplicated (an intent may also be stored).
             removed = [
                 key
                 for (key,) in con.execute(
-                    "SELECT custom_id FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents) synced "
-                    "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id ORDER BY custom_id"
+                    "SELECT DISTINCT custom_id FROM (SELECT custom_id FROM stored UNION ALL "
+                    "SELECT custom_id FROM intents) synced ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s "
+                    "ON s.k = synced.custom_id ORDER BY custom_id"
                 ).fetchall()
             ]
-            synced_row = con.execute(
-                "SELECT count(*) FROM (SELECT custom_id FROM stored UNION SELECT custom_id FROM intents)"
-            ).fetchone()
+            # Intent ids are unique (a sorted set): the synced ids are the stored ones plus
+            # the intents that are not stored, counted by a join built on the intents.
+            overlap_row = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchone()
+            overlap = int(overlap_row[0]) if overlap_row else 0
+            synced = self.stored_count + self._intents.num_rows - overlap
             below_row = (
                 con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
                 if self._after is not None
@@ -306,7 +319,7 @@ class SegmentDiff:
             matched=matched,
             new_ids=distinct - len(duplicates) - matched,
             removed=removed,
-            synced=int(synced_row[0]) if synced_row else 0,
+            synced=synced,
             below_watermark=int(below_row[0]) if below_row else 0,
         )
 
@@ -325,15 +338,26 @@ class SegmentDiff:
         return self._moved_rows()
 
     def _moved_rows(self) -> Iterator[pa.RecordBatch]:
-        # In a database of its own, closed once read: its hash table of the stored
-        # fingerprints (~100 bytes an id) is not kept for the stream, which builds its own.
+        # In a database of its own, closed once read: its hash tables are not kept for the
+        # stream, which builds its own.
+        #
+        # Two joins, so that neither holds the stored ids as strings (~100 bytes an id with
+        # their hashes): the segment first meets the stored (hash of id, raw hash) pairs,
+        # 16 bytes an id, and keeps the rows whose id hash is stored beside another raw hash.
+        # That is every moved row, and maybe a few more when two ids' hashes collide. Only
+        # those candidates (few in a delta) are then built into the exact join on the id,
+        # which the stored table probes: it drops the extra ones and brings the stored hashes.
         con = self._connect()
         try:
             view = self._stream(self._columns, numbered=True, con=con)
             sql = (
-                f"SELECT s.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
-                f"FROM ({self._select(view)}) s JOIN stored st ON st.custom_id = s.{KEY} "
-                f"ANTI JOIN duplicates d ON d.k = s.{KEY} WHERE st.raw <> s.{RAW}"
+                f"SELECT c.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+                f"FROM stored st JOIN ("
+                f"SELECT s.* FROM ({self._select(view)}) s "
+                f"SEMI JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh "
+                f"ON sh.h = hash(s.{KEY}) AND sh.raw <> s.{RAW}"
+                f") c ON st.custom_id = c.{KEY} "
+                f"ANTI JOIN duplicates d ON d.k = c.{KEY} WHERE st.raw <> c.{RAW}"
             )
             yield from self._fetch(sql, con)
         finally:
