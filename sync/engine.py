@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,7 +42,7 @@ from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.encode import encode_batch
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.memory import release_free_memory, use_system_arrow_pool
+from sync.memory import release_free_memory, tune_allocators
 from sync.model import ActivationMeta, Lease, Reason, Refusal, RowIssue
 from sync.plan import (
     REJECTED_SAMPLE_SIZE,
@@ -70,9 +70,12 @@ log = structlog.get_logger("cepsync.engine")
 
 # Batch refusals kept verbatim in the run record (after the planning sample).
 BATCH_REJECTED_SAMPLE_SIZE = 100
-# Mapped send groups waiting for a free request slot, per slot: bounds memory while the
-# mapping thread runs ahead of Batch's rate.
-QUEUED_GROUPS_PER_SLOT = 1
+# Mapped send groups waiting for a free request slot. The slots themselves (`concurrency`
+# requests, most of them waiting for the rate limiter's next token) are the buffer against
+# Batch's pace; the mapping thread works one group ahead of them. A mass-update group holds
+# ~3 MB of bodies, so every group queued per slot cost ~12 MB at the peak of a 1M full load
+# for the same wall time (docs/how-a-run-works.md, "Memory").
+QUEUED_GROUPS: Final = 1
 # Rows mapped between two hand-backs of freed memory to the OS (sync/memory.py).
 TRIM_EVERY_ROWS = 50_000
 
@@ -260,7 +263,7 @@ class Run:
 
     async def plan_only(self, *, sample: int = 5) -> PlanPreview:
         """Dry run: read, diff, map and check guards. No lease, no send, no state change."""
-        use_system_arrow_pool()
+        tune_allocators()
         prepared = self.prepare()
         meta = self.store.load_meta(self.activation.name)
         scan = await self._scan(prepared, meta)
@@ -291,7 +294,7 @@ class Run:
 
     async def execute(self) -> RunResult:
         """The whole run. Never raises for an expected failure: the run record says what happened."""
-        use_system_arrow_pool()
+        tune_allocators()
         try:
             prepared = self.prepare()
         except SyncError as error:
@@ -548,7 +551,12 @@ class Run:
         skipped = scan.ids.below_watermark  # what the differ already left out
         if scan.watermark is not None:
             self.run.counts["skipped_by_checkpoint"] = skipped
-        for batch in scan.diff.rows_to_send(full=scan.full, ordered=scan.full):
+        # A full pass that may hand over to a continuation (a run with a time budget) sends
+        # in id order, for its watermark. The embedded differ sorts in this process's memory
+        # (~120 MB a million rows), so it sorts only then; BigQuery sorts on its side.
+        may_continue = self.options.time_budget_seconds is not None or not isinstance(scan.diff, SegmentDiff)
+        ordered = scan.full and may_continue
+        for batch in scan.diff.rows_to_send(full=scan.full, ordered=ordered):
             if self._stop.is_set():
                 return
             if scan.watermark is not None:
@@ -651,9 +659,7 @@ class Run:
     ) -> None:
         """Feed the mapping thread's groups to the sender, under backpressure."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[SendGroup | BaseException | None] = asyncio.Queue(
-            maxsize=QUEUED_GROUPS_PER_SLOT * self.activation.destination.concurrency
-        )
+        queue: asyncio.Queue[SendGroup | BaseException | None] = asyncio.Queue(maxsize=QUEUED_GROUPS)
         announced = False
 
         def produce() -> None:
