@@ -168,6 +168,8 @@ class SegmentDiff:
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
         self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})
+        # Set by the id scan: a delta's stream may find new ids by their hashes (exact then).
+        self._new_by_hash = False
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
 
@@ -302,6 +304,16 @@ class SegmentDiff:
             overlap_row = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchone()
             overlap = int(overlap_row[0]) if overlap_row else 0
             synced = self.stored_count + self._intents.num_rows - overlap
+            if self.stored_count and not self._after:
+                # Whether a delta's stream may find new ids by their 8-byte hash alone: yes
+                # when no new id's hash equals a stored id's, i.e. when the distinct
+                # non-duplicated ids whose hash is stored are exactly the matched ones.
+                hashed_row = con.execute(
+                    "SELECT count(*) FROM (SELECT k FROM seen WHERE k IS NOT NULL) s "
+                    "ANTI JOIN duplicates ON duplicates.k = s.k "
+                    "SEMI JOIN (SELECT hash(custom_id) AS h FROM stored) sh ON sh.h = hash(s.k)"
+                ).fetchone()
+                self._new_by_hash = (int(hashed_row[0]) if hashed_row else -1) == matched
             below_row = (
                 con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
                 if self._after is not None
@@ -389,6 +401,18 @@ class SegmentDiff:
                 f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
                 f"FROM ({selected}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
                 f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+            )
+        elif self._new_by_hash:
+            # As below, but the stored ids are met by their 8-byte hashes: the id scan found
+            # that no new id's hash is a stored id's, so a row whose id hash is not stored is
+            # exactly a row without a stored fingerprint (the hash table is ~40% smaller).
+            sql = (
+                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD} "
+                f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} "
+                f"LEFT JOIN (SELECT custom_id, raw, payload FROM stored SEMI JOIN duplicates ON duplicates.k = "
+                f"stored.custom_id) sd ON sd.custom_id = s.{KEY} "
+                f"WHERE s.{KEY} IS NULL OR d.k IS NOT NULL "
+                f"OR hash(s.{KEY}) NOT IN (SELECT hash(custom_id) FROM stored) {order}"
             )
         else:
             # Only rows without a stored fingerprint and rows with a duplicated id come out, so
