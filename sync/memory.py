@@ -47,17 +47,23 @@ def use_system_arrow_pool() -> None:
         pa.set_memory_pool(pool)
 
 
-def tune_allocators() -> None:
+def tune_allocators() -> bool:
     """pyarrow on the C library's allocator, and glibc's mmap threshold and arenas fixed.
 
-    Process-wide and idempotent; called when a run starts. Measured on a 1M-profile full
-    load in ``docs/how-a-run-works.md`` ("Memory").
+    Process-wide and idempotent; called when a run starts (``docs/how-a-run-works.md``,
+    "Memory").
+
+    Returns:
+        Whether glibc took both settings (False elsewhere: musl, macOS).
     """
     use_system_arrow_pool()
     libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    if libc is None:
+        return False
+    # mallopt() returns 1 on success.
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and libc.mallopt(_M_ARENA_MAX, ARENA_MAX) == 1
+    )
 
 
 @functools.cache
