@@ -111,10 +111,10 @@ class DuckDBSourceConfig(_SegmentSpec):
     type: Literal["duckdb"] = "duckdb"
     database: str = Field(description="DuckDB database file, relative to the activation file. Opened read-only.")
     batch_rows: int = Field(
-        4_096,
+        2_048,
         ge=1_000,
         le=1_000_000,
-        description="Rows per Arrow record batch (the differ maps 4,096 at a time; larger batches only hold more).",
+        description="Rows per Arrow record batch (the differ maps 2,048 at a time; larger batches only hold more).",
     )
     memory_limit: str | None = Field(
         None,
@@ -122,8 +122,9 @@ class DuckDBSourceConfig(_SegmentSpec):
         description=(
             "Memory DuckDB may use for the segment query and its cache of the file's blocks; "
             "a query needing more spills to a temporary directory. Unset, each read is sized: "
-            "a query DuckDB streams (scans, filters, projections) gets 8 MB plus 1.25 MB a "
-            "column read, up to 128 MB; one that sorts, joins, aggregates or windows gets 128 MB."
+            "a query DuckDB streams (scans, filters, projections) runs on one thread with 8 MB "
+            "plus 0.75 MB a column read, up to 128 MB; one that sorts, joins, aggregates or "
+            "windows gets 128 MB."
         ),
     )
 

@@ -32,11 +32,13 @@ from sync.errors import ConfigError, FatalError
 # The cap of a read whose plan holds rows (sorts, joins, aggregates, windows), and of any
 # read's when the activation sets none.
 QUERY_MEMORY_LIMIT_MB: Final = 128
-# A streamed read pins a block or two per column and thread, and caches the file's blocks up
-# to its cap. Measured with two threads: 81 long string columns fail at 64 MB and pass at
-# 96 MB (this gives 110 MB); the benchmark's 17 short columns pass at 12 MB (this gives 30).
+# A streamed read runs on one thread (a scan outpaces the mapping anyway), pins a block or
+# two per column, and caches the file's blocks up to its cap. Measured on one thread: 81 long
+# string columns fail at 48 MB and pass at 64 MB (this gives 69 MB); the benchmark's 17 short
+# columns pass at 12 MB (this gives 21).
 STREAM_BASE_MB: Final = 8
-STREAM_PER_COLUMN_MB: Final = 1.25
+STREAM_PER_COLUMN_MB: Final = 0.75
+
 # Physical operators that pass rows through without holding them (EXPLAIN's names).
 STREAMING_OPERATORS: Final = frozenset(
     {
@@ -70,9 +72,14 @@ def plan_operators(connection: duckdb.DuckDBPyConnection, sql: str) -> set[str] 
     return names
 
 
+def streams(operators: set[str] | None) -> bool:
+    """Whether a plan of these operators passes rows through without holding them."""
+    return operators is not None and operators <= STREAMING_OPERATORS
+
+
 def read_memory_limit(operators: set[str] | None, columns: int) -> str:
     """The cap of one read: small for a plan that streams, the default for one that holds rows."""
-    if operators is None or not operators <= STREAMING_OPERATORS:
+    if not streams(operators):
         return f"{QUERY_MEMORY_LIMIT_MB}MB"
     return f"{min(QUERY_MEMORY_LIMIT_MB, math.ceil(STREAM_BASE_MB + STREAM_PER_COLUMN_MB * columns))}MB"
 
@@ -138,8 +145,13 @@ class DuckDBSource:
             return
         # Set on every read: DuckDB shares one database (and its settings) between the
         # connections of a process to the same file.
-        self._limit = read_memory_limit(plan_operators(self._connection, self._read_sql(columns)), len(columns))
+        operators = plan_operators(self._connection, self._read_sql(columns))
+        self._limit = read_memory_limit(operators, len(columns))
         self._connection.execute(f"SET memory_limit = {quote_literal(self._limit)}")
+        if streams(operators):
+            self._connection.execute("SET threads = 1")
+        else:
+            self._connection.execute("RESET threads")
 
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         self._bound_read(columns)

@@ -93,11 +93,14 @@ def test_a_streamed_read_is_capped_by_its_columns_and_a_read_that_holds_rows_kee
     )
     try:
         assert sum(batch.num_rows for batch in streamed.read_batches(["id"])) == 2500
-        assert setting(streamed, "memory_limit") == memory_limit_as_shown("10MB")  # 8 MB + 1.25 MB, rounded up
+        assert setting(streamed, "memory_limit") == memory_limit_as_shown("9MB")  # 8 MB + 0.75 MB, rounded up
         assert sum(batch.num_rows for batch in streamed.read_batches(["id", "points", "tier"])) == 2500
-        assert setting(streamed, "memory_limit") == memory_limit_as_shown("12MB")  # 8 MB + 3 x 1.25 MB, rounded up
+        assert setting(streamed, "memory_limit") == memory_limit_as_shown("11MB")  # 8 MB + 3 x 0.75 MB, rounded up
+        assert setting(streamed, "threads") == "1"
         assert sum(batch.num_rows for batch in ranked.read_batches(["id", "points"])) == 700
         assert setting(ranked, "memory_limit") == memory_limit_as_shown("128MB")
+        with duckdb.connect() as default:
+            assert setting(ranked, "threads") == str(default.execute("SELECT current_setting('threads')").fetchall()[0][0])
     finally:
         streamed.close()
         ranked.close()
@@ -119,7 +122,7 @@ def test_a_streamed_read_is_capped_by_its_columns_and_a_read_that_holds_rows_kee
 def test_only_a_plan_of_streaming_operators_gets_the_small_cap(database: Path, sql: str, streams: bool) -> None:
     with duckdb.connect(str(database), read_only=True) as con:
         limit = read_memory_limit(plan_operators(con, sql), 2)
-    assert (limit == "11MB") is streams
+    assert (limit == "10MB") is streams
     assert (limit == "128MB") is not streams
 
 
