@@ -62,9 +62,10 @@ STORED_PAYLOAD: Final = "__cepsync_stored_payload"
 # Rows per batch handed to the mapper: small enough that the first request leaves within a
 # second of the stream starting and that a batch's working set (its Python values, Arrow
 # arrays and DuckDB vectors, at every stage at once) stays small, large enough that
-# per-batch overhead is negligible. Two DuckDB vectors. 10,000 cost ~40 MB more at the peak
-# of a 1M full load, for the same CPU (docs/how-a-run-works.md, "Memory").
-OUTPUT_BATCH_ROWS: Final = 4_096
+# per-batch overhead is negligible. One DuckDB vector. At the peak of a 1M full load, 10,000
+# cost ~40 MB more than 4,096, and 4,096 8 MB more than 2,048, for the same CPU
+# (`python bench/bench_sync.py --repeat 1 --baseline none --big-rows 0`).
+OUTPUT_BATCH_ROWS: Final = 2_048
 # The differ's own memory cap. DuckDB spills a larger hash table to a temporary directory
 # of its own instead of growing without bound. A million stored ids join within it; past
 # LARGE_STATE_ROWS the stored table itself takes ~32 bytes an id of the run's memory, so the

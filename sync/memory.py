@@ -32,7 +32,7 @@ import pyarrow as pa
 _M_MMAP_THRESHOLD: Final = -3
 _M_ARENA_MAX: Final = -8
 # Blocks from this size up get pages of their own, returned to the OS when freed. Fixing it
-# also turns off glibc's dynamic threshold. A 4,096-row Arrow column stays below it; a
+# also turns off glibc's dynamic threshold. A 2,048-row Arrow column stays below it; a
 # request body (~2.8 MB) and a batch's payloads (~2 MB) are above it.
 MMAP_THRESHOLD_BYTES: Final = 256 * 1024
 # Arenas for every thread of the process: the event loop's, the mapping thread's, the
