@@ -100,7 +100,8 @@ def test_a_streamed_read_is_capped_by_its_columns_and_a_read_that_holds_rows_kee
         assert sum(batch.num_rows for batch in ranked.read_batches(["id", "points"])) == 700
         assert setting(ranked, "memory_limit") == memory_limit_as_shown("128MB")
         with duckdb.connect() as default:
-            assert setting(ranked, "threads") == str(default.execute("SELECT current_setting('threads')").fetchall()[0][0])
+            threads = default.execute("SELECT current_setting('threads')").fetchall()[0][0]
+        assert setting(ranked, "threads") == str(threads)
     finally:
         streamed.close()
         ranked.close()
