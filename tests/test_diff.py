@@ -328,3 +328,48 @@ def test_the_stream_is_read_as_batches_and_each_read_asks_only_for_what_it_needs
     finally:
         diff.close()
     assert source.reads == [["id"], ["id", "points"]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ids=st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "é", "日本", "x y", "", "k1", "k2"])), max_size=14),
+    stored_ids=st.sets(st.sampled_from(["a", "b", "é", "日本", "x y", "", "k1", "k2", "gone", "left"])),
+    moved=st.sets(st.sampled_from(["a", "b", "é", "日本", "x y", "", "k1", "k2"])),
+    intents=st.sets(st.sampled_from(["a", "gone", "left", "never", "k2"])),
+)
+def test_the_scan_and_the_reads_agree_with_a_reference_on_generated_segments(
+    ids: list[str | None], stored_ids: set[str], moved: set[str], intents: set[str]
+) -> None:
+    """The id scan's counts, the moved rows and a delta's stream (by hashes, and by the exact
+    join it falls back to) against a plain Python reference: nulls, duplicates, unicode."""
+    segment = pa.table({"id": pa.array(ids, pa.string()), "v": pa.array([f"v{i}" for i in range(len(ids))])})
+    raws = dict(zip(ids, raw_hashes(segment), strict=True)) if ids else {}
+    stored = {cid: ((raws[cid] + 1) if cid in moved and cid in raws else raws.get(cid, 5), 9) for cid in stored_ids}
+    present = [cid for cid in ids if cid is not None]
+    duplicated = {cid for cid in present if present.count(cid) > 1}
+    singles = set(present) - duplicated
+    diff = differ(segment, stored, intents=sorted(intents))  # an intent may also be stored
+    try:
+        scan = diff.scan_ids()
+        assert diff._new_by_hash is bool(stored_ids)  # no collision among so few ids: the hash path
+        moved_rows = rows_of(diff.moved_rows())
+        by_hash = rows_of(diff.rows_to_send(full=False))
+        diff._new_by_hash = False  # the exact join, as when an id's hash collides with a stored one's
+        exact = rows_of(diff.rows_to_send(full=False))
+    finally:
+        diff.close()
+    assert scan.rows == len(ids)
+    assert scan.null_ids == ids.count(None)
+    assert scan.duplicates == {cid: present.count(cid) for cid in duplicated}
+    assert scan.matched == len(singles & stored_ids)
+    assert scan.new_ids == len(singles - stored_ids)
+    assert scan.removed == sorted((stored_ids | intents) - set(present))
+    assert scan.synced == len(stored_ids | intents)
+    assert sorted(row["id"] for row in moved_rows) == sorted(
+        cid for cid in singles & stored_ids if stored[cid][0] != raws[cid]
+    )
+    expected = [
+        row for row, cid in enumerate(ids, start=1) if cid is None or cid in duplicated or cid not in stored_ids
+    ]
+    assert [row[ROW] for row in by_hash] == expected
+    assert by_hash == exact
