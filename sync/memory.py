@@ -60,10 +60,9 @@ def tune_allocators() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    # mallopt() returns 1 on success.
-    return bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and libc.mallopt(_M_ARENA_MAX, ARENA_MAX) == 1
-    )
+    # mallopt() returns 1 on success; both are set whatever the other returned.
+    taken = [libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), libc.mallopt(_M_ARENA_MAX, ARENA_MAX)]
+    return taken == [1, 1]
 
 
 @functools.cache

@@ -501,9 +501,11 @@ class SQLiteStateStore:
             if not pending or not pending[0]:
                 self._count(2, 0)
                 return
-            appended = self._append_to_base(conn, activation)
+            # A journal of at most one chunk (a delta) is folded a stored chunk at a time; a
+            # larger one that only adds ids (a first sync) is appended; anything else folds.
+            appended = self._fold_by_chunk(conn, activation)
             if appended is None:
-                appended = self._fold_by_chunk(conn, activation)
+                appended = self._append_to_base(conn, activation)
             if appended is not None:
                 conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
                 self._count(6, appended)
@@ -515,9 +517,9 @@ class SQLiteStateStore:
             self._count(6, folded.num_rows)
 
     def _append_to_base(self, conn: sqlite3.Connection, activation: str) -> int | None:
-        """Compact a journal that only adds new ids by appending them to the base chunks.
+        """Compact a journal larger than a chunk that only adds new ids by appending them.
 
-        The common case (a first sync, the new profiles of a delta). Memory decides how
+        A first sync (a smaller journal goes through :meth:`_fold_by_chunk`). Memory decides how
         (``docs/how-a-run-works.md``, "Memory"): a first pass over the journal keeps its ids
         alone, to check that none repeats and, one base chunk at a time, that none is
         stored already; a second pass streams the journal into new chunks, a chunk at a
@@ -593,17 +595,18 @@ class SQLiteStateStore:
             self._insert_chunk(conn, activation, next_chunk, pa.concat_tables(pending))
 
     def _fold_by_chunk(self, conn: sqlite3.Connection, activation: str) -> int | None:
-        """Compact a journal of at most one chunk that updates or deletes ids, a stored chunk at a time.
+        """Compact a journal of at most one chunk, a stored chunk at a time.
 
         The usual delta: a few thousand changed, new and removed profiles against millions
         stored. The journal's last entry per id is taken; each stored chunk that holds one
         of its ids is rewritten without them; the ids it puts are then appended. The same
-        result as the general fold (``fold_journal``), holding one chunk at a time instead
-        of the whole state (``docs/how-a-run-works.md``, "Memory").
+        result as the general fold (``fold_journal``), reading each stored chunk once and
+        holding one at a time instead of the whole state (``docs/how-a-run-works.md``,
+        "Memory"). A journal that only adds ids rewrites no stored chunk but the last.
 
         Returns:
-            The number of fingerprints stored afterwards, or None (nothing written) when
-            the journal is larger than a chunk: the general fold then runs.
+            The number of fingerprints written, or None (nothing written) when the journal
+            is larger than a chunk: appending or the general fold then runs.
         """
         where = f"state database {self._path}, activation {activation!r}"
         row = conn.execute(
@@ -624,6 +627,7 @@ class SQLiteStateStore:
             "SELECT chunk, rows FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
         ).fetchall()
         kept: list[tuple[int, int]] = []
+        rewritten = 0
         for chunk, rows in chunks:
             stored = self._base_chunk(conn, activation, chunk, where)
             hit = pc.is_in(stored.column("custom_id"), value_set=touched)
@@ -633,6 +637,7 @@ class SQLiteStateStore:
                 if remaining.num_rows:
                     self._insert_chunk(conn, activation, chunk, remaining)
                 rows = remaining.num_rows
+                rewritten += rows
                 del remaining
             if rows:
                 kept.append((chunk, rows))
@@ -640,7 +645,7 @@ class SQLiteStateStore:
             release_free_memory()  # one chunk at a time: the next one reuses this one's memory
         puts = latest.filter(latest.column("put"))
         self._append_chunks(conn, activation, kept, [puts], where)
-        return sum(rows for _, rows in kept) + int(puts.num_rows)
+        return rewritten + int(puts.num_rows)
 
     @staticmethod
     def _journal_ids(tables: Iterable[pa.Table]) -> pa.ChunkedArray | None:

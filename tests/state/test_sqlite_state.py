@@ -67,11 +67,7 @@ def test_a_file_from_before_delivery_counts_gains_the_table_on_open(db_path: Pat
     with SQLiteStateStore(db_path) as store:
         assert store.record_delivery_attempt("act", "msg-1", T0) == 1
         assert store.find_run_by_trigger("act", "msg-1") is not None  # nothing else touched
-    raw = sqlite3.connect(db_path)
-    try:
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-    finally:
-        raw.close()
+    assert _schema_versions(db_path) == [(SCHEMA_VERSION,)]
 
 
 def test_a_file_from_before_refusals_gains_the_table_on_open(db_path: Path) -> None:
@@ -519,11 +515,7 @@ def test_a_version_2_file_from_the_previous_release_keeps_its_intents(db_path: P
     with SQLiteStateStore(db_path) as store:
         assert store.load_intents("act") == {"new-1", "é-2", "with space", "new-2"}
         assert store.load_intents("other") == {"x"}
-    raw = sqlite3.connect(db_path)
-    try:
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-    finally:
-        raw.close()
+    assert _schema_versions(db_path) == [(SCHEMA_VERSION,)]
 
 
 def test_a_version_2_file_with_many_intents_becomes_sorted_chunks(db_path: Path) -> None:
@@ -657,6 +649,14 @@ def test_intents_behave_as_a_set_under_random_records_and_clears(
 
 
 # -- compaction ------------------------------------------------------------------------------
+
+
+def _schema_versions(path: Path) -> list[tuple[int]]:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute("SELECT version FROM schema_version").fetchall()
+    finally:
+        raw.close()
 
 
 def _base_chunks(path: Path) -> list[tuple[int, int]]:
