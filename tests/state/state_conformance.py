@@ -453,6 +453,59 @@ class StateStoreContract:
         store.clear_intents(lease, sorted(ids)[:10_000])
         assert store.load_intents("act") == set(sorted(ids)[10_000:])
 
+    def test_concurrent_appends_from_several_senders_all_land(self, store: StateStore) -> None:
+        # What a run does with several requests in flight: each sender notes intents and
+        # commits what Batch acknowledged, from its own worker thread, while the lease is
+        # renewed; a stale run racing in must change nothing.
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        senders, rounds = 6, 8
+        start = threading.Barrier(senders + 1)
+        errors: list[BaseException] = []
+
+        def send(sender: int) -> None:
+            try:
+                start.wait()
+                for n in range(rounds):
+                    ids = [f"s{sender}-r{n}-{k}" for k in range(25)]
+                    store.record_intents(lease, ids)
+                    store.commit(lease, [JournalEntry(i, fp(sender * 1000 + n)) for i in ids], at(1))
+                    store.clear_intents(lease, ids[:20])
+            except BaseException as error:  # reported below, with the sender's stack
+                errors.append(error)
+
+        def renew() -> None:
+            start.wait()
+            for n in range(4):
+                store.renew_lease(lease, TTL, at(2 + n))
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in range(senders)]
+        threads.append(threading.Thread(target=renew))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        assert not any(thread.is_alive() for thread in threads)
+        expected = {
+            f"s{s}-r{n}-{k}": fp(s * 1000 + n) for s in range(senders) for n in range(rounds) for k in range(25)
+        }
+        assert store.load_fingerprints("act") == expected
+        assert store.load_intents("act") == {
+            f"s{s}-r{n}-{k}" for s in range(senders) for n in range(rounds) for k in range(20, 25)
+        }
+        store.compact(lease, at(10))
+        assert store.load_fingerprints("act") == expected
+
+        # A later run takes over; the first one, still going, is fenced out of every append.
+        new = store.acquire_lease("act", "run-b", TTL, at(TTL + 20))
+        with pytest.raises(LeaseLost):
+            store.commit(lease, entries(("s0-r0-0", None)), at(TTL + 21))
+        with pytest.raises(LeaseLost):
+            store.record_intents(lease, ["late"])
+        store.commit(new, entries(("s0-r0-0", fp(7))), at(TTL + 22))
+        assert store.load_fingerprints("act")["s0-r0-0"] == fp(7)
+        assert "late" not in store.load_intents("act")
+
     # -- refusals -----------------------------------------------------------------------------
 
     def test_refusals_record_replace_load_clear(self, store: StateStore) -> None:

@@ -24,7 +24,7 @@ import pytest
 from google.cloud import firestore
 from state_conformance import TTL, StateStoreContract, at, entries, fp
 
-from sync.errors import LeaseHeld, LeaseLost
+from sync.errors import LeaseHeld, LeaseLost, TransientError
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
 from sync.state.base import StateStore
 from sync.state.firestore import INDEX_EXEMPTIONS, FirestoreStateStore, index_exemptions
@@ -71,6 +71,11 @@ class RawLayout:
     state: dict[str, Any]
     shard_sizes: dict[str, int]  # document id -> blob bytes
     journal_ids: list[str]
+
+    @property
+    def live_journal_ids(self) -> list[str]:
+        """Journal documents not yet folded into the shards (named ids above ``folded``)."""
+        return [doc_id for doc_id in self.journal_ids if doc_id > self.state.get("folded", "")]
 
 
 def raw_layout(client: firestore.Client, prefix: str, activation: str, namespace: str = "fp") -> RawLayout:
@@ -158,7 +163,8 @@ def test_million_profiles_round_trip_in_few_reads(million: Million) -> None:
     assert million.load_ops["reads"] < 300
     assert million.load_ops["writes"] == 0
     # Compaction folded the journal: nothing live, folded documents deleted.
-    assert layout.state["low"] == layout.state["next"] == 100
+    assert layout.live_journal_ids == []
+    assert layout.state["folded"] == layout.state["gc_folded"] > ""
     assert layout.journal_ids == []
     assert set(layout.shard_sizes) == live
 
@@ -249,7 +255,7 @@ def test_crash_after_shards_written_before_journal_dropped_recovers(
 
     layout = raw_layout(firestore_client, firestore_prefix, "act")
     assert layout.state["count"] == shards_before  # same layout, updated in place
-    assert layout.state["low"] < layout.state["next"]  # the journal is still live
+    assert len(layout.live_journal_ids) == 1  # the journal is still live
     assert len(layout.journal_ids) == 1
     fresh = make_firestore_store(new_client=True)
     assert fresh.load_fingerprints("act") == expected  # journal re-applied on folded shards: idempotent
@@ -297,8 +303,8 @@ def test_reset_during_an_expired_runs_compaction_stops_it_without_orphans(
     commit_in_flushes(store, lease, dict(random_fingerprints(2_000, seed=10)), flush=500)
     steps = store.iter_compaction(lease, at(TTL + 1))  # the run's lease has expired, nobody took it
     assert next(steps).kind == "build_started"
-    store.reset("act", now=at(TTL + 2))  # allowed: the lease is expired
-    with pytest.raises(LeaseLost, match="layout changed"):
+    store.reset("act", now=at(TTL + 2))  # allowed: the lease is expired; the reset releases it
+    with pytest.raises(LeaseLost, match="was released"):
         next(steps)
     for namespace in ("fp", "intents"):
         layout = raw_layout(firestore_client, firestore_prefix, "act", namespace)
@@ -411,6 +417,66 @@ def test_reset_deletes_shards_and_journal_documents(
     store.commit(next_lease, entries(("again", fp(2))), at(5))
     store.compact(next_lease, at(6))
     assert store.load_fingerprints("act") == {"again": fp(2)}
+
+
+# -- no hot document ---------------------------------------------------------------------------
+
+
+def test_appends_read_the_activation_document_and_never_write_it(
+    make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
+) -> None:
+    # Firestore sustains about one write per second per document: a run with requests in
+    # flight appends several times a second, so no append may rewrite a shared document.
+    store = make_firestore_store()
+    lease = store.acquire_lease("act", "run-a", TTL, at(0))
+    ref = firestore_client.collection(f"{firestore_prefix}_activations").document("act")
+    written_at = ref.get().update_time
+    errors: list[BaseException] = []
+
+    def sender(n: int) -> None:
+        try:
+            for k in range(5):
+                ids = [f"u{n}-{k}-{i}" for i in range(10)]
+                store.record_intents(lease, ids)
+                store.commit(lease, [JournalEntry(i, fp(n)) for i in ids], at(1))
+                store.clear_intents(lease, ids)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert ref.get().update_time == written_at  # 120 appends, not one write to the activation
+    assert len(store.load_fingerprints("act")) == 400
+    assert store.op_counts()["contention_retries"] == 0
+    hottest = store.document_writes()
+    assert hottest["peak_writes_1s"] == 1, hottest  # every journal document is written once
+    assert hottest["documents"] == 121  # the acquisition, and one document per append
+
+
+def test_exhausted_contention_is_a_transient_error_that_says_what_contended(
+    make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
+) -> None:
+    # Another process holding the activation document in a transaction past the retry
+    # budget (2 s here, 60 s by default) must end in an error that names what contended,
+    # not in an "unexpected RetryError".
+    store = make_firestore_store(contention_timeout=2.0)
+    lease = store.acquire_lease("act", "run-a", TTL, at(0))
+    ref = firestore_client.collection(f"{firestore_prefix}_activations").document("act")
+    holder = firestore_client.transaction()
+    holder._begin()  # a transaction that reads the document and then sits on its lock
+    ref.get(transaction=holder)
+    try:
+        with pytest.raises(
+            TransientError, match=r"renewing the lease of activation 'act' was aborted \d+ times in 2 s"
+        ):
+            store.renew_lease(lease, TTL, at(1))
+    finally:
+        holder._rollback()
+    assert store.op_counts()["contention_retries"] >= 1
 
 
 # -- two function instances ------------------------------------------------------------------

@@ -59,10 +59,16 @@ def make_firestore_store(
 ) -> Iterator[Callable[..., FirestoreStateStore]]:
     stores: list[FirestoreStateStore] = []
 
-    def make(*, new_client: bool = False, target_shard_bytes: int = 700_000) -> FirestoreStateStore:
+    def make(
+        *, new_client: bool = False, target_shard_bytes: int = 700_000, contention_timeout: float = 60.0
+    ) -> FirestoreStateStore:
         client = firestore_emulator.client() if new_client else firestore_client
         store = FirestoreStateStore(
-            client, prefix=firestore_prefix, target_shard_bytes=target_shard_bytes, close_client=new_client
+            client,
+            prefix=firestore_prefix,
+            target_shard_bytes=target_shard_bytes,
+            close_client=new_client,
+            contention_timeout=contention_timeout,
         )
         stores.append(store)
         return store

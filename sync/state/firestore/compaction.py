@@ -21,11 +21,12 @@ from sync.errors import FatalError, LeaseLost
 from sync.model import Lease
 from sync.state.firestore import codec
 from sync.state.firestore.documents import Documents
-from sync.state.firestore.journal import Journal
+from sync.state.firestore.journal import Journal, LiveJournal
 from sync.state.firestore.layout import (
     SHARD_READ_BATCH,
     Collections,
     Doc,
+    JournalMark,
     Namespace,
     NamespaceState,
     commit_groups,
@@ -62,13 +63,17 @@ class CompactionStep:
 
 @dataclass(frozen=True, slots=True)
 class _Fold:
-    """One namespace's fold: under whose lease, from which state, up to which journal document (excluded)."""
+    """One namespace's fold: under whose lease, from which state, which live journal."""
 
     lease: Lease
     ns: Namespace
     ref: DocumentReference
     state: NamespaceState
-    upto: int
+    live: LiveJournal
+
+    @property
+    def upto(self) -> JournalMark:
+        return self.live.upto
 
 
 class Compactor:
@@ -82,16 +87,16 @@ class Compactor:
         """Fold the live journal of ``ns`` into its shards, then collect its garbage."""
         ref = self._collections.activation(lease.activation)
         state = NamespaceState.from_doc(self._docs.fenced(ref, lease), ns)
-        upto = state.next
-        if state.low < upto or state.building is not None:
-            yield from self._fold(_Fold(lease, ns, ref, state, upto))
+        live = self._journal.read_live(ref, ns, state)
+        if live.documents or state.building is not None:
+            yield from self._fold(_Fold(lease, ns, ref, state, live))
         yield from self.collect_garbage(lease.activation, ns)
 
     # -- folding ------------------------------------------------------------------------------
 
     def _fold(self, fold: _Fold) -> Iterator[CompactionStep]:
         state = fold.state
-        pending = codec.latest(fold.ns, self._journal.read_live(fold.ref, fold.ns, state.low, fold.upto))
+        pending = codec.latest(fold.ns, fold.live.tables)
         hashes = {custom_id: shard_hash(custom_id) for custom_id in pending}
         if state.count == 0:
             # First compaction (or after a reset): size K on the uncompressed size, which
@@ -149,7 +154,7 @@ class Compactor:
         gen, count = fold.state.gen, fold.state.count
 
         def finish(current: NamespaceState) -> None:
-            current.low = max(current.low, fold.upto)
+            current.mark_folded(fold.upto)
             current.abandon_build()
 
         yield from self._write_then_fold(
@@ -301,7 +306,7 @@ class Compactor:
                 doc[ns.key] = current.to_doc()
                 self._docs.set(txn, ref, doc)
 
-        self._docs.transact(body)
+        self._docs.transact(body, what=f"compacting the {ns.key} state of activation {lease.activation!r}")
 
     # -- shard documents ----------------------------------------------------------------------
 
@@ -324,7 +329,7 @@ class Compactor:
         """Delete retired shard generations and folded journal documents.
 
         Not fenced: these documents are outside the live layout, nobody reads them, and
-        generation and sequence numbers are never reused, so deleting them is safe
+        generation numbers and journal ids are never reused, so deleting them is safe
         whoever holds the lease.
         """
         ref = self._collections.activation(activation)
@@ -333,8 +338,11 @@ class Compactor:
             return
         retired = list(state.retired)
         gc_upto = state.low
+        folded = state.folded
         refs = [self._collections.shard(ref, ns, r["gen"], k) for r in retired for k in range(r["count"])]
         refs += [self._collections.journal(ref, ns, seq) for seq in range(state.gc_from, gc_upto)]
+        if state.gc_folded < folded:
+            refs += self._journal.folded_refs(ref, ns, state.gc_folded, folded)
         self._docs.delete_all(refs)
 
         def forget(txn: Transaction) -> None:
@@ -343,8 +351,9 @@ class Compactor:
             current = NamespaceState.from_doc(doc, ns)
             current.retired = [r for r in current.retired if r not in retired]
             current.gc_from = max(current.gc_from, gc_upto)
+            current.gc_folded = max(current.gc_folded, folded)
             doc[ns.key] = current.to_doc()
             self._docs.set(txn, ref, doc)
 
-        self._docs.transact(forget)
+        self._docs.transact(forget, what=f"recording the {ns.key} garbage collected for activation {activation!r}")
         yield CompactionStep(ns.key, "garbage_collected", state.count, len(refs))

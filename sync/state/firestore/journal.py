@@ -1,33 +1,87 @@
-"""Journal documents: what each commit appends (fenced), and loading a namespace from one snapshot.
+"""Journal documents: what each commit appends (fenced, no shared document written), and loading.
 
-A commit is one transaction: read the activation document, check the lease (else
-:class:`~sync.errors.LeaseLost`, nothing written), take the next journal sequence numbers
-and write the journal documents. Entries are absolute values (a fingerprint, or a
-deletion), so applying one twice changes nothing. A commit whose blobs exceed one
-transaction's budget (3.5 MB, about 150,000 entries) is split into several fenced
-transactions, each of which lands whole or not at all.
+An append is one transaction per group of blobs: read the activation document and check
+the lease (else :class:`~sync.errors.LeaseLost`, nothing written), then create the journal
+documents. Their ids are the writer's lease token and a sequence number of its process
+(:func:`~sync.state.firestore.layout.journal_id`), so no counter is shared and the
+activation document is not written: appends from several requests in flight only *read*
+it, and Firestore lets readers share a document while the lease renewal waits its turn.
+
+Why that read fences (docs/how-state-is-kept.md, "Firestore"): Firestore transactions are
+serialisable. An acquisition that supersedes the lease writes the activation document; an
+append read it. Either the append committed first (it was written under a current lease,
+and the new holder's compaction, which starts after the acquisition, folds it), or it is
+ordered after the acquisition, reads the new token and writes nothing.
+
+Entries are absolute values (a fingerprint, or a deletion), so applying one twice changes
+nothing. A commit whose blobs exceed one transaction's budget (3.5 MB, about 150,000
+entries) is split into several fenced transactions, each of which lands whole or not at all.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
+from dataclasses import dataclass
 from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from google.cloud.firestore import DocumentReference, Transaction
+from google.cloud import firestore
+from google.cloud.firestore import DocumentReference, Query, Transaction
+from google.cloud.firestore_v1.field_path import FieldPath
 
 from sync.model import Lease
 from sync.state.firestore import codec
 from sync.state.firestore.codec import StateCorruptError
 from sync.state.firestore.documents import Documents
-from sync.state.firestore.layout import Collections, Doc, Namespace, NamespaceState, commit_groups
+from sync.state.firestore.layout import (
+    JOURNAL_ID_END,
+    JOURNAL_ID_PREFIX,
+    Collections,
+    Doc,
+    JournalMark,
+    Namespace,
+    NamespaceState,
+    commit_groups,
+    journal_id,
+)
 
 # One journal blob: (blob, entries in it).
 _Blob = tuple[bytes, int]
 # A blob as read: (document path, blob).
 _Stored = tuple[str, bytes]
-# A namespace as loaded: its shard tables and its live journal tables, oldest first.
-Loaded = tuple[list[pa.Table], list[pa.Table]]
+
+# Sequence numbers of this process's journal documents. A lease token is granted to one
+# acquisition, by one process, so (token, seq) is unique; one counter for the process keeps
+# seq increasing across every store instance it opens.
+_SEQUENCE = itertools.count(1)
+_SEQUENCE_LOCK = threading.Lock()
+
+
+def _next_seq() -> int:
+    with _SEQUENCE_LOCK:
+        return next(_SEQUENCE)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A namespace as loaded: its shard tables and its live journal tables, oldest first."""
+
+    shards: list[pa.Table]
+    journal: list[pa.Table]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveJournal:
+    """The live journal of a namespace as compaction reads it, and how far that reaches."""
+
+    tables: list[pa.Table]
+    upto: JournalMark
+
+    @property
+    def documents(self) -> int:
+        return len(self.tables)
 
 
 class Journal:
@@ -39,26 +93,24 @@ class Journal:
     def append(self, lease: Lease, ns: Namespace, table: pa.Table, now: datetime | None) -> None:
         """Write ``table`` (a journal table of ``ns``) as journal documents, in fenced transactions.
 
-        At least one transaction, so that an empty append is fenced too.
+        At least one transaction, so that an empty append is fenced too. The sequence
+        numbers are taken when the call starts: the engine serialises the appends whose
+        order matters (flushes; an intent is cleared only after the commit that follows its
+        send), and appends in flight together touch different ids.
         """
+        ref = self._collections.activation(lease.activation)
         for group in commit_groups(self._blobs(table), lambda blob: len(blob[0])) or [[]]:
+            named = [(journal_id(lease.token, _next_seq()), blob, count) for blob, count in group]
 
-            def write(txn: Transaction, group: list[_Blob] = group) -> None:
-                ref = self._collections.activation(lease.activation)
-                doc = self._docs.fenced(ref, lease, txn)
-                if not group:
-                    return
-                state = NamespaceState.from_doc(doc, ns)
-                for blob, count in group:
+            def write(txn: Transaction, named: list[tuple[str, bytes, int]] = named) -> None:
+                self._docs.fenced(ref, lease, txn)  # read, never written: no hot document
+                for doc_id, blob, count in named:
                     journal_doc: Doc = {"blob": blob, "entries": count, "token": lease.token}
                     if now is not None:
                         journal_doc["written_at"] = now
-                    self._docs.set(txn, self._collections.journal(ref, ns, state.next), journal_doc)
-                    state.next += 1
-                doc[ns.key] = state.to_doc()
-                self._docs.set(txn, ref, doc)
+                    self._docs.set(txn, self._collections.journal_named(ref, ns, doc_id), journal_doc)
 
-            self._docs.transact(write)
+            self._docs.transact(write, what=f"appending {ns.key} journal documents of activation {lease.activation!r}")
 
     def _blobs(self, table: pa.Table) -> list[_Blob]:
         """The table in blobs each under the target size.
@@ -89,7 +141,7 @@ class Journal:
     # -- reading ------------------------------------------------------------------------------
 
     def load(self, activation: str, ns: Namespace) -> Loaded:
-        """The shard tables and the live journal tables in sequence order, from one consistent snapshot."""
+        """The shard tables and the live journal tables in write order, from one consistent snapshot."""
         ref = self._collections.activation(activation)
 
         def read(txn: Transaction) -> tuple[list[_Stored], list[_Stored]]:
@@ -98,31 +150,70 @@ class Journal:
                 return [], []
             state = NamespaceState.from_doc(doc, ns)
             shard_refs = [self._collections.shard(ref, ns, state.gen, k) for k in range(state.count)]
-            journal_refs = [self._collections.journal(ref, ns, seq) for seq in range(state.low, state.next)]
-            docs = self._docs.get_all(shard_refs + journal_refs, txn)
+            numbered_refs = [self._collections.journal(ref, ns, seq) for seq in range(state.low, state.next)]
+            docs = self._docs.get_all(shard_refs + numbered_refs, txn)
             shards = []
             for shard_ref in shard_refs:
                 shard = docs[shard_ref.path]
                 # A shard that would be empty is never written: absent means empty.
                 if shard is not None:
                     shards.append((shard_ref.path, shard["blob"]))
-            return shards, _journal_blobs(docs, journal_refs, f"activation {activation!r}: ", state.low)
+            journal = _numbered_blobs(docs, numbered_refs, f"activation {activation!r}: ", state.low)
+            journal += self._named_blobs(ref, ns, state.folded, txn)
+            return shards, journal
 
-        shards, journal = self._docs.transact(read, read_only=True)
-        return (
+        shards, journal = self._docs.transact(read, read_only=True, what=f"loading activation {activation!r}")
+        return Loaded(
             [codec.decode(blob, ns, journal=False, where=path) for path, blob in shards],
             [codec.decode(blob, ns, journal=True, where=path) for path, blob in journal],
         )
 
-    def read_live(self, ref: DocumentReference, ns: Namespace, low: int, upto: int) -> list[pa.Table]:
-        """Journal documents ``low <= seq < upto`` as tables, outside a transaction (compaction)."""
-        refs = [self._collections.journal(ref, ns, seq) for seq in range(low, upto)]
-        blobs = _journal_blobs(self._docs.get_all(refs), refs, "", low)
-        return [codec.decode(blob, ns, journal=True, where=path) for path, blob in blobs]
+    def read_live(self, ref: DocumentReference, ns: Namespace, state: NamespaceState) -> LiveJournal:
+        """The live journal after ``state``'s folds, as tables, outside a transaction (compaction).
+
+        Compaction runs under the lease, with none of its own appends in flight: nothing can
+        be added below what this reads (a stale writer's append fails its fence).
+        """
+        numbered_refs = [self._collections.journal(ref, ns, seq) for seq in range(state.low, state.next)]
+        blobs = _numbered_blobs(self._docs.get_all(numbered_refs), numbered_refs, "", state.low)
+        named = self._named_blobs(ref, ns, state.folded, None)
+        last = named[-1][0].rsplit("/", 1)[-1] if named else state.folded
+        return LiveJournal(
+            [codec.decode(blob, ns, journal=True, where=path) for path, blob in blobs + named],
+            JournalMark(numbered=state.next, named=last),
+        )
+
+    def _named_blobs(
+        self, ref: DocumentReference, ns: Namespace, folded: str, txn: Transaction | None
+    ) -> list[_Stored]:
+        """(path, blob) of every named journal document above ``folded``, in id order."""
+        collection = self._collections.journal_collection(ref, ns)
+        docs = self._docs.query(_named_range(collection, after=folded or JOURNAL_ID_PREFIX), txn)
+        return [(path, doc["blob"]) for path, doc in docs]
+
+    def folded_refs(self, ref: DocumentReference, ns: Namespace, after: str, upto: str) -> list[DocumentReference]:
+        """Named journal documents in ``(after, upto]``: folded ones, for garbage collection."""
+        collection = self._collections.journal_collection(ref, ns)
+        query = _named_range(collection, after=after or JOURNAL_ID_PREFIX, upto=upto)
+        return self._docs.query_refs(query)
 
 
-def _journal_blobs(docs: dict[str, Doc | None], refs: list[DocumentReference], context: str, low: int) -> list[_Stored]:
-    """(path, blob) of each journal document; every one of the live range must be there."""
+def _named_range(collection: firestore.CollectionReference, *, after: str, upto: str | None = None) -> Query:
+    """Named journal ids in ``(after, upto]`` (``upto`` None: every named id above ``after``), in id order."""
+    document_id = FieldPath.document_id()
+    query = collection.where(filter=firestore.FieldFilter(document_id, ">", collection.document(after)))
+    if upto is None:
+        query = query.where(filter=firestore.FieldFilter(document_id, "<", collection.document(JOURNAL_ID_END)))
+    else:
+        query = query.where(filter=firestore.FieldFilter(document_id, "<=", collection.document(upto)))
+    ordered: Query = query.order_by(document_id)
+    return ordered
+
+
+def _numbered_blobs(
+    docs: dict[str, Doc | None], refs: list[DocumentReference], context: str, low: int
+) -> list[_Stored]:
+    """(path, blob) of each numbered journal document; every one of the live range must be there."""
     blobs = []
     for journal_ref in refs:
         entry = docs[journal_ref.path]

@@ -6,10 +6,12 @@ Layout (``P`` is the collection prefix, ``cepsync`` by default)::
                                           refusals_gen, and one state map per namespace
                                           ("fp", "intents": :class:`NamespaceState`)
       fp_shards/{gen:06d}-{k:05d}         blob: shard k of generation gen (sync.state.firestore.codec)
-      fp_journal/{seq:012d}               blob: the entries of one commit, deletions included
+      fp_journal/t{token:012d}-{seq:012d} blob: the entries of one commit, deletions included
                                           (or of part of a large one), entries, token, written_at
+                                          (``{seq:012d}`` alone: written before release 0.9, read
+                                          by their live range ``low <= seq < next``)
       intent_shards/{gen:06d}-{k:05d}     the same two layers for mirror-mode intents
-      intent_journal/{seq:012d}
+      intent_journal/t{token:012d}-{seq:012d}
       refusals/{sha256(custom_id)}        custom_id, payload (decimal text: a u64), field,
                                           reason, gen: a payload Batch refused. One document
                                           per refused profile (they are few: the mapper
@@ -24,6 +26,17 @@ Layout (``P`` is the collection prefix, ``cepsync`` by default)::
 
 A record goes to shard ``blake2b-64(custom_id) mod K`` (``K`` a power of two, so growing
 ``K`` splits every shard into whole shards of the next layout).
+
+No hot document (docs/how-state-is-kept.md, "Firestore"): Firestore sustains about one
+write per second per document, and a transaction locks what it reads. A journal document's
+id is its writer's lease token plus a sequence number of that writer's process, so
+appending needs no shared counter: an append reads the activation document in its
+transaction (the fence: the lease must still be the writer's when the append commits) and
+writes only its new journal documents. The activation document is written by the lease
+(acquire, renewal every third of the TTL, release), by meta saves and by compaction (a few
+writes at the start and end of a run), never once per request or flush. Ids sort by token,
+then sequence, so the journal reads back in the order it was written: a later run's
+entries after an earlier one's, and one run's flushes in order (they are serialised).
 
 Indexing (production): Firestore indexes every field by default. The blob fields are
 never queried; indexing them only costs index storage and write latency (and Firestore
@@ -159,8 +172,13 @@ class NamespaceState:
 
     ``gen``/``count``: the live shard generation and its shard count K (0: no shards).
     ``gen_seq``: the highest generation ever allocated (generations are never reused).
-    ``low``/``next``: live journal documents are ``low <= seq < next``.
-    ``gc_from``: journal documents ``gc_from <= seq < low`` are folded and not yet deleted.
+    ``folded``: journal documents named ``t…`` up to this id (included) are folded into the
+    shards (or forgotten by a reset); the live journal is every ``t…`` id above it.
+    ``gc_folded``: ``t…`` journal documents up to this id are deleted too.
+    ``low``/``next``: documents of the numbered journal written before ``t…`` ids
+    (``low <= seq < next`` are live; nothing writes there any more, so after the first
+    compaction ``low == next`` for good).
+    ``gc_from``: numbered journal documents ``gc_from <= seq < low`` are folded and not yet deleted.
     ``building``: a generation being written by a compaction (garbage if that one died).
     ``retired``: superseded generations whose shard documents are not yet deleted.
     """
@@ -168,6 +186,8 @@ class NamespaceState:
     gen: int = 0
     count: int = 0
     gen_seq: int = 0
+    folded: str = ""
+    gc_folded: str = ""
     low: int = 0
     next: int = 0
     gc_from: int = 0
@@ -182,6 +202,8 @@ class NamespaceState:
             gen=int(raw.get("gen", 0)),
             count=int(raw.get("count", 0)),
             gen_seq=int(raw.get("gen_seq", 0)),
+            folded=str(raw.get("folded", "")),
+            gc_folded=str(raw.get("gc_folded", "")),
             low=int(raw.get("low", 0)),
             next=int(raw.get("next", 0)),
             gc_from=int(raw.get("gc_from", 0)),
@@ -194,6 +216,8 @@ class NamespaceState:
             "gen": self.gen,
             "count": self.count,
             "gen_seq": self.gen_seq,
+            "folded": self.folded,
+            "gc_folded": self.gc_folded,
             "low": self.low,
             "next": self.next,
             "gc_from": self.gc_from,
@@ -203,7 +227,7 @@ class NamespaceState:
 
     @property
     def has_garbage(self) -> bool:
-        return bool(self.retired) or self.gc_from < self.low
+        return bool(self.retired) or self.gc_from < self.low or self.gc_folded < self.folded
 
     def abandon_build(self) -> None:
         """A generation announced by a compaction that died before its flip never went live: garbage."""
@@ -211,20 +235,61 @@ class NamespaceState:
             self.retired.append(self.building)
             self.building = None
 
-    def go_live(self, gen: int, count: int, folded_upto: int) -> None:
-        """Make generation ``gen`` of ``count`` shards the live one, with the journal below ``folded_upto`` in it."""
+    def mark_folded(self, upto: JournalMark) -> None:
+        """The journal up to ``upto`` (see :class:`JournalMark`) is in the shards now."""
+        self.low = max(self.low, upto.numbered)
+        self.folded = max(self.folded, upto.named)
+
+    def go_live(self, gen: int, count: int, folded_upto: JournalMark) -> None:
+        """Make generation ``gen`` of ``count`` shards the live one, with the journal up to ``folded_upto`` in it."""
         if self.count:
             self.retired.append({"gen": self.gen, "count": self.count})
         self.gen, self.count, self.building = gen, count, None
-        self.low = max(self.low, folded_upto)
+        self.mark_folded(folded_upto)
 
-    def empty(self) -> None:
-        """Retire every shard and fold away the whole journal (a reset): the namespace loads empty."""
+    def empty(self, lease_token: int) -> None:
+        """Retire every shard and forget the whole journal (a reset): the namespace loads empty.
+
+        Every journal document was written under a token up to ``lease_token`` (the
+        activation's current one), and every later writer takes a higher token.
+        """
         if self.count:
             self.retired.append({"gen": self.gen, "count": self.count})
         self.abandon_build()
         self.count = 0
         self.low = self.next
+        self.folded = max(self.folded, token_ceiling(lease_token))
+
+
+@dataclass(frozen=True, slots=True)
+class JournalMark:
+    """How far a fold read the journal: numbered documents below ``numbered``, named ids up to ``named``."""
+
+    numbered: int
+    named: str
+
+
+# -- journal document ids -----------------------------------------------------------------------
+
+# Named journal ids start with this letter; numbered (older) ones with a digit, which sorts
+# before it, so one range query reads exactly the named ones.
+JOURNAL_ID_PREFIX: Final = "t"
+# The first id after every named one ("u" follows "t").
+JOURNAL_ID_END: Final = "u"
+
+
+def journal_id(token: int, seq: int) -> str:
+    """The id of a journal document written under lease ``token``, ``seq``-th of its writer.
+
+    Fixed-width decimals, so ids sort as (token, seq) pairs do.
+    """
+    return f"{JOURNAL_ID_PREFIX}{token:012d}-{seq:012d}"
+
+
+def token_ceiling(token: int) -> str:
+    """An id above every journal id of ``token`` and below every id of ``token + 1``."""
+    # "~" sorts after "-" and every digit.
+    return f"{JOURNAL_ID_PREFIX}{token:012d}~"
 
 
 def shard_hash(custom_id: str) -> int:
@@ -269,7 +334,16 @@ class Collections:
 
     @staticmethod
     def journal(activation_ref: DocumentReference, ns: Namespace, seq: int) -> DocumentReference:
+        """A numbered journal document (written before named ids; only read and deleted now)."""
         return _subcollection(activation_ref, ns.journal).document(f"{seq:012d}")
+
+    @staticmethod
+    def journal_named(activation_ref: DocumentReference, ns: Namespace, doc_id: str) -> DocumentReference:
+        return _subcollection(activation_ref, ns.journal).document(doc_id)
+
+    @staticmethod
+    def journal_collection(activation_ref: DocumentReference, ns: Namespace) -> CollectionReference:
+        return _subcollection(activation_ref, ns.journal)
 
     @staticmethod
     def refusals(activation_ref: DocumentReference) -> CollectionReference:

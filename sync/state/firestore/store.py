@@ -65,6 +65,8 @@ class FirestoreStateStore:
             under Firestore's 1 MiB document limit.
         close_client: Whether :meth:`close` closes ``client`` (leave False when the client
             is shared).
+        contention_timeout: Seconds a transaction is rerun while other transactions hold
+            its documents, before the call fails with a :class:`~sync.errors.TransientError`.
 
     Raises:
         ValueError: ``prefix`` is not a valid collection id start or ``target_shard_bytes``
@@ -78,6 +80,7 @@ class FirestoreStateStore:
         prefix: str = "cepsync",
         target_shard_bytes: int = 700_000,
         close_client: bool = False,
+        contention_timeout: float = 60.0,
     ) -> None:
         self._collections = Collections(client, prefix)
         if not MIN_TARGET_SHARD_BYTES <= target_shard_bytes <= MAX_TARGET_SHARD_BYTES:
@@ -87,18 +90,29 @@ class FirestoreStateStore:
             )
         self._client = client
         self._close_client = close_client
-        self._docs = Documents(client)
+        self._docs = Documents(client, contention_timeout=contention_timeout)
         self._journal = Journal(self._docs, self._collections, target_shard_bytes)
         self._compactor = Compactor(self._docs, self._collections, self._journal, target_shard_bytes)
 
+    backend = "firestore"
+
     def op_counts(self) -> dict[str, int]:
-        """Document ``reads``, ``writes`` and ``deletes`` issued by this store, and ``transactions``.
+        """Document ``reads``, ``writes`` and ``deletes`` issued by this store, ``transactions``
+        (every attempt) and ``contention_retries`` (attempts rerun after contention).
 
         Counted as Firestore bills them (see :class:`sync.state.firestore.documents.Documents`).
         """
         return self._docs.op_counts()
 
-    def _fenced_update(self, lease: Lease, change: Callable[[Doc], None]) -> None:
+    def document_writes(self) -> dict[str, Any]:
+        """How hot the hottest document this store wrote was (``WriteRates.summary``).
+
+        Firestore sustains about one write per second per document; this store's design
+        keeps every document under it (docs/how-state-is-kept.md, "Firestore").
+        """
+        return self._docs.rates.summary()
+
+    def _fenced_update(self, lease: Lease, change: Callable[[Doc], None], what: str) -> None:
         """Apply ``change`` to the activation document in one transaction fenced by ``lease``."""
         ref = self._collections.activation(lease.activation)
 
@@ -107,7 +121,7 @@ class FirestoreStateStore:
             change(doc)
             self._docs.set(txn, ref, doc)
 
-        self._docs.transact(body)
+        self._docs.transact(body, what=f"{what} of activation {lease.activation!r}")
 
     # -- lease --------------------------------------------------------------------------------
 
@@ -129,13 +143,13 @@ class FirestoreStateStore:
             self._docs.set(txn, ref, doc)
             return token
 
-        token = self._docs.transact(body)
+        token = self._docs.transact(body, what=f"taking the lease of activation {activation!r}")
         return Lease(activation=activation, owner=owner, token=token, expires_at=expires_at)
 
     def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
         """Extend our lease to ``now + ttl_seconds``, keeping its token (LeaseLost if it is not ours)."""
         expires_at = core.lease_expiry(lease.activation, ttl_seconds, now)
-        self._fenced_update(lease, lambda doc: doc.update(lease_expires_at=expires_at))
+        self._fenced_update(lease, lambda doc: doc.update(lease_expires_at=expires_at), "renewing the lease")
         return Lease(activation=lease.activation, owner=lease.owner, token=lease.token, expires_at=expires_at)
 
     def release_lease(self, lease: Lease) -> None:
@@ -155,7 +169,7 @@ class FirestoreStateStore:
             doc["lease_expires_at"] = None
             self._docs.set(txn, ref, doc)
 
-        self._docs.transact(body)
+        self._docs.transact(body, what=f"releasing the lease of activation {lease.activation!r}")
 
     # -- fingerprints -------------------------------------------------------------------------
 
@@ -169,7 +183,8 @@ class FirestoreStateStore:
         The shard and journal blobs are Arrow IPC streams (:mod:`sync.state.firestore.codec`);
         the live journal is folded in columns (:func:`sync.state.base.fold_journal`).
         """
-        return fold_journal(*self._journal.load(activation, FP))
+        loaded = self._journal.load(activation, FP)
+        return fold_journal(loaded.shards, loaded.journal)
 
     def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Durably apply acknowledged outcomes as journal documents (fenced; see :mod:`.journal`).
@@ -217,9 +232,9 @@ class FirestoreStateStore:
 
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""
-        shards, journal = self._journal.load(activation, INTENTS)
-        intents = {custom_id for table in shards for custom_id in table.column("custom_id").to_pylist()}
-        for custom_id, outcome in codec.latest(INTENTS, journal).items():
+        loaded = self._journal.load(activation, INTENTS)
+        intents = {custom_id for table in loaded.shards for custom_id in table.column("custom_id").to_pylist()}
+        for custom_id, outcome in codec.latest(INTENTS, loaded.journal).items():
             if outcome is None:
                 intents.discard(custom_id)
             else:
@@ -329,7 +344,7 @@ class FirestoreStateStore:
     def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
         """Replace the activation's meta, a field of the activation document (fenced)."""
         body = core.meta_json(lease.activation, meta)
-        self._fenced_update(lease, lambda doc: doc.update(meta_json=body))
+        self._fenced_update(lease, lambda doc: doc.update(meta_json=body), "saving the meta")
 
     # -- run records --------------------------------------------------------------------------
 
@@ -355,8 +370,7 @@ class FirestoreStateStore:
             "trigger_key": None if row.trigger_id is None else trigger_key(row.activation, row.trigger_id),
             "record_json": row.body,
         }
-        self._collections.run(row.run_id).set(doc)
-        self._docs.count(writes=1)
+        self._docs.set_now(self._collections.run(row.run_id), doc)
 
     def list_runs(self, activation: str, limit: int = 20) -> list[dict[str, Any]]:
         """The activation's run records, newest ``started_at`` first (then run_id), at most ``limit``.
@@ -428,7 +442,7 @@ class FirestoreStateStore:
             )
             return attempts
 
-        return self._docs.transact(body)
+        return self._docs.transact(body, what=f"counting a delivery of {trigger_id!r} to activation {activation!r}")
 
     def delivery_attempts(self, activation: str, trigger_id: str) -> int:
         """How many deliveries of ``trigger_id`` were counted (0 if none)."""
@@ -451,16 +465,21 @@ class FirestoreStateStore:
             if doc is None:
                 return False
             core.refuse_if_held(activation, lease_record(doc), moment, taker=None)
+            token = int(doc.get("lease_token", 0))
             for ns in NAMESPACES:
                 state = NamespaceState.from_doc(doc, ns)
-                state.empty()
+                state.empty(token)
                 doc[ns.key] = state.to_doc()
+            if "lease_token" in doc:
+                # An expired run may still hold this token: released, it can write nothing more
+                # (its appends would be forgotten by the reset anyway, being under its token).
+                doc["lease_expires_at"] = None
             doc.pop("meta_json", None)
             doc["refusals_gen"] = int(doc.get("refusals_gen", 0)) + 1
             self._docs.set(txn, ref, doc)
             return True
 
-        if self._docs.transact(body):
+        if self._docs.transact(body, what=f"resetting activation {activation!r}"):
             for ns in NAMESPACES:
                 for _ in self._compactor.collect_garbage(activation, ns):
                     pass
