@@ -623,7 +623,7 @@ class Run:
                 journal=journal,
                 deadline=self._deadline,
                 budget_exhausted=self._budget_exhausted,
-                record_intents=self._record_intents if activation.sync_mode is SyncMode.MIRROR else None,
+                mirror=activation.sync_mode is SyncMode.MIRROR,
                 removal_attributes=json.dumps(dict.fromkeys(sorted(scan.meta.owned_keys))).encode(),
                 on_outcome=self._absorb,
             )
@@ -664,7 +664,10 @@ class Run:
 
         def produce() -> None:
             try:
-                for group in self._produce_sends(prepared, scan, moved, tally, group_size=endpoint.send_batch):
+                groups = self._produce_sends(prepared, scan, moved, tally, group_size=endpoint.send_batch)
+                if self.activation.sync_mode is SyncMode.MIRROR:
+                    groups = self._note_intents(groups, window=self.activation.journal.flush_every_profiles)
+                for group in groups:
                     asyncio.run_coroutine_threadsafe(queue.put(group), loop).result()
                     if self._stop.is_set():
                         break
@@ -837,8 +840,32 @@ class Run:
 
         return checkpoint
 
-    async def _record_intents(self, custom_ids: list[str]) -> None:
-        await asyncio.to_thread(self.store.record_intents, self._current_lease(), custom_ids)
+    def _note_intents(self, groups: Iterator[SendGroup], *, window: int) -> Iterator[SendGroup]:
+        """Mirror: make the new ids of a window of groups durable intents in one append, then hand them on.
+
+        Guarantee 7 (an id Batch may hold is always known) needs each new id noted before
+        the request that could create it; noting them per flush window rather than per
+        request keeps a run's state writes to a few per window (docs/how-state-is-kept.md).
+        Runs in the producer thread. A crash leaves intents for ids never sent: harmless,
+        a clear of a profile Batch does not hold changes nothing.
+        """
+        held: list[SendGroup] = []
+        profiles = 0
+        for group in groups:
+            held.append(group)
+            profiles += len(group.upserts)
+            if profiles >= window:
+                yield from self._noted(held)
+                held, profiles = [], 0
+        yield from self._noted(held)
+
+    def _noted(self, held: list[SendGroup]) -> Iterator[SendGroup]:
+        new_ids = [custom_id for group in held for custom_id in group.upserts.new_ids()]
+        if new_ids:
+            self.store.record_intents(self._current_lease(), new_ids)
+        for group in held:
+            group.intents_noted = True
+            yield group
 
     def _reject_row(self, rejected: RejectedRow) -> None:
         assert self.rejects is not None

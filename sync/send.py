@@ -6,7 +6,9 @@ Guarantees kept here (``docs/how-a-run-works.md``):
    (202 and not listed in ``errors``).
 3. A crash re-sends at most what was acknowledged since the last flush (every
    ``journal.flush_every_profiles`` / ``flush_every_seconds``).
-7. In mirror mode, a new id's intent is durable before the request that creates it leaves.
+7. In mirror mode, a new id's intent is durable before the request that creates it leaves:
+   the producer notes the new ids of a window of groups in one append
+   (:attr:`SendGroup.intents_noted`), and the sender refuses a group that was not noted.
 
 The sender consumes :class:`SendGroup`\\ s (one request each) from an asyncio queue that the
 mapping thread fills while it reads, so the first request leaves after the first batch is
@@ -134,10 +136,15 @@ class Watermark:
 
 @dataclass
 class SendGroup:
-    """One request's worth: upserts (in id order within a full pass) or removals."""
+    """One request's worth: upserts (in id order within a full pass) or removals.
+
+    ``intents_noted``: in mirror mode, the new ids of ``upserts`` are durable intents
+    (noted for a window of groups at once, before any of them is sent).
+    """
 
     upserts: ProfileRows = field(default_factory=ProfileRows)
     removals: list[str] = field(default_factory=list)
+    intents_noted: bool = False
 
 
 @dataclass
@@ -170,7 +177,7 @@ class Sender:
         journal: Where acknowledged fingerprints go.
         deadline: The monotonic time no request may outlive (lease expiry, time budget).
         budget_exhausted: True once no new request may start (the run hands over).
-        record_intents: Mirror mode: makes new ids' intents durable before their request.
+        mirror: Mirror mode: every group with new ids must arrive with its intents noted.
         removal_attributes: The ``null`` payload a removal sends (every owned key).
         on_outcome: Called with every outcome (the engine counts and samples refusals).
     """
@@ -184,7 +191,7 @@ class Sender:
         journal: Journal,
         deadline: Callable[[], float],
         budget_exhausted: Callable[[], bool],
-        record_intents: Callable[[list[str]], Awaitable[None]] | None,
+        mirror: bool,
         removal_attributes: bytes,
         on_outcome: Callable[[SendOutcome], None],
     ) -> None:
@@ -194,7 +201,7 @@ class Sender:
         self._journal = journal
         self._deadline = deadline
         self._budget_exhausted = budget_exhausted
-        self._record_intents = record_intents
+        self._mirror = mirror
         self._removal = removal_attributes
         self._on_outcome = on_outcome
         self._tasks: set[asyncio.Task[None]] = set()
@@ -238,10 +245,10 @@ class Sender:
             tally = self.tally
             if group.upserts:
                 upserts = group.upserts
-                new_ids = upserts.new_ids() if self._record_intents is not None else []
-                if new_ids and self._record_intents is not None:
+                new_ids = upserts.new_ids() if self._mirror else []
+                if new_ids and not group.intents_noted:
                     # Guarantee 7: own what we may create, durably, before the request leaves.
-                    await self._record_intents(new_ids)
+                    raise RuntimeError("a mirror group with new ids reached the sender before its intents were noted")
                 ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
                 profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
                     ids.to_pylist(), request_array(ids.combine_chunks(), bodies.combine_chunks())
