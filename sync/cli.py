@@ -241,6 +241,15 @@ def _facts_line(record: dict[str, Any]) -> str:
     return " · ".join(facts)
 
 
+def _state_line(record: dict[str, Any]) -> str:
+    """What the run asked of its state store: ``state: firestore · 12 reads, 40 writes, …``."""
+    ops = record.get("state_ops")
+    if not isinstance(ops, dict):
+        return ""
+    counts = [f"{value:,} {key.replace('_', ' ')}" for key, value in ops.items() if isinstance(value, int)]
+    return f"state ({ops.get('backend', '?')}): " + ", ".join(counts)
+
+
 def _by_reason(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
 
@@ -268,6 +277,9 @@ def print_record(
     facts = _facts_line(record)
     if facts:
         out.print(Text(facts, style="dim"))
+    state_line = _state_line(record)
+    if state_line:
+        out.print(Text(state_line, style="dim"))
     if record.get("rejected_by_reason"):
         out.print(Text(f"rejected by reason: {_by_reason(record['rejected_by_reason'])}"))
     if record.get("dropped_attributes_by_reason"):

@@ -57,7 +57,7 @@ from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_cod
 from sync.runconfig import config_as_run
 from sync.send import Journal, Sender, SendGroup
 from sync.sources.base import Source
-from sync.state.base import StateStore
+from sync.state.base import StateStore, operation_counts, operations_between
 from sync.warehouse import hook as warehouse
 from sync.workers import AUTO_POOL_MIN_ROWS, MappingPool, auto_workers
 
@@ -299,6 +299,7 @@ class Run:
             prepared = self.prepare()
         except SyncError as error:
             return self._finish_early(status_of_error(error), error)
+        ops_before = operation_counts(self.store)
         duplicate = self._duplicate_trigger()
         if duplicate is not None:
             self.run.duplicate_of = duplicate
@@ -356,6 +357,7 @@ class Run:
             self.run.timings["total_seconds"] = round(self.clock.monotonic() - self._started_monotonic, 3)
             self.run.timings["stages"] = self._stages.as_dict()
             self.run.extra.update(warehouse.costs(self.store))
+            self.run.state_ops = operations_between(self.store, ops_before)
             self.store.save_run(self.record)
             with contextlib.suppress(SyncError):  # lost already: nothing to release
                 self.store.release_lease(self._lease)

@@ -194,6 +194,9 @@ class RunRecord:
     error: str | None = None
     retryable: bool | None = None
     journal: dict[str, int] | None = None
+    # What the run asked of its state store (Firestore: reads, writes, deletes, transactions,
+    # contention retries), from sync.state.base.operations_between.
+    state_ops: dict[str, Any] | None = None
     duplicate_of: str | None = None
     # Things that did not stop the run but deserve a look (an empty first segment).
     warnings: list[str] = field(default_factory=list)
@@ -206,7 +209,7 @@ class RunRecord:
         """The stored JSON shape (a plain dict; ``extra`` keys at the top level)."""
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
         data["status"] = self.status.value
-        for optional in ("retryable", "journal", "duplicate_of", "warnings", "allow"):
+        for optional in ("retryable", "journal", "state_ops", "duplicate_of", "warnings", "allow"):
             if not data[optional] and data[optional] is not False:
                 del data[optional]
         data.update(self.extra)

@@ -38,6 +38,8 @@ SHORT_STATUS = {
 STATUS_WIDTH = 12
 NUMBER_COLUMNS = (("new", "new"), ("chg", "changed"), ("rem", "removed"), ("ack", "acknowledged"), ("fail", "failed"))
 
+# What a run asked of its state store (``state_ops``), as the CSV's last columns.
+STATE_OPS_COLUMNS = ("reads", "writes", "deletes", "transactions", "contention_retries")
 CSV_COLUMNS = (
     "run_id",
     "activation",
@@ -48,6 +50,8 @@ CSV_COLUMNS = (
     "duration_seconds",
     *PROFILE_COUNTS,
     "error",
+    "state_backend",
+    *(f"state_{key}" for key in STATE_OPS_COLUMNS),
 )
 # A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -92,15 +96,38 @@ def short_status(status: str) -> str:
     return text if len(text) <= STATUS_WIDTH else text[: STATUS_WIDTH - 1] + "…"
 
 
+def state_caption(records: Sequence[Mapping[str, Any]]) -> str:
+    """What these runs asked of their state store, summed (``state_ops``), or "" if none counted."""
+    totals = dict.fromkeys(STATE_OPS_COLUMNS, 0)
+    backends: set[str] = set()
+    for record in records:
+        ops = record.get("state_ops")
+        if not isinstance(ops, Mapping):
+            continue
+        backends.add(str(ops.get("backend", "?")))
+        for key in STATE_OPS_COLUMNS:
+            value = ops.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[key] += value
+    if not backends or not any(totals.values()):
+        return ""
+    spent = ", ".join(f"{abbreviate(value)} {key.replace('_', ' ')}" for key, value in totals.items())
+    return f"state ({', '.join(sorted(backends))}) over these runs: {spent}"
+
+
 def history_table(name: str, records: Sequence[Mapping[str, Any]]) -> Table:
     """Recent runs, newest first, in 80 columns. Every cell is plain text, never markup."""
+    caption = "counts: k thousand, M million · rej includes rows Batch refused"
+    state = state_caption(records)
+    if state:
+        caption += "\n" + state
     table = Table(
         title=Text(f"runs of {name}"),
         title_justify="left",
         box=None,
         padding=(0, 1),
         pad_edge=False,
-        caption=Text("counts: k thousand, M million · rej includes rows Batch refused"),
+        caption=Text(caption),
         caption_justify="left",
     )
     table.add_column("run", no_wrap=True, min_width=23)
@@ -152,6 +179,11 @@ def history_csv(records: Sequence[Mapping[str, Any]]) -> str:
             "duration_seconds": duration_seconds(record),
             "error": record.get("error"),
         }
+        ops = record.get("state_ops")
+        ops = ops if isinstance(ops, Mapping) else {}
+        row["state_backend"] = ops.get("backend")
+        for key in STATE_OPS_COLUMNS:
+            row[f"state_{key}"] = ops.get(key)
         for key in CSV_COLUMNS:
             if key not in row:
                 row[key] = counts.get(key)

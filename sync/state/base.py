@@ -177,6 +177,40 @@ _REPEAT_SLICE: Final = 250_000
 
 
 @runtime_checkable
+class CountsOperations(Protocol):
+    """A store that counts what it asks of its backend (Firestore bills per document read and written).
+
+    The run record keeps what one run cost (``state_ops``, docs/run-record.md), and
+    ``cepsync history`` shows it.
+    """
+
+    @property
+    def backend(self) -> str:
+        """What the counters count: ``firestore``, ``sqlite``..."""
+        ...
+
+    def op_counts(self) -> dict[str, int]:
+        """Counters since the store was opened (names are the backend's own)."""
+        ...
+
+
+def operation_counts(store: object) -> dict[str, int] | None:
+    """``store``'s counters so far, or None for a store that does not count."""
+    return store.op_counts() if isinstance(store, CountsOperations) else None
+
+
+def operations_between(store: object, before: dict[str, int] | None) -> dict[str, Any] | None:
+    """What ``store`` asked of its backend since ``before`` was read (``state_ops`` of a run record)."""
+    after = operation_counts(store)
+    if after is None or before is None:
+        return None
+    assert isinstance(store, CountsOperations)  # operation_counts answered
+    spent: dict[str, Any] = {"backend": store.backend}
+    spent.update({key: value - before.get(key, 0) for key, value in after.items()})
+    return spent
+
+
+@runtime_checkable
 class StateStore(Protocol):
     # -- lease -------------------------------------------------------------------------
     def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:

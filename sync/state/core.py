@@ -208,6 +208,41 @@ class RunRow:
     body: str
 
 
+# What one stored run record may weigh as JSON. A Firestore document holds 1 MiB with its
+# other fields; SQLite has no limit, but a record that size would already say nothing more.
+# The engine keeps records far smaller (bounded samples, a bounded config copy); this is the
+# backstop that keeps any record storable.
+MAX_RUN_RECORD_BYTES: Final = 900_000
+# The parts of a record that may grow with the data, cut in this order until it fits.
+_TRIMMABLE: Final = ("rejected_samples", "config", "warnings", "guards")
+
+
+def _record_json(record: dict[str, Any], run_id: str) -> str:
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"run record {run_id!r} is not JSON-serialisable: {exc}") from exc
+
+
+def _trimmed(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its growable parts, from the first, until it fits; it says what was cut."""
+    trimmed = dict(record)
+    cut: list[str] = []
+    for key in _TRIMMABLE:
+        if len(json.dumps(trimmed, ensure_ascii=False, default=str).encode("utf-8")) <= MAX_RUN_RECORD_BYTES:
+            break
+        if key in trimmed:
+            trimmed[key] = [] if isinstance(trimmed[key], list) else {}
+            cut.append(key)
+    if len(json.dumps(trimmed, ensure_ascii=False, default=str).encode("utf-8")) > MAX_RUN_RECORD_BYTES:
+        for key, value in list(trimmed.items()):
+            if isinstance(value, str) and len(value) > 1_000:
+                trimmed[key] = value[:1_000] + "… [cut]"
+                cut.append(key)
+    trimmed["trimmed"] = cut
+    return trimmed
+
+
 def run_row(record: dict[str, Any], *, check_run_id: Callable[[str], None] | None = None) -> RunRow:
     """Validate a run record and take out what a store indexes it by.
 
@@ -226,10 +261,9 @@ def run_row(record: dict[str, Any], *, check_run_id: Callable[[str], None] | Non
         raise ValueError(f"run record {run_id!r} needs a non-empty string 'activation', got {activation!r}")
     if check_run_id is not None:
         check_run_id(run_id)
-    try:
-        body = json.dumps(record, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"run record {run_id!r} is not JSON-serialisable: {exc}") from exc
+    body = _record_json(record, run_id)
+    if len(body.encode("utf-8")) > MAX_RUN_RECORD_BYTES:
+        body = _record_json(_trimmed(record), run_id)
     started_at, trigger_id = record.get("started_at"), record.get("trigger_id")
     return RunRow(
         run_id=run_id,

@@ -1010,6 +1010,12 @@ class SQLiteStateStore:
         with self._lock:
             return dict(self._stats)
 
+    backend = "sqlite"
+
+    def op_counts(self) -> dict[str, int]:
+        """The same counters, as every counting store names the method (``sync.state.base.CountsOperations``)."""
+        return self.stats()
+
     def close(self) -> None:
         """Close the connection (idempotent). The store is unusable afterwards."""
         with self._lock:

@@ -45,7 +45,7 @@ from google.cloud import bigquery
 from sync.errors import ConfigError, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import FINGERPRINT_SCHEMA, StateStore
+from sync.state.base import FINGERPRINT_SCHEMA, CountsOperations, StateStore, operation_counts
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
 
@@ -71,6 +71,16 @@ class WarehouseStateStore:
         self._flushes = itertools.count(1)
         self._registered: tuple[str, int] | None = None
         self._tables_ready = False
+
+    @property
+    def backend(self) -> str:
+        """Fingerprints in BigQuery; the lease, intents and run records in the base store."""
+        base = self.base
+        return f"bigquery+{base.backend if isinstance(base, CountsOperations) else type(base).__name__}"
+
+    def op_counts(self) -> dict[str, int]:
+        """The base store's counters (BigQuery's costs are in the record's ``warehouse`` entry)."""
+        return operation_counts(self.base) or {}
 
     # -- BigQuery tables ------------------------------------------------------------------
     def ensure_tables(self) -> None:
