@@ -695,7 +695,12 @@ def simulator(
     ] = "BATCH_PROJECT_KEY",
     rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
 ) -> None:
-    """Run the local Batch Profile API simulator (for demos and tests)."""
+    """Run the local Batch Profile API simulator (for demos and tests).
+
+    Faults are set while it runs with POST /_sim/faults (latency, failed requests, dropped
+    connections, per-item errors by kind: item_errors {"value", "server", "unknown", "none"});
+    GET /_sim/faults shows them and GET /_sim/stats counts what happened.
+    """
     from sync.dev.simulator import serve
 
     api_key = os.environ.get(api_key_env)
