@@ -26,7 +26,7 @@ import structlog
 
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
-from sync.encode import request_array
+from sync.encode import request_body
 from sync.model import JournalEntry, Lease, Refusal
 from sync.plan import ProfileRows
 from sync.state import core
@@ -243,9 +243,11 @@ class Sender:
                     # Guarantee 7: own what we may create, durably, before the request leaves.
                     await self._record_intents(new_ids)
                 ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
+                body = request_body(ids.combine_chunks(), bodies.combine_chunks())
                 profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
-                    ids.to_pylist(), request_array(ids.combine_chunks(), bodies.combine_chunks())
+                    ids.to_pylist(), body.payload, body.ends
                 )
+                del body
                 # The request holds the bodies now; what is left is what the journal needs.
                 del bodies
                 upserts = group.upserts = upserts.without_bodies()
