@@ -221,7 +221,7 @@ def request_body(custom_ids: pa.StringArray, bodies: pa.StringArray) -> RequestB
 
     ``ends[i]`` is the byte offset just past item ``i`` (8 bytes an item, next to the item's
     few hundred): the client cuts the items Batch failed alone out of the array with them,
-    to resend those without re-encoding anything (docs/batch-api.md, decision 5).
+    to resend those without re-encoding anything (docs/batch-api.md, "Per-item errors").
     """
     items = pc.binary_join_element_wise(
         '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "}", ""

@@ -35,7 +35,20 @@ class Reason(enum.StrEnum):
     INVALID_URL = "invalid_url"
     INVALID_ARRAY = "invalid_array"
     ARRAY_TOO_LONG = "array_too_long"
+    # Batch answered a per-item error (docs/batch-api.md, "Per-item errors"): about the value
+    # (remembered); not about it (failed for this run, sent again by the next); not about it,
+    # but for the same payload PERSISTENT_AFTER_RUNS runs in a row (remembered).
     BATCH_REJECTED = "batch_rejected"
+    BATCH_ITEM_ERROR = "batch_item_error"
+    BATCH_PERSISTENT_ERROR = "batch_persistent_error"
+
+    @property
+    def from_batch(self) -> bool:
+        """Batch's answer, not a check of ours."""
+        return self in _BATCH_REASONS
+
+
+_BATCH_REASONS: Final = frozenset({Reason.BATCH_REJECTED, Reason.BATCH_ITEM_ERROR, Reason.BATCH_PERSISTENT_ERROR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +125,7 @@ NO_ATTRIBUTE: Final = "(profile)"
 
 # Runs in a row that must end with a per-item error not about the value, for the same
 # payload, before that payload is remembered like a refusal ("persistent") and no longer
-# sent while it stays the same (docs/batch-api.md, decision 5). One or two could be a bad
+# sent while it stays the same (docs/batch-api.md, "Per-item errors"). One or two could be a bad
 # hour at Batch; three scheduled runs in a row failing the same payload, each after its own
 # in-run retries, is an error that resending does not fix, and stops costing a request a run.
 PERSISTENT_AFTER_RUNS: Final = 3

@@ -27,7 +27,7 @@ import structlog
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
 from sync.encode import request_body
-from sync.model import JournalEntry, Lease, Refusal
+from sync.model import NO_ATTRIBUTE, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
 from sync.state.base import StateStore
@@ -156,8 +156,13 @@ class SendTally:
     failures: list[str] = field(default_factory=list)
     cleared: int = 0
     acknowledged_new: int = 0
-    # Payloads Batch refused (partial errors), remembered so they are not sent again unchanged.
+    # Payloads Batch refused (a partial error about the value), remembered so they are not
+    # sent again unchanged, and those it failed with another per-item error after every
+    # retry (kind ITEM_ERROR, one run: the engine counts the runs in a row).
     refusals: list[Refusal] = field(default_factory=list)
+    item_failures: list[Refusal] = field(default_factory=list)
+    # Profiles resent within the run after a per-item error not about the value.
+    item_retries: int = 0
 
 
 class Sender:
@@ -173,6 +178,7 @@ class Sender:
         record_intents: Mirror mode: makes new ids' intents durable before their request.
         removal_attributes: The ``null`` payload a removal sends (every owned key).
         on_outcome: Called with every outcome (the engine counts and samples refusals).
+            Per-item failures are in :attr:`SendTally.item_failures` for the end of the run.
     """
 
     def __init__(
@@ -260,6 +266,7 @@ class Sender:
             tally.wait_seconds += outcome.wait_seconds
             tally.retries += max(0, outcome.attempts - 1)
             tally.rate_limited += outcome.rate_limited
+            tally.item_retries += outcome.item_retries
             tally.acknowledged += len(outcome.acknowledged)
             tally.rejected += len(outcome.rejected)
             tally.failed += len(outcome.failed)
@@ -273,11 +280,22 @@ class Sender:
                     new_ids = [custom_id for custom_id in new_ids if custom_id in acknowledged]
                 self._journal.add(upserts.journal(None if everything else outcome.acknowledged), intents_done=new_ids)
                 tally.acknowledged_new += len(new_ids)
-                if outcome.rejected:
+                if outcome.rejected or outcome.item_failures:
                     payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
                     tally.refusals.extend(
-                        Refusal(r.custom_id, payloads[r.custom_id], r.attribute or "(profile)", r.reason)
+                        Refusal(r.custom_id, payloads[r.custom_id], r.attribute or NO_ATTRIBUTE, r.reason)
                         for r in outcome.rejected
+                        if r.custom_id in payloads
+                    )
+                    tally.item_failures.extend(
+                        Refusal(
+                            r.custom_id,
+                            payloads[r.custom_id],
+                            r.attribute or NO_ATTRIBUTE,
+                            r.describe(),
+                            RefusalKind.ITEM_ERROR,
+                        )
+                        for r in outcome.item_failures
                         if r.custom_id in payloads
                     )
                 self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)

@@ -9,7 +9,7 @@ Contract (docs/batch-api.md):
   acknowledges every row not listed in ``errors``. A listed row whose error is about its
   value (:mod:`sync.batch.item_errors`) is *rejected*; any other listed row is resent alone,
   like a failed request for those profiles (same backoff and attempt bound), and *failed*
-  if it still fails (decision 5).
+  if it still fails (docs/batch-api.md, "Per-item errors").
 * 429, 500, 502, 503, 504, timeouts and dropped connections are transient: exponential
   backoff with full jitter, ``Retry-After`` honoured, bounded attempts, then the rows are
   *failed for this run* (decision 3). 401/403 stop the run; other 4xx mean we broke the
@@ -376,7 +376,7 @@ class BatchClient:
         if not profiles:
             return outcome
         # What is still to send: the whole request, then only the rows Batch answered with a
-        # per-item error that is not about their value (decision 5).
+        # per-item error that is not about their value.
         pending = profiles if isinstance(profiles, EncodedProfiles) else EncodedProfiles.of(profiles)
         url = self.url(endpoint)
         limiter = self._limiters.get(self._credentials.project_key.get_secret_value(), endpoint)

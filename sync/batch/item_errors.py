@@ -2,7 +2,7 @@
 
 Batch lists each item it did not apply as ``{"category", "bulk_index", "reason",
 "attribute"?}`` and documents neither the categories nor what they mean (docs/batch-api.md,
-"Per-item errors: value refusals and failures", our decision 5). The difference matters:
+"Per-item errors: value refusals and failures": our decision). The difference matters:
 
 * a **value refusal** (Batch will refuse this payload again) is remembered, so an unchanged
   payload is not resent run after run;
@@ -28,7 +28,7 @@ VALUE_CATEGORIES: Final = frozenset({"attribute", "attributes", "identifier", "i
 
 
 def is_value_refusal(entry: Mapping[str, Any]) -> bool:
-    """Whether one per-item error is about the profile's data (docs/batch-api.md, decision 5).
+    """Whether one per-item error is about the profile's data (docs/batch-api.md, "Per-item errors").
 
     True when it names an attribute (a non-empty string), or when its category is one of
     :data:`VALUE_CATEGORIES`. Anything else (category ``server``, an unknown category, no
