@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sync.cli import app
+from sync.config import Activation
 from sync.dev.simulator import BatchSimulator
 from sync.model import PERSISTENT_AFTER_RUNS, Refusal, RefusalKind
 from sync.report.history import history_csv, persistent_notes
@@ -67,6 +68,21 @@ def received(simulator: BatchSimulator) -> int:
     return int(simulator.stats()["profiles_received"])
 
 
+async def synced_then_changed(
+    directory: Path, url: str, *, count: int, changed: int
+) -> tuple[Path, list[dict[str, Any]], Activation]:
+    """A segment synced once, then its first ``changed`` rows changed: the next run sends those."""
+    state = directory / "state.db"
+    rows = people(count)
+    write_segment(directory / "segment.duckdb", rows)
+    activation = make_activation(directory, url, destination={"max_attempts": 2})
+    await run_once(activation, state)
+    for row in rows[:changed]:
+        row["points"] += 100
+    write_segment(directory / "segment.duckdb", rows)
+    return state, rows, activation
+
+
 def held_ids(simulator: BatchSimulator) -> set[str]:
     """Profiles holding at least one value (mirror clears a profile by setting every attribute to null)."""
     return {cid for cid, attrs in simulator.profiles(PROJECT_KEY).items() if any(v is not None for v in attrs.values())}
@@ -110,14 +126,7 @@ async def test_an_item_error_not_about_the_value_is_sent_again_by_the_next_run(
 ) -> None:
     """The bug of issue 18: this profile was remembered as refused and never sent again."""
     simulator, url = sim
-    state = tmp_path / "state.db"
-    rows = people(20)
-    write_segment(tmp_path / "segment.duckdb", rows)
-    activation = make_activation(tmp_path, url, destination={"max_attempts": 2})
-    await run_once(activation, state)
-    for row in rows[:5]:
-        row["points"] += 100
-    write_segment(tmp_path / "segment.duckdb", rows)
+    state, rows, activation = await synced_then_changed(tmp_path, url, count=20, changed=5)
 
     simulator.faults.update({"item_errors": {kind: 1.0}})  # every item, every attempt
     failing = await run_once(activation, state)
@@ -146,56 +155,22 @@ async def test_an_item_error_not_about_the_value_is_sent_again_by_the_next_run(
     assert entries(state) == {}  # acknowledged: forgotten
 
 
-async def test_a_value_refusal_is_still_remembered_and_full_resends_it(
-    sim: tuple[BatchSimulator, str], tmp_path: Path
-) -> None:
-    simulator, url = sim
-    state = tmp_path / "state.db"
-    rows = people(40)
-    write_segment(tmp_path / "segment.duckdb", rows)
-    simulator.faults.update({"item_errors": {"value": 0.25}})
-    activation = make_activation(tmp_path, url)
-    first = await run_once(activation, state)
-    refused = first.record["counts"]["rejected_by_batch"]
-    assert refused == simulator.stats()["item_errors"]["value"] > 0
-    assert first.record["counts"]["item_errors_retried"] == 0  # a value refusal is final
-    assert all(entry.kind is RefusalKind.VALUE for entry in entries(state).values())
-
-    before = received(simulator)
-    second = await run_once(activation, state)
-    assert received(simulator) == before  # the same payloads: Batch would refuse them again
-    assert second.record["counts"]["refused_unchanged"] == refused
-    assert second.status == "succeeded_with_rejections"
-
-    simulator.faults.clear()
-    full = await run_once(activation, state, full=True)
-    assert (full.status, full.record["counts"]["acknowledged"]) == ("succeeded", 40)
-    assert holds_the_segment(simulator, rows)
-    assert entries(state) == {}
-
-
 async def test_an_item_error_becomes_persistent_after_the_bound_with_batchs_reason_in_history(
     sim: tuple[BatchSimulator, str], tmp_path: Path
 ) -> None:
     simulator, url = sim
-    state = tmp_path / "state.db"
-    rows = people(12)
-    write_segment(tmp_path / "segment.duckdb", rows)
-    activation = make_activation(tmp_path, url, destination={"max_attempts": 2})
-    await run_once(activation, state)
-    rows[3]["points"] += 1
-    write_segment(tmp_path / "segment.duckdb", rows)
+    state, rows, activation = await synced_then_changed(tmp_path, url, count=12, changed=1)
     simulator.faults.update({"item_errors": {"server": 1.0}})
 
     for run in range(1, PERSISTENT_AFTER_RUNS):
         result = await run_once(activation, state)
         assert (result.status, result.record["counts"]["persistent"]) == ("partial", 0)
-        assert entries(state)["c00003"].runs == run
+        assert entries(state)["c00000"].runs == run
     reached = await run_once(activation, state)
     assert reached.status == "partial"
     assert (reached.record["counts"]["failed_by_item_error"], reached.record["counts"]["persistent"]) == (1, 1)
     assert reached.record["rejected_by_reason"] == {"batch_persistent_error": 1}
-    entry = entries(state)["c00003"]
+    entry = entries(state)["c00000"]
     assert (entry.persistent, entry.reason) == (True, "server: simulated: internal error")
 
     # Remembered now: the same payload is not sent again, and the run says why.
@@ -206,7 +181,7 @@ async def test_an_item_error_becomes_persistent_after_the_bound_with_batchs_reas
     assert quiet.status == "succeeded_with_rejections"
     assert quiet.record["counts"]["persistent_unchanged"] == 1
     assert [(line["custom_id"], line["issues"][0]["reason"]) for line in lines] == [
-        ("c00003", "batch_persistent_error")
+        ("c00000", "batch_persistent_error")
     ]
     assert "server: simulated: internal error" in lines[0]["issues"][0]["detail"]
 
@@ -217,14 +192,14 @@ async def test_an_item_error_becomes_persistent_after_the_bound_with_batchs_reas
     )
     assert f"{quiet.record['run_id']}: persistent Batch errors: 1 still persistent, not resent" in output
     assert f"{reached.record['run_id']}: persistent Batch errors: 1 became persistent" in output
-    assert "c00003: Batch: server: simulated: internal error" in output
+    assert "c00000: Batch: server: simulated: internal error" in output
 
-    # A changed payload starts again from one run, and is sent; so is the old one under --full.
-    rows[3]["points"] += 1
+    # A changed payload is sent, and its count starts again from one run.
+    rows[0]["points"] += 1
     write_segment(tmp_path / "segment.duckdb", rows)
     changed = await run_once(activation, state)
     assert changed.record["counts"]["changed"] == 1
-    assert (entries(state)["c00003"].runs, entries(state)["c00003"].remembered) == (1, False)
+    assert (entries(state)["c00000"].runs, entries(state)["c00000"].remembered) == (1, False)
     simulator.faults.clear()
     converged = await run_once(activation, state)
     assert converged.status == "succeeded"
@@ -232,21 +207,40 @@ async def test_an_item_error_becomes_persistent_after_the_bound_with_batchs_reas
     assert entries(state) == {}
 
 
-async def test_full_resends_a_persistent_payload(sim: tuple[BatchSimulator, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fault", "runs", "held_back"),
+    [
+        pytest.param({"value": 0.25}, 1, "refused_unchanged", id="value-refusal"),
+        pytest.param({"none": 1.0}, PERSISTENT_AFTER_RUNS, "persistent_unchanged", id="persistent-item-error"),
+    ],
+)
+async def test_a_remembered_payload_is_not_resent_unchanged_and_full_resends_it(
+    sim: tuple[BatchSimulator, str], tmp_path: Path, fault: dict[str, float], runs: int, held_back: str
+) -> None:
     simulator, url = sim
     state = tmp_path / "state.db"
-    rows = people(6)
+    rows = people(40)
     write_segment(tmp_path / "segment.duckdb", rows)
     activation = make_activation(tmp_path, url, destination={"max_attempts": 1})
-    simulator.faults.update({"item_errors": {"none": 1.0}})
-    for _ in range(PERSISTENT_AFTER_RUNS):
+    simulator.faults.update({"item_errors": fault})
+    for _ in range(runs):
         await run_once(activation, state)
-    assert all(entry.persistent for entry in entries(state).values())
-    assert len(entries(state)) == 6
+    remembered = entries(state)
+    assert remembered
+    assert all(entry.remembered for entry in remembered.values())
+    if "value" in fault:  # decided by the payload: exactly those the simulator refused, never retried
+        assert len(remembered) == simulator.stats()["item_errors"]["value"]
+        assert simulator.stats()["profiles_received"] == 40
+
     simulator.faults.clear()
-    assert (await run_once(activation, state)).record["counts"]["persistent_unchanged"] == 6
+    before = received(simulator)
+    quiet = await run_once(activation, state)
+    assert received(simulator) == before  # the same payloads: Batch would not apply them either
+    assert quiet.record["counts"][held_back] == len(remembered)
+    assert quiet.status == "succeeded_with_rejections"
+
     full = await run_once(activation, state, full=True)
-    assert (full.status, full.record["counts"]["acknowledged"]) == ("succeeded", 6)
+    assert (full.status, full.record["counts"]["acknowledged"]) == ("succeeded", 40)
     assert holds_the_segment(simulator, rows)
     assert entries(state) == {}
 
