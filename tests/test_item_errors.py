@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from sync.batch.item_errors import VALUE_CATEGORIES
 from sync.cli import app
 from sync.config import Activation
 from sync.dev.simulator import BatchSimulator
@@ -326,3 +327,11 @@ def test_records_from_before_item_errors_were_told_apart_still_read() -> None:
     assert persistent_notes([old]) == []
     rows = list(csv.DictReader(io.StringIO(history_csv([old]))))
     assert (rows[0]["rejected_by_batch"], rows[0]["persistent"], rows[0]["failed_by_item_error"]) == ("2", "", "")
+
+
+def test_the_docs_state_the_rule_and_the_bound_the_code_uses() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "batch-api.md").read_text(encoding="utf-8")
+    section = docs[docs.index("## Per-item errors: value refusals and failures") :]
+    assert f"in {PERSISTENT_AFTER_RUNS} runs in a row (`PERSISTENT_AFTER_RUNS`" in section
+    for category in sorted(VALUE_CATEGORIES):
+        assert f"`{category}`" in section[: section.index("**Anything else is not**")]
