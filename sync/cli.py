@@ -33,7 +33,7 @@ from sync.logs import configure_logging
 from sync.model import ActivationMeta
 from sync.plan import GUARD_NAMES, check_guard_names
 from sync.record import EXIT_CODES, RunStatus, status_of_error
-from sync.report.history import history_csv, history_table
+from sync.report.history import history_csv, history_table, persistent_notes
 from sync.runconfig import config_as_run
 from sync.runlog import log_run_end
 from sync.runtime import StateNotFound, build_client, expand_state_url, open_source_from_env, open_store
@@ -211,16 +211,26 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("rejected before sending", "rejected"),
         ("  of which duplicate ids", "duplicates"),
         ("refused by Batch before, unchanged (not resent)", "refused_unchanged"),
+        ("persistent Batch error before, unchanged (not resent)", "persistent_unchanged"),
         # A profile sent is attempted once, then ends in exactly one of the three below.
         ("attempted (sent to Batch)", "sent"),
         ("acknowledged by Batch", "acknowledged"),
-        ("refused by Batch (per profile)", "rejected_by_batch"),
-        ("failed, no answer (resent next run)", "failed"),
+        ("value refused by Batch (remembered)", "rejected_by_batch"),
+        ("failed (resent next run)", "failed"),
+        ("  of which a per-item error, not about the value", "failed_by_item_error"),
+        ("  of which persistent: remembered, not resent unchanged", "persistent"),
+        ("per-item errors retried within the run", "item_errors_retried"),
     ]
     for label, key in rows:
-        if key in counts:
+        if key in counts and (counts[key] or key not in _ROWS_SHOWN_WHEN_NOT_ZERO):
             table.add_row(Text(label), Text(f"{counts[key]:,}"))
     return table
+
+
+# Rows about Batch's per-item errors: rare, so shown only when something happened.
+_ROWS_SHOWN_WHEN_NOT_ZERO = frozenset(
+    {"persistent_unchanged", "failed_by_item_error", "persistent", "item_errors_retried"}
+)
 
 
 def _facts_line(record: dict[str, Any]) -> str:
@@ -573,6 +583,8 @@ def history(
         typer.echo(history_csv(records), nl=False)
     else:
         console.print(history_table(name, records))
+        for note in persistent_notes(records):
+            console.print(Text(note, style="yellow"))
 
 
 @app.command()
@@ -707,7 +719,12 @@ def simulator(
     ] = "BATCH_PROJECT_KEY",
     rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
 ) -> None:
-    """Run the local Batch Profile API simulator (for demos and tests)."""
+    """Run the local Batch Profile API simulator (for demos and tests).
+
+    Faults are set while it runs with POST /_sim/faults (latency, failed requests, dropped
+    connections, per-item errors by kind: item_errors {"value", "server", "unknown", "none"});
+    GET /_sim/faults shows them and GET /_sim/stats counts what happened.
+    """
     from sync.dev.simulator import serve
 
     api_key = os.environ.get(api_key_env)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -208,8 +209,20 @@ def json_strings(values: pa.StringArray) -> pa.StringArray:
     return pa.array([_encode_str(value) for value in values.to_pylist()], pa.string())
 
 
-def request_array(custom_ids: pa.StringArray, bodies: pa.StringArray) -> bytes:
-    """The JSON array of profiles a Batch request carries, from ids and canonical bodies."""
+class RequestBody(NamedTuple):
+    """A request's JSON array, and where each of its items ends (``EncodedProfiles.ends``)."""
+
+    payload: bytes
+    ends: array[int]
+
+
+def request_body(custom_ids: pa.StringArray, bodies: pa.StringArray) -> RequestBody:
+    """The JSON array of profiles a Batch request carries, from ids and canonical bodies.
+
+    ``ends[i]`` is the byte offset just past item ``i`` (8 bytes an item, next to the item's
+    few hundred): the client cuts the items Batch failed alone out of the array with them,
+    to resend those without re-encoding anything (docs/batch-api.md, "Per-item errors").
+    """
     items = pc.binary_join_element_wise(
         '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "}", ""
     )
@@ -218,4 +231,14 @@ def request_array(custom_ids: pa.StringArray, bodies: pa.StringArray) -> bytes:
     # Straight to bytes, one copy: through a Python str it took three more (and up to four
     # bytes a character for a body with a character beyond Latin-1).
     payload: bytes = framed.cast(pa.binary())[0].as_py()
-    return payload
+    # Item i ends after "[", the i+1 first items and the i commas between them.
+    ends = pc.cumulative_sum(pc.add(pc.binary_length(items).cast(pa.int64()), 1))
+    offsets = array("q")
+    # The int64 values buffer, as it is (no nulls): 8 bytes an item, no Python int each.
+    offsets.frombytes(memoryview(ends.buffers()[1])[ends.offset * 8 : (ends.offset + len(ends)) * 8])
+    return RequestBody(payload, offsets)
+
+
+def request_array(custom_ids: pa.StringArray, bodies: pa.StringArray) -> bytes:
+    """Only the JSON array of :func:`request_body`."""
+    return request_body(custom_ids, bodies).payload

@@ -43,7 +43,7 @@ from sync.encode import encode_batch
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, tune_allocators
-from sync.model import ActivationMeta, Lease, Reason, Refusal, RowIssue
+from sync.model import NO_ATTRIBUTE, PERSISTENT_AFTER_RUNS, ActivationMeta, Lease, Reason, Refusal, RowIssue
 from sync.plan import (
     REJECTED_SAMPLE_SIZE,
     BatchPlan,
@@ -70,6 +70,19 @@ log = structlog.get_logger("cepsync.engine")
 
 # Batch refusals kept verbatim in the run record (after the planning sample).
 BATCH_REJECTED_SAMPLE_SIZE = 100
+# Counts every run that sends starts at 0 (docs/run-record.md): what became of each profile
+# sent, and what Batch's per-item errors came to.
+SEND_COUNTS: Final = (
+    "sent",
+    "acknowledged",
+    "rejected_by_batch",
+    "failed",
+    "item_errors_retried",
+    "failed_by_item_error",
+    "persistent",
+)
+# Plan counts of payloads not sent again because Batch did not apply them before.
+REMEMBERED_COUNTS: Final = ("refused_unchanged", "persistent_unchanged")
 # Mapped send groups waiting for a free request slot. The slots themselves (`concurrency`
 # requests, most of them waiting for the rate limiter's next token) are the buffer against
 # Batch's pace; the mapping thread works one group ahead of them. A mass-update group holds
@@ -230,8 +243,9 @@ class Run:
         self._stop = threading.Event()
         # Rows Batch refused, by reason (added to the planning's rejections in the record).
         self._refused: dict[str, int] = {}
-        # Payloads Batch refused in earlier runs (by custom_id), and the ids of those that
-        # Batch acknowledged a payload for in this run (their refusal is forgotten).
+        # What Batch did not apply in earlier runs (by custom_id: refusals of the value, and
+        # per-item errors with their count of runs in a row), and the ids Batch acknowledged
+        # a payload for in this run (their entry is forgotten).
         self._refusals: dict[str, Refusal] = {}
         self._refusals_cleared: list[str] = []
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
@@ -605,7 +619,7 @@ class Run:
             activation.destination.endpoint, expected, activation.destination.mass_update_threshold
         )
         counts = self.run.counts
-        counts.update({"sent": 0, "acknowledged": 0, "rejected_by_batch": 0, "failed": 0})
+        counts.update(dict.fromkeys(SEND_COUNTS, 0))
         journal = self._journal = Journal(
             self.store,
             self._current_lease,
@@ -709,8 +723,10 @@ class Run:
             for start in range(0, len(moved.refreshes), 10_000):
                 journal.add(moved.refreshes.slice(start, 10_000).journal())
                 await journal.flush()
-        if sender is not None and sender.tally.refusals:
-            await asyncio.to_thread(self.store.record_refusals, self._current_lease(), sender.tally.refusals)
+        if sender is not None:
+            entries = sender.tally.refusals + self._count_item_failures(sender.tally.item_failures)
+            if entries:
+                await asyncio.to_thread(self.store.record_refusals, self._current_lease(), entries)
         if self._refusals_cleared:
             await asyncio.to_thread(self.store.clear_refusals, self._current_lease(), self._refusals_cleared)
         await asyncio.to_thread(self.store.compact, self._current_lease(), self.clock.now())
@@ -748,7 +764,7 @@ class Run:
             self.run.status = RunStatus.PARTIAL
             return
         meta.last_success_run_id = self.run_id
-        rejected = counts.get("rejected", 0) + counts.get("rejected_by_batch", 0) + counts.get("refused_unchanged", 0)
+        rejected = sum(counts.get(key, 0) for key in ("rejected", "rejected_by_batch", *REMEMBERED_COUNTS))
         self.run.status = RunStatus.SUCCEEDED_WITH_REJECTIONS if rejected else RunStatus.SUCCEEDED
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -813,20 +829,52 @@ class Run:
         counts["acknowledged"] = counts.get("acknowledged", 0) + len(outcome.acknowledged)
         counts["rejected_by_batch"] = counts.get("rejected_by_batch", 0) + len(outcome.rejected)
         counts["failed"] = counts.get("failed", 0) + len(outcome.failed)
+        counts["item_errors_retried"] = counts.get("item_errors_retried", 0) + outcome.item_retries
+        counts["failed_by_item_error"] = counts.get("failed_by_item_error", 0) + len(outcome.item_failures)
         if self._refusals:
             self._refusals_cleared.extend(c for c in outcome.acknowledged if c in self._refusals)
-        refused = Reason.BATCH_REJECTED.value
         for rejection in outcome.rejected:
-            self._refused[refused] = self._refused.get(refused, 0) + 1
-            self.run.rejected_by_reason[refused] = self.run.rejected_by_reason.get(refused, 0) + 1
-            issue = RowIssue(rejection.attribute or "(profile)", Reason.BATCH_REJECTED, f"Batch: {rejection.reason}")
-            row = RejectedRow(None, rejection.custom_id, (issue,))
-            with self._reject_lock:
-                if self.rejects is not None:
-                    self._reject_row(row)
-                if len(self.run.rejected_samples) < BATCH_REJECTED_SAMPLE_SIZE:
-                    self.run.rejected_samples.append(row.as_record())
+            issue = RowIssue(rejection.attribute or NO_ATTRIBUTE, Reason.BATCH_REJECTED, f"Batch: {rejection.reason}")
+            self._note_batch_issue(rejection.custom_id, issue, listed=True)
         self.progress.sent(len(outcome.acknowledged), len(outcome.rejected), len(outcome.failed))
+
+    def _count_item_failures(self, failures: list[Refusal]) -> list[Refusal]:
+        """This run's per-item failures as state entries, each counted after the id's entry before the run.
+
+        Each is counted (``persistent`` once it reaches the bound) and sampled with Batch's
+        reason; a persistent one is listed like a refusal (``--rejects``), since it is not
+        sent again while its payload stays the same.
+        """
+        entries = [failure.following(self._refusals.get(failure.custom_id)) for failure in failures]
+        for entry in entries:
+            if entry.persistent:
+                self.run.counts["persistent"] = self.run.counts.get("persistent", 0) + 1
+                detail = (
+                    f"Batch: {entry.reason}, for this payload {entry.runs} runs in a row: persistent, not sent "
+                    "again until it changes (--full sends it)"
+                )
+                issue = RowIssue(entry.field, Reason.BATCH_PERSISTENT_ERROR, detail)
+            else:
+                detail = (
+                    f"Batch: {entry.reason} (not about the value; {entry.runs} of {PERSISTENT_AFTER_RUNS} runs "
+                    "in a row before it counts as persistent): failed after retries, sent again next run"
+                )
+                issue = RowIssue(entry.field, Reason.BATCH_ITEM_ERROR, detail)
+            self._note_batch_issue(entry.custom_id, issue, listed=entry.persistent)
+        return entries
+
+    def _note_batch_issue(self, custom_id: str, issue: RowIssue, *, listed: bool) -> None:
+        """Count and sample one of Batch's per-item answers; ``listed``: a ``--rejects`` line too."""
+        reason = issue.reason.value
+        # _refused survives the planning's recount of rejected_by_reason (_fill_counts).
+        self._refused[reason] = self._refused.get(reason, 0) + 1
+        self.run.rejected_by_reason[reason] = self.run.rejected_by_reason.get(reason, 0) + 1
+        row = RejectedRow(None, custom_id, (issue,))
+        with self._reject_lock:
+            if listed and self.rejects is not None:
+                self._reject_row(row)
+            if len(self.run.rejected_samples) < BATCH_REJECTED_SAMPLE_SIZE:
+                self.run.rejected_samples.append(row.as_record())
 
     def _checkpoint_for(self, sender: Sender) -> Callable[[], Any]:
         async def checkpoint() -> None:

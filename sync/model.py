@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 # A Batch profile's attributes as sent: native `$...` keys, custom keys, `date(x)` / `url(x)`
 # wrapped keys, and `None` for "delete this attribute".
@@ -35,7 +35,20 @@ class Reason(enum.StrEnum):
     INVALID_URL = "invalid_url"
     INVALID_ARRAY = "invalid_array"
     ARRAY_TOO_LONG = "array_too_long"
+    # Batch answered a per-item error (docs/batch-api.md, "Per-item errors"): about the value
+    # (remembered); not about it (failed for this run, sent again by the next); not about it,
+    # but for the same payload PERSISTENT_AFTER_RUNS runs in a row (remembered).
     BATCH_REJECTED = "batch_rejected"
+    BATCH_ITEM_ERROR = "batch_item_error"
+    BATCH_PERSISTENT_ERROR = "batch_persistent_error"
+
+    @property
+    def from_batch(self) -> bool:
+        """Batch's answer, not a check of ours."""
+        return self in _BATCH_REASONS
+
+
+_BATCH_REASONS: Final = frozenset({Reason.BATCH_REJECTED, Reason.BATCH_ITEM_ERROR, Reason.BATCH_PERSISTENT_ERROR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +120,92 @@ class JournalEntry(NamedTuple):
     fingerprint: Fingerprint | None
 
 
+# The ``field`` of an entry whose error named no attribute (the whole profile).
+NO_ATTRIBUTE: Final = "(profile)"
+
+# Runs in a row that must end with a per-item error not about the value, for the same
+# payload, before that payload is remembered like a refusal ("persistent") and no longer
+# sent while it stays the same (docs/batch-api.md, "Per-item errors"). One or two could be a bad
+# hour at Batch; three scheduled runs in a row failing the same payload, each after its own
+# in-run retries, is an error that resending does not fix, and stops costing a request a run.
+PERSISTENT_AFTER_RUNS: Final = 3
+
+
+class RefusalKind(enum.StrEnum):
+    """Why Batch did not apply a payload (``sync.batch.item_errors``)."""
+
+    # The error was about the data: Batch will refuse this payload again. Remembered at once.
+    VALUE = "value"
+    # Another per-item error (category server, unknown, none): only remembered once it came
+    # back PERSISTENT_AFTER_RUNS runs in a row for the same payload.
+    ITEM_ERROR = "item_error"
+
+
+_KINDS: Final = frozenset(kind.value for kind in RefusalKind)
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A payload Batch refused for one profile (listed in ``SUCCESS_WITH_PARTIAL_ERRORS``).
+    """A payload Batch did not apply for one profile (listed in ``SUCCESS_WITH_PARTIAL_ERRORS``).
 
-    Kept so that the same payload is not sent again run after run: Batch would refuse it
-    again. ``payload`` is the refused payload's fingerprint; ``field`` and ``reason`` are
-    Batch's own words (the attribute it named, or ``(profile)``).
+    A value refusal (``kind`` VALUE) is kept so that the same payload is not sent again
+    run after run: Batch would refuse it again. Any other per-item error (``kind``
+    ITEM_ERROR) is kept with ``runs``, the runs in a row it ended for this very payload: it
+    is still sent, until that reaches :data:`PERSISTENT_AFTER_RUNS` (:attr:`persistent`).
+    ``payload`` is the payload's fingerprint; ``field`` and ``reason`` are Batch's own words
+    (the attribute it named, or ``(profile)``).
     """
 
     custom_id: str
     payload: int
     field: str
     reason: str
+    kind: RefusalKind = RefusalKind.VALUE
+    runs: int = 1
+
+    @classmethod
+    def read(cls, custom_id: str, payload: int, field: str, reason: str, kind: object, runs: object) -> Refusal:
+        """An entry as a state store holds it, whichever version of cepsync wrote it.
+
+        Entries written before kinds existed (``kind`` None) were every per-item error Batch
+        answered, each kept as a value refusal: the loss of issue 18. One that names an
+        attribute is a value refusal by today's rule too. One that does not (``(profile)``)
+        may have been a ``server`` error: it is read as an item error seen once, so the next
+        run sends it again and Batch's answer says which it is (a value refusal costs that
+        one resend; a lost update is repaired). A kind this version does not know is read
+        as an item error too: misreading it costs a resend, never an update.
+        """
+        if kind is None:
+            known = RefusalKind.VALUE if field != NO_ATTRIBUTE else RefusalKind.ITEM_ERROR
+        else:
+            known = RefusalKind(kind) if kind in _KINDS else RefusalKind.ITEM_ERROR
+        counted = runs if isinstance(runs, int) and not isinstance(runs, bool) and runs >= 1 else 1
+        return cls(custom_id, payload, field, reason, known, counted)
+
+    @property
+    def persistent(self) -> bool:
+        """A per-item error not about the value, for this payload, :data:`PERSISTENT_AFTER_RUNS` runs in a row."""
+        return self.kind is RefusalKind.ITEM_ERROR and self.runs >= PERSISTENT_AFTER_RUNS
+
+    @property
+    def remembered(self) -> bool:
+        """Whether this payload is not sent again while it stays the same (``--full`` sends it)."""
+        return self.kind is RefusalKind.VALUE or self.persistent
+
+    def following(self, prior: Refusal | None) -> Refusal:
+        """This run's entry for the id, counted after ``prior`` (the entry it had before the run).
+
+        An item error's count goes on only after an item error for the very same payload: a
+        changed payload, or one that was a value refusal, starts again at one run.
+        """
+        if (
+            self.kind is RefusalKind.ITEM_ERROR
+            and prior is not None
+            and prior.kind is RefusalKind.ITEM_ERROR
+            and prior.payload == self.payload
+        ):
+            return replace(self, runs=prior.runs + 1)
+        return self
 
 
 @dataclass(slots=True)

@@ -13,7 +13,11 @@ state knows of each (its stored fingerprint, whether its id is duplicated). Afte
 * ``rejected``  — invalid value, bad or duplicated custom_id: never sent, state untouched,
                   and the person still counts as *in the segment* (never removed for it);
 * ``refused_unchanged`` — the very payload Batch refused in an earlier run (a partial
-                  error listed it): not sent again until it changes (``--full`` does);
+                  error about its value listed it): not sent again until it changes
+                  (``--full`` does);
+* ``persistent_unchanged`` — the very payload Batch answered with a per-item error not
+                  about its value in :data:`sync.model.PERSISTENT_AFTER_RUNS` runs in a
+                  row: not sent again until it changes (``--full`` does);
 * ``removed``   — mirror mode only: an id this activation synced that left the segment
                   (found by the differ's anti-join, never by mapping).
 
@@ -52,6 +56,7 @@ COUNT_KEYS = (
     "duplicates",
     "refreshed",
     "refused_unchanged",
+    "persistent_unchanged",
 )
 
 
@@ -262,10 +267,11 @@ def plan_rows(
             dropped key were null, which is what Batch holds for it after the send unless it
             held a value (it keeps that): a previously-null attribute whose new value is
             invalid is no change to send. The body sent still leaves the dropped keys out.
-        refused: Payloads Batch refused before, by custom_id (``StateStore.load_refusals``).
-            A row whose payload is the one Batch refused is not sent again (Batch would
-            refuse it again): it is listed with Batch's reason and counted
-            ``refused_unchanged``. A changed payload is sent as usual.
+        refused: What Batch did not apply before, by custom_id (``StateStore.load_refusals``).
+            A row whose payload is one :attr:`sync.model.Refusal.remembered` is not sent
+            again (Batch would refuse it again): it is listed with Batch's reason and counted
+            ``refused_unchanged`` (a value refusal) or ``persistent_unchanged`` (a
+            persistent per-item error). A changed payload is sent as usual.
     """
     encoded = mapped if isinstance(mapped, EncodedBatch) else encode_rows(mapped, payload_keys)
     plan = BatchPlan()
@@ -327,15 +333,19 @@ def plan_rows(
             continue
         assert custom_id is not None  # a valid row always has an id
         prior = refused.get(custom_id) if refused else None
-        if prior is not None and prior.payload == payload[index].as_py() and not unchanged[index].as_py():
+        if (
+            prior is not None
+            and prior.remembered
+            and prior.payload == payload[index].as_py()
+            and not unchanged[index].as_py()
+        ):
             refused_again.append(index)
-            counts["refused_unchanged"] += 1
-            by_reason[Reason.BATCH_REJECTED.value] += 1
             for issue in issues:
                 dropped[issue.reason.value] += 1
                 plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=False))
-            detail = f"Batch refused this payload before ({prior.reason}); not sent again until it changes"
-            issue = RowIssue(prior.field, Reason.BATCH_REJECTED, detail)
+            issue = _remembered_issue(prior)
+            counts["persistent_unchanged" if prior.persistent else "refused_unchanged"] += 1
+            by_reason[issue.reason.value] += 1
             plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
             continue
         sent = bool(sent_mask[index].as_py())
@@ -364,6 +374,18 @@ def plan_rows(
         plan.refreshes = ProfileRows(_as_profile_rows(profiles.filter(refresh)))
         counts["refreshed"] += len(plan.refreshes)
     return plan
+
+
+def _remembered_issue(prior: Refusal) -> RowIssue:
+    """Why a row whose payload Batch did not apply before is not sent again."""
+    if prior.persistent:
+        detail = (
+            f"Batch answered this payload with an error not about its value {prior.runs} runs in a row "
+            f"({prior.reason}); not sent again until it changes (--full sends it)"
+        )
+        return RowIssue(prior.field, Reason.BATCH_PERSISTENT_ERROR, detail)
+    detail = f"Batch refused this payload before ({prior.reason}); not sent again until it changes"
+    return RowIssue(prior.field, Reason.BATCH_REJECTED, detail)
 
 
 def _count(mask: pa.BooleanArray) -> int:

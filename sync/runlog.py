@@ -63,6 +63,15 @@ PROFILE_COUNTS = (
     "acknowledged",
     "failed",
 )
+# What Batch's per-item errors came to (docs/batch-api.md, "Per-item errors"): in the run record and
+# `cepsync history --format csv`, not (yet) in the run-end line, whose fields are an API.
+ITEM_ERROR_COUNTS = (
+    "refused_unchanged",
+    "failed_by_item_error",
+    "item_errors_retried",
+    "persistent",
+    "persistent_unchanged",
+)
 # The engine's timings.stages keys (sync.record.StageTimings), in pipeline order.
 KNOWN_STAGES = ("read", "hash_and_diff", "map", "send", "batch_wait", "rate_limit_wait", "commit")
 _MAX_ERROR = 500
@@ -90,6 +99,11 @@ def severity(status: str) -> str:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def count_of(counts: Mapping[str, Any], key: str) -> int:
+    """One count of a record: 0 when absent or not an integer (a record of another version)."""
+    return _int(counts.get(key))
 
 
 def _seconds(value: Any) -> float | None:

@@ -28,8 +28,8 @@ import structlog
 
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
-from sync.encode import request_array
-from sync.model import JournalEntry, Lease, Refusal
+from sync.encode import request_body
+from sync.model import NO_ATTRIBUTE, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
 from sync.state.base import StateStore
@@ -163,8 +163,13 @@ class SendTally:
     failures: list[str] = field(default_factory=list)
     cleared: int = 0
     acknowledged_new: int = 0
-    # Payloads Batch refused (partial errors), remembered so they are not sent again unchanged.
+    # Payloads Batch refused (a partial error about the value), remembered so they are not
+    # sent again unchanged, and those it failed with another per-item error after every
+    # retry (kind ITEM_ERROR, one run: the engine counts the runs in a row).
     refusals: list[Refusal] = field(default_factory=list)
+    item_failures: list[Refusal] = field(default_factory=list)
+    # Profiles resent within the run after a per-item error not about the value.
+    item_retries: int = 0
 
 
 class Sender:
@@ -180,6 +185,7 @@ class Sender:
         mirror: Mirror mode: every group with new ids must arrive with its intents noted.
         removal_attributes: The ``null`` payload a removal sends (every owned key).
         on_outcome: Called with every outcome (the engine counts and samples refusals).
+            Per-item failures are in :attr:`SendTally.item_failures` for the end of the run.
     """
 
     def __init__(
@@ -250,9 +256,11 @@ class Sender:
                     # Guarantee 7: own what we may create, durably, before the request leaves.
                     raise RuntimeError("a mirror group with new ids reached the sender before its intents were noted")
                 ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
+                body = request_body(ids.combine_chunks(), bodies.combine_chunks())
                 profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
-                    ids.to_pylist(), request_array(ids.combine_chunks(), bodies.combine_chunks())
+                    ids.to_pylist(), body.payload, body.ends
                 )
+                del body
                 # The request holds the bodies now; what is left is what the journal needs.
                 del bodies
                 upserts = group.upserts = upserts.without_bodies()
@@ -265,6 +273,7 @@ class Sender:
             tally.wait_seconds += outcome.wait_seconds
             tally.retries += max(0, outcome.attempts - 1)
             tally.rate_limited += outcome.rate_limited
+            tally.item_retries += outcome.item_retries
             tally.acknowledged += len(outcome.acknowledged)
             tally.rejected += len(outcome.rejected)
             tally.failed += len(outcome.failed)
@@ -278,11 +287,22 @@ class Sender:
                     new_ids = [custom_id for custom_id in new_ids if custom_id in acknowledged]
                 self._journal.add(upserts.journal(None if everything else outcome.acknowledged), intents_done=new_ids)
                 tally.acknowledged_new += len(new_ids)
-                if outcome.rejected:
+                if outcome.rejected or outcome.item_failures:
                     payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
                     tally.refusals.extend(
-                        Refusal(r.custom_id, payloads[r.custom_id], r.attribute or "(profile)", r.reason)
+                        Refusal(r.custom_id, payloads[r.custom_id], r.attribute or NO_ATTRIBUTE, r.reason)
                         for r in outcome.rejected
+                        if r.custom_id in payloads
+                    )
+                    tally.item_failures.extend(
+                        Refusal(
+                            r.custom_id,
+                            payloads[r.custom_id],
+                            r.attribute or NO_ATTRIBUTE,
+                            r.describe(),
+                            RefusalKind.ITEM_ERROR,
+                        )
+                        for r in outcome.item_failures
                         if r.custom_id in payloads
                     )
                 self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)

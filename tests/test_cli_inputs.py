@@ -605,7 +605,7 @@ def test_the_summary_separates_attempted_acknowledged_refused_and_failed() -> No
     assert _row(printed, "attempted (sent to Batch)").endswith("4,000")
     assert _row(printed, "acknowledged by Batch").endswith("3,000")
     assert _row(printed, "refused by Batch").endswith("10")
-    assert _row(printed, "failed, no answer (resent next run)").endswith("990")
+    assert _row(printed, "failed (resent next run)").endswith("990")
     # No bare "sent" count that could be read as "delivered".
     assert not any(line.split("│")[1].strip() == "sent" for line in printed.splitlines() if "│" in line)
 

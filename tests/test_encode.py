@@ -17,8 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sync.batch.client import ProfileUpdate
-from sync.encode import encode_batch, encode_rows, json_strings, json_value, payload_fingerprints, request_array
+from sync.batch.client import EncodedProfiles, ProfileUpdate
+from sync.encode import (
+    encode_batch,
+    encode_rows,
+    json_strings,
+    json_value,
+    payload_fingerprints,
+    request_array,
+    request_body,
+)
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
 from tests.test_mapping_columns import batches, make_mapper
 
@@ -93,6 +101,29 @@ def test_the_request_array_is_what_the_client_built_item_by_item(ids: list[str])
     actual = request_array(pa.array(ids, pa.string()), pa.array([b.decode() for b in bodies], pa.string()))
     assert actual == expected
     assert [item["identifiers"]["custom_id"] for item in json.loads(actual)] == ids
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ids=st.lists(st.text(min_size=1) | st.sampled_from(HOSTILE_IDS), min_size=1, max_size=8, unique=True),
+    data=st.data(),
+)
+def test_any_subset_of_a_request_is_cut_out_without_re_encoding(ids: list[str], data: st.DataObject) -> None:
+    bodies = [canonical_payload({"firstname": f"Ann ✓ {index}", "n": index}) for index in range(len(ids))]
+    body = request_body(pa.array(ids, pa.string()), pa.array([b.decode() for b in bodies], pa.string()))
+    whole = EncodedProfiles(ids, body.payload, body.ends)
+    assert list(whole.ends) == list(
+        EncodedProfiles.of([ProfileUpdate(c, encoded=b) for c, b in zip(ids, bodies, strict=True)]).ends
+    )
+    indices = data.draw(st.lists(st.sampled_from(range(len(ids))), unique=True))
+    part = whole.subset(indices)
+    expected = [ProfileUpdate(ids[i], encoded=bodies[i]).request_bytes() for i in indices]
+    assert part.payload == b"[" + b",".join(expected) + b"]"
+    assert part.ids == [ids[i] for i in indices]
+    # A subset of a subset is cut the same way (the client resends what fails again).
+    if indices:
+        again = part.subset([len(indices) - 1])
+        assert json.loads(again.payload) == [json.loads(expected[-1])]
 
 
 def test_json_strings_escape_only_when_a_value_needs_it() -> None:

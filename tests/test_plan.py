@@ -28,7 +28,7 @@ from sync.engine import Run, RunOptions
 from sync.errors import ConfigError
 from sync.fingerprint import payload_fingerprint
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.model import Fingerprint, MappedRow, Reason, RowIssue
+from sync.model import PERSISTENT_AFTER_RUNS, Fingerprint, MappedRow, Reason, Refusal, RefusalKind, RowIssue
 from sync.plan import Outcome, check_guard_names, evaluate_guards, plan_rows
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
@@ -118,6 +118,38 @@ def test_invalid_rows_are_rejected_and_dropped_attributes_counted() -> None:
     assert [s.custom_id for s in plan.sends] == ["y"]
     assert plan.tally.rejected_by_reason == {"invalid_email": 1, "missing_custom_id": 1}
     assert plan.tally.dropped_by_reason == {"invalid_phone": 1}
+
+
+def test_only_remembered_payloads_are_held_back_each_with_its_own_count_and_reason() -> None:
+    payload = payload_fingerprint({"p": 1})
+    rows = ["value", "pending", "persistent", "persistent-changed"]
+    refused = {
+        "value": Refusal("value", payload, "p", "too big"),
+        "pending": Refusal("pending", payload, "(profile)", "server: busy", RefusalKind.ITEM_ERROR, 2),
+        "persistent": Refusal(
+            "persistent", payload, "(profile)", "server: busy", RefusalKind.ITEM_ERROR, PERSISTENT_AFTER_RUNS
+        ),
+        "persistent-changed": Refusal(
+            "persistent-changed", payload + 1, "(profile)", "x", RefusalKind.ITEM_ERROR, PERSISTENT_AFTER_RUNS
+        ),
+    }
+    plan = plan_rows(
+        differ_batch([{} for _ in rows]),
+        [mapped(custom_id, p=1) for custom_id in rows],
+        full=False,
+        duplicates={},
+        id_column="id",
+        refused=refused,
+    )
+    # An item error not yet persistent, and a persistent one whose payload changed, are sent.
+    assert [s.custom_id for s in plan.sends] == ["pending", "persistent-changed"]
+    counts = plan.tally.summary()
+    assert (counts["refused_unchanged"], counts["persistent_unchanged"], counts["new"]) == (1, 1, 2)
+    assert plan.tally.rejected_by_reason == {"batch_rejected": 1, "batch_persistent_error": 1}
+    issues = {r.custom_id: r.issues[0] for r in plan.rejected}
+    assert issues["value"].reason is Reason.BATCH_REJECTED
+    assert issues["persistent"].reason is Reason.BATCH_PERSISTENT_ERROR
+    assert f"{PERSISTENT_AFTER_RUNS} runs in a row (server: busy)" in issues["persistent"].detail
 
 
 # -- guards -------------------------------------------------------------------------------

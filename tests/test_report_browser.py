@@ -147,7 +147,7 @@ def test_the_reason_tables_match_the_latest_run_record(page: webdriver.Chrome, h
         for row in page.find_elements(By.CSS_SELECTOR, "#latest-counts tr")[1:]
     }
     assert counts["rows read"] == f"{latest['counts']['rows']:,}"
-    assert counts["rejected by Batch"] == "1"
+    assert counts["value refused by Batch (remembered)"] == "1"
 
 
 def test_failures_guards_and_statuses_are_listed(page: webdriver.Chrome, history: History) -> None:

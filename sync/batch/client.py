@@ -5,8 +5,11 @@ Contract (docs/batch-api.md):
 * ``POST {base}/{version}/profiles/update`` (<=200 profiles, 300 profiles/s, burst 1,000) or
   ``.../profiles/mass-update`` (<=10,000 profiles, 10,000 profiles/s) with a JSON array of
   ``{"identifiers": {"custom_id": ...}, "attributes": {...}}`` (decision 1).
-* ``202 SUCCESS`` acknowledges every profile; ``202 SUCCESS_WITH_PARTIAL_ERRORS`` rejects
-  the rows at ``errors[].bulk_index`` and acknowledges the rest (decision 5).
+* ``202 SUCCESS`` acknowledges every profile; ``202 SUCCESS_WITH_PARTIAL_ERRORS``
+  acknowledges every row not listed in ``errors``. A listed row whose error is about its
+  value (:mod:`sync.batch.item_errors`) is *rejected*; any other listed row is resent alone,
+  like a failed request for those profiles (same backoff and attempt bound), and *failed*
+  if it still fails (docs/batch-api.md, "Per-item errors").
 * 429, 500, 502, 503, 504, timeouts and dropped connections are transient: exponential
   backoff with full jitter, ``Retry-After`` honoured, bounded attempts, then the rows are
   *failed for this run* (decision 3). 401/403 stop the run; other 4xx mean we broke the
@@ -27,8 +30,10 @@ import json
 import math
 import random as _random
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -37,6 +42,7 @@ import structlog
 
 from sync import __version__
 from sync.batch.endpoint import Endpoint
+from sync.batch.item_errors import is_value_refusal
 from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
@@ -123,17 +129,42 @@ class ProfileUpdate(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class EncodedProfiles:
-    """Profiles already encoded as a request's JSON array (``sync.encode.request_array``).
+    """Profiles already encoded as a request's JSON array (``sync.encode.request_body``).
 
     ``ids`` lists their Custom IDs in the array's order: Batch's partial errors name
-    profiles by id, and every id must be acknowledged, rejected or failed.
+    profiles by index, and every id must be acknowledged, rejected or failed. ``ends``
+    gives, for each item, the offset in ``payload`` just past its closing brace (the
+    next item starts after the comma there): it lets the client resend a few items of the
+    array without decoding or re-encoding any of them.
     """
 
     ids: list[str]
     payload: bytes
+    ends: Sequence[int]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def of(cls, profiles: Sequence[ProfileUpdate]) -> EncodedProfiles:
+        """The request array of profiles given one by one."""
+        items = [profile.request_bytes() for profile in profiles]
+        return cls(
+            [profile.custom_id for profile in profiles],
+            b"[" + b",".join(items) + b"]",
+            array("q", accumulate(len(item) + 1 for item in items)),
+        )
+
+    def subset(self, indices: Sequence[int]) -> EncodedProfiles:
+        """A request array of the items at ``indices`` (in that order), cut out of this one."""
+        view = memoryview(self.payload)
+        ends = self.ends
+        items = [view[(ends[i - 1] + 1 if i else 1) : ends[i]] for i in indices]
+        return EncodedProfiles(
+            [self.ids[i] for i in indices],
+            b"[" + b",".join(items) + b"]",
+            array("q", accumulate(len(item) + 1 for item in items)),
+        )
 
 
 @dataclass
@@ -145,23 +176,42 @@ class Rejection:
     attribute: str | None
     category: str | None
 
+    def describe(self) -> str:
+        """Batch's words for people: ``category: reason`` (``no category: reason`` without one)."""
+        return f"{self.category or 'no category'}: {self.reason}"
+
 
 @dataclass
 class SendOutcome:
     """What became of the profiles of one logical request.
 
-    Every profile of the request is in exactly one of ``acknowledged``, ``rejected`` and
-    ``failed``.
+    Every profile of the request is in exactly one of ``acknowledged``, ``rejected`` (Batch
+    refused its value: :func:`sync.batch.item_errors.is_value_refusal`) and ``failed`` (not
+    acknowledged for this run: send it again later). ``item_failures`` details the failed
+    profiles whose last error in this request was a per-item error not about the value
+    (the others failed on the whole request: a 5xx, a timeout, the deadline).
+    ``item_retries`` counts the profiles resent within this request after such an error.
     """
 
     acknowledged: list[str] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    item_failures: list[Rejection] = field(default_factory=list)
     failure: str | None = None
     attempts: int = 0
     rate_limited: int = 0
+    item_retries: int = 0
     wire_seconds: float = 0.0
     wait_seconds: float = 0.0
+
+
+class _Answer(NamedTuple):
+    """A 202 read against the profiles it answers."""
+
+    acknowledged: list[str]
+    refused: list[Rejection]  # value refusals: final
+    failing: list[int]  # indices of the rows listed with another per-item error: resent
+    item_errors: list[Rejection]  # their errors, in the same order
 
 
 @dataclass
@@ -305,8 +355,10 @@ class BatchClient:
                 wait would, the rows are returned as ``failed``.
 
         Returns:
-            Which profiles were acknowledged, rejected (by Batch, per row) or failed (not
-            acknowledged for this run: send them again later).
+            Which profiles were acknowledged, rejected (Batch refused their value) or failed
+            (not acknowledged for this run: send them again later). A row answered with a
+            per-item error that is not about its value is resent alone, within the same
+            ``max_attempts`` (a 429 does not consume one), before it counts as failed.
 
         Raises:
             ValueError: More profiles than the endpoint accepts in one request.
@@ -323,24 +375,27 @@ class BatchClient:
         outcome = SendOutcome()
         if not profiles:
             return outcome
-        if isinstance(profiles, EncodedProfiles):
-            ids, payload = profiles.ids, profiles.payload
-        else:
-            ids = [profile.custom_id for profile in profiles]
-            payload = b"[" + b",".join(profile.request_bytes() for profile in profiles) + b"]"
+        # What is still to send: the whole request, then only the rows Batch answered with a
+        # per-item error that is not about their value.
+        pending = profiles if isinstance(profiles, EncodedProfiles) else EncodedProfiles.of(profiles)
         url = self.url(endpoint)
         limiter = self._limiters.get(self._credentials.project_key.get_secret_value(), endpoint)
         max_attempts = self._destination.max_attempts
         max_rate_limited = RATE_LIMITED_ATTEMPTS_FACTOR * max_attempts
         ordinary_failures = 0
+        # Each pending row's latest per-item error, and how many rows the next attempt resends
+        # because of one (counted once, when that attempt leaves).
+        item_errors: dict[str, Rejection] = {}
+        resending = 0
 
         def give_up(reason: str) -> SendOutcome:
-            outcome.failed = list(ids)
+            outcome.failed = list(pending.ids)
+            outcome.item_failures = [item_errors[c] for c in pending.ids if c in item_errors]
             outcome.failure = reason
             self._log.warning(
                 "batch_request_failed",
                 endpoint=endpoint.value,
-                profiles=len(ids),
+                profiles=len(pending),
                 attempts=outcome.attempts,
                 rate_limited=outcome.rate_limited,
                 failure=reason,
@@ -350,7 +405,7 @@ class BatchClient:
         while True:
             if self._destination.rate_limit:
                 try:
-                    outcome.wait_seconds += await limiter.acquire(len(ids), max_wait=self._remaining(deadline))
+                    outcome.wait_seconds += await limiter.acquire(len(pending), max_wait=self._remaining(deadline))
                 except RateLimitWaitTooLong as error:
                     return give_up(f"deadline reached: {error}")
             remaining = self._remaining(deadline)
@@ -362,10 +417,12 @@ class BatchClient:
                 timeout = min(timeout, remaining)
 
             outcome.attempts += 1
+            outcome.item_retries += resending
+            resending = 0
             started = self._clock()
             retry_after: float | None = None
             try:
-                response = await self._post(url, payload, timeout)
+                response = await self._post(url, pending.payload, timeout)
             except _TRANSPORT_ERRORS as error:
                 problem = self._describe(error)
                 status: int | None = None
@@ -383,19 +440,26 @@ class BatchClient:
                 status = response.status
                 retry_after = response.retry_after
                 if status == 202:
-                    accepted = self._read_accepted(response.body, ids, endpoint)
-                    if accepted is not None:
-                        acknowledged, rejected = accepted
-                        outcome.acknowledged = acknowledged
-                        outcome.rejected = rejected
-                        return outcome
-                    problem = f"HTTP 202 with an unrecognised body: {self._quote(response.body)}"
+                    answer = self._read_accepted(response.body, pending.ids, endpoint)
+                    if answer is None:
+                        problem = f"HTTP 202 with an unrecognised body: {self._quote(response.body)}"
+                    else:
+                        outcome.acknowledged.extend(answer.acknowledged)
+                        outcome.rejected.extend(answer.refused)
+                        if not answer.failing:
+                            return outcome
+                        # The rest of the request is settled; these rows failed alone and
+                        # are retried alone, as a failed request would be.
+                        item_errors.update((error.custom_id, error) for error in answer.item_errors)
+                        pending = pending.subset(answer.failing)
+                        resending = len(pending)
+                        problem = _item_errors_problem(answer.item_errors)
                 elif status in (401, 403):
                     raise self._auth_error(response, endpoint)
                 elif status in TRANSIENT_STATUSES:
                     problem = f"HTTP {status}{self._error_details(response.body)}"
                 else:
-                    raise self._contract_error(response, endpoint, len(ids))
+                    raise self._contract_error(response, endpoint, len(pending))
             finally:
                 outcome.wire_seconds += max(0.0, self._clock() - started)
 
@@ -419,7 +483,7 @@ class BatchClient:
                 problem=problem,
                 attempt=outcome.attempts,
                 wait_seconds=round(wait, 3),
-                profiles=len(ids),
+                profiles=len(pending),
             )
             await self._sleep(wait)
             outcome.wait_seconds += wait
@@ -461,10 +525,8 @@ class BatchClient:
         last = f" (last: {problem})" if problem else ""
         return f"deadline reached after {outcome.attempts} attempt(s), no time left for {what}{last}"
 
-    def _read_accepted(
-        self, body: bytes, ids: list[str], endpoint: Endpoint
-    ) -> tuple[list[str], list[Rejection]] | None:
-        """Map a 202 body to (acknowledged, rejected), or None when the body is not understood."""
+    def _read_accepted(self, body: bytes, ids: list[str], endpoint: Endpoint) -> _Answer | None:
+        """Map a 202 body to what became of each row, or None when the body is not understood."""
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -473,7 +535,7 @@ class BatchClient:
             return None
         code = document.get("code")
         if code == SUCCESS:
-            return list(ids), []
+            return _Answer(list(ids), [], [], [])
         if code != SUCCESS_WITH_PARTIAL_ERRORS:
             return None
         errors = document.get("errors")
@@ -486,7 +548,7 @@ class BatchClient:
                 endpoint=endpoint.value,
                 errors=self._quote(json.dumps(errors)),
             )
-            return list(ids), []
+            return _Answer(list(ids), [], [], [])
         by_index: dict[int, list[dict[str, Any]]] = {}
         for entry in errors:
             index = entry.get("bulk_index") if isinstance(entry, dict) else None
@@ -501,9 +563,17 @@ class BatchClient:
                 )
                 continue
             by_index.setdefault(index, []).append(entry)
-        rejected = [_rejection(ids[index], entries, self._scrub) for index, entries in sorted(by_index.items())]
-        acknowledged = [custom_id for index, custom_id in enumerate(ids) if index not in by_index]
-        return acknowledged, rejected
+        answer = _Answer([custom_id for index, custom_id in enumerate(ids) if index not in by_index], [], [], [])
+        for index, entries in sorted(by_index.items()):
+            rejection = _rejection(ids[index], entries, self._scrub)
+            # One error about the value is enough: Batch would refuse this payload again,
+            # whatever else it said about the row.
+            if any(is_value_refusal(entry) for entry in entries):
+                answer.refused.append(rejection)
+            else:
+                answer.failing.append(index)
+                answer.item_errors.append(rejection)
+        return answer
 
     def _auth_error(self, response: _Response, endpoint: Endpoint) -> BatchAuthError:
         dest = self._destination
@@ -569,6 +639,13 @@ def _parse_retry_after(value: str | None) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         return None
     return seconds
+
+
+def _item_errors_problem(errors: Sequence[Rejection]) -> str:
+    """What a retry log line and a failure say about per-item errors that are not about the value."""
+    plural = "" if len(errors) == 1 else "s"
+    first = errors[0].describe()
+    return f"{len(errors)} profile{plural} answered with a per-item error not about the value (first: {first})"
 
 
 def _rejection(custom_id: str, entries: list[dict[str, Any]], scrub: Callable[[str], str]) -> Rejection:

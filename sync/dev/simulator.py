@@ -46,10 +46,12 @@ Inspection and control (no auth):
 * ``GET /_sim/stats`` -> ``{"requests": {"update": n, "mass-update": n}, "status_codes": {"202": n, ...},
   "profiles_received": n, "profiles_applied": n, "profiles_rejected": n,
   "max_updates_per_custom_id": n, "too_many_requests": n, "connections_dropped": n,
-  "profiles_stored": n}``. ``profiles_received`` counts the items of every well-formed,
-  authenticated request (retries included); ``profiles_applied`` counts items applied (an item
-  re-sent after a dropped connection counts again: that is what ``max_updates_per_custom_id``
-  makes visible); ``profiles_rejected`` counts items answered as partial errors.
+  "profiles_stored": n, "item_errors": {"value": n, "server": n, "unknown": n, "none": n}}``.
+  ``profiles_received`` counts the items of every well-formed, authenticated request (retries
+  included); ``profiles_applied`` counts items applied (an item re-sent after a dropped
+  connection counts again: that is what ``max_updates_per_custom_id`` makes visible);
+  ``profiles_rejected`` counts items answered as partial errors (injected ones included);
+  ``item_errors`` counts the injected ones by kind.
 * ``GET /_sim/faults`` -> the current fault settings; ``POST /_sim/faults`` with a JSON object
   holding any subset of::
 
@@ -60,14 +62,33 @@ Inspection and control (no auth):
        "failure_status": 503,       # 500, 502, 503 or 504
        "drop_before_apply": 0,      # close the next N connections without applying or answering
        "drop_after_apply": 0,       # apply the next N requests, then close without answering
-       "reject_custom_ids": []}     # custom_ids always answered as partial errors
+       "reject_custom_ids": [],     # custom_ids always answered as partial errors
+       "item_errors": {"value": 0.0, "server": 0.0, "unknown": 0.0, "none": 0.0}}
 
   Given keys replace the current value; the answer is the new settings. Invalid input is a 400.
+
+  ``item_errors`` injects per-item partial errors into otherwise valid items, one kind each
+  (a probability 0..1 per kind; a partial object sets the kinds it names and the others to 0):
+
+  * ``value``: Batch refusing the item's *data*. Decided by a hash of (custom_id, the item's
+    ``attributes`` as sent), not by the RNG, so the same payload is refused every time and a
+    changed payload is drawn again. Answered ``{"category": "attribute", "bulk_index": i,
+    "attribute": <the first of the item's attribute keys, sorted; "custom_id" if it has none>,
+    "reason": "simulated: value refused"}``.
+  * ``server``: ``{"category": "server", "bulk_index": i, "reason": "simulated: internal error"}``.
+  * ``unknown``: ``{"category": "simulated_unknown", "bulk_index": i, "reason": "simulated: unknown category"}``.
+  * ``none``: ``{"bulk_index": i, "reason": "simulated: no category"}`` (no ``category`` key).
+
+  ``server``, ``unknown`` and ``none`` are drawn per item and per request from the seeded RNG,
+  in that order (an item takes the first kind that hits, so it gets at most one injected
+  error); an installation-identified item is never drawn for ``value``. ``reject_custom_ids``
+  is a value refusal too (category ``identifiers``); an item it rejects, or that breaks a
+  rule, is never given an injected error on top.
 * ``POST /_sim/reset`` clears profiles, stats, faults and rate-limit buckets, and re-seeds the RNG.
 
 Order of processing for a Profile API request: latency, route version, auth, body parsing,
 injected failure (``fail_next``, then ``failure_rate``), rate limit, item validation,
-``drop_before_apply``, apply, ``drop_after_apply``, answer. 502 and 504 are answered with an
+injected item errors, ``drop_before_apply``, apply, ``drop_after_apply``, answer. 502 and 504 are answered with an
 HTML body, as a proxy in front of Batch would, so clients prove they never fail on an
 unexpected body (docs/batch-api.md).
 """
@@ -78,6 +99,7 @@ import asyncio
 import contextlib
 import copy
 import functools
+import hashlib
 import hmac
 import json
 import math
@@ -96,7 +118,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from aiohttp import web
 
-__all__ = ["BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
+__all__ = ["ITEM_ERROR_KINDS", "BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
 
 _log = structlog.get_logger(__name__)
 
@@ -148,6 +170,16 @@ _ERROR_BODIES: Final = {
 _CATEGORY_IDENTIFIERS: Final = "identifiers"
 _CATEGORY_ATTRIBUTE: Final = "attribute"
 _CATEGORY_EVENT: Final = "event"
+
+# Kinds of injected per-item error (SimulatorFaults.item_errors), in the order they are drawn.
+# "value" is about the profile's data (a refusal worth remembering); the others are not.
+ITEM_ERROR_KINDS: Final = ("value", "server", "unknown", "none")
+_RANDOM_ITEM_ERROR_KINDS: Final = ITEM_ERROR_KINDS[1:]
+_INJECTED_ERRORS: Final[dict[str, dict[str, str]]] = {
+    "server": {"category": "server", "reason": "simulated: internal error"},
+    "unknown": {"category": "simulated_unknown", "reason": "simulated: unknown category"},
+    "none": {"reason": "simulated: no category"},
+}
 
 # Operation kinds produced by validation and consumed by apply.
 _SET: Final = 0
@@ -461,6 +493,34 @@ def _validate_item(
     return _Accepted(custom_id, ops, events)
 
 
+def _value_refused(custom_id: str, attributes: Any, rate: float) -> bool:
+    """Whether the ``value`` kind refuses this payload: a hash of it against the rate, no RNG.
+
+    The same (custom_id, attributes) always gets the same answer, as a real value refusal
+    would; key order does not matter, any changed value draws again.
+    """
+    text = json.dumps([custom_id, attributes], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2.0**64
+
+
+def _injected_error(kind: str, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    """The partial error of one injected kind for the item at ``index``."""
+    if kind == "value":
+        attributes = item.get("attributes")
+        # A valid item's attributes are an object (or absent): name one of its keys, as Batch's
+        # own example does, or the identifier when it has none.
+        attribute = min(attributes) if type(attributes) is dict and attributes else "custom_id"
+        return _error(_CATEGORY_ATTRIBUTE, index, "simulated: value refused", attribute)
+    template = _INJECTED_ERRORS[kind]
+    entry: dict[str, Any] = {}
+    if "category" in template:
+        entry["category"] = template["category"]
+    entry["bulk_index"] = index
+    entry["reason"] = template["reason"]
+    return entry
+
+
 # --- storage --------------------------------------------------------------------------------
 
 
@@ -574,6 +634,8 @@ class SimulatorFaults:
         drop_before_apply: Close the next N connections without applying or answering.
         drop_after_apply: Apply the next N requests, then close without answering.
         reject_custom_ids: custom_ids always answered as partial errors ("simulated rejection").
+        item_errors: Probability (0..1) of injecting a per-item partial error of each kind
+            (:data:`ITEM_ERROR_KINDS`) into a valid item; see the module docstring.
     """
 
     latency_ms: float = 0.0
@@ -584,6 +646,7 @@ class SimulatorFaults:
     drop_before_apply: int = 0
     drop_after_apply: int = 0
     reject_custom_ids: set[str] = field(default_factory=set)
+    item_errors: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ITEM_ERROR_KINDS, 0.0))
 
     def clear(self) -> None:
         """Reset every setting in place (references held by tests stay valid)."""
@@ -593,6 +656,7 @@ class SimulatorFaults:
         """The settings as JSON values (``reject_custom_ids`` sorted)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["reject_custom_ids"] = sorted(self.reject_custom_ids)
+        data["item_errors"] = {kind: float(self.item_errors.get(kind, 0.0)) for kind in ITEM_ERROR_KINDS}
         return data
 
     def update(self, settings: Mapping[str, Any]) -> None:
@@ -611,7 +675,22 @@ class SimulatorFaults:
             setattr(self, name, value)
 
 
+def _checked_item_errors(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError(f"item_errors must be an object with any of the keys {list(ITEM_ERROR_KINDS)}")
+    rates = dict.fromkeys(ITEM_ERROR_KINDS, 0.0)
+    for kind, rate in value.items():
+        if kind not in rates:
+            raise ValueError(f"unknown item_errors kind '{kind}' (known: {', '.join(ITEM_ERROR_KINDS)})")
+        if type(rate) not in (int, float) or not math.isfinite(rate) or not 0 <= rate <= 1:
+            raise ValueError(f"item_errors.{kind} must be a probability between 0 and 1")
+        rates[kind] = float(rate)
+    return rates
+
+
 def _checked_fault(name: str, value: Any) -> Any:
+    if name == "item_errors":
+        return _checked_item_errors(value)
     if name == "reject_custom_ids":
         if not isinstance(value, list | set | tuple) or not all(isinstance(v, str) for v in value):
             raise ValueError("reject_custom_ids must be a list of strings")
@@ -642,6 +721,7 @@ class _Stats:
     max_updates_per_custom_id: int = 0
     too_many_requests: int = 0
     connections_dropped: int = 0
+    item_errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ITEM_ERROR_KINDS, 0))
 
 
 # --- the simulator -------------------------------------------------------------------------
@@ -654,7 +734,8 @@ class BatchSimulator:
         credentials: project key -> REST API key accepted for it.
         rate_limit: Enforce Batch's per-endpoint token buckets (429 when exceeded).
         clock: Monotonic clock, in seconds, driving the rate-limit buckets.
-        seed: Seed of the RNG behind ``SimulatorFaults.failure_rate``.
+        seed: Seed of the RNG behind ``SimulatorFaults.failure_rate`` and the random kinds of
+            ``SimulatorFaults.item_errors``.
     """
 
     def __init__(
@@ -709,6 +790,7 @@ class BatchSimulator:
                 "too_many_requests": stats.too_many_requests,
                 "connections_dropped": stats.connections_dropped,
                 "profiles_stored": sum(len(store) for store in self._projects.values()),
+                "item_errors": dict(stats.item_errors),
             }
 
     def reset(self) -> None:
@@ -830,16 +912,25 @@ class BatchSimulator:
         errors: list[dict[str, Any]] = []
         accepted: list[_Accepted] = []
         rejected_ids = frozenset(faults.reject_custom_ids)
+        rates = {kind: float(faults.item_errors.get(kind, 0.0)) for kind in ITEM_ERROR_KINDS}
+        inject = any(rates.values())
+        injected = dict.fromkeys(ITEM_ERROR_KINDS, 0)
         for index, item in enumerate(items):
             outcome = _validate_item(index, item, rejected_ids, errors)
-            if outcome is not None:
-                accepted.append(outcome)
+            if outcome is None:
+                continue
+            kind = self._injected_kind(outcome.custom_id, item, rates) if inject else None
+            if kind is not None:
+                errors.append(_injected_error(kind, index, item))
+                injected[kind] += 1
+                continue
+            accepted.append(outcome)
 
         if faults.drop_before_apply > 0:
             faults.drop_before_apply -= 1
             return self._drop(request)
         rejected_count = len(items) - len(accepted)
-        self._apply(project_key, accepted, rejected_count)
+        self._apply(project_key, accepted, rejected_count, injected)
         if faults.drop_after_apply > 0:
             faults.drop_after_apply -= 1
             return self._drop(request)
@@ -857,10 +948,29 @@ class BatchSimulator:
                 bucket = self._buckets[(project_key, endpoint)] = _TokenBucket(rate, capacity, self._clock)
             return bucket.try_take(count)
 
-    def _apply(self, project_key: str, accepted: list[_Accepted], rejected_count: int) -> None:
+    def _injected_kind(self, custom_id: str | None, item: dict[str, Any], rates: Mapping[str, float]) -> str | None:
+        """The kind of error to inject into one valid item, or None (see ``SimulatorFaults.item_errors``)."""
+        if (
+            custom_id is not None
+            and rates["value"] > 0
+            and _value_refused(custom_id, item.get("attributes"), rates["value"])
+        ):
+            return "value"
+        for kind in _RANDOM_ITEM_ERROR_KINDS:
+            # Draw only for the kinds switched on: the RNG sequence behind failure_rate stays
+            # what it was for a run without item errors.
+            if rates[kind] > 0 and self._rng.random() < rates[kind]:
+                return kind
+        return None
+
+    def _apply(
+        self, project_key: str, accepted: list[_Accepted], rejected_count: int, injected: Mapping[str, int]
+    ) -> None:
         with self._lock:
             store = self._projects.setdefault(project_key, {})
             stats = self._stats
+            for kind, count in injected.items():
+                stats.item_errors[kind] += count
             most = stats.max_updates_per_custom_id
             for custom_id, ops, events in accepted:
                 if custom_id is None:

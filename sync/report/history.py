@@ -15,7 +15,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from sync.runlog import PROFILE_COUNTS, duration_seconds, outcome, rejected_total
+from sync.model import Reason
+from sync.runlog import ITEM_ERROR_COUNTS, PROFILE_COUNTS, count_of, duration_seconds, outcome, rejected_total
 
 SHORT_STATUS = {
     "succeeded": "ok",
@@ -49,6 +50,7 @@ CSV_COLUMNS = (
     "trigger",
     "duration_seconds",
     *PROFILE_COUNTS,
+    *ITEM_ERROR_COUNTS,
     "error",
     "state_backend",
     *(f"state_{key}" for key in STATE_OPS_COLUMNS),
@@ -153,6 +155,36 @@ def history_table(name: str, records: Sequence[Mapping[str, Any]]) -> Table:
             Text(short_duration(duration_seconds(record))),
         )
     return table
+
+
+def persistent_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per listed run that met persistent Batch errors, with Batch's reason (plain text).
+
+    A persistent error is a per-item error not about the value that came back for the same
+    payload several runs in a row: that payload is no longer sent while it stays the same,
+    so the table alone (a count among the rejections) would hide why.
+    """
+    notes = []
+    for record in records:
+        counts = record.get("counts") or {}
+        new, kept = count_of(counts, "persistent"), count_of(counts, "persistent_unchanged")
+        if not new and not kept:
+            continue
+        parts = [f"{n} {what}" for n, what in ((new, "became persistent"), (kept, "still persistent, not resent")) if n]
+        note = f"{record.get('run_id', '')}: persistent Batch errors: {', '.join(parts)}"
+        example = _persistent_sample(record)
+        if example:
+            note += f"; e.g. {example}"
+        notes.append(note)
+    return notes
+
+
+def _persistent_sample(record: Mapping[str, Any]) -> str:
+    for sample in record.get("rejected_samples") or []:
+        for issue in sample.get("issues") or []:
+            if issue.get("reason") == Reason.BATCH_PERSISTENT_ERROR.value:
+                return f"{sample.get('custom_id')}: {issue.get('detail')}"
+    return ""
 
 
 def _csv_cell(value: Any) -> Any:

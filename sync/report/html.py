@@ -42,9 +42,14 @@ COUNT_LABELS = (
     ("rejected before sending", "rejected"),
     ("of which duplicate ids", "duplicates"),
     ("sent", "sent"),
+    ("refused by Batch before, unchanged", "refused_unchanged"),
+    ("persistent Batch error before, unchanged", "persistent_unchanged"),
     ("acknowledged by Batch", "acknowledged"),
-    ("rejected by Batch", "rejected_by_batch"),
+    ("value refused by Batch (remembered)", "rejected_by_batch"),
     ("failed (resent next run)", "failed"),
+    ("of which a per-item error, not about the value", "failed_by_item_error"),
+    ("of which persistent (remembered)", "persistent"),
+    ("per-item errors retried within the run", "item_errors_retried"),
 )
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"

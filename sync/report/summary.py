@@ -179,14 +179,15 @@ class ReasonGroup:
 def reason_groups(record: Mapping[str, Any], *, batch: bool) -> list[ReasonGroup]:
     """Rejected rows of one run by reason code, most frequent first, with a few samples each.
 
-    ``batch`` selects Batch's own refusals (reason ``batch_rejected``) or ours.
+    ``batch`` selects Batch's own answers (refusals of the value, per-item errors not about
+    it, persistent ones: :attr:`sync.model.Reason.from_batch`) or our own checks.
     """
     by_reason = record.get("rejected_by_reason") or {}
     rows = _count(record.get("counts") or {}, "rows")
     chosen = {
         str(reason): int(count)
         for reason, count in by_reason.items()
-        if (str(reason) == Reason.BATCH_REJECTED.value) == batch and isinstance(count, int)
+        if _from_batch(str(reason)) == batch and isinstance(count, int)
     }
     samples: dict[str, list[dict[str, Any]]] = {reason: [] for reason in chosen}
     for sample in record.get("rejected_samples") or []:
@@ -203,6 +204,13 @@ def reason_groups(record: Mapping[str, Any], *, batch: bool) -> list[ReasonGroup
                 )
     ordered = sorted(chosen.items(), key=lambda item: (-item[1], item[0]))
     return [ReasonGroup(reason, count, count / rows if rows else 0.0, samples[reason]) for reason, count in ordered]
+
+
+def _from_batch(reason: str) -> bool:
+    try:
+        return Reason(reason).from_batch
+    except ValueError:  # a reason code of another version of cepsync: one of our own checks
+        return False
 
 
 def status_counts(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, int]]:

@@ -264,15 +264,22 @@ class StateStore(Protocol):
         Called after each journal flush with the ids it committed.
         """
 
-    # -- payloads Batch refused -----------------------------------------------------------
+    # -- payloads Batch did not apply -------------------------------------------------------
     def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
-        """Remember payloads Batch refused, one per id (a newer one replaces it; fenced)."""
+        """Remember payloads Batch did not apply, one entry per id (a newer one replaces it; fenced).
+
+        Every field of :class:`sync.model.Refusal` is kept, ``kind`` and ``runs`` included:
+        an item error not yet persistent is an entry too (its count of runs in a row).
+        """
 
     def load_refusals(self, activation: str) -> dict[str, Refusal]:
-        """Every remembered refusal of the activation, by custom_id."""
+        """Every entry of the activation, by custom_id, of either kind.
+
+        Entries written before kinds existed are read by :meth:`sync.model.Refusal.read`.
+        """
 
     def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        """Forget the refusals of these ids (Batch acknowledged a payload since; fenced)."""
+        """Forget the entries of these ids (Batch acknowledged a payload since; fenced)."""
 
     # -- per-activation meta -------------------------------------------------------------
     def load_meta(self, activation: str) -> ActivationMeta:

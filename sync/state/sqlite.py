@@ -6,7 +6,7 @@ lease row, read and written inside ``BEGIN IMMEDIATE`` transactions, makes the s
 one exit cleanly, and the fencing token checked in every run-owned write makes a run
 whose lease was taken over unable to commit anything.
 
-Layout (schema version 3)::
+Layout (schema version 4)::
 
     schema_version(version)
     leases(activation PK, owner, token, expires_at_us)      -- expires_at_us NULL = released
@@ -16,7 +16,7 @@ Layout (schema version 3)::
     meta(activation PK, body JSON)
     runs(run_id PK, activation, started_at, trigger_id, record JSON)
     deliveries(activation, trigger_id, attempts, first_at_us, last_at_us)  -- PK (activation, trigger_id)
-    refusals(activation, custom_id, payload, field, reason)  -- PK (activation, custom_id)
+    refusals(activation, custom_id, payload, field, reason, kind, runs)  -- PK (activation, custom_id)
 
 Fingerprints are packed, as in the Firestore store: a run loads a million of them as a
 handful of Arrow IPC blobs (``custom_id, raw, payload``), read straight into the Arrow
@@ -34,7 +34,10 @@ merged into sorted ones of ``_INTENT_CHUNK_ROWS`` ids. An id may sit in several 
 an intent while any holds it, and a clear removes it from all.
 
 Older files are converted when opened, in the transaction that reads their version: schema
-version 1 kept one row per fingerprint, versions 1 and 2 one ``intents`` row per id.
+version 1 kept one row per fingerprint, versions 1 and 2 one ``intents`` row per id, and
+version 3's refusals had no ``kind`` nor ``runs`` (:meth:`sync.model.Refusal.read` reads
+them). Version 4 came with the refusal kinds because a version-3 cepsync would read an item
+error's row as a value refusal, and never send that profile again.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from sync.state.base import (
 )
 from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
@@ -158,7 +161,9 @@ _SCHEMA: Final = (
         PRIMARY KEY (activation, trigger_id)
     ) WITHOUT ROWID
     """,
-    # Added the same way: payloads Batch refused (StateStore.record_refusals).
+    # Added the same way: payloads Batch refused (StateStore.record_refusals). kind and runs
+    # came with schema version 4 (added to older files on open); NULL in a row written
+    # before, which Refusal.read interprets.
     """
     CREATE TABLE IF NOT EXISTS refusals (
         activation TEXT    NOT NULL,
@@ -166,10 +171,14 @@ _SCHEMA: Final = (
         payload    INTEGER NOT NULL,
         field      TEXT    NOT NULL,
         reason     TEXT    NOT NULL,
+        kind       TEXT,
+        runs       INTEGER,
         PRIMARY KEY (activation, custom_id)
     ) WITHOUT ROWID
     """,
 )
+# Columns of the refusals table added after it first shipped, with their types.
+_REFUSAL_COLUMNS_V4: Final = (("kind", "TEXT"), ("runs", "INTEGER"))
 
 
 class StateSchemaError(FatalError):
@@ -294,6 +303,7 @@ class SQLiteStateStore:
                 if found == 1:
                     self._migrate_from_v1(conn)
                 self._migrate_intents(conn)
+                self._migrate_refusals(conn)
                 conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     def _migrate_from_v1(self, conn: sqlite3.Connection) -> None:
@@ -332,6 +342,18 @@ class SQLiteStateStore:
             ids = [i for (i,) in conn.execute("SELECT custom_id FROM intents WHERE activation = ?", (activation,))]
             self._insert_intent_chunks(conn, activation, pa.array(ids, pa.string()))
         conn.execute("DROP TABLE intents")
+
+    def _migrate_refusals(self, conn: sqlite3.Connection) -> None:
+        """Versions up to 3 kept refusals without ``kind`` and ``runs``: add both, NULL in old rows.
+
+        :meth:`sync.model.Refusal.read` says what such a row is. A file that had no refusals
+        table yet got today's on open.
+        """
+        present = {row[1] for row in conn.execute("PRAGMA table_info(refusals)")}
+        for name, definition in _REFUSAL_COLUMNS_V4:
+            if name not in present:
+                # Names and definitions come from the fixed tuple above, never from input.
+                conn.execute(f"ALTER TABLE refusals ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -828,7 +850,7 @@ class SQLiteStateStore:
     # -- payloads Batch refused -----------------------------------------------------------------
 
     def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
-        """Remember payloads Batch refused, one per id, a newer one replacing it (fenced).
+        """Remember payloads Batch did not apply, one per id, a newer one replacing it (fenced).
 
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is written.
@@ -841,6 +863,8 @@ class SQLiteStateStore:
                 _signed(core.check_u64(r.payload, activation, r.custom_id, "payload")),
                 r.field,
                 r.reason,
+                r.kind.value,
+                r.runs,
             )
             for r in refusals
         ]
@@ -848,21 +872,22 @@ class SQLiteStateStore:
             self._check_lease(conn, lease)
             if rows:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO refusals (activation, custom_id, payload, field, reason) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO refusals (activation, custom_id, payload, field, reason, kind, runs) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             self._count(2 if rows else 1, len(rows))
 
     def load_refusals(self, activation: str) -> dict[str, Refusal]:
-        """Every remembered refusal of the activation, by custom_id."""
+        """Every refusal and item error kept for the activation, by custom_id."""
         with self._lock:
             cursor = self._conn.execute(
-                "SELECT custom_id, payload, field, reason FROM refusals WHERE activation = ?", (activation,)
+                "SELECT custom_id, payload, field, reason, kind, runs FROM refusals WHERE activation = ?",
+                (activation,),
             )
             refusals = {
-                custom_id: Refusal(custom_id, payload % U64_LIMIT, field, reason)
-                for custom_id, payload, field, reason in cursor
+                custom_id: Refusal.read(custom_id, payload % U64_LIMIT, field, reason, kind, runs)
+                for custom_id, payload, field, reason, kind, runs in cursor
             }
             self._stats["statements"] += 1
         return refusals

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pyarrow as pa
 import pytest
 import structlog
 from aiohttp import web
@@ -22,12 +23,14 @@ from aiohttp import web
 from sync import __version__
 from sync.batch.client import (
     BatchClient,
+    EncodedProfiles,
     ProfileUpdate,
     Rejection,
     SendOutcome,
     choose_endpoint,
 )
 from sync.batch.endpoint import Endpoint
+from sync.batch.item_errors import is_value_refusal
 from sync.batch.ratelimit import (
     PROCESS_LIMITERS,
     RATE_HEADROOM,
@@ -37,7 +40,9 @@ from sync.batch.ratelimit import (
 )
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.dev.simulator import BatchSimulator
+from sync.encode import request_body
 from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
+from sync.fingerprint import canonical_payload
 from sync.redact import MASK
 
 RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s
@@ -298,6 +303,160 @@ async def test_partial_errors_without_a_readable_list_acknowledge_the_request(ba
     assert outcome.acknowledged == ["user-0", "user-1", "user-2"]
     assert outcome.rejected == []
     assert [e["event"] for e in logs] == ["batch_partial_errors_unreadable"]
+
+
+def partial(*errors: dict[str, Any]) -> Reply:
+    return Reply(body={"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": list(errors)})
+
+
+def assert_partition(outcome: SendOutcome, sent: list[ProfileUpdate]) -> None:
+    """SendOutcome's invariant: every profile in exactly one of acknowledged, rejected, failed."""
+    placed = [*outcome.acknowledged, *(r.custom_id for r in outcome.rejected), *outcome.failed]
+    assert sorted(placed) == sorted(p.custom_id for p in sent)
+    assert {r.custom_id for r in outcome.item_failures} <= set(outcome.failed)
+
+
+@pytest.mark.parametrize(
+    ("entry", "value"),
+    [
+        pytest.param({"category": "attribute", "attribute": "firstname"}, True, id="batch-example"),
+        pytest.param({"category": "attribute"}, True, id="attribute-category"),
+        pytest.param({"category": "attributes"}, True, id="attributes-plural"),
+        pytest.param({"category": "identifiers"}, True, id="identifiers"),
+        pytest.param({"category": "identifier"}, True, id="identifier-singular"),
+        pytest.param({"category": "event"}, True, id="event"),
+        pytest.param({"category": "Events "}, True, id="case-and-spaces"),
+        pytest.param({"category": "server", "attribute": "age"}, True, id="names-an-attribute"),
+        pytest.param({"category": "server"}, False, id="server"),
+        pytest.param({"category": "simulated_unknown"}, False, id="unknown-category"),
+        pytest.param({}, False, id="no-category"),
+        pytest.param({"category": None}, False, id="null-category"),
+        pytest.param({"category": ["attribute"]}, False, id="category-not-a-string"),
+        pytest.param({"category": "server", "attribute": ""}, False, id="empty-attribute"),
+        pytest.param({"category": "server", "attribute": 3}, False, id="attribute-not-a-string"),
+    ],
+)
+def test_only_errors_about_the_data_are_value_refusals(entry: dict[str, Any], value: bool) -> None:
+    assert is_value_refusal({"bulk_index": 0, "reason": "r", **entry}) is value
+
+
+async def test_a_per_item_error_not_about_the_value_resends_only_that_item(batch: ScriptedBatch) -> None:
+    sent = profiles(4)
+    batch.script(
+        partial(
+            {"category": "server", "bulk_index": 1, "reason": "internal"},
+            {"category": "attribute", "bulk_index": 2, "attribute": "points", "reason": "too big"},
+            {"bulk_index": 3, "reason": "no category"},
+        )
+    )
+    time = FakeTime()
+    with structlog.testing.capture_logs() as logs:
+        outcome = await send(make_client(batch.base_url, time=time), sent)
+
+    assert outcome.acknowledged == ["user-0", "user-1", "user-3"]
+    assert outcome.rejected == [Rejection("user-2", "too big", "points", "attribute")]
+    assert (outcome.failed, outcome.item_failures, outcome.failure) == ([], [], None)
+    assert (outcome.attempts, outcome.item_retries, outcome.rate_limited) == (2, 2, 0)
+    assert_partition(outcome, sent)
+    # The retry carries exactly the two items, byte for byte as first sent, after a full-jitter backoff.
+    first, retry = (request.json() for request in batch.received)
+    assert retry == [first[1], first[3]]
+    assert time.sleeps == [0.5]
+    [line] = [e for e in logs if e["event"] == "batch_request_retry"]
+    assert (line["status"], line["profiles"]) == (202, 2)
+    assert "first: server: internal" in line["problem"]
+
+
+async def test_item_errors_that_keep_coming_fail_only_those_rows_with_batchs_reason(batch: ScriptedBatch) -> None:
+    sent = profiles(3)
+    batch.script(partial({"category": "server", "bulk_index": 0, "reason": "boom"}, {"bulk_index": 2, "reason": "?"}))
+    # On the resend, user-0 is index 0 and user-2 index 1: both fail again, then again.
+    batch.default = partial({"category": "server", "bulk_index": 0, "reason": "boom"}, {"bulk_index": 1, "reason": "?"})
+    time = FakeTime()
+    outcome = await send(make_client(batch.base_url, time=time, max_attempts=3), sent)
+
+    assert outcome.acknowledged == ["user-1"]
+    assert outcome.rejected == []
+    assert outcome.failed == ["user-0", "user-2"]
+    assert outcome.item_failures == [Rejection("user-0", "boom", None, "server"), Rejection("user-2", "?", None, None)]
+    assert outcome.failure == (
+        "3 attempts failed (last: 2 profiles answered with a per-item error not about the value (first: server: boom))"
+    )
+    assert (outcome.attempts, outcome.item_retries) == (3, 4)
+    assert [len(r.json()) for r in batch.received] == [3, 2, 2]
+    assert len(time.sleeps) == 2
+    assert_partition(outcome, sent)
+
+
+async def test_a_429_on_a_resend_does_not_consume_an_attempt(batch: ScriptedBatch) -> None:
+    batch.script(
+        partial({"category": "server", "bulk_index": 1, "reason": "busy"}),
+        Reply(429),
+        Reply(429),
+        Reply(),
+    )
+    outcome = await send(make_client(batch.base_url, max_attempts=2), profiles(2))
+    assert outcome.acknowledged == ["user-0", "user-1"]
+    assert (outcome.attempts, outcome.rate_limited, outcome.item_retries) == (4, 2, 1)
+    assert [len(r.json()) for r in batch.received] == [2, 1, 1, 1]
+
+
+async def test_a_request_failure_after_an_item_error_fails_the_rest_with_the_item_error_kept(
+    batch: ScriptedBatch,
+) -> None:
+    sent = profiles(3)
+    batch.script(partial({"category": "simulated_unknown", "bulk_index": 2, "reason": "odd"}), Reply(503))
+    outcome = await send(make_client(batch.base_url, max_attempts=2), sent)
+    assert outcome.acknowledged == ["user-0", "user-1"]
+    assert outcome.failed == ["user-2"]
+    assert outcome.item_failures == [Rejection("user-2", "odd", None, "simulated_unknown")]
+    assert outcome.failure is not None
+    assert "HTTP 503" in outcome.failure
+    assert_partition(outcome, sent)
+
+
+async def test_the_deadline_stops_item_retries_and_keeps_what_was_acknowledged(batch: ScriptedBatch) -> None:
+    sent = profiles(2)
+    batch.default = partial({"category": "server", "bulk_index": 0, "reason": "later"})
+    time = FakeTime()
+    outcome = await send(
+        make_client(batch.base_url, time=time, random=lambda: 1.0, max_attempts=10), sent, deadline=time.now + 2.5
+    )
+    # Waits of 1 s and... the next 2 s would pass the deadline (1 s + 2 s > 2.5 s).
+    assert time.sleeps == [1.0]
+    assert outcome.acknowledged == ["user-1"]
+    assert outcome.failed == ["user-0"]
+    assert outcome.failure is not None
+    assert outcome.failure.startswith("deadline reached after 2 attempt(s)")
+    assert_partition(outcome, sent)
+
+
+async def test_a_resend_pays_the_rate_limiter_for_its_own_rows_only(batch: ScriptedBatch) -> None:
+    time = FakeTime()
+    registry = RateLimiterRegistry(clock=time.clock, sleep=time.sleep)
+    client = make_client(batch.base_url, time=time, limiters=registry, rate_limit=True)
+    batch.script(partial({"category": "server", "bulk_index": 7, "reason": "x"}))
+    async with client:
+        outcome = await client.send(Endpoint.UPDATE, profiles(200))
+    assert len(outcome.acknowledged) == 200
+    # The bucket started full (1,000): 200 for the request, 1 for the resend; 0.5 s of
+    # backoff refilled 0.5 * RATE tokens meanwhile.
+    assert registry.get(PROJECT_KEY, Endpoint.UPDATE).available() == pytest.approx(min(1_000, 1_000 - 201 + 0.5 * RATE))
+
+
+async def test_an_encoded_request_is_cut_at_its_item_boundaries(batch: ScriptedBatch) -> None:
+    ids = ["a", 'quo"te', "é→✓"]
+    bodies = [canonical_payload({"firstname": name}) for name in ("Ann", "Bob", "Élodie")]
+    body = request_body(pa.array(ids, pa.string()), pa.array([b.decode() for b in bodies], pa.string()))
+    batch.script(partial({"category": "server", "bulk_index": 2, "reason": "x"}, {"bulk_index": 1, "reason": "y"}))
+    client = make_client(batch.base_url)
+    async with client:
+        outcome = await client.send(Endpoint.UPDATE, EncodedProfiles(ids, body.payload, body.ends))
+    assert outcome.acknowledged == ["a", 'quo"te', "é→✓"]
+    assert batch.received[1].json() == [
+        {"identifiers": {"custom_id": 'quo"te'}, "attributes": {"firstname": "Bob"}},
+        {"identifiers": {"custom_id": "é→✓"}, "attributes": {"firstname": "Élodie"}},
+    ]
 
 
 @pytest.mark.parametrize(
@@ -593,10 +752,19 @@ async def test_no_error_path_leaks_a_secret(batch: ScriptedBatch, unused_tcp_por
             texts.append(repr(outcome))
 
         batch.default = Reply(
-            202, {"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": [{"bulk_index": 0, "reason": API_KEY}]}
+            202,
+            {"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": [{"bulk_index": 0, "attribute": "a", "reason": API_KEY}]},
         )
         outcome = await send(make_client(batch.base_url, time=time), profiles(1))
         assert len(outcome.rejected) == 1
+        texts.append(repr(outcome))
+
+        # A per-item error that is not about the value is retried, then failed with Batch's reason.
+        batch.default = Reply(
+            202, {"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": [{"bulk_index": 0, "reason": API_KEY}]}
+        )
+        outcome = await send(make_client(batch.base_url, time=time), profiles(1))
+        assert len(outcome.item_failures) == 1
         texts.append(repr(outcome))
 
         outcome = await send(make_client(f"http://127.0.0.1:{unused_tcp_port}", time=time, max_attempts=1), profiles(1))
@@ -864,6 +1032,22 @@ async def test_simulator_partial_errors_map_back_to_the_right_rows(simulator: tu
     assert [r.custom_id for r in outcome.rejected] == ["too-long", "bad-name"]
     assert outcome.rejected[0].attribute == "firstname"
     assert set(sim.profiles(PROJECT_KEY)) == {"ok-1", "ok-2"}
+
+
+async def test_simulator_item_errors_of_each_kind_end_where_they_belong(simulator: tuple[BatchSimulator, str]) -> None:
+    sim, base_url = simulator
+    sent = profiles(200)
+    # Value refusals follow the payload; server/unknown/none errors strike at random (from the
+    # simulator's seeded RNG: the same draws every time) and are retried until they clear.
+    sim.faults.update({"item_errors": {"value": 0.1, "server": 0.1, "unknown": 0.1, "none": 0.1}})
+    outcome = await send(make_client(base_url, max_attempts=8), sent)
+    assert_partition(outcome, sent)
+    stats = sim.stats()["item_errors"]
+    assert outcome.failed == []
+    assert len(outcome.rejected) == stats["value"] > 0
+    assert all(r.category == "attribute" and r.reason == "simulated: value refused" for r in outcome.rejected)
+    assert outcome.item_retries == stats["server"] + stats["unknown"] + stats["none"] > 0
+    assert set(sim.profiles(PROJECT_KEY)) == set(outcome.acknowledged)
 
 
 async def test_simulator_refuses_a_wrong_key_with_batch_auth_error(simulator: tuple[BatchSimulator, str]) -> None:

@@ -669,6 +669,135 @@ async def test_rejected_custom_ids_are_partial_errors(sim: BatchSimulator, sessi
     assert sim.profiles(PROJECT) == {"ok": {"x": 1}}
 
 
+async def test_reject_custom_ids_still_works_beside_item_errors(
+    sim: BatchSimulator, session: aiohttp.ClientSession
+) -> None:
+    sim.faults.update({"reject_custom_ids": ["bad"], "item_errors": {"server": 1.0}})
+    status, body = await post(session, sim, [profile("bad", x=2)])
+    assert status == 202
+    # One error per item: the rejection, never an injected one on top.
+    assert body["errors"] == [{"category": "identifiers", "bulk_index": 0, "reason": "simulated rejection"}]
+    assert sim.stats()["item_errors"]["server"] == 0
+
+
+# --- injected per-item errors -------------------------------------------------------------
+
+ITEM_ERROR_SHAPES = [
+    pytest.param("server", {"category": "server", "reason": "simulated: internal error"}, id="server"),
+    pytest.param("unknown", {"category": "simulated_unknown", "reason": "simulated: unknown category"}, id="unknown"),
+    pytest.param("none", {"reason": "simulated: no category"}, id="none"),
+]
+
+
+@pytest.mark.parametrize(("kind", "shape"), ITEM_ERROR_SHAPES)
+async def test_item_errors_of_a_random_kind_have_its_shape_and_drop_the_item(
+    sim: BatchSimulator, session: aiohttp.ClientSession, kind: str, shape: dict[str, str]
+) -> None:
+    sim.faults.update({"item_errors": {kind: 1.0}})
+    status, body = await post(session, sim, [profile("a", x=1), profile("b", y=2)])
+    assert status == 202
+    assert body["code"] == "SUCCESS_WITH_PARTIAL_ERRORS"
+    assert body["errors"] == [{**shape, "bulk_index": 0}, {**shape, "bulk_index": 1}]
+    assert [list(error) for error in body["errors"]] == [list(error) for error in body["errors"][:1]] * 2
+    assert ("category" in body["errors"][0]) == (kind != "none")
+    assert sim.profiles(PROJECT) == {}
+    stats = sim.stats()
+    assert stats["item_errors"] == {"value": 0, "server": 0, "unknown": 0, "none": 0} | {kind: 2}
+    assert stats["profiles_rejected"] == 2
+
+
+async def test_value_item_errors_name_an_attribute_and_follow_the_payload(
+    sim: BatchSimulator, session: aiohttp.ClientSession
+) -> None:
+    sim.faults.update({"item_errors": {"value": 1.0}})
+    status, body = await post(
+        session, sim, [profile("a", zeta=1, alpha="x"), {"identifiers": {"custom_id": "b"}}], endpoint="mass-update"
+    )
+    assert status == 202
+    assert body["errors"] == [
+        {"category": "attribute", "bulk_index": 0, "attribute": "alpha", "reason": "simulated: value refused"},
+        {"category": "attribute", "bulk_index": 1, "attribute": "custom_id", "reason": "simulated: value refused"},
+    ]
+    assert sim.profiles(PROJECT) == {}
+    assert sim.stats()["item_errors"]["value"] == 2
+
+
+async def test_value_item_errors_are_decided_by_the_payload_not_by_chance(
+    sim: BatchSimulator, session: aiohttp.ClientSession
+) -> None:
+    sim.faults.update({"item_errors": {"value": 0.3}})
+    items = many(200)
+    _, first = await post(session, sim, items)
+    refused = {error["bulk_index"] for error in first["errors"]}
+    assert 20 < len(refused) < 100  # about 30 %
+    # The same payloads again (keys in another order): the very same items are refused.
+    reordered = [{"attributes": item["attributes"], "identifiers": item["identifiers"]} for item in items]
+    _, again = await post(session, sim, reordered)
+    assert {error["bulk_index"] for error in again["errors"]} == refused
+    # A changed payload is drawn again: some refused ones now pass, some others are refused.
+    changed = [profile(f"u{i}", n=i, v=2) for i in range(200)]
+    _, third = await post(session, sim, changed)
+    refused_changed = {error["bulk_index"] for error in third["errors"]}
+    assert refused_changed != refused
+    assert set(sim.profiles(PROJECT)) == {f"u{i}" for i in range(200) if i not in refused or i not in refused_changed}
+
+
+async def test_random_item_errors_follow_the_seed(session: aiohttp.ClientSession) -> None:
+    async def errors(seed: int) -> list[tuple[int, str | None]]:
+        simulator = BatchSimulator(CREDENTIALS, rate_limit=False, seed=seed)
+        simulator.faults.update({"item_errors": {"server": 0.1, "unknown": 0.1, "none": 0.1}})
+        await simulator.start()
+        try:
+            found: list[tuple[int, str | None]] = []
+            for _ in range(3):
+                _, body = await post(session, simulator, many(200))
+                found.extend((e["bulk_index"], e.get("category")) for e in body.get("errors", []))
+            return found
+        finally:
+            await simulator.stop()
+
+    first, again, other = await errors(5), await errors(5), await errors(6)
+    assert first == again
+    assert first != other
+    assert {category for _, category in first} == {"server", "simulated_unknown", None}
+
+
+async def test_item_errors_setting_is_shown_completed_and_cleared_by_reset(
+    sim: BatchSimulator, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(f"{base(sim)}/_sim/faults", json={"item_errors": {"server": 0.25}}) as resp:
+        assert resp.status == 200
+        shown = await resp.json()
+    assert shown["item_errors"] == {"value": 0.0, "server": 0.25, "unknown": 0.0, "none": 0.0}
+    async with session.post(f"{base(sim)}/_sim/faults", json={"item_errors": {"none": 1}}) as resp:
+        # Partial objects replace the whole setting: the kinds not named are back to 0.
+        assert (await resp.json())["item_errors"] == {"value": 0.0, "server": 0.0, "unknown": 0.0, "none": 1.0}
+    await post(session, sim, [profile("a", x=1)])
+    assert sim.stats()["item_errors"]["none"] == 1
+    async with session.post(f"{base(sim)}/_sim/reset") as resp:
+        assert resp.status == 200
+    async with session.get(f"{base(sim)}/_sim/faults") as resp:
+        assert (await resp.json())["item_errors"] == {"value": 0.0, "server": 0.0, "unknown": 0.0, "none": 0.0}
+    assert sim.stats()["item_errors"] == {"value": 0, "server": 0, "unknown": 0, "none": 0}
+    assert await post(session, sim, [profile("a", x=1)]) == (202, {"code": "SUCCESS"})
+
+
+async def test_item_errors_leave_invalid_items_with_their_own_error_only(
+    sim: BatchSimulator, session: aiohttp.ClientSession
+) -> None:
+    sim.faults.update({"item_errors": {"server": 1.0}})
+    _, body = await post(session, sim, [profile("a", X=1)])
+    assert body["errors"] == [
+        {
+            "category": "attribute",
+            "bulk_index": 0,
+            "attribute": "X",
+            "reason": "attribute name must match [a-z0-9_]{1,30}",
+        }
+    ]
+    assert sim.stats()["item_errors"]["server"] == 0
+
+
 # --- /_sim endpoints ----------------------------------------------------------------------
 
 
@@ -697,6 +826,12 @@ async def test_sim_faults_endpoint_sets_and_reports_settings(
         pytest.param({"failure_rate": 1.5}, id="rate-over-1"),
         pytest.param({"latency_ms": "slow"}, id="latency-text"),
         pytest.param({"reject_custom_ids": "abc"}, id="ids-not-list"),
+        pytest.param({"item_errors": 0.5}, id="item-errors-not-object"),
+        pytest.param({"item_errors": {"server": 1.5}}, id="item-errors-over-1"),
+        pytest.param({"item_errors": {"server": -0.1}}, id="item-errors-negative"),
+        pytest.param({"item_errors": {"server": "often"}}, id="item-errors-text"),
+        pytest.param({"item_errors": {"server": True}}, id="item-errors-bool"),
+        pytest.param({"item_errors": {"timeout": 0.1}}, id="item-errors-unknown-kind"),
         pytest.param({"explode": True}, id="unknown-setting"),
         pytest.param([1], id="not-an-object"),
     ],
@@ -728,6 +863,7 @@ async def test_sim_stats_and_profiles_endpoints(sim: BatchSimulator, session: ai
         "too_many_requests": 0,
         "connections_dropped": 0,
         "profiles_stored": 1,
+        "item_errors": {"value": 0, "server": 0, "unknown": 0, "none": 0},
     }
     async with session.get(f"{base(sim)}/_sim/projects/{PROJECT}/profiles") as resp:
         profiles = await resp.json()

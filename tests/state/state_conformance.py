@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from sync.errors import LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.model import PERSISTENT_AFTER_RUNS, ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal, RefusalKind
 from sync.state.base import FINGERPRINT_SCHEMA, StateStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -532,16 +532,61 @@ class StateStoreContract:
         store.clear_refusals(lease, [refusal.custom_id for refusal in refusals[:700]])
         assert store.load_refusals("act") == {refusal.custom_id: refusal for refusal in refusals[700:]}
 
+    def test_refusal_kinds_and_run_counts_round_trip(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        value = Refusal("u1", U64_MAX, "firstname", "too long")
+        item_error = Refusal("u2", 5, "(profile)", "server: <b>internal</b> 'error'", RefusalKind.ITEM_ERROR, 2)
+        persistent = Refusal("é-3", 0, "(profile)", "no category: ?", RefusalKind.ITEM_ERROR, PERSISTENT_AFTER_RUNS + 4)
+        store.record_refusals(lease, [value, item_error, persistent])
+        loaded = store.load_refusals("act")
+        assert loaded == {"u1": value, "u2": item_error, "é-3": persistent}
+        assert (loaded["u1"].remembered, loaded["u2"].remembered, loaded["é-3"].remembered) == (True, False, True)
+        assert loaded["é-3"].persistent
+        # An entry of one kind is replaced by the other, whole.
+        store.record_refusals(lease, [Refusal("u1", 9, "(profile)", "server: x", RefusalKind.ITEM_ERROR, 1)])
+        store.record_refusals(lease, [Refusal("u2", 5, "age", "not an int")])
+        loaded = store.load_refusals("act")
+        assert loaded["u1"] == Refusal("u1", 9, "(profile)", "server: x", RefusalKind.ITEM_ERROR, 1)
+        assert loaded["u2"] == Refusal("u2", 5, "age", "not an int", RefusalKind.VALUE, 1)
+        store.clear_refusals(lease, ["u1", "é-3"])
+        assert set(store.load_refusals("act")) == {"u2"}
+
+    def test_item_errors_become_persistent_after_the_bound_of_runs_in_a_row(self, store: StateStore) -> None:
+        """How a run carries an id's entry forward (Refusal.following), through the store, run after run."""
+
+        def one_run(number: int, payload: int) -> Refusal:
+            lease = store.acquire_lease("act", f"run-{number}", TTL, at(number * 10))
+            prior = store.load_refusals("act").get("u1")
+            store.record_refusals(
+                lease, [Refusal("u1", payload, "(profile)", "server: busy", RefusalKind.ITEM_ERROR).following(prior)]
+            )
+            store.release_lease(lease)
+            return store.load_refusals("act")["u1"]
+
+        counts = [one_run(n, payload=7).runs for n in range(PERSISTENT_AFTER_RUNS - 1)]
+        assert counts == list(range(1, PERSISTENT_AFTER_RUNS))
+        assert not store.load_refusals("act")["u1"].remembered  # still sent by the next run
+        assert one_run(PERSISTENT_AFTER_RUNS, payload=7).persistent
+        # A changed payload starts again at one run, and is sent again.
+        changed = one_run(PERSISTENT_AFTER_RUNS + 1, payload=8)
+        assert (changed.runs, changed.remembered) == (1, False)
+        # An acknowledged send clears the entry.
+        lease = store.acquire_lease("act", "run-acknowledged", TTL, at(1_000))
+        store.clear_refusals(lease, ["u1"])
+        assert store.load_refusals("act") == {}
+
     def test_refusals_are_fenced_and_reset(self, store: StateStore) -> None:
         old = store.acquire_lease("act", "run-a", TTL, T0)
         kept = Refusal("u1", 1, "f", "r")
-        store.record_refusals(old, [kept])
+        store.record_refusals(old, [kept, Refusal("u3", 3, "(profile)", "server: x", RefusalKind.ITEM_ERROR, 2)])
+        store.clear_refusals(old, ["u3"])
         new = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
         with pytest.raises(LeaseLost):
             store.record_refusals(old, [Refusal("u2", 2, "f", "r")])
         with pytest.raises(LeaseLost):
             store.clear_refusals(old, ["u1"])
         assert store.load_refusals("act") == {"u1": kept}
+        store.record_refusals(new, [Refusal("u4", 4, "(profile)", "server: y", RefusalKind.ITEM_ERROR, 1)])
         store.release_lease(new)
         store.reset("act")
         assert store.load_refusals("act") == {}

@@ -11,6 +11,7 @@ Load the fixtures with ``-p fixtures_firestore`` until the root conftest lists t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -25,7 +26,7 @@ from google.cloud import firestore
 from state_conformance import TTL, StateStoreContract, at, entries, fp
 
 from sync.errors import LeaseHeld, LeaseLost, TransientError
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal, RefusalKind
 from sync.state.base import StateStore
 from sync.state.firestore import INDEX_EXEMPTIONS, FirestoreStateStore, index_exemptions
 from tests.support.firestore_emulator import FirestoreEmulator
@@ -364,6 +365,35 @@ def test_a_layout_written_by_the_previous_codec_loads_and_compacts(
 
 
 # -- growth ----------------------------------------------------------------------------------
+
+
+def test_refusal_documents_written_before_kinds_existed_still_load(
+    make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
+) -> None:
+    store = make_firestore_store()
+    lease = store.acquire_lease("act", "run-a", TTL, at(0))
+    activation = firestore_client.collection(f"{firestore_prefix}_activations").document("act")
+    # The document shape the previous release wrote (no kind, no runs; payload as decimal text).
+    for custom_id, payload, field_name, reason in (
+        ("u1", str(2**64 - 1), "firstname", "too long"),
+        ("é-2", "7", "(profile)", "server: internal error"),
+    ):
+        document = hashlib.sha256(custom_id.encode()).hexdigest()
+        activation.collection("refusals").document(document).set(
+            {"custom_id": custom_id, "payload": payload, "field": field_name, "reason": reason, "gen": 0}
+        )
+    # One naming an attribute is a value refusal; one naming none may have been a server
+    # error, so it is sent again (an item error seen once): Refusal.read.
+    assert store.load_refusals("act") == {
+        "u1": Refusal("u1", 2**64 - 1, "firstname", "too long", RefusalKind.VALUE, 1),
+        "é-2": Refusal("é-2", 7, "(profile)", "server: internal error", RefusalKind.ITEM_ERROR, 1),
+    }
+    # Rewritten by today's store, a document carries both new fields.
+    store.record_refusals(lease, [Refusal("é-2", 7, "(profile)", "server: again", RefusalKind.ITEM_ERROR, 2)])
+    stored = activation.collection("refusals").document(hashlib.sha256("é-2".encode()).hexdigest()).get().to_dict()
+    assert stored is not None
+    assert (stored["kind"], stored["runs"]) == ("item_error", 2)
+    assert store.load_refusals("act")["é-2"].runs == 2
 
 
 def test_shard_count_grows_in_powers_of_two_and_old_shards_are_deleted(

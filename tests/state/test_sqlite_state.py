@@ -19,7 +19,7 @@ from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries,
 
 import sync.state.sqlite as sqlite_state
 from sync.errors import LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal, RefusalKind
 from sync.state import sqlite as sqlite_module
 from sync.state.base import DELIVERY_RETENTION, StateStore
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
@@ -516,6 +516,31 @@ def test_a_version_2_file_from_the_previous_release_keeps_its_intents(db_path: P
         assert store.load_intents("act") == {"new-1", "é-2", "with space", "new-2"}
         assert store.load_intents("other") == {"x"}
     assert _schema_versions(db_path) == [(SCHEMA_VERSION,)]
+
+
+def test_a_version_3_file_keeps_its_refusals_as_value_refusals(db_path: Path) -> None:
+    # state_v3.db was written by cepsync at schema version 3 (README.md beside it).
+    db_path.parent.mkdir(parents=True)
+    shutil.copyfile(LEGACY / "state_v3.db", db_path)
+    with SQLiteStateStore(db_path) as store:
+        # Version 3 kept every per-item error as a refusal of the value. One naming an
+        # attribute is one today too; one naming none may have been a server error: it is
+        # sent again (an item error seen once) and Batch's answer says which it is.
+        assert store.load_refusals("act") == {
+            "u1": Refusal("u1", 2**64 - 1, "firstname", "too long", RefusalKind.VALUE, 1),
+            "é-2": Refusal("é-2", 7, "(profile)", "server: internal error", RefusalKind.ITEM_ERROR, 1),
+        }
+        assert [r.remembered for r in store.load_refusals("act").values()] == [True, False]
+        assert store.load_fingerprints("act") == {"u1": Fingerprint(1, 2)}
+        assert [r["run_id"] for r in store.list_runs("act")] == ["run-v3"]
+        lease = store.acquire_lease("act", "run-v4", TTL, T0)
+        assert lease.token == 2
+        item_error = Refusal("é-2", 8, "(profile)", "server: again", RefusalKind.ITEM_ERROR, 2)
+        store.record_refusals(lease, [item_error])
+        assert store.load_refusals("act")["é-2"] == item_error
+    assert _schema_versions(db_path) == [(SCHEMA_VERSION,)]
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_refusals("act")["é-2"] == item_error
 
 
 def test_a_version_2_file_with_many_intents_becomes_sorted_chunks(db_path: Path) -> None:

@@ -276,7 +276,12 @@ class FirestoreStateStore:
                 return
 
     def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
-        """Remember payloads Batch refused, one document per id, a newer one replacing it (fenced)."""
+        """Remember payloads Batch did not apply, one document per id, a newer one replacing it (fenced).
+
+        Besides the fields :mod:`.layout` lists, a document holds ``kind`` (``value`` or
+        ``item_error``) and ``runs`` (:class:`sync.model.Refusal`); documents written before
+        those existed are read by :meth:`sync.model.Refusal.read`.
+        """
         by_id = {refusal.custom_id: refusal for refusal in refusals}
         for refusal in by_id.values():
             core.check_u64(refusal.payload, lease.activation, refusal.custom_id, "payload")
@@ -291,6 +296,8 @@ class FirestoreStateStore:
                     "payload": str(refusal.payload),
                     "field": refusal.field,
                     "reason": refusal.reason,
+                    "kind": refusal.kind.value,
+                    "runs": refusal.runs,
                     "gen": gen,
                 },
             )
@@ -298,7 +305,7 @@ class FirestoreStateStore:
         self._fenced_refusal_writes(lease, by_id, write)
 
     def load_refusals(self, activation: str) -> dict[str, Refusal]:
-        """Every remembered refusal of the activation, by custom_id (one read per refusal)."""
+        """Every entry of the activation, by custom_id, of either kind (one read per entry)."""
         ref = self._collections.activation(activation)
         doc = self._docs.get(ref)
         if doc is None:
@@ -311,7 +318,15 @@ class FirestoreStateStore:
             if data.get("gen") != gen:
                 continue  # forgotten by a reset, not yet deleted
             custom_id = str(data["custom_id"])
-            refusals[custom_id] = Refusal(custom_id, int(data["payload"]), str(data["field"]), str(data["reason"]))
+            # kind and runs are absent from documents written before they existed (Refusal.read).
+            refusals[custom_id] = Refusal.read(
+                custom_id,
+                int(data["payload"]),
+                str(data["field"]),
+                str(data["reason"]),
+                data.get("kind"),
+                data.get("runs"),
+            )
         return refusals
 
     def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
