@@ -79,16 +79,23 @@ def test_a_blob_of_the_wrong_kind_is_refused() -> None:
         codec.decode(shard[:40], FP, journal=False, where="doc")
 
 
-def test_shard_records_and_the_latest_journal_outcome() -> None:
-    table = codec.shard_table(FP, {"b": (3, 4), "a": (1, 2)})
+def test_shard_tables_and_the_latest_journal_outcome_in_columns() -> None:
+    records = expected_table(FP, False, [("b", 3, 4), ("a", 1, 2)])
+    table = codec.shard_table(FP, records)
     assert table.column("custom_id").to_pylist() == ["a", "b"]  # sorted: deterministic blobs
-    assert codec.records(FP, table) == {"a": (1, 2), "b": (3, 4)}
+    assert table.schema == codec.schema(FP, journal=False)
     journal = [
         expected_table(FP, True, [("a", 5, 6, True), ("b", 0, 0, False)]),
         expected_table(FP, True, [("a", 7, 8, True), ("c", 9, 9, True), ("c", 0, 0, False)]),
     ]
-    assert codec.latest(FP, journal) == {"a": (7, 8), "b": None, "c": None}
-    assert codec.latest(INTENTS, [codec.intent_table(["x", "y"], put=True), codec.intent_table(["x"], put=False)]) == {
-        "x": None,
-        "y": (0, 0),
-    }
+
+    def outcome(table: pa.Table) -> dict[str, tuple[int, int] | None]:
+        rows = table.to_pylist()
+        return {r["custom_id"]: (r.get("raw", 0), r.get("payload", 0)) if r["put"] else None for r in rows}
+
+    assert outcome(codec.latest_table(FP, journal)) == {"a": (7, 8), "b": None, "c": None}
+    intents = codec.latest_table(
+        INTENTS, [codec.intent_table(["x", "y"], put=True), codec.intent_table(["x"], put=False)]
+    )
+    assert outcome(intents) == {"x": None, "y": (0, 0)}
+    assert codec.shard_table(INTENTS, intents).column_names == ["custom_id"]

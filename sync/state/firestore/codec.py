@@ -13,15 +13,15 @@ they are; a compaction rewrites every shard it touches in this format.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from typing import Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.errors import FatalError
 from sync.state import core
-from sync.state.base import FINGERPRINT_SCHEMA
+from sync.state.base import FINGERPRINT_SCHEMA, has_repeats
 from sync.state.core import JOURNAL_SCHEMA
 from sync.state.firestore import legacy
 from sync.state.firestore.layout import Namespace
@@ -73,34 +73,48 @@ def intent_table(custom_ids: list[str], *, put: bool) -> pa.Table:
     )
 
 
-def shard_table(ns: Namespace, records: dict[str, tuple[int, int]]) -> pa.Table:
-    """Records as a shard's table, sorted by id (deterministic blobs; shared prefixes pack tighter)."""
-    ids = sorted(records)
-    columns = [pa.array(ids, pa.string())]
-    if ns.with_values:
-        columns.append(pa.array([records[custom_id][0] for custom_id in ids], pa.uint64()))
-        columns.append(pa.array([records[custom_id][1] for custom_id in ids], pa.uint64()))
-    return pa.table(columns, schema=schema(ns, journal=False))
+def latest_table(ns: Namespace, journal: Iterable[pa.Table]) -> pa.Table:
+    """Journal tables (oldest first) folded to one entry per id, the last one (``put`` kept).
+
+    In columns, never a Python object per entry: a crashed million-profile first sync
+    leaves a million entries to fold.
+    """
+    tables = [entries(ns, table) for table in journal]
+    return last_per_id(pa.concat_tables(tables) if tables else schema(ns, journal=True).empty_table())
 
 
-def records(ns: Namespace, table: pa.Table) -> dict[str, tuple[int, int]]:
-    """A shard's table as ``{custom_id: (raw, payload)}`` (``(0, 0)`` for an intent)."""
-    ids = table.column("custom_id").to_pylist()
-    if not ns.with_values:
-        return dict.fromkeys(ids, (0, 0))
-    values = zip(table.column("raw").to_pylist(), table.column("payload").to_pylist(), strict=True)
-    return dict(zip(ids, values, strict=True))
+def entries(ns: Namespace, table: pa.Table) -> pa.Table:
+    """A journal table of ``ns`` in its canonical columns (``custom_id`` [, ``raw``, ``payload``], ``put``)."""
+    journal_schema = schema(ns, journal=True)
+    canonical: pa.Table = table.select(journal_schema.names).cast(journal_schema)
+    return canonical
 
 
-def latest(ns: Namespace, journal: list[pa.Table]) -> dict[str, tuple[int, int] | None]:
-    """Journal tables (oldest first) folded to one outcome per id: the last entry wins, None deletes."""
-    outcomes: dict[str, tuple[int, int] | None] = {}
-    for table in journal:
-        ids = table.column("custom_id").to_pylist()
-        puts = table.column("put").to_pylist()
-        values: Iterable[tuple[int, int]] = itertools.repeat((0, 0))
-        if ns.with_values:
-            values = zip(table.column("raw").to_pylist(), table.column("payload").to_pylist(), strict=True)
-        for custom_id, put, value in zip(ids, puts, values, strict=False):
-            outcomes[custom_id] = value if put else None
-    return outcomes
+def last_per_id(journal: pa.Table) -> pa.Table:
+    """Entries in write order folded to the last entry of each id (an Arrow sort, no hash table).
+
+    Sorted by id, then by position descending: each id's first row is its last entry. That
+    costs the sort's indices and one copy, about half of what a window function over the
+    same entries holds (measured on a million ids noted then cleared).
+    """
+    if not has_repeats(journal.column("custom_id")):
+        return journal
+    position = pa.array(range(journal.num_rows), pa.int64())
+    ordered = journal.append_column("position", position).sort_by(
+        [("custom_id", "ascending"), ("position", "descending")]
+    )
+    ids = ordered.column("custom_id")
+    changed = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    first = pa.chunked_array([pa.array([True]), *changed.chunks], pa.bool_())
+    folded: pa.Table = ordered.filter(first).drop_columns(["position"])
+    return folded
+
+
+def shard_table(ns: Namespace, records: pa.Table) -> pa.Table:
+    """Records (``custom_id`` [, ``raw``, ``payload``]) as a shard's table, sorted by id.
+
+    Sorted so that blobs are deterministic and shared id prefixes pack tighter.
+    """
+    columns = ["custom_id", "raw", "payload"] if ns.with_values else ["custom_id"]
+    ordered: pa.Table = records.select(columns).sort_by("custom_id")
+    return ordered.cast(schema(ns, journal=False))

@@ -12,9 +12,12 @@ document so a crash never leaks documents).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Final
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from google.cloud.firestore import DocumentReference, Transaction
 
 from sync.errors import FatalError, LeaseLost
@@ -31,13 +34,63 @@ from sync.state.firestore.layout import (
     NamespaceState,
     commit_groups,
     next_power_of_two,
-    shard_hash,
+    shard_hashes,
 )
 
-# The records of one shard: {custom_id: (raw, payload)}, (0, 0) for an intent.
-Records = dict[str, tuple[int, int]]
-# The outcome of the journal per id: a record, or None (deleted).
-Pending = dict[str, tuple[int, int] | None]
+# Parts a first compaction folds the journal in, before it knows how many shards the live
+# records need: bounds what one fold sorts to 1/64 of the journal.
+FOLD_PARTITIONS: Final = 64
+
+
+def _sources(parts: list[pa.Table], shard_count: int) -> list[Callable[[], pa.Table]]:
+    """Folded parts of a ``len(parts)``-shard layout as the shards of a layout of at most ``shard_count``.
+
+    Both counts are powers of two. With at least as many shards as parts, each part is a
+    whole shard of its own layout (split further by :meth:`Compactor._split`); with fewer,
+    shard ``k`` is the union of the parts congruent to ``k``.
+    """
+    if shard_count >= len(parts):
+        return [functools.partial(_itself, part) for part in parts]
+    return [
+        functools.partial(pa.concat_tables, [part for p, part in enumerate(parts) if p & (shard_count - 1) == k])
+        for k in range(shard_count)
+    ]
+
+
+def _itself(part: pa.Table) -> pa.Table:
+    return part
+
+
+def _puts(entries: pa.Table) -> pa.Table:
+    """The entries that put a record (all of them, without a copy, in a first sync's journal)."""
+    put = entries.column("put")
+    if put.null_count == 0 and pc.all(put).as_py() is not False:
+        return entries
+    kept: pa.Table = entries.filter(put)
+    return kept
+
+
+def _by_shard(records: pa.Table, shard_count: int) -> Iterator[tuple[int, pa.Table]]:
+    """``records`` cut by the shard each id belongs to in a layout of ``shard_count`` shards.
+
+    A stable sort of the shard numbers (8 bytes of hash and 8 of index an id), then one
+    copy per shard: a shard's records keep their order, and each copy is the size of one
+    shard, freed as soon as the caller is done with it.
+    """
+    if records.num_rows == 0:
+        return
+    if shard_count == 1:
+        yield 0, records
+        return
+    if records.column(0).num_chunks > 1:
+        records = records.combine_chunks()  # take() over many chunks is slow
+    shard = pc.bit_wise_and(shard_hashes(records.column("custom_id")), pa.scalar(shard_count - 1, pa.uint64()))
+    order = pc.sort_indices(shard)
+    start = 0
+    for entry in pc.value_counts(shard.take(order)):
+        k, rows = entry["values"].as_py(), entry["counts"].as_py()
+        yield k, records.take(order.slice(start, rows))
+        start += rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,19 +148,27 @@ class Compactor:
     # -- folding ------------------------------------------------------------------------------
 
     def _fold(self, fold: _Fold) -> Iterator[CompactionStep]:
+        """Fold in columns, a shard's worth at a time (docs/how-state-is-kept.md, "Firestore").
+
+        The journal is read as compressed blobs, cut by shard one decoded document at a
+        time, then each shard's entries are folded apart: a million ids noted and cleared
+        again never become a Python object each, nor one table sorted whole.
+        """
         state = fold.state
-        pending = codec.latest(fold.ns, fold.live.tables)
-        hashes = {custom_id: shard_hash(custom_id) for custom_id in pending}
         if state.count == 0:
-            # First compaction (or after a reset): size K on the uncompressed size, which
-            # bounds the compressed one.
-            live = {i: v for i, v in pending.items() if v is not None}
-            estimate = sum(codec.RECORD_FIXED_BYTES + len(i.encode("utf-8")) for i in live)
+            # First compaction (or after a reset): fold in FOLD_PARTITIONS parts, then size
+            # K on the uncompressed size of what is live, which bounds the compressed one.
+            live = [_puts(part) for part in self._folded_by_shard(fold, FOLD_PARTITIONS)]
+            estimate = sum(
+                (pc.sum(pc.binary_length(part.column("custom_id"))).as_py() or 0)
+                + codec.RECORD_FIXED_BYTES * part.num_rows
+                for part in live
+            )
             shard_count = next_power_of_two(-(-estimate // self._target))
-            yield from self._build_generation(fold, [lambda: live], hashes, shard_count)
+            yield from self._build_generation(fold, _sources(live, shard_count), shard_count)
             return
 
-        merged = self._merge(fold, pending, hashes)
+        merged = self._merge(fold)
         largest = max(map(len, merged.values()), default=0)
         if largest > self._target:
             # Grow: split every shard into `factor` shards of the next layout, sized on the
@@ -120,17 +181,38 @@ class Compactor:
                 else functools.partial(self._read_shard, fold.ref, fold.ns, state.gen, k)
                 for k in range(state.count)
             ]
-            yield from self._build_generation(fold, sources, hashes, state.count * factor)
+            yield from self._build_generation(fold, sources, state.count * factor)
             return
         yield from self._rewrite_in_place(fold, merged)
 
-    def _merge(self, fold: _Fold, pending: Pending, hashes: dict[str, int]) -> dict[int, bytes]:
+    def _folded_by_shard(self, fold: _Fold, shard_count: int) -> list[pa.Table]:
+        """The live journal folded to each id's last entry, as the parts of a ``shard_count``-shard layout.
+
+        Every id is hashed once. A fingerprint journal is mostly distinct puts: it is cut
+        by shard one decoded document at a time (only compressed blobs and the cut entries
+        are held), then each shard's entries are folded apart. An intent journal is mostly
+        ids noted then cleared again: it is folded whole first (without values, 17 bytes
+        an entry), and only what is left is cut by shard.
+        """
+        ns = fold.ns
+        parts = [codec.entries(ns, codec.schema(ns, journal=True).empty_table())] * shard_count
+        if not ns.with_values:
+            for k, entries in _by_shard(codec.latest_table(ns, fold.live.tables()), shard_count):
+                parts[k] = entries
+            return parts
+        buckets: list[list[pa.Table]] = [[] for _ in range(shard_count)]
+        for table in fold.live.tables():
+            for k, entries in _by_shard(codec.entries(ns, table), shard_count):
+                buckets[k].append(entries)
+        for k, bucket in enumerate(buckets):
+            if bucket:
+                parts[k] = codec.last_per_id(pa.concat_tables(bucket))
+        return parts
+
+    def _merge(self, fold: _Fold) -> dict[int, bytes]:
         """The journal merged into every shard it touches: ``{k: new blob}`` (only compressed results kept)."""
         ns, ref, state = fold.ns, fold.ref, fold.state
-        mask = state.count - 1
-        groups: dict[int, Pending] = {}
-        for custom_id, value in pending.items():
-            groups.setdefault(hashes[custom_id] & mask, {})[custom_id] = value
+        groups = {k: part for k, part in enumerate(self._folded_by_shard(fold, state.count)) if part.num_rows}
         merged: dict[int, bytes] = {}
         affected = sorted(groups)
         for start in range(0, len(affected), SHARD_READ_BATCH):
@@ -140,13 +222,15 @@ class Compactor:
             for k in batch:
                 path = shard_refs[k].path
                 current = docs[path]
-                records = {} if current is None else self._decode_shard(ns, current["blob"], path)
-                for custom_id, value in groups[k].items():
-                    if value is None:
-                        records.pop(custom_id, None)
-                    else:
-                        records[custom_id] = value
-                merged[k] = self._encode_shard(ns, records)
+                entries = groups.pop(k)
+                stored = codec.schema(ns, journal=False).empty_table()
+                if current is not None:
+                    stored = self._decode_shard(ns, current["blob"], path)
+                # The journal's last word on an id replaces what the shard held: a put is
+                # its new record, a deletion leaves nothing.
+                replaced = pc.is_in(stored.column("custom_id"), value_set=entries.column("custom_id"))
+                puts = codec.shard_table(ns, entries.filter(entries.column("put")))
+                merged[k] = self._encode_shard(ns, pa.concat_tables([stored.filter(pc.invert(replaced)), puts]))
         return merged
 
     def _rewrite_in_place(self, fold: _Fold, merged: dict[int, bytes]) -> Iterator[CompactionStep]:
@@ -169,18 +253,18 @@ class Compactor:
     # -- a new generation ---------------------------------------------------------------------
 
     def _build_generation(
-        self, fold: _Fold, sources: Sequence[Callable[[], Records]], hashes: dict[str, int], shard_count: int
+        self, fold: _Fold, sources: Sequence[Callable[[], pa.Table]], shard_count: int
     ) -> Iterator[CompactionStep]:
         """Write a new shard generation of (at least) ``shard_count`` shards and flip to it.
 
         ``sources`` are the records of the old layout with the journal already merged
-        (for a first build, one source: the journal itself).
+        (for a first build, one source: the journal's puts).
         """
         lease, ns, state = fold.lease, fold.ns, fold.state
-        blobs = self._split(lease.activation, ns, sources, hashes, shard_count)
+        blobs = self._split(lease.activation, ns, sources, shard_count)
         while blobs is None:
             shard_count *= 2
-            blobs = self._split(lease.activation, ns, sources, hashes, shard_count)
+            blobs = self._split(lease.activation, ns, sources, shard_count)
 
         # Announce the generation before writing it, so a compaction that dies half way
         # leaves documents the next one knows to delete.
@@ -216,28 +300,27 @@ class Compactor:
         self,
         activation: str,
         ns: Namespace,
-        sources: Sequence[Callable[[], Records]],
-        hashes: dict[str, int],
+        sources: Sequence[Callable[[], pa.Table]],
         shard_count: int,
     ) -> dict[int, bytes] | None:
         """The sources' records as ``shard_count`` shard blobs, or None if one would exceed the target.
 
-        Since both counts are powers of two, each old shard splits into whole new shards,
-        so sources are encoded one at a time and only compressed blobs are kept.
+        ``sources[i]`` holds the records of shard ``i`` of a layout of ``len(sources)``
+        shards, at most ``shard_count``. Both counts are powers of two, so each source splits
+        into whole new shards (or is one, when the counts are equal: no hashing then), and
+        sources are encoded one at a time: only compressed blobs are kept.
         """
-        mask = shard_count - 1
         blobs: dict[int, bytes] = {}
-        for source in sources:
-            parts: dict[int, Records] = {}
-            for custom_id, value in source().items():
-                digest = hashes.get(custom_id)
-                if digest is None:
-                    digest = shard_hash(custom_id)
-                parts.setdefault(digest & mask, {})[custom_id] = value
-            for k, part in parts.items():
+        for index, source in enumerate(sources):
+            records = source()
+            if len(sources) == shard_count:
+                parts: Iterable[tuple[int, pa.Table]] = [(index, records)] if records.num_rows else []
+            else:
+                parts = _by_shard(records, shard_count)
+            for k, part in parts:
                 blob = self._encode_shard(ns, part)
                 if len(blob) > self._target:
-                    if len(part) == 1:
+                    if part.num_rows == 1:
                         raise FatalError(
                             f"activation {activation!r}: one {ns.key} record packs to {len(blob)} "
                             f"bytes, over the {self._target}-byte shard target"
@@ -311,17 +394,19 @@ class Compactor:
     # -- shard documents ----------------------------------------------------------------------
 
     @staticmethod
-    def _encode_shard(ns: Namespace, records: Records) -> bytes:
+    def _encode_shard(ns: Namespace, records: pa.Table) -> bytes:
         return codec.encode(codec.shard_table(ns, records))
 
     @staticmethod
-    def _decode_shard(ns: Namespace, blob: bytes, where: str) -> Records:
-        return codec.records(ns, codec.decode(blob, ns, journal=False, where=where))
+    def _decode_shard(ns: Namespace, blob: bytes, where: str) -> pa.Table:
+        return codec.decode(blob, ns, journal=False, where=where)
 
-    def _read_shard(self, ref: DocumentReference, ns: Namespace, gen: int, k: int) -> Records:
+    def _read_shard(self, ref: DocumentReference, ns: Namespace, gen: int, k: int) -> pa.Table:
         shard_ref = self._collections.shard(ref, ns, gen, k)
         doc = self._docs.get(shard_ref)
-        return {} if doc is None else self._decode_shard(ns, doc["blob"], shard_ref.path)
+        if doc is None:
+            return codec.schema(ns, journal=False).empty_table()
+        return self._decode_shard(ns, doc["blob"], shard_ref.path)
 
     # -- garbage ------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -74,14 +75,20 @@ class Loaded:
 
 @dataclass(frozen=True, slots=True)
 class LiveJournal:
-    """The live journal of a namespace as compaction reads it, and how far that reaches."""
+    """The live journal of a namespace as compaction reads it (compressed), and how far that reaches."""
 
-    tables: list[pa.Table]
+    ns: Namespace
+    blobs: list[_Stored]
     upto: JournalMark
 
     @property
     def documents(self) -> int:
-        return len(self.tables)
+        return len(self.blobs)
+
+    def tables(self) -> Iterator[pa.Table]:
+        """The journal's tables in write order, decoded one at a time (only blobs stay in memory)."""
+        for path, blob in self.blobs:
+            yield codec.decode(blob, self.ns, journal=True, where=path)
 
 
 class Journal:
@@ -178,10 +185,7 @@ class Journal:
         blobs = _numbered_blobs(self._docs.get_all(numbered_refs), numbered_refs, "", state.low)
         named = self._named_blobs(ref, ns, state.folded, None)
         last = named[-1][0].rsplit("/", 1)[-1] if named else state.folded
-        return LiveJournal(
-            [codec.decode(blob, ns, journal=True, where=path) for path, blob in blobs + named],
-            JournalMark(numbered=state.next, named=last),
-        )
+        return LiveJournal(ns, blobs + named, JournalMark(numbered=state.next, named=last))
 
     def _named_blobs(
         self, ref: DocumentReference, ns: Namespace, folded: str, txn: Transaction | None

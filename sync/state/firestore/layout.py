@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+import pyarrow as pa
 from google.cloud.firestore import Client, CollectionReference, DocumentReference
 
 T = TypeVar("T")
@@ -297,6 +299,31 @@ def shard_hash(custom_id: str) -> int:
     # blake2b, not hash(): Python's str hash is salted per process, and the shard of an
     # id must be the same in every function instance, forever.
     return int.from_bytes(hashlib.blake2b(custom_id.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def shard_hashes(ids: pa.Array | pa.ChunkedArray) -> pa.UInt64Array:
+    """:func:`shard_hash` of every id of a (non-null) string column, as a u64 column.
+
+    Hashed straight from the column's UTF-8 buffer: no Python string per id, so a
+    compaction of a million ids holds 8 bytes an id here, not a Python object.
+    """
+    hashes = array("Q")
+    blake2b = hashlib.blake2b
+    from_bytes = int.from_bytes
+    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        if chunk.null_count:
+            raise ValueError("custom_id column holds nulls; a state record always has an id")
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offsets = array("q" if pa.types.is_large_string(chunk.type) else "i")
+        offsets.frombytes(memoryview(offsets_buffer)[: (chunk.offset + len(chunk) + 1) * offsets.itemsize])
+        data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+        for row in range(chunk.offset, chunk.offset + len(chunk)):
+            hashes.append(from_bytes(blake2b(data[offsets[row] : offsets[row + 1]], digest_size=8).digest(), "big"))
+    column: pa.UInt64Array = pa.Array.from_buffers(pa.uint64(), len(hashes), [None, pa.py_buffer(hashes)])
+    return column
 
 
 def next_power_of_two(value: int) -> int:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from google.cloud import firestore
 from google.cloud.firestore import DocumentReference, Transaction
 
@@ -233,12 +234,12 @@ class FirestoreStateStore:
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""
         loaded = self._journal.load(activation, INTENTS)
-        intents = {custom_id for table in loaded.shards for custom_id in table.column("custom_id").to_pylist()}
-        for custom_id, outcome in codec.latest(INTENTS, loaded.journal).items():
-            if outcome is None:
-                intents.discard(custom_id)
-            else:
-                intents.add(custom_id)
+        latest = codec.latest_table(INTENTS, loaded.journal)
+        intents: set[str] = set()
+        for table in loaded.shards:
+            ids = table.column("custom_id")
+            intents.update(ids.filter(pc.invert(pc.is_in(ids, value_set=latest.column("custom_id")))).to_pylist())
+        intents.update(latest.filter(latest.column("put")).column("custom_id").to_pylist())
         return intents
 
     def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
