@@ -91,6 +91,8 @@ REMEMBERED_COUNTS: Final = ("refused_unchanged", "persistent_unchanged")
 QUEUED_GROUPS: Final = 1
 # Rows mapped between two hand-backs of freed memory to the OS (sync/memory.py).
 TRIM_EVERY_ROWS = 50_000
+# The run record is saved with the checkpoint at most this often (seconds; one document).
+CHECKPOINT_RECORD_SECONDS: Final = 5.0
 
 
 class Clock:
@@ -877,8 +879,13 @@ class Run:
                 self.run.rejected_samples.append(row.as_record())
 
     def _checkpoint_for(self, sender: Sender) -> Callable[[], Any]:
+        saved_at: list[float | None] = [None]
+
         async def checkpoint() -> None:
-            # The run record follows each commit, so a killed run still shows how far it got.
+            # The run record follows the commits, so a killed run still shows how far it got;
+            # at most every CHECKPOINT_RECORD_SECONDS: it is one document, and a mass-update
+            # run commits every second (Firestore sustains about one write a second per
+            # document). What resumes a run is the journal, not this copy.
             assert self._journal is not None
             self.run.checkpoint = {
                 "at": self.clock.now().isoformat(),
@@ -886,6 +893,10 @@ class Run:
                 "committed": self._journal.committed,
                 "watermark": sender.watermark.value,
             }
+            now = self.clock.monotonic()
+            if saved_at[0] is not None and now - saved_at[0] < CHECKPOINT_RECORD_SECONDS:
+                return
+            saved_at[0] = now
             await asyncio.to_thread(self.store.save_run, self.record)
 
         return checkpoint

@@ -127,8 +127,9 @@ def test_killed_run_resends_at_most_the_unflushed_window_and_converges(
     finally:
         store.close()
     assert killed["status"] == "abandoned"  # noticed and labelled by the next run
-    # The record follows each commit; the kill may land between a commit and its record write.
-    assert committed - flush_every - CONCURRENCY * BATCH <= killed["checkpoint"]["committed"] <= committed
+    # The record follows the commits, at most every 5 s (one document: Firestore's write rate);
+    # the first commit is always recorded, and the record is never ahead of the state.
+    assert 0 < killed["checkpoint"]["committed"] <= committed
     assert recovered["status"] == "succeeded"
 
 
