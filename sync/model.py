@@ -131,6 +131,20 @@ NO_ATTRIBUTE: Final = "(profile)"
 PERSISTENT_AFTER_RUNS: Final = 3
 
 
+@dataclass(frozen=True, slots=True)
+class IntentsNote:
+    """What one ``record_intents`` call wrote: its ids, and where the store keeps them.
+
+    The engine hands it back to ``retire_intents`` once every id of it is settled, so a
+    store that wrote the note as documents of its own can drop those whole, instead of
+    writing a clear of every id (docs/how-state-is-kept.md, "Mirror intents").
+    """
+
+    custom_ids: tuple[str, ...]
+    # Store-specific names of what holds the note (Firestore: its journal document ids).
+    documents: tuple[str, ...] = ()
+
+
 class RefusalKind(enum.StrEnum):
     """Why Batch did not apply a payload (``sync.batch.item_errors``)."""
 

@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 
 # How long a delivery count is kept. Pub/Sub keeps an unacknowledged message at most 7 days
 # (31 with topic retention); a count outliving that could never be consulted again.
@@ -245,13 +245,21 @@ class StateStore(Protocol):
         """Fold journal records into the main layout (no-op where there is no journal)."""
 
     # -- mirror intents ------------------------------------------------------------------
-    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        """Durably note ids this activation may be about to create (fenced).
+    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
+        """Durably note ids this activation may be about to create (fenced); what was written.
 
         Intents are a set: noting an id twice keeps it once, and repeats in one call are
-        fine. Called once per request group before it leaves, so a call should cost a few
-        writes and columnar work, not a write or a Python object per id. Raises ValueError,
-        writing nothing, if an id is not a str that encodes as UTF-8.
+        fine. Called once per flush window of request groups before any of them leaves, so
+        a call should cost a few writes and columnar work, not a write or a Python object
+        per id. Raises ValueError, writing nothing, if an id is not a str that encodes as UTF-8.
+        """
+
+    def retire_intents(self, lease: Lease, note: IntentsNote) -> None:
+        """Forget the intents ``note`` recorded, every id of it being settled (fenced).
+
+        Like :meth:`clear_intents` of the note's ids, except that an id some other note
+        (or an earlier run) also recorded may remain: a store may drop the note's own
+        records whole. The engine retires a note once all its ids are committed.
         """
 
     def load_intents(self, activation: str) -> set[str]:

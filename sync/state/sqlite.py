@@ -56,7 +56,7 @@ import pyarrow.compute as pc
 
 from sync.errors import FatalError
 from sync.memory import release_free_memory
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
 from sync.state.base import (
     DELIVERY_RETENTION,
@@ -722,7 +722,7 @@ class SQLiteStateStore:
     # recorded twice may sit in two blobs: load_intents returns the union, and clear_intents
     # removes an id from every blob that holds it, which keeps set semantics.
 
-    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
+    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
         """Durably note ids this activation may be about to create (fenced; idempotent).
 
         One blob per call. When an activation holds more than ``_INTENT_MERGE_AT`` blobs
@@ -735,11 +735,12 @@ class SQLiteStateStore:
         """
         activation = lease.activation
         ids = core.id_array(activation, custom_ids)
+        note = IntentsNote(tuple(ids.to_pylist()))
         with self._write() as conn:
             self._check_lease(conn, lease)
             if not len(ids):
                 self._count(1, 0)
-                return
+                return note
             self._insert_intents(conn, activation, ids)
             row = conn.execute(
                 "SELECT COUNT(*) FROM intent_batches WHERE activation = ? AND rows < ?",
@@ -748,6 +749,11 @@ class SQLiteStateStore:
             self._count(4, len(ids))
             if row and row[0] > _INTENT_MERGE_AT:
                 self._merge_intents(conn, activation)
+        return note
+
+    def retire_intents(self, lease: Lease, note: IntentsNote) -> None:
+        """Forget a note's intents: a clear of its ids (its blob may have been merged since)."""
+        self.clear_intents(lease, note.custom_ids)
 
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""

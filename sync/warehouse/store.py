@@ -43,7 +43,7 @@ import pyarrow as pa
 from google.cloud import bigquery
 
 from sync.errors import ConfigError, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
 from sync.state.base import FINGERPRINT_SCHEMA, CountsOperations, StateStore, operation_counts
 from sync.warehouse import sql
@@ -243,8 +243,11 @@ class WarehouseStateStore:
     def release_lease(self, lease: Lease) -> None:
         self.base.release_lease(lease)
 
-    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        self.base.record_intents(lease, custom_ids)
+    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
+        return self.base.record_intents(lease, custom_ids)
+
+    def retire_intents(self, lease: Lease, note: IntentsNote) -> None:
+        self.base.retire_intents(lease, note)
 
     def load_intents(self, activation: str) -> set[str]:
         return self.base.load_intents(activation)

@@ -453,6 +453,30 @@ class StateStoreContract:
         store.clear_intents(lease, sorted(ids)[:10_000])
         assert store.load_intents("act") == set(sorted(ids)[10_000:])
 
+    def test_a_retired_note_forgets_its_intents_and_no_other(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        first = store.record_intents(lease, ["a1", "a2", "a2"])
+        second = store.record_intents(lease, ["b1"])
+        assert set(first.custom_ids) == {"a1", "a2"}
+        store.retire_intents(lease, first)
+        assert store.load_intents("act") == {"b1"}
+        store.retire_intents(lease, second)
+        assert store.load_intents("act") == set()
+
+    def test_retiring_is_fenced_and_works_after_a_compaction(self, store: StateStore) -> None:
+        old = store.acquire_lease("act", "run-a", TTL, T0)
+        early = store.record_intents(old, ["u1", "u2"])
+        store.compact(old, at(1))  # the note is folded into the base state now
+        store.retire_intents(old, early)
+        assert store.load_intents("act") == set()
+        late = store.record_intents(old, ["u3"])
+        new = store.acquire_lease("act", "run-b", TTL, at(TTL + 1))
+        with pytest.raises(LeaseLost):
+            store.retire_intents(old, late)
+        assert store.load_intents("act") == {"u3"}
+        store.retire_intents(new, late)
+        assert store.load_intents("act") == set()
+
     def test_concurrent_appends_from_several_senders_all_land(self, store: StateStore) -> None:
         # What a run does with several requests in flight: each sender notes intents and
         # commits what Batch acknowledged, from its own worker thread, while the lease is

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -85,9 +85,15 @@ class LiveJournal:
     def documents(self) -> int:
         return len(self.blobs)
 
-    def tables(self) -> Iterator[pa.Table]:
-        """The journal's tables in write order, decoded one at a time (only blobs stay in memory)."""
-        for path, blob in self.blobs:
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(len(blob) for _, blob in self.blobs)
+
+    def consume(self) -> Iterator[pa.Table]:
+        """The journal's tables in write order, decoded one at a time; each blob is let go once decoded."""
+        self.blobs.reverse()
+        while self.blobs:
+            path, blob = self.blobs.pop()
             yield codec.decode(blob, self.ns, journal=True, where=path)
 
 
@@ -97,15 +103,17 @@ class Journal:
         self._collections = collections
         self._target = target_bytes
 
-    def append(self, lease: Lease, ns: Namespace, table: pa.Table, now: datetime | None) -> None:
+    def append(self, lease: Lease, ns: Namespace, table: pa.Table, now: datetime | None) -> list[str]:
         """Write ``table`` (a journal table of ``ns``) as journal documents, in fenced transactions.
 
-        At least one transaction, so that an empty append is fenced too. The sequence
+        Returns the ids of the documents written. At least one transaction, so that an
+        empty append is fenced too. The sequence
         numbers are taken when the call starts: the engine serialises the appends whose
         order matters (flushes; an intent is cleared only after the commit that follows its
         send), and appends in flight together touch different ids.
         """
         ref = self._collections.activation(lease.activation)
+        written: list[str] = []
         for group in commit_groups(self._blobs(table), lambda blob: len(blob[0])) or [[]]:
             named = [(journal_id(lease.token, _next_seq()), blob, count) for blob, count in group]
 
@@ -118,6 +126,30 @@ class Journal:
                     self._docs.set(txn, self._collections.journal_named(ref, ns, doc_id), journal_doc)
 
             self._docs.transact(write, what=f"appending {ns.key} journal documents of activation {lease.activation!r}")
+            written += [doc_id for doc_id, _, _ in named]
+        return written
+
+    def retire(self, lease: Lease, ns: Namespace, doc_ids: Sequence[str]) -> bool:
+        """Delete live journal documents of ``ns`` whole, fenced; False (nothing deleted) if one was folded.
+
+        A note's documents are in the journal until a compaction folds them into the
+        shards; then only a clear entry can undo them.
+        """
+        ref = self._collections.activation(lease.activation)
+
+        def delete(txn: Transaction) -> bool:
+            state = NamespaceState.from_doc(self._docs.fenced(ref, lease, txn), ns)
+            if any(doc_id <= state.folded for doc_id in doc_ids):
+                return False
+            for doc_id in doc_ids:
+                txn.delete(self._collections.journal_named(ref, ns, doc_id))
+            self._docs.count(deletes=len(doc_ids))
+            return True
+
+        deleted: bool = self._docs.transact(
+            delete, what=f"retiring {ns.key} journal documents of activation {lease.activation!r}"
+        )
+        return deleted
 
     def _blobs(self, table: pa.Table) -> list[_Blob]:
         """The table in blobs each under the target size.

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from google.cloud import firestore
 from google.cloud.firestore import DocumentReference, Transaction
 
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal
+from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
 from sync.state.base import DELIVERY_RETENTION, fold_journal
 from sync.state.firestore import codec
@@ -227,9 +227,20 @@ class FirestoreStateStore:
 
     # -- mirror intents -----------------------------------------------------------------------
 
-    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        """Durably note ids this activation may be about to create (fenced; idempotent)."""
-        self._write_intents(lease, custom_ids, put=True)
+    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
+        """Durably note ids this activation may be about to create (fenced; idempotent).
+
+        The note names the journal documents written, so that :meth:`retire_intents` can
+        delete them instead of appending a clear of every id.
+        """
+        ids = core.unique_ids(lease.activation, custom_ids)
+        documents = self._journal.append(lease, INTENTS, codec.intent_table(ids, put=True), None)
+        return IntentsNote(tuple(ids), tuple(documents))
+
+    def retire_intents(self, lease: Lease, note: IntentsNote) -> None:
+        """Forget a note's intents: its journal documents deleted while live, else a clear of its ids (fenced)."""
+        if not note.documents or not self._journal.retire(lease, INTENTS, note.documents):
+            self._write_intents(lease, note.custom_ids, put=False)
 
     def load_intents(self, activation: str) -> set[str]:
         """Ids noted as possibly synced and not yet cleared."""
