@@ -55,7 +55,7 @@ from sync.plan import (
 )
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of, is_retryable, status_of_error
 from sync.runconfig import config_as_run
-from sync.send import Journal, Sender, SendGroup
+from sync.send import IntentWindow, Journal, Sender, SendGroup
 from sync.sources.base import Source
 from sync.state.base import StateStore, operation_counts, operations_between
 from sync.warehouse import hook as warehouse
@@ -91,6 +91,10 @@ REMEMBERED_COUNTS: Final = ("refused_unchanged", "persistent_unchanged")
 QUEUED_GROUPS: Final = 1
 # Rows mapped between two hand-backs of freed memory to the OS (sync/memory.py).
 TRIM_EVERY_ROWS = 50_000
+# Mirror intents are noted for this many profiles of send groups at once (at least one
+# group): one state append per 2,000 profiles on /update, one per request on mass-update.
+# Not the flush window: a large one would hold the first request back.
+INTENT_WINDOW_PROFILES: Final = 2_000
 # The run record is saved with the checkpoint at most this often (seconds; one document).
 CHECKPOINT_RECORD_SECONDS: Final = 5.0
 
@@ -200,6 +204,8 @@ class _Scan:
     full: bool  # every valid row is sent (FULL ONLY, --full, or a continued full pass)
     watermark: str | None  # a continued full pass skips ids at or below it
     version: str  # the mapping version (prepare computed it)
+    # Mirror intents an earlier run left unsettled (a crash, failed requests): usually none.
+    stale_intents: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -453,7 +459,7 @@ class Run:
         self.run.full = full
         self.run.source = self.source.stats()
         self.progress.planned({"rows": ids.rows})
-        return _Scan(diff, ids, meta, full, str(watermark) if watermark else None, prepared.version)
+        return _Scan(diff, ids, meta, full, str(watermark) if watermark else None, prepared.version, frozenset(intents))
 
     def _plan_moved(self, prepared: _Prepared, scan: _Scan) -> _Moved:
         """Map the rows whose stored fingerprint may have changed: the changed count is exact."""
@@ -629,6 +635,7 @@ class Run:
             every_seconds=activation.journal.flush_every_seconds,
             clock=self.clock.monotonic,
             now=self.clock.now,
+            stale_intents=scan.stale_intents,
         )
         sender: Sender | None = None
         if self.client is None:
@@ -684,7 +691,7 @@ class Run:
             try:
                 groups = self._produce_sends(prepared, scan, moved, tally, group_size=endpoint.send_batch)
                 if self.activation.sync_mode is SyncMode.MIRROR:
-                    groups = self._note_intents(groups, window=self.activation.journal.flush_every_profiles)
+                    groups = self._note_intents(groups, window=INTENT_WINDOW_PROFILES)
                 for group in groups:
                     asyncio.run_coroutine_threadsafe(queue.put(group), loop).result()
                     if self._stop.is_set():
@@ -719,7 +726,7 @@ class Run:
         """Commit what was acknowledged, then refreshes; drop intents that are no longer needed."""
         assert self._journal is not None
         journal = self._journal
-        await journal.flush()
+        await journal.close()
         incomplete = self._incomplete(sender)
         if moved.refreshes and not incomplete and not scan.full:
             for start in range(0, len(moved.refreshes), 10_000):
@@ -905,7 +912,7 @@ class Run:
         """Mirror: make the new ids of a window of groups durable intents in one append, then hand them on.
 
         Guarantee 7 (an id Batch may hold is always known) needs each new id noted before
-        the request that could create it; noting them per flush window rather than per
+        the request that could create it; noting them per window of groups rather than per
         request keeps a run's state writes to a few per window (docs/how-state-is-kept.md).
         Runs in the producer thread. A crash leaves intents for ids never sent: harmless,
         a clear of a profile Batch does not hold changes nothing.
@@ -921,11 +928,16 @@ class Run:
         yield from self._noted(held)
 
     def _noted(self, held: list[SendGroup]) -> Iterator[SendGroup]:
-        new_ids = [custom_id for group in held for custom_id in group.upserts.new_ids()]
+        per_group = [group.upserts.new_ids() for group in held]
+        new_ids = [custom_id for ids in per_group for custom_id in ids]
+        window = None
         if new_ids:
-            self.store.record_intents(self._current_lease(), new_ids)
-        for group in held:
+            note = self.store.record_intents(self._current_lease(), new_ids)
+            window = IntentWindow(note, outstanding=sum(1 for ids in per_group if ids))
+        for group, ids in zip(held, per_group, strict=True):
             group.intents_noted = True
+            if ids:
+                group.intents = window
             yield group
 
     def _reject_row(self, rejected: RejectedRow) -> None:

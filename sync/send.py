@@ -8,7 +8,9 @@ Guarantees kept here (``docs/how-a-run-works.md``):
    ``journal.flush_every_profiles`` / ``flush_every_seconds``).
 7. In mirror mode, a new id's intent is durable before the request that creates it leaves:
    the producer notes the new ids of a window of groups in one append
-   (:attr:`SendGroup.intents_noted`), and the sender refuses a group that was not noted.
+   (:class:`IntentWindow`), and the sender refuses a group that was not noted. Once every
+   id of a window is committed, the window's note is retired whole; a window with ids
+   that failed clears only its committed ids, so the failed ones stay owned.
 
 The sender consumes :class:`SendGroup`\\ s (one request each) from an asyncio queue that the
 mapping thread fills while it reads, so the first request leaves after the first batch is
@@ -29,7 +31,7 @@ import structlog
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
 from sync.encode import request_body
-from sync.model import NO_ATTRIBUTE, JournalEntry, Lease, Refusal, RefusalKind
+from sync.model import NO_ATTRIBUTE, IntentsNote, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
 from sync.state.base import StateStore
@@ -37,8 +39,44 @@ from sync.state.base import StateStore
 log = structlog.get_logger("cepsync.send")
 
 
+@dataclass(eq=False)
+class IntentWindow:
+    """The new ids of a window of send groups, noted as mirror intents by one append.
+
+    Every group of the window reports here once answered; the journal retires the note
+    when every group was answered and every new id acknowledged and committed
+    (docs/how-state-is-kept.md, "Mirror intents"). Touched on the event loop only.
+    """
+
+    note: IntentsNote
+    outstanding: int  # groups of the window not answered yet
+    acknowledged: list[str] = field(default_factory=list)  # new ids acknowledged, not in a commit yet
+    committing: list[str] = field(default_factory=list)  # new ids in the commit under way
+    committed: list[str] = field(default_factory=list)  # new ids whose fingerprint is durable
+    partial: bool = False  # a new id of the window was not acknowledged
+
+    def answered(self, acknowledged: Sequence[str], *, all_acknowledged: bool) -> None:
+        self.outstanding -= 1
+        self.acknowledged.extend(acknowledged)
+        self.partial = self.partial or not all_acknowledged
+
+
+@dataclass
+class _Settlement:
+    """What a commit settled: notes to retire whole, intents to clear."""
+
+    retire: list[IntentsNote] = field(default_factory=list)
+    clear: list[str] = field(default_factory=list)
+
+
 class Journal:
-    """Acknowledged outcomes waiting to be committed; flushed by count, by time, and at the end."""
+    """Acknowledged outcomes waiting to be committed; flushed by count, by time, and at the end.
+
+    Mirror intents are settled after the commit that makes them unnecessary: a removal's
+    intent is cleared, a window's note retired (or its committed ids cleared, when some of
+    its ids failed). ``stale_intents``: intents an earlier run left (noted, never settled);
+    this run's notes do not hold them, so those of its ids are cleared explicitly.
+    """
 
     def __init__(
         self,
@@ -49,9 +87,11 @@ class Journal:
         every_seconds: float,
         clock: Callable[[], float],
         now: Callable[[], datetime],
+        stale_intents: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._lease = lease
+        self._stale = stale_intents
         self._every = every_profiles
         self._seconds = every_seconds
         self._clock = clock
@@ -61,6 +101,8 @@ class Journal:
         self._pending_rows = 0
         # Mirror intents no longer needed once the entries above are committed.
         self._intents_done: list[str] = []
+        # Intent windows not settled yet (in the order they were first answered).
+        self._windows: list[IntentWindow] = []
         self._last_flush = clock()
         self._lock = asyncio.Lock()
         self.flushes = 0
@@ -68,18 +110,34 @@ class Journal:
         self.commit_seconds = 0.0
         self.on_flush: Callable[[], Awaitable[None]] | None = None
 
-    def add(self, entries: Sequence[JournalEntry] | pa.Table, *, intents_done: Sequence[str] = ()) -> None:
-        """Entries to commit; ``intents_done``: mirror intents to drop once they are committed.
+    def add(
+        self,
+        entries: Sequence[JournalEntry] | pa.Table,
+        *,
+        intents_done: Sequence[str] = (),
+        window: IntentWindow | None = None,
+        new_acknowledged: Sequence[str] = (),
+        all_new_acknowledged: bool = True,
+    ) -> None:
+        """Entries to commit, and the mirror intents they settle once committed.
+
+        ``intents_done``: intents to clear after the commit (acknowledged removals).
+        ``window``: the intent window of the group these entries answer, with the group's
+        ``new_acknowledged`` ids and whether all its new ids were acknowledged.
 
         An intent only matters until the id's fingerprint (or its removal) is durable, so it
-        is dropped right after the commit that made it so, flush by flush: a million-profile
-        first sync never holds a million ids to clear at its end.
+        is settled right after the commit that made it so, flush by flush: a million-profile
+        first sync never holds a million ids to settle at its end.
         """
         rows = entries.num_rows if isinstance(entries, pa.Table) else len(entries)
         if rows:
             self._pending.append(entries)
             self._pending_rows += rows
         self._intents_done.extend(intents_done)
+        if window is not None:
+            window.answered(new_acknowledged, all_acknowledged=all_new_acknowledged)
+            if all(known is not window for known in self._windows):
+                self._windows.append(window)
 
     def due(self) -> bool:
         return self._pending_rows > 0 and (
@@ -88,24 +146,65 @@ class Journal:
 
     async def flush(self) -> None:
         async with self._lock:
-            pending, rows, self._pending, self._pending_rows = self._pending, self._pending_rows, [], 0
-            intents, self._intents_done = self._intents_done, []
-            self._last_flush = self._clock()
-            if not pending:
-                return
+            await self._flush(final=False)
+
+    async def close(self) -> None:
+        """The last flush: commit what is left, then settle every window, answered or not.
+
+        A window with groups never answered (the run stopped sending) clears the ids it
+        committed; its other ids stay owned.
+        """
+        async with self._lock:
+            await self._flush(final=True)
+
+    async def _flush(self, *, final: bool) -> None:
+        pending, rows, self._pending, self._pending_rows = self._pending, self._pending_rows, [], 0
+        # What this commit settles is fixed now, with the entries it commits: a group
+        # answered while the commit is under way waits for the next one.
+        cleared, self._intents_done = self._intents_done, []
+        for window in self._windows:
+            window.committing, window.acknowledged = window.acknowledged, []
+        self._last_flush = self._clock()
+        if pending:
             started = time.perf_counter()
             lease, now = self._lease(), self._now()
             # One worker-thread hop: gathering the pending tables and committing them.
             await asyncio.to_thread(lambda: self._store.commit(lease, _one_table(lease.activation, pending), now))
-            if intents:
-                # After the commit: a crash in between leaves intents for stored ids, harmless
-                # (both say "synced"), never an acknowledged id without either.
-                await asyncio.to_thread(self._store.clear_intents, self._lease(), intents)
             self.commit_seconds += time.perf_counter() - started
             self.flushes += 1
             self.committed += rows
-            if self.on_flush is not None:
-                await self.on_flush()
+        # After the commit: a crash before the intents are settled leaves intents for
+        # stored ids, harmless (both say "synced"), never an acknowledged id without either.
+        settlement = self._settle(cleared, final=final)
+        if settlement.retire or settlement.clear:
+            await asyncio.to_thread(self._apply, settlement)
+        if pending and self.on_flush is not None:
+            await self.on_flush()
+
+    def _settle(self, cleared: list[str], *, final: bool) -> _Settlement:
+        """Which notes the commit just made retire-able, and which intents it lets go (event loop)."""
+        settlement = _Settlement(clear=cleared)
+        open_windows: list[IntentWindow] = []
+        for window in self._windows:
+            window.committed.extend(window.committing)
+            window.committing = []
+            done = window.outstanding == 0 and not window.acknowledged
+            if not done and not final:
+                open_windows.append(window)
+            elif done and not window.partial:
+                settlement.retire.append(window.note)
+                settlement.clear.extend(custom_id for custom_id in window.committed if custom_id in self._stale)
+            else:
+                settlement.clear.extend(window.committed)
+        self._windows = open_windows
+        return settlement
+
+    def _apply(self, settlement: _Settlement) -> None:
+        lease = self._lease()
+        for note in settlement.retire:
+            self._store.retire_intents(lease, note)
+        if settlement.clear:
+            self._store.clear_intents(lease, settlement.clear)
 
 
 class Watermark:
@@ -145,6 +244,8 @@ class SendGroup:
     upserts: ProfileRows = field(default_factory=ProfileRows)
     removals: list[str] = field(default_factory=list)
     intents_noted: bool = False
+    # The window whose note holds this group's new ids (None: the window had none).
+    intents: IntentWindow | None = None
 
 
 @dataclass
@@ -282,10 +383,17 @@ class Sender:
             if group.upserts:
                 upserts = group.upserts
                 everything = len(outcome.acknowledged) == len(upserts)
+                all_new = True
                 if new_ids and not everything:
                     acknowledged = set(outcome.acknowledged)
+                    all_new = all(custom_id in acknowledged for custom_id in new_ids)
                     new_ids = [custom_id for custom_id in new_ids if custom_id in acknowledged]
-                self._journal.add(upserts.journal(None if everything else outcome.acknowledged), intents_done=new_ids)
+                self._journal.add(
+                    upserts.journal(None if everything else outcome.acknowledged),
+                    window=group.intents,
+                    new_acknowledged=new_ids,
+                    all_new_acknowledged=all_new,
+                )
                 tally.acknowledged_new += len(new_ids)
                 if outcome.rejected or outcome.item_failures:
                     payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
@@ -324,7 +432,7 @@ class Sender:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._errors:
             # Commit what was acknowledged before the fatal error, then report it.
-            await self._journal.flush()
+            await self._journal.close()
             raise self._errors[0]
 
 
