@@ -37,28 +37,24 @@ from sync.state.firestore.layout import (
     shard_hashes,
 )
 
-# Parts a first compaction folds the journal in, before it knows how many shards the live
-# records need: bounds what one fold sorts to 1/64 of the journal.
-FOLD_PARTITIONS: Final = 64
+# Journal entries cut by shard at once: compressing a part costs a fixed ~0.2 ms whatever
+# its size, so parts of a few hundred entries (one 10,000-entry journal document cut 64
+# ways) would spend seconds on it for a million entries.
+CUT_ROWS: Final = 65_536
 
 
-def _sources(parts: list[pa.Table], shard_count: int) -> list[Callable[[], pa.Table]]:
-    """Folded parts of a ``len(parts)``-shard layout as the shards of a layout of at most ``shard_count``.
-
-    Both counts are powers of two. With at least as many shards as parts, each part is a
-    whole shard of its own layout (split further by :meth:`Compactor._split`); with fewer,
-    shard ``k`` is the union of the parts congruent to ``k``.
-    """
-    if shard_count >= len(parts):
-        return [functools.partial(_itself, part) for part in parts]
-    return [
-        functools.partial(pa.concat_tables, [part for p, part in enumerate(parts) if p & (shard_count - 1) == k])
-        for k in range(shard_count)
-    ]
-
-
-def _itself(part: pa.Table) -> pa.Table:
-    return part
+def _batched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """``tables`` (one schema, in order) regrouped into tables of at least ``rows`` rows, the last one shorter."""
+    held: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        held.append(table)
+        count += table.num_rows
+        if count >= rows:
+            yield pa.concat_tables(held)
+            held, count = [], 0
+    if held:
+        yield pa.concat_tables(held)
 
 
 def _puts(entries: pa.Table) -> pa.Table:
@@ -148,24 +144,26 @@ class Compactor:
     # -- folding ------------------------------------------------------------------------------
 
     def _fold(self, fold: _Fold) -> Iterator[CompactionStep]:
-        """Fold in columns, a shard's worth at a time (docs/how-state-is-kept.md, "Firestore").
+        """Fold in columns, one shard at a time (docs/how-state-is-kept.md, "Firestore").
 
-        The journal is read as compressed blobs, cut by shard one decoded document at a
-        time, then each shard's entries are folded apart: a million ids noted and cleared
-        again never become a Python object each, nor one table sorted whole.
+        The journal is cut by shard one decoded document at a time into compressed parts,
+        then each shard's parts are folded (each id's last entry) and merged into it, and
+        only compressed blobs are kept: a million-profile journal is never held decoded
+        whole, nor as a Python object per entry.
         """
         state = fold.state
         if state.count == 0:
-            # First compaction (or after a reset): fold in FOLD_PARTITIONS parts, then size
-            # K on the uncompressed size of what is live, which bounds the compressed one.
-            live = [_puts(part) for part in self._folded_by_shard(fold, FOLD_PARTITIONS)]
-            estimate = sum(
-                (pc.sum(pc.binary_length(part.column("custom_id"))).as_py() or 0)
-                + codec.RECORD_FIXED_BYTES * part.num_rows
-                for part in live
-            )
-            shard_count = next_power_of_two(-(-estimate // self._target))
-            yield from self._build_generation(fold, _sources(live, shard_count), shard_count)
+            # First compaction (or after a reset): size K on the compressed journal (the
+            # shards hold the same records, sorted, so they pack at least as tightly), and
+            # double it in the rare case one shard still comes out over the target.
+            upto = fold.live.upto
+            shard_count = next_power_of_two(-(-fold.live.compressed_bytes * 5 // (self._target * 4)))
+            blobs = self._first_shards(fold, shard_count)
+            while blobs is None:
+                shard_count *= 2
+                fold = _Fold(fold.lease, fold.ns, fold.ref, state, self._journal.read_live(fold.ref, fold.ns, state))
+                blobs = self._first_shards(fold, shard_count)
+            yield from self._publish_generation(fold, blobs, shard_count, upto)
             return
 
         merged = self._merge(fold)
@@ -185,36 +183,48 @@ class Compactor:
             return
         yield from self._rewrite_in_place(fold, merged)
 
-    def _folded_by_shard(self, fold: _Fold, shard_count: int) -> list[pa.Table]:
-        """The live journal folded to each id's last entry, as the parts of a ``shard_count``-shard layout.
+    def _cut(self, fold: _Fold, shard_count: int) -> dict[int, list[bytes]]:
+        """The live journal's entries by shard of a ``shard_count``-shard layout, as compressed parts in write order.
 
-        Every id is hashed once. A fingerprint journal is mostly distinct puts: it is cut
-        by shard one decoded document at a time (only compressed blobs and the cut entries
-        are held), then each shard's entries are folded apart. An intent journal is mostly
-        ids noted then cleared again: it is folded whole first (without values, 17 bytes
-        an entry), and only what is left is cut by shard.
+        Consumes the live journal one document at a time, so the compressed journal and
+        the compressed parts are, together, about the size of one of them.
         """
-        ns = fold.ns
-        parts = [codec.entries(ns, codec.schema(ns, journal=True).empty_table())] * shard_count
-        if not ns.with_values:
-            for k, entries in _by_shard(codec.latest_table(ns, fold.live.tables()), shard_count):
-                parts[k] = entries
-            return parts
-        buckets: list[list[pa.Table]] = [[] for _ in range(shard_count)]
-        for table in fold.live.tables():
-            for k, entries in _by_shard(codec.entries(ns, table), shard_count):
-                buckets[k].append(entries)
-        for k, bucket in enumerate(buckets):
-            if bucket:
-                parts[k] = codec.last_per_id(pa.concat_tables(bucket))
+        parts: dict[int, list[bytes]] = {}
+        for batch in _batched((codec.entries(fold.ns, table) for table in fold.live.consume()), CUT_ROWS):
+            for k, entries in _by_shard(batch, shard_count):
+                parts.setdefault(k, []).append(codec.encode(entries))
         return parts
+
+    def _folded(self, ns: Namespace, parts: list[bytes]) -> pa.Table:
+        """One shard's compressed parts folded to each id's last entry."""
+        tables = [codec.decode(blob, ns, journal=True, where="a compaction part") for blob in parts]
+        return codec.last_per_id(pa.concat_tables(tables))
+
+    def _first_shards(self, fold: _Fold, shard_count: int) -> dict[int, bytes] | None:
+        """The live journal as ``shard_count`` shard blobs, or None if one would exceed the target."""
+        blobs: dict[int, bytes] = {}
+        parts = self._cut(fold, shard_count)
+        for k in sorted(parts):
+            records = _puts(self._folded(fold.ns, parts.pop(k)))
+            if records.num_rows == 0:
+                continue  # a shard that would be empty is never written: absent means empty
+            blob = self._encode_shard(fold.ns, records)
+            if len(blob) > self._target:
+                if records.num_rows == 1:
+                    raise FatalError(
+                        f"activation {fold.lease.activation!r}: one {fold.ns.key} record packs to {len(blob)} "
+                        f"bytes, over the {self._target}-byte shard target"
+                    )
+                return None
+            blobs[k] = blob
+        return blobs
 
     def _merge(self, fold: _Fold) -> dict[int, bytes]:
         """The journal merged into every shard it touches: ``{k: new blob}`` (only compressed results kept)."""
         ns, ref, state = fold.ns, fold.ref, fold.state
-        groups = {k: part for k, part in enumerate(self._folded_by_shard(fold, state.count)) if part.num_rows}
+        parts = self._cut(fold, state.count)
         merged: dict[int, bytes] = {}
-        affected = sorted(groups)
+        affected = sorted(parts)
         for start in range(0, len(affected), SHARD_READ_BATCH):
             batch = affected[start : start + SHARD_READ_BATCH]
             shard_refs = {k: self._collections.shard(ref, ns, state.gen, k) for k in batch}
@@ -222,14 +232,14 @@ class Compactor:
             for k in batch:
                 path = shard_refs[k].path
                 current = docs[path]
-                entries = groups.pop(k)
+                entries = self._folded(ns, parts.pop(k))
                 stored = codec.schema(ns, journal=False).empty_table()
                 if current is not None:
                     stored = self._decode_shard(ns, current["blob"], path)
                 # The journal's last word on an id replaces what the shard held: a put is
                 # its new record, a deletion leaves nothing.
                 replaced = pc.is_in(stored.column("custom_id"), value_set=entries.column("custom_id"))
-                puts = codec.shard_table(ns, entries.filter(entries.column("put")))
+                puts = codec.shard_table(ns, _puts(entries))
                 merged[k] = self._encode_shard(ns, pa.concat_tables([stored.filter(pc.invert(replaced)), puts]))
         return merged
 
@@ -255,17 +265,21 @@ class Compactor:
     def _build_generation(
         self, fold: _Fold, sources: Sequence[Callable[[], pa.Table]], shard_count: int
     ) -> Iterator[CompactionStep]:
-        """Write a new shard generation of (at least) ``shard_count`` shards and flip to it.
+        """Write a new shard generation of (at least) ``shard_count`` shards from ``sources`` and flip to it.
 
-        ``sources`` are the records of the old layout with the journal already merged
-        (for a first build, one source: the journal's puts).
+        ``sources`` are the records of the old layout with the journal already merged.
         """
-        lease, ns, state = fold.lease, fold.ns, fold.state
-        blobs = self._split(lease.activation, ns, sources, shard_count)
+        blobs = self._split(fold.lease.activation, fold.ns, sources, shard_count)
         while blobs is None:
             shard_count *= 2
-            blobs = self._split(lease.activation, ns, sources, shard_count)
+            blobs = self._split(fold.lease.activation, fold.ns, sources, shard_count)
+        yield from self._publish_generation(fold, blobs, shard_count, fold.upto)
 
+    def _publish_generation(
+        self, fold: _Fold, blobs: dict[int, bytes], shard_count: int, upto: JournalMark
+    ) -> Iterator[CompactionStep]:
+        """Announce a new generation, write its shard ``blobs``, then flip to it with the journal to ``upto`` folded."""
+        lease, ns, state = fold.lease, fold.ns, fold.state
         # Announce the generation before writing it, so a compaction that dies half way
         # leaves documents the next one knows to delete.
         new_gen = max(state.gen_seq, state.gen, (state.building or {}).get("gen", 0)) + 1
@@ -285,13 +299,14 @@ class Compactor:
                     f"activation {lease.activation!r}: shard generation {new_gen} was superseded during "
                     "compaction; nothing was flipped"
                 )
-            current.go_live(new_gen, shard_count, fold.upto)
+            current.go_live(new_gen, shard_count, upto)
 
+        writes = [(self._collections.shard(fold.ref, ns, new_gen, k), blobs.pop(k)) for k in sorted(blobs)]
         yield from self._write_then_fold(
             lease,
             ns,
             lambda current: current.building == announced,
-            [(self._collections.shard(fold.ref, ns, new_gen, k), blob) for k, blob in sorted(blobs.items())],
+            writes,
             shard_count,
             flip,
         )
