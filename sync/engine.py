@@ -338,10 +338,12 @@ class Run:
             self.log.info("lease held by another run; exiting", detail=str(error))
             return self._finish_early(RunStatus.SKIPPED_LEASE_HELD, error)
         self.run.lease_token = self._lease.token
-        self._close_abandoned_runs()
-        self.store.save_run(self.record)
+        # Renewed from now on: what follows talks to the state store, which can take a while
+        # (a remote Firestore), and a short lease must not expire meanwhile.
         renewer = asyncio.create_task(self._renew_lease_forever())
         try:
+            await asyncio.to_thread(self._close_abandoned_runs)
+            await asyncio.to_thread(self.store.save_run, self.record)
             await self._under_lease(prepared)
         except GuardTripped as error:
             self.run.status = RunStatus.ABORTED_BY_GUARD
@@ -390,7 +392,7 @@ class Run:
     async def _under_lease(self, prepared: _Prepared) -> None:
         lease = self._current_lease()
         await asyncio.to_thread(self.store.compact, lease, self.clock.now())  # recover a crashed run's journal
-        meta = self.store.load_meta(self.activation.name)
+        meta = await asyncio.to_thread(self.store.load_meta, self.activation.name)
         scan = await self._scan(prepared, meta)
         try:
             moved = await asyncio.to_thread(self._plan_moved, prepared, scan)
@@ -1014,9 +1016,17 @@ class Run:
         return deadline
 
     async def _renew_lease_forever(self) -> None:
+        """Keep the lease at least two thirds of its ttl ahead.
+
+        Each renewal is due once a third of the ttl has passed since the expiry was set,
+        counted from the lease itself rather than from the last wake-up: a first state
+        call can be slow (a cold client's first Firestore request took over a second on
+        the emulator) and eat into a short lease before this task even starts.
+        """
         ttl = self.options.lease_ttl_seconds
         while True:
-            await asyncio.sleep(max(ttl / 3, 0.05))
+            left = (self._current_lease().expires_at - self.clock.now()).total_seconds()
+            await asyncio.sleep(max(left - ttl * 2 / 3, 0.05))
             try:
                 renewed = await asyncio.to_thread(self.store.renew_lease, self._current_lease(), ttl, self.clock.now())
             except LeaseLost:

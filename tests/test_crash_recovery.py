@@ -1,7 +1,8 @@
 """A run killed with SIGKILL mid-send (the real CLI in a subprocess), then a clean run.
 
 Proves guarantees 2 (convergence), 3 (bounded duplicates: at most the unflushed window
-plus the requests in flight) and 7 (mirror owns what it may have sent, via intents).
+plus the requests in flight) and 7 (mirror owns what it may have sent, via intents), on
+both state stores: SQLite, and Firestore on the emulator (the production path).
 """
 
 from __future__ import annotations
@@ -11,21 +12,68 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sync.dev.simulator import BatchSimulator, SimulatorThread
+from sync.state.base import StateStore
+from sync.state.firestore import FirestoreStateStore
 from sync.state.sqlite import SQLiteStateStore
-from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, people, stored_ids, write_segment
+from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, people, write_segment
 
 pytestmark = pytest.mark.slow
 
 ROWS = 3_000
 BATCH = 200  # /profiles/update
 CONCURRENCY = 2
+
+
+@dataclass(frozen=True)
+class CrashState:
+    """Where the CLI under test keeps its state, and how the test opens the same state."""
+
+    url: str
+    env: dict[str, str]
+    opener: Callable[[], StateStore]
+
+    def stored_ids(self) -> set[str]:
+        store = self.opener()
+        try:
+            return set(store.load_fingerprints("crash_test"))
+        finally:
+            store.close()
+
+    def intents(self) -> set[str]:
+        store = self.opener()
+        try:
+            return store.load_intents("crash_test")
+        finally:
+            store.close()
+
+    def runs(self) -> list[dict[str, object]]:
+        store = self.opener()
+        try:
+            return sorted(store.list_runs("crash_test"), key=lambda record: str(record["started_at"]))
+        finally:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("firestore", marks=pytest.mark.emulator)])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> CrashState:
+    if request.param == "sqlite":
+        path = tmp_path / "state.db"
+        return CrashState(f"sqlite:///{path}", {}, lambda: SQLiteStateStore(path))
+    emulator = request.getfixturevalue("firestore_emulator")
+    prefix = request.getfixturevalue("firestore_prefix")
+    return CrashState(
+        f"firestore://{emulator.project}/(default)?prefix={prefix}",
+        {"FIRESTORE_EMULATOR_HOST": emulator.host},
+        lambda: FirestoreStateStore(emulator.client(), prefix=prefix, close_client=True),
+    )
 
 
 @pytest.fixture
@@ -57,7 +105,7 @@ def write_activation(directory: Path, base_url: str, *, mode: str, flush_every: 
     return path
 
 
-def cli(config: Path, state: Path, *extra: str, lease_ttl: float = 2) -> subprocess.Popen[bytes]:
+def cli(config: Path, state: CrashState, *extra: str, lease_ttl: float = 2) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -66,12 +114,12 @@ def cli(config: Path, state: Path, *extra: str, lease_ttl: float = 2) -> subproc
             "run",
             str(config),
             "--state",
-            f"sqlite:///{state}",
+            state.url,
             "--lease-ttl",
             str(lease_ttl),
             *extra,
         ],
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV, **state.env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -92,17 +140,16 @@ def kill_after_applied(process: subprocess.Popen[bytes], simulator: BatchSimulat
 
 
 def test_killed_run_resends_at_most_the_unflushed_window_and_converges(
-    tmp_path: Path, simulator: SimulatorThread
+    tmp_path: Path, simulator: SimulatorThread, state: CrashState
 ) -> None:
     sim = simulator.simulator
     sim.faults.latency_ms = 40
     write_segment(tmp_path / "segment.duckdb", people(ROWS))
     flush_every = 200
     config = write_activation(tmp_path, simulator.base_url, mode="upsert", flush_every=flush_every)
-    state = tmp_path / "state.db"
 
     applied_at_kill = kill_after_applied(cli(config, state), sim, 1_400)
-    committed = len(stored_ids(state, "crash_test"))
+    committed = len(state.stored_ids())
     assert committed <= applied_at_kill  # guarantee 1: nothing stored that Batch did not take
     assert committed >= applied_at_kill - flush_every - CONCURRENCY * BATCH
 
@@ -120,12 +167,8 @@ def test_killed_run_resends_at_most_the_unflushed_window_and_converges(
     held = sim.profiles(PROJECT_KEY)
     assert len(held) == ROWS
     assert all(held[f"c{i:05d}"]["points"] == i for i in range(ROWS))
-    assert len(stored_ids(state, "crash_test")) == ROWS
-    store = SQLiteStateStore(state)
-    try:
-        killed, recovered = sorted(store.list_runs("crash_test"), key=lambda r: r["started_at"])
-    finally:
-        store.close()
+    assert len(state.stored_ids()) == ROWS
+    killed, recovered = state.runs()
     assert killed["status"] == "abandoned"  # noticed and labelled by the next run
     # The record follows the commits, at most every 5 s (one document: Firestore's write rate);
     # the first commit is always recorded, and the record is never ahead of the state.
@@ -134,7 +177,7 @@ def test_killed_run_resends_at_most_the_unflushed_window_and_converges(
 
 
 def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segment(
-    tmp_path: Path, simulator: SimulatorThread
+    tmp_path: Path, simulator: SimulatorThread, state: CrashState
 ) -> None:
     sim = simulator.simulator
     sim.faults.latency_ms = 40
@@ -142,23 +185,18 @@ def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segmen
     write_segment(tmp_path / "segment.duckdb", rows)
     # No flush before the kill: Batch holds profiles the journal never recorded.
     config = write_activation(tmp_path, simulator.base_url, mode="mirror", flush_every=1_000_000)
-    state = tmp_path / "state.db"
 
     kill_after_applied(cli(config, state), sim, 800)
-    assert stored_ids(state, "crash_test") == set()
+    assert state.stored_ids() == set()
     landed = {cid for cid, attrs in sim.profiles(PROJECT_KEY).items() if attrs}
     assert landed
-    store = SQLiteStateStore(state)
-    try:
-        # Guarantee 7: every profile that reached Batch had its intent recorded first. The
-        # streamed pipeline notes them a window of 2,000 profiles at a time, before any
-        # request of the window leaves: at most that window, the queued group and the
-        # requests in flight are noted beyond what landed.
-        intents = store.load_intents("crash_test")
-        assert landed <= intents
-        assert len(intents) <= len(landed) + 2_000 + (CONCURRENCY + 1) * BATCH
-    finally:
-        store.close()
+    # Guarantee 7: every profile that reached Batch had its intent recorded first. The
+    # streamed pipeline notes them a window of 2,000 profiles at a time, before any request
+    # of the window leaves: at most that window, the queued group and the requests in flight
+    # are noted beyond what landed.
+    intents = state.intents()
+    assert landed <= intents
+    assert len(intents) <= len(landed) + 2_000 + (CONCURRENCY + 1) * BATCH
 
     for row in rows[:600]:
         row["active"] = False
@@ -176,16 +214,16 @@ def test_mirror_clears_profiles_acknowledged_before_a_crash_that_left_the_segmen
     assert held == {f"c{i:05d}" for i in range(600, ROWS)}
     departed_that_had_landed = {f"c{i:05d}" for i in range(600)} & landed
     assert departed_that_had_landed, "the crash should have left some departed profiles in Batch"
-    store = SQLiteStateStore(state)
-    try:
-        assert store.load_intents("crash_test") == set()
-    finally:
-        store.close()
+    assert state.intents() == set()
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_commits_what_was_acknowledged_and_frees_the_lease(
-    tmp_path: Path, simulator: SimulatorThread, stop: signal.Signals, request: pytest.FixtureRequest
+    tmp_path: Path,
+    simulator: SimulatorThread,
+    stop: signal.Signals,
+    request: pytest.FixtureRequest,
+    state: CrashState,
 ) -> None:
     if stop is signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # A shell starts a background job with SIGINT ignored, and a child inherits that:
@@ -198,7 +236,6 @@ def test_an_interrupted_run_commits_what_was_acknowledged_and_frees_the_lease(
     write_segment(tmp_path / "segment.duckdb", people(ROWS))
     # No flush would happen before the end: only the interruption handler commits.
     config = write_activation(tmp_path, simulator.base_url, mode="upsert", flush_every=1_000_000)
-    state = tmp_path / "state.db"
     process = cli(config, state, lease_ttl=600)
     deadline = time.monotonic() + 60
     while sim.stats()["profiles_applied"] < 800:
@@ -210,14 +247,10 @@ def test_an_interrupted_run_commits_what_was_acknowledged_and_frees_the_lease(
     assert process.returncode == 130, output
     time.sleep(0.3)
     applied_at_stop = sim.stats()["profiles_applied"]
-    committed = len(stored_ids(state, "crash_test"))
+    committed = len(state.stored_ids())
     assert 0 < committed <= applied_at_stop
     assert applied_at_stop - committed <= CONCURRENCY * BATCH  # only what was in flight
-    store = SQLiteStateStore(state)
-    try:
-        record = store.list_runs("crash_test")[0]
-    finally:
-        store.close()
+    record = state.runs()[-1]
     assert record["status"] == "interrupted"
     assert record["checkpoint"]["committed"] == committed
 
@@ -226,4 +259,4 @@ def test_an_interrupted_run_commits_what_was_acknowledged_and_frees_the_lease(
     output = finished.communicate(timeout=120)[0].decode()
     assert finished.returncode == 0, output
     assert sim.stats()["profiles_applied"] - ROWS == applied_at_stop - committed
-    assert len(stored_ids(state, "crash_test")) == ROWS
+    assert len(state.stored_ids()) == ROWS
