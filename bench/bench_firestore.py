@@ -65,6 +65,7 @@ from bench_sync import (  # noqa: E402
 from measured_run import run_child  # noqa: E402
 
 from sync.batch.endpoint import Endpoint  # noqa: E402
+from sync.function.settings import DEFAULT_LEASE_TTL_SECONDS  # noqa: E402
 from tests.support.firestore_emulator import FirestoreEmulator  # noqa: E402
 
 CHILD_SCRIPT = REPO_ROOT / "bench" / "engine_child.py"
@@ -150,6 +151,8 @@ def run_case(
         }
     else:
         spec = {"state": {"kind": "sqlite", "path": str(scratch / "state.db")}}
+    # The deployed function's lease (renewed every third of it): the Cloud path's writes.
+    spec["lease_ttl_seconds"] = DEFAULT_LEASE_TTL_SECONDS
     results: dict[str, dict[str, Any]] = {}
     with simulator_process(env, scratch / "simulator.log") as base_url:
         spec["activation"] = build_activation(database, base_url, case.concurrency)

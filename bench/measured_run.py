@@ -53,6 +53,8 @@ def measure_run(spec: dict[str, Any], store: Any, counters: Callable[[], dict[st
     activation = parse_activation(spec["activation"], source="bench")
     source = open_source(activation)
     options = RunOptions(trigger="bench")
+    if spec.get("lease_ttl_seconds") is not None:
+        options.lease_ttl_seconds = float(spec["lease_ttl_seconds"])
     if spec.get("time_budget_seconds") is not None:
         options.time_budget_seconds = float(spec["time_budget_seconds"])
     if spec.get("continuation_of"):
