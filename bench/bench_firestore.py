@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_firestore.py                   # 20k on /update (c4, c8), 1M on mass-update
     .venv/bin/python bench/bench_firestore.py --quick           # 5,000 on /update, no 1M case
-    .venv/bin/python bench/bench_firestore.py --baseline 869c4e8 --rows-large 0
+    .venv/bin/python bench/bench_firestore.py --baseline none --rows-large 0    # this engine, 20k cases
 
 What runs (bench/README.md says how to read the figures):
 
@@ -88,9 +88,10 @@ FLOOR_FACTOR = 1.1  # 20k on /update: first sync within 10 % of Batch's floor
 MAX_SUSTAINED_WRITES_PER_DOCUMENT = 1.0  # Firestore's guidance: ~1 sustained write/s per document
 MASS_UPDATE_SECONDS = 110.0  # 1M on mass-update: first sync
 RSS_FACTOR = 1.1  # Firestore's peak RSS within 10 % of SQLite's, same case and engine
-# What an exhausted transaction retry says, before and after the journal rewrite: the
-# Firestore client's "Failed to commit transaction", gRPC's ABORTED, our own message.
-_CONTENTION = re.compile(r"contention|contended|failed to commit transaction|aborted|lock timeout", re.IGNORECASE)
+# What an exhausted transaction retry says: the Firestore client's "Failed to commit
+# transaction" (869c4e8), the emulator's "Transaction lock timeout", Firestore's "Too much
+# contention", the store's own message once it names what contended.
+_CONTENTION = re.compile(r"contention|contended|failed to commit transaction|lock timeout", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
 
 
 @dataclass(frozen=True)
-class Services:
-    """What every case shares: the options, the children's environment, scratch, the emulator."""
+class Setup:
+    """What every case runs with: the options, the children's environment, scratch, the emulator."""
 
     args: argparse.Namespace
     env: dict[str, str]
@@ -134,11 +135,11 @@ class Services:
 
 
 def run_case(
-    services: Services, case: Case, engine: str, tree: Path, state: str, base: Path, rep: int
+    setup: Setup, case: Case, engine: str, tree: Path, state: str, base: Path, rep: int
 ) -> dict[str, dict[str, Any]]:
     """A first sync then a delta of ``case`` with ``engine`` on ``state``; the two runs' figures."""
-    args, env, emulator = services.args, services.env, services.emulator
-    scratch = services.workdir / f"{engine}-{case.slug}-{state}-{rep}"
+    args, env, emulator = setup.args, setup.env, setup.emulator
+    scratch = setup.workdir / f"{engine}-{case.slug}-{state}-{rep}"
     scratch.mkdir(parents=True, exist_ok=True)
     database = scratch / "segment.duckdb"
     shutil.copy(base, database)
@@ -555,7 +556,7 @@ def main(argv: list[str]) -> int:
             engines: list[tuple[str, Path]] = [("current", REPO_ROOT)]
             if report["baseline"]:
                 engines.insert(0, ("baseline", services.enter_context(baseline_tree(args.baseline, workdir))))
-            shared = Services(args, env, workdir, emulator)
+            setup = Setup(args, env, workdir, emulator)
             for case in cases:
                 if case.rows not in segments:
                     segments[case.rows] = workdir / f"segment-{case.rows}.duckdb"
@@ -565,7 +566,7 @@ def main(argv: list[str]) -> int:
                     # Alternate which engine goes first, so drift on a shared machine hits both.
                     for name, tree in engines if rep % 2 == 0 else list(reversed(engines)):
                         for state in args.states:
-                            runs = run_case(shared, case, name, tree, state, segments[case.rows], rep)
+                            runs = run_case(setup, case, name, tree, state, segments[case.rows], rep)
                             for run_name, result in runs.items():
                                 raw.setdefault((name, case.name, state, run_name), []).append(result)
     except BaseException:
