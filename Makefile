@@ -46,8 +46,9 @@ lint: install ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff format --check sync tests main.py infra bench
 	$(BIN)/mypy sync main.py
 
-bench: install ## Benchmark: 1M profiles DuckDB -> simulator, this engine vs the previous one (x3), then a 5M first sync
+bench: install ## Benchmark: 1M profiles DuckDB -> simulator vs the previous engine (x3), a 5M first sync; then Firestore state beside SQLite
 	$(BIN)/python bench/bench_sync.py
+	$(BIN)/python bench/bench_firestore.py
 
 bench-warehouse: install bigquery-emulator ## Warehouse diff vs function diff on the local BigQuery emulator (rows leaving the warehouse)
 	$(BIN)/python bench/bench_warehouse.py

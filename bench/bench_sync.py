@@ -23,11 +23,9 @@ Figures are printed as a table and written to ``bench/results/latest.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import resource
 import secrets
 import shlex
 import shutil
@@ -48,6 +46,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import duckdb
 import pyarrow as pa
 import yaml
+from measured_run import child_main as measured_child
+from measured_run import run_child
 
 from sync.batch.endpoint import Endpoint
 from sync.dev.demo import SCHEMA as DEMO_SCHEMA
@@ -260,97 +260,15 @@ def _open_child_store(spec: dict[str, Any]) -> tuple[StateStore, Callable[[], di
     return store, store.stats
 
 
-def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """One real engine run (the same edges `cepsync run` builds); measured from inside."""
-    from sync.config import parse_activation
-    from sync.engine import Run, RunOptions
-    from sync.logs import configure_logging
-    from sync.runtime import build_client, open_source
-
-    if spec.get("cpus"):
-        # The Cloud Functions default: one vCPU. The simulator keeps the other core.
-        os.sched_setaffinity(0, set(spec["cpus"]))
-    configure_logging(level="warning")
-    activation = parse_activation(spec["activation"], source="bench")
-    source = open_source(activation)
-    store, counters = _open_child_store(spec)
-    options = RunOptions(trigger="bench")
-    if spec.get("time_budget_seconds") is not None:
-        options.time_budget_seconds = float(spec["time_budget_seconds"])
-    if spec.get("continuation_of"):
-        options.continuation_of = str(spec["continuation_of"])
-    try:
-        run = Run(activation, source=source, store=store, client=build_client(activation), options=options)
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        started = time.perf_counter()
-        result = asyncio.run(run.execute())
-        wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        # Read right after the run: this store instance served the whole run and nothing
-        # else (creating it issues no request), so these are the run's own Firestore ops.
-        store_stats = counters()
-    finally:
-        source.close()
-        store.close()
-    return {
-        "record": result.record,
-        "wall_seconds": round(wall, 3),
-        "cpu_seconds": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 3),
-        "peak_rss_bytes": peak_rss_bytes(after),
-        "state_store": store_stats,
-    }
-
-
-def peak_rss_bytes(usage: resource.struct_rusage) -> int:
-    """This process image's peak resident set: ``VmHWM`` where Linux has it.
-
-    Not ``ru_maxrss`` alone: Linux carries a process's peak across ``exec`` (it keeps the
-    larger of the old and new images' peaks), and a child started by ``subprocess`` is a
-    fork or vfork of the bench, whose peak while it generated the segment (~370 MB at 1M,
-    ~570 MB at 5M) then shows as the engine's. ``ru_maxrss`` (KiB on Linux) is the fallback.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(usage.ru_maxrss) * 1024
-
-
-def run_child(
-    spec: dict[str, Any], workdir: Path, env: dict[str, str], label: str, *, tree: Path = REPO_ROOT
-) -> dict[str, Any]:
-    """Run an engine child (`bench_sync.py --_child run SPEC`) of the code in ``tree``; its JSON result.
-
-    ``tree`` is this checkout, or a checkout of the baseline commit: its own bench script
-    runs its own engine (``PYTHONPATH`` puts that tree's ``sync`` first), against the same
-    segment, simulator and machine, so the two are compared in one run.
-    """
-    spec_path = workdir / f"{label}.spec.json"
-    result_path = workdir / f"{label}.result.json"
-    spec_path.write_text(json.dumps({**spec, "result_path": str(result_path)}), encoding="utf-8")
-    command = [sys.executable, str(tree / "bench" / "bench_sync.py"), "--_child", "run", str(spec_path)]
-    child_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    with (workdir / f"{label}.log").open("wb") as log:
-        completed = subprocess.run(command, env=child_env, cwd=tree, stdout=log, stderr=subprocess.STDOUT, check=False)  # noqa: S603 - a bench script of ours, fixed arguments
-    elapsed = time.perf_counter() - started
-    if completed.returncode != 0:
-        raise RuntimeError(f"{label}: child exited with code {completed.returncode}; see {workdir / f'{label}.log'}")
-    result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
-    result["process_seconds"] = round(elapsed, 3)
-    return result
+def _script(tree: Path) -> Path:
+    """The bench script of ``tree``: a baseline checkout runs its own engine its own way."""
+    return tree / "bench" / "bench_sync.py"
 
 
 def child_main(kind: str, spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if kind != "run":
         raise SystemExit(f"unknown child kind {kind!r}")
-    result = _child_run(spec)
-    Path(spec["result_path"]).write_text(json.dumps(result, default=str), encoding="utf-8")
-    return 0
+    return measured_child(spec_path, _open_child_store)
 
 
 @contextmanager
@@ -542,7 +460,7 @@ def one_engine(
                 remove_rows(database, args.rows, args.removed_percent)
             before = _get_json(f"{base_url}/_sim/stats")
             _step(f"{name} #{rep + 1}: {run_name}")
-            result = summarise_run(run_child(spec, scratch, env, f"run-{run_name}", tree=tree))
+            result = summarise_run(run_child(spec, scratch, env, f"run-{run_name}", script=_script(tree), tree=tree))
             after = _get_json(f"{base_url}/_sim/stats")
             result["too_many_requests"] = after.get("too_many_requests", 0) - before.get("too_many_requests", 0)
             result["peak_rss_mb"] = result["peak_rss_bytes"] / 1e6
@@ -570,7 +488,9 @@ def big_first_sync(args: argparse.Namespace, env: dict[str, str], workdir: Path)
         while True:
             _step(f"first sync, invocation {len(legs) + 1}")
             leg_spec = {**spec, "continuation_of": root}
-            result = run_child(leg_spec, scratch, env, f"big-{len(legs) + 1}")
+            result = run_child(
+                leg_spec, scratch, env, f"big-{len(legs) + 1}", script=_script(REPO_ROOT), tree=REPO_ROOT
+            )
             record = result["record"]
             legs.append(
                 {
@@ -598,6 +518,34 @@ def big_first_sync(args: argparse.Namespace, env: dict[str, str], workdir: Path)
     }
 
 
+def bench_env() -> dict[str, str]:
+    """The children's environment: ours, plus fresh random Batch keys for this bench only."""
+    return {
+        **os.environ,
+        API_KEY_ENV: "bench-" + secrets.token_hex(16),
+        PROJECT_KEY_ENV: "project_bench" + secrets.token_hex(8),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were taken on."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "duckdb": duckdb.__version__,
+    }
+
+
+def publish(report: dict[str, Any], output: Path, render: Callable[[dict[str, Any]], str]) -> None:
+    """Write the figures as JSON to ``output``, then print them as ``render`` lays them out."""
+    report["ended_at"] = datetime.now(UTC).isoformat()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    print(render(report))
+    print(f"\nfigures written to {output}")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:
@@ -607,24 +555,14 @@ def main(argv: list[str]) -> int:
     command = shlex.join([Path(sys.executable).name, "bench/bench_sync.py", *argv])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cepsync-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    # Fresh random keys for this bench only; they go to the children through the environment.
-    env = {
-        **os.environ,
-        API_KEY_ENV: "bench-" + secrets.token_hex(16),
-        PROJECT_KEY_ENV: "project_bench" + secrets.token_hex(8),
-    }
+    env = bench_env()
     report: dict[str, Any] = {
         "command": command,
         "started_at": datetime.now(UTC).isoformat(),
         "rows": args.rows,
         "repeat": args.repeat,
         "baseline": None if args.baseline == "none" else args.baseline,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(terse=True),
-            "duckdb": duckdb.__version__,
-        },
+        "machine": machine(),
         "runs": {},
     }
     try:
@@ -661,11 +599,7 @@ def main(argv: list[str]) -> int:
         raise
     if not args.keep and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    report["ended_at"] = datetime.now(UTC).isoformat()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    print(render(report))
-    print(f"\nfigures written to {args.output}")
+    publish(report, args.output, render)
     failed = [
         f"{engine}/{name}"
         for engine, engine_runs in report["runs"].items()
