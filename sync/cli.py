@@ -205,6 +205,7 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("rows read", "rows"),
         ("new", "new"),
         ("changed", "changed"),
+        ("  sends of an earlier run never acknowledged (checked again)", "unconfirmed"),
         (unchanged, "unchanged"),
         ("  of which not even mapped", "skipped_unmapped"),
         ("removed (mirror)", "removed"),
@@ -229,7 +230,7 @@ def summary_table(record: dict[str, Any]) -> Table:
 
 # Rows about Batch's per-item errors: rare, so shown only when something happened.
 _ROWS_SHOWN_WHEN_NOT_ZERO = frozenset(
-    {"persistent_unchanged", "failed_by_item_error", "persistent", "item_errors_retried"}
+    {"persistent_unchanged", "failed_by_item_error", "persistent", "item_errors_retried", "unconfirmed"}
 )
 
 

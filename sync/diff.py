@@ -128,6 +128,23 @@ class IdScan:
         return sum(self.duplicates.values())
 
 
+def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
+    """``stored`` with zero fingerprints for the ``unconfirmed`` ids (so they never look unchanged)."""
+    if not unconfirmed:
+        return stored
+    doubtful = pc.fill_null(
+        pc.is_in(stored.column("custom_id"), value_set=pa.array(sorted(set(unconfirmed)), pa.string())), False
+    )
+    if not pc.any(doubtful).as_py():
+        return stored
+    zero = pa.scalar(0, pa.uint64())
+    for name in ("raw", "payload"):
+        stored = stored.set_column(
+            stored.schema.get_field_index(name), name, pc.if_else(doubtful, zero, stored.column(name))
+        )
+    return stored
+
+
 class SegmentDiff:
     """The differ of one run: an in-memory DuckDB holding the stored fingerprints.
 
@@ -137,6 +154,9 @@ class SegmentDiff:
         schema: The segment's Arrow schema (``Source.schema()``).
         stored: The acknowledged fingerprints (``sync.state.base.FINGERPRINT_SCHEMA``).
         intents: Ids recorded as possibly synced (mirror mode), not in ``stored``.
+        unconfirmed: Ids an earlier run sent without a committed acknowledgement (its notes
+            were never settled): Batch may hold a payload their stored fingerprint does not
+            say, so it is read as zero, and they are mapped and sent again.
         salt: :func:`raw_salt` of this run.
         after: A continued full pass's watermark: :meth:`rows_to_send` leaves out the rows
             whose id is at or below it (its first legs sent them), before joining or sorting.
@@ -150,6 +170,7 @@ class SegmentDiff:
         schema: pa.Schema,
         stored: pa.Table,
         intents: Sequence[str] = (),
+        unconfirmed: Sequence[str] = (),
         salt: str,
         on_rows: Callable[[int], None] | None = None,
         after: str | None = None,
@@ -165,7 +186,7 @@ class SegmentDiff:
         self._after = after
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
-        self._stored = stored
+        self._stored = _distrusted(stored, unconfirmed)
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
         self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})

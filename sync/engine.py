@@ -26,7 +26,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -417,11 +417,13 @@ class Run:
     async def _scan(self, prepared: _Prepared, meta: ActivationMeta) -> _Scan:
         """Load the state as arrays and read the id column: counts, duplicates, removals."""
         activation = self.activation
-        intents = (
-            await asyncio.to_thread(self.store.load_intents, activation.name)
-            if activation.sync_mode is SyncMode.MIRROR
-            else set()
-        )
+        mirror = activation.sync_mode is SyncMode.MIRROR
+        # Intents an earlier run noted and never settled: ids it may have sent without a
+        # committed acknowledgement. Mirror mode owns them; in both modes, what Batch holds
+        # for them may differ from their stored fingerprint (docs/how-state-is-kept.md).
+        intents = await asyncio.to_thread(self.store.load_intents, activation.name)
+        if intents:
+            self.run.counts["unconfirmed"] = len(intents)
         self._refusals = await asyncio.to_thread(self.store.load_refusals, activation.name)
         continuation = meta.continuation or {}
         full = self.options.full or activation.run_type is RunType.FULL_ONLY or bool(continuation.get("full"))
@@ -435,7 +437,8 @@ class Run:
                 columns=prepared.mapper.columns,
                 schema=prepared.schema,
                 mapping_version=prepared.version,
-                intents=sorted(intents),
+                intents=sorted(intents) if mirror else (),
+                unconfirmed=sorted(intents),
                 on_rows=self.progress.rows_read,
             )
         else:
@@ -445,7 +448,8 @@ class Run:
                 columns=prepared.mapper.columns,
                 schema=prepared.schema,
                 stored=stored,
-                intents=sorted(intents),
+                intents=sorted(intents) if mirror else (),
+                unconfirmed=sorted(intents),
                 salt=salt,
                 on_rows=self.progress.rows_read,
                 after=str(watermark) if watermark else None,
@@ -658,10 +662,12 @@ class Run:
             try:
                 await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
                 if ids.removed and not sender.incomplete and not sender.failed:
-                    for start in range(0, len(ids.removed), endpoint.send_batch):
-                        if not await sender.submit(
-                            SendGroup(removals=ids.removed[start : start + endpoint.send_batch])
-                        ):
+                    removals = (
+                        SendGroup(removals=ids.removed[start : start + endpoint.send_batch])
+                        for start in range(0, len(ids.removed), endpoint.send_batch)
+                    )
+                    for group in self._note_intents(removals, window=INTENT_WINDOW_PROFILES):
+                        if not await sender.submit(group):
                             break
                 await sender.drain()
             finally:
@@ -692,8 +698,7 @@ class Run:
         def produce() -> None:
             try:
                 groups = self._produce_sends(prepared, scan, moved, tally, group_size=endpoint.send_batch)
-                if self.activation.sync_mode is SyncMode.MIRROR:
-                    groups = self._note_intents(groups, window=INTENT_WINDOW_PROFILES)
+                groups = self._note_intents(groups, window=INTENT_WINDOW_PROFILES)
                 for group in groups:
                     asyncio.run_coroutine_threadsafe(queue.put(group), loop).result()
                     if self._stop.is_set():
@@ -910,31 +915,35 @@ class Run:
 
         return checkpoint
 
-    def _note_intents(self, groups: Iterator[SendGroup], *, window: int) -> Iterator[SendGroup]:
-        """Mirror: make the new ids of a window of groups durable intents in one append, then hand them on.
+    def _note_intents(self, groups: Iterable[SendGroup], *, window: int) -> Iterator[SendGroup]:
+        """Note the ids a window of groups may change in Batch, in one append, then hand the groups on.
 
-        Guarantee 7 (an id Batch may hold is always known) needs each new id noted before
-        the request that could create it; noting them per window of groups rather than per
+        Guarantee 7 (an id Batch may hold is always known) needs a new id noted before the
+        request that could create it (mirror mode). And any send that can leave Batch
+        holding something the stored fingerprints do not say (a changed payload, a
+        removal) is noted too: if its acknowledgement is lost (a crash, a dropped answer),
+        the next run reads the note as "unconfirmed" and sends the id again, even if its row
+        came back to the acknowledged value. Noting a window of groups rather than each
         request keeps a run's state writes to a few per window (docs/how-state-is-kept.md).
-        Runs in the producer thread. A crash leaves intents for ids never sent: harmless,
-        a clear of a profile Batch does not hold changes nothing.
+        A crash leaves notes for ids never sent: harmless, they are only sent again.
         """
         held: list[SendGroup] = []
         profiles = 0
         for group in groups:
             held.append(group)
-            profiles += len(group.upserts)
+            profiles += len(group.upserts) + len(group.removals)
             if profiles >= window:
                 yield from self._noted(held)
                 held, profiles = [], 0
         yield from self._noted(held)
 
     def _noted(self, held: list[SendGroup]) -> Iterator[SendGroup]:
-        per_group = [group.upserts.new_ids() for group in held]
-        new_ids = [custom_id for ids in per_group for custom_id in ids]
+        mirror = self.activation.sync_mode is SyncMode.MIRROR
+        per_group = [group.removals or group.upserts.noted_ids(new=mirror) for group in held]
+        noted = [custom_id for ids in per_group for custom_id in ids]
         window = None
-        if new_ids:
-            note = self.store.record_intents(self._current_lease(), new_ids)
+        if noted:
+            note = self.store.record_intents(self._current_lease(), noted)
             window = IntentWindow(note, outstanding=sum(1 for ids in per_group if ids))
         for group, ids in zip(held, per_group, strict=True):
             group.intents_noted = True

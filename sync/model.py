@@ -137,7 +137,7 @@ class IntentsNote:
 
     The engine hands it back to ``retire_intents`` once every id of it is settled, so a
     store that wrote the note as documents of its own can drop those whole, instead of
-    writing a clear of every id (docs/how-state-is-kept.md, "Mirror intents").
+    writing a clear of every id (docs/how-state-is-kept.md, "Intents").
     """
 
     custom_ids: tuple[str, ...]

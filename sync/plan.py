@@ -182,6 +182,19 @@ class ProfileRows:
         ids: list[str] = self.table.column("custom_id").filter(new).to_pylist()
         return ids
 
+    def noted_ids(self, *, new: bool) -> list[str]:
+        """Ids whose send may leave Batch holding something the stored fingerprints do not say.
+
+        The changed profiles (their stored fingerprint is the old payload), and with
+        ``new`` the new ones (mirror mode owns what it may create). An unchanged profile
+        a full pass sends again is not among them: Batch holds that payload either way.
+        """
+        kinds = pc.equal(self.table.column("kind"), _KIND_CODE[Outcome.CHANGED])
+        if new:
+            kinds = pc.or_(kinds, pc.equal(self.table.column("kind"), _KIND_CODE[Outcome.NEW]))
+        ids: list[str] = self.table.column("custom_id").filter(kinds).to_pylist()
+        return ids
+
     def last_id(self) -> str:
         last: str = self.table.column("custom_id")[-1].as_py()
         return last

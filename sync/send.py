@@ -6,11 +6,12 @@ Guarantees kept here (``docs/how-a-run-works.md``):
    (202 and not listed in ``errors``).
 3. A crash re-sends at most what was acknowledged since the last flush (every
    ``journal.flush_every_profiles`` / ``flush_every_seconds``).
-7. In mirror mode, a new id's intent is durable before the request that creates it leaves:
-   the producer notes the new ids of a window of groups in one append
-   (:class:`IntentWindow`), and the sender refuses a group that was not noted. Once every
-   id of a window is committed, the window's note is retired whole; a window with ids
-   that failed clears only its committed ids, so the failed ones stay owned.
+7. An id's intent is durable before the request that could create it (mirror mode) or
+   change what Batch holds for it (a changed payload, a removal) leaves: the producer
+   notes a window of groups in one append (:class:`IntentWindow`), and the sender refuses
+   a group that was not noted. Once every id of a window is committed, the window's note
+   is retired whole; a window with ids that failed clears only its committed ids, so the
+   failed ones stay noted, and the next run sends them again whatever their fingerprint.
 
 The sender consumes :class:`SendGroup`\\ s (one request each) from an asyncio queue that the
 mapping thread fills while it reads, so the first request leaves after the first batch is
@@ -41,19 +42,19 @@ log = structlog.get_logger("cepsync.send")
 
 @dataclass(eq=False)
 class IntentWindow:
-    """The new ids of a window of send groups, noted as mirror intents by one append.
+    """The noted ids of a window of send groups (new in mirror mode, changed, removed), noted by one append.
 
     Every group of the window reports here once answered; the journal retires the note
-    when every group was answered and every new id acknowledged and committed
-    (docs/how-state-is-kept.md, "Mirror intents"). Touched on the event loop only.
+    when every group was answered and every noted id acknowledged and committed
+    (docs/how-state-is-kept.md, "Intents"). Touched on the event loop only.
     """
 
     note: IntentsNote
     outstanding: int  # groups of the window not answered yet
-    acknowledged: list[str] = field(default_factory=list)  # new ids acknowledged, not in a commit yet
-    committing: list[str] = field(default_factory=list)  # new ids in the commit under way
-    committed: list[str] = field(default_factory=list)  # new ids whose fingerprint is durable
-    partial: bool = False  # a new id of the window was not acknowledged
+    acknowledged: list[str] = field(default_factory=list)  # noted ids acknowledged, not in a commit yet
+    committing: list[str] = field(default_factory=list)  # noted ids in the commit under way
+    committed: list[str] = field(default_factory=list)  # noted ids whose outcome is durable
+    partial: bool = False  # a noted id of the window was not acknowledged
 
     def answered(self, acknowledged: Sequence[str], *, all_acknowledged: bool) -> None:
         self.outstanding -= 1
@@ -72,10 +73,10 @@ class _Settlement:
 class Journal:
     """Acknowledged outcomes waiting to be committed; flushed by count, by time, and at the end.
 
-    Mirror intents are settled after the commit that makes them unnecessary: a removal's
-    intent is cleared, a window's note retired (or its committed ids cleared, when some of
-    its ids failed). ``stale_intents``: intents an earlier run left (noted, never settled);
-    this run's notes do not hold them, so those of its ids are cleared explicitly.
+    Intents are settled after the commit that makes them unnecessary: a window's note is
+    retired (or its committed ids cleared, when some of its ids failed).
+    ``stale_intents``: intents an earlier run left (noted, never settled); this run's notes
+    do not hold them, so those of its ids are cleared explicitly once committed.
     """
 
     def __init__(
@@ -99,8 +100,6 @@ class Journal:
         # Acknowledged outcomes: the sender's columns (JOURNAL_SCHEMA tables) or entries.
         self._pending: list[pa.Table | Sequence[JournalEntry]] = []
         self._pending_rows = 0
-        # Mirror intents no longer needed once the entries above are committed.
-        self._intents_done: list[str] = []
         # Intent windows not settled yet (in the order they were first answered).
         self._windows: list[IntentWindow] = []
         self._last_flush = clock()
@@ -114,16 +113,14 @@ class Journal:
         self,
         entries: Sequence[JournalEntry] | pa.Table,
         *,
-        intents_done: Sequence[str] = (),
         window: IntentWindow | None = None,
-        new_acknowledged: Sequence[str] = (),
-        all_new_acknowledged: bool = True,
+        noted_acknowledged: Sequence[str] = (),
+        all_noted_acknowledged: bool = True,
     ) -> None:
-        """Entries to commit, and the mirror intents they settle once committed.
+        """Entries to commit, and the intents they settle once committed.
 
-        ``intents_done``: intents to clear after the commit (acknowledged removals).
         ``window``: the intent window of the group these entries answer, with the group's
-        ``new_acknowledged`` ids and whether all its new ids were acknowledged.
+        noted ids that Batch acknowledged, and whether it acknowledged all of them.
 
         An intent only matters until the id's fingerprint (or its removal) is durable, so it
         is settled right after the commit that made it so, flush by flush: a million-profile
@@ -133,9 +130,8 @@ class Journal:
         if rows:
             self._pending.append(entries)
             self._pending_rows += rows
-        self._intents_done.extend(intents_done)
         if window is not None:
-            window.answered(new_acknowledged, all_acknowledged=all_new_acknowledged)
+            window.answered(noted_acknowledged, all_acknowledged=all_noted_acknowledged)
             if all(known is not window for known in self._windows):
                 self._windows.append(window)
 
@@ -161,7 +157,7 @@ class Journal:
         pending, rows, self._pending, self._pending_rows = self._pending, self._pending_rows, [], 0
         # What this commit settles is fixed now, with the entries it commits: a group
         # answered while the commit is under way waits for the next one.
-        cleared, self._intents_done = self._intents_done, []
+        cleared: list[str] = []
         for window in self._windows:
             window.committing, window.acknowledged = window.acknowledged, []
         self._last_flush = self._clock()
@@ -263,7 +259,6 @@ class SendTally:
     wait_seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     cleared: int = 0
-    acknowledged_new: int = 0
     # Payloads Batch refused (a partial error about the value), remembered so they are not
     # sent again unchanged, and those it failed with another per-item error after every
     # retry (kind ITEM_ERROR, one run: the engine counts the runs in a row).
@@ -352,10 +347,10 @@ class Sender:
             tally = self.tally
             if group.upserts:
                 upserts = group.upserts
-                new_ids = upserts.new_ids() if self._mirror else []
-                if new_ids and not group.intents_noted:
-                    # Guarantee 7: own what we may create, durably, before the request leaves.
-                    raise RuntimeError("a mirror group with new ids reached the sender before its intents were noted")
+                noted = upserts.noted_ids(new=self._mirror)
+                if noted and not group.intents_noted:
+                    # Guarantee 7: own what we may create, or change, durably, before the request leaves.
+                    raise RuntimeError("a group reached the sender before its intents were noted")
                 ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
                 body = request_body(ids.combine_chunks(), bodies.combine_chunks())
                 profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
@@ -383,18 +378,17 @@ class Sender:
             if group.upserts:
                 upserts = group.upserts
                 everything = len(outcome.acknowledged) == len(upserts)
-                all_new = True
-                if new_ids and not everything:
+                all_noted = True
+                if noted and not everything:
                     acknowledged = set(outcome.acknowledged)
-                    all_new = all(custom_id in acknowledged for custom_id in new_ids)
-                    new_ids = [custom_id for custom_id in new_ids if custom_id in acknowledged]
+                    all_noted = all(custom_id in acknowledged for custom_id in noted)
+                    noted = [custom_id for custom_id in noted if custom_id in acknowledged]
                 self._journal.add(
                     upserts.journal(None if everything else outcome.acknowledged),
                     window=group.intents,
-                    new_acknowledged=new_ids,
-                    all_new_acknowledged=all_new,
+                    noted_acknowledged=noted,
+                    all_noted_acknowledged=all_noted,
                 )
-                tally.acknowledged_new += len(new_ids)
                 if outcome.rejected or outcome.item_failures:
                     payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
                     tally.refusals.extend(
@@ -415,9 +409,13 @@ class Sender:
                     )
                 self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)
             else:
+                if not group.intents_noted:
+                    raise RuntimeError("a removal group reached the sender before its intents were noted")
                 self._journal.add(
                     [JournalEntry(custom_id, None) for custom_id in outcome.acknowledged],
-                    intents_done=outcome.acknowledged,
+                    window=group.intents,
+                    noted_acknowledged=outcome.acknowledged,
+                    all_noted_acknowledged=len(outcome.acknowledged) == len(group.removals),
                 )
                 tally.cleared += len(outcome.acknowledged)
             self._on_outcome(outcome)

@@ -452,3 +452,51 @@ async def test_mapping_in_worker_processes_changes_no_decision(tmp_path: Path) -
     assert counts[0] == counts[1]
     assert outcomes[0][1:] == outcomes[1][1:]
     assert counts[0]["acknowledged"] == 2_498
+
+
+@pytest.mark.parametrize("mode", ["upsert", "mirror"])
+async def test_a_send_batch_applied_without_an_acknowledgement_is_sent_again_even_if_the_row_returns(
+    sim: tuple[BatchSimulator, str], segment: Path, state: Path, tmp_path: Path, mode: str
+) -> None:
+    # Batch applies a change, the answer is lost (a dropped connection here; a crash before
+    # the journal flush does the same), so the stored fingerprint still says the old value.
+    # When the row comes back to that value, the stored fingerprint matches it: only the
+    # intent the lost send left behind says Batch may hold something else.
+    simulator, url = sim
+    activation = make_activation(
+        tmp_path,
+        url,
+        sync_mode=mode,
+        destination={"max_attempts": 1},
+        guards={"max_changed_percent": 100, "max_removed_percent": 100},
+    )
+    write_segment(segment, people(20))
+    assert (await run_once(activation, state)).status == "succeeded"
+
+    changed = people(20)
+    changed[3]["points"] = 999  # c00003 changes...
+    if mode == "mirror":
+        del changed[7]  # ...and c00007 leaves (mirror clears it)
+    write_segment(segment, changed)
+    simulator.faults.update({"drop_after_apply": 10})  # applied, then the answer is lost
+    lost = await run_once(activation, state)
+    assert lost.record["counts"]["acknowledged"] == 0
+    assert held(simulator)["c00003"]["points"] == 999
+    if mode == "mirror":
+        assert "c00007" not in held(simulator)
+    simulator.faults.clear()
+
+    write_segment(segment, people(20))  # every row back to what Batch acknowledged before
+    recovered = await run_once(activation, state)
+    assert recovered.status == "succeeded", recovered.record["error"]
+    assert recovered.record["counts"]["unconfirmed"] == (2 if mode == "mirror" else 1)
+    assert held(simulator) == {f"c{n:05d}": held(simulator)[f"c{n:05d}"] for n in range(20)}
+    assert held(simulator)["c00003"]["points"] == 3
+    assert held(simulator)["c00007"]["points"] == 7
+    store = SQLiteStateStore(state)
+    try:
+        assert store.load_intents(activation.name) == set()
+    finally:
+        store.close()
+    quiet = await run_once(activation, state)
+    assert quiet.record["counts"].get("sent", 0) == 0

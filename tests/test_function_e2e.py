@@ -503,6 +503,60 @@ def test_the_http_entry_point_runs_and_answers_the_summary(
     assert batch.stats()["profiles_received"] == received
 
 
+def test_the_function_keeps_batchs_pace_on_update_in_mirror_mode_with_eight_requests_in_flight(
+    deployment: Deployment,
+    state: FirestoreStateStore,
+    batch: BatchSimulator,
+    simulator: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    segment_dataset: str,
+) -> None:
+    # The deployed shape that once failed: mirror mode on /profiles/update at Batch's rate,
+    # 8 requests in flight, each noting intents and committing while the lease is renewed.
+    # Every append rewrote one Firestore document then, and the run died of contention.
+    client = bq_emulator.client()
+    people = (
+        "SELECT CONCAT('c', LPAD(CAST(n AS STRING), 5, '0')) AS customer_id, "
+        "CONCAT('person', CAST(n AS STRING), '@example.com') AS email, "
+        "CONCAT('Name', CAST(n AS STRING)) AS first_name, {points} AS points "
+        "FROM UNNEST(GENERATE_ARRAY({first}, {last})) AS n"
+    )
+    client.query_and_wait(
+        f"CREATE TABLE `{segment_dataset}.mirror_day1` AS " + people.format(points="n", first=1, last=5_000)
+    )
+    # Day 2: c00001..c00050 left, c05001..c05050 joined, every 100th customer scored a point.
+    client.query_and_wait(
+        f"CREATE TABLE `{segment_dataset}.mirror_day2` AS "
+        + people.format(points="IF(MOD(n, 100) = 0, n + 1, n)", first=51, last=5_050)
+    )
+    client.close()  # type: ignore[no-untyped-call]
+    server = deployment.start("http_sync", "http")
+    results = []
+    for table in ("mirror_day1", "mirror_day2"):
+        deployment.write_activation(
+            "fn_mirror",
+            source=bigquery_source(bq_emulator, segment_dataset, table),
+            destination={"base_url": simulator.base_url, "concurrency": 8},
+            sync_mode="mirror",
+        )
+        answer = server.post(json.dumps({"activation": "fn_mirror"}).encode(), {"Content-Type": "application/json"})
+        assert answer.status == 200, server.log_tail()
+        results.append(answer.json())
+    first, second = results
+    assert (first["status"], first["counts"]["acknowledged"]) == ("succeeded", 5_000)
+    assert second["status"] == "succeeded"
+    assert (second["counts"]["new"], second["counts"]["changed"], second["counts"]["removed"]) == (50, 50, 50)
+    held = {custom_id: attributes for custom_id, attributes in batch.profiles(PROJECT_KEY).items() if attributes}
+    assert set(held) == {f"c{n:05d}" for n in range(51, 5_051)}
+    assert held["c00100"]["points"] == 101
+    assert held["c00101"]["points"] == 101
+    assert set(state.load_fingerprints("fn_mirror")) == set(held)
+    assert state.load_intents("fn_mirror") == set()
+    for record in state.list_runs("fn_mirror"):
+        assert record["state_ops"]["backend"] == "firestore"
+        assert record["state_ops"]["contention_retries"] == 0
+
+
 # --- bounded redeliveries: Pub/Sub pushing to the function, as Eventarc does --------------------
 
 

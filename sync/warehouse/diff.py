@@ -47,6 +47,7 @@ class WarehouseDiff:
         schema: pa.Schema,
         mapping_version: str,
         intents: Sequence[str] = (),
+        unconfirmed: Sequence[str] = (),
         on_rows: Callable[[int], None] | None = None,
     ) -> None:
         config = activation.source
@@ -74,6 +75,9 @@ class WarehouseDiff:
             bigquery.ScalarQueryParameter("cepsync_salt", "STRING", sql.raw_salt(mapping_version, types)),
         ]
         self._intents = sorted(set(intents))
+        # Ids an earlier run sent without a committed acknowledgement: their stored
+        # fingerprints are read as zero, so they are mapped and sent again.
+        self._unconfirmed = bigquery.ArrayQueryParameter("cepsync_unconfirmed", "STRING", sorted(set(unconfirmed)))
         self._output = pa.schema(
             [
                 *(schema.field(c) for c in self._columns),
@@ -153,7 +157,7 @@ class WarehouseDiff:
     def _diff(self) -> bigquery.QueryJob:
         if self._diff_job is None:
             self._diff_job = self._query(
-                "diff", sql.diff_sql(self._segment, self._columns, self._key, self._fingerprints)
+                "diff", sql.diff_sql(self._segment, self._columns, self._key, self._fingerprints), [self._unconfirmed]
             )
         return self._diff_job
 
@@ -174,7 +178,9 @@ class WarehouseDiff:
         if not full:
             return self._part(moved=False)
         job = self._query(
-            "full pass", sql.full_sql(self._segment, self._columns, self._key, self._fingerprints, ordered=ordered)
+            "full pass",
+            sql.full_sql(self._segment, self._columns, self._key, self._fingerprints, ordered=ordered),
+            [self._unconfirmed],
         )
         return self._read(job)
 

@@ -88,6 +88,7 @@ def open_diff(
     schema: pa.Schema,
     mapping_version: str,
     intents: Sequence[str],
+    unconfirmed: Sequence[str] = (),
     on_rows: Callable[[int], None] | None,
 ) -> WarehouseDiff:
     """The BigQuery differ of a ``diff: warehouse`` run (its store must be a WarehouseStateStore)."""
@@ -105,6 +106,7 @@ def open_diff(
         schema=schema,
         mapping_version=mapping_version,
         intents=intents,
+        unconfirmed=unconfirmed,
         on_rows=on_rows,
     )
 

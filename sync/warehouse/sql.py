@@ -132,11 +132,20 @@ def _output(columns: Sequence[str]) -> str:
     )
 
 
+def _stored_sql(fingerprints: str) -> str:
+    """The stored fingerprints, zero for the unconfirmed ids (a send of theirs may have landed unacknowledged)."""
+    unconfirmed = "custom_id IN UNNEST(@cepsync_unconfirmed)"
+    return (
+        f"st AS (SELECT custom_id, IF({unconfirmed}, 0, raw) AS raw, IF({unconfirmed}, 0, payload) AS payload "
+        f"FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
+    )
+
+
 def diff_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str) -> str:
     """The delta diff: only rows that are new, moved, or carry a null or duplicated id."""
     return (
         f"WITH seg AS ({_rows_sql(segment, columns, key)}),\n"
-        f"st AS (SELECT custom_id, raw, payload FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
+        f"{_stored_sql(fingerprints)}"
         f"SELECT {_output(columns)},\n"
         f"  CASE WHEN seg.{KEY} IS NULL OR seg.copies > 1 THEN 'bad' "
         f"WHEN st.custom_id IS NULL THEN 'new' ELSE 'moved' END AS {KIND}\n"
@@ -150,7 +159,7 @@ def full_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str, 
     order = f"\nORDER BY seg.{KEY}" if ordered else ""
     return (
         f"WITH seg AS ({_rows_sql(segment, columns, key)}),\n"
-        f"st AS (SELECT custom_id, raw, payload FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
+        f"{_stored_sql(fingerprints)}"
         f"SELECT {_output(columns)}\n"
         f"FROM seg LEFT JOIN st ON st.custom_id = seg.{KEY}{order}"
     )
