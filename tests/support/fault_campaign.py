@@ -65,6 +65,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,10 +99,6 @@ DEFAULT_CAMPAIGN_SEED: Final = 20261207
 # A run that is not killed holds its lease long enough that no request meets the lease
 # deadline (0.75 x ttl; the backoff of 4 attempts plus a few 429s stays far below).
 LONG_LEASE: Final = 60.0
-# A run that is killed: the lease a restart waits out. Kills land before 0.7 x this, before
-# the deadline of any of the killed run's requests (0.75 x ttl after it started).
-KILL_LEASE: Final = 3.0
-KILL_BY: Final = 0.7 * KILL_LEASE
 EXIT_OK: Final = 0
 EXIT_LEASE_HELD: Final = 5
 EXIT_PARTIAL: Final = 6
@@ -117,6 +114,13 @@ KNOWN_ISSUES: Final = {
         "row comes back unchanged no run sends it again, and Batch keeps the cleared profile"
     ),
 }
+
+
+# A run that is killed: the lease a restart waits out. Kills land before 0.7 x this, before
+# the deadline of any of the killed run's requests (0.75 x ttl after it started). A large
+# segment gets a longer one, so that its kills can land anywhere in a longer full load.
+def kill_lease(rows: int) -> float:
+    return 3.0 if rows <= 5_000 else 6.0
 
 
 # --- the scenario, from its seed ---------------------------------------------------------
@@ -232,7 +236,7 @@ def plan_scenario(seed: int, rows: int, *, versions: int = BIG_VERSIONS) -> Scen
                 Action(
                     kind=kind,
                     faults=_http_faults(rng, kind),
-                    kill_after_seconds=round(rng.uniform(0.3, KILL_BY), 2),
+                    kill_after_seconds=round(rng.uniform(0.3, 0.7 * kill_lease(rows)), 2),
                     kill_after_applied=rng.randint(1, expected) if rng.random() < 0.5 else None,
                     overlap_delay=round(rng.choice([0.0, rng.uniform(0.0, 0.4)]), 2),
                 ),
@@ -714,7 +718,8 @@ class ScenarioRunner:
         raise ScenarioFailed(f"{what}: the lease stayed held for 20 attempts")
 
     def _kill(self, action: Action) -> None:
-        process, _ = self._start(KILL_LEASE)
+        lease = kill_lease(self.scenario.rows)
+        process, _ = self._start(lease)
         started = time.monotonic()
         applied_at_start = self.sim.stats()["profiles_applied"]
         target = action.kill_after_applied
@@ -730,7 +735,7 @@ class ScenarioRunner:
             process.communicate()
             self.result.kills += 1
             self.result.notes.append(f"killed after {time.monotonic() - started:.2f}s")
-            self._lease_free_at = time.monotonic() + KILL_LEASE + 0.2
+            self._lease_free_at = time.monotonic() + lease + 0.2
         else:
             self._finish(process, "run meant to be killed (ended first)")
             self.result.kills_missed += 1
@@ -1071,7 +1076,10 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="campaign-")))
         for number, seed in enumerate(seeds, 1):
             workdir = root / f"seed-{seed}"
-            workdir.mkdir(parents=True, exist_ok=True)
+            # A scenario starts from nothing: state left by an earlier campaign would claim
+            # profiles this simulator never received.
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
             if emulator is not None:
                 state = StateBackend.firestore(emulator.host, emulator.project, f"campaign{seed}")
             else:
