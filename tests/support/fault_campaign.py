@@ -542,7 +542,6 @@ class ScenarioResult:
     redundant: int = 0
     harmless_clears: int = 0
     refused: int = 0
-    counts: Counter[str] = field(default_factory=Counter)
     segment_changes: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     replay: str = ""
@@ -859,7 +858,6 @@ class ScenarioRunner:
         if code != EXIT_OK or record is None:
             raise ScenarioFailed(f"final clean run: exit {code}, record {record}")
         counts = record["counts"]
-        self.result.counts.update({k: v for k, v in counts.items() if isinstance(v, int)})
         if counts.get("failed"):
             problems["final_run_failed_profiles"] = [str(counts["failed"])]
         reported = set()
