@@ -19,13 +19,13 @@ from tests.support.fault_campaign import (
     SMALL_ROWS,
     SMALL_VERSIONS,
     ScenarioResult,
+    Segment,
     StateBackend,
+    plan_scenario,
     run_scenario,
     scenario_seeds,
 )
 from tests.support.firestore_emulator import FirestoreEmulator
-
-pytestmark = pytest.mark.slow
 
 SQLITE_SCENARIOS = 10
 FIRESTORE_SCENARIOS = 3
@@ -55,6 +55,22 @@ def _seeds(count: int, offset: int) -> list[int]:
     return scenario_seeds(DEFAULT_CAMPAIGN_SEED + offset, count)
 
 
+def test_a_seed_draws_the_same_scenario_and_segments_every_time() -> None:
+    # What makes CEPSYNC_CAMPAIGN_SEED a replay: nothing but the seed decides the plan and the data.
+    assert plan_scenario(7, 500, versions=3) == plan_scenario(7, 500, versions=3)
+    assert {action.kind for action in plan_scenario(7, 500, versions=3).actions} >= {"kill", "overlap"}
+    first, again = Segment(7, 500), Segment(7, 500)
+    for segment in (first, again):
+        segment.change()
+        segment.change()
+    assert first.table() == again.table()
+    assert set(first.changes) >= {"points_updated", "new", "left", "returned", "made_invalid", "fixed", "duplicated"}
+    assert first.departed()
+    assert first.invalid_present()
+    assert first.never_valid
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", _seeds(SQLITE_SCENARIOS, 0), ids=lambda seed: f"sqlite-seed{seed}")
 def test_scenario_converges_on_sqlite_state(seed: int, tmp_path: Path) -> None:
     state = StateBackend.sqlite(tmp_path / "state.db")
@@ -66,6 +82,7 @@ def test_scenario_converges_on_sqlite_state(seed: int, tmp_path: Path) -> None:
     assert result.overlaps >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.emulator
 @pytest.mark.parametrize("seed", _seeds(FIRESTORE_SCENARIOS, 1), ids=lambda seed: f"firestore-seed{seed}")
 def test_scenario_converges_on_firestore_state(
