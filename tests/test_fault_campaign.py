@@ -4,7 +4,9 @@ Guarantees 1 (no lost update), 2 (convergence), 3 (bounded duplicates), 4 (one r
 time) and 7 (mirror owns what it may have sent) under random faults; the harness, the
 checks and the re-send bound are in ``tests/support/fault_campaign.py``. Each scenario is
 one test, named by its seed; ``CEPSYNC_CAMPAIGN_SEED=SEED`` runs that scenario alone
-(a failure message prints the command). ``make campaign`` runs the big one.
+(a failure message prints the command), ``CEPSYNC_CAMPAIGN_ENGINE=DIR`` runs another
+checkout's engine (its ``sync/``) against this harness and simulator. ``make campaign`` runs
+the big one.
 """
 
 from __future__ import annotations
