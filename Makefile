@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help install demo test test-fast lint bench bench-warehouse package checkov simulator bigquery-emulator browser clean
+.PHONY: help install demo test test-fast lint bench bench-warehouse campaign package checkov simulator bigquery-emulator browser clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,9 @@ bench: install ## Benchmark: 1M profiles DuckDB -> simulator vs the previous eng
 
 bench-warehouse: install bigquery-emulator ## Warehouse diff vs function diff on the local BigQuery emulator (rows leaving the warehouse)
 	$(BIN)/python bench/bench_warehouse.py
+
+campaign: install ## Fault campaign: 50 seeded scenarios x 20,000 rows (kills, overlaps, 429/5xx, drops, per-item errors), then a summary
+	$(BIN)/python -m tests.support.fault_campaign $(CAMPAIGN_ARGS)
 
 package: install ## Build dist/function-source.zip for Cloud Functions
 	$(BIN)/python infra/package.py --out dist/function-source.zip
