@@ -45,9 +45,6 @@ def _replay(seed: int, label: str) -> str:
 def _verdict(result: ScenarioResult) -> None:
     if not result.ok:
         pytest.fail(result.failure_message(), pytrace=False)
-    if result.known_issues:
-        # Only an engine bug that is written down and not fixed yet (KNOWN_ISSUES): visible, not red.
-        pytest.xfail(result.known_issue_message())
 
 
 def _seeds(count: int, offset: int) -> list[int]:

@@ -434,7 +434,9 @@ def test_a_failure_outside_the_run_is_bounded_too_and_leaves_one_record(
     assert final["delivery"] == {"attempt": 2, "max_attempts": 2}
     assert "no-such-topic" in final["error"]
     # The keys every run record has, so `cepsync history` and alerting read it like any other.
-    assert set(cut) - {"run_type", "sync_mode", "journal", "state_ops", "handover", "plan"} <= set(final), set(cut) - set(final)
+    assert set(cut) - {"run_type", "sync_mode", "journal", "state_ops", "handover", "plan"} <= set(final), set(
+        cut
+    ) - set(final)
     alerts = [entry for entry in logs if entry["event"] == FAILED_PERMANENTLY_EVENT]
     assert [entry["log_level"] for entry in alerts] == ["error"]
 

@@ -61,8 +61,10 @@ re-send. A clear sent for a profile Batch never held (mirror: an intent left by 
 failed request, for a row that then left) changes nothing; it is counted as a *harmless
 clear*, and must concern a row that left the segment.
 
-A finding explained by an engine bug that is written down but not fixed yet is reported under
-its name (:data:`KNOWN_ISSUES`), not as a failure.
+A row that returns to its acknowledged values after a send Batch applied without an
+acknowledgement (a kill before the journal flush, a dropped answer; mirror: a clear) is
+checked like any other: the campaign found that such rows were never sent again, and the
+engine now notes every changing send as an intent and re-sends what a run left noted.
 
 Replay one scenario: ``CEPSYNC_CAMPAIGN_SEED=SEED pytest tests/test_fault_campaign.py``, or
 ``python -m tests.support.fault_campaign --seed SEED --rows N``. The whole campaign:
@@ -116,19 +118,6 @@ EXIT_LEASE_HELD: Final = 5
 EXIT_PARTIAL: Final = 6
 RUN_TIMEOUT: Final = 180.0
 ROOT: Final = Path(__file__).resolve().parents[2]
-# Engine bugs the campaign found that are not fixed yet, by the name the checks give them.
-# A scenario whose only findings are these is reported (pytest: xfail), not failed.
-KNOWN_ISSUES: Final = {
-    "mirror_clear_unacknowledged_then_returned": (
-        "mirror: a run sent a row's clear (it had left the segment) and Batch applied it, but the "
-        "acknowledgement was lost (the run was killed before its journal flush, or the answer was "
-        "dropped); the stored fingerprint still says the row's values are in Batch, so when the "
-        "row comes back unchanged no run sends it again, and Batch keeps the cleared profile. "
-        "(Any send Batch applied without an acknowledgement does the same if the row returns "
-        "to the acknowledged state: the campaign's values only move forward, so it sees the "
-        "mirror case alone.)"
-    ),
-}
 
 
 # A run that is killed: the lease a restart waits out. Kills land before 0.7 x this, before
@@ -531,8 +520,6 @@ class ScenarioResult:
 
     scenario: Scenario
     problems: dict[str, list[str]] = field(default_factory=dict)
-    # Findings explained by an engine bug already written down (KNOWN_ISSUES): shown, not failed.
-    known_issues: dict[str, list[str]] = field(default_factory=dict)
     details: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
@@ -569,8 +556,6 @@ class ScenarioResult:
             if ids:
                 shown = ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
                 lines.append(f"  {check}: {len(ids)}: {shown}")
-        for issue, ids in sorted(self.known_issues.items()):
-            lines.append(f"  (known engine issue) {issue}: {len(ids)}: {', '.join(ids[:20])}")
         lines.append(self.scenario.describe())
         lines.append(f"  faults injected: {dict(sorted(self.faults.items()))}")
         lines.append(f"  per-item errors injected: {dict(sorted(self.item_errors.items()))}")
@@ -581,14 +566,6 @@ class ScenarioResult:
         )
         lines.extend(f"  {detail}" for detail in self.details)
         lines.extend(f"  {note}" for note in self.notes[-40:])
-        return "\n".join(lines)
-
-    def known_issue_message(self) -> str:
-        lines = [f"fault campaign scenario seed={self.scenario.seed}: only known engine issues; replay: {self.replay}"]
-        for issue, ids in sorted(self.known_issues.items()):
-            lines.append(f"  {issue}: {len(ids)}: {', '.join(ids[:20])}")
-            lines.append(f"    {KNOWN_ISSUES[issue]}")
-        lines.extend(f"  {detail}" for detail in self.details)
         return "\n".join(lines)
 
 
@@ -902,17 +879,6 @@ class ScenarioRunner:
         problems["refusal_not_reported"] = sorted(must_report - reported)
         problems["lost"] = sorted((set(missing) | set(stale)) - reported)
         self.result.refused = len(must_report)
-        if scenario.mode == "mirror" and self.result.kills + self.result.drops_after_apply:
-            known = sorted(
-                cid
-                for cid in missing
-                if cid in held and not held[cid] and cid in segment.returned and cid not in reported
-            )
-            if known:
-                self.result.known_issues["mirror_clear_unacknowledged_then_returned"] = known
-                problems["missing"] = [cid for cid in missing if cid not in known]
-                problems["lost"] = [cid for cid in problems["lost"] if cid not in known]
-
         if scenario.mode == "mirror":
             problems["not_cleared"] = sorted(cid for cid in departed if held.get(cid) and cid not in refusable)
         else:
@@ -928,7 +894,7 @@ class ScenarioRunner:
             problems.setdefault("redundant_resends_over_bound", []).append(
                 f"{self.result.redundant} re-sent by the end > {self.result.resend_bound}"
             )
-        for name, ids in [*problems.items(), *self.result.known_issues.items()]:
+        for name, ids in problems.items():
             for cid in ids[:3]:
                 if cid in segment.past_views or cid in segment.rows:
                     self.result.details.append(
@@ -1003,19 +969,13 @@ class CampaignSummary:
             changes.update(r.segment_changes)
             for check, ids in r.problems.items():
                 problems[check] += len(ids)
-        known: Counter[str] = Counter()
-        for r in results:
-            for issue, ids in r.known_issues.items():
-                known[issue] += len(ids)
         failed = [r for r in results if not r.ok]
-        known_only = [r for r in results if r.ok and r.known_issues]
         redundant = sum(r.redundant for r in results)
         bound = sum(r.resend_bound for r in results)
         drops = sum(r.drops_after_apply for r in results)
         lines = [
             f"scenarios: {len(results)} ({', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}), "
-            f"rows: {sorted({r.scenario.rows for r in results})}, failed: {len(failed)}, "
-            f"ended wrong only by a known engine issue: {len(known_only)}",
+            f"rows: {sorted({r.scenario.rows for r in results})}, failed: {len(failed)}",
             f"time: {sum(r.seconds for r in results):.0f} s",
             f"segment changes: {dict(sorted(changes.items()))}",
             f"faults injected: {dict(sorted(faults.items()))}",
@@ -1044,21 +1004,14 @@ class CampaignSummary:
         other = {k: v for k, v in problems.items() if v and k not in shown}
         if other:
             lines.append(f"other findings: {dict(sorted(other.items()))}")
-        for issue, count in sorted(known.items()):
-            lines.append(f"known engine issue {issue}: {count} profiles (not counted above): {KNOWN_ISSUES[issue]}")
         for r in failed:
             lines.append("")
             lines.append(r.failure_message())
-        for r in known_only:
-            lines.append("")
-            lines.append(r.known_issue_message())
         return "\n".join(lines)
 
 
 def _verdict(result: ScenarioResult) -> str:
-    if not result.ok:
-        return "FAILED"
-    return "known issue" if result.known_issues else "ok"
+    return "ok" if result.ok else "FAILED"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,13 +208,8 @@ class Compactor:
             records = _puts(self._folded(fold.ns, parts.pop(k)))
             if records.num_rows == 0:
                 continue  # a shard that would be empty is never written: absent means empty
-            blob = self._encode_shard(fold.ns, records)
-            if len(blob) > self._target:
-                if records.num_rows == 1:
-                    raise FatalError(
-                        f"activation {fold.lease.activation!r}: one {fold.ns.key} record packs to {len(blob)} "
-                        f"bytes, over the {self._target}-byte shard target"
-                    )
+            blob = self._fitting_shard(fold.lease.activation, fold.ns, records)
+            if blob is None:
                 return None
             blobs[k] = blob
         return blobs
@@ -333,16 +328,27 @@ class Compactor:
             else:
                 parts = _by_shard(records, shard_count)
             for k, part in parts:
-                blob = self._encode_shard(ns, part)
-                if len(blob) > self._target:
-                    if part.num_rows == 1:
-                        raise FatalError(
-                            f"activation {activation!r}: one {ns.key} record packs to {len(blob)} "
-                            f"bytes, over the {self._target}-byte shard target"
-                        )
+                blob = self._fitting_shard(activation, ns, part)
+                if blob is None:
                     return None
                 blobs[k] = blob
         return blobs
+
+    def _fitting_shard(self, activation: str, ns: Namespace, records: pa.Table) -> bytes | None:
+        """``records`` as a shard blob, or None if it exceeds the target (more shards are needed).
+
+        Raises:
+            FatalError: One record alone exceeds the target: no shard count helps.
+        """
+        blob = self._encode_shard(ns, records)
+        if len(blob) <= self._target:
+            return blob
+        if records.num_rows == 1:
+            raise FatalError(
+                f"activation {activation!r}: one {ns.key} record packs to {len(blob)} "
+                f"bytes, over the {self._target}-byte shard target"
+            )
+        return None
 
     def _write_then_fold(
         self,
