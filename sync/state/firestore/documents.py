@@ -7,6 +7,7 @@ contention and hot documents (docs/how-state-is-kept.md, "Firestore").
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,10 +16,11 @@ from typing import Any, Final, TypeVar
 
 from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
+from google.auth import exceptions as auth_exceptions
 from google.cloud import firestore
 from google.cloud.firestore import Client, DocumentReference, Query, Transaction
 
-from sync.errors import TransientError
+from sync.errors import FatalError, SyncError, TransientError
 from sync.model import Lease
 from sync.state import core
 from sync.state.core import LeaseRecord
@@ -39,6 +41,61 @@ def _contended(exc: BaseException) -> bool:
 # at most 60 s; then a TransientError that says what contended reaches the run, which fails
 # retryable (the function's delivery is retried as a whole).
 CONTENTION_TIMEOUT_SECONDS: Final = 60.0
+
+
+# Answers that a later try may not meet: the service, a proxy or the network were busy or down.
+_TRANSIENT = (
+    api_exceptions.TooManyRequests,
+    api_exceptions.InternalServerError,
+    api_exceptions.BadGateway,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.GatewayTimeout,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.Aborted,
+    api_exceptions.Cancelled,
+    api_exceptions.Unknown,
+    auth_exceptions.TransportError,
+)
+
+
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Firestore's errors as the run's families: transient (retry the run) or fatal (fix the deployment).
+
+    Our own errors pass through; an error of neither kind is left as it is.
+    """
+    try:
+        yield
+    except SyncError:
+        raise
+    except api_exceptions.RetryError as error:
+        raise TransientError(
+            f"Firestore did not answer while {what}: the client's retries ran out (last: {error.cause or error}); "
+            "the run stopped and can be retried: what Batch acknowledged before is kept"
+        ) from None
+    except _TRANSIENT as error:
+        raise TransientError(
+            f"Firestore failed while {what}: {type(error).__name__}: {error}; the run stopped and can be "
+            "retried: what Batch acknowledged before is kept"
+        ) from None
+    except (
+        api_exceptions.PermissionDenied,
+        api_exceptions.Unauthenticated,
+        api_exceptions.Unauthorized,
+        api_exceptions.Forbidden,
+        auth_exceptions.RefreshError,
+        auth_exceptions.DefaultCredentialsError,
+    ) as error:
+        raise FatalError(
+            f"Firestore refused the request while {what}: {type(error).__name__}: {error}. The function's "
+            "service account needs roles/datastore.user on the project (infra/iam.tf); from a laptop, "
+            "'gcloud auth application-default login'"
+        ) from None
+    except api_exceptions.NotFound as error:
+        raise FatalError(
+            f"Firestore answered NotFound while {what}: {error}. Does the database exist? Check "
+            "CEPSYNC_FIRESTORE_DATABASE or the firestore:// state URL (docs/function.md)"
+        ) from None
 
 
 def transaction_retry(timeout: float = CONTENTION_TIMEOUT_SECONDS) -> api_retry.Retry:
@@ -172,7 +229,8 @@ class Documents:
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, ref: DocumentReference, transaction: Transaction | None = None) -> Doc | None:
-        snapshot = ref.get(transaction=transaction)
+        with translated(f"reading {ref.path}"):
+            snapshot = ref.get(transaction=transaction)
         self.count(reads=1)
         return snapshot.to_dict() if snapshot.exists else None
 
@@ -186,24 +244,27 @@ class Documents:
         if not refs:
             return {}
         found: dict[str, Doc | None] = {ref.path: None for ref in refs}
-        for snapshot in self.client.get_all(list(refs), transaction=transaction):
-            if snapshot.exists:
-                found[snapshot.reference.path] = snapshot.to_dict()
+        with translated(f"reading {len(refs)} documents from {refs[0].parent.path}"):
+            for snapshot in self.client.get_all(list(refs), transaction=transaction):
+                if snapshot.exists:
+                    found[snapshot.reference.path] = snapshot.to_dict()
         self.count(reads=len(refs))
         return found
 
-    def query(self, query: Query, transaction: Transaction | None = None) -> Iterator[tuple[str, Doc]]:
+    def query(self, query: Query, what: str, transaction: Transaction | None = None) -> Iterator[tuple[str, Doc]]:
         """(document path, fields) of what ``query`` matches; a query costs one read even when empty."""
         matched = 0
-        stream = transaction.get(query) if transaction is not None else query.stream()
-        for snapshot in stream:
-            matched += 1
-            yield snapshot.reference.path, snapshot.to_dict() or {}
+        with translated(what):
+            stream = transaction.get(query) if transaction is not None else query.stream()
+            for snapshot in stream:
+                matched += 1
+                yield snapshot.reference.path, snapshot.to_dict() or {}
         self.count(reads=max(1, matched))
 
-    def query_refs(self, query: Query) -> list[DocumentReference]:
+    def query_refs(self, query: Query, what: str) -> list[DocumentReference]:
         """The documents ``query`` matches, fields not fetched (still one read each, one if none)."""
-        refs: list[DocumentReference] = [snapshot.reference for snapshot in query.select([]).stream()]
+        with translated(what):
+            refs: list[DocumentReference] = [snapshot.reference for snapshot in query.select([]).stream()]
         self.count(reads=max(1, len(refs)))
         return refs
 
@@ -216,7 +277,8 @@ class Documents:
 
     def set_now(self, ref: DocumentReference, doc: Doc) -> None:
         """One write outside a transaction (a run record: one writer, never contended)."""
-        ref.set(doc)
+        with translated(f"writing {ref.path}"):
+            ref.set(doc)
         self.count(writes=1)
         self.rates.record([ref.path])
 
@@ -227,7 +289,8 @@ class Documents:
             chunk = refs[start : start + MAX_WRITES_PER_COMMIT]
             for ref in chunk:
                 batch.delete(ref)
-            batch.commit()
+            with translated(f"deleting {len(chunk)} documents from {chunk[0].parent.path}"):
+                batch.commit()
             self.count(deletes=len(chunk))
 
     # -- transactions -------------------------------------------------------------------------
@@ -248,19 +311,24 @@ class Documents:
 
         Raises:
             TransientError: Contention lasted the contention timeout (60 s unless the store was
-                given another); the message says what contended and what to change.
+                given another); the message says what contended and what to change. Or
+                Firestore was unavailable (:func:`translated`).
+            FatalError: Firestore refused the request (permissions, no such database).
         """
         attempts = [0]
         try:
-            return self._retry(self._attempt)(body, read_only, attempts)
-        except api_exceptions.RetryError as exc:
-            raise TransientError(
-                f"Firestore contention: {what or 'a state transaction'} was aborted {attempts[0]} times in "
-                f"{self._contention_timeout:g} s because other transactions held the same documents "
-                f"(last: {exc.cause or exc}). Another process is writing this activation's state at the same "
-                "time (two deployments or a CLI run sharing one Firestore prefix?), or the database is "
-                "overloaded; the run stopped and can be retried: what Batch acknowledged before is kept"
-            ) from None
+            # Any other failure of Firestore's becomes a transient or fatal error too.
+            with translated(what or "a state transaction"):
+                try:
+                    return self._retry(self._attempt)(body, read_only, attempts)
+                except api_exceptions.RetryError as exc:  # only contention is retried here
+                    raise TransientError(
+                        f"Firestore contention: {what or 'a state transaction'} was aborted {attempts[0]} times "
+                        f"in {self._contention_timeout:g} s because other transactions held the same documents "
+                        f"(last: {exc.cause or exc}). Another process is writing this activation's state at the "
+                        "same time (two deployments or a CLI run sharing one Firestore prefix?), or the database "
+                        "is overloaded; the run stopped and can be retried: what Batch acknowledged before is kept"
+                    ) from None
         finally:
             if attempts[0] > 1:
                 self.count(contention_retries=attempts[0] - 1)

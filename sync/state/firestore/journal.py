@@ -224,14 +224,15 @@ class Journal:
     ) -> list[_Stored]:
         """(path, blob) of every named journal document above ``folded``, in id order."""
         collection = self._collections.journal_collection(ref, ns)
-        docs = self._docs.query(_named_range(collection, after=folded or JOURNAL_ID_PREFIX), txn)
+        query = _named_range(collection, after=folded or JOURNAL_ID_PREFIX)
+        docs = self._docs.query(query, f"reading the live {ns.journal} of {ref.path}", txn)
         return [(path, doc["blob"]) for path, doc in docs]
 
     def folded_refs(self, ref: DocumentReference, ns: Namespace, after: str, upto: str) -> list[DocumentReference]:
         """Named journal documents in ``(after, upto]``: folded ones, for garbage collection."""
         collection = self._collections.journal_collection(ref, ns)
         query = _named_range(collection, after=after or JOURNAL_ID_PREFIX, upto=upto)
-        return self._docs.query_refs(query)
+        return self._docs.query_refs(query, f"listing the folded {ns.journal} of {ref.path}")
 
 
 def _named_range(collection: firestore.CollectionReference, *, after: str, upto: str | None = None) -> Query:
