@@ -244,7 +244,7 @@ class Documents:
         if not refs:
             return {}
         found: dict[str, Doc | None] = {ref.path: None for ref in refs}
-        with translated(f"reading {len(refs)} documents from {refs[0].parent.path}"):
+        with translated(f"reading {len(refs)} documents such as {refs[0].path}"):
             for snapshot in self.client.get_all(list(refs), transaction=transaction):
                 if snapshot.exists:
                     found[snapshot.reference.path] = snapshot.to_dict()
@@ -289,7 +289,7 @@ class Documents:
             chunk = refs[start : start + MAX_WRITES_PER_COMMIT]
             for ref in chunk:
                 batch.delete(ref)
-            with translated(f"deleting {len(chunk)} documents from {chunk[0].parent.path}"):
+            with translated(f"deleting {len(chunk)} documents such as {chunk[0].path}"):
                 batch.commit()
             self.count(deletes=len(chunk))
 
