@@ -91,9 +91,9 @@ REMEMBERED_COUNTS: Final = ("refused_unchanged", "persistent_unchanged")
 QUEUED_GROUPS: Final = 1
 # Rows mapped between two hand-backs of freed memory to the OS (sync/memory.py).
 TRIM_EVERY_ROWS = 50_000
-# Mirror intents are noted for this many profiles of send groups at once (at least one
-# group): one state append per 2,000 profiles on /update, one per request on mass-update.
-# Not the flush window: a large one would hold the first request back.
+# Intents are noted for this many profiles of send groups at once (at least one group): one
+# state append per 2,000 profiles on /update, one per request on mass-update. Not the flush
+# window: a large one would hold the first request back.
 INTENT_WINDOW_PROFILES: Final = 2_000
 # The run record is saved with the checkpoint at most this often (seconds; one document).
 CHECKPOINT_RECORD_SECONDS: Final = 5.0
@@ -204,7 +204,7 @@ class _Scan:
     full: bool  # every valid row is sent (FULL ONLY, --full, or a continued full pass)
     watermark: str | None  # a continued full pass skips ids at or below it
     version: str  # the mapping version (prepare computed it)
-    # Mirror intents an earlier run left unsettled (a crash, failed requests): usually none.
+    # Intents an earlier run left unsettled (a crash, failed requests): usually none.
     stale_intents: frozenset[str] = frozenset()
 
 
@@ -662,13 +662,7 @@ class Run:
             try:
                 await self._pump(prepared, scan, moved, tally, sender, endpoint, expected)
                 if ids.removed and not sender.incomplete and not sender.failed:
-                    removals = (
-                        SendGroup(removals=ids.removed[start : start + endpoint.send_batch])
-                        for start in range(0, len(ids.removed), endpoint.send_batch)
-                    )
-                    for group in self._note_intents(removals, window=INTENT_WINDOW_PROFILES):
-                        if not await sender.submit(group):
-                            break
+                    await self._send_removals(sender, ids.removed, endpoint.send_batch)
                 await sender.drain()
             finally:
                 self._settle_counts(sender)
@@ -679,6 +673,16 @@ class Run:
             self._stages.send = time.perf_counter() - sender.started_at if sender.started_at else 0.0
         self.run.endpoint = endpoint.value if sender.tally.requests else None
         return sender
+
+    async def _send_removals(self, sender: Sender, removed: list[str], batch: int) -> None:
+        """Mirror removals, a window of groups at a time, each window noted (in a worker thread) first."""
+        groups = [SendGroup(removals=removed[start : start + batch]) for start in range(0, len(removed), batch)]
+        per_window = max(1, INTENT_WINDOW_PROFILES // batch)
+        for start in range(0, len(groups), per_window):
+            noted = await asyncio.to_thread(self._note_window, groups[start : start + per_window])
+            for group in noted:
+                if not await sender.submit(group):
+                    return
 
     async def _pump(
         self,
@@ -730,7 +734,7 @@ class Run:
             self._fill_counts(scan, moved, tally)
 
     async def _settle(self, scan: _Scan, moved: _Moved, sender: Sender | None) -> None:
-        """Commit what was acknowledged, then refreshes; drop intents that are no longer needed."""
+        """Commit what was acknowledged, then refreshes; settle the intents no longer needed."""
         assert self._journal is not None
         journal = self._journal
         await journal.close()
@@ -936,6 +940,9 @@ class Run:
                 yield from self._noted(held)
                 held, profiles = [], 0
         yield from self._noted(held)
+
+    def _note_window(self, held: list[SendGroup]) -> list[SendGroup]:
+        return list(self._noted(held))
 
     def _noted(self, held: list[SendGroup]) -> Iterator[SendGroup]:
         mirror = self.activation.sync_mode is SyncMode.MIRROR

@@ -237,19 +237,23 @@ class Documents:
     def get_all(
         self, refs: Sequence[DocumentReference], transaction: Transaction | None = None
     ) -> dict[str, Doc | None]:
-        """Fetch documents by reference in one round trip; keyed by document path.
+        """Fetch documents by reference in one round trip; keyed by document path."""
+        return dict(self.each(refs, transaction))
 
-        get_all streams results in no particular order, hence the mapping by path.
+    def each(
+        self, refs: Sequence[DocumentReference], transaction: Transaction | None = None
+    ) -> Iterator[tuple[str, Doc | None]]:
+        """Documents by reference, in one round trip, as they arrive: (path, fields or None if missing).
+
+        get_all streams results in no particular order. A caller that decodes each one as it
+        comes holds one document's fields at a time, not all of them.
         """
         if not refs:
-            return {}
-        found: dict[str, Doc | None] = {ref.path: None for ref in refs}
+            return
         with translated(f"reading {len(refs)} documents such as {refs[0].path}"):
             for snapshot in self.client.get_all(list(refs), transaction=transaction):
-                if snapshot.exists:
-                    found[snapshot.reference.path] = snapshot.to_dict()
+                yield snapshot.reference.path, (snapshot.to_dict() if snapshot.exists else None)
         self.count(reads=len(refs))
-        return found
 
     def query(self, query: Query, what: str, transaction: Transaction | None = None) -> Iterator[tuple[str, Doc]]:
         """(document path, fields) of what ``query`` matches; a query costs one read even when empty."""
