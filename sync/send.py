@@ -10,8 +10,8 @@ Guarantees kept here (``docs/how-a-run-works.md``):
    change what Batch holds for it (a changed payload, a removal) leaves: the producer
    notes a window of groups in one append (:class:`IntentWindow`), and the sender refuses
    a group that was not noted. Once every id of a window is committed, the window's note
-   is retired whole; a window with ids that failed clears only its committed ids, so the
-   failed ones stay noted, and the next run sends them again whatever their fingerprint.
+   is retired whole; until then each commit clears the ids it made durable, so ids that
+   failed stay noted, and the next run sends them again whatever their fingerprint.
 
 The sender consumes :class:`SendGroup`\\ s (one request each) from an asyncio queue that the
 mapping thread fills while it reads, so the first request leaves after the first batch is
@@ -53,7 +53,6 @@ class IntentWindow:
     outstanding: int  # groups of the window not answered yet
     acknowledged: list[str] = field(default_factory=list)  # noted ids acknowledged, not in a commit yet
     committing: list[str] = field(default_factory=list)  # noted ids in the commit under way
-    committed: list[str] = field(default_factory=list)  # noted ids whose outcome is durable
     partial: bool = False  # a noted id of the window was not acknowledged
 
     def answered(self, acknowledged: Sequence[str], *, all_acknowledged: bool) -> None:
@@ -74,7 +73,8 @@ class Journal:
     """Acknowledged outcomes waiting to be committed; flushed by count, by time, and at the end.
 
     Intents are settled after the commit that makes them unnecessary: a window's note is
-    retired (or its committed ids cleared, when some of its ids failed).
+    retired once all its ids are committed; until then (or if some failed), the ids each
+    commit makes durable are cleared.
     ``stale_intents``: intents an earlier run left (noted, never settled); this run's notes
     do not hold them, so those of its ids are cleared explicitly once committed.
     """
@@ -178,20 +178,25 @@ class Journal:
             await self.on_flush()
 
     def _settle(self, cleared: list[str], *, final: bool) -> _Settlement:
-        """Which notes the commit just made retire-able, and which intents it lets go (event loop)."""
+        """Which notes the commit just made retire-able, and which intents it lets go (event loop).
+
+        A window whose every id is now committed is retired whole. Otherwise the ids this
+        commit made durable are cleared at once, so that a crash before the window settles
+        re-sends only what was not committed (guarantee 3: the unflushed window), not the
+        window's committed ids as unconfirmed.
+        """
         settlement = _Settlement(clear=cleared)
         open_windows: list[IntentWindow] = []
         for window in self._windows:
-            window.committed.extend(window.committing)
-            window.committing = []
+            committed, window.committing = window.committing, []
             done = window.outstanding == 0 and not window.acknowledged
+            if done and not window.partial:
+                settlement.retire.append(window.note)
+                settlement.clear.extend(custom_id for custom_id in committed if custom_id in self._stale)
+                continue
+            settlement.clear.extend(committed)
             if not done and not final:
                 open_windows.append(window)
-            elif done and not window.partial:
-                settlement.retire.append(window.note)
-                settlement.clear.extend(custom_id for custom_id in window.committed if custom_id in self._stale)
-            else:
-                settlement.clear.extend(window.committed)
         self._windows = open_windows
         return settlement
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -259,11 +260,31 @@ class SQLiteStateStore:
             check_same_thread=False,
         )
         try:
-            self._configure(busy_timeout_seconds)
-            self._ensure_schema()
+            self._open(busy_timeout_seconds)
         except BaseException:
             self._conn.close()
             raise
+
+    def _open(self, busy_timeout_seconds: float) -> None:
+        """Configure the connection and the schema, waiting out another process doing the same.
+
+        Two runs started at once on a new file both switch it to WAL and create the schema;
+        SQLite can answer "database is locked" to the journal-mode switch without calling
+        its busy handler (seen in the fault campaign's overlapping starts), so the set-up is
+        retried until the busy timeout, like any other lock wait.
+        """
+        deadline = time.monotonic() + busy_timeout_seconds
+        pause = 0.01
+        while True:
+            try:
+                self._configure(busy_timeout_seconds)
+                self._ensure_schema()
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     # -- set-up -----------------------------------------------------------------------------
 
