@@ -151,4 +151,7 @@ class BigQueryResults:
         try:
             return call()
         except api_exceptions.GoogleAPICallError as error:
-            raise ResultsWriteError(f"{purpose}: {redact(str(error.message))}") from error
+            hint = ""
+            if isinstance(error, api_exceptions.NotFound):
+                hint = f" (create the dataset {self.dataset.project}.{self.dataset.dataset_id} first: infra/results.tf)"
+            raise ResultsWriteError(f"{purpose}: {redact(str(error.message))}{hint}") from error
