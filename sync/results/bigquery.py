@@ -70,7 +70,8 @@ def results_client(activation: Activation, environ: Mapping[str, str] | None = N
         from google.auth import exceptions as auth_exceptions
 
         try:
-            return bigquery.Client(project=config.project, location=config.location)
+            # No default location: each load job runs where the results dataset is.
+            return bigquery.Client(project=config.project)
         except auth_exceptions.DefaultCredentialsError:
             raise ResultsWriteError(
                 "no Google credentials found to write the results (Application Default Credentials)"
@@ -79,7 +80,6 @@ def results_client(activation: Activation, environ: Mapping[str, str] | None = N
 
     return bigquery.Client(
         project=config.project or env.get("GOOGLE_CLOUD_PROJECT"),
-        location=config.location,
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # google-auth is unannotated
         client_options={"api_endpoint": emulator.rest_url},
     )

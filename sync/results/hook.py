@@ -113,8 +113,7 @@ class ResultsCollector:
         assert self.config.dataset is not None
         client = results_client(self.activation, self.environ)
         try:
-            location = getattr(self.activation.source, "location", None)
-            writer = BigQueryResults(client, self.config.dataset, activation=self.activation.name, location=location)
+            writer = BigQueryResults(client, self.config.dataset, activation=self.activation.name)
             return writer.write(rows, rejections)
         finally:
             client.close()  # type: ignore[no-untyped-call]
