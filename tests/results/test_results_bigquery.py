@@ -20,8 +20,10 @@ from google.cloud import bigquery
 from sync.config import Activation, parse_activation
 from sync.dev.simulator import BatchSimulator
 from sync.engine import Run, RunOptions
+from sync.report.html import render_report
 from sync.sources.bigquery import BigQuerySource
 from sync.state.sqlite import SQLiteStateStore
+from tests.results.test_results_report import shown_queries
 from tests.support.bigquery_emulator import BigQueryEmulator
 from tests.support.engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people, person
 
@@ -174,6 +176,18 @@ async def test_full_delta_guard_abort_and_failed_runs_load_their_rows(
     assert refused["batch_reason"] == "simulated rejection"
     assert all(r["value"] is None for r in rejections)
     assert not any("secret" in (r["detail"] or "") for r in rejections)
+
+    # The report's query for a run, read out of the HTML, lists that run's rows in BigQuery.
+    store = SQLiteStateStore(state)
+    try:
+        page = render_report(NAME, store.list_runs(NAME, 10), state_kind="sqlite")
+    finally:
+        store.close()
+    shown = shown_queries(page)
+    assert set(shown) == {r["run_id"] for r in (full, delta, aborted, failed)}
+    runs_sql, rejections_sql = [part.strip() for part in shown[full["run_id"]].split(";") if part.strip()]
+    assert [row["run_id"] for row in bq_client.query(runs_sql).result()] == [full["run_id"]]
+    assert {row["custom_id"] for row in bq_client.query(rejections_sql).result()} == {"c00900", "c00901", "c00005"}
 
 
 async def test_a_missing_results_dataset_leaves_the_sync_committed(
