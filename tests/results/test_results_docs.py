@@ -214,3 +214,13 @@ def _plain(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         )
         for row in rows
     ]
+
+
+def test_every_column_of_both_tables_is_documented() -> None:
+    from sync.results.schema import REJECTIONS_COLUMNS, RUNS_COLUMNS
+
+    text = DOC.read_text(encoding="utf-8")
+    runs = text.split("## `cepsync_runs`", 1)[1].split("\n## ", 1)[0]
+    rejections = text.split("## `cepsync_rejections`", 1)[1].split("\n## ", 1)[0]
+    assert [name for name, _, _ in RUNS_COLUMNS if f"`{name}`" not in runs] == []
+    assert [name for name, _, _ in REJECTIONS_COLUMNS if f"`{name}`" not in rejections] == []
