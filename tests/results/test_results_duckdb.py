@@ -222,3 +222,19 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+async def test_the_rejects_stream_still_reaches_the_callers_file_line_for_line(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    _, url = sim
+    segment = tmp_path / "segment.duckdb"
+    write_segment(segment, [*people(8), *bad_rows(), person(903, customer_id="c00001")])  # and a duplicate id
+    lines: list[dict[str, Any]] = []
+    activation = make_activation(tmp_path, url, results={})
+    record = (await run_once(activation, tmp_path / "state.db", rejects=lines.append)).record
+    written = query(segment, "SELECT custom_id, reason, segment_row FROM cepsync_rejections ORDER BY segment_row")
+    assert record["results"]["rejections_written"] == len(lines) == len(written) == 5
+    assert [(r["custom_id"], r["issues"][0]["reason"], r["row"]) for r in sorted(lines, key=lambda r: r["row"])] == [
+        (w["custom_id"], w["reason"], w["segment_row"]) for w in written
+    ]
