@@ -102,3 +102,8 @@ output "logs_filter" {
   description = "Logs Explorer filter for the event function's runs."
   value       = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${google_cloudfunctions2_function.sync.name}\""
 }
+
+output "results_dataset" {
+  description = "The results dataset (project.dataset) to name in activations' results.dataset, or null when none was made."
+  value       = var.results_dataset == null ? null : "${var.project_id}.${google_bigquery_dataset.results[0].dataset_id}"
+}

@@ -447,3 +447,36 @@ variable "warehouse_state_location" {
     error_message = "warehouse_state_location must be EU, US or a region such as europe-west1."
   }
 }
+
+variable "results_dataset" {
+  description = "Dataset (in project_id) for the results tables of activations with results.dataset (docs/results.md); null creates none. The runtime identity gets roles/bigquery.dataEditor on it only."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.results_dataset == null || can(regex("^[A-Za-z_][A-Za-z0-9_]{0,1023}$", coalesce(var.results_dataset, "x")))
+    error_message = "results_dataset must be a BigQuery dataset id (letters, digits, underscores)."
+  }
+}
+
+variable "results_location" {
+  description = "Location of results_dataset (EU, US or a region), where its load jobs run. Required with results_dataset."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.results_location == null || can(regex("^[A-Za-z]+(-[a-z]+[0-9]{1,2})?$", coalesce(var.results_location, "x")))
+    error_message = "results_location must be EU, US or a region such as europe-west1."
+  }
+}
+
+variable "results_retention_days" {
+  description = "Days a day's partition of the results tables is kept (rejections name Custom IDs, and values with results.include_values); null keeps them."
+  type        = number
+  default     = 400
+
+  validation {
+    condition     = var.results_retention_days == null || (floor(coalesce(var.results_retention_days, 1)) == coalesce(var.results_retention_days, 1) && coalesce(var.results_retention_days, 1) >= 1)
+    error_message = "results_retention_days must be a whole number of days, at least 1, or null."
+  }
+}

@@ -704,6 +704,30 @@ def switch_diff(
     console.print(Text(f"{moved} fingerprints of '{config.name}' now in the {to.value} diff's store"))
 
 
+@app.command("dbt-exposures")
+def dbt_exposures(
+    directory: Annotated[Path, typer.Argument(help="Directory of activation YAML files.", show_default=False)],
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="dbt's target/manifest.json: match the tables the segments read to its models and sources.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print a dbt exposures YAML: one exposure per activation, for dbt's lineage (docs/results.md)."""
+    from sync.config import load_activations
+    from sync.results.dbt import Manifest, render
+
+    try:
+        activations = load_activations(directory)
+        text = render(activations.values(), Manifest.load(manifest) if manifest is not None else None)
+    except SyncError as error:
+        raise _fail(error) from None
+    typer.echo(text, nl=False)
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of activation files."""

@@ -267,6 +267,55 @@ class DiffConfig(_Strict):
         return self
 
 
+# BigQuery dataset ids: letters, digits and underscores, optionally after a project id.
+RESULTS_DATASET = STATE_DATASET
+
+
+class ResultsConfig(_Strict):
+    """Where every run writes its results tables (``cepsync_runs``, ``cepsync_rejections``).
+
+    Off unless the activation has a ``results`` key (docs/results.md). BigQuery sources name
+    a dataset; DuckDB sources write into the source's file or the ``database`` named here.
+    """
+
+    dataset: str | None = Field(
+        None, description="BigQuery sources: [project.]dataset for the results tables (created if missing)."
+    )
+    database: str | None = Field(
+        None,
+        description="DuckDB sources: the DuckDB file for the results tables, relative to the activation file "
+        "(default: the source's own file).",
+    )
+    include_values: bool = Field(
+        False,
+        description="Write the rejected value itself into cepsync_rejections.value (values can be personal data).",
+    )
+    max_rejection_rows: int = Field(
+        1_000_000, ge=1, description="Rejection rows written per run at most; the rest are counted, not written."
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> ResultsConfig:
+        if self.dataset is not None and self.database is not None:
+            raise ValueError("give 'dataset' (BigQuery) or 'database' (DuckDB), not both")
+        if self.dataset is not None and not RESULTS_DATASET.match(self.dataset):
+            raise ValueError(f"'dataset' must look like [project.]dataset: {self.dataset!r}")
+        return self
+
+
+class OwnerConfig(_Strict):
+    """Who answers for the activation: dbt's exposure owner (``cepsync dbt-exposures``)."""
+
+    name: str | None = Field(None, min_length=1, description="The owner's name.")
+    email: str | None = Field(None, min_length=3, description="The owner's e-mail address.")
+
+    @model_validator(mode="after")
+    def _something(self) -> OwnerConfig:
+        if self.name is None and self.email is None:
+            raise ValueError("give the owner's 'name', 'email' or both")
+        return self
+
+
 class JournalConfig(_Strict):
     flush_every_profiles: int = Field(2_000, ge=1, description="Commit acknowledged profiles at least this often.")
     flush_every_seconds: float = Field(5.0, gt=0, description="...and at least this often in time.")
@@ -320,6 +369,10 @@ class Activation(_Strict):
     journal: JournalConfig = Field(default_factory=lambda: JournalConfig())
     diff: DiffConfig = Field(default_factory=lambda: DiffConfig())
     schedule: ScheduleConfig | None = None
+    results: ResultsConfig | None = Field(
+        None, description="Write run records and rejected rows as tables (docs/results.md); off when absent."
+    )
+    owner: OwnerConfig | None = Field(None, description="Who answers for this sync (dbt exposure owner).")
     # Where the activation was loaded from, for error messages (not part of the file).
     _source_path: str | None = PrivateAttr(default=None)
 
@@ -371,6 +424,15 @@ class Activation(_Strict):
                     f"day): set journal.flush_every_seconds >= {WAREHOUSE_MIN_FLUSH_SECONDS:.0f} and "
                     f"journal.flush_every_profiles >= {WAREHOUSE_MIN_FLUSH_PROFILES}",
                 )
+        if self.results is not None:
+            if isinstance(self.source, BigQuerySourceConfig) and self.results.dataset is None:
+                raise _FieldError("results.dataset", "a BigQuery source writes its results to a dataset: name it")
+            if isinstance(self.source, DuckDBSourceConfig) and self.results.dataset is not None:
+                raise _FieldError(
+                    "results.dataset", "a DuckDB source writes its results to a DuckDB file: use 'database'"
+                )
+            if isinstance(self.source, BigQuerySourceConfig) and self.results.database is not None:
+                raise _FieldError("results.database", "a BigQuery source writes its results to a dataset")
         return self
 
     @property
@@ -521,6 +583,10 @@ def load_activation(path: str | Path) -> Activation:
         resolved = (path.parent / source.database).resolve()
         source = source.model_copy(update={"database": str(resolved)})
         activation = activation.model_copy(update={"source": source})
+    results = activation.results
+    if results is not None and results.database is not None:
+        resolved = (path.parent / results.database).resolve()
+        activation = activation.model_copy(update={"results": results.model_copy(update={"database": str(resolved)})})
     activation._source_path = str(path)
     return activation
 

@@ -54,6 +54,7 @@ from sync.plan import (
     plan_rows,
 )
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of, is_retryable, status_of_error
+from sync.results import hook as results_hook
 from sync.runconfig import config_as_run
 from sync.send import IntentWindow, Journal, Sender, SendGroup
 from sync.sources.base import Source
@@ -338,6 +339,10 @@ class Run:
             self.log.info("lease held by another run; exiting", detail=str(error))
             return self._finish_early(RunStatus.SKIPPED_LEASE_HELD, error)
         self.run.lease_token = self._lease.token
+        # The results tables (docs/results.md): None unless the activation has `results:`.
+        results = results_hook.collector(self.activation, self.run)
+        if results is not None:
+            self.rejects = results.tee(self.rejects)
         # Renewed from now on: what follows talks to the state store, which can take a while
         # (a remote Firestore), and a short lease must not expire meanwhile.
         renewer = asyncio.create_task(self._renew_lease_forever())
@@ -386,6 +391,8 @@ class Run:
             with contextlib.suppress(SyncError):  # lost already: nothing to release
                 self.store.release_lease(self._lease)
         self.log.info("run finished", status=self.run.status.value, counts=self.run.counts)
+        if results is not None:  # after the commit and the lease's release; records its own failure
+            await asyncio.to_thread(results.finish, self.run, self.store, self.source)
         return RunResult(self.record)
 
     # -- stages ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from sync.report.summary import (
     status_counts,
     timeline,
 )
+from sync.results.queries import run_queries
 from sync.runlog import duration_seconds, outcome, rejected_total
 
 # Outcome rows of the latest run, in pipeline order (labels as in `cepsync run`).
@@ -153,6 +154,11 @@ def render_report(
             theirs=reason_groups(latest, batch=True),
             dropped=sorted((latest.get("dropped_attributes_by_reason") or {}).items()),
             recent=records[:RECENT_RUNS],
+            results_runs=[
+                {"record": r, "queries": run_queries(r)}
+                for r in records[:RECENT_RUNS]
+                if r.get("results") or r.get("results_error")
+            ],
             failed=failures(records),
             changes=mapping_changes(records),
             config=config,

@@ -274,7 +274,7 @@ def test_dataset_read_is_granted_per_dataset_never_project_wide(config: dict[str
         if role == "roles/bigquery.dataViewer":
             assert rtype == "google_bigquery_dataset_iam_member", f"{rtype}.{name}: dataViewer must be per dataset"
     readers = _of_type(config, "google_bigquery_dataset_iam_member")
-    assert set(readers) == {"runtime_segment_reader", "runtime_state_editor"}
+    assert set(readers) == {"runtime_segment_reader", "runtime_state_editor", "runtime_results_editor"}
     reader = readers["runtime_segment_reader"]
     assert reader["for_each"] == "${local.bigquery_datasets}"
     assert reader["dataset_id"] == "${each.value.dataset_id}"
@@ -282,7 +282,7 @@ def test_dataset_read_is_granted_per_dataset_never_project_wide(config: dict[str
 
 def test_warehouse_state_dataset_is_explicit_never_expires_and_only_it_is_writable(config: dict[str, Any]) -> None:
     datasets = _of_type(config, "google_bigquery_dataset")
-    assert set(datasets) == {"warehouse_state"}
+    assert set(datasets) == {"warehouse_state", "results"}
     dataset = datasets["warehouse_state"]
     assert dataset["count"] == "${var.warehouse_state_dataset == null ? 0 : 1}"
     assert dataset["location"] == "${var.warehouse_state_location}"
@@ -293,7 +293,7 @@ def test_warehouse_state_dataset_is_explicit_never_expires_and_only_it_is_writab
     editors = [
         (rtype, name, body)
         for (rtype, name), body in config["resources"].items()
-        if body.get("role") == "roles/bigquery.dataEditor"
+        if body.get("role") == "roles/bigquery.dataEditor" and name != "runtime_results_editor"
     ]
     assert len(editors) == 1
     rtype, name, editor = editors[0]
@@ -301,6 +301,29 @@ def test_warehouse_state_dataset_is_explicit_never_expires_and_only_it_is_writab
     assert editor["dataset_id"] == "${google_bigquery_dataset.warehouse_state[0].dataset_id}"
     assert editor["member"] == "serviceAccount:${google_service_account.runtime.email}"
     assert "warehouse_state_dataset" in config["variables"]
+
+
+def test_results_dataset_is_optional_expires_by_partition_and_only_it_is_writable(config: dict[str, Any]) -> None:
+    dataset = _of_type(config, "google_bigquery_dataset")["results"]
+    assert dataset["count"] == "${var.results_dataset == null ? 0 : 1}"
+    assert dataset["location"] == "${var.results_location}"
+    assert dataset["dataset_id"] == "${var.results_dataset}"
+    assert "default_table_expiration_ms" not in dataset  # a table's expiry would drop every run at once
+    assert "var.results_retention_days" in dataset["default_partition_expiration_ms"]
+    assert dataset["delete_contents_on_destroy"] is False
+    precondition = _single(_single(dataset["lifecycle"])["precondition"])
+    assert precondition["condition"] == "${var.results_location != null}"
+    editors = {
+        name: body
+        for (rtype, name), body in config["resources"].items()
+        if body.get("role") == "roles/bigquery.dataEditor"
+    }
+    assert set(editors) == {"runtime_state_editor", "runtime_results_editor"}
+    editor = editors["runtime_results_editor"]
+    assert editor["dataset_id"] == "${google_bigquery_dataset.results[0].dataset_id}"
+    assert editor["member"] == "serviceAccount:${google_service_account.runtime.email}"
+    assert editor["count"] == "${var.results_dataset == null ? 0 : 1}"
+    assert config["variables"]["results_retention_days"]["default"] == 400
 
 
 def test_project_level_grants_are_the_expected_short_list(config: dict[str, Any]) -> None:
