@@ -101,6 +101,9 @@ COMPATIBLE = [
     ("string", pa.large_string()),
     ("integer", pa.int32()),
     ("integer", pa.decimal128(18, 0)),
+    # Whole values of a decimal with a scale (BigQuery NUMERIC) are integers (issue 19).
+    ("integer", pa.decimal128(38, 9)),
+    ("integer", pa.decimal256(76, 38)),
     ("float", pa.float32()),
     ("float", pa.decimal128(10, 3)),
     ("float", pa.int64()),
@@ -127,7 +130,6 @@ INCOMPATIBLE = [
     ("string", pa.int64()),
     ("string", pa.list_(pa.string())),
     ("integer", pa.float64()),
-    ("integer", pa.decimal128(10, 2)),
     ("integer", pa.string()),
     ("float", pa.string()),
     ("float", pa.bool_()),
