@@ -1157,6 +1157,37 @@ def _family(arrow_type: pa.DataType) -> str:
     return _OTHER
 
 
+def _refuse_ambiguous_columns(activation: Activation, schema: pa.Schema, *, source: str) -> None:
+    """Refuse a mapped column the segment returns more than once (a join's two ``email``).
+
+    DuckDB and BigQuery compare column names without regard to case, and a query that
+    names two columns alike would silently give the first, so the mapping does not guess.
+    An unmapped name that repeats is never read, so it is left alone.
+    """
+    counts: dict[str, list[str]] = {}
+    for name in schema.names:
+        counts.setdefault(name.casefold(), []).append(name)
+    mapping = activation.mapping
+    mapped = [("custom_id", mapping.custom_id)]
+    mapped += [(native.field, getattr(mapping, native.field)) for native in NATIVE_FIELDS]
+    mapped += [
+        (f"attributes.{index}.column", attribute.column) for index, attribute in enumerate(activation.attributes)
+    ]
+    for field, column in mapped:
+        if column is None:
+            continue
+        alike = counts.get(column.casefold(), [])
+        if len(alike) > 1:
+            spelled = ", ".join(f"'{name}'" for name in alike)
+            raise ConfigError(
+                f"activation '{activation.name}': column '{column}' is ambiguous: the segment returns "
+                f"{len(alike)} columns named {spelled} (a join of two tables that both have it?); "
+                "give each its own name with AS in the query",
+                source=source,
+                field=field if field.startswith("attributes.") else f"mapping.{field}",
+            )
+
+
 def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source: str) -> dict[str, AttributeType]:
     """Check the mapping against the segment's schema and fix every custom attribute's type.
 
@@ -1177,9 +1208,10 @@ def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source
 
     Raises:
         ConfigError: A mapped column (custom_id, a native, an attribute) is not in the
-            schema; a native column has a type it cannot be read from; an explicit type
-            does not fit the column's Arrow type; a type cannot be inferred; or one column
-            is given two different types.
+            schema, or is in it twice (names compared without regard to case); a native
+            column has a type it cannot be read from; an explicit type does not fit the
+            column's Arrow type; a type cannot be inferred; or one column is given two
+            different types.
     """
     where = f"activation '{activation.name}'"
     families: dict[str, str] = {}
@@ -1198,6 +1230,7 @@ def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source
             )
         return family
 
+    _refuse_ambiguous_columns(activation, schema, source=source)
     mapping = activation.mapping
     readable = [("custom_id", _CUSTOM_ID_COMPATIBLE)]
     readable += [(native.field, _NATIVE_COMPATIBLE[native.type]) for native in NATIVE_FIELDS]
