@@ -902,9 +902,10 @@ def _storage_bounds(arrow_type: pa.DataType) -> tuple[pa.DataType, int, int]:
     # ever DuckDB's 'infinity': the bounds leave both infinities out for every unit.
     per_second = _UNIT_PER_SECOND[arrow_type.unit]
     first, last = _FIRST_SECOND, _LAST_SECOND
-    if arrow_type.tz is not None:
+    if arrow_type.tz is not None and arrow_type.tz not in _UTC_ZONES:
         # pyarrow builds an aware value in UTC, then moves it into its zone: a day's margin
-        # keeps that move inside datetime's range whatever the zone's offset.
+        # keeps that move inside datetime's range whatever the zone's offset. (A UTC column
+        # is read as naive: _decode_column.)
         first, last = first + _SECONDS_PER_DAY, last - _SECONDS_PER_DAY
     low, high = first * per_second, (last + 1) * per_second - 1
     return pa.int64(), max(low, -(2**63) + 2), min(high, 2**63 - 2)

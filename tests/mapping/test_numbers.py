@@ -8,6 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sync.config import AttributeType
 from sync.mapping import resolve_attribute_types
@@ -161,3 +163,15 @@ def test_duckdb_and_bigquery_decimal_columns_keep_their_digits() -> None:
         assert rows[0].attributes is None
         assert rows[1].attributes == {"value": 19.99}
         assert rows[2].attributes == {"value": None}
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.decimals(allow_nan=False, allow_infinity=False) | st.integers(min_value=-(2**64), max_value=2**64))
+def test_a_number_is_sent_as_a_float_only_when_no_digit_is_lost(value: Decimal | int) -> None:
+    row = map_one(custom_mapper(AttributeType.FLOAT), value)
+    if row.attributes is None:
+        assert [issue.reason for issue in row.issues] in ([Reason.INEXACT_NUMBER], [Reason.INVALID_FLOAT])
+        return
+    sent = row.attributes["value"]
+    # Either the double is the value, or the JSON text of the double is.
+    assert Decimal(sent) == value or Decimal(repr(sent)) == value
