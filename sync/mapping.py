@@ -435,6 +435,10 @@ def _convert_integer(value: Any) -> Any:
     return number
 
 
+# Significant decimal digits a double always keeps (C's DBL_DIG).
+_DOUBLE_DIGITS: Final = 15
+
+
 def _exact_float(value: int | Decimal, number: float) -> bool:
     """Whether the double sent for ``value`` loses none of its digits.
 
@@ -445,6 +449,13 @@ def _exact_float(value: int | Decimal, number: float) -> bool:
     """
     if isinstance(value, int):
         return int(number) == value
+    # Any decimal of at most 15 significant digits (DBL_DIG) reads back from its double as
+    # itself: no need to build the double's exact value (a DECIMAL(38,9) of money, say).
+    # Counted on its text, the cheapest form to get (as_tuple() builds a tuple of ints):
+    # "-0.019990000" -> "1999". Leading and trailing zeros are not significant.
+    mantissa = str(value).partition("E")[0].replace("-", "").replace(".", "").strip("0")
+    if len(mantissa) <= _DOUBLE_DIGITS:
+        return True
     return Decimal(number) == value or Decimal(float.__repr__(number)) == value
 
 
