@@ -31,7 +31,9 @@ from typing import Any
 
 # Bump when mapping rules change in a way that alters payloads (it is part of the mapping
 # version, so every profile is re-mapped and what changed is resent).
-MAPPING_RULES_VERSION = "1"
+# "2": a decimal or integer that a double cannot hold exactly is refused (inexact_number)
+# instead of sent rounded; nanosecond and infinite timestamps are read (issue 19).
+MAPPING_RULES_VERSION = "2"
 
 PAYLOAD_SALT = b"cepsync/payload/1\0"
 

@@ -141,6 +141,13 @@ def _quote(value: Any) -> str:
     return text if len(text) <= DETAIL_VALUE_LENGTH else text[: DETAIL_VALUE_LENGTH - 1] + "…"
 
 
+def _quote_number(value: int | Decimal) -> str:
+    # A number is quoted whole up to 80 characters (DECIMAL(76, 38) has 77): the digits
+    # lost are the point of the message.
+    text = str(value)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
 def _fail(reason: Reason, message: str, value: Any) -> Failure:
     return Failure(reason, f"{message}: {_quote(value)}")
 
@@ -428,6 +435,30 @@ def _convert_integer(value: Any) -> Any:
     return number
 
 
+# Significant decimal digits a double always keeps (C's DBL_DIG).
+_DOUBLE_DIGITS: Final = 15
+
+
+def _exact_float(value: int | Decimal, number: float) -> bool:
+    """Whether the double sent for ``value`` loses none of its digits.
+
+    Either the double is ``value`` itself (2**60), or the shortest text that reads back as
+    the double, which is what the JSON carries, is ``value`` (0.1, 19.99): whoever reads
+    the attribute gets the source's number back. ``12345678901234567890123456789.123456789``
+    is neither (it would arrive as ``1.2345678901234568e+28``).
+    """
+    if isinstance(value, int):
+        return int(number) == value
+    # Any decimal of at most 15 significant digits (DBL_DIG) reads back from its double as
+    # itself: no need to build the double's exact value (a DECIMAL(38,9) of money, say).
+    # Counted on its text, the cheapest form to get (as_tuple() builds a tuple of ints):
+    # "-0.019990000" -> "1999". Leading and trailing zeros are not significant.
+    mantissa = str(value).partition("E")[0].replace("-", "").replace(".", "").strip("0")
+    if len(mantissa) <= _DOUBLE_DIGITS:
+        return True
+    return Decimal(number) == value or Decimal(float.__repr__(number)) == value
+
+
 def _convert_float(value: Any) -> Any:
     if isinstance(value, bool):
         return _wrong_type(Reason.INVALID_FLOAT, "a number", value)
@@ -440,6 +471,14 @@ def _convert_float(value: Any) -> Any:
             number = float(value)
         except OverflowError:
             return _fail(Reason.INVALID_FLOAT, "too large for a float", value)
+        # A Batch float is a 64-bit double: 15 to 17 significant digits. A wider number is
+        # refused rather than sent rounded (docs/mapping.md, "Numbers").
+        if math.isfinite(number) and not _exact_float(value, number):
+            return Failure(
+                Reason.INEXACT_NUMBER,
+                f"{_quote_number(value)} has more digits than a Batch float (a 64-bit double) keeps; "
+                f"it would arrive as {float.__repr__(number)}",
+            )
     else:
         return _blank_or_wrong_type(Reason.INVALID_FLOAT, "a number", value)
     # JSON has no NaN or Infinity; Batch would refuse the whole body.
@@ -487,6 +526,8 @@ def _convert_date(value: Any) -> Any:
             moment = datetime.fromisoformat(text)
         except ValueError:
             return _fail(Reason.INVALID_DATE, "not an ISO-8601 date", value)
+    elif type(value) is Unrepresentable:
+        return Failure(Reason.INVALID_DATE, value.detail)
     else:
         return _wrong_type(Reason.INVALID_DATE, "a date, a timestamp or an ISO-8601 string", value)
     # Batch wants UTC with a Z (decision 7). A naive value is taken as UTC: BigQuery
@@ -755,14 +796,17 @@ class ProfileMapper:
             if position is None:
                 fields.append(ConvertedField(column, key, present_key, [None], _zeros(rows), False))
                 continue
-            if convert is _convert_date:
-                formatted = _dates_in_columns(batch.column(position))
+            array = batch.column(position)
+            unreadable: list[tuple[int, Unrepresentable]] = []
+            if convert is _convert_date and _is_temporal(array.type):
+                array, unreadable = _readable_temporal(array)
+                formatted = None if unreadable else _dates_in_columns(array)
                 if formatted is not None:
                     fields.append(ConvertedField(column, key, present_key, formatted.to_pylist(), None, False))
                     continue
             source = decoded.get(column)
             if source is None:
-                source = decoded[column] = _decode_column(batch.column(position))
+                source = decoded[column] = _with_unrepresentable(_decode_column(array), unreadable)
             # None is "no value" both as a source value and as a converter result.
             converted: list[Any] = [None if value is None else convert(value) for value in source.values]
             has_failure = any(type(result) is Failure for result in converted)
@@ -835,12 +879,113 @@ class ConvertedBatch(NamedTuple):
     reject_row: bool  # on_invalid_value: an invalid attribute rejects its row (else: it is dropped)
 
 
+# --- Temporal values Python's datetime cannot hold -------------------------------------------
+# DuckDB writes TIMESTAMP/DATE 'infinity' and '-infinity' into Arrow as the largest and
+# (almost) smallest value of the storage integer; a year beyond 9999 or before 1 is an
+# ordinary value there. Python's datetime holds years 1-9999 only, so pyarrow raises
+# OverflowError for these: one such cell used to fail the whole run. They are found in
+# columns, before any value reaches Python, and become an ``invalid_date`` rejection of
+# their row (docs/mapping.md, "Dates and timestamps").
+
+# The instants of datetime.min and datetime.max (naive, read as UTC), in epoch seconds.
+_FIRST_SECOND: Final = -62_135_596_800
+_LAST_SECOND: Final = 253_402_300_799
+_SECONDS_PER_DAY: Final = 86_400
+_UNIT_PER_SECOND: Final[Mapping[str, int]] = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+class Unrepresentable:
+    """A date or timestamp cell no Python datetime holds; :func:`_convert_date` rejects it."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+def _storage_bounds(arrow_type: pa.DataType) -> tuple[pa.DataType, int, int]:
+    """The integer type a temporal column is stored as, and the stored values Python can read."""
+    if pa.types.is_date32(arrow_type):
+        return pa.int32(), _FIRST_SECOND // _SECONDS_PER_DAY, _LAST_SECOND // _SECONDS_PER_DAY
+    if pa.types.is_date64(arrow_type):
+        return pa.int64(), _FIRST_SECOND * 1_000, (_LAST_SECOND + 1) * 1_000 - 1
+    # A nanosecond value of 2**63 - 1 is a real instant (2262-04-11) but, in practice, only
+    # ever DuckDB's 'infinity': the bounds leave both infinities out for every unit.
+    per_second = _UNIT_PER_SECOND[arrow_type.unit]
+    first, last = _FIRST_SECOND, _LAST_SECOND
+    if arrow_type.tz is not None and arrow_type.tz not in _UTC_ZONES:
+        # pyarrow builds an aware value in UTC, then moves it into its zone: a day's margin
+        # keeps that move inside datetime's range whatever the zone's offset. (A UTC column
+        # is read as naive: _decode_column.)
+        first, last = first + _SECONDS_PER_DAY, last - _SECONDS_PER_DAY
+    low, high = first * per_second, (last + 1) * per_second - 1
+    return pa.int64(), max(low, -(2**63) + 2), min(high, 2**63 - 2)
+
+
+def _unrepresentable_detail(stored: int, arrow_type: pa.DataType) -> str:
+    largest = 2**31 - 1 if pa.types.is_date32(arrow_type) else 2**63 - 1
+    if stored == largest:
+        return "infinity, which is not a date Batch can store"
+    if stored in (-largest, -largest - 1):
+        return "-infinity, which is not a date Batch can store"
+    return f"outside the years 1 to 9999 (stored value {stored} of Arrow type {arrow_type})"
+
+
+def _readable_temporal(array: pa.Array) -> tuple[pa.Array, list[tuple[int, Unrepresentable]]]:
+    """A date or timestamp column Python can read, and the rows it could not, with why.
+
+    Nanosecond timestamps (pandas' and Spark's Parquet, DuckDB's TIMESTAMP_NS) are cut to
+    microseconds, toward the past: Batch keeps milliseconds, and the millisecond is cut
+    the same way from microseconds (:func:`_format_utc`), so a value is never rounded up
+    into the next second, day or year. A cell outside the years 1-9999 (DuckDB's
+    ``infinity``) is set to null in the returned array and listed with its row.
+    """
+    arrow_type = array.type
+    storage_type, low, high = _storage_bounds(arrow_type)
+    stored = array.view(storage_type)
+    outside = pc.fill_null(pc.or_(pc.less(stored, low), pc.greater(stored, high)), False)
+    bad: list[tuple[int, Unrepresentable]] = []
+    if pc.any(outside).as_py():
+        rows = pc.indices_nonzero(outside)
+        values = stored.take(rows).to_pylist()
+        bad = [
+            (row, Unrepresentable(_unrepresentable_detail(value, arrow_type)))
+            for row, value in zip(rows.to_pylist(), values, strict=True)
+        ]
+        array = pc.if_else(outside, pa.scalar(None, arrow_type), array)
+    if pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns":
+        # floor_temporal on the naive instants: a zoned value would be floored in its local
+        # time, which may not exist (a DST gap); a microsecond is the same in both.
+        naive = array.cast(pa.timestamp("ns")) if arrow_type.tz is not None else array
+        floored = pc.floor_temporal(naive, unit="microsecond").cast(pa.timestamp("us"))
+        array = floored.cast(pa.timestamp("us", arrow_type.tz)) if arrow_type.tz is not None else floored
+    return array, bad
+
+
 class _DecodedColumn(NamedTuple):
     """One column as Python values: ``values[codes[i]]`` is row i's value when ``codes``
     is set (a dictionary-encoded column; nulls point at a trailing None), else ``values[i]``."""
 
     values: list[Any]
     codes: pa.Int64Array | None
+
+
+def _is_temporal(arrow_type: pa.DataType) -> bool:
+    return bool(pa.types.is_date(arrow_type) or pa.types.is_timestamp(arrow_type))
+
+
+def _with_unrepresentable(decoded: _DecodedColumn, unreadable: list[tuple[int, Unrepresentable]]) -> _DecodedColumn:
+    """``decoded`` with each unreadable row pointing at its own :class:`Unrepresentable`."""
+    if not unreadable:
+        return decoded
+    values = list(decoded.values)
+    first = len(values)
+    values.extend(marker for _, marker in unreadable)
+    rows = pa.array([row for row, _ in unreadable], pa.int64())
+    codes = decoded.codes if decoded.codes is not None else pa.array(range(len(decoded.values)), pa.int64())
+    mask = pc.is_in(pa.array(range(len(codes)), pa.int64()), value_set=rows)
+    patched: pa.Int64Array = pc.replace_with_mask(codes, mask, pa.array(range(first, len(values)), pa.int64()))
+    return _DecodedColumn(values, patched)
 
 
 def _zeros(rows: int) -> pa.Int64Array:
@@ -860,10 +1005,11 @@ def _failed_rows(converted: list[Any], codes: pa.Int64Array | None) -> list[int]
 def _dates_in_columns(array: pa.Array) -> pa.StringArray | None:
     """What :func:`_convert_date` returns for each value of a date or timestamp column, in Arrow.
 
-    None when the column is not one this covers (a string or dictionary column, nanosecond
-    timestamps, a year outside 2..9998 where Python's datetime or the UTC conversion reach
-    their limits): the converter then runs per distinct value, as for any column. The
-    property tests of ``map_batch`` against ``map_row`` hold the two paths together.
+    None when the column is not one this covers (a string or dictionary column, a
+    nanosecond timestamp not yet cut by :func:`_readable_temporal`, a year outside
+    2..9998 where Python's datetime or the UTC conversion reach their limits): the
+    converter then runs per distinct value, as for any column. The property tests of
+    ``map_batch`` against ``map_row`` hold the two paths together.
     """
     arrow_type = array.type
     if pa.types.is_date(arrow_type):
@@ -943,6 +1089,10 @@ _STRING_LIST = "list of strings"
 _NULL = "null"
 _OTHER = "other"
 
+# A decimal with a scale is inferred float, and each value is sent only when the double
+# keeps all its digits (inexact_number otherwise); a decimal without one is inferred
+# integer, each value sent only within the signed 64-bit range (invalid_integer
+# otherwise). Nothing is ever rounded (docs/mapping.md, "Numbers").
 _INFERRED: Final[Mapping[str, AttributeType]] = {
     _STRING: AttributeType.STRING,
     _INTEGER: AttributeType.INTEGER,
@@ -957,7 +1107,9 @@ _INFERRED: Final[Mapping[str, AttributeType]] = {
 # Which source families an explicit type may read. An all-null column fits any type.
 _COMPATIBLE: Final[Mapping[AttributeType, frozenset[str]]] = {
     AttributeType.STRING: frozenset({_STRING, _NULL}),
-    AttributeType.INTEGER: frozenset({_INTEGER, _INTEGRAL_DECIMAL, _NULL}),
+    # A decimal with a scale may hold whole numbers: each value is checked (a fraction is
+    # refused with invalid_integer, never rounded).
+    AttributeType.INTEGER: frozenset({_INTEGER, _INTEGRAL_DECIMAL, _DECIMAL, _NULL}),
     AttributeType.FLOAT: frozenset({_FLOAT, _DECIMAL, _INTEGRAL_DECIMAL, _INTEGER, _NULL}),
     # Strings 'true'/'false' are read per row when a string column is typed boolean.
     AttributeType.BOOLEAN: frozenset({_BOOLEAN, _STRING, _NULL}),
@@ -1017,6 +1169,37 @@ def _family(arrow_type: pa.DataType) -> str:
     return _OTHER
 
 
+def _refuse_ambiguous_columns(activation: Activation, schema: pa.Schema, *, source: str) -> None:
+    """Refuse a mapped column the segment returns more than once (a join's two ``email``).
+
+    DuckDB and BigQuery compare column names without regard to case, and a query that
+    names two columns alike would silently give the first, so the mapping does not guess.
+    An unmapped name that repeats is never read, so it is left alone.
+    """
+    counts: dict[str, list[str]] = {}
+    for name in schema.names:
+        counts.setdefault(name.casefold(), []).append(name)
+    mapping = activation.mapping
+    mapped = [("custom_id", mapping.custom_id)]
+    mapped += [(native.field, getattr(mapping, native.field)) for native in NATIVE_FIELDS]
+    mapped += [
+        (f"attributes.{index}.column", attribute.column) for index, attribute in enumerate(activation.attributes)
+    ]
+    for field, column in mapped:
+        if column is None:
+            continue
+        alike = counts.get(column.casefold(), [])
+        if len(alike) > 1:
+            spelled = ", ".join(f"'{name}'" for name in alike)
+            raise ConfigError(
+                f"activation '{activation.name}': column '{column}' is ambiguous: the segment returns "
+                f"{len(alike)} columns named {spelled} (a join of two tables that both have it?); "
+                "give each its own name with AS in the query",
+                source=source,
+                field=field if field.startswith("attributes.") else f"mapping.{field}",
+            )
+
+
 def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source: str) -> dict[str, AttributeType]:
     """Check the mapping against the segment's schema and fix every custom attribute's type.
 
@@ -1031,15 +1214,16 @@ def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source
     Returns:
         Column -> effective :class:`AttributeType` for every custom attribute column:
         the explicit type when given, else the type inferred from the Arrow type
-        (string → string, integers → integer, floats and decimals → float, decimals with
-        scale 0 → integer, bool → boolean, date/timestamp → date, list of strings →
-        string_array).
+        (string → string, integers → integer, floats and decimals → float (each value
+        checked to be exact as a double), decimals with scale 0 → integer, bool →
+        boolean, date/timestamp → date, list of strings → string_array).
 
     Raises:
         ConfigError: A mapped column (custom_id, a native, an attribute) is not in the
-            schema; a native column has a type it cannot be read from; an explicit type
-            does not fit the column's Arrow type; a type cannot be inferred; or one column
-            is given two different types.
+            schema, or is in it twice (names compared without regard to case); a native
+            column has a type it cannot be read from; an explicit type does not fit the
+            column's Arrow type; a type cannot be inferred; or one column is given two
+            different types.
     """
     where = f"activation '{activation.name}'"
     families: dict[str, str] = {}
@@ -1058,6 +1242,7 @@ def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source
             )
         return family
 
+    _refuse_ambiguous_columns(activation, schema, source=source)
     mapping = activation.mapping
     readable = [("custom_id", _CUSTOM_ID_COMPATIBLE)]
     readable += [(native.field, _NATIVE_COMPATIBLE[native.type]) for native in NATIVE_FIELDS]

@@ -30,6 +30,8 @@ class Reason(enum.StrEnum):
     STRING_TOO_LONG = "string_too_long"
     INVALID_INTEGER = "invalid_integer"
     INVALID_FLOAT = "invalid_float"
+    # A number a Batch float (a 64-bit double) cannot hold without losing digits.
+    INEXACT_NUMBER = "inexact_number"
     INVALID_BOOLEAN = "invalid_boolean"
     INVALID_DATE = "invalid_date"
     INVALID_URL = "invalid_url"

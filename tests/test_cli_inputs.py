@@ -694,3 +694,174 @@ def test_a_first_run_on_an_empty_segment_warns(tmp_path: Path, simulator: Simula
         "the segment returned no rows and this activation has synced nothing yet: check source.query "
         "(or source.table) if profiles were expected"
     ]
+
+
+# --- issue 19, items 1-6: warehouse values ---
+# One value a warehouse produces every day never fails a whole run: it is read, or its row
+# is rejected with a reason naming the row and the column, and the other rows are sent.
+
+
+def _values_activation(
+    tmp_path: Path,
+    base_url: str,
+    *statements: str,
+    attributes: list[dict[str, Any]],
+    mapping: dict[str, str] | None = None,
+    query: str | None = None,
+) -> Path:
+    """An activation over a DuckDB table ``seg`` (or ``query``) built by ``statements``."""
+    import duckdb
+
+    database = tmp_path / "values.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        for statement in statements:
+            connection.execute(statement)
+    source: dict[str, Any] = {"type": "duckdb", "database": str(database)}
+    source.update({"query": query} if query is not None else {"table": "seg"})
+    config = activation_config(base_url, name="values", source=source, attributes=attributes)
+    config["mapping"] = mapping or {"custom_id": "id"}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_19_1_timestamps_of_every_precision_are_read_and_cut_to_the_millisecond(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    path = _values_activation(
+        tmp_path,
+        simulator.base_url,
+        "CREATE TABLE seg AS SELECT 'a' AS id, '2024-01-02 03:04:05.123456789'::TIMESTAMP_NS AS ns, "
+        "'2024-01-02 03:04:05'::TIMESTAMP_S AS s, '2024-01-02 03:04:05.5'::TIMESTAMP_MS AS ms, "
+        "'2024-01-02 03:04:05.999999'::TIMESTAMPTZ AS tz",
+        attributes=[{"column": "ns"}, {"column": "s"}, {"column": "ms"}, {"column": "tz"}],
+    )
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    assert "Install pandas" not in output
+    assert "Traceback" not in output
+    assert simulator.simulator.profiles(PROJECT_KEY)["a"] == {
+        "ns": "2024-01-02T03:04:05.123Z",
+        "s": "2024-01-02T03:04:05Z",
+        "ms": "2024-01-02T03:04:05.500Z",
+        "tz": "2024-01-02T03:04:05.999Z",
+    }
+
+
+def test_19_2_an_infinite_date_rejects_its_row_invalid_date_and_the_others_are_sent(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    path = _values_activation(
+        tmp_path,
+        simulator.base_url,
+        "CREATE TABLE seg (id VARCHAR, seen TIMESTAMP, changed TIMESTAMPTZ, born DATE)",
+        "INSERT INTO seg VALUES ('inf', 'infinity', '2024-01-01', '2024-01-01'), "
+        "('neg', '2024-01-01', '-infinity', '2024-01-01'), ('day', '2024-01-01', '2024-01-01', 'infinity'), "
+        "('ok', '2024-01-01 10:00', '2024-01-01 10:00', '2024-01-01')",
+        attributes=[{"column": "seen"}, {"column": "changed"}, {"column": "born"}],
+    )
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path), "--rejects", str(tmp_path / "r.jsonl"))
+    assert code == 0, output
+    assert "OverflowError" not in output
+    assert "invalid_date ×3" in flat(output)
+    rejects = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()]
+    found = {(r["custom_id"], issue["field"], issue["reason"]) for r in rejects for issue in r["issues"]}
+    assert found == {
+        ("inf", "seen", "invalid_date"),
+        ("neg", "changed", "invalid_date"),
+        ("day", "born", "invalid_date"),
+    }
+    assert "infinity" in json.dumps(rejects)
+    assert set(simulator.simulator.profiles(PROJECT_KEY)) == {"ok"}
+
+
+def test_19_3_one_ten_megabyte_string_is_rejected_string_too_long_with_the_default_config(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    path = _values_activation(
+        tmp_path,
+        simulator.base_url,
+        "CREATE TABLE seg AS SELECT 'id-' || i AS id, "
+        "CASE WHEN i = 7 THEN repeat('x', 10000000) ELSE 'note ' || i END AS note FROM range(50) t(i)",
+        attributes=[{"column": "note"}],
+    )
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path), "--rejects", str(tmp_path / "r.jsonl"))
+    assert code == 0, output
+    assert "memory_limit" not in output
+    assert "string_too_long ×1" in flat(output)
+    (reject,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert reject["custom_id"] == "id-7"
+    assert reject["issues"][0]["field"] == "note"
+    assert "10000000 characters" in reject["issues"][0]["detail"]
+    assert len(simulator.simulator.profiles(PROJECT_KEY)) == 49
+
+
+def test_19_4_decimals_are_sent_exactly_or_refused_never_rounded(tmp_path: Path, simulator: SimulatorThread) -> None:
+    path = _values_activation(
+        tmp_path,
+        simulator.base_url,
+        "CREATE TABLE seg (id VARCHAR, amount DECIMAL(38, 9), units DECIMAL(38, 9))",
+        "INSERT INTO seg VALUES ('wide', 12345678901234567890123456789.123456789, 1), ('money', 19.99, 42), "
+        "('half', 1.5, 2.5)",
+        attributes=[{"column": "amount"}, {"column": "units", "type": "integer"}],
+    )
+    code, output = invoke("validate", str(path))
+    assert code == 0, output
+    assert "amount=float" in output
+    assert "units=integer" in output
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path), "--rejects", str(tmp_path / "r.jsonl"))
+    assert code == 0, output
+    assert "1.2345678901234568e+28" not in json.dumps(simulator.simulator.profiles(PROJECT_KEY))
+    assert simulator.simulator.profiles(PROJECT_KEY) == {"money": {"amount": 19.99, "units": 42}}
+    rejects = {
+        r["custom_id"]: r["issues"]
+        for r in map(json.loads, (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines())
+    }
+    assert [(i["field"], i["reason"]) for i in rejects["wide"]] == [("amount", "inexact_number")]
+    assert "12345678901234567890123456789.123456789" in rejects["wide"][0]["detail"]
+    assert [(i["field"], i["reason"]) for i in rejects["half"]] == [("units", "invalid_integer")]
+    assert "not a whole number" in rejects["half"][0]["detail"]
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "plan"])
+def test_19_5_a_mapped_column_a_join_returns_twice_is_a_config_error_naming_it(
+    tmp_path: Path, simulator: SimulatorThread, command: str
+) -> None:
+    path = _values_activation(
+        tmp_path,
+        simulator.base_url,
+        "CREATE TABLE a AS SELECT 'u1' AS id, 'x@example.com' AS email",
+        "CREATE TABLE b AS SELECT 'u1' AS id, 'y@example.com' AS email",
+        attributes=[],
+        mapping={"custom_id": "id", "email": "email"},
+        query="SELECT * FROM a JOIN b USING (id)",
+    )
+    args = [command, str(path)] + ([] if command == "validate" else ["--state", state_url(tmp_path)])
+    code, output = invoke(*args)
+    assert code == 2, output
+    text = flat(output)
+    assert "activation 'values'" in text
+    assert "column 'email' is ambiguous" in text
+    assert "mapping.email" in text
+    assert "Traceback" not in output
+    assert simulator.simulator.profiles(PROJECT_KEY) == {}
+
+
+def test_19_6_a_table_ten_thousand_columns_wide_reads_only_its_mapped_columns(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    columns = ", ".join(f"'filler {i}' AS c{i}" for i in range(10_000))
+    path = _values_activation(
+        tmp_path,
+        simulator.base_url,
+        f"CREATE TABLE seg AS SELECT 'id-' || i AS id, 'tier ' || i AS tier, {columns} FROM range(3) t(i)",
+        attributes=[{"column": "tier"}, {"column": "c9999"}],
+    )
+    code, output = invoke("validate", str(path))
+    assert code == 0, output
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    assert "Out of Memory" not in output
+    assert simulator.simulator.profiles(PROJECT_KEY) == {
+        f"id-{i}": {"tier": f"tier {i}", "c9999": "filler 9999"} for i in range(3)
+    }

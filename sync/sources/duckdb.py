@@ -10,6 +10,18 @@ blocks, which fills up to the limit on every read. Unless the activation sets
 a query DuckDB streams holds a few blocks per column at a time, so a small cap keeps the
 cache small; a sort, join, aggregate or window keeps the generous default, under which it
 spills rather than fails (``docs/how-a-run-works.md``, "Memory").
+
+One outsized value (a 10 MB string in one row) needs about twice its size at once, far
+more than a small cap. Rather than give every read that headroom (the cache would fill it:
+a 1M-row read would keep it resident for nothing), a streamed read that runs out of memory
+under a cap of ours is started again, under twice the cap, after the rows it has already
+yielded (:meth:`DuckDBSource.read_batches`): only the read that meets such a value pays for
+it. The value then reaches the mapping, which rejects its row with a reason
+(``string_too_long``), and the run goes on.
+
+Only the mapped columns are ever read (a projection), and the schema is read from one
+column of each distinct type, so a table 10,000 columns wide costs what its mapped columns
+cost.
 """
 
 from __future__ import annotations
@@ -38,6 +50,13 @@ QUERY_MEMORY_LIMIT_MB: Final = 128
 # columns pass at 12 MB (this gives 21).
 STREAM_BASE_MB: Final = 8
 STREAM_PER_COLUMN_MB: Final = 0.75
+# A streamed read that runs out of memory under a cap of ours is retried under twice the
+# cap, up to this one: a single value of up to about 200 MB (a string, a list) passes.
+# Beyond it, the activation must set source.memory_limit.
+STREAM_RETRY_CEILING_MB: Final = 512
+
+# How DuckDB's out-of-memory errors begin, also once Arrow's stream reader has wrapped one.
+OUT_OF_MEMORY: Final = "Out of Memory Error"
 
 # Physical operators that pass rows through without holding them (EXPLAIN's names).
 STREAMING_OPERATORS: Final = frozenset(
@@ -121,28 +140,59 @@ class DuckDBSource:
         assert self._config.query is not None
         return self._config.query
 
-    def _read_sql(self, columns: list[str] | None) -> str:
-        inner = self._segment_sql()
+    def _read_sql(self, columns: list[str] | None, *, skip: int = 0) -> str:
         projection = "*" if columns is None else ", ".join(quote_identifier(c) for c in columns)
-        return f"SELECT {projection} FROM ({inner}) AS segment"  # noqa: S608 - inner is the user's own segment SQL
+        if self._config.table is not None:
+            # Straight from the table: only the projected columns are scanned.
+            table = ".".join(quote_identifier(part) for part in self._config.table.split("."))
+            sql = f"SELECT {projection} FROM {table}"  # noqa: S608 - identifiers validated by the config model, then quoted
+        else:
+            sql = f"SELECT {projection} FROM ({self._segment_sql()}) AS segment"  # noqa: S608 - the user's own segment SQL
+        return sql if not skip else f"{sql} OFFSET {int(skip)}"
 
-    def _relation(self, columns: list[str] | None) -> duckdb.DuckDBPyRelation:
+    def _relation(self, columns: list[str] | None, *, skip: int = 0) -> duckdb.DuckDBPyRelation:
         try:
-            return self._connection.sql(self._read_sql(columns))
+            return self._connection.sql(self._read_sql(columns, skip=skip))
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': the segment query failed: {error}") from None
 
     def schema(self) -> pa.Schema:
-        relation = self._relation(None)
+        """The segment's columns, under the names the table or query gives them.
+
+        Binding the query names its columns and their DuckDB types without reading; the
+        Arrow type of each distinct DuckDB type is then read from one column of that type
+        (``LIMIT 0``): a ``SELECT *`` of a table 10,000 columns wide, even ``LIMIT 0``,
+        allocates a vector per column and outgrows the cap. Names are the query's own, so
+        two columns a join names alike (``email``, ``email``) stay alike, and the mapping
+        refuses to guess (:func:`sync.mapping.resolve_attribute_types`); the wrapping
+        ``SELECT`` would silently call the second one ``email_1``.
+        """
         try:
-            return relation.limit(0).to_arrow_table().schema
+            names = self._connection.sql(self._segment_sql()).columns
+            wrapped = self._relation(None)
+            unique_names, types = wrapped.columns, wrapped.types
+            representatives: dict[str, str] = {}
+            for name, duck_type in zip(unique_names, types, strict=True):
+                representatives.setdefault(str(duck_type), name)
+            sample = (
+                self._connection.sql(self._read_sql(list(representatives.values()))).limit(0).to_arrow_table().schema
+            )
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': the segment query failed: {error}") from None
+        arrow_types = dict(zip(representatives, sample.types, strict=True))
+        return pa.schema(
+            [pa.field(name, arrow_types[str(duck_type)]) for name, duck_type in zip(names, types, strict=True)]
+        )
 
-    def _bound_read(self, columns: list[str]) -> None:
-        """Size the connection's cap for the next read (unless the activation set one)."""
+    def _bound_read(self, columns: list[str]) -> bool:
+        """Size the connection's cap for the next read (unless the activation set one).
+
+        Returns:
+            Whether the read streams under a cap of ours, so that it may be retried under
+            a larger one (:meth:`read_batches`).
+        """
         if self._config.memory_limit is not None:
-            return
+            return False
         # Set on every read: DuckDB shares one database (and its settings) between the
         # connections of a process to the same file.
         operators = plan_operators(self._connection, self._read_sql(columns))
@@ -150,29 +200,64 @@ class DuckDBSource:
         self._connection.execute(f"SET memory_limit = {quote_literal(self._limit)}")
         if streams(operators):
             self._connection.execute("SET threads = 1")
-        else:
-            self._connection.execute("RESET threads")
+            return True
+        self._connection.execute("RESET threads")
+        return False
 
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        self._bound_read(columns)
-        relation = self._relation(columns)
-        started = time.perf_counter()
-        try:
-            reader = relation.to_arrow_reader(self._config.batch_rows)
-            for batch in reader:
-                self._rows += batch.num_rows
-                self._batches += 1
-                self._seconds += time.perf_counter() - started
-                yield batch
-                started = time.perf_counter()
-        except duckdb.OutOfMemoryException as error:
-            raise FatalError(
+        """The mapped columns of every row, in record batches.
+
+        A streamed read runs on one thread, so its rows come in the same order every
+        time. When one under a cap of ours runs out of memory (one outsized value), it is
+        started again under twice the cap, after the rows already yielded (``OFFSET``),
+        up to :data:`STREAM_RETRY_CEILING_MB`. The rows before are read again, not sent
+        again; the larger cap holds to the end of this read only.
+        """
+        retry = self._bound_read(columns)
+        yielded = 0
+        while True:
+            relation = self._relation(columns, skip=yielded)
+            started = time.perf_counter()
+            try:
+                reader = relation.to_arrow_reader(self._config.batch_rows)
+                for batch in reader:
+                    self._rows += batch.num_rows
+                    self._batches += 1
+                    yielded += batch.num_rows
+                    self._seconds += time.perf_counter() - started
+                    yield batch
+                    started = time.perf_counter()
+                return
+            except (duckdb.Error, pa.ArrowException, OSError) as error:
+                # Past the first batch, DuckDB's errors reach us through Arrow's stream
+                # reader, as an OSError carrying DuckDB's message.
+                if not isinstance(error, duckdb.OutOfMemoryException) and OUT_OF_MEMORY not in str(error):
+                    raise FatalError(f"activation '{self._activation}': reading the segment failed: {error}") from None
+                larger = self._larger_limit() if retry else None
+                if larger is None:
+                    raise FatalError(self._out_of_memory(error)) from None
+                self._limit = larger
+                self._connection.execute(f"SET memory_limit = {quote_literal(larger)}")
+
+    def _larger_limit(self) -> str | None:
+        """Twice the current cap of ours, or None past :data:`STREAM_RETRY_CEILING_MB`."""
+        current = int(self._limit.removesuffix("MB"))
+        if current >= STREAM_RETRY_CEILING_MB:
+            return None
+        return f"{min(STREAM_RETRY_CEILING_MB, max(2 * current, QUERY_MEMORY_LIMIT_MB // 4))}MB"
+
+    def _out_of_memory(self, error: Exception) -> str:
+        if self._config.memory_limit is not None:
+            return (
                 f"activation '{self._activation}': reading the segment needs more memory than "
                 f"source.memory_limit allows ({self._limit}): set a larger one in the activation. "
                 f"DuckDB said: {error}"
-            ) from None
-        except duckdb.Error as error:
-            raise FatalError(f"activation '{self._activation}': reading the segment failed: {error}") from None
+            )
+        return (
+            f"activation '{self._activation}': reading the segment needs more memory than cepsync gives a "
+            f"read by default ({self._limit}; source.memory_limit is not set): set source.memory_limit "
+            f"in the activation, for example 1GB. DuckDB said: {error}"
+        )
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -101,6 +101,9 @@ COMPATIBLE = [
     ("string", pa.large_string()),
     ("integer", pa.int32()),
     ("integer", pa.decimal128(18, 0)),
+    # Whole values of a decimal with a scale (BigQuery NUMERIC) are integers (issue 19).
+    ("integer", pa.decimal128(38, 9)),
+    ("integer", pa.decimal256(76, 38)),
     ("float", pa.float32()),
     ("float", pa.decimal128(10, 3)),
     ("float", pa.int64()),
@@ -127,7 +130,6 @@ INCOMPATIBLE = [
     ("string", pa.int64()),
     ("string", pa.list_(pa.string())),
     ("integer", pa.float64()),
-    ("integer", pa.decimal128(10, 2)),
     ("integer", pa.string()),
     ("float", pa.string()),
     ("float", pa.bool_()),
@@ -207,3 +209,35 @@ def test_resolved_types_drive_the_mapper() -> None:
     mapper = ProfileMapper(activation, resolve_attribute_types(activation, schema, source="x.yaml"))
     row = mapper.map_row({"id": "u1", "seen": datetime(2024, 1, 2, tzinfo=UTC), "visits": Decimal("3")})
     assert row.attributes == {"date(seen)": "2024-01-02T00:00:00Z", "visits": 3}
+
+
+# --- A name the segment returns twice (issue 19, item 5) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mapping", "attributes", "names", "field"),
+    [
+        ({"email": "email"}, [], ["id", "email", "email"], "mapping.email"),
+        ({}, [{"column": "tier"}], ["id", "tier", "TIER"], "attributes.0.column"),
+        ({}, [], ["id", "ID"], "mapping.custom_id"),
+    ],
+)
+def test_a_mapped_column_the_segment_returns_twice_is_a_config_error(
+    mapping: dict[str, str], attributes: list[dict[str, str]], names: list[str], field: str
+) -> None:
+    activation = make_activation(mapping, attributes)
+    schema = pa.schema([(name, pa.string()) for name in names])
+    with pytest.raises(ConfigError) as caught:
+        resolve_attribute_types(activation, schema, source="crm-sync.yaml")
+    assert caught.value.field == field
+    assert "activation 'crm-sync'" in str(caught.value)
+    assert "is ambiguous" in str(caught.value)
+    assert "AS" in str(caught.value)
+
+
+def test_a_repeated_name_that_is_not_mapped_is_left_alone() -> None:
+    activation = make_activation({"email": "email"})
+    schema = pa.schema(
+        [("id", pa.string()), ("email", pa.string()), ("updated_at", pa.int64()), ("updated_at", pa.int64())]
+    )
+    assert resolve_attribute_types(activation, schema, source="crm-sync.yaml") == {}

@@ -733,3 +733,41 @@ def test_arrow_schema_maps_every_supported_type() -> None:
     )
     with pytest.raises(ValueError, match="INTERVAL"):
         arrow_schema([bigquery.SchemaField("span", "INTERVAL")])
+
+
+# --- issue 19, item 4: NUMERIC and BIGNUMERIC keep their digits, or say why not --------------
+
+
+@pytest.mark.parametrize("use_storage_api", [True, False])
+def test_numeric_and_bignumeric_are_sent_exactly_or_refused(
+    use_storage_api: bool,
+    bq_proxy: RecordingProxy,
+    bq_emulator: BigQueryEmulator,
+    bq_read_client: BigQueryReadClient,
+    segment: str,
+) -> None:
+    from sync.mapping import ProfileMapper, resolve_attribute_types
+    from sync.model import Reason
+    from tests.support.mapping_support import make_activation
+
+    query = (
+        "SELECT 'wide' AS id, NUMERIC '12345678901234567890123456789.123456789' AS amount, "
+        "BIGNUMERIC '19.99' AS big, NUMERIC '42' AS units "
+        "UNION ALL SELECT 'money', NUMERIC '19.99', BIGNUMERIC '0.1', NUMERIC '7'"
+    )
+    source = make_source(bq_proxy, bq_emulator, bq_read_client, use_storage_api=use_storage_api, query=query)
+    activation = make_activation(
+        attributes=[{"column": "amount"}, {"column": "big"}, {"column": "units", "type": "integer"}]
+    )
+    types = resolve_attribute_types(activation, source.schema(), source="bq.yaml")
+    mapper = ProfileMapper(activation, types)
+    rows = {
+        row.custom_id: row
+        for batch in source.read_batches(["id", "amount", "big", "units"])
+        for row in mapper.map_batch(batch)
+    }
+    source.close()
+    assert rows["money"].attributes == {"amount": 19.99, "big": 0.1, "units": 7}
+    assert rows["wide"].attributes is None
+    assert [(issue.field, issue.reason) for issue in rows["wide"].issues] == [("amount", Reason.INEXACT_NUMBER)]
+    assert "12345678901234567890123456789.123456789" in rows["wide"].issues[0].detail

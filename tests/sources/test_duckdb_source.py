@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
@@ -155,3 +156,81 @@ def test_a_read_that_outgrows_its_cap_names_the_activation_and_the_setting(tmp_p
     assert "activation 'vip'" in message
     assert "source.memory_limit" in message
     assert "1MB" in message
+
+
+# --- issue 19: one outsized value, a very wide table, names a join repeats ---------------------
+
+
+def test_one_outsized_string_is_read_under_a_larger_cap_and_every_row_once(tmp_path: Path) -> None:
+    path = tmp_path / "segment.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            "CREATE TABLE people AS SELECT 'id-' || i AS id, "
+            "CASE WHEN i = 2500 THEN repeat('x', 10000000) ELSE 'short' END AS note FROM range(5000) t(i)"
+        )
+    source = DuckDBSource(DuckDBSourceConfig(database=str(path), table="people", batch_rows=1000), activation="act")
+    try:
+        ids: list[str] = []
+        longest = 0
+        for batch in source.read_batches(["id", "note"]):
+            ids.extend(batch.column("id").to_pylist())
+            longest = max(longest, max(len(note) for note in batch.column("note").to_pylist()))
+        # Every row exactly once, in order, the long one whole.
+        assert ids == [f"id-{i}" for i in range(5000)]
+        assert longest == 10_000_000
+        # The cap grew for this read only: the next read starts from the small one again.
+        assert sum(batch.num_rows for batch in source.read_batches(["id"])) == 5000
+        assert setting(source, "memory_limit") == memory_limit_as_shown("9MB")
+    finally:
+        source.close()
+
+
+def test_a_value_beyond_the_retry_ceiling_says_to_set_memory_limit(tmp_path: Path) -> None:
+    path = tmp_path / "segment.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE people AS SELECT 'a' AS id, repeat('x', 300000000) AS note")
+    source = DuckDBSource(DuckDBSourceConfig(database=str(path), table="people"), activation="vip")
+    try:
+        with pytest.raises(FatalError) as caught:
+            sum(batch.num_rows for batch in source.read_batches(["id", "note"]))
+    finally:
+        source.close()
+    message = str(caught.value)
+    assert "activation 'vip'" in message
+    assert "source.memory_limit is not set" in message
+    assert "set source.memory_limit" in message
+
+
+def test_a_table_ten_thousand_columns_wide_costs_what_its_mapped_columns_cost(tmp_path: Path) -> None:
+    path = tmp_path / "wide.duckdb"
+    columns = ", ".join(f"'value {i} ' || t.i AS c{i}" for i in range(10_000))
+    with duckdb.connect(str(path)) as con:
+        con.execute(f"CREATE TABLE wide AS SELECT 'id-' || t.i AS id, t.i AS points, {columns} FROM range(3) t(i)")
+    for spec in ({"table": "wide"}, {"query": "SELECT * FROM wide WHERE points >= 0"}):
+        source = DuckDBSource(DuckDBSourceConfig(database=str(path), **spec), activation="act")
+        try:
+            schema = source.schema()
+            assert len(schema) == 10_002
+            assert schema.field("points").type == pa.int64()
+            assert schema.field("c9999").type == pa.string()
+            batches = list(source.read_batches(["id", "points", "c9999"]))
+            assert [batch.schema.names for batch in batches] == [["id", "points", "c9999"]]
+            assert batches[0].column("c9999").to_pylist() == ["value 9999 0", "value 9999 1", "value 9999 2"]
+        finally:
+            source.close()
+
+
+def test_the_schema_keeps_the_names_a_join_repeats(tmp_path: Path) -> None:
+    path = tmp_path / "segment.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE a AS SELECT 'u1' AS id, 'x@example.com' AS email")
+        con.execute("CREATE TABLE b AS SELECT 'u1' AS id, 'y@example.com' AS email, 1.5::DECIMAL(38,9) AS score")
+    query = "SELECT * FROM a JOIN b USING (id)"
+    source = DuckDBSource(DuckDBSourceConfig(database=str(path), query=query), activation="act")
+    try:
+        schema = source.schema()
+    finally:
+        source.close()
+    # Not 'email_1': the wrapping SELECT's renaming would hide the ambiguity.
+    assert schema.names == ["id", "email", "email", "score"]
+    assert schema.field("score").type == pa.decimal128(38, 9)
