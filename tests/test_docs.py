@@ -37,3 +37,15 @@ def test_the_readme_links_only_files_of_the_repository() -> None:
             continue
         assert (ROOT / target).exists(), target
     assert "../shared" not in readme
+
+
+def test_the_license_is_an_spdx_string_with_its_file() -> None:
+    """setuptools deprecates ``license = {text = ...}`` (issue 19, item 29): an SPDX string and the file."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["license"] == "Apache-2.0"
+    for name in project["project"]["license-files"]:
+        assert (ROOT / name).is_file(), name
+    # PEP 639 metadata needs setuptools 77 or later in the isolated build.
+    assert any(re.fullmatch(r"setuptools>=(7[7-9]|[89]\d)(\.\d+)*", r) for r in project["build-system"]["requires"])
