@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import math
 import os
 import signal
 import sys
@@ -150,7 +151,30 @@ def _print_json(document: Any) -> None:
 _BUDGET_MARGIN_SECONDS = RunOptions().budget_margin_seconds
 
 
+# The longest lease a run may take: a run that dies holds its activation for the whole ttl
+# (nothing renews it, nothing else may run), so a week is already far past any use.
+_LEASE_TTL_MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _finite(value: float | None, option: str) -> None:
+    """``inf`` and ``nan`` parse as floats but are no number of seconds (click lets both through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value!r} is not a number of seconds; give a finite number", param_hint=option)
+
+
+def _check_lease_ttl(value: float) -> float:
+    _finite(value, "--lease-ttl")
+    if not 1.0 <= value <= _LEASE_TTL_MAX_SECONDS:
+        raise typer.BadParameter(
+            f"{value:g} s is out of range: give 1 to {_LEASE_TTL_MAX_SECONDS:g} seconds (a week); a run renews "
+            "its lease while it works, and a run that dies blocks the activation for the whole ttl",
+            param_hint="--lease-ttl",
+        )
+    return value
+
+
 def _check_time_budget(value: float | None) -> float | None:
+    _finite(value, "--time-budget")
     if value is not None and value <= _BUDGET_MARGIN_SECONDS:
         raise typer.BadParameter(
             f"{value:g} s would never send a batch: a run stops launching batches {_BUDGET_MARGIN_SECONDS:g} s "
@@ -397,7 +421,11 @@ def run(
         typer.Option("--allow", help=f"Override a guard for this run only: {', '.join(GUARD_NAMES)}."),
     ] = None,
     lease_ttl: Annotated[
-        float, typer.Option(min=1.0, help="Lease time-to-live in seconds (renewed while running).")
+        float,
+        typer.Option(
+            callback=_check_lease_ttl,
+            help=f"Lease time-to-live in seconds, 1 to {_LEASE_TTL_MAX_SECONDS:g} (renewed while running).",
+        ),
     ] = 300.0,
     time_budget: Annotated[
         float | None,

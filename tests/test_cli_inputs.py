@@ -694,3 +694,32 @@ def test_a_first_run_on_an_empty_segment_warns(tmp_path: Path, simulator: Simula
         "the segment returned no rows and this activation has synced nothing yet: check source.query "
         "(or source.table) if profiles were expected"
     ]
+
+
+# --- issue 19, items 19-29: CLI, files, front door ---
+
+
+# Item 21: every float option is a finite number of seconds in its range (inf and nan parse as floats).
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--lease-ttl", "inf"], ["--lease-ttl", "finite"]),
+        (["--lease-ttl", "nan"], ["--lease-ttl", "finite"]),
+        (["--lease-ttl", "-inf"], ["--lease-ttl", "finite"]),
+        (["--lease-ttl", "1e12"], ["--lease-ttl", "out of range", "604800"]),
+        (["--time-budget", "nan"], ["--time-budget", "finite"]),
+        (["--time-budget", "inf"], ["--time-budget", "finite"]),
+        (["--time-budget", "-inf"], ["--time-budget", "finite"]),
+    ],
+)
+def test_issue19_float_options_must_be_finite(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, args: list[str], words: list[str]
+) -> None:
+    state_file = tmp_path / "state.db"
+    code, output = invoke("run", str(activation_file), "--state", f"sqlite:///{state_file}", *args)
+    assert code == 2, output
+    for word in words:
+        assert word in flat(output), word
+    assert "Traceback" not in output
+    assert simulator.simulator.stats()["profiles_received"] == 0
+    assert not state_file.exists()
