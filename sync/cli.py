@@ -761,7 +761,10 @@ def simulator(
     if not api_key or not project_key:
         raise _fail(ConfigError(f"set {api_key_env} and {project_key_env}: the simulator accepts only those keys"))
     configure_logging(level="info")
-    serve(host, port, {project_key: api_key}, rate_limit=rate_limit)
+    try:
+        serve(host, port, {project_key: api_key}, rate_limit=rate_limit)
+    except SyncError as error:  # the address cannot be listened on
+        raise _fail(error) from None
 
 
 @app.command()

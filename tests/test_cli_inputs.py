@@ -723,3 +723,37 @@ def test_issue19_float_options_must_be_finite(
     assert "Traceback" not in output
     assert simulator.simulator.stats()["profiles_received"] == 0
     assert not state_file.exists()
+
+
+# Item 22: the simulator's start-up errors are one line each, exit 2.
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "70000"], ["--port", "70000", "0 to 65535"]),
+        (["--port", "-1"], ["--port", "0 to 65535"]),
+        (["--host", "999.1.1.1"], ["--host", "999.1.1.1", "does not resolve"]),
+        (["--host", "8.8.8.8"], ["--host", "8.8.8.8", "not an address of this machine"]),
+    ],
+)
+def test_issue19_simulator_start_up_errors_are_one_line(args: list[str], words: list[str]) -> None:
+    code, output = invoke("simulator", *args, "--port", "0") if "--port" not in args else invoke("simulator", *args)
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert output.startswith("error:")
+    for word in words:
+        assert word in flat(output), word
+
+
+def test_issue19_simulator_on_a_port_in_use_says_so() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, output = invoke("simulator", "--port", str(port))
+    assert code == 2, output
+    assert "Traceback" not in output
+    text = flat(output)
+    assert f"127.0.0.1:{port}" in text
+    assert "already in use" in text
