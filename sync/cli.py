@@ -594,6 +594,14 @@ def history(
             record = store.get_run(run_id)
             if record is None:
                 raise _fail(ConfigError(f"no run {run_id!r}", field="--run"))
+            if record.get("activation") != name:
+                raise _fail(
+                    ConfigError(
+                        f"run {run_id!r} is a run of activation '{record.get('activation')}', not of '{name}'; "
+                        f"ask `cepsync history {record.get('activation')} --run {run_id}`",
+                        field="--run",
+                    )
+                )
             if output_format is HistoryFormat.json:
                 typer.echo(json.dumps(record, default=str, indent=2))
             elif output_format is HistoryFormat.csv:

@@ -757,3 +757,21 @@ def test_issue19_simulator_on_a_port_in_use_says_so() -> None:
     text = flat(output)
     assert f"127.0.0.1:{port}" in text
     assert "already in use" in text
+
+
+# Item 26: `history B --run <a run of A>` names both activations instead of printing A's run.
+def test_issue19_history_run_of_another_activation_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    run_id = json.loads(invoke("history", "inputs", "--state", state, "--json")[1])[0]["run_id"]
+    code, output = invoke("history", "other", "--state", state, "--run", run_id)
+    assert code == 2, output
+    text = flat(output)
+    assert "--run" in text
+    assert f"run '{run_id}' is a run of activation 'inputs', not of 'other'" in text
+    assert "acknowledged" not in text  # the record itself is not printed
+    code, output = invoke("history", "inputs", "--state", state, "--run", run_id, "--format", "json")
+    assert code == 0, output
+    assert json.loads(output)["run_id"] == run_id
