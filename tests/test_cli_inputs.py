@@ -7,6 +7,7 @@ the HTTP simulator, the CLI through typer's runner.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Iterator
@@ -775,3 +776,250 @@ def test_issue19_history_run_of_another_activation_is_refused(
     code, output = invoke("history", "inputs", "--state", state, "--run", run_id, "--format", "json")
     assert code == 0, output
     assert json.loads(output)["run_id"] == run_id
+
+
+# Items 19 and 20: output paths (--rejects, report -o) are checked before anything runs; never
+# the activation or the state file; a write that fails after the run keeps the run recorded.
+def _report_target_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
+    (tmp_path / "a_dir").mkdir(exist_ok=True)
+    (tmp_path / "plain").write_text("x")
+    return {
+        "directory": (tmp_path / "a_dir", ["--out", "is a directory"]),
+        "missing folder": (tmp_path / "missing" / "r.html", ["--out", "missing", "create it first"]),
+        "through a file": (tmp_path / "plain" / "r.html", ["--out", "not a directory"]),
+        "/proc/version": (Path("/proc/version"), ["--out", "cannot write /proc/version"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["directory", "missing folder", "through a file", "/proc/version"])
+def test_issue19_report_out_that_cannot_be_written_is_refused_up_front(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, case: str
+) -> None:
+    if case == "/proc/version" and not Path("/proc/version").is_file():
+        pytest.skip("no /proc here")
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    target, words = _report_target_cases(tmp_path)[case]
+    code, output = invoke("report", "inputs", "--state", state, "-o", str(target))
+    assert code == 2, output
+    assert "Traceback" not in output
+    for word in words:
+        assert word in flat(output), word
+    assert not (tmp_path / "missing").exists()
+
+
+def test_issue19_report_in_a_directory_that_cannot_be_written_says_so(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    monkeypatch.chdir("/proc")  # a working directory nobody, not even root, can create files in
+    code, output = invoke("report", "inputs", "--state", state)
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert "cannot write inputs-report.html" in flat(output)
+
+
+def test_issue19_report_out_on_a_full_disk_is_one_line(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    code, output = invoke("report", "inputs", "--state", state, "-o", "/dev/full")
+    assert code == 1, output
+    assert "Traceback" not in output
+    text = flat(output)
+    assert "writing /dev/full failed (No space left on device)" in text
+    assert "missing or incomplete" in text
+
+
+def _with_rejected_rows(tmp_path: Path) -> None:
+    rows = people(10)
+    rows[0]["email"] = "not-an-email"
+    rows[1]["email"] = "also not"
+    write_segment(tmp_path / "segment.duckdb", rows)
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_issue19_rejects_on_a_full_disk_keeps_the_run_and_says_what_was_lost(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    _with_rejected_rows(tmp_path)
+    state = state_url(tmp_path)
+    code, output = invoke(command, str(activation_file), "--state", state, "--rejects", "/dev/full")
+    assert code == 1, output
+    assert "Traceback" not in output
+    text = flat(output)
+    assert "--rejects: writing /dev/full failed (No space left on device)" in text
+    assert "incomplete" in text
+    if command == "run":
+        assert "the run itself is recorded" in text
+        assert simulator.simulator.stats()["profiles_received"] == 8
+        runs = json.loads(invoke("history", "inputs", "--state", state, "--json")[1])
+        assert [r["status"] for r in runs] == ["succeeded_with_rejections"]
+
+
+def test_issue19_rejects_that_are_written_are_complete(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    _with_rejected_rows(tmp_path)
+    target = tmp_path / "rejects.jsonl"
+    code, output = invoke("run", str(activation_file), "--state", state_url(tmp_path), "--rejects", str(target))
+    assert code == 0, output
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert sorted(line["issues"][0]["reason"] for line in lines) == ["invalid_email", "invalid_email"]
+
+
+def _aliases(tmp_path: Path, original: Path) -> dict[str, Path]:
+    (tmp_path / "link.yaml").symlink_to(original)
+    (tmp_path / "hard.yaml").hardlink_to(original)
+    (tmp_path / "sub").mkdir()
+    return {
+        "same path": original,
+        "symlink": tmp_path / "link.yaml",
+        "hard link": tmp_path / "hard.yaml",
+        "relative detour": tmp_path / "sub" / ".." / original.name,
+    }
+
+
+@pytest.mark.parametrize("alias", ["same path", "symlink", "hard link", "relative detour"])
+@pytest.mark.parametrize("command", ["run", "plan", "report"])
+def test_issue19_an_output_path_that_is_the_activation_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, alias: str
+) -> None:
+    state = state_url(tmp_path)
+    if command == "report":
+        assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    before = activation_file.read_bytes()
+    target = _aliases(tmp_path, activation_file)[alias]
+    option = ["-o", str(target)] if command == "report" else ["--rejects", str(target)]
+    received = simulator.simulator.stats()["profiles_received"]
+    code, output = invoke(command, str(activation_file), "--state", state, *option)
+    assert code == 2, output
+    text = flat(output)
+    assert "is the activation file" in text
+    assert "--out" in text if command == "report" else "--rejects" in text
+    assert activation_file.read_bytes() == before
+    assert simulator.simulator.stats()["profiles_received"] == received
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "report"])
+def test_issue19_an_output_path_that_is_the_state_file_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str
+) -> None:
+    state_file = tmp_path / "state.db"
+    state = f"sqlite:///{state_file}"
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    before = state_file.read_bytes()
+    option = ["-o", str(state_file)] if command == "report" else ["--rejects", str(state_file)]
+    code, output = invoke(command, "inputs" if command == "report" else str(activation_file), "--state", state, *option)
+    assert code == 2, output
+    assert "is the state database" in flat(output)
+    assert state_file.read_bytes() == before
+
+
+# Item 23: state URLs are parsed (a query is refused, not made part of the file name), and
+# the commands that only read open the state read-only: never created, never written.
+@pytest.mark.parametrize("command", ["run", "plan", "history", "report", "reset"])
+def test_issue19_a_sqlite_state_url_with_a_query_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = "inputs" if command in ("history", "report", "reset") else str(activation_file)
+    extra = ["--yes"] if command == "reset" else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, output = invoke(command, target, "--state", "sqlite:///x.db?mode=ro", *extra)
+    assert code == 2, output
+    text = flat(output)
+    assert "--state" in text
+    assert "no query parameters" in text
+    assert "mode=ro" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no 'x.db?mode=ro', no 'x.db'
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+def test_issue19_a_firestore_state_url_with_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
+    code, output = invoke("history", "inputs", "--state", "firestore://proj/db?prefix=a&mode=ro")
+    assert code == 2, output
+    assert "prefix=NAME" in flat(output)
+    assert "mode=ro" in flat(output)
+
+
+@pytest.mark.parametrize("command", ["history", "report"])
+def test_issue19_reading_an_empty_state_file_leaves_it_empty(tmp_path: Path, command: str) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    code, output = invoke(
+        command,
+        "inputs",
+        "--state",
+        f"sqlite:///{empty}",
+        "-o" if command == "report" else "--limit",
+        str(tmp_path / "r.html") if command == "report" else "3",
+    )
+    assert code == 2, output
+    text = flat(output)
+    assert "no state at" in text
+    assert "empty" in text
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
+def test_issue19_plan_on_an_empty_state_file_plans_a_first_run_and_writes_nothing(
+    tmp_path: Path, activation_file: Path
+) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    code, output = invoke("plan", str(activation_file), "--state", f"sqlite:///{empty}", "--json")
+    assert code == 0, output
+    assert json.loads(output)["counts"]["new"] == 10
+    assert empty.stat().st_size == 0
+
+
+def test_issue19_plan_history_and_report_never_write_the_state_file(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    state_file = tmp_path / "state.db"
+    state = f"sqlite:///{state_file}"
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    before = state_file.read_bytes()
+    modified = state_file.stat().st_mtime_ns
+    state_file.chmod(0o444)  # a write would fail loudly, even where root ignores the mode for opening
+    try:
+        assert invoke("plan", str(activation_file), "--state", state)[0] == 0
+        assert invoke("history", "inputs", "--state", state)[0] == 0
+        assert invoke("report", "inputs", "--state", state, "-o", str(tmp_path / "r.html"))[0] == 0
+    finally:
+        state_file.chmod(0o644)
+    assert state_file.read_bytes() == before
+    assert state_file.stat().st_mtime_ns == modified
+
+
+def test_issue19_history_reads_an_older_schema_without_upgrading_the_file(tmp_path: Path) -> None:
+    legacy = Path(__file__).parent / "state" / "legacy_sqlite" / "state_v2.db"
+    copy = tmp_path / "state_v2.db"
+    copy.write_bytes(legacy.read_bytes())
+    code, output = invoke("history", "act", "--state", f"sqlite:///{copy}", "--json")
+    assert code == 0, output
+    assert [run["run_id"] for run in json.loads(output)] == ["run-v2"]
+    assert copy.read_bytes() == legacy.read_bytes()
+
+
+def test_issue19_a_foreign_sqlite_file_is_not_read_as_state(tmp_path: Path) -> None:
+    import sqlite3
+
+    foreign = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.commit()
+    before = foreign.read_bytes()
+    code, output = invoke("history", "inputs", "--state", f"sqlite:///{foreign}")
+    assert code == 2, output
+    assert "not a cepsync state" in flat(output)
+    assert foreign.read_bytes() == before
