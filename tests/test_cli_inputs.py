@@ -1023,3 +1023,78 @@ def test_issue19_a_foreign_sqlite_file_is_not_read_as_state(tmp_path: Path) -> N
     assert code == 2, output
     assert "not a cepsync state" in flat(output)
     assert foreign.read_bytes() == before
+
+
+# Item 24: the YAML merge key shares a block between parts of an activation; the loader stays
+# strict (a key written twice, '<<' twice, unknown keys).
+_MERGED_ACTIVATION = """\
+x-batch: &batch
+  api_key_env: BATCH_REST_API_KEY
+  project_key_env: BATCH_PROJECT_KEY
+  base_url: http://127.0.0.1:9
+x-columns: &columns
+  custom_id: customer_id
+name: inputs
+source: {type: duckdb, database: segment.duckdb, table: people}
+destination:
+  <<: *batch
+  base_url: BASE_URL
+mapping:
+  <<: [*columns, {email: email}]
+attributes: [{column: first_name}]
+"""
+
+
+def test_issue19_yaml_merge_keys_are_supported(tmp_path: Path, simulator: SimulatorThread) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    path = tmp_path / "merged.yaml"
+    path.write_text(_MERGED_ACTIVATION.replace("BASE_URL", simulator.base_url), encoding="utf-8")
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    # The destination's own base_url won over the merged one (port 9 answers nothing).
+    assert simulator.simulator.stats()["profiles_received"] == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            _MERGED_ACTIVATION.replace("  base_url: BASE_URL", "  base_url: http://a\n  base_url: http://b"),
+            ["not valid YAML", "'base_url' appears twice"],
+        ),
+        (
+            _MERGED_ACTIVATION.replace("  base_url: BASE_URL", "  base_url: http://a\n  <<: *batch"),
+            ["not valid YAML", "merge key '<<' appears twice", "<<: [*a, *b]"],
+        ),
+        (_MERGED_ACTIVATION.replace("x-columns:", "columns:"), ["columns", "unknown key"]),
+        (_MERGED_ACTIVATION.replace("<<: *batch", "<<: *columns\n  <<x: 1"), ["destination"]),
+        (
+            _MERGED_ACTIVATION.replace("x-columns: &columns\n  custom_id: customer_id", "x-columns: &columns 3"),
+            ["not valid YAML", "merging"],
+        ),
+    ],
+    ids=[
+        "key twice beside a merge",
+        "merge key twice",
+        "unknown top-level key",
+        "bad merged keys",
+        "merge of a scalar",
+    ],
+)
+def test_issue19_yaml_merge_keys_keep_the_loader_strict(
+    tmp_path: Path, simulator: SimulatorThread, text: str, words: list[str]
+) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    path = tmp_path / "merged.yaml"
+    path.write_text(text.replace("BASE_URL", simulator.base_url), encoding="utf-8")
+    code, output = invoke("plan", str(path), "--state", state_url(tmp_path))
+    assert code == 2, output
+    assert "Traceback" not in output
+    for word in words:
+        assert word in flat(output), word
+
+
+def test_issue19_the_json_schema_allows_extension_keys() -> None:
+    code, output = invoke("schema")
+    assert code == 0
+    assert json.loads(output)["patternProperties"] == {"^x-": {}}
