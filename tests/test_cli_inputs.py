@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1098,3 +1099,85 @@ def test_issue19_the_json_schema_allows_extension_keys() -> None:
     code, output = invoke("schema")
     assert code == 0
     assert json.loads(output)["patternProperties"] == {"^x-": {}}
+
+
+# Item 28: the README's history command for the demo works after the demo (it exited 2).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_issue19_the_readmes_demo_history_command_works_after_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    suggested = re.findall(r"^cepsync (history vip_customers[^\n#]*)$", readme, re.MULTILINE)
+    assert len(suggested) == 1, suggested
+    monkeypatch.chdir(tmp_path)  # `make demo` runs `cepsync demo` from the repository root
+    code, output = invoke("demo", "--rows", "200", env={"CEPSYNC_STATE": None, "XDG_STATE_HOME": str(tmp_path / "xdg")})
+    assert code == 0, output
+    code, output = invoke(
+        *shlex.split(suggested[0]), env={"CEPSYNC_STATE": None, "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    )
+    assert code == 0, output
+    assert "runs of vip_customers" in output
+    assert len(re.findall(r"^\d{8}T\d{6}Z-", output, re.MULTILINE)) == 2  # day 1 and day 2
+    # ...and it is the command the demo prints at its end.
+    assert f"cepsync {suggested[0].strip()}" in flat(invoke("demo", "--rows", "200")[1])
+
+
+# Item 27: `make test` checks the machine first and names each missing prerequisite in one line.
+def _bin_without(tmp_path: Path, *absent: str) -> Path:
+    import shutil
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    wanted = {"python3": sys.executable, "bash": shutil.which("bash"), "id": shutil.which("id")}
+    for name in ("uname", "dirname", "chromium", "chromedriver", "apt-get", "java", "gcloud"):
+        wanted[name] = shutil.which(name)
+    for name, target in wanted.items():
+        if target and name not in absent:
+            (fake / name).symlink_to(target)
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("absent", "words"),
+    [
+        (("gcloud",), ["make test needs the Google Cloud CLI ('gcloud' on PATH"]),
+        (("java",), ["make test needs Java", "Firestore and Pub/Sub emulators"]),
+        (("chromium", "apt-get"), ["make test needs headless Chromium and chromedriver"]),
+    ],
+)
+def test_issue19_check_prerequisites_names_what_is_missing(
+    tmp_path: Path, absent: tuple[str, ...], words: list[str]
+) -> None:
+    import subprocess
+
+    fake = _bin_without(tmp_path, *absent)
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "check-prerequisites.sh")],
+        env={"PATH": str(fake), "HOME": str(tmp_path), "CEPSYNC_PYTHON313": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("make test needs ") for line in lines), lines
+    for word in words:
+        assert any(word in line for line in lines), (word, lines)
+    # A Python 3.13 nowhere to be found is named too (the BigQuery emulator's virtualenv).
+    assert any("Python 3.13" in line and "CEPSYNC_PYTHON313" in line for line in lines), lines
+
+
+def test_issue19_make_test_checks_prerequisites_before_anything_long() -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    for target, script in (("test", "check-prerequisites.sh"), ("test-fast", "check-prerequisites.sh --fast")):
+        recipe = re.search(rf"^{target}:[^\n]*\n\t([^\n]*)", makefile, re.MULTILINE)
+        assert recipe is not None, target
+        assert recipe.group(1).endswith(f"bash scripts/{script}"), recipe.group(1)
+        # Nothing is installed before the check: the target has no prerequisites of its own.
+        assert re.search(rf"^{target}: ##", makefile, re.MULTILINE), target
