@@ -908,7 +908,7 @@ def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Where to write the demo database and state.")] = Path(
         ".cepsync/demo"
     ),
-    rows: Annotated[int, typer.Option(help="Customers in the demo segment.")] = 2_000,
+    rows: Annotated[int, typer.Option(min=0, help="Customers in the demo segment.")] = 2_000,
 ) -> None:
     """A real sync on the embedded default: DuckDB → local Batch simulator, full then delta (mirror)."""
     from sync.dev.demo_runner import run_demo

@@ -727,6 +727,13 @@ def test_issue19_float_options_must_be_finite(
     assert not state_file.exists()
 
 
+def test_issue19_demo_rows_must_not_be_negative(tmp_path: Path) -> None:
+    code, output = invoke("demo", "--rows", "-5", "--dir", str(tmp_path / "demo"))
+    assert code == 2, output
+    assert "--rows" in flat(output)
+    assert not (tmp_path / "demo").exists()
+
+
 # Item 22: the simulator's start-up errors are one line each, exit 2.
 @pytest.mark.parametrize(
     ("args", "words"),
