@@ -167,45 +167,48 @@ class _RejectsSink:
 
     A failure (a full disk) happens while the run sends or when it ends: raising it from the
     engine's callback would fail a run that did its work, or lose the record of it, for a
-    side file. The first error stops the writing and is reported after the run with the
-    count of lines that were not written.
+    side file. The first error stops the writing and is reported after the run, saying
+    how many lines were due and where the run's record is.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._out: Any = path.open("w", encoding="utf-8")
         self.error: OSError | None = None
-        self.written = 0
-        self.lost = 0
+        self.due = 0  # lines handed in, written or not
+        self.run: tuple[Any, Any] = (None, None)  # (activation, run_id) of the lines
 
     def __call__(self, record: dict[str, Any]) -> None:
+        self.due += 1
+        self.run = (record.get("activation"), record.get("run_id"))
         if self.error is None:
             try:
                 self._out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-                self.written += 1
                 return
             except OSError as error:
                 self.error = error
-        self.lost += 1
 
     def close(self) -> None:
         try:
             self._out.close()
         except OSError as error:
-            # What was buffered is lost with the flush; counted as not written.
+            # What was still buffered is lost with the failed flush.
             self.error = self.error or error
         with contextlib.suppress(OSError):
             self._out.close()
 
-    def failure(self) -> str | None:
-        """One line saying what was not written, or None."""
+    def failure(self, *, recorded: bool) -> str | None:
+        """One line saying what was not written, or None. ``recorded``: a run (not a plan)."""
         if self.error is None:
             return None
         reason = self.error.strerror or str(self.error)
-        return (
-            f"--rejects: writing {self.path} failed ({reason}): the file is incomplete, {self.lost:,} rejected "
-            f"row lines at least were not written (the run itself is recorded: `cepsync history --run`)"
-        )
+        lost = f"--rejects: writing {self.path} failed ({reason}): the file is incomplete, it holds fewer than the "
+        lost += f"{self.due:,} lines due"
+        if not recorded:
+            return f"{lost}; the plan changed nothing"
+        activation, run_id = self.run
+        where = f"`cepsync history {activation} --run {run_id}`" if run_id else "`cepsync history`"
+        return f"{lost}; the run itself is recorded, with a sample of its rejected rows: {where}"
 
 
 @contextlib.contextmanager
@@ -234,9 +237,9 @@ def _rejects_file(
         sink.close()
 
 
-def _report_rejects_failure(sink: _RejectsSink | None, exit_code: int) -> int:
+def _report_rejects_failure(sink: _RejectsSink | None, exit_code: int, *, recorded: bool = True) -> int:
     """Say on stderr what --rejects did not write; the exit code then (1 if the run's was 0)."""
-    message = sink.failure() if sink is not None else None
+    message = sink.failure(recorded=recorded) if sink is not None else None
     if message is None:
         return exit_code
     print_error(ConfigError(message))
@@ -633,7 +636,7 @@ def plan(
     else:
         print_record(record)
         print_plan_sample(changes, removals)
-    raise typer.Exit(_report_rejects_failure(sink, 0))
+    raise typer.Exit(_report_rejects_failure(sink, 0, recorded=False))
 
 
 @app.command()

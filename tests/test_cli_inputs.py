@@ -866,11 +866,15 @@ def test_issue19_rejects_on_a_full_disk_keeps_the_run_and_says_what_was_lost(
     text = flat(output)
     assert "--rejects: writing /dev/full failed (No space left on device)" in text
     assert "incomplete" in text
+    assert "fewer than the 2 lines due" in text
     if command == "run":
-        assert "the run itself is recorded" in text
         assert simulator.simulator.stats()["profiles_received"] == 8
         runs = json.loads(invoke("history", "inputs", "--state", state, "--json")[1])
         assert [r["status"] for r in runs] == ["succeeded_with_rejections"]
+        assert "the run itself is recorded, with a sample of its rejected rows" in text
+        assert f"`cepsync history inputs --run {runs[0]['run_id']}`" in text
+    else:
+        assert "the plan changed nothing" in text
 
 
 def test_issue19_rejects_that_are_written_are_complete(
