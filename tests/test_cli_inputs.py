@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import re
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1002,12 +1003,22 @@ def test_issue19_plan_history_and_report_never_write_the_state_file(
     assert invoke("run", str(activation_file), "--state", state)[0] == 0
     before = state_file.read_bytes()
     modified = state_file.stat().st_mtime_ns
-    state_file.chmod(0o444)  # a write would fail loudly, even where root ignores the mode for opening
+    state_file.chmod(0o444)
+    # Another process holds the write lock (a run committing): a command that only reads takes
+    # no write lock, so it answers at once; one that opened read-write met "database is locked".
+    writer = sqlite3.connect(state_file, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
     try:
-        assert invoke("plan", str(activation_file), "--state", state)[0] == 0
-        assert invoke("history", "inputs", "--state", state)[0] == 0
-        assert invoke("report", "inputs", "--state", state, "-o", str(tmp_path / "r.html"))[0] == 0
+        for args in (
+            ["plan", str(activation_file)],
+            ["history", "inputs"],
+            ["report", "inputs", "-o", str(tmp_path / "r.html")],
+        ):
+            code, output = invoke(*args, "--state", state)
+            assert code == 0, (args, output)
     finally:
+        writer.execute("ROLLBACK")
+        writer.close()
         state_file.chmod(0o644)
     assert state_file.read_bytes() == before
     assert state_file.stat().st_mtime_ns == modified
@@ -1024,8 +1035,6 @@ def test_issue19_history_reads_an_older_schema_without_upgrading_the_file(tmp_pa
 
 
 def test_issue19_a_foreign_sqlite_file_is_not_read_as_state(tmp_path: Path) -> None:
-    import sqlite3
-
     foreign = tmp_path / "app.db"
     with contextlib.closing(sqlite3.connect(foreign)) as conn:
         conn.execute("CREATE TABLE users (id INTEGER)")
