@@ -34,11 +34,17 @@ browser: ## Install Debian's headless Chromium and its driver (the HTML report's
 	else echo "make browser: run as root or install chromium and chromium-driver with your package manager" >&2; exit 1; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver
 
-test: install bigquery-emulator browser ## The whole suite: unit, integration, emulators (Firestore, Pub/Sub, BigQuery), infra + checkov
+# The prerequisites the machine must provide are checked first, in seconds, and each missing
+# one is named in one line (scripts/check-prerequisites.sh), before installing anything.
+test: ## The whole suite: unit, integration, emulators (Firestore, Pub/Sub, BigQuery), infra + checkov
+	@PYTHON=$(PYTHON) bash scripts/check-prerequisites.sh
+	@$(MAKE) --no-print-directory install bigquery-emulator browser
 	$(BIN)/python -m pytest
 	bash infra/checkov.sh
 
-test-fast: install browser ## Unit and simulator tests only (no emulators, no slow crash tests)
+test-fast: ## Unit and simulator tests only (no emulators, no slow crash tests)
+	@PYTHON=$(PYTHON) bash scripts/check-prerequisites.sh --fast
+	@$(MAKE) --no-print-directory install browser
 	$(BIN)/python -m pytest -m "not emulator and not slow"
 
 lint: install ## ruff (lint + format check) and mypy --strict

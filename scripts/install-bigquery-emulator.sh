@@ -20,6 +20,7 @@
 # Idempotent: a stamp keyed by the pins, the interpreter and the extension files makes a second
 # run a fast no-op. Non-interactive; prints what it does. Usage:
 #   scripts/install-bigquery-emulator.sh [--force]
+#   scripts/install-bigquery-emulator.sh --find-python   # print the Python 3.13 it would use, or exit 1
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -122,6 +123,14 @@ find_python() {
   done
   return 1
 }
+
+# scripts/check-prerequisites.sh asks which interpreter would be used, before anything long.
+if [[ "${1:-}" == "--find-python" ]]; then
+  found="$(find_python)" || exit 1
+  "$found" -c "import sys; sys.exit(sys.version_info[:2] != (${PYTHON_MINOR/./, }))" >/dev/null 2>&1 || exit 1
+  echo "$found"
+  exit 0
+fi
 
 PYTHON="$(find_python)" || die "Python ${PYTHON_MINOR} not found (tried pyenv, \$PYENV_ROOT/versions, PATH); set CEPSYNC_PYTHON313"
 PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import math
 import os
 import signal
 import sys
@@ -65,7 +66,10 @@ RejectsOption = Annotated[
     Path | None,
     typer.Option(
         "--rejects",
-        help="Write every rejected row and dropped attribute (JSON lines: row, custom_id, field, reason) here.",
+        help="Write every rejected row and dropped attribute (JSON lines: row, custom_id, field, reason) here. "
+        "Checked before the run; never the activation or the state file. If writing fails during the run "
+        "(a full disk), the run is still recorded and the command says what was not written (exit 1 if "
+        "the run itself succeeded).",
     ),
 ]
 ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", show_default=False)]
@@ -99,39 +103,147 @@ def _fail(error: SyncError | Exception, *, json_output: bool = False, activation
     return typer.Exit(status.exit_code)
 
 
-def _store(state: str, *, create: bool = True) -> StateStore:
-    """The state store ``--state`` names (ConfigError if it cannot be opened)."""
-    return open_store(expand_state_url(state, os.environ), create=create)
+def _store(state: str, *, create: bool = True, read_only: bool = False) -> StateStore:
+    """The state store ``--state`` names (ConfigError if it cannot be opened).
+
+    ``read_only`` for the commands that only read (plan, history, report): never created,
+    never written (see :func:`sync.runtime.open_store`).
+    """
+    return open_store(expand_state_url(state, os.environ), create=create, read_only=read_only)
 
 
 def _state_label(state: str) -> str:
     return expand_state_url(state, os.environ).removeprefix("sqlite:///")
 
 
+def _sqlite_state_file(state: str) -> Path | None:
+    """The file a ``sqlite:///`` state URL names (None for Firestore, memory or a bad URL)."""
+    try:
+        from sync.runtime import sqlite_state_path
+
+        path = sqlite_state_path(expand_state_url(state, os.environ))
+    except ConfigError:
+        return None
+    return None if path is None or path == ":memory:" else Path(path)
+
+
+def check_output_path(path: Path, option: str, *, keep: dict[str, Path | None]) -> None:
+    """Refuse, before anything runs, an output path that cannot be written or must not be.
+
+    Checked: a directory, a missing or non-directory parent, a file that cannot be opened for
+    writing (``/proc/version``, a read-only file or directory), and any file of ``keep`` (the
+    activation, the state database) under another name: the same file resolved, through
+    symlinks and hard links alike. Nothing is truncated here; a file that did not exist is
+    removed again.
+
+    Raises:
+        ConfigError: naming ``option`` and the path.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; name a file in it", field=option)
+    parent = path.parent
+    if not parent.exists():
+        raise ConfigError(f"directory {parent} is missing; create it first", field=option)
+    if not parent.is_dir():
+        raise ConfigError(f"{path} goes through {parent}, which is not a directory", field=option)
+    existed = path.exists()
+    for what, kept in keep.items():
+        if kept is not None and existed and kept.exists() and os.path.samefile(path, kept):
+            raise ConfigError(
+                f"{path} is the {what} ({kept}); writing there would overwrite it: name another file", field=option
+            )
+    try:
+        # Append mode opens without truncating: a probe, not a write.
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write {path}: {error.strerror or error}", field=option) from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+class _RejectsSink:
+    """Writes one JSON line per rejected row; a write that fails is remembered, not raised.
+
+    A failure (a full disk) happens while the run sends or when it ends: raising it from the
+    engine's callback would fail a run that did its work, or lose the record of it, for a
+    side file. The first error stops the writing and is reported after the run, saying
+    how many lines were due and where the run's record is.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._out: Any = path.open("w", encoding="utf-8")
+        self.error: OSError | None = None
+        self.due = 0  # lines handed in, written or not
+        self.run: tuple[Any, Any] = (None, None)  # (activation, run_id) of the lines
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.due += 1
+        self.run = (record.get("activation"), record.get("run_id"))
+        if self.error is None:
+            try:
+                self._out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                return
+            except OSError as error:
+                self.error = error
+
+    def close(self) -> None:
+        try:
+            self._out.close()
+        except OSError as error:
+            # What was still buffered is lost with the failed flush.
+            self.error = self.error or error
+        with contextlib.suppress(OSError):
+            self._out.close()
+
+    def failure(self, *, recorded: bool) -> str | None:
+        """One line saying what was not written, or None. ``recorded``: a run (not a plan)."""
+        if self.error is None:
+            return None
+        reason = self.error.strerror or str(self.error)
+        lost = f"--rejects: writing {self.path} failed ({reason}): the file is incomplete, it holds fewer than the "
+        lost += f"{self.due:,} lines due"
+        if not recorded:
+            return f"{lost}; the plan changed nothing"
+        activation, run_id = self.run
+        where = f"`cepsync history {activation} --run {run_id}`" if run_id else "`cepsync history`"
+        return f"{lost}; the run itself is recorded, with a sample of its rejected rows: {where}"
+
+
 @contextlib.contextmanager
-def _rejects_file(path: Path | None) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+def _rejects_file(
+    path: Path | None, *, activation: Path | None = None, state: str = ""
+) -> Iterator[_RejectsSink | None]:
     """A sink writing one JSON line per rejected row, or None when no file was asked for.
 
-    The file is opened on entry, before the run reads or sends anything, so a path that
-    cannot be written is a config error up front, not a traceback after the run.
+    The path is checked and the file opened on entry, before the run reads or sends
+    anything, so a path that cannot be written is a config error up front, not a traceback
+    after the run. A write that fails later is kept on the sink (see :class:`_RejectsSink`).
     """
     if path is None:
         yield None
         return
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory; name a file to write the rejected rows to", field="--rejects")
-    if not path.parent.is_dir():
-        raise ConfigError(f"directory {path.parent} is missing; create it first", field="--rejects")
+    check_output_path(
+        path, "--rejects", keep={"activation file": activation, "state database": _sqlite_state_file(state)}
+    )
     try:
-        out = path.open("w", encoding="utf-8")
+        sink = _RejectsSink(path)
     except OSError as error:
         raise ConfigError(f"cannot write {path}: {error.strerror or error}", field="--rejects") from None
-    with out:
+    try:
+        yield sink
+    finally:
+        sink.close()
 
-        def write(record: dict[str, Any]) -> None:
-            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
-        yield write
+def _report_rejects_failure(sink: _RejectsSink | None, exit_code: int, *, recorded: bool = True) -> int:
+    """Say on stderr what --rejects did not write; the exit code then (1 if the run's was 0)."""
+    message = sink.failure(recorded=recorded) if sink is not None else None
+    if message is None:
+        return exit_code
+    print_error(ConfigError(message))
+    return exit_code or 1
 
 
 def _load(path: Path, *, json_output: bool = False) -> Activation:
@@ -150,7 +262,30 @@ def _print_json(document: Any) -> None:
 _BUDGET_MARGIN_SECONDS = RunOptions().budget_margin_seconds
 
 
+# The longest lease a run may take: a run that dies holds its activation for the whole ttl
+# (nothing renews it, nothing else may run), so a week is already far past any use.
+_LEASE_TTL_MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _finite(value: float | None, option: str) -> None:
+    """``inf`` and ``nan`` parse as floats but are no number of seconds (click lets both through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value!r} is not a number of seconds; give a finite number", param_hint=option)
+
+
+def _check_lease_ttl(value: float) -> float:
+    _finite(value, "--lease-ttl")
+    if not 1.0 <= value <= _LEASE_TTL_MAX_SECONDS:
+        raise typer.BadParameter(
+            f"{value:g} s is out of range: give 1 to {_LEASE_TTL_MAX_SECONDS:g} seconds (a week); a run renews "
+            "its lease while it works, and a run that dies blocks the activation for the whole ttl",
+            param_hint="--lease-ttl",
+        )
+    return value
+
+
 def _check_time_budget(value: float | None) -> float | None:
+    _finite(value, "--time-budget")
     if value is not None and value <= _BUDGET_MARGIN_SECONDS:
         raise typer.BadParameter(
             f"{value:g} s would never send a batch: a run stops launching batches {_BUDGET_MARGIN_SECONDS:g} s "
@@ -397,7 +532,11 @@ def run(
         typer.Option("--allow", help=f"Override a guard for this run only: {', '.join(GUARD_NAMES)}."),
     ] = None,
     lease_ttl: Annotated[
-        float, typer.Option(min=1.0, help="Lease time-to-live in seconds (renewed while running).")
+        float,
+        typer.Option(
+            callback=_check_lease_ttl,
+            help=f"Lease time-to-live in seconds, 1 to {_LEASE_TTL_MAX_SECONDS:g} (renewed while running).",
+        ),
     ] = 300.0,
     time_budget: Annotated[
         float | None,
@@ -429,9 +568,13 @@ def run(
         time_budget_seconds=time_budget,
         map_workers=map_workers,
     )
+    sink: _RejectsSink | None = None
     try:
         check_guard_names(allow or (), field="--allow")
-        with _rejects_file(rejects) as sink, _progress_bars() as bars:
+        with (
+            _rejects_file(rejects, activation=activation_file, state=state) as sink,
+            _progress_bars() as bars,
+        ):
             result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars), rejects=sink)
     except SyncError as error:
         raise _fail(error, json_output=json_output, activation=activation.name) from None
@@ -441,13 +584,14 @@ def run(
             _print_json(interrupted.record)
         else:
             print_record(interrupted.record)
-        raise typer.Exit(RunStatus.INTERRUPTED.exit_code) from None
+        raise typer.Exit(_report_rejects_failure(sink, RunStatus.INTERRUPTED.exit_code)) from None
     log_run_end(result.record)
     if json_output:
         _print_json(result.record)
     else:
         print_record(result.record)
-    raise typer.Exit(result.exit_code)
+    # A --rejects file that could not be written is said after the run, which stays recorded.
+    raise typer.Exit(_report_rejects_failure(sink, result.exit_code))
 
 
 @app.command()
@@ -466,13 +610,13 @@ def plan(
     activation = _load(activation_file, json_output=json_output)
     with contextlib.ExitStack() as stack:
         try:
-            sink = stack.enter_context(_rejects_file(rejects))
+            sink = stack.enter_context(_rejects_file(rejects, activation=activation_file, state=state))
             source = open_source_from_env(activation, os.environ)
             stack.callback(source.close)
             try:
                 # A plan changes no state, so it creates none either: without stored state it
                 # plans against an empty one (a first run: every valid row is new).
-                store = _store(state, create=False)
+                store = _store(state, read_only=True)
             except StateNotFound:
                 if not json_output:
                     err_console.print(
@@ -489,9 +633,10 @@ def plan(
     record, changes, removals = preview.record, preview.sample_changes, preview.sample_removals
     if json_output:
         _print_json({**record, "sample_changes": changes, "sample_removals": removals})
-        raise typer.Exit(0)
-    print_record(record)
-    print_plan_sample(changes, removals)
+    else:
+        print_record(record)
+        print_plan_sample(changes, removals)
+    raise typer.Exit(_report_rejects_failure(sink, 0, recorded=False))
 
 
 @app.command()
@@ -558,7 +703,7 @@ def history(
     if json_output:
         output_format = HistoryFormat.json
     try:
-        store = _store(state, create=False)
+        store = _store(state, read_only=True)
     except SyncError as error:
         raise _fail(error) from None
     try:
@@ -566,6 +711,14 @@ def history(
             record = store.get_run(run_id)
             if record is None:
                 raise _fail(ConfigError(f"no run {run_id!r}", field="--run"))
+            if record.get("activation") != name:
+                raise _fail(
+                    ConfigError(
+                        f"run {run_id!r} is a run of activation '{record.get('activation')}', not of '{name}'; "
+                        f"ask `cepsync history {record.get('activation')} --run {run_id}`",
+                        field="--run",
+                    )
+                )
             if output_format is HistoryFormat.json:
                 typer.echo(json.dumps(record, default=str, indent=2))
             elif output_format is HistoryFormat.csv:
@@ -605,8 +758,14 @@ def report(
     from sync.report.html import render_report
 
     name, loaded = _activation_name(activation)
+    target = out or Path(f"{name}-report.html")
     try:
-        store = _store(state, create=False)
+        # Checked before the state is read, so a bad path is said at once, not after the charts.
+        activation_path = Path(activation) if loaded is not None else None
+        check_output_path(
+            target, "--out", keep={"activation file": activation_path, "state database": _sqlite_state_file(state)}
+        )
+        store = _store(state, read_only=True)
     except SyncError as error:
         raise _fail(error) from None
     try:
@@ -627,8 +786,16 @@ def report(
         config_file=config_file,
         config_file_name=Path(activation).name if loaded is not None else None,
     )
-    target = out or Path(f"{name}-report.html")
-    target.write_text(page, encoding="utf-8")
+    try:
+        target.write_text(page, encoding="utf-8")
+    except OSError as error:  # checked up front: a full disk, or a file that changed since (exit 1)
+        print_error(
+            ConfigError(
+                f"writing {target} failed ({error.strerror or error}); the report is missing or incomplete",
+                field="--out",
+            )
+        )
+        raise typer.Exit(1) from None
     console.print(Text(f"wrote {target} ({len(records)} runs); open it in a browser, it needs no network"))
 
 
@@ -757,7 +924,10 @@ def simulator(
     if not api_key or not project_key:
         raise _fail(ConfigError(f"set {api_key_env} and {project_key_env}: the simulator accepts only those keys"))
     configure_logging(level="info")
-    serve(host, port, {project_key: api_key}, rate_limit=rate_limit)
+    try:
+        serve(host, port, {project_key: api_key}, rate_limit=rate_limit)
+    except SyncError as error:  # the address cannot be listened on
+        raise _fail(error) from None
 
 
 @app.command()
@@ -765,7 +935,7 @@ def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Where to write the demo database and state.")] = Path(
         ".cepsync/demo"
     ),
-    rows: Annotated[int, typer.Option(help="Customers in the demo segment.")] = 2_000,
+    rows: Annotated[int, typer.Option(min=0, help="Customers in the demo segment.")] = 2_000,
 ) -> None:
     """A real sync on the embedded default: DuckDB → local Batch simulator, full then delta (mirror)."""
     from sync.dev.demo_runner import run_demo

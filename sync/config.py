@@ -511,16 +511,39 @@ def _format_validation_error(error: ValidationError) -> tuple[str, str]:
     return loc or "(root)", message
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# Top-level keys an activation file may hold for YAML's own use (anchors to merge with
+# ``<<: *name``), dropped before validation, as in docker-compose files.
+EXTENSION_KEY_PREFIX = "x-"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """PyYAML's safe loader, refusing a key given twice in one mapping.
 
     Plain PyYAML keeps the last value, so a second ``attributes:`` block would silently
-    replace the first.
+    replace the first. YAML merge keys (``<<: *anchor`` or ``<<: [*a, *b]``) are resolved as
+    the YAML 1.1 merge type says: keys written in the mapping win over merged ones, an
+    earlier merged mapping over a later one; that is an override, not a duplicate. Only the
+    keys written in one mapping are checked against each other (each merged mapping was
+    checked where it was written), and ``<<`` itself may appear once.
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                line = key_node.start_mark.line + 1
+                if "<<" in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"merge key '<<' appears twice in one mapping (lines {seen['<<']} and {line}): "
+                        "merge several with one list, <<: [*a, *b]",
+                        key_node.start_mark,
+                    )
+                seen["<<"] = line
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if not isinstance(key, Hashable):
@@ -533,6 +556,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships n
                     key_node.start_mark,
                 )
             seen[key] = line
+        # Resolves the merge keys in place (the base class would do it too, after our check).
+        self.flatten_mapping(node)
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping
 
@@ -577,6 +602,9 @@ def load_activation(path: str | Path) -> Activation:
         # The text was decoded here, so PyYAML calls it "<unicode string>"; the source is the file.
         detail = str(error).replace('in "<unicode string>", ', "")
         raise ConfigError(f"not valid YAML: {detail}", source=str(path)) from None
+    if isinstance(data, dict):
+        # x- keys hold anchors for the YAML merge key; they are not configuration.
+        data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith(EXTENSION_KEY_PREFIX))}
     activation = parse_activation(data, source=str(path))
     source = activation.source
     if isinstance(source, DuckDBSourceConfig):
@@ -610,4 +638,6 @@ def json_schema() -> dict[str, Any]:
     schema = Activation.model_json_schema()
     schema["$id"] = "https://github.com/cepsync/cepsync/activation.schema.json"
     schema["title"] = "cepsync activation"
+    # Top-level x- keys hold YAML anchors (load_activation drops them).
+    schema["patternProperties"] = {f"^{EXTENSION_KEY_PREFIX}": {}}
     return schema

@@ -86,20 +86,48 @@ def expand_state_url(value: str, environ: Mapping[str, str]) -> str:
     return value
 
 
-def open_store(url: str, *, create: bool = True) -> StateStore:
+def sqlite_state_path(url: str) -> str | None:
+    """The file a ``sqlite:`` state URL names, as written; None for another scheme.
+
+    The path is taken verbatim (no percent-decoding, as always): ``sqlite:///rel/path.db``,
+    ``sqlite:////abs/path.db``. A query string is refused, not made part of the file name:
+    a SQLite state takes no parameters (``?mode=ro`` created a file named ``x.db?mode=ro``),
+    and the commands that only read (plan, history, report) open the state read-only anyway.
+
+    Raises:
+        ConfigError: no path, or a query string.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "sqlite":
+        return None
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
+    path, mark, query = path.partition("?")
+    if mark:
+        raise ConfigError(
+            f"sqlite state URLs take no query parameters (got {query!r}): name the file only; plan, history "
+            "and report open the state read-only by themselves",
+            field="--state",
+        )
+    if not path:
+        raise ConfigError("sqlite state URL needs a path, e.g. sqlite:///state/cepsync.db", field="--state")
+    return path
+
+
+def open_store(url: str, *, create: bool = True, read_only: bool = False) -> StateStore:
     """Open the state store a URL names (see module docstring).
 
     Args:
         url: ``sqlite:///PATH`` or ``firestore://...``.
-        create: False for commands that only read (plan, history, reset): a SQLite file
+        create: False for commands that may write but must not create (reset): a SQLite file
             that does not exist raises :class:`StateNotFound` instead of being created.
+        read_only: For commands that only read (plan, history, report): a SQLite file is
+            opened read-only, never created, never written, its schema never upgraded in
+            place; no file, or an empty one, raises :class:`StateNotFound`.
     """
     parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
-        if not path:
-            raise ConfigError("sqlite state URL needs a path, e.g. sqlite:///state/cepsync.db", field="--state")
-        return _open_sqlite(path, create=create)
+    path = sqlite_state_path(url)
+    if path is not None:
+        return _open_sqlite(path, create=create and not read_only, read_only=read_only)
     if parsed.scheme == "firestore":
         return _open_firestore(parsed)
     raise ConfigError(
@@ -108,8 +136,8 @@ def open_store(url: str, *, create: bool = True) -> StateStore:
     )
 
 
-def _open_sqlite(path: str, *, create: bool) -> StateStore:
-    from sync.state.sqlite import SQLiteStateStore
+def _open_sqlite(path: str, *, create: bool, read_only: bool = False) -> StateStore:
+    from sync.state.sqlite import SQLiteStateStore, StateNotInitialised
 
     if path == ":memory:":
         return SQLiteStateStore(path)
@@ -127,7 +155,9 @@ def _open_sqlite(path: str, *, create: bool) -> StateStore:
     if not create and not file.exists():
         raise StateNotFound(f"no state at {path}: nothing has run with this state yet", field="--state")
     try:
-        return SQLiteStateStore(path)
+        return SQLiteStateStore(path, read_only=read_only)
+    except StateNotInitialised as error:
+        raise StateNotFound(str(error), field="--state") from None
     except OSError as error:
         # A parent that is a file (FileExistsError, NotADirectoryError) or cannot be written.
         raise ConfigError(
@@ -155,7 +185,13 @@ def _open_firestore(parsed: Any) -> StateStore:
 
     project = parsed.netloc or None
     database = parsed.path.strip("/") or "(default)"
-    prefix = parse_qs(parsed.query).get("prefix", ["cepsync"])[0]
+    query = parse_qs(parsed.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"prefix"})
+    if unknown or len(query.get("prefix", ())) > 1 or query.get("prefix") == [""]:
+        raise ConfigError(
+            f"Firestore state URL takes one parameter, prefix=NAME (got {parsed.query!r})", field="--state"
+        )
+    prefix = query.get("prefix", ["cepsync"])[0]
     try:
         client = firestore.Client(project=project, database=database)
     except DefaultCredentialsError:

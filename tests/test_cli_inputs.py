@@ -7,8 +7,11 @@ the HTTP simulator, the CLI through typer's runner.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import re
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -865,3 +868,513 @@ def test_19_6_a_table_ten_thousand_columns_wide_reads_only_its_mapped_columns(
     assert simulator.simulator.profiles(PROJECT_KEY) == {
         f"id-{i}": {"tier": f"tier {i}", "c9999": "filler 9999"} for i in range(3)
     }
+
+
+# --- issue 19, items 19-29: CLI, files, front door ---
+
+
+# Item 21: every float option is a finite number of seconds in its range (inf and nan parse as floats).
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--lease-ttl", "inf"], ["--lease-ttl", "finite"]),
+        (["--lease-ttl", "nan"], ["--lease-ttl", "finite"]),
+        (["--lease-ttl", "-inf"], ["--lease-ttl", "finite"]),
+        (["--lease-ttl", "1e12"], ["--lease-ttl", "out of range", "604800"]),
+        (["--time-budget", "nan"], ["--time-budget", "finite"]),
+        (["--time-budget", "inf"], ["--time-budget", "finite"]),
+        (["--time-budget", "-inf"], ["--time-budget", "finite"]),
+    ],
+)
+def test_issue19_float_options_must_be_finite(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, args: list[str], words: list[str]
+) -> None:
+    state_file = tmp_path / "state.db"
+    code, output = invoke("run", str(activation_file), "--state", f"sqlite:///{state_file}", *args)
+    assert code == 2, output
+    for word in words:
+        assert word in flat(output), word
+    assert "Traceback" not in output
+    assert simulator.simulator.stats()["profiles_received"] == 0
+    assert not state_file.exists()
+
+
+def test_issue19_demo_rows_must_not_be_negative(tmp_path: Path) -> None:
+    code, output = invoke("demo", "--rows", "-5", "--dir", str(tmp_path / "demo"))
+    assert code == 2, output
+    assert "--rows" in flat(output)
+    assert not (tmp_path / "demo").exists()
+
+
+# Item 22: the simulator's start-up errors are one line each, exit 2.
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "70000"], ["--port", "70000", "0 to 65535"]),
+        (["--port", "-1"], ["--port", "0 to 65535"]),
+        (["--host", "999.1.1.1"], ["--host", "999.1.1.1", "does not resolve"]),
+        (["--host", "8.8.8.8"], ["--host", "8.8.8.8", "not an address of this machine"]),
+    ],
+)
+def test_issue19_simulator_start_up_errors_are_one_line(args: list[str], words: list[str]) -> None:
+    code, output = invoke("simulator", *args, "--port", "0") if "--port" not in args else invoke("simulator", *args)
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert output.startswith("error:")
+    for word in words:
+        assert word in flat(output), word
+
+
+def test_issue19_simulator_on_a_port_in_use_says_so() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, output = invoke("simulator", "--port", str(port))
+    assert code == 2, output
+    assert "Traceback" not in output
+    text = flat(output)
+    assert f"127.0.0.1:{port}" in text
+    assert "already in use" in text
+
+
+# Item 26: `history B --run <a run of A>` names both activations instead of printing A's run.
+def test_issue19_history_run_of_another_activation_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    run_id = json.loads(invoke("history", "inputs", "--state", state, "--json")[1])[0]["run_id"]
+    code, output = invoke("history", "other", "--state", state, "--run", run_id)
+    assert code == 2, output
+    text = flat(output)
+    assert "--run" in text
+    assert f"run '{run_id}' is a run of activation 'inputs', not of 'other'" in text
+    assert "acknowledged" not in text  # the record itself is not printed
+    code, output = invoke("history", "inputs", "--state", state, "--run", run_id, "--format", "json")
+    assert code == 0, output
+    assert json.loads(output)["run_id"] == run_id
+
+
+# Items 19 and 20: output paths (--rejects, report -o) are checked before anything runs; never
+# the activation or the state file; a write that fails after the run keeps the run recorded.
+def _report_target_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
+    (tmp_path / "a_dir").mkdir(exist_ok=True)
+    (tmp_path / "plain").write_text("x")
+    return {
+        "directory": (tmp_path / "a_dir", ["--out", "is a directory"]),
+        "missing folder": (tmp_path / "missing" / "r.html", ["--out", "missing", "create it first"]),
+        "through a file": (tmp_path / "plain" / "r.html", ["--out", "not a directory"]),
+        "/proc/version": (Path("/proc/version"), ["--out", "cannot write /proc/version"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["directory", "missing folder", "through a file", "/proc/version"])
+def test_issue19_report_out_that_cannot_be_written_is_refused_up_front(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, case: str
+) -> None:
+    if case == "/proc/version" and not Path("/proc/version").is_file():
+        pytest.skip("no /proc here")
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    target, words = _report_target_cases(tmp_path)[case]
+    code, output = invoke("report", "inputs", "--state", state, "-o", str(target))
+    assert code == 2, output
+    assert "Traceback" not in output
+    for word in words:
+        assert word in flat(output), word
+    assert not (tmp_path / "missing").exists()
+
+
+def test_issue19_report_in_a_directory_that_cannot_be_written_says_so(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    monkeypatch.chdir("/proc")  # a working directory nobody, not even root, can create files in
+    code, output = invoke("report", "inputs", "--state", state)
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert "cannot write inputs-report.html" in flat(output)
+
+
+def test_issue19_report_out_on_a_full_disk_is_one_line(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    state = state_url(tmp_path)
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    code, output = invoke("report", "inputs", "--state", state, "-o", "/dev/full")
+    assert code == 1, output
+    assert "Traceback" not in output
+    text = flat(output)
+    assert "writing /dev/full failed (No space left on device)" in text
+    assert "missing or incomplete" in text
+
+
+def _with_rejected_rows(tmp_path: Path) -> None:
+    rows = people(10)
+    rows[0]["email"] = "not-an-email"
+    rows[1]["email"] = "also not"
+    write_segment(tmp_path / "segment.duckdb", rows)
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_issue19_rejects_on_a_full_disk_keeps_the_run_and_says_what_was_lost(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    _with_rejected_rows(tmp_path)
+    state = state_url(tmp_path)
+    code, output = invoke(command, str(activation_file), "--state", state, "--rejects", "/dev/full")
+    assert code == 1, output
+    assert "Traceback" not in output
+    text = flat(output)
+    assert "--rejects: writing /dev/full failed (No space left on device)" in text
+    assert "incomplete" in text
+    assert "fewer than the 2 lines due" in text
+    if command == "run":
+        assert simulator.simulator.stats()["profiles_received"] == 8
+        runs = json.loads(invoke("history", "inputs", "--state", state, "--json")[1])
+        assert [r["status"] for r in runs] == ["succeeded_with_rejections"]
+        assert "the run itself is recorded, with a sample of its rejected rows" in text
+        assert f"`cepsync history inputs --run {runs[0]['run_id']}`" in text
+    else:
+        assert "the plan changed nothing" in text
+
+
+def test_issue19_rejects_that_are_written_are_complete(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    _with_rejected_rows(tmp_path)
+    target = tmp_path / "rejects.jsonl"
+    code, output = invoke("run", str(activation_file), "--state", state_url(tmp_path), "--rejects", str(target))
+    assert code == 0, output
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert sorted(line["issues"][0]["reason"] for line in lines) == ["invalid_email", "invalid_email"]
+
+
+def _aliases(tmp_path: Path, original: Path) -> dict[str, Path]:
+    (tmp_path / "link.yaml").symlink_to(original)
+    (tmp_path / "hard.yaml").hardlink_to(original)
+    (tmp_path / "sub").mkdir()
+    return {
+        "same path": original,
+        "symlink": tmp_path / "link.yaml",
+        "hard link": tmp_path / "hard.yaml",
+        "relative detour": tmp_path / "sub" / ".." / original.name,
+    }
+
+
+@pytest.mark.parametrize("alias", ["same path", "symlink", "hard link", "relative detour"])
+@pytest.mark.parametrize("command", ["run", "plan", "report"])
+def test_issue19_an_output_path_that_is_the_activation_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, alias: str
+) -> None:
+    state = state_url(tmp_path)
+    if command == "report":
+        assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    before = activation_file.read_bytes()
+    target = _aliases(tmp_path, activation_file)[alias]
+    option = ["-o", str(target)] if command == "report" else ["--rejects", str(target)]
+    received = simulator.simulator.stats()["profiles_received"]
+    code, output = invoke(command, str(activation_file), "--state", state, *option)
+    assert code == 2, output
+    text = flat(output)
+    assert "is the activation file" in text
+    assert "--out" in text if command == "report" else "--rejects" in text
+    assert activation_file.read_bytes() == before
+    assert simulator.simulator.stats()["profiles_received"] == received
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "report"])
+def test_issue19_an_output_path_that_is_the_state_file_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str
+) -> None:
+    state_file = tmp_path / "state.db"
+    state = f"sqlite:///{state_file}"
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    before = state_file.read_bytes()
+    option = ["-o", str(state_file)] if command == "report" else ["--rejects", str(state_file)]
+    code, output = invoke(command, "inputs" if command == "report" else str(activation_file), "--state", state, *option)
+    assert code == 2, output
+    assert "is the state database" in flat(output)
+    assert state_file.read_bytes() == before
+
+
+# Item 23: state URLs are parsed (a query is refused, not made part of the file name), and
+# the commands that only read open the state read-only: never created, never written.
+@pytest.mark.parametrize("command", ["run", "plan", "history", "report", "reset"])
+def test_issue19_a_sqlite_state_url_with_a_query_is_refused(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = "inputs" if command in ("history", "report", "reset") else str(activation_file)
+    extra = ["--yes"] if command == "reset" else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, output = invoke(command, target, "--state", "sqlite:///x.db?mode=ro", *extra)
+    assert code == 2, output
+    text = flat(output)
+    assert "--state" in text
+    assert "no query parameters" in text
+    assert "mode=ro" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no 'x.db?mode=ro', no 'x.db'
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+def test_issue19_a_firestore_state_url_with_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
+    code, output = invoke("history", "inputs", "--state", "firestore://proj/db?prefix=a&mode=ro")
+    assert code == 2, output
+    assert "prefix=NAME" in flat(output)
+    assert "mode=ro" in flat(output)
+
+
+@pytest.mark.parametrize("command", ["history", "report"])
+def test_issue19_reading_an_empty_state_file_leaves_it_empty(tmp_path: Path, command: str) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    code, output = invoke(
+        command,
+        "inputs",
+        "--state",
+        f"sqlite:///{empty}",
+        "-o" if command == "report" else "--limit",
+        str(tmp_path / "r.html") if command == "report" else "3",
+    )
+    assert code == 2, output
+    text = flat(output)
+    assert "no state at" in text
+    assert "empty" in text
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
+def test_issue19_plan_on_an_empty_state_file_plans_a_first_run_and_writes_nothing(
+    tmp_path: Path, activation_file: Path
+) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    code, output = invoke("plan", str(activation_file), "--state", f"sqlite:///{empty}", "--json")
+    assert code == 0, output
+    assert json.loads(output)["counts"]["new"] == 10
+    assert empty.stat().st_size == 0
+
+
+def test_issue19_plan_history_and_report_never_write_the_state_file(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread
+) -> None:
+    state_file = tmp_path / "state.db"
+    state = f"sqlite:///{state_file}"
+    assert invoke("run", str(activation_file), "--state", state)[0] == 0
+    before = state_file.read_bytes()
+    modified = state_file.stat().st_mtime_ns
+    state_file.chmod(0o444)
+    # Another process holds the write lock (a run committing): a command that only reads takes
+    # no write lock, so it answers at once; one that opened read-write met "database is locked".
+    writer = sqlite3.connect(state_file, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        for args in (
+            ["plan", str(activation_file)],
+            ["history", "inputs"],
+            ["report", "inputs", "-o", str(tmp_path / "r.html")],
+        ):
+            code, output = invoke(*args, "--state", state)
+            assert code == 0, (args, output)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        state_file.chmod(0o644)
+    assert state_file.read_bytes() == before
+    assert state_file.stat().st_mtime_ns == modified
+
+
+def test_issue19_history_reads_an_older_schema_without_upgrading_the_file(tmp_path: Path) -> None:
+    legacy = Path(__file__).parent / "state" / "legacy_sqlite" / "state_v2.db"
+    copy = tmp_path / "state_v2.db"
+    copy.write_bytes(legacy.read_bytes())
+    code, output = invoke("history", "act", "--state", f"sqlite:///{copy}", "--json")
+    assert code == 0, output
+    assert [run["run_id"] for run in json.loads(output)] == ["run-v2"]
+    assert copy.read_bytes() == legacy.read_bytes()
+
+
+def test_issue19_a_foreign_sqlite_file_is_not_read_as_state(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.commit()
+    before = foreign.read_bytes()
+    code, output = invoke("history", "inputs", "--state", f"sqlite:///{foreign}")
+    assert code == 2, output
+    assert "not a cepsync state" in flat(output)
+    assert foreign.read_bytes() == before
+
+
+# Item 24: the YAML merge key shares a block between parts of an activation; the loader stays
+# strict (a key written twice, '<<' twice, unknown keys).
+_MERGED_ACTIVATION = """\
+x-batch: &batch
+  api_key_env: BATCH_REST_API_KEY
+  project_key_env: BATCH_PROJECT_KEY
+  base_url: http://127.0.0.1:9
+x-columns: &columns
+  custom_id: customer_id
+name: inputs
+source: {type: duckdb, database: segment.duckdb, table: people}
+destination:
+  <<: *batch
+  base_url: BASE_URL
+mapping:
+  <<: [*columns, {email: email}]
+attributes: [{column: first_name}]
+"""
+
+
+def test_issue19_yaml_merge_keys_are_supported(tmp_path: Path, simulator: SimulatorThread) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    path = tmp_path / "merged.yaml"
+    path.write_text(_MERGED_ACTIVATION.replace("BASE_URL", simulator.base_url), encoding="utf-8")
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    # The destination's own base_url won over the merged one (port 9 answers nothing).
+    assert simulator.simulator.stats()["profiles_received"] == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            _MERGED_ACTIVATION.replace("  base_url: BASE_URL", "  base_url: http://a\n  base_url: http://b"),
+            ["not valid YAML", "'base_url' appears twice"],
+        ),
+        (
+            _MERGED_ACTIVATION.replace("  base_url: BASE_URL", "  base_url: http://a\n  <<: *batch"),
+            ["not valid YAML", "merge key '<<' appears twice", "<<: [*a, *b]"],
+        ),
+        (_MERGED_ACTIVATION.replace("x-columns:", "columns:"), ["columns", "unknown key"]),
+        (_MERGED_ACTIVATION.replace("<<: *batch", "<<: *columns\n  <<x: 1"), ["destination"]),
+        (
+            _MERGED_ACTIVATION.replace("x-columns: &columns\n  custom_id: customer_id", "x-columns: &columns 3"),
+            ["not valid YAML", "merging"],
+        ),
+    ],
+    ids=[
+        "key twice beside a merge",
+        "merge key twice",
+        "unknown top-level key",
+        "bad merged keys",
+        "merge of a scalar",
+    ],
+)
+def test_issue19_yaml_merge_keys_keep_the_loader_strict(
+    tmp_path: Path, simulator: SimulatorThread, text: str, words: list[str]
+) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    path = tmp_path / "merged.yaml"
+    path.write_text(text.replace("BASE_URL", simulator.base_url), encoding="utf-8")
+    code, output = invoke("plan", str(path), "--state", state_url(tmp_path))
+    assert code == 2, output
+    assert "Traceback" not in output
+    for word in words:
+        assert word in flat(output), word
+
+
+def test_issue19_the_json_schema_allows_extension_keys() -> None:
+    code, output = invoke("schema")
+    assert code == 0
+    assert json.loads(output)["patternProperties"] == {"^x-": {}}
+
+
+# Item 28: the README's history command for the demo works after the demo (it exited 2).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_issue19_the_readmes_demo_history_command_works_after_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    suggested = re.findall(r"^cepsync (history vip_customers[^\n#]*)$", readme, re.MULTILINE)
+    assert len(suggested) == 1, suggested
+    monkeypatch.chdir(tmp_path)  # `make demo` runs `cepsync demo` from the repository root
+    code, output = invoke("demo", "--rows", "200", env={"CEPSYNC_STATE": None, "XDG_STATE_HOME": str(tmp_path / "xdg")})
+    assert code == 0, output
+    code, output = invoke(
+        *shlex.split(suggested[0]), env={"CEPSYNC_STATE": None, "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    )
+    assert code == 0, output
+    assert "runs of vip_customers" in output
+    assert len(re.findall(r"^\d{8}T\d{6}Z-", output, re.MULTILINE)) == 2  # day 1 and day 2
+    # ...and it is the command the demo prints at its end.
+    assert f"cepsync {suggested[0].strip()}" in flat(invoke("demo", "--rows", "200")[1])
+
+
+# Item 27: `make test` checks the machine first and names each missing prerequisite in one line.
+def _bin_without(tmp_path: Path, *absent: str) -> Path:
+    import shutil
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    wanted = {"python3": sys.executable, "bash": shutil.which("bash"), "id": shutil.which("id")}
+    for name in ("uname", "dirname", "chromium", "chromedriver", "apt-get", "java", "gcloud"):
+        wanted[name] = shutil.which(name)
+    for name, target in wanted.items():
+        if target and name not in absent:
+            (fake / name).symlink_to(target)
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("absent", "words"),
+    [
+        (("gcloud",), ["make test needs the Google Cloud CLI ('gcloud' on PATH"]),
+        (("java",), ["make test needs Java", "Firestore and Pub/Sub emulators"]),
+        (("chromium", "apt-get"), ["make test needs headless Chromium and chromedriver"]),
+    ],
+)
+def test_issue19_check_prerequisites_names_what_is_missing(
+    tmp_path: Path, absent: tuple[str, ...], words: list[str]
+) -> None:
+    import subprocess
+
+    fake = _bin_without(tmp_path, *absent)
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "check-prerequisites.sh")],
+        env={
+            "PATH": str(fake),
+            "HOME": str(tmp_path),
+            "CEPSYNC_PYTHON313": "/nonexistent",
+            # As on a fresh clone: the BigQuery emulator's virtualenv is not installed yet.
+            "CEPSYNC_BQ_VENV": str(tmp_path / "no-venv-bq"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("make test needs ") for line in lines), lines
+    for word in words:
+        assert any(word in line for line in lines), (word, lines)
+    # A Python 3.13 nowhere to be found is named too (the BigQuery emulator's virtualenv).
+    assert any("Python 3.13" in line and "CEPSYNC_PYTHON313" in line for line in lines), lines
+
+
+def test_issue19_make_test_checks_prerequisites_before_anything_long() -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    for target, script in (("test", "check-prerequisites.sh"), ("test-fast", "check-prerequisites.sh --fast")):
+        recipe = re.search(rf"^{target}:[^\n]*\n\t([^\n]*)", makefile, re.MULTILINE)
+        assert recipe is not None, target
+        assert recipe.group(1).endswith(f"bash scripts/{script}"), recipe.group(1)
+        # Nothing is installed before the check: the target has no prerequisites of its own.
+        assert re.search(rf"^{target}: ##", makefile, re.MULTILINE), target

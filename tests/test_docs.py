@@ -37,3 +37,28 @@ def test_the_readme_links_only_files_of_the_repository() -> None:
             continue
         assert (ROOT / target).exists(), target
     assert "../shared" not in readme
+
+
+def test_the_license_is_an_spdx_string_with_its_file() -> None:
+    """setuptools deprecates ``license = {text = ...}`` (issue 19, item 29): an SPDX string and the file."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["license"] == "Apache-2.0"
+    for name in project["project"]["license-files"]:
+        assert (ROOT / name).is_file(), name
+    # PEP 639 metadata needs setuptools 77 or later in the isolated build.
+    assert any(re.fullmatch(r"setuptools>=(7[7-9]|[89]\d)(\.\d+)*", r) for r in project["build-system"]["requires"])
+
+
+def test_the_quick_start_says_what_make_test_needs_and_how_long_things_take() -> None:
+    """Issue 19, item 27: it said only "Python ≥ 3.11 and make"."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(quick_start.split())
+    for needed in ("Python ≥ 3.11", "`sudo`", "`apt-get`", "Python 3.13", "`gcloud`", "Java", "root"):
+        assert needed in text, needed
+    assert "scripts/check-prerequisites.sh" in text
+    assert (ROOT / "scripts" / "check-prerequisites.sh").is_file()
+    assert re.search(r"It took \d+ min \d+ s the first time .*?, then \d+ s\.", text)
+    assert "10–13 minutes" in text

@@ -100,3 +100,57 @@ def test_an_empty_history_and_a_hostile_name_render_safely() -> None:
     assert "b" not in parser.tags
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "No run recorded" in html
+
+
+# -- issue 19, item 25: grouped sums count what reached Batch; per-run labels are unique ------------
+
+
+def test_a_guard_aborted_plan_is_not_summed_as_changed(history: History) -> None:
+    aborted = [r for r in history.records if r["status"] == "aborted_by_guard"]
+    assert len(aborted) == 1
+    assert aborted[0]["counts"]["changed"] + aborted[0]["counts"].get("removed", 0) > 0
+    assert aborted[0]["counts"].get("sent", 0) == 0
+    # One window holding every run: the aborted plan must not be in the sums.
+    line = timeline(history.records, max_buckets=1)
+    assert not line.per_run
+    [window] = line.buckets
+    sending = [r for r in history.records if r["counts"].get("sent")]
+    assert window.changed == sum(r["counts"].get("changed", 0) for r in sending)
+    assert window.removed == sum(r["counts"].get("removed", 0) for r in sending)
+    assert window.changed < sum(r["counts"].get("changed", 0) for r in history.records)
+    assert window.sent == sum(r["counts"].get("sent", 0) for r in history.records)
+    assert window.acknowledged == sum(r["counts"].get("acknowledged", 0) for r in history.records)
+    assert window.unsent_plans == 1
+    html = render_report("report_people", history.records, state_kind="sqlite")
+    assert "1 run(s) planned changes that never reached Batch" in " ".join(html.split())
+    assert "changed (planned, runs that sent)" in html
+
+
+def test_runs_in_the_same_minute_get_distinct_labels(history: History) -> None:
+    base = history.records[0]
+    moments = [T0, T0 + timedelta(seconds=5), T0 + timedelta(seconds=5, milliseconds=1), T0 + timedelta(minutes=1)]
+    records = []
+    for index, moment in enumerate(moments):
+        record = copy.deepcopy(base)
+        record["run_id"] = f"run-{index}"
+        record["started_at"] = moment.isoformat()
+        records.append(record)
+    labels = [bucket.label for bucket in timeline(records).buckets]
+    assert labels == ["07-01 00:00:00", "07-01 00:00:05", "07-01 00:00:05 #2", "07-01 00:01:00"]
+    # Minutes alone while they tell the runs apart.
+    assert [b.label for b in timeline([records[0], records[3]]).buckets] == ["07-01 00:00", "07-01 00:01"]
+
+
+@pytest.mark.parametrize("count", [1, 5, 12, 20, 30, 45, 60])
+def test_x_labels_are_laid_out_without_overlap(count: int) -> None:
+    from sync.report.charts import _CHAR_WIDTH, _PLOT_WIDTH, _ROTATED_SPACING, x_axis_layout
+
+    for label in ("07-01 10:00", "07-01 10:00:05 #2", "20260701T100000Z-00abcd"):
+        layout = x_axis_layout([label] * count)
+        space = _PLOT_WIDTH / count
+        if layout["x_label_rotation"] == 0:
+            assert len(label) * _CHAR_WIDTH + 8 <= space
+        else:
+            shown_every = layout["x_labels_major_every"] or 1
+            assert isinstance(shown_every, int)
+            assert shown_every * space >= _ROTATED_SPACING

@@ -12,6 +12,8 @@ it also replaces ``docs/report.png``, the picture in the README.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import shutil
 import struct
@@ -112,8 +114,8 @@ def test_the_report_is_self_contained_and_runs_no_script(page: webdriver.Chrome,
 def test_the_charts_render_one_point_or_bar_per_run(page: webdriver.Chrome, history: History) -> None:
     runs = len(history.records)
     assert runs == 6
-    # Profiles: 4 series (sent, changed, removed, rejected), one dot per run each.
-    assert js(page, "return document.querySelectorAll('#chart-profiles svg .series .dot').length") == 4 * runs
+    # Profiles: 5 series (sent, acknowledged, changed, removed, rejected), one dot per run each.
+    assert js(page, "return document.querySelectorAll('#chart-profiles svg .series .dot').length") == 5 * runs
     # Duration: one bar per run, in the colour of its outcome; three runs failed or stopped.
     bars = js(
         page,
@@ -128,7 +130,7 @@ def test_the_charts_render_one_point_or_bar_per_run(page: webdriver.Chrome, hist
     assert widths
     assert all(width > 0 for width in widths)
     # A point's tooltip is a native SVG title.
-    assert js(page, "return document.querySelectorAll('#chart-profiles svg .dots > title').length") == 4 * runs
+    assert js(page, "return document.querySelectorAll('#chart-profiles svg .dots > title').length") == 5 * runs
 
 
 def reason_table(page: webdriver.Chrome, table_id: str) -> dict[str, int]:
@@ -197,3 +199,43 @@ def test_a_screenshot_is_saved(page: webdriver.Chrome, tmp_path: Path) -> None:
     assert tall >= 1400
     if os.environ.get("CEPSYNC_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, REPO_ROOT / "docs" / "report.png")
+
+
+@pytest.mark.parametrize("count", [8, 20, 60])
+def test_per_run_x_labels_are_distinct_and_do_not_overlap(
+    browser: webdriver.Chrome, history: History, tmp_path: Path, count: int
+) -> None:
+    """Issue 19, item 25: runs a few seconds apart once all read "07-01 10:00", drawn over each other."""
+    import copy
+    from datetime import UTC, datetime, timedelta
+
+    from sync.report.html import render_report
+
+    start = datetime(2026, 7, 1, 10, tzinfo=UTC)
+    records = []
+    for index in range(count):
+        record = copy.deepcopy(history.records[index % len(history.records)])
+        record["run_id"] = f"run-{index:03d}"
+        record["started_at"] = (start + timedelta(seconds=7 * index)).isoformat()
+        records.append(record)
+    out = tmp_path / "report.html"
+    out.write_text(render_report(NAME, list(reversed(records)), state_kind="sqlite"), encoding="utf-8")
+    browser.get(out.as_uri())
+    for chart in ("chart-profiles", "chart-duration"):
+        boxes = js(
+            browser,
+            f"""return [...document.querySelectorAll('#{chart} svg .axis.x .guides text')]
+                 .filter(t => t.textContent && getComputedStyle(t).display !== 'none')
+                 .map(t => {{ const r = t.getBoundingClientRect();
+                   return [t.textContent, r.left, r.top, r.right, r.bottom]; }})""",
+        )
+        texts = [box[0] for box in boxes]
+        assert len(texts) == len(set(texts)), texts
+        assert len(texts) >= min(count, 10), texts  # thinned, not emptied
+        for (_, l1, t1, r1, b1), (_, l2, _t2, _r2, _b2) in itertools.pairwise(boxes):
+            if b1 - t1 < 20:  # horizontal labels: side by side, never overlapping
+                assert l2 >= r1, (chart, boxes)
+            else:
+                # Rotated by 40 degrees, parallel labels lie (horizontal step) x sin 40 apart: more
+                # than the 11 px font is tall, or their glyphs touch.
+                assert (l2 - l1) * math.sin(math.radians(40)) >= 12, (chart, boxes)

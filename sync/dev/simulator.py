@@ -98,6 +98,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import hmac
@@ -106,6 +107,7 @@ import math
 import random
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -117,6 +119,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from aiohttp import web
+
+from sync.errors import ConfigError
 
 __all__ = ["ITEM_ERROR_KINDS", "BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
 
@@ -1162,13 +1166,47 @@ def serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: b
         port: Port to bind (0 picks a free one; the URL is logged).
         credentials: project key -> REST API key.
         rate_limit: Enforce Batch's rate limits.
+
+    Raises:
+        ConfigError: The address cannot be listened on (a port in use or out of range, a
+            host that does not resolve or is not this machine's), in one line.
     """
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range: give 0 to 65535 (0 picks a free one)", field="--port")
     asyncio.run(_serve(host, port, credentials, rate_limit=rate_limit))
+
+
+def _listen_error(host: str, port: int, error: OSError) -> ConfigError:
+    """Why ``host:port`` cannot be listened on, in words a user can act on."""
+    where = f"{host}:{port}"
+    if isinstance(error, socket.gaierror):
+        return ConfigError(
+            f"cannot listen on {where}: host {host!r} does not resolve ({error.strerror})", field="--host"
+        )
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(
+            f"cannot listen on {where}: the port is already in use (another simulator?); stop it or pick another "
+            "--port",
+            field="--port",
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"cannot listen on {where}: {host} is not an address of this machine", field="--host")
+    if error.errno == errno.EACCES:
+        return ConfigError(
+            f"cannot listen on {where}: permission denied (ports below 1024 need privileges); pick another --port",
+            field="--port",
+        )
+    return ConfigError(f"cannot listen on {where}: {error.strerror or error}", field="--host")
 
 
 async def _serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: bool) -> None:
     simulator = BatchSimulator(credentials, rate_limit=rate_limit)
-    url = await simulator.start(host, port)
+    try:
+        url = await simulator.start(host, port)
+    except OSError as error:  # socket.gaierror included
+        raise _listen_error(host, port, error) from None
+    except (OverflowError, UnicodeError) as error:  # a port the OS cannot take; a host IDNA cannot encode
+        raise ConfigError(f"cannot listen on {host}:{port}: {error}", field="--host") from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

@@ -8,6 +8,7 @@ each point gets an SVG ``<title>``, which browsers show as a native tooltip inst
 
 from __future__ import annotations
 
+import math
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -45,8 +46,34 @@ def _style(colours: Sequence[str]) -> Style:
     )
 
 
+# Room for x-axis labels: the plot's width, a label character's width at the label font
+# size (11 px), and the spacing rotated labels need so that neighbours do not overlap.
+_PLOT_WIDTH = WIDTH - 80
+_CHAR_WIDTH = 6.5
+_ROTATED_SPACING = 22.0
+_ROTATION = 40
+
+
+def x_axis_layout(labels: Sequence[str]) -> dict[str, object]:
+    """Rotation and thinning of the x labels so that none overlaps another.
+
+    Labels that fit side by side stay horizontal; longer ones are rotated; and when even
+    rotated labels are closer than they are tall, only every n-th label is drawn (the
+    points all stay, each with its own tooltip).
+    """
+    if not labels:
+        return {"x_label_rotation": 0, "show_minor_x_labels": True, "x_labels_major_every": None}
+    space = _PLOT_WIDTH / len(labels)
+    widest = max(len(label) for label in labels) * _CHAR_WIDTH
+    if widest + 8 <= space:
+        return {"x_label_rotation": 0, "show_minor_x_labels": True, "x_labels_major_every": None}
+    every = math.ceil(_ROTATED_SPACING / space)
+    if every <= 1:
+        return {"x_label_rotation": _ROTATION, "show_minor_x_labels": True, "x_labels_major_every": None}
+    return {"x_label_rotation": _ROTATION, "show_minor_x_labels": False, "x_labels_major_every": every}
+
+
 def _config(colours: Sequence[str], *, labels: Sequence[str], y_title: str) -> dict[str, object]:
-    many = len(labels) > 20
     return {
         "js": [],
         "disable_xml_declaration": True,
@@ -54,9 +81,7 @@ def _config(colours: Sequence[str], *, labels: Sequence[str], y_title: str) -> d
         "height": HEIGHT,
         "style": _style(colours),
         "legend_at_bottom": True,
-        "x_label_rotation": 40 if many else 0,
-        "show_minor_x_labels": not many,
-        "x_labels_major_every": max(1, len(labels) // 12) if many else None,
+        **x_axis_layout(labels),
         "y_title": y_title,
         "print_values": False,
         "truncate_label": -1,
@@ -94,9 +119,11 @@ def profiles_chart(line: Timeline) -> str:
     chart = pygal.Line(**_config(SERIES_COLOURS, labels=labels, y_title="profiles"))
     chart.title = "Profiles per run" if line.per_run else "Profiles per time window (summed)"
     chart.x_labels = labels
-    chart.add("sent", [bucket.sent for bucket in line.buckets])
-    chart.add("changed", [bucket.changed for bucket in line.buckets])
-    chart.add("removed", [bucket.removed for bucket in line.buckets])
+    chart.add("sent to Batch", [bucket.sent for bucket in line.buckets])
+    chart.add("acknowledged by Batch", [bucket.acknowledged for bucket in line.buckets])
+    # Planned counts, from runs that sent (see summary.Bucket): a guard-aborted plan adds 0.
+    chart.add("changed (planned, runs that sent)", [bucket.changed for bucket in line.buckets])
+    chart.add("removed (planned, runs that sent)", [bucket.removed for bucket in line.buckets])
     chart.add("rejected", [bucket.rejected for bucket in line.buckets])
     return _svg(chart, "chart-profiles")
 
@@ -141,7 +168,6 @@ def stages_chart(times: Sequence[StageTimes]) -> str:
     chart = pygal.Bar(**_config(SERIES_COLOURS, labels=labels, y_title="seconds"))
     chart.title = "Time per stage, latest runs"
     chart.x_labels = labels
-    chart.x_label_rotation = 30
     for name in stage_names(times):
         chart.add(name, [item.seconds.get(name) for item in times])
     return _svg(chart, "chart-stages")

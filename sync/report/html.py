@@ -28,6 +28,7 @@ from sync.report.summary import (
     stage_times,
     status_counts,
     timeline,
+    unsent_plans,
 )
 from sync.results.queries import run_queries
 from sync.runlog import duration_seconds, outcome, rejected_total
@@ -141,6 +142,7 @@ def render_report(
             success=last_success(records),
             outcome_totals=totals,
             line=line,
+            unsent=unsent_plans(line),
             width=_width_text(line.width.total_seconds()) if line.width else "",
             profiles_svg=Markup(charts.profiles_chart(line)),  # noqa: S704 - pygal's SVG, text escaped as XML
             duration_svg=Markup(charts.duration_chart(line)),  # noqa: S704 - pygal's SVG, text escaped as XML

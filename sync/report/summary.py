@@ -56,24 +56,38 @@ def _count(counts: Mapping[str, Any], key: str) -> int:
 
 @dataclass
 class Bucket:
-    """One point on the time axis: a single run, or every run in a time window."""
+    """One point on the time axis: a single run, or every run in a time window.
+
+    ``sent`` and ``acknowledged`` are what reached Batch. ``changed`` and ``removed`` are what
+    runs planned, counted only for runs that sent something: a run that a guard aborted, or
+    that stopped before sending, adds 0 (its plan never reached Batch; summing it showed a
+    window with 10,600 "changed" where 200 were sent). ``unsent_plans`` counts such runs
+    whose plan had changes or removals, so the report can say what was left out.
+    """
 
     label: str
     start: datetime
     runs: int = 0
     sent: int = 0
+    acknowledged: int = 0
     changed: int = 0
     removed: int = 0
     rejected: int = 0
+    unsent_plans: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     durations: list[float] = field(default_factory=list)
 
     def add(self, record: Mapping[str, Any]) -> None:
         counts = record.get("counts") or {}
         self.runs += 1
-        self.sent += _count(counts, "sent")
-        self.changed += _count(counts, "changed")
-        self.removed += _count(counts, "removed")
+        sent = _count(counts, "sent")
+        self.sent += sent
+        self.acknowledged += _count(counts, "acknowledged")
+        if sent:
+            self.changed += _count(counts, "changed")
+            self.removed += _count(counts, "removed")
+        elif _count(counts, "changed") or _count(counts, "removed"):
+            self.unsent_plans += 1
         self.rejected += rejected_total(counts)
         self.outcomes[outcome(str(record.get("status")))] += 1
         duration = duration_seconds(record)
@@ -103,9 +117,10 @@ def timeline(records: Sequence[Mapping[str, Any]], max_buckets: int = MAX_BUCKET
         key=lambda pair: pair[0],
     )
     if len(dated) <= max_buckets:
+        labels = _unique_labels([started for started, _ in dated])
         buckets = []
-        for started, record in dated:
-            bucket = Bucket(started.strftime("%m-%d %H:%M"), started)
+        for label, (started, record) in zip(labels, dated, strict=True):
+            bucket = Bucket(label, started)
             bucket.add(record)
             buckets.append(bucket)
         return Timeline(buckets, per_run=True, width=None)
@@ -123,6 +138,29 @@ def timeline(records: Sequence[Mapping[str, Any]], max_buckets: int = MAX_BUCKET
             by_index[index] = Bucket(label, start)
         by_index[index].add(record)
     return Timeline([by_index[i] for i in sorted(by_index)], per_run=False, width=width)
+
+
+def _unique_labels(moments: Sequence[datetime]) -> list[str]:
+    """One x-axis label per run, no two alike: minutes, seconds if needed, then a run number.
+
+    Runs in the same minute (a continuation, a retry) all read "07-01 10:00" before, and
+    the axis repeated its labels.
+    """
+    for pattern in ("%m-%d %H:%M", "%m-%d %H:%M:%S"):
+        labels = [moment.strftime(pattern) for moment in moments]
+        if len(set(labels)) == len(labels):
+            return labels
+    seen: Counter[str] = Counter()
+    unique = []
+    for label in labels:
+        seen[label] += 1
+        unique.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+def unsent_plans(line: Timeline) -> int:
+    """Runs whose planned changes or removals never reached Batch (left out of the sums)."""
+    return sum(bucket.unsent_plans for bucket in line.buckets)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ error's row as a value refusal, and never send that profile again.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -55,7 +56,7 @@ from typing import Any, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.errors import FatalError
+from sync.errors import ConfigError, FatalError
 from sync.memory import release_free_memory
 from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
@@ -186,6 +187,10 @@ class StateSchemaError(FatalError):
     """The state database was written by a newer (or unknown) version of cepsync."""
 
 
+class StateNotInitialised(FatalError):
+    """A read-only open found no cepsync state: no file, or an empty one (nothing was written)."""
+
+
 def _to_us(moment: datetime, what: str) -> int:
     """Microseconds since the epoch of an aware datetime (exact, unlike a float)."""
     return (core.require_aware(moment, what) - _EPOCH) // timedelta(microseconds=1)
@@ -238,13 +243,21 @@ class SQLiteStateStore:
             locked"). Our transactions are short, so a few seconds covers two
             overlapping runs.
 
+        read_only: Open an existing file without ever writing to it (``plan``, ``history``,
+            ``report``): nothing is created, the schema is neither created nor upgraded in the
+            file, and a file without cepsync's schema raises :class:`StateNotInitialised`.
+            An older schema is copied into memory and upgraded there. SQLite may leave its
+            empty ``-wal``/``-shm`` side files beside the database: it needs them to read a
+            WAL database safely while a run writes (docs/how-state-is-kept.md).
+
     Raises:
         StateSchemaError: The file was written by a newer schema version.
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_seconds: float = 5.0) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_seconds: float = 5.0, read_only: bool = False) -> None:
         self._path = str(path)
-        if self._path != ":memory:":
+        self._read_only = read_only and self._path != ":memory:"
+        if self._path != ":memory:" and not self._read_only:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._stats: dict[str, int] = {"transactions": 0, "statements": 0, "rows_written": 0}
@@ -253,17 +266,78 @@ class SQLiteStateStore:
         # is where SQLite returns SQLITE_BUSY without waiting on the busy handler.
         # check_same_thread=False: the engine may call from a worker thread; self._lock
         # serialises every use of the connection.
-        self._conn = sqlite3.connect(
-            self._path,
-            timeout=busy_timeout_seconds,
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        if self._read_only:
+            self._conn = self._connect_read_only(busy_timeout_seconds)
+        else:
+            self._conn = sqlite3.connect(
+                self._path,
+                timeout=busy_timeout_seconds,
+                isolation_level=None,
+                check_same_thread=False,
+            )
         try:
             self._open(busy_timeout_seconds)
         except BaseException:
             self._conn.close()
             raise
+
+    def _connect_read_only(self, busy_timeout_seconds: float) -> sqlite3.Connection:
+        """A ``mode=ro`` connection (SQLite's own guarantee that nothing is written).
+
+        In a directory this user cannot write, SQLite cannot make the ``-shm`` file a WAL
+        database needs; then no run can be writing either (it could not make its ``-wal``),
+        so the file is opened as immutable.
+        """
+        uri = Path(self._path).absolute().as_uri()
+        if not Path(self._path).is_file():
+            raise StateNotInitialised(f"no state at {self._path}: nothing has run with this state yet")
+
+        def connect(parameters: str) -> sqlite3.Connection:
+            return sqlite3.connect(
+                f"{uri}?{parameters}",
+                uri=True,
+                timeout=busy_timeout_seconds,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+
+        conn = connect("mode=ro")
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as error:
+            conn.close()
+            if "unable to open" not in str(error) or os.access(Path(self._path).parent, os.W_OK):
+                raise
+            conn = connect("mode=ro&immutable=1")
+        return conn
+
+    def _open_read_only(self) -> None:
+        """Check the schema of a read-only file; an older one is upgraded in a copy in memory."""
+        conn = self._conn
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" not in tables:
+            if tables:
+                raise ConfigError(
+                    f"{self._path} is a SQLite database but not a cepsync state (no schema_version table); "
+                    "it was left untouched",
+                    field="--state",
+                )
+            raise StateNotInitialised(f"no state at {self._path}: the file is empty, nothing has run with it yet")
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        found = row[0] if row else None
+        if found is not None and found > SCHEMA_VERSION:
+            raise StateSchemaError(
+                f"state database {self._path} has schema version {found}, but this version of "
+                f"cepsync understands up to {SCHEMA_VERSION}: upgrade cepsync (refusing to touch it)"
+            )
+        if found == SCHEMA_VERSION:
+            return
+        # An older layout: read it as this version does, in a copy the file never sees.
+        copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        conn.backup(copy)
+        conn.close()
+        self._conn = copy
+        self._ensure_schema()
 
     def _open(self, busy_timeout_seconds: float) -> None:
         """Configure the connection and the schema, waiting out another process doing the same.
@@ -277,6 +351,10 @@ class SQLiteStateStore:
         pause = 0.01
         while True:
             try:
+                if self._read_only:
+                    self._conn.execute(f"PRAGMA busy_timeout = {max(0, int(busy_timeout_seconds * 1000))}")
+                    self._open_read_only()
+                    return
                 self._configure(busy_timeout_seconds)
                 self._ensure_schema()
                 return
