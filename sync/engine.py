@@ -41,6 +41,7 @@ from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, 
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.encode import encode_batch
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
+from sync.fingerprint import payload_fingerprint
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import NO_ATTRIBUTE, PERSISTENT_AFTER_RUNS, ActivationMeta, Lease, Reason, Refusal, RowIssue
@@ -52,6 +53,7 @@ from sync.plan import (
     RejectedRow,
     evaluate_guards,
     plan_rows,
+    remembered_issue,
 )
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of, is_retryable, status_of_error
 from sync.results import hook as results_hook
@@ -257,6 +259,8 @@ class Run:
         # a payload for in this run (their entry is forgotten).
         self._refusals: dict[str, Refusal] = {}
         self._refusals_cleared: list[str] = []
+        # Removals held back because Batch refused that very clearing payload before, by count name.
+        self._held_removals: dict[str, int] = {}
         self.log = log.bind(activation=activation.name, run_id=self.run_id)
         self.run = RunRecord(
             run_id=self.run_id,
@@ -469,10 +473,31 @@ class Run:
         release_free_memory()  # the id scan's hash tables are gone; so is their memory
         if activation.sync_mode is not SyncMode.MIRROR:
             ids.removed = []
+        elif ids.removed and self._refusals and not self.options.full:
+            ids.removed = self._hold_refused_removals(ids.removed, meta)
         self.run.full = full
         self.run.source = self.source.stats()
         self.progress.planned({"rows": ids.rows})
         return _Scan(diff, ids, meta, full, str(watermark) if watermark else None, prepared.version, frozenset(intents))
+
+    def _hold_refused_removals(self, removed: list[str], meta: ActivationMeta) -> list[str]:
+        """``removed`` without the ids whose clearing payload Batch refused before (listed, counted).
+
+        A refused removal is remembered like a refused upsert (:meth:`Sender._remember`): by
+        the removal payload's fingerprint, so a change of the owned keys sends it again, and
+        ``--full`` does too.
+        """
+        payload = removal_payload(meta.owned_keys)
+        kept: list[str] = []
+        for custom_id in removed:
+            prior = self._refusals.get(custom_id)
+            if prior is None or not prior.remembered or prior.payload != payload:
+                kept.append(custom_id)
+                continue
+            name = "persistent_unchanged" if prior.persistent else "refused_unchanged"
+            self._held_removals[name] = self._held_removals.get(name, 0) + 1
+            self._note_batch_issue(custom_id, remembered_issue(prior), listed=True)
+        return kept
 
     def _plan_moved(self, prepared: _Prepared, scan: _Scan) -> _Moved:
         """Map the rows whose stored fingerprint may have changed: the changed count is exact."""
@@ -663,6 +688,7 @@ class Run:
                 budget_exhausted=self._budget_exhausted,
                 mirror=activation.sync_mode is SyncMode.MIRROR,
                 removal_attributes=json.dumps(dict.fromkeys(sorted(scan.meta.owned_keys))).encode(),
+                removal_payload=removal_payload(scan.meta.owned_keys),
                 on_outcome=self._absorb,
             )
             journal.on_flush = self._checkpoint_for(sender)
@@ -812,6 +838,8 @@ class Run:
         summary["skipped_unmapped"] = skipped
         summary["unchanged"] += skipped
         summary["removed"] = len(ids.removed)
+        for name, held in self._held_removals.items():
+            summary[name] = summary.get(name, 0) + held
         counts.update(summary)
         self.run.rejected_by_reason = dict(tally.rejected_by_reason)
         self.run.dropped_attributes_by_reason = dict(tally.dropped_by_reason)
@@ -1064,3 +1092,8 @@ class Run:
         if status is RunStatus.SKIPPED_LEASE_HELD:  # visible in history; config errors never got this far
             self.store.save_run(self.record)
         return RunResult(self.record)
+
+
+def removal_payload(owned_keys: set[str]) -> int:
+    """The fingerprint of the payload a mirror removal sends: every owned key, null."""
+    return payload_fingerprint(dict.fromkeys(sorted(owned_keys)))

@@ -356,7 +356,7 @@ def plan_rows(
             for issue in issues:
                 dropped[issue.reason.value] += 1
                 plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=False))
-            issue = _remembered_issue(prior)
+            issue = remembered_issue(prior)
             counts["persistent_unchanged" if prior.persistent else "refused_unchanged"] += 1
             by_reason[issue.reason.value] += 1
             plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
@@ -389,7 +389,7 @@ def plan_rows(
     return plan
 
 
-def _remembered_issue(prior: Refusal) -> RowIssue:
+def remembered_issue(prior: Refusal) -> RowIssue:
     """Why a row whose payload Batch did not apply before is not sent again."""
     if prior.persistent:
         detail = (

@@ -285,6 +285,7 @@ class Sender:
         budget_exhausted: True once no new request may start (the run hands over).
         mirror: Mirror mode: every group with new ids must arrive with its intents noted.
         removal_attributes: The ``null`` payload a removal sends (every owned key).
+        removal_payload: That payload's fingerprint: what a refused removal is remembered by.
         on_outcome: Called with every outcome (the engine counts and samples refusals).
             Per-item failures are in :attr:`SendTally.item_failures` for the end of the run.
     """
@@ -300,6 +301,7 @@ class Sender:
         budget_exhausted: Callable[[], bool],
         mirror: bool,
         removal_attributes: bytes,
+        removal_payload: int,
         on_outcome: Callable[[SendOutcome], None],
     ) -> None:
         self._client = client
@@ -310,6 +312,7 @@ class Sender:
         self._budget_exhausted = budget_exhausted
         self._mirror = mirror
         self._removal = removal_attributes
+        self._removal_payload = removal_payload
         self._on_outcome = on_outcome
         self._tasks: set[asyncio.Task[None]] = set()
         self._errors: list[BaseException] = []
@@ -380,14 +383,22 @@ class Sender:
             tally.failed += len(outcome.failed)
             if outcome.failure and len(tally.failures) < 5:
                 tally.failures.append(outcome.failure)
+            # An id whose value Batch refused was answered, and not applied: its intent is
+            # settled as an acknowledged one is. (A refusal is about the value, so an earlier
+            # unanswered attempt of this same payload was not applied either.) Left noted, it
+            # would be "unconfirmed" in every later run, and sent again once its row came back
+            # to the value Batch holds (docs/how-state-is-kept.md, "Intents").
+            settled = outcome.acknowledged
+            if outcome.rejected:
+                settled = [*outcome.acknowledged, *(r.custom_id for r in outcome.rejected)]
             if group.upserts:
                 upserts = group.upserts
                 everything = len(outcome.acknowledged) == len(upserts)
                 all_noted = True
-                if noted and not everything:
-                    acknowledged = set(outcome.acknowledged)
-                    all_noted = all(custom_id in acknowledged for custom_id in noted)
-                    noted = [custom_id for custom_id in noted if custom_id in acknowledged]
+                if noted and len(settled) != len(upserts):
+                    answered = set(settled)
+                    all_noted = all(custom_id in answered for custom_id in noted)
+                    noted = [custom_id for custom_id in noted if custom_id in answered]
                 self._journal.add(
                     upserts.journal(None if everything else outcome.acknowledged),
                     window=group.intents,
@@ -396,22 +407,7 @@ class Sender:
                 )
                 if outcome.rejected or outcome.item_failures:
                     payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
-                    tally.refusals.extend(
-                        Refusal(r.custom_id, payloads[r.custom_id], r.attribute or NO_ATTRIBUTE, r.reason)
-                        for r in outcome.rejected
-                        if r.custom_id in payloads
-                    )
-                    tally.item_failures.extend(
-                        Refusal(
-                            r.custom_id,
-                            payloads[r.custom_id],
-                            r.attribute or NO_ATTRIBUTE,
-                            r.describe(),
-                            RefusalKind.ITEM_ERROR,
-                        )
-                        for r in outcome.item_failures
-                        if r.custom_id in payloads
-                    )
+                    self._remember(outcome, payloads.get)
                 self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)
             else:
                 if not group.intents_noted:
@@ -419,15 +415,40 @@ class Sender:
                 self._journal.add(
                     [JournalEntry(custom_id, None) for custom_id in outcome.acknowledged],
                     window=group.intents,
-                    noted_acknowledged=outcome.acknowledged,
-                    all_noted_acknowledged=len(outcome.acknowledged) == len(group.removals),
+                    noted_acknowledged=settled,
+                    all_noted_acknowledged=len(settled) == len(group.removals),
                 )
                 tally.cleared += len(outcome.acknowledged)
+                # A refused removal is remembered by the removal payload's fingerprint, as a
+                # refused upsert is by its own: not sent again while the owned keys stay the same.
+                self._remember(outcome, lambda _custom_id: self._removal_payload)
             self._on_outcome(outcome)
             if self._journal.due():
                 await self._journal.flush()
         finally:
             self._semaphore.release()
+
+    def _remember(self, outcome: SendOutcome, payload_of: Callable[[str], int | None]) -> None:
+        """Batch's refusals and per-item failures of one request, by the payload each answered."""
+        tally = self.tally
+        for rejection in outcome.rejected:
+            payload = payload_of(rejection.custom_id)
+            if payload is not None:
+                tally.refusals.append(
+                    Refusal(rejection.custom_id, payload, rejection.attribute or NO_ATTRIBUTE, rejection.reason)
+                )
+        for failure in outcome.item_failures:
+            payload = payload_of(failure.custom_id)
+            if payload is not None:
+                tally.item_failures.append(
+                    Refusal(
+                        failure.custom_id,
+                        payload,
+                        failure.attribute or NO_ATTRIBUTE,
+                        failure.describe(),
+                        RefusalKind.ITEM_ERROR,
+                    )
+                )
 
     async def drain(self) -> None:
         """Wait for every request in flight; re-raise the first fatal error (after a flush)."""

@@ -335,3 +335,55 @@ def test_the_docs_state_the_rule_and_the_bound_the_code_uses() -> None:
     assert f"in {PERSISTENT_AFTER_RUNS} runs in a row (`PERSISTENT_AFTER_RUNS`" in section
     for category in sorted(VALUE_CATEGORIES):
         assert f"`{category}`" in section[: section.index("**Anything else is not**")]
+
+
+def intents(state: Path) -> set[str]:
+    store = SQLiteStateStore(state)
+    try:
+        return store.load_intents(ACTIVATION)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("refused_as", ["clear", "update"])
+async def test_a_refused_send_settles_its_intent_and_a_refused_clear_is_remembered(
+    sim: tuple[BatchSimulator, str], tmp_path: Path, refused_as: str
+) -> None:
+    # Found by the fault campaign (seed 363823): a mirror clear Batch refused left its intent
+    # noted. The profile kept its values at Batch, its row came back with those values, and
+    # the "unconfirmed" intent sent it again: a send of what Batch already held. The refused
+    # clear itself was sent again by every run while the profile stayed out of the segment.
+    simulator, url = sim
+    state = tmp_path / "state.db"
+    rows = people(30)
+    write_segment(tmp_path / "segment.duckdb", rows)
+    activation = make_activation(tmp_path, url, sync_mode="mirror")
+    await run_once(activation, state)
+    target = rows[0]["customer_id"]
+    changed = dict(rows[0])
+    if refused_as == "clear":
+        write_segment(tmp_path / "segment.duckdb", rows[1:])
+    else:
+        changed["points"] += 1_000
+        write_segment(tmp_path / "segment.duckdb", [changed, *rows[1:]])
+    simulator.faults.update({"reject_custom_ids": [target]})
+    refused = await run_once(activation, state)
+    assert refused.record["counts"]["rejected_by_batch"] == 1
+    assert target not in intents(state)  # answered: Batch said it did not apply it
+    assert entries(state)[target].remembered
+
+    # The same payload again: held back, not sent (Batch would refuse it again).
+    before = received(simulator)
+    again = await run_once(activation, state)
+    assert received(simulator) == before
+    assert again.record["counts"]["refused_unchanged"] == 1
+    assert again.status == "succeeded_with_rejections"
+
+    # The row comes back as Batch still holds it: nothing to send.
+    simulator.faults.clear()
+    write_segment(tmp_path / "segment.duckdb", rows)
+    back = await run_once(activation, state)
+    assert received(simulator) == before
+    assert back.record["counts"].get("unconfirmed", 0) == 0
+    assert back.status == "succeeded"
+    assert holds_the_segment(simulator, rows)
