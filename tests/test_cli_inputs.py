@@ -694,3 +694,101 @@ def test_a_first_run_on_an_empty_segment_warns(tmp_path: Path, simulator: Simula
         "the segment returned no rows and this activation has synced nothing yet: check source.query "
         "(or source.table) if profiles were expected"
     ]
+
+
+# --- issue 19, items 7, 8, 16-18: secrets, URLs, the function ---
+
+# Item 7: a key read from the environment is stripped of the whitespace around it (what
+# `echo KEY | gcloud secrets create` stores); anything else a header cannot carry is a config
+# error naming the variable, never quoting the key.
+
+
+@pytest.mark.parametrize("around", ["\n", "\r\n", " ", "\t\n"])
+def test_issue19_7_a_key_with_whitespace_around_it_runs_and_validates(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, around: str
+) -> None:
+    env: dict[str, str | None] = {"BATCH_REST_API_KEY": API_KEY + around, "BATCH_PROJECT_KEY": around + PROJECT_KEY}
+    code, output = invoke("validate", str(activation_file), env=env)
+    assert code == 0, output
+    assert "Batch accepted the credentials" in output
+    code, output = invoke("run", str(activation_file), "--state", state_url(tmp_path), env=env)
+    assert code == 0, output
+    assert simulator.simulator.stats()["profiles_received"] == 10
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "words"),
+    [
+        ("BATCH_REST_API_KEY", "zq9\nzq9", "a control character (U+000A) at character 4 of 7"),
+        ("BATCH_PROJECT_KEY", "zq9\x07zq9", "a control character (U+0007) at character 4 of 7"),
+        ("BATCH_PROJECT_KEY", "zq9\x7fzq9", "a control character (U+007F)"),
+        ("BATCH_REST_API_KEY", "zq9 zq9", "a space at character 4 of 7"),
+        ("BATCH_REST_API_KEY", "cl\u00e9-zq9zq9", "a non-ASCII character at character 3 of 10"),
+        ("BATCH_REST_API_KEY", "\u201czq9zq9\u201d", "a non-ASCII character at character 1 of 8"),
+        ("BATCH_PROJECT_KEY", "\n \t", "is empty (or holds only whitespace)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_issue19_7_a_key_a_header_cannot_carry_is_a_config_error_naming_the_variable(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, variable: str, key: str, words: str
+) -> None:
+    args = ["--state", state_url(tmp_path)] if command == "run" else []
+    code, output = invoke(command, str(activation_file), *args, env={variable: key})
+    assert code == 2, output
+    text = flat(output)
+    assert f"environment variable {variable} (Batch credentials)" in text
+    assert words in text
+    assert "Traceback" not in output
+    assert "zq9" not in output  # the key is never quoted
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+# Item 8: a base_url that cannot lead to Batch is refused when the file is loaded, naming
+# the file and the field, and never quoting a password.
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://user:hunter2pw@127.0.0.1:8787", "must not hold a user name or password"),
+        ("https://:hunter2pw@api.batch.com", "must not hold a user name or password"),
+        ("ftp://api.batch.com", "must be an http(s) URL"),
+        ("api.batch.com", "must be an http(s) URL"),
+        ("https://api.batch.com/?key=hunter2pw", "must not have a query (?...) or a fragment (#...)"),
+        ("https://api.batch.com/#hunter2pw", "must not have a query (?...) or a fragment (#...)"),
+        ("http://", "has no host"),
+        ("http://:8787", "has no host"),
+        ("http://127.0.0.1:70000", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:http", "has a port that is not a number from 1 to 65535"),
+        ("http://[::1", "an IPv6 host must be written in [brackets]"),
+        ("http://bad host.example", "must not contain spaces or control characters"),
+        ("http://-bad-.example", "neither a DNS name nor an IP address"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "run", "plan"])
+def test_issue19_8_a_base_url_that_cannot_lead_to_batch_is_refused_at_load(
+    tmp_path: Path, simulator: SimulatorThread, command: str, url: str, words: str
+) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    path = tmp_path / "bad_url.yaml"
+    path.write_text(yaml.safe_dump(activation_config(url)), encoding="utf-8")
+    args = [] if command == "validate" else ["--state", state_url(tmp_path)]
+    code, output = invoke(command, str(path), *args)
+    assert code == 2, output
+    text = flat(output)
+    assert f"{path.name}, field 'destination.base_url'" in text
+    assert words in text
+    assert "hunter2pw" not in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "state.db").exists() or command == "plan"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8787", "https://api.batch.com/", "http://[::1]:8787", "http://batch_sim:80/v"]
+)
+def test_issue19_8_ordinary_base_urls_still_load(tmp_path: Path, url: str) -> None:
+    from sync.config import parse_activation
+
+    activation = parse_activation(activation_config(url), source="inputs.yaml")
+    assert activation.destination.base_url == url.rstrip("/")

@@ -494,3 +494,29 @@ def test_a_tripped_guard_says_how_to_approve_one_run_of_the_function(environ: di
     assert record["allow"] == ["changed_percent"]
     assert [g["guard"] for g in record["guards"] if g["overridden"]] == ["changed_percent"]
     assert "allow" not in next(run for run in runs(environ) if run["run_id"] == first.body["run_id"])
+
+
+# --- issue 19 item 7: Batch keys as Secret Manager mounts them ----------------------------------
+
+
+def test_a_key_stored_with_a_trailing_newline_runs(environ: dict[str, str], simulator: SimulatorThread) -> None:
+    # `echo KEY | gcloud secrets create` stores the newline; the mounted variable ends with it.
+    environ.update(BATCH_REST_API_KEY=API_KEY + "\n", BATCH_PROJECT_KEY=PROJECT_KEY + "\r\n")
+    outcome = handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-key-1", environ=environ)
+    assert (outcome.http_status, outcome.body["status"]) == (200, "succeeded")
+    assert simulator.simulator.stats()["profiles_received"] == 600
+
+
+def test_a_key_with_a_control_character_is_a_config_error_naming_the_variable(
+    environ: dict[str, str], simulator: SimulatorThread
+) -> None:
+    environ["BATCH_PROJECT_KEY"] = "proj\x1bkey9q9"
+    with structlog.testing.capture_logs() as logs:
+        outcome = handle_http("POST", {"activation": ACTIVATION}, {}, environ=environ)
+    assert (outcome.http_status, outcome.body["status"], outcome.retry) == (422, "config_error", False)
+    error = outcome.body["error"]
+    assert "environment variable BATCH_PROJECT_KEY" in error
+    assert "a control character (U+001B) at character 5 of 11" in error
+    assert "destination.project_key_env" in error
+    assert "key9q9" not in json.dumps(outcome.body) + repr(logs)
+    assert simulator.simulator.stats()["profiles_received"] == 0
