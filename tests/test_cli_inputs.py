@@ -792,3 +792,38 @@ def test_issue19_8_ordinary_base_urls_still_load(tmp_path: Path, url: str) -> No
 
     activation = parse_activation(activation_config(url), source="inputs.yaml")
     assert activation.destination.base_url == url.rstrip("/")
+
+
+# Item 18: a Batch host that accepts connections and never answers stops the run within
+# seconds as an outage, and loses nothing: the next run sends every profile.
+
+
+def test_issue19_18_a_batch_host_that_never_answers_fails_fast_and_loses_nothing(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    import time
+
+    from tests.support.silent_server import SilentServer
+
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    path = tmp_path / "inputs.yaml"
+    with SilentServer() as silent:
+        path.write_text(yaml.safe_dump(activation_config(silent.base_url)), encoding="utf-8")
+        started = time.monotonic()
+        code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+        elapsed = time.monotonic() - started
+        assert b"POST" not in silent.received
+    assert code == 1, output
+    text = flat(output)
+    assert f"Batch at {silent.base_url} does not answer" in text
+    assert "nothing more was sent" in text
+    assert "Traceback" not in output
+    assert elapsed < 30, elapsed  # was about 5 minutes, then exit 6 "partial"
+    [record] = json.loads(invoke("history", "inputs", "--state", state_url(tmp_path), "--json")[1])
+    assert (record["status"], record["retryable"]) == ("failed", True)
+    assert record["counts"].get("acknowledged", 0) == 0
+    # The next run, against a Batch that answers, sends every profile: none was lost.
+    path.write_text(yaml.safe_dump(activation_config(simulator.base_url)), encoding="utf-8")
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    assert simulator.simulator.stats()["profiles_received"] == 10
