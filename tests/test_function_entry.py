@@ -26,6 +26,7 @@ from sync.function import (
     DEFAULT_HTTP_BUDGET_SECONDS,
     DEFAULT_MAX_DELIVERY_ATTEMPTS,
     FAILED_PERMANENTLY_EVENT,
+    MAX_MESSAGE_BYTES,
     BigQueryEmulatorEndpoints,
     InvocationOutcome,
     RetryableRunError,
@@ -38,6 +39,7 @@ from sync.function import (
     handover_skip_reason,
     http_trigger_id,
     outcome_for,
+    parse_json,
     trace_from_headers,
 )
 from sync.record import RunStatus
@@ -520,3 +522,64 @@ def test_a_key_with_a_control_character_is_a_config_error_naming_the_variable(
     assert "destination.project_key_env" in error
     assert "key9q9" not in json.dumps(outcome.body) + repr(logs)
     assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+# --- issue 19 item 16: deeply nested or oversized messages are answered, never a 500 ------------
+
+# The issue's case: 100,000 bytes are over the size bound already; 60,000 are under it.
+DEEP = b"[" * 100_000
+DEEP_SMALL = b"[" * 60_000
+
+
+@pytest.mark.parametrize(
+    ("payload", "http_status", "words"),
+    [
+        (DEEP, 413, f"the Pub/Sub message data is larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (DEEP_SMALL, 400, "the Pub/Sub message data is JSON nested too deeply (60,000 bytes)"),
+        (b'{"activation": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", 400, "nested too deeply"),
+        (b" " * (MAX_MESSAGE_BYTES + 1), 413, f"larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (b"\xff\xfe{}", 400, "not UTF-8"),
+        (b"", 400, "no Pub/Sub message data"),
+    ],
+)
+def test_an_unreadable_pubsub_message_is_acknowledged_and_logged(
+    environ: dict[str, str], payload: bytes, http_status: int, words: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        outcome = handle_pubsub(envelope(payload), event_id="evt-deep", environ=environ)
+    # Returned, not raised: Pub/Sub acknowledges it and never redelivers it.
+    assert (outcome.http_status, outcome.retry, outcome.body["status"]) == (http_status, False, "bad_request")
+    assert words in outcome.body["error"]
+    assert [(entry["event"], entry["log_level"]) for entry in logs] == [
+        ("malformed message acknowledged, not retried", "error")
+    ]
+    assert runs(environ) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "http_status", "words"),
+    [
+        (DEEP, 413, f"the request body is larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (DEEP_SMALL, 400, "the request body is JSON nested too deeply (60,000 bytes)"),
+        (b'{"activation": "fn_entry", "allow": ' + b"[" * 50_000 + b"}", 400, "nested too deeply"),
+        (b"{" * (MAX_MESSAGE_BYTES + 1), 413, f"the request body is larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (b"", 400, "the request body is empty"),
+        (b"\xc3\x28", 400, "not UTF-8"),
+        (b"not json", 400, "the request body is not JSON"),
+    ],
+)
+def test_an_unreadable_http_body_is_a_400_class_answer(
+    environ: dict[str, str], body: bytes, http_status: int, words: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        outcome = handle_http("POST", body, {"Idempotency-Key": "deep-1"}, environ=environ)
+    assert (outcome.http_status, outcome.body["status"]) == (http_status, "bad_request")
+    assert words in outcome.body["error"]
+    assert [entry["log_level"] for entry in logs] == ["error"]
+    assert runs(environ) == []
+
+
+def test_a_raw_http_body_runs_like_a_decoded_one(environ: dict[str, str]) -> None:
+    outcome = handle_http("POST", b'{"activation": "fn_entry"}\n', {}, environ=environ)
+    assert (outcome.http_status, outcome.body["status"]) == (200, "succeeded")
+    assert parse_json(b'{"activation": "a"}', what="x") == {"activation": "a"}

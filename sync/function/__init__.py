@@ -73,7 +73,16 @@ from sync.function.handlers import (
     outcome_for,
 )
 from sync.function.handover import PUBLISH_TIMEOUT_SECONDS, handover_skip_reason, publish_continuation
-from sync.function.messages import PubSubEnvelope, SyncRequest, TriggerHeaders, decode_pubsub_data, http_trigger_id
+from sync.function.messages import (
+    MAX_MESSAGE_BYTES,
+    MessageTooLarge,
+    PubSubEnvelope,
+    SyncRequest,
+    TriggerHeaders,
+    decode_pubsub_data,
+    http_trigger_id,
+    parse_json,
+)
 from sync.function.settings import (
     DEFAULT_BUDGET_MARGIN_SECONDS,
     DEFAULT_EVENT_BUDGET_SECONDS,
@@ -94,10 +103,12 @@ __all__ = [
     "DEFAULT_LEASE_TTL_SECONDS",
     "DEFAULT_MAX_DELIVERY_ATTEMPTS",
     "FAILED_PERMANENTLY_EVENT",
+    "MAX_MESSAGE_BYTES",
     "PUBLISH_TIMEOUT_SECONDS",
     "BigQueryEmulatorEndpoints",
     "Headers",
     "InvocationOutcome",
+    "MessageTooLarge",
     "PubSubEnvelope",
     "RetryableRunError",
     "Settings",
@@ -112,6 +123,7 @@ __all__ = [
     "http_trigger_id",
     "open_segment_source",
     "outcome_for",
+    "parse_json",
     "publish_continuation",
     "trace_from_headers",
 ]

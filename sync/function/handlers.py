@@ -23,7 +23,14 @@ from sync.config import Activation, load_activations
 from sync.engine import Clock, Run, RunOptions, RunResult, new_run_id
 from sync.errors import ConfigError, RetryableRunError, SyncError
 from sync.function.handover import continuation_wanted, finish_hand_over_of_duplicate, hand_over
-from sync.function.messages import SyncRequest, TriggerHeaders, bounded_id, decode_pubsub_data
+from sync.function.messages import (
+    MessageTooLarge,
+    SyncRequest,
+    TriggerHeaders,
+    bounded_id,
+    decode_pubsub_data,
+    parse_json,
+)
 from sync.function.settings import Settings
 from sync.function.trace import Headers, TraceContext, trace_from_headers
 from sync.record import RETRY_HTTP_STATUS, RunStatus, http_status_of, is_retryable, status_of_error
@@ -73,9 +80,14 @@ def outcome_for(record: Mapping[str, Any]) -> InvocationOutcome:
     return InvocationOutcome(RETRY_HTTP_STATUS if retry else http_status_of(record.get("status")), body, retry)
 
 
-def _refusal(status: RunStatus, error: ConfigError) -> InvocationOutcome:
+def _refusal(status: RunStatus, error: ConfigError, *, http_status: int | None = None) -> InvocationOutcome:
     """The answer to a request refused before any run: never retried."""
-    return InvocationOutcome(status.http_status, {"status": status.value, "error": str(error)})
+    return InvocationOutcome(http_status or status.http_status, {"status": status.value, "error": str(error)})
+
+
+def _refusal_status(error: ConfigError) -> int | None:
+    """413 for a body over the size bound, else the status's own (400)."""
+    return HTTPStatus.REQUEST_ENTITY_TOO_LARGE if isinstance(error, MessageTooLarge) else None
 
 
 # --- the two triggers ---------------------------------------------------------------------------
@@ -100,8 +112,13 @@ def handle_pubsub(
         request = SyncRequest.parse(decode_pubsub_data(data))
     except ConfigError as error:
         # A malformed message can never succeed: acknowledge it, with a reason in the logs.
+        # Parsing comes before delivery counting (the activation is in the message), so a
+        # message that raised here would be redelivered for as long as Pub/Sub keeps it.
         log.error("malformed message acknowledged, not retried", error=str(error), message_id=trigger_id)
-        return _refusal(RunStatus.BAD_REQUEST, error)
+        return _refusal(RunStatus.BAD_REQUEST, error, http_status=_refusal_status(error))
+    except Exception as error:  # the same bytes fail the same way on every redelivery
+        log.exception("unreadable message acknowledged, not retried", message_id=trigger_id)
+        return _refusal(RunStatus.BAD_REQUEST, ConfigError(f"the message could not be read ({type(error).__name__})"))
     invocation = _Invocation(environ, "pubsub", trigger_id, started, count_deliveries=True)
     outcome = _invoke(request, invocation, http=False)
     if outcome.retry:
@@ -114,7 +131,12 @@ def handle_pubsub(
 def handle_http(
     method: str, body: Any, headers: Headers, *, environ: Mapping[str, str] | None = None
 ) -> InvocationOutcome:
-    """Run what an HTTP POST asks (same JSON as the Pub/Sub message); never raises for a run failure."""
+    """Run what an HTTP POST asks (same JSON as the Pub/Sub message); never raises for a run failure.
+
+    Args:
+        body: The raw body (``bytes``, at most :data:`MAX_MESSAGE_BYTES` + 1 of them is enough
+            to tell it is too large), parsed here; or an already decoded JSON value.
+    """
     started = time.monotonic()
     environ = os.environ if environ is None else environ
     trigger_id = TriggerHeaders.read(headers).trigger_id()
@@ -125,10 +147,11 @@ def handle_http(
             {"status": RunStatus.BAD_REQUEST.value, "error": 'use POST with {"activation": NAME}'},
         )
     try:
-        request = SyncRequest.parse(body)
+        data = parse_json(bytes(body), what="the request body") if isinstance(body, bytes | bytearray) else body
+        request = SyncRequest.parse(data)
     except ConfigError as error:
         log.error("malformed request refused", error=str(error))
-        return _refusal(RunStatus.BAD_REQUEST, error)
+        return _refusal(RunStatus.BAD_REQUEST, error, http_status=_refusal_status(error))
     return _invoke(request, _Invocation(environ, "http", trigger_id, started), http=True)
 
 

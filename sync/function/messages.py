@@ -32,6 +32,11 @@ from sync.plan import GUARD_NAMES, check_guard_names
 _RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 # Trigger ids end up in document ids and log labels: keep them short and printable.
 MAX_TRIGGER_ID = 200
+# The largest request body (HTTP) or Pub/Sub message data read: a request is a few hundred
+# bytes, and Pub/Sub (10 MB) and Cloud Functions (32 MB) would let far more through.
+MAX_MESSAGE_BYTES = 64 * 1024
+# The base64 text of MAX_MESSAGE_BYTES bytes.
+_MAX_MESSAGE_BASE64 = 4 * -(-MAX_MESSAGE_BYTES // 3)
 _KNOWN_GUARDS = ", ".join(GUARD_NAMES)
 # How pydantic reports a key the message must not have (models say the first, dataclasses the second).
 _UNKNOWN_KEY = frozenset({"extra_forbidden", "unexpected_keyword_argument"})
@@ -140,14 +145,47 @@ class PubSubEnvelope(BaseModel):
         Raises:
             ConfigError: the data is not base64, not UTF-8 or not JSON (never retried).
         """
+        if len(self.message.data) > _MAX_MESSAGE_BASE64:
+            raise MessageTooLarge(
+                f"the Pub/Sub message data is larger than {MAX_MESSAGE_BYTES:,} bytes: a request is "
+                '{"activation": "NAME", "full": false}'
+            )
         try:
-            text = base64.b64decode(self.message.data, validate=True).decode("utf-8")
+            data = base64.b64decode(self.message.data, validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError("the Pub/Sub message data is not base64-encoded UTF-8") from None
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise ConfigError(f"the Pub/Sub message data is not JSON ({len(text)} characters)") from None
+        return parse_json(data, what="the Pub/Sub message data")
+
+
+class MessageTooLarge(ConfigError):
+    """A request body or message data over :data:`MAX_MESSAGE_BYTES` (HTTP 413, never retried)."""
+
+
+def parse_json(data: bytes, *, what: str) -> Any:
+    """A request's JSON from its bytes (HTTP body, Pub/Sub data), bounded in size and depth.
+
+    Raises:
+        MessageTooLarge: more than :data:`MAX_MESSAGE_BYTES` bytes.
+        ConfigError: empty, not UTF-8, not JSON, or nested too deeply for the parser (a
+            ``[`` repeated 100,000 times raises RecursionError inside ``json.loads``): every
+            one of them the same on any redelivery, so never retried.
+    """
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(
+            f'{what} is larger than {MAX_MESSAGE_BYTES:,} bytes: a request is {{"activation": "NAME", "full": false}}'
+        )
+    if not data.strip():
+        raise ConfigError(f'{what} is empty: send {{"activation": "NAME", "full": false}}')
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{what} is JSON nested too deeply ({len(data):,} bytes)") from None
+    except ValueError:
+        raise ConfigError(f"{what} is not JSON ({len(text):,} characters)") from None
 
 
 def decode_pubsub_data(envelope: Any) -> Any:
