@@ -10,6 +10,7 @@ test_function_e2e.py.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,7 +246,11 @@ def test_http_trigger_ids_come_from_scheduler_or_an_idempotency_key() -> None:
     scheduler = {"X-CloudScheduler-JobName": "cepsync-vip", "X-CloudScheduler-ScheduleTime": "2026-11-29T02:00:00Z"}
     assert http_trigger_id(scheduler) == "scheduler:cepsync-vip@2026-11-29T02:00:00Z"
     assert http_trigger_id({"Idempotency-Key": "abc"}) == "http:abc"
-    assert http_trigger_id({"Idempotency-Key": "x" * 500}) == "http:" + "x" * 195
+    # Long keys are hashed whole (issue 19 item 17), never cut: they used to collide.
+    long_key = "x" * 500
+    digest = hashlib.sha256(long_key.encode()).hexdigest()
+    assert http_trigger_id({"Idempotency-Key": long_key}) == f"http:sha256:{digest}"
+    assert http_trigger_id({"Idempotency-Key": long_key + "y"}) != http_trigger_id({"Idempotency-Key": long_key})
     assert http_trigger_id({}) is None
 
 
@@ -583,3 +588,64 @@ def test_a_raw_http_body_runs_like_a_decoded_one(environ: dict[str, str]) -> Non
     outcome = handle_http("POST", b'{"activation": "fn_entry"}\n', {}, environ=environ)
     assert (outcome.http_status, outcome.body["status"]) == (200, "succeeded")
     assert parse_json(b'{"activation": "a"}', what="x") == {"activation": "a"}
+
+
+# --- issue 19 item 17: the Idempotency-Key promise -----------------------------------------------
+
+
+def test_a_retried_request_runs_again_unless_it_succeeded(environ: dict[str, str], simulator: SimulatorThread) -> None:
+    headers = {"Idempotency-Key": "nightly-42"}
+    simulator.simulator.faults.update({"failure_rate": 1.0, "failure_status": 503})
+    failed = handle_http("POST", b'{"activation": "fn_entry"}', headers, environ=environ)
+    assert (failed.http_status, failed.body["status"]) == (502, "partial")
+    assert failed.body["counts"]["acknowledged"] == 0
+
+    # The documented retry, same key, once Batch is back: it runs and sends everything.
+    simulator.simulator.faults.update({"failure_rate": 0.0})
+    retried = handle_http("POST", b'{"activation": "fn_entry"}', headers, environ=environ)
+    assert (retried.http_status, retried.body["status"]) == (200, "succeeded")
+    assert retried.body["run_id"] != failed.body["run_id"]
+    assert retried.body["counts"]["acknowledged"] == 600
+    assert len(simulator.simulator.profiles(PROJECT_KEY)) == 600
+
+    # Now it succeeded: the same request again is a duplicate and sends nothing.
+    received = simulator.simulator.stats()["profiles_received"]
+    again = handle_http("POST", b'{"full": false, "activation": "fn_entry"}', headers, environ=environ)
+    assert (again.http_status, again.body["status"]) == (200, "duplicate_trigger")
+    assert again.body["duplicate_of"] == retried.body["run_id"]
+    assert simulator.simulator.stats()["profiles_received"] == received
+    assert [run["status"] for run in runs(environ)] == ["succeeded", "partial"]
+
+
+def test_a_key_reused_with_another_body_is_a_422(environ: dict[str, str], simulator: SimulatorThread) -> None:
+    headers = {"Idempotency-Key": "manual-7"}
+    first = handle_http("POST", {"activation": ACTIVATION}, headers, environ=environ)
+    assert first.body["status"] == "succeeded"
+    received = simulator.simulator.stats()["profiles_received"]
+    with structlog.testing.capture_logs() as logs:
+        reused = handle_http("POST", {"activation": ACTIVATION, "full": True}, headers, environ=environ)
+    assert (reused.http_status, reused.retry, reused.body["status"]) == (422, False, "bad_request")
+    assert "'http:manual-7' was first sent with another request body" in reused.body["error"]
+    assert [entry["log_level"] for entry in logs] == ["error"]
+    assert simulator.simulator.stats()["profiles_received"] == received
+    assert len(runs(environ)) == 1
+    # A key that failed before any run (an unknown activation) is not bound yet.
+    other = {"Idempotency-Key": "manual-8"}
+    assert handle_http("POST", {"activation": "nobody"}, other, environ=environ).http_status == 422
+    fixed = handle_http("POST", {"activation": ACTIVATION}, other, environ=environ)
+    assert (fixed.http_status, fixed.body["status"], fixed.body["trigger_id"]) == (200, "succeeded", "http:manual-8")
+
+
+def test_long_keys_that_differ_past_200_characters_are_two_requests(
+    environ: dict[str, str], simulator: SimulatorThread
+) -> None:
+    prefix = "k" * 250
+    first = handle_http("POST", {"activation": ACTIVATION}, {"Idempotency-Key": prefix + "-1"}, environ=environ)
+    second = handle_http(
+        "POST", {"activation": ACTIVATION, "full": True}, {"Idempotency-Key": prefix + "-2"}, environ=environ
+    )
+    assert (first.body["status"], second.body["status"]) == ("succeeded", "succeeded")
+    assert first.body["trigger_id"].startswith("http:sha256:")
+    assert first.body["trigger_id"] != second.body["trigger_id"]
+    assert len(first.body["trigger_id"]) <= 200
+    assert simulator.simulator.stats()["profiles_received"] == 1200

@@ -25,6 +25,10 @@ Triggers and idempotency:
 * **HTTP** (manual, or Cloud Scheduler with OIDC for the 60-minute limit): Cloud Scheduler
   sends ``X-CloudScheduler-JobName`` and ``X-CloudScheduler-ScheduleTime``, identical on each
   retry of one scheduled slot, so they make the key; a caller may send ``Idempotency-Key``.
+  A request with a key runs again unless the key's earlier run succeeded
+  (``RunOptions.rerun_unless_succeeded``), and the key is bound to the request's digest
+  (:meth:`sync.state.base.StateStore.record_trigger_request`): another body is a 422. Long or
+  unprintable keys are hashed whole (:func:`~sync.function.messages.bounded_id`).
 
 Retry policy: Pub/Sub redelivers an event when the function raises (with backoff, for up to
 the topic's retention). We raise only when a redelivery can help: a run the engine marked

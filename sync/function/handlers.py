@@ -235,6 +235,9 @@ def _outcome_of_error(error: Exception, request: SyncRequest, invocation: _Invoc
     acknowledged-only commits).
     """
     status = status_of_error(error)
+    if isinstance(error, IdempotencyKeyReused):
+        log.error("idempotency key reused with another request: refused", error=str(error))
+        return _refusal(RunStatus.BAD_REQUEST, error, http_status=HTTPStatus.UNPROCESSABLE_ENTITY)
     if isinstance(error, ConfigError):
         log.error("configuration error: acknowledged, not retried", error=str(error))
         return _refusal(status, error)
@@ -333,6 +336,7 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
     store = _open_store(invocation, settings)
     invocation.activation = activation.name
     invocation.continuation_of = request.continuation_of
+    _check_key_reuse(request, invocation, store)
     answer = _given_up_delivery(activation, invocation, store) or _stale_continuation(
         activation, request, invocation, store
     )
@@ -363,6 +367,27 @@ def _open_store(invocation: _Invocation, settings: Settings) -> StateStore:
     invocation.closers.append(store.close)
     invocation.store = store
     return store
+
+
+class IdempotencyKeyReused(ConfigError):
+    """An HTTP idempotency key sent again with another request (answered 422, never run)."""
+
+
+def _check_key_reuse(request: SyncRequest, invocation: _Invocation, store: StateStore) -> None:
+    """Bind an HTTP trigger's key to its request; a key that came with another request is refused.
+
+    Raises:
+        IdempotencyKeyReused: the key (``Idempotency-Key``, or Cloud Scheduler's job and slot)
+            was first used with a request whose digest differs.
+    """
+    if invocation.trigger != "http" or not invocation.trigger_id:
+        return
+    digest = request.digest()
+    if store.record_trigger_request(invocation.trigger_id, digest, datetime.now(UTC)) != digest:
+        raise IdempotencyKeyReused(
+            f"the idempotency key {invocation.trigger_id[:80]!r} was first sent with another request body: "
+            "a key names one request; send a new Idempotency-Key for a different one"
+        )
 
 
 def _given_up_delivery(activation: Activation, invocation: _Invocation, store: StateStore) -> dict[str, Any] | None:
@@ -417,6 +442,9 @@ def _execute(activation: Activation, request: SyncRequest, invocation: _Invocati
         budget_margin_seconds=settings.budget_margin_seconds,
         continuation_of=request.continuation_of,
         allow_guards=request.allow,
+        # An HTTP caller retries a request whose answer it did not get, or that failed: only
+        # a success is final (docs/function.md, "Idempotency").
+        rerun_unless_succeeded=invocation.trigger == "http",
     )
     return asyncio.run(Run(activation, source=source, store=store, client=client, options=options).execute())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from typing import Any
@@ -72,6 +73,15 @@ class SyncRequest:
             return _REQUESTS.validate_python(data)
         except ValidationError as error:
             raise _refusal(error) from None
+
+    def digest(self) -> str:
+        """SHA-256 of the request's canonical JSON: what an idempotency key is bound to.
+
+        Two bodies that ask the same thing (key order, spacing, ``"full": false`` left out)
+        have the same digest.
+        """
+        canonical = json.dumps(self.as_message(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def as_message(self) -> dict[str, Any]:
         """The JSON object a message carries for this request."""
@@ -222,8 +232,8 @@ class TriggerHeaders(BaseModel):
         Cloud Scheduler sends the same job name and schedule time on every retry of one slot.
         """
         if self.scheduler_job and self.schedule_time:
-            return bounded_id(f"scheduler:{self.scheduler_job}@{self.schedule_time}")
-        return bounded_id(f"http:{self.idempotency_key}") if self.idempotency_key else None
+            return bounded_id(f"{self.scheduler_job}@{self.schedule_time}", prefix="scheduler:")
+        return bounded_id(self.idempotency_key, prefix="http:") if self.idempotency_key else None
 
 
 def http_trigger_id(headers: Headers) -> str | None:
@@ -231,7 +241,15 @@ def http_trigger_id(headers: Headers) -> str | None:
     return TriggerHeaders.read(headers).trigger_id()
 
 
-def bounded_id(value: str) -> str:
-    """A trigger id as stored: printable characters only, at most :data:`MAX_TRIGGER_ID` of them."""
-    printable = "".join(ch for ch in value if ch.isprintable())
-    return printable[:MAX_TRIGGER_ID]
+def bounded_id(value: str, *, prefix: str = "") -> str:
+    """A trigger id as stored: ``prefix + value`` when it is printable and fits :data:`MAX_TRIGGER_ID`.
+
+    Otherwise ``prefix + "sha256:" + the SHA-256 of value``: a long or unprintable key is
+    hashed whole, never cut, so two keys that differ only past the bound (or in a character
+    that cannot be shown) stay two triggers.
+    """
+    whole = prefix + value
+    # A key that itself starts with "sha256:" is hashed too, so that form only ever means a hash.
+    if len(whole) <= MAX_TRIGGER_ID and whole.isprintable() and not value.startswith("sha256:"):
+        return whole
+    return prefix + "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
