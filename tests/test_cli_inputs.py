@@ -827,3 +827,109 @@ def test_issue19_18_a_batch_host_that_never_answers_fails_fast_and_loses_nothing
     code, output = invoke("run", str(path), "--state", state_url(tmp_path))
     assert code == 0, output
     assert simulator.simulator.stats()["profiles_received"] == 10
+
+
+# Items 16 and 17: the function, called as functions-framework calls it (main.py passes the raw
+# body), over a DuckDB segment, SQLite state and the simulator.
+
+
+@pytest.fixture
+def function_env(tmp_path: Path, simulator: SimulatorThread) -> dict[str, str]:
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    activations = tmp_path / "activations"
+    activations.mkdir()
+    config = activation_config(simulator.base_url, source={"type": "duckdb", "database": "../segment.duckdb"})
+    config["source"]["table"] = "people"
+    config["destination"]["max_attempts"] = 1
+    (activations / "inputs.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return {**ENV, "CEPSYNC_STATE": state_url(tmp_path), "CEPSYNC_ACTIVATIONS_DIR": str(activations)}
+
+
+def _pubsub(data: bytes) -> dict[str, Any]:
+    import base64
+
+    return {"message": {"data": base64.b64encode(data).decode(), "messageId": "m"}, "subscription": "s"}
+
+
+@pytest.mark.parametrize(
+    ("data", "http_status", "words"),
+    [
+        (b"[" * 100_000, 413, "the Pub/Sub message data is larger than 65,536 bytes"),
+        (b"[" * 60_000, 400, "the Pub/Sub message data is JSON nested too deeply"),
+        (b'{"activation": "inputs", "allow": ' + b"[" * 60_000, 400, "nested too deeply"),
+    ],
+)
+def test_issue19_16_a_deeply_nested_pubsub_message_is_acknowledged_not_redelivered(
+    function_env: dict[str, str], data: bytes, http_status: int, words: str
+) -> None:
+    from sync.function import handle_pubsub
+
+    for _ in range(3):  # each redelivery gets the same acknowledged answer: no loop, no 500
+        outcome = handle_pubsub(_pubsub(data), event_id="m-deep", environ=function_env)
+        assert (outcome.http_status, outcome.retry, outcome.body["status"]) == (http_status, False, "bad_request")
+        assert words in outcome.body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "http_status", "words"),
+    [
+        (b"[" * 100_000, 413, "the request body is larger than 65,536 bytes"),
+        (b"[" * 60_000, 400, "the request body is JSON nested too deeply"),
+        (b'{"activation": ' + b"[" * 60_000, 400, "the request body is JSON nested too deeply"),
+    ],
+)
+def test_issue19_16_a_deeply_nested_http_body_is_a_400_class_json_answer(
+    function_env: dict[str, str], body: bytes, http_status: int, words: str
+) -> None:
+    from sync.function import handle_http
+
+    outcome = handle_http("POST", body, {}, environ=function_env)
+    assert (outcome.http_status, outcome.body["status"]) == (http_status, "bad_request")
+    assert words in outcome.body["error"]
+
+
+def test_issue19_17_a_retry_after_a_partial_run_runs_again_and_a_success_is_final(
+    function_env: dict[str, str], simulator: SimulatorThread
+) -> None:
+    from sync.function import handle_http
+
+    key = {"Idempotency-Key": "retry-me"}
+    body = b'{"activation": "inputs"}'
+    simulator.simulator.faults.update({"failure_rate": 1.0, "failure_status": 503})
+    first = handle_http("POST", body, key, environ=function_env)
+    assert (first.http_status, first.body["status"]) == (502, "partial")
+    simulator.simulator.faults.update({"failure_rate": 0.0})
+    retry = handle_http("POST", body, key, environ=function_env)
+    assert (retry.http_status, retry.body["status"], retry.body["counts"]["acknowledged"]) == (200, "succeeded", 10)
+    again = handle_http("POST", body, key, environ=function_env)
+    assert (again.http_status, again.body["status"], again.body["duplicate_of"]) == (
+        200,
+        "duplicate_trigger",
+        retry.body["run_id"],
+    )
+
+
+def test_issue19_17_a_key_reused_with_another_body_is_a_422(function_env: dict[str, str]) -> None:
+    from sync.function import handle_http
+
+    key = {"Idempotency-Key": "one-request"}
+    assert handle_http("POST", b'{"activation": "inputs"}', key, environ=function_env).http_status == 200
+    reused = handle_http("POST", b'{"activation": "inputs", "full": true}', key, environ=function_env)
+    assert (reused.http_status, reused.body["status"]) == (422, "bad_request")
+    assert "was first sent with another request body" in reused.body["error"]
+    # The same request written differently is the same request.
+    same = handle_http("POST", b'{ "full": false,\n "activation": "inputs" }', key, environ=function_env)
+    assert (same.http_status, same.body["status"]) == (200, "duplicate_trigger")
+
+
+def test_issue19_17_long_keys_are_hashed_not_cut(function_env: dict[str, str]) -> None:
+    from sync.function import handle_http
+
+    long_key = "k" * 300
+    first = handle_http("POST", b'{"activation": "inputs"}', {"Idempotency-Key": long_key + "A"}, environ=function_env)
+    other = handle_http(
+        "POST", b'{"activation": "inputs", "full": true}', {"Idempotency-Key": long_key + "B"}, environ=function_env
+    )
+    assert first.body["trigger_id"].startswith("http:sha256:")
+    assert len(first.body["trigger_id"]) == len("http:sha256:") + 64
+    assert (first.body["status"], other.body["status"]) == ("succeeded", "succeeded")  # not a collision
