@@ -649,3 +649,18 @@ def test_long_keys_that_differ_past_200_characters_are_two_requests(
     assert first.body["trigger_id"] != second.body["trigger_id"]
     assert len(first.body["trigger_id"]) <= 200
     assert simulator.simulator.stats()["profiles_received"] == 1200
+
+
+def test_a_base_url_with_a_password_is_a_config_error_without_the_password(
+    environ: dict[str, str], simulator: SimulatorThread
+) -> None:
+    # Issue 19 item 8: refused when the activations load, before any send.
+    path = Path(environ["CEPSYNC_ACTIVATIONS_DIR"]) / "fn_entry.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config["destination"]["base_url"] = simulator.base_url.replace("http://", "http://user:pw9q9q@")
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    outcome = handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-url", environ=environ)
+    assert (outcome.http_status, outcome.retry, outcome.body["status"]) == (422, False, "config_error")
+    assert "field 'destination.base_url': must not hold a user name or password" in outcome.body["error"]
+    assert "pw9q9q" not in json.dumps(outcome.body)
+    assert simulator.simulator.stats()["profiles_received"] == 0
