@@ -552,15 +552,19 @@ class BatchClient:
                     # Refused, or no such host: the requests' own connect failures stop the
                     # run within seconds; probing again before each would only slow that down.
                     self._probed = True
-                except TimeoutError:
+                except TimeoutError as error:
                     if cut:
                         return
                     silent += 1
                     self._log.warning("batch_probe_silent", url=self._destination.base_url, attempt=silent)
                     if silent >= PROBE_ATTEMPTS:
+                        how = (
+                            "it did not even accept the connection:"
+                            if isinstance(error, aiohttp.ConnectionTimeoutError)
+                            else "it accepted the connection, but"
+                        )
                         raise self._silent_host(
-                            f"it accepted the connection, but {silent} requests in a row got no HTTP answer "
-                            f"within {timeout:g} s"
+                            f"{how} {silent} requests in a row got no HTTP answer within {timeout:g} s"
                         ) from None
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
                     # A dropped connection or a garbled answer: the host spoke, the requests
