@@ -813,6 +813,12 @@ def test_issue19_18_a_batch_host_that_never_answers_fails_fast_and_loses_nothing
         code, output = invoke("run", str(path), "--state", state_url(tmp_path))
         elapsed = time.monotonic() - started
         assert b"POST" not in silent.received
+        # validate asks Batch about the keys: the same quick answer, not a 60 s wait.
+        started = time.monotonic()
+        check_code, check_output = invoke("validate", str(path))
+        assert time.monotonic() - started < 30
+    assert check_code == 1, check_output
+    assert f"Batch at {silent.base_url} does not answer" in flat(check_output)
     assert code == 1, output
     text = flat(output)
     assert f"Batch at {silent.base_url} does not answer" in text
