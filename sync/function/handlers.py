@@ -152,6 +152,9 @@ def handle_http(
     except ConfigError as error:
         log.error("malformed request refused", error=str(error))
         return _refusal(RunStatus.BAD_REQUEST, error, http_status=_refusal_status(error))
+    except Exception as error:  # a body nothing above foresaw: still the caller's to fix, never a 500 page
+        log.exception("unreadable request refused")
+        return _refusal(RunStatus.BAD_REQUEST, ConfigError(f"the request could not be read ({type(error).__name__})"))
     return _invoke(request, _Invocation(environ, "http", trigger_id, started), http=True)
 
 
