@@ -14,7 +14,7 @@ import functions_framework
 from cloudevents.http import CloudEvent
 from flask import Request
 
-from sync.function import configure_runtime_logging, handle_http, handle_pubsub
+from sync.function import MAX_MESSAGE_BYTES, configure_runtime_logging, handle_http, handle_pubsub
 
 configure_runtime_logging()
 
@@ -32,5 +32,7 @@ def pubsub_sync(event: CloudEvent) -> None:
 @functions_framework.http
 def http_sync(request: Request) -> tuple[dict[str, Any], int]:
     """HTTP ``POST`` with the same JSON body; answers the run summary and a status code."""
-    outcome = handle_http(request.method, request.get_json(silent=True), request.headers)
+    # The raw body, read up to one byte past the bound: sync.function parses it, bounded in
+    # size and depth (Flask's own get_json would answer an HTML 500 to deeply nested JSON).
+    outcome = handle_http(request.method, request.stream.read(MAX_MESSAGE_BYTES + 1), request.headers)
     return outcome.body, outcome.http_status

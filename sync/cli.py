@@ -917,12 +917,18 @@ def simulator(
     connections, per-item errors by kind: item_errors {"value", "server", "unknown", "none"});
     GET /_sim/faults shows them and GET /_sim/stats counts what happened.
     """
+    from sync.config import read_key
     from sync.dev.simulator import serve
 
-    api_key = os.environ.get(api_key_env)
-    project_key = os.environ.get(project_key_env)
-    if not api_key or not project_key:
+    if not os.environ.get(api_key_env) or not os.environ.get(project_key_env):
         raise _fail(ConfigError(f"set {api_key_env} and {project_key_env}: the simulator accepts only those keys"))
+    try:
+        # Read as a run reads them (whitespace around them removed), or a key stored with a
+        # trailing newline would be refused by the simulator with the client's stripped copy.
+        api_key = read_key(os.environ, api_key_env, activation="simulator", field="--api-key-env")
+        project_key = read_key(os.environ, project_key_env, activation="simulator", field="--project-key-env")
+    except ConfigError as error:
+        raise _fail(error) from None
     configure_logging(level="info")
     try:
         serve(host, port, {project_key: api_key}, rate_limit=rate_limit)

@@ -158,6 +158,10 @@ class RunOptions:
     budget_margin_seconds: float = 30.0
     owner: str = field(default_factory=default_owner)
     continuation_of: str | None = None
+    # HTTP triggers: a request sent again with the same key runs again unless the run it
+    # started succeeded (docs/function.md, "Idempotency"). Pub/Sub redeliveries keep the rule
+    # of _duplicate_trigger: any ended run that is not a retryable failure is a duplicate.
+    rerun_unless_succeeded: bool = False
     # Worker processes that map batches (sync.workers). None: as many as the machine spares
     # for large runs (none on two cores or fewer); 0: map in the pipeline's own thread.
     map_workers: int | None = None
@@ -1002,6 +1006,9 @@ class Run:
         if not self.options.trigger_id:
             return None
         previous = self.store.find_run_by_trigger(self.activation.name, self.options.trigger_id)
+        if previous is not None and self.options.rerun_unless_succeeded:
+            succeeded = (RunStatus.SUCCEEDED, RunStatus.SUCCEEDED_WITH_REJECTIONS)
+            return str(previous["run_id"]) if RunStatus.of(previous.get("status")) in succeeded else None
         # A redelivery after a retryable failure must run again: that is why the function raised.
         if (
             previous is not None

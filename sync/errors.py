@@ -46,7 +46,7 @@ class ConfigError(FatalError):
 
 
 class BatchUnreachable(TransientError):
-    """Several attempts in a row could not connect to Batch's host: the run stops (retryable)."""
+    """Batch's host cannot be connected to, or connects and never answers: the run stops (retryable)."""
 
 
 class BatchAuthError(FatalError):

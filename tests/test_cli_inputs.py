@@ -1378,3 +1378,289 @@ def test_issue19_make_test_checks_prerequisites_before_anything_long() -> None:
         assert recipe.group(1).endswith(f"bash scripts/{script}"), recipe.group(1)
         # Nothing is installed before the check: the target has no prerequisites of its own.
         assert re.search(rf"^{target}: ##", makefile, re.MULTILINE), target
+
+
+# --- issue 19, items 7, 8, 16-18: secrets, URLs, the function ---
+
+# Item 7: a key read from the environment is stripped of the whitespace around it (what
+# `echo KEY | gcloud secrets create` stores); anything else a header cannot carry is a config
+# error naming the variable, never quoting the key.
+
+
+@pytest.mark.parametrize("around", ["\n", "\r\n", " ", "\t\n"])
+def test_issue19_7_a_key_with_whitespace_around_it_runs_and_validates(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, around: str
+) -> None:
+    env: dict[str, str | None] = {"BATCH_REST_API_KEY": API_KEY + around, "BATCH_PROJECT_KEY": around + PROJECT_KEY}
+    code, output = invoke("validate", str(activation_file), env=env)
+    assert code == 0, output
+    assert "Batch accepted the credentials" in output
+    code, output = invoke("run", str(activation_file), "--state", state_url(tmp_path), env=env)
+    assert code == 0, output
+    assert simulator.simulator.stats()["profiles_received"] == 10
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "words"),
+    [
+        ("BATCH_REST_API_KEY", "zq9\nzq9", "a control character (U+000A) at character 4 of 7"),
+        ("BATCH_PROJECT_KEY", "zq9\x07zq9", "a control character (U+0007) at character 4 of 7"),
+        ("BATCH_PROJECT_KEY", "zq9\x7fzq9", "a control character (U+007F)"),
+        ("BATCH_REST_API_KEY", "zq9 zq9", "a space at character 4 of 7"),
+        ("BATCH_REST_API_KEY", "cl\u00e9-zq9zq9", "a non-ASCII character at character 3 of 10"),
+        ("BATCH_REST_API_KEY", "\u201czq9zq9\u201d", "a non-ASCII character at character 1 of 8"),
+        ("BATCH_PROJECT_KEY", "\n \t", "is empty (or holds only whitespace)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_issue19_7_a_key_a_header_cannot_carry_is_a_config_error_naming_the_variable(
+    tmp_path: Path, activation_file: Path, simulator: SimulatorThread, command: str, variable: str, key: str, words: str
+) -> None:
+    args = ["--state", state_url(tmp_path)] if command == "run" else []
+    code, output = invoke(command, str(activation_file), *args, env={variable: key})
+    assert code == 2, output
+    text = flat(output)
+    assert f"environment variable {variable} (Batch credentials)" in text
+    assert words in text
+    assert "Traceback" not in output
+    assert "zq9" not in output  # the key is never quoted
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+# Item 8: a base_url that cannot lead to Batch is refused when the file is loaded, naming
+# the file and the field, and never quoting a password.
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://user:hunter2pw@127.0.0.1:8787", "must not hold a user name or password"),
+        ("https://:hunter2pw@api.batch.com", "must not hold a user name or password"),
+        ("ftp://api.batch.com", "must be an http(s) URL"),
+        ("api.batch.com", "must be an http(s) URL"),
+        ("https://api.batch.com/?key=hunter2pw", "must not have a query (?...) or a fragment (#...)"),
+        ("https://api.batch.com/#hunter2pw", "must not have a query (?...) or a fragment (#...)"),
+        ("http://", "has no host"),
+        ("http://:8787", "has no host"),
+        ("http://127.0.0.1:70000", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:http", "has a port that is not a number from 1 to 65535"),
+        ("http://[::1", "an IPv6 host must be written in [brackets]"),
+        ("http://bad host.example", "must not contain spaces or control characters"),
+        ("http://-bad-.example", "neither a DNS name nor an IP address"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "run", "plan"])
+def test_issue19_8_a_base_url_that_cannot_lead_to_batch_is_refused_at_load(
+    tmp_path: Path, simulator: SimulatorThread, command: str, url: str, words: str
+) -> None:
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    path = tmp_path / "bad_url.yaml"
+    path.write_text(yaml.safe_dump(activation_config(url)), encoding="utf-8")
+    args = [] if command == "validate" else ["--state", state_url(tmp_path)]
+    code, output = invoke(command, str(path), *args)
+    assert code == 2, output
+    text = flat(output)
+    assert f"{path.name}, field 'destination.base_url'" in text
+    assert words in text
+    assert "hunter2pw" not in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "state.db").exists() or command == "plan"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8787", "https://api.batch.com/", "http://[::1]:8787", "http://batch_sim:80/v"]
+)
+def test_issue19_8_ordinary_base_urls_still_load(tmp_path: Path, url: str) -> None:
+    from sync.config import parse_activation
+
+    activation = parse_activation(activation_config(url), source="inputs.yaml")
+    assert activation.destination.base_url == url.rstrip("/")
+
+
+# Item 18: a Batch host that accepts connections and never answers stops the run within
+# seconds as an outage, and loses nothing: the next run sends every profile.
+
+
+def test_issue19_18_a_batch_host_that_never_answers_fails_fast_and_loses_nothing(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    import time
+
+    from tests.support.silent_server import SilentServer
+
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    path = tmp_path / "inputs.yaml"
+    with SilentServer() as silent:
+        path.write_text(yaml.safe_dump(activation_config(silent.base_url)), encoding="utf-8")
+        started = time.monotonic()
+        code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+        elapsed = time.monotonic() - started
+        assert b"POST" not in silent.received
+        # validate asks Batch about the keys: the same quick answer, not a 60 s wait.
+        started = time.monotonic()
+        check_code, check_output = invoke("validate", str(path))
+        assert time.monotonic() - started < 30
+    assert check_code == 1, check_output
+    assert f"Batch at {silent.base_url} does not answer" in flat(check_output)
+    assert code == 1, output
+    text = flat(output)
+    assert f"Batch at {silent.base_url} does not answer" in text
+    assert "nothing more was sent" in text
+    assert "Traceback" not in output
+    assert elapsed < 30, elapsed  # was about 5 minutes, then exit 6 "partial"
+    [record] = json.loads(invoke("history", "inputs", "--state", state_url(tmp_path), "--json")[1])
+    assert (record["status"], record["retryable"]) == ("failed", True)
+    assert record["counts"].get("acknowledged", 0) == 0
+    # The next run, against a Batch that answers, sends every profile: none was lost.
+    path.write_text(yaml.safe_dump(activation_config(simulator.base_url)), encoding="utf-8")
+    code, output = invoke("run", str(path), "--state", state_url(tmp_path))
+    assert code == 0, output
+    assert simulator.simulator.stats()["profiles_received"] == 10
+
+
+# Items 16 and 17: the function, called as functions-framework calls it (main.py passes the raw
+# body), over a DuckDB segment, SQLite state and the simulator.
+
+
+@pytest.fixture
+def function_env(tmp_path: Path, simulator: SimulatorThread) -> dict[str, str]:
+    write_segment(tmp_path / "segment.duckdb", people(10))
+    activations = tmp_path / "activations"
+    activations.mkdir()
+    config = activation_config(simulator.base_url, source={"type": "duckdb", "database": "../segment.duckdb"})
+    config["source"]["table"] = "people"
+    config["destination"]["max_attempts"] = 1
+    (activations / "inputs.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return {**ENV, "CEPSYNC_STATE": state_url(tmp_path), "CEPSYNC_ACTIVATIONS_DIR": str(activations)}
+
+
+def _pubsub(data: bytes) -> dict[str, Any]:
+    import base64
+
+    return {"message": {"data": base64.b64encode(data).decode(), "messageId": "m"}, "subscription": "s"}
+
+
+@pytest.mark.parametrize(
+    ("data", "http_status", "words"),
+    [
+        (b"[" * 100_000, 413, "the Pub/Sub message data is larger than 65,536 bytes"),
+        (b"[" * 60_000, 400, "the Pub/Sub message data is JSON nested too deeply"),
+        (b'{"activation": "inputs", "allow": ' + b"[" * 60_000, 400, "nested too deeply"),
+    ],
+)
+def test_issue19_16_a_deeply_nested_pubsub_message_is_acknowledged_not_redelivered(
+    function_env: dict[str, str], data: bytes, http_status: int, words: str
+) -> None:
+    from sync.function import handle_pubsub
+
+    for _ in range(3):  # each redelivery gets the same acknowledged answer: no loop, no 500
+        outcome = handle_pubsub(_pubsub(data), event_id="m-deep", environ=function_env)
+        assert (outcome.http_status, outcome.retry, outcome.body["status"]) == (http_status, False, "bad_request")
+        assert words in outcome.body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "http_status", "words"),
+    [
+        (b"[" * 100_000, 413, "the request body is larger than 65,536 bytes"),
+        (b"[" * 60_000, 400, "the request body is JSON nested too deeply"),
+        (b'{"activation": ' + b"[" * 60_000, 400, "the request body is JSON nested too deeply"),
+    ],
+)
+def test_issue19_16_a_deeply_nested_http_body_is_a_400_class_json_answer(
+    function_env: dict[str, str], body: bytes, http_status: int, words: str
+) -> None:
+    from sync.function import handle_http
+
+    outcome = handle_http("POST", body, {}, environ=function_env)
+    assert (outcome.http_status, outcome.body["status"]) == (http_status, "bad_request")
+    assert words in outcome.body["error"]
+
+
+def test_issue19_17_a_retry_after_a_partial_run_runs_again_and_a_success_is_final(
+    function_env: dict[str, str], simulator: SimulatorThread
+) -> None:
+    from sync.function import handle_http
+
+    key = {"Idempotency-Key": "retry-me"}
+    body = b'{"activation": "inputs"}'
+    simulator.simulator.faults.update({"failure_rate": 1.0, "failure_status": 503})
+    first = handle_http("POST", body, key, environ=function_env)
+    assert (first.http_status, first.body["status"]) == (502, "partial")
+    simulator.simulator.faults.update({"failure_rate": 0.0})
+    retry = handle_http("POST", body, key, environ=function_env)
+    assert (retry.http_status, retry.body["status"], retry.body["counts"]["acknowledged"]) == (200, "succeeded", 10)
+    again = handle_http("POST", body, key, environ=function_env)
+    assert (again.http_status, again.body["status"], again.body["duplicate_of"]) == (
+        200,
+        "duplicate_trigger",
+        retry.body["run_id"],
+    )
+
+
+def test_issue19_17_a_key_reused_with_another_body_is_a_422(function_env: dict[str, str]) -> None:
+    from sync.function import handle_http
+
+    key = {"Idempotency-Key": "one-request"}
+    assert handle_http("POST", b'{"activation": "inputs"}', key, environ=function_env).http_status == 200
+    reused = handle_http("POST", b'{"activation": "inputs", "full": true}', key, environ=function_env)
+    assert (reused.http_status, reused.body["status"]) == (422, "bad_request")
+    assert "was first sent with another request body" in reused.body["error"]
+    # The same request written differently is the same request.
+    same = handle_http("POST", b'{ "full": false,\n "activation": "inputs" }', key, environ=function_env)
+    assert (same.http_status, same.body["status"]) == (200, "duplicate_trigger")
+
+
+def test_issue19_17_long_keys_are_hashed_not_cut(function_env: dict[str, str]) -> None:
+    from sync.function import handle_http
+
+    long_key = "k" * 300
+    first = handle_http("POST", b'{"activation": "inputs"}', {"Idempotency-Key": long_key + "A"}, environ=function_env)
+    other = handle_http(
+        "POST", b'{"activation": "inputs", "full": true}', {"Idempotency-Key": long_key + "B"}, environ=function_env
+    )
+    assert first.body["trigger_id"].startswith("http:sha256:")
+    assert len(first.body["trigger_id"]) == len("http:sha256:") + 64
+    assert (first.body["status"], other.body["status"]) == ("succeeded", "succeeded")  # not a collision
+
+
+# Item 7, the simulator's side: it reads its keys as a run does, so a key stored with a
+# trailing newline is accepted from a client that sends it stripped; a key a header cannot
+# carry is one line naming the variable.
+def test_issue19_7_the_simulator_strips_its_keys_as_runs_do(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "BATCH_REST_API_KEY": API_KEY + "\n", "BATCH_PROJECT_KEY": PROJECT_KEY + "\r\n"}
+    command = [sys.executable, "-c", "from sync.cli import app; app()", "simulator", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        write_segment(tmp_path / "segment.duckdb", people(10))
+        path = tmp_path / "inputs.yaml"
+        path.write_text(yaml.safe_dump(activation_config(f"http://127.0.0.1:{port}")), encoding="utf-8")
+        code, output = invoke("validate", str(path))
+        assert code == 0, output
+        assert "Batch accepted the credentials" in output
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+    code, output = invoke("simulator", "--port", "0", env={"BATCH_REST_API_KEY": "zq9\x07zq9"})
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert "BATCH_REST_API_KEY" in flat(output)
+    assert "control character" in flat(output)
+    assert "zq9" not in output

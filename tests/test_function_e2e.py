@@ -723,3 +723,34 @@ def test_a_100k_row_segment_reads_through_storage_read_on_the_emulator(
     assert record["source"]["rows"] == WIDE_ROWS
     assert record["counts"]["acknowledged"] == WIDE_ROWS
     assert len(batch.profiles(PROJECT_KEY)) == WIDE_ROWS
+
+
+# --- issue 19 item 16: what the framework would have answered 500 ------------------------------
+
+
+def test_deeply_nested_and_oversized_messages_are_answered_and_acknowledged(
+    deployment: Deployment, state: FirestoreStateStore
+) -> None:
+    deployment.write_activation("fn_deep")
+    http = deployment.start("http_sync", "http")
+    deep = b"[" * 60_000
+    for body, status, words in [
+        (deep, 400, "nested too deeply"),
+        (b"[" * 100_000, 413, "larger than"),
+        (b'{"activation": "fn_deep", "allow": ' + deep, 400, "nested too deeply"),
+    ]:
+        answer = http.post(body, {"Content-Type": "application/json"})
+        # JSON, not Flask's HTML 500 page.
+        assert (answer.status, answer.json()["status"]) == (status, "bad_request"), http.log_tail()
+        assert words in answer.json()["error"]
+    assert "Traceback" not in http.log_text()
+    assert len(log_lines(http, "malformed request refused")) == 3
+
+    events = deployment.start("pubsub_sync", "cloudevent")
+    for message_id, data in [("deep-1", deep), ("deep-2", b"[" * 100_000)]:
+        answer = events.post_pubsub_event(message_id, push_body(data, message_id))
+        # 2xx: Pub/Sub counts the message delivered and never sends it again.
+        assert 200 <= answer.status < 300, events.log_tail()
+    assert "Traceback" not in events.log_text()
+    assert len(log_lines(events, "malformed message acknowledged, not retried")) == 2
+    assert state.list_runs("fn_deep") == []

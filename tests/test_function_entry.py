@@ -10,6 +10,7 @@ test_function_e2e.py.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from sync.function import (
     DEFAULT_HTTP_BUDGET_SECONDS,
     DEFAULT_MAX_DELIVERY_ATTEMPTS,
     FAILED_PERMANENTLY_EVENT,
+    MAX_MESSAGE_BYTES,
     BigQueryEmulatorEndpoints,
     InvocationOutcome,
     RetryableRunError,
@@ -38,6 +40,7 @@ from sync.function import (
     handover_skip_reason,
     http_trigger_id,
     outcome_for,
+    parse_json,
     trace_from_headers,
 )
 from sync.record import RunStatus
@@ -243,7 +246,11 @@ def test_http_trigger_ids_come_from_scheduler_or_an_idempotency_key() -> None:
     scheduler = {"X-CloudScheduler-JobName": "cepsync-vip", "X-CloudScheduler-ScheduleTime": "2026-11-29T02:00:00Z"}
     assert http_trigger_id(scheduler) == "scheduler:cepsync-vip@2026-11-29T02:00:00Z"
     assert http_trigger_id({"Idempotency-Key": "abc"}) == "http:abc"
-    assert http_trigger_id({"Idempotency-Key": "x" * 500}) == "http:" + "x" * 195
+    # Long keys are hashed whole (issue 19 item 17), never cut: they used to collide.
+    long_key = "x" * 500
+    digest = hashlib.sha256(long_key.encode()).hexdigest()
+    assert http_trigger_id({"Idempotency-Key": long_key}) == f"http:sha256:{digest}"
+    assert http_trigger_id({"Idempotency-Key": long_key + "y"}) != http_trigger_id({"Idempotency-Key": long_key})
     assert http_trigger_id({}) is None
 
 
@@ -494,3 +501,166 @@ def test_a_tripped_guard_says_how_to_approve_one_run_of_the_function(environ: di
     assert record["allow"] == ["changed_percent"]
     assert [g["guard"] for g in record["guards"] if g["overridden"]] == ["changed_percent"]
     assert "allow" not in next(run for run in runs(environ) if run["run_id"] == first.body["run_id"])
+
+
+# --- issue 19 item 7: Batch keys as Secret Manager mounts them ----------------------------------
+
+
+def test_a_key_stored_with_a_trailing_newline_runs(environ: dict[str, str], simulator: SimulatorThread) -> None:
+    # `echo KEY | gcloud secrets create` stores the newline; the mounted variable ends with it.
+    environ.update(BATCH_REST_API_KEY=API_KEY + "\n", BATCH_PROJECT_KEY=PROJECT_KEY + "\r\n")
+    outcome = handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-key-1", environ=environ)
+    assert (outcome.http_status, outcome.body["status"]) == (200, "succeeded")
+    assert simulator.simulator.stats()["profiles_received"] == 600
+
+
+def test_a_key_with_a_control_character_is_a_config_error_naming_the_variable(
+    environ: dict[str, str], simulator: SimulatorThread
+) -> None:
+    environ["BATCH_PROJECT_KEY"] = "proj\x1bkey9q9"
+    with structlog.testing.capture_logs() as logs:
+        outcome = handle_http("POST", {"activation": ACTIVATION}, {}, environ=environ)
+    assert (outcome.http_status, outcome.body["status"], outcome.retry) == (422, "config_error", False)
+    error = outcome.body["error"]
+    assert "environment variable BATCH_PROJECT_KEY" in error
+    assert "a control character (U+001B) at character 5 of 11" in error
+    assert "destination.project_key_env" in error
+    assert "key9q9" not in json.dumps(outcome.body) + repr(logs)
+    assert simulator.simulator.stats()["profiles_received"] == 0
+
+
+# --- issue 19 item 16: deeply nested or oversized messages are answered, never a 500 ------------
+
+# The issue's case: 100,000 bytes are over the size bound already; 60,000 are under it.
+DEEP = b"[" * 100_000
+DEEP_SMALL = b"[" * 60_000
+
+
+@pytest.mark.parametrize(
+    ("payload", "http_status", "words"),
+    [
+        (DEEP, 413, f"the Pub/Sub message data is larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (DEEP_SMALL, 400, "the Pub/Sub message data is JSON nested too deeply (60,000 bytes)"),
+        (b'{"activation": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", 400, "nested too deeply"),
+        (b" " * (MAX_MESSAGE_BYTES + 1), 413, f"larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (b"\xff\xfe{}", 400, "not UTF-8"),
+        (b"", 400, "no Pub/Sub message data"),
+    ],
+)
+def test_an_unreadable_pubsub_message_is_acknowledged_and_logged(
+    environ: dict[str, str], payload: bytes, http_status: int, words: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        outcome = handle_pubsub(envelope(payload), event_id="evt-deep", environ=environ)
+    # Returned, not raised: Pub/Sub acknowledges it and never redelivers it.
+    assert (outcome.http_status, outcome.retry, outcome.body["status"]) == (http_status, False, "bad_request")
+    assert words in outcome.body["error"]
+    assert [(entry["event"], entry["log_level"]) for entry in logs] == [
+        ("malformed message acknowledged, not retried", "error")
+    ]
+    assert runs(environ) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "http_status", "words"),
+    [
+        (DEEP, 413, f"the request body is larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (DEEP_SMALL, 400, "the request body is JSON nested too deeply (60,000 bytes)"),
+        (b'{"activation": "fn_entry", "allow": ' + b"[" * 50_000 + b"}", 400, "nested too deeply"),
+        (b"{" * (MAX_MESSAGE_BYTES + 1), 413, f"the request body is larger than {MAX_MESSAGE_BYTES:,} bytes"),
+        (b"", 400, "the request body is empty"),
+        (b"\xc3\x28", 400, "not UTF-8"),
+        (b"not json", 400, "the request body is not JSON"),
+    ],
+)
+def test_an_unreadable_http_body_is_a_400_class_answer(
+    environ: dict[str, str], body: bytes, http_status: int, words: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        outcome = handle_http("POST", body, {"Idempotency-Key": "deep-1"}, environ=environ)
+    assert (outcome.http_status, outcome.body["status"]) == (http_status, "bad_request")
+    assert words in outcome.body["error"]
+    assert [entry["log_level"] for entry in logs] == ["error"]
+    assert runs(environ) == []
+
+
+def test_a_raw_http_body_runs_like_a_decoded_one(environ: dict[str, str]) -> None:
+    outcome = handle_http("POST", b'{"activation": "fn_entry"}\n', {}, environ=environ)
+    assert (outcome.http_status, outcome.body["status"]) == (200, "succeeded")
+    assert parse_json(b'{"activation": "a"}', what="x") == {"activation": "a"}
+
+
+# --- issue 19 item 17: the Idempotency-Key promise -----------------------------------------------
+
+
+def test_a_retried_request_runs_again_unless_it_succeeded(environ: dict[str, str], simulator: SimulatorThread) -> None:
+    headers = {"Idempotency-Key": "nightly-42"}
+    simulator.simulator.faults.update({"failure_rate": 1.0, "failure_status": 503})
+    failed = handle_http("POST", b'{"activation": "fn_entry"}', headers, environ=environ)
+    assert (failed.http_status, failed.body["status"]) == (502, "partial")
+    assert failed.body["counts"]["acknowledged"] == 0
+
+    # The documented retry, same key, once Batch is back: it runs and sends everything.
+    simulator.simulator.faults.update({"failure_rate": 0.0})
+    retried = handle_http("POST", b'{"activation": "fn_entry"}', headers, environ=environ)
+    assert (retried.http_status, retried.body["status"]) == (200, "succeeded")
+    assert retried.body["run_id"] != failed.body["run_id"]
+    assert retried.body["counts"]["acknowledged"] == 600
+    assert len(simulator.simulator.profiles(PROJECT_KEY)) == 600
+
+    # Now it succeeded: the same request again is a duplicate and sends nothing.
+    received = simulator.simulator.stats()["profiles_received"]
+    again = handle_http("POST", b'{"full": false, "activation": "fn_entry"}', headers, environ=environ)
+    assert (again.http_status, again.body["status"]) == (200, "duplicate_trigger")
+    assert again.body["duplicate_of"] == retried.body["run_id"]
+    assert simulator.simulator.stats()["profiles_received"] == received
+    assert [run["status"] for run in runs(environ)] == ["succeeded", "partial"]
+
+
+def test_a_key_reused_with_another_body_is_a_422(environ: dict[str, str], simulator: SimulatorThread) -> None:
+    headers = {"Idempotency-Key": "manual-7"}
+    first = handle_http("POST", {"activation": ACTIVATION}, headers, environ=environ)
+    assert first.body["status"] == "succeeded"
+    received = simulator.simulator.stats()["profiles_received"]
+    with structlog.testing.capture_logs() as logs:
+        reused = handle_http("POST", {"activation": ACTIVATION, "full": True}, headers, environ=environ)
+    assert (reused.http_status, reused.retry, reused.body["status"]) == (422, False, "bad_request")
+    assert "'http:manual-7' was first sent with another request body" in reused.body["error"]
+    assert [entry["log_level"] for entry in logs] == ["error"]
+    assert simulator.simulator.stats()["profiles_received"] == received
+    assert len(runs(environ)) == 1
+    # A key that failed before any run (an unknown activation) is not bound yet.
+    other = {"Idempotency-Key": "manual-8"}
+    assert handle_http("POST", {"activation": "nobody"}, other, environ=environ).http_status == 422
+    fixed = handle_http("POST", {"activation": ACTIVATION}, other, environ=environ)
+    assert (fixed.http_status, fixed.body["status"], fixed.body["trigger_id"]) == (200, "succeeded", "http:manual-8")
+
+
+def test_long_keys_that_differ_past_200_characters_are_two_requests(
+    environ: dict[str, str], simulator: SimulatorThread
+) -> None:
+    prefix = "k" * 250
+    first = handle_http("POST", {"activation": ACTIVATION}, {"Idempotency-Key": prefix + "-1"}, environ=environ)
+    second = handle_http(
+        "POST", {"activation": ACTIVATION, "full": True}, {"Idempotency-Key": prefix + "-2"}, environ=environ
+    )
+    assert (first.body["status"], second.body["status"]) == ("succeeded", "succeeded")
+    assert first.body["trigger_id"].startswith("http:sha256:")
+    assert first.body["trigger_id"] != second.body["trigger_id"]
+    assert len(first.body["trigger_id"]) <= 200
+    assert simulator.simulator.stats()["profiles_received"] == 1200
+
+
+def test_a_base_url_with_a_password_is_a_config_error_without_the_password(
+    environ: dict[str, str], simulator: SimulatorThread
+) -> None:
+    # Issue 19 item 8: refused when the activations load, before any send.
+    path = Path(environ["CEPSYNC_ACTIVATIONS_DIR"]) / "fn_entry.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config["destination"]["base_url"] = simulator.base_url.replace("http://", "http://user:pw9q9q@")
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    outcome = handle_pubsub(envelope({"activation": ACTIVATION}), event_id="evt-url", environ=environ)
+    assert (outcome.http_status, outcome.retry, outcome.body["status"]) == (422, False, "config_error")
+    assert "field 'destination.base_url': must not hold a user name or password" in outcome.body["error"]
+    assert "pw9q9q" not in json.dumps(outcome.body)
+    assert simulator.simulator.stats()["profiles_received"] == 0

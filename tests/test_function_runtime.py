@@ -8,6 +8,7 @@ headers, and errors outside the run answered by their family).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,10 @@ def test_trigger_headers_are_read_from_case_insensitive_request_headers() -> Non
         {"x-cloudscheduler-jobname": "cepsync-vip", "x-cloudscheduler-scheduletime": "2026-11-29T02:00:00Z"}
     )
     assert http_trigger_id(headers) == "scheduler:cepsync-vip@2026-11-29T02:00:00Z"
-    assert TriggerHeaders.read(WerkzeugHeaders({"idempotency-key": "k\x00ey"})).trigger_id() == "http:key"
+    assert TriggerHeaders.read(WerkzeugHeaders({"idempotency-key": "key"})).trigger_id() == "http:key"
+    # An unprintable character is hashed with the key, not dropped: "k\x00ey" is not "key".
+    hashed = TriggerHeaders.read(WerkzeugHeaders({"idempotency-key": "k\x00ey"})).trigger_id()
+    assert hashed == "http:sha256:" + hashlib.sha256(b"k\x00ey").hexdigest()
     # Half a Scheduler pair is not a Scheduler trigger: the idempotency key, if any, decides.
     assert http_trigger_id({"X-CloudScheduler-JobName": "j", "Idempotency-Key": "k"}) == "http:k"
 

@@ -14,6 +14,10 @@ Contract (docs/batch-api.md):
   backoff with full jitter, ``Retry-After`` honoured, bounded attempts, then the rows are
   *failed for this run* (decision 3). 401/403 stop the run; other 4xx mean we broke the
   contract (decision 4).
+* A host that cannot be connected to, or that connects and never answers, is an outage: the
+  run stops at once (:class:`sync.errors.BatchUnreachable`) instead of spending every
+  request's timeout and retries on it. The first request of a client is preceded by a probe
+  (a GET on ``base_url`` without the keys) that must get any HTTP answer within seconds.
 
 Only :attr:`SendOutcome.acknowledged` may ever move stored fingerprints; ``failed`` rows are
 simply sent again by a later attempt or run (upserts are idempotent).
@@ -69,6 +73,17 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 # DNS failure, no route) before the run stops: the host is wrong or down, and retrying every
 # request of the segment would only take minutes and print a warning per attempt.
 UNREACHABLE_AFTER_ATTEMPTS = 5
+# A host that accepts connections and never answers (a stuck proxy, a firewall that holds the
+# connection, a wrong port of a live machine) would otherwise take every request's full
+# timeout and every retry: minutes of silence before a "partial" run. So the first request of
+# a client is preceded by a probe (a GET that changes nothing, without the keys) that must get
+# an HTTP answer, any status, within PROBE_TIMEOUT_SECONDS; PROBE_ATTEMPTS silent probes stop
+# the run as an outage (docs/batch-api.md, "Answers").
+PROBE_TIMEOUT_SECONDS = 5.0
+PROBE_ATTEMPTS = 2
+# After the probe: requests in a row, over the whole client, that got no answer within their
+# full timeout before the run stops as an outage (concurrent requests all count).
+SILENT_AFTER_ATTEMPTS = 3
 # How much of a server-provided text we quote in errors and logs.
 QUOTE_LIMIT = 300
 
@@ -266,6 +281,12 @@ class BatchClient:
         self._log = log.bind(activation=activation)
         # Attempts in a row that could not connect; any answer from the host resets it.
         self._connect_failures = 0
+        # Attempts in a row that connected but got no answer within their full timeout.
+        self._silent_attempts = 0
+        # Whether the host answered the probe (once per client), and the lock that makes
+        # concurrent first requests wait for one probe.
+        self._probed = False
+        self._probe_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -314,6 +335,7 @@ class BatchClient:
             ConfigError: Any other answer: the URL does not lead to Batch's profile API.
         """
         url = self.url(Endpoint.UPDATE)
+        await self._ensure_answering(None)
         try:
             response = await self._post(url, b"[]", self._destination.request_timeout_seconds)
         except _TRANSPORT_ERRORS as error:
@@ -365,7 +387,10 @@ class BatchClient:
             BatchAuthError: 401/403.
             BatchContractError: Any other 4xx, or a status the contract does not know.
             BatchUnreachable: :data:`UNREACHABLE_AFTER_ATTEMPTS` attempts in a row (of any
-                request of this client) could not connect to the host.
+                request of this client) could not connect to the host; or the host connects
+                but does not answer: the first request's probe got no answer
+                (:data:`PROBE_ATTEMPTS` times), or :data:`SILENT_AFTER_ATTEMPTS` requests in a
+                row got none within their full timeout.
         """
         if len(profiles) > endpoint.max_batch:
             raise ValueError(
@@ -375,6 +400,7 @@ class BatchClient:
         outcome = SendOutcome()
         if not profiles:
             return outcome
+        await self._ensure_answering(deadline)
         # What is still to send: the whole request, then only the rows Batch answered with a
         # per-item error that is not about their value.
         pending = profiles if isinstance(profiles, EncodedProfiles) else EncodedProfiles.of(profiles)
@@ -435,8 +461,17 @@ class BatchClient:
                             "the run stopped, nothing more was sent and what Batch acknowledged before is kept. "
                             "Check destination.base_url and the network; the next run resends the rest"
                         ) from None
+                elif isinstance(error, TimeoutError) and timeout >= self._destination.request_timeout_seconds:
+                    # A full timeout, not one cut short by the deadline: the host said nothing.
+                    self._silent_attempts += 1
+                    if self._silent_attempts >= SILENT_AFTER_ATTEMPTS:
+                        raise self._silent_host(
+                            f"{self._silent_attempts} requests in a row got no answer within "
+                            f"{timeout:g} s (destination.request_timeout_seconds)"
+                        ) from None
             else:
                 self._connect_failures = 0
+                self._silent_attempts = 0
                 status = response.status
                 retry_after = response.retry_after
                 if status == 202:
@@ -489,6 +524,73 @@ class BatchClient:
             outcome.wait_seconds += wait
 
     # -- internals ---------------------------------------------------------------------
+
+    async def _ensure_answering(self, deadline: float | None) -> None:
+        """Probe the host once per client: it must give an HTTP answer (any status) quickly.
+
+        A probe that cannot connect says nothing more than the request would: the requests'
+        own bounded connect failures report it. A probe cut short by the deadline is not
+        counted (the next request probes again). Only a host that connects and stays silent
+        is an outage here.
+
+        Raises:
+            BatchUnreachable: :data:`PROBE_ATTEMPTS` probes in a row got no answer.
+        """
+        if self._probed:
+            return
+        async with self._probe_lock:
+            silent = 0
+            while not self._probed:
+                timeout = min(PROBE_TIMEOUT_SECONDS, self._destination.request_timeout_seconds)
+                remaining = self._remaining(deadline)
+                cut = remaining is not None and remaining < timeout
+                if remaining is not None and remaining <= 0:
+                    return  # the request itself reports the deadline
+                try:
+                    await self._probe(min(timeout, remaining) if remaining is not None else timeout)
+                except aiohttp.ClientConnectorError:
+                    # Refused, or no such host: the requests' own connect failures stop the
+                    # run within seconds; probing again before each would only slow that down.
+                    self._probed = True
+                except TimeoutError as error:
+                    if cut:
+                        return
+                    silent += 1
+                    self._log.warning("batch_probe_silent", url=self._destination.base_url, attempt=silent)
+                    if silent >= PROBE_ATTEMPTS:
+                        how = (
+                            "it did not even accept the connection:"
+                            if isinstance(error, aiohttp.ConnectionTimeoutError)
+                            else "it accepted the connection, but"
+                        )
+                        raise self._silent_host(
+                            f"{how} {silent} requests in a row got no HTTP answer within {timeout:g} s"
+                        ) from None
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                    # A dropped connection or a garbled answer: the host spoke, the requests
+                    # and their retries deal with the rest.
+                    self._probed = True
+                else:
+                    self._probed = True
+
+    async def _probe(self, timeout_seconds: float) -> None:
+        """A GET on the API root that changes nothing and carries no key; any HTTP answer will do."""
+        if self._session is None:
+            raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
+        async with self._session.get(
+            f"{self._destination.base_url}/",
+            headers={"User-Agent": USER_AGENT},
+            timeout=aiohttp.ClientTimeout(total=timeout_seconds),
+            allow_redirects=False,
+        ):
+            pass  # any status: the host speaks HTTP
+
+    def _silent_host(self, what: str) -> BatchUnreachable:
+        return BatchUnreachable(
+            f"activation '{self._activation}': Batch at {self._destination.base_url} does not answer: {what}. "
+            "The run stopped as a Batch outage: nothing more was sent, what Batch acknowledged before is kept "
+            "and the next run resends the rest. Check destination.base_url (host and port) and the network"
+        )
 
     async def _post(self, url: str, payload: bytes, timeout_seconds: float) -> _Response:
         if self._session is None:

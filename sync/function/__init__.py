@@ -25,6 +25,10 @@ Triggers and idempotency:
 * **HTTP** (manual, or Cloud Scheduler with OIDC for the 60-minute limit): Cloud Scheduler
   sends ``X-CloudScheduler-JobName`` and ``X-CloudScheduler-ScheduleTime``, identical on each
   retry of one scheduled slot, so they make the key; a caller may send ``Idempotency-Key``.
+  A request with a key runs again unless the key's earlier run succeeded
+  (``RunOptions.rerun_unless_succeeded``), and the key is bound to the request's digest
+  (:meth:`sync.state.base.StateStore.record_trigger_request`): another body is a 422. Long or
+  unprintable keys are hashed whole (:func:`~sync.function.messages.bounded_id`).
 
 Retry policy: Pub/Sub redelivers an event when the function raises (with backoff, for up to
 the topic's retention). We raise only when a redelivery can help: a run the engine marked
@@ -73,7 +77,16 @@ from sync.function.handlers import (
     outcome_for,
 )
 from sync.function.handover import PUBLISH_TIMEOUT_SECONDS, handover_skip_reason, publish_continuation
-from sync.function.messages import PubSubEnvelope, SyncRequest, TriggerHeaders, decode_pubsub_data, http_trigger_id
+from sync.function.messages import (
+    MAX_MESSAGE_BYTES,
+    MessageTooLarge,
+    PubSubEnvelope,
+    SyncRequest,
+    TriggerHeaders,
+    decode_pubsub_data,
+    http_trigger_id,
+    parse_json,
+)
 from sync.function.settings import (
     DEFAULT_BUDGET_MARGIN_SECONDS,
     DEFAULT_EVENT_BUDGET_SECONDS,
@@ -94,10 +107,12 @@ __all__ = [
     "DEFAULT_LEASE_TTL_SECONDS",
     "DEFAULT_MAX_DELIVERY_ATTEMPTS",
     "FAILED_PERMANENTLY_EVENT",
+    "MAX_MESSAGE_BYTES",
     "PUBLISH_TIMEOUT_SECONDS",
     "BigQueryEmulatorEndpoints",
     "Headers",
     "InvocationOutcome",
+    "MessageTooLarge",
     "PubSubEnvelope",
     "RetryableRunError",
     "Settings",
@@ -112,6 +127,7 @@ __all__ = [
     "http_trigger_id",
     "open_segment_source",
     "outcome_for",
+    "parse_json",
     "publish_continuation",
     "trace_from_headers",
 ]

@@ -23,7 +23,14 @@ from sync.config import Activation, load_activations
 from sync.engine import Clock, Run, RunOptions, RunResult, new_run_id
 from sync.errors import ConfigError, RetryableRunError, SyncError
 from sync.function.handover import continuation_wanted, finish_hand_over_of_duplicate, hand_over
-from sync.function.messages import SyncRequest, TriggerHeaders, bounded_id, decode_pubsub_data
+from sync.function.messages import (
+    MessageTooLarge,
+    SyncRequest,
+    TriggerHeaders,
+    bounded_id,
+    decode_pubsub_data,
+    parse_json,
+)
 from sync.function.settings import Settings
 from sync.function.trace import Headers, TraceContext, trace_from_headers
 from sync.record import RETRY_HTTP_STATUS, RunStatus, http_status_of, is_retryable, status_of_error
@@ -73,9 +80,14 @@ def outcome_for(record: Mapping[str, Any]) -> InvocationOutcome:
     return InvocationOutcome(RETRY_HTTP_STATUS if retry else http_status_of(record.get("status")), body, retry)
 
 
-def _refusal(status: RunStatus, error: ConfigError) -> InvocationOutcome:
+def _refusal(status: RunStatus, error: ConfigError, *, http_status: int | None = None) -> InvocationOutcome:
     """The answer to a request refused before any run: never retried."""
-    return InvocationOutcome(status.http_status, {"status": status.value, "error": str(error)})
+    return InvocationOutcome(http_status or status.http_status, {"status": status.value, "error": str(error)})
+
+
+def _refusal_status(error: ConfigError) -> int | None:
+    """413 for a body over the size bound, else the status's own (400)."""
+    return HTTPStatus.REQUEST_ENTITY_TOO_LARGE if isinstance(error, MessageTooLarge) else None
 
 
 # --- the two triggers ---------------------------------------------------------------------------
@@ -100,8 +112,13 @@ def handle_pubsub(
         request = SyncRequest.parse(decode_pubsub_data(data))
     except ConfigError as error:
         # A malformed message can never succeed: acknowledge it, with a reason in the logs.
+        # Parsing comes before delivery counting (the activation is in the message), so a
+        # message that raised here would be redelivered for as long as Pub/Sub keeps it.
         log.error("malformed message acknowledged, not retried", error=str(error), message_id=trigger_id)
-        return _refusal(RunStatus.BAD_REQUEST, error)
+        return _refusal(RunStatus.BAD_REQUEST, error, http_status=_refusal_status(error))
+    except Exception as error:  # the same bytes fail the same way on every redelivery
+        log.exception("unreadable message acknowledged, not retried", message_id=trigger_id)
+        return _refusal(RunStatus.BAD_REQUEST, ConfigError(f"the message could not be read ({type(error).__name__})"))
     invocation = _Invocation(environ, "pubsub", trigger_id, started, count_deliveries=True)
     outcome = _invoke(request, invocation, http=False)
     if outcome.retry:
@@ -114,7 +131,12 @@ def handle_pubsub(
 def handle_http(
     method: str, body: Any, headers: Headers, *, environ: Mapping[str, str] | None = None
 ) -> InvocationOutcome:
-    """Run what an HTTP POST asks (same JSON as the Pub/Sub message); never raises for a run failure."""
+    """Run what an HTTP POST asks (same JSON as the Pub/Sub message); never raises for a run failure.
+
+    Args:
+        body: The raw body (``bytes``, at most :data:`MAX_MESSAGE_BYTES` + 1 of them is enough
+            to tell it is too large), parsed here; or an already decoded JSON value.
+    """
     started = time.monotonic()
     environ = os.environ if environ is None else environ
     trigger_id = TriggerHeaders.read(headers).trigger_id()
@@ -125,10 +147,14 @@ def handle_http(
             {"status": RunStatus.BAD_REQUEST.value, "error": 'use POST with {"activation": NAME}'},
         )
     try:
-        request = SyncRequest.parse(body)
+        data = parse_json(bytes(body), what="the request body") if isinstance(body, bytes | bytearray) else body
+        request = SyncRequest.parse(data)
     except ConfigError as error:
         log.error("malformed request refused", error=str(error))
-        return _refusal(RunStatus.BAD_REQUEST, error)
+        return _refusal(RunStatus.BAD_REQUEST, error, http_status=_refusal_status(error))
+    except Exception as error:  # a body nothing above foresaw: still the caller's to fix, never a 500 page
+        log.exception("unreadable request refused")
+        return _refusal(RunStatus.BAD_REQUEST, ConfigError(f"the request could not be read ({type(error).__name__})"))
     return _invoke(request, _Invocation(environ, "http", trigger_id, started), http=True)
 
 
@@ -212,6 +238,9 @@ def _outcome_of_error(error: Exception, request: SyncRequest, invocation: _Invoc
     acknowledged-only commits).
     """
     status = status_of_error(error)
+    if isinstance(error, IdempotencyKeyReused):
+        log.error("idempotency key reused with another request: refused", error=str(error))
+        return _refusal(RunStatus.BAD_REQUEST, error, http_status=HTTPStatus.UNPROCESSABLE_ENTITY)
     if isinstance(error, ConfigError):
         log.error("configuration error: acknowledged, not retried", error=str(error))
         return _refusal(status, error)
@@ -310,6 +339,7 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
     store = _open_store(invocation, settings)
     invocation.activation = activation.name
     invocation.continuation_of = request.continuation_of
+    _check_key_reuse(request, invocation, store)
     answer = _given_up_delivery(activation, invocation, store) or _stale_continuation(
         activation, request, invocation, store
     )
@@ -340,6 +370,27 @@ def _open_store(invocation: _Invocation, settings: Settings) -> StateStore:
     invocation.closers.append(store.close)
     invocation.store = store
     return store
+
+
+class IdempotencyKeyReused(ConfigError):
+    """An HTTP idempotency key sent again with another request (answered 422, never run)."""
+
+
+def _check_key_reuse(request: SyncRequest, invocation: _Invocation, store: StateStore) -> None:
+    """Bind an HTTP trigger's key to its request; a key that came with another request is refused.
+
+    Raises:
+        IdempotencyKeyReused: the key (``Idempotency-Key``, or Cloud Scheduler's job and slot)
+            was first used with a request whose digest differs.
+    """
+    if invocation.trigger != "http" or not invocation.trigger_id:
+        return
+    digest = request.digest()
+    if store.record_trigger_request(invocation.trigger_id, digest, datetime.now(UTC)) != digest:
+        raise IdempotencyKeyReused(
+            f"the idempotency key {invocation.trigger_id[:80]!r} was first sent with another request body: "
+            "a key names one request; send a new Idempotency-Key for a different one"
+        )
 
 
 def _given_up_delivery(activation: Activation, invocation: _Invocation, store: StateStore) -> dict[str, Any] | None:
@@ -394,6 +445,9 @@ def _execute(activation: Activation, request: SyncRequest, invocation: _Invocati
         budget_margin_seconds=settings.budget_margin_seconds,
         continuation_of=request.continuation_of,
         allow_guards=request.allow,
+        # An HTTP caller retries a request whose answer it did not get, or that failed: only
+        # a success is final (docs/function.md, "Idempotency").
+        rerun_unless_succeeded=invocation.trigger == "http",
     )
     return asyncio.run(Run(activation, source=source, store=store, client=client, options=options).execute())
 

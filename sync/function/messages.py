@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from typing import Any
@@ -32,6 +33,11 @@ from sync.plan import GUARD_NAMES, check_guard_names
 _RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 # Trigger ids end up in document ids and log labels: keep them short and printable.
 MAX_TRIGGER_ID = 200
+# The largest request body (HTTP) or Pub/Sub message data read: a request is a few hundred
+# bytes, and Pub/Sub (10 MB) and Cloud Functions (32 MB) would let far more through.
+MAX_MESSAGE_BYTES = 64 * 1024
+# The base64 text of MAX_MESSAGE_BYTES bytes.
+_MAX_MESSAGE_BASE64 = 4 * -(-MAX_MESSAGE_BYTES // 3)
 _KNOWN_GUARDS = ", ".join(GUARD_NAMES)
 # How pydantic reports a key the message must not have (models say the first, dataclasses the second).
 _UNKNOWN_KEY = frozenset({"extra_forbidden", "unexpected_keyword_argument"})
@@ -67,6 +73,15 @@ class SyncRequest:
             return _REQUESTS.validate_python(data)
         except ValidationError as error:
             raise _refusal(error) from None
+
+    def digest(self) -> str:
+        """SHA-256 of the request's canonical JSON: what an idempotency key is bound to.
+
+        Two bodies that ask the same thing (key order, spacing, ``"full": false`` left out)
+        have the same digest.
+        """
+        canonical = json.dumps(self.as_message(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def as_message(self) -> dict[str, Any]:
         """The JSON object a message carries for this request."""
@@ -140,14 +155,47 @@ class PubSubEnvelope(BaseModel):
         Raises:
             ConfigError: the data is not base64, not UTF-8 or not JSON (never retried).
         """
+        if len(self.message.data) > _MAX_MESSAGE_BASE64:
+            raise MessageTooLarge(
+                f"the Pub/Sub message data is larger than {MAX_MESSAGE_BYTES:,} bytes: a request is "
+                '{"activation": "NAME", "full": false}'
+            )
         try:
-            text = base64.b64decode(self.message.data, validate=True).decode("utf-8")
+            data = base64.b64decode(self.message.data, validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError("the Pub/Sub message data is not base64-encoded UTF-8") from None
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise ConfigError(f"the Pub/Sub message data is not JSON ({len(text)} characters)") from None
+        return parse_json(data, what="the Pub/Sub message data")
+
+
+class MessageTooLarge(ConfigError):
+    """A request body or message data over :data:`MAX_MESSAGE_BYTES` (HTTP 413, never retried)."""
+
+
+def parse_json(data: bytes, *, what: str) -> Any:
+    """A request's JSON from its bytes (HTTP body, Pub/Sub data), bounded in size and depth.
+
+    Raises:
+        MessageTooLarge: more than :data:`MAX_MESSAGE_BYTES` bytes.
+        ConfigError: empty, not UTF-8, not JSON, or nested too deeply for the parser (a
+            ``[`` repeated 100,000 times raises RecursionError inside ``json.loads``): every
+            one of them the same on any redelivery, so never retried.
+    """
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(
+            f'{what} is larger than {MAX_MESSAGE_BYTES:,} bytes: a request is {{"activation": "NAME", "full": false}}'
+        )
+    if not data.strip():
+        raise ConfigError(f'{what} is empty: send {{"activation": "NAME", "full": false}}')
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{what} is JSON nested too deeply ({len(data):,} bytes)") from None
+    except ValueError:
+        raise ConfigError(f"{what} is not JSON ({len(text):,} characters)") from None
 
 
 def decode_pubsub_data(envelope: Any) -> Any:
@@ -184,8 +232,8 @@ class TriggerHeaders(BaseModel):
         Cloud Scheduler sends the same job name and schedule time on every retry of one slot.
         """
         if self.scheduler_job and self.schedule_time:
-            return bounded_id(f"scheduler:{self.scheduler_job}@{self.schedule_time}")
-        return bounded_id(f"http:{self.idempotency_key}") if self.idempotency_key else None
+            return bounded_id(f"{self.scheduler_job}@{self.schedule_time}", prefix="scheduler:")
+        return bounded_id(self.idempotency_key, prefix="http:") if self.idempotency_key else None
 
 
 def http_trigger_id(headers: Headers) -> str | None:
@@ -193,7 +241,15 @@ def http_trigger_id(headers: Headers) -> str | None:
     return TriggerHeaders.read(headers).trigger_id()
 
 
-def bounded_id(value: str) -> str:
-    """A trigger id as stored: printable characters only, at most :data:`MAX_TRIGGER_ID` of them."""
-    printable = "".join(ch for ch in value if ch.isprintable())
-    return printable[:MAX_TRIGGER_ID]
+def bounded_id(value: str, *, prefix: str = "") -> str:
+    """A trigger id as stored: ``prefix + value`` when it is printable and fits :data:`MAX_TRIGGER_ID`.
+
+    Otherwise ``prefix + "sha256:" + the SHA-256 of value``: a long or unprintable key is
+    hashed whole, never cut, so two keys that differ only past the bound (or in a character
+    that cannot be shown) stay two triggers.
+    """
+    whole = prefix + value
+    # A key that itself starts with "sha256:" is hashed too, so that form only ever means a hash.
+    if len(whole) <= MAX_TRIGGER_ID and whole.isprintable() and not value.startswith("sha256:"):
+        return whole
+    return prefix + "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()

@@ -11,6 +11,8 @@ Guarantees a backend must keep (the conformance suite in tests/state/ proves the
   not yet compacted (a crash between commit and compaction loses nothing).
 * :meth:`StateStore.record_delivery_attempt` is an atomic increment: the Cloud Function
   bounds Pub/Sub redeliveries of one message with it (see sync/function/handlers.py).
+  :meth:`StateStore.record_trigger_request` keeps the first request an HTTP idempotency key
+  came with, atomically, so a key reused with another request is refused.
 """
 
 from __future__ import annotations
@@ -327,6 +329,17 @@ class StateStore(Protocol):
 
     def delivery_attempts(self, activation: str, trigger_id: str) -> int:
         """How many deliveries of the trigger were counted (0 if none)."""
+
+    def record_trigger_request(self, trigger_id: str, request_digest: str, now: datetime) -> str:
+        """Remember which request an idempotency key (an HTTP trigger id) came with.
+
+        The first call for ``trigger_id`` stores ``request_digest`` and returns it; every later
+        call returns the digest stored first, whatever it is given, so the caller can tell a
+        key reused with another request. Keyed by the trigger id alone, across activations
+        (the request names its activation). Atomic: of two concurrent first calls, one
+        digest is stored and both get it. Not fenced; kept like delivery counts, for
+        :data:`DELIVERY_RETENTION` after the key's last use.
+        """
 
     # -- admin ---------------------------------------------------------------------------
     def reset(self, activation: str, *, now: datetime | None = None) -> None:

@@ -16,6 +16,7 @@ Layout (schema version 4)::
     meta(activation PK, body JSON)
     runs(run_id PK, activation, started_at, trigger_id, record JSON)
     deliveries(activation, trigger_id, attempts, first_at_us, last_at_us)  -- PK (activation, trigger_id)
+    trigger_requests(trigger_id PK, request_digest, first_at_us, last_at_us)
     refusals(activation, custom_id, payload, field, reason, kind, runs)  -- PK (activation, custom_id)
 
 Fingerprints are packed, as in the Firestore store: a run loads a million of them as a
@@ -161,6 +162,16 @@ _SCHEMA: Final = (
         first_at_us INTEGER NOT NULL,
         last_at_us  INTEGER NOT NULL,
         PRIMARY KEY (activation, trigger_id)
+    ) WITHOUT ROWID
+    """,
+    # Added the same way: the request an HTTP idempotency key first came with
+    # (StateStore.record_trigger_request), kept as long as delivery counts.
+    """
+    CREATE TABLE IF NOT EXISTS trigger_requests (
+        trigger_id     TEXT    PRIMARY KEY,
+        request_digest TEXT    NOT NULL,
+        first_at_us    INTEGER NOT NULL,
+        last_at_us     INTEGER NOT NULL
     ) WITHOUT ROWID
     """,
     # Added the same way: payloads Batch refused (StateStore.record_refusals). kind and runs
@@ -1116,6 +1127,26 @@ class SQLiteStateStore:
             ).fetchone()
             self._stats["statements"] += 1
         return 0 if row is None else int(row[0])
+
+    def record_trigger_request(self, trigger_id: str, request_digest: str, now: datetime) -> str:
+        """Store ``request_digest`` for a new ``trigger_id``; return the digest stored for it.
+
+        One write transaction (an upsert that keeps the first digest), which also forgets keys
+        last used more than :data:`sync.state.base.DELIVERY_RETENTION` before ``now``.
+        """
+        now_us = _to_us(now, "now")
+        horizon_us = _to_us(now - DELIVERY_RETENTION, "now")
+        with self._write() as conn:
+            pruned = conn.execute("DELETE FROM trigger_requests WHERE last_at_us < ?", (horizon_us,)).rowcount
+            row = conn.execute(
+                "INSERT INTO trigger_requests (trigger_id, request_digest, first_at_us, last_at_us) "
+                "VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (trigger_id) DO UPDATE SET last_at_us = excluded.last_at_us "
+                "RETURNING request_digest",
+                (trigger_id, request_digest, now_us, now_us),
+            ).fetchone()
+            self._count(2, pruned + 1)
+        return str(row[0])
 
     # -- admin --------------------------------------------------------------------------------
 

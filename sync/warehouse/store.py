@@ -289,6 +289,9 @@ class WarehouseStateStore:
     def delivery_attempts(self, activation: str, trigger_id: str) -> int:
         return self.base.delivery_attempts(activation, trigger_id)
 
+    def record_trigger_request(self, trigger_id: str, request_digest: str, now: datetime) -> str:
+        return self.base.record_trigger_request(trigger_id, request_digest, now)
+
 
 def check_dataset(dataset: str | None) -> str:
     if dataset is None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
 
 import aiohttp
@@ -41,9 +42,10 @@ from sync.batch.ratelimit import (
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.dev.simulator import BatchSimulator
 from sync.encode import request_body
-from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
+from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
 from sync.fingerprint import canonical_payload
 from sync.redact import MASK
+from tests.support.silent_server import SilentServer
 
 RATE = 300.0 * RATE_HEADROOM  # the client paces /profiles/update a little under Batch's 300/s
 
@@ -1064,3 +1066,79 @@ def test_send_batches_leave_half_the_bucket_as_slack() -> None:
     # /mass-update: a 10,000 request would need the whole "no burst" bucket at once.
     assert Endpoint.MASS_UPDATE.send_batch == 5_000
     assert all(e.send_batch <= e.max_batch for e in Endpoint)
+
+
+# -- a host that connects and never answers (issue 19 item 18) ---------------------------------
+
+
+async def test_a_host_that_connects_and_never_answers_is_an_outage_within_seconds() -> None:
+    with SilentServer() as silent:
+        client = make_client(silent.base_url, request_timeout_seconds=1.0, max_attempts=6)
+        started = monotonic()
+        with structlog.testing.capture_logs() as logs, pytest.raises(BatchUnreachable) as raised:
+            await send(client, profiles(3))
+        elapsed = monotonic() - started
+    message = str(raised.value)
+    assert f"Batch at {silent.base_url} does not answer" in message
+    assert "accepted the connection, but 2 requests in a row got no HTTP answer within 1 s" in message
+    assert "destination.base_url" in message
+    # Two probes of 1 s each, not 6 attempts of the request with their backoff.
+    assert 1.5 < elapsed < 4, elapsed
+    # Only the probes left: no profile was sent, and no key (the probe carries none).
+    assert silent.received.count(b"GET / HTTP/1.1") == 2
+    assert b"POST" not in silent.received
+    assert not any(secret.encode() in silent.received for secret in SECRETS)
+    assert [entry["event"] for entry in logs] == ["batch_probe_silent", "batch_probe_silent"]
+
+
+async def test_check_credentials_does_not_wait_a_full_timeout_on_a_silent_host() -> None:
+    with SilentServer() as silent:
+        client = make_client(silent.base_url, request_timeout_seconds=60.0)
+        started = monotonic()
+        async with client:
+            with pytest.raises(BatchUnreachable, match="does not answer"):
+                await client.check_credentials()
+        assert monotonic() - started < 15  # two 5 s probes, not a 60 s request
+
+
+async def test_a_host_that_answers_the_probe_is_probed_once(batch: ScriptedBatch) -> None:
+    probes: list[str] = []
+
+    async def on_request_start(session: Any, context: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        probes.append(params.method)
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_start.append(on_request_start)
+    async with aiohttp.ClientSession(trace_configs=[tracing]) as session:
+        client = make_client(batch.base_url, session=session)
+        async with client:
+            await asyncio.gather(*(client.send(Endpoint.UPDATE, profiles(2, f"p{i}")) for i in range(4)))
+            await client.send(Endpoint.UPDATE, profiles(1))
+    # The scripted server routes POST only: the GET is answered 405, which is an answer.
+    assert probes == ["GET", "POST", "POST", "POST", "POST", "POST"]
+    assert len(batch.received) == 5
+
+
+async def test_requests_that_stop_being_answered_stop_the_run_after_three_in_a_row(batch: ScriptedBatch) -> None:
+    batch.script(Reply())  # the first request is answered
+    batch.default = Reply(delay=30.0)  # then the host hangs
+    client = make_client(batch.base_url, request_timeout_seconds=0.2, max_attempts=6)
+    async with client:
+        first = await client.send(Endpoint.UPDATE, profiles(1))
+        assert first.acknowledged == ["user-0"]
+        with pytest.raises(BatchUnreachable) as raised:
+            await client.send(Endpoint.UPDATE, profiles(2, "later"))
+    assert "does not answer: 3 requests in a row got no answer within 0.2 s" in str(raised.value)
+    assert len(batch.received) == 4
+
+
+async def test_timeouts_cut_by_the_deadline_are_not_an_outage(batch: ScriptedBatch) -> None:
+    batch.default = Reply(delay=30.0)
+    clock = FakeTime()
+    client = make_client(batch.base_url, time=clock, request_timeout_seconds=5.0, max_attempts=6)
+    async with client:
+        for _ in range(4):
+            # The fake clock does not move with real time: each request is cut at the 0.2 s
+            # left before the deadline, a timeout of our own making.
+            outcome = await client.send(Endpoint.UPDATE, profiles(1), deadline=clock.now + 0.2)
+            assert outcome.failed == ["user-0"]

@@ -723,6 +723,50 @@ class StateStoreContract:
         store.reset("act")
         assert store.record_delivery_attempt("act", "msg-1", at(1)) == 2
 
+    # -- the request of an idempotency key (issue 19 item 17) ------------------------------------
+
+    def test_a_trigger_keeps_the_request_it_first_came_with(self, store: StateStore) -> None:
+        assert store.record_trigger_request("http:key-1", "digest-a", T0) == "digest-a"
+        assert store.record_trigger_request("http:key-1", "digest-a", at(1)) == "digest-a"
+        assert store.record_trigger_request("http:key-1", "digest-b", at(2)) == "digest-a"  # reused: told
+        assert store.record_trigger_request("http:key-2", "digest-b", at(3)) == "digest-b"
+        # Delivery counts are another record: neither moves the other.
+        assert store.delivery_attempts("act", "http:key-1") == 0
+        assert store.record_delivery_attempt("act", "http:key-1", at(4)) == 1
+        assert store.record_trigger_request("http:key-1", "digest-c", at(5)) == "digest-a"
+
+    def test_a_trigger_request_takes_any_trigger_id(self, store: StateStore) -> None:
+        for trigger_id in ("scheduler:job/with/slashes@2026-01-01T00:00:00Z", "..", "__x__", "é" * 200):
+            assert store.record_trigger_request(trigger_id, "first", T0) == "first"
+            assert store.record_trigger_request(trigger_id, "second", at(1)) == "first"
+
+    def test_concurrent_first_requests_of_a_trigger_agree_on_one(self, store: StateStore) -> None:
+        workers = 4
+        barrier = threading.Barrier(workers)
+        answers: list[tuple[str, str]] = []
+        lock = threading.Lock()
+
+        def request(digest: str) -> None:
+            barrier.wait()
+            stored = store.record_trigger_request("http:race", digest, T0)
+            with lock:
+                answers.append((digest, stored))
+
+        threads = [threading.Thread(target=request, args=(f"digest-{n}",)) for n in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        stored = {answer for _, answer in answers}
+        assert len(answers) == workers
+        assert len(stored) == 1  # one digest won, and every caller was told which
+        assert [digest for digest, answer in answers if digest == answer] == list(stored)
+
+    def test_trigger_requests_survive_a_reset(self, store: StateStore) -> None:
+        store.record_trigger_request("http:key-1", "digest-a", T0)
+        store.reset("act")
+        assert store.record_trigger_request("http:key-1", "digest-b", at(1)) == "digest-a"
+
     # -- reset --------------------------------------------------------------------------------
 
     def test_reset_forgets_state_but_keeps_runs(self, store: StateStore) -> None:

@@ -97,6 +97,16 @@ def test_delivery_counts_older_than_the_retention_are_forgotten(db_path: Path) -
         assert store.delivery_attempts("act", "recent") == 1
 
 
+def test_trigger_requests_older_than_the_retention_are_forgotten(db_path: Path) -> None:
+    with SQLiteStateStore(db_path) as store:
+        assert store.record_trigger_request("http:old", "a", T0) == "a"
+        assert store.record_trigger_request("http:recent", "a", T0 + DELIVERY_RETENTION) == "a"
+        store.record_trigger_request("http:new", "a", T0 + DELIVERY_RETENTION + timedelta(seconds=1))
+        # Forgotten: the key is new again; kept: its first request still stands.
+        assert store.record_trigger_request("http:old", "b", T0 + DELIVERY_RETENTION + timedelta(seconds=2)) == "b"
+        assert store.record_trigger_request("http:recent", "b", T0 + DELIVERY_RETENTION + timedelta(seconds=2)) == "a"
+
+
 def test_reopening_keeps_one_schema_version_row(db_path: Path) -> None:
     for _ in range(3):
         SQLiteStateStore(db_path).close()

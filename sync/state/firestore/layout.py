@@ -23,6 +23,11 @@ Layout (``P`` is the collection prefix, ``cepsync`` by default)::
     P_deliveries/{sha256(activation NUL trigger_id)}
                                           activation, trigger_id, attempts, first_at,
                                           last_at, expire_at (a TTL policy deletes it)
+    P_deliveries/request-{sha256(trigger_id)}
+                                          trigger_id, request_digest, first_at, last_at,
+                                          expire_at: the request an HTTP idempotency key
+                                          first came with (in this collection for its TTL
+                                          policy; the prefix keeps the ids apart)
 
 A record goes to shard ``blake2b-64(custom_id) mod K`` (``K`` a power of two, so growing
 ``K`` splits every shard into whole shards of the next layout).
@@ -354,6 +359,10 @@ class Collections:
     def delivery(self, activation: str, trigger_id: str) -> DocumentReference:
         # A trigger id may hold '/' or be long: hash the pair into a valid document id.
         return self.deliveries.document(hashlib.sha256(f"{activation}\0{trigger_id}".encode()).hexdigest())
+
+    def trigger_request(self, trigger_id: str) -> DocumentReference:
+        # Delivery documents are named by 64 hex digits alone: the prefix cannot meet one.
+        return self.deliveries.document("request-" + hashlib.sha256(trigger_id.encode()).hexdigest())
 
     @staticmethod
     def shard(activation_ref: DocumentReference, ns: Namespace, gen: int, k: int) -> DocumentReference:

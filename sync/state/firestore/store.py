@@ -476,6 +476,33 @@ class FirestoreStateStore:
         doc = self._docs.get(self._collections.delivery(activation, trigger_id))
         return 0 if doc is None else int(doc["attempts"])
 
+    def record_trigger_request(self, trigger_id: str, request_digest: str, now: datetime) -> str:
+        """Store ``request_digest`` for a new ``trigger_id``; return the digest stored for it.
+
+        One transaction (read, then write the new key or the later use), so of two concurrent
+        first requests one digest wins. ``expire_at`` is the TTL field, as for delivery counts.
+        """
+        core.require_aware(now, "now")
+        ref = self._collections.trigger_request(trigger_id)
+
+        def body(txn: Transaction) -> str:
+            doc = self._docs.get(ref, txn)
+            stored = str(doc["request_digest"]) if doc is not None else request_digest
+            self._docs.set(
+                txn,
+                ref,
+                {
+                    "trigger_id": trigger_id,
+                    "request_digest": stored,
+                    "first_at": doc["first_at"] if doc is not None else now,
+                    "last_at": now,
+                    "expire_at": now + DELIVERY_RETENTION,
+                },
+            )
+            return stored
+
+        return self._docs.transact(body, what=f"recording the request of trigger {trigger_id!r}")
+
     # -- admin --------------------------------------------------------------------------------
 
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
