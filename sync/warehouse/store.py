@@ -10,7 +10,9 @@
 
   ``cepsync_fingerprints``  activation, custom_id, raw, payload, token, flush, pos, acknowledged_at
   ``cepsync_journal``       the same plus ``put`` (false = a mirror removal); append-only
-  ``cepsync_fence``         activation, token: the lease tokens that registered to merge
+  ``cepsync_fence``         activation, token: the tokens that registered to merge (a run's
+                            token is its lease token plus the activation's offset, a row
+                            keyed ``ACTIVATION#offset`` that :meth:`adopt_fence` writes)
 
 How a fingerprint moves:
 
