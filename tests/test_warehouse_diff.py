@@ -128,6 +128,7 @@ def held(simulator: BatchSimulator) -> dict[str, dict[str, Any]]:
     }
 
 
+@pytest.mark.emulator
 async def test_full_delta_mirror_crashes_and_convergence(
     sim: tuple[BatchSimulator, str],
     bq_client: bigquery.Client,
@@ -233,6 +234,7 @@ async def test_full_delta_mirror_crashes_and_convergence(
     proxy_client.close()  # type: ignore[no-untyped-call]
 
 
+@pytest.mark.emulator
 async def test_a_change_batch_applied_without_an_acknowledgement_is_sent_again_from_bigquery(
     sim: tuple[BatchSimulator, str],
     bq_client: bigquery.Client,
@@ -265,6 +267,7 @@ async def test_a_change_batch_applied_without_an_acknowledgement_is_sent_again_f
     assert rows_out(recovered) == 1  # only the unconfirmed row left the warehouse
 
 
+@pytest.mark.emulator
 async def test_a_stale_lease_can_neither_append_nor_merge(
     bq_client: bigquery.Client, bq_dataset: bigquery.Dataset, tmp_path: Path
 ) -> None:
@@ -302,6 +305,7 @@ async def test_a_stale_lease_can_neither_append_nor_merge(
         store.base.close()
 
 
+@pytest.mark.emulator
 async def test_switching_modes_carries_the_state_over_and_resends_nothing(
     sim: tuple[BatchSimulator, str],
     bq_emulator: BigQueryEmulator,
@@ -376,6 +380,7 @@ async def test_switching_modes_carries_the_state_over_and_resends_nothing(
     assert len(held(simulator)) == 12
 
 
+@pytest.mark.emulator
 async def test_every_statement_is_the_pinned_sql_with_parameters_and_a_bytes_cap(
     sim: tuple[BatchSimulator, str],
     bq_client: bigquery.Client,
