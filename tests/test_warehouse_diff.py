@@ -735,3 +735,39 @@ def test_outside_the_emulator_the_warehouse_reads_with_a_storage_client_on_the_s
         other.close()
     finally:
         store.close()
+
+
+@pytest.mark.emulator
+@pytest.mark.slow
+def test_a_hundred_thousand_row_segment_end_to_end(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Issue 19, item 15: the emulator stalled on the diff past ~5,000 rows (FARM_FINGERPRINT).
+    bq_client.query_and_wait(
+        f"CREATE TABLE `{bq_dataset.dataset_id}.people` AS SELECT FORMAT('c%06d', n) AS customer_id, "
+        "CONCAT('p', CAST(n AS STRING), '@example.com') AS email, 'Ann' AS first_name, n AS points "
+        "FROM UNNEST(GENERATE_ARRAY(0, 99999)) AS n"
+    )
+    path = yaml_file(tmp_path / "wh.yaml", activation_for(bq_dataset, threaded_sim.base_url))
+    env, state = emulator_env(bq_emulator, storage=True), f"sqlite:///{tmp_path / 'state.db'}"
+    code, output = cli(env, "run", str(path), "--state", state, "--json")
+    assert code == 0, output[-2000:]
+    record = json.loads(output)
+    assert record["counts"]["acknowledged"] == 100_000
+    assert rows_out(record) == 100_000
+    diff = next(job for job in record["warehouse"]["jobs"] if job["purpose"] == "diff")
+    assert diff["seconds"] < 60  # ~1 s here; the FARM_FINGERPRINT recipe did not finish 16,000 rows in 5 min
+
+    bq_client.query_and_wait(
+        f"UPDATE `{bq_dataset.dataset_id}.people` SET points = points + 1 WHERE MOD(points, 100) = 0"
+    )
+    code, output = cli(env, "run", str(path), "--state", state, "--json")
+    assert code == 0, output[-2000:]
+    record = json.loads(output)
+    assert record["counts"]["sent"] == 1_000
+    assert rows_out(record) == 1_000
+    assert len(table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)) == 100_000
