@@ -1,13 +1,15 @@
 """Warehouse diff against function diff, on the local BigQuery emulator, in one run.
 
-    .venv/bin/python bench/bench_warehouse.py                   # 5,000 profiles, 1 % changed
-    .venv/bin/python bench/bench_warehouse.py --rows 20000
+    .venv/bin/python bench/bench_warehouse.py                   # 100,000 profiles, 1 % changed
+    .venv/bin/python bench/bench_warehouse.py --rows 5000
 
 For each of a full load and a 1 %-changed delta, the same activation (mirror mode, a
 BigQuery table segment) runs once with ``diff: function`` and once with ``diff: warehouse``,
 each run in its own child process, against the same emulator and the same Batch simulator.
-Printed per run: rows that left the warehouse, profiles sent, wall time, peak RSS of the
-function's process, and the bytes the queries reported.
+Printed per run: rows that left the warehouse, profiles sent, the seconds of the diff
+statement (warehouse) or of reading the segment (function), wall time, peak RSS of the
+function's process, and the bytes the queries reported. Both modes read through the
+Storage Read API, as in production.
 
 The local emulator (DuckDB behind BigQuery's APIs) is far slower than BigQuery and reports
 0 bytes processed, so the figures compare the two modes' *shape* (what leaves the warehouse,
@@ -74,25 +76,20 @@ def activation(project: str, base_url: str, mode: str) -> dict[str, Any]:
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One engine run, the way the function runs it, measured from inside its own process."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import bigquery
+    """One engine run, the way the CLI runs it, measured from inside its own process.
 
+    The source and the warehouse state find the emulator through BIGQUERY_EMULATOR_HOST and
+    BIGQUERY_STORAGE_EMULATOR_HOST, so both modes read through the Storage Read API.
+    """
     from sync.config import parse_activation
     from sync.engine import Run, RunOptions
     from sync.logs import configure_logging
-    from sync.runtime import build_client
-    from sync.sources.bigquery import BigQuerySource
+    from sync.runtime import build_client, open_source_from_env
     from sync.state.sqlite import SQLiteStateStore
 
     configure_logging(level="warning")
     config = parse_activation(spec["activation"], source="bench")
-    client = bigquery.Client(
-        project=spec["project"],
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # google-auth is unannotated
-        client_options={"api_endpoint": spec["rest_url"]},
-    )
-    source = BigQuerySource(config.source, activation=NAME, client=client)  # type: ignore[arg-type]
+    source = open_source_from_env(config, os.environ)
     store = SQLiteStateStore(spec["state_path"])
     started = time.perf_counter()
     try:
@@ -102,7 +99,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         source.close()
         store.close()
-        client.close()
     wall = time.perf_counter() - started
     jobs = (record.get("warehouse") or {}).get("jobs", [])
     parts = ("moved rows", "new and bad rows", "full pass")
@@ -113,6 +109,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "sent": record.get("counts", {}).get("sent", 0),
         "rows_out": rows_out,
         "bytes_processed": sum(job.get("bytes_processed") or 0 for job in jobs) or stats.get("bytes_processed"),
+        # Seconds BigQuery spent on the diff statement (warehouse) or reading the segment (function).
+        "diff_seconds": sum(job.get("seconds") or 0 for job in jobs if job.get("purpose") == "diff")
+        if jobs
+        else stats.get("read_seconds"),
         "wall_seconds": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -132,7 +132,7 @@ def write_segment(client: Any, table: pa.Table) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rows", type=int, default=5_000)
+    parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--changed-percent", type=float, default=1.0)
     parser.add_argument("--_child", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -168,14 +168,22 @@ def main(argv: list[str]) -> int:
                 spec_path.write_text(json.dumps(spec), encoding="utf-8")
                 print(f"{step} · diff: {mode}", file=sys.stderr, flush=True)
                 # The warehouse state store finds the emulator the way the BigQuery source does.
-                child_env = {**env, "BIGQUERY_EMULATOR_HOST": emulator.rest_url}
+                child_env = {
+                    **env,
+                    "BIGQUERY_EMULATOR_HOST": emulator.rest_url,
+                    "BIGQUERY_STORAGE_EMULATOR_HOST": emulator.grpc_address,
+                    "GOOGLE_CLOUD_PROJECT": client.project,
+                }
                 subprocess.run(  # noqa: S603 - this script, fixed arguments
                     [sys.executable, __file__, "--_child", str(spec_path)], env=child_env, check=True
                 )
                 results.append((step, mode, json.loads(Path(spec["result_path"]).read_text(encoding="utf-8"))))
         client.close()
     print(f"\n{args.rows:,} profiles, {args.changed_percent:g} % changed, local BigQuery emulator")
-    header = f"{'run':<7}{'diff':<11}{'status':>27}{'rows out':>10}{'sent':>8}{'wall s':>9}{'RSS MB':>8}{'bytes':>9}"
+    header = (
+        f"{'run':<7}{'diff':<11}{'status':>27}{'rows out':>10}{'sent':>8}{'query/read s':>13}{'wall s':>9}"
+        f"{'RSS MB':>8}{'bytes':>9}"
+    )
     print(header)
     print("-" * len(header))
     for step, mode, result in results:
@@ -183,7 +191,8 @@ def main(argv: list[str]) -> int:
             print(f"{step} {mode}: {result['error']}", file=sys.stderr)
         print(
             f"{step:<7}{mode:<11}{result['status']:>27}{result['rows_out'] or 0:>10,}{result['sent']:>8,}"
-            f"{result['wall_seconds']:>9.1f}{result['peak_rss_mb']:>8.0f}{result['bytes_processed'] or 0:>9,}"
+            f"{result['diff_seconds'] or 0:>13.1f}{result['wall_seconds']:>9.1f}{result['peak_rss_mb']:>8.0f}"
+            f"{result['bytes_processed'] or 0:>9,}"
         )
     return 0
 

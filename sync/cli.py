@@ -895,6 +895,51 @@ def dbt_exposures(
     typer.echo(text, nl=False)
 
 
+@app.command("adopt-fence")
+def adopt_fence(
+    activation: ActivationArg,
+    state: StateOption = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Adopt even if the old state store's runs were active in the last 15 min.")
+    ] = False,
+) -> None:
+    """Let a new state store take over a warehouse-diff dataset whose fence holds another store's tokens.
+
+    For a new machine or another Firestore database against an existing diff.dataset: run it
+    once, after the runs of the old state store have stopped (docs/warehouse-diff.md).
+    """
+    from datetime import UTC, datetime
+
+    from sync.engine import default_owner
+    from sync.warehouse.hook import warehouse_store
+    from sync.warehouse.store import WarehouseStateStore
+
+    config = _load(activation)
+    try:
+        if config.diff.mode is not DiffMode.WAREHOUSE:
+            raise ConfigError("only an activation with diff.mode 'warehouse' has a fence to adopt", field="diff")
+        store = warehouse_store(config, _store(state))
+        assert isinstance(store, WarehouseStateStore)
+    except SyncError as error:
+        raise _fail(error) from None
+    try:
+        now = datetime.now(UTC)
+        lease = store.base.acquire_lease(config.name, default_owner(), 600.0, now)
+        try:
+            took = store.adopt_fence(lease, now, min_idle_seconds=0.0 if force else None)
+        finally:
+            store.base.release_lease(lease)
+    except SyncError as error:
+        raise _fail(error) from None
+    finally:
+        store.close()
+    where = f"{store.dataset.dataset_id}.cepsync_fence"
+    if took:
+        console.print(Text(f"'{config.name}': this state store now owns {where} (took over from token {took})"))
+    else:
+        console.print(Text(f"'{config.name}': this state store already owns {where}; nothing to adopt"))
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of activation files."""

@@ -292,7 +292,44 @@ class DiffMode(enum.StrEnum):
 
 
 # [project.]dataset: the BigQuery dataset that holds a warehouse-diff activation's fingerprints.
-STATE_DATASET = re.compile(r"^(?:[a-z][a-z0-9-]{4,28}[a-z0-9]\.)?[A-Za-z_][A-Za-z0-9_]{0,1023}$")
+# A project id is 6-30 lowercase letters, digits and hyphens, starting with a letter and not
+# ending with a hyphen; a dataset name is letters, digits and underscores, at most 1,024.
+STATE_DATASET = re.compile(r"^(?:[a-z][a-z0-9-]{4,28}[a-z0-9]\.)?[A-Za-z0-9_]{1,1024}$")
+_PROJECT_RULE = (
+    "a Google Cloud project id has 6 to 30 characters: lowercase letters, digits and hyphens, "
+    "starting with a letter and not ending with a hyphen"
+)
+_DATASET_RULE = "a BigQuery dataset name has 1 to 1,024 characters: letters, digits and underscores"
+
+
+def state_dataset_problem(value: str) -> str | None:
+    """Why ``value`` is not ``[project.]dataset``, in words (None when it is)."""
+    if STATE_DATASET.match(value):
+        return None
+    shown = repr(value[:80] + ("..." if len(value) > 80 else ""))
+    parts = value.split(".")
+    if len(parts) > 2:
+        return f"'dataset' {shown} has {len(parts) - 1} dots: give dataset or project.dataset (one dot at most)"
+    project, dataset = parts if len(parts) == 2 else (None, parts[0])
+    if project is not None and not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", project):
+        if not 6 <= len(project) <= 30:
+            detail = f"has {len(project)} characters"
+        elif not project[0].isalpha() or not project[0].islower():
+            detail = "does not start with a lowercase letter"
+        elif project.endswith("-"):
+            detail = "ends with a hyphen"
+        else:
+            detail = "has a character other than a lowercase letter, a digit or a hyphen"
+        return f"'dataset' {shown}: the project id {project[:40]!r} {detail}; {_PROJECT_RULE}"
+    if not dataset:
+        return f"'dataset' {shown} names no dataset; {_DATASET_RULE}"
+    if len(dataset) > 1024:
+        detail = f"has {len(dataset)} characters"
+    else:
+        detail = "has a character other than a letter, a digit or an underscore"
+    return f"'dataset' {shown}: the dataset name {detail}; {_DATASET_RULE}"
+
+
 # Warehouse diff: fewer, larger journal flushes. Each flush is one BigQuery load job, and
 # BigQuery allows 1,500 load jobs per table per day (sync/warehouse/store.py).
 WAREHOUSE_MIN_FLUSH_SECONDS = 30.0
@@ -319,8 +356,9 @@ class DiffConfig(_Strict):
         if self.mode is DiffMode.WAREHOUSE:
             if self.dataset is None:
                 raise ValueError("mode 'warehouse' needs 'dataset' ([project.]dataset for the fingerprint tables)")
-            if not STATE_DATASET.match(self.dataset):
-                raise ValueError(f"'dataset' must look like [project.]dataset: {self.dataset!r}")
+            problem = state_dataset_problem(self.dataset)
+            if problem is not None:
+                raise ValueError(problem)
         elif self.dataset is not None or self.maximum_bytes_billed is not None:
             raise ValueError("'dataset' and 'maximum_bytes_billed' only apply to mode 'warehouse'")
         return self

@@ -1664,3 +1664,215 @@ def test_issue19_7_the_simulator_strips_its_keys_as_runs_do(tmp_path: Path) -> N
     assert "BATCH_REST_API_KEY" in flat(output)
     assert "control character" in flat(output)
     assert "zq9" not in output
+
+
+# --- issue 19, items 9-15: warehouse mode ---
+# Each case: the command, its exit code and the words its message must contain. The
+# emulator cases run the real CLI against the local BigQuery emulator.
+
+NO_GOOGLE_CREDENTIALS: dict[str, str | None] = {
+    "GOOGLE_APPLICATION_CREDENTIALS": None,
+    "BIGQUERY_EMULATOR_HOST": None,
+    "BIGQUERY_STORAGE_EMULATOR_HOST": None,
+    "FIRESTORE_EMULATOR_HOST": None,
+    "NO_GCE_CHECK": "True",  # not on Google Cloud: do not probe the metadata server
+}
+
+
+def warehouse_config(base_url: str, *, project: str, dataset: str, table: str, **diff: Any) -> dict[str, Any]:
+    return activation_config(
+        base_url,
+        name="wh_inputs",
+        source={"type": "bigquery", "project": project, "table": table},
+        journal={"flush_every_profiles": 100_000, "flush_every_seconds": 30},
+        diff={"mode": "warehouse", "dataset": dataset, **diff},
+        attributes=[{"column": "points"}],
+    )
+
+
+def write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def bq_segment(client: Any, dataset: Any, rows: int) -> str:
+    client.query_and_wait(
+        f"CREATE OR REPLACE TABLE `{dataset.dataset_id}.seg` AS "
+        "SELECT FORMAT('c%08d', n) AS customer_id, CONCAT('p', CAST(n AS STRING), '@example.com') AS email, "
+        f"n AS points FROM UNNEST(GENERATE_ARRAY(1, {rows})) AS n"
+    )
+    return f"{dataset.dataset_id}.seg"
+
+
+def no_credentials(tmp_path: Path) -> dict[str, str | None]:
+    return {**NO_GOOGLE_CREDENTIALS, "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+
+
+# Item 13: a missing Google credential is a config error (exit 2) naming what to set, for
+# BigQuery (it exited 1) as for Firestore, from validate, switch-diff and run.
+@pytest.mark.parametrize("command", ["validate", "switch-diff", "run"])
+def test_bigquery_without_credentials_is_a_config_error(
+    tmp_path: Path, simulator: SimulatorThread, command: str
+) -> None:
+    path = write_yaml(
+        tmp_path / "wh.yaml",
+        warehouse_config(simulator.base_url, project="cepsync-prod", dataset="cepsync_state", table="crm.seg"),
+    )
+    extra = ["--to", "warehouse"] if command == "switch-diff" else []
+    state = [] if command == "validate" else ["--state", state_url(tmp_path)]
+    code, output = invoke(command, str(path), *extra, *state, env=no_credentials(tmp_path))
+    assert code == 2, output
+    assert "BigQuery needs Google Cloud credentials and none were found" in flat(output)
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in flat(output)
+    assert "Traceback" not in output
+
+
+def test_bigquery_with_a_credentials_file_that_is_not_there_names_it(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    path = write_yaml(
+        tmp_path / "wh.yaml",
+        warehouse_config(simulator.base_url, project="cepsync-prod", dataset="cepsync_state", table="crm.seg"),
+    )
+    env = {**no_credentials(tmp_path), "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "gone.json")}
+    code, output = invoke("validate", str(path), env=env)
+    assert code == 2, output
+    assert "gone.json" in flat(output)
+
+
+@pytest.mark.parametrize("command", ["switch-diff", "run"])
+def test_firestore_without_credentials_is_the_same_config_error(
+    tmp_path: Path, simulator: SimulatorThread, activation_file: Path, command: str
+) -> None:
+    # validate never opens the state store, so Firestore has no credential to miss there.
+    if command == "switch-diff":
+        target = write_yaml(
+            tmp_path / "wh.yaml",
+            warehouse_config(simulator.base_url, project="cepsync-prod", dataset="cepsync_state", table="crm.seg"),
+        )
+        extra = ["--to", "warehouse"]
+    else:
+        target, extra = activation_file, []
+    code, output = invoke(
+        command, str(target), *extra, "--state", "firestore://cepsync-prod", env=no_credentials(tmp_path)
+    )
+    assert code == 2, output
+    assert "Firestore state needs Google Cloud credentials" in flat(output)
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in flat(output)
+
+
+# Item 14: the dataset rule in words.
+@pytest.mark.parametrize(
+    ("dataset", "words"),
+    [
+        ("proj.cepsync_state", "the project id 'proj' has 4 characters; a Google Cloud project id has 6 to 30"),
+        ("My-Project.state", "the project id 'My-Project' does not start with a lowercase letter"),
+        ("my-project.state-1", "the dataset name has a character other than a letter, a digit or an underscore"),
+        ("a.b.c", "'dataset' 'a.b.c' has 2 dots: give dataset or project.dataset"),
+    ],
+)
+def test_a_bad_state_dataset_says_the_rule(
+    tmp_path: Path, simulator: SimulatorThread, dataset: str, words: str
+) -> None:
+    path = write_yaml(
+        tmp_path / "wh.yaml",
+        warehouse_config(simulator.base_url, project="cepsync-prod", dataset=dataset, table="crm.seg"),
+    )
+    code, output = invoke("validate", str(path))
+    assert code == 2, output
+    assert words in flat(output)
+    assert "[a-z]" not in output  # not the pattern
+
+
+# Item 9: a mode switch without `cepsync switch-diff` is refused, naming the command (it
+# re-sent the whole segment).
+@pytest.mark.emulator
+def test_a_switch_to_the_warehouse_diff_without_switch_diff_is_refused(
+    tmp_path: Path, simulator: SimulatorThread, bq_emulator: Any, bq_client: Any, bq_dataset: Any
+) -> None:
+    table = bq_segment(bq_client, bq_dataset, 20)
+    config = warehouse_config(
+        simulator.base_url, project=bq_emulator.project, dataset=bq_dataset.dataset_id, table=table
+    )
+    warehouse = write_yaml(tmp_path / "wh.yaml", config)
+    function = write_yaml(tmp_path / "fn.yaml", {**config, "diff": {"mode": "function"}})
+    env: dict[str, str | None] = {"BIGQUERY_EMULATOR_HOST": bq_emulator.rest_url}
+    code, output = invoke("run", str(function), "--state", state_url(tmp_path), env=env)
+    assert code == 0, output
+    code, output = invoke("run", str(warehouse), "--state", state_url(tmp_path), env=env)
+    assert code == 2, output
+    assert f"cepsync switch-diff {warehouse} --to warehouse --state STATE" in flat(output)
+    assert "a run now would send the whole segment again" in flat(output)
+    assert simulator.simulator.stats()["profiles_received"] == 20
+
+
+# Item 10: the state dataset does not exist.
+@pytest.mark.emulator
+@pytest.mark.parametrize("command", ["run", "plan", "switch-diff"])
+def test_a_missing_state_dataset_names_it_and_the_terraform(
+    tmp_path: Path, simulator: SimulatorThread, bq_emulator: Any, bq_client: Any, bq_dataset: Any, command: str
+) -> None:
+    table = bq_segment(bq_client, bq_dataset, 3)
+    path = write_yaml(
+        tmp_path / "wh.yaml",
+        warehouse_config(simulator.base_url, project=bq_emulator.project, dataset="not_made_yet", table=table),
+    )
+    extra = ["--to", "warehouse"] if command == "switch-diff" else []
+    env: dict[str, str | None] = {"BIGQUERY_EMULATOR_HOST": bq_emulator.rest_url}
+    code, output = invoke(command, str(path), *extra, "--state", state_url(tmp_path), env=env)
+    assert code == 2, output
+    assert f"{bq_emulator.project}.not_made_yet that holds the fingerprints does not exist" in flat(output)
+    assert "infra/warehouse.tf" in flat(output)
+    assert "NotFound" not in output
+
+
+# Item 11: a fresh state store against a dataset another store used can adopt its fence.
+@pytest.mark.emulator
+def test_a_fresh_state_store_adopts_the_fence(
+    tmp_path: Path, simulator: SimulatorThread, bq_emulator: Any, bq_client: Any, bq_dataset: Any
+) -> None:
+    table = bq_segment(bq_client, bq_dataset, 10)
+    path = write_yaml(
+        tmp_path / "wh.yaml",
+        warehouse_config(simulator.base_url, project=bq_emulator.project, dataset=bq_dataset.dataset_id, table=table),
+    )
+    env: dict[str, str | None] = {"BIGQUERY_EMULATOR_HOST": bq_emulator.rest_url}
+    old, new = state_url(tmp_path / "old"), state_url(tmp_path / "new")
+    for _ in range(5):  # the old store's lease tokens reach 5; the new one's start at 1
+        assert invoke("run", str(path), "--state", old, env=env)[0] == 0
+    code, output = invoke("run", str(path), "--state", new, env=env)
+    assert code != 0
+    assert "cepsync adopt-fence" in flat(output)
+    code, output = invoke("adopt-fence", str(path), "--state", new, env=env)
+    assert code == 2, output
+    assert "a run may still be going" in flat(output)
+    code, output = invoke("adopt-fence", str(path), "--state", new, "--force", env=env)
+    assert code == 0, output
+    assert "this state store now owns" in flat(output)
+    code, record = _json_stdout("run", str(path), "--state", new, "--json", env=env)
+    assert code == 0, record
+    assert record["counts"]["sent"] == 0  # the fingerprints were kept: nothing is re-sent
+
+
+# Item 15: the warehouse diff's statements stay linear on the emulator (10,000 rows did not
+# finish in 4 minutes; the diff statement now takes about a second).
+@pytest.mark.emulator
+def test_a_ten_thousand_row_warehouse_plan_finishes(
+    tmp_path: Path, simulator: SimulatorThread, bq_emulator: Any, bq_client: Any, bq_dataset: Any
+) -> None:
+    import time
+
+    table = bq_segment(bq_client, bq_dataset, 10_000)
+    path = write_yaml(
+        tmp_path / "wh.yaml",
+        warehouse_config(simulator.base_url, project=bq_emulator.project, dataset=bq_dataset.dataset_id, table=table),
+    )
+    env: dict[str, str | None] = {
+        "BIGQUERY_EMULATOR_HOST": bq_emulator.rest_url,
+        "BIGQUERY_STORAGE_EMULATOR_HOST": bq_emulator.grpc_address,
+    }
+    started = time.monotonic()
+    code, record = _json_stdout("plan", str(path), "--state", state_url(tmp_path), "--json", env=env)
+    assert code == 0, record
+    assert record["counts"]["new"] == 10_000
+    assert time.monotonic() - started < 90

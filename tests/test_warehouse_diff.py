@@ -14,8 +14,9 @@ checked for presence and job ids here, and their values only on real BigQuery.
 from __future__ import annotations
 
 import io
+import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from typer.testing import CliRunner
 
 from sync.cli import app
 from sync.config import Activation, parse_activation
-from sync.dev.simulator import BatchSimulator
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.engine import Run, RunOptions
 from sync.errors import LeaseLost
 from sync.sources.bigquery import BigQuerySource
@@ -37,7 +38,7 @@ from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse
 from sync.warehouse.store import WarehouseStateStore
 from tests.support.bigquery_emulator import BigQueryEmulator, RecordingProxy
-from tests.support.engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people, person
+from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, SCHEMA, make_client, people, person
 
 NAME = "wh_people"
 
@@ -127,6 +128,7 @@ def held(simulator: BatchSimulator) -> dict[str, dict[str, Any]]:
     }
 
 
+@pytest.mark.emulator
 async def test_full_delta_mirror_crashes_and_convergence(
     sim: tuple[BatchSimulator, str],
     bq_client: bigquery.Client,
@@ -232,6 +234,7 @@ async def test_full_delta_mirror_crashes_and_convergence(
     proxy_client.close()  # type: ignore[no-untyped-call]
 
 
+@pytest.mark.emulator
 async def test_a_change_batch_applied_without_an_acknowledgement_is_sent_again_from_bigquery(
     sim: tuple[BatchSimulator, str],
     bq_client: bigquery.Client,
@@ -264,6 +267,7 @@ async def test_a_change_batch_applied_without_an_acknowledgement_is_sent_again_f
     assert rows_out(recovered) == 1  # only the unconfirmed row left the warehouse
 
 
+@pytest.mark.emulator
 async def test_a_stale_lease_can_neither_append_nor_merge(
     bq_client: bigquery.Client, bq_dataset: bigquery.Dataset, tmp_path: Path
 ) -> None:
@@ -301,6 +305,7 @@ async def test_a_stale_lease_can_neither_append_nor_merge(
         store.base.close()
 
 
+@pytest.mark.emulator
 async def test_switching_modes_carries_the_state_over_and_resends_nothing(
     sim: tuple[BatchSimulator, str],
     bq_emulator: BigQueryEmulator,
@@ -375,6 +380,7 @@ async def test_switching_modes_carries_the_state_over_and_resends_nothing(
     assert len(held(simulator)) == 12
 
 
+@pytest.mark.emulator
 async def test_every_statement_is_the_pinned_sql_with_parameters_and_a_bytes_cap(
     sim: tuple[BatchSimulator, str],
     bq_client: bigquery.Client,
@@ -422,7 +428,16 @@ async def test_every_statement_is_the_pinned_sql_with_parameters_and_a_bytes_cap
     ("change", "message"),
     [
         ({"diff": {"mode": "warehouse"}}, "needs 'dataset'"),
-        ({"diff": {"mode": "warehouse", "dataset": "bad.name.x"}}, "[project.]dataset"),
+        ({"diff": {"mode": "warehouse", "dataset": "bad.name.x"}}, "has 2 dots: give dataset or project.dataset"),
+        # Issue 19, item 14: the rule in words, not the pattern.
+        (
+            {"diff": {"mode": "warehouse", "dataset": "proj.cepsync_state"}},
+            "the project id 'proj' has 4 characters; a Google Cloud project id has 6 to 30 characters",
+        ),
+        (
+            {"diff": {"mode": "warehouse", "dataset": "my-project.state-1"}},
+            "the dataset name has a character other than a letter, a digit or an underscore",
+        ),
         ({"diff": {"mode": "function", "dataset": "state"}}, "only apply to mode 'warehouse'"),
         ({"journal": {"flush_every_profiles": 2_000, "flush_every_seconds": 30}}, "load job"),
         ({"source": {"type": "duckdb", "database": "x.duckdb", "table": "people"}}, "needs a BigQuery source"),
@@ -434,3 +449,325 @@ def test_the_warehouse_option_is_validated(change: dict[str, Any], message: str)
     base = activation_for(bigquery.Dataset("cepsync-test.state"), "http://127.0.0.1:1").model_dump(mode="json")
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_activation({**base, **change}, source="test")
+
+
+# --- issue 19: the traps of the warehouse mode -------------------------------------------------
+
+
+@pytest.fixture
+def threaded_sim() -> Iterator[SimulatorThread]:
+    """The simulator on its own thread, for the CLI (which runs its own event loop)."""
+    with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)) as running:
+        yield running
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    outcome = CliRunner().invoke(app, list(args), env={**ENV, "COLUMNS": "300", **env})
+    assert outcome.exception is None or isinstance(outcome.exception, SystemExit), outcome.output
+    return outcome.exit_code, " ".join(outcome.output.split())
+
+
+def emulator_env(emulator: BigQueryEmulator, *, storage: bool = False) -> dict[str, str]:
+    env = {"BIGQUERY_EMULATOR_HOST": emulator.rest_url, "GOOGLE_CLOUD_PROJECT": emulator.project}
+    if storage:
+        env["BIGQUERY_STORAGE_EMULATOR_HOST"] = emulator.grpc_address
+    return env
+
+
+def yaml_file(path: Path, activation: Activation) -> Path:
+    path.write_text(yaml.safe_dump(activation.model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
+def function_twin(activation: Activation) -> Activation:
+    return parse_activation(activation.model_dump(mode="json", exclude={"diff"}), source="test")
+
+
+@pytest.mark.emulator
+def test_switching_to_the_warehouse_diff_without_switch_diff_is_refused(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Item 9, one way: the fingerprints are in SQLite (diff: function), the YAML now says
+    # diff: warehouse. Before, the run sent all 12 profiles again.
+    warehouse = activation_for(bq_dataset, threaded_sim.base_url)
+    function_file = yaml_file(tmp_path / "fn.yaml", function_twin(warehouse))
+    warehouse_file = yaml_file(tmp_path / "wh.yaml", warehouse)
+    write_segment(bq_client, bq_dataset, people(12))
+    env, state = emulator_env(bq_emulator), f"sqlite:///{tmp_path / 'state.db'}"
+    code, output = cli(env, "run", str(function_file), "--state", state)
+    assert code == 0, output
+    sent = threaded_sim.simulator.stats()["profiles_received"]
+
+    for command in ("run", "plan"):
+        code, output = cli(env, command, str(warehouse_file), "--state", state)
+        assert code == 2, output
+        assert "the 12 acknowledged fingerprints of this activation are in the function diff's state" in output
+        assert f"cepsync switch-diff {warehouse_file} --to warehouse --state STATE" in output
+        assert "Traceback" not in output
+    assert threaded_sim.simulator.stats()["profiles_received"] == sent  # nothing was sent
+    assert table_rows(bq_client, bq_dataset, sql.FINGERPRINTS) == {}
+
+    # The command it names works, and then the run sends nothing.
+    code, output = cli(env, "switch-diff", str(warehouse_file), "--to", "warehouse", "--state", state)
+    assert code == 0, output
+    code, output = cli(env, "run", str(warehouse_file), "--state", state, "--json")
+    assert code == 0, output
+    assert json.loads(output)["counts"]["sent"] == 0
+
+
+@pytest.mark.emulator
+def test_switching_back_to_the_function_diff_without_switch_diff_is_refused(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Item 9, the other way: the fingerprints are in BigQuery, the YAML says diff: function again.
+    warehouse = activation_for(bq_dataset, threaded_sim.base_url)
+    function_file = yaml_file(tmp_path / "fn.yaml", function_twin(warehouse))
+    warehouse_file = yaml_file(tmp_path / "wh.yaml", warehouse)
+    write_segment(bq_client, bq_dataset, people(12))
+    env, state = emulator_env(bq_emulator), f"sqlite:///{tmp_path / 'state.db'}"
+    code, output = cli(env, "run", str(warehouse_file), "--state", state)
+    assert code == 0, output
+    sent = threaded_sim.simulator.stats()["profiles_received"]
+
+    for command in ("run", "plan"):
+        code, output = cli(env, command, str(function_file), "--state", state)
+        assert code == 2, output
+        assert f"are in BigQuery dataset {bq_dataset.project}.{bq_dataset.dataset_id}" in output
+        assert f"cepsync switch-diff {function_file} --to function --state STATE" in output
+    assert threaded_sim.simulator.stats()["profiles_received"] == sent
+
+    code, output = cli(env, "switch-diff", str(warehouse_file), "--to", "function", "--state", state)
+    assert code == 0, output
+    code, output = cli(env, "run", str(function_file), "--state", state, "--json")
+    assert code == 0, output
+    assert json.loads(output)["counts"]["sent"] == 0
+    # A function-diff run is now the latest: the next runs do not ask BigQuery again.
+    code, output = cli(env, "run", str(function_file), "--state", state, "--json")
+    assert code == 0, output
+
+
+@pytest.mark.emulator
+def test_a_missing_state_dataset_is_a_config_error_naming_it_and_the_terraform(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Item 10: before, `NotFound: 404` tracebacks from run, plan and switch-diff.
+    activation = activation_for(bq_dataset, threaded_sim.base_url)
+    config = activation.model_dump(mode="json")
+    config["diff"]["dataset"] = "no_such_state"
+    path = tmp_path / "wh.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    write_segment(bq_client, bq_dataset, people(3))
+    env, state = emulator_env(bq_emulator), f"sqlite:///{tmp_path / 'state.db'}"
+    for args in (("run",), ("plan",), ("switch-diff", "--to", "warehouse")):
+        code, output = cli(env, args[0], str(path), *args[1:], "--state", state)
+        assert code == 2, (args, output)
+        assert (
+            f"the BigQuery dataset {bq_dataset.project}.no_such_state that holds the fingerprints does not exist"
+            in output
+        )
+        assert "infra/warehouse.tf" in output
+        assert "Traceback" not in output
+        assert "NotFound" not in output
+    assert threaded_sim.simulator.stats()["profiles_received"] == 0
+
+
+@pytest.mark.emulator
+def test_a_new_state_store_adopts_the_fence_and_an_old_run_can_no_longer_merge(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Item 11: a new laptop (a fresh SQLite) against a dataset an older store has used.
+    from datetime import UTC, datetime
+
+    from sync.model import Fingerprint, JournalEntry
+
+    activation = activation_for(bq_dataset, threaded_sim.base_url)
+    path = yaml_file(tmp_path / "wh.yaml", activation)
+    write_segment(bq_client, bq_dataset, people(8))
+    env = emulator_env(bq_emulator)
+    old_state, new_state = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}"
+    for _ in range(3):  # the old store's tokens reach 3
+        code, output = cli(env, "run", str(path), "--state", old_state)
+        assert code == 0, output
+    # A run of the old store that is still going: it registered and appended one profile.
+    old = open_store(bq_client, bq_dataset, tmp_path / "old.db")
+    now = datetime.now(UTC)
+    still_running = old.acquire_lease(NAME, "old-function", 600, now)
+    old.register(still_running)
+    old.commit(still_running, [JournalEntry("c00001", Fingerprint(11, 11))], now)
+
+    # The new store is stuck, and the error says what to do.
+    code, output = cli(env, "run", str(path), "--state", new_state)
+    assert code != 0
+    assert "cepsync adopt-fence" in output
+    # Refused while the old store's runs were active minutes ago...
+    code, output = cli(env, "adopt-fence", str(path), "--state", new_state)
+    assert code == 2, output
+    assert "a run may still be going" in output
+    # ...and done with --force.
+    code, output = cli(env, "adopt-fence", str(path), "--state", new_state, "--force")
+    assert code == 0, output
+    assert f"took over from token {still_running.token}" in output
+
+    # The old run goes on: its merge is fenced out and it stops; what it acknowledged stays
+    # in the journal, under its older token.
+    old.commit(still_running, [JournalEntry("c00002", Fingerprint(22, 22))], now)
+    with pytest.raises(LeaseLost):
+        old.compact(still_running, now)
+    assert set(table_rows(bq_client, bq_dataset, sql.JOURNAL)) == {"c00001", "c00002"}
+    old.base.close()
+
+    # The new store runs: its first merge folds the old run's acknowledgements (nothing is
+    # lost); their rows differ from the segment, so those two are sent, nothing else.
+    code, output = cli(env, "run", str(path), "--state", new_state, "--json")
+    assert code == 0, output
+    record = json.loads(output)
+    assert record["counts"]["sent"] == 2, json.dumps(record["counts"])
+    assert table_rows(bq_client, bq_dataset, sql.JOURNAL) == {}
+    stored = table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)
+    assert len(stored) == 8
+    assert stored["c00001"] != (11, 11)
+    assert stored["c00002"] != (22, 22)
+    code, output = cli(env, "run", str(path), "--state", new_state, "--json")
+    assert code == 0, output
+    assert json.loads(output)["counts"]["sent"] == 0
+    # Adopting again finds nothing to adopt.
+    code, output = cli(env, "adopt-fence", str(path), "--state", new_state)
+    assert code == 0, output
+    assert "nothing to adopt" in output
+
+
+@pytest.mark.emulator
+def test_the_rows_that_leave_the_warehouse_go_through_the_storage_read_api(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Item 12: the diff's rows (and a full pass) are read with a Storage Read client; the id
+    # scan's few rows page over REST.
+    activation = activation_for(bq_dataset, threaded_sim.base_url)
+    path = yaml_file(tmp_path / "wh.yaml", activation)
+    write_segment(bq_client, bq_dataset, people(25))
+    env, state = emulator_env(bq_emulator, storage=True), f"sqlite:///{tmp_path / 'state.db'}"
+    code, output = cli(env, "run", str(path), "--state", state, "--json")
+    assert code == 0, output
+    jobs = {job["purpose"]: job for job in json.loads(output)["warehouse"]["jobs"]}
+    assert jobs["new and bad rows"]["read_path"] == "storage_api"
+    assert jobs["new and bad rows"]["rows_out"] == 25
+    assert jobs["id scan"]["read_path"] == "rest_paging"
+    assert len(threaded_sim.simulator.profiles(PROJECT_KEY)) == 25
+    code, output = cli(env, "run", str(path), "--state", state, "--json", "--full")
+    assert code == 0, output
+    jobs = {job["purpose"]: job for job in json.loads(output)["warehouse"]["jobs"]}
+    assert jobs["full pass"]["read_path"] == "storage_api"
+    assert jobs["full pass"]["rows_out"] == 25
+
+
+def fake_service_account(path: Path) -> Path:
+    """A syntactically valid service-account key (a fresh RSA key): enough to build clients offline."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "cepsync-prod",
+                "private_key_id": "0",
+                "private_key": pem,
+                "client_email": "sync@cepsync-prod.iam.gserviceaccount.com",
+                "client_id": "0",
+                "token_uri": "https://oauth2.googleapis.com/token",
+            }
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_outside_the_emulator_the_warehouse_reads_with_a_storage_client_on_the_same_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Item 12, production: before, the read client was built only with the emulator variables.
+    from google.cloud.bigquery_storage import BigQueryReadClient
+
+    from sync.warehouse.hook import warehouse_store
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(fake_service_account(tmp_path / "key.json")))
+    activation = activation_for(bigquery.Dataset("cepsync-prod.state"), "http://127.0.0.1:1")
+    base = SQLiteStateStore(tmp_path / "state.db")
+    store = warehouse_store(activation, base, environ={})
+    try:
+        assert isinstance(store, WarehouseStateStore)
+        read_client = store.warehouse.read_client
+        assert isinstance(read_client, BigQueryReadClient)
+        # The client's own service account (google-cloud-bigquery builds its read client the same way).
+        assert read_client._transport._credentials.service_account_email == (
+            "sync@cepsync-prod.iam.gserviceaccount.com"
+        )
+        assert store.dataset.project == "cepsync-prod"
+        # use_storage_api: false keeps REST paging.
+        rest = activation.model_copy(update={"source": activation.source.model_copy(update={"use_storage_api": False})})
+        other = warehouse_store(rest, SQLiteStateStore(tmp_path / "other.db"), environ={})
+        assert isinstance(other, WarehouseStateStore)
+        assert other.warehouse.read_client is None
+        other.close()
+    finally:
+        store.close()
+
+
+@pytest.mark.emulator
+@pytest.mark.slow
+def test_a_hundred_thousand_row_segment_end_to_end(
+    threaded_sim: SimulatorThread,
+    bq_emulator: BigQueryEmulator,
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    tmp_path: Path,
+) -> None:
+    # Issue 19, item 15: the emulator stalled on the diff past ~5,000 rows (FARM_FINGERPRINT).
+    bq_client.query_and_wait(
+        f"CREATE TABLE `{bq_dataset.dataset_id}.people` AS SELECT FORMAT('c%06d', n) AS customer_id, "
+        "CONCAT('p', CAST(n AS STRING), '@example.com') AS email, 'Ann' AS first_name, n AS points "
+        "FROM UNNEST(GENERATE_ARRAY(0, 99999)) AS n"
+    )
+    path = yaml_file(tmp_path / "wh.yaml", activation_for(bq_dataset, threaded_sim.base_url))
+    env, state = emulator_env(bq_emulator, storage=True), f"sqlite:///{tmp_path / 'state.db'}"
+    code, output = cli(env, "run", str(path), "--state", state, "--json")
+    assert code == 0, output[-2000:]
+    record = json.loads(output)
+    assert record["counts"]["acknowledged"] == 100_000
+    assert rows_out(record) == 100_000
+    diff = next(job for job in record["warehouse"]["jobs"] if job["purpose"] == "diff")
+    assert diff["seconds"] < 60  # ~1 s here; the FARM_FINGERPRINT recipe did not finish 16,000 rows in 5 min
+
+    bq_client.query_and_wait(
+        f"UPDATE `{bq_dataset.dataset_id}.people` SET points = points + 1 WHERE MOD(points, 100) = 0"
+    )
+    code, output = cli(env, "run", str(path), "--state", state, "--json")
+    assert code == 0, output[-2000:]
+    record = json.loads(output)
+    assert record["counts"]["sent"] == 1_000
+    assert rows_out(record) == 1_000
+    assert len(table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)) == 100_000

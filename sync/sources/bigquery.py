@@ -123,7 +123,7 @@ class BigQueryNotFound(BigQuerySourceError):
 
 
 class BigQueryPermissionDenied(BigQuerySourceError):
-    """Missing credentials, or the identity lacks a BigQuery permission."""
+    """The credentials were refused (expired, revoked), or the identity lacks a BigQuery permission."""
 
 
 class BigQueryResultTooLarge(BigQuerySourceError):
@@ -234,13 +234,54 @@ def query_parameters(parameters: Mapping[str, object], *, activation: str) -> li
     return result
 
 
-def _default_read_client() -> BigQueryReadClient | None:
+# What a missing Google credential is: a config error (exit 2) naming what to set, the same
+# rule as Firestore's (sync/runtime.py).
+MISSING_CREDENTIALS = (
+    "BigQuery needs Google Cloud credentials and none were found: run `gcloud auth application-default "
+    "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key file (on Google Cloud, attach a "
+    "service account; for a local emulator, set BIGQUERY_EMULATOR_HOST)"
+)
+
+
+def default_client(
+    *, project: str | None, location: str | None, activation: str, field: str = "source"
+) -> bigquery.Client:
+    """A BigQuery client with Application Default Credentials, or a :class:`ConfigError` naming what to set.
+
+    No credentials (none found, or GOOGLE_APPLICATION_CREDENTIALS naming a missing or invalid
+    file) and no project to bill are the user's to fix, so both are config errors (exit 2).
+    """
+    try:
+        return bigquery.Client(project=project, location=location)
+    except auth_exceptions.DefaultCredentialsError as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            MISSING_CREDENTIALS + (f" ({redact(detail)[:300]})" if detail else ""),
+            source=f"activation '{activation}'",
+            field=field,
+        ) from None
+    except OSError:  # google-cloud-core: "Project was not passed and could not be determined"
+        raise ConfigError(
+            "BigQuery has no project to run jobs in: name it (source.project) or set GOOGLE_CLOUD_PROJECT",
+            source=f"activation '{activation}'",
+            field="source.project",
+        ) from None
+
+
+def default_read_client(client: bigquery.Client) -> BigQueryReadClient | None:
+    """A Storage Read API client with ``client``'s own credentials (ADC), or None without the package.
+
+    google-cloud-bigquery-storage is pinned in requirements.lock, so in production every bulk
+    read goes through it; without it, reads page over REST.
+    """
     try:
         from google.cloud.bigquery_storage import BigQueryReadClient
     except ImportError:
-        # google-cloud-bigquery-storage is optional: without it we page over REST.
         return None
-    return BigQueryReadClient()  # type: ignore[no-untyped-call]  # generated client, unannotated __init__
+    # The same credentials object as the BigQuery client (one token, refreshed once), which
+    # is what google-cloud-bigquery itself passes when it builds a read client.
+    credentials = getattr(client, "_credentials", None)
+    return BigQueryReadClient(credentials=credentials)  # type: ignore[no-untyped-call]  # generated client
 
 
 class BigQuerySource:
@@ -251,8 +292,8 @@ class BigQuerySource:
         activation: The activation name, used in every error message and as a job label.
         client: A BigQuery client. Default: ``bigquery.Client(project=config.project,
             location=config.location)`` with Application Default Credentials.
-        read_client: A Storage Read API client. Default: one with Application Default
-            Credentials when ``use_storage_api`` is set, no ``client`` was injected and
+        read_client: A Storage Read API client. Default: one with the default client's
+            credentials when ``use_storage_api`` is set, no ``client`` was injected and
             ``google-cloud-bigquery-storage`` is installed. A caller that injects ``client``
             (another endpoint, other credentials) injects the matching read client too;
             without one the source pages over REST.
@@ -261,8 +302,8 @@ class BigQuerySource:
         batch_rows: Most rows per yielded batch (default :data:`BATCH_ROWS`).
 
     Raises:
-        ConfigError: an invalid table reference or query parameter (before any API call).
-        BigQueryPermissionDenied: no Application Default Credentials for the default client.
+        ConfigError: an invalid table reference or query parameter (before any API call), or no
+            Application Default Credentials (or project) for the default client.
     """
 
     def __init__(
@@ -293,21 +334,11 @@ class BigQuerySource:
 
         self._owns_client = client is None
         if client is None:
-            try:
-                client = bigquery.Client(project=config.project, location=config.location)
-            except auth_exceptions.DefaultCredentialsError:
-                raise BigQueryPermissionDenied(
-                    "no Google credentials found (Application Default Credentials): run "
-                    "'gcloud auth application-default login' or attach a service account",
-                    activation=activation,
-                ) from None
+            client = default_client(project=config.project, location=config.location, activation=activation)
         self._client = client
         self._owns_read_client = False
         if read_client is None and config.use_storage_api and self._owns_client:
-            try:
-                read_client = _default_read_client()
-            except auth_exceptions.DefaultCredentialsError:
-                read_client = None
+            read_client = default_read_client(client)
             self._owns_read_client = read_client is not None
         self._read_client = read_client if config.use_storage_api else None
 

@@ -49,6 +49,7 @@ class WarehouseDiff:
         intents: Sequence[str] = (),
         unconfirmed: Sequence[str] = (),
         on_rows: Callable[[int], None] | None = None,
+        on_no_state: Callable[[], None] | None = None,
     ) -> None:
         config = activation.source
         if not isinstance(config, BigQuerySourceConfig):
@@ -90,6 +91,7 @@ class WarehouseDiff:
             ]
         )
         self._on_rows = on_rows
+        self._on_no_state = on_no_state
         self._diff_job: bigquery.QueryJob | None = None
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self.stored_count = 0
@@ -131,7 +133,7 @@ class WarehouseDiff:
         duplicates: dict[str, int] = {}
         removed: list[str] = []
         started = time.perf_counter()
-        for batch in self._warehouse.read(job, schema):
+        for batch in self._warehouse.read(job, schema, bulk=False):
             for kind, key, n in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
                 if kind == "duplicate":
                     duplicates[key] = int(n)
@@ -140,6 +142,10 @@ class WarehouseDiff:
                 else:
                     counts[kind] = int(n or 0)
         self.seconds["read"] += time.perf_counter() - started
+        if counts.get("stored", 0) == 0 and self._on_no_state is not None:
+            # BigQuery holds no fingerprint of this activation: a first run, or state
+            # left in the other mode's store (the hook refuses that one).
+            self._on_no_state()
         matched = counts.get("matched", 0)
         self.stored_count = counts.get("synced", 0)
         if self._on_rows is not None:

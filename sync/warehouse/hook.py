@@ -13,7 +13,10 @@ from sync.errors import ConfigError
 from sync.state.base import StateStore
 
 if TYPE_CHECKING:
+    from google.cloud.bigquery_storage import BigQueryReadClient
+
     from sync.warehouse.diff import WarehouseDiff
+    from sync.warehouse.store import WarehouseStateStore
 
 
 def warehouse_store(activation: Activation, base: StateStore, environ: Mapping[str, str] | None = None) -> StateStore:
@@ -26,6 +29,7 @@ def warehouse_store(activation: Activation, base: StateStore, environ: Mapping[s
     if activation.diff.mode is not DiffMode.WAREHOUSE:
         # Checked before any import: the BigQuery client weighs ~45 MB of memory, which an
         # in-memory diff (the default) never needs.
+        refuse_state_left_in_bigquery(activation, base, environ)
         return base
     from sync.warehouse.store import WarehouseStateStore
 
@@ -42,20 +46,20 @@ def warehouse_store(activation: Activation, base: StateStore, environ: Mapping[s
 
     env = os.environ if environ is None else environ
     emulator = BigQueryEmulatorEndpoints.from_env(env)
-    read_client = None
+    read_client: BigQueryReadClient | None = None
     closers: list[Callable[[], None]] = []
     if emulator is None:
-        from google.auth import exceptions as auth_exceptions
+        from sync.sources.bigquery import default_client, default_read_client
 
-        from sync.sources.bigquery import BigQueryPermissionDenied
-
-        try:
-            client = bigquery.Client(project=config.project, location=config.location)
-        except auth_exceptions.DefaultCredentialsError:
-            raise BigQueryPermissionDenied(
-                "no Google credentials found for the warehouse diff (Application Default Credentials)",
-                activation=activation.name,
-            ) from None
+        # The same clients as the BigQuery source: Application Default Credentials, and the
+        # Storage Read API for the rows that leave the warehouse (docs/warehouse-diff.md).
+        client = default_client(
+            project=config.project, location=config.location, activation=activation.name, field="diff"
+        )
+        if config.use_storage_api:
+            read_client = default_read_client(client)
+            if read_client is not None:
+                closers.append(read_client.transport.close)
     else:
         from google.auth.credentials import AnonymousCredentials
 
@@ -78,6 +82,71 @@ def warehouse_store(activation: Activation, base: StateStore, environ: Mapping[s
         closers=closers,
     )
     return WarehouseStateStore(base, warehouse, dataset_reference(activation.diff.dataset, client.project))
+
+
+def _activation_file(activation: Activation) -> str:
+    origin = activation.origin
+    return origin if origin.endswith((".yaml", ".yml")) else "ACTIVATION.yaml"
+
+
+def _switch_command(activation: Activation, to: DiffMode) -> str:
+    return f"cepsync switch-diff {_activation_file(activation)} --to {to.value} --state STATE"
+
+
+def refuse_state_left_in_bigquery(
+    activation: Activation, base: StateStore, environ: Mapping[str, str] | None = None
+) -> None:
+    """``diff: function`` after ``diff: warehouse`` without ``cepsync switch-diff``: refuse (ConfigError).
+
+    The acknowledged fingerprints are still in BigQuery and the function diff's store holds
+    none, so a run would send the whole segment again. Cheap when nothing is wrong: one read
+    of the latest run record; BigQuery is asked only when that run used the warehouse diff
+    and the store holds no fingerprint (docs/warehouse-diff.md, "Switching modes").
+    """
+    runs = base.list_runs(activation.name, 1)
+    diff = ((runs[0].get("config") or {}).get("diff") or {}) if runs else {}
+    dataset = diff.get("dataset") if diff.get("mode") == DiffMode.WAREHOUSE.value else None
+    if not isinstance(dataset, str) or not isinstance(activation.source, BigQuerySourceConfig):
+        return
+    if base.load_fingerprint_table(activation.name).num_rows:
+        return  # switched back already (or both hold some after a crashed switch: run it again)
+    from sync.config import DiffConfig, state_dataset_problem
+
+    if state_dataset_problem(dataset) is not None:
+        return
+    previous = activation.model_copy(update={"diff": DiffConfig(mode=DiffMode.WAREHOUSE, dataset=dataset)})
+    store = warehouse_store(previous, base, environ)
+    from sync.warehouse.store import WarehouseStateStore
+
+    assert isinstance(store, WarehouseStateStore)
+    try:
+        stored = store.stored_count(activation.name)
+    finally:
+        store.warehouse.close()
+    if stored:
+        raise ConfigError(
+            f"diff.mode is 'function', but the acknowledged fingerprints of this activation are in BigQuery "
+            f"dataset {store.dataset.project}.{store.dataset.dataset_id} (its last run used diff: warehouse) and "
+            "the function diff's state holds none: a run now would send the whole segment again. Move them back "
+            "first, while no run is going on, with the activation YAML that still says diff: {mode: warehouse, "
+            f"dataset: {dataset}}}: {_switch_command(activation, DiffMode.FUNCTION)}",
+            source=f"activation '{activation.name}'",
+            field="diff.mode",
+        )
+
+
+def _refuse_state_left_in_base(activation: Activation, store: WarehouseStateStore) -> None:
+    """``diff: warehouse`` while the fingerprints are still in the function diff's store: refuse."""
+    held = store.base.load_fingerprint_table(activation.name).num_rows
+    if held:
+        raise ConfigError(
+            f"diff.mode is 'warehouse', but the {held:,} acknowledged fingerprints of this activation are in "
+            f"the function diff's state and BigQuery dataset {store.dataset.project}.{store.dataset.dataset_id} "
+            "holds none: a run now would send the whole segment again. Move them first, while no run is going "
+            f"on: {_switch_command(activation, DiffMode.WAREHOUSE)}",
+            source=f"activation '{activation.name}'",
+            field="diff.mode",
+        )
 
 
 def open_diff(
@@ -108,6 +177,7 @@ def open_diff(
         intents=intents,
         unconfirmed=unconfirmed,
         on_rows=on_rows,
+        on_no_state=lambda: _refuse_state_left_in_base(activation, store),
     )
 
 

@@ -8,9 +8,12 @@ query itself, which runs as a subquery exactly as the BigQuery source runs it.
 
 The raw hash recipe (``diff: warehouse``)::
 
-    FARM_FINGERPRINT(TO_JSON_STRING(STRUCT(@cepsync_salt AS s, c1 AS f1, …, cn AS fn)))
+    CAST(CONCAT('0x', SUBSTR(TO_HEX(MD5(TO_JSON_STRING(STRUCT(@cepsync_salt AS s, c1 AS f1, …)))), 1, 15)) AS INT64)
 
-an INT64 whose 64 bits are read back as the engine's uint64. The salt names the mapping
+the first 60 bits of the MD5 of the row as JSON, a non-negative INT64 read back as the
+engine's uint64. Not ``FARM_FINGERPRINT``: the local emulator runs that as a Python function
+per row and stalls past a few thousand rows, while MD5 is native there and on BigQuery alike
+(docs/warehouse-diff.md, "Why MD5"). The salt names the mapping
 version and the engine (:func:`raw_salt`), so a hash from the DuckDB differ never matches
 one from BigQuery: switching modes re-maps each row once (a "refresh", nothing is sent).
 """
@@ -35,7 +38,7 @@ FENCE: Final = "cepsync_fence"
 # BigQuery column names: letters, digits and underscores, not starting with a digit.
 _COLUMN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
 _PROJECT: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
-_DATASET: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
+_DATASET: Final = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 _TABLE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,1023}$")
 
 FINGERPRINTS_SCHEMA: Final = [
@@ -88,11 +91,13 @@ def key_sql(column: str, field_type: str) -> str:
 
 def raw_sql(columns: Sequence[str]) -> str:
     fields = ", ".join(f"{column_sql(c)} AS f{i}" for i, c in enumerate(columns, 1))
-    return f"FARM_FINGERPRINT(TO_JSON_STRING(STRUCT(@cepsync_salt AS s, {fields})))"
+    row = f"TO_JSON_STRING(STRUCT(@cepsync_salt AS s, {fields}))"
+    # 15 hex digits = 60 bits: always a valid, non-negative INT64 (16 could overflow the cast).
+    return f"CAST(CONCAT('0x', SUBSTR(TO_HEX(MD5({row})), 1, 15)) AS INT64)"
 
 
 def raw_salt(mapping_version: str, types: Sequence[str]) -> str:
-    return f"cepsync/raw/bq1|{mapping_version}|bigquery-warehouse|{';'.join(types)}"
+    return f"cepsync/raw/bq2|{mapping_version}|bigquery-warehouse|{';'.join(types)}"
 
 
 def id_scan_sql(segment: str, key: str, fingerprints: str) -> str:
@@ -109,6 +114,7 @@ def id_scan_sql(segment: str, key: str, fingerprints: str) -> str:
         "UNION ALL SELECT 'matched', NULL, "
         "(SELECT COUNT(*) FROM counts JOIN stored ON stored.custom_id = counts.k WHERE counts.n = 1)\n"
         "UNION ALL SELECT 'synced', NULL, (SELECT COUNT(*) FROM synced)\n"
+        "UNION ALL SELECT 'stored', NULL, (SELECT COUNT(*) FROM stored)\n"
         "UNION ALL SELECT 'duplicate', k, n FROM counts WHERE n > 1\n"
         "UNION ALL SELECT 'removed', synced.custom_id, 0 FROM synced "
         "LEFT JOIN counts ON counts.k = synced.custom_id WHERE @cepsync_mirror AND counts.k IS NULL"
@@ -185,15 +191,56 @@ _NEWER: Final = (
 )
 
 
-def register_fence_sql(fence: str) -> str:
+def stored_count_sql(fingerprints: str, journal: str) -> str:
+    """How many fingerprints (and journal rows) the activation has in BigQuery: is its state here?"""
+    return (
+        f"SELECT (SELECT COUNT(*) FROM {fingerprints} WHERE activation = @cepsync_activation) "
+        f"+ (SELECT COUNT(*) FROM {journal} WHERE activation = @cepsync_activation) AS n"
+    )
+
+
+# The fence row that holds an activation's token offset (set when a state store adopts the
+# fence): keyed by a name no activation can have ('#' is not allowed in activation names).
+OFFSET_KEY: Final = "CONCAT(@cepsync_activation, '#offset')"
+
+
+def last_activity_sql(fingerprints: str, journal: str, fence: str) -> str:
+    """The fence's newest token, the token offset, and the last trace any run of the activation left."""
+    epoch = "TIMESTAMP '1970-01-01 00:00:00+00'"
+    return (
+        f"SELECT (SELECT MAX(token) FROM {fence} WHERE activation = @cepsync_activation) AS token, "
+        f"(SELECT IFNULL(MAX(token), 0) FROM {fence} WHERE activation = {OFFSET_KEY}) AS offset, "
+        "GREATEST("
+        f"IFNULL((SELECT MAX(registered_at) FROM {fence} WHERE activation = @cepsync_activation), {epoch}), "
+        f"IFNULL((SELECT MAX(acknowledged_at) FROM {journal} WHERE activation = @cepsync_activation), {epoch}), "
+        f"IFNULL((SELECT MAX(acknowledged_at) FROM {fingerprints} WHERE activation = @cepsync_activation), {epoch})"
+        ") AS last_seen"
+    )
+
+
+def set_offset_sql(fence: str) -> str:
+    """Adoption: the activation's tokens are lease tokens plus ``@cepsync_offset`` from now on."""
     return (
         f"INSERT INTO {fence} (activation, token, registered_at) "
-        "VALUES (@cepsync_activation, @cepsync_token, CURRENT_TIMESTAMP())"
+        f"VALUES ({OFFSET_KEY}, @cepsync_offset, CURRENT_TIMESTAMP())"
+    )
+
+
+def register_fence_sql(fence: str) -> str:
+    """The run's token (its lease token plus the activation's offset, 0 unless adopted) enters the fence."""
+    return (
+        f"INSERT INTO {fence} (activation, token, registered_at) "
+        f"SELECT @cepsync_activation, @cepsync_lease_token + IFNULL(MAX(token), 0), CURRENT_TIMESTAMP() "
+        f"FROM {fence} WHERE activation = {OFFSET_KEY}"
     )
 
 
 def fence_sql(fence: str) -> str:
-    return f"SELECT MAX(token) AS token FROM {fence} WHERE activation = @cepsync_activation"
+    """The fence's newest token, and the activation's token offset."""
+    return (
+        f"SELECT (SELECT MAX(token) FROM {fence} WHERE activation = @cepsync_activation) AS token, "
+        f"(SELECT IFNULL(MAX(token), 0) FROM {fence} WHERE activation = {OFFSET_KEY}) AS offset"
+    )
 
 
 def merge_sql(fingerprints: str, journal: str, fence: str) -> str:

@@ -10,7 +10,9 @@
 
   ``cepsync_fingerprints``  activation, custom_id, raw, payload, token, flush, pos, acknowledged_at
   ``cepsync_journal``       the same plus ``put`` (false = a mirror removal); append-only
-  ``cepsync_fence``         activation, token: the lease tokens that registered to merge
+  ``cepsync_fence``         activation, token: the tokens that registered to merge (a run's
+                            token is its lease token plus the activation's offset, a row
+                            keyed ``ACTIVATION#offset`` that :meth:`adopt_fence` writes)
 
 How a fingerprint moves:
 
@@ -40,6 +42,7 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
 from sync.errors import ConfigError, LeaseLost
@@ -48,6 +51,11 @@ from sync.state import core
 from sync.state.base import FINGERPRINT_SCHEMA, CountsOperations, StateStore, operation_counts
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
+
+# The old state store's runs must have left no trace (fence registration, journal append,
+# merge) for this long before another store may adopt the fence: longer than an
+# event-triggered function lives (540 s) plus the 30 s between journal flushes.
+ADOPT_MIN_IDLE_SECONDS = 15 * 60.0
 
 
 def dataset_reference(dataset: str, default_project: str) -> bigquery.DatasetReference:
@@ -69,7 +77,8 @@ class WarehouseStateStore:
         self._journal_sql = sql.table_sql(self.journal)
         self._fence_sql = sql.table_sql(self.fence)
         self._flushes = itertools.count(1)
-        self._registered: tuple[str, int] | None = None
+        # (activation, lease token, token in BigQuery) of the lease registered last.
+        self._registered: tuple[str, int, int] | None = None
         self._tables_ready = False
 
     @property
@@ -94,8 +103,24 @@ class WarehouseStateStore:
         ):
             table = bigquery.Table(reference, schema=schema)
             table.clustering_fields = clustering
-            self.warehouse.client.create_table(table, exists_ok=True)
+            try:
+                self.warehouse.client.create_table(table, exists_ok=True)
+            except api_exceptions.NotFound:
+                raise self.missing_dataset() from None
         self._tables_ready = True
+
+    def missing_dataset(self) -> ConfigError:
+        """The state dataset does not exist (or this identity cannot see it, or it is in another location)."""
+        where = f" in location {self.warehouse.location}" if self.warehouse.location else ""
+        return ConfigError(
+            f"the BigQuery dataset {self.dataset.project}.{self.dataset.dataset_id} that holds the fingerprints "
+            f"does not exist{where} (or these credentials "
+            "cannot see it): create it with infra/warehouse.tf (set warehouse_state_dataset and "
+            f"warehouse_state_location, then terraform apply), or `bq mk --dataset "
+            f"{self.dataset.project}:{self.dataset.dataset_id}`, in the segment's location",
+            source=f"activation '{self.warehouse.activation}'",
+            field="diff.dataset",
+        )
 
     def _params(self, activation: str, token: int | None = None) -> list[bigquery.ScalarQueryParameter]:
         params = [bigquery.ScalarQueryParameter("cepsync_activation", "STRING", activation)]
@@ -116,6 +141,20 @@ class WarehouseStateStore:
         )
         batches = list(self.warehouse.read(job, FINGERPRINT_SCHEMA))
         return pa.Table.from_batches(batches, schema=FINGERPRINT_SCHEMA)
+
+    def stored_count(self, activation: str) -> int:
+        """Fingerprints and journal rows the activation has in BigQuery (0 without the tables)."""
+        try:
+            self.warehouse.client.get_table(self.fingerprints)
+        except api_exceptions.NotFound:
+            return 0  # no dataset or no tables yet: nothing was ever kept here
+        except api_exceptions.GoogleAPICallError as error:
+            raise self.warehouse.translate("reading the state tables", error) from error
+        job = self.warehouse.query(
+            "stored count", sql.stored_count_sql(self._fingerprints_sql, self._journal_sql), self._params(activation)
+        )
+        row = next(iter(job.result()), None)
+        return 0 if row is None else int(row[0] or 0)
 
     def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
         table = self.load_fingerprint_table(activation)
@@ -156,6 +195,7 @@ class WarehouseStateStore:
     ) -> None:
         """One load job of journal rows, built from arrays (no Python object per profile)."""
         self.ensure_tables()
+        token = self.token(lease)
         flush = next(self._flushes)
         count = len(custom_ids)
         rows = pa.table(
@@ -164,7 +204,7 @@ class WarehouseStateStore:
                 "custom_id": custom_ids,
                 "raw": to_signed(raws),
                 "payload": to_signed(payloads),
-                "token": pa.array([lease.token] * count, pa.int64()),
+                "token": pa.array([token] * count, pa.int64()),
                 "flush": pa.array([flush] * count, pa.int64()),
                 "pos": pa.array(range(count), pa.int64()),
                 "acknowledged_at": pa.array([now] * count, pa.timestamp("us", tz="UTC")),
@@ -173,34 +213,116 @@ class WarehouseStateStore:
         )
         self.warehouse.load("journal append", self.journal, rows)
 
-    def register(self, lease: Lease) -> None:
-        """Put the lease token in the fence: from now on, older tokens merge nothing."""
-        if self._registered == (lease.activation, lease.token):
-            return
+    def register(self, lease: Lease) -> int:
+        """Put the run's token in the fence (from now on, older tokens merge nothing); returns it.
+
+        The token in BigQuery is the lease token plus the activation's offset (0 unless a state
+        store adopted the fence, :meth:`adopt_fence`). It is fixed at the first registration of
+        a lease and used for every append and merge of that lease.
+        """
+        if self._registered is not None and self._registered[:2] == (lease.activation, lease.token):
+            return self._registered[2]
         self.ensure_tables()
         self.warehouse.query(
-            "fence", sql.register_fence_sql(self._fence_sql), self._params(lease.activation, lease.token)
+            "fence",
+            sql.register_fence_sql(self._fence_sql),
+            [
+                *self._params(lease.activation),
+                bigquery.ScalarQueryParameter("cepsync_lease_token", "INT64", lease.token),
+            ],
         )
-        self._registered = (lease.activation, lease.token)
-        self._check_fence(lease)
+        newest, offset = self._fence(lease.activation)
+        token = lease.token + offset
+        self._registered = (lease.activation, lease.token, token)
+        self._refuse_unless_newest(lease, token, newest)
+        return token
+
+    def token(self, lease: Lease) -> int:
+        """The run's token in BigQuery (registers the lease first if it has not)."""
+        return self.register(lease)
+
+    def _fence(self, activation: str) -> tuple[int | None, int]:
+        job = self.warehouse.query("fence check", sql.fence_sql(self._fence_sql), self._params(activation))
+        row = next(iter(job.result()), None)
+        if row is None:
+            return None, 0
+        return (None if row[0] is None else int(row[0])), int(row[1] or 0)
 
     def _check_fence(self, lease: Lease) -> None:
-        job = self.warehouse.query("fence check", sql.fence_sql(self._fence_sql), self._params(lease.activation))
-        newest = next(iter(job.result()), None)
-        token = None if newest is None else newest[0]
-        if token != lease.token:
-            raise LeaseLost(
-                f"activation '{lease.activation}': lease token {lease.token} is no longer the newest in "
-                f"{self.fence.dataset_id}.{sql.FENCE} ({token}); this run merges nothing"
+        newest, _ = self._fence(lease.activation)
+        self._refuse_unless_newest(lease, self.token(lease), newest)
+
+    def _refuse_unless_newest(self, lease: Lease, token: int, newest: int | None) -> None:
+        if newest == token:
+            return
+        raise LeaseLost(
+            f"activation '{lease.activation}': token {token} (lease {lease.token}) is no longer the newest in "
+            f"{self.fence.dataset_id}.{sql.FENCE} ({newest}); this run merges nothing. Either a newer run "
+            "took over (nothing to do), or this state store is not the one the earlier runs used (a new "
+            "machine, another Firestore database): once no run with the old store can still be going, "
+            "let this store adopt the dataset with `cepsync adopt-fence ACTIVATION.yaml --state STATE` "
+            "(docs/warehouse-diff.md, 'A new state store')"
+        )
+
+    def adopt_fence(self, lease: Lease, now: datetime, *, min_idle_seconds: float | None = None) -> int:
+        """Make ``lease``'s state store the owner of the dataset's fence; returns the token it passed (0: none).
+
+        For a state store that is new to an existing dataset: its lease tokens restart at 1
+        while the fence holds the old store's, so every run of it would merge nothing. Adoption
+        sets the activation's token offset to the fence's newest token, so that this store's
+        tokens (lease token + offset) are newer than every token the old store used, now and
+        later. Nothing else changes: the fingerprints and the journal keep their tokens.
+
+        Against a run of the old store that is still going: its token is now older than the
+        fence's newest, so its merges change nothing and it stops with LeaseLost; the profiles
+        it had acknowledged are in the journal with its older token, and the next run of this
+        store merges them before its own (a crash boundary like any other). Two state stores
+        that keep running against one dataset take the fence from each other and fail loudly;
+        that is why adoption is refused (ConfigError) while the old store left a trace (a fence
+        registration, a journal append, a merge) less than ``min_idle_seconds`` ago.
+        """
+        if min_idle_seconds is None:
+            min_idle_seconds = ADOPT_MIN_IDLE_SECONDS
+        self.ensure_tables()
+        job = self.warehouse.query(
+            "fence adoption check",
+            sql.last_activity_sql(self._fingerprints_sql, self._journal_sql, self._fence_sql),
+            self._params(lease.activation),
+        )
+        row = next(iter(job.result()), None)
+        newest = None if row is None or row[0] is None else int(row[0])
+        offset = 0 if row is None else int(row[1] or 0)
+        if newest is None or lease.token + offset > newest:
+            self.register(lease)
+            return 0
+        assert row is not None
+        last_seen: datetime = row[2]
+        idle = (now - last_seen).total_seconds()
+        if idle < min_idle_seconds:
+            raise ConfigError(
+                f"the fence {self.dataset.dataset_id}.{sql.FENCE} holds token {newest} from another state "
+                f"store, whose runs left a trace {max(idle, 0):.0f} s ago (at {last_seen.isoformat()}): a run "
+                f"may still be going. Stop it (or wait until {min_idle_seconds / 60:.0f} min have passed since "
+                "its last trace), then run this again; --force skips this check",
+                source=f"activation '{lease.activation}'",
+                field="--state",
             )
+        self.warehouse.query(
+            "fence adoption",
+            sql.set_offset_sql(self._fence_sql),
+            [*self._params(lease.activation), bigquery.ScalarQueryParameter("cepsync_offset", "INT64", newest)],
+        )
+        self._registered = None
+        self.register(lease)
+        return newest
 
     def merge_journal(self, lease: Lease) -> None:
         """One fenced, idempotent MERGE of the journal into the state table."""
-        self.register(lease)
+        token = self.register(lease)
         self.warehouse.query(
             "merge",
             sql.merge_sql(self._fingerprints_sql, self._journal_sql, self._fence_sql),
-            self._params(lease.activation, lease.token),
+            self._params(lease.activation, token),
         )
 
     def drop_merged(self, lease: Lease) -> None:
@@ -208,7 +330,7 @@ class WarehouseStateStore:
         self.warehouse.query(
             "drop merged journal",
             sql.drop_merged_sql(self._journal_sql, self._fence_sql),
-            self._params(lease.activation, lease.token),
+            self._params(lease.activation, self.token(lease)),
         )
         self._check_fence(lease)
 

@@ -689,9 +689,14 @@ def test_closing_mid_read_stops_the_stream(
 def test_without_application_default_credentials_the_error_says_so(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
+    # A missing credential is the user's to fix: a config error (exit 2) naming what to set (issue 19, item 13).
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
-    with pytest.raises(BigQueryPermissionDenied, match=rf"^activation '{ACTIVATION}': no Google credentials"):
+    with pytest.raises(
+        ConfigError, match=rf"^activation '{ACTIVATION}', field 'source': BigQuery needs Google"
+    ) as caught:
         BigQuerySource(BigQuerySourceConfig(table="ds.people", project="some-project"), activation=ACTIVATION)
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in str(caught.value)
+    assert "missing-key.json" in str(caught.value)
 
 
 def test_arrow_schema_maps_every_supported_type() -> None:
