@@ -104,7 +104,7 @@ def test_bigquery_errors_use_the_shared_redactor() -> None:
 
     assert _describe(api_exceptions.Forbidden(RAW)).startswith(EXPECTED)
     warehouse = Warehouse(cast(Any, None), activation="vip")  # no client: only the error translation runs
-    translated = warehouse._translate("stage", api_exceptions.Forbidden(RAW))
+    translated = warehouse.translate("stage", api_exceptions.Forbidden(RAW))
     assert isinstance(translated, BigQueryPermissionDenied)
     assert EXPECTED in str(translated)
     assert API_KEY not in str(translated)
