@@ -813,6 +813,17 @@ def reset(
     config = _load(Path(activation)) if activation.endswith((".yaml", ".yml")) else None
     name = config.name if config is not None else activation
     try:
+        # Looked at read-only first: a state that holds nothing for this name (or a file that
+        # is empty or missing) is said so, and never created or written.
+        reader = _store(state, create=False, read_only=True)
+        try:
+            # Said before asking for confirmation: a typo in the name is not a reset to confirm.
+            if not reader.list_runs(name, 1) and reader.load_meta(name) == ActivationMeta():
+                raise ConfigError(
+                    f"nothing to forget: no state for activation '{name}' in {_state_label(state)}", field="NAME"
+                )
+        finally:
+            reader.close()
         store = _store(state, create=False)
         if config is not None and config.diff.mode is DiffMode.WAREHOUSE:  # its fingerprints are in BigQuery
             from sync.warehouse.hook import warehouse_store
@@ -821,11 +832,6 @@ def reset(
     except SyncError as error:
         raise _fail(error) from None
     try:
-        # Said before asking for confirmation: a typo in the name is not a reset to confirm.
-        if not store.list_runs(name, 1) and store.load_meta(name) == ActivationMeta():
-            raise ConfigError(
-                f"nothing to forget: no state for activation '{name}' in {_state_label(state)}", field="NAME"
-            )
         if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
             raise typer.Exit(1)
         store.reset(name)

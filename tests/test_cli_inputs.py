@@ -1135,18 +1135,13 @@ def test_issue19_a_firestore_state_url_with_an_unknown_parameter_is_refused(tmp_
     assert "mode=ro" in flat(output)
 
 
-@pytest.mark.parametrize("command", ["history", "report"])
+@pytest.mark.parametrize("command", ["history", "report", "reset"])
 def test_issue19_reading_an_empty_state_file_leaves_it_empty(tmp_path: Path, command: str) -> None:
+    # reset too: it has nothing to forget in an empty file, and says so without writing a schema.
     empty = tmp_path / "empty.db"
     empty.touch()
-    code, output = invoke(
-        command,
-        "inputs",
-        "--state",
-        f"sqlite:///{empty}",
-        "-o" if command == "report" else "--limit",
-        str(tmp_path / "r.html") if command == "report" else "3",
-    )
+    extra = {"report": ["-o", str(tmp_path / "r.html")], "history": ["--limit", "3"], "reset": ["--yes"]}
+    code, output = invoke(command, "inputs", "--state", f"sqlite:///{empty}", *extra[command])
     assert code == 2, output
     text = flat(output)
     assert "no state at" in text
