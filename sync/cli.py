@@ -420,6 +420,8 @@ def print_record(
         out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
     for warning in record.get("warnings") or ():
         out.print(_styled(("warning:", "yellow"), " ", str(warning)))
+    if record.get("results_error"):  # the sync is committed; only the results tables are missing
+        out.print(_styled(("results:", "yellow"), " ", str(record["results_error"])))
     facts = _facts_line(record)
     if facts:
         out.print(Text(facts, style="dim"))

@@ -6,6 +6,7 @@ the sync committed, and many rejections stream through the spool's file.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -14,7 +15,9 @@ from typing import Any
 
 import duckdb
 import pytest
+from rich.console import Console
 
+from sync.cli import print_record
 from sync.dev.simulator import BatchSimulator
 from sync.results import schema
 from sync.state.sqlite import SQLiteStateStore
@@ -198,6 +201,10 @@ async def test_a_results_file_that_cannot_be_written_leaves_the_sync_committed(
         assert "results_error" in store.list_runs("test_people", 1)[0]
     finally:
         store.close()
+    # What `cepsync run` prints says so too, beside the counts.
+    shown = io.StringIO()
+    print_record(result.record, out=Console(file=shown, width=300), err=Console(file=io.StringIO()))
+    assert "results: the results tables were not written: " in shown.getvalue()
 
 
 async def test_many_rejections_stream_through_the_spool_and_the_cap_counts_the_rest(
