@@ -41,7 +41,7 @@ from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, 
 from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
 from sync.encode import encode_batch
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
-from sync.fingerprint import payload_fingerprint
+from sync.fingerprint import payload_fingerprint_of
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import NO_ATTRIBUTE, PERSISTENT_AFTER_RUNS, ActivationMeta, Lease, Reason, Refusal, RowIssue
@@ -58,7 +58,7 @@ from sync.plan import (
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, exit_code_of, is_retryable, status_of_error
 from sync.results import hook as results_hook
 from sync.runconfig import config_as_run
-from sync.send import IntentWindow, Journal, Sender, SendGroup
+from sync.send import IntentWindow, Journal, Sender, SendGroup, removal_body
 from sync.sources.base import Source
 from sync.state.base import StateStore, operation_counts, operations_between
 from sync.warehouse import hook as warehouse
@@ -491,7 +491,7 @@ class Run:
         the removal payload's fingerprint, so a change of the owned keys sends it again, and
         ``--full`` does too.
         """
-        payload = removal_payload(meta.owned_keys)
+        payload = payload_fingerprint_of(removal_body(meta.owned_keys))
         kept: list[str] = []
         for custom_id in removed:
             prior = self._refusals.get(custom_id)
@@ -691,8 +691,7 @@ class Run:
                 deadline=self._deadline,
                 budget_exhausted=self._budget_exhausted,
                 mirror=activation.sync_mode is SyncMode.MIRROR,
-                removal_attributes=json.dumps(dict.fromkeys(sorted(scan.meta.owned_keys))).encode(),
-                removal_payload=removal_payload(scan.meta.owned_keys),
+                removal_attributes=removal_body(scan.meta.owned_keys),
                 on_outcome=self._absorb,
             )
             journal.on_flush = self._checkpoint_for(sender)
@@ -1099,8 +1098,3 @@ class Run:
         if status is RunStatus.SKIPPED_LEASE_HELD:  # visible in history; config errors never got this far
             self.store.save_run(self.record)
         return RunResult(self.record)
-
-
-def removal_payload(owned_keys: set[str]) -> int:
-    """The fingerprint of the payload a mirror removal sends: every owned key, null."""
-    return payload_fingerprint(dict.fromkeys(sorted(owned_keys)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -32,6 +32,7 @@ import structlog
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
 from sync.encode import request_body
+from sync.fingerprint import canonical_json, payload_fingerprint_of
 from sync.model import NO_ATTRIBUTE, IntentsNote, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
@@ -284,8 +285,8 @@ class Sender:
         deadline: The monotonic time no request may outlive (lease expiry, time budget).
         budget_exhausted: True once no new request may start (the run hands over).
         mirror: Mirror mode: every group with new ids must arrive with its intents noted.
-        removal_attributes: The ``null`` payload a removal sends (every owned key).
-        removal_payload: That payload's fingerprint: what a refused removal is remembered by.
+        removal_attributes: The ``null`` payload a removal sends (:func:`removal_body`); its
+            fingerprint is what a refused removal is remembered by.
         on_outcome: Called with every outcome (the engine counts and samples refusals).
             Per-item failures are in :attr:`SendTally.item_failures` for the end of the run.
     """
@@ -301,7 +302,6 @@ class Sender:
         budget_exhausted: Callable[[], bool],
         mirror: bool,
         removal_attributes: bytes,
-        removal_payload: int,
         on_outcome: Callable[[SendOutcome], None],
     ) -> None:
         self._client = client
@@ -312,7 +312,7 @@ class Sender:
         self._budget_exhausted = budget_exhausted
         self._mirror = mirror
         self._removal = removal_attributes
-        self._removal_payload = removal_payload
+        self._removal_payload = payload_fingerprint_of(removal_attributes)
         self._on_outcome = on_outcome
         self._tasks: set[asyncio.Task[None]] = set()
         self._errors: list[BaseException] = []
@@ -458,6 +458,12 @@ class Sender:
             # Commit what was acknowledged before the fatal error, then report it.
             await self._journal.close()
             raise self._errors[0]
+
+
+def removal_body(owned_keys: Iterable[str]) -> bytes:
+    """What a mirror removal sends: every owned key, null, as canonical JSON (so
+    ``payload_fingerprint_of`` of it is the fingerprint a refusal of it is remembered by)."""
+    return canonical_json(dict.fromkeys(sorted(owned_keys)))
 
 
 def _one_table(activation: str, pending: list[pa.Table | Sequence[JournalEntry]]) -> pa.Table:
