@@ -364,10 +364,6 @@ class DiffConfig(_Strict):
         return self
 
 
-# BigQuery dataset ids: letters, digits and underscores, optionally after a project id.
-RESULTS_DATASET = STATE_DATASET
-
-
 class ResultsConfig(_Strict):
     """Where every run writes its results tables (``cepsync_runs``, ``cepsync_rejections``).
 
@@ -395,8 +391,9 @@ class ResultsConfig(_Strict):
     def _one_place(self) -> ResultsConfig:
         if self.dataset is not None and self.database is not None:
             raise ValueError("give 'dataset' (BigQuery) or 'database' (DuckDB), not both")
-        if self.dataset is not None and not RESULTS_DATASET.match(self.dataset):
-            raise ValueError(f"'dataset' must look like [project.]dataset: {self.dataset!r}")
+        problem = state_dataset_problem(self.dataset) if self.dataset is not None else None
+        if problem is not None:  # the same [project.]dataset rule as diff.dataset, said in words
+            raise ValueError(problem)
         return self
 
 

@@ -32,7 +32,7 @@ def test_results_are_off_unless_asked_for() -> None:
         (BIGQUERY, {}, "results.dataset", "a BigQuery source writes its results to a dataset: name it"),
         (BIGQUERY, {"database": "r.duckdb"}, "results.dataset", "a BigQuery source writes its results to a dataset"),
         (DUCKDB, {"dataset": "x"}, "results.dataset", "a DuckDB source writes its results to a DuckDB file"),
-        (BIGQUERY, {"dataset": "bad name!"}, "results", "'dataset' must look like [project.]dataset"),
+        (BIGQUERY, {"dataset": "bad name!"}, "results", "the dataset name has a character other than a letter"),
         (BIGQUERY, {"dataset": "d", "database": "r.duckdb"}, "results", "not both"),
         (BIGQUERY, {"dataset": "d", "max_rejection_rows": 0}, "results.max_rejection_rows", ""),
         (BIGQUERY, {"dataset": "d", "values": True}, "results.values", ""),
