@@ -40,24 +40,28 @@ import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.differ import (
+    DUPLICATE,
+    KEY,
+    RAW,
+    ROW,
+    STORED_PAYLOAD,
+    STORED_RAW,
+    DiffRequest,
+    FingerprintStore,
+    IdScan,
+)
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError
 from sync.sources.base import Source
 
-# Columns the differ adds to the mapped ones (names no warehouse column is likely to use).
-KEY: Final = "__cepsync_key"
-RAW: Final = "__cepsync_raw"
-ROW: Final = "__cepsync_row"
-DUPLICATE: Final = "__cepsync_duplicate"
-STORED_RAW: Final = "__cepsync_stored_raw"
-STORED_PAYLOAD: Final = "__cepsync_stored_payload"
+__all__ = ["OUTPUT_BATCH_ROWS", "EmbeddedDiffer", "SegmentDiff", "key_sql", "raw_salt"]
 
 # Rows per batch handed to the mapper: small enough that the first request leaves within a
 # second of the stream starting and that a batch's working set (its Python values, Arrow
@@ -99,33 +103,13 @@ def key_sql(column: str, arrow_type: pa.DataType) -> str:
 
 
 def raw_salt(mapping_version: str, schema: pa.Schema, columns: Sequence[str], engine: str) -> str:
-    """What the raw hash is salted with: mapping version, column types, source engine, DuckDB."""
+    """What the raw hash is salted with: mapping version, column types, source engine, DuckDB.
+
+    ``engine`` is the source's :attr:`sync.sources.base.Source.engine`: a name each source
+    states explicitly (a class rename must never re-map every profile).
+    """
     types = ";".join(f"{name}:{schema.field(name).type}" for name in columns)
     return f"cepsync/raw/2|{mapping_version}|{engine}|duckdb {duckdb.__version__}|{types}"
-
-
-@dataclass
-class IdScan:
-    """What one read of the Custom ID column says about the segment."""
-
-    rows: int
-    null_ids: int
-    # key -> copies, for every id that appears more than once.
-    duplicates: dict[str, int]
-    # Distinct non-duplicated ids that already have a stored fingerprint.
-    matched: int
-    # Distinct non-duplicated ids without one (profiles a run will create).
-    new_ids: int
-    # Synced ids (stored or intents) no longer in the segment, sorted.
-    removed: list[str] = field(default_factory=list)
-    # Profiles the activation had synced before this run (stored fingerprints or intents).
-    synced: int = 0
-    # Rows whose id is at or below a continued full pass's watermark (left out of its stream).
-    below_watermark: int = 0
-
-    @property
-    def duplicate_rows(self) -> int:
-        return sum(self.duplicates.values())
 
 
 def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
@@ -148,11 +132,15 @@ def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
 class SegmentDiff:
     """The differ of one run: an in-memory DuckDB holding the stored fingerprints.
 
+    A :class:`sync.differ.Differ`. It sorts a full pass by id in this process's memory
+    (~120 MB a million rows), so the engine asks for that order only when a run may hand
+    over to a continuation (``orders_for_free`` is false).
+
     Args:
         source: Where the segment comes from (read up to three times, streamed each time).
         columns: The mapped columns, Custom ID first (``ProfileMapper.columns``).
         schema: The segment's Arrow schema (``Source.schema()``).
-        stored: The acknowledged fingerprints (``sync.state.base.FINGERPRINT_SCHEMA``).
+        stored: The acknowledged fingerprints (``sync.differ.FINGERPRINT_SCHEMA``).
         intents: Ids recorded as possibly synced (mirror mode), not in ``stored``.
         unconfirmed: Ids an earlier run sent without a committed acknowledgement (its notes
             were never settled): Batch may hold a payload their stored fingerprint does not
@@ -186,6 +174,7 @@ class SegmentDiff:
         self._after = after
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
+        self.orders_for_free = False
         self._stored = _distrusted(stored, unconfirmed)
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
@@ -451,3 +440,41 @@ class SegmentDiff:
                 f"WHERE st.custom_id IS NULL OR d.k IS NOT NULL {order}"
             )
         return self._fetch(sql)
+
+
+class EmbeddedDiffer:
+    """The embedded differ's factory: fingerprints from a state store, compared in DuckDB here.
+
+    A :class:`sync.differ.DifferFactory`: the default of every run whose activation says
+    ``diff: function`` (``sync.runtime.open_differ`` builds it).
+
+    Args:
+        source: The segment (read by each differ it opens; its ``engine`` salts the raw hash).
+        fingerprints: Where the acknowledged fingerprints are (the run's state store).
+    """
+
+    def __init__(self, source: Source, fingerprints: FingerprintStore) -> None:
+        self._source = source
+        self._fingerprints = fingerprints
+
+    @property
+    def fingerprints(self) -> FingerprintStore:
+        return self._fingerprints
+
+    def open(self, activation: str, request: DiffRequest) -> SegmentDiff:
+        stored = self._fingerprints.load_fingerprint_table(activation)
+        salt = raw_salt(request.mapping_version, request.schema, request.columns, self._source.engine)
+        return SegmentDiff(
+            self._source,
+            columns=request.columns,
+            schema=request.schema,
+            stored=stored,
+            intents=request.intents,
+            unconfirmed=request.unconfirmed,
+            salt=salt,
+            on_rows=request.on_rows,
+            after=request.after,
+        )
+
+    def record(self) -> dict[str, object]:
+        return {}

@@ -38,7 +38,8 @@ import structlog
 from sync.batch.client import BatchClient, SendOutcome, choose_endpoint
 from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
-from sync.diff import KEY, IdScan, SegmentDiff, raw_salt
+from sync.diff import SegmentDiff, raw_salt
+from sync.differ import KEY, IdScan
 from sync.encode import encode_batch
 from sync.errors import GuardTripped, LeaseHeld, LeaseLost, SyncError
 from sync.fingerprint import payload_fingerprint_of
@@ -443,7 +444,7 @@ class Run:
         continuation = meta.continuation or {}
         full = self.options.full or activation.run_type is RunType.FULL_ONLY or bool(continuation.get("full"))
         watermark = continuation.get("watermark") if full else None
-        engine = type(self.source).__name__
+        engine = self.source.engine
         salt = raw_salt(prepared.version, prepared.schema, prepared.mapper.columns, engine)
         if activation.diff.mode is DiffMode.WAREHOUSE:
             diff: SegmentDiff | WarehouseDiff = warehouse.open_diff(

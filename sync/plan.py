@@ -36,11 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.config import GuardsConfig, SyncMode
-from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, JOURNAL_SCHEMA, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.encode import EncodedBatch, encode_rows
 from sync.errors import ConfigError
 from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, Refusal, RowIssue
-from sync.state.core import JOURNAL_SCHEMA
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -200,7 +199,7 @@ class ProfileRows:
         return last
 
     def journal(self, acknowledged: Sequence[str] | None = None) -> pa.Table:
-        """The journal rows (``sync.state.base.JOURNAL_SCHEMA``) of these profiles, or of the acknowledged ones."""
+        """The journal rows (``sync.differ.JOURNAL_SCHEMA``) of these profiles, or of the acknowledged ones."""
         table = self.table
         if acknowledged is not None and len(acknowledged) != table.num_rows:
             table = table.filter(pc.is_in(table.column("custom_id"), pa.array(acknowledged, pa.string())))

@@ -236,6 +236,7 @@ class _SourceWithClients:
 
     def __init__(self, source: Source, closers: list[Callable[[], None]]) -> None:
         self._source = source
+        self.engine = source.engine
         self._closers = closers
 
     def schema(self) -> pa.Schema:

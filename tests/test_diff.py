@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 
 from sync.config import parse_activation
 from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, SegmentDiff, key_sql, raw_salt
+from sync.differ import FINGERPRINT_SCHEMA
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.state.base import FINGERPRINT_SCHEMA
 
 
 class TableSource:
     """A segment held in an Arrow table, read in small batches (the Source protocol)."""
+
+    engine = "arrow-table"
 
     def __init__(self, table: pa.Table, batch_rows: int = 3) -> None:
         self.table = table

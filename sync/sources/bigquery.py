@@ -306,6 +306,9 @@ class BigQuerySource:
             Application Default Credentials (or project) for the default client.
     """
 
+    # The raw hash's salt (sync.sources.base.Source.engine): the class name it always was.
+    engine = "BigQuerySource"
+
     def __init__(
         self,
         config: BigQuerySourceConfig,

@@ -106,6 +106,11 @@ def read_memory_limit(operators: set[str] | None, columns: int) -> str:
 class DuckDBSource:
     """Reads one segment (query or table) from a DuckDB database file."""
 
+    # The raw hash's salt (sync.sources.base.Source.engine). The string is the name the salt
+    # took from the CLI's wrapper class before sources stated it: kept, so that states
+    # written then stay valid (a new string would map every profile once more).
+    engine = "_DuckDBSegment"
+
     def __init__(self, config: DuckDBSourceConfig, *, activation: str) -> None:
         self._config = config
         self._activation = activation

@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.differ import FINGERPRINT_SCHEMA
 from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 
 # How long a delivery count is kept. Pub/Sub keeps an unacknowledged message at most 7 days
@@ -35,7 +36,6 @@ DELIVERY_RETENTION = timedelta(days=31)
 
 # The acknowledged fingerprints of one activation as a run holds them: ids plus two u64
 # columns, ~30 bytes a profile (StateStore.load_fingerprint_table).
-FINGERPRINT_SCHEMA = pa.schema([("custom_id", pa.string()), ("raw", pa.uint64()), ("payload", pa.uint64())])
 
 
 def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Table:

@@ -18,15 +18,12 @@ from typing import Any, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.differ import JOURNAL_SCHEMA
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
-from sync.state.base import FINGERPRINT_SCHEMA
 
 # Fingerprints are unsigned 64-bit ints.
 U64_LIMIT: Final = 1 << 64
-
-# One commit's outcomes: the fingerprint columns plus ``put`` (false: the id is deleted).
-JOURNAL_SCHEMA: Final = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
 
 # -- leases -------------------------------------------------------------------------------
 

@@ -57,19 +57,19 @@ from typing import Any, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.errors import ConfigError, FatalError
 from sync.memory import release_free_memory
 from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
 from sync.state.base import (
     DELIVERY_RETENTION,
-    FINGERPRINT_SCHEMA,
     fold_journal,
     has_repeats,
     latest_entries_table,
     no_common_ids,
 )
-from sync.state.core import JOURNAL_SCHEMA, U64_LIMIT, LeaseRecord
+from sync.state.core import U64_LIMIT, LeaseRecord
 
 SCHEMA_VERSION: Final = 4
 

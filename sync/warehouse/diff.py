@@ -1,7 +1,7 @@
 """The segment diff run as BigQuery SQL: only the changes leave the warehouse.
 
-:class:`WarehouseDiff` has the interface of :class:`sync.diff.SegmentDiff` and the same
-output columns, so the engine maps, plans and sends its batches unchanged. Queries of a run
+:class:`WarehouseDiff` is a :class:`sync.differ.Differ`, with the same output columns as
+:class:`sync.diff.SegmentDiff`, so the engine maps, plans and sends its batches unchanged. Queries of a run
 (sync/warehouse/sql.py has their text):
 
 1. ``id scan`` (:meth:`scan_ids`) reads the Custom ID column only: row count, null ids,
@@ -27,7 +27,7 @@ import pyarrow as pa
 from google.cloud import bigquery
 
 from sync.config import Activation, BigQuerySourceConfig
-from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, IdScan
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, IdScan
 from sync.errors import ConfigError
 from sync.sources.bigquery import parse_table_reference, query_parameters
 from sync.warehouse import sql
@@ -94,6 +94,7 @@ class WarehouseDiff:
         self._on_no_state = on_no_state
         self._diff_job: bigquery.QueryJob | None = None
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
+        self.orders_for_free = True  # BigQuery sorts a full pass on its side
         self.stored_count = 0
 
     @property

@@ -26,7 +26,7 @@ from typing import Final
 
 from google.cloud import bigquery
 
-from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.errors import ConfigError
 
 # The result column saying why a row left the warehouse: 'moved', 'new' or 'bad' (null or

@@ -45,10 +45,11 @@ import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
+from sync.differ import FINGERPRINT_SCHEMA
 from sync.errors import ConfigError, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import FINGERPRINT_SCHEMA, CountsOperations, StateStore, operation_counts
+from sync.state.base import CountsOperations, StateStore, operation_counts
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
 

@@ -28,9 +28,10 @@ from typing import Any
 
 import pytest
 
+from sync.differ import FINGERPRINT_SCHEMA
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import PERSISTENT_AFTER_RUNS, ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal, RefusalKind
-from sync.state.base import FINGERPRINT_SCHEMA, StateStore
+from sync.state.base import StateStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TTL = 60.0

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sync.state.base as state_base
-from sync.state.base import FINGERPRINT_SCHEMA, fold_journal
+from sync.differ import FINGERPRINT_SCHEMA
+from sync.state.base import fold_journal
 
 JOURNAL_SCHEMA = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
 IDS = st.sampled_from(["a", "b", "c", "d", "é", "ü-1", "long-id-0000000001"])

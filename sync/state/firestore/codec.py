@@ -19,10 +19,10 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.errors import FatalError
 from sync.state import core
-from sync.state.base import FINGERPRINT_SCHEMA, has_repeats
-from sync.state.core import JOURNAL_SCHEMA
+from sync.state.base import has_repeats
 from sync.state.firestore import legacy
 from sync.state.firestore.layout import Namespace
 

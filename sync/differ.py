@@ -1,0 +1,143 @@
+"""The differ's contract: what a differ hands the core, and the tables the state keeps for it.
+
+Two differs exist: the embedded one compares the segment with the stored fingerprints in
+DuckDB, in this process (:mod:`sync.diff`); the warehouse one does it in BigQuery SQL, so
+only the changes leave the warehouse (:mod:`sync.warehouse.diff`). The engine, the planner
+and the state stores depend on this module, never on either differ, so that a differ is an
+edge that ``sync.runtime`` picks and injects (``docs/how-a-run-works.md``, "The rooms").
+
+This module imports nothing of the project but :mod:`sync.model`: it is the floor the core
+and the edges both stand on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final, Protocol
+
+import pyarrow as pa
+
+from sync.model import Fingerprint, JournalEntry, Lease
+
+# Columns a differ adds to the mapped ones (names no warehouse column is likely to use).
+KEY: Final = "__cepsync_key"  # the Custom ID as the mapper writes it (sync.diff.key_sql)
+RAW: Final = "__cepsync_raw"  # the raw-values hash of the row
+ROW: Final = "__cepsync_row"  # the row's number in the segment (NULL from BigQuery)
+DUPLICATE: Final = "__cepsync_duplicate"  # the id appears more than once in the segment
+STORED_RAW: Final = "__cepsync_stored_raw"  # the acknowledged fingerprint's raw hash, or NULL
+STORED_PAYLOAD: Final = "__cepsync_stored_payload"  # ... and its payload fingerprint
+
+# The acknowledged fingerprints of an activation, as every state store hands them over.
+FINGERPRINT_SCHEMA: Final = pa.schema([("custom_id", pa.string()), ("raw", pa.uint64()), ("payload", pa.uint64())])
+# A journal of acknowledged changes: ``put`` false is a mirror removal (raw and payload 0).
+JOURNAL_SCHEMA: Final = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
+
+
+@dataclass
+class IdScan:
+    """What one read of the Custom ID column says about the segment."""
+
+    rows: int
+    null_ids: int
+    # key -> copies, for every id that appears more than once.
+    duplicates: dict[str, int]
+    # Distinct non-duplicated ids that already have a stored fingerprint.
+    matched: int
+    # Distinct non-duplicated ids without one (profiles a run will create).
+    new_ids: int
+    # Synced ids (stored or intents) no longer in the segment, sorted.
+    removed: list[str] = field(default_factory=list)
+    # Profiles the activation had synced before this run (stored fingerprints or intents).
+    synced: int = 0
+    # Rows whose id is at or below a continued full pass's watermark (left out of its stream).
+    below_watermark: int = 0
+
+    @property
+    def duplicate_rows(self) -> int:
+        return sum(self.duplicates.values())
+
+
+@dataclass(frozen=True)
+class DiffRequest:
+    """What one run asks of its differ.
+
+    Attributes:
+        columns: The mapped columns, Custom ID first (``ProfileMapper.columns``).
+        schema: The segment's Arrow schema (``Source.schema()``).
+        mapping_version: ``sync.config.mapping_version`` of the activation (salts the raw hash).
+        intents: Ids recorded as possibly synced (mirror mode only), for the removals.
+        unconfirmed: Ids an earlier run sent without a committed acknowledgement: read as
+            if their stored fingerprint were zero, so they are mapped and sent again.
+        after: A continued full pass's watermark: rows at or below it may be left out.
+        on_rows: Told how many rows the id scan has read so far (a progress bar).
+    """
+
+    columns: Sequence[str]
+    schema: pa.Schema
+    mapping_version: str
+    intents: Sequence[str] = ()
+    unconfirmed: Sequence[str] = ()
+    after: str | None = None
+    on_rows: Callable[[int], None] | None = None
+
+
+class Differ(Protocol):
+    """One run's comparison of the segment with the acknowledged fingerprints.
+
+    Every batch a differ yields has the mapped columns plus :data:`KEY`, :data:`RAW`,
+    :data:`ROW`, :data:`DUPLICATE`, :data:`STORED_RAW` and :data:`STORED_PAYLOAD`.
+    """
+
+    # Seconds spent reading rows ("read") and hashing and joining them ("hash_and_diff").
+    seconds: dict[str, float]
+    # True when an id-ordered full pass costs nothing here (BigQuery sorts on its side; the
+    # embedded differ sorts in this process's memory, so it sorts only when a run may hand over).
+    orders_for_free: bool
+
+    def scan_ids(self) -> IdScan:
+        """Read the Custom ID column once: counts, duplicates, removals. Called first."""
+
+    def moved_rows(self) -> Iterator[pa.RecordBatch]:
+        """Rows with a stored fingerprint whose raw hash moved (mapped before the first send)."""
+
+    def rows_to_send(self, *, full: bool, ordered: bool = False) -> Iterator[pa.RecordBatch]:
+        """New rows and rows with a bad or duplicated id; in a full pass, every row (by id if ``ordered``)."""
+
+    def close(self) -> None:
+        """Free what the differ holds (its database, its temporary tables). Idempotent."""
+
+
+class FingerprintStore(Protocol):
+    """Where the acknowledged fingerprints live: the one state role a differ reads and a journal writes.
+
+    Every write is fenced by the lease (:class:`sync.model.Lease`): a run that lost its
+    lease writes nothing (``LeaseLost``).
+    """
+
+    def load_fingerprint_table(self, activation: str) -> pa.Table:
+        """Every acknowledged fingerprint (:data:`FINGERPRINT_SCHEMA`), the journal applied."""
+
+    def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
+        """The same as a dict (small states, admin commands and tests)."""
+
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
+        """Append acknowledged entries (a :data:`JOURNAL_SCHEMA` table or entries), all or none."""
+
+    def compact(self, lease: Lease, now: datetime) -> None:
+        """Fold the journal into the fingerprints (a crashed run's too); checks the lease."""
+
+
+class DifferFactory(Protocol):
+    """An activation's differ and the store it reads, as ``sync.runtime`` builds them."""
+
+    @property
+    def fingerprints(self) -> FingerprintStore:
+        """Where this differ's fingerprints are committed (the run's journal writes there)."""
+
+    def open(self, activation: str, request: DiffRequest) -> Differ:
+        """The differ of one run (its stored fingerprints loaded, or queried, as it needs)."""
+
+    def record(self) -> Mapping[str, object]:
+        """What the differ adds to the run record (the warehouse's jobs and costs), or nothing."""
