@@ -84,7 +84,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from sync.config import parse_activation
     from sync.engine import Run, RunOptions
     from sync.logs import configure_logging
-    from sync.runtime import build_client, open_source_from_env
+    from sync.runtime import build_client, open_differ, open_source_from_env
     from sync.state.sqlite import SQLiteStateStore
 
     configure_logging(level="warning")
@@ -92,11 +92,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     source = open_source_from_env(config, os.environ)
     store = SQLiteStateStore(spec["state_path"])
     started = time.perf_counter()
+    differ = open_differ(config, store, source)
     try:
-        run = Run(config, source=source, store=store, client=build_client(config), options=RunOptions(trigger="bench"))
+        run = Run(
+            config,
+            source=source,
+            store=store,
+            client=build_client(config),
+            differ=differ,
+            options=RunOptions(trigger="bench"),
+        )
         record = asyncio.run(run.execute()).record
         stats = source.stats()
     finally:
+        differ.close()
         source.close()
         store.close()
     wall = time.perf_counter() - started

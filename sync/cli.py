@@ -37,7 +37,15 @@ from sync.record import EXIT_CODES, RunStatus, status_of_error
 from sync.report.history import history_csv, history_table, persistent_notes
 from sync.runconfig import config_as_run
 from sync.runlog import log_run_end
-from sync.runtime import StateNotFound, build_client, expand_state_url, open_source_from_env, open_store
+from sync.runtime import (
+    StateNotFound,
+    build_client,
+    expand_state_url,
+    open_differ,
+    open_source_from_env,
+    open_store,
+    open_warehouse_fingerprints,
+)
 from sync.state.base import StateStore
 
 app = typer.Typer(
@@ -501,8 +509,21 @@ def execute_run(
     except BaseException:
         source.close()
         raise
+    try:
+        differ = open_differ(activation, store, source)
+    except BaseException:
+        source.close()
+        store.close()
+        raise
     run = Run(
-        activation, source=source, store=store, client=client, options=options, progress=progress, rejects=rejects
+        activation,
+        source=source,
+        store=store,
+        client=client,
+        differ=differ,
+        options=options,
+        progress=progress,
+        rejects=rejects,
     )
 
     async def main() -> RunResult:
@@ -518,6 +539,7 @@ def execute_run(
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise RunInterrupted(run.record) from None
     finally:
+        differ.close()
         source.close()
         store.close()
 
@@ -627,8 +649,12 @@ def plan(
                     )
                 store = open_store("sqlite:///:memory:")
             stack.callback(store.close)
+            differ = open_differ(activation, store, source)
+            stack.callback(differ.close)
             options = RunOptions(trigger="plan", full=full)
-            run_ = Run(activation, source=source, store=store, client=None, options=options, rejects=sink)
+            run_ = Run(
+                activation, source=source, store=store, client=None, differ=differ, options=options, rejects=sink
+            )
             preview = asyncio.run(run_.plan_only(sample=sample))
         except SyncError as error:
             raise _fail(error, json_output=json_output, activation=activation.name) from None
@@ -827,19 +853,26 @@ def reset(
         finally:
             reader.close()
         store = _store(state, create=False)
+        in_bigquery = None
         if config is not None and config.diff.mode is DiffMode.WAREHOUSE:  # its fingerprints are in BigQuery
-            from sync.warehouse.hook import warehouse_store
-
-            store = warehouse_store(config, store)
+            try:
+                in_bigquery = open_warehouse_fingerprints(config, store)
+            except BaseException:
+                store.close()
+                raise
     except SyncError as error:
         raise _fail(error) from None
     try:
         if not yes and not typer.confirm(f"Forget the sync state of '{name}'? The next run sends every profile."):
             raise typer.Exit(1)
         store.reset(name)
+        if in_bigquery is not None:
+            in_bigquery.forget(name)
     except SyncError as error:
         raise _fail(error) from None
     finally:
+        if in_bigquery is not None:
+            in_bigquery.close()
         store.close()
     console.print(Text(f"state of '{name}' forgotten; the next run is a full load"))
 
@@ -855,9 +888,7 @@ def switch_diff(
     Give the activation YAML that names diff.dataset (mode warehouse); run it while no sync
     runs (it takes the lease), then deploy the YAML with the new mode.
     """
-    from sync.engine import default_owner
-    from sync.warehouse.hook import warehouse_store
-    from sync.warehouse.store import WarehouseStateStore
+    from sync.runs import default_owner
     from sync.warehouse.switch import switch_diff as carry_over
 
     config = _load(activation)
@@ -866,16 +897,21 @@ def switch_diff(
             raise ConfigError(
                 "give the activation YAML with diff.mode 'warehouse' (it names the dataset)", field="diff"
             )
-        store = warehouse_store(config, _store(state))
-        assert isinstance(store, WarehouseStateStore)
+        base = _store(state)
+        try:
+            in_bigquery = open_warehouse_fingerprints(config, base)
+        except BaseException:
+            base.close()
+            raise
     except SyncError as error:
         raise _fail(error) from None
     try:
-        moved = carry_over(config, store, to=to, owner=default_owner())
+        moved = carry_over(config, base, in_bigquery, to=to, owner=default_owner())
     except SyncError as error:
         raise _fail(error) from None
     finally:
-        store.close()
+        in_bigquery.close()
+        base.close()
     console.print(Text(f"{moved} fingerprints of '{config.name}' now in the {to.value} diff's store"))
 
 
@@ -918,29 +954,32 @@ def adopt_fence(
     """
     from datetime import UTC, datetime
 
-    from sync.engine import default_owner
-    from sync.warehouse.hook import warehouse_store
-    from sync.warehouse.store import WarehouseStateStore
+    from sync.runs import default_owner
 
     config = _load(activation)
     try:
         if config.diff.mode is not DiffMode.WAREHOUSE:
             raise ConfigError("only an activation with diff.mode 'warehouse' has a fence to adopt", field="diff")
-        store = warehouse_store(config, _store(state))
-        assert isinstance(store, WarehouseStateStore)
+        base = _store(state)
+        try:
+            store = open_warehouse_fingerprints(config, base)
+        except BaseException:
+            base.close()
+            raise
     except SyncError as error:
         raise _fail(error) from None
     try:
         now = datetime.now(UTC)
-        lease = store.base.acquire_lease(config.name, default_owner(), 600.0, now)
+        lease = base.acquire_lease(config.name, default_owner(), 600.0, now)
         try:
             took = store.adopt_fence(lease, now, min_idle_seconds=0.0 if force else None)
         finally:
-            store.base.release_lease(lease)
+            base.release_lease(lease)
     except SyncError as error:
         raise _fail(error) from None
     finally:
         store.close()
+        base.close()
     where = f"{store.dataset.dataset_id}.cepsync_fence"
     if took:
         console.print(Text(f"'{config.name}': this state store now owns {where} (took over from token {took})"))

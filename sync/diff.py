@@ -478,3 +478,6 @@ class EmbeddedDiffer:
 
     def record(self) -> dict[str, object]:
         return {}
+
+    def close(self) -> None:
+        """Nothing of its own to close: the source and the store are their opener's."""

@@ -141,3 +141,6 @@ class DifferFactory(Protocol):
 
     def record(self) -> Mapping[str, object]:
         """What the differ adds to the run record (the warehouse's jobs and costs), or nothing."""
+
+    def close(self) -> None:
+        """Close the clients the factory opened (not the state store it was given)."""

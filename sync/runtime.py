@@ -1,4 +1,4 @@
-"""Builds the edges (source, state store, Batch client) from settings, for the CLI and main.py.
+"""Builds the edges (source, state store, differ, Batch client) from settings, for the CLI and main.py.
 
 State locations are URLs:
 
@@ -34,13 +34,17 @@ import pyarrow as pa
 
 from sync.batch.client import BatchClient
 from sync.batch.ratelimit import PROCESS_LIMITERS
-from sync.config import HTTP_URL, Activation, BigQuerySourceConfig, Credentials, DuckDBSourceConfig
+from sync.config import HTTP_URL, Activation, BigQuerySourceConfig, Credentials, DiffMode, DuckDBSourceConfig
+from sync.diff import EmbeddedDiffer
+from sync.differ import DifferFactory
 from sync.errors import ConfigError, FatalError
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
 if TYPE_CHECKING:
     from google.cloud.bigquery_storage import BigQueryReadClient
+
+    from sync.warehouse.store import WarehouseFingerprints
 
 
 class StateNotFound(ConfigError):
@@ -378,3 +382,93 @@ def build_client(activation: Activation, environ: dict[str, str] | None = None) 
 
     scrubber.add([credentials.api_key.get_secret_value(), credentials.project_key.get_secret_value()])
     return BatchClient(activation.destination, credentials, activation=activation.name, limiters=PROCESS_LIMITERS)
+
+
+def open_differ(
+    activation: Activation, store: StateStore, source: Source, environ: Mapping[str, str] | None = None
+) -> DifferFactory:
+    """The activation's differ and the store of its fingerprints (``docs/warehouse-diff.md``).
+
+    ``diff: function`` (the default): the embedded differ, fingerprints in ``store``; first
+    refused if the last run kept them in BigQuery and they were not carried back.
+    ``diff: warehouse``: the BigQuery differ, fingerprints in ``diff.dataset``; its runs are
+    refused if the fingerprints are still in ``store``. Nothing of BigQuery is imported for
+    the default (the client weighs ~45 MB of memory).
+    """
+    env = os.environ if environ is None else environ
+    if activation.diff.mode is not DiffMode.WAREHOUSE:
+        dataset = _dataset_left_in_bigquery(activation, store)
+        if dataset is not None:
+            from sync.config import DiffConfig
+            from sync.warehouse.switch import refuse_state_left_in_bigquery
+
+            previous_config = activation.model_copy(
+                update={"diff": DiffConfig(mode=DiffMode.WAREHOUSE, dataset=dataset)}
+            )
+            previous = open_warehouse_fingerprints(previous_config, store, env)
+            try:
+                refuse_state_left_in_bigquery(activation, previous, dataset)
+            finally:
+                previous.close()
+        return EmbeddedDiffer(source, store)
+    from sync.warehouse.diff import WarehouseDiffer
+    from sync.warehouse.switch import refuse_state_left_in_base
+
+    fingerprints = open_warehouse_fingerprints(activation, store, env)
+    return WarehouseDiffer(
+        activation, fingerprints, on_no_state=lambda: refuse_state_left_in_base(activation, store, fingerprints)
+    )
+
+
+def _dataset_left_in_bigquery(activation: Activation, store: StateStore) -> str | None:
+    """The dataset the last run kept the fingerprints in, if it used the warehouse diff and
+    ``store`` holds none (cheap when nothing is wrong: one read of the latest run record)."""
+    if not isinstance(activation.source, BigQuerySourceConfig):
+        return None
+    runs = store.list_runs(activation.name, 1)
+    diff = ((runs[0].get("config") or {}).get("diff") or {}) if runs else {}
+    dataset = diff.get("dataset") if diff.get("mode") == DiffMode.WAREHOUSE.value else None
+    if not isinstance(dataset, str):
+        return None
+    from sync.config import state_dataset_problem
+
+    if state_dataset_problem(dataset) is not None:
+        return None
+    if store.load_fingerprint_table(activation.name).num_rows:
+        return None  # switched back already (or both hold some after a crashed switch: run it again)
+    return dataset
+
+
+def open_warehouse_fingerprints(
+    activation: Activation, base: StateStore, environ: Mapping[str, str] | None = None
+) -> WarehouseFingerprints:
+    """The activation's fingerprints in BigQuery (``diff.dataset``), their lease checked through ``base``.
+
+    The clients come from the one factory every BigQuery use shares
+    (:func:`sync.bigquery_clients.open_bigquery`): Application Default Credentials and the
+    Storage Read API in production, the local emulator when ``BIGQUERY_EMULATOR_HOST`` says so.
+    """
+    config = activation.source
+    if not isinstance(config, BigQuerySourceConfig) or activation.diff.dataset is None:
+        raise ConfigError("diff mode 'warehouse' needs a BigQuery source and diff.dataset", field="diff")
+    from sync.bigquery_clients import open_bigquery
+    from sync.warehouse.bq import Warehouse
+    from sync.warehouse.store import WarehouseFingerprints, dataset_reference
+
+    clients = open_bigquery(
+        project=config.project,
+        location=config.location,
+        use_storage_api=config.use_storage_api,
+        environ=os.environ if environ is None else environ,
+        activation=activation.name,
+        field="diff",
+    )
+    warehouse = Warehouse(
+        clients.client,
+        activation=activation.name,
+        read_client=clients.read_client,
+        location=config.location,
+        maximum_bytes_billed=activation.diff.maximum_bytes_billed,
+        closers=[clients.close],
+    )
+    return WarehouseFingerprints(base, warehouse, dataset_reference(activation.diff.dataset, clients.client.project))

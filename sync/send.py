@@ -22,21 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 import pyarrow as pa
 import structlog
 
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
+from sync.differ import FingerprintStore
 from sync.encode import request_body
 from sync.fingerprint import canonical_json, payload_fingerprint_of
 from sync.model import NO_ATTRIBUTE, IntentsNote, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
-from sync.state.base import StateStore
+from sync.state.base import StateStore as IntentStore
 
 log = structlog.get_logger("cepsync.send")
 
@@ -82,7 +84,8 @@ class Journal:
 
     def __init__(
         self,
-        store: StateStore,
+        fingerprints: FingerprintStore,
+        intents: IntentStore,
         lease: Callable[[], Lease],
         *,
         every_profiles: int,
@@ -91,7 +94,8 @@ class Journal:
         now: Callable[[], datetime],
         stale_intents: frozenset[str] = frozenset(),
     ) -> None:
-        self._store = store
+        self._fingerprints = fingerprints
+        self._intents = intents
         self._lease = lease
         self._stale = stale_intents
         self._every = every_profiles
@@ -108,7 +112,6 @@ class Journal:
         self.flushes = 0
         self.committed = 0
         self.commit_seconds = 0.0
-        self.on_flush: Callable[[], Awaitable[None]] | None = None
 
     def add(
         self,
@@ -166,7 +169,9 @@ class Journal:
             started = time.perf_counter()
             lease, now = self._lease(), self._now()
             # One worker-thread hop: gathering the pending tables and committing them.
-            await asyncio.to_thread(lambda: self._store.commit(lease, _one_table(lease.activation, pending), now))
+            await asyncio.to_thread(
+                lambda: self._fingerprints.commit(lease, _one_table(lease.activation, pending), now)
+            )
             self.commit_seconds += time.perf_counter() - started
             self.flushes += 1
             self.committed += rows
@@ -175,8 +180,6 @@ class Journal:
         settlement = self._settle(cleared, final=final)
         if settlement.retire or settlement.clear:
             await asyncio.to_thread(self._apply, settlement)
-        if pending and self.on_flush is not None:
-            await self.on_flush()
 
     def _settle(self, cleared: list[str], *, final: bool) -> _Settlement:
         """Which notes the commit just made retire-able, and which intents it lets go (event loop).
@@ -204,9 +207,9 @@ class Journal:
     def _apply(self, settlement: _Settlement) -> None:
         lease = self._lease()
         for note in settlement.retire:
-            self._store.retire_intents(lease, note)
+            self._intents.retire_intents(lease, note)
         if settlement.clear:
-            self._store.clear_intents(lease, settlement.clear)
+            self._intents.clear_intents(lease, settlement.clear)
 
 
 class Watermark:
@@ -272,6 +275,19 @@ class SendTally:
     item_failures: list[Refusal] = field(default_factory=list)
     # Profiles resent within the run after a per-item error not about the value.
     item_retries: int = 0
+    # Acknowledged ids that had an entry for a payload Batch did not apply before: Batch
+    # applied this one, so the entry is forgotten at the end of the run.
+    acknowledged_remembered: list[str] = field(default_factory=list)
+
+
+class Budget(Protocol):
+    """What the sender asks of time (``sync.lease.LeaseKeeper`` answers)."""
+
+    def deadline(self) -> float:
+        """The monotonic time no request may outlive (lease expiry, time budget)."""
+
+    def budget_exhausted(self) -> bool:
+        """True once no new request may start (the run hands over to a continuation)."""
 
 
 class Sender:
@@ -282,13 +298,16 @@ class Sender:
         endpoint: The endpoint every request of the run uses.
         concurrency: Requests in flight at once.
         journal: Where acknowledged fingerprints go.
-        deadline: The monotonic time no request may outlive (lease expiry, time budget).
-        budget_exhausted: True once no new request may start (the run hands over).
+        budget: When requests must end, and when no new one may start.
         mirror: Mirror mode: every group with new ids must arrive with its intents noted.
         removal_attributes: The ``null`` payload a removal sends (:func:`removal_body`); its
             fingerprint is what a refused removal is remembered by.
-        on_outcome: Called with every outcome (the engine counts and samples refusals).
-            Per-item failures are in :attr:`SendTally.item_failures` for the end of the run.
+        remembered: Ids with an entry for a payload Batch did not apply before (their
+            acknowledgements are listed in :attr:`SendTally.acknowledged_remembered`).
+        on_answer: Told (acknowledged, rejected, failed) of every request (a progress bar).
+
+    What the requests came to is returned as values, in :attr:`tally` (counts, Batch's
+    refusals and per-item failures): the engine's run book reads it.
     """
 
     def __init__(
@@ -298,22 +317,22 @@ class Sender:
         *,
         concurrency: int,
         journal: Journal,
-        deadline: Callable[[], float],
-        budget_exhausted: Callable[[], bool],
+        budget: Budget,
         mirror: bool,
         removal_attributes: bytes,
-        on_outcome: Callable[[SendOutcome], None],
+        remembered: Container[str] = frozenset(),
+        on_answer: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self._client = client
         self._endpoint = endpoint
         self._semaphore = asyncio.Semaphore(concurrency)
         self._journal = journal
-        self._deadline = deadline
-        self._budget_exhausted = budget_exhausted
+        self._budget = budget
+        self._remembered = remembered
         self._mirror = mirror
         self._removal = removal_attributes
         self._removal_payload = payload_fingerprint_of(removal_attributes)
-        self._on_outcome = on_outcome
+        self._on_answer = on_answer
         self._tasks: set[asyncio.Task[None]] = set()
         self._errors: list[BaseException] = []
         self._index = 0
@@ -332,7 +351,7 @@ class Sender:
         if self._errors:
             self._semaphore.release()
             return False
-        if self._budget_exhausted():
+        if self._budget.budget_exhausted():
             self._semaphore.release()
             self.incomplete = True
             log.warning("time budget nearly spent: handing over to a continuation", group=self._index)
@@ -372,7 +391,7 @@ class Sender:
                 profiles = [ProfileUpdate(custom_id, encoded=self._removal) for custom_id in group.removals]
             tally.attempted += len(profiles)
             tally.requests += 1
-            outcome = await self._client.send(self._endpoint, profiles, deadline=self._deadline())
+            outcome = await self._client.send(self._endpoint, profiles, deadline=self._budget.deadline())
             tally.wire_seconds += outcome.wire_seconds
             tally.wait_seconds += outcome.wait_seconds
             tally.retries += max(0, outcome.attempts - 1)
@@ -422,7 +441,10 @@ class Sender:
                 # A refused removal is remembered by the removal payload's fingerprint, as a
                 # refused upsert is by its own: not sent again while the owned keys stay the same.
                 self._remember(outcome, lambda _custom_id: self._removal_payload)
-            self._on_outcome(outcome)
+            if self._remembered:
+                tally.acknowledged_remembered.extend(c for c in outcome.acknowledged if c in self._remembered)
+            if self._on_answer is not None:
+                self._on_answer(len(outcome.acknowledged), len(outcome.rejected), len(outcome.failed))
             if self._journal.due():
                 await self._journal.flush()
         finally:
@@ -470,3 +492,53 @@ def _one_table(activation: str, pending: list[pa.Table | Sequence[JournalEntry]]
     """The pending outcomes as one journal table (``sync.state.core.JOURNAL_SCHEMA``), oldest first."""
     tables = [part if isinstance(part, pa.Table) else core.journal_table(activation, part) for part in pending]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+class IntentNoter:
+    """Notes the ids a window of send groups may change in Batch, in one append, then hands the groups on.
+
+    Guarantee 7 (an id Batch may hold is always known) needs a new id noted before the
+    request that could create it (mirror mode). And any send that can leave Batch holding
+    something the stored fingerprints do not say (a changed payload, a removal) is noted
+    too: if its acknowledgement is lost (a crash, a dropped answer), the next run reads the
+    note as "unconfirmed" and sends the id again, even if its row came back to the
+    acknowledged value. Noting a window of groups rather than each request keeps a run's
+    state writes to a few per window (docs/how-state-is-kept.md). A crash leaves notes for
+    ids never sent: harmless, they are only sent again.
+
+    Args:
+        intents: Where intents are noted.
+        lease: The current lease (each note is fenced by it).
+        mirror: Mirror mode: new ids are noted too.
+    """
+
+    def __init__(self, intents: IntentStore, lease: Callable[[], Lease], *, mirror: bool) -> None:
+        self._intents = intents
+        self._lease = lease
+        self._mirror = mirror
+
+    def in_windows(self, groups: Iterable[SendGroup], *, window: int) -> Iterator[SendGroup]:
+        """``groups``, each window of about ``window`` profiles noted before any of it is handed on."""
+        held: list[SendGroup] = []
+        profiles = 0
+        for group in groups:
+            held.append(group)
+            profiles += len(group.upserts) + len(group.removals)
+            if profiles >= window:
+                yield from self.note(held)
+                held, profiles = [], 0
+        yield from self.note(held)
+
+    def note(self, held: list[SendGroup]) -> list[SendGroup]:
+        """Note one window's ids in one append; the groups, marked noted."""
+        per_group = [group.removals or group.upserts.noted_ids(new=self._mirror) for group in held]
+        noted = [custom_id for ids in per_group for custom_id in ids]
+        window = None
+        if noted:
+            note = self._intents.record_intents(self._lease(), noted)
+            window = IntentWindow(note, outstanding=sum(1 for ids in per_group if ids))
+        for group, ids in zip(held, per_group, strict=True):
+            group.intents_noted = True
+            if ids:
+                group.intents = window
+        return held

@@ -1,29 +1,25 @@
-"""Mapping on several cores: the same ``convert_batch`` + ``encode_batch`` + ``plan_rows``, in worker processes.
+"""Mapping on several cores: the same :class:`sync.planner.Planner`, in worker processes.
 
 Mapping is the one stage that holds the GIL (phone numbers, emails, dates are Python code).
 On a machine with spare cores, the engine hands the differ's batches to a pool of worker
 processes and takes the planned batches back *in the order it sent them*, so a full pass
 still sends in Custom ID order and every decision is the one a single process makes (each
-worker builds the same :class:`~sync.mapping.ProfileMapper` from the same activation and
-column types). On one core there is no pool: the pipeline alone carries the load.
+worker builds the same planner from the engine's :meth:`~sync.planner.Planner.spec`). On
+one core there is no pool: the pipeline alone carries the load.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import pyarrow as pa
 
-from sync.config import Activation, AttributeType
-from sync.encode import encode_batch
-from sync.mapping import ProfileMapper
-from sync.model import Refusal
-from sync.plan import BatchPlan, plan_rows
+from sync.plan import BatchPlan
+from sync.planner import Planner, PlannerSpec
 
 # Batches in flight per worker: enough to keep every worker busy while results are taken
 # in order, few enough that memory stays bounded.
@@ -32,10 +28,7 @@ BATCHES_PER_WORKER = 2
 AUTO_POOL_MIN_ROWS = 50_000
 AUTO_POOL_MAX_WORKERS = 4
 
-_mapper: ProfileMapper | None = None
-_duplicates: Mapping[str, int] = {}
-_refused: Mapping[str, Refusal] | None = None
-_id_column = ""
+_planner: Planner | None = None
 
 
 def auto_workers() -> int:
@@ -47,34 +40,14 @@ def auto_workers() -> int:
     return max(0, min(AUTO_POOL_MAX_WORKERS, cores - 2))
 
 
-def _start(
-    activation_json: str,
-    types: dict[str, str],
-    duplicates: dict[str, int],
-    id_column: str,
-    refused: dict[str, Refusal] | None,
-) -> None:
-    global _mapper, _duplicates, _id_column, _refused
-    activation = Activation.model_validate_json(activation_json)
-    _mapper = ProfileMapper(activation, {column: AttributeType(value) for column, value in types.items()})
-    _duplicates = duplicates
-    _id_column = id_column
-    _refused = refused
+def _start(spec: PlannerSpec) -> None:
+    global _planner
+    _planner = Planner.from_spec(spec)
 
 
 def _map_and_plan(batch: pa.RecordBatch, full: bool) -> tuple[BatchPlan, float]:
-    assert _mapper is not None, "worker not started"
-    started = time.perf_counter()
-    plan = plan_rows(
-        batch,
-        encode_batch(_mapper.convert_batch(batch)),
-        full=full,
-        duplicates=_duplicates,
-        id_column=_id_column,
-        payload_keys=_mapper.payload_keys,
-        refused=_refused,
-    )
-    return plan, time.perf_counter() - started
+    assert _planner is not None, "worker not started"
+    return _planner.plan(batch, full=full)
 
 
 class MappingPool:
@@ -82,22 +55,10 @@ class MappingPool:
 
     Args:
         workers: Processes to start.
-        activation: The activation (each worker builds its own mapper from it).
-        types: Column -> resolved attribute type (``resolve_attribute_types``).
-        duplicates: Custom ID -> copies for every duplicated id (from the id scan).
-        id_column: The Custom ID column.
-        refused: Payloads Batch refused, by Custom ID (not sent again unchanged), or None.
+        planner: The run's planner; each worker builds the same one from its spec.
     """
 
-    def __init__(
-        self,
-        workers: int,
-        activation: Activation,
-        types: Mapping[str, AttributeType],
-        duplicates: Mapping[str, int],
-        id_column: str,
-        refused: Mapping[str, Refusal] | None = None,
-    ) -> None:
+    def __init__(self, workers: int, planner: Planner) -> None:
         self.workers = workers
         # spawn, not fork: the parent runs DuckDB and asyncio threads, which a fork would
         # copy in whatever state they are in.
@@ -105,13 +66,7 @@ class MappingPool:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start,
-            initargs=(
-                activation.model_dump_json(),
-                {column: kind.value for column, kind in types.items()},
-                dict(duplicates),
-                id_column,
-                None if refused is None else dict(refused),
-            ),
+            initargs=(planner.spec(),),
         )
 
     def map_in_order(self, batches: Iterator[pa.RecordBatch], *, full: bool) -> Iterator[tuple[BatchPlan, float]]:

@@ -36,7 +36,8 @@ from sync.sources.bigquery import BigQuerySource
 from sync.state.sqlite import SQLiteStateStore
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse
-from sync.warehouse.store import WarehouseStateStore
+from sync.warehouse.diff import WarehouseDiffer
+from sync.warehouse.store import WarehouseFingerprints
 from tests.support.bigquery_emulator import BigQueryEmulator, RecordingProxy
 from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, SCHEMA, make_client, people, person
 
@@ -85,21 +86,22 @@ def activation_for(dataset: bigquery.Dataset, base_url: str) -> Activation:
     )
 
 
-def open_store(client: bigquery.Client, dataset: bigquery.Dataset, state: Path) -> WarehouseStateStore:
+def open_store(client: bigquery.Client, dataset: bigquery.Dataset, state: Path) -> WarehouseFingerprints:
     warehouse = Warehouse(client, activation=NAME, maximum_bytes_billed=10_000_000_000)
-    return WarehouseStateStore(SQLiteStateStore(state), warehouse, dataset.reference)
+    return WarehouseFingerprints(SQLiteStateStore(state), warehouse, dataset.reference)
 
 
 async def run(
     activation: Activation, client: bigquery.Client, dataset: bigquery.Dataset, state: Path, *, full: bool = False
-) -> tuple[dict[str, Any], WarehouseStateStore]:
+) -> tuple[dict[str, Any], WarehouseFingerprints]:
     store = open_store(client, dataset, state)
     source = BigQuerySource(activation.source, activation=NAME, client=client)  # type: ignore[arg-type]
     try:
         result = await Run(
             activation,
             source=source,
-            store=store,
+            store=store.base,
+            differ=WarehouseDiffer(activation, store),
             client=make_client(activation),
             options=RunOptions(lease_ttl_seconds=60, full=full),
         ).execute()
@@ -278,11 +280,11 @@ async def test_a_stale_lease_can_neither_append_nor_merge(
     store = open_store(bq_client, bq_dataset, tmp_path / "state.sqlite")
     now = datetime.now(UTC)
     try:
-        stale = store.acquire_lease(NAME, "old", 60, now)
+        stale = store.base.acquire_lease(NAME, "old", 60, now)
         store.register(stale)
         store.commit(stale, [JournalEntry("a", Fingerprint(1, 2))], now)
-        store.release_lease(stale)
-        current = store.acquire_lease(NAME, "new", 60, now)
+        store.base.release_lease(stale)
+        current = store.base.acquire_lease(NAME, "new", 60, now)
         store.register(current)
         store.commit(current, [JournalEntry("a", Fingerprint(3, 4)), JournalEntry("b", Fingerprint(5, 6))], now)
         # The base store refuses the stale token before BigQuery is asked anything...
@@ -607,7 +609,7 @@ def test_a_new_state_store_adopts_the_fence_and_an_old_run_can_no_longer_merge(
     # A run of the old store that is still going: it registered and appended one profile.
     old = open_store(bq_client, bq_dataset, tmp_path / "old.db")
     now = datetime.now(UTC)
-    still_running = old.acquire_lease(NAME, "old-function", 600, now)
+    still_running = old.base.acquire_lease(NAME, "old-function", 600, now)
     old.register(still_running)
     old.commit(still_running, [JournalEntry("c00001", Fingerprint(11, 11))], now)
 
@@ -712,14 +714,14 @@ def test_outside_the_emulator_the_warehouse_reads_with_a_storage_client_on_the_s
     # Item 12, production: before, the read client was built only with the emulator variables.
     from google.cloud.bigquery_storage import BigQueryReadClient
 
-    from sync.warehouse.hook import warehouse_store
+    from sync.runtime import open_warehouse_fingerprints
 
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(fake_service_account(tmp_path / "key.json")))
     activation = activation_for(bigquery.Dataset("cepsync-prod.state"), "http://127.0.0.1:1")
     base = SQLiteStateStore(tmp_path / "state.db")
-    store = warehouse_store(activation, base, environ={})
+    store = open_warehouse_fingerprints(activation, base, environ={})
     try:
-        assert isinstance(store, WarehouseStateStore)
+        assert isinstance(store, WarehouseFingerprints)
         read_client = store.warehouse.read_client
         assert isinstance(read_client, BigQueryReadClient)
         # The client's own service account (google-cloud-bigquery builds its read client the same way).
@@ -729,12 +731,14 @@ def test_outside_the_emulator_the_warehouse_reads_with_a_storage_client_on_the_s
         assert store.dataset.project == "cepsync-prod"
         # use_storage_api: false keeps REST paging.
         rest = activation.model_copy(update={"source": activation.source.model_copy(update={"use_storage_api": False})})
-        other = warehouse_store(rest, SQLiteStateStore(tmp_path / "other.db"), environ={})
-        assert isinstance(other, WarehouseStateStore)
+        other = open_warehouse_fingerprints(rest, SQLiteStateStore(tmp_path / "other.db"), environ={})
+        assert isinstance(other, WarehouseFingerprints)
         assert other.warehouse.read_client is None
         other.close()
+        other.base.close()
     finally:
         store.close()
+        base.close()
 
 
 @pytest.mark.emulator

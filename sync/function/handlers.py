@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from sync.config import Activation, load_activations
-from sync.engine import Clock, Run, RunOptions, RunResult, new_run_id
+from sync.engine import Run
 from sync.errors import ConfigError, RetryableRunError, SyncError
 from sync.function.handover import continuation_wanted, finish_hand_over_of_duplicate, hand_over
 from sync.function.messages import (
@@ -35,7 +35,8 @@ from sync.function.settings import Settings
 from sync.function.trace import Headers, TraceContext, trace_from_headers
 from sync.record import RETRY_HTTP_STATUS, RunStatus, http_status_of, is_retryable, status_of_error
 from sync.runlog import log_run_end
-from sync.runtime import build_client, open_source, open_store
+from sync.runs import Clock, RunOptions, RunResult, new_run_id
+from sync.runtime import build_client, open_differ, open_source, open_store
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -449,7 +450,10 @@ def _execute(activation: Activation, request: SyncRequest, invocation: _Invocati
         # a success is final (docs/function.md, "Idempotency").
         rerun_unless_succeeded=invocation.trigger == "http",
     )
-    return asyncio.run(Run(activation, source=source, store=store, client=client, options=options).execute())
+    differ = open_differ(activation, store, source, invocation.environ)
+    invocation.closers.append(differ.close)
+    run = Run(activation, source=source, store=store, client=client, differ=differ, options=options)
+    return asyncio.run(run.execute())
 
 
 def open_segment_source(activation: Activation, settings: Settings, closers: list[Callable[[], None]]) -> Source:

@@ -27,11 +27,12 @@ import pyarrow as pa
 from google.cloud import bigquery
 
 from sync.config import Activation, BigQuerySourceConfig
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, IdScan
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, DiffRequest, IdScan
 from sync.errors import ConfigError
 from sync.sources.bigquery import parse_table_reference, query_parameters
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse
+from sync.warehouse.store import WarehouseFingerprints
 
 
 class WarehouseDiff:
@@ -201,3 +202,56 @@ def _field_type(arrow: pa.DataType) -> str:
 
 
 sql_parameter = bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter
+
+
+class WarehouseDiffer:
+    """The warehouse differ's factory: fingerprints in BigQuery, compared there.
+
+    A :class:`sync.differ.DifferFactory`, built by ``sync.runtime.open_differ`` for an
+    activation with ``diff: warehouse``. Every run it opens is refused (ConfigError) when
+    BigQuery holds no fingerprint while the base store still does: the fingerprints were
+    not carried over (``cepsync switch-diff``), and a run would send the whole segment.
+
+    Args:
+        activation: The activation (its BigQuery source and mapping).
+        fingerprints: The activation's fingerprints in BigQuery (their warehouse runs the jobs).
+        on_no_state: Called when BigQuery holds no fingerprint for the activation yet.
+    """
+
+    def __init__(
+        self,
+        activation: Activation,
+        fingerprints: WarehouseFingerprints,
+        *,
+        on_no_state: Callable[[], None] | None = None,
+    ) -> None:
+        self._activation = activation
+        self._fingerprints = fingerprints
+        self._on_no_state = on_no_state
+
+    @property
+    def fingerprints(self) -> WarehouseFingerprints:
+        return self._fingerprints
+
+    def open(self, activation: str, request: DiffRequest) -> WarehouseDiff:
+        store = self._fingerprints
+        store.ensure_tables()
+        return WarehouseDiff(
+            self._activation,
+            store.warehouse,
+            fingerprints=store.fingerprints_sql,
+            columns=request.columns,
+            schema=request.schema,
+            mapping_version=request.mapping_version,
+            intents=request.intents,
+            unconfirmed=request.unconfirmed,
+            on_rows=request.on_rows,
+            on_no_state=self._on_no_state,
+        )
+
+    def record(self) -> dict[str, object]:
+        """The run record's ``warehouse`` entry: every BigQuery job of the run and its cost."""
+        return {"warehouse": self._fingerprints.warehouse.ledger.as_record()}
+
+    def close(self) -> None:
+        self._fingerprints.close()

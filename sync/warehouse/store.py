@@ -1,10 +1,12 @@
-"""Fingerprints in BigQuery, everything else in the usual store: the warehouse-diff state.
+"""Fingerprints in BigQuery: the one state role a ``diff: warehouse`` run keeps there.
 
-:class:`WarehouseStateStore` is a :class:`sync.state.base.StateStore` that composes two:
+:class:`WarehouseFingerprints` is the fingerprint role of the state
+(:class:`sync.differ.FingerprintStore`); a run holds it beside its usual state store:
 
 * the **base store** (Firestore in production, SQLite locally) keeps the lease, the mirror
   intents, the activation meta (continuation checkpoint included), run records and
-  delivery counts, exactly as in ``diff: function``;
+  delivery counts, exactly as in ``diff: function``; its ``compact`` is the lease check
+  every write here starts with;
 * **BigQuery** keeps the acknowledged fingerprints, in three tables of the dataset the
   activation names (``diff.dataset``):
 
@@ -37,9 +39,8 @@ How a fingerprint moves:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
@@ -47,9 +48,9 @@ from google.cloud import bigquery
 
 from sync.differ import FINGERPRINT_SCHEMA
 from sync.errors import ConfigError, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
+from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
-from sync.state.base import CountsOperations, StateStore, operation_counts
+from sync.state.base import StateStore
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
 
@@ -64,8 +65,8 @@ def dataset_reference(dataset: str, default_project: str) -> bigquery.DatasetRef
     return bigquery.DatasetReference(project or default_project, name)
 
 
-class WarehouseStateStore:
-    """A StateStore whose fingerprints live in BigQuery (see the module docstring)."""
+class WarehouseFingerprints:
+    """The fingerprint role (:class:`sync.differ.FingerprintStore`) in BigQuery (see the module docstring)."""
 
     def __init__(self, base: StateStore, warehouse: Warehouse, dataset: bigquery.DatasetReference) -> None:
         self.base = base
@@ -81,16 +82,6 @@ class WarehouseStateStore:
         # (activation, lease token, token in BigQuery) of the lease registered last.
         self._registered: tuple[str, int, int] | None = None
         self._tables_ready = False
-
-    @property
-    def backend(self) -> str:
-        """Fingerprints in BigQuery; the lease, intents and run records in the base store."""
-        base = self.base
-        return f"bigquery+{base.backend if isinstance(base, CountsOperations) else type(base).__name__}"
-
-    def op_counts(self) -> dict[str, int]:
-        """The base store's counters (BigQuery's costs are in the record's ``warehouse`` entry)."""
-        return operation_counts(self.base) or {}
 
     # -- BigQuery tables ------------------------------------------------------------------
     def ensure_tables(self) -> None:
@@ -342,10 +333,6 @@ class WarehouseStateStore:
         self.drop_merged(lease)
 
     # -- admin -----------------------------------------------------------------------------
-    def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        self.base.reset(activation, now=now)
-        self.forget(activation)
-
     def forget(self, activation: str) -> None:
         """Delete the activation's fingerprints and journal from BigQuery (admin, not fenced)."""
         self.ensure_tables()
@@ -353,67 +340,8 @@ class WarehouseStateStore:
             self.warehouse.query("reset", sql.forget_sql(reference), self._params(activation))
 
     def close(self) -> None:
+        """Close the BigQuery clients (the base store is its opener's to close)."""
         self.warehouse.close()
-        self.base.close()
-
-    # -- everything else is the base store's ------------------------------------------------
-    def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
-        return self.base.acquire_lease(activation, owner, ttl_seconds, now)
-
-    def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
-        return self.base.renew_lease(lease, ttl_seconds, now)
-
-    def release_lease(self, lease: Lease) -> None:
-        self.base.release_lease(lease)
-
-    def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
-        return self.base.record_intents(lease, custom_ids)
-
-    def retire_intents(self, lease: Lease, note: IntentsNote) -> None:
-        self.base.retire_intents(lease, note)
-
-    def load_intents(self, activation: str) -> set[str]:
-        return self.base.load_intents(activation)
-
-    def clear_intents(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        self.base.clear_intents(lease, custom_ids)
-
-    # Payloads Batch refused are few and per id: they stay in the base store, like intents.
-    def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
-        self.base.record_refusals(lease, refusals)
-
-    def load_refusals(self, activation: str) -> dict[str, Refusal]:
-        return self.base.load_refusals(activation)
-
-    def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
-        self.base.clear_refusals(lease, custom_ids)
-
-    def load_meta(self, activation: str) -> ActivationMeta:
-        return self.base.load_meta(activation)
-
-    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
-        self.base.save_meta(lease, meta)
-
-    def save_run(self, record: dict[str, Any]) -> None:
-        self.base.save_run(record)
-
-    def list_runs(self, activation: str, limit: int = 20) -> list[dict[str, Any]]:
-        return self.base.list_runs(activation, limit)
-
-    def get_run(self, run_id: str) -> dict[str, Any] | None:
-        return self.base.get_run(run_id)
-
-    def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
-        return self.base.find_run_by_trigger(activation, trigger_id)
-
-    def record_delivery_attempt(self, activation: str, trigger_id: str, now: datetime) -> int:
-        return self.base.record_delivery_attempt(activation, trigger_id, now)
-
-    def delivery_attempts(self, activation: str, trigger_id: str) -> int:
-        return self.base.delivery_attempts(activation, trigger_id)
-
-    def record_trigger_request(self, trigger_id: str, request_digest: str, now: datetime) -> str:
-        return self.base.record_trigger_request(trigger_id, request_digest, now)
 
 
 def check_dataset(dataset: str | None) -> str:

@@ -22,9 +22,10 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from sync.config import Activation, DiffMode
+from sync.errors import ConfigError
 from sync.model import Fingerprint, JournalEntry
 from sync.state.base import StateStore
-from sync.warehouse.store import WarehouseStateStore
+from sync.warehouse.store import WarehouseFingerprints
 
 # Fingerprints per commit into SQLite/Firestore.
 CHUNK = 50_000
@@ -32,7 +33,8 @@ CHUNK = 50_000
 
 def switch_diff(
     activation: Activation,
-    warehouse: WarehouseStateStore,
+    base: StateStore,
+    warehouse: WarehouseFingerprints,
     *,
     to: DiffMode,
     owner: str,
@@ -40,7 +42,6 @@ def switch_diff(
     now: datetime | None = None,
 ) -> int:
     """Move the activation's fingerprints into the ``to`` mode's store; returns how many moved."""
-    base: StateStore = warehouse.base
     name = activation.name
     moment = now or datetime.now(UTC)
     lease = base.acquire_lease(name, owner, lease_ttl_seconds, moment)
@@ -78,3 +79,44 @@ def switch_diff(
         return int(table.num_rows)
     finally:
         base.release_lease(lease)
+
+
+def _switch_command(activation: Activation, to: DiffMode) -> str:
+    origin = activation.origin
+    path = origin if origin.endswith((".yaml", ".yml")) else "ACTIVATION.yaml"
+    return f"cepsync switch-diff {path} --to {to.value} --state STATE"
+
+
+def refuse_state_left_in_bigquery(activation: Activation, previous: WarehouseFingerprints, dataset: str) -> None:
+    """``diff: function`` after ``diff: warehouse`` without ``cepsync switch-diff``: refuse (ConfigError).
+
+    ``previous`` is the fingerprint store the last run used, in ``dataset`` (``sync.runtime`` opens it only
+    when that run used the warehouse diff and the function diff's store holds no
+    fingerprint, docs/warehouse-diff.md, "Switching modes"). If BigQuery still holds the
+    acknowledged fingerprints, a run now would send the whole segment again.
+    """
+    stored = previous.stored_count(activation.name)
+    if stored:
+        raise ConfigError(
+            f"diff.mode is 'function', but the acknowledged fingerprints of this activation are in BigQuery "
+            f"dataset {previous.dataset.project}.{previous.dataset.dataset_id} (its last run used diff: warehouse) "
+            "and the function diff's state holds none: a run now would send the whole segment again. Move them "
+            "back first, while no run is going on, with the activation YAML that still says diff: {mode: "
+            f"warehouse, dataset: {dataset}}}: {_switch_command(activation, DiffMode.FUNCTION)}",
+            source=f"activation '{activation.name}'",
+            field="diff.mode",
+        )
+
+
+def refuse_state_left_in_base(activation: Activation, base: StateStore, store: WarehouseFingerprints) -> None:
+    """``diff: warehouse`` while the fingerprints are still in the function diff's store: refuse."""
+    held = base.load_fingerprint_table(activation.name).num_rows
+    if held:
+        raise ConfigError(
+            f"diff.mode is 'warehouse', but the {held:,} acknowledged fingerprints of this activation are in "
+            f"the function diff's state and BigQuery dataset {store.dataset.project}.{store.dataset.dataset_id} "
+            "holds none: a run now would send the whole segment again. Move them first, while no run is going "
+            f"on: {_switch_command(activation, DiffMode.WAREHOUSE)}",
+            source=f"activation '{activation.name}'",
+            field="diff.mode",
+        )
