@@ -135,3 +135,59 @@ def test_the_check_finds_cycles_and_ignores_lazy_imports(tmp_path: Path) -> None
     assert graph["pkg.sub.c"] == {"pkg.sub.d"}
     assert graph["pkg.sub.d"] == set()
     assert cycles(graph) == [["pkg.a", "pkg.b"]]
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports at module level, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def _every_import(path: Path) -> set[str]:
+    """The modules a file names in any import statement, lazy ones (inside functions) included."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+# The pure core: mapping, encoding, planning. It may stand on the differ's contract
+# (sync.differ), never on a differ, the state, or the warehouse (docs/how-a-run-works.md, "The rooms").
+CORE = ("sync.plan", "sync.planner", "sync.mapping", "sync.convert", "sync.decode", "sync.encode", "sync.fingerprint")
+EDGES = ("sync.diff", "sync.state", "sync.warehouse", "sync.runtime", "sync.engine")
+
+
+def _within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == package or module.startswith(package + ".") for package in packages)
+
+
+def test_the_core_imports_no_differ_and_no_state() -> None:
+    graph = import_graph(SYNC)
+    assert "sync.differ" in graph["sync.plan"]  # the contract: allowed, and seen by the parser
+    offenders = {
+        module: sorted(target for target in _reachable(graph, module) if _within(target, EDGES))
+        for module in CORE
+        if module in graph
+    }
+    assert not {module: targets for module, targets in offenders.items() if targets}
+
+
+def test_the_engine_never_imports_the_warehouse_and_the_differ_contract_stands_alone() -> None:
+    graph = import_graph(SYNC)
+    reached = _reachable(graph, "sync.engine") | _every_import(SYNC / "engine.py")
+    assert not sorted(module for module in reached if _within(module, ("sync.warehouse",)))
+    # The contract is the floor both sides stand on: it imports nothing of the project but the model.
+    assert graph["sync.differ"] <= {"sync.model"}
+    # The warehouse edge is built by the runtime alone, which the warehouse never imports back.
+    assert not any("sync.runtime" in _every_import(path) for path in (SYNC / "warehouse").glob("*.py")), (
+        "sync/warehouse/ imports sync.runtime"
+    )
