@@ -25,7 +25,6 @@ import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
@@ -34,7 +33,8 @@ import pyarrow as pa
 
 from sync.batch.client import BatchClient
 from sync.batch.ratelimit import PROCESS_LIMITERS
-from sync.config import HTTP_URL, Activation, BigQuerySourceConfig, Credentials, DiffMode, DuckDBSourceConfig
+from sync.bigquery_clients import BigQueryEmulatorEndpoints, emulator_clients
+from sync.config import Activation, BigQuerySourceConfig, Credentials, DiffMode, DuckDBSourceConfig
 from sync.diff import EmbeddedDiffer
 from sync.differ import DifferFactory
 from sync.errors import ConfigError, FatalError
@@ -42,24 +42,11 @@ from sync.sources.base import Source
 from sync.state.base import StateStore
 
 if TYPE_CHECKING:
-    from google.cloud.bigquery_storage import BigQueryReadClient
-
     from sync.warehouse.store import WarehouseFingerprints
 
 
 class StateNotFound(ConfigError):
     """A command that only reads state found none at the URL (and created none)."""
-
-
-# Options for every gRPC channel cepsync builds itself. gRPC's default caps a received message
-# at 4 MiB, but a Storage Read server may send far larger ones (the local emulator sends up to
-# 100,000 rows per message, several MiB for a few string columns). The generated Google
-# clients lift both limits on the channels *they* build (-1: unlimited); a channel we build
-# must do the same, or a large segment fails on every read.
-GRPC_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-)
 
 
 def default_state_url(environ: Mapping[str, str]) -> str:
@@ -212,29 +199,6 @@ def _open_firestore(parsed: Any) -> StateStore:
     return FirestoreStateStore(client, prefix=prefix)
 
 
-@dataclass(frozen=True)
-class BigQueryEmulatorEndpoints:
-    """Where a local BigQuery emulator listens (tests and local runs only; never in production).
-
-    ``rest_url`` comes from ``BIGQUERY_EMULATOR_HOST`` (the name google-cloud-bigquery itself
-    reads for its REST endpoint, a URL such as ``http://127.0.0.1:9050``); ``storage_address``
-    from ``BIGQUERY_STORAGE_EMULATOR_HOST`` (``HOST:PORT`` of the Storage Read gRPC server,
-    reached on an insecure channel; without it the source pages over REST).
-    """
-
-    rest_url: str
-    storage_address: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> BigQueryEmulatorEndpoints | None:
-        url = env.get("BIGQUERY_EMULATOR_HOST") or None
-        if url is None:
-            return None
-        if not HTTP_URL.match(url):
-            raise ConfigError("must be a URL such as http://127.0.0.1:9050", field="BIGQUERY_EMULATOR_HOST")
-        return cls(url.rstrip("/"), env.get("BIGQUERY_STORAGE_EMULATOR_HOST") or None)
-
-
 class _SourceWithClients:
     """A source plus the clients built for it, closed together."""
 
@@ -249,7 +213,7 @@ class _SourceWithClients:
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         return self._source.read_batches(columns)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         return self._source.stats()
 
     def close(self) -> None:
@@ -314,8 +278,23 @@ def open_source(
         from sync.sources.bigquery import BigQuerySource
 
         if bigquery_emulator is None:
+            # The source opens (and closes) its own production clients, after checking its
+            # config: an invalid table or parameter fails before any credential is looked for.
             return BigQuerySource(config, activation=activation.name)
-        return _emulated_bigquery_source(activation, config, bigquery_emulator, default_project)
+        clients = emulator_clients(
+            bigquery_emulator,
+            project=config.project or default_project,
+            location=config.location,
+            use_storage_api=config.use_storage_api,
+        )
+        try:
+            source = BigQuerySource(
+                config, activation=activation.name, client=clients.client, read_client=clients.read_client
+            )
+        except BaseException:
+            clients.close()
+            raise
+        return _SourceWithClients(source, [clients.close])
     raise ConfigError(f"unsupported source type {type(config).__name__}", field="source")
 
 
@@ -331,48 +310,6 @@ def open_source_from_env(activation: Activation, env: Mapping[str, str]) -> Sour
         bigquery_emulator=BigQueryEmulatorEndpoints.from_env(env),
         default_project=env.get("GOOGLE_CLOUD_PROJECT") or None,
     )
-
-
-def _emulated_bigquery_source(
-    activation: Activation,
-    config: BigQuerySourceConfig,
-    emulator: BigQueryEmulatorEndpoints,
-    default_project: str | None,
-) -> Source:
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import bigquery
-
-    from sync.sources.bigquery import BigQuerySource
-
-    closers: list[Callable[[], None]] = []
-    # Anonymous credentials only here: an emulator accepts any caller and has no token endpoint.
-    client = bigquery.Client(
-        project=config.project or default_project,
-        location=config.location,
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # google-auth is unannotated
-        client_options={"api_endpoint": emulator.rest_url},
-    )
-    closers.append(client.close)
-    read_client = None
-    if emulator.storage_address is not None and config.use_storage_api:
-        read_client, close_channel = emulator_read_client(emulator.storage_address)
-        closers.append(close_channel)
-    source = BigQuerySource(config, activation=activation.name, client=client, read_client=read_client)
-    return _SourceWithClients(source, closers)
-
-
-def emulator_read_client(address: str) -> tuple[BigQueryReadClient, Callable[[], None]]:
-    """A Storage Read client on an insecure channel to ``HOST:PORT`` (an emulator), and its closer.
-
-    The channel accepts messages of any size (:data:`GRPC_CHANNEL_OPTIONS`).
-    """
-    import grpc
-    from google.cloud.bigquery_storage import BigQueryReadClient
-    from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
-
-    channel = grpc.insecure_channel(address, options=list(GRPC_CHANNEL_OPTIONS))
-    client = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))  # type: ignore[no-untyped-call]
-    return client, channel.close
 
 
 def build_client(activation: Activation, environ: dict[str, str] | None = None) -> BatchClient:

@@ -100,9 +100,9 @@ async def test_batch_errors_use_the_shared_redactor(unused_tcp_port: int) -> Non
 
 @pytest.mark.usefixtures("registered")
 def test_bigquery_errors_use_the_shared_redactor() -> None:
-    from sync.sources.bigquery import _describe  # the source's one error formatter
+    from sync.sources.bigquery_errors import describe  # the source's one error formatter
 
-    assert _describe(api_exceptions.Forbidden(RAW)).startswith(EXPECTED)
+    assert describe(api_exceptions.Forbidden(RAW)).startswith(EXPECTED)
     warehouse = Warehouse(cast(Any, None), activation="vip")  # no client: only the error translation runs
     translated = warehouse.translate("stage", api_exceptions.Forbidden(RAW))
     assert isinstance(translated, BigQueryPermissionDenied)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random as _random
 import time
 from array import array
@@ -39,14 +38,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import aiohttp
 import structlog
 
 from sync import __version__
+from sync.batch.answers import QUOTE_LIMIT, error_details, item_errors_problem, parse_retry_after, quote, read_accepted
+
+# Re-exported: a rejection is read from Batch's answer (sync/batch/answers.py) and reported here.
+from sync.batch.answers import Rejection as Rejection
 from sync.batch.endpoint import Endpoint
-from sync.batch.item_errors import is_value_refusal
 from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
@@ -84,11 +86,6 @@ PROBE_ATTEMPTS = 2
 # After the probe: requests in a row, over the whole client, that got no answer within their
 # full timeout before the run stops as an outage (concurrent requests all count).
 SILENT_AFTER_ATTEMPTS = 3
-# How much of a server-provided text we quote in errors and logs.
-QUOTE_LIMIT = 300
-
-SUCCESS = "SUCCESS"
-SUCCESS_WITH_PARTIAL_ERRORS = "SUCCESS_WITH_PARTIAL_ERRORS"
 
 
 def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: int) -> Endpoint:
@@ -125,10 +122,10 @@ class ProfileUpdate(NamedTuple):
     """
 
     custom_id: str
-    attributes: dict[str, Any] | None = None
+    attributes: dict[str, object] | None = None
     encoded: bytes | None = None
 
-    def to_request_item(self) -> dict[str, Any]:
+    def to_request_item(self) -> dict[str, object]:
         """The item as Batch expects it in the request array."""
         attributes = self.attributes if self.encoded is None else json.loads(self.encoded)
         return {"identifiers": {"custom_id": self.custom_id}, "attributes": attributes}
@@ -183,20 +180,6 @@ class EncodedProfiles:
 
 
 @dataclass
-class Rejection:
-    """A profile Batch listed in ``errors`` of a ``SUCCESS_WITH_PARTIAL_ERRORS`` answer."""
-
-    custom_id: str
-    reason: str
-    attribute: str | None
-    category: str | None
-
-    def describe(self) -> str:
-        """Batch's words for people: ``category: reason`` (``no category: reason`` without one)."""
-        return f"{self.category or 'no category'}: {self.reason}"
-
-
-@dataclass
 class SendOutcome:
     """What became of the profiles of one logical request.
 
@@ -218,15 +201,6 @@ class SendOutcome:
     item_retries: int = 0
     wire_seconds: float = 0.0
     wait_seconds: float = 0.0
-
-
-class _Answer(NamedTuple):
-    """A 202 read against the profiles it answers."""
-
-    acknowledged: list[str]
-    refused: list[Rejection]  # value refusals: final
-    failing: list[int]  # indices of the rows listed with another per-item error: resent
-    item_errors: list[Rejection]  # their errors, in the same order
 
 
 @dataclass
@@ -346,7 +320,7 @@ class BatchClient:
             return
         if response.status in (401, 403):
             raise self._auth_error(response, Endpoint.UPDATE)
-        details = self._error_details(response.body)
+        details = error_details(response.body, self._scrub)
         if response.status in TRANSIENT_STATUSES:
             raise TransientError(
                 f"activation '{self._activation}': Batch answered {response.status} at {url}{details}: "
@@ -475,9 +449,9 @@ class BatchClient:
                 status = response.status
                 retry_after = response.retry_after
                 if status == 202:
-                    answer = self._read_accepted(response.body, pending.ids, endpoint)
+                    answer = read_accepted(response.body, pending.ids, endpoint, scrub=self._scrub, log=self._log)
                     if answer is None:
-                        problem = f"HTTP 202 with an unrecognised body: {self._quote(response.body)}"
+                        problem = f"HTTP 202 with an unrecognised body: {quote(response.body, self._scrub)}"
                     else:
                         outcome.acknowledged.extend(answer.acknowledged)
                         outcome.rejected.extend(answer.refused)
@@ -488,11 +462,11 @@ class BatchClient:
                         item_errors.update((error.custom_id, error) for error in answer.item_errors)
                         pending = pending.subset(answer.failing)
                         resending = len(pending)
-                        problem = _item_errors_problem(answer.item_errors)
+                        problem = item_errors_problem(answer.item_errors)
                 elif status in (401, 403):
                     raise self._auth_error(response, endpoint)
                 elif status in TRANSIENT_STATUSES:
-                    problem = f"HTTP {status}{self._error_details(response.body)}"
+                    problem = f"HTTP {status}{error_details(response.body, self._scrub)}"
                 else:
                     raise self._contract_error(response, endpoint, len(pending))
             finally:
@@ -603,7 +577,7 @@ class BatchClient:
             allow_redirects=False,
         ) as response:
             body = await response.read()
-            return _Response(response.status, body, _parse_retry_after(response.headers.get("Retry-After")))
+            return _Response(response.status, body, parse_retry_after(response.headers.get("Retry-After")))
 
     def _headers(self) -> dict[str, str]:
         return {
@@ -627,61 +601,11 @@ class BatchClient:
         last = f" (last: {problem})" if problem else ""
         return f"deadline reached after {outcome.attempts} attempt(s), no time left for {what}{last}"
 
-    def _read_accepted(self, body: bytes, ids: list[str], endpoint: Endpoint) -> _Answer | None:
-        """Map a 202 body to what became of each row, or None when the body is not understood."""
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if not isinstance(document, dict):
-            return None
-        code = document.get("code")
-        if code == SUCCESS:
-            return _Answer(list(ids), [], [], [])
-        if code != SUCCESS_WITH_PARTIAL_ERRORS:
-            return None
-        errors = document.get("errors")
-        if not isinstance(errors, list):
-            # The code says "some rows were refused" but not which: Batch applied the rest,
-            # and the request as a whole was accepted (decision 5 + the brief's rule for a
-            # known code). Keep the evidence in the log.
-            self._log.warning(
-                "batch_partial_errors_unreadable",
-                endpoint=endpoint.value,
-                errors=self._quote(json.dumps(errors)),
-            )
-            return _Answer(list(ids), [], [], [])
-        by_index: dict[int, list[dict[str, Any]]] = {}
-        for entry in errors:
-            index = entry.get("bulk_index") if isinstance(entry, dict) else None
-            # bool is an int in Python; a JSON true is not an index.
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(ids):
-                self._log.warning(
-                    "batch_partial_error_ignored",
-                    endpoint=endpoint.value,
-                    profiles=len(ids),
-                    error=self._quote(json.dumps(entry)),
-                    why="bulk_index missing, not an integer or out of range",
-                )
-                continue
-            by_index.setdefault(index, []).append(entry)
-        answer = _Answer([custom_id for index, custom_id in enumerate(ids) if index not in by_index], [], [], [])
-        for index, entries in sorted(by_index.items()):
-            rejection = _rejection(ids[index], entries, self._scrub)
-            # One error about the value is enough: Batch would refuse this payload again,
-            # whatever else it said about the row.
-            if any(is_value_refusal(entry) for entry in entries):
-                answer.refused.append(rejection)
-            else:
-                answer.failing.append(index)
-                answer.item_errors.append(rejection)
-        return answer
-
     def _auth_error(self, response: _Response, endpoint: Endpoint) -> BatchAuthError:
         dest = self._destination
         return BatchAuthError(
             f"activation '{self._activation}': Batch answered {response.status} on "
-            f"/profiles/{endpoint.value}{self._error_details(response.body)}: the REST API key is "
+            f"/profiles/{endpoint.value}{error_details(response.body, self._scrub)}: the REST API key is "
             f"not valid for this project; check the REST API key (env {dest.api_key_env}) and "
             f"the project key (env {dest.project_key_env})"
         )
@@ -690,28 +614,8 @@ class BatchClient:
         plural = "" if profiles == 1 else "s"
         return BatchContractError(
             f"activation '{self._activation}': Batch answered {response.status} to a request of "
-            f"{profiles} profile{plural} on /profiles/{endpoint.value}{self._error_details(response.body)}"
+            f"{profiles} profile{plural} on /profiles/{endpoint.value}{error_details(response.body, self._scrub)}"
         )
-
-    def _error_details(self, body: bytes) -> str:
-        """`` (error_code: message)`` from Batch's error body, or a quote of an unexpected one."""
-        if not body.strip():
-            return ""
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            document = None
-        if isinstance(document, dict) and ("error_code" in document or "error_message" in document):
-            code = document.get("error_code")
-            message = document.get("error_message")
-            parts = [self._scrub(str(part))[:QUOTE_LIMIT] for part in (code, message) if part is not None]
-            return f" ({': '.join(parts)})"
-        return f" (body: {self._quote(body)})"
-
-    def _quote(self, body: bytes | str) -> str:
-        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-        text = self._scrub(text)
-        return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
 
     def _scrub(self, text: str) -> str:
         """Remove the secrets from text that came from elsewhere (a server or a library)."""
@@ -728,40 +632,3 @@ class BatchClient:
 # is safe because profile updates are idempotent upserts. ServerTimeoutError and
 # ServerDisconnectedError are ClientConnectionErrors; ClientPayloadError is a body cut short.
 _TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header; None when absent or not a number of seconds."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return seconds
-
-
-def _item_errors_problem(errors: Sequence[Rejection]) -> str:
-    """What a retry log line and a failure say about per-item errors that are not about the value."""
-    plural = "" if len(errors) == 1 else "s"
-    first = errors[0].describe()
-    return f"{len(errors)} profile{plural} answered with a per-item error not about the value (first: {first})"
-
-
-def _rejection(custom_id: str, entries: list[dict[str, Any]], scrub: Callable[[str], str]) -> Rejection:
-    """One Rejection per row, even when Batch lists several errors for it."""
-
-    def text(value: Any) -> str | None:
-        return None if value is None else scrub(str(value))[:QUOTE_LIMIT]
-
-    reasons = [text(entry.get("reason")) or "no reason given" for entry in entries]
-    attributes = list(dict.fromkeys(a for a in (text(entry.get("attribute")) for entry in entries) if a))
-    categories = list(dict.fromkeys(c for c in (text(entry.get("category")) for entry in entries) if c))
-    return Rejection(
-        custom_id=custom_id,
-        reason="; ".join(reasons),
-        attribute=",".join(attributes) or None,
-        category=",".join(categories) or None,
-    )

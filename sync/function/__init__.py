@@ -66,6 +66,7 @@ Nothing here logs a value read from the environment other than settings.
 
 from __future__ import annotations
 
+from sync.bigquery_clients import BigQueryEmulatorEndpoints
 from sync.errors import RetryableRunError
 from sync.function.handlers import (
     ANSWERED_STATUSES,
@@ -97,7 +98,6 @@ from sync.function.settings import (
     configure_runtime_logging,
 )
 from sync.function.trace import Headers, TraceContext, trace_from_headers
-from sync.runtime import BigQueryEmulatorEndpoints
 
 __all__ = [
     "ANSWERED_STATUSES",

@@ -23,9 +23,9 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sync.bigquery_clients import BigQueryEmulatorEndpoints
 from sync.errors import ConfigError
 from sync.logs import configure_logging
-from sync.runtime import BigQueryEmulatorEndpoints
 
 log = structlog.get_logger("cepsync.function")
 

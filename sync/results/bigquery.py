@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
+from sync.bigquery_clients import MissingCredentials, open_bigquery
 from sync.config import Activation, BigQuerySourceConfig
 from sync.errors import ConfigError, FatalError
 from sync.redact import redact
@@ -31,6 +33,8 @@ from sync.sources.bigquery import API_RETRY
 
 _CLUSTERING = {RUNS_TABLE: ["activation", "status"], REJECTIONS_TABLE: ["activation", "reason"]}
 _LABEL_VALUE_LENGTH = 63
+
+T = TypeVar("T")
 
 
 class ResultsWriteError(FatalError):
@@ -58,31 +62,26 @@ def table_schema(columns: tuple[tuple[str, pa.DataType, bool], ...]) -> list[big
 
 def results_client(activation: Activation, environ: Mapping[str, str] | None = None) -> bigquery.Client:
     """A BigQuery client for the activation's results: Application Default Credentials, or the
-    local emulator ``BIGQUERY_EMULATOR_HOST`` names (as the BigQuery source does)."""
-    from sync.runtime import BigQueryEmulatorEndpoints
-
+    local emulator ``BIGQUERY_EMULATOR_HOST`` names (as the BigQuery source does). The caller
+    closes it; no Storage Read client is opened (load jobs only)."""
     config = activation.source
     if not isinstance(config, BigQuerySourceConfig):
         raise ConfigError("results.dataset needs a BigQuery source", field="results.dataset")
-    env = os.environ if environ is None else environ
-    emulator = BigQueryEmulatorEndpoints.from_env(env)
-    if emulator is None:
-        from google.auth import exceptions as auth_exceptions
-
-        try:
+    try:
+        clients = open_bigquery(
+            project=config.project,
             # No default location: each load job runs where the results dataset is.
-            return bigquery.Client(project=config.project)
-        except auth_exceptions.DefaultCredentialsError:
-            raise ResultsWriteError(
-                "no Google credentials found to write the results (Application Default Credentials)"
-            ) from None
-    from google.auth.credentials import AnonymousCredentials
-
-    return bigquery.Client(
-        project=config.project or env.get("GOOGLE_CLOUD_PROJECT"),
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]  # google-auth is unannotated
-        client_options={"api_endpoint": emulator.rest_url},
-    )
+            location=None,
+            use_storage_api=False,
+            environ=os.environ if environ is None else environ,
+            activation=activation.name,
+            field="results.dataset",
+        )
+    except MissingCredentials:
+        raise ResultsWriteError(
+            "no Google credentials found to write the results (Application Default Credentials)"
+        ) from None
+    return clients.client
 
 
 def table_name(reference: bigquery.TableReference) -> str:
@@ -110,9 +109,9 @@ class BigQueryResults:
             )
             table.clustering_fields = _CLUSTERING[reference.table_id]
             table.description = "cepsync results (docs/results.md)"
-            self._call(f"creating {reference.table_id}", lambda t=table: self.client.create_table(t, exists_ok=True))
+            self._call(f"creating {reference.table_id}", partial(self.client.create_table, table, exists_ok=True))
 
-    def write(self, runs: pa.Table, rejections: Path | None) -> dict[str, Any]:
+    def write(self, runs: pa.Table, rejections: Path | None) -> dict[str, object]:
         """Load the rejections (if any), then the run's row: one load job per table."""
         self.ensure_tables()
         jobs: list[str] = []
@@ -147,7 +146,7 @@ class BigQueryResults:
 
         return str(self._call(f"loading {table.table_id}", load))
 
-    def _call(self, purpose: str, call: Any) -> Any:
+    def _call(self, purpose: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except api_exceptions.GoogleAPICallError as error:

@@ -33,25 +33,36 @@ so both read paths yield identical batches (the Storage API names list children 
 
 from __future__ import annotations
 
-import concurrent.futures
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, ParamSpec, TypedDict, TypeVar
 
 import pyarrow as pa
-from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
-from google.auth import exceptions as auth_exceptions
 from google.cloud import bigquery
 from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
 
+# The clients are built in sync/bigquery_clients.py (one factory for every BigQuery user).
+from sync.bigquery_clients import BigQueryClients, application_default_clients
 from sync.config import BigQuerySourceConfig
-from sync.errors import ConfigError, FatalError, TransientError
-from sync.redact import redact
+from sync.errors import ConfigError
+
+# Re-exported: the error classes live with their translation rule (sync/sources/bigquery_errors.py).
+from sync.sources.bigquery_errors import BigQueryBytesLimitExceeded as BigQueryBytesLimitExceeded
+from sync.sources.bigquery_errors import BigQueryNotFound as BigQueryNotFound
+from sync.sources.bigquery_errors import BigQueryPermissionDenied as BigQueryPermissionDenied
+from sync.sources.bigquery_errors import BigQueryQueryInvalid as BigQueryQueryInvalid
+from sync.sources.bigquery_errors import BigQueryResultTooLarge as BigQueryResultTooLarge
+from sync.sources.bigquery_errors import BigQuerySourceError as BigQuerySourceError
+from sync.sources.bigquery_errors import BigQueryUnavailable as BigQueryUnavailable
+from sync.sources.bigquery_errors import translate
 
 if TYPE_CHECKING:
     from google.cloud.bigquery_storage import BigQueryReadClient
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Bounded retries for API calls (jobs.insert, getQueryResults, tabledata.list, tables.get).
 # The library default retries for 10 minutes; an event-triggered function dies at 540 s, so we
@@ -99,48 +110,6 @@ _SCALAR_TYPES: Mapping[str, pa.DataType] = {
     "GEOGRAPHY": pa.string(),
     "JSON": pa.string(),
 }
-
-
-class BigQuerySourceError(FatalError):
-    """BigQuery refused the segment; retrying the same run cannot help."""
-
-    def __init__(self, message: str, *, activation: str, reason: str | None = None) -> None:
-        self.activation = activation
-        self.reason = reason
-        super().__init__(f"activation '{activation}': {message}")
-
-
-class BigQueryQueryInvalid(BigQuerySourceError):
-    """The segment SQL (or a parameter) is invalid: syntax, unknown name, type mismatch."""
-
-
-class BigQueryBytesLimitExceeded(BigQuerySourceError):
-    """The query would bill more than ``maximum_bytes_billed``."""
-
-
-class BigQueryNotFound(BigQuerySourceError):
-    """A dataset, table or project the segment needs does not exist (or is in another location)."""
-
-
-class BigQueryPermissionDenied(BigQuerySourceError):
-    """The credentials were refused (expired, revoked), or the identity lacks a BigQuery permission."""
-
-
-class BigQueryResultTooLarge(BigQuerySourceError):
-    """A result or a Storage Read message is larger than the receiving side accepts.
-
-    Retrying reads the same rows into the same limit, so it is fatal: a gRPC channel capped
-    below the server's message size (``Received message larger than max``), or BigQuery's
-    ``responseTooLarge`` for a query result that exceeds its response limit.
-    """
-
-
-class BigQueryUnavailable(TransientError):
-    """BigQuery stayed unavailable (429/5xx/timeouts) through every bounded retry."""
-
-    def __init__(self, message: str, *, activation: str) -> None:
-        self.activation = activation
-        super().__init__(f"activation '{activation}': {message}")
 
 
 def arrow_type(field: bigquery.SchemaField) -> pa.DataType:
@@ -234,54 +203,22 @@ def query_parameters(parameters: Mapping[str, object], *, activation: str) -> li
     return result
 
 
-# What a missing Google credential is: a config error (exit 2) naming what to set, the same
-# rule as Firestore's (sync/runtime.py).
-MISSING_CREDENTIALS = (
-    "BigQuery needs Google Cloud credentials and none were found: run `gcloud auth application-default "
-    "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key file (on Google Cloud, attach a "
-    "service account; for a local emulator, set BIGQUERY_EMULATOR_HOST)"
-)
+class _Stats(TypedDict):
+    """The run record's facts about the read (see :meth:`BigQuerySource.stats`)."""
 
-
-def default_client(
-    *, project: str | None, location: str | None, activation: str, field: str = "source"
-) -> bigquery.Client:
-    """A BigQuery client with Application Default Credentials, or a :class:`ConfigError` naming what to set.
-
-    No credentials (none found, or GOOGLE_APPLICATION_CREDENTIALS naming a missing or invalid
-    file) and no project to bill are the user's to fix, so both are config errors (exit 2).
-    """
-    try:
-        return bigquery.Client(project=project, location=location)
-    except auth_exceptions.DefaultCredentialsError as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(
-            MISSING_CREDENTIALS + (f" ({redact(detail)[:300]})" if detail else ""),
-            source=f"activation '{activation}'",
-            field=field,
-        ) from None
-    except OSError:  # google-cloud-core: "Project was not passed and could not be determined"
-        raise ConfigError(
-            "BigQuery has no project to run jobs in: name it (source.project) or set GOOGLE_CLOUD_PROJECT",
-            source=f"activation '{activation}'",
-            field="source.project",
-        ) from None
-
-
-def default_read_client(client: bigquery.Client) -> BigQueryReadClient | None:
-    """A Storage Read API client with ``client``'s own credentials (ADC), or None without the package.
-
-    google-cloud-bigquery-storage is pinned in requirements.lock, so in production every bulk
-    read goes through it; without it, reads page over REST.
-    """
-    try:
-        from google.cloud.bigquery_storage import BigQueryReadClient
-    except ImportError:
-        return None
-    # The same credentials object as the BigQuery client (one token, refreshed once), which
-    # is what google-cloud-bigquery itself passes when it builds a read client.
-    credentials = getattr(client, "_credentials", None)
-    return BigQueryReadClient(credentials=credentials)  # type: ignore[no-untyped-call]  # generated client
+    engine: str
+    segment: str
+    table: str | None
+    rows: int
+    batches: int
+    read_seconds: float
+    bytes_estimated: int | None
+    bytes_processed: int | None
+    bytes_billed: int | None
+    cache_hit: bool | None
+    job_id: str | None
+    location: str | None
+    read_path: str | None
 
 
 class BigQuerySource:
@@ -335,14 +272,19 @@ class BigQuerySource:
         if config.query is None and config.table is None:
             raise ConfigError("give exactly one of 'query' or 'table'", source=self._where, field="source")
 
-        self._owns_client = client is None
+        # The clients this source opened itself (closed by close()); injected ones are the caller's.
+        self._owned: BigQueryClients | None = None
         if client is None:
-            client = default_client(project=config.project, location=config.location, activation=activation)
+            self._owned = application_default_clients(
+                project=config.project,
+                location=config.location,
+                use_storage_api=config.use_storage_api and read_client is None,
+                activation=activation,
+            )
+            client = self._owned.client
+            if read_client is None:
+                read_client = self._owned.read_client
         self._client = client
-        self._owns_read_client = False
-        if read_client is None and config.use_storage_api and self._owns_client:
-            read_client = default_read_client(client)
-            self._owns_read_client = read_client is not None
         self._read_client = read_client if config.use_storage_api else None
 
         self._table_ref = (
@@ -354,7 +296,7 @@ class BigQuerySource:
         self._open_batches: Iterator[pa.RecordBatch] | None = None
         # The query's result table and schema once it ran: later reads of the run reuse it.
         self._result: tuple[bigquery.TableReference, list[bigquery.SchemaField]] | None = None
-        self._stats: dict[str, Any] = {
+        self._stats: _Stats = {
             "engine": "bigquery",
             "segment": "table" if self._table_ref is not None else "query",
             "table": str(self._table_ref) if self._table_ref is not None else None,
@@ -450,12 +392,10 @@ class BigQuerySource:
             self._stats["job_id"] = job.job_id
             # result() with no page size asks getQueryResults for zero rows: it only waits.
             self._call("running the query", job.result, retry=self._retry)
-            self._stats.update(
-                bytes_processed=job.total_bytes_processed,
-                bytes_billed=job.total_bytes_billed,
-                cache_hit=job.cache_hit,
-                location=job.location,
-            )
+            self._stats["bytes_processed"] = job.total_bytes_processed
+            self._stats["bytes_billed"] = job.total_bytes_billed
+            self._stats["cache_hit"] = job.cache_hit
+            self._stats["location"] = job.location
             if job.destination is None:
                 raise ConfigError(
                     "the query produced no result table (a script or DDL is not a segment: end with one SELECT)",
@@ -573,79 +513,26 @@ class BigQuerySource:
 
     # --- errors -------------------------------------------------------------------------------
 
-    def _call(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, action: str, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``function(*args, **kwargs)``, its failure translated (:func:`sync.sources.bigquery_errors.translate`)."""
         try:
             return function(*args, **kwargs)
         except (ConfigError, BigQuerySourceError, BigQueryUnavailable):
             raise
         except Exception as error:
-            translated = self._translate(action, error)
+            translated = translate(
+                error,
+                action=action,
+                activation=self._activation,
+                maximum_bytes_billed=self._config.maximum_bytes_billed,
+            )
             if translated is None:
                 raise
             raise translated from None
 
-    def _translate(self, action: str, error: Exception) -> Exception | None:
-        activation = self._activation
-        if isinstance(error, api_exceptions.RetryError):
-            cause = error.cause if isinstance(error.cause, Exception) else None
-            detail = _describe(cause) if cause is not None else "no answer"
-            return BigQueryUnavailable(
-                f"BigQuery unavailable while {action}, retries exhausted: {detail}", activation=activation
-            )
-        if isinstance(error, concurrent.futures.TimeoutError):
-            return BigQueryUnavailable(f"BigQuery timed out while {action}", activation=activation)
-        if isinstance(error, auth_exceptions.RefreshError | auth_exceptions.DefaultCredentialsError):
-            return BigQueryPermissionDenied(
-                f"Google credentials were refused while {action} (expired or revoked)", activation=activation
-            )
-        if isinstance(error, auth_exceptions.TransportError | ConnectionError):
-            return BigQueryUnavailable(f"cannot reach BigQuery while {action}", activation=activation)
-        if not isinstance(error, api_exceptions.GoogleAPICallError):
-            return None
-        reason = _reason(error)
-        detail = _describe(error)
-        # Checked before the transient codes: gRPC reports an over-size message as
-        # RESOURCE_EXHAUSTED (HTTP 429), which would otherwise read as a quota to wait out.
-        if _too_large(error, reason):
-            return BigQueryResultTooLarge(
-                f"the result is too large to receive while {action}: {detail}. A Storage Read channel must accept "
-                "messages of any size (see GRPC_CHANNEL_OPTIONS in sync/runtime.py); a query result over "
-                "BigQuery's response limit needs use_storage_api: true",
-                activation=activation,
-                reason=reason,
-            )
-        if reason == "bytesBilledLimitExceeded":
-            return BigQueryBytesLimitExceeded(
-                f"the query would bill more than maximum_bytes_billed={self._config.maximum_bytes_billed}: {detail}",
-                activation=activation,
-                reason=reason,
-            )
-        if reason in ("rateLimitExceeded", "quotaExceeded", "backendError", "internalError") or isinstance(
-            error,
-            api_exceptions.TooManyRequests
-            | api_exceptions.InternalServerError
-            | api_exceptions.BadGateway
-            | api_exceptions.ServiceUnavailable
-            | api_exceptions.GatewayTimeout
-            # gRPC ABORTED: a concurrency conflict the server asks the caller to retry.
-            | api_exceptions.Aborted,
-        ):
-            return BigQueryUnavailable(f"BigQuery unavailable while {action}: {detail}", activation=activation)
-        if isinstance(error, api_exceptions.NotFound):
-            return BigQueryNotFound(f"not found while {action}: {detail}", activation=activation, reason=reason)
-        if isinstance(error, api_exceptions.Forbidden | api_exceptions.Unauthorized):
-            return BigQueryPermissionDenied(
-                f"permission denied while {action}: {detail}", activation=activation, reason=reason
-            )
-        if isinstance(error, api_exceptions.BadRequest):
-            return BigQueryQueryInvalid(
-                f"BigQuery rejected the segment while {action}: {detail}", activation=activation, reason=reason
-            )
-        return BigQuerySourceError(f"BigQuery failed while {action}: {detail}", activation=activation, reason=reason)
-
     # --- run record ---------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         """Facts for the run record.
 
         Keys: ``rows``, ``batches``, ``read_seconds``, ``bytes_estimated`` (dry run),
@@ -662,47 +549,5 @@ class BigQuerySource:
             if close is not None:
                 close()
             self._open_batches = None
-        # The google clients' close() methods carry no annotations.
-        if self._owns_client:
-            self._client.close()  # type: ignore[no-untyped-call]
-        if self._owns_read_client and self._read_client is not None:
-            self._read_client.transport.close()  # type: ignore[no-untyped-call]
-
-
-# gRPC's own wording when a message exceeds a channel's max_receive_message_length (or the
-# send limit): "Received message larger than max (7845001 vs. 4194304)".
-_GRPC_TOO_LARGE = re.compile(r"(?:Received|Sent) message larger than max")
-
-
-def _too_large(error: api_exceptions.GoogleAPICallError, reason: str | None) -> bool:
-    if reason == "responseTooLarge":
-        return True
-    return isinstance(error, api_exceptions.ResourceExhausted) and bool(_GRPC_TOO_LARGE.search(str(error.message)))
-
-
-def _reason(error: api_exceptions.GoogleAPICallError) -> str | None:
-    for item in error.errors or []:
-        if isinstance(item, Mapping) and isinstance(item.get("reason"), str):
-            return str(item["reason"])
-    return None
-
-
-def _describe(error: Exception) -> str:
-    """The server's own explanation, first line only, without URLs' secrets, bounded in size."""
-    message = ""
-    if isinstance(error, api_exceptions.GoogleAPICallError):
-        for item in error.errors or []:
-            if isinstance(item, Mapping) and item.get("message"):
-                message = str(item["message"])
-                break
-        if not message:
-            message = str(error.message or "")
-        code = f"HTTP {error.code}" if isinstance(error.code, int) else type(error).__name__
-    else:
-        code = type(error).__name__
-        message = str(error)
-    first_line = message.strip().splitlines()[0] if message.strip() else "(no message)"
-    first_line = redact(first_line)
-    if len(first_line) > 500:
-        first_line = first_line[:500] + "..."
-    return f"{first_line} ({code})"
+        if self._owned is not None:
+            self._owned.close()

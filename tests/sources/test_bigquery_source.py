@@ -22,9 +22,9 @@ from google.cloud import bigquery
 from google.cloud.bigquery_storage import BigQueryReadClient
 from pydantic import ValidationError
 
+from sync.bigquery_clients import emulator_read_client
 from sync.config import BigQuerySourceConfig
 from sync.errors import ConfigError, FatalError, TransientError
-from sync.runtime import emulator_read_client
 from sync.sources.bigquery import (
     API_RETRY,
     BigQueryBytesLimitExceeded,

@@ -37,7 +37,7 @@ from google.cloud import bigquery
 from google.cloud.bigquery_storage import BigQueryReadClient
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
-from sync.runtime import GRPC_CHANNEL_OPTIONS
+from sync.bigquery_clients import GRPC_CHANNEL_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-bigquery-emulator.sh"
