@@ -16,12 +16,12 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, TextIO
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from sync import cli_admin
@@ -45,6 +45,7 @@ from sync.cli_common import (
 )
 from sync.config import Activation, json_schema
 from sync.destination import read_key
+from sync.engine import Progress as RunProgress
 from sync.engine import Run, RunOptions, RunResult
 from sync.errors import ConfigError, SyncError
 from sync.logs import configure_logging
@@ -84,12 +85,12 @@ class _RejectsSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._out: Any = path.open("w", encoding="utf-8")
+        self._out: TextIO = path.open("w", encoding="utf-8")
         self.error: OSError | None = None
         self.due = 0  # lines handed in, written or not
-        self.run: tuple[Any, Any] = (None, None)  # (activation, run_id) of the lines
+        self.run: tuple[object, object] = (None, None)  # (activation, run_id) of the lines
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: Mapping[str, object]) -> None:
         self.due += 1
         self.run = (record.get("activation"), record.get("run_id"))
         if self.error is None:
@@ -199,7 +200,7 @@ class _RichProgress:
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
         self._read = progress.add_task("reading segment", total=None)
-        self._send: Any = None
+        self._send: TaskID | None = None
 
     def rows_read(self, rows: int) -> None:
         self._progress.advance(self._read, rows)
@@ -231,7 +232,7 @@ def _progress_bars() -> Progress:
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped a run; it committed what Batch had acknowledged."""
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: Mapping[str, object]) -> None:
         self.record = record
         super().__init__("interrupted")
 
@@ -241,8 +242,8 @@ def execute_run(
     *,
     state: str,
     options: RunOptions,
-    progress: Any = None,
-    rejects: Callable[[dict[str, Any]], None] | None = None,
+    progress: RunProgress | None = None,
+    rejects: Callable[[Mapping[str, object]], None] | None = None,
 ) -> RunResult:
     """Build the edges and run once (used by `run` and `demo`)."""
     client = build_client(activation)

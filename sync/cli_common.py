@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sync.config import Activation, load_activation
+from sync.config import Activation, AttributeType, load_activation
 from sync.errors import ConfigError, SyncError
 from sync.record import RunStatus, status_of_error
 from sync.runtime import expand_state_url, open_store
@@ -137,14 +138,29 @@ def _load(path: Path, *, json_output: bool = False) -> Activation:
         raise _fail(error, json_output=json_output) from None
 
 
-def _print_json(document: Any) -> None:
+def _print_json(document: object) -> None:
     """One JSON document on stdout, never wrapped or styled (it is for programs)."""
     typer.echo(json.dumps(document, ensure_ascii=False, default=str, indent=2))
 
 
-def summary_table(record: dict[str, Any]) -> Table:
+# A record printed here is a JSON document: the one a run just made, or one read back from the
+# state store. Its parts are looked at as what they are, and a part that is missing or not of
+# its shape is shown as empty.
+
+
+def _mapping(value: object) -> Mapping[str, object]:
+    """``value`` if it is a mapping (a record's counts, timings, one guard), else an empty one."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: object) -> Sequence[object]:
+    """``value`` if it is a list (a record's warnings, guards, samples), else an empty one."""
+    return value if isinstance(value, list | tuple) else ()
+
+
+def summary_table(record: Mapping[str, object]) -> Table:
     """Counts per outcome. What was planned, then what happened to what was sent."""
-    counts = record.get("counts", {})
+    counts = _mapping(record.get("counts"))
     table = Table()
     table.add_column("outcome")
     table.add_column("profiles", justify="right")
@@ -182,12 +198,12 @@ _ROWS_SHOWN_WHEN_NOT_ZERO = frozenset(
 )
 
 
-def _facts_line(record: dict[str, Any]) -> str:
+def _facts_line(record: Mapping[str, object]) -> str:
     """Where profiles went and how long things took, each time saying what it measures."""
     facts = []
-    if record.get("endpoint") and record.get("counts", {}).get("sent"):
+    if record.get("endpoint") and _mapping(record.get("counts")).get("sent"):
         facts.append(f"sent to /profiles/{record['endpoint']}")
-    timings = record.get("timings", {})
+    timings = _mapping(record.get("timings"))
     if "total_seconds" in timings:
         facts.append(f"run took {timings['total_seconds']:.2f} s")
     if "read_and_plan_seconds" in timings:
@@ -200,7 +216,7 @@ def _facts_line(record: dict[str, Any]) -> str:
     return " · ".join(facts)
 
 
-def _state_line(record: dict[str, Any]) -> str:
+def _state_line(record: Mapping[str, object]) -> str:
     """What the run asked of its state store: ``state: firestore · 12 reads, 40 writes, …``."""
     ops = record.get("state_ops")
     if not isinstance(ops, dict):
@@ -209,8 +225,8 @@ def _state_line(record: dict[str, Any]) -> str:
     return f"state ({ops.get('backend', '?')}): " + ", ".join(counts)
 
 
-def _by_reason(counts: dict[str, int]) -> str:
-    return ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
+def _by_reason(counts: Mapping[str, object]) -> str:
+    return ", ".join(f"{reason} ×{counts[reason]}" for reason in sorted(counts))
 
 
 # Statuses printed in green: the run (or plan) did what it was asked.
@@ -218,7 +234,7 @@ _GREEN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.SUCCEEDED_WITH_REJEC
 
 
 def print_record(
-    record: dict[str, Any], *, samples: int = 10, out: Console | None = None, err: Console | None = None
+    record: Mapping[str, object], *, samples: int = 10, out: Console | None = None, err: Console | None = None
 ) -> None:
     """A run or plan record for people: status, counts, timings, rejections, guards, error."""
     out = out or console
@@ -228,10 +244,10 @@ def print_record(
     out.print(_styled((str(record["activation"]), "bold"), f" · run {record['run_id']} · ", (status, style)))
     if record.get("counts"):
         out.print(summary_table(record))
-    mapping = record.get("mapping_version") or {}
+    mapping = _mapping(record.get("mapping_version"))
     if mapping.get("explanation"):
         out.print(_styled(("mapping changed:", "yellow"), " ", str(mapping["explanation"])))
-    for warning in record.get("warnings") or ():
+    for warning in _sequence(record.get("warnings")):
         out.print(_styled(("warning:", "yellow"), " ", str(warning)))
     if record.get("results_error"):  # the sync is committed; only the results tables are missing
         out.print(_styled(("results:", "yellow"), " ", str(record["results_error"])))
@@ -242,17 +258,17 @@ def print_record(
     if state_line:
         out.print(Text(state_line, style="dim"))
     if record.get("rejected_by_reason"):
-        out.print(Text(f"rejected by reason: {_by_reason(record['rejected_by_reason'])}"))
+        out.print(Text(f"rejected by reason: {_by_reason(_mapping(record['rejected_by_reason']))}"))
     if record.get("dropped_attributes_by_reason"):
-        dropped = _by_reason(record["dropped_attributes_by_reason"])
+        dropped = _by_reason(_mapping(record["dropped_attributes_by_reason"]))
         out.print(Text(f"attributes dropped (rows sent without them): {dropped}"))
-    shown = record.get("rejected_samples", [])[:samples]
+    shown = [_mapping(sample) for sample in _sequence(record.get("rejected_samples"))[:samples]]
     if shown:
         table = Table(title="rejected rows (sample)", title_justify="left")
         for column in ("row", "custom_id", "field", "reason", "detail"):
             table.add_column(column, overflow="fold")
         for sample in shown:
-            for issue in sample["issues"]:
+            for issue in map(_mapping, _sequence(sample["issues"])):
                 table.add_row(
                     Text(str(sample["row"] if sample["row"] is not None else "-")),
                     Text(str(sample["custom_id"])),
@@ -261,7 +277,7 @@ def print_record(
                     Text(str(issue["detail"])),
                 )
         out.print(table)
-    for guard in record.get("guards", []):
+    for guard in map(_mapping, _sequence(record.get("guards"))):
         if guard["tripped"]:
             state = "overridden" if guard["overridden"] else "TRIPPED"
             out.print(Text(f"guard {guard['guard']}: {state} — {guard['detail']}"))
@@ -269,7 +285,9 @@ def print_record(
         err.print(Text(str(record["error"]), style="red"))
 
 
-def print_plan_sample(changes: list[dict[str, Any]], removals: list[str], *, out: Console | None = None) -> None:
+def print_plan_sample(
+    changes: Sequence[Mapping[str, object]], removals: Sequence[str], *, out: Console | None = None
+) -> None:
     """The sample of planned sends and removals under `cepsync plan`."""
     out = out or console
     for change in changes:
@@ -284,7 +302,7 @@ def print_check(out: Console, message: str) -> None:
     out.print(_styled(("✓", "green"), " ", message))
 
 
-def print_source_check(out: Console, columns: int, types: dict[str, Any]) -> None:
-    kinds = ", ".join(f"{column}={getattr(kind, 'value', kind)}" for column, kind in types.items())
+def print_source_check(out: Console, columns: int, types: Mapping[str, AttributeType]) -> None:
+    kinds = ", ".join(f"{column}={kind.value}" for column, kind in types.items())
     described = f"types {kinds}" if kinds else "no custom attributes"
     print_check(out, f"source: {columns} mapped columns found, {described}")
