@@ -1,7 +1,9 @@
 """Activation config: the pydantic model, YAML loading and the checks that run before any read.
 
 One YAML file per activation. Secrets never live in the file: the destination names the
-environment variables that hold the REST API key and the project key.
+environment variables that hold the REST API key and the project key. The destination block
+and the reading of those keys live in :mod:`sync.destination`; their names are re-exported
+here, so ``from sync.config import Credentials`` keeps working.
 
 Every error is a :class:`sync.errors.ConfigError` naming the file and the field.
 """
@@ -10,16 +12,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import ipaddress
 import json
-import os
 import re
 import zoneinfo
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Literal
 
 import phonenumbers
 import yaml
@@ -29,12 +28,21 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from sync.destination import (
+    ENV_VAR_NAME,
+    HTTP_URL,
+    KEY_WHITESPACE,
+    Credentials,
+    DestinationConfig,
+    EndpointPolicy,
+    base_url_problem,
+    read_key,
+)
 from sync.errors import ConfigError
 from sync.natives import NATIVE_FIELDS, NativeField
 
@@ -46,12 +54,6 @@ ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,30}$")
 MAX_CUSTOM_ATTRIBUTES = 50
 # Activation names end up in state keys, document ids and log labels.
 ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# An http(s) URL with a host: the Batch API root, a local emulator's endpoint.
-HTTP_URL = re.compile(r"^https?://[^\s/]+")
-# One label of a host name: letters, digits, inner hyphens (RFC 1123) and underscores (which
-# container networks use), at most 63.
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 # BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
 TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
 # Cloud Scheduler reads unix-cron: five fields of numbers, `*`, ranges, steps, lists, and
@@ -80,12 +82,6 @@ class AttributeType(enum.StrEnum):
     DATE = "date"
     URL = "url"
     STRING_ARRAY = "string_array"
-
-
-class EndpointPolicy(enum.StrEnum):
-    AUTO = "auto"
-    UPDATE = "update"
-    MASS_UPDATE = "mass-update"
 
 
 class InvalidValuePolicy(enum.StrEnum):
@@ -146,89 +142,6 @@ class BigQuerySourceConfig(_SegmentSpec):
 
 
 SourceConfig = Annotated[DuckDBSourceConfig | BigQuerySourceConfig, Field(discriminator="type")]
-
-
-class DestinationConfig(_Strict):
-    api_key_env: str = Field(description="Environment variable holding the Batch REST API key.")
-    project_key_env: str = Field(description="Environment variable holding the Batch project key.")
-    base_url: str = Field("https://api.batch.com", description="Batch API root; point it at the simulator locally.")
-    api_version: str = Field("2.11", pattern=r"^2\.\d{1,2}$")
-    endpoint: EndpointPolicy = EndpointPolicy.AUTO
-    mass_update_threshold: int = Field(
-        10_000, ge=1, description="With endpoint 'auto': a run sending at least this many profiles uses mass-update."
-    )
-    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
-    request_timeout_seconds: float = Field(60.0, gt=0, le=600)
-    max_attempts: int = Field(6, ge=1, le=20, description="Attempts per request on transient errors.")
-    rate_limit: bool = Field(True, description="Pace sends to Batch's published limits (profiles/s).")
-
-    @field_validator("api_key_env", "project_key_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_VAR_NAME.match(value):
-            raise ValueError(f"must be an environment variable name, not a value: {value[:3]}...")
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        problem = base_url_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        return value.rstrip("/")
-
-
-def base_url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be the Batch API root, or None; the message never quotes the URL.
-
-    The client appends ``/{api_version}/profiles/...`` to it and sends the keys in headers, so
-    it must be ``http(s)://HOST[:PORT][/PATH]``: no user or password (a credential in a URL
-    ends up in logs, and Batch takes its keys from the headers), no query or fragment (the
-    path appended after them would be lost), a host, and a port from 1 to 65535.
-    """
-    if any(char.isspace() or not char.isprintable() for char in url):
-        return "must not contain spaces or control characters"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "is not a valid URL (an IPv6 host must be written in [brackets])"
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(f"{parts.scheme.lower()}://"):
-        return "must be an http(s) URL such as https://api.batch.com"
-    if "@" in parts.netloc:
-        return (
-            "must not hold a user name or password (USER:PASSWORD@HOST): Batch takes its keys from the "
-            "environment variables named by api_key_env and project_key_env; remove them from the URL"
-        )
-    if parts.query or parts.fragment or "?" in url or "#" in url:
-        return "must not have a query (?...) or a fragment (#...): the client appends /VERSION/profiles/... to it"
-    host = parts.hostname or ""
-    if not host:
-        return "has no host: give http(s)://HOST[:PORT], such as https://api.batch.com"
-    if port == 0:
-        return "has a port that is not a number from 1 to 65535"
-    if not _valid_host(host):
-        return "has a host that is neither a DNS name nor an IP address"
-    return None
-
-
-def _valid_host(host: str) -> bool:
-    """A DNS name (internationalised ones too) or an IPv4/IPv6 address, as urlsplit gives it."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return True
-    try:
-        ascii_host = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = ascii_host.rstrip(".").split(".")
-    return len(ascii_host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
 
 
 class MappingConfig(_Strict):
@@ -536,7 +449,7 @@ class Activation(_Strict):
         columns += [a.column for a in self.attributes]
         return list(dict.fromkeys(columns))
 
-    def mapping_spec(self) -> dict[str, Any]:
+    def mapping_spec(self) -> dict[str, object]:
         """The part of the config that decides payloads; its hash is the mapping version."""
         return {
             "mapping": self.mapping.model_dump(mode="json"),
@@ -551,94 +464,6 @@ class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(message)
-
-
-# What surrounds a key by accident and is removed: the newline `echo KEY | gcloud secrets
-# create` stores, a Windows editor's CR LF, a pasted space or tab.
-KEY_WHITESPACE = " \t\r\n\f\v"
-
-
-def _key_problem(key: str) -> str | None:
-    """What makes a (stripped) key unusable in a request header, without quoting it; None if fine.
-
-    A Batch key travels in ``Authorization: Bearer KEY`` and ``X-Batch-Project: KEY``, so it must
-    be visible ASCII without spaces (RFC 9110 ``field-vchar``): a control character makes the
-    HTTP library refuse the header, a non-ASCII one cannot be sent as it is, and a space would
-    split the bearer token. Only the position is named: the key itself is a secret.
-    """
-    if not key:
-        return "is empty (or holds only whitespace)"
-    for position, char in enumerate(key, start=1):
-        if "!" <= char <= "~":
-            continue
-        code = ord(char)
-        if code < 0x20 or code == 0x7F:
-            what = f"a control character (U+{code:04X})"
-        elif char.isspace():
-            what = "a space" if char == " " else "a whitespace character"
-        elif code < 0x100 and not char.isprintable():
-            what = f"a control character (U+{code:04X})"
-        else:
-            what = "a non-ASCII character"
-        return (
-            f"holds {what} at character {position} of {len(key)}: a Batch key is printable ASCII without "
-            "spaces; check how the secret was stored (whitespace around it is removed already)"
-        )
-    return None
-
-
-def read_key(environ: Mapping[str, str], name: str, *, activation: str, field: str) -> str:
-    """The Batch key in environment variable ``name``, stripped of surrounding whitespace.
-
-    Raises:
-        ConfigError: The variable is unset or empty, or the key holds a character that cannot
-            go into a request header; the message names the variable, never the value.
-    """
-    key = (environ.get(name) or "").strip(KEY_WHITESPACE)
-    problem = _key_problem(key) if environ.get(name) else "is not set"
-    if problem is not None:
-        raise ConfigError(
-            f"environment variable {name} (Batch credentials) {problem}",
-            source=f"activation '{activation}'",
-            field=field,
-        )
-    return key
-
-
-class Credentials:
-    """The two Batch secrets, resolved from the environment. The repr never shows them."""
-
-    __slots__ = ("api_key", "project_key")
-
-    def __init__(self, api_key: str, project_key: str) -> None:
-        self.api_key = SecretStr(api_key)
-        self.project_key = SecretStr(project_key)
-
-    def __repr__(self) -> str:
-        return "Credentials(api_key='**********', project_key='**********')"
-
-    @classmethod
-    def from_env(cls, activation: Activation, environ: Mapping[str, str] | None = None) -> Credentials:
-        """Both keys from the environment (Secret Manager mounts them there in the function).
-
-        Surrounding whitespace is removed (a key stored with ``echo KEY | gcloud secrets
-        create`` ends with a newline); anything else a header cannot carry is a config error
-        naming the variable (:func:`read_key`).
-        """
-        env = os.environ if environ is None else environ
-        dest = activation.destination
-        missing = [name for name in (dest.api_key_env, dest.project_key_env) if not env.get(name)]
-        if missing:
-            raise ConfigError(
-                f"environment variable(s) {', '.join(missing)} not set (Batch credentials)",
-                source=f"activation '{activation.name}'",
-                field="destination",
-            )
-        api_key = read_key(env, dest.api_key_env, activation=activation.name, field="destination.api_key_env")
-        project_key = read_key(
-            env, dest.project_key_env, activation=activation.name, field="destination.project_key_env"
-        )
-        return cls(api_key, project_key)
 
 
 def mapping_version(activation: Activation) -> str:
@@ -685,8 +510,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships n
     checked where it was written), and ``<<`` itself may appear once.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, object]:
+        seen: dict[Hashable, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == _MERGE_TAG:
                 line = key_node.start_mark.line + 1
@@ -714,11 +539,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships n
             seen[key] = line
         # Resolves the merge keys in place (the base class would do it too, after our check).
         self.flatten_mapping(node)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        mapping: dict[Hashable, object] = super().construct_mapping(node, deep=deep)
         return mapping
 
 
-def parse_activation(data: Any, *, source: str) -> Activation:
+def parse_activation(data: object, *, source: str) -> Activation:
     """Validate an already-parsed YAML/JSON document."""
     if not isinstance(data, dict):
         raise ConfigError("an activation file must hold a mapping at the top level", source=source)
@@ -789,7 +614,7 @@ def load_activations(directory: str | Path) -> dict[str, Activation]:
     return found
 
 
-def json_schema() -> dict[str, Any]:
+def json_schema() -> dict[str, object]:
     """The JSON Schema of an activation file (``cepsync schema``)."""
     schema = Activation.model_json_schema()
     schema["$id"] = "https://github.com/cepsync/cepsync/activation.schema.json"
@@ -797,3 +622,47 @@ def json_schema() -> dict[str, Any]:
     # Top-level x- keys hold YAML anchors (load_activation drops them).
     schema["patternProperties"] = {f"^{EXTENSION_KEY_PREFIX}": {}}
     return schema
+
+
+__all__ = [
+    "ACTIVATION_NAME",
+    "ATTRIBUTE_NAME",
+    "CRON_FIELD",
+    "ENV_VAR_NAME",
+    "EXTENSION_KEY_PREFIX",
+    "HTTP_URL",
+    "KEY_WHITESPACE",
+    "MAX_CUSTOM_ATTRIBUTES",
+    "STATE_DATASET",
+    "TABLE_REFERENCE",
+    "WAREHOUSE_MIN_FLUSH_PROFILES",
+    "WAREHOUSE_MIN_FLUSH_SECONDS",
+    "Activation",
+    "AttributeType",
+    "BigQuerySourceConfig",
+    "Credentials",
+    "CustomAttributeConfig",
+    "DestinationConfig",
+    "DiffConfig",
+    "DiffMode",
+    "DuckDBSourceConfig",
+    "EndpointPolicy",
+    "GuardsConfig",
+    "InvalidValuePolicy",
+    "JournalConfig",
+    "MappingConfig",
+    "OwnerConfig",
+    "ResultsConfig",
+    "RunType",
+    "ScheduleConfig",
+    "SourceConfig",
+    "SyncMode",
+    "base_url_problem",
+    "json_schema",
+    "load_activation",
+    "load_activations",
+    "mapping_version",
+    "parse_activation",
+    "read_key",
+    "state_dataset_problem",
+]
