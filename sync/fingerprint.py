@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from collections.abc import Mapping
 
 # Bump when mapping rules change in a way that alters payloads (it is part of the mapping
 # version, so every profile is re-mapped and what changed is resent).
@@ -38,7 +38,7 @@ MAPPING_RULES_VERSION = "2"
 PAYLOAD_SALT = b"cepsync/payload/1\0"
 
 
-def _normalise(value: Any) -> Any:
+def _normalise(value: object) -> object:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("non-finite float in a payload")
@@ -50,14 +50,14 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def canonical_json(value: Any) -> bytes:
+def canonical_json(value: object) -> bytes:
     """Canonical UTF-8 JSON of a payload (sorted keys, compact, finite numbers)."""
     return json.dumps(
         _normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
 
 
-def canonical_payload(attributes: dict[str, Any]) -> bytes:
+def canonical_payload(attributes: Mapping[str, object]) -> bytes:
     """:func:`canonical_json` of a payload the mapper built, without the normalising walk.
 
     The mapper already writes every float finite and ``0.0`` for ``-0.0``
@@ -70,7 +70,7 @@ def canonical_payload(attributes: dict[str, Any]) -> bytes:
     )
 
 
-def payload_fingerprint(attributes: dict[str, Any]) -> int:
+def payload_fingerprint(attributes: Mapping[str, object]) -> int:
     return payload_fingerprint_of(canonical_json(attributes))
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
+from typing import TextIO
 
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from sync.redact import REDACTOR, Redactor
 
@@ -37,7 +38,7 @@ class SecretScrubber:
         """Register secret values with the redactor (see :meth:`sync.redact.Redactor.add`)."""
         self._redactor.add(secrets)
 
-    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
         return {key: self._redactor.value(value) for key, value in event_dict.items()}
 
 
@@ -45,7 +46,7 @@ class SecretScrubber:
 scrubber = SecretScrubber(REDACTOR)
 
 
-def _cloud_logging_shape(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _cloud_logging_shape(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
     event_dict["severity"] = _SEVERITY.get(method, "DEFAULT")
     event_dict["message"] = event_dict.pop("event", "")
     labels = {key: str(event_dict[key]) for key in ("activation", "run_id") if key in event_dict}
@@ -67,9 +68,9 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure_logging(*, json: bool = False, level: str = "info", stream: Any = None) -> None:
+def configure_logging(*, json: bool = False, level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog once per process (CLI or Cloud Function)."""
-    processors: list[Any] = [
+    processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -235,7 +235,7 @@ class ActivationMeta:
     mapping_version: str | None = None
     owned_keys: set[str] = field(default_factory=set)
     last_success_run_id: str | None = None
-    continuation: dict[str, Any] | None = None
+    continuation: dict[str, object] | None = None
 
     def to_json(self) -> str:
         """The JSON every state store keeps (owned keys sorted, so the stored text is stable)."""

@@ -30,7 +30,7 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,7 +74,7 @@ class RejectedRow:
     custom_id: str | None
     issues: tuple[RowIssue, ...]
 
-    def as_record(self) -> dict[str, Any]:
+    def as_record(self) -> dict[str, object]:
         return {
             "row": self.row_number,
             "custom_id": self.custom_id,
@@ -91,7 +91,7 @@ class DroppedAttribute:
     issue: RowIssue
     row_sent: bool  # the row itself was sent without the attribute (else: unchanged or rejected)
 
-    def as_record(self) -> dict[str, Any]:
+    def as_record(self) -> dict[str, object]:
         issue = self.issue
         return {
             "row": self.row_number,
@@ -415,7 +415,7 @@ class GuardVerdict:
     overridden: bool
     detail: str
 
-    def as_record(self) -> dict[str, Any]:
+    def as_record(self) -> dict[str, object]:
         return {"guard": self.name, "tripped": self.tripped, "overridden": self.overridden, "detail": self.detail}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from sync.errors import BatchAuthError, ConfigError, ConflictError, GuardTripped, SyncError, TransientError
 
@@ -170,42 +169,42 @@ class RunRecord:
     run_id: str
     activation: str
     started_at: str
-    run_type: str
-    sync_mode: str
-    trigger: dict[str, Any] = field(default_factory=dict)
+    run_type: str | None
+    sync_mode: str | None
+    trigger: dict[str, str | None] = field(default_factory=dict)
     trigger_id: str | None = None
     continuation_of: str | None = None
     ended_at: str | None = None
     status: RunStatus = RunStatus.RUNNING
     full: bool = False
     endpoint: str | None = None
-    mapping_version: dict[str, Any] | None = None
+    mapping_version: dict[str, object] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     dropped_attributes_by_reason: dict[str, int] = field(default_factory=dict)
-    rejected_samples: list[dict[str, Any]] = field(default_factory=list)
-    guards: list[dict[str, Any]] = field(default_factory=list)
+    rejected_samples: list[dict[str, object]] = field(default_factory=list)
+    guards: list[dict[str, object]] = field(default_factory=list)
     # Guards approved for this run only (CLI --allow, or the function message's "allow").
     allow: list[str] = field(default_factory=list)
-    timings: dict[str, Any] = field(default_factory=dict)
-    checkpoint: dict[str, Any] | None = None
-    source: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, object] = field(default_factory=dict)
+    checkpoint: dict[str, object] | None = None
+    source: dict[str, object] = field(default_factory=dict)
     lease_token: int | None = None
     error: str | None = None
     retryable: bool | None = None
     journal: dict[str, int] | None = None
     # What the run asked of its state store (Firestore: reads, writes, deletes, transactions,
     # contention retries), from sync.state.base.operations_between.
-    state_ops: dict[str, Any] | None = None
+    state_ops: dict[str, object] | None = None
     duplicate_of: str | None = None
     # Things that did not stop the run but deserve a look (an empty first segment).
     warnings: list[str] = field(default_factory=list)
     # The activation's config as it ran, without secrets (sync.runconfig).
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, object] = field(default_factory=dict)
     # Fields written by the edges after the run (the function's hand-over), kept verbatim.
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """The stored JSON shape (a plain dict; ``extra`` keys at the top level)."""
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
         data["status"] = self.status.value

@@ -100,7 +100,11 @@ class RunBook:
     ) -> None:
         """The record's counts: the id scan's, the moved rows', and what the stream planned."""
         run = self.record
-        mapping = {"current": version, "previous": previous, "changed": previous is not None and previous != version}
+        mapping: dict[str, object] = {
+            "current": version,
+            "previous": previous,
+            "changed": previous is not None and previous != version,
+        }
         summary = planned.summary()
         skipped = 0 if full else max(0, ids.matched - moved.counts["rows_mapped"])
         summary["rows"] = ids.rows
@@ -145,7 +149,7 @@ class RunBook:
                     self._list(rejected.as_record())
                 if len(samples) < REJECTED_SAMPLE_SIZE:
                     samples.append(rejected.as_record())
-            samples.sort(key=lambda sample: sample["row"] or 0)
+            samples.sort(key=_row_of)
 
     def hold_refused_removals(self, removed: list[str], owned_keys: frozenset[str] | set[str]) -> list[str]:
         """``removed`` without the ids whose clearing payload Batch refused before (listed, counted).
@@ -212,3 +216,9 @@ class RunBook:
     def _list(self, record: Mapping[str, object]) -> None:
         assert self.rejects is not None
         self.rejects({"run_id": self.record.run_id, "activation": self.record.activation, **record})
+
+
+def _row_of(sample: Mapping[str, object]) -> int:
+    """A sample's row number (0 for a row Batch refused: it has none of its own)."""
+    row = sample.get("row")
+    return row if isinstance(row, int) else 0

@@ -14,7 +14,7 @@ length and SHA-256, so two runs still show whether the text changed; long lists 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 from sync.config import Activation, mapping_version
@@ -26,7 +26,7 @@ TEXT_KEPT: Final = 1_000
 MAX_ITEMS: Final = 100
 
 
-def bounded(value: Any) -> Any:
+def bounded(value: object) -> object:
     """``value`` (JSON data) with long texts, lists and maps cut to a bounded size, saying so."""
     if isinstance(value, str):
         if len(value) <= MAX_TEXT:
@@ -40,7 +40,7 @@ def bounded(value: Any) -> Any:
         return kept
     if isinstance(value, dict):
         items = list(value.items())
-        kept_map = {key: bounded(item) for key, item in items[:MAX_ITEMS]}
+        kept_map: dict[object, object] = {key: bounded(item) for key, item in items[:MAX_ITEMS]}
         if len(items) > MAX_ITEMS:
             kept_map["…"] = f"[cut: {len(items):,} entries]"
         return kept_map
@@ -55,12 +55,13 @@ def _without_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def config_as_run(activation: Activation) -> dict[str, Any]:
+def config_as_run(activation: Activation) -> dict[str, object]:
     """The activation as JSON-ready data, plus its mapping version; no secret values."""
     data = activation.model_dump(mode="json")
     destination = data.get("destination") or {}
     if isinstance(destination.get("base_url"), str):
         destination["base_url"] = _without_credentials(destination["base_url"])
     data["mapping_version"] = mapping_version(activation)
-    bounded_data: dict[str, Any] = bounded(data)
-    return bounded_data
+    kept = bounded(data)
+    assert isinstance(kept, dict)  # a map stays a map
+    return {str(key): value for key, value in kept.items()}

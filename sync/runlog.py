@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import TypedDict
 
 import structlog
 
@@ -97,24 +97,30 @@ def severity(status: str) -> str:
     return "info"
 
 
-def _int(value: Any) -> int:
+def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def count_of(counts: Mapping[str, Any], key: str) -> int:
+def _part(record: Mapping[str, object], key: str) -> Mapping[str, object]:
+    """One object-valued part of a record (``counts``, ``timings``...); empty when absent or odd."""
+    value = record.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def count_of(counts: Mapping[str, object], key: str) -> int:
     """One count of a record: 0 when absent or not an integer (a record of another version)."""
     return _int(counts.get(key))
 
 
-def _seconds(value: Any) -> float | None:
+def _seconds(value: object) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return round(float(value), 3)
     return None
 
 
-def duration_seconds(record: Mapping[str, Any]) -> float | None:
+def duration_seconds(record: Mapping[str, object]) -> float | None:
     """The run's wall time: ``timings.total_seconds``, else ended_at - started_at, else None."""
-    timings = record.get("timings") or {}
+    timings = _part(record, "timings")
     total = _seconds(timings.get("total_seconds"))
     if total is not None:
         return total
@@ -126,14 +132,12 @@ def duration_seconds(record: Mapping[str, Any]) -> float | None:
     return _seconds((ended - started).total_seconds())
 
 
-def stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
+def stage_seconds(record: Mapping[str, object]) -> dict[str, float]:
     """Seconds per pipeline stage, known stages first in pipeline order, then any others.
 
     Records written before the engine timed each stage have none: an empty dict.
     """
-    stages = (record.get("timings") or {}).get("stages")
-    if not isinstance(stages, Mapping):
-        return {}
+    stages = _part(_part(record, "timings"), "stages")
     ordered = [name for name in KNOWN_STAGES if name in stages]
     ordered += sorted(str(name) for name in stages if name not in KNOWN_STAGES)
     result = {}
@@ -144,24 +148,54 @@ def stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
     return result
 
 
-def rejected_total(counts: Mapping[str, Any]) -> int:
+def _list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def rejected_total(counts: Mapping[str, object]) -> int:
     """Rows not synced because of their content: refused by us before sending, or by Batch."""
     return _int(counts.get("rejected")) + _int(counts.get("rejected_by_batch"))
 
 
-def run_end_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+class RunEndFields(TypedDict):
+    """The ``jsonPayload.run`` object: the run-end line's public schema (``docs/run-end-log.md``)."""
+
+    schema_version: int
+    activation: str
+    run_id: str
+    status: str
+    outcome: str
+    trigger: object
+    trigger_id: object
+    continuation_of: object
+    started_at: object
+    ended_at: object
+    duration_seconds: float
+    run_type: object
+    sync_mode: object
+    full: bool
+    endpoint: object
+    mapping_changed: bool
+    profiles: dict[str, int]
+    rejected_share: float
+    stages_seconds: dict[str, float]
+    guards_tripped: list[str]
+    error: str | None
+
+
+def run_end_fields(record: Mapping[str, object]) -> RunEndFields:
     """The ``jsonPayload.run`` object of the run-end line, from a run record.
 
     Every field is always present (0, false, null or empty when the run did not get that
     far), so a metric's value extractor never meets a missing field.
     """
     status = str(record.get("status") or "unknown")
-    counts = record.get("counts") or {}
+    counts = _part(record, "counts")
     profiles = {key: _int(counts.get(key)) for key in PROFILE_COUNTS}
     rows = profiles["rows"]
     rejected = rejected_total(counts)
     trigger = record.get("trigger")
-    mapping = record.get("mapping_version") or {}
+    mapping = _part(record, "mapping_version")
     error = record.get("error")
     return {
         "schema_version": SCHEMA_VERSION,
@@ -179,27 +213,27 @@ def run_end_fields(record: Mapping[str, Any]) -> dict[str, Any]:
         "sync_mode": record.get("sync_mode"),
         "full": bool(record.get("full")),
         "endpoint": record.get("endpoint"),
-        "mapping_changed": bool(mapping.get("changed")) if isinstance(mapping, Mapping) else False,
+        "mapping_changed": bool(mapping.get("changed")),
         "profiles": profiles,
         "rejected_share": round(rejected / rows, 4) if rows else 0.0,
         "stages_seconds": stage_seconds(record),
         "guards_tripped": sorted(
             str(guard.get("guard"))
-            for guard in record.get("guards") or []
+            for guard in _list(record.get("guards"))
             if isinstance(guard, Mapping) and guard.get("tripped") and not guard.get("overridden")
         ),
         "error": str(error)[:_MAX_ERROR] if error else None,
     }
 
 
-def run_end_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+def run_end_entry(record: Mapping[str, object]) -> dict[str, object]:
     """Every key of the run-end line except ``severity`` and ``message`` (set by the logger).
 
     ``activation`` and ``run_id`` sit at the top level too: :mod:`sync.logs` makes them
     Cloud Logging labels, which is how the Logs Explorer filters one activation.
     """
     fields = run_end_fields(record)
-    entry: dict[str, Any] = {
+    entry: dict[str, object] = {
         "cepsync_event": RUN_END_EVENT,
         "activation": fields["activation"],
         "run_id": fields["run_id"],
@@ -216,7 +250,7 @@ def run_end_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def run_end_message(record: Mapping[str, Any]) -> str:
+def run_end_message(record: Mapping[str, object]) -> str:
     """The line's human message (and Error Reporting's error text for failures)."""
     fields = run_end_fields(record)
     text = f"cepsync run {fields['status']}: activation {fields['activation']}"
@@ -225,7 +259,7 @@ def run_end_message(record: Mapping[str, Any]) -> str:
     return text
 
 
-def log_run_end(record: Mapping[str, Any], logger: Any = None) -> None:
+def log_run_end(record: Mapping[str, object], logger: structlog.typing.BindableLogger | None = None) -> None:
     """Write the run-end line at the run's severity through structlog.
 
     A record without a run id (a stale continuation answered without running) is not a

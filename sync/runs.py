@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from sync.record import RunRecord, RunStatus, exit_code_of
 from sync.state.base import StateStore as RunStore
@@ -107,7 +107,7 @@ class RunResult:
     run: RunRecord
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         """The record's JSON form, as stored and printed (``--json``)."""
         return self.run.to_dict()
 
@@ -128,8 +128,8 @@ class RunResult:
 class PlanPreview:
     """A dry run's outcome: the record plus a sample of what would be sent and cleared."""
 
-    record: dict[str, Any]
-    sample_changes: list[dict[str, Any]]
+    record: dict[str, object]
+    sample_changes: list[dict[str, object]]
     sample_removals: list[str]
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
 
 import structlog
 
@@ -33,7 +32,7 @@ from sync.function.messages import (
 )
 from sync.function.settings import Settings
 from sync.function.trace import Headers, TraceContext, trace_from_headers
-from sync.record import RETRY_HTTP_STATUS, RunStatus, http_status_of, is_retryable, status_of_error
+from sync.record import RETRY_HTTP_STATUS, RunRecord, RunStatus, http_status_of, is_retryable, status_of_error
 from sync.runlog import log_run_end
 from sync.runs import Clock, RunOptions, RunResult, new_run_id
 from sync.runtime import build_client, open_differ, open_source, open_store
@@ -70,12 +69,33 @@ class InvocationOutcome:
     """What one invocation answers: an HTTP status, a JSON summary, and whether to retry."""
 
     http_status: int
-    body: dict[str, Any]
+    body: dict[str, object]
     retry: bool = False
 
 
-def outcome_for(record: Mapping[str, Any]) -> InvocationOutcome:
-    """Map a run record to the answer: only a failure the engine marked retryable is retried."""
+@dataclass(frozen=True)
+class Answer:
+    """An invocation answered without a run: a delivery past its last attempt, a stale continuation."""
+
+    activation: str
+    status: RunStatus
+    trigger_id: str | None
+    duplicate_of: str | None = None
+    continuation_of: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The answer's JSON form (the body of the invocation's answer)."""
+        data: dict[str, object] = {"activation": self.activation, "status": self.status.value}
+        data["trigger_id"] = self.trigger_id
+        if self.status is RunStatus.DUPLICATE_TRIGGER:
+            data["duplicate_of"] = self.duplicate_of
+        if self.continuation_of is not None:
+            data["continuation_of"] = self.continuation_of
+        return data
+
+
+def outcome_for(record: Mapping[str, object]) -> InvocationOutcome:
+    """Map a run record (its JSON form) to the answer: only a failure the engine marked retryable is retried."""
     retry = RunStatus.of(record.get("status")) is RunStatus.FAILED and bool(record.get("retryable"))
     body = {key: record.get(key) for key in _BODY_KEYS if record.get(key) is not None}
     return InvocationOutcome(RETRY_HTTP_STATUS if retry else http_status_of(record.get("status")), body, retry)
@@ -95,7 +115,7 @@ def _refusal_status(error: ConfigError) -> int | None:
 
 
 def handle_pubsub(
-    data: Any, *, event_id: str, traceparent: str | None = None, environ: Mapping[str, str] | None = None
+    data: object, *, event_id: str, traceparent: str | None = None, environ: Mapping[str, str] | None = None
 ) -> InvocationOutcome:
     """Run what a Pub/Sub CloudEvent asks; raise :class:`RetryableRunError` only if a retry can help.
 
@@ -130,7 +150,7 @@ def handle_pubsub(
 
 
 def handle_http(
-    method: str, body: Any, headers: Headers, *, environ: Mapping[str, str] | None = None
+    method: str, body: object, headers: Headers, *, environ: Mapping[str, str] | None = None
 ) -> InvocationOutcome:
     """Run what an HTTP POST asks (same JSON as the Pub/Sub message); never raises for a run failure.
 
@@ -164,7 +184,7 @@ def _bind_context(
 ) -> None:
     # Gunicorn reuses threads across requests: start every invocation from a clean context.
     structlog.contextvars.clear_contextvars()
-    fields: dict[str, Any] = {"trigger": trigger, "trigger_id": trigger_id}
+    fields: dict[str, object] = {"trigger": trigger, "trigger_id": trigger_id}
     if trace is not None:
         fields.update(trace.log_fields(environ.get("GOOGLE_CLOUD_PROJECT") or None))
     structlog.contextvars.bind_contextvars(**fields)
@@ -215,19 +235,20 @@ def _invoke(request: SyncRequest, invocation: _Invocation, *, http: bool) -> Inv
     return outcome
 
 
-def _attempt(request: SyncRequest, invocation: _Invocation) -> tuple[dict[str, Any] | None, InvocationOutcome]:
+def _attempt(request: SyncRequest, invocation: _Invocation) -> tuple[RunRecord | Answer | None, InvocationOutcome]:
     """Run once; a last delivery that would be retried is recorded as failed_permanently instead."""
-    record: dict[str, Any] | None = None
+    record: RunRecord | Answer | None = None
     try:
         record = _run(request, invocation)
     except Exception as error:
         outcome = _outcome_of_error(error, request, invocation)
     else:
-        outcome = outcome_for(record)
+        outcome = outcome_for(record.to_dict())
     if outcome.retry and _attempts_exhausted(invocation):
         # The store is still open: the invocation closes it after this.
-        record = _fail_permanently(record if record is not None else _edge_record(invocation, outcome), invocation)
-        outcome = outcome_for(record)
+        run = record if isinstance(record, RunRecord) else _edge_record(invocation, outcome)
+        record = _fail_permanently(run, invocation)
+        outcome = outcome_for(record.to_dict())
     return record, outcome
 
 
@@ -252,19 +273,20 @@ def _outcome_of_error(error: Exception, request: SyncRequest, invocation: _Invoc
     else:
         log.exception("invocation failed unexpectedly", delivery_attempt=invocation.attempt)
         text = f"unexpected {type(error).__name__}"
-    body = {"activation": request.activation, "status": status.value, "error": text}
+    body: dict[str, object] = {"activation": request.activation, "status": status.value, "error": text}
     return InvocationOutcome(RETRY_HTTP_STATUS if retry else status.http_status, body, retry)
 
 
-def _log_end(record: dict[str, Any], outcome: InvocationOutcome, invocation: _Invocation) -> None:
-    log_run_end(record)
+def _log_end(record: RunRecord | Answer, outcome: InvocationOutcome, invocation: _Invocation) -> None:
+    if isinstance(record, RunRecord):  # an answer without a run writes no run-end line
+        log_run_end(record.to_dict())
     context = {"delivery_attempt": invocation.attempt} if invocation.attempt is not None else {}
     log_method = log.info if outcome.http_status < 400 else log.warning if not outcome.retry else log.error
-    if RunStatus.of(record.get("status")) is RunStatus.FAILED_PERMANENTLY:
+    if record.status is RunStatus.FAILED_PERMANENTLY:
         log_method = log.warning  # the one ERROR line for it is FAILED_PERMANENTLY_EVENT
     log_method(
         "invocation finished",
-        run_id=record.get("run_id"),
+        run_id=record.run_id if isinstance(record, RunRecord) else None,
         **context,
         **{key: value for key, value in outcome.body.items() if key != "run_id"},
     )
@@ -274,65 +296,54 @@ def _attempts_exhausted(invocation: _Invocation) -> bool:
     return invocation.attempt is not None and invocation.attempt >= invocation.max_attempts
 
 
-def _edge_record(invocation: _Invocation, outcome: InvocationOutcome) -> dict[str, Any]:
-    """A run record for a failure outside the engine's run (it saved none): same keys as the engine's."""
-    now = datetime.now(UTC)
-    return {
-        "run_id": new_run_id(Clock()),
-        "activation": invocation.activation,
-        "trigger": {"kind": invocation.trigger, "id": invocation.trigger_id},
-        "trigger_id": invocation.trigger_id,
-        "continuation_of": invocation.continuation_of,
-        "started_at": now.isoformat(),
-        "ended_at": now.isoformat(),
-        "status": RunStatus.FAILED.value,
-        "retryable": True,
-        "full": False,
-        "endpoint": None,
-        "mapping_version": None,
-        "lease_token": None,
-        "counts": {},
-        "rejected_by_reason": {},
-        "dropped_attributes_by_reason": {},
-        "rejected_samples": [],
-        "guards": [],
-        "timings": {},
-        "checkpoint": None,
-        "source": {},
-        # The activation may not even have loaded: no config to show.
-        "config": {},
-        "error": str(outcome.body.get("error") or "failed"),
-    }
+def _edge_record(invocation: _Invocation, outcome: InvocationOutcome) -> RunRecord:
+    """A run record for a failure outside the engine's run (it saved none): the engine's record type."""
+    now = datetime.now(UTC).isoformat()
+    return RunRecord(
+        run_id=new_run_id(Clock()),
+        activation=invocation.activation or "",
+        started_at=now,
+        ended_at=now,
+        # The activation may not even have loaded: no run type, mode or config to show.
+        run_type=None,
+        sync_mode=None,
+        trigger={"kind": invocation.trigger, "id": invocation.trigger_id},
+        trigger_id=invocation.trigger_id,
+        continuation_of=invocation.continuation_of,
+        status=RunStatus.FAILED,
+        retryable=True,
+        error=str(outcome.body.get("error") or "failed"),
+    )
 
 
-def _fail_permanently(record: dict[str, Any], invocation: _Invocation) -> dict[str, Any]:
+def _fail_permanently(run: RunRecord, invocation: _Invocation) -> RunRecord:
     """Record the last attempt's run as ``failed_permanently`` so Pub/Sub stops redelivering it."""
     assert invocation.store is not None  # set before any attempt is counted
     assert invocation.attempt is not None
     maximum = invocation.max_attempts
-    record["status"] = RunStatus.FAILED_PERMANENTLY.value
+    run.status = RunStatus.FAILED_PERMANENTLY
     # Not retryable any more: a late redelivery is answered as a duplicate of this run.
-    record["retryable"] = False
-    record["delivery"] = {"attempt": invocation.attempt, "max_attempts": maximum}
-    record["error"] = (
+    run.retryable = False
+    run.extra["delivery"] = {"attempt": invocation.attempt, "max_attempts": maximum}
+    run.error = (
         f"gave up after {invocation.attempt} deliveries of message {invocation.trigger_id} "
-        f"(CEPSYNC_MAX_DELIVERY_ATTEMPTS={maximum}); last error: {record.get('error') or 'unknown'}"
+        f"(CEPSYNC_MAX_DELIVERY_ATTEMPTS={maximum}); last error: {run.error or 'unknown'}"
     )
-    invocation.store.save_run(record)
+    invocation.store.save_run(run.to_dict())
     log.error(
         FAILED_PERMANENTLY_EVENT,
-        run_id=record["run_id"],
+        run_id=run.run_id,
         delivery_attempt=invocation.attempt,
         max_delivery_attempts=maximum,
-        error=record["error"],
+        error=run.error,
     )
-    return record
+    return run
 
 
 # --- the run ------------------------------------------------------------------------------------
 
 
-def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
+def _run(request: SyncRequest, invocation: _Invocation) -> RunRecord | Answer:
     """Load the activation, check the delivery and the continuation are still wanted, run once, hand over."""
     assert invocation.settings is not None
     settings = invocation.settings
@@ -348,10 +359,10 @@ def _run(request: SyncRequest, invocation: _Invocation) -> dict[str, Any]:
         return answer
     result = _execute(activation, request, invocation, store)
     if result.needs_continuation:
-        hand_over(result.record, request, settings, store)
-    elif RunStatus.of(result.status) is RunStatus.DUPLICATE_TRIGGER:
-        finish_hand_over_of_duplicate(result.record, settings, store)
-    return result.record
+        hand_over(result.run, request, settings, store)
+    elif result.run.status is RunStatus.DUPLICATE_TRIGGER:
+        finish_hand_over_of_duplicate(result.run, settings, store)
+    return result.run
 
 
 def _load_activation(request: SyncRequest, settings: Settings) -> Activation:
@@ -394,7 +405,7 @@ def _check_key_reuse(request: SyncRequest, invocation: _Invocation, store: State
         )
 
 
-def _given_up_delivery(activation: Activation, invocation: _Invocation, store: StateStore) -> dict[str, Any] | None:
+def _given_up_delivery(activation: Activation, invocation: _Invocation, store: StateStore) -> Answer | None:
     """Count this Pub/Sub delivery; past the last allowed one, the answer without running."""
     if not (invocation.count_deliveries and invocation.trigger_id):
         return None
@@ -405,27 +416,24 @@ def _given_up_delivery(activation: Activation, invocation: _Invocation, store: S
     # Acknowledged before as failed_permanently (an acknowledgement can be lost): never rerun it.
     previous = store.find_run_by_trigger(activation.name, invocation.trigger_id)
     log.warning("delivery after the attempts were exhausted: acknowledged, not run", delivery_attempt=attempt)
-    return {
-        "activation": activation.name,
-        "status": RunStatus.DUPLICATE_TRIGGER.value,
-        "trigger_id": invocation.trigger_id,
-        "duplicate_of": previous["run_id"] if previous is not None else None,
-    }
+    return Answer(
+        activation.name,
+        RunStatus.DUPLICATE_TRIGGER,
+        invocation.trigger_id,
+        duplicate_of=str(previous["run_id"]) if previous is not None else None,
+    )
 
 
 def _stale_continuation(
     activation: Activation, request: SyncRequest, invocation: _Invocation, store: StateStore
-) -> dict[str, Any] | None:
+) -> Answer | None:
     """A continuation of a pass that already ended: the answer without running."""
     if request.continuation_of is None or continuation_wanted(store, activation.name, request.continuation_of):
         return None
     log.info("continuation of a pass that already ended: nothing to do", continuation_of=request.continuation_of)
-    return {
-        "activation": activation.name,
-        "status": RunStatus.CONTINUATION_STALE.value,
-        "trigger_id": invocation.trigger_id,
-        "continuation_of": request.continuation_of,
-    }
+    return Answer(
+        activation.name, RunStatus.CONTINUATION_STALE, invocation.trigger_id, continuation_of=request.continuation_of
+    )
 
 
 def _execute(activation: Activation, request: SyncRequest, invocation: _Invocation, store: StateStore) -> RunResult:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Mapping
-from typing import Any
 
 import structlog
 
 from sync.errors import RetryableRunError
 from sync.function.messages import SyncRequest
 from sync.function.settings import Settings
-from sync.record import RunStatus
+from sync.record import RunRecord, RunStatus
 from sync.state.base import StateStore
 
 log = structlog.get_logger("cepsync.function")
@@ -43,7 +42,7 @@ def continuation_wanted(store: StateStore, activation: str, root_run_id: str) ->
     return continuation is not None and continuation.get("run_id") == root_run_id
 
 
-def handover_skip_reason(record: Mapping[str, Any], request: SyncRequest, topic: str | None) -> str | None:
+def handover_skip_reason(record: Mapping[str, object], request: SyncRequest, topic: str | None) -> str | None:
     """Why an ``incomplete`` run must not publish a continuation, or None when it should.
 
     A continuation that acknowledged nothing within its budget would hand over to another
@@ -52,7 +51,8 @@ def handover_skip_reason(record: Mapping[str, Any], request: SyncRequest, topic:
     """
     if topic is None:
         return "no CEPSYNC_CONTINUATION_TOPIC: the next scheduled run continues from the checkpoint"
-    acknowledged = int((record.get("counts") or {}).get("acknowledged", 0))
+    counts = record.get("counts")
+    acknowledged = counts.get("acknowledged", 0) if isinstance(counts, Mapping) else 0
     if request.continuation_of is not None and acknowledged == 0:
         return (
             "this continuation acknowledged no profile within its time budget; handing over again would loop. "
@@ -61,29 +61,28 @@ def handover_skip_reason(record: Mapping[str, Any], request: SyncRequest, topic:
     return None
 
 
-def hand_over(record: dict[str, Any], request: SyncRequest, settings: Settings, store: StateStore) -> None:
+def hand_over(run: RunRecord, request: SyncRequest, settings: Settings, store: StateStore) -> None:
     """Publish the continuation of an ``incomplete`` run (or record why not) and save it in its record."""
-    root = request.continuation_of or str(record["run_id"])
+    root = request.continuation_of or run.run_id
     topic = settings.continuation_topic
-    skip = handover_skip_reason(record, request, topic)
+    skip = handover_skip_reason({"counts": run.counts}, request, topic)
     if skip is not None or topic is None:
-        record["handover"] = {"skipped": skip}
+        run.extra["handover"] = {"skipped": skip}
         report = log.warning if topic is None else log.error
-        report("time budget reached, no continuation published", run_id=record["run_id"], reason=skip)
+        report("time budget reached, no continuation published", run_id=run.run_id, reason=skip)
     else:
-        message = SyncRequest(activation=str(record["activation"]), continuation_of=root, allow=request.allow)
-        message_id = _publish_or_retry(topic, message, record)
-        record["handover"] = {"topic": topic, "message_id": message_id, "continuation_of": root}
-        log.info("continuation published", run_id=record["run_id"], message_id=message_id, continuation_of=root)
+        message = SyncRequest(activation=run.activation, continuation_of=root, allow=request.allow)
+        message_id = _publish_or_retry(topic, message, run.activation, run.run_id)
+        run.extra["handover"] = {"topic": topic, "message_id": message_id, "continuation_of": root}
+        log.info("continuation published", run_id=run.run_id, message_id=message_id, continuation_of=root)
     # The engine saved the record already; save the hand-over with it, so a redelivery of this
     # event (answered as a duplicate) knows whether the hand-over happened.
-    store.save_run(record)
+    store.save_run(run.to_dict())
 
 
-def finish_hand_over_of_duplicate(record: dict[str, Any], settings: Settings, store: StateStore) -> None:
+def finish_hand_over_of_duplicate(run: RunRecord, settings: Settings, store: StateStore) -> None:
     """A redelivered event whose run ended ``incomplete`` before its hand-over was recorded."""
-    previous_id = record.get("duplicate_of")
-    previous = store.get_run(str(previous_id)) if previous_id else None
+    previous = store.get_run(run.duplicate_of) if run.duplicate_of else None
     if previous is None or previous.get("status") != RunStatus.INCOMPLETE or "handover" in previous:
         return
     root = str(previous.get("continuation_of") or previous["run_id"])
@@ -92,21 +91,21 @@ def finish_hand_over_of_duplicate(record: dict[str, Any], settings: Settings, st
         return
     allow = tuple(str(name) for name in previous.get("allow") or ())
     message = SyncRequest(activation=str(previous["activation"]), continuation_of=root, allow=allow)
-    message_id = _publish_or_retry(topic, message, previous)
+    message_id = _publish_or_retry(topic, message, str(previous["activation"]), str(previous["run_id"]))
     previous["handover"] = {"topic": topic, "message_id": message_id, "continuation_of": root}
     store.save_run(previous)
-    record["handover"] = previous["handover"]
+    run.extra["handover"] = previous["handover"]
     log.info("continuation published for a redelivered event", run_id=previous["run_id"], message_id=message_id)
 
 
-def _publish_or_retry(topic: str, message: SyncRequest, record: Mapping[str, Any]) -> str:
+def _publish_or_retry(topic: str, message: SyncRequest, activation: str, run_id: str) -> str:
     try:
         return publish_continuation(topic, message)
     except Exception as error:
         # Without the hand-over the pass would stall until the next schedule: fail the
         # invocation so Pub/Sub redelivers it; the duplicate run publishes again.
         raise RetryableRunError(
-            f"activation '{record['activation']}': run {record['run_id']} needs a continuation but publishing "
+            f"activation '{activation}': run {run_id} needs a continuation but publishing "
             f"to {topic} failed ({type(error).__name__})"
         ) from error
 

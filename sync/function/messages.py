@@ -19,7 +19,6 @@ import binascii
 import hashlib
 import json
 import re
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
@@ -65,7 +64,7 @@ class SyncRequest:
     allow: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, data: Any) -> SyncRequest:
+    def parse(cls, data: object) -> SyncRequest:
         """Validate a decoded message; every error is a ConfigError naming the key."""
         if not isinstance(data, dict):
             raise ConfigError('the message must be a JSON object like {"activation": "NAME", "full": false}')
@@ -83,9 +82,9 @@ class SyncRequest:
         canonical = json.dumps(self.as_message(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-    def as_message(self) -> dict[str, Any]:
+    def as_message(self) -> dict[str, object]:
         """The JSON object a message carries for this request."""
-        message: dict[str, Any] = {"activation": self.activation, "full": self.full}
+        message: dict[str, object] = {"activation": self.activation, "full": self.full}
         if self.continuation_of is not None:
             message["continuation_of"] = self.continuation_of
         if self.allow:
@@ -108,7 +107,7 @@ class SyncRequest:
 
     @field_validator("allow", mode="before")
     @classmethod
-    def _guard_names(cls, value: Any) -> tuple[str, ...]:
+    def _guard_names(cls, value: object) -> tuple[str, ...]:
         """A list of known guard names (a tuple too, when the function builds a request itself)."""
         if not isinstance(value, list | tuple) or not all(isinstance(name, str) for name in value):
             raise ValueError(_EXPECTED["allow"])
@@ -149,7 +148,7 @@ class PubSubEnvelope(BaseModel):
 
     message: PubSubMessage
 
-    def payload(self) -> Any:
+    def payload(self) -> object:
         """The message's JSON payload.
 
         Raises:
@@ -171,7 +170,7 @@ class MessageTooLarge(ConfigError):
     """A request body or message data over :data:`MAX_MESSAGE_BYTES` (HTTP 413, never retried)."""
 
 
-def parse_json(data: bytes, *, what: str) -> Any:
+def parse_json(data: bytes, *, what: str) -> object:
     """A request's JSON from its bytes (HTTP body, Pub/Sub data), bounded in size and depth.
 
     Raises:
@@ -198,7 +197,7 @@ def parse_json(data: bytes, *, what: str) -> Any:
         raise ConfigError(f"{what} is not JSON ({len(text):,} characters)") from None
 
 
-def decode_pubsub_data(envelope: Any) -> Any:
+def decode_pubsub_data(envelope: object) -> object:
     """The JSON payload of a Pub/Sub CloudEvent body ``{"message": {"data": BASE64}, ...}``.
 
     Raises:

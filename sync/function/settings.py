@@ -140,7 +140,7 @@ class Settings(BaseSettings):
 
     @field_validator("time_budget_seconds", "margin", "lease_ttl_seconds", mode="before")
     @classmethod
-    def _positive_seconds(cls, raw: Any, info: ValidationInfo) -> Any:
+    def _positive_seconds(cls, raw: object, info: ValidationInfo) -> object:
         if not isinstance(raw, str):  # a default
             return raw
         name = _variable(cls, info)
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
 
     @field_validator("max_delivery_attempts", mode="before")
     @classmethod
-    def _attempts(cls, raw: Any, info: ValidationInfo) -> Any:
+    def _attempts(cls, raw: object, info: ValidationInfo) -> object:
         if not isinstance(raw, str):
             return raw
         text = raw.strip()

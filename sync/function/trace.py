@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from opentelemetry.trace import format_span_id, format_trace_id, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -66,7 +66,7 @@ class TraceContext:
         options = match["options"]
         return cls(match["trace"].lower(), span_hex, None if options is None else bool(int(options) & 1))
 
-    def log_fields(self, project: str | None) -> dict[str, Any]:
+    def log_fields(self, project: str | None) -> dict[str, str | bool]:
         """Context fields for structlog; :mod:`sync.logs` turns ``trace`` into Cloud Logging's key.
 
         Cloud Logging links a line to a trace only by the full resource name, so without a
@@ -74,7 +74,7 @@ class TraceContext:
         """
         if project is None:
             return {}
-        fields: dict[str, Any] = {"trace": f"projects/{project}/traces/{self.trace_id}"}
+        fields: dict[str, str | bool] = {"trace": f"projects/{project}/traces/{self.trace_id}"}
         if self.span_id is not None:
             fields["logging.googleapis.com/spanId"] = self.span_id
         if self.sampled is not None:
