@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
 
 MASK = "<redacted>"
 MIN_SECRET_LENGTH = 6
@@ -50,7 +49,7 @@ class Redactor:
             text = _SECRET_IN_URL.sub(rf"\1={MASK}", text)
         return text
 
-    def value(self, value: Any) -> Any:
+    def value(self, value: object) -> object:
         """Every string inside ``value`` (nested dicts, lists and tuples too) redacted; others as they are."""
         if isinstance(value, str):
             return self.text(value)

@@ -26,8 +26,8 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlparse
+from typing import TYPE_CHECKING
+from urllib.parse import ParseResult, parse_qs, urlparse
 
 import pyarrow as pa
 
@@ -168,7 +168,7 @@ def _open_sqlite(path: str, *, create: bool, read_only: bool = False) -> StateSt
         ) from None
 
 
-def _open_firestore(parsed: Any) -> StateStore:
+def _open_firestore(parsed: ParseResult) -> StateStore:
     from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import firestore
 

@@ -18,7 +18,7 @@ remembered anyway). So the rule only says "value" on positive evidence.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Final
 
 # Categories that name a part of the item we sent: its identifiers, its attributes or its
 # events. Batch's own example says "attribute"; the request's keys are plural
@@ -27,7 +27,7 @@ from typing import Any, Final
 VALUE_CATEGORIES: Final = frozenset({"attribute", "attributes", "identifier", "identifiers", "event", "events"})
 
 
-def is_value_refusal(entry: Mapping[str, Any]) -> bool:
+def is_value_refusal(entry: Mapping[str, object]) -> bool:
     """Whether one per-item error is about the profile's data (docs/batch-api.md, "Per-item errors").
 
     True when it names an attribute (a non-empty string), or when its category is one of

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -25,7 +25,7 @@ class Source(Protocol):
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """The segment's rows, only ``columns``, as Arrow record batches (bounded memory)."""
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         """Facts for the run record once reading is done (rows read, bytes processed, job id...)."""
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import duckdb
 import pyarrow as pa
@@ -264,7 +264,7 @@ class DuckDBSource:
             f"in the activation, for example 1GB. DuckDB said: {error}"
         )
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         return {
             "engine": "duckdb",
             "rows": self._rows,

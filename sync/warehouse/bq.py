@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,15 +45,32 @@ Parameter = bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 
 
+class Job(TypedDict, total=False):
+    """One BigQuery job on the ledger (the run record's ``warehouse.jobs``, docs/warehouse-diff.md)."""
+
+    purpose: str
+    job_id: str | None
+    bytes_processed: int | None
+    bytes_billed: int | None
+    slot_ms: int | None
+    rows_out: int
+    seconds: float
+    read_path: str
+    read_seconds: float
+
+
+_COSTS: Final = ("bytes_processed", "bytes_billed", "slot_ms", "rows_out")
+
+
 @dataclass
 class Ledger:
     """Every BigQuery job the run issued, with what it cost."""
 
-    jobs: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
 
-    def as_record(self) -> dict[str, Any]:
+    def as_record(self) -> dict[str, object]:
         def total(key: str) -> int:
-            return sum(int(job.get(key) or 0) for job in self.jobs)
+            return sum(_cost(job, key) for job in self.jobs)
 
         return {
             "jobs": list(self.jobs),
@@ -62,6 +79,11 @@ class Ledger:
             "slot_ms": total("slot_ms"),
             "rows_out": total("rows_out"),
         }
+
+
+def _cost(job: Job, key: str) -> int:
+    value = job.get(key)
+    return value if isinstance(value, int) else 0
 
 
 class Warehouse:
@@ -132,6 +154,7 @@ class Warehouse:
         storage = bulk and self.read_client is not None
         entry["read_path"] = "storage_api" if storage else "rest_paging"
         entry["read_seconds"] = 0.0
+        entry.setdefault("rows_out", 0)
         stream: Iterator[pa.RecordBatch] | None = None
         try:
             started = time.perf_counter()
@@ -144,12 +167,12 @@ class Warehouse:
                 stream = iter(rows.to_arrow_iterable())
             while True:
                 batch = next(stream, None)
-                entry["read_seconds"] = round(entry["read_seconds"] + time.perf_counter() - started, 3)
+                entry["read_seconds"] = round(entry.get("read_seconds", 0.0) + time.perf_counter() - started, 3)
                 if batch is None:
                     return
                 for offset in range(0, batch.num_rows, BATCH_ROWS):
                     chunk = batch.slice(offset, BATCH_ROWS)
-                    entry["rows_out"] += chunk.num_rows
+                    entry["rows_out"] = entry.get("rows_out", 0) + chunk.num_rows
                     yield conform(chunk, schema)
                 started = time.perf_counter()
         except api_exceptions.GoogleAPICallError as error:
