@@ -186,6 +186,7 @@ def _sequence(value: object) -> Sequence[object]:
 
 
 def _text(value: object) -> str | None:
+    """A detail as text (a detail that is not a string, from another version, is written as its text)."""
     return None if value is None else str(value)
 
 
@@ -297,7 +298,7 @@ class RejectionSpool:
         dropped = bool(rejected.get("attribute_dropped"))
         for issue in _sequence(rejected.get("issues")):
             if not isinstance(issue, Mapping):
-                continue  # no issue: nothing to write
+                continue  # not an issue (a record of another shape): nothing to write
             if self.written + self._buffered >= self._max_rows:
                 self.not_written += 1
                 continue
