@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from sync.model import Reason
+from sync.report.summary import as_mapping, as_sequence
 from sync.runlog import ITEM_ERROR_COUNTS, PROFILE_COUNTS, count_of, duration_seconds, outcome, rejected_total
 
 SHORT_STATUS = {
@@ -59,7 +59,7 @@ CSV_COLUMNS = (
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def abbreviate(value: Any) -> str:
+def abbreviate(value: object) -> str:
     """A count in at most 4 characters: 999, 1.2k, 12k, 999k, 1.2M, 12M, 1.2G."""
     if not isinstance(value, int) or isinstance(value, bool):
         return ""
@@ -98,7 +98,7 @@ def short_status(status: str) -> str:
     return text if len(text) <= STATUS_WIDTH else text[: STATUS_WIDTH - 1] + "…"
 
 
-def state_caption(records: Sequence[Mapping[str, Any]]) -> str:
+def state_caption(records: Sequence[Mapping[str, object]]) -> str:
     """What these runs asked of their state store, summed (``state_ops``), or "" if none counted."""
     totals = dict.fromkeys(STATE_OPS_COLUMNS, 0)
     backends: set[str] = set()
@@ -117,7 +117,7 @@ def state_caption(records: Sequence[Mapping[str, Any]]) -> str:
     return f"state ({', '.join(sorted(backends))}) over these runs: {spent}"
 
 
-def history_table(name: str, records: Sequence[Mapping[str, Any]]) -> Table:
+def history_table(name: str, records: Sequence[Mapping[str, object]]) -> Table:
     """Recent runs, newest first, in 80 columns. Every cell is plain text, never markup."""
     caption = "counts: k thousand, M million · rej includes rows Batch refused"
     state = state_caption(records)
@@ -142,7 +142,7 @@ def history_table(name: str, records: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("time", justify="right", no_wrap=True)
     styles = {"success": "green", "failure": "bold red", "other": "dim"}
     for record in records:
-        counts = record.get("counts") or {}
+        counts = as_mapping(record.get("counts"))
         status = str(record.get("status", ""))
         numbers = [abbreviate(counts.get(key)) for _, key in NUMBER_COLUMNS]
         rejected = abbreviate(rejected_total(counts)) if counts else ""
@@ -157,7 +157,7 @@ def history_table(name: str, records: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-def persistent_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
+def persistent_notes(records: Sequence[Mapping[str, object]]) -> list[str]:
     """One line per listed run that met persistent Batch errors, with Batch's reason (plain text).
 
     A persistent error is a per-item error not about the value that came back for the same
@@ -166,7 +166,7 @@ def persistent_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """
     notes = []
     for record in records:
-        counts = record.get("counts") or {}
+        counts = as_mapping(record.get("counts"))
         new, kept = count_of(counts, "persistent"), count_of(counts, "persistent_unchanged")
         if not new and not kept:
             continue
@@ -179,29 +179,29 @@ def persistent_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def _persistent_sample(record: Mapping[str, Any]) -> str:
-    for sample in record.get("rejected_samples") or []:
-        for issue in sample.get("issues") or []:
+def _persistent_sample(record: Mapping[str, object]) -> str:
+    for sample in map(as_mapping, as_sequence(record.get("rejected_samples"))):
+        for issue in map(as_mapping, as_sequence(sample.get("issues"))):
             if issue.get("reason") == Reason.BATCH_PERSISTENT_ERROR.value:
                 return f"{sample.get('custom_id')}: {issue.get('detail')}"
     return ""
 
 
-def _csv_cell(value: Any) -> Any:
+def _csv_cell(value: object) -> object:
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return value
 
 
-def history_csv(records: Sequence[Mapping[str, Any]]) -> str:
+def history_csv(records: Sequence[Mapping[str, object]]) -> str:
     """One CSV row per run with its counts and error (text cells safe to open in a spreadsheet)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for record in records:
-        counts = record.get("counts") or {}
+        counts = as_mapping(record.get("counts"))
         trigger = record.get("trigger")
-        row: dict[str, Any] = {
+        row: dict[str, object] = {
             "run_id": record.get("run_id"),
             "activation": record.get("activation"),
             "started_at": record.get("started_at"),
@@ -211,8 +211,7 @@ def history_csv(records: Sequence[Mapping[str, Any]]) -> str:
             "duration_seconds": duration_seconds(record),
             "error": record.get("error"),
         }
-        ops = record.get("state_ops")
-        ops = ops if isinstance(ops, Mapping) else {}
+        ops = as_mapping(record.get("state_ops"))
         row["state_backend"] = ops.get("backend")
         for key in STATE_OPS_COLUMNS:
             row[f"state_{key}"] = ops.get(key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import jinja2
 import yaml
@@ -20,6 +19,7 @@ from sync import __version__
 from sync.report import charts
 from sync.report.summary import (
     RECENT_RUNS,
+    as_mapping,
     failures,
     last_success,
     mapping_changes,
@@ -68,17 +68,26 @@ def _environment() -> jinja2.Environment:
         duration=duration_seconds,
         outcome=lambda status: outcome(str(status)),
         rejected=rejected_total,
-        count=lambda record, key: (record.get("counts") or {}).get(key, ""),
-        trigger=lambda record: (
-            (record.get("trigger") or {}).get("kind", "")
-            if isinstance(record.get("trigger"), Mapping)
-            else str(record.get("trigger") or "")
-        ),
+        count=_count,
+        trigger=_trigger,
     )
     return env
 
 
-def _when(value: Any) -> str:
+def _count(record: Mapping[str, object], key: str) -> object:
+    """One count of a run as recorded (blank when absent)."""
+    return as_mapping(record.get("counts")).get(key, "")
+
+
+def _trigger(record: Mapping[str, object]) -> object:
+    """What started a run: a trigger's kind (a record of an older version holds it as text)."""
+    trigger = record.get("trigger")
+    if isinstance(trigger, Mapping):
+        return trigger.get("kind", "")
+    return str(trigger or "")
+
+
+def _when(value: object) -> str:
     """An ISO timestamp as ``2026-11-29 02:03:04 UTC``; anything else as text."""
     try:
         moment = datetime.fromisoformat(str(value))
@@ -96,10 +105,10 @@ def _width_text(seconds: float) -> str:
 
 def render_report(
     name: str,
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping[str, object]],
     *,
     state_kind: str,
-    config_file: Mapping[str, Any] | None = None,
+    config_file: Mapping[str, object] | None = None,
     config_file_name: str | None = None,
     now: datetime | None = None,
 ) -> str:
@@ -117,7 +126,7 @@ def render_report(
     template = env.get_template(TEMPLATE)
     generated = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     records = [dict(record) for record in records]
-    context: dict[str, Any] = {
+    context: dict[str, object] = {
         "csp": CSP,
         "version": __version__,
         "name": name,
@@ -133,7 +142,7 @@ def render_report(
         for _, kind, n in status_counts(records):
             totals[kind] += n
         config, origin = _config_text(records, config_file, config_file_name)
-        counts = latest.get("counts") or {}
+        counts = as_mapping(latest.get("counts"))
         context.update(
             latest=latest,
             latest_outcome=outcome(str(latest.get("status"))),
@@ -154,7 +163,7 @@ def render_report(
             counts=[(label, counts[key]) for label, key in COUNT_LABELS if isinstance(counts.get(key), int)],
             ours=reason_groups(latest, batch=False),
             theirs=reason_groups(latest, batch=True),
-            dropped=sorted((latest.get("dropped_attributes_by_reason") or {}).items()),
+            dropped=sorted(as_mapping(latest.get("dropped_attributes_by_reason")).items()),
             recent=records[:RECENT_RUNS],
             results_runs=[
                 {"record": r, "queries": run_queries(r)}
@@ -170,12 +179,13 @@ def render_report(
 
 
 def _config_text(
-    records: Sequence[Mapping[str, Any]], config_file: Mapping[str, Any] | None, config_file_name: str | None
+    records: Sequence[Mapping[str, object]], config_file: Mapping[str, object] | None, config_file_name: str | None
 ) -> tuple[str | None, str]:
-    recorded = next((r for r in records if isinstance(r.get("config"), Mapping)), None)
-    if recorded is not None:
-        text = yaml.safe_dump(dict(recorded["config"]), sort_keys=False, allow_unicode=True)
-        return text, f"As run {recorded.get('run_id')} used it"
+    for record in records:
+        recorded = record.get("config")
+        if isinstance(recorded, Mapping):
+            text = yaml.safe_dump(dict(recorded), sort_keys=False, allow_unicode=True)
+            return text, f"As run {record.get('run_id')} used it"
     if config_file is not None:
         text = yaml.safe_dump(dict(config_file), sort_keys=False, allow_unicode=True)
         return text, f"From {config_file_name or 'the activation file'} as it is now (no run recorded its own)"

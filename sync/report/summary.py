@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sync.model import Reason
 from sync.runlog import KNOWN_STAGES, duration_seconds, outcome, rejected_total, stage_seconds
@@ -41,7 +40,7 @@ _WIDTHS = [timedelta(hours=h) for h in (1, 2, 3, 6, 12, 24, 48, 168, 336, 672)]
 OUTCOME_CLASSES = ("success", "failure", "other")
 
 
-def run_started(record: Mapping[str, Any]) -> datetime | None:
+def run_started(record: Mapping[str, object]) -> datetime | None:
     try:
         started = datetime.fromisoformat(str(record["started_at"]))
     except (KeyError, TypeError, ValueError):
@@ -49,7 +48,21 @@ def run_started(record: Mapping[str, Any]) -> datetime | None:
     return started if started.tzinfo else started.replace(tzinfo=UTC)
 
 
-def _count(counts: Mapping[str, Any], key: str) -> int:
+# Records are JSON read back from the state store, written by this version or an older one: a
+# part is looked at as what it is, and a part missing or not of its shape reads as empty.
+
+
+def as_mapping(value: object) -> Mapping[str, object]:
+    """``value`` if it is a mapping (a record's counts, timings, one sample), else an empty one."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def as_sequence(value: object) -> Sequence[object]:
+    """``value`` if it is a list (a record's samples, an issue list), else an empty one."""
+    return value if isinstance(value, list | tuple) else ()
+
+
+def _count(counts: Mapping[str, object], key: str) -> int:
     value = counts.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -77,8 +90,8 @@ class Bucket:
     outcomes: Counter[str] = field(default_factory=Counter)
     durations: list[float] = field(default_factory=list)
 
-    def add(self, record: Mapping[str, Any]) -> None:
-        counts = record.get("counts") or {}
+    def add(self, record: Mapping[str, object]) -> None:
+        counts = as_mapping(record.get("counts"))
         self.runs += 1
         sent = _count(counts, "sent")
         self.sent += sent
@@ -110,7 +123,7 @@ class Timeline:
     width: timedelta | None
 
 
-def timeline(records: Sequence[Mapping[str, Any]], max_buckets: int = MAX_BUCKETS) -> Timeline:
+def timeline(records: Sequence[Mapping[str, object]], max_buckets: int = MAX_BUCKETS) -> Timeline:
     """Runs oldest first: one bucket per run while they fit, else equal time windows."""
     dated = sorted(
         ((started, record) for record in records if (started := run_started(record)) is not None),
@@ -169,7 +182,7 @@ class StageTimes:
     seconds: dict[str, float]
 
 
-def stage_times(records: Sequence[Mapping[str, Any]], limit: int = STAGE_RUNS) -> list[StageTimes]:
+def stage_times(records: Sequence[Mapping[str, object]], limit: int = STAGE_RUNS) -> list[StageTimes]:
     """Seconds per stage of the latest runs that timed any, oldest of them first.
 
     Per-stage timings (``timings.stages``) when the record has them; older records show
@@ -181,12 +194,12 @@ def stage_times(records: Sequence[Mapping[str, Any]], limit: int = STAGE_RUNS) -
         if stages:
             seconds = {STAGE_LABELS.get(name, name): value for name, value in stages.items()}
         else:
-            timings = record.get("timings") or {}
-            seconds = {
-                label: round(float(timings[key]), 3)
-                for key, label in LEGACY_STAGES.items()
-                if isinstance(timings.get(key), int | float) and not isinstance(timings.get(key), bool)
-            }
+            timings = as_mapping(record.get("timings"))
+            seconds = {}
+            for key, label in LEGACY_STAGES.items():
+                value = timings.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    seconds[label] = round(float(value), 3)
         if seconds:
             found.append(StageTimes(str(record.get("run_id")), seconds))
         if len(found) == limit:
@@ -211,25 +224,26 @@ class ReasonGroup:
     reason: str
     count: int
     share: float
-    samples: list[dict[str, Any]]
+    # row, custom_id, field and detail as the record holds them: shown, never computed with.
+    samples: list[dict[str, object]]
 
 
-def reason_groups(record: Mapping[str, Any], *, batch: bool) -> list[ReasonGroup]:
+def reason_groups(record: Mapping[str, object], *, batch: bool) -> list[ReasonGroup]:
     """Rejected rows of one run by reason code, most frequent first, with a few samples each.
 
     ``batch`` selects Batch's own answers (refusals of the value, per-item errors not about
     it, persistent ones: :attr:`sync.model.Reason.from_batch`) or our own checks.
     """
-    by_reason = record.get("rejected_by_reason") or {}
-    rows = _count(record.get("counts") or {}, "rows")
+    by_reason = as_mapping(record.get("rejected_by_reason"))
+    rows = _count(as_mapping(record.get("counts")), "rows")
     chosen = {
         str(reason): int(count)
         for reason, count in by_reason.items()
         if _from_batch(str(reason)) == batch and isinstance(count, int)
     }
-    samples: dict[str, list[dict[str, Any]]] = {reason: [] for reason in chosen}
-    for sample in record.get("rejected_samples") or []:
-        for issue in sample.get("issues") or []:
+    samples: dict[str, list[dict[str, object]]] = {reason: [] for reason in chosen}
+    for sample in map(as_mapping, as_sequence(record.get("rejected_samples"))):
+        for issue in map(as_mapping, as_sequence(sample.get("issues"))):
             bucket = samples.get(str(issue.get("reason")))
             if bucket is not None and len(bucket) < SAMPLES_PER_REASON:
                 bucket.append(
@@ -251,21 +265,21 @@ def _from_batch(reason: str) -> bool:
         return False
 
 
-def status_counts(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, int]]:
+def status_counts(records: Iterable[Mapping[str, object]]) -> list[tuple[str, str, int]]:
     """(status, outcome, runs) over the window, most frequent first."""
     counts = Counter(str(record.get("status")) for record in records)
     return [(status, outcome(status), n) for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def mapping_changes(records: Iterable[Mapping[str, Any]], limit: int = NOTABLE_EVENTS) -> list[Mapping[str, Any]]:
+def mapping_changes(records: Iterable[Mapping[str, object]], limit: int = NOTABLE_EVENTS) -> list[Mapping[str, object]]:
     """The latest runs that ran with a changed mapping version, newest first."""
-    return [r for r in records if (r.get("mapping_version") or {}).get("changed")][:limit]
+    return [r for r in records if as_mapping(r.get("mapping_version")).get("changed")][:limit]
 
 
-def failures(records: Iterable[Mapping[str, Any]], limit: int = NOTABLE_EVENTS) -> list[Mapping[str, Any]]:
+def failures(records: Iterable[Mapping[str, object]], limit: int = NOTABLE_EVENTS) -> list[Mapping[str, object]]:
     """The latest runs that failed or were stopped, newest first."""
     return [r for r in records if outcome(str(r.get("status"))) == "failure"][:limit]
 
 
-def last_success(records: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def last_success(records: Iterable[Mapping[str, object]]) -> Mapping[str, object] | None:
     return next((r for r in records if outcome(str(r.get("status"))) == "success"), None)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, TypedDict
 
 import yaml
 
@@ -35,6 +35,11 @@ _LINE_COMMENT: Final = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 _JINJA: Final = re.compile(r"\{\{.*?\}\}", re.DOTALL)
 _NOT_TABLES: Final = frozenset({"unnest", "select", "lateral"})
 _FROM_FUNCTIONS: Final = frozenset({"extract", "trim", "substring", "overlay", "position"})
+
+
+def _mapping(value: object) -> Mapping[str, object]:
+    """A part of the manifest (JSON) if it is an object, else an empty one."""
+    return value if isinstance(value, Mapping) else {}
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,9 @@ class Manifest:
         return cls.from_document(document)
 
     @classmethod
-    def from_document(cls, document: Mapping[str, Any]) -> Manifest:
+    def from_document(cls, document: Mapping[str, object]) -> Manifest:
         relations: list[Relation] = []
-        for node in (document.get("nodes") or {}).values():
+        for node in _mapping(document.get("nodes")).values():
             if not isinstance(node, dict) or node.get("resource_type") not in ("model", "seed", "snapshot"):
                 continue
             name = str(node.get("name"))
@@ -80,7 +85,7 @@ class Manifest:
                     str(node.get("alias") or name),
                 )
             )
-        for source in (document.get("sources") or {}).values():
+        for source in _mapping(document.get("sources")).values():
             if not isinstance(source, dict):
                 continue
             relations.append(
@@ -185,7 +190,20 @@ def exposure_name(activation: str) -> str:
     return _EXPOSURE_NAME.sub("_", activation)
 
 
-def exposure(activation: Activation, manifest: Manifest | None) -> tuple[dict[str, Any], list[str]]:
+class Exposure(TypedDict):
+    """One dbt exposure, as written to the YAML (dbt documents its properties under "exposures")."""
+
+    name: str
+    label: str
+    type: str
+    owner: dict[str, str]
+    description: str
+    depends_on: list[str]
+    tags: list[str]
+    meta: dict[str, str]
+
+
+def exposure(activation: Activation, manifest: Manifest | None) -> tuple[Exposure, list[str]]:
     """One activation as a dbt exposure, and the comments to write above it."""
     found = lineage(activation, manifest)
     notes = list(found.notes)
@@ -195,7 +213,7 @@ def exposure(activation: Activation, manifest: Manifest | None) -> tuple[dict[st
     else:
         owner = {"name": "cepsync"}
         notes.append("no owner in the activation: dbt needs one, so 'cepsync' stands in (set owner: {name, email})")
-    meta: dict[str, Any] = {
+    meta: dict[str, str] = {
         "cepsync_activation": activation.name,
         "run_type": activation.run_type.value,
         "sync_mode": activation.sync_mode.value,
@@ -207,7 +225,7 @@ def exposure(activation: Activation, manifest: Manifest | None) -> tuple[dict[st
         results = activation.results
         # A DuckDB file by its name only: the path is this machine's, not the dbt project's.
         meta["results"] = results.dataset or (Path(results.database).name if results.database else "the source's file")
-    body: dict[str, Any] = {
+    body: Exposure = {
         "name": exposure_name(activation.name),
         "label": activation.name,
         "type": "application",

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+import pyarrow as pa
 import structlog
 
 from sync.config import Activation, DuckDBSourceConfig
@@ -27,7 +27,8 @@ from sync.state.base import StateStore
 
 log = structlog.get_logger("cepsync.results")
 
-Rejects = Callable[[dict[str, Any]], None]
+# The engine's rejects sink (sync.runbook.RejectSink): one rejected row as a record.
+Rejects = Callable[[dict[str, object]], None]
 
 
 class ResultsCollector:
@@ -48,7 +49,7 @@ class ResultsCollector:
         """The run's rejects callback: the spool, then the caller's (``--rejects``) if any."""
         spool = self.spool
 
-        def both(rejected: dict[str, Any]) -> None:
+        def both(rejected: dict[str, object]) -> None:
             spool.add(rejected)
             if rejects is not None:
                 rejects(rejected)
@@ -75,6 +76,7 @@ class ResultsCollector:
             )
             rejections = self.spool.path if tally.written else None
             database = self.database
+            written: dict[str, object]
             if database is not None:
                 from sync.results import duckdb as duckdb_results
 
@@ -107,7 +109,7 @@ class ResultsCollector:
         except Exception as error:
             log.error("run record not updated with the results outcome", run_id=run.run_id, error=str(error))
 
-    def _write_bigquery(self, rows: Any, rejections: Path | None) -> dict[str, Any]:
+    def _write_bigquery(self, rows: pa.Table, rejections: Path | None) -> dict[str, object]:
         from sync.results.bigquery import BigQueryResults, results_client
 
         assert self.config.dataset is not None

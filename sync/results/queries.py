@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import PurePath
-from typing import Any
 
 from sync.results.schema import REJECTIONS_TABLE, RUNS_TABLE
 
@@ -22,7 +21,7 @@ def _duckdb_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def run_queries(record: Mapping[str, Any]) -> dict[str, str] | None:
+def run_queries(record: Mapping[str, object]) -> dict[str, str] | None:
     """``{"where", "runs", "rejections"}`` for a run whose results were written, else None.
 
     BigQuery: fully qualified tables, and a filter on the run's UTC day so that only that
@@ -59,7 +58,7 @@ def run_queries(record: Mapping[str, Any]) -> dict[str, str] | None:
     }
 
 
-def _day(value: Any) -> datetime | None:
+def _day(value: object) -> datetime | None:
     try:
         moment = datetime.fromisoformat(str(value))
     except ValueError:

@@ -24,11 +24,11 @@ import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -172,24 +172,42 @@ def batch_reason(reason: str, detail: str | None) -> str | None:
     return detail
 
 
-def _timestamp(value: Any) -> datetime | None:
+# A run record is JSON (the engine's, or one of an older version): a part is looked at as what
+# it is, and a part missing or not of its shape reads as empty. The rest goes on unread, as
+# JSON text or a column's value.
+
+
+def _mapping(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: object) -> Sequence[object]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def _text(value: object) -> str | None:
+    """A detail as text (a detail that is not a string, from another version, is written as its text)."""
+    return None if value is None else str(value)
+
+
+def _timestamp(value: object) -> datetime | None:
     if not value:
         return None
     moment = datetime.fromisoformat(str(value))
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _json(value: Any) -> str | None:
+def _json(value: object) -> str | None:
     if value is None or value == {} or value == []:
         return None
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _int(value: Any) -> int | None:
+def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _float(value: Any) -> float | None:
+def _float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -201,20 +219,20 @@ class SpoolTally:
     not_written: int
 
 
-def run_row(record: Mapping[str, Any], *, tally: SpoolTally, include_values: bool, written_at: datetime) -> pa.Table:
+def run_row(record: Mapping[str, object], *, tally: SpoolTally, include_values: bool, written_at: datetime) -> pa.Table:
     """The run record as the one row of ``cepsync_runs``."""
-    counts = record.get("counts") or {}
-    mapping = record.get("mapping_version") or {}
-    trigger = record.get("trigger") if isinstance(record.get("trigger"), Mapping) else {}
-    timings = record.get("timings") or {}
-    source = record.get("source") or {}
+    counts = _mapping(record.get("counts"))
+    mapping = _mapping(record.get("mapping_version"))
+    trigger = _mapping(record.get("trigger"))
+    timings = _mapping(record.get("timings"))
+    source = _mapping(record.get("source"))
     guards = record.get("guards") or []
     kept = dict(record)
     if not include_values:
         # Samples quote rejected values (docs/run-record.md); the rejections table has every
         # row without them.
         kept.pop("rejected_samples", None)
-    row: dict[str, Any] = {
+    row: dict[str, object] = {
         "run_id": record["run_id"],
         "activation": record["activation"],
         "started_at": _timestamp(record["started_at"]),
@@ -222,7 +240,7 @@ def run_row(record: Mapping[str, Any], *, tally: SpoolTally, include_values: boo
         "status": str(record.get("status")),
         "run_type": record.get("run_type"),
         "sync_mode": record.get("sync_mode"),
-        "trigger_kind": (trigger or {}).get("kind"),
+        "trigger_kind": trigger.get("kind"),
         "trigger_id": record.get("trigger_id"),
         "continuation_of": record.get("continuation_of"),
         "full_pass": bool(record.get("full")),
@@ -234,7 +252,9 @@ def run_row(record: Mapping[str, Any], *, tally: SpoolTally, include_values: boo
         "rejected_by_reason": _json(record.get("rejected_by_reason")),
         "dropped_attributes_by_reason": _json(record.get("dropped_attributes_by_reason")),
         "guards": _json(guards),
-        "guard_tripped": any(g.get("tripped") and not g.get("overridden") for g in guards if isinstance(g, Mapping)),
+        "guard_tripped": any(
+            g.get("tripped") and not g.get("overridden") for g in _sequence(guards) if isinstance(g, Mapping)
+        ),
         "warnings": _json(record.get("warnings")),
         "total_seconds": _float(timings.get("total_seconds")),
         "first_request_seconds": _float(timings.get("first_request_seconds")),
@@ -269,19 +289,21 @@ class RejectionSpool:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._directory, ignore_errors=True)
         self.path = self._directory / "rejections.parquet"
         self._writer: pq.ParquetWriter | None = None
-        self._buffer: dict[str, list[Any]] = {name: [] for name, _, _ in REJECTIONS_COLUMNS}
+        self._buffer: dict[str, list[object]] = {name: [] for name, _, _ in REJECTIONS_COLUMNS}
         self._buffered = 0
         self.written = 0
         self.not_written = 0
 
-    def add(self, rejected: Mapping[str, Any]) -> None:
+    def add(self, rejected: Mapping[str, object]) -> None:
         dropped = bool(rejected.get("attribute_dropped"))
-        for issue in rejected.get("issues") or ():
+        for issue in _sequence(rejected.get("issues")):
+            if not isinstance(issue, Mapping):
+                continue  # not an issue (a record of another shape): nothing to write
             if self.written + self._buffered >= self._max_rows:
                 self.not_written += 1
                 continue
             reason = str(issue.get("reason"))
-            detail = issue.get("detail")
+            detail = _text(issue.get("detail"))
             message, value = split_detail(reason, detail)
             columns = self._buffer
             columns["run_id"].append(rejected.get("run_id"))
