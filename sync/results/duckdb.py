@@ -7,7 +7,6 @@ before the insert casts them), so ``CAST(started_at AS DATE)`` is the UTC day, a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -51,7 +50,7 @@ def ensure_tables(connection: duckdb.DuckDBPyConnection) -> None:
 MEMORY_LIMIT = "128MB"
 
 
-def write(database: str, runs: pa.Table, rejections: Path | None, *, spill_directory: Path) -> dict[str, Any]:
+def write(database: str, runs: pa.Table, rejections: Path | None, *, spill_directory: Path) -> dict[str, object]:
     """Append the run's row and its rejections to the DuckDB file, all or nothing."""
     connection = duckdb.connect(database)
     try:
