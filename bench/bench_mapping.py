@@ -33,7 +33,7 @@ from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import MappedRow
 
 # The converters themselves, to time one validator call without a row around it.
-from sync.mapping import _convert_email, _phone_converter  # isort: skip
+from sync.convert import convert_email, phone_converter  # isort: skip
 
 # bench_sync.py is a sibling script, not a package module: its generator SQL is reused as is.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -153,10 +153,10 @@ def main() -> None:
     phones = [value.strip() for value in sample.column("phone").to_pylist() if value]
     print(f"per call, on {len(emails)} emails and {len(phones)} phones of the table:")
     print(f"  email-validator            : {per_call(email_validator_call, emails):6.2f} µs/call")
-    print(f"  mapper's email path        : {per_call(_convert_email, emails):6.2f} µs/call")
+    print(f"  mapper's email path        : {per_call(convert_email, emails):6.2f} µs/call")
     print(f"  phonenumbers               : {per_call(phone_call(phonenumbers), phones):6.2f} µs/call")
     print(f"  rphonenumbers              : {per_call(phone_call(rphonenumbers), phones):6.2f} µs/call")
-    print(f"  mapper's phone path        : {per_call(_phone_converter('FR'), phones):6.2f} µs/call")
+    print(f"  mapper's phone path        : {per_call(phone_converter('FR'), phones):6.2f} µs/call")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.config import AttributeType, parse_activation
+from sync.convert import convert_date
+from sync.decode import dates_in_columns
 from sync.dev.simulator import BatchSimulator
-from sync.mapping import ProfileMapper, _convert_date, _dates_in_columns, resolve_attribute_types
+from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.model import MappedRow, Reason
 
 # --- helpers ------------------------------------------------------------------------------
@@ -508,14 +510,14 @@ def test_dates_formatted_in_columns_are_what_the_converter_writes(
         tz = None if zone is None else ZoneInfo(zone)
         cells = [None if m is None else m.replace(tzinfo=tz) for m in moments]
         array = pa.array(cells, pa.timestamp("us", tz=zone)).cast(pa.timestamp(unit, tz=zone), safe=False)
-    formatted = _dates_in_columns(array)
+    formatted = dates_in_columns(array)
     assert formatted is not None
-    expected = [None if value is None else _convert_date(value) for value in array.to_pylist()]
+    expected = [None if value is None else convert_date(value) for value in array.to_pylist()]
     assert formatted.to_pylist() == expected
 
 
 def test_dates_outside_the_columnar_range_go_through_the_converter() -> None:
-    assert _dates_in_columns(pa.array([date(1, 1, 1), date(2024, 1, 1)], pa.date32())) is None
-    assert _dates_in_columns(pa.array([datetime(2024, 1, 1)], pa.timestamp("ns"))) is None
-    assert _dates_in_columns(pa.array(["2024-01-01"])) is None
-    assert _dates_in_columns(pa.array([None, None], pa.date32())).to_pylist() == [None, None]
+    assert dates_in_columns(pa.array([date(1, 1, 1), date(2024, 1, 1)], pa.date32())) is None
+    assert dates_in_columns(pa.array([datetime(2024, 1, 1)], pa.timestamp("ns"))) is None
+    assert dates_in_columns(pa.array(["2024-01-01"])) is None
+    assert dates_in_columns(pa.array([None, None], pa.date32())).to_pylist() == [None, None]

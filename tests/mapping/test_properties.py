@@ -23,7 +23,7 @@ from sync.model import MappedRow, Reason
 from tests.support.mapping_support import FULL_MAPPING, make_mapper
 
 # An independent reading of batch-api.md decision 7, deliberately not sharing code with
-# sync/mapping.py.
+# sync/mapping.py or sync/convert.py.
 
 _ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3})?Z$")
 _E164 = re.compile(r"^\+[0-9]{1,15}$")
