@@ -29,7 +29,7 @@ import zoneinfo
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, Final, assert_never
+from typing import Final, TypeAlias, assert_never
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -133,10 +133,14 @@ class Unrepresentable:
         self.detail = detail
 
 
-Converter = Callable[[Any], Any]
+# A payload value as a converter returns it: what the JSON holds under a Batch key.
+Value: TypeAlias = str | int | float | bool | list[str]
+# A converter's answer: the value, None for "no value" (sent as null), or why it is refused.
+Converted: TypeAlias = Value | Failure | None
+Converter: TypeAlias = Callable[[object], Converted]
 
 
-def _quote(value: Any) -> str:
+def _quote(value: object) -> str:
     # Slice long strings before repr so a 1 MB cell does not cost a 1 MB repr.
     text = repr(value[: DETAIL_VALUE_LENGTH + 1]) if isinstance(value, str) else repr(value)
     return text if len(text) <= DETAIL_VALUE_LENGTH else text[: DETAIL_VALUE_LENGTH - 1] + "…"
@@ -149,15 +153,15 @@ def _quote_number(value: int | Decimal) -> str:
     return text if len(text) <= 80 else text[:79] + "…"
 
 
-def _fail(reason: Reason, message: str, value: Any) -> Failure:
+def _fail(reason: Reason, message: str, value: object) -> Failure:
     return Failure(reason, f"{message}: {_quote(value)}")
 
 
-def _wrong_type(reason: Reason, expected: str, value: Any) -> Failure:
+def _wrong_type(reason: Reason, expected: str, value: object) -> Failure:
     return Failure(reason, f"expected {expected}, got {type(value).__name__} {_quote(value)}")
 
 
-def _blank_or_wrong_type(reason: Reason, expected: str, value: Any) -> Failure | None:
+def _blank_or_wrong_type(reason: Reason, expected: str, value: object) -> Failure | None:
     # An empty string is "no value" whatever the column's type (decision 9), so it never
     # counts as a type error; checked only once the value is already off the happy path.
     if isinstance(value, str) and _is_blank(value):
@@ -252,7 +256,7 @@ def _plain_domain_email(text: str) -> str | None:
     return address
 
 
-def convert_email(value: Any) -> Any:
+def convert_email(value: object) -> str | Failure | None:
     if not isinstance(value, str):
         return _wrong_type(Reason.INVALID_EMAIL, "a string", value)
     text = value.strip()
@@ -289,7 +293,7 @@ def phone_converter(default_region: str | None) -> Converter:
     e164 = phonenumbers.PhoneNumberFormat.E164
     fast_e164 = rphonenumbers.PhoneNumberFormat.E164
 
-    def convert(value: Any) -> Any:
+    def convert(value: object) -> str | Failure | None:
         if isinstance(value, str):
             text = value.strip()
             if not text:
@@ -311,7 +315,8 @@ def phone_converter(default_region: str | None) -> Converter:
             pass
         else:
             if rphonenumbers.is_valid_number(fast):
-                return rphonenumbers.format_number(fast, fast_e164)
+                formatted: str = rphonenumbers.format_number(fast, fast_e164)  # untyped library
+                return formatted
         try:
             number = phonenumbers.parse(text, default_region)
         except phonenumbers.NumberParseException:
@@ -327,7 +332,7 @@ def phone_converter(default_region: str | None) -> Converter:
 def _language_converter() -> Converter:
     table = _languages()
 
-    def convert(value: Any) -> Any:
+    def convert(value: object) -> str | Failure | None:
         if not isinstance(value, str):
             return _wrong_type(Reason.INVALID_LANGUAGE, "a string", value)
         text = value.strip()
@@ -346,7 +351,7 @@ def _language_converter() -> Converter:
 def _region_converter() -> Converter:
     table = _regions()
 
-    def convert(value: Any) -> Any:
+    def convert(value: object) -> str | Failure | None:
         if not isinstance(value, str):
             return _wrong_type(Reason.INVALID_REGION, "a string", value)
         text = value.strip()
@@ -363,7 +368,7 @@ def _region_converter() -> Converter:
 def _timezone_converter() -> Converter:
     names, by_lower = _timezones()
 
-    def convert(value: Any) -> Any:
+    def convert(value: object) -> str | Failure | None:
         if not isinstance(value, str):
             return _wrong_type(Reason.INVALID_TIMEZONE, "a string", value)
         text = value.strip()
@@ -379,7 +384,7 @@ def _timezone_converter() -> Converter:
     return convert
 
 
-def _convert_subscription(value: Any) -> Any:
+def _convert_subscription(value: object) -> str | Failure | None:
     if value is True:
         return _SUBSCRIBED
     if value is False:
@@ -397,7 +402,7 @@ def _convert_subscription(value: Any) -> Any:
     return _wrong_type(Reason.INVALID_SUBSCRIPTION, "a boolean or a subscription status", value)
 
 
-def _convert_string(value: Any) -> Any:
+def _convert_string(value: object) -> str | Failure | None:
     if not isinstance(value, str):
         return _wrong_type(Reason.INVALID_STRING, "a string", value)
     # Batch refuses empty and whitespace-only strings; they mean "no value" (decision 9).
@@ -419,7 +424,7 @@ def _integral_decimal(value: Decimal) -> int | None:
     return int(value)
 
 
-def _convert_integer(value: Any) -> Any:
+def _convert_integer(value: object) -> int | Failure | None:
     if isinstance(value, bool):
         return _wrong_type(Reason.INVALID_INTEGER, "an integer", value)
     if isinstance(value, int):
@@ -460,7 +465,7 @@ def _exact_float(value: int | Decimal, number: float) -> bool:
     return Decimal(number) == value or Decimal(float.__repr__(number)) == value
 
 
-def _convert_float(value: Any) -> Any:
+def _convert_float(value: object) -> float | Failure | None:
     if isinstance(value, bool):
         return _wrong_type(Reason.INVALID_FLOAT, "a number", value)
     if isinstance(value, float):
@@ -489,7 +494,7 @@ def _convert_float(value: Any) -> Any:
     return 0.0 if number == 0 else number
 
 
-def _convert_boolean(value: Any) -> Any:
+def _convert_boolean(value: object) -> bool | Failure | None:
     if value is True or value is False:
         return value
     if isinstance(value, str):
@@ -514,7 +519,7 @@ def _format_utc(moment: datetime) -> str:
     return f"{base}.{millis:03d}Z" if millis else f"{base}Z"
 
 
-def convert_date(value: Any) -> Any:
+def convert_date(value: object) -> str | Failure | None:
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, date):
@@ -548,7 +553,7 @@ def convert_date(value: Any) -> Any:
 _PLAIN_WEB_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]+)?(?:[/?#][!-~]*)?")
 
 
-def _convert_url(value: Any) -> Any:
+def _convert_url(value: object) -> str | Failure | None:
     if not isinstance(value, str):
         return _wrong_type(Reason.INVALID_URL, "a string", value)
     text = value.strip()
@@ -574,7 +579,7 @@ def _convert_url(value: Any) -> Any:
     return text
 
 
-def _convert_string_array(value: Any) -> Any:
+def _convert_string_array(value: object) -> list[str] | Failure | None:
     if not isinstance(value, list | tuple):
         return _blank_or_wrong_type(Reason.INVALID_ARRAY, "a list of strings", value)
     items: list[str] = []
@@ -609,7 +614,7 @@ CUSTOM_CONVERTERS: Final[Mapping[AttributeType, Converter]] = {
 }
 
 
-def convert_custom_id(value: Any) -> str | Failure:
+def convert_custom_id(value: object) -> str | Failure:
     if value is None:
         return Failure(Reason.MISSING_CUSTOM_ID, "custom_id is null")
     if isinstance(value, str):

@@ -12,8 +12,8 @@ value becomes, this only decides how few times they are asked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Final, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -98,7 +98,7 @@ class DecodedColumn(NamedTuple):
     """One column as Python values: ``values[codes[i]]`` is row i's value when ``codes``
     is set (a dictionary-encoded column; nulls point at a trailing None), else ``values[i]``."""
 
-    values: list[Any]
+    values: list[object]
     codes: pa.Int64Array | None
 
 
@@ -125,7 +125,7 @@ def zeros(rows: int) -> pa.Int64Array:
     return zeros
 
 
-def failed_rows(converted: list[Any], codes: pa.Int64Array | None) -> list[int]:
+def failed_rows(converted: Sequence[object], codes: pa.Int64Array | None) -> list[int]:
     """The rows whose result is a Failure, in row order."""
     failed = [index for index, result in enumerate(converted) if type(result) is Failure]
     if codes is None:
