@@ -22,13 +22,14 @@ is what the batch path must agree with; the tests hold the two together.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import pyarrow as pa
 
 from sync.config import Activation, AttributeType, InvalidValuePolicy
 from sync.convert import (
     CUSTOM_CONVERTERS,
+    Converted,
     Converter,
     Failure,
     Unrepresentable,
@@ -49,16 +50,18 @@ from sync.decode import (
     zeros,
 )
 from sync.errors import ConfigError
-from sync.model import MappedRow, RowIssue
+from sync.model import RowIssue
 from sync.natives import NATIVE_FIELDS, NativeType
 
-__all__ = ["ConvertedBatch", "ConvertedField", "Failure", "ProfileMapper", "resolve_attribute_types"]
+__all__ = ["ConvertedBatch", "ConvertedField", "Failure", "MappedField", "ProfileMapper", "resolve_attribute_types"]
 
 
 # --- The mapper ---------------------------------------------------------------------------
 
 
-class _Field(NamedTuple):
+class MappedField(NamedTuple):
+    """One mapped field: its source column, its Batch keys and the converter of its values."""
+
     column: str
     key: str  # bare key: "$email_address", "birthdate"; used for null
     present_key: str  # key for a present value: "date(birthdate)", "url(site)", else == key
@@ -69,7 +72,7 @@ class ProfileMapper:
     """Maps source rows of one activation to Batch profile payloads.
 
     Build one per run (construction resolves converters and lookup tables) and call
-    :meth:`map_row` for every row. The mapper holds no per-row state.
+    :meth:`convert_batch` for every record batch. The mapper holds no per-row state.
 
     Attributes:
         columns: The activation's mapped columns, custom_id first, in the order the raw
@@ -105,7 +108,7 @@ class ProfileMapper:
                 field="mapping.timezone",
             )
         fields = [
-            _Field(column, native.key, native.key, native_converter(native.type, mapping.default_phone_region))
+            MappedField(column, native.key, native.key, native_converter(native.type, mapping.default_phone_region))
             for native, column in natives
         ]
 
@@ -124,55 +127,31 @@ class ProfileMapper:
                 present_key = f"url({name})"
             else:
                 present_key = name
-            fields.append(_Field(attribute.column, name, present_key, CUSTOM_CONVERTERS[attribute_type]))
+            fields.append(MappedField(attribute.column, name, present_key, CUSTOM_CONVERTERS[attribute_type]))
 
-        self._fields: tuple[_Field, ...] = tuple(fields)
+        self._fields: tuple[MappedField, ...] = tuple(fields)
         self.owned_keys: frozenset[str] = frozenset(field.key for field in fields)
         # (bare key, key of a present value) of every field: what a payload holds when full.
         self.payload_keys: tuple[tuple[str, str], ...] = tuple((field.key, field.present_key) for field in fields)
 
-    def map_row(self, row: Mapping[str, Any]) -> MappedRow:
-        """Map one source row; never raises on any value of any type.
+    @property
+    def fields(self) -> tuple[MappedField, ...]:
+        """Every mapped field with its converter, in payload order (read-only).
 
-        Args:
-            row: Column name -> value, as produced by ``RecordBatch.to_pylist()``. A
-                missing column reads as null.
-
-        Returns:
-            The payload with every mapped key (``None`` where the row has no value), or
-            ``attributes=None`` when the row is rejected. ``issues`` lists every problem
-            found, each naming the source column. A bad custom_id always rejects the row
-            (``custom_id`` is then ``None``); a bad attribute value rejects it under
-            ``reject_row`` and is left out of the payload under ``drop_attribute``.
+        The row-at-a-time reference in ``tests/support/reference_mapping.py`` walks these,
+        one value at a time, to hold :meth:`convert_batch` to the same answers.
         """
-        issues: list[RowIssue] = []
-        custom_id: str | None
-        converted_id = convert_custom_id(row.get(self._id_column))
-        if isinstance(converted_id, Failure):
-            issues.append(RowIssue(self._id_column, converted_id.reason, converted_id.detail))
-            custom_id = None
-        else:
-            custom_id = converted_id
+        return self._fields
 
-        attributes: dict[str, Any] = {}
-        for column, key, present_key, convert in self._fields:
-            value = row.get(column)
-            if value is None:
-                attributes[key] = None
-                continue
-            result = convert(value)
-            if result is None:
-                attributes[key] = None
-            elif type(result) is Failure:
-                issues.append(RowIssue(column, result.reason, result.detail))
-            else:
-                attributes[present_key] = result
+    @property
+    def id_column(self) -> str:
+        """The Custom ID column (named in every issue about the id)."""
+        return self._id_column
 
-        if custom_id is None:
-            return MappedRow(custom_id=None, attributes=None, issues=issues)
-        if issues and self._reject_row:
-            return MappedRow(custom_id=custom_id, attributes=None, issues=issues)
-        return MappedRow(custom_id=custom_id, attributes=attributes, issues=issues)
+    @property
+    def reject_row(self) -> bool:
+        """``on_invalid_value: reject_row``: an invalid attribute rejects its row (else it is dropped)."""
+        return self._reject_row
 
     def convert_batch(self, batch: pa.RecordBatch) -> ConvertedBatch:
         """Run every converter over a record batch, column by column.
@@ -180,12 +159,14 @@ class ProfileMapper:
         Each mapped column is read out of the batch once (never a dict per row), and a
         string, boolean or temporal column is dictionary-encoded so its converter runs once
         per distinct value (a language or time zone column has a handful per batch). The
-        same converters see the same Python values as in :meth:`map_row`, so the results
-        are the ones ``map_row`` would put in each row's payload.
+        converters see the same Python values as they would in a row dict of
+        ``RecordBatch.to_pylist()``, so the results are the ones a row-at-a-time mapping
+        puts in each row's payload: the reference in ``tests/support/reference_mapping.py``
+        must agree, and the tests hold the two together.
 
         Args:
             batch: Rows of the segment whose schema passed :func:`resolve_attribute_types`.
-                A mapped column missing from the batch reads as null, as in ``map_row``.
+                A mapped column missing from the batch reads as null, as a missing key of a row dict.
         """
         rows = batch.num_rows
         # Last one wins for a repeated name, as in the dicts of RecordBatch.to_pylist().
@@ -221,44 +202,15 @@ class ProfileMapper:
             if source is None:
                 source = decoded[column] = with_unrepresentable(decode_column(array), unreadable)
             # None is "no value" both as a source value and as a converter result.
-            converted: list[Any] = [None if value is None else convert(value) for value in source.values]
+            converted: list[Converted] = [None if value is None else convert(value) for value in source.values]
             has_failure = any(type(result) is Failure for result in converted)
             fields.append(ConvertedField(column, key, present_key, converted, source.codes, has_failure))
             if has_failure:
                 for row in failed_rows(converted, source.codes):
-                    failure: Failure = converted[row if source.codes is None else source.codes[row].as_py()]
+                    failure = converted[row if source.codes is None else source.codes[row].as_py()]
+                    assert isinstance(failure, Failure)  # failed_rows lists only these
                     issues.setdefault(row, []).append(RowIssue(column, failure.reason, failure.detail))
         return ConvertedBatch(rows, custom_ids, issues, tuple(fields), self._reject_row)
-
-    def map_batch(self, batch: pa.RecordBatch) -> list[MappedRow]:
-        """Map every row of a record batch: exactly ``[self.map_row(row) for row in batch.to_pylist()]``.
-
-        The converters run in columns (:meth:`convert_batch`); the payload dicts are then
-        assembled row by row, in the same key and issue order as ``map_row``. The engine
-        does not build dicts at all: it encodes the converted columns straight to JSON
-        (:mod:`sync.encode`). This is the form the tests and the mapping benchmark compare.
-        """
-        converted = self.convert_batch(batch)
-        payloads: list[dict[str, Any]] = [{} for _ in range(converted.rows)]
-        for field in converted.fields:
-            values = field.values
-            results = values if field.codes is None else list(map(values.__getitem__, field.codes.to_pylist()))
-            key, present_key = field.key, field.present_key
-            for payload, result in zip(payloads, results, strict=True):
-                if result is None:
-                    payload[key] = None
-                elif type(result) is not Failure:
-                    payload[present_key] = result
-        mapped: list[MappedRow] = []
-        for row, (custom_id, payload) in enumerate(zip(converted.custom_ids, payloads, strict=True)):
-            row_issues = converted.issues.get(row, [])
-            if custom_id is None:
-                mapped.append(MappedRow(custom_id=None, attributes=None, issues=row_issues))
-            elif row_issues and self._reject_row:
-                mapped.append(MappedRow(custom_id=custom_id, attributes=None, issues=row_issues))
-            else:
-                mapped.append(MappedRow(custom_id=custom_id, attributes=payload, issues=row_issues))
-        return mapped
 
 
 # --- Columns: what convert_batch hands to the encoder ---------------------------------------
@@ -277,7 +229,7 @@ class ConvertedField(NamedTuple):
     column: str
     key: str
     present_key: str
-    values: list[Any]
+    values: list[Converted]
     codes: pa.Int64Array | None
     has_failure: bool
 
@@ -287,7 +239,7 @@ class ConvertedBatch(NamedTuple):
 
     rows: int
     custom_ids: list[str | None]  # None: the id is missing or invalid (the row is rejected)
-    issues: dict[int, list[RowIssue]]  # row -> its problems in map_row's order; rows without any are absent
+    issues: dict[int, list[RowIssue]]  # row -> its problems, the id's first; rows without any are absent
     fields: tuple[ConvertedField, ...]  # in payload order
     reject_row: bool  # on_invalid_value: an invalid attribute rejects its row (else: it is dropped)
 

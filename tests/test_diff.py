@@ -20,6 +20,7 @@ from sync.config import parse_activation
 from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, SegmentDiff, key_sql, raw_salt
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.state.base import FINGERPRINT_SCHEMA
+from tests.support.reference_mapping import map_batch
 
 
 class TableSource:
@@ -95,7 +96,7 @@ ACTIVATION = parse_activation(
 def mapper_ids(column: pa.Array) -> list[str | None]:
     table = pa.table({"id": column})
     mapper = ProfileMapper(ACTIVATION, resolve_attribute_types(ACTIVATION, table.schema, source="test"))
-    return [row.custom_id for row in mapper.map_batch(table.to_batches()[0])]
+    return [row.custom_id for row in map_batch(mapper, table.to_batches()[0])]
 
 
 def sql_keys(column: pa.Array) -> list[str | None]:
