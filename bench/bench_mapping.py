@@ -1,4 +1,4 @@
-"""Mapping benchmark: map_row (to_pylist + one dict per row) against map_batch (columns).
+"""Mapping benchmark: the row-at-a-time reference (to_pylist + one dict per row) against columns.
 
 Generates the benchmark's ``customers`` table in an in-memory DuckDB (the SQL of
 bench_sync.py), maps it with the demo's activation both ways, checks the two give equal
@@ -28,16 +28,19 @@ from email_validator import EmailNotValidError, validate_email
 
 from sync.config import parse_activation
 from sync.dev.demo_runner import ACTIVATION_TEMPLATE
-from sync.encode import encode_batch, encode_rows
+from sync.encode import encode_batch
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.model import MappedRow
 
 # The converters themselves, to time one validator call without a row around it.
-from sync.mapping import _convert_email, _phone_converter  # isort: skip
+from sync.convert import convert_email, phone_converter  # isort: skip
 
 # bench_sync.py is a sibling script, not a package module: its generator SQL is reused as is.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sync import _GENERATE_SQL  # isort: skip
+
+# The row-at-a-time reference mapping lives with the tests it serves (tests/support/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.reference_mapping import MappedRow, encode_rows, map_batch, map_row  # isort: skip
 
 
 def customers(rows: int) -> pa.Table:
@@ -123,10 +126,10 @@ def main() -> None:
     print(f"{rows} rows, {len(batches)} batches, {len(mapper.columns)} mapped columns, median of {args.repeat}")
 
     def by_row() -> list[MappedRow]:
-        return [mapper.map_row(row) for batch in batches for row in batch.to_pylist()]
+        return [map_row(mapper, row) for batch in batches for row in batch.to_pylist()]
 
     def by_batch() -> list[MappedRow]:
-        return [mapped for batch in batches for mapped in mapper.map_batch(batch)]
+        return [mapped for batch in batches for mapped in map_batch(mapper, batch)]
 
     compare(("map_row   (to_pylist + map_row)", by_row), ("map_batch", by_batch), rows, args.repeat)
 
@@ -134,7 +137,7 @@ def main() -> None:
     # fingerprinted; against the same from map_row's dicts (canonical_payload per row).
     def encoded_by_row() -> list[list[str | None]]:
         return [
-            encode_rows([mapper.map_row(row) for row in batch.to_pylist()], mapper.payload_keys).bodies.to_pylist()
+            encode_rows([map_row(mapper, row) for row in batch.to_pylist()], mapper.payload_keys).bodies.to_pylist()
             for batch in batches
         ]
 
@@ -153,10 +156,10 @@ def main() -> None:
     phones = [value.strip() for value in sample.column("phone").to_pylist() if value]
     print(f"per call, on {len(emails)} emails and {len(phones)} phones of the table:")
     print(f"  email-validator            : {per_call(email_validator_call, emails):6.2f} µs/call")
-    print(f"  mapper's email path        : {per_call(_convert_email, emails):6.2f} µs/call")
+    print(f"  mapper's email path        : {per_call(convert_email, emails):6.2f} µs/call")
     print(f"  phonenumbers               : {per_call(phone_call(phonenumbers), phones):6.2f} µs/call")
     print(f"  rphonenumbers              : {per_call(phone_call(rphonenumbers), phones):6.2f} µs/call")
-    print(f"  mapper's phone path        : {per_call(_phone_converter('FR'), phones):6.2f} µs/call")
+    print(f"  mapper's phone path        : {per_call(phone_converter('FR'), phones):6.2f} µs/call")
 
 
 if __name__ == "__main__":

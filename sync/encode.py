@@ -5,9 +5,11 @@ encode was the largest single cost of the hot path. Here each field of a batch i
 once per distinct value (or once per row for a column that does not repeat) into a
 *fragment*, ``,"key":value``; Arrow gathers the fragments per row and joins them in sorted
 key order. The result is, byte for byte, what :func:`sync.fingerprint.canonical_payload`
-writes for the dict :meth:`sync.mapping.ProfileMapper.map_row` builds (UTF-8, sorted keys,
-no whitespace, non-ASCII kept), so the payload fingerprints stored by earlier versions stay
-valid. ``tests/test_encode.py`` holds the two together on generated batches.
+writes for the payload dict of a row mapped one value at a time (UTF-8, sorted keys, no
+whitespace, non-ASCII kept), so the payload fingerprints stored by earlier versions stay
+valid. That row-at-a-time reference lives in the tests (``encode_rows`` in
+``tests/support/reference_mapping.py``), and it must agree: ``tests/test_encode.py`` holds
+the two together on generated batches.
 
 The request body Batch receives is assembled the same way (:func:`request_array`): no
 Python object per profile between the mapped columns and the bytes on the wire.
@@ -19,16 +21,15 @@ import hashlib
 import json
 import math
 from array import array
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.fingerprint import PAYLOAD_SALT, canonical_payload, payload_fingerprint_of
+from sync.fingerprint import PAYLOAD_SALT
 from sync.mapping import ConvertedBatch, ConvertedField, Failure
-from sync.model import MappedRow, RowIssue
+from sync.model import RowIssue
 
 # What json.dumps(..., ensure_ascii=False) writes for a str: C code, escapes only '"', '\\'
 # and control characters.
@@ -37,26 +38,27 @@ _encode_str: Final = json.encoder.encode_basestring
 _NEEDS_ESCAPE: Final = r'[\x00-\x1f"\\]'
 
 
-def json_value(value: Any) -> str:
+def json_value(value: object) -> str:
     """One payload value as canonical JSON (as it appears inside ``canonical_payload``).
 
     Raises:
         ValueError: A non-finite float (``canonical_payload`` refuses it the same way).
     """
-    kind = type(value)
-    if kind is str:
+    # Exact types only: a subclass (an IntEnum, say) goes to json.dumps. type() at each
+    # test costs about what one cached kind did, and lets the type checker narrow.
+    if type(value) is str:
         return _encode_str(value)
-    if kind is int:
+    if type(value) is int:
         return int.__repr__(value)
-    if kind is bool:
+    if type(value) is bool:
         return "true" if value else "false"
-    if kind is float:
+    if type(value) is float:
         if not math.isfinite(value):
             raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
         return float.__repr__(value)
     if value is None:
         return "null"
-    if kind is list and all(type(item) is str for item in value):
+    if type(value) is list and all(type(item) is str for item in value):
         return "[" + ",".join(map(_encode_str, value)) + "]"
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -67,7 +69,7 @@ class EncodedBatch:
 
     Attributes:
         custom_ids: Row -> its Custom ID, or None when the id is missing or invalid.
-        issues: Row -> its problems (as ``MappedRow.issues``); rows without any are absent.
+        issues: Row -> its problems (``ConvertedBatch.issues``); rows without any are absent.
         valid: Row -> it has a payload to send (a rejected row has none).
         bodies: Row -> the canonical JSON of its payload (what is sent), null where not valid.
         payloads: Row -> the payload fingerprint, null where not valid. A row that lost
@@ -164,41 +166,6 @@ def payload_fingerprints(bodies: pa.StringArray) -> pa.UInt64Array:
     buffer = pa.py_buffer(b"".join(digests))
     fingerprints: pa.UInt64Array = pa.Array.from_buffers(pa.uint64(), len(bodies), [None, buffer])
     return fingerprints
-
-
-def encode_rows(mapped: Sequence[MappedRow], payload_keys: Sequence[tuple[str, str]] = ()) -> EncodedBatch:
-    """The same columns from rows mapped one by one (``ProfileMapper.map_row``): the reference.
-
-    Args:
-        mapped: Mapped rows, in batch order.
-        payload_keys: ``ProfileMapper.payload_keys``, to find the attributes a row lost.
-    """
-    bodies: list[str | None] = []
-    payloads: list[int | None] = []
-    issues: dict[int, list[RowIssue]] = {}
-    for row, mapped_row in enumerate(mapped):
-        if mapped_row.issues:
-            issues[row] = mapped_row.issues
-        attributes = mapped_row.attributes
-        if attributes is None or mapped_row.custom_id is None:
-            bodies.append(None)
-            payloads.append(None)
-            continue
-        body = canonical_payload(attributes)
-        compared = body
-        if mapped_row.issues and payload_keys:
-            dropped = [key for key, present in payload_keys if key not in attributes and present not in attributes]
-            if dropped:
-                compared = canonical_payload({**attributes, **dict.fromkeys(dropped)})
-        bodies.append(body.decode("utf-8"))
-        payloads.append(payload_fingerprint_of(compared))
-    return EncodedBatch(
-        custom_ids=[row.custom_id for row in mapped],
-        issues=issues,
-        valid=pa.array([body is not None for body in bodies], pa.bool_()),
-        bodies=pa.array(bodies, pa.string()),
-        payloads=pa.array(payloads, pa.uint64()),
-    )
 
 
 def json_strings(values: pa.StringArray) -> pa.StringArray:

@@ -6,11 +6,7 @@ import enum
 import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Final, NamedTuple
-
-# A Batch profile's attributes as sent: native `$...` keys, custom keys, `date(x)` / `url(x)`
-# wrapped keys, and `None` for "delete this attribute".
-Attributes = dict[str, Any]
+from typing import Final, NamedTuple
 
 
 class Reason(enum.StrEnum):
@@ -64,25 +60,6 @@ class RowIssue:
     field: str
     reason: Reason
     detail: str
-
-
-@dataclass(slots=True)
-class MappedRow:
-    """The outcome of mapping one source row.
-
-    ``attributes`` is the full payload to send (every mapped key, ``None`` where the row
-    has no value) or ``None`` when the row is rejected. ``issues`` lists why a row was
-    rejected, or which attributes were dropped when the activation says
-    ``on_invalid_value: drop_attribute``.
-    """
-
-    custom_id: str | None
-    attributes: Attributes | None
-    issues: list[RowIssue] = field(default_factory=list)
-
-    @property
-    def rejected(self) -> bool:
-        return self.attributes is None
 
 
 class Fingerprint(NamedTuple):

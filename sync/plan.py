@@ -37,9 +37,9 @@ import pyarrow.compute as pc
 
 from sync.config import GuardsConfig, SyncMode
 from sync.differ import DUPLICATE, JOURNAL_SCHEMA, RAW, ROW, STORED_PAYLOAD, STORED_RAW
-from sync.encode import EncodedBatch, encode_rows
+from sync.encode import EncodedBatch
 from sync.errors import ConfigError
-from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, Refusal, RowIssue
+from sync.model import Fingerprint, JournalEntry, Reason, Refusal, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
@@ -253,12 +253,11 @@ class BatchPlan:
 
 def plan_rows(
     batch: pa.RecordBatch,
-    mapped: EncodedBatch | Sequence[MappedRow],
+    mapped: EncodedBatch,
     *,
     full: bool,
     duplicates: Mapping[str, int],
     id_column: str,
-    payload_keys: Sequence[tuple[str, str]] = (),
     refused: Mapping[str, Refusal] | None = None,
 ) -> BatchPlan:
     """Classify the mapped rows of one differ batch (see the module docstring).
@@ -269,23 +268,23 @@ def plan_rows(
 
     Args:
         batch: A batch from :mod:`sync.diff` (mapped columns plus the differ's columns).
-        mapped: The batch's payloads: ``encode_batch(mapper.convert_batch(batch))``, or
-            (the reference form, for tests) ``mapper.map_batch(batch)``, one per row.
+        mapped: The batch's payloads: ``encode_batch(mapper.convert_batch(batch))``. A row
+            that lost attributes (``drop_attribute``) is fingerprinted as if each dropped key
+            were null, which is what Batch holds for it after the send unless it held a value
+            (it keeps that): a previously-null attribute whose new value is invalid is no
+            change to send. The body sent still leaves the dropped keys out. The tests'
+            row-at-a-time reference (``plan_reference`` in ``tests/support/reference_mapping.py``)
+            must agree.
         full: A full pass: every valid row is sent, unchanged ones included.
         duplicates: Custom ID -> copies in the segment, for every duplicated id.
         id_column: The Custom ID column (named in a duplicate's rejection).
-        payload_keys: ``ProfileMapper.payload_keys``, needed with the reference form only.
-            A row that lost attributes (``drop_attribute``) is fingerprinted as if each
-            dropped key were null, which is what Batch holds for it after the send unless it
-            held a value (it keeps that): a previously-null attribute whose new value is
-            invalid is no change to send. The body sent still leaves the dropped keys out.
         refused: What Batch did not apply before, by custom_id (``StateStore.load_refusals``).
             A row whose payload is one :attr:`sync.model.Refusal.remembered` is not sent
             again (Batch would refuse it again): it is listed with Batch's reason and counted
             ``refused_unchanged`` (a value refusal) or ``persistent_unchanged`` (a
             persistent per-item error). A changed payload is sent as usual.
     """
-    encoded = mapped if isinstance(mapped, EncodedBatch) else encode_rows(mapped, payload_keys)
+    encoded = mapped
     plan = BatchPlan()
     counts = plan.tally.counts
     by_reason = plan.tally.rejected_by_reason

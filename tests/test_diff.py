@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync.config import parse_activation
-from sync.diff import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, SegmentDiff, key_sql, raw_salt
-from sync.differ import FINGERPRINT_SCHEMA
+from sync.diff import SegmentDiff, key_sql, raw_salt
+from sync.differ import DUPLICATE, FINGERPRINT_SCHEMA, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.mapping import ProfileMapper, resolve_attribute_types
+from tests.support.reference_mapping import map_batch
 
 
 class TableSource:
@@ -97,7 +98,7 @@ ACTIVATION = parse_activation(
 def mapper_ids(column: pa.Array) -> list[str | None]:
     table = pa.table({"id": column})
     mapper = ProfileMapper(ACTIVATION, resolve_attribute_types(ACTIVATION, table.schema, source="test"))
-    return [row.custom_id for row in mapper.map_batch(table.to_batches()[0])]
+    return [row.custom_id for row in map_batch(mapper, table.to_batches()[0])]
 
 
 def sql_keys(column: pa.Array) -> list[str | None]:

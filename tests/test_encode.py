@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from sync.batch.client import EncodedProfiles, ProfileUpdate
 from sync.encode import (
     encode_batch,
-    encode_rows,
     json_strings,
     json_value,
     payload_fingerprints,
@@ -28,12 +27,13 @@ from sync.encode import (
     request_body,
 )
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
+from tests.support.reference_mapping import encode_rows, map_row
 from tests.test_mapping_columns import batches, make_mapper
 
 
 def assert_encodes_like_rows(batch: pa.RecordBatch, policy: str, region: str | None) -> None:
     mapper = make_mapper(batch.schema, policy, region)
-    rows = [mapper.map_row(row) for row in batch.to_pylist()]
+    rows = [map_row(mapper, row) for row in batch.to_pylist()]
     expected = encode_rows(rows, mapper.payload_keys)
     actual = encode_batch(mapper.convert_batch(batch))
     assert actual.custom_ids == expected.custom_ids

@@ -1,6 +1,7 @@
-"""ProfileMapper.map_batch against the row-at-a-time reference, and the fast validators.
+"""ProfileMapper.convert_batch against the row-at-a-time reference, and the fast validators.
 
-``map_batch(batch)`` must return exactly ``[map_row(row) for row in batch.to_pylist()]``:
+``map_batch(mapper, batch)`` (``convert_batch`` read back per row) must return exactly
+``[map_row(mapper, row) for row in batch.to_pylist()]`` (tests/support/reference_mapping.py):
 same ids, same payload keys, values *and value types*, same issues in the same order.
 The fast paths for email, phone and URL are checked against the libraries they stand in
 for, and internationalised addresses against the Batch simulator.
@@ -25,9 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.config import AttributeType, parse_activation
+from sync.convert import convert_date
+from sync.decode import dates_in_columns
 from sync.dev.simulator import BatchSimulator
-from sync.mapping import ProfileMapper, _convert_date, _dates_in_columns, resolve_attribute_types
-from sync.model import MappedRow, Reason
+from sync.mapping import ProfileMapper, resolve_attribute_types
+from sync.model import Reason
+from tests.support.reference_mapping import MappedRow, map_batch, map_row
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -51,8 +55,8 @@ def as_comparable(rows: list[MappedRow]) -> list[Any]:
 
 
 def assert_batch_matches_rows(mapper: ProfileMapper, batch: pa.RecordBatch) -> list[MappedRow]:
-    expected = [mapper.map_row(row) for row in batch.to_pylist()]
-    actual = mapper.map_batch(batch)
+    expected = [map_row(mapper, row) for row in batch.to_pylist()]
+    actual = map_batch(mapper, batch)
     assert as_comparable(actual) == as_comparable(expected)
     assert actual == expected
     return actual
@@ -256,7 +260,7 @@ def test_map_batch_on_a_known_batch() -> None:
         "date(day)": "1999-12-31T00:00:00Z",
         "site": None,
     }
-    assert mapper.map_batch(batch.slice(0, 0)) == []
+    assert map_batch(mapper, batch.slice(0, 0)) == []
 
 
 # --- email: the fast path is email-validator's answer ----------------------------------------
@@ -307,7 +311,7 @@ email_mapper = ProfileMapper(
 
 
 def mapped_email(address: str) -> str | None:
-    row = email_mapper.map_row({"id": "u1", "value": address})
+    row = map_row(email_mapper, {"id": "u1", "value": address})
     if row.rejected:
         assert [issue.reason for issue in row.issues] == [Reason.INVALID_EMAIL]
         return None
@@ -346,7 +350,7 @@ def test_email_decisions(address: str, expected: str | None) -> None:
 
 
 def test_an_internationalised_top_level_domain_says_why_it_is_refused() -> None:
-    row = email_mapper.map_row({"id": "u1", "value": "x@пример.рф"})
+    row = map_row(email_mapper, {"id": "u1", "value": "x@пример.рф"})
     assert row.issues[0].detail.startswith("Batch refuses an internationalised top-level domain")
 
 
@@ -414,7 +418,7 @@ phone_texts = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(text=phone_texts, region=st.sampled_from(["FR", "US", "GB", None]))
 def test_every_phone_phonenumbers_accepts_is_sent_as_it_would_send_it(text: str, region: str | None) -> None:
-    row = PHONE_MAPPERS[region].map_row({"id": "u1", "value": text})
+    row = map_row(PHONE_MAPPERS[region], {"id": "u1", "value": text})
     reference = phonenumbers_answer(text.strip(), region) if text.strip() else None
     if row.rejected:
         assert reference is None
@@ -441,7 +445,7 @@ def test_every_phone_phonenumbers_accepts_is_sent_as_it_would_send_it(text: str,
     ],
 )
 def test_numbers_the_two_libraries_disagree_on_are_sent(text: str, region: str | None, expected: str) -> None:
-    row = phone_mapper(region).map_row({"id": "u1", "value": text})
+    row = map_row(phone_mapper(region), {"id": "u1", "value": text})
     assert row.attributes == {"$phone_number": expected}
 
 
@@ -479,7 +483,7 @@ url_mapper = ProfileMapper(
     ],
 )
 def test_urls(value: str, accepted: bool) -> None:
-    row = url_mapper.map_row({"id": "u1", "value": value})
+    row = map_row(url_mapper, {"id": "u1", "value": value})
     assert row.rejected is not accepted
     if accepted:
         assert row.attributes == {"url(site)": value}
@@ -508,14 +512,14 @@ def test_dates_formatted_in_columns_are_what_the_converter_writes(
         tz = None if zone is None else ZoneInfo(zone)
         cells = [None if m is None else m.replace(tzinfo=tz) for m in moments]
         array = pa.array(cells, pa.timestamp("us", tz=zone)).cast(pa.timestamp(unit, tz=zone), safe=False)
-    formatted = _dates_in_columns(array)
+    formatted = dates_in_columns(array)
     assert formatted is not None
-    expected = [None if value is None else _convert_date(value) for value in array.to_pylist()]
+    expected = [None if value is None else convert_date(value) for value in array.to_pylist()]
     assert formatted.to_pylist() == expected
 
 
 def test_dates_outside_the_columnar_range_go_through_the_converter() -> None:
-    assert _dates_in_columns(pa.array([date(1, 1, 1), date(2024, 1, 1)], pa.date32())) is None
-    assert _dates_in_columns(pa.array([datetime(2024, 1, 1)], pa.timestamp("ns"))) is None
-    assert _dates_in_columns(pa.array(["2024-01-01"])) is None
-    assert _dates_in_columns(pa.array([None, None], pa.date32())).to_pylist() == [None, None]
+    assert dates_in_columns(pa.array([date(1, 1, 1), date(2024, 1, 1)], pa.date32())) is None
+    assert dates_in_columns(pa.array([datetime(2024, 1, 1)], pa.timestamp("ns"))) is None
+    assert dates_in_columns(pa.array(["2024-01-01"])) is None
+    assert dates_in_columns(pa.array([None, None], pa.date32())).to_pylist() == [None, None]

@@ -23,16 +23,17 @@ from hypothesis import strategies as st
 
 from sync.config import Activation, GuardsConfig, RunType, SyncMode
 from sync.dev.simulator import BatchSimulator
-from sync.diff import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.engine import Run, RunOptions
 from sync.errors import ConfigError
 from sync.fingerprint import payload_fingerprint
 from sync.mapping import ProfileMapper, resolve_attribute_types
-from sync.model import PERSISTENT_AFTER_RUNS, Fingerprint, MappedRow, Reason, Refusal, RefusalKind, RowIssue
-from sync.plan import Outcome, check_guard_names, evaluate_guards, plan_rows
+from sync.model import PERSISTENT_AFTER_RUNS, Fingerprint, Reason, Refusal, RefusalKind, RowIssue
+from sync.plan import Outcome, check_guard_names, evaluate_guards
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
 from tests.support.engine_support import API_KEY, PROJECT_KEY, make_activation, make_client
+from tests.support.reference_mapping import MappedRow, map_row, plan_reference
 from tests.support.reference_plan import Planner
 
 # -- plan_rows on hand-built differ batches ------------------------------------------------
@@ -76,7 +77,7 @@ def test_new_changed_unchanged_and_refresh_are_told_apart() -> None:
             {"stored_raw": 9, "stored_payload": same, "raw": 3},  # raw moved, payload equal
         ]
     )
-    plan = plan_rows(
+    plan = plan_reference(
         batch, [mapped("a", p=1), mapped("b", p=2), mapped("c", p=1)], full=False, duplicates={}, id_column="id"
     )
     assert [(s.custom_id, s.kind) for s in plan.sends] == [("a", Outcome.NEW), ("b", Outcome.CHANGED)]
@@ -89,14 +90,14 @@ def test_new_changed_unchanged_and_refresh_are_told_apart() -> None:
 def test_a_full_pass_sends_unchanged_payloads_too() -> None:
     same = payload_fingerprint({"p": 1})
     batch = differ_batch([{"stored_raw": 1, "stored_payload": same}])
-    plan = plan_rows(batch, [mapped("a", p=1)], full=True, duplicates={}, id_column="id")
+    plan = plan_reference(batch, [mapped("a", p=1)], full=True, duplicates={}, id_column="id")
     assert [(s.custom_id, s.kind) for s in plan.sends] == [("a", Outcome.UNCHANGED)]
     assert plan.refreshes == []
 
 
 def test_every_copy_of_a_duplicated_id_is_rejected_with_its_row_number() -> None:
     batch = differ_batch([{"duplicate": True}, {}, {"duplicate": True}])
-    plan = plan_rows(
+    plan = plan_reference(
         batch, [mapped("d", p=1), mapped("e", p=1), mapped("d", p=2)], full=False, duplicates={"d": 2}, id_column="id"
     )
     assert [s.custom_id for s in plan.sends] == ["e"]
@@ -114,7 +115,7 @@ def test_invalid_rows_are_rejected_and_dropped_attributes_counted() -> None:
     bad = MappedRow("x", None, [RowIssue("email", Reason.INVALID_EMAIL, "'nope'")])
     dropped = MappedRow("y", {"p": 1}, [RowIssue("phone", Reason.INVALID_PHONE, "'0'")])
     no_id = MappedRow(None, None, [RowIssue("id", Reason.MISSING_CUSTOM_ID, "custom_id is null")])
-    plan = plan_rows(differ_batch([{}, {}, {}]), [bad, dropped, no_id], full=False, duplicates={}, id_column="id")
+    plan = plan_reference(differ_batch([{}, {}, {}]), [bad, dropped, no_id], full=False, duplicates={}, id_column="id")
     assert [s.custom_id for s in plan.sends] == ["y"]
     assert plan.tally.rejected_by_reason == {"invalid_email": 1, "missing_custom_id": 1}
     assert plan.tally.dropped_by_reason == {"invalid_phone": 1}
@@ -133,7 +134,7 @@ def test_only_remembered_payloads_are_held_back_each_with_its_own_count_and_reas
             "persistent-changed", payload + 1, "(profile)", "x", RefusalKind.ITEM_ERROR, PERSISTENT_AFTER_RUNS
         ),
     }
-    plan = plan_rows(
+    plan = plan_reference(
         differ_batch([{} for _ in rows]),
         [mapped(custom_id, p=1) for custom_id in rows],
         full=False,
@@ -268,7 +269,7 @@ def reference_decisions(
     def plan(rows: list[dict[str, Any]], stored: dict[str, Fingerprint], *, full: bool) -> Any:
         planner = Planner(run_type=activation.run_type, sync_mode=activation.sync_mode, full=full, stored=stored)
         for index, row in enumerate(rows):
-            planner.add(mapper.map_row(row), raw=hash(repr(sorted(row.items()))) & (2**64 - 1), row_number=index + 1)
+            planner.add(map_row(mapper, row), raw=hash(repr(sorted(row.items()))) & (2**64 - 1), row_number=index + 1)
         return planner.finish()
 
     first = plan(day1, {}, full=False)

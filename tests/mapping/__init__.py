@@ -1,1 +1,1 @@
-"""Row → Batch payload mapping (sync/mapping.py), one module per converter family."""
+"""Row → Batch payload mapping (sync/mapping.py, sync/convert.py), one module per converter family."""

@@ -10,6 +10,7 @@ import pytest
 
 from sync.model import Reason
 from tests.support.mapping_support import make_mapper
+from tests.support.reference_mapping import map_row
 
 
 @pytest.mark.parametrize(
@@ -29,7 +30,7 @@ from tests.support.mapping_support import make_mapper
     ],
 )
 def test_valid_custom_ids(value: Any, expected: str) -> None:
-    row = make_mapper().map_row({"id": value})
+    row = map_row(make_mapper(), {"id": value})
     assert row.custom_id == expected
     assert row.attributes == {}
     assert row.issues == []
@@ -62,7 +63,7 @@ def test_valid_custom_ids(value: Any, expected: str) -> None:
 @pytest.mark.parametrize("policy", ["reject_row", "drop_attribute"])
 def test_bad_custom_ids_always_reject_the_row(value: Any, reason: Reason, policy: str) -> None:
     mapper = make_mapper({"email": "email"}, on_invalid_value=policy)
-    row = mapper.map_row({"id": value, "email": "ann@example.com"})
+    row = map_row(mapper, {"id": value, "email": "ann@example.com"})
     assert row.rejected
     assert row.custom_id is None
     assert [(issue.field, issue.reason) for issue in row.issues] == [("id", reason)]
@@ -70,7 +71,7 @@ def test_bad_custom_ids_always_reject_the_row(value: Any, reason: Reason, policy
 
 def test_a_bad_custom_id_still_reports_the_other_problems_of_the_row() -> None:
     mapper = make_mapper({"email": "email", "phone": "phone"})
-    row = mapper.map_row({"id": None, "email": "not-an-email", "phone": "+33612345678"})
+    row = map_row(mapper, {"id": None, "email": "not-an-email", "phone": "+33612345678"})
     assert row.rejected
     assert [(i.field, i.reason) for i in row.issues] == [
         ("id", Reason.MISSING_CUSTOM_ID),

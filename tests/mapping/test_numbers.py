@@ -22,6 +22,7 @@ from tests.support.mapping_support import (
     make_mapper,
     map_one,
 )
+from tests.support.reference_mapping import map_batch
 
 
 @pytest.mark.parametrize(
@@ -158,7 +159,7 @@ def test_duckdb_and_bigquery_decimal_columns_keep_their_digits() -> None:
             attributes=[{"column": "value"}],
             types=resolve_attribute_types(make_activation(attributes=[{"column": "value"}]), batch.schema, source="x"),
         )
-        rows = mapper.map_batch(batch)
+        rows = map_batch(mapper, batch)
         assert [issue.reason for issue in rows[0].issues] == [Reason.INEXACT_NUMBER]
         assert rows[0].attributes is None
         assert rows[1].attributes == {"value": 19.99}

@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 
 from sync.fingerprint import canonical_json
 from sync.mapping import ProfileMapper
-from sync.model import MappedRow, Reason
+from sync.model import Reason
 from tests.support.mapping_support import FULL_MAPPING, make_mapper
+from tests.support.reference_mapping import MappedRow, map_row
 
 # An independent reading of batch-api.md decision 7, deliberately not sharing code with
-# sync/mapping.py.
+# sync/mapping.py or sync/convert.py.
 
 _ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3})?Z$")
 _E164 = re.compile(r"^\+[0-9]{1,15}$")
@@ -227,7 +228,7 @@ def test_map_row_never_raises_and_payloads_obey_batch_rules(
     property_mappers: dict[str, ProfileMapper], row: dict[str, Any]
 ) -> None:
     for policy, mapper in property_mappers.items():
-        mapped = mapper.map_row(row)
+        mapped = map_row(mapper, row)
         assert isinstance(mapped, MappedRow)
         for issue in mapped.issues:
             assert issue.field in EVERY_COLUMN
@@ -251,8 +252,8 @@ def test_map_row_never_raises_and_payloads_obey_batch_rules(
 @given(row=any_row)
 def test_mapping_is_deterministic(property_mappers: dict[str, ProfileMapper], row: dict[str, Any]) -> None:
     mapper = property_mappers["drop_attribute"]
-    first = mapper.map_row(row)
-    second = mapper.map_row(dict(reversed(list(row.items()))))
+    first = map_row(mapper, row)
+    second = map_row(mapper, dict(reversed(list(row.items()))))
     assert first == second
     if first.attributes is not None:
         assert canonical_json(first.attributes) == canonical_json(second.attributes)
@@ -322,7 +323,7 @@ def test_valid_rows_are_never_rejected_and_obey_batch_rules(
     property_mappers: dict[str, ProfileMapper], row: dict[str, Any]
 ) -> None:
     mapper = property_mappers["reject_row"]
-    mapped = mapper.map_row(row)
+    mapped = map_row(mapper, row)
     assert mapped.issues == []
     assert mapped.attributes is not None
     check_batch_payload(mapped.custom_id, mapped.attributes)

@@ -12,6 +12,7 @@ from sync.config import AttributeType
 from sync.errors import ConfigError
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from tests.support.mapping_support import NATIVE_FIELDS, make_activation
+from tests.support.reference_mapping import map_row
 
 
 def schema_of(**columns: pa.DataType) -> pa.Schema:
@@ -207,7 +208,7 @@ def test_resolved_types_drive_the_mapper() -> None:
     activation = make_activation(attributes=[{"column": "seen"}, {"column": "visits"}])
     schema = schema_of(seen=pa.timestamp("us", tz="UTC"), visits=pa.decimal128(12, 0))
     mapper = ProfileMapper(activation, resolve_attribute_types(activation, schema, source="x.yaml"))
-    row = mapper.map_row({"id": "u1", "seen": datetime(2024, 1, 2, tzinfo=UTC), "visits": Decimal("3")})
+    row = map_row(mapper, {"id": "u1", "seen": datetime(2024, 1, 2, tzinfo=UTC), "visits": Decimal("3")})
     assert row.attributes == {"date(seen)": "2024-01-02T00:00:00Z", "visits": 3}
 
 

