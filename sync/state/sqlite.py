@@ -62,14 +62,9 @@ from sync.errors import ConfigError, FatalError
 from sync.memory import release_free_memory
 from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import (
-    DELIVERY_RETENTION,
-    fold_journal,
-    has_repeats,
-    latest_entries_table,
-    no_common_ids,
-)
+from sync.state.base import DELIVERY_RETENTION
 from sync.state.core import U64_LIMIT, LeaseRecord
+from sync.state.fold import fold_journal, has_repeats, latest_entries_table, no_common_ids
 
 SCHEMA_VERSION: Final = 4
 
@@ -564,7 +559,7 @@ class SQLiteStateStore:
         """Every committed fingerprint as an Arrow table (``sync.state.base.FINGERPRINT_SCHEMA``).
 
         The base blobs and the journal blobs not yet compacted, read in one transaction and
-        folded in columns (:func:`sync.state.base.fold_journal`).
+        folded in columns (:func:`sync.state.fold.fold_journal`).
         """
         with self._lock:
             conn = self._conn
