@@ -1,17 +1,29 @@
-"""The StateStore protocol every backend implements (SQLite, Firestore).
+"""The state protocols: small roles, and the StateStore every backend (SQLite, Firestore) implements.
+
+A piece of the sync depends on the role it uses, not on the whole store: the differ on
+:class:`FingerprintStore` (defined in :mod:`sync.differ`, the floor it stands on, and
+re-exported here), the lease holder on :class:`LeaseStore`, the sender on
+:class:`IntentStore`, the function's redelivery and idempotency checks on :class:`RunStore`.
+A store may implement one role only (the warehouse store keeps the fingerprints only);
+:class:`StateStore` is all of them in one backend, plus :meth:`StateStore.reset` and
+:meth:`StateStore.close`. The journal fold the backends share is :mod:`sync.state.fold`.
 
 Guarantees a backend must keep (the conformance suite in tests/state/ proves them):
 
-* A fingerprint moves only through :meth:`StateStore.commit`, which the engine calls
-  with acknowledged profiles only.
-* Every write that belongs to a run (commit, intents, meta, compaction) checks the
+* A fingerprint moves only through :meth:`FingerprintStore.commit`, which the engine calls
+  with acknowledged profiles only; an entry whose fingerprint is None deletes the id.
+  :meth:`FingerprintStore.compact` is a no-op where there is no journal.
+* Every write that belongs to a run (commit, intents, refusals, meta, compaction) checks the
   lease's fencing token inside the same transaction; a stale token raises
   :class:`sync.errors.LeaseLost` and writes nothing.
-* :meth:`StateStore.load_fingerprints` returns committed state including any journal
-  not yet compacted (a crash between commit and compaction loses nothing).
-* :meth:`StateStore.record_delivery_attempt` is an atomic increment: the Cloud Function
+* :meth:`FingerprintStore.load_fingerprints` and
+  :meth:`FingerprintStore.load_fingerprint_table` return committed state including any
+  journal not yet compacted (a crash between commit and compaction loses nothing). The
+  table is what a run loads: tens of bytes a profile and no Python object per profile
+  (``sync.diff`` joins it against the segment in DuckDB).
+* :meth:`RunStore.record_delivery_attempt` is an atomic increment: the Cloud Function
   bounds Pub/Sub redeliveries of one message with it (see sync/function/handlers.py).
-  :meth:`StateStore.record_trigger_request` keeps the first request an HTTP idempotency key
+  :meth:`RunStore.record_trigger_request` keeps the first request an HTTP idempotency key
   came with, atomically, so a key reused with another request is refused.
 """
 
@@ -21,9 +33,20 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
-import pyarrow as pa
+from sync.differ import FingerprintStore
+from sync.model import ActivationMeta, IntentsNote, Lease, Refusal
 
-from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
+__all__ = [
+    "DELIVERY_RETENTION",
+    "CountsOperations",
+    "FingerprintStore",
+    "IntentStore",
+    "LeaseStore",
+    "RunStore",
+    "StateStore",
+    "operation_counts",
+    "operations_between",
+]
 
 # How long a delivery count is kept. Pub/Sub keeps an unacknowledged message at most 7 days
 # (31 with topic retention); a count outliving that could never be consulted again.
@@ -53,26 +76,26 @@ def operation_counts(store: object) -> dict[str, int] | None:
     return store.op_counts() if isinstance(store, CountsOperations) else None
 
 
-def operations_between(store: object, before: dict[str, int] | None) -> dict[str, Any] | None:
+def operations_between(store: object, before: dict[str, int] | None) -> dict[str, str | int] | None:
     """What ``store`` asked of its backend since ``before`` was read (``state_ops`` of a run record)."""
     after = operation_counts(store)
     if after is None or before is None:
         return None
     assert isinstance(store, CountsOperations)  # operation_counts answered
-    spent: dict[str, Any] = {"backend": store.backend}
+    spent: dict[str, str | int] = {"backend": store.backend}
     spent.update({key: value - before.get(key, 0) for key, value in after.items()})
     return spent
 
 
-@runtime_checkable
-class StateStore(Protocol):
-    # -- lease -------------------------------------------------------------------------
+class LeaseStore(Protocol):
+    """Who may write an activation's state: its lease, and the meta a run writes under it."""
+
     def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
         """Take the activation's lease, or raise LeaseHeld if another owner holds an unexpired one.
 
         A lease is held while ``now < expires_at``. Every acquisition (new, expired,
         released, or re-acquired by the same owner) increments the fencing token, which
-        never goes backwards: releases and :meth:`reset` keep the counter.
+        never goes backwards: releases and :meth:`StateStore.reset` keep the counter.
         """
 
     def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
@@ -81,24 +104,19 @@ class StateStore(Protocol):
     def release_lease(self, lease: Lease) -> None:
         """Give the lease up (no-op if it is no longer ours)."""
 
-    # -- fingerprints --------------------------------------------------------------------
-    def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
-        """Every committed fingerprint of the activation (journal included)."""
+    def load_meta(self, activation: str) -> ActivationMeta:
+        """The activation's meta, or a fresh one."""
 
-    def load_fingerprint_table(self, activation: str) -> pa.Table:
-        """The same fingerprints as an Arrow table ``custom_id: string, raw: uint64, payload: uint64``.
+    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
+        """Replace the activation's meta (fenced)."""
 
-        What a run loads: tens of bytes per profile and no Python object per profile
-        (``sync.diff`` joins it against the segment in DuckDB).
-        """
 
-    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
-        """Durably apply acknowledged outcomes (fenced). Entries with fingerprint None delete."""
+class IntentStore(Protocol):
+    """What a run notes about profiles it has not settled: mirror intents, and payloads Batch refused.
 
-    def compact(self, lease: Lease, now: datetime) -> None:
-        """Fold journal records into the main layout (no-op where there is no journal)."""
+    Every write is fenced by the lease.
+    """
 
-    # -- mirror intents ------------------------------------------------------------------
     def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
         """Durably note ids this activation may be about to create (fenced); what was written.
 
@@ -126,7 +144,6 @@ class StateStore(Protocol):
         Called after each journal flush with the ids it committed.
         """
 
-    # -- payloads Batch did not apply -------------------------------------------------------
     def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
         """Remember payloads Batch did not apply, one entry per id (a newer one replaces it; fenced).
 
@@ -143,14 +160,14 @@ class StateStore(Protocol):
     def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         """Forget the entries of these ids (Batch acknowledged a payload since; fenced)."""
 
-    # -- per-activation meta -------------------------------------------------------------
-    def load_meta(self, activation: str) -> ActivationMeta:
-        """The activation's meta, or a fresh one."""
 
-    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
-        """Replace the activation's meta (fenced)."""
+class RunStore(Protocol):
+    """What the runs of an activation leave behind: their records, delivery counts, idempotency keys.
 
-    # -- run records ---------------------------------------------------------------------
+    Nothing here is fenced: a run that lost its lease must still record why, and a delivery
+    is counted before a run takes the lease.
+    """
+
     def save_run(self, record: dict[str, Any]) -> None:
         """Insert or replace a run record (keyed by record['run_id'], JSON-serialisable).
 
@@ -169,7 +186,6 @@ class StateStore(Protocol):
     def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
         """The run started by this trigger id (a Pub/Sub message/CloudEvent id), if any."""
 
-    # -- delivery attempts ----------------------------------------------------------------
     def record_delivery_attempt(self, activation: str, trigger_id: str, now: datetime) -> int:
         """Count one more delivery of a trigger (a Pub/Sub message id) to the activation.
 
@@ -193,7 +209,11 @@ class StateStore(Protocol):
         :data:`DELIVERY_RETENTION` after the key's last use.
         """
 
-    # -- admin ---------------------------------------------------------------------------
+
+@runtime_checkable
+class StateStore(FingerprintStore, LeaseStore, IntentStore, RunStore, Protocol):
+    """Every role in one store, as a backend (SQLite, Firestore) implements them, plus what spans them."""
+
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
         """Forget fingerprints, intents, refusals and meta (not run history): the next run is full.
 
