@@ -1,181 +1,56 @@
-"""The StateStore protocol every backend implements (SQLite, Firestore).
+"""The state protocols: small roles, and the StateStore every backend (SQLite, Firestore) implements.
+
+A piece of the sync depends on the role it uses, not on the whole store: the differ on
+:class:`FingerprintStore` (defined in :mod:`sync.differ`, the floor it stands on, and
+re-exported here), the lease holder on :class:`LeaseStore`, the sender on
+:class:`IntentStore`, the function's redelivery and idempotency checks on :class:`RunStore`.
+A store may implement one role only (the warehouse store keeps the fingerprints only);
+:class:`StateStore` is all of them in one backend, plus :meth:`StateStore.reset` and
+:meth:`StateStore.close`. The journal fold the backends share is :mod:`sync.state.fold`.
 
 Guarantees a backend must keep (the conformance suite in tests/state/ proves them):
 
-* A fingerprint moves only through :meth:`StateStore.commit`, which the engine calls
-  with acknowledged profiles only.
-* Every write that belongs to a run (commit, intents, meta, compaction) checks the
+* A fingerprint moves only through :meth:`FingerprintStore.commit`, which the engine calls
+  with acknowledged profiles only; an entry whose fingerprint is None deletes the id.
+  :meth:`FingerprintStore.compact` is a no-op where there is no journal.
+* Every write that belongs to a run (commit, intents, refusals, meta, compaction) checks the
   lease's fencing token inside the same transaction; a stale token raises
   :class:`sync.errors.LeaseLost` and writes nothing.
-* :meth:`StateStore.load_fingerprints` returns committed state including any journal
-  not yet compacted (a crash between commit and compaction loses nothing).
-* :meth:`StateStore.record_delivery_attempt` is an atomic increment: the Cloud Function
+* :meth:`FingerprintStore.load_fingerprints` and
+  :meth:`FingerprintStore.load_fingerprint_table` return committed state including any
+  journal not yet compacted (a crash between commit and compaction loses nothing). The
+  table is what a run loads: tens of bytes a profile and no Python object per profile
+  (``sync.diff`` joins it against the segment in DuckDB).
+* :meth:`RunStore.record_delivery_attempt` is an atomic increment: the Cloud Function
   bounds Pub/Sub redeliveries of one message with it (see sync/function/handlers.py).
-  :meth:`StateStore.record_trigger_request` keeps the first request an HTTP idempotency key
+  :meth:`RunStore.record_trigger_request` keeps the first request an HTTP idempotency key
   came with, atomically, so a key reused with another request is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-import pyarrow as pa
-import pyarrow.compute as pc
+from sync.differ import FingerprintStore
+from sync.model import ActivationMeta, IntentsNote, Lease, Refusal
 
-from sync.differ import FINGERPRINT_SCHEMA
-from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
+__all__ = [
+    "DELIVERY_RETENTION",
+    "CountsOperations",
+    "FingerprintStore",
+    "IntentStore",
+    "LeaseStore",
+    "RunStore",
+    "StateStore",
+    "operation_counts",
+    "operations_between",
+]
 
 # How long a delivery count is kept. Pub/Sub keeps an unacknowledged message at most 7 days
 # (31 with topic retention); a count outliving that could never be consulted again.
 DELIVERY_RETENTION = timedelta(days=31)
-
-
-# The acknowledged fingerprints of one activation as a run holds them: ids plus two u64
-# columns, ~30 bytes a profile (StateStore.load_fingerprint_table).
-
-
-def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Table:
-    """Apply journal tables (``custom_id, raw, payload, put: bool``, oldest first) to base tables.
-
-    The base tables hold each id at most once between them; in the journal the last entry of
-    an id wins, and ``put = false`` deletes it. Done in columns, so a large journal (a run
-    that crashed mid full load) never becomes Python objects, and with bounded memory:
-    only what the fold returns is held whole (``docs/how-a-run-works.md``, "Memory").
-    """
-    base_table = pa.concat_tables(base) if base else FINGERPRINT_SCHEMA.empty_table()
-    if not journal:
-        return base_table.cast(FINGERPRINT_SCHEMA)
-    entries = pa.concat_tables(journal)
-    repeats = has_repeats(entries.column("custom_id"))
-    if not repeats:
-        appended = _appended_only(base_table, entries)
-        if appended is not None:
-            return appended
-
-    with _fold_database() as con:
-        con.register("base", base_table)
-        latest = _latest_in(con, journal) if repeats else entries
-        con.register("latest", latest)
-        folded: pa.Table = con.sql(
-            "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
-            "UNION ALL SELECT custom_id, raw, payload FROM latest WHERE put"
-        ).to_arrow_table()
-    return folded.cast(FINGERPRINT_SCHEMA)
-
-
-def latest_entries_table(journal: Sequence[pa.Table]) -> pa.Table:
-    """Each id of journal tables (oldest first) once, as its last entry left it (``put`` kept)."""
-    if not journal:
-        return FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_())).empty_table()
-    entries = pa.concat_tables(journal).select(["custom_id", "raw", "payload", "put"])
-    if not has_repeats(entries.column("custom_id")):
-        return entries
-    with _fold_database() as con:
-        return _latest_in(con, journal)
-
-
-@contextlib.contextmanager
-def _fold_database() -> Iterator[Any]:
-    import duckdb
-
-    from sync.duckdb_sql import bound_memory
-
-    with duckdb.connect(":memory:") as con, tempfile.TemporaryDirectory(prefix="cepsync-fold-") as spill:
-        # A journal of millions of entries meets a base of millions: the join spills to
-        # disk past FOLD_MEMORY_LIMIT instead of building its whole hash table in memory.
-        bound_memory(con, memory_limit=FOLD_MEMORY_LIMIT, spill_directory=spill)
-        con.execute("SET threads = 1")
-        con.execute("SET preserve_insertion_order = false")
-        yield con
-
-
-def _latest_in(con: Any, journal: Sequence[pa.Table]) -> pa.Table:
-    """The last entry of every id of ``journal`` (oldest table first), computed in ``con``."""
-    sequenced = pa.concat_tables(
-        [
-            table.select(["custom_id", "raw", "payload", "put"]).append_column(
-                "seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows)
-            )
-            for index, table in enumerate(journal)
-        ]
-    )
-    con.register("entries", sequenced)
-    latest: pa.Table = con.sql(
-        "SELECT custom_id, raw, payload, put FROM ("
-        "  SELECT custom_id, raw, payload, put,"
-        "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
-        "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
-        ") WHERE r = 1"
-    ).to_arrow_table()
-    con.unregister("entries")
-    return latest
-
-
-# What the general fold's DuckDB may hold before it spills to a temporary directory.
-FOLD_MEMORY_LIMIT: Final = "256MB"
-
-
-def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:
-    """The fold when the journal only adds new ids, each once (a first full load): a concatenation.
-
-    ``entries`` repeat no id (the caller checked). Checked in columns; None when an entry
-    deletes or touches an id of ``base``, so the general fold runs. Saves sorting millions of entries at the end of a
-    large first sync.
-    """
-    if not pc.all(entries.column("put")).as_py():
-        return None
-    if base.num_rows and not no_common_ids(base.column("custom_id"), entries.column("custom_id")):
-        return None
-    added = entries.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA)
-    return pa.concat_tables([base.cast(FINGERPRINT_SCHEMA), added])
-
-
-def no_common_ids(stored: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.Array) -> bool:
-    """Whether the two id columns share no id; False when that is too costly to check here.
-
-    Memory decides how: a hash set of five million ids (what ``count_distinct`` or
-    ``is_in`` build) costs ~700 MB, so only the smaller side goes in a set, and not at all
-    past :data:`_MAX_OVERLAP_SET` ids (the caller then folds in DuckDB, which spills).
-    """
-    if len(stored) == 0 or len(ids) == 0:
-        return True
-    small, large = (ids, stored) if len(ids) <= len(stored) else (stored, ids)
-    if len(small) > _MAX_OVERLAP_SET:
-        return False
-    if isinstance(small, pa.ChunkedArray):
-        small = small.combine_chunks()
-    return not pc.any(pc.is_in(large, value_set=small)).as_py()
-
-
-# Most ids an overlap check puts in a hash set (~140 bytes an id while it is built).
-_MAX_OVERLAP_SET = 1_000_000
-
-
-def has_repeats(ids: pa.ChunkedArray) -> bool:
-    """Whether an id appears twice: equal neighbours once the ids are sorted.
-
-    A journal of puts whose ids do not repeat, and which :func:`no_common_ids` finds
-    nowhere in the stored fingerprints, can be appended to them as it is.
-
-    Their order costs 8 bytes an id (a hash set of them ~140); the sorted ids are then
-    compared a slice at a time rather than copied whole.
-    """
-    if len(ids) < 2:
-        return False
-    order = pc.sort_indices(ids)
-    for start in range(0, len(order) - 1, _REPEAT_SLICE):
-        ordered = ids.take(order.slice(start, _REPEAT_SLICE + 1))
-        if pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py():
-            return True
-    return False
-
-
-# Sorted ids compared at a time by has_repeats.
-_REPEAT_SLICE: Final = 250_000
 
 
 @runtime_checkable
@@ -201,26 +76,26 @@ def operation_counts(store: object) -> dict[str, int] | None:
     return store.op_counts() if isinstance(store, CountsOperations) else None
 
 
-def operations_between(store: object, before: dict[str, int] | None) -> dict[str, Any] | None:
+def operations_between(store: object, before: dict[str, int] | None) -> dict[str, str | int] | None:
     """What ``store`` asked of its backend since ``before`` was read (``state_ops`` of a run record)."""
     after = operation_counts(store)
     if after is None or before is None:
         return None
     assert isinstance(store, CountsOperations)  # operation_counts answered
-    spent: dict[str, Any] = {"backend": store.backend}
+    spent: dict[str, str | int] = {"backend": store.backend}
     spent.update({key: value - before.get(key, 0) for key, value in after.items()})
     return spent
 
 
-@runtime_checkable
-class StateStore(Protocol):
-    # -- lease -------------------------------------------------------------------------
+class LeaseStore(Protocol):
+    """Who may write an activation's state: its lease, and the meta a run writes under it."""
+
     def acquire_lease(self, activation: str, owner: str, ttl_seconds: float, now: datetime) -> Lease:
         """Take the activation's lease, or raise LeaseHeld if another owner holds an unexpired one.
 
         A lease is held while ``now < expires_at``. Every acquisition (new, expired,
         released, or re-acquired by the same owner) increments the fencing token, which
-        never goes backwards: releases and :meth:`reset` keep the counter.
+        never goes backwards: releases and :meth:`StateStore.reset` keep the counter.
         """
 
     def renew_lease(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
@@ -229,24 +104,19 @@ class StateStore(Protocol):
     def release_lease(self, lease: Lease) -> None:
         """Give the lease up (no-op if it is no longer ours)."""
 
-    # -- fingerprints --------------------------------------------------------------------
-    def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
-        """Every committed fingerprint of the activation (journal included)."""
+    def load_meta(self, activation: str) -> ActivationMeta:
+        """The activation's meta, or a fresh one."""
 
-    def load_fingerprint_table(self, activation: str) -> pa.Table:
-        """The same fingerprints as an Arrow table ``custom_id: string, raw: uint64, payload: uint64``.
+    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
+        """Replace the activation's meta (fenced)."""
 
-        What a run loads: tens of bytes per profile and no Python object per profile
-        (``sync.diff`` joins it against the segment in DuckDB).
-        """
 
-    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
-        """Durably apply acknowledged outcomes (fenced). Entries with fingerprint None delete."""
+class IntentStore(Protocol):
+    """What a run notes about profiles it has not settled: mirror intents, and payloads Batch refused.
 
-    def compact(self, lease: Lease, now: datetime) -> None:
-        """Fold journal records into the main layout (no-op where there is no journal)."""
+    Every write is fenced by the lease.
+    """
 
-    # -- mirror intents ------------------------------------------------------------------
     def record_intents(self, lease: Lease, custom_ids: Iterable[str]) -> IntentsNote:
         """Durably note ids this activation may be about to create (fenced); what was written.
 
@@ -274,7 +144,6 @@ class StateStore(Protocol):
         Called after each journal flush with the ids it committed.
         """
 
-    # -- payloads Batch did not apply -------------------------------------------------------
     def record_refusals(self, lease: Lease, refusals: Sequence[Refusal]) -> None:
         """Remember payloads Batch did not apply, one entry per id (a newer one replaces it; fenced).
 
@@ -291,14 +160,14 @@ class StateStore(Protocol):
     def clear_refusals(self, lease: Lease, custom_ids: Iterable[str]) -> None:
         """Forget the entries of these ids (Batch acknowledged a payload since; fenced)."""
 
-    # -- per-activation meta -------------------------------------------------------------
-    def load_meta(self, activation: str) -> ActivationMeta:
-        """The activation's meta, or a fresh one."""
 
-    def save_meta(self, lease: Lease, meta: ActivationMeta) -> None:
-        """Replace the activation's meta (fenced)."""
+class RunStore(Protocol):
+    """What the runs of an activation leave behind: their records, delivery counts, idempotency keys.
 
-    # -- run records ---------------------------------------------------------------------
+    Nothing here is fenced: a run that lost its lease must still record why, and a delivery
+    is counted before a run takes the lease.
+    """
+
     def save_run(self, record: dict[str, Any]) -> None:
         """Insert or replace a run record (keyed by record['run_id'], JSON-serialisable).
 
@@ -317,7 +186,6 @@ class StateStore(Protocol):
     def find_run_by_trigger(self, activation: str, trigger_id: str) -> dict[str, Any] | None:
         """The run started by this trigger id (a Pub/Sub message/CloudEvent id), if any."""
 
-    # -- delivery attempts ----------------------------------------------------------------
     def record_delivery_attempt(self, activation: str, trigger_id: str, now: datetime) -> int:
         """Count one more delivery of a trigger (a Pub/Sub message id) to the activation.
 
@@ -341,7 +209,11 @@ class StateStore(Protocol):
         :data:`DELIVERY_RETENTION` after the key's last use.
         """
 
-    # -- admin ---------------------------------------------------------------------------
+
+@runtime_checkable
+class StateStore(FingerprintStore, LeaseStore, IntentStore, RunStore, Protocol):
+    """Every role in one store, as a backend (SQLite, Firestore) implements them, plus what spans them."""
+
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
         """Forget fingerprints, intents, refusals and meta (not run history): the next run is full.
 

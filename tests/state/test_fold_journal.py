@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sync.state.base as state_base
+import sync.state.fold as state_fold
 from sync.differ import FINGERPRINT_SCHEMA
-from sync.state.base import fold_journal
+from sync.state.fold import fold_journal
 
 JOURNAL_SCHEMA = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
 IDS = st.sampled_from(["a", "b", "c", "d", "é", "ü-1", "long-id-0000000001"])
@@ -69,7 +69,7 @@ def test_a_journal_of_new_ids_only_is_appended_as_it_is() -> None:
 
 def test_past_the_overlap_check_limit_the_general_fold_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     # Above the limit the fast path does not build a set of ids; the general fold runs.
-    monkeypatch.setattr(state_base, "_MAX_OVERLAP_SET", 1)
+    monkeypatch.setattr(state_fold, "_MAX_OVERLAP_SET", 1)
     base = table([("a", 1, 2), ("b", 3, 4), ("c", 5, 6)])
     journal = [table([("d", 7, 8), ("e", 9, 10)], JOURNAL_SCHEMA, [True, True])]
     assert as_dict(fold_journal([base], journal)) == {
@@ -97,7 +97,7 @@ def test_a_repeat_is_found_wherever_it_falls_among_the_slices_of_sorted_ids(
     monkeypatch: pytest.MonkeyPatch, repeated: int
 ) -> None:
     # The sorted ids are compared a slice at a time: a repeat on a slice boundary counts too.
-    monkeypatch.setattr(state_base, "_REPEAT_SLICE", 2)
+    monkeypatch.setattr(state_fold, "_REPEAT_SLICE", 2)
     ids = [f"id-{n}" for n in range(7)]
     journal = [
         table([(cid, n, n) for n, cid in enumerate(ids)], JOURNAL_SCHEMA, [True] * len(ids)),

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
 
-import sync.state.sqlite as sqlite_state
+import sync.state.sqlite.fingerprints as sqlite_state
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal, RefusalKind
-from sync.state import sqlite as sqlite_module
 from sync.state.base import DELIVERY_RETENTION, StateStore
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
+from sync.state.sqlite import intents as sqlite_module
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LEGACY = Path(__file__).resolve().parent / "legacy_sqlite"

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.errors import FatalError
 from sync.state import core
-from sync.state.base import has_repeats
 from sync.state.firestore import legacy
 from sync.state.firestore.layout import Namespace
+from sync.state.fold import has_repeats
 
 _IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="zstd")
 # Every IPC stream starts with a continuation marker; a legacy zlib stream never does.

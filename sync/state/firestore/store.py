@@ -25,7 +25,7 @@ from google.cloud.firestore import DocumentReference, Transaction
 
 from sync.model import ActivationMeta, Fingerprint, IntentsNote, JournalEntry, Lease, Refusal
 from sync.state import core
-from sync.state.base import DELIVERY_RETENTION, fold_journal
+from sync.state.base import DELIVERY_RETENTION
 from sync.state.firestore import codec
 from sync.state.firestore.compaction import CompactionStep, Compactor
 from sync.state.firestore.documents import Documents, lease_record
@@ -45,6 +45,7 @@ from sync.state.firestore.layout import (
     run_key,
     trigger_key,
 )
+from sync.state.fold import fold_journal
 
 # Writes one refusal transaction may hold besides the activation document, with room to spare.
 _REFUSALS_PER_TRANSACTION = MAX_WRITES_PER_COMMIT - 100
@@ -179,10 +180,10 @@ class FirestoreStateStore:
         return core.fingerprints_of(self.load_fingerprint_table(activation))
 
     def load_fingerprint_table(self, activation: str) -> pa.Table:
-        """Every committed fingerprint as an Arrow table (``sync.state.base.FINGERPRINT_SCHEMA``).
+        """Every committed fingerprint as an Arrow table (``sync.differ.FINGERPRINT_SCHEMA``).
 
         The shard and journal blobs are Arrow IPC streams (:mod:`sync.state.firestore.codec`);
-        the live journal is folded in columns (:func:`sync.state.base.fold_journal`).
+        the live journal is folded in columns (:func:`sync.state.fold.fold_journal`).
         """
         loaded = self._journal.load(activation, FP)
         return fold_journal(loaded.shards, loaded.journal)

@@ -1,0 +1,162 @@
+"""The journal fold: acknowledged changes applied to stored fingerprints, in Arrow and DuckDB columns.
+
+Every state store keeps a base of fingerprints and a journal of commits, and folds one into
+the other the same way (the SQLite and Firestore stores, at compaction and when a run loads
+its state). Its own room, apart from the protocols of :mod:`sync.state.base`, because it is
+an algorithm with a memory budget (``docs/how-a-run-works.md``, "Memory"), not a contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
+
+if TYPE_CHECKING:
+    import duckdb
+
+
+def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Table:
+    """Apply journal tables (``custom_id, raw, payload, put: bool``, oldest first) to base tables.
+
+    The base tables hold each id at most once between them; in the journal the last entry of
+    an id wins, and ``put = false`` deletes it. Done in columns, so a large journal (a run
+    that crashed mid full load) never becomes Python objects, and with bounded memory:
+    only what the fold returns is held whole (``docs/how-a-run-works.md``, "Memory").
+    """
+    base_table = pa.concat_tables(base) if base else FINGERPRINT_SCHEMA.empty_table()
+    if not journal:
+        return base_table.cast(FINGERPRINT_SCHEMA)
+    entries = pa.concat_tables(journal)
+    repeats = has_repeats(entries.column("custom_id"))
+    if not repeats:
+        appended = _appended_only(base_table, entries)
+        if appended is not None:
+            return appended
+
+    with _fold_database() as con:
+        con.register("base", base_table)
+        latest = _latest_in(con, journal) if repeats else entries
+        con.register("latest", latest)
+        folded: pa.Table = con.sql(
+            "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
+            "UNION ALL SELECT custom_id, raw, payload FROM latest WHERE put"
+        ).to_arrow_table()
+    return folded.cast(FINGERPRINT_SCHEMA)
+
+
+def latest_entries_table(journal: Sequence[pa.Table]) -> pa.Table:
+    """Each id of journal tables (oldest first) once, as its last entry left it (``put`` kept)."""
+    if not journal:
+        return JOURNAL_SCHEMA.empty_table()
+    entries = pa.concat_tables(journal).select(["custom_id", "raw", "payload", "put"])
+    if not has_repeats(entries.column("custom_id")):
+        return entries
+    with _fold_database() as con:
+        return _latest_in(con, journal)
+
+
+@contextlib.contextmanager
+def _fold_database() -> Iterator[duckdb.DuckDBPyConnection]:
+    import duckdb
+
+    from sync.duckdb_sql import bound_memory
+
+    with duckdb.connect(":memory:") as con, tempfile.TemporaryDirectory(prefix="cepsync-fold-") as spill:
+        # A journal of millions of entries meets a base of millions: the join spills to
+        # disk past FOLD_MEMORY_LIMIT instead of building its whole hash table in memory.
+        bound_memory(con, memory_limit=FOLD_MEMORY_LIMIT, spill_directory=spill)
+        con.execute("SET threads = 1")
+        con.execute("SET preserve_insertion_order = false")
+        yield con
+
+
+def _latest_in(con: duckdb.DuckDBPyConnection, journal: Sequence[pa.Table]) -> pa.Table:
+    """The last entry of every id of ``journal`` (oldest table first), computed in ``con``."""
+    sequenced = pa.concat_tables(
+        [
+            table.select(["custom_id", "raw", "payload", "put"]).append_column(
+                "seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows)
+            )
+            for index, table in enumerate(journal)
+        ]
+    )
+    con.register("entries", sequenced)
+    latest: pa.Table = con.sql(
+        "SELECT custom_id, raw, payload, put FROM ("
+        "  SELECT custom_id, raw, payload, put,"
+        "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
+        "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
+        ") WHERE r = 1"
+    ).to_arrow_table()
+    con.unregister("entries")
+    return latest
+
+
+# What the general fold's DuckDB may hold before it spills to a temporary directory.
+FOLD_MEMORY_LIMIT: Final = "256MB"
+
+
+def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:
+    """The fold when the journal only adds new ids, each once (a first full load): a concatenation.
+
+    ``entries`` repeat no id (the caller checked). Checked in columns; None when an entry
+    deletes or touches an id of ``base``, so the general fold runs. Saves sorting millions of entries at the end of a
+    large first sync.
+    """
+    if not pc.all(entries.column("put")).as_py():
+        return None
+    if base.num_rows and not no_common_ids(base.column("custom_id"), entries.column("custom_id")):
+        return None
+    added = entries.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA)
+    return pa.concat_tables([base.cast(FINGERPRINT_SCHEMA), added])
+
+
+def no_common_ids(stored: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether the two id columns share no id; False when that is too costly to check here.
+
+    Memory decides how: a hash set of five million ids (what ``count_distinct`` or
+    ``is_in`` build) costs ~700 MB, so only the smaller side goes in a set, and not at all
+    past :data:`_MAX_OVERLAP_SET` ids (the caller then folds in DuckDB, which spills).
+    """
+    if len(stored) == 0 or len(ids) == 0:
+        return True
+    small, large = (ids, stored) if len(ids) <= len(stored) else (stored, ids)
+    if len(small) > _MAX_OVERLAP_SET:
+        return False
+    if isinstance(small, pa.ChunkedArray):
+        small = small.combine_chunks()
+    return not pc.any(pc.is_in(large, value_set=small)).as_py()
+
+
+# Most ids an overlap check puts in a hash set (~140 bytes an id while it is built).
+_MAX_OVERLAP_SET = 1_000_000
+
+
+def has_repeats(ids: pa.ChunkedArray) -> bool:
+    """Whether an id appears twice: equal neighbours once the ids are sorted.
+
+    A journal of puts whose ids do not repeat, and which :func:`no_common_ids` finds
+    nowhere in the stored fingerprints, can be appended to them as it is.
+
+    Their order costs 8 bytes an id (a hash set of them ~140); the sorted ids are then
+    compared a slice at a time rather than copied whole.
+    """
+    if len(ids) < 2:
+        return False
+    order = pc.sort_indices(ids)
+    for start in range(0, len(order) - 1, _REPEAT_SLICE):
+        ordered = ids.take(order.slice(start, _REPEAT_SLICE + 1))
+        if pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py():
+            return True
+    return False
+
+
+# Sorted ids compared at a time by has_repeats.
+_REPEAT_SLICE: Final = 250_000

@@ -1,0 +1,308 @@
+"""The fingerprint role of the SQLite store: packed base chunks and the journal of commits.
+
+The one role a differ reads (:class:`sync.differ.FingerprintStore`), and the largest: the
+compaction that folds the journal into the base chunks decides between three ways by memory
+(``docs/how-a-run-works.md``, "Memory").
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
+from sync.memory import release_free_memory
+from sync.model import Fingerprint, JournalEntry, Lease
+from sync.state import core
+from sync.state.fold import fold_journal, has_repeats, latest_entries_table, no_common_ids
+from sync.state.sqlite.connection import SQLiteTables, unpack
+
+# Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
+# into ~15-30 MB).
+_CHUNK_ROWS: Final = 250_000
+# lz4: ids compress about 3x, at a few ms per million fingerprints.
+_IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
+
+
+def _pack(table: pa.Table) -> memoryview:
+    return memoryview(core.pack_table(table, _IPC_OPTIONS))
+
+
+class FingerprintTables(SQLiteTables):
+    """:class:`sync.differ.FingerprintStore` on the ``fingerprint_base`` and ``fingerprint_journal`` tables."""
+
+    def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
+        """Every committed fingerprint of the activation, keyed by custom_id (journal included)."""
+        return core.fingerprints_of(self.load_fingerprint_table(activation))
+
+    def load_fingerprint_table(self, activation: str) -> pa.Table:
+        """Every committed fingerprint as an Arrow table (``sync.differ.FINGERPRINT_SCHEMA``).
+
+        The base blobs and the journal blobs not yet compacted, read in one transaction and
+        folded in columns (:func:`sync.state.fold.fold_journal`).
+        """
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                base, journal = self._read_blobs(conn, activation)
+            finally:
+                conn.execute("COMMIT")
+            self._stats["statements"] += 2
+        return fold_journal(base, journal)
+
+    def _read_blobs(self, conn: sqlite3.Connection, activation: str) -> tuple[list[pa.Table], list[pa.Table]]:
+        where = self._where(activation)
+        base = [
+            unpack(blob, FINGERPRINT_SCHEMA, where)
+            for (blob,) in conn.execute(
+                "SELECT blob FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+            )
+        ]
+        journal = [
+            unpack(blob, JOURNAL_SCHEMA, where)
+            for (blob,) in conn.execute(
+                "SELECT blob FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+        return base, journal
+
+    def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
+        """Append the entries as one journal blob, in one fenced transaction.
+
+        ``now`` is accepted for the protocol.
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is written.
+            ValueError: A fingerprint value is not an unsigned 64-bit int; nothing is written.
+        """
+        activation = lease.activation
+        table = core.journal_table(activation, entries)
+        blob = _pack(table) if table.num_rows else None
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            if blob is None:
+                self._count(1, 0)
+                return
+            row = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM fingerprint_journal WHERE activation = ?", (activation,)
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO fingerprint_journal (activation, seq, rows, blob) VALUES (?, ?, ?, ?)",
+                (activation, (row[0] if row else 0) + 1, table.num_rows, blob),
+            )
+            self._count(3, table.num_rows)
+
+    def compact(self, lease: Lease, now: datetime) -> None:
+        """Fold the journal into the base blobs, in one fenced transaction.
+
+        Raises:
+            LeaseLost: ``lease`` is no longer current; nothing is written.
+        """
+        activation = lease.activation
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM fingerprint_journal WHERE activation = ?", (activation,)
+            ).fetchone()
+            if not pending or not pending[0]:
+                self._count(2, 0)
+                return
+            # A journal of at most one chunk (a delta) is folded a stored chunk at a time; a
+            # larger one that only adds ids (a first sync) is appended; anything else folds.
+            appended = self._fold_by_chunk(conn, activation)
+            if appended is None:
+                appended = self._append_to_base(conn, activation)
+            if appended is not None:
+                conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
+                self._count(6, appended)
+                return
+            base, journal = self._read_blobs(conn, activation)
+            folded = fold_journal(base, journal)
+            conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
+            write_base(conn, activation, folded)
+            self._count(6, folded.num_rows)
+
+    def _append_to_base(self, conn: sqlite3.Connection, activation: str) -> int | None:
+        """Compact a journal larger than a chunk that only adds new ids by appending them.
+
+        A first sync (a smaller journal goes through :meth:`_fold_by_chunk`). Memory decides how
+        (``docs/how-a-run-works.md``, "Memory"): a first pass over the journal keeps its ids
+        alone, to check that none repeats and, one base chunk at a time, that none is
+        stored already; a second pass streams the journal into new chunks, a chunk at a
+        time, after filling up the last, partly filled one. Nothing else is rewritten.
+
+        Returns:
+            The number of fingerprints appended, or None (nothing written) when the journal
+            deletes, repeats or updates an id: the general fold then runs.
+        """
+        where = self._where(activation)
+        seqs = [
+            seq
+            for (seq,) in conn.execute(
+                "SELECT seq FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+
+        def journal() -> Iterator[pa.Table]:
+            for seq in seqs:
+                row = conn.execute(
+                    "SELECT blob FROM fingerprint_journal WHERE activation = ? AND seq = ?", (activation, seq)
+                ).fetchone()
+                yield unpack(row[0], JOURNAL_SCHEMA, where)
+
+        ids = self._journal_ids(journal())
+        if ids is None or has_repeats(ids):
+            return None
+        chunks = conn.execute(
+            "SELECT chunk, rows FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+        ).fetchall()
+        for chunk, _rows in chunks:
+            stored = self._base_chunk(conn, activation, chunk, where)
+            disjoint = no_common_ids(stored.column("custom_id"), ids)
+            del stored
+            release_free_memory()  # one chunk at a time: the next one reuses this one's memory
+            if not disjoint:
+                return None
+        appended = len(ids)
+        del ids
+        release_free_memory()
+        self._append_chunks(conn, activation, chunks, journal(), where)
+        return appended
+
+    def _append_chunks(
+        self,
+        conn: sqlite3.Connection,
+        activation: str,
+        chunks: list[tuple[int, int]],
+        tables: Iterable[pa.Table],
+        where: str,
+    ) -> None:
+        """Append fingerprints (ids stored nowhere yet) to the base chunks ``(chunk, rows)``.
+
+        The last chunk is filled up first, so that many small runs do not leave many small
+        chunks; then new chunks are cut, one at a time.
+        """
+        pending: list[pa.Table] = []
+        rows = 0
+        next_chunk = chunks[-1][0] + 1 if chunks else 0
+        if chunks and chunks[-1][1] < _CHUNK_ROWS:
+            next_chunk = chunks[-1][0]
+            pending.append(self._base_chunk(conn, activation, next_chunk, where))
+            rows = pending[0].num_rows
+            conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, next_chunk))
+        for table in tables:
+            pending.append(table.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA))
+            rows += table.num_rows
+            while rows >= _CHUNK_ROWS:
+                gathered = pa.concat_tables(pending)
+                self._insert_chunk(conn, activation, next_chunk, gathered.slice(0, _CHUNK_ROWS))
+                pending, rows, next_chunk = [gathered.slice(_CHUNK_ROWS)], rows - _CHUNK_ROWS, next_chunk + 1
+        if rows:
+            self._insert_chunk(conn, activation, next_chunk, pa.concat_tables(pending))
+
+    def _fold_by_chunk(self, conn: sqlite3.Connection, activation: str) -> int | None:
+        """Compact a journal of at most one chunk, a stored chunk at a time.
+
+        The usual delta: a few thousand changed, new and removed profiles against millions
+        stored. The journal's last entry per id is taken; each stored chunk that holds one
+        of its ids is rewritten without them; the ids it puts are then appended. The same
+        result as the general fold (``fold_journal``), reading each stored chunk once and
+        holding one at a time instead of the whole state (``docs/how-a-run-works.md``,
+        "Memory"). A journal that only adds ids rewrites no stored chunk but the last.
+
+        Returns:
+            The number of fingerprints written, or None (nothing written) when the journal
+            is larger than a chunk: appending or the general fold then runs.
+        """
+        where = self._where(activation)
+        row = conn.execute(
+            "SELECT COALESCE(SUM(rows), 0) FROM fingerprint_journal WHERE activation = ?", (activation,)
+        ).fetchone()
+        if not row or row[0] > _CHUNK_ROWS:
+            return None
+        journal = [
+            unpack(blob, JOURNAL_SCHEMA, where)
+            for (blob,) in conn.execute(
+                "SELECT blob FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+        latest = latest_entries_table(journal)
+        del journal
+        touched = latest.column("custom_id").combine_chunks()
+        chunks = conn.execute(
+            "SELECT chunk, rows FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+        ).fetchall()
+        kept: list[tuple[int, int]] = []
+        rewritten = 0
+        for chunk, rows in chunks:
+            stored = self._base_chunk(conn, activation, chunk, where)
+            hit = pc.is_in(stored.column("custom_id"), value_set=touched)
+            if pc.any(hit).as_py():
+                remaining = stored.filter(pc.invert(hit))
+                conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk))
+                if remaining.num_rows:
+                    self._insert_chunk(conn, activation, chunk, remaining)
+                rows = remaining.num_rows
+                rewritten += rows
+                del remaining
+            if rows:
+                kept.append((chunk, rows))
+            del stored, hit
+            release_free_memory()  # one chunk at a time: the next one reuses this one's memory
+        puts = latest.filter(latest.column("put"))
+        self._append_chunks(conn, activation, kept, [puts], where)
+        return rewritten + int(puts.num_rows)
+
+    @staticmethod
+    def _journal_ids(tables: Iterable[pa.Table]) -> pa.ChunkedArray | None:
+        """The ids of journal tables that only put (None at the first deletion), gathered.
+
+        Held as thousands of small arrays (one per flush) they would take about twice
+        their size; they are gathered into arrays of ~100,000 ids.
+        """
+        gathered: list[pa.Array] = []
+        pending: list[pa.Array] = []
+        rows = 0
+        for table in tables:
+            if pc.all(table.column("put")).as_py() is False:
+                return None
+            pending.extend(table.column("custom_id").chunks)
+            rows += table.num_rows
+            if rows >= _CHUNK_ROWS // 10:
+                gathered.append(pa.concat_arrays(pending))
+                pending, rows = [], 0
+        if pending:
+            gathered.append(pa.concat_arrays(pending))
+        return pa.chunked_array(gathered, pa.string())
+
+    @staticmethod
+    def _base_chunk(conn: sqlite3.Connection, activation: str, chunk: int, where: str) -> pa.Table:
+        row = conn.execute(
+            "SELECT blob FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk)
+        ).fetchone()
+        return unpack(row[0], FINGERPRINT_SCHEMA, where)
+
+    @staticmethod
+    def _insert_chunk(conn: sqlite3.Connection, activation: str, chunk: int, table: pa.Table) -> None:
+        conn.execute(
+            "INSERT INTO fingerprint_base (activation, chunk, rows, blob) VALUES (?, ?, ?, ?)",
+            (activation, chunk, table.num_rows, _pack(table)),
+        )
+        release_free_memory()  # the packed chunk is written: the next one reuses its memory
+
+
+def write_base(conn: sqlite3.Connection, activation: str, table: pa.Table) -> None:
+    """Replace the activation's base chunks with ``table`` (after a general fold, or a version-1 file)."""
+    conn.execute("DELETE FROM fingerprint_base WHERE activation = ?", (activation,))
+    for chunk, start in enumerate(range(0, table.num_rows, _CHUNK_ROWS)):
+        part = table.slice(start, _CHUNK_ROWS)
+        conn.execute(
+            "INSERT INTO fingerprint_base (activation, chunk, rows, blob) VALUES (?, ?, ?, ?)",
+            (activation, chunk, part.num_rows, _pack(part)),
+        )
