@@ -17,7 +17,7 @@ import structlog
 from sync.errors import LeaseLost
 from sync.model import Lease
 from sync.runs import Clock, RunOptions
-from sync.state.base import StateStore as LeaseStore
+from sync.state.base import LeaseStore
 
 log = structlog.get_logger("cepsync.lease")
 

@@ -195,7 +195,7 @@ class RunRecord:
     journal: dict[str, int] | None = None
     # What the run asked of its state store (Firestore: reads, writes, deletes, transactions,
     # contention retries), from sync.state.base.operations_between.
-    state_ops: dict[str, object] | None = None
+    state_ops: dict[str, str | int] | None = None
     duplicate_of: str | None = None
     # Things that did not stop the run but deserve a look (an empty first segment).
     warnings: list[str] = field(default_factory=list)

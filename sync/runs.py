@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from sync.record import RunRecord, RunStatus, exit_code_of
-from sync.state.base import StateStore as RunStore
+from sync.state.base import RunStore
 
 __all__ = [
     "Clock",

@@ -38,7 +38,7 @@ from sync.fingerprint import canonical_json, payload_fingerprint_of
 from sync.model import NO_ATTRIBUTE, IntentsNote, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
-from sync.state.base import StateStore as IntentStore
+from sync.state.base import IntentStore
 
 log = structlog.get_logger("cepsync.send")
 

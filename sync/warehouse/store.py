@@ -46,11 +46,10 @@ import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
-from sync.differ import FINGERPRINT_SCHEMA
+from sync.differ import FINGERPRINT_SCHEMA, FingerprintStore
 from sync.errors import ConfigError, LeaseLost
 from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
-from sync.state.base import StateStore
 from sync.warehouse import sql
 from sync.warehouse.bq import Warehouse, to_signed
 
@@ -68,7 +67,7 @@ def dataset_reference(dataset: str, default_project: str) -> bigquery.DatasetRef
 class WarehouseFingerprints:
     """The fingerprint role (:class:`sync.differ.FingerprintStore`) in BigQuery (see the module docstring)."""
 
-    def __init__(self, base: StateStore, warehouse: Warehouse, dataset: bigquery.DatasetReference) -> None:
+    def __init__(self, base: FingerprintStore, warehouse: Warehouse, dataset: bigquery.DatasetReference) -> None:
         self.base = base
         self.warehouse = warehouse
         self.dataset = dataset

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from sync.config import Activation, DiffMode
+from sync.differ import FingerprintStore
 from sync.errors import ConfigError
 from sync.model import Fingerprint, JournalEntry
 from sync.state.base import StateStore
@@ -108,7 +109,7 @@ def refuse_state_left_in_bigquery(activation: Activation, previous: WarehouseFin
         )
 
 
-def refuse_state_left_in_base(activation: Activation, base: StateStore, store: WarehouseFingerprints) -> None:
+def refuse_state_left_in_base(activation: Activation, base: FingerprintStore, store: WarehouseFingerprints) -> None:
     """``diff: warehouse`` while the fingerprints are still in the function diff's store: refuse."""
     held = base.load_fingerprint_table(activation.name).num_rows
     if held:
