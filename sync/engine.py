@@ -44,7 +44,7 @@ from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import ActivationMeta
 from sync.pipeline import Moved, Producer, Scan
-from sync.plan import PlanCounts, evaluate_guards
+from sync.plan import PlanCounts, evaluate_guards, guard_refusal
 from sync.planner import Planner
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, is_retryable, status_of_error
 from sync.results import hook as results_hook
@@ -368,17 +368,7 @@ class Run:
         tripped = [v for v in verdicts if v.tripped and not v.overridden]
         if tripped and raise_on_trip:
             self._fill_counts(scan, moved, moved.tally)
-            names = ", ".join(v.name for v in tripped)
-            if self.options.trigger == "cli":
-                approve = "rerun with " + " ".join(f"--allow {v.name}" for v in tripped)
-            else:  # the deployed function: its message carries the approval
-                message = {"activation": activation.name, "allow": [v.name for v in tripped]}
-                approve = f"send the function the message {json.dumps(message)}"
-            raise GuardTripped(
-                f"activation '{activation.name}': guard(s) {names} tripped, nothing was sent: "
-                + "; ".join(v.detail for v in tripped)
-                + f". To proceed once, {approve}."
-            )
+            raise guard_refusal(activation.name, tripped, trigger=self.options.trigger)
 
     async def _claim(self, prepared: _Prepared, scan: Scan) -> None:
         """Own the keys this mapping writes (mirror clears exactly those), before any send."""
@@ -512,16 +502,9 @@ class Run:
         journal, sender = self._journal, self._sender
         if journal is None or sender is None or not journal.flushes:
             return
-        previous = self.run.checkpoint or {}
-        if previous.get("committed") == journal.committed and previous.get("watermark") == sender.watermark.value:
+        at = self.clock.now().isoformat()
+        if not self.book.checkpoint(sender.tally, committed=journal.committed, watermark=sender.watermark.value, at=at):
             return
-        self.book.take_sends(sender.tally, final=False)
-        self.run.checkpoint = {
-            "at": self.clock.now().isoformat(),
-            "acknowledged": self.run.counts.get("acknowledged", 0),
-            "committed": journal.committed,
-            "watermark": sender.watermark.value,
-        }
         now = self.clock.monotonic()
         recent = self._checkpoint_saved is not None and now - self._checkpoint_saved < CHECKPOINT_RECORD_SECONDS
         if not save or recent:

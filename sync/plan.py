@@ -27,6 +27,7 @@ Rows the differ did not hand over are unchanged and were never mapped (``skipped
 from __future__ import annotations
 
 import enum
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import pyarrow.compute as pc
 from sync.config import GuardsConfig, SyncMode
 from sync.differ import DUPLICATE, JOURNAL_SCHEMA, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.encode import EncodedBatch
-from sync.errors import ConfigError
+from sync.errors import ConfigError, GuardTripped
 from sync.model import Fingerprint, JournalEntry, Reason, Refusal, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
@@ -493,3 +494,22 @@ def evaluate_guards(
         )
     )
     return verdicts
+
+
+def guard_refusal(activation: str, tripped: Sequence[GuardVerdict], *, trigger: str) -> GuardTripped:
+    """The error a run stops with when guards tripped: what tripped, and how to approve it once.
+
+    From the CLI the approval is ``--allow NAME``; the deployed function's message carries it
+    in ``"allow"`` (docs/function.md).
+    """
+    names = ", ".join(v.name for v in tripped)
+    if trigger == "cli":
+        approve = "rerun with " + " ".join(f"--allow {v.name}" for v in tripped)
+    else:
+        message = {"activation": activation, "allow": [v.name for v in tripped]}
+        approve = f"send the function the message {json.dumps(message)}"
+    return GuardTripped(
+        f"activation '{activation}': guard(s) {names} tripped, nothing was sent: "
+        + "; ".join(v.detail for v in tripped)
+        + f". To proceed once, {approve}."
+    )

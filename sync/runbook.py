@@ -95,6 +95,20 @@ class RunBook:
             counts["failed"] = max(tally.failed, tally.attempted - answered) if final else tally.failed
             counts["sent"] = tally.attempted if final else answered + tally.failed
 
+    def checkpoint(self, tally: SendTally, *, committed: int, watermark: str | None, at: str) -> bool:
+        """Note how far the run got in the record's ``checkpoint``; False when nothing moved since."""
+        previous = self.record.checkpoint or {}
+        if previous.get("committed") == committed and previous.get("watermark") == watermark:
+            return False
+        self.take_sends(tally, final=False)
+        self.record.checkpoint = {
+            "at": at,
+            "acknowledged": self.record.counts.get("acknowledged", 0),
+            "committed": committed,
+            "watermark": watermark,
+        }
+        return True
+
     def fill_counts(
         self, ids: IdScan, *, full: bool, moved: PlanCounts, planned: PlanCounts, version: str, previous: str | None
     ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -190,6 +191,28 @@ def test_the_salt_names_the_mapping_version_the_engine_and_the_column_types() ->
     assert duckdb.__version__ in salt
     retyped = PEOPLE.schema.set(2, pa.field("points", pa.int32()))
     assert raw_salt("v1", retyped, PEOPLE.schema.names, "DuckDBSource") != salt
+
+
+def test_each_source_states_the_engine_its_raw_hashes_are_salted_with(tmp_path: Path) -> None:
+    # Issue 23: the salt took the source's class name, which for DuckDB was the CLI's private
+    # wrapper; a rename would have re-mapped every profile. The strings are pinned here: they
+    # are the ones states written so far were salted with, and changing one maps every row again.
+    from sync.runtime import open_source
+    from sync.sources.bigquery import BigQuerySource
+    from sync.sources.duckdb import DuckDBSource
+    from tests.support.engine_support import make_activation, people, write_segment
+
+    assert DuckDBSource.engine == "_DuckDBSegment"
+    assert BigQuerySource.engine == "BigQuerySource"
+    write_segment(tmp_path / "segment.duckdb", people(3))
+    source = open_source(make_activation(tmp_path, "http://127.0.0.1:1"))
+    try:
+        assert source.engine == "_DuckDBSegment"  # the wrapper the CLI opens says its source's name
+        schema = source.schema()
+    finally:
+        source.close()
+    salt = raw_salt("v1", schema, ["customer_id", "points"], source.engine)
+    assert salt == f"cepsync/raw/2|v1|_DuckDBSegment|duckdb {duckdb.__version__}|customer_id:string;points:int64"
 
 
 # -- the id scan and the reads ------------------------------------------------------------------
