@@ -42,7 +42,7 @@ from sync.errors import ConfigError, GuardTripped, LeaseHeld, SyncError
 from sync.lease import LeaseKeeper
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from sync.memory import release_free_memory, tune_allocators
-from sync.model import ActivationMeta
+from sync.model import ActivationMeta, Refusal
 from sync.pipeline import Moved, Producer, Scan
 from sync.plan import PlanCounts, evaluate_guards, guard_refusal
 from sync.planner import Planner
@@ -127,6 +127,8 @@ class Run:
         self.keeper = LeaseKeeper(store, activation.name, self.options, self.clock)
         self._journal: Journal | None = None
         self._sender: Sender | None = None
+        # What Batch's per-item answers come to in the state (refusals, per-item failures).
+        self._answers: list[Refusal] = []
         self._stages = StageTimings()
         self._stop = threading.Event()
         self._checkpoint_saved: float | None = None
@@ -426,6 +428,8 @@ class Run:
                 await sender.drain()
             finally:
                 self.book.take_sends(sender.tally, final=True)
+                # Noted even when sending stopped on a fatal error: they were answered.
+                self._answers = self.book.batch_answers(sender.tally)
             if sender.started_at is not None:
                 # How long after the run started its first request left (the pipeline streams).
                 self.run.timings["first_request_seconds"] = round(sender.started_at - self._started_perf, 3)
@@ -517,7 +521,6 @@ class Run:
         assert self._journal is not None
         journal = self._journal
         await journal.close()
-        self.book.take_sends(sender.tally, final=True)
         incomplete = self._incomplete(sender)
         if moved.refreshes and not incomplete and not scan.full:
             for start in range(0, len(moved.refreshes), 10_000):
@@ -525,9 +528,8 @@ class Run:
                 await journal.flush()
         await self._checkpoint(save=False)  # the record's last checkpoint: saved as the run ends
         lease = self.keeper.lease
-        entries = self.book.batch_answers(sender.tally)
-        if entries:
-            await asyncio.to_thread(self.store.record_refusals, lease, entries)
+        if self._answers:
+            await asyncio.to_thread(self.store.record_refusals, lease, self._answers)
         if sender.tally.acknowledged_remembered:
             await asyncio.to_thread(self.store.clear_refusals, lease, sender.tally.acknowledged_remembered)
         await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now())

@@ -62,6 +62,8 @@ class RunBook:
         self._refused: dict[str, int] = {}
         # Removals held back because Batch refused that very clearing payload before.
         self._held_removals: dict[str, int] = {}
+        # Sending is over: the send counts are final (a later checkpoint keeps them so).
+        self._sent_all = False
 
     # -- counts ------------------------------------------------------------------------------
     def count(self, name: str, value: int) -> None:
@@ -85,6 +87,7 @@ class RunBook:
         Batch did not answer for (a request stopped by a 401 or an unreachable host) is
         ``failed`` like a transient failure.
         """
+        final = self._sent_all = final or self._sent_all
         answered = tally.acknowledged + tally.rejected
         with self._lock:
             counts = self.record.counts
