@@ -256,7 +256,6 @@ def execute_run(
     try:
         differ = open_differ(activation, store, source)
     except BaseException:
-        differ.close()
         source.close()
         store.close()
         raise
@@ -284,6 +283,7 @@ def execute_run(
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise RunInterrupted(run.record) from None
     finally:
+        differ.close()
         source.close()
         store.close()
 
