@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
@@ -34,6 +34,10 @@ from sync.model import ActivationMeta
 from sync.report.history import history_csv, history_table, persistent_notes
 from sync.runconfig import config_as_run
 from sync.runtime import open_warehouse_fingerprints
+from sync.state.base import StateStore
+
+if TYPE_CHECKING:
+    from sync.warehouse.store import WarehouseFingerprints
 
 
 class HistoryFormat(enum.StrEnum):
@@ -187,11 +191,7 @@ def reset(
         store = _store(state, create=False)
         in_bigquery = None
         if config is not None and config.diff.mode is DiffMode.WAREHOUSE:  # its fingerprints are in BigQuery
-            try:
-                in_bigquery = open_warehouse_fingerprints(config, store)
-            except BaseException:
-                store.close()
-                raise
+            in_bigquery = _fingerprints_in_bigquery(config, store)
     except SyncError as error:
         raise _fail(error) from None
     try:
@@ -229,11 +229,7 @@ def switch_diff(
                 "give the activation YAML with diff.mode 'warehouse' (it names the dataset)", field="diff"
             )
         base = _store(state)
-        try:
-            in_bigquery = open_warehouse_fingerprints(config, base)
-        except BaseException:
-            base.close()
-            raise
+        in_bigquery = _fingerprints_in_bigquery(config, base)
     except SyncError as error:
         raise _fail(error) from None
     try:
@@ -290,11 +286,7 @@ def adopt_fence(
         if config.diff.mode is not DiffMode.WAREHOUSE:
             raise ConfigError("only an activation with diff.mode 'warehouse' has a fence to adopt", field="diff")
         base = _store(state)
-        try:
-            store = open_warehouse_fingerprints(config, base)
-        except BaseException:
-            base.close()
-            raise
+        store = _fingerprints_in_bigquery(config, base)
     except SyncError as error:
         raise _fail(error) from None
     try:
@@ -324,3 +316,12 @@ def register(app: typer.Typer) -> None:
     app.command("switch-diff")(switch_diff)
     app.command("dbt-exposures")(dbt_exposures)
     app.command("adopt-fence")(adopt_fence)
+
+
+def _fingerprints_in_bigquery(config: Activation, base: StateStore) -> WarehouseFingerprints:
+    """The activation's fingerprints in BigQuery (``diff.dataset``); ``base`` is closed if they cannot be opened."""
+    try:
+        return open_warehouse_fingerprints(config, base)
+    except BaseException:
+        base.close()
+        raise
