@@ -21,12 +21,12 @@ is what the batch path must agree with; the tests hold the two together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
 import pyarrow as pa
 
-from sync.config import Activation, AttributeType, InvalidValuePolicy
+from sync.config import Activation, AttributeType, CustomAttributeConfig, InvalidValuePolicy, MappingConfig
 from sync.convert import (
     CUSTOM_CONVERTERS,
     Converted,
@@ -388,73 +388,93 @@ def resolve_attribute_types(activation: Activation, schema: pa.Schema, *, source
             column's Arrow type; a type cannot be inferred; or one column is given two
             different types.
     """
-    where = f"activation '{activation.name}'"
-    families: dict[str, str] = {}
-    for arrow_field in schema:
-        families[arrow_field.name] = _family(arrow_field.type)
-    arrow_types = {arrow_field.name: arrow_field.type for arrow_field in schema}
+    columns = _SegmentColumns(activation, schema, source=source)
+    _refuse_ambiguous_columns(activation, schema, source=source)
+    _check_readable_columns(activation.mapping, columns)
+    return _resolve_custom_types(activation.attributes, columns)
 
-    def require(column: str, field: str) -> str:
-        family = families.get(column)
+
+class _SegmentColumns:
+    """The segment's columns as the mapping checks see them, and the error each check raises.
+
+    Every check names the activation and the field of the mapping at fault; holding that
+    here keeps the wording of the errors in one place.
+    """
+
+    __slots__ = ("arrow_types", "families", "schema", "source", "where")
+
+    def __init__(self, activation: Activation, schema: pa.Schema, *, source: str) -> None:
+        self.schema = schema
+        self.source = source
+        self.where = f"activation '{activation.name}'"
+        self.families = {arrow_field.name: _family(arrow_field.type) for arrow_field in schema}
+        self.arrow_types: dict[str, pa.DataType] = {arrow_field.name: arrow_field.type for arrow_field in schema}
+
+    def error(self, message: str, *, field: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {message}", source=self.source, field=field)
+
+    def family(self, column: str, *, field: str) -> str:
+        """The column's type family; a column the segment does not return is an error on ``field``."""
+        family = self.families.get(column)
         if family is None:
-            available = ", ".join(schema.names[:20]) + (", ..." if len(schema.names) > 20 else "")
-            raise ConfigError(
-                f"{where}: column '{column}' is not in the segment (columns: {available or 'none'})",
-                source=source,
-                field=field,
-            )
+            names = self.schema.names
+            available = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise self.error(f"column '{column}' is not in the segment (columns: {available or 'none'})", field=field)
         return family
 
-    _refuse_ambiguous_columns(activation, schema, source=source)
-    mapping = activation.mapping
+    def unreadable(self, column: str, as_what: str, *, field: str) -> ConfigError:
+        return self.error(
+            f"column '{column}' has Arrow type {self.arrow_types[column]}, which cannot be read as {as_what}",
+            field=field,
+        )
+
+
+def _check_readable_columns(mapping: MappingConfig, columns: _SegmentColumns) -> None:
+    """The custom_id column, and each mapped native's, exist with a type their converter reads."""
     readable = [("custom_id", _CUSTOM_ID_COMPATIBLE)]
     readable += [(native.field, _NATIVE_COMPATIBLE[native.type]) for native in NATIVE_FIELDS]
     for field_name, families_read in readable:
         column = getattr(mapping, field_name)
         if column is None:
             continue
-        family = require(column, f"mapping.{field_name}")
-        if family not in families_read:
-            raise ConfigError(
-                f"{where}: column '{column}' has Arrow type {arrow_types[column]}, "
-                f"which cannot be read as {field_name}",
-                source=source,
-                field=f"mapping.{field_name}",
-            )
+        if columns.family(column, field=f"mapping.{field_name}") not in families_read:
+            raise columns.unreadable(column, field_name, field=f"mapping.{field_name}")
 
+
+def _resolve_custom_types(
+    attributes: Sequence[CustomAttributeConfig], columns: _SegmentColumns
+) -> dict[str, AttributeType]:
+    """Each custom attribute column's type; a column mapped twice must get the same type both times."""
     resolved: dict[str, AttributeType] = {}
     resolved_from: dict[str, int] = {}
-    for index, attribute in enumerate(activation.attributes):
+    for index, attribute in enumerate(attributes):
         column = attribute.column
-        family = require(column, f"attributes.{index}.column")
-        arrow_type = arrow_types[column]
-        if attribute.type is not None:
-            attribute_type = attribute.type
-            if family not in _COMPATIBLE[attribute_type]:
-                raise ConfigError(
-                    f"{where}: column '{column}' has Arrow type {arrow_type}, "
-                    f"which cannot be read as {attribute_type.value}",
-                    source=source,
-                    field=f"attributes.{index}.type",
-                )
-        else:
-            inferred = _INFERRED.get(family)
-            if inferred is None:
-                raise ConfigError(
-                    f"{where}: cannot infer a Batch type for column '{column}' (Arrow type {arrow_type}); "
-                    "give one in 'type' or cast the column in the segment query",
-                    source=source,
-                    field=f"attributes.{index}.type",
-                )
-            attribute_type = inferred
+        attribute_type = _attribute_type(index, attribute, columns)
         previous = resolved.get(column)
         if previous is not None and previous is not attribute_type:
-            raise ConfigError(
-                f"{where}: column '{column}' is mapped as {previous.value} "
+            raise columns.error(
+                f"column '{column}' is mapped as {previous.value} "
                 f"(attributes.{resolved_from[column]}) and as {attribute_type.value}",
-                source=source,
                 field=f"attributes.{index}.type",
             )
         resolved[column] = attribute_type
         resolved_from[column] = index
     return resolved
+
+
+def _attribute_type(index: int, attribute: CustomAttributeConfig, columns: _SegmentColumns) -> AttributeType:
+    """One attribute's type: the explicit one, which must fit the column, else the one its Arrow type implies."""
+    column = attribute.column
+    family = columns.family(column, field=f"attributes.{index}.column")
+    if attribute.type is not None:
+        if family not in _COMPATIBLE[attribute.type]:
+            raise columns.unreadable(column, attribute.type.value, field=f"attributes.{index}.type")
+        return attribute.type
+    inferred = _INFERRED.get(family)
+    if inferred is None:
+        raise columns.error(
+            f"cannot infer a Batch type for column '{column}' (Arrow type {columns.arrow_types[column]}); "
+            "give one in 'type' or cast the column in the segment query",
+            field=f"attributes.{index}.type",
+        )
+    return inferred
