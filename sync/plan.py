@@ -285,107 +285,169 @@ def plan_rows(
             ``refused_unchanged`` (a value refusal) or ``persistent_unchanged`` (a
             persistent per-item error). A changed payload is sent as usual.
     """
-    encoded = mapped
     plan = BatchPlan()
-    counts = plan.tally.counts
-    by_reason = plan.tally.rejected_by_reason
-    dropped = plan.tally.dropped_by_reason
-    rows = batch.num_rows
-    custom_ids = encoded.custom_ids
-    counts["rows_mapped"] += rows
-    if rows == 0:
+    plan.tally.counts["rows_mapped"] += batch.num_rows
+    if batch.num_rows == 0:
         return plan
-    has_id = pa.array([custom_id is not None for custom_id in custom_ids], pa.bool_())
-    duplicate = pc.and_(pc.fill_null(batch.column(DUPLICATE), False), has_id)
-    eligible = pc.and_(encoded.valid, pc.invert(duplicate))
-    payload = encoded.payloads
-    stored_payload = batch.column(STORED_PAYLOAD)
-    new = pc.is_null(stored_payload)
-    unchanged = pc.fill_null(pc.equal(stored_payload, payload), False)
+    masks = _Masks.of(batch, mapped, full=full)
+    ids = pa.array(mapped.custom_ids, pa.string())
+    words = _RowWords(plan, mapped, masks, batch.column(ROW), duplicates, id_column, refused)
+    refused_again = words.say(_rows_needing_a_word(mapped, masks, ids, refused))
+    if refused_again:
+        masks = masks.without(refused_again)
+    _count_outcomes(plan.tally.counts, masks)
+    _assemble_profiles(plan, batch, mapped, masks, ids, full=full)
+    return plan
 
-    # Rows that need a word of their own, in row order.
-    special = pc.invert(eligible)
+
+class _Masks(NamedTuple):
+    """The decisions over one batch in columns: one boolean per row each."""
+
+    duplicate: pa.BooleanArray  # its id has copies in the segment
+    eligible: pa.BooleanArray  # valid and not duplicated: sent, refreshed, or counted unchanged
+    new: pa.BooleanArray  # no stored fingerprint
+    unchanged: pa.BooleanArray  # payload equals the acknowledged one
+    sent: pa.BooleanArray  # eligible, and changed unless in a full pass
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch, encoded: EncodedBatch, *, full: bool) -> _Masks:
+        has_id = pa.array([custom_id is not None for custom_id in encoded.custom_ids], pa.bool_())
+        duplicate = pc.and_(pc.fill_null(batch.column(DUPLICATE), False), has_id)
+        eligible = pc.and_(encoded.valid, pc.invert(duplicate))
+        stored_payload = batch.column(STORED_PAYLOAD)
+        new = pc.is_null(stored_payload)
+        unchanged = pc.fill_null(pc.equal(stored_payload, encoded.payloads), False)
+        sent = eligible if full else pc.and_(eligible, pc.invert(unchanged))
+        return cls(duplicate, eligible, new, unchanged, sent)
+
+    def without(self, rows: Sequence[int]) -> _Masks:
+        """The same decisions with ``rows`` neither eligible nor sent (Batch refused that very payload)."""
+        kept = pc.invert(pc.is_in(pa.array(range(len(self.eligible)), pa.int64()), pa.array(rows, pa.int64())))
+        return self._replace(eligible=pc.and_(self.eligible, kept), sent=pc.and_(self.sent, kept))
+
+
+def _rows_needing_a_word(
+    encoded: EncodedBatch, masks: _Masks, ids: pa.StringArray, refused: Mapping[str, Refusal] | None
+) -> list[int]:
+    """The rows to visit one by one, in row order: not eligible, with an issue, or refused before."""
+    special = pc.invert(masks.eligible)
     if encoded.issues:
-        with_issues = pc.is_in(pa.array(range(rows), pa.int64()), pa.array(list(encoded.issues), pa.int64()))
-        special = pc.or_(special, with_issues)
-    ids_array = pa.array(custom_ids, pa.string())
+        rows = pa.array(range(len(ids)), pa.int64())
+        special = pc.or_(special, pc.is_in(rows, pa.array(list(encoded.issues), pa.int64())))
     if refused:
-        special = pc.or_(special, pc.fill_null(pc.is_in(ids_array, pa.array(list(refused), pa.string())), False))
-    row_numbers = batch.column(ROW)
-    refused_again: list[int] = []
-    sent_mask = eligible if full else pc.and_(eligible, pc.invert(unchanged))
-    for index in pc.indices_nonzero(special).to_pylist():
-        custom_id = custom_ids[index]
-        row_number = row_numbers[index].as_py()
-        issues = encoded.issues.get(index, [])
-        if duplicate[index].as_py():
-            # Census-style: every copy of a duplicated id is rejected; Batch keeps what it
-            # holds for that person (present in the segment, so never removed).
-            counts["rejected"] += 1
-            counts["duplicates"] += 1
-            by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += 1
-            # A copy that is also invalid (or lost an attribute) says so in the counts too.
-            if not encoded.valid[index].as_py():
-                for reason in {issue.reason.value for issue in issues}:
-                    by_reason[reason] += 1
-            else:
-                for issue in issues:
-                    dropped[issue.reason.value] += 1
-                    plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=False))
-            assert custom_id is not None
-            copies = duplicates.get(custom_id, 2)
-            issue = RowIssue(id_column, Reason.DUPLICATE_CUSTOM_ID, f"appears {copies} times in the segment")
-            plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
-            continue
-        if not encoded.valid[index].as_py():
-            counts["rejected"] += 1
-            for reason in {issue.reason.value for issue in issues}:
-                by_reason[reason] += 1
-            plan.rejected.append(RejectedRow(row_number, custom_id, tuple(issues)))
-            continue
+        special = pc.or_(special, pc.fill_null(pc.is_in(ids, pa.array(list(refused), pa.string())), False))
+    indices: list[int] = pc.indices_nonzero(special).to_pylist()
+    return indices
+
+
+@dataclass(frozen=True, slots=True)
+class _RowWords:
+    """What the rows that need a word of their own add to the plan, one row at a time.
+
+    A rejection (invalid, or a duplicated id), a payload Batch refused before, and each
+    dropped attribute: the plan's lists and counts by reason, in row order.
+    """
+
+    plan: BatchPlan
+    encoded: EncodedBatch
+    masks: _Masks
+    row_numbers: pa.Array
+    duplicates: Mapping[str, int]
+    id_column: str
+    refused: Mapping[str, Refusal] | None
+
+    def say(self, indices: Iterable[int]) -> list[int]:
+        """Word each row; returns those not sent again because Batch refused that very payload."""
+        return [index for index in indices if self._say(index)]
+
+    def _say(self, index: int) -> bool:
+        custom_id = self.encoded.custom_ids[index]
+        row_number: int | None = self.row_numbers[index].as_py()
+        issues = self.encoded.issues.get(index, [])
+        if self.masks.duplicate[index].as_py():
+            self._reject_duplicate(index, row_number, custom_id, issues)
+            return False
+        if not self.encoded.valid[index].as_py():
+            self.plan.tally.counts["rejected"] += 1
+            self._count_rejected(issues)
+            self.plan.rejected.append(RejectedRow(row_number, custom_id, tuple(issues)))
+            return False
         assert custom_id is not None  # a valid row always has an id
-        prior = refused.get(custom_id) if refused else None
+        prior = self.refused.get(custom_id) if self.refused else None
         if (
             prior is not None
             and prior.remembered
-            and prior.payload == payload[index].as_py()
-            and not unchanged[index].as_py()
+            and prior.payload == self.encoded.payloads[index].as_py()
+            and not self.masks.unchanged[index].as_py()
         ):
-            refused_again.append(index)
-            for issue in issues:
-                dropped[issue.reason.value] += 1
-                plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=False))
-            issue = remembered_issue(prior)
-            counts["persistent_unchanged" if prior.persistent else "refused_unchanged"] += 1
-            by_reason[issue.reason.value] += 1
-            plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
-            continue
-        sent = bool(sent_mask[index].as_py())
-        for issue in issues:
-            dropped[issue.reason.value] += 1
-            plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=sent))
+            self._hold_back(row_number, custom_id, prior, issues)
+            return True
+        self._drop(row_number, custom_id, issues, sent=bool(self.masks.sent[index].as_py()))
+        return False
 
-    if refused_again:
-        again = pc.is_in(pa.array(range(rows), pa.int64()), pa.array(refused_again, pa.int64()))
-        eligible = pc.and_(eligible, pc.invert(again))
-        sent_mask = pc.and_(sent_mask, pc.invert(again))
-    counts["new"] += _count(pc.and_(eligible, new))
-    counts["unchanged"] += _count(pc.and_(eligible, unchanged))
-    counts["changed"] += _count(eligible) - counts["new"] - counts["unchanged"]
-    kind = pc.if_else(new, _KIND_CODE[Outcome.NEW], pc.if_else(unchanged, _KIND_CODE[Outcome.UNCHANGED], 1)).cast(
-        pa.int8()
-    )
-    profiles = pa.table([ids_array, kind, batch.column(RAW), payload, encoded.bodies], names=PROFILE_ROWS_SCHEMA.names)
-    plan.sends = ProfileRows(_as_profile_rows(profiles.filter(sent_mask)))
+    def _reject_duplicate(
+        self, index: int, row_number: int | None, custom_id: str | None, issues: list[RowIssue]
+    ) -> None:
+        # Census-style: every copy of a duplicated id is rejected; Batch keeps what it
+        # holds for that person (present in the segment, so never removed).
+        counts = self.plan.tally.counts
+        counts["rejected"] += 1
+        counts["duplicates"] += 1
+        self.plan.tally.rejected_by_reason[Reason.DUPLICATE_CUSTOM_ID.value] += 1
+        # A copy that is also invalid (or lost an attribute) says so in the counts too.
+        if not self.encoded.valid[index].as_py():
+            self._count_rejected(issues)
+        else:
+            self._drop(row_number, custom_id, issues, sent=False)
+        assert custom_id is not None
+        copies = self.duplicates.get(custom_id, 2)
+        issue = RowIssue(self.id_column, Reason.DUPLICATE_CUSTOM_ID, f"appears {copies} times in the segment")
+        self.plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
+
+    def _hold_back(self, row_number: int | None, custom_id: str, prior: Refusal, issues: list[RowIssue]) -> None:
+        """A payload Batch refused before is not sent again: listed with Batch's reason."""
+        self._drop(row_number, custom_id, issues, sent=False)
+        issue = remembered_issue(prior)
+        self.plan.tally.counts["persistent_unchanged" if prior.persistent else "refused_unchanged"] += 1
+        self.plan.tally.rejected_by_reason[issue.reason.value] += 1
+        self.plan.rejected.append(RejectedRow(row_number, custom_id, (issue,)))
+
+    def _count_rejected(self, issues: list[RowIssue]) -> None:
+        by_reason = self.plan.tally.rejected_by_reason
+        for reason in {issue.reason.value for issue in issues}:
+            by_reason[reason] += 1
+
+    def _drop(self, row_number: int | None, custom_id: str | None, issues: list[RowIssue], *, sent: bool) -> None:
+        for issue in issues:
+            self.plan.tally.dropped_by_reason[issue.reason.value] += 1
+            self.plan.dropped.append(DroppedAttribute(row_number, custom_id, issue, row_sent=sent))
+
+
+def _count_outcomes(counts: Counter[str], masks: _Masks) -> None:
+    new = _count(pc.and_(masks.eligible, masks.new))
+    unchanged = _count(pc.and_(masks.eligible, masks.unchanged))
+    counts["new"] += new
+    counts["unchanged"] += unchanged
+    counts["changed"] += _count(masks.eligible) - new - unchanged
+
+
+def _assemble_profiles(
+    plan: BatchPlan, batch: pa.RecordBatch, encoded: EncodedBatch, masks: _Masks, ids: pa.StringArray, *, full: bool
+) -> None:
+    """The plan's sends, and outside a full pass its refreshes, from the batch's columns."""
+    changed_or_not = pc.if_else(masks.unchanged, _KIND_CODE[Outcome.UNCHANGED], _KIND_CODE[Outcome.CHANGED])
+    kind = pc.if_else(masks.new, _KIND_CODE[Outcome.NEW], changed_or_not)
+    columns = [ids, kind.cast(pa.int8()), batch.column(RAW), encoded.payloads, encoded.bodies]
+    profiles = pa.table(columns, names=PROFILE_ROWS_SCHEMA.names)
+    plan.sends = ProfileRows(_as_profile_rows(profiles.filter(masks.sent)))
     if not full:
         # Same payload as acknowledged (a cosmetic source change, or a mapping change that
         # does not touch this profile): remember the new raw hash so the next run skips
         # mapping the row. The payload fingerprint never moves without a 202.
         moved_raw = pc.fill_null(pc.not_equal(batch.column(STORED_RAW), batch.column(RAW)), True)
-        refresh = pc.and_(pc.and_(eligible, unchanged), moved_raw)
+        refresh = pc.and_(pc.and_(masks.eligible, masks.unchanged), moved_raw)
         plan.refreshes = ProfileRows(_as_profile_rows(profiles.filter(refresh)))
-        counts["refreshed"] += len(plan.refreshes)
-    return plan
+        plan.tally.counts["refreshed"] += len(plan.refreshes)
 
 
 def remembered_issue(prior: Refusal) -> RowIssue:
