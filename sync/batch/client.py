@@ -30,13 +30,10 @@ goes through the shared redactor (:mod:`sync.redact`) before it is reused.
 from __future__ import annotations
 
 import asyncio
-import json
 import random as _random
 import time
-from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
 from types import TracebackType
 from typing import NamedTuple
 
@@ -44,12 +41,24 @@ import aiohttp
 import structlog
 
 from sync import __version__
-from sync.batch.answers import QUOTE_LIMIT, error_details, item_errors_problem, parse_retry_after, quote, read_accepted
+from sync.batch.answers import (
+    QUOTE_LIMIT,
+    Answer,
+    error_details,
+    item_errors_problem,
+    parse_retry_after,
+    quote,
+    read_accepted,
+)
 
 # Re-exported: a rejection is read from Batch's answer (sync/batch/answers.py) and reported here.
 from sync.batch.answers import Rejection as Rejection
 from sync.batch.endpoint import Endpoint
-from sync.batch.ratelimit import PROCESS_LIMITERS, RateLimiterRegistry, RateLimitWaitTooLong
+
+# Re-exported: the client sends what the engine encoded (sync/batch/profiles.py).
+from sync.batch.profiles import EncodedProfiles as EncodedProfiles
+from sync.batch.profiles import ProfileUpdate as ProfileUpdate
+from sync.batch.ratelimit import PROCESS_LIMITERS, ProfileRateLimiter, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
 from sync.redact import Redactor
@@ -113,72 +122,6 @@ def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: in
     return Endpoint.MASS_UPDATE if profiles_to_send >= threshold else Endpoint.UPDATE
 
 
-class ProfileUpdate(NamedTuple):
-    """One profile to upsert: its Custom ID and the attributes to set (``None`` deletes one).
-
-    ``encoded``, when given, is the attributes already encoded as a JSON object (the
-    engine's canonical payload bytes, ``sync.fingerprint.canonical_json``): the request body
-    is assembled from it as it is, so a full load encodes each payload once, not twice.
-    """
-
-    custom_id: str
-    attributes: dict[str, object] | None = None
-    encoded: bytes | None = None
-
-    def to_request_item(self) -> dict[str, object]:
-        """The item as Batch expects it in the request array."""
-        attributes = self.attributes if self.encoded is None else json.loads(self.encoded)
-        return {"identifiers": {"custom_id": self.custom_id}, "attributes": attributes}
-
-    def request_bytes(self) -> bytes:
-        """The item as UTF-8 JSON bytes, ready to join into the request array."""
-        attributes = self.encoded
-        if attributes is None:
-            attributes = json.dumps(self.attributes, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        identifier = json.dumps(self.custom_id, ensure_ascii=False).encode("utf-8")
-        return b'{"identifiers":{"custom_id":' + identifier + b'},"attributes":' + attributes + b"}"
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedProfiles:
-    """Profiles already encoded as a request's JSON array (``sync.encode.request_body``).
-
-    ``ids`` lists their Custom IDs in the array's order: Batch's partial errors name
-    profiles by index, and every id must be acknowledged, rejected or failed. ``ends``
-    gives, for each item, the offset in ``payload`` just past its closing brace (the
-    next item starts after the comma there): it lets the client resend a few items of the
-    array without decoding or re-encoding any of them.
-    """
-
-    ids: list[str]
-    payload: bytes
-    ends: Sequence[int]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @classmethod
-    def of(cls, profiles: Sequence[ProfileUpdate]) -> EncodedProfiles:
-        """The request array of profiles given one by one."""
-        items = [profile.request_bytes() for profile in profiles]
-        return cls(
-            [profile.custom_id for profile in profiles],
-            b"[" + b",".join(items) + b"]",
-            array("q", accumulate(len(item) + 1 for item in items)),
-        )
-
-    def subset(self, indices: Sequence[int]) -> EncodedProfiles:
-        """A request array of the items at ``indices`` (in that order), cut out of this one."""
-        view = memoryview(self.payload)
-        ends = self.ends
-        items = [view[(ends[i - 1] + 1 if i else 1) : ends[i]] for i in indices]
-        return EncodedProfiles(
-            [self.ids[i] for i in indices],
-            b"[" + b",".join(items) + b"]",
-            array("q", accumulate(len(item) + 1 for item in items)),
-        )
-
-
 @dataclass
 class SendOutcome:
     """What became of the profiles of one logical request.
@@ -208,6 +151,70 @@ class _Response:
     status: int
     body: bytes
     retry_after: float | None
+
+
+class _Failed(NamedTuple):
+    """An attempt that left rows to send: its HTTP status (None without an answer), the
+    problem to report, and the ``Retry-After`` Batch asked for."""
+
+    status: int | None
+    problem: str
+    retry_after: float | None
+
+
+class _GiveUp(Exception):
+    """The request stops here: its pending rows are failed for this run, for ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Request:
+    """One logical request across its attempts: what is still to send, and what became of the rest."""
+
+    endpoint: Endpoint
+    url: str
+    # What is still to send: the whole request, then only the rows Batch answered with a
+    # per-item error that is not about their value.
+    pending: EncodedProfiles
+    deadline: float | None
+    max_attempts: int
+    outcome: SendOutcome = field(default_factory=SendOutcome)
+    ordinary_failures: int = 0
+    # Each pending row's latest per-item error, and how many rows the next attempt resends
+    # because of one (counted once, when that attempt leaves).
+    item_errors: dict[str, Rejection] = field(default_factory=dict)
+    resending: int = 0
+
+    def settle(self, answer: Answer) -> str | None:
+        """Take a 202's answer; the problem of the rows left to resend alone, None when none is."""
+        self.outcome.acknowledged.extend(answer.acknowledged)
+        self.outcome.rejected.extend(answer.refused)
+        if not answer.failing:
+            return None
+        # The rest of the request is settled; these rows failed alone and are retried alone,
+        # as a failed request would be.
+        self.item_errors.update((error.custom_id, error) for error in answer.item_errors)
+        self.pending = self.pending.subset(answer.failing)
+        self.resending = len(self.pending)
+        return item_errors_problem(answer.item_errors)
+
+    def count_failure(self, failed: _Failed) -> None:
+        """Spend one attempt: a 429 from its own, larger budget, any other failure from ``max_attempts``.
+
+        Raises:
+            _GiveUp: That budget is spent.
+        """
+        if failed.status == 429:
+            self.outcome.rate_limited += 1
+            if self.outcome.rate_limited >= RATE_LIMITED_ATTEMPTS_FACTOR * self.max_attempts:
+                raise _GiveUp(f"rate limited {self.outcome.rate_limited} times (last: {failed.problem})")
+        else:
+            self.ordinary_failures += 1
+            if self.ordinary_failures >= self.max_attempts:
+                raise _GiveUp(f"{self.ordinary_failures} attempts failed (last: {failed.problem})")
 
 
 class BatchClient:
@@ -371,133 +378,163 @@ class BatchClient:
                 f"activation '{self._activation}': {len(profiles)} profiles in one request; "
                 f"/profiles/{endpoint.value} accepts at most {endpoint.max_batch}"
             )
-        outcome = SendOutcome()
         if not profiles:
-            return outcome
+            return SendOutcome()
         await self._ensure_answering(deadline)
-        # What is still to send: the whole request, then only the rows Batch answered with a
-        # per-item error that is not about their value.
         pending = profiles if isinstance(profiles, EncodedProfiles) else EncodedProfiles.of(profiles)
-        url = self.url(endpoint)
+        request = _Request(endpoint, self.url(endpoint), pending, deadline, self._destination.max_attempts)
         limiter = self._limiters.get(self._credentials.project_key.get_secret_value(), endpoint)
-        max_attempts = self._destination.max_attempts
-        max_rate_limited = RATE_LIMITED_ATTEMPTS_FACTOR * max_attempts
-        ordinary_failures = 0
-        # Each pending row's latest per-item error, and how many rows the next attempt resends
-        # because of one (counted once, when that attempt leaves).
-        item_errors: dict[str, Rejection] = {}
-        resending = 0
-
-        def give_up(reason: str) -> SendOutcome:
-            outcome.failed = list(pending.ids)
-            outcome.item_failures = [item_errors[c] for c in pending.ids if c in item_errors]
-            outcome.failure = reason
-            self._log.warning(
-                "batch_request_failed",
-                endpoint=endpoint.value,
-                profiles=len(pending),
-                attempts=outcome.attempts,
-                rate_limited=outcome.rate_limited,
-                failure=reason,
-            )
-            return outcome
-
-        while True:
-            if self._destination.rate_limit:
-                try:
-                    outcome.wait_seconds += await limiter.acquire(len(pending), max_wait=self._remaining(deadline))
-                except RateLimitWaitTooLong as error:
-                    return give_up(f"deadline reached: {error}")
-            remaining = self._remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                return give_up(self._deadline_reason(outcome, "before the next attempt"))
-            timeout = self._destination.request_timeout_seconds
-            if remaining is not None:
-                # Never let a request outlive the lease or the function's time budget.
-                timeout = min(timeout, remaining)
-
-            outcome.attempts += 1
-            outcome.item_retries += resending
-            resending = 0
-            started = self._clock()
-            retry_after: float | None = None
-            try:
-                response = await self._post(url, pending.payload, timeout)
-            except _TRANSPORT_ERRORS as error:
-                problem = self._describe(error)
-                status: int | None = None
-                if isinstance(error, aiohttp.ClientConnectorError):
-                    self._connect_failures += 1
-                    if self._connect_failures >= UNREACHABLE_AFTER_ATTEMPTS:
-                        raise BatchUnreachable(
-                            f"activation '{self._activation}': cannot reach Batch at {url}: "
-                            f"{self._connect_failures} attempts in a row could not connect (last: {problem}); "
-                            "the run stopped, nothing more was sent and what Batch acknowledged before is kept. "
-                            "Check destination.base_url and the network; the next run resends the rest"
-                        ) from None
-                elif isinstance(error, TimeoutError) and timeout >= self._destination.request_timeout_seconds:
-                    # A full timeout, not one cut short by the deadline: the host said nothing.
-                    self._silent_attempts += 1
-                    if self._silent_attempts >= SILENT_AFTER_ATTEMPTS:
-                        raise self._silent_host(
-                            f"{self._silent_attempts} requests in a row got no answer within "
-                            f"{timeout:g} s (destination.request_timeout_seconds)"
-                        ) from None
-            else:
-                self._connect_failures = 0
-                self._silent_attempts = 0
-                status = response.status
-                retry_after = response.retry_after
-                if status == 202:
-                    answer = read_accepted(response.body, pending.ids, endpoint, scrub=self._scrub, log=self._log)
-                    if answer is None:
-                        problem = f"HTTP 202 with an unrecognised body: {quote(response.body, self._scrub)}"
-                    else:
-                        outcome.acknowledged.extend(answer.acknowledged)
-                        outcome.rejected.extend(answer.refused)
-                        if not answer.failing:
-                            return outcome
-                        # The rest of the request is settled; these rows failed alone and
-                        # are retried alone, as a failed request would be.
-                        item_errors.update((error.custom_id, error) for error in answer.item_errors)
-                        pending = pending.subset(answer.failing)
-                        resending = len(pending)
-                        problem = item_errors_problem(answer.item_errors)
-                elif status in (401, 403):
-                    raise self._auth_error(response, endpoint)
-                elif status in TRANSIENT_STATUSES:
-                    problem = f"HTTP {status}{error_details(response.body, self._scrub)}"
-                else:
-                    raise self._contract_error(response, endpoint, len(pending))
-            finally:
-                outcome.wire_seconds += max(0.0, self._clock() - started)
-
-            if status == 429:
-                outcome.rate_limited += 1
-                if outcome.rate_limited >= max_rate_limited:
-                    return give_up(f"rate limited {outcome.rate_limited} times (last: {problem})")
-            else:
-                ordinary_failures += 1
-                if ordinary_failures >= max_attempts:
-                    return give_up(f"{ordinary_failures} attempts failed (last: {problem})")
-
-            wait = self._backoff(outcome.attempts, retry_after)
-            remaining = self._remaining(deadline)
-            if remaining is not None and wait >= remaining:
-                return give_up(self._deadline_reason(outcome, f"a {wait:.2f} s backoff", problem))
-            self._log.warning(
-                "batch_request_retry",
-                endpoint=endpoint.value,
-                status=status,
-                problem=problem,
-                attempt=outcome.attempts,
-                wait_seconds=round(wait, 3),
-                profiles=len(pending),
-            )
-            await self._sleep(wait)
-            outcome.wait_seconds += wait
+        try:
+            while True:
+                timeout = await self._wait_for_turn(request, limiter)
+                failed = await self._attempt(request, timeout)
+                if failed is None:
+                    return request.outcome
+                request.count_failure(failed)
+                await self._wait_before_retry(request, failed)
+        except _GiveUp as stop:
+            return self._give_up(request, stop.reason)
 
     # -- internals ---------------------------------------------------------------------
+
+    async def _wait_for_turn(self, request: _Request, limiter: ProfileRateLimiter) -> float:
+        """Wait for the rate limiter within the deadline, and return the next attempt's timeout.
+
+        Raises:
+            _GiveUp: The limiter would let the rows go only after the deadline, or it has passed.
+        """
+        if self._destination.rate_limit:
+            try:
+                request.outcome.wait_seconds += await limiter.acquire(
+                    len(request.pending), max_wait=self._remaining(request.deadline)
+                )
+            except RateLimitWaitTooLong as error:
+                raise _GiveUp(f"deadline reached: {error}") from error
+        remaining = self._remaining(request.deadline)
+        if remaining is not None and remaining <= 0:
+            raise _GiveUp(self._deadline_reason(request.outcome, "before the next attempt"))
+        timeout = self._destination.request_timeout_seconds
+        if remaining is None:
+            return timeout
+        # Never let a request outlive the lease or the function's time budget.
+        return min(timeout, remaining)
+
+    async def _attempt(self, request: _Request, timeout_seconds: float) -> _Failed | None:
+        """Post the pending rows once and classify what came back: None when every row is settled.
+
+        Raises:
+            BatchAuthError, BatchContractError, BatchUnreachable: As :meth:`send`.
+        """
+        request.outcome.attempts += 1
+        request.outcome.item_retries += request.resending
+        request.resending = 0
+        started = self._clock()
+        try:
+            response = await self._post(request.url, request.pending.payload, timeout_seconds)
+        except _TRANSPORT_ERRORS as error:
+            problem = self._describe(error)
+            self._count_unanswered(error, problem, request.url, timeout_seconds)
+            return _Failed(None, problem, None)
+        else:
+            return self._classify(request, response)
+        finally:
+            request.outcome.wire_seconds += max(0.0, self._clock() - started)
+
+    def _count_unanswered(self, error: BaseException, problem: str, url: str, timeout: float) -> None:
+        """Count an attempt that got no answer toward an outage of the host (over the whole client).
+
+        Called while ``error`` is being handled; the outage errors do not chain it.
+
+        Raises:
+            BatchUnreachable: Too many attempts in a row could not connect, or got no answer
+                within their full timeout.
+        """
+        if isinstance(error, aiohttp.ClientConnectorError):
+            self._connect_failures += 1
+            if self._connect_failures >= UNREACHABLE_AFTER_ATTEMPTS:
+                raise BatchUnreachable(
+                    f"activation '{self._activation}': cannot reach Batch at {url}: "
+                    f"{self._connect_failures} attempts in a row could not connect (last: {problem}); "
+                    "the run stopped, nothing more was sent and what Batch acknowledged before is kept. "
+                    "Check destination.base_url and the network; the next run resends the rest"
+                ) from None
+        elif isinstance(error, TimeoutError) and timeout >= self._destination.request_timeout_seconds:
+            # A full timeout, not one cut short by the deadline: the host said nothing.
+            self._silent_attempts += 1
+            if self._silent_attempts >= SILENT_AFTER_ATTEMPTS:
+                raise self._silent_host(
+                    f"{self._silent_attempts} requests in a row got no answer within "
+                    f"{timeout:g} s (destination.request_timeout_seconds)"
+                ) from None
+
+    def _classify(self, request: _Request, response: _Response) -> _Failed | None:
+        """Read Batch's answer to an attempt: None when every row is settled, else why rows are left.
+
+        Raises:
+            BatchAuthError: 401/403.
+            BatchContractError: Any other 4xx, or a status the contract does not know.
+        """
+        # The host answered: it is neither unreachable nor silent.
+        self._connect_failures = 0
+        self._silent_attempts = 0
+        status = response.status
+        if status == 202:
+            answer = read_accepted(
+                response.body, request.pending.ids, request.endpoint, scrub=self._scrub, log=self._log
+            )
+            if answer is None:
+                problem = f"HTTP 202 with an unrecognised body: {quote(response.body, self._scrub)}"
+            else:
+                settled = request.settle(answer)
+                if settled is None:
+                    return None
+                problem = settled
+        elif status in (401, 403):
+            raise self._auth_error(response, request.endpoint)
+        elif status in TRANSIENT_STATUSES:
+            problem = f"HTTP {status}{error_details(response.body, self._scrub)}"
+        else:
+            raise self._contract_error(response, request.endpoint, len(request.pending))
+        return _Failed(status, problem, response.retry_after)
+
+    async def _wait_before_retry(self, request: _Request, failed: _Failed) -> None:
+        """Sleep the backoff before the next attempt, unless the deadline comes first.
+
+        Raises:
+            _GiveUp: The backoff would not end before the deadline.
+        """
+        outcome = request.outcome
+        wait = self._backoff(outcome.attempts, failed.retry_after)
+        remaining = self._remaining(request.deadline)
+        if remaining is not None and wait >= remaining:
+            raise _GiveUp(self._deadline_reason(outcome, f"a {wait:.2f} s backoff", failed.problem))
+        self._log.warning(
+            "batch_request_retry",
+            endpoint=request.endpoint.value,
+            status=failed.status,
+            problem=failed.problem,
+            attempt=outcome.attempts,
+            wait_seconds=round(wait, 3),
+            profiles=len(request.pending),
+        )
+        await self._sleep(wait)
+        outcome.wait_seconds += wait
+
+    def _give_up(self, request: _Request, reason: str) -> SendOutcome:
+        """Fail the pending rows for this run, for ``reason``, and return the request's outcome."""
+        outcome = request.outcome
+        outcome.failed = list(request.pending.ids)
+        outcome.item_failures = [request.item_errors[c] for c in request.pending.ids if c in request.item_errors]
+        outcome.failure = reason
+        self._log.warning(
+            "batch_request_failed",
+            endpoint=request.endpoint.value,
+            profiles=len(request.pending),
+            attempts=outcome.attempts,
+            rate_limited=outcome.rate_limited,
+            failure=reason,
+        )
+        return outcome
 
     async def _ensure_answering(self, deadline: float | None) -> None:
         """Probe the host once per client: it must give an HTTP answer (any status) quickly.
