@@ -279,6 +279,19 @@ class SendTally:
     # applied this one, so the entry is forgotten at the end of the run.
     acknowledged_remembered: list[str] = field(default_factory=list)
 
+    def count(self, outcome: SendOutcome) -> None:
+        """Add one request's outcome to the counts."""
+        self.wire_seconds += outcome.wire_seconds
+        self.wait_seconds += outcome.wait_seconds
+        self.retries += max(0, outcome.attempts - 1)
+        self.rate_limited += outcome.rate_limited
+        self.item_retries += outcome.item_retries
+        self.acknowledged += len(outcome.acknowledged)
+        self.rejected += len(outcome.rejected)
+        self.failed += len(outcome.failed)
+        if outcome.failure and len(self.failures) < 5:
+            self.failures.append(outcome.failure)
+
 
 class Budget(Protocol):
     """What the sender asks of time (``sync.lease.LeaseKeeper`` answers)."""
@@ -371,37 +384,11 @@ class Sender:
 
     async def _send(self, index: int, group: SendGroup) -> None:
         try:
-            tally = self.tally
-            if group.upserts:
-                upserts = group.upserts
-                noted = upserts.noted_ids(new=self._mirror)
-                if noted and not group.intents_noted:
-                    # Guarantee 7: own what we may create, or change, durably, before the request leaves.
-                    raise RuntimeError("a group reached the sender before its intents were noted")
-                ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
-                body = request_body(ids.combine_chunks(), bodies.combine_chunks())
-                profiles: list[ProfileUpdate] | EncodedProfiles = EncodedProfiles(
-                    ids.to_pylist(), body.payload, body.ends
-                )
-                del body
-                # The request holds the bodies now; what is left is what the journal needs.
-                del bodies
-                upserts = group.upserts = upserts.without_bodies()
-            else:
-                profiles = [ProfileUpdate(custom_id, encoded=self._removal) for custom_id in group.removals]
-            tally.attempted += len(profiles)
-            tally.requests += 1
+            profiles, noted = self._request_of(group)
+            self.tally.attempted += len(profiles)
+            self.tally.requests += 1
             outcome = await self._client.send(self._endpoint, profiles, deadline=self._budget.deadline())
-            tally.wire_seconds += outcome.wire_seconds
-            tally.wait_seconds += outcome.wait_seconds
-            tally.retries += max(0, outcome.attempts - 1)
-            tally.rate_limited += outcome.rate_limited
-            tally.item_retries += outcome.item_retries
-            tally.acknowledged += len(outcome.acknowledged)
-            tally.rejected += len(outcome.rejected)
-            tally.failed += len(outcome.failed)
-            if outcome.failure and len(tally.failures) < 5:
-                tally.failures.append(outcome.failure)
+            self.tally.count(outcome)
             # An id whose value Batch refused was answered, and not applied: its intent is
             # settled as an acknowledged one is. (A refusal is about the value, so an earlier
             # unanswered attempt of this same payload was not applied either.) Left noted, it
@@ -411,44 +398,74 @@ class Sender:
             if outcome.rejected:
                 settled = [*outcome.acknowledged, *(r.custom_id for r in outcome.rejected)]
             if group.upserts:
-                upserts = group.upserts
-                everything = len(outcome.acknowledged) == len(upserts)
-                all_noted = True
-                if noted and len(settled) != len(upserts):
-                    answered = set(settled)
-                    all_noted = all(custom_id in answered for custom_id in noted)
-                    noted = [custom_id for custom_id in noted if custom_id in answered]
-                self._journal.add(
-                    upserts.journal(None if everything else outcome.acknowledged),
-                    window=group.intents,
-                    noted_acknowledged=noted,
-                    all_noted_acknowledged=all_noted,
-                )
-                if outcome.rejected or outcome.item_failures:
-                    payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
-                    self._remember(outcome, payloads.get)
-                self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)
+                self._journal_upserts(index, group, outcome, noted, settled)
             else:
-                if not group.intents_noted:
-                    raise RuntimeError("a removal group reached the sender before its intents were noted")
-                self._journal.add(
-                    [JournalEntry(custom_id, None) for custom_id in outcome.acknowledged],
-                    window=group.intents,
-                    noted_acknowledged=settled,
-                    all_noted_acknowledged=len(settled) == len(group.removals),
-                )
-                tally.cleared += len(outcome.acknowledged)
-                # A refused removal is remembered by the removal payload's fingerprint, as a
-                # refused upsert is by its own: not sent again while the owned keys stay the same.
-                self._remember(outcome, lambda _custom_id: self._removal_payload)
+                self._journal_removals(group, outcome, settled)
             if self._remembered:
-                tally.acknowledged_remembered.extend(c for c in outcome.acknowledged if c in self._remembered)
+                self.tally.acknowledged_remembered.extend(c for c in outcome.acknowledged if c in self._remembered)
             if self._on_answer is not None:
                 self._on_answer(len(outcome.acknowledged), len(outcome.rejected), len(outcome.failed))
             if self._journal.due():
                 await self._journal.flush()
         finally:
             self._semaphore.release()
+
+    def _request_of(self, group: SendGroup) -> tuple[list[ProfileUpdate] | EncodedProfiles, list[str]]:
+        """The request's profiles, and the ids of it that had to be noted before it leaves.
+
+        An upsert group hands its bodies to the request and keeps what the journal needs.
+        """
+        if not group.upserts:
+            if not group.intents_noted:
+                raise RuntimeError("a removal group reached the sender before its intents were noted")
+            return [ProfileUpdate(custom_id, encoded=self._removal) for custom_id in group.removals], []
+        upserts = group.upserts
+        noted = upserts.noted_ids(new=self._mirror)
+        if noted and not group.intents_noted:
+            # Guarantee 7: own what we may create, or change, durably, before the request leaves.
+            raise RuntimeError("a group reached the sender before its intents were noted")
+        ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
+        body = request_body(ids.combine_chunks(), bodies.combine_chunks())
+        profiles = EncodedProfiles(ids.to_pylist(), body.payload, body.ends)
+        del body, bodies
+        # The request holds the bodies now; what is left is what the journal needs.
+        group.upserts = upserts.without_bodies()
+        return profiles, noted
+
+    def _journal_upserts(
+        self, index: int, group: SendGroup, outcome: SendOutcome, noted: list[str], settled: list[str]
+    ) -> None:
+        """An upsert request's acknowledged profiles into the journal, with the intents they settle."""
+        upserts = group.upserts
+        everything = len(outcome.acknowledged) == len(upserts)
+        all_noted = True
+        if noted and len(settled) != len(upserts):
+            answered = set(settled)
+            all_noted = all(custom_id in answered for custom_id in noted)
+            noted = [custom_id for custom_id in noted if custom_id in answered]
+        self._journal.add(
+            upserts.journal(None if everything else outcome.acknowledged),
+            window=group.intents,
+            noted_acknowledged=noted,
+            all_noted_acknowledged=all_noted,
+        )
+        if outcome.rejected or outcome.item_failures:
+            payloads = {send.custom_id: send.fingerprint.payload for send in upserts}
+            self._remember(outcome, payloads.get)
+        self.watermark.complete(index, upserts.last_id(), clean=not outcome.failed)
+
+    def _journal_removals(self, group: SendGroup, outcome: SendOutcome, settled: list[str]) -> None:
+        """A removal request's acknowledged ids into the journal (deleted), with the intents they settle."""
+        self._journal.add(
+            [JournalEntry(custom_id, None) for custom_id in outcome.acknowledged],
+            window=group.intents,
+            noted_acknowledged=settled,
+            all_noted_acknowledged=len(settled) == len(group.removals),
+        )
+        self.tally.cleared += len(outcome.acknowledged)
+        # A refused removal is remembered by the removal payload's fingerprint, as a
+        # refused upsert is by its own: not sent again while the owned keys stay the same.
+        self._remember(outcome, lambda _custom_id: self._removal_payload)
 
     def _remember(self, outcome: SendOutcome, payload_of: Callable[[str], int | None]) -> None:
         """Batch's refusals and per-item failures of one request, by the payload each answered."""
