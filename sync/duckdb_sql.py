@@ -1,7 +1,7 @@
 """What every local DuckDB database of ours shares: quoting, and a bounded memory footprint.
 
 Three places open one: the DuckDB source (the user's file, read-only), the differ
-(``sync/diff.py``) and the journal fold (``sync/state/base.py``). Each caps its memory and
+(``sync/diff.py``) and the journal fold (``sync/state/fold.py``). Each caps its memory and
 spills past the cap to a temporary directory of its own, and hands freed memory back instead
 of caching up to 128 MB per thread and 512 MB after bulk frees (DuckDB's defaults): a
 function instance is sized, and billed, by its peak memory (docs/how-a-run-works.md,

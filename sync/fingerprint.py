@@ -61,7 +61,7 @@ def canonical_payload(attributes: Mapping[str, object]) -> bytes:
     """:func:`canonical_json` of a payload the mapper built, without the normalising walk.
 
     The mapper already writes every float finite and ``0.0`` for ``-0.0``
-    (``sync.mapping._convert_float``), so the walk would return its input unchanged: the
+    (``sync.convert._convert_float``), so the walk would return its input unchanged: the
     bytes are the same, at half the cost on the hot path of a full load.
     ``allow_nan=False`` still refuses a non-finite float, should one ever slip through.
     """

@@ -1,9 +1,9 @@
 """The seven Batch native profile fields, in one table.
 
 The config reads the mapped columns from it (``MappingConfig``), the mapper picks each
-field's converter by its type and the schema check (``resolve_attribute_types``) the
-source column types each can be read from (both in :mod:`sync.mapping`), so adding or
-renaming a native field is one row here plus its ``MappingConfig`` field.
+field's converter by its type (:func:`sync.convert.native_converter`) and the schema check
+(``resolve_attribute_types``, :mod:`sync.mapping`) the source column types each can be read
+from, so adding or renaming a native field is one row here plus its ``MappingConfig`` field.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ holds one row group at most, and the file is what the load job (BigQuery) or the
 (DuckDB) reads.
 
 A rejected value can be personal data. An issue's detail quotes the offending value
-(``sync/mapping.py``); unless the activation sets ``results.include_values``, the value is
+(``sync/convert.py``); unless the activation sets ``results.include_values``, the value is
 cut out of the detail and the ``value`` column stays empty (:func:`split_detail`).
 """
 
@@ -128,7 +128,7 @@ REJECTIONS_SCHEMA: Final = arrow_schema(REJECTIONS_COLUMNS)
 # Reason codes that are Batch's answers, not checks of ours (sync/model.py, Reason.from_batch).
 BATCH_REASONS: Final = frozenset({"batch_rejected", "batch_item_error", "batch_persistent_error"})
 
-# How a detail quotes its value (sync/mapping.py: _wrong_type, then _fail). No message of
+# How a detail quotes its value (sync/convert.py: _wrong_type, then _fail). No message of
 # ours holds ": " or ", got ", so the first of them ends the message.
 _WRONG_TYPE = re.compile(r"^(expected [^:]*?, got [A-Za-z_][A-Za-z0-9_]*) (.*)$", re.DOTALL)
 # Batch's reason inside the details the engine and the planner write (sync/engine.py, sync/plan.py).

@@ -177,7 +177,7 @@ def journal_table(activation: str, entries: Iterable[JournalEntry] | pa.Table) -
 
 
 def fingerprints_of(table: pa.Table) -> dict[str, Fingerprint]:
-    """A :data:`~sync.state.base.FINGERPRINT_SCHEMA` table as ``{custom_id: Fingerprint}``."""
+    """A :data:`~sync.differ.FINGERPRINT_SCHEMA` table as ``{custom_id: Fingerprint}``."""
     raws, payloads = table.column("raw").to_pylist(), table.column("payload").to_pylist()
     return dict(zip(table.column("custom_id").to_pylist(), map(Fingerprint, raws, payloads), strict=True))
 
