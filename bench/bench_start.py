@@ -108,7 +108,8 @@ def first_line(command: list[str], env: dict[str, str], cwd: Path) -> tuple[floa
     """(seconds to the first line on stdout or stderr, seconds to exit, exit code, that line)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S603 - our own CLI
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     selector.register(process.stderr, selectors.EVENT_READ)
@@ -144,11 +145,11 @@ def first_line(command: list[str], env: dict[str, str], cwd: Path) -> tuple[floa
 def checkout_of(revision: str, scratch: Path) -> Iterator[Path]:
     """A detached ``git worktree`` of ``revision``, removed afterwards."""
     path = scratch / f"baseline-{revision}"
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), revision], cwd=REPO_ROOT, check=True)  # noqa: S607 - git from PATH
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), revision], cwd=REPO_ROOT, check=True)  # noqa: S603, S607 - git from PATH, fixed arguments
     try:
         yield path
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO_ROOT, check=False)  # noqa: S607 - git from PATH
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO_ROOT, check=False)  # noqa: S603, S607 - git from PATH, fixed arguments
 
 
 def measure_once(checkout: Path, figures: Figures, scratch: Path, activation: Path, keys: dict[str, str]) -> str:
@@ -160,7 +161,8 @@ def measure_once(checkout: Path, figures: Figures, scratch: Path, activation: Pa
     # PYTHONPATH putting the checkout's sync package first.
     script = Path(sys.executable).parent / "cepsync"
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from sync.cli import app; app()"]
-    first, total, _, line = first_line([*command, "run", str(activation), "--state", f"sqlite:///{state}"], env, scratch)
+    arguments = ["run", str(activation), "--state", f"sqlite:///{state}"]
+    first, total, _, line = first_line([*command, *arguments], env, scratch)
     figures.add("run_first_line", first)
     figures.add("run_wall", total)
     state.unlink(missing_ok=True)
@@ -204,7 +206,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     baseline = None if args.baseline == "none" else args.baseline
-    keys = {"BATCH_REST_API_KEY": "bench-" + secrets.token_hex(12), "BATCH_PROJECT_KEY": "project_" + secrets.token_hex(8)}
+    keys = {
+        "BATCH_REST_API_KEY": "bench-" + secrets.token_hex(12),
+        "BATCH_PROJECT_KEY": "project_" + secrets.token_hex(8),
+    }
     scratch = Path(tempfile.mkdtemp(prefix="cepsync-bench-start-"))
     try:
         write_customers(scratch / "segment.duckdb", generate_segment(args.rows))

@@ -31,7 +31,6 @@ from sync.cli_common import (
 from sync.config import Activation, DiffMode
 from sync.errors import ConfigError, SyncError
 from sync.model import ActivationMeta
-from sync.report.history import history_csv, history_table, persistent_notes
 from sync.runconfig import config_as_run
 from sync.runtime import open_warehouse_fingerprints
 from sync.state.base import StateStore
@@ -65,6 +64,9 @@ def history(
     json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
     """Recent runs of an activation, newest first."""
+    # The report's tables load when `history` runs, not with every command.
+    from sync.report.history import history_csv, history_table, persistent_notes
+
     name, _ = _activation_name(activation)
     if json_output:
         output_format = HistoryFormat.json

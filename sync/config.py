@@ -20,9 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-import phonenumbers
 import yaml
-from croniter import croniter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -160,11 +158,16 @@ class MappingConfig(_Strict):
     @field_validator("default_phone_region")
     @classmethod
     def _region(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[A-Z]{2}$", value):
+        if value is None:
+            return value
+        if not re.match(r"^[A-Z]{2}$", value):
             raise ValueError("must be an ISO 3166-1 alpha-2 code in uppercase, e.g. FR")
+        # The phone library's tables load when a region is given (an activation mapping phones).
+        import phonenumbers
+
         # A code the phone library has no numbering plan for (XX, or a region without
         # phones of its own) would reject every national number of the segment.
-        if value is not None and value not in phonenumbers.SUPPORTED_REGIONS:
+        if value not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a region with a phone numbering plan (libphonenumber); e.g. FR, GB, US")
         return value
 
@@ -340,6 +343,8 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
+        from croniter import croniter  # loads for an activation with a schedule only
+
         fields = value.split()
         if len(fields) != 5 or not all(CRON_FIELD.match(f) for f in fields) or not croniter.is_valid(value):
             raise ValueError(

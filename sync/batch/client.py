@@ -35,9 +35,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import aiohttp
 import structlog
 
 from sync import __version__
@@ -62,6 +61,9 @@ from sync.batch.ratelimit import PROCESS_LIMITERS, ProfileRateLimiter, RateLimit
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable, ConfigError, TransientError
 from sync.redact import Redactor
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = structlog.get_logger(__name__)
 
@@ -277,6 +279,9 @@ class BatchClient:
 
     async def __aenter__(self) -> BatchClient:
         if self._session is None:
+            # aiohttp (~0.14 s of imports) loads when a client opens its session, not with every command.
+            import aiohttp
+
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._destination.request_timeout_seconds),
                 connector=aiohttp.TCPConnector(limit=self._destination.concurrency),
@@ -319,7 +324,7 @@ class BatchClient:
         await self._ensure_answering(None)
         try:
             response = await self._post(url, b"[]", self._destination.request_timeout_seconds)
-        except _TRANSPORT_ERRORS as error:
+        except _transport_errors() as error:
             raise TransientError(
                 f"activation '{self._activation}': cannot reach Batch at {url}: {self._describe(error)}"
             ) from None
@@ -431,7 +436,7 @@ class BatchClient:
         started = self._clock()
         try:
             response = await self._post(request.url, request.pending.payload, timeout_seconds)
-        except _TRANSPORT_ERRORS as error:
+        except _transport_errors() as error:
             problem = self._describe(error)
             self._count_unanswered(error, problem, request.url, timeout_seconds)
             return _Failed(None, problem, None)
@@ -449,6 +454,8 @@ class BatchClient:
             BatchUnreachable: Too many attempts in a row could not connect, or got no answer
                 within their full timeout.
         """
+        import aiohttp  # loaded with the session (see __aenter__)
+
         if isinstance(error, aiohttp.ClientConnectorError):
             self._connect_failures += 1
             if self._connect_failures >= UNREACHABLE_AFTER_ATTEMPTS:
@@ -549,6 +556,8 @@ class BatchClient:
         """
         if self._probed:
             return
+        import aiohttp  # loaded with the session (see __aenter__)
+
         async with self._probe_lock:
             silent = 0
             while not self._probed:
@@ -588,6 +597,8 @@ class BatchClient:
         """A GET on the API root that changes nothing and carries no key; any HTTP answer will do."""
         if self._session is None:
             raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
+        import aiohttp  # loaded with the session (see __aenter__)
+
         async with self._session.get(
             f"{self._destination.base_url}/",
             headers={"User-Agent": USER_AGENT},
@@ -606,6 +617,8 @@ class BatchClient:
     async def _post(self, url: str, payload: bytes, timeout_seconds: float) -> _Response:
         if self._session is None:
             raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
+        import aiohttp  # loaded with the session (see __aenter__)
+
         async with self._session.post(
             url,
             data=payload,
@@ -668,4 +681,8 @@ class BatchClient:
 # Transport failures that leave us not knowing whether Batch applied the request. Resending
 # is safe because profile updates are idempotent upserts. ServerTimeoutError and
 # ServerDisconnectedError are ClientConnectionErrors; ClientPayloadError is a body cut short.
-_TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The tuple, built when an error is being matched: aiohttp is imported with the session, not here."""
+    import aiohttp
+
+    return (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)

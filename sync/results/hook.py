@@ -21,7 +21,6 @@ import structlog
 from sync.config import Activation, DuckDBSourceConfig
 from sync.record import RunRecord
 from sync.redact import redact
-from sync.results.schema import RejectionSpool, run_row
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -36,6 +35,9 @@ class ResultsCollector:
 
     def __init__(self, activation: Activation, run: RunRecord, environ: Mapping[str, str] | None = None) -> None:
         assert activation.results is not None
+        # The tables' schema (and pyarrow.parquet) loads for an activation with results only.
+        from sync.results.schema import RejectionSpool
+
         self.activation = activation
         self.config = activation.results
         self.environ = environ
@@ -68,6 +70,8 @@ class ResultsCollector:
 
     def finish(self, run: RunRecord, store: StateStore, source: Source | None = None) -> None:
         """Write both tables, note the outcome in the record and save it. Never raises."""
+        from sync.results.schema import run_row  # loaded by __init__ already
+
         started = time.monotonic()
         try:
             tally = self.spool.finish()
