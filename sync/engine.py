@@ -36,7 +36,6 @@ import structlog
 from sync.batch.client import BatchClient, choose_endpoint
 from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
-from sync.diff import EmbeddedDiffer
 from sync.differ import DifferFactory, DiffRequest
 from sync.errors import ConfigError, GuardTripped, LeaseHeld, SyncError
 from sync.lease import LeaseKeeper
@@ -115,7 +114,12 @@ class Run:
         self.source = source
         self.store = store
         self._differ_injected = differ is not None
-        self.differ: DifferFactory = differ if differ is not None else EmbeddedDiffer(source, store)
+        if differ is None:
+            # The embedded differ (DuckDB, pyarrow.compute) loads when a run diffs in this process.
+            from sync.diff import EmbeddedDiffer
+
+            differ = EmbeddedDiffer(source, store)
+        self.differ: DifferFactory = differ
         self.fingerprints = self.differ.fingerprints
         self.client = client
         self.options = options or RunOptions()

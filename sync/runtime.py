@@ -35,7 +35,6 @@ from sync.batch.client import BatchClient
 from sync.batch.ratelimit import PROCESS_LIMITERS
 from sync.bigquery_clients import BigQueryEmulatorEndpoints, emulator_clients
 from sync.config import Activation, BigQuerySourceConfig, Credentials, DiffMode, DuckDBSourceConfig
-from sync.diff import EmbeddedDiffer
 from sync.differ import DifferFactory
 from sync.errors import ConfigError, FatalError
 from sync.sources.base import Source
@@ -347,6 +346,9 @@ def open_differ(
                 refuse_state_left_in_bigquery(activation, previous, dataset)
             finally:
                 previous.close()
+        # DuckDB and pyarrow.compute load for the embedded diff only (not for a warehouse diff).
+        from sync.diff import EmbeddedDiffer
+
         return EmbeddedDiffer(source, store)
     from sync.warehouse.diff import WarehouseDiffer
     from sync.warehouse.switch import refuse_state_left_in_base
