@@ -775,3 +775,38 @@ def test_a_hundred_thousand_row_segment_end_to_end(
     assert record["counts"]["sent"] == 1_000
     assert rows_out(record) == 1_000
     assert len(table_rows(bq_client, bq_dataset, sql.FINGERPRINTS)) == 100_000
+
+
+class _UnreadSegment:
+    """A source that fails the test if anything reads it (the Source protocol)."""
+
+    engine = "unread"
+
+    def schema(self) -> pa.Schema:
+        raise AssertionError("the segment was read")
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        raise AssertionError("the segment was read")
+
+    def stats(self) -> dict[str, object]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_warehouse_diff_run_built_without_its_differ_is_refused_before_anything_is_read(
+    tmp_path: Path,
+) -> None:
+    # Issue 23: the engine no longer builds the warehouse edge (sync.runtime.open_differ does).
+    # A run of a diff: warehouse activation handed no differ must not fall back to an
+    # in-memory diff against a state that holds none of its fingerprints (a full resend).
+    activation = activation_for(bigquery.Dataset("cepsync-test.state"), "http://127.0.0.1:1")
+    store = SQLiteStateStore(tmp_path / "state.db")
+    try:
+        result = await Run(activation, source=_UnreadSegment(), store=store, client=None).execute()
+        assert result.status == "config_error"
+        assert "open_differ" in str(result.record["error"])
+        assert store.list_runs(NAME, 5) == []  # refused before the lease: nothing recorded, nothing held
+    finally:
+        store.close()
