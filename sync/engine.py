@@ -126,7 +126,6 @@ class Run:
         self.clock = clock or Clock()
         self.progress: Progress = progress or NoProgress()
         self.run_id = new_run_id(self.clock)
-        self._started_monotonic = self.clock.monotonic()
         self._started_perf = time.perf_counter()
         self.keeper = LeaseKeeper(store, activation.name, self.options, self.clock)
         self._journal: Journal | None = None
@@ -265,7 +264,7 @@ class Run:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             self.run.ended_at = self.clock.now().isoformat()
-            self.run.timings["total_seconds"] = round(self.clock.monotonic() - self._started_monotonic, 3)
+            self.run.timings["total_seconds"] = round(self.keeper.elapsed(), 3)
             self.run.timings["stages"] = self._stages.as_dict()
             self.run.extra.update(self.differ.record())
             self.run.state_ops = operations_between(self.store, ops_before)

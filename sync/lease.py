@@ -10,7 +10,6 @@ and whether a new request may start at all (:meth:`LeaseKeeper.budget_exhausted`
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
 
 import structlog
 
@@ -20,16 +19,6 @@ from sync.runs import Clock, RunOptions
 from sync.state.base import LeaseStore
 
 log = structlog.get_logger("cepsync.lease")
-
-
-class Budget(Protocol):
-    """What the sender asks of time (a :class:`LeaseKeeper` answers)."""
-
-    def deadline(self) -> float:
-        """The monotonic time no request may outlive (lease expiry, time budget)."""
-
-    def budget_exhausted(self) -> bool:
-        """True once no new request may start (the run hands over to a continuation)."""
 
 
 class LeaseKeeper:
@@ -56,10 +45,6 @@ class LeaseKeeper:
         assert self._lease is not None, "no lease taken"
         return self._lease
 
-    @property
-    def held(self) -> bool:
-        return self._lease is not None
-
     def acquire(self) -> Lease:
         """Take the lease (raises ``LeaseHeld`` when another run holds it)."""
         options = self._options
@@ -72,12 +57,16 @@ class LeaseKeeper:
         if self._lease is not None:
             self._store.release_lease(self._lease)
 
+    def elapsed(self) -> float:
+        """Seconds since the run started (its time budget counts from then)."""
+        return self._clock.monotonic() - self._started
+
     def budget_exhausted(self) -> bool:
+        """True once no new request may start (``sync.send.Budget``): the run hands over."""
         budget = self._options.time_budget_seconds
         if budget is None:
             return False
-        elapsed = self._clock.monotonic() - self._started
-        return elapsed >= budget - self._options.budget_margin_seconds
+        return self.elapsed() >= budget - self._options.budget_margin_seconds
 
     def deadline(self) -> float:
         """No request may keep retrying past the time budget or the lease expiry."""
