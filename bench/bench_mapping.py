@@ -26,7 +26,7 @@ import rphonenumbers
 import yaml
 from email_validator import EmailNotValidError, validate_email
 
-from sync.config import parse_activation
+from sync.config_file import parse_activation
 from sync.dev.demo_runner import ACTIVATION_TEMPLATE
 from sync.encode import encode_batch
 from sync.mapping import ProfileMapper, resolve_attribute_types

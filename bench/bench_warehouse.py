@@ -81,7 +81,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     The source and the warehouse state find the emulator through BIGQUERY_EMULATOR_HOST and
     BIGQUERY_STORAGE_EMULATOR_HOST, so both modes read through the Storage Read API.
     """
-    from sync.config import parse_activation
+    from sync.config_file import parse_activation
     from sync.engine import Run, RunOptions
     from sync.logs import configure_logging
     from sync.runtime import build_client, open_differ, open_source_from_env

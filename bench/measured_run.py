@@ -41,7 +41,7 @@ def measure_run(spec: dict[str, Any], store: Any, counters: Callable[[], dict[st
     ``counters`` is read right after the run, before the store is closed: the store served
     this run and nothing else, so they are the run's own. The store is closed here.
     """
-    from sync.config import parse_activation
+    from sync.config_file import parse_activation
     from sync.engine import Run, RunOptions
     from sync.logs import configure_logging
     from sync.runtime import build_client, open_source

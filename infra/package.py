@@ -288,7 +288,8 @@ def validate_activations(directory: Path) -> list[str]:
     Raises:
         PackageError: a file does not load (the message names the file and field).
     """
-    from sync.config import BigQuerySourceConfig, load_activations
+    from sync.config import BigQuerySourceConfig
+    from sync.config_file import load_activations
     from sync.errors import ConfigError
 
     try:

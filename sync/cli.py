@@ -43,7 +43,8 @@ from sync.cli_common import (
     print_record,
     print_source_check,
 )
-from sync.config import Activation, json_schema
+from sync.config import Activation
+from sync.config_file import json_schema
 from sync.destination import read_key
 from sync.engine import Progress as RunProgress
 from sync.engine import Run, RunOptions, RunResult

@@ -256,7 +256,7 @@ def dbt_exposures(
     ] = None,
 ) -> None:
     """Print a dbt exposures YAML: one exposure per activation, for dbt's lineage (docs/results.md)."""
-    from sync.config import load_activations
+    from sync.config_file import load_activations
     from sync.results.dbt import Manifest, render
 
     try:

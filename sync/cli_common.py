@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sync.config import Activation, AttributeType, load_activation
+from sync.config import Activation, AttributeType
+from sync.config_file import load_activation
 from sync.errors import ConfigError, SyncError
 from sync.record import RunStatus, status_of_error
 from sync.runtime import expand_state_url, open_store

@@ -1467,7 +1467,7 @@ def test_issue19_8_a_base_url_that_cannot_lead_to_batch_is_refused_at_load(
     "url", ["http://127.0.0.1:8787", "https://api.batch.com/", "http://[::1]:8787", "http://batch_sim:80/v"]
 )
 def test_issue19_8_ordinary_base_urls_still_load(tmp_path: Path, url: str) -> None:
-    from sync.config import parse_activation
+    from sync.config_file import parse_activation
 
     activation = parse_activation(activation_config(url), source="inputs.yaml")
     assert activation.destination.base_url == url.rstrip("/")

@@ -9,16 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sync.config import (
-    Activation,
-    Credentials,
-    MappingConfig,
-    json_schema,
-    load_activation,
-    load_activations,
-    mapping_version,
-    parse_activation,
-)
+from sync.config import Activation, Credentials, MappingConfig, mapping_version
+from sync.config_file import json_schema, load_activation, load_activations, parse_activation
 from sync.errors import ConfigError
 from sync.natives import NATIVE_FIELDS
 

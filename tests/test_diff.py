@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync.config import parse_activation
+from sync.config_file import parse_activation
 from sync.diff import SegmentDiff, key_sql, raw_salt
 from sync.differ import DUPLICATE, FINGERPRINT_SCHEMA, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.mapping import ProfileMapper, resolve_attribute_types

@@ -25,7 +25,8 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sync.config import AttributeType, parse_activation
+from sync.config import AttributeType
+from sync.config_file import parse_activation
 from sync.convert import convert_date
 from sync.decode import dates_in_columns
 from sync.dev.simulator import BatchSimulator

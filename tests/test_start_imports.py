@@ -42,7 +42,7 @@ from pathlib import Path
 
 import sync.cli  # what the console script imports
 from sync.cli_common import _store
-from sync.config import load_activation
+from sync.config_file import load_activation
 from sync.runtime import build_client, open_differ, open_source_from_env
 
 at_start = sorted(sys.modules)

@@ -28,7 +28,8 @@ from google.cloud import bigquery
 from typer.testing import CliRunner
 
 from sync.cli import app
-from sync.config import Activation, parse_activation
+from sync.config import Activation
+from sync.config_file import parse_activation
 from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.engine import Run, RunOptions
 from sync.errors import LeaseLost

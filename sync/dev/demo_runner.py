@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from sync.config import load_activation
+from sync.config_file import load_activation
 from sync.dev.demo import generate_segment, invalid_ids, next_day, write_customers
 from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.engine import RunOptions, RunResult

@@ -18,7 +18,8 @@ from http import HTTPStatus
 
 import structlog
 
-from sync.config import Activation, load_activations
+from sync.config import Activation
+from sync.config_file import load_activations
 from sync.engine import Run
 from sync.errors import ConfigError, RetryableRunError, SyncError
 from sync.function.handover import continuation_wanted, finish_hand_over_of_duplicate, hand_over

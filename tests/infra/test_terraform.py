@@ -22,7 +22,8 @@ import hcl2
 import pytest
 import yaml
 
-from sync.config import ScheduleConfig, load_activations
+from sync.config import ScheduleConfig
+from sync.config_file import load_activations
 from sync.state.firestore import index_exemptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sync.cli import app
-from sync.config import load_activations
+from sync.config_file import load_activations
 from sync.results.dbt import Manifest, render, table_names
 
 SCHEMA = json.loads((Path(__file__).parent / "fixtures" / "dbt_exposures_schema.json").read_text(encoding="utf-8"))

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud import bigquery
 
-from sync.config import Activation, parse_activation
+from sync.config import Activation
+from sync.config_file import parse_activation
 from sync.dev.simulator import BatchSimulator
 from sync.engine import Run, RunOptions
 from sync.report.html import render_report

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sync.config import load_activation, parse_activation
+from sync.config_file import load_activation, parse_activation
 from sync.errors import ConfigError
 
 DESTINATION = {"api_key_env": "K", "project_key_env": "P"}

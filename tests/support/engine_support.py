@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from sync.batch.client import BatchClient
 from sync.batch.ratelimit import RateLimiterRegistry
-from sync.config import Activation, Credentials, parse_activation
+from sync.config import Activation, Credentials
+from sync.config_file import parse_activation
 from sync.engine import Run, RunOptions, RunResult
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore

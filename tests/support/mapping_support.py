@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sync.config import Activation, AttributeType, parse_activation
+from sync.config import Activation, AttributeType
+from sync.config_file import parse_activation
 from sync.mapping import ProfileMapper
 from sync.model import Reason
 from tests.support.reference_mapping import MappedRow, map_row
