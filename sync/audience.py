@@ -243,6 +243,10 @@ class AudienceRun:
             await self._ensure(api, membership)
             await self._calls(api, membership)
             await self._follow(api)
+        except AudienceCallFailed as error:
+            # Batch did not take a view or a create in time: nothing of the audience moved (partial).
+            self.failed = True
+            self._error = str(error)
         finally:
             stats = api.stats
             self._extra = {

@@ -7,6 +7,11 @@ valid ids of the segment after joins, leaves, rejected rows, failed calls and fa
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,16 +19,26 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pytest
+import yaml
 
 from sync.audience import WHITESPACE, valid_id_sql
 from sync.convert import convert_custom_id
-from sync.dev.simulator import BatchSimulator
+from sync.dev.simulator import BatchSimulator, SimulatorThread
 from sync.engine import Run, RunOptions, RunResult
 from sync.errors import ConfigError
 from sync.sources.duckdb import DuckDBSource
 from sync.state.base import StateStore
 from sync.state.sqlite import SQLiteStateStore
-from tests.support.engine_support import API_KEY, PROJECT_KEY, make_activation, make_client, people, person, write_segment
+from tests.support.engine_support import (
+    API_KEY,
+    ENV,
+    PROJECT_KEY,
+    make_activation,
+    make_client,
+    people,
+    person,
+    write_segment,
+)
 
 AUDIENCE = "VIP-customers_2026"
 
@@ -66,7 +81,9 @@ def activation(tmp_path: Path, url: str, **overrides: Any) -> Any:
 async def run(act: Any, store: StateStore, **options: Any) -> RunResult:
     source = DuckDBSource(act.source, activation=act.name)
     try:
-        return await Run(act, source=source, store=store, client=make_client(act), options=RunOptions(**options)).execute()
+        return await Run(
+            act, source=source, store=store, client=make_client(act), options=RunOptions(**options)
+        ).execute()
     finally:
         source.close()
 
@@ -142,7 +159,8 @@ async def test_the_audience_follows_joins_leaves_and_rejections_and_leavers_keep
     assert (record["joined"], record["left"], record["invalid_id_rows"]) == (118, 0, 2)
     assert record["indexed"] is True
     assert all(token["state"] == "APPLIED" for token in record["tokens"])  # type: ignore[union-attr]
-    assert "c00005" in members(simulator) and "c00005" not in simulator.profiles(PROJECT_KEY)
+    assert "c00005" in members(simulator)
+    assert "c00005" not in simulator.profiles(PROJECT_KEY)
 
     # 10 leave, 15 join, one rejected row is fixed.
     for row in rows[20:30]:
@@ -158,7 +176,8 @@ async def test_the_audience_follows_joins_leaves_and_rejections_and_leavers_keep
     assert (record["joined"], record["left"], record["added"], record["removed"]) == (15, 10, 15, 10)
     held = simulator.profiles(PROJECT_KEY)
     # No attribute of a leaver was nulled.
-    assert held["c00020"]["points"] == 20 and held["c00020"]["firstname"] == "Name20"
+    assert held["c00020"]["points"] == 20
+    assert held["c00020"]["firstname"] == "Name20"
 
     # A leaver who comes back is a member again, and its profile is sent whole (it was forgotten).
     rows[20]["active"] = True
@@ -169,7 +188,8 @@ async def test_the_audience_follows_joins_leaves_and_rejections_and_leavers_keep
     assert "c00020" in members(simulator)
     assert simulator.profiles(PROJECT_KEY)["c00020"]["points"] == 999
     unchanged = await run(act, open_store())
-    assert unchanged.run.audience is not None and unchanged.run.audience["calls"] == 1  # the view alone
+    assert unchanged.run.audience is not None
+    assert unchanged.run.audience["calls"] == 1
     store = open_store()
     assert store.load_members(act.name).unconfirmed.to_pylist() == []
     assert set(store.load_members(act.name).ids.to_pylist()) == members(simulator)
@@ -216,7 +236,8 @@ async def test_faults_and_a_failed_call_converge_on_the_next_run(
     first = await run(act, open_store())
     assert first.run.status.value == "succeeded", first.run.error
     assert members(simulator) == ids(rows)
-    assert first.run.audience is not None and first.run.audience["attempts"] > first.run.audience["calls"]
+    assert first.run.audience is not None
+    assert first.run.audience["attempts"] > first.run.audience["calls"]
 
     # Now every call fails past its retries: the run is partial, the ids stay unconfirmed.
     for row in rows[:3000]:
@@ -227,13 +248,15 @@ async def test_faults_and_a_failed_call_converge_on_the_next_run(
     simulator.audiences.faults.update({"drop_before_apply": 1000, "drop_after_apply": 0})
     failed = await run(act, open_store())
     assert failed.run.status.value == "partial"
-    assert failed.run.audience is not None and failed.run.audience["failed"] == 5000
+    assert failed.run.audience is not None
+    assert failed.run.audience["failed"] == 5000
     assert len(open_store().load_members(act.name).unconfirmed) == 5000
 
     simulator.audiences.faults.update({"drop_before_apply": 0})
     healed = await run(act, open_store())
     assert healed.run.status.value == "succeeded", healed.run.error
-    assert healed.run.audience is not None and healed.run.audience["resent"] == 5000
+    assert healed.run.audience is not None
+    assert healed.run.audience["resent"] == 5000
     assert members(simulator) == ids(rows)
     assert open_store().load_members(act.name).unconfirmed.to_pylist() == []
 
@@ -252,7 +275,8 @@ async def test_an_audience_deleted_in_batch_is_recreated_with_the_whole_segment(
     again = await run(act, open_store())
     assert again.run.status.value == "succeeded", again.run.error
     assert members(simulator) == ids(rows)
-    assert again.run.audience is not None and again.run.audience["created"] is True
+    assert again.run.audience is not None
+    assert again.run.audience["created"] is True
 
 
 async def test_a_renamed_audience_starts_from_nothing_and_the_old_one_is_left_alone(
@@ -310,3 +334,78 @@ async def test_a_run_whose_state_failed_mid_call_resends_the_unconfirmed_ids(
     assert healed.run.status.value == "succeeded", healed.run.error
     assert members(simulator) == ids(rows)
     assert open_store().load_members(act.name).unconfirmed.to_pylist() == []
+
+
+# -- a real kill -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_the_audience_calls_leaves_nothing_unknown(
+    tmp_path: Path, open_store: Callable[[], StateStore], request: pytest.FixtureRequest
+) -> None:
+    """SIGKILL of the real CLI between audience calls, then a changed segment: the audience converges."""
+    rows = people(45_000)  # five calls of 10,000 ids
+    write_segment(tmp_path / "segment.duckdb", rows)
+    env = {**os.environ, **ENV}
+    store = open_store()
+    if isinstance(store, SQLiteStateStore):
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        emulator = request.getfixturevalue("firestore_emulator")
+        url = f"firestore://{emulator.project}/(default)?prefix={request.getfixturevalue('firestore_prefix')}"
+        env["FIRESTORE_EMULATOR_HOST"] = emulator.host
+    with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)) as running:
+        simulator = running.simulator
+        config = {
+            "name": "test_people",
+            "source": {
+                "type": "duckdb",
+                "database": str(tmp_path / "segment.duckdb"),
+                "query": "SELECT * FROM people WHERE active",
+            },
+            "destination": {
+                "api_key_env": "BATCH_REST_API_KEY",
+                "project_key_env": "BATCH_PROJECT_KEY",
+                "base_url": running.base_url,
+                "rate_limit": False,
+            },
+            "sync_mode": "mirror",
+            "audience": AUDIENCE,
+            "mapping": {"custom_id": "customer_id"},
+            "guards": {"max_removed_percent": 90},
+        }
+        path = tmp_path / "test_people.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        command = [sys.executable, "-m", "sync.cli", "run", str(path), "--state", url, "--lease-ttl", "2"]
+        simulator.audiences.faults.update({"latency_ms": 400})
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while simulator.audiences.calls["update"] < 2:  # one call taken, the second in flight
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            assert time.monotonic() < deadline, "the run never reached its audience calls"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        if process.stdout:
+            process.stdout.close()
+        time.sleep(0.6)  # the call in flight lands at Batch: applied, never acknowledged
+
+        state = open_store().load_members("test_people")
+        acknowledged, unconfirmed = set(state.ids.to_pylist()), set(state.unconfirmed.to_pylist())
+        in_batch = simulator.audiences.members(PROJECT_KEY, AUDIENCE) or set()
+        assert acknowledged <= in_batch  # nothing committed that Batch did not take
+        assert in_batch <= acknowledged | unconfirmed  # nothing in Batch the state does not know of
+        assert unconfirmed, "the kill should have left a call noted and unacknowledged"
+
+        # The segment moves: some of the unconfirmed ids leave, others stay.
+        for row in rows[::3]:
+            row["active"] = False
+        write_segment(tmp_path / "segment.duckdb", rows)
+        time.sleep(2.2)  # the killed run's lease expires
+        simulator.audiences.faults.update({"latency_ms": 0})
+        finished = subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
+        assert finished.returncode == 0, finished.stdout.decode() + finished.stderr.decode()
+        assert simulator.audiences.members(PROJECT_KEY, AUDIENCE) == ids(rows)
+        after = open_store().load_members("test_people")
+        assert set(after.ids.to_pylist()) == ids(rows)
+        assert after.unconfirmed.to_pylist() == []

@@ -159,6 +159,9 @@ class MemberTables(SQLiteTables):
         """The audience, its acknowledged members and its unconfirmed ids, read in one transaction."""
         with self._lock:
             conn = self._conn
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audience_state'").fetchone():
+                # A file opened read-only (`cepsync plan`) that no run of this version wrote yet.
+                return Members(None, pa.array([], pa.string()), pa.array([], pa.string()))
             conn.execute("BEGIN")
             try:
                 row = conn.execute("SELECT audience FROM audience_state WHERE activation = ?", (activation,)).fetchone()
@@ -166,7 +169,7 @@ class MemberTables(SQLiteTables):
                 unconfirmed = self._set(conn, INTENTS, activation).load()
             finally:
                 conn.execute("COMMIT")
-            self._stats["statements"] += 3
+            self._stats["statements"] += 4
         return Members(row[0] if row else None, ids, unconfirmed)
 
     def start_members(self, lease: Lease, audience: str) -> bool:
