@@ -49,6 +49,8 @@ ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,30}$")
 MAX_CUSTOM_ATTRIBUTES = 50
 # Activation names end up in state keys, document ids and log labels.
 ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A Batch audience name (doc.batch.com, CEP Audience API "create"): case-sensitive.
+AUDIENCE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 # BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
 TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
 # Cloud Scheduler reads unix-cron: five fields of numbers, `*`, ranges, steps, lists, and
@@ -382,6 +384,9 @@ class Activation(_Strict):
         None, description="Write run records and rejected rows as tables (docs/results.md); off when absent."
     )
     owner: OwnerConfig | None = Field(None, description="Who answers for this sync (dbt exposure owner).")
+    audience: str | None = Field(
+        None, description="Keep the segment's membership in this Batch audience (docs/audiences.md); mirror only."
+    )
     # Where the activation was loaded from, for error messages (not part of the file).
     _source_path: str | None = PrivateAttr(default=None)
 
@@ -401,6 +406,16 @@ class Activation(_Strict):
     def _cross_field_rules(self) -> Activation:
         if self.sync_mode is SyncMode.MIRROR and self.run_type is not RunType.FULL_THEN_DELTA:
             raise ValueError("sync_mode 'mirror' needs run_type 'full_then_delta' (it must know what it synced)")
+        if self.audience is not None:
+            if not AUDIENCE_NAME.match(self.audience):
+                raise _FieldError("audience", "a Batch audience name is 1-255 characters of A-Z, a-z, 0-9, _ and -")
+            if self.sync_mode is not SyncMode.MIRROR:
+                # An audience is the segment's membership: leavers must leave it, which is mirror.
+                raise _FieldError(
+                    "audience",
+                    "an audience needs sync_mode 'mirror' (leavers are removed from it); with an audience, "
+                    "mirror keeps the leavers' attributes and only takes them out of the audience",
+                )
         if len(self.attributes) > MAX_CUSTOM_ATTRIBUTES:
             raise ValueError(
                 f"{len(self.attributes)} custom attributes; Batch accepts at most {MAX_CUSTOM_ATTRIBUTES} per profile"
@@ -483,6 +498,7 @@ def mapping_version(activation: Activation) -> str:
 __all__ = [
     "ACTIVATION_NAME",
     "ATTRIBUTE_NAME",
+    "AUDIENCE_NAME",
     "CRON_FIELD",
     "ENV_VAR_NAME",
     "HTTP_URL",

@@ -85,6 +85,8 @@ Inspection and control (no auth):
   is a value refusal too (category ``identifiers``); an item it rejects, or that breaks a
   rule, is never given an injected error on top.
 * ``POST /_sim/reset`` clears profiles, stats, faults and rate-limit buckets, and re-seeds the RNG.
+* The Audience API (``/audiences/create``, ``/update``, ``/view``), its faults and its views
+  under ``/_sim/``: :mod:`sync.dev.audiences`.
 
 Order of processing for a Profile API request: latency, route version, auth, body parsing,
 injected failure (``fail_next``, then ``failure_rate``), rate limit, item validation,
@@ -120,6 +122,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from aiohttp import web
 
+from sync.dev.audiences import AudienceAPI
 from sync.errors import ConfigError
 
 __all__ = ["ITEM_ERROR_KINDS", "BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
@@ -764,6 +767,8 @@ class BatchSimulator:
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None  # set while serving
         self.faults = SimulatorFaults()
+        # The Audience API (sync/dev/audiences.py): its own routes, faults and state.
+        self.audiences = AudienceAPI(self._authenticated, rate_limit=rate_limit, clock=clock, seed=seed)
         self.app = self._build_app()
 
     # -- public in-process API ------------------------------------------------------------
@@ -805,6 +810,7 @@ class BatchSimulator:
             self._stats = _Stats()
             self._rng = random.Random(self._seed)
         self.faults.clear()
+        self.audiences.reset()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0 picks a free port) and return the base URL.
@@ -847,6 +853,7 @@ class BatchSimulator:
         app.router.add_get("/_sim/projects/{project_key}/profiles/{custom_id:.+}", self._handle_profile_view)
         app.router.add_post("/{version}/profiles/update", functools.partial(self._handle_api, UPDATE))
         app.router.add_post("/{version}/profiles/mass-update", functools.partial(self._handle_api, MASS_UPDATE))
+        self.audiences.add_routes(app)
         return app
 
     def _count_status(self, status: int) -> None:
