@@ -229,7 +229,8 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     header = (
-        f"{'command':<14}{'status':<27}{'exit':>5}{'endpoint':>12}{'wall s':>9}{'CPU s':>9}{'µs/row':>8}{'first req s':>12}"
+        f"{'command':<14}{'status':<27}{'exit':>5}{'endpoint':>12}"
+        f"{'wall s':>9}{'CPU s':>9}{'µs/row':>8}{'first req s':>12}"
         f"{'sent':>12}{'acknowledged':>14}{'RSS MB':>8}{'+workers':>9}{'429s':>6}"
     )
     lines += [header, "-" * len(header)]
@@ -237,7 +238,8 @@ def render(report: dict[str, Any]) -> str:
     named += [(name.replace("_", " "), report[name]) for name in ("no_change", "delta") if report.get(name)]
     for name, run in named:
         lines.append(
-            f"{name:<14}{run['status']:<27}{run['exit_code']:>5}{run.get('endpoint') or '-':>12}{run['wall_seconds']:>9.1f}{run['cpu_seconds']:>9.1f}"
+            f"{name:<14}{run['status']:<27}{run['exit_code']:>5}{run.get('endpoint') or '-':>12}"
+            f"{run['wall_seconds']:>9.1f}{run['cpu_seconds']:>9.1f}"
             f"{_fmt(run.get('cpu_us_per_row'), '.1f'):>8}{_fmt(run.get('first_request_seconds'), '.2f'):>12}"
             f"{run['sent']:>12,}{run['acknowledged']:>14,}{_mb(run.get('peak_rss_mb')):>8}"
             f"{_mb(run.get('tree_peak_rss_mb')):>9}{run['too_many_requests']:>6}"
