@@ -41,6 +41,7 @@ from bench_sync import (
     build_activation,
     change_rows,
     generate_segment,
+    keep_every_for,
     machine,
     publish,
     remove_rows,
@@ -67,10 +68,13 @@ FIRST_SYNC_FLOOR_FACTOR = 1.1
 DELTA_FLOOR_FACTOR = 1.3
 NO_CHANGE_SECONDS = 8.0
 PEAK_RSS_MB = 700.0
-# The simulator keeps every profile as Python dicts: measured 1.77 kB a profile (17.7 GB
-# resident at 10M). With the command, DuckDB's cache and the bench, the run needs this much
-# memory free before it starts, or the machine runs out part way (it has no swap to slow it).
+# A profile the simulator keeps whole is ~1.9 kB of Python dicts (17.7 GB resident at 10M,
+# measured), so past SIMULATOR_KEPT_PROFILES it keeps one in keep_every_for(rows) whole and
+# only counts the others' updates (~150 bytes each). With the command, DuckDB's cache and the
+# bench, the run needs this much memory free before it starts, or the machine runs out part
+# way (it has no swap to slow it).
 SIMULATOR_BYTES_PER_PROFILE = 1_900
+SIMULATOR_BYTES_PER_COUNTED_PROFILE = 150
 OTHER_BYTES = 2_000_000_000
 
 
@@ -126,13 +130,15 @@ def memory_available_bytes() -> int | None:
 
 def check_memory(rows: int) -> str | None:
     """Why the machine cannot hold this run's simulator, or None when it can (or cannot tell)."""
-    needed = rows * SIMULATOR_BYTES_PER_PROFILE + OTHER_BYTES
+    whole = rows // keep_every_for(rows)
+    needed = whole * SIMULATOR_BYTES_PER_PROFILE + (rows - whole) * SIMULATOR_BYTES_PER_COUNTED_PROFILE + OTHER_BYTES
     available = memory_available_bytes()
     if available is None or available >= needed:
         return None
     return (
-        f"{rows:,} profiles need about {needed / 1e9:.1f} GB free (the Batch simulator holds every profile, "
-        f"~{SIMULATOR_BYTES_PER_PROFILE:,} bytes each), and {available / 1e9:.1f} GB is available; "
+        f"{rows:,} profiles need about {needed / 1e9:.1f} GB free (the Batch simulator keeps {whole:,} of them "
+        f"whole, ~{SIMULATOR_BYTES_PER_PROFILE:,} bytes each, and counts the others), and {available / 1e9:.1f} GB "
+        "is available; "
         "free memory, lower --rows, or pass --skip-memory-check"
     )
 
@@ -146,7 +152,8 @@ def run_all(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> 
     _step(f"generating {args.rows:,} customers")
     report["segment"] = generate_segment(database, args.rows)
     _step(f"generated in {report['segment']['seconds']:.1f} s")
-    with simulator_process(env, workdir / "simulator.log") as base_url:
+    keep_every = keep_every_for(args.rows)
+    with simulator_process(env, workdir / "simulator.log", keep_every=keep_every) as base_url:
         activation.write_text(yaml.safe_dump(build_activation(database, base_url, None)), encoding="utf-8")
 
         def command(label: str, *extra: str) -> dict[str, Any]:
@@ -193,6 +200,7 @@ def run_all(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> 
                 changed_percent=args.changed_percent,
                 removed_percent=args.removed_percent,
                 profile=simulator_profile(base_url, env[PROJECT_KEY_ENV]),
+                keep_every=keep_every,
             )
         )
         report["delta"] = delta

@@ -208,6 +208,15 @@ def build_activation(database: Path, base_url: str, concurrency: int | None) -> 
 
 # --- the simulator process ---------------------------------------------------------------------
 
+# Profiles the simulator keeps whole in a big segment (one in N of them past this many; the
+# others are only counted): ~1.9 kB each, so 10M whole would need ~18 GB.
+SIMULATOR_KEPT_PROFILES = 100_000
+
+
+def keep_every_for(rows: int) -> int:
+    """The simulator's ``--keep-every`` for a segment of ``rows``: every profile up to SIMULATOR_KEPT_PROFILES."""
+    return max(1, rows // SIMULATOR_KEPT_PROFILES)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -224,11 +233,17 @@ def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 @contextmanager
-def simulator_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """Run ``cepsync simulator`` (rate limits on) in its own process; yield its base URL."""
+def simulator_process(env: dict[str, str], log_path: Path, *, keep_every: int = 1) -> Iterator[str]:
+    """Run ``cepsync simulator`` (rate limits on) in its own process; yield its base URL.
+
+    ``keep_every`` above 1: the simulator keeps the attributes of one profile in that many
+    (``--keep-every``), and only an update count for the others (a 5M or 10M segment).
+    """
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "sync.cli", "simulator", "--host", "127.0.0.1", "--port", str(port)]
+    if keep_every > 1:
+        command += ["--keep-every", str(keep_every)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603 - our own CLI, fixed arguments
         try:
@@ -614,7 +629,7 @@ def big_first_sync(args: argparse.Namespace, env: dict[str, str], workdir: Path)
         "cpus": [0],
     }
     legs: list[dict[str, Any]] = []
-    with simulator_process(env, scratch / "simulator.log") as base_url:
+    with simulator_process(env, scratch / "simulator.log", keep_every=keep_every_for(args.big_rows)) as base_url:
         spec["activation"] = build_activation(database, base_url, None)
         root: str | None = None
         while True:

@@ -10,12 +10,14 @@ import json
 import statistics
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 from cli_run import CommandResult
+
+from sync.dev.simulator import kept
 
 # Batch's published rate for /profiles/mass-update, the endpoint a large sync uses: the
 # floor of a run is the profiles it must send over this rate (no burst on mass-update).
@@ -73,11 +75,16 @@ def _every(percent: float) -> int:
     return max(1, round(100.0 / percent)) if percent > 0 else 0
 
 
-def _sample(rows: int, every: int, offset: int) -> list[int]:
-    """Up to SAMPLE_IDS of the generated ids ``i < rows`` with ``(i + offset) % every == 0``, spread out."""
+def _sample(rows: int, every: int, offset: int, keep_every: int = 1) -> list[int]:
+    """Up to SAMPLE_IDS of the generated ids ``i < rows`` with ``(i + offset) % every == 0``, spread out.
+
+    With ``keep_every`` above 1, only ids whose attributes the simulator keeps (``sync.dev.simulator.kept``).
+    """
     if not every:
         return []
-    hits = range((every - offset) % every, rows, every)
+    hits: Sequence[int] = range((every - offset) % every, rows, every)
+    if keep_every > 1:
+        hits = [i for i in hits if kept(_cid(i), keep_every)]
     step = max(1, len(hits) // SAMPLE_IDS)
     return list(hits[::step][:SAMPLE_IDS])
 
@@ -106,6 +113,7 @@ def check_delta(
     changed_percent: float,
     removed_percent: float,
     profile: Callable[[str], dict[str, Any] | None],
+    keep_every: int = 1,
 ) -> dict[str, Any]:
     """Whether a mirror delta did exactly what the segment asked, and nothing else.
 
@@ -113,7 +121,8 @@ def check_delta(
     as removed, nothing new, nothing failed, and every profile sent acknowledged. Then a
     sample read back from the simulator (``profile``: custom id -> its stored record):
     changed ids hold the segment's new loyalty points and were updated twice (the full load,
-    this delta), removed ids hold no attributes, and unchanged ids were updated once.
+    this delta), removed ids hold no attributes, and unchanged ids were updated once. A
+    simulator that keeps one profile in ``keep_every`` is read back on kept ids only.
     """
     counts = figures.get("counts", {})
     problems: list[str] = []
@@ -128,12 +137,14 @@ def check_delta(
             f"acknowledged {counts.get('acknowledged', 0):,} (expected {expected_changed + expected_removed:,})"
         )
     changed_ids = [
-        _cid(i) for i in _sample(rows, every_changed, 0) if not (every_removed and (i + 1) % every_removed == 0)
+        _cid(i)
+        for i in _sample(rows, every_changed, 0, keep_every)
+        if not (every_removed and (i + 1) % every_removed == 0)
     ]
-    removed_ids = [_cid(i) for i in _sample(rows, every_removed, 1)]
+    removed_ids = [_cid(i) for i in _sample(rows, every_removed, 1, keep_every)]
     unchanged_ids = [
         _cid(i)
-        for i in _sample(rows, 7, 3)
+        for i in _sample(rows, 7, 3, keep_every)
         if not (every_changed and i % every_changed == 0) and not (every_removed and (i + 1) % every_removed == 0)
     ]
     points: dict[str, int] = {}
