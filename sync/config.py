@@ -40,6 +40,13 @@ from sync.destination import (
     read_key,
 )
 from sync.natives import NATIVE_FIELDS, NativeField
+from sync.policies import (
+    CLOUD_SYNC_ID_COLUMN,
+    MappingConvention,
+    NullPolicy,
+    RemovalPolicy,
+    custom_id_optional_with_a_convention,
+)
 
 # Batch: custom attribute names are [a-z0-9_], 1 to 30 characters (doc.batch.com SDK
 # "attributes" pages; the Android SDK pattern ^[a-zA-Z0-9_]{1,30}$ lowercases first).
@@ -82,31 +89,6 @@ class AttributeType(enum.StrEnum):
 class InvalidValuePolicy(enum.StrEnum):
     REJECT_ROW = "reject_row"
     DROP_ATTRIBUTE = "drop_attribute"
-
-
-# --- Null and removal policies, the mapping convention (issue 21; docs/mapping.md, "Nulls") ---
-class NullPolicy(enum.StrEnum):
-    """What a null warehouse value does to the Batch attribute: erase it, or leave it as Batch holds it."""
-
-    CLEAR = "clear"
-    KEEP = "keep"
-
-
-class RemovalPolicy(enum.StrEnum):
-    """Mirror mode: what a profile that left the segment gets (``on_remove``)."""
-
-    CLEAR = "clear"  # every key this activation owns is sent as null
-    KEEP = "keep"  # nothing is sent; the profile is no longer tracked
-
-
-class MappingConvention(enum.StrEnum):
-    """A column-naming convention the mapping can read (docs/coming-from-batch-cloud-sync.md)."""
-
-    BATCH_CLOUD_SYNC = "batch_cloud_sync"
-
-
-# The id column of a table built for Batch Cloud Sync (the Custom ID unless mapping.custom_id names another).
-CLOUD_SYNC_ID_COLUMN = "custom_id"
 
 
 class _Strict(BaseModel):
@@ -164,16 +146,8 @@ class BigQuerySourceConfig(_SegmentSpec):
 SourceConfig = Annotated[DuckDBSourceConfig | BigQuerySourceConfig, Field(discriminator="type")]
 
 
-def _custom_id_optional_with_a_convention(schema: dict[str, object]) -> None:
-    """JSON Schema: ``custom_id`` is required unless ``convention`` is given (it then defaults)."""
-    required = schema.get("required")
-    if isinstance(required, list) and "custom_id" in required:
-        required.remove("custom_id")
-        schema["anyOf"] = [{"required": ["custom_id"]}, {"required": ["convention"]}]
-
-
 class MappingConfig(_Strict):
-    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_custom_id_optional_with_a_convention)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=custom_id_optional_with_a_convention)
 
     custom_id: str = Field(
         description="Column holding the Custom Profile ID (with convention batch_cloud_sync: 'custom_id' by default)."
@@ -621,8 +595,8 @@ __all__ = [
     "MappingConvention",
     "NullPolicy",
     "OwnerConfig",
-    "ResultsConfig",
     "RemovalPolicy",
+    "ResultsConfig",
     "RunType",
     "ScheduleConfig",
     "SourceConfig",
