@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from sync.config import (
     ATTRIBUTE_NAME,
+    CLOUD_SYNC_ID_COLUMN,
     MAX_CUSTOM_ATTRIBUTES,
     Activation,
     AttributeType,
@@ -88,7 +89,7 @@ def expand_convention(activation: Activation, schema: pa.Schema, *, source: str)
         The expanded activation (``mapping.convention`` unset, every native and attribute
         explicit: the file's attributes first, in its order, then the convention's, in the
         schema's), and, for every field of it the convention wrote, where it came from
-        (``{"mapping.email": "read from column 'batch__email_address' by ..."}``).
+        (``{"mapping.email": "a column mapping.convention: batch_cloud_sync reads"}``).
 
     Raises:
         ConfigError: a ``batch__`` column names no native field; a column would give a Batch
@@ -100,11 +101,17 @@ def expand_convention(activation: Activation, schema: pa.Schema, *, source: str)
     if mapping.convention is None:
         return activation, {}
     where = f"activation '{activation.name}'"
-    convention = f"read from column '{{}}' by mapping.convention: {mapping.convention.value}"
+    convention = f"a column mapping.convention: {mapping.convention.value} reads"
 
     def error(message: str, field: str = _FIELD) -> ConfigError:
         return ConfigError(f"{where}: {message}", source=source, field=field)
 
+    if mapping.custom_id not in schema.names:
+        raise error(
+            f"the segment has no column '{mapping.custom_id}' for the Custom ID (Batch Cloud Sync's id column is "
+            f"'{CLOUD_SYNC_ID_COLUMN}'; give mapping.custom_id if yours has another name)",
+            field="mapping.custom_id",
+        )
     explicit_natives = {native.field: column for native, column in mapping.mapped_natives()}
     explicit_columns = {attribute.column: attribute for attribute in activation.attributes}
     explicit_names = {attribute.name for attribute in activation.attributes if attribute.name is not None}
@@ -139,10 +146,10 @@ def expand_convention(activation: Activation, schema: pa.Schema, *, source: str)
                 f"{NATIVE_PREFIX}{key.removeprefix('$')} maps it",
                 field=f"mapping.on_null.{native_field}",
             )
-    origins = {f"mapping.{field}": convention.format(column) for field, column in natives.items()}
+    origins = {f"mapping.{field}": convention for field in natives}
     for index, attribute in enumerate(attributes):
         if attribute.column not in explicit_columns:
-            origins[f"attributes.{index}"] = convention.format(attribute.column)
+            origins[f"attributes.{index}"] = convention
     expanded_mapping = mapping.model_copy(update={**natives, "convention": None})
     return activation.model_copy(update={"mapping": expanded_mapping, "attributes": attributes}), origins
 
