@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.batch.client import EncodedProfiles, ProfileUpdate
+from sync.config_file import parse_activation
 from sync.encode import (
     encode_batch,
     json_strings,
@@ -27,7 +28,6 @@ from sync.encode import (
     request_body,
 )
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
-from sync.config_file import parse_activation
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from tests.support.reference_mapping import encode_rows, map_row
 from tests.test_mapping_columns import ATTRIBUTES, MAPPING, batches, make_mapper
