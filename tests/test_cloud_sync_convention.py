@@ -304,3 +304,38 @@ def test_a_table_without_the_id_column_says_how_to_name_another() -> None:
     assert caught.value.field == "mapping.custom_id"
     assert "no column 'custom_id' for the Custom ID" in str(caught.value)
     assert "give mapping.custom_id if yours has another name" in str(caught.value)
+
+
+def test_validate_reads_a_cloud_sync_table_and_names_a_bad_column(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sync.cli import app
+    from sync.dev.simulator import SimulatorThread
+    from tests.support.engine_support import ENV
+
+    write_table(tmp_path / "segment.duckdb")
+    text = """
+name: from_cloud_sync
+source: {type: duckdb, database: segment.duckdb, table: profiles}
+destination:
+  api_key_env: BATCH_REST_API_KEY
+  project_key_env: BATCH_PROJECT_KEY
+  base_url: BASE
+mapping:
+  convention: batch_cloud_sync
+"""
+    runner = CliRunner()
+    with SimulatorThread(BatchSimulator({PROJECT_KEY: API_KEY})) as running:
+        path = tmp_path / "from_cloud_sync.yaml"
+        path.write_text(text.replace("BASE", running.base_url), encoding="utf-8")
+        result = runner.invoke(app, ["validate", str(path)], env={**ENV, "COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "date__birthday=date" in result.output
+        assert "url__avatar=url" in result.output
+        with duckdb.connect(str(tmp_path / "segment.duckdb")) as connection:
+            connection.execute("ALTER TABLE profiles ADD COLUMN batch__nickname VARCHAR")
+        bad = runner.invoke(app, ["validate", str(path)], env={**ENV, "COLUMNS": "200"})
+    assert bad.exit_code == 2
+    flat = " ".join(bad.output.split())
+    assert "mapping.convention" in flat
+    assert "batch__nickname" in flat
