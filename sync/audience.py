@@ -41,12 +41,10 @@ from sync.batch.audiences import FINAL_STATES, MAX_IDS_PER_CALL, AudienceCallFai
 from sync.batch.client import BatchClient
 from sync.config import Activation, SyncMode
 from sync.convert import BLOCKED_CUSTOM_IDS, MAX_CUSTOM_ID_LENGTH
-from sync.differ import JOURNAL_SCHEMA
 from sync.errors import BatchContractError, ConfigError
 from sync.model import Lease
 from sync.plan import GuardVerdict, evaluate_guards
 from sync.record import RunRecord
-from sync.send import Journal
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -229,8 +227,12 @@ class AudienceRun:
 
     # -- send ------------------------------------------------------------------------------------
 
-    async def send(self, client: BatchClient, journal: Journal, removed: list[str], stale: frozenset[str]) -> None:
-        """Create the audience if needed, send the changes, follow the tokens; forget the leavers' profiles."""
+    async def send(self, client: BatchClient) -> None:
+        """Create the audience if needed, send the changes, follow the tokens.
+
+        What becomes of a leaver's profile is the removal policy's (``sync.removals``): with an
+        audience, by default, its attributes are kept and its fingerprint forgotten.
+        """
         membership = self.membership
         if membership is None:
             return
@@ -256,7 +258,6 @@ class AudienceRun:
                 "wait_seconds": round(stats.wait_seconds, 3),
             }
             self.record.audience = self._summary()
-        await self._forget_profiles(journal, removed, stale)
 
     async def _ensure(self, api: AudienceClient, membership: Membership) -> None:
         """The audience exists in Batch (created if not); a new one starts from an empty member state."""
@@ -355,18 +356,6 @@ class AudienceRun:
                 f"{pending} audience update(s) not indexed by Batch yet; Batch applies them later "
                 "(a campaign sent before then may miss them)"
             )
-
-    async def _forget_profiles(self, journal: Journal, removed: list[str], stale: frozenset[str]) -> None:
-        """Leavers keep their attributes: their fingerprints (and mirror intents) are forgotten instead of cleared."""
-        if not removed:
-            return
-        ids = pa.array(removed, pa.string())
-        zero = pa.nulls(len(ids), pa.uint64()).fill_null(0)
-        journal.add(pa.table([ids, zero, zero, pc.fill_null(pa.nulls(len(ids), pa.bool_()), False)], JOURNAL_SCHEMA))
-        await journal.flush()
-        owned = [custom_id for custom_id in removed if custom_id in stale]
-        if owned:
-            await asyncio.to_thread(self.store.clear_intents, self.keeper.lease, owned)
 
     def _summary(self) -> dict[str, object]:
         """The run record's ``audience`` (docs/run-record.md)."""

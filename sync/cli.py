@@ -426,9 +426,11 @@ def validate(
     try:
         source = open_source_from_env(activation, os.environ)
         try:
-            from sync.mapping import ProfileMapper, resolve_attribute_types
+            from sync.convention import resolve_mapping
+            from sync.mapping import ProfileMapper
 
-            types = resolve_attribute_types(activation, source.schema(), source=activation.origin)
+            # A mapping convention expands against the segment's columns here (sync/convention.py).
+            activation, types = resolve_mapping(activation, source.schema(), source=activation.origin)
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()

@@ -75,7 +75,8 @@ class EncodedBatch:
         payloads: Row -> the payload fingerprint, null where not valid. A row that lost
             attributes (``drop_attribute``) is fingerprinted as if each dropped key were
             null: Batch keeps its old value for a key we leave out, so a previously-null
-            attribute whose new value is invalid is no change to send.
+            attribute whose new value is invalid is no change to send. A key whose nulls
+            are kept is left out of the fingerprint when null or dropped, as of the body.
     """
 
     custom_ids: list[str | None]
@@ -118,12 +119,16 @@ def _field_slots(field: ConvertedField, *, dropped_as_null: bool = False) -> lis
 
     A field writes its bare key for null and its present key (``date(x)``, ``url(x)``)
     for a value; when the two differ they sort apart, so each gets its own slot.
+
+    A field whose nulls are kept (``on_null: keep``) writes nothing for a null, in the body
+    and in the fingerprint alike, and so nothing for a dropped value either: both leave
+    Batch holding what it held, and "absent" is not "null" (docs/mapping.md, "Nulls").
     """
     key, present_key, values = field.key, field.present_key, field.values
-    null = "," + _encode_str(key) + ":null"
+    null = "" if field.keep_null else "," + _encode_str(key) + ":null"
     prefix = "," + _encode_str(present_key) + ":"
     # A failure is left out of the payload (the attribute is dropped), or, in the payload
-    # the fingerprint is taken of, written as null.
+    # the fingerprint is taken of, written as null (as absent when nulls are kept).
     failed = null if dropped_as_null else ""
     if key == present_key:
         merged = [

@@ -36,16 +36,18 @@ from sync.audience import AudienceRun
 from sync.batch.client import BatchClient, choose_endpoint
 from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
+from sync.convention import resolve_mapping
 from sync.differ import DifferFactory, DiffRequest
 from sync.errors import ConfigError, GuardTripped, LeaseHeld, SyncError
 from sync.lease import LeaseKeeper
-from sync.mapping import ProfileMapper, resolve_attribute_types
+from sync.mapping import ProfileMapper
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import ActivationMeta, Refusal
 from sync.pipeline import Moved, Producer, Scan
 from sync.plan import PlanCounts, evaluate_guards, guard_refusal
 from sync.planner import Planner
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, is_retryable, status_of_error
+from sync.removals import send_removals
 from sync.results import hook as results_hook
 from sync.runbook import RejectSink, RunBook
 from sync.runconfig import config_as_run
@@ -166,8 +168,10 @@ class Run:
                 field="diff.mode",
             )
         schema = self.source.schema()
-        types = resolve_attribute_types(self.activation, schema, source=self.activation.origin)
-        return _Prepared(ProfileMapper(self.activation, types), mapping_version(self.activation), schema, types)
+        activation, types = resolve_mapping(self.activation, schema, source=self.activation.origin)
+        if activation is not self.activation:  # a mapping convention, expanded (sync/convention.py)
+            self.run.config, self.activation = config_as_run(self.activation, resolved=activation), activation
+        return _Prepared(ProfileMapper(activation, types), mapping_version(activation), schema, types)
 
     async def plan_only(self, *, sample: int = 5) -> PlanPreview:
         """Dry run: read, diff, map and check guards. No lease, no send, no state change."""
@@ -336,7 +340,7 @@ class Run:
         if not mirror:
             ids.removed = []
         elif ids.removed and self.book.refusals and not self.options.full:
-            ids.removed = self.book.hold_refused_removals(ids.removed, meta.owned_keys)
+            ids.removed = self.book.hold_refused_removals(ids.removed, meta.owned_keys, activation.removal_policy)
         self.run.full = full
         self.run.source = self.source.stats()
         self.progress.planned({"rows": ids.rows})
@@ -426,10 +430,18 @@ class Run:
             )
             try:
                 await self._pump(producer, moved, tally, sender, endpoint, expected)
-                if ids.removed and not sender.incomplete and not sender.failed and not self.audience.active:
-                    await self._send_removals(sender, ids.removed, endpoint.send_batch)
+                if ids.removed and not sender.incomplete and not sender.failed:
+                    await send_removals(
+                        sender,
+                        ids.removed,
+                        policy=activation.removal_policy,
+                        batch=endpoint.send_batch,
+                        noter=self._noter(),
+                        window=INTENT_WINDOW_PROFILES,
+                        checkpoint=self._checkpoint,
+                    )
                 await sender.drain()
-                await self.audience.send(client, journal, ids.removed, scan.stale_intents)  # leavers keep attributes
+                await self.audience.send(client)
             finally:
                 self.book.take_sends(sender.tally, final=True)
                 # Noted even when sending stopped on a fatal error: they were answered.
@@ -444,18 +456,6 @@ class Run:
 
     def _noter(self) -> IntentNoter:
         return IntentNoter(self.store, lambda: self.keeper.lease, mirror=self.activation.sync_mode is SyncMode.MIRROR)
-
-    async def _send_removals(self, sender: Sender, removed: list[str], batch: int) -> None:
-        """Mirror removals, a window of groups at a time, each window noted (in a worker thread) first."""
-        groups = [SendGroup(removals=removed[start : start + batch]) for start in range(0, len(removed), batch)]
-        per_window = max(1, INTENT_WINDOW_PROFILES // batch)
-        noter = self._noter()
-        for start in range(0, len(groups), per_window):
-            noted = await asyncio.to_thread(noter.note, groups[start : start + per_window])
-            for group in noted:
-                if not await sender.submit(group):
-                    return
-                await self._checkpoint()
 
     async def _pump(
         self, producer: Producer, moved: Moved, tally: PlanCounts, sender: Sender, endpoint: Endpoint, expected: int

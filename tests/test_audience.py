@@ -195,6 +195,38 @@ async def test_the_audience_follows_joins_leaves_and_rejections_and_leavers_keep
     assert set(store.load_members(act.name).ids.to_pylist()) == members(simulator)
 
 
+def test_with_an_audience_on_remove_defaults_to_keep_and_may_say_clear(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:1"
+    assert activation(tmp_path, url).removal_policy.value == "keep"
+    assert activation(tmp_path, url, on_remove="clear").removal_policy.value == "clear"
+    assert make_activation(tmp_path, url, sync_mode="mirror").removal_policy.value == "clear"
+
+
+async def test_on_remove_clear_with_an_audience_removes_the_leaver_and_clears_its_attributes(
+    sim: tuple[BatchSimulator, str], tmp_path: Path, open_store: Callable[[], StateStore]
+) -> None:
+    simulator, url = sim
+    rows = people(40)
+    write_segment(tmp_path / "segment.duckdb", rows)
+    act = activation(tmp_path, url, on_remove="clear")
+    first = await run(act, open_store())
+    assert first.run.status.value == "succeeded", first.run.error
+    for row in rows[10:14]:
+        row["active"] = False
+    write_segment(tmp_path / "segment.duckdb", rows)
+    second = await run(act, open_store())
+    assert second.run.status.value == "succeeded", second.run.error
+    assert members(simulator) == ids(rows)
+    assert second.run.counts["removed"] == 4
+    held = simulator.profiles(PROJECT_KEY)
+    # Cleared: every key the activation owns was sent as null (Batch drops it), and the leaver left the audience.
+    assert "points" not in held["c00010"]
+    assert "firstname" not in held["c00010"]
+    assert held["c00011"] == {}
+    assert "c00010" not in members(simulator)  # type: ignore[operator]
+    assert "c00010" not in open_store().load_fingerprints(act.name)
+
+
 async def test_membership_guards_stop_a_mass_exodus_until_allowed(
     sim: tuple[BatchSimulator, str], tmp_path: Path, open_store: Callable[[], StateStore]
 ) -> None:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.batch.client import EncodedProfiles, ProfileUpdate
+from sync.config_file import parse_activation
 from sync.encode import (
     encode_batch,
     json_strings,
@@ -27,14 +28,17 @@ from sync.encode import (
     request_body,
 )
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
+from sync.mapping import ProfileMapper, resolve_attribute_types
 from tests.support.reference_mapping import encode_rows, map_row
-from tests.test_mapping_columns import batches, make_mapper
+from tests.test_mapping_columns import ATTRIBUTES, MAPPING, batches, make_mapper
 
 
-def assert_encodes_like_rows(batch: pa.RecordBatch, policy: str, region: str | None) -> None:
-    mapper = make_mapper(batch.schema, policy, region)
+def assert_encodes_like_rows(
+    batch: pa.RecordBatch, policy: str, region: str | None, mapper: ProfileMapper | None = None
+) -> None:
+    mapper = mapper or make_mapper(batch.schema, policy, region)
     rows = [map_row(mapper, row) for row in batch.to_pylist()]
-    expected = encode_rows(rows, mapper.payload_keys)
+    expected = encode_rows(rows, mapper.payload_keys, mapper.kept_null_keys)
     actual = encode_batch(mapper.convert_batch(batch))
     assert actual.custom_ids == expected.custom_ids
     assert actual.issues == expected.issues
@@ -57,6 +61,89 @@ def test_columnar_payloads_are_the_canonical_bytes_of_map_row(
     batch: pa.RecordBatch, policy: str, region: str | None
 ) -> None:
     assert_encodes_like_rows(batch, policy, region)
+
+
+NATIVE_FIELDS_MAPPED = [field for field in MAPPING if field != "custom_id"]
+
+
+def null_policy_mapper(
+    schema: pa.Schema, policy: str, default: str, natives: dict[str, str], attributes: list[str | None]
+) -> ProfileMapper:
+    """The columns test's mapping, with an activation null policy and per-field overrides."""
+    activation = parse_activation(
+        {
+            "name": "columns",
+            "source": {"type": "duckdb", "database": "segment.duckdb", "table": "segment"},
+            "destination": {"api_key_env": "BATCH_KEY", "project_key_env": "BATCH_PROJECT"},
+            "mapping": {**MAPPING, "on_null": natives},
+            "attributes": [
+                {**attribute, **({} if own is None else {"on_null": own})}
+                for attribute, own in zip(ATTRIBUTES, attributes, strict=True)
+            ],
+            "on_invalid_value": policy,
+            "on_null": default,
+        },
+        source="columns.yaml",
+    )
+    return ProfileMapper(activation, resolve_attribute_types(activation, schema, source="columns.yaml"))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=batches(),
+    policy=st.sampled_from(["reject_row", "drop_attribute"]),
+    default=st.sampled_from(["clear", "keep"]),
+    natives=st.dictionaries(st.sampled_from(NATIVE_FIELDS_MAPPED), st.sampled_from(["clear", "keep"])),
+    attributes=st.lists(st.sampled_from([None, "clear", "keep"]), min_size=len(ATTRIBUTES), max_size=len(ATTRIBUTES)),
+)
+def test_kept_nulls_are_left_out_of_bodies_and_fingerprints_as_map_row_leaves_them_out(
+    batch: pa.RecordBatch, policy: str, default: str, natives: dict[str, str], attributes: list[str | None]
+) -> None:
+    mapper = null_policy_mapper(batch.schema, policy, default, natives, attributes)
+    assert_encodes_like_rows(batch, policy, None, mapper)
+
+
+def test_a_kept_null_is_absent_not_null_and_a_dropped_kept_value_is_absent_too() -> None:
+    batch = pa.RecordBatch.from_pylist(
+        [
+            {"id": "a", "email": None, "c_string": None, "c_integer": 1},
+            {"id": "b", "email": None, "c_string": "x", "c_integer": None},
+            {"id": "c", "email": "not-an-email", "c_string": None, "c_integer": 2},
+        ],
+        schema=pa.schema(
+            [("id", pa.string()), ("email", pa.string()), ("c_string", pa.string()), ("c_integer", pa.int64())]
+        ),
+    )
+    config = {
+        "name": "kept",
+        "source": {"type": "duckdb", "database": "segment.duckdb", "table": "segment"},
+        "destination": {"api_key_env": "BATCH_KEY", "project_key_env": "BATCH_PROJECT"},
+        "mapping": {"custom_id": "id", "email": "email", "on_null": {"email": "keep"}},
+        "attributes": [{"column": "c_string", "on_null": "keep"}, {"column": "c_integer"}],
+        "on_invalid_value": "drop_attribute",
+    }
+    activation = parse_activation(config, source="kept.yaml")
+    mapper = ProfileMapper(activation, resolve_attribute_types(activation, batch.schema, source="kept.yaml"))
+    assert mapper.kept_null_keys == {"$email_address", "c_string"}
+    encoded = encode_batch(mapper.convert_batch(batch))
+    assert encoded.bodies.to_pylist() == ['{"c_integer":1}', '{"c_integer":null,"c_string":"x"}', '{"c_integer":2}']
+    # The invalid email is dropped: absent from the fingerprint as a kept null is, so rows a and c
+    # differ only by c_integer, and a row whose kept attributes are all null fingerprints as "{...}" alone.
+    assert encoded.payloads.to_pylist()[2] == payload_fingerprint_of(b'{"c_integer":2}')
+    assert encoded.payloads.to_pylist()[0] == payload_fingerprint_of(b'{"c_integer":1}')
+    # Under clear, the same null is sent as null, and fingerprints apart from "absent".
+    cleared = parse_activation(
+        {
+            **config,
+            "mapping": {"custom_id": "id", "email": "email"},
+            "attributes": [{"column": "c_string"}, {"column": "c_integer"}],
+        },
+        source="kept.yaml",
+    )
+    clear_mapper = ProfileMapper(cleared, resolve_attribute_types(cleared, batch.schema, source="kept.yaml"))
+    clear = encode_batch(clear_mapper.convert_batch(batch))
+    assert clear.bodies.to_pylist()[0] == '{"$email_address":null,"c_integer":1,"c_string":null}'
+    assert clear.payloads.to_pylist()[0] != encoded.payloads.to_pylist()[0]
 
 
 scalars = (
