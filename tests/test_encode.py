@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from sync.batch.client import EncodedProfiles, ProfileUpdate
 from sync.config_file import parse_activation
 from sync.encode import (
+    COLUMN_TEXTS_MIN_VALUES,
+    _value_texts,
     encode_batch,
     json_strings,
     json_value,
@@ -30,7 +32,7 @@ from sync.encode import (
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from tests.support.reference_mapping import encode_rows, map_row
-from tests.test_mapping_columns import ATTRIBUTES, MAPPING, batches, make_mapper
+from tests.test_mapping_columns import ATTRIBUTES, MAPPING, TYPES, batches, make_mapper
 
 
 def assert_encodes_like_rows(
@@ -144,6 +146,61 @@ def test_a_kept_null_is_absent_not_null_and_a_dropped_kept_value_is_absent_too()
     clear = encode_batch(clear_mapper.convert_batch(batch))
     assert clear.bodies.to_pylist()[0] == '{"$email_address":null,"c_integer":1,"c_string":null}'
     assert clear.payloads.to_pylist()[0] != encoded.payloads.to_pylist()[0]
+
+
+def long_batch(column: str, cells: pa.Array) -> pa.RecordBatch:
+    """A batch of ``len(cells)`` rows: valid ids, ``column`` holding ``cells``, every other column null."""
+    rows = len(cells)
+    arrays = {name: pa.nulls(rows, choices[0][0]) for name, choices in TYPES.items()}
+    arrays["id"] = pa.array([f"u{row}" for row in range(rows)], pa.string())
+    arrays[column] = cells
+    return pa.RecordBatch.from_pydict(arrays)
+
+
+LONG = st.integers(COLUMN_TEXTS_MIN_VALUES, 3 * COLUMN_TEXTS_MIN_VALUES)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    rows=LONG,
+    arrow_type=st.sampled_from([pa.int64(), pa.uint64(), pa.int32()]),
+    policy=st.sampled_from(["reject_row", "drop_attribute"]),
+)
+def test_a_long_integer_column_is_encoded_in_columns_like_rows(
+    data: st.DataObject, rows: int, arrow_type: pa.DataType, policy: str
+) -> None:
+    """A column long enough for its integers to be written by Arrow (uint64 adds values beyond
+    int64, refused by the converter, which keep the fragments in Python)."""
+    bits = arrow_type.bit_width
+    low, high = (0, 2**bits - 1) if arrow_type == pa.uint64() else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    edges = st.sampled_from([low, high, 0, -1 if low < 0 else 1])
+    cells = data.draw(st.lists(st.none() | edges | st.integers(low, high), min_size=rows, max_size=rows))
+    assert_encodes_like_rows(long_batch("c_integer", pa.array(cells, arrow_type)), policy, None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cells=st.lists(
+        st.none() | st.integers(-(2**63), 2**63 - 1) | st.sampled_from([-(2**63), 2**63 - 1, 0]),
+        min_size=1,
+        max_size=200,
+    )
+)
+def test_integers_written_by_arrow_are_what_json_value_writes(cells: list[int | None]) -> None:
+    texts = _value_texts(list(cells))
+    if all(cell is None for cell in cells):
+        assert texts is None  # nothing to gain: the fragments are all null
+        return
+    assert texts is not None
+    assert texts.to_pylist() == [None if cell is None else json_value(cell) for cell in cells]
+
+
+def test_values_other_than_integers_keep_the_python_path() -> None:
+    assert _value_texts(["a", None] * 40) is None
+    assert _value_texts([1, 2.5] * 40) is None
+    assert _value_texts([True, 1] * 40) is None  # a bool is not written as an integer
+    assert _value_texts([2**63, 1] * 40) is None  # beyond int64
 
 
 scalars = (
