@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.delta_pass import (
+    KEPT_BUDGET_BYTES,
     IdTee,
     KeptRows,
     duplicated_rows_sql,
@@ -173,6 +174,8 @@ class SegmentDiff:
         salt: :func:`raw_salt` of this run.
         after: A continued full pass's watermark: :meth:`rows_to_send` leaves out the rows
             whose id is at or below it (its first legs sent them), before joining or sorting.
+        kept_budget_bytes: The most a delta's pass keeps of the rows it carries on
+            (:data:`sync.delta_pass.KEPT_BUDGET_BYTES`); past it, the segment is read again.
     """
 
     def __init__(
@@ -187,8 +190,10 @@ class SegmentDiff:
         salt: str,
         on_rows: Callable[[int], None] | None = None,
         after: str | None = None,
+        kept_budget_bytes: int = KEPT_BUDGET_BYTES,
     ) -> None:
         self._source = source
+        self._kept_budget = kept_budget_bytes
         self._columns = list(columns)
         self._id_column = self._columns[0]
         self._schema = schema
@@ -413,7 +418,7 @@ class SegmentDiff:
         :meth:`_hashes_are_exact` proves exact before any kept row is used.
         """
         tee = IdTee(Path(self._spill.name) / "segment-ids.arrows", self._schema.field(self._id_column))
-        kept = KeptRows()
+        kept = KeptRows(self._kept_budget)
         # A database of its own, closed once read: its hash table is not needed after it.
         con = self._connect()
         try:
