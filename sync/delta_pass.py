@@ -11,8 +11,8 @@ scan's counts, duplicates and removals are computed once the pass has ended.
 
 Matching on the id's 8-byte hash instead of the id keeps the pass's hash table at 16 bytes
 a stored id. It may drop a row it should keep only when two ids share a hash, so before the
-kept rows are used the differ proves that no such pair exists (:func:`stored_hashes_repeat_sql`
-and :func:`hashed_keys_sql`); otherwise it falls back to the exact reads.
+kept rows are used the differ proves that no segment id shares its hash with a stored id
+but itself (:func:`hash_pairs_sql`); otherwise it falls back to the exact reads.
 
 This module holds the pass's SQL and its bookkeeping; the differ runs it.
 """
@@ -33,12 +33,11 @@ __all__ = [
     "IdTee",
     "KeptRows",
     "duplicated_rows_sql",
-    "hashed_keys_sql",
+    "hash_pairs_sql",
     "kept_moved_sql",
     "kept_table_sql",
     "kept_to_send_sql",
     "pass_sql",
-    "stored_hashes_repeat_sql",
     "stored_sql",
 ]
 
@@ -74,23 +73,18 @@ def pass_sql(selected: str) -> str:
     )
 
 
-def stored_hashes_repeat_sql() -> str:
-    """How many stored ids share their 8-byte hash with another stored id (0 in practice)."""
-    return "SELECT count(*) FROM (SELECT hash(custom_id) AS h FROM stored GROUP BY h HAVING count(*) > 1)"
+def hash_pairs_sql() -> str:
+    """How many (distinct segment id, stored id) pairs have equal 8-byte hashes.
 
-
-def hashed_keys_sql() -> str:
-    """How many distinct segment ids have a hash that a stored id has.
-
-    Every stored segment id counts, so this equals the number of distinct stored segment ids
-    exactly when no other segment id shares a stored id's hash. Non-duplicated ids are
-    counted as rows (each appears once), duplicated ones from the small table of duplicates.
+    Each stored segment id pairs with itself; any other pair is two ids sharing a hash.
+    Non-duplicated ids are taken as rows (each appears once), duplicated ones from the
+    small table of duplicates; the join is built on the stored ids' hashes, 8 bytes each.
     """
     return (
         "SELECT count(*) FROM ("
         "SELECT k FROM (SELECT k FROM seen WHERE k IS NOT NULL) s0 ANTI JOIN duplicates d ON d.k = s0.k "
         "UNION ALL SELECT k FROM duplicates"
-        ") s SEMI JOIN (SELECT hash(custom_id) AS h FROM stored) sh ON sh.h = hash(s.k)"
+        ") s JOIN (SELECT hash(custom_id) AS h FROM stored) sh ON sh.h = hash(s.k)"
     )
 
 

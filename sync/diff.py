@@ -65,12 +65,11 @@ from sync.delta_pass import (
     IdTee,
     KeptRows,
     duplicated_rows_sql,
-    hashed_keys_sql,
+    hash_pairs_sql,
     kept_moved_sql,
     kept_table_sql,
     kept_to_send_sql,
     pass_sql,
-    stored_hashes_repeat_sql,
 )
 from sync.differ import (
     DUPLICATE,
@@ -360,31 +359,29 @@ class SegmentDiff:
             )
             copies = con.sql("SELECT k, copies FROM duplicates").to_arrow_table()
             duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
-            # Stored ids are unique: the stored rows found in the segment, less the
-            # duplicated ones, are the distinct non-duplicated ids that have a fingerprint.
-            matched_row = con.execute(
-                "SELECT count(*) FROM stored SEMI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s "
-                "ON s.k = stored.custom_id ANTI JOIN duplicates ON duplicates.k = stored.custom_id"
-            ).fetchone()
-            matched = int(matched_row[0]) if matched_row else 0
             distinct = int(keyed) - sum(duplicates.values()) + len(duplicates)
             # Stored and intent ids stream through one anti-join on the segment's ids; only
             # the few that come out are deduplicated (an intent may also be stored).
-            removed = [
-                key
-                for (key,) in con.execute(
-                    "SELECT DISTINCT custom_id FROM (SELECT custom_id FROM stored UNION ALL "
-                    "SELECT custom_id FROM intents) synced ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s "
-                    "ON s.k = synced.custom_id ORDER BY custom_id"
-                ).fetchall()
-            ]
+            gone = con.execute(
+                "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
+                "UNION ALL SELECT custom_id, FALSE FROM intents) synced "
+                "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id "
+                "GROUP BY custom_id ORDER BY custom_id"
+            ).fetchall()
+            removed = [key for key, _ in gone]
+            # Stored ids are unique: those in the segment are the stored ones less those
+            # that left, and the matched ones are those less the duplicated ones.
+            ((stored_duplicated,),) = con.execute(
+                "SELECT count(*) FROM stored SEMI JOIN duplicates ON duplicates.k = stored.custom_id"
+            ).fetchall()
+            matched = self.stored_count - sum(1 for _, is_stored in gone if is_stored) - int(stored_duplicated)
             # Intent ids are unique (a sorted set): the synced ids are the stored ones plus
             # the intents that are not stored, counted by a join built on the intents.
             overlap_row = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchone()
             overlap = int(overlap_row[0]) if overlap_row else 0
             synced = self.stored_count + self._intents.num_rows - overlap
             if self.stored_count:
-                self._new_by_hash = self._hashes_are_exact(con, matched)
+                self._new_by_hash = self._hashes_are_exact(con, matched + int(stored_duplicated))
             below_row = (
                 con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
                 if self._after is not None
@@ -434,23 +431,17 @@ class SegmentDiff:
             con.close()
         return tee, kept
 
-    def _hashes_are_exact(self, con: duckdb.DuckDBPyConnection, matched: int) -> bool:
-        """Whether an id's 8-byte hash names exactly one stored id: then matching on hashes is exact.
+    def _hashes_are_exact(self, con: duckdb.DuckDBPyConnection, present: int) -> bool:
+        """Whether each segment id's 8-byte hash is the hash of no stored id but itself.
 
-        True when no two stored ids share a hash, and no segment id that is not stored has a
-        stored id's hash (the distinct segment ids whose hash is stored are exactly the
-        stored ones: the matched ids and the stored duplicated ones). The pass then dropped
-        exactly the rows whose id and raw hash are stored, and a delta's stream may tell a
-        new id by its hash.
+        ``present``: the distinct segment ids that are stored. Every one of them pairs
+        with its own stored hash, so the (segment id, stored id) pairs of equal hashes
+        number ``present`` exactly when no segment id pairs with another stored id. Then
+        the pass dropped exactly the rows whose id and raw hash are stored, and a delta's
+        stream may tell a new id by its hash.
         """
-        repeats = con.execute(stored_hashes_repeat_sql()).fetchone()
-        hashed = con.execute(hashed_keys_sql()).fetchone()
-        duplicated = con.execute(
-            "SELECT count(*) FROM stored SEMI JOIN duplicates ON duplicates.k = stored.custom_id"
-        ).fetchone()
-        if repeats is None or hashed is None or duplicated is None:
-            return False
-        return int(repeats[0]) == 0 and int(hashed[0]) == matched + int(duplicated[0])
+        ((pairs,),) = con.execute(hash_pairs_sql()).fetchall()
+        return int(pairs) == present
 
     def _keep(self, kept: KeptRows, *, duplicate_rows: int) -> None:
         """The pass's rows, with their stored fingerprint, into the differ's table ``kept``."""
