@@ -29,6 +29,7 @@ from sync.duckdb_sql import quote_identifier, quote_literal
 
 __all__ = [
     "KEPT_BUDGET_BYTES",
+    "KNOWN",
     "STORED_HIT",
     "IdTee",
     "KeptRows",
@@ -42,13 +43,17 @@ __all__ = [
 ]
 
 # The most the pass holds of the rows it carries on (Arrow bytes). A delta's moved and new
-# rows fit many times over (10,000 rows of the benchmark's 17 columns take ~4 MB). Past it
-# (a mapping change moves every row; a first sync's continuation finds most ids new) the
-# kept rows are let go, and the moved rows and the stream read the segment again, as many
-# changes cost their sending anyway: never the segment held in memory or in a spill file.
+# rows fit many times over (10,000 rows of the benchmark's 17 columns take ~4 MB). Past it,
+# the new rows are let go first: a first sync's continuation finds most ids new, and the
+# stream reads them again (two reads, as a first sync takes), while the moved rows stay
+# kept. Past it with the moved rows alone (a mapping change moves every row), those go too,
+# and the moved rows and the stream read the segment again, as many changes cost their
+# sending anyway: never the segment held in memory or in a spill file.
 KEPT_BUDGET_BYTES: Final = 32 * 1024 * 1024
 # The kept table's flag: the row's id has a stored fingerprint (exact join on the id).
 STORED_HIT: Final = "__cepsync_stored_hit"
+# The pass's flag: the row's id hash is a stored id's (moved, not new, once hashes are exact).
+KNOWN: Final = "__cepsync_known"
 # The stored fingerprint's columns a differ's batches carry: (stored column, output column, type).
 STORED_COLUMNS: Final = (("raw", STORED_RAW, "UBIGINT"), ("payload", STORED_PAYLOAD, "UBIGINT"))
 
@@ -63,13 +68,16 @@ def stored_sql(alias: str | None) -> str:
 def pass_sql(selected: str) -> str:
     """The rows of ``selected`` (mapped columns, row, key, raw) whose (id hash, raw) pair is not stored.
 
-    A null id has a null hash, which matches nothing: such a row is always kept.
+    Each comes with :data:`KNOWN`: its id's hash is a stored id's (a moved row, not a new
+    one, once the hashes are proven exact; until then, a row may come out twice, and the
+    rows are not used). A null id has a null hash, which matches nothing: such a row is
+    always kept, and not known.
     """
     return (
-        f"SELECT * EXCLUDE (__cepsync_h) FROM ("
+        f"SELECT s.* EXCLUDE (__cepsync_h), sh.h IS NOT NULL AS {KNOWN} FROM ("
         f"SELECT *, CASE WHEN {KEY} IS NOT NULL THEN hash({KEY}) END AS __cepsync_h FROM ({selected})"
-        f") s ANTI JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh "
-        f"ON sh.h = s.__cepsync_h AND sh.raw = s.{RAW}"
+        f") s LEFT JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh ON sh.h = s.__cepsync_h "
+        f"WHERE sh.h IS NULL OR sh.raw <> s.{RAW}"
     )
 
 
@@ -182,8 +190,10 @@ class IdTee:
 class KeptRows:
     """The rows a pass carries on, as Arrow batches, up to a byte budget.
 
-    Past the budget every batch is let go (``overflowed``): the differ then reads the
-    segment again for the moved rows and the stream, as it would without the pass.
+    Past the budget the new rows are let go (``moved_only``: only :data:`KNOWN` rows are
+    kept from then on, and the stream reads the new ones again). Past it with the moved
+    rows alone, every batch is let go (``overflowed``): the differ then reads the segment
+    again for the moved rows and the stream, as it would without the pass.
     """
 
     def __init__(self, budget: int = KEPT_BUDGET_BYTES) -> None:
@@ -192,19 +202,34 @@ class KeptRows:
         self.batches: list[pa.RecordBatch] = []
         self.rows = 0
         self.nbytes = 0
+        self.moved_only = False
         self.overflowed = False
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
         if self.overflowed:
             return
-        self.nbytes += batch.nbytes
-        if self.nbytes > self.budget:
-            self.overflowed = True
-            self.batches.clear()
+        if self.moved_only:
+            batch = _known(batch)
+        if batch.num_rows:
+            self.batches.append(batch)
+            self.nbytes += batch.nbytes
+        if self.nbytes <= self.budget:
             return
-        self.batches.append(batch)
+        if not self.moved_only:
+            self.moved_only = True
+            self.batches = [known for known in map(_known, self.batches) if known.num_rows]
+            self.nbytes = sum(known.nbytes for known in self.batches)
+            if self.nbytes <= self.budget:
+                return
+        self.overflowed = True
+        self.batches.clear()
 
     def table(self) -> pa.Table:
         assert self.schema is not None, "the pass has not started"
         return pa.Table.from_batches(self.batches, schema=self.schema)
+
+
+def _known(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The rows of a pass's batch whose id hash is stored (the moved ones)."""
+    return batch.filter(batch.column(KNOWN))

@@ -26,9 +26,11 @@ How often the segment is read:
   stored, and keeps the others (null, new, moved ids) as Arrow; the ids go to a file from
   which the counts, duplicates and removals are computed. The moved rows and the stream
   are then served from the kept rows. Only a stored id that is now duplicated with an
-  unchanged copy needs a read of its own (restricted to the duplicated ids), and only a
-  delta whose changes exceed :data:`sync.delta_pass.KEPT_BUDGET_BYTES` reads again as
-  below. A full pass reads twice: the pass, then every row.
+  unchanged copy needs a read of its own (restricted to the duplicated ids). A delta whose
+  new rows exceed :data:`sync.delta_pass.KEPT_BUDGET_BYTES` (a first sync's continuation)
+  keeps its moved rows only and streams the new ones in a second read; one whose moved rows
+  alone exceed it (a mapping change) reads again as below. A full pass reads twice: the
+  pass, then every row.
 - **with nothing stored** (a first sync), two reads: the Custom ID column alone, then every
   row (nothing to compare, nothing to keep).
 
@@ -214,6 +216,9 @@ class SegmentDiff:
         # Set by the id scan's pass: the rows it kept are in the table ``kept`` (and, when
         # ``_kept_duplicates``, every copy of every duplicated id among them).
         self._kept = False
+        # ... and the new and null ids' rows too (not only the moved ones): a delta's stream
+        # is served from them, without a read.
+        self._kept_all = False
         self._kept_duplicates = True
         self._reported = False  # on_rows heard of the segment's rows once already
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
@@ -458,6 +463,7 @@ class SegmentDiff:
         # stream needs no read of its own for them.
         self._kept_duplicates = int(count) == duplicate_rows
         self._kept = True
+        self._kept_all = not kept.moved_only
 
     def _serves_kept(self) -> bool:
         return self._kept and self._new_by_hash
@@ -514,7 +520,7 @@ class SegmentDiff:
 
         Rows at or below the watermark (``after``) never come out.
         """
-        if not full and self.stored_count and self._serves_kept():
+        if not full and self.stored_count and self._serves_kept() and self._kept_all:
             return self._kept_to_send()
         view = self._stream(self._columns, numbered=True, report=True)
         order = f"ORDER BY s.{KEY}" if ordered else ""

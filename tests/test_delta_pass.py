@@ -112,12 +112,16 @@ def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
         if above(cid)
     ]
     # Reads: with state, the pass; a read of the duplicated ids when one of their copies
-    # was dropped as unchanged; the earlier two reads when the kept rows exceed the budget.
+    # was dropped as unchanged. Past the budget, the new rows are let go (the stream reads
+    # them again), and past it with the moved rows alone, the earlier two reads follow.
     any_kept = any(kept(cid, raw) for _, cid, _, raw in numbered)
+    any_moved = any(cid in effective and effective[cid][0] != raw for _, cid, _, raw in numbered)
     if not stored:
         delta_reads = 2  # the id column, then the stream
-    elif budget == 1 and any_kept:
+    elif budget == 1 and any_moved:
         delta_reads = 3
+    elif budget == 1 and any_kept:
+        delta_reads = 2  # the pass (the moved rows, none here), then the stream of the new ones
     else:
         delta_reads = 1 + any(cid in duplicated and not kept(cid, raw) for _, cid, _, raw in numbered)
 
@@ -194,6 +198,41 @@ def test_a_read_of_the_duplicated_ids_is_taken_only_when_a_stored_id_has_an_unch
             (5, "c", True),
         ], name
         assert len(source.reads) == reads, name
+
+
+def test_a_pass_whose_new_rows_exceed_the_budget_keeps_its_moved_rows_and_streams_the_new_ones() -> None:
+    """A first sync's continuation: most ids are new. The moved rows stay kept; two reads, not three."""
+    ids = [f"id{n:04d}" for n in range(400)]
+    segment = pa.table({"id": pa.array(ids), "v": pa.array(range(400), pa.int64())})
+    raws = dict(zip(ids, raw_hashes(segment), strict=True))
+    # 20 ids synced by an earlier leg: 18 unchanged, 2 moved since; 380 new.
+    stored = {cid: (raws[cid] + (1 if n < 2 else 0), 3) for n, cid in enumerate(ids[:20])}
+    answers = {}
+    for budget in (KEPT_BUDGET_BYTES, 4_000):
+        source = TableSource(segment)
+        diff = SegmentDiff(
+            source,
+            columns=["id", "v"],
+            schema=segment.schema,
+            stored=stored_table(stored),
+            salt="salt",
+            kept_budget_bytes=budget,
+        )
+        try:
+            scan = diff.scan_ids()
+            moved = rows_of(diff.moved_rows())
+            to_send = rows_of(diff.rows_to_send(full=False))
+        finally:
+            diff.close()
+        assert (scan.matched, scan.new_ids) == (20, 380)
+        answers[budget] = (moved, to_send, len(source.reads))
+    moved, to_send, reads = answers[4_000]
+    assert [row["id"] for row in moved] == ["id0000", "id0001"]
+    assert sorted(row["id"] for row in to_send) == ids[20:]
+    assert reads == 2  # the pass (kept the 2 moved rows), then the stream of the new ones
+    assert answers[KEPT_BUDGET_BYTES][2] == 1  # within the budget: one read
+    assert answers[KEPT_BUDGET_BYTES][0] == moved
+    assert sorted(map(str, answers[KEPT_BUDGET_BYTES][1])) == sorted(map(str, to_send))
 
 
 # -- whole runs ------------------------------------------------------------------------------
