@@ -59,13 +59,10 @@ class AudienceView:
 
 
 @dataclass
-class CallStats:
-    """What the calls of one :class:`AudienceClient` cost, for the run record."""
+class CallStats(Tally):
+    """What the calls of one :class:`AudienceClient` cost, for the run record: their attempts and waits, summed."""
 
     calls: int = 0
-    attempts: int = 0
-    rate_limited: int = 0
-    wait_seconds: float = 0.0
 
 
 @dataclass
@@ -215,9 +212,7 @@ class AudienceClient:
         except GiveUp as stop:
             raise AudienceCallFailed(f"audience {action} of {self.name!r}: {stop.reason}") from None
         finally:
-            self.stats.attempts += tally.attempts
-            self.stats.rate_limited += tally.rate_limited
-            self.stats.wait_seconds += tally.wait_seconds
+            self.stats.add(tally)
 
     # -- reading answers ---------------------------------------------------------------------
 

@@ -25,13 +25,10 @@ scrubbed from any text that comes back from the network.
 
 from __future__ import annotations
 
-import asyncio
-import random as _random
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Unpack
 
 # Re-exported: a rejection is read from Batch's answer (sync/batch/answers.py) and reported here.
 from sync.batch.answers import Rejection as Rejection
@@ -41,7 +38,7 @@ from sync.batch.endpoint import Endpoint
 # Re-exported: the client sends what the engine encoded (sync/batch/profiles.py).
 from sync.batch.profiles import EncodedProfiles as EncodedProfiles
 from sync.batch.profiles import ProfileUpdate as ProfileUpdate
-from sync.batch.ratelimit import RateLimiterRegistry, endpoint_budget
+from sync.batch.ratelimit import endpoint_budget
 from sync.batch.transport import (
     TRANSIENT_STATUSES,
     GiveUp,
@@ -49,13 +46,11 @@ from sync.batch.transport import (
     Retry,
     Tally,
     Transport,
+    TransportOptions,
     transport_errors,
 )
 from sync.config import Credentials, DestinationConfig, EndpointPolicy
 from sync.errors import ConfigError, TransientError
-
-if TYPE_CHECKING:
-    import aiohttp
 
 
 def choose_endpoint(policy: EndpointPolicy, profiles_to_send: int, threshold: int) -> Endpoint:
@@ -194,12 +189,8 @@ class BatchClient:
         destination: The activation's destination settings.
         credentials: The REST API key and project key.
         activation: Activation name, used in errors and logs.
-        session: A session to use instead of creating one (not closed by the client).
-        limiters: Rate limiter registry; defaults to the process-wide one, so every
-            activation of this process that shares a project key shares its budget.
-        sleep: Sleep used for retry backoff (tests inject a recorder).
-        random: Source of jitter in [0, 1).
-        clock: Monotonic clock; ``deadline`` arguments are on this clock.
+        options: How the transport is built (a session to use, the rate limiter registry,
+            the sleep, jitter and clock): :class:`sync.batch.transport.Transport`.
     """
 
     def __init__(
@@ -208,22 +199,9 @@ class BatchClient:
         credentials: Credentials,
         *,
         activation: str,
-        session: aiohttp.ClientSession | None = None,
-        limiters: RateLimiterRegistry | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        random: Callable[[], float] = _random.random,
-        clock: Callable[[], float] = time.monotonic,
+        **options: Unpack[TransportOptions],
     ) -> None:
-        self.transport = Transport(
-            destination,
-            credentials,
-            activation=activation,
-            session=session,
-            limiters=limiters,
-            sleep=sleep,
-            random=random,
-            clock=clock,
-        )
+        self.transport = Transport(destination, credentials, activation=activation, **options)
 
     def __repr__(self) -> str:
         dest = self.transport.destination

@@ -28,7 +28,7 @@ import random as _random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypedDict, TypeVar
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -121,6 +121,14 @@ class Tally:
     wait_seconds: float = 0.0
     wire_seconds: float = 0.0
 
+    def add(self, other: Tally) -> None:
+        """Count ``other``'s attempts and waits in this one (a sum over calls)."""
+        self.attempts += other.attempts
+        self.rate_limited += other.rate_limited
+        self.failures += other.failures
+        self.wait_seconds += other.wait_seconds
+        self.wire_seconds += other.wire_seconds
+
 
 class Call(Protocol[T_co]):
     """What one kind of Batch call does its own way; :meth:`Transport.exchange` does the rest."""
@@ -159,6 +167,16 @@ class Call(Protocol[T_co]):
     def log_fields(self) -> dict[str, object]:
         """Fields of the retry warning that tell which call it is (what it carries, where to)."""
         ...
+
+
+class TransportOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Transport` beyond ``activation``, for whoever builds one."""
+
+    session: aiohttp.ClientSession | None
+    limiters: RateLimiterRegistry | None
+    sleep: Callable[[float], Awaitable[None]]
+    random: Callable[[], float]
+    clock: Callable[[], float]
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:

@@ -163,7 +163,8 @@ async def test_audience_updates_take_ids_from_the_clients_registry_shared_by_act
     # the third waits for its 5,000 ids.
     rate = IDS_PER_SECOND * RATE_HEADROOM
     assert time.sleeps == [pytest.approx(5_000 / rate)]
-    assert (one.stats.wait_seconds, two.stats.wait_seconds) == (0.0, pytest.approx(5_000 / rate))
+    assert one.stats.wait_seconds == 0.0
+    assert two.stats.wait_seconds == pytest.approx(5_000 / rate)
     # Views and creates take no ids; the profile endpoints' buckets are untouched.
     assert registry.get(PROJECT_KEY, Endpoint.UPDATE).available() == Endpoint.UPDATE.burst
 
