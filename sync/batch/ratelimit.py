@@ -152,7 +152,7 @@ class Budget(NamedTuple):
 
 
 def endpoint_budget(endpoint: Endpoint) -> Budget:
-    """The budget of one profile endpoint: a little under Batch's published rate."""
+    """The budget of one profile endpoint (its name is the endpoint's)."""
     # A little under Batch's published rate: our clock and Batch's bucket never start in
     # step, and a 429 costs a round trip plus a backoff, far more than 3 %.
     # /mass-update has "no burst": Batch counts a request when it has read and parsed it,
