@@ -240,7 +240,7 @@ class AudienceRun:
         await asyncio.to_thread(store.compact_members, lease)
         if await asyncio.to_thread(store.start_members, lease, self.name):
             self._warnings.append(f"the state held audience {membership.audience_before!r}: forgotten")
-        api = AudienceClient(client, self.name)
+        api = AudienceClient(client.transport, self.name)
         try:
             await self._ensure(api, membership)
             await self._calls(api, membership)

@@ -10,9 +10,9 @@ Contract (docs/batch-api.md, "Audiences"; doc.batch.com, CEP API, Audiences):
   ``IN_PROGRESS``, ``APPLIED``, or ``REPLACED`` (the audience was replaced since). An audience
   that does not exist is a 404.
 * 401/403, 429, 5xx, timeouts and dropped connections are read as the profile client reads
-  them (:mod:`sync.batch.client`): this module uses that client's session, headers, probe,
-  backoff with full jitter, attempt bounds, outage detection and redactor, so an activation
-  has one way of talking to Batch.
+  them: both send through the activation's :class:`sync.batch.transport.Transport` (its
+  session, headers, probe, backoff with full jitter, attempt bounds, outage detection and
+  redactor), so an activation has one way of talking to Batch.
 
 Batch publishes no rate limit for these endpoints: the pace here (:data:`IDS_PER_SECOND`,
 :data:`BURST_IDS`) is our assumption, a token bucket counted in ids per project key.
@@ -20,23 +20,16 @@ Batch publishes no rate limit for these endpoints: the pace here (:data:`IDS_PER
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlencode
 
-from sync.batch.answers import error_details, parse_retry_after, quote
-from sync.batch.client import (
-    RATE_LIMITED_ATTEMPTS_FACTOR,
-    TRANSIENT_STATUSES,
-    BatchClient,
-    _Response,
-    _transport_errors,
-)
-from sync.batch.ratelimit import RATE_HEADROOM, ProfileRateLimiter, RateLimitWaitTooLong
-from sync.errors import BatchAuthError, BatchContractError, ConfigError, TransientError
+from sync.batch.answers import error_details, quote
+from sync.batch.ratelimit import RATE_HEADROOM, Budget
+from sync.batch.transport import GiveUp, Response, Retry, Tally, Transport
+from sync.errors import BatchContractError, ConfigError, TransientError
 
 # Confirmed by Batch's pages: "Supports up to 10,000 elements" per update call.
 MAX_IDS_PER_CALL: Final = 10_000
@@ -44,11 +37,11 @@ MAX_IDS_PER_CALL: Final = 10_000
 # in ids, with a bucket of two full calls.
 IDS_PER_SECOND: Final = 10_000.0
 BURST_IDS: Final = 2 * MAX_IDS_PER_CALL
+# One bucket per project key, shared by every activation of the process (the client's
+# rate limiter registry: sync.batch.ratelimit).
+BUDGET: Final = Budget("audiences", IDS_PER_SECOND * RATE_HEADROOM, BURST_IDS)
 # The indexing states of Batch's view answer that end the wait for a token.
 FINAL_STATES: Final = frozenset({"APPLIED", "REPLACED"})
-
-# One bucket per project key (hashed), shared by every activation of the process.
-_LIMITERS: dict[bytes, ProfileRateLimiter] = {}
 
 
 class AudienceCallFailed(TransientError):
@@ -66,40 +59,78 @@ class AudienceView:
 
 
 @dataclass
-class CallStats:
-    """What the calls of one :class:`AudienceClient` cost, for the run record."""
+class CallStats(Tally):
+    """What the calls of one :class:`AudienceClient` cost, for the run record: their attempts and waits, summed."""
 
     calls: int = 0
-    attempts: int = 0
-    rate_limited: int = 0
-    wait_seconds: float = 0.0
+
+
+@dataclass
+class _AudienceCall:
+    """One call of the Audience API across its attempts (a :class:`sync.batch.transport.Call`)."""
+
+    transport: Transport
+    audience: str
+    action: str
+    url: str
+    payload: bytes | None
+    ids: int
+    # Answers that are the call's result rather than a broken contract: a 404 (the audience
+    # does not exist), any 4xx (Batch refused, in its words).
+    not_found: bool
+    refused_ok: bool
+    retry_event = "batch_audience_retry"
+
+    @property
+    def where(self) -> str:
+        return f"audiences/{self.action}"
+
+    def tokens(self) -> int:
+        return self.ids
+
+    def body(self) -> bytes | None:
+        return self.payload
+
+    def read(self, response: Response) -> Response | Retry:
+        """2xx (or 404 with ``not_found``, a 4xx with ``refused_ok``) is the answer.
+
+        Raises:
+            BatchContractError: Any other status (401/403 and the transient ones aside).
+        """
+        status = response.status
+        if 200 <= status < 300 or (status == 404 and self.not_found) or (self.refused_ok and 400 <= status < 500):
+            return response
+        raise self.transport.contract_error(response, f"{self.where} for audience {self.audience!r}")
+
+    def log_fields(self) -> dict[str, object]:
+        return {"action": self.action}
 
 
 class AudienceClient:
-    """The Audience API of one activation's audience, through the activation's :class:`BatchClient`.
+    """The Audience API of one activation's audience, through the activation's transport.
 
-    Use inside ``async with client``: the session is the profile client's.
+    Use while the transport is open (inside ``async with`` the activation's
+    :class:`sync.batch.client.BatchClient`, whose :attr:`~sync.batch.client.BatchClient.transport` it is).
 
     Args:
-        client: The activation's Batch client (entered).
+        transport: The activation's transport to Batch.
         name: The audience name.
     """
 
-    def __init__(self, client: BatchClient, name: str) -> None:
-        self._client = client
+    def __init__(self, transport: Transport, name: str) -> None:
+        self._transport = transport
         self.name = name
         self.stats = CallStats()
 
     def url(self, action: str) -> str:
-        dest = self._client._destination
-        return f"{dest.base_url}/{dest.api_version}/audiences/{action}"
+        return self._transport.url(f"audiences/{action}")
 
     # -- the three calls ---------------------------------------------------------------------
 
     async def view(self, token: str | None = None, *, deadline: float | None) -> AudienceView | None:
         """The audience (and the indexing state of ``token``'s update), or None when it does not exist."""
         query = {"name": self.name} | ({"indexing_token": token} if token else {})
-        response = await self._call("GET", "view", query=query, ids=0, deadline=deadline, not_found=True)
+        response = await self._call("view", query=query, ids=0, deadline=deadline, not_found=True)
         if response.status == 404:
             return None
         data = self._json_object(response, "view")
@@ -119,13 +150,13 @@ class AudienceClient:
             ConfigError: Batch refused to create it (a 4xx other than 401/403/429), with its words.
         """
         body = {"name": self.name, "type": "custom_ids", "display_name": display_name}
-        response = await self._call("POST", "create", body=body, ids=0, deadline=deadline, refused_ok=True)
+        response = await self._call("create", body=body, ids=0, deadline=deadline, refused_ok=True)
         if response.status != 202:
             raise ConfigError(
                 f"Batch refused to create the audience {self.name!r}: HTTP {response.status}"
-                f"{error_details(response.body, self._client._scrub)}; create it in Batch's dashboard "
+                f"{error_details(response.body, self._transport.scrub)}; create it in Batch's dashboard "
                 "(type: Custom IDs) or check the name and the REST API key's rights",
-                source=f"activation '{self._client._activation}'",
+                source=f"activation '{self._transport.activation}'",
                 field="audience",
             )
         return self._token(response, "create")
@@ -143,16 +174,13 @@ class AudienceClient:
             raise ValueError(f"{count} ids in one audience call; Batch takes at most {MAX_IDS_PER_CALL}")
         ids = [{"action": "add", "id": custom_id} for custom_id in adds]
         ids += [{"action": "remove", "id": custom_id} for custom_id in removes]
-        response = await self._call(
-            "POST", "update", body={"name": self.name, "ids": ids}, ids=count, deadline=deadline
-        )
+        response = await self._call("update", body={"name": self.name, "ids": ids}, ids=count, deadline=deadline)
         return self._token(response, "update")
 
     # -- one call, with its retries -----------------------------------------------------------
 
     async def _call(
         self,
-        method: str,
         action: str,
         *,
         ids: int,
@@ -161,117 +189,46 @@ class AudienceClient:
         query: dict[str, str] | None = None,
         not_found: bool = False,
         refused_ok: bool = False,
-    ) -> _Response:
-        """Send one call until Batch takes it; 2xx (or 404 with ``not_found``, a 4xx with ``refused_ok``).
+    ) -> Response:
+        """Send one call (a POST with ``body``, else a GET) until Batch takes it; see :class:`_AudienceCall`.
 
         Raises:
             BatchAuthError: 401/403.
             BatchContractError: Any other 4xx (unless allowed above).
-            BatchUnreachable: The host cannot be reached or does not answer (the client's rule).
+            BatchUnreachable: The host cannot be reached or does not answer (the transport's rule).
             AudienceCallFailed: The retries or the deadline ran out.
         """
-        client = self._client
+        transport = self._transport
         url = self.url(action) + (f"?{urlencode(query)}" if query else "")
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if body is not None else None
-        await client._ensure_answering(deadline)
+        call = _AudienceCall(transport, self.name, action, url, payload, ids, not_found, refused_ok)
+        await transport.ensure_answering(deadline)
         self.stats.calls += 1
-        failures = rate_limited = 0
-        max_attempts = client._destination.max_attempts
-        while True:
-            remaining = client._remaining(deadline)
-            if ids and client._destination.rate_limit:
-                try:
-                    self.stats.wait_seconds += await self._limiter().acquire(ids, max_wait=remaining)
-                except RateLimitWaitTooLong as error:
-                    raise AudienceCallFailed(f"audience {action}: deadline reached: {error}") from None
-                remaining = client._remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                raise AudienceCallFailed(f"audience {action}: deadline reached before the next attempt")
-            timeout = client._destination.request_timeout_seconds
-            timeout = timeout if remaining is None else min(timeout, remaining)
-            self.stats.attempts += 1
-            try:
-                response = await self._send(method, url, payload, timeout)
-            except _transport_errors() as error:
-                problem = client._describe(error)
-                client._count_unanswered(error, problem, url, timeout)
-                status, retry_after = None, None
-            else:
-                client._connect_failures = client._silent_attempts = 0
-                status, retry_after = response.status, response.retry_after
-                if 200 <= status < 300 or (status == 404 and not_found):
-                    return response
-                if status in (401, 403):
-                    raise self._auth_error(response, action)
-                if status not in TRANSIENT_STATUSES:
-                    if refused_ok and 400 <= status < 500:
-                        return response
-                    raise BatchContractError(
-                        f"activation '{client._activation}': Batch answered {status} to audiences/{action} "
-                        f"for audience {self.name!r}{error_details(response.body, client._scrub)}"
-                    )
-                problem = f"HTTP {status}{error_details(response.body, client._scrub)}"
-            if status == 429:
-                rate_limited += 1
-                self.stats.rate_limited += 1
-                exhausted = rate_limited >= RATE_LIMITED_ATTEMPTS_FACTOR * max_attempts
-            else:
-                failures += 1
-                exhausted = failures >= max_attempts
-            if exhausted:
-                raise AudienceCallFailed(
-                    f"audience {action} of {self.name!r} failed after {failures + rate_limited} attempt(s) "
-                    f"(last: {problem})"
-                )
-            wait = client._backoff(failures + rate_limited, retry_after)
-            left = client._remaining(deadline)
-            if left is not None and wait >= left:
-                raise AudienceCallFailed(f"audience {action}: deadline reached, no time left for a backoff")
-            client._log.warning(
-                "batch_audience_retry", action=action, status=status, problem=problem, wait_seconds=round(wait, 3)
+        tally = Tally()
+        try:
+            return await transport.exchange(
+                call, deadline=deadline, limiter=transport.limiter(BUDGET) if ids else None, tally=tally
             )
-            await client._sleep(wait)
-            self.stats.wait_seconds += wait
-
-    async def _send(self, method: str, url: str, payload: bytes | None, timeout_seconds: float) -> _Response:
-        client = self._client
-        if method == "POST" and payload is not None:
-            return await client._post(url, payload, timeout_seconds)
-        session = client._session
-        if session is None:
-            raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
-        import aiohttp  # loaded with the client's session
-
-        headers = {key: value for key, value in client._headers().items() if key != "Content-Type"}
-        async with session.get(
-            url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_seconds), allow_redirects=False
-        ) as response:
-            body = await response.read()
-            return _Response(response.status, body, parse_retry_after(response.headers.get("Retry-After")))
-
-    def _limiter(self) -> ProfileRateLimiter:
-        client = self._client
-        key = hashlib.blake2b(client._credentials.project_key.get_secret_value().encode(), digest_size=16).digest()
-        limiter = _LIMITERS.get(key)
-        if limiter is None:
-            limiter = _LIMITERS[key] = ProfileRateLimiter(IDS_PER_SECOND * RATE_HEADROOM, BURST_IDS)
-        return limiter
+        except GiveUp as stop:
+            raise AudienceCallFailed(f"audience {action} of {self.name!r}: {stop.reason}") from None
+        finally:
+            self.stats.add(tally)
 
     # -- reading answers ---------------------------------------------------------------------
 
-    def _json_object(self, response: _Response, action: str) -> dict[str, object]:
+    def _json_object(self, response: Response, action: str) -> dict[str, object]:
         try:
             data = json.loads(response.body)
         except ValueError:
             data = None
         if not isinstance(data, dict):
             raise BatchContractError(
-                f"activation '{self._client._activation}': audiences/{action} answered {response.status} with "
-                f"a body that is not a JSON object: {quote(response.body, self._client._scrub)}"
+                f"activation '{self._transport.activation}': audiences/{action} answered {response.status} with "
+                f"a body that is not a JSON object: {quote(response.body, self._transport.scrub)}"
             )
         return data
 
-    def _token(self, response: _Response, action: str) -> str | None:
+    def _token(self, response: Response, action: str) -> str | None:
         """The answer's indexing token; None (logged) when a 2xx carries none: Batch took the call anyway."""
         try:
             token = json.loads(response.body).get("indexing_token")
@@ -279,15 +236,7 @@ class AudienceClient:
             token = None
         if isinstance(token, str) and token:
             return token
-        self._client._log.warning(
-            "batch_audience_no_token", action=action, body=quote(response.body, self._client._scrub)
+        self._transport.log.warning(
+            "batch_audience_no_token", action=action, body=quote(response.body, self._transport.scrub)
         )
         return None
-
-    def _auth_error(self, response: _Response, action: str) -> BatchAuthError:
-        dest = self._client._destination
-        return BatchAuthError(
-            f"activation '{self._client._activation}': Batch answered {response.status} on audiences/{action}"
-            f"{error_details(response.body, self._client._scrub)}: the REST API key is not valid for this "
-            f"project; check the REST API key (env {dest.api_key_env}) and the project key (env {dest.project_key_env})"
-        )

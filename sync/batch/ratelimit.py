@@ -8,7 +8,8 @@ client still retries the 429s that slip through.
 
 docs/batch-api.md, "Limits, counted in profiles": one budget per project key and per endpoint, shared by every
 activation of the process that uses that project key. :class:`RateLimiterRegistry` hands
-out those shared buckets.
+out those shared buckets, and the audience calls' (a :class:`Budget` of their own, counted
+in ids: :mod:`sync.batch.audiences`).
 
 The bucket works by *reservation*: ``acquire(n)`` takes ``n`` tokens at once (the level
 may go negative), then sleeps until the debt it created has been refilled. Concurrent
@@ -23,6 +24,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from sync.batch.endpoint import Endpoint
 from sync.errors import TransientError
@@ -136,8 +138,34 @@ class ProfileRateLimiter:
         return wait
 
 
+class Budget(NamedTuple):
+    """A rate budget that every client of a process using one project key shares.
+
+    ``name`` tells budgets of one project key apart; ``rate`` (tokens a second) and
+    ``capacity`` shape its bucket, which holds ``initial`` tokens at first (default: full).
+    """
+
+    name: str
+    rate: float
+    capacity: int
+    initial: float | None = None
+
+
+def endpoint_budget(endpoint: Endpoint) -> Budget:
+    """The budget of one profile endpoint (its name is the endpoint's)."""
+    # A little under Batch's published rate: our clock and Batch's bucket never start in
+    # step, and a 429 costs a round trip plus a backoff, far more than 3 %.
+    # /mass-update has "no burst": Batch counts a request when it has read and parsed it,
+    # which for a 5,000-profile body lags the moment we took our tokens. Starting with one
+    # request's worth, not the whole second, leaves that lag as slack: the second request
+    # of a run leaves half a second after the first instead of at once (a 1M full load
+    # measured one 429 at its start without it).
+    initial = endpoint.burst - endpoint.send_batch if endpoint is Endpoint.MASS_UPDATE else None
+    return Budget(endpoint.value, endpoint.rate_per_second * RATE_HEADROOM, endpoint.burst, initial)
+
+
 class RateLimiterRegistry:
-    """One :class:`ProfileRateLimiter` per (project key, endpoint), created on first use.
+    """One :class:`ProfileRateLimiter` per (project key, budget), created on first use.
 
     Share one registry across every client of a process (the default client registry is
     process-wide) so that activations writing to the same Batch project share its budget.
@@ -157,25 +185,17 @@ class RateLimiterRegistry:
         return f"RateLimiterRegistry({len(self._limiters)} limiters)"
 
     def get(self, project_key: str, endpoint: Endpoint) -> ProfileRateLimiter:
-        """The shared limiter for this project key and endpoint."""
+        """The shared limiter for this project key and profile endpoint."""
+        return self.shared(project_key, endpoint_budget(endpoint))
+
+    def shared(self, project_key: str, budget: Budget) -> ProfileRateLimiter:
+        """The shared limiter for this project key and budget (the first caller's shape of a name holds)."""
         digest = hashlib.blake2b(project_key.encode(), digest_size=16).digest()
-        key = (digest, endpoint.value)
+        key = (digest, budget.name)
         limiter = self._limiters.get(key)
         if limiter is None:
-            # A little under Batch's published rate: our clock and Batch's bucket never start
-            # in step, and a 429 costs a round trip plus a backoff, far more than 3 %.
-            # /mass-update has "no burst": Batch counts a request when it has read and parsed
-            # it, which for a 5,000-profile body lags the moment we took our tokens. Starting
-            # with one request's worth, not the whole second, leaves that lag as slack: the
-            # second request of a run leaves half a second after the first instead of at once
-            # (a 1M full load measured one 429 at its start without it).
-            initial = endpoint.burst - endpoint.send_batch if endpoint is Endpoint.MASS_UPDATE else None
             limiter = ProfileRateLimiter(
-                endpoint.rate_per_second * RATE_HEADROOM,
-                endpoint.burst,
-                clock=self._clock,
-                sleep=self._sleep,
-                initial=initial,
+                budget.rate, budget.capacity, clock=self._clock, sleep=self._sleep, initial=budget.initial
             )
             self._limiters[key] = limiter
         return limiter
