@@ -21,7 +21,7 @@ Three figures per checkout, each over ``--repeat`` repetitions (median, min, max
   starting the interpreter to the answer, and the part of it the request took.
 
 The run's first line is the first line the command writes on stdout or stderr, whatever it
-says: since the start line (docs/cli.md, "The first line") it is ``run starting: ...`` on
+says: since the start line (docs/how-a-run-works.md, "Start-up") it is ``run starting: ...`` on
 stderr; before it, the baseline's first line was the run record's, printed after the run.
 
 With ``--baseline REV`` (default d7cf1b1, before the imports were deferred; ``none`` to skip)

@@ -42,14 +42,14 @@ from sync.cli_common import (
 )
 from sync.config import Activation, BigQuerySourceConfig, DiffMode
 from sync.config_file import json_schema
-from sync.destination import read_key
+from sync.destination import Credentials, read_key
 from sync.errors import ConfigError, SyncError
 from sync.guard_names import GUARD_NAMES, check_guard_names
 from sync.record import EXIT_CODES
 from sync.runs import Clock, RunOptions, new_run_id
 
 # Nothing above loads the engine, pyarrow, DuckDB, aiohttp, structlog or rich: `cepsync run`
-# says what it is about to do first (docs/cli.md, "The first line"), and each command imports
+# says what it is about to do first (docs/how-a-run-works.md, "Start-up"), and each command imports
 # what it needs when it runs (tests/test_start_imports.py pins it).
 
 app = typer.Typer(
@@ -234,6 +234,7 @@ def run(
     try:
         check_guard_names(allow or (), field="--allow")
         state_label = _state_label(state)
+        Credentials.from_env(activation, os.environ)  # both Batch keys set and sendable, before the line
         options = RunOptions(
             trigger="cli",
             full=full,
@@ -244,7 +245,7 @@ def run(
             run_id=new_run_id(Clock()),
         )
         with _rejects_file(rejects, activation=activation_file, state=state) as sink:
-            if not json_output:  # --json: stdout holds one JSON document, stderr nothing (docs/cli.md)
+            if not json_output:  # --json: stdout holds one JSON document, stderr nothing (docs/how-a-run-works.md)
                 _say(sys.stderr, start_line(activation, options, state_label))
             # The engine, the edges and the record's printing load now, after the first line.
             from sync.cli_run import run_and_print

@@ -57,7 +57,7 @@ def __getattr__(name: str) -> Console:
     """``console`` (stdout) and ``err_console`` (stderr), made when a command first prints with rich.
 
     rich's console and tables cost ~0.05 s of imports that `cepsync run` does not need before its
-    first line (docs/cli.md, "The first line"), nor a command that fails early.
+    first line (docs/how-a-run-works.md, "Start-up"), nor a command that fails early.
     """
     if name == "console":
         return console_out()

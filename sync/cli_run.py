@@ -1,7 +1,7 @@
 """What `cepsync run` (and `cepsync demo`) do once the command has said what it is about to do.
 
 :mod:`sync.cli` parses the arguments, reads and checks the activation, and prints the run's
-first line (docs/cli.md, "The first line") with nothing heavy loaded; this module is imported
+first line (docs/how-a-run-works.md, "Start-up") with nothing heavy loaded; this module is imported
 after that line: it loads the engine, the source, the state store and the Batch client, runs,
 and prints the record. Progress bars (rich.progress) load only when stderr is a terminal,
 the only place they are drawn.

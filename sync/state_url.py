@@ -3,7 +3,7 @@
 ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``firestore://PROJECT/DATABASE?prefix=P``,
 the bare word ``firestore`` (the deployed function's setting) and the per-user default. Its own
 room so a command can name and check its state before the state stores (and pyarrow) load:
-``cepsync run`` prints what it is about to do first (docs/cli.md, "The first line").
+``cepsync run`` prints what it is about to do first (docs/how-a-run-works.md, "Start-up").
 :mod:`sync.runtime` re-exports every name here.
 """
 

@@ -7,7 +7,7 @@ interpreter imports the CLI as the console script does, and builds the edges of 
 activation on SQLite state (what `cepsync run` does before the engine starts); its
 ``sys.modules`` is then checked.
 
-The run's first line (docs/cli.md, "The first line") is pinned the same way: the real
+The run's first line (docs/how-a-run-works.md, "Start-up") is pinned the same way: the real
 command runs in a fresh interpreter whose stderr notes ``sys.modules`` when that line is
 written, so a heavy import creeping back in front of it fails here.
 """
@@ -227,6 +227,16 @@ def test_a_bad_argument_fails_before_the_first_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "run starting" not in done.stderr
     assert "unknown guard(s) 'nope'" in done.stderr
+    # The Batch keys are read before the line too: a run that cannot send does not announce itself.
+    (tmp_path / "keyless.yaml").write_text(
+        activation.read_text(encoding="utf-8").replace("BATCH_PROJECT_KEY", "CEPSYNC_TEST_UNSET_PROJECT_KEY"),
+        encoding="utf-8",
+    )
+    done = _command(tmp_path, "run", str(tmp_path / "keyless.yaml"), "--state", "sqlite:///state.db")
+    assert done.returncode == 2
+    assert "run starting" not in done.stderr
+    assert "CEPSYNC_TEST_UNSET_PROJECT_KEY not set" in done.stderr
+    assert not (tmp_path / "state.db").exists()
 
 
 def test_the_first_line_escapes_what_the_file_and_the_environment_gave() -> None:
