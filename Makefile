@@ -60,7 +60,7 @@ bench-10m: install ## 10M profiles on one machine: `cepsync run` first sync thro
 	$(BIN)/python bench/bench_10m.py $(BENCH_ARGS)
 
 bench-start: install ## Start-up: import time of the CLI and the function, and a run's time to its first line, vs d7cf1b1
-	$(BIN)/python bench/bench_start.py
+	$(BIN)/python bench/bench_start.py $(BENCH_ARGS)
 
 bench-warehouse: install bigquery-emulator ## Warehouse diff vs function diff on the local BigQuery emulator (rows leaving the warehouse)
 	$(BIN)/python bench/bench_warehouse.py

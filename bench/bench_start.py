@@ -14,7 +14,15 @@ Three figures per checkout, each over ``--repeat`` repetitions (median, min, max
   stderr. The run's whole wall time is printed beside it;
 * ``import main``: the function's entry module (``main.py``, functions-framework), imported
   with the function's environment, as a cold instance does: its ``-X importtime``
-  cumulative time and the wall time of the whole interpreter.
+  cumulative time and the wall time of the whole interpreter;
+* the function's cold start: a fresh interpreter imports ``main`` and hands ``http_sync`` one
+  request (``{"activation": "vip_customers"}``, a Flask test request, SQLite state, a fresh
+  state per repetition, so a full load) against the same simulator: the wall time from
+  starting the interpreter to the answer, and the part of it the request took.
+
+The run's first line is the first line the command writes on stdout or stderr, whatever it
+says: since the start line (docs/how-a-run-works.md, "Start-up") it is ``run starting: ...`` on
+stderr; before it, the baseline's first line was the run record's, printed after the run.
 
 With ``--baseline REV`` (default d7cf1b1, before the imports were deferred; ``none`` to skip)
 the same figures are measured on a ``git worktree`` of that commit in a temporary directory,
@@ -29,6 +37,7 @@ checkouts, not absolute.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import selectors
@@ -69,7 +78,23 @@ FIGURES = (
     ("cepsync run: whole run", "run_wall"),
     ("import main (importtime)", "import_main"),
     ("python -c 'import main' (wall)", "main_wall"),
+    ("function: import + 1st request", "function_cold"),
+    ("  of which the request", "function_request"),
 )
+
+# A cold instance: import main, then one HTTP request through http_sync (the Flask request
+# functions-framework would hand it), timed inside; the answer's status is printed with it.
+_FUNCTION_PROBE = """
+import json, sys, time
+started = time.perf_counter()
+import main
+imported = time.perf_counter()
+from flask import Flask, request
+with Flask("bench").test_request_context("/", method="POST", json={"activation": "vip_customers"}):
+    body, status = main.http_sync(request)
+answered = time.perf_counter()
+print(json.dumps({"request": answered - imported, "status": status, "run_status": body.get("status")}))
+"""
 
 
 def _env(checkout: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -169,11 +194,22 @@ def measure_once(checkout: Path, figures: Figures, scratch: Path, activation: Pa
     function_env = {
         **env,
         "CEPSYNC_STATE": f"sqlite:///{scratch / 'function-state.db'}",
-        "CEPSYNC_ACTIVATIONS_DIR": str(scratch),
+        "CEPSYNC_ACTIVATIONS_DIR": str(scratch / "function"),
         "CEPSYNC_LOG_LEVEL": "info",
     }
     figures.add("import_main", importtime(checkout, "main", function_env))
     figures.add("main_wall", wall(checkout, "import main", function_env))
+    (scratch / "function-state.db").unlink(missing_ok=True)
+    start = time.perf_counter()
+    done = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-c", _FUNCTION_PROBE], env=function_env, cwd=checkout, capture_output=True, text=True
+    )
+    cold = time.perf_counter() - start
+    answer = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else {}
+    if answer.get("status") != 200:
+        raise RuntimeError(f"the function's request failed on {checkout}: {answer or done.stderr[-2000:]}")
+    figures.add("function_cold", cold)
+    figures.add("function_request", float(answer["request"]))
     return line
 
 
@@ -216,7 +252,12 @@ def main() -> int:
         with simulator_process({**os.environ, **keys}, scratch / "simulator.log") as base_url:
             activation = scratch / "activation.yaml"
             activation.write_text(ACTIVATION_TEMPLATE.format(base_url=base_url), encoding="utf-8")
-            (scratch / "vip_customers.yaml").write_text(activation.read_text(encoding="utf-8"), encoding="utf-8")
+            # The function's own directory: one activation of that name (the run's file sits in scratch).
+            (scratch / "function").mkdir()
+            function_activation = activation.read_text(encoding="utf-8").replace(
+                "database: segment.duckdb", f"database: {scratch / 'segment.duckdb'}"
+            )
+            (scratch / "function" / "vip_customers.yaml").write_text(function_activation, encoding="utf-8")
             with checkouts_to_measure(baseline, scratch) as checkouts:
                 results = {name: Figures() for name in checkouts}
                 lines: dict[str, str] = {}

@@ -9,20 +9,16 @@ Exit codes: 0 success (rejected rows are reported, not failures), 1 unexpected f
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from sync import cli_admin
 from sync.cli_common import (
@@ -34,26 +30,27 @@ from sync.cli_common import (
     _sqlite_state_file,
     _state_label,
     _store,
+    _styled,
     check_output_path,
-    console,
-    err_console,
+    console_err,
+    console_out,
     print_check,
     print_error,
     print_plan_sample,
     print_record,
     print_source_check,
 )
-from sync.config import Activation
+from sync.config import Activation, BigQuerySourceConfig, DiffMode
 from sync.config_file import json_schema
-from sync.destination import read_key
-from sync.engine import Progress as RunProgress
-from sync.engine import Run, RunOptions, RunResult
+from sync.destination import Credentials, read_key
 from sync.errors import ConfigError, SyncError
-from sync.logs import configure_logging
-from sync.plan import GUARD_NAMES, check_guard_names
-from sync.record import EXIT_CODES, RunStatus
-from sync.runlog import log_run_end
-from sync.runtime import StateNotFound, build_client, open_differ, open_source_from_env, open_store
+from sync.guard_names import GUARD_NAMES, check_guard_names
+from sync.record import EXIT_CODES
+from sync.runs import Clock, RunOptions, new_run_id
+
+# Nothing above loads the engine, pyarrow, DuckDB, aiohttp, structlog or rich: `cepsync run`
+# says what it is about to do first (docs/how-a-run-works.md, "Start-up"), and each command imports
+# what it needs when it runs (tests/test_start_imports.py pins it).
 
 app = typer.Typer(
     name="cepsync",
@@ -195,100 +192,6 @@ def _check_time_budget(value: float | None) -> float | None:
     return value
 
 
-class _RichProgress:
-    """Progress bars for reading and sending, drawn only on a terminal."""
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._read = progress.add_task("reading segment", total=None)
-        self._send: TaskID | None = None
-
-    def rows_read(self, rows: int) -> None:
-        self._progress.advance(self._read, rows)
-
-    def planned(self, counts: dict[str, int]) -> None:
-        # The id scan counted the segment: the reading bar gets its total.
-        self._progress.update(self._read, total=counts["rows"])
-
-    def sending(self, total: int, endpoint: str) -> None:
-        self._send = self._progress.add_task(f"sending to /profiles/{endpoint}", total=total)
-
-    def sent(self, acknowledged: int, rejected: int, failed: int) -> None:
-        if self._send is not None:
-            self._progress.advance(self._send, acknowledged + rejected + failed)
-
-
-def _progress_bars() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-        disable=not err_console.is_terminal,
-    )
-
-
-class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM stopped a run; it committed what Batch had acknowledged."""
-
-    def __init__(self, record: Mapping[str, object]) -> None:
-        self.record = record
-        super().__init__("interrupted")
-
-
-def execute_run(
-    activation: Activation,
-    *,
-    state: str,
-    options: RunOptions,
-    progress: RunProgress | None = None,
-    rejects: Callable[[Mapping[str, object]], None] | None = None,
-) -> RunResult:
-    """Build the edges and run once (used by `run` and `demo`)."""
-    client = build_client(activation)
-    source = open_source_from_env(activation, os.environ)
-    try:
-        store = _store(state)
-    except BaseException:
-        source.close()
-        raise
-    try:
-        differ = open_differ(activation, store, source)
-    except BaseException:
-        source.close()
-        store.close()
-        raise
-    run = Run(
-        activation,
-        source=source,
-        store=store,
-        client=client,
-        differ=differ,
-        options=options,
-        progress=progress,
-        rejects=rejects,
-    )
-
-    async def main() -> RunResult:
-        # SIGTERM behaves like Ctrl-C: the run commits what Batch acknowledged, then stops.
-        task = asyncio.current_task()
-        assert task is not None
-        with contextlib.suppress(NotImplementedError):  # no signal handlers on some platforms
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run.execute()
-
-    try:
-        return asyncio.run(main())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        raise RunInterrupted(run.record) from None
-    finally:
-        differ.close()
-        source.close()
-        store.close()
-
-
 @app.command()
 def run(
     activation_file: ActivationArg,
@@ -327,40 +230,71 @@ def run(
     rejects: RejectsOption = None,
 ) -> None:
     """Sync one activation now."""
-    configure_logging(level="warning")
     activation = _load(activation_file, json_output=json_output)
-    options = RunOptions(
-        trigger="cli",
-        full=full,
-        allow_guards=tuple(allow or ()),
-        lease_ttl_seconds=lease_ttl,
-        time_budget_seconds=time_budget,
-        map_workers=map_workers,
-    )
-    sink: _RejectsSink | None = None
     try:
         check_guard_names(allow or (), field="--allow")
-        with (
-            _rejects_file(rejects, activation=activation_file, state=state) as sink,
-            _progress_bars() as bars,
-        ):
-            result = execute_run(activation, state=state, options=options, progress=_RichProgress(bars), rejects=sink)
+        state_label = _state_label(state)
+        Credentials.from_env(activation, os.environ)  # both Batch keys set and sendable, before the line
+        options = RunOptions(
+            trigger="cli",
+            full=full,
+            allow_guards=tuple(allow or ()),
+            lease_ttl_seconds=lease_ttl,
+            time_budget_seconds=time_budget,
+            map_workers=map_workers,
+            run_id=new_run_id(Clock()),
+        )
+        with _rejects_file(rejects, activation=activation_file, state=state) as sink:
+            if not json_output:  # --json: stdout holds one JSON document, stderr nothing (docs/how-a-run-works.md)
+                _say(sys.stderr, start_line(activation, options, state_label))
+            # The engine, the edges and the record's printing load now, after the first line.
+            from sync.cli_run import run_and_print
+
+            code = run_and_print(activation, state=state, options=options, json_output=json_output, rejects=sink)
     except SyncError as error:
         raise _fail(error, json_output=json_output, activation=activation.name) from None
-    except RunInterrupted as interrupted:
-        log_run_end(interrupted.record)
-        if json_output:
-            _print_json(interrupted.record)
-        else:
-            print_record(interrupted.record)
-        raise typer.Exit(_report_rejects_failure(sink, RunStatus.INTERRUPTED.exit_code)) from None
-    log_run_end(result.record)
-    if json_output:
-        _print_json(result.record)
-    else:
-        print_record(result.record)
     # A --rejects file that could not be written is said after the run, which stays recorded.
-    raise typer.Exit(_report_rejects_failure(sink, result.exit_code))
+    raise typer.Exit(_report_rejects_failure(sink, code))
+
+
+def _printable(text: str) -> str:
+    """``text`` with every control character escaped (``\\x1b``, ``\\n``): a path or a URL cannot move the cursor."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def start_line(activation: Activation, options: RunOptions, state_label: str) -> str:
+    """The first line of `cepsync run`: what is about to run, where from, where to, with which state.
+
+    Made from the checked activation and arguments only (nothing is opened yet), so it comes
+    before the engine, the source, the state store or the Batch client load; values from the
+    file or the environment are escaped (:func:`_printable`).
+    """
+    source = activation.source
+    read = f"table {source.table}" if source.table is not None else "query"
+    if isinstance(source, BigQuerySourceConfig):
+        where = f"bigquery project {source.project}" if source.project else "bigquery (the client's project)"
+    else:
+        where = f"duckdb {source.database}"
+    parts = [
+        f"activation {activation.name}",
+        f"run id {options.run_id}",
+        f"source {where} ({read})",
+        f"to {activation.destination.base_url} ({activation.sync_mode.value}, {activation.run_type.value}"
+        + (", --full" if options.full else "")
+        + ")",
+    ]
+    if activation.diff.mode is DiffMode.WAREHOUSE:
+        parts.append(f"diff in BigQuery dataset {activation.diff.dataset}")
+    parts.append(f"state {state_label}")
+    return _printable("run starting: " + ", ".join(parts))
+
+
+def _say(stream: TextIO, line: str) -> None:
+    """One plain line, flushed at once (not rich: nothing in it is markup, and rich loads later)."""
+    stream.write(line + "\n")
+    stream.flush()
 
 
 @app.command()
@@ -375,8 +309,14 @@ def plan(
     rejects: RejectsOption = None,
 ) -> None:
     """Dry run: what the next run would send. Nothing is sent, no state changes."""
-    configure_logging(level="warning")
     activation = _load(activation_file, json_output=json_output)
+    import asyncio
+
+    from sync.engine import Run
+    from sync.logs import configure_logging
+    from sync.runtime import StateNotFound, open_differ, open_source_from_env, open_store
+
+    configure_logging(level="warning")
     with contextlib.ExitStack() as stack:
         try:
             sink = stack.enter_context(_rejects_file(rejects, activation=activation_file, state=state))
@@ -388,8 +328,10 @@ def plan(
                 store = _store(state, read_only=True)
             except StateNotFound:
                 if not json_output:
-                    err_console.print(
-                        Text(f"no state yet at {_state_label(state)}: planning a first run (every valid row is new)"),
+                    console_err().print(
+                        _styled(
+                            f"no state yet at {_state_label(state)}: planning a first run (every valid row is new)"
+                        ),
                         style="dim",
                     )
                 store = open_store("sqlite:///:memory:")
@@ -420,9 +362,14 @@ def validate(
     ] = True,
 ) -> None:
     """Check the config, the segment query (schema only) and the Batch credentials."""
+    import asyncio
+
+    from sync.logs import configure_logging
+    from sync.runtime import build_client, open_source_from_env
+
     configure_logging(level="warning")
     activation = _load(activation_file)
-    print_check(console, f"config: activation '{activation.name}' is valid")
+    print_check(console_out(), f"config: activation '{activation.name}' is valid")
     try:
         source = open_source_from_env(activation, os.environ)
         try:
@@ -434,7 +381,7 @@ def validate(
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()
-        print_source_check(console, len(mapper.columns), types)
+        print_source_check(console_out(), len(mapper.columns), types)
         if check_credentials:
             client = build_client(activation)
 
@@ -443,7 +390,7 @@ def validate(
                     await client.check_credentials()
 
             asyncio.run(check())
-            print_check(console, f"Batch accepted the credentials at {activation.destination.base_url}")
+            print_check(console_out(), f"Batch accepted the credentials at {activation.destination.base_url}")
     except SyncError as error:
         raise _fail(error) from None
 
@@ -479,6 +426,7 @@ def simulator(
     GET /_sim/faults shows them and GET /_sim/stats counts what happened.
     """
     from sync.dev.simulator import serve
+    from sync.logs import configure_logging
 
     if not os.environ.get(api_key_env) or not os.environ.get(project_key_env):
         raise _fail(ConfigError(f"set {api_key_env} and {project_key_env}: the simulator accepts only those keys"))
@@ -504,7 +452,9 @@ def demo(
     rows: Annotated[int, typer.Option(min=0, help="Customers in the demo segment.")] = 2_000,
 ) -> None:
     """A real sync on the embedded default: DuckDB → local Batch simulator, full then delta (mirror)."""
+    from sync.cli_run import RichProgress, execute_run, progress_bars
     from sync.dev.demo_runner import run_demo
+    from sync.logs import configure_logging
 
     configure_logging(level="warning")
     # Start afresh, removing only what a previous demo wrote (never the folder itself).
@@ -520,9 +470,9 @@ def demo(
     code = run_demo(
         directory,
         rows=rows,
-        console=console,
-        progress_factory=_progress_bars,
-        progress_adapter=_RichProgress,
+        console=console_out(),
+        progress_factory=progress_bars,
+        progress_adapter=RichProgress,
         execute_run=execute_run,
         print_record=print_record,
     )
@@ -539,7 +489,6 @@ if __name__ == "__main__":  # pragma: no cover
 __all__ = [
     "EXIT_CODES",
     "app",
-    "execute_run",
     "print_check",
     "print_error",
     "print_plan_sample",

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.text import Text
 
 from sync.cli_common import (
     ActivationArg,
@@ -23,8 +22,9 @@ from sync.cli_common import (
     _sqlite_state_file,
     _state_label,
     _store,
+    _styled,
     check_output_path,
-    console,
+    console_out,
     print_error,
     print_record,
 )
@@ -32,10 +32,9 @@ from sync.config import Activation, DiffMode
 from sync.errors import ConfigError, SyncError
 from sync.model import ActivationMeta
 from sync.runconfig import config_as_run
-from sync.runtime import open_warehouse_fingerprints
-from sync.state.base import StateStore
 
 if TYPE_CHECKING:
+    from sync.state.base import StateStore
     from sync.warehouse.store import WarehouseFingerprints
 
 
@@ -104,9 +103,9 @@ def history(
     elif output_format is HistoryFormat.csv:
         typer.echo(history_csv(records), nl=False)
     else:
-        console.print(history_table(name, records))
+        console_out().print(history_table(name, records))
         for note in persistent_notes(records):
-            console.print(Text(note, style="yellow"))
+            console_out().print(_styled((note, "yellow")))
 
 
 def report(
@@ -163,7 +162,7 @@ def report(
             )
         )
         raise typer.Exit(1) from None
-    console.print(Text(f"wrote {target} ({len(records)} runs); open it in a browser, it needs no network"))
+    console_out().print(_styled(f"wrote {target} ({len(records)} runs); open it in a browser, it needs no network"))
 
 
 def reset(
@@ -208,7 +207,7 @@ def reset(
         if in_bigquery is not None:
             in_bigquery.close()
         store.close()
-    console.print(Text(f"state of '{name}' forgotten; the next run is a full load"))
+    console_out().print(_styled(f"state of '{name}' forgotten; the next run is a full load"))
 
 
 def switch_diff(
@@ -241,7 +240,7 @@ def switch_diff(
     finally:
         in_bigquery.close()
         base.close()
-    console.print(Text(f"{moved} fingerprints of '{config.name}' now in the {to.value} diff's store"))
+    console_out().print(_styled(f"{moved} fingerprints of '{config.name}' now in the {to.value} diff's store"))
 
 
 def dbt_exposures(
@@ -305,9 +304,11 @@ def adopt_fence(
         base.close()
     where = f"{store.dataset.dataset_id}.cepsync_fence"
     if took:
-        console.print(Text(f"'{config.name}': this state store now owns {where} (took over from token {took})"))
+        console_out().print(
+            _styled(f"'{config.name}': this state store now owns {where} (took over from token {took})")
+        )
     else:
-        console.print(Text(f"'{config.name}': this state store already owns {where}; nothing to adopt"))
+        console_out().print(_styled(f"'{config.name}': this state store already owns {where}; nothing to adopt"))
 
 
 def register(app: typer.Typer) -> None:
@@ -322,6 +323,8 @@ def register(app: typer.Typer) -> None:
 
 def _fingerprints_in_bigquery(config: Activation, base: StateStore) -> WarehouseFingerprints:
     """The activation's fingerprints in BigQuery (``diff.dataset``); ``base`` is closed if they cannot be opened."""
+    from sync.runtime import open_warehouse_fingerprints
+
     try:
         return open_warehouse_fingerprints(config, base)
     except BaseException:

@@ -12,23 +12,59 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from sync.config import Activation, AttributeType
 from sync.config_file import load_activation
 from sync.errors import ConfigError, SyncError
 from sync.record import RunStatus, status_of_error
-from sync.runtime import expand_state_url, open_store
-from sync.state.base import StateStore
+from sync.state_url import expand_state_url, sqlite_state_path, state_label
 
-console = Console()
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from sync.state.base import StateStore
+
+    # Made on first use (rich loads then, not with every command): see __getattr__ below.
+    console: Console
+    err_console: Console
+
+
+@cache
+def _consoles() -> tuple[Console, Console]:
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+def console_out() -> Console:
+    """The rich console on stdout (made on first use)."""
+    return _consoles()[0]
+
+
+def console_err() -> Console:
+    """The rich console on stderr (made on first use)."""
+    return _consoles()[1]
+
+
+def __getattr__(name: str) -> Console:
+    """``console`` (stdout) and ``err_console`` (stderr), made when a command first prints with rich.
+
+    rich's console and tables cost ~0.05 s of imports that `cepsync run` does not need before its
+    first line (docs/how-a-run-works.md, "Start-up"), nor a command that fails early.
+    """
+    if name == "console":
+        return console_out()
+    if name == "err_console":
+        return console_err()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 StateOption = Annotated[
     str,
@@ -52,11 +88,13 @@ ActivationArg = Annotated[Path, typer.Argument(help="Activation YAML file.", sho
 
 def _styled(*parts: str | tuple[str, str]) -> Text:
     """Plain strings verbatim, (text, style) pairs styled; no markup or emoji parsing."""
+    from rich.text import Text
+
     return Text.assemble(*parts)
 
 
 def print_error(error: SyncError | Exception, *, err: Console | None = None) -> None:
-    (err or err_console).print(_styled(("error:", "bold red"), " ", str(error)))
+    (err or console_err()).print(_styled(("error:", "bold red"), " ", str(error)))
 
 
 def _fail(error: SyncError | Exception, *, json_output: bool = False, activation: str | None = None) -> typer.Exit:
@@ -79,18 +117,19 @@ def _store(state: str, *, create: bool = True, read_only: bool = False) -> State
     ``read_only`` for the commands that only read (plan, history, report): never created,
     never written (see :func:`sync.runtime.open_store`).
     """
+    from sync.runtime import open_store
+
     return open_store(expand_state_url(state, os.environ), create=create, read_only=read_only)
 
 
 def _state_label(state: str) -> str:
-    return expand_state_url(state, os.environ).removeprefix("sqlite:///")
+    """The state ``--state`` names, for people: a SQLite state by its file (ConfigError if the URL is bad)."""
+    return state_label(expand_state_url(state, os.environ))
 
 
 def _sqlite_state_file(state: str) -> Path | None:
     """The file a ``sqlite:///`` state URL names (None for Firestore, memory or a bad URL)."""
     try:
-        from sync.runtime import sqlite_state_path
-
         path = sqlite_state_path(expand_state_url(state, os.environ))
     except ConfigError:
         return None
@@ -161,6 +200,9 @@ def _sequence(value: object) -> Sequence[object]:
 
 def summary_table(record: Mapping[str, object]) -> Table:
     """Counts per outcome. What was planned, then what happened to what was sent."""
+    from rich.table import Table
+    from rich.text import Text
+
     counts = _mapping(record.get("counts"))
     table = Table()
     table.add_column("outcome")
@@ -238,8 +280,11 @@ def print_record(
     record: Mapping[str, object], *, samples: int = 10, out: Console | None = None, err: Console | None = None
 ) -> None:
     """A run or plan record for people: status, counts, timings, rejections, guards, error."""
-    out = out or console
-    err = err or err_console
+    from rich.table import Table
+    from rich.text import Text
+
+    out = out or console_out()
+    err = err or console_err()
     status = str(record["status"])
     style = "green" if RunStatus.of(status) in _GREEN_STATUSES else "red"
     out.print(_styled((str(record["activation"]), "bold"), f" · run {record['run_id']} · ", (status, style)))
@@ -290,7 +335,7 @@ def print_plan_sample(
     changes: Sequence[Mapping[str, object]], removals: Sequence[str], *, out: Console | None = None
 ) -> None:
     """The sample of planned sends and removals under `cepsync plan`."""
-    out = out or console
+    out = out or console_out()
     for change in changes:
         attributes = json.dumps(change["attributes"], ensure_ascii=False, default=str)
         out.print(_styled((str(change["kind"]), "bold"), f" {change['custom_id']}: {attributes}"))

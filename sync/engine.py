@@ -126,7 +126,7 @@ class Run:
         self.options = options or RunOptions()
         self.clock = clock or Clock()
         self.progress: Progress = progress or NoProgress()
-        self.run_id = new_run_id(self.clock)
+        self.run_id = self.options.run_id or new_run_id(self.clock)
         self._started_perf = time.perf_counter()
         self.keeper = LeaseKeeper(store, activation.name, self.options, self.clock)
         self._journal: Journal | None = None

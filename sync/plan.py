@@ -39,12 +39,15 @@ import pyarrow.compute as pc
 from sync.config import GuardsConfig, SyncMode
 from sync.differ import DUPLICATE, JOURNAL_SCHEMA, RAW, ROW, STORED_PAYLOAD, STORED_RAW
 from sync.encode import EncodedBatch
-from sync.errors import ConfigError, GuardTripped
+from sync.errors import GuardTripped
+
+# The names and their check live apart from planning (sync/guard_names.py), re-exported here.
+from sync.guard_names import GUARD_NAMES as GUARD_NAMES
+from sync.guard_names import check_guard_names as check_guard_names
 from sync.model import Fingerprint, JournalEntry, Reason, Refusal, RowIssue
 
 # How many rejected rows a run record keeps verbatim (counts by reason are always complete).
 REJECTED_SAMPLE_SIZE = 50
-GUARD_NAMES = ("empty_segment", "removed_percent", "changed_percent")
 COUNT_KEYS = (
     "rows",
     "new",
@@ -479,21 +482,6 @@ class GuardVerdict:
 
     def as_record(self) -> dict[str, object]:
         return {"guard": self.name, "tripped": self.tripped, "overridden": self.overridden, "detail": self.detail}
-
-
-def check_guard_names(names: Iterable[str], *, field: str) -> tuple[str, ...]:
-    """Guards a person or a message asks to override for one run, each once, in the order given.
-
-    Raises:
-        ConfigError: a name is not a guard's; the error names ``field`` and lists the guards.
-    """
-    wanted = tuple(dict.fromkeys(names))
-    unknown = [name for name in wanted if name not in GUARD_NAMES]
-    if unknown:
-        # A name may come from an untrusted message: quoted, and cut short.
-        quoted = ", ".join(repr(name[:40]) for name in unknown)
-        raise ConfigError(f"unknown guard(s) {quoted}; known: {', '.join(GUARD_NAMES)}", field=field)
-    return wanted
 
 
 def evaluate_guards(

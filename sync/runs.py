@@ -15,10 +15,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sync.record import RunRecord, RunStatus, exit_code_of
-from sync.state.base import RunStore
+
+if TYPE_CHECKING:  # the state stores (and pyarrow) load with a run, not with the options of one
+    from sync.state.base import RunStore
 
 __all__ = [
     "Clock",
@@ -98,6 +100,9 @@ class RunOptions:
     # Worker processes that map batches (sync.workers). None: as many as the machine spares
     # for large runs (none on two cores or fewer); 0: map in the pipeline's own thread.
     map_workers: int | None = None
+    # The run's id when the entry point made it (``cepsync run`` names it in its first line,
+    # before the engine loads); None: the run makes one (:func:`new_run_id`).
+    run_id: str | None = None
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pydantic.dataclasses import dataclass
 from sync.config import ACTIVATION_NAME
 from sync.errors import ConfigError
 from sync.function.trace import Headers
-from sync.plan import GUARD_NAMES, check_guard_names
+from sync.guard_names import GUARD_NAMES, check_guard_names
 
 # Run ids are made by sync.engine.new_run_id: 20261129T020304Z-3f9a1c.
 _RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
