@@ -84,6 +84,13 @@ class InvalidValuePolicy(enum.StrEnum):
     DROP_ATTRIBUTE = "drop_attribute"
 
 
+class SendPolicy(enum.StrEnum):
+    """What a changed profile's payload holds (docs/mapping.md, "Sending only what changed")."""
+
+    WHOLE_PROFILE = "whole_profile"
+    CHANGED_ATTRIBUTES = "changed_attributes"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -374,6 +381,12 @@ class Activation(_Strict):
         InvalidValuePolicy.REJECT_ROW,
         description="reject_row: the whole row is not sent; drop_attribute: only the bad value is left out.",
     )
+    send: SendPolicy = Field(
+        SendPolicy.WHOLE_PROFILE,
+        description="whole_profile: a changed profile is sent with every mapped attribute; changed_attributes: "
+        "only the attributes whose value changed since Batch's last acknowledgement (first syncs and full "
+        "passes send everything).",
+    )
     guards: GuardsConfig = Field(default_factory=lambda: GuardsConfig())
     journal: JournalConfig = Field(default_factory=lambda: JournalConfig())
     diff: DiffConfig = Field(default_factory=lambda: DiffConfig())
@@ -510,6 +523,7 @@ __all__ = [
     "ResultsConfig",
     "RunType",
     "ScheduleConfig",
+    "SendPolicy",
     "SourceConfig",
     "SyncMode",
     "base_url_problem",

@@ -26,7 +26,7 @@ from typing import Final
 
 from google.cloud import bigquery
 
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.errors import ConfigError
 
 # The result column saying why a row left the warehouse: 'moved', 'new' or 'bad' (null or
@@ -46,6 +46,9 @@ FINGERPRINTS_SCHEMA: Final = [
     bigquery.SchemaField("custom_id", "STRING", mode="REQUIRED"),
     bigquery.SchemaField("raw", "INT64", mode="REQUIRED"),
     bigquery.SchemaField("payload", "INT64", mode="REQUIRED"),
+    # The attribute set (send: changed_attributes), NULL where not kept; a column added to
+    # tables created before it (WarehouseFingerprints.ensure_tables).
+    bigquery.SchemaField("attributes", "BYTES", mode="NULLABLE"),
     # The lease token of the run that acknowledged it (run records carry lease_token), and
     # its position in that run's journal: the merge keeps the newest (token, flush, pos).
     bigquery.SchemaField("token", "INT64", mode="REQUIRED"),
@@ -134,15 +137,19 @@ def _output(columns: Sequence[str]) -> str:
     return (
         f"{selected}, CAST(NULL AS INT64) AS {ROW}, seg.{KEY}, seg.{RAW}, "
         f"(seg.{KEY} IS NOT NULL AND seg.copies > 1) AS {DUPLICATE}, "
-        f"st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}"
+        f"st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, st.attributes AS {STORED_ATTRIBUTES}"
     )
 
 
 def _stored_sql(fingerprints: str) -> str:
-    """The stored fingerprints, zero for the unconfirmed ids (a send of theirs may have landed unacknowledged)."""
+    """The stored fingerprints, zero (no attribute set) for the unconfirmed ids.
+
+    A send of theirs may have landed unacknowledged.
+    """
     unconfirmed = "custom_id IN UNNEST(@cepsync_unconfirmed)"
     return (
-        f"st AS (SELECT custom_id, IF({unconfirmed}, 0, raw) AS raw, IF({unconfirmed}, 0, payload) AS payload "
+        f"st AS (SELECT custom_id, IF({unconfirmed}, 0, raw) AS raw, IF({unconfirmed}, 0, payload) AS payload, "
+        f"IF({unconfirmed}, NULL, attributes) AS attributes "
         f"FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
     )
 
@@ -179,7 +186,7 @@ def result_part_sql(result: str, *, moved: bool) -> str:
 
 def _latest_journal(journal: str, fence: str) -> str:
     return (
-        "SELECT custom_id, raw, payload, put, token, flush, pos, acknowledged_at "
+        "SELECT custom_id, raw, payload, attributes, put, token, flush, pos, acknowledged_at "
         f"FROM {journal} WHERE activation = @cepsync_activation AND token <= @cepsync_token "
         f"AND @cepsync_token = (SELECT MAX(token) FROM {fence} WHERE activation = @cepsync_activation)\n"
         "  QUALIFY ROW_NUMBER() OVER (PARTITION BY custom_id ORDER BY token DESC, flush DESC, pos DESC) = 1"
@@ -256,10 +263,11 @@ def merge_sql(fingerprints: str, journal: str, fence: str) -> str:
         "ON t.activation = @cepsync_activation AND t.custom_id = j.custom_id\n"
         f"WHEN MATCHED AND NOT j.put AND {_NEWER} THEN DELETE\n"
         f"WHEN MATCHED AND j.put AND {_NEWER} THEN UPDATE SET raw = j.raw, payload = j.payload, "
-        "token = j.token, flush = j.flush, pos = j.pos, acknowledged_at = j.acknowledged_at\n"
-        "WHEN NOT MATCHED AND j.put THEN INSERT (activation, custom_id, raw, payload, token, flush, pos, "
-        "acknowledged_at) VALUES (@cepsync_activation, j.custom_id, j.raw, j.payload, j.token, j.flush, j.pos, "
-        "j.acknowledged_at)"
+        "attributes = j.attributes, token = j.token, flush = j.flush, pos = j.pos, "
+        "acknowledged_at = j.acknowledged_at\n"
+        "WHEN NOT MATCHED AND j.put THEN INSERT (activation, custom_id, raw, payload, attributes, token, flush, pos, "
+        "acknowledged_at) VALUES (@cepsync_activation, j.custom_id, j.raw, j.payload, j.attributes, j.token, j.flush, "
+        "j.pos, j.acknowledged_at)"
     )
 
 
@@ -273,11 +281,11 @@ def drop_merged_sql(journal: str, fence: str) -> str:
 def folded_sql(fingerprints: str, journal: str) -> str:
     """Every acknowledged fingerprint of the activation: the state table with its journal applied."""
     return (
-        "SELECT custom_id, raw, payload FROM (\n"
+        "SELECT custom_id, raw, payload, attributes FROM (\n"
         "  SELECT * FROM (\n"
-        "    SELECT custom_id, raw, payload, TRUE AS put, token, flush, pos "
+        "    SELECT custom_id, raw, payload, attributes, TRUE AS put, token, flush, pos "
         f"FROM {fingerprints} WHERE activation = @cepsync_activation\n"
-        "    UNION ALL SELECT custom_id, raw, payload, put, token, flush, pos "
+        "    UNION ALL SELECT custom_id, raw, payload, attributes, put, token, flush, pos "
         f"FROM {journal} WHERE activation = @cepsync_activation\n"
         "  ) WHERE TRUE\n"
         "  QUALIFY ROW_NUMBER() OVER (PARTITION BY custom_id ORDER BY token DESC, flush DESC, pos DESC) = 1\n"
