@@ -1,13 +1,13 @@
 """Changed-attribute sending: per-attribute hashes, and bodies of only the attributes that changed.
 
-An activation with ``send: changed_attributes`` (docs/mapping.md, "Sending only what
-changed") sends a changed profile with only the attributes whose value moved since Batch's
-last acknowledgement, so that what the app's SDK writes to the other attributes
-(``$language``, a custom attribute set in the app) is not overwritten by an unchanged
-warehouse value. To know which moved, the state keeps, beside the payload fingerprint, the
-**attribute set** of the acknowledged payload: one 32-bit hash per attribute, of its
-fragment ``,"key":value`` as the encoder writes it (:mod:`sync.encode`), sorted and packed,
-4 little-endian bytes each (``attributes`` of :data:`sync.differ.FINGERPRINT_SCHEMA`).
+An activation with ``send: changed_attributes`` (docs/changed-attributes.md) sends a changed
+profile with only the attributes whose value moved since Batch's last acknowledgement, so
+that what the app's SDK writes to the other attributes (``$language``, a custom attribute set
+in the app) is not overwritten by an unchanged warehouse value. To know which moved, the
+state keeps, beside the payload fingerprint, the **attribute set** of the acknowledged
+payload: one 32-bit hash per attribute, of its fragment ``,"key":value`` as the encoder
+writes it (:mod:`sync.encode`), sorted and packed, 4 little-endian bytes each (``attributes``
+of :data:`sync.differ.FINGERPRINT_SCHEMA`).
 
 * **Membership, not position.** An attribute is unchanged when its hash is in the stored
   set. The key is in the hash (``date(x)`` included), so the set needs no key order and no
@@ -17,13 +17,14 @@ fragment ``,"key":value`` as the encoder writes it (:mod:`sync.encode`), sorted 
   64-bit payload fingerprint moved (and it is not new, not in a full pass, not
   unconfirmed). The stored set then says which attributes to send.
 * **Collisions are caught where they would be silent.** A changed attribute is missed only
-  if its new hash is in the stored set. When the payload has as many attributes as the
-  stored set (no mapping change), every unchanged attribute matches its own entry, so a
-  hash that matches another attribute's entry shows as two attributes on one entry, and a
-  changed attribute whose new hash equals its old one shows as "nothing changed" or as
-  counts that do not add up: either way the row is sent whole. What is left is a change of
-  two or more attributes of one profile where one's new hash equals an old hash of one of
-  them: with ``c`` attributes changed, about ``c² / 2³²`` (docs/mapping.md gives figures).
+  if its new hash is in the stored set. Every attribute that did not change matches its own
+  entry, so a new hash equal to such an entry shows as two attributes on one entry; and
+  when the payload has as many attributes as the stored set (no mapping change), a single
+  changed attribute whose new hash equals its old one shows as "nothing changed" while the
+  payload moved. Either way the row is sent whole. What is left is a new hash equal to the
+  old entry of an attribute that itself changed or left: at most ``c·(c + r) / 2³²`` for a
+  profile with ``c`` attributes changed and ``r`` gone, and none when one attribute changed
+  and none came or went (docs/changed-attributes.md gives the figures).
 * **Nothing held that Batch does not hold.** The set is of the body Batch acknowledged:
   an attribute dropped under ``drop_attribute`` is left out of it, since Batch keeps its old
   value, which the set then does not claim to know (it is sent once its value is valid).

@@ -85,7 +85,7 @@ class InvalidValuePolicy(enum.StrEnum):
 
 
 class SendPolicy(enum.StrEnum):
-    """What a changed profile's payload holds (docs/mapping.md, "Sending only what changed")."""
+    """What a changed profile's payload holds (docs/changed-attributes.md)."""
 
     WHOLE_PROFILE = "whole_profile"
     CHANGED_ATTRIBUTES = "changed_attributes"

@@ -786,7 +786,7 @@ class BatchSimulator:
         Validated like an API item's ``attributes`` (``null`` deletes), but neither rate
         limited nor counted in the stats or the profile's ``updates``: a value the app owns,
         which a sync must not overwrite unless the warehouse changed it
-        (``send: changed_attributes``, docs/mapping.md).
+        (``send: changed_attributes``, docs/changed-attributes.md).
 
         Raises:
             ValueError: An attribute Batch would refuse (the message says which and why).
