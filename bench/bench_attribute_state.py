@@ -19,7 +19,12 @@ Ids are ``user-NNNNNNNN`` (13 bytes). Printed per variant and per store: the byt
 fingerprints take (SQLite: the base blobs, and the file; Firestore: the shard documents'
 blobs, and how many there are, which is what a run reads), the seconds to load them, the
 loaded Arrow table's bytes, and the child's peak RSS. Firestore runs on the official emulator,
-which this script starts (the tests' wrapper). It asserts nothing.
+which this script starts (the tests' wrapper).
+
+Then what computing the sets costs the mapping stage: ``--hash-rows`` rows of the benchmark's
+``customers`` table (bench_sync.py's generator, the demo's mapping) encoded as every run does,
+and encoded keeping the slots and hashing them (``sync.attributes.attribute_columns``), CPU
+seconds per row, median of three. It asserts nothing.
 """
 
 from __future__ import annotations
@@ -141,6 +146,38 @@ def _run_child(code_root: Path, state: str, rows: int, attributes: int | None, w
     return result
 
 
+def _hashing(rows: int) -> None:
+    """CPU per row of encoding, without and with the attribute sets (the demo's mapping)."""
+    import statistics
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from bench_mapping import customers, demo_mapper
+
+    from sync.attributes import attribute_columns
+    from sync.encode import encode_batch
+
+    table = customers(rows)
+    mapper = demo_mapper(table.schema)
+    converted = [mapper.convert_batch(batch) for batch in table.to_batches(max_chunksize=2_048)]
+
+    def plain() -> None:
+        for batch in converted:
+            encode_batch(batch)
+
+    def with_sets() -> None:
+        for batch in converted:
+            attribute_columns(encode_batch(batch, keep_slots=True))
+
+    print(f"\nmapping stage, {rows:,} rows of {len(converted[0].fields)} fields (CPU, median of 3):")
+    for name, work in (("encode", plain), ("encode + attribute sets", with_sets)):
+        runs = []
+        for _ in range(3):
+            started = time.process_time()
+            work()
+            runs.append(time.process_time() - started)
+        print(f"  {name:<24} {statistics.median(runs) / rows * 1e6:6.2f} µs a row")
+
+
 def _print(rows: int, results: dict[str, dict[str, dict[str, Any]]]) -> None:
     per_million = 1_000_000 / rows
     for state, variants in results.items():
@@ -165,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attributes", default="20", help="attributes a profile, comma-separated (default 20)")
     parser.add_argument("--states", default="sqlite,firestore", help="sqlite, firestore, or both")
     parser.add_argument("--baseline", default=BASELINE_REF, help="git commit before attribute sets, or 'none'")
+    parser.add_argument("--hash-rows", type=int, default=200_000, help="rows of the hashing figures (0 skips)")
     parser.add_argument("--_child", choices=("sqlite", "firestore"), help=argparse.SUPPRESS)
     parser.add_argument("--_where", help=argparse.SUPPRESS)
     parser.add_argument("--_attributes", help=argparse.SUPPRESS)
@@ -174,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(args._child, args.rows, attributes, args._where)))
         return 0
     states = [state for state in args.states.split(",") if state]
+    if not states and args.hash_rows:
+        _hashing(args.hash_rows)
+        return 0
     counts = [int(value) for value in args.attributes.split(",") if value]
     variants: list[tuple[str, Path | None, int | None]] = [("off", None, 0)]
     variants += [(f"on-{count}", None, count) for count in counts]
@@ -204,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             if emulator is not None:
                 emulator.stop()
     _print(args.rows, results)
+    if args.hash_rows:
+        _hashing(args.hash_rows)
     return 0
 
 
