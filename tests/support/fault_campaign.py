@@ -2,8 +2,9 @@
 
 Each *scenario* is drawn from one integer seed (:func:`plan_scenario`): a sync mode (even
 seeds ``upsert``, odd ones ``mirror``), what a changed profile's payload holds (``send``: the
-whole profile, or only the changed attributes, in turn for each pair of seeds, so that
-consecutive seeds cover the four combinations), the activation's concurrency and journal window, and a
+whole profile, or only the changed attributes, as bit 1 XOR bit 2 of the seed says, so that any
+eight consecutive seeds cover every combination of the mode, ``send`` and bit 1 of the seed,
+which another dimension may draw from), the activation's concurrency and journal window, and a
 segment of *versions*: the first is a full load, each later one changes rows (values updated,
 new rows, rows leaving and coming back, a few invalid rows: a bad email or phone, a duplicated
 id, a row without an id). Each version gets one *action*, run with the simulator's faults on:
@@ -248,7 +249,7 @@ def plan_scenario(seed: int, rows: int, *, versions: int = BIG_VERSIONS) -> Scen
         )
     value_rate = rng.choice([0.0, round(rng.uniform(0.002, 0.01), 4)])
     refused = tuple(sorted({_custom_id(rng.randrange(rows)) for _ in range(rng.choice([0, 0, 3]))}))
-    send = ("whole_profile", "changed_attributes")[(seed // 2) % 2]
+    send = ("whole_profile", "changed_attributes")[((seed >> 1) ^ (seed >> 2)) & 1]
     if send == "changed_attributes":
         # The simulator's value refusal is a hash of the body it receives, and a changed
         # profile's body is then only its changed attributes, while the check asks the probe
