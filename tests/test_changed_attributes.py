@@ -263,3 +263,33 @@ async def test_a_dropped_attribute_is_left_to_batch_until_it_is_valid(
     await run_once(activation, state)
     one = profile(simulator, "c00001")
     assert (one["points"], one["$phone_number"], one["firstname"]) == (50, "+33612349999", "Appy")
+
+
+async def test_a_refused_change_is_remembered_and_the_next_change_goes_through(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    simulator, url = sim
+    segment, state = tmp_path / "segment.duckdb", tmp_path / "state.db"
+    rows = people(10)
+    write_segment(segment, rows)
+    activation = make_activation(tmp_path, url, **CHANGED)
+    await run_once(activation, state)
+    acknowledged = stored(state)["c00002"]
+    simulator.write_as_app(PROJECT_KEY, "c00002", {"firstname": "Appy"})
+
+    simulator.faults.update({"item_errors": {"value": 1.0}})  # Batch refuses the value sent
+    rows[2]["points"] = 20
+    write_segment(segment, rows)
+    refused = await run_once(activation, state)
+    assert refused.record["counts"]["rejected_by_batch"] == 1
+    assert profile(simulator, "c00002")["points"] == 2
+    assert stored(state)["c00002"] == acknowledged  # a refusal moves no fingerprint, no set
+    again = await run_once(activation, state)
+    assert (again.record["counts"]["refused_unchanged"], again.record["counts"]["sent"]) == (1, 0)
+
+    simulator.faults.clear()
+    rows[2]["points"] = 21
+    write_segment(segment, rows)
+    fixed = await run_once(activation, state)
+    assert fixed.record["counts"]["changed"] == 1
+    assert (profile(simulator, "c00002")["points"], profile(simulator, "c00002")["firstname"]) == (21, "Appy")
