@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help install demo test test-fast lint bench bench-start bench-warehouse campaign package checkov simulator bigquery-emulator browser clean
+.PHONY: help install demo test test-fast lint bench bench-10m bench-start bench-warehouse campaign package checkov simulator bigquery-emulator browser clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,9 +52,12 @@ lint: install ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff format --check sync tests main.py infra bench
 	$(BIN)/mypy sync main.py
 
-bench: install ## Benchmark: 1M profiles DuckDB -> simulator vs the previous engine (x3), a 5M first sync; then Firestore state beside SQLite
-	$(BIN)/python bench/bench_sync.py
-	$(BIN)/python bench/bench_firestore.py
+bench: install ## Benchmark: 1M profiles, engine and `cepsync run` end to end vs the previous main (x3), a 5M first sync; then Firestore state
+	$(BIN)/python bench/bench_sync.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+	$(BIN)/python bench/bench_firestore.py $(if $(QUICK),--quick)
+
+bench-10m: install ## 10M profiles on one machine: `cepsync run` first sync through continuations, no change, delta (~25 min)
+	$(BIN)/python bench/bench_10m.py $(BENCH_ARGS)
 
 bench-start: install ## Start-up: import time of the CLI and the function, and a run's time to its first line, vs d7cf1b1
 	$(BIN)/python bench/bench_start.py

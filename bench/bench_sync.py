@@ -46,6 +46,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import duckdb
 import pyarrow as pa
 import yaml
+from cli_figures import (
+    RUN_NAMES,
+    check_delta,
+    expected_delta,
+    floor_seconds,
+    issue_table,
+    simulator_profile,
+    succeeded,
+    summarise_command,
+)
+from cli_run import run_command
 from measured_run import child_main as measured_child
 from measured_run import run_child
 
@@ -63,8 +74,11 @@ API_KEY_ENV = "BATCH_REST_API_KEY"
 PROJECT_KEY_ENV = "BATCH_PROJECT_KEY"
 ACTIVATION_NAME = "bench_customers"
 FULL_ROWS = 1_000_000
-# The engine before the columnar rebuild (read everything, plan row by row, then send).
-BASELINE_REF = "a0d5929471e28a97de05b934c43637e358026780"
+# The previous main (the lease's single Budget protocol), before issue 20's work on a run's
+# cost: the engine and the command a user ran before it.
+BASELINE_REF = "b4888e3fa7ed62c5353933179eea0705c54b8a16"
+# A command still running after this long is killed and reported as crashed.
+CLI_TIMEOUT_SECONDS = 3600.0
 QUICK_ROWS = 100_000
 SIMULATOR_START_SECONDS = 30.0
 
@@ -194,6 +208,15 @@ def build_activation(database: Path, base_url: str, concurrency: int | None) -> 
 
 # --- the simulator process ---------------------------------------------------------------------
 
+# Profiles the simulator keeps whole in a big segment (one in N of them past this many; the
+# others are only counted): ~1.9 kB each, so 10M whole would need ~18 GB.
+SIMULATOR_KEPT_PROFILES = 100_000
+
+
+def keep_every_for(rows: int) -> int:
+    """The simulator's ``--keep-every`` for a segment of ``rows``: every profile up to SIMULATOR_KEPT_PROFILES."""
+    return max(1, rows // SIMULATOR_KEPT_PROFILES)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -210,11 +233,17 @@ def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 @contextmanager
-def simulator_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """Run ``cepsync simulator`` (rate limits on) in its own process; yield its base URL."""
+def simulator_process(env: dict[str, str], log_path: Path, *, keep_every: int = 1) -> Iterator[str]:
+    """Run ``cepsync simulator`` (rate limits on) in its own process; yield its base URL.
+
+    ``keep_every`` above 1: the simulator keeps the attributes of one profile in that many
+    (``--keep-every``), and only an update count for the others (a 5M or 10M segment).
+    """
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "sync.cli", "simulator", "--host", "127.0.0.1", "--port", str(port)]
+    if keep_every > 1:
+        command += ["--keep-every", str(keep_every)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603 - our own CLI, fixed arguments
         try:
@@ -334,15 +363,22 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
-def render(report: dict[str, Any]) -> str:
-    lines = [
-        f"cepsync benchmark · {report['rows']:,} profiles · {report['repeat']} repetitions (median) · "
-        f"{report['machine']['cpu_count']} CPUs · Python {report['machine']['python']}",
-        f"command: {report['command']}",
-        f"engines: current = this checkout; baseline = {report.get('baseline') or 'not run'}",
-        "",
-    ]
-    engines = [name for name in ("baseline", "current") if report["runs"].get(name)]
+# The per-repetition figures of a `cepsync run` command kept as lists (medians are printed).
+CLI_FIGURES = (
+    "wall_seconds",
+    "cpu_seconds",
+    "cpu_us_per_row",
+    "peak_rss_mb",
+    "tree_peak_rss_mb",
+    "engine_seconds",
+    "too_many_requests",
+    "exact",
+)
+
+
+def _engine_table(report: dict[str, Any], engines: list[str]) -> list[str]:
+    """The engine's own figures (inside the child, around ``await Run.execute()``), medians."""
+    lines = ["engine figures (inside the engine's child process, around the run itself):", ""]
     header = (
         f"{'run':<10}{'figure':<26}"
         + "".join(f"{name:>14}" for name in engines)
@@ -366,6 +402,55 @@ def render(report: dict[str, Any]) -> str:
             if len(values) == 2 and values[1] == values[1] and values[1] and values[0] == values[0]:
                 ratio = f"{values[0] / values[1]:>8.2f}x"
             lines.append(f"{run_name:<10}{label:<26}" + "".join(f"{_fmt(v, spec):>14}" for v in values) + ratio)
+    return lines
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"cepsync benchmark · {report['rows']:,} profiles · {report['repeat']} repetitions (median) · "
+        f"{report['machine']['cpu_count']} CPUs · Python {report['machine']['python']}",
+        f"command: {report['command']}",
+        f"engines: current = this checkout; baseline = {report.get('baseline') or 'not run'}",
+        "",
+    ]
+    engines = [name for name in ("baseline", "current") if report["runs"].get(name)]
+    if engines:
+        lines += _engine_table(report, engines)
+    if report.get("cli"):
+        cli_engines = [name for name in ("baseline", "current") if report["cli"].get(name)]
+        labels = {"baseline": (report.get("baseline") or "baseline")[:7], "current": "this checkout"}
+        lines += [
+            "",
+            "`cepsync run` end to end (process wall; CPU of all threads and child processes; "
+            "the command's own VmHWM), medians; ratio = baseline / this checkout; "
+            f"floor = profiles / {10_000:,} per s:",
+            "",
+            *issue_table(
+                report["cli"],
+                engines=[(name, labels[name]) for name in cli_engines],
+                floors=report["floors_seconds"],
+                rows=report["rows"],
+            ),
+        ]
+        for name in cli_engines:
+            for result in report["cli"][name].get("delta", {}).get("results", []):
+                for problem in result.get("problems", []):
+                    lines.append(f"  {labels[name]} delta not exact: {problem}")
+            workers = {r.get("map_workers") for run in report["cli"][name].values() for r in run["results"]}
+            tree_peak = max(
+                (
+                    r["tree_peak_rss_mb"]
+                    for run in report["cli"][name].values()
+                    for r in run["results"]
+                    if r.get("tree_peak_rss_mb") is not None
+                ),
+                default=None,
+            )
+            if tree_peak is not None:
+                lines.append(
+                    f"  {labels[name]}: map worker processes {sorted(w or 0 for w in workers)}; "
+                    f"highest sampled RSS of the command with its workers {tree_peak:,.0f} MB"
+                )
     big = report.get("big")
     if big:
         lines += [
@@ -399,8 +484,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--baseline",
         default=BASELINE_REF,
-        help=f"git commit of the engine to compare against (default {BASELINE_REF[:7]}, the row-at-a-time engine); "
-        "'none' to skip",
+        help=f"git commit to compare against (default {BASELINE_REF[:7]}, the previous main); 'none' to skip",
+    )
+    parser.add_argument(
+        "--measure",
+        choices=("both", "engine", "cli"),
+        default="both",
+        help="what to measure: the engine inside a child process, the `cepsync run` command end to end, "
+        "or both (default)",
     )
     parser.add_argument("--changed-percent", type=float, default=1.0, help="rows changed before the delta run")
     parser.add_argument("--removed-percent", type=float, default=0.5, help="rows that leave before the delta run")
@@ -469,6 +560,62 @@ def one_engine(
     return results
 
 
+def one_cli(
+    name: str, tree: Path, base: Path, args: argparse.Namespace, env: dict[str, str], workdir: Path, rep: int
+) -> dict[str, dict[str, Any]]:
+    """The same three runs as :func:`one_engine`, each one a `cepsync run` command of ``tree``.
+
+    A fresh copy of the segment, a fresh simulator and a fresh SQLite state: the commands
+    start from what a user's first ``cepsync run`` would. The delta's exactness is checked
+    against the simulator.
+    """
+    scratch = workdir / f"cli-{name}-{rep}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    database = scratch / "segment.duckdb"
+    shutil.copy(base, database)
+    activation = scratch / "activation.yml"
+    state = f"sqlite:///{scratch / 'state.db'}"
+    results: dict[str, dict[str, Any]] = {}
+    with simulator_process(env, scratch / "simulator.log") as base_url:
+        activation.write_text(yaml.safe_dump(build_activation(database, base_url, None)), encoding="utf-8")
+        for run_name in RUN_NAMES:
+            if run_name == "delta":
+                change_rows(database, args.rows, args.changed_percent)
+                remove_rows(database, args.rows, args.removed_percent)
+            before = _get_json(f"{base_url}/_sim/stats")
+            _step(f"{name} #{rep + 1}: cepsync run, {run_name}")
+            command = run_command(
+                ["run", str(activation), "--state", state, "--json"],
+                tree=tree,
+                env=env,
+                workdir=scratch,
+                label=f"cli-{run_name}",
+                timeout=CLI_TIMEOUT_SECONDS,
+            )
+            result = summarise_command(command, before, _get_json(f"{base_url}/_sim/stats"))
+            if run_name == "delta":
+                result.update(
+                    check_delta(
+                        result,
+                        database=database,
+                        rows=args.rows,
+                        changed_percent=args.changed_percent,
+                        removed_percent=args.removed_percent,
+                        profile=simulator_profile(base_url, env[PROJECT_KEY_ENV]),
+                    )
+                )
+            if not succeeded(result):
+                print(
+                    f"{name} cepsync run ({run_name}): {result['status']}, exit code {result['exit_code']}, "
+                    f"{result['error'] or ''}; logs kept in {scratch}",
+                    file=sys.stderr,
+                )
+                args.keep = True
+            results[run_name] = result
+    shutil.rmtree(scratch, ignore_errors=True) if not args.keep else None
+    return results
+
+
 def big_first_sync(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
     """A first sync larger than one invocation: continuations until the pass is done, one core."""
     scratch = workdir / "big"
@@ -482,7 +629,7 @@ def big_first_sync(args: argparse.Namespace, env: dict[str, str], workdir: Path)
         "cpus": [0],
     }
     legs: list[dict[str, Any]] = []
-    with simulator_process(env, scratch / "simulator.log") as base_url:
+    with simulator_process(env, scratch / "simulator.log", keep_every=keep_every_for(args.big_rows)) as base_url:
         spec["activation"] = build_activation(database, base_url, None)
         root: str | None = None
         while True:
@@ -564,6 +711,13 @@ def main(argv: list[str]) -> int:
         "baseline": None if args.baseline == "none" else args.baseline,
         "machine": machine(),
         "runs": {},
+        "cli": {},
+    }
+    changed, removed = expected_delta(args.rows, args.changed_percent, args.removed_percent)
+    report["floors_seconds"] = {
+        "full": floor_seconds(args.rows),
+        "delta": floor_seconds(changed + removed),
+        "no_change": 0.0,
     }
     try:
         with ExitStack() as services:
@@ -577,10 +731,20 @@ def main(argv: list[str]) -> int:
                 # Alternate which engine goes first, so drift on a shared machine hits both.
                 order = engines if rep % 2 == 0 else list(reversed(engines))
                 for name, tree in order:
-                    runs = one_engine(name, tree, base, args, env, workdir, rep)
-                    for run_name, result in runs.items():
-                        slot = report["runs"].setdefault(name, {}).setdefault(run_name, {"results": []})
-                        slot["results"].append(result)
+                    if args.measure in ("both", "engine"):
+                        runs = one_engine(name, tree, base, args, env, workdir, rep)
+                        for run_name, result in runs.items():
+                            slot = report["runs"].setdefault(name, {}).setdefault(run_name, {"results": []})
+                            slot["results"].append(result)
+                    if args.measure in ("both", "cli"):
+                        runs = one_cli(name, tree, base, args, env, workdir, rep)
+                        for run_name, result in runs.items():
+                            slot = report["cli"].setdefault(name, {}).setdefault(run_name, {"results": []})
+                            slot["results"].append(result)
+            for engine_runs in report["cli"].values():
+                for slot in engine_runs.values():
+                    for key in CLI_FIGURES:
+                        slot[key] = [r[key] for r in slot["results"] if r.get(key) is not None]
             for engine_runs in report["runs"].values():
                 for slot in engine_runs.values():
                     for key in (
@@ -601,11 +765,12 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     publish(report, args.output, render)
     failed = [
-        f"{engine}/{name}"
-        for engine, engine_runs in report["runs"].items()
+        f"{kind}{engine}/{name}"
+        for kind, runs in (("", report["runs"]), ("cepsync run ", report["cli"]))
+        for engine, engine_runs in runs.items()
         for name, slot in engine_runs.items()
         for result in slot["results"]
-        if result["status"] not in ("succeeded", "succeeded_with_rejections")
+        if not succeeded(result)
     ]
     if failed:
         print(f"runs that did not succeed: {', '.join(failed)}", file=sys.stderr)

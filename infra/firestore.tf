@@ -35,6 +35,10 @@ locals {
       { collection = "fp_journal", field = "blob" },
       { collection = "intent_shards", field = "blob" },
       { collection = "intent_journal", field = "blob" },
+      { collection = "member_shards", field = "blob" },
+      { collection = "member_journal", field = "blob" },
+      { collection = "member_intent_shards", field = "blob" },
+      { collection = "member_intent_journal", field = "blob" },
       { collection = "${var.firestore_prefix}_activations", field = "meta_json" },
       { collection = "${var.firestore_prefix}_runs", field = "record_json" },
     ] : "${exemption.collection}/${exemption.field}" => exemption

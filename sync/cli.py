@@ -426,9 +426,11 @@ def validate(
     try:
         source = open_source_from_env(activation, os.environ)
         try:
-            from sync.mapping import ProfileMapper, resolve_attribute_types
+            from sync.convention import resolve_mapping
+            from sync.mapping import ProfileMapper
 
-            types = resolve_attribute_types(activation, source.schema(), source=activation.origin)
+            # A mapping convention expands against the segment's columns here (sync/convention.py).
+            activation, types = resolve_mapping(activation, source.schema(), source=activation.origin)
             mapper = ProfileMapper(activation, types)
         finally:
             source.close()
@@ -465,6 +467,10 @@ def simulator(
         str, typer.Option(help="Env var holding the accepted project key.")
     ] = "BATCH_PROJECT_KEY",
     rate_limit: Annotated[bool, typer.Option(help="Enforce Batch's rate limits (429).")] = True,
+    keep_every: Annotated[
+        int,
+        typer.Option(help="Keep the attributes of one custom id in N, only an update count for the others (benches)."),
+    ] = 1,
 ) -> None:
     """Run the local Batch Profile API simulator (for demos and tests).
 
@@ -485,7 +491,7 @@ def simulator(
         raise _fail(error) from None
     configure_logging(level="info")
     try:
-        serve(host, port, {project_key: api_key}, rate_limit=rate_limit)
+        serve(host, port, {project_key: api_key}, rate_limit=rate_limit, keep_every=keep_every)
     except SyncError as error:  # the address cannot be listened on
         raise _fail(error) from None
 

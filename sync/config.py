@@ -40,6 +40,13 @@ from sync.destination import (
     read_key,
 )
 from sync.natives import NATIVE_FIELDS, NativeField
+from sync.policies import (
+    CLOUD_SYNC_ID_COLUMN,
+    MappingConvention,
+    NullPolicy,
+    RemovalPolicy,
+    custom_id_optional_with_a_convention,
+)
 
 # Batch: custom attribute names are [a-z0-9_], 1 to 30 characters (doc.batch.com SDK
 # "attributes" pages; the Android SDK pattern ^[a-zA-Z0-9_]{1,30}$ lowercases first).
@@ -49,6 +56,8 @@ ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,30}$")
 MAX_CUSTOM_ATTRIBUTES = 50
 # Activation names end up in state keys, document ids and log labels.
 ACTIVATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A Batch audience name (doc.batch.com, CEP Audience API "create"): case-sensitive.
+AUDIENCE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 # BigQuery / DuckDB table references: project.dataset.table with plain identifiers only.
 TABLE_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){0,2}$")
 # Cloud Scheduler reads unix-cron: five fields of numbers, `*`, ranges, steps, lists, and
@@ -147,7 +156,11 @@ SourceConfig = Annotated[DuckDBSourceConfig | BigQuerySourceConfig, Field(discri
 
 
 class MappingConfig(_Strict):
-    custom_id: str = Field(description="Column holding the Custom Profile ID.")
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=custom_id_optional_with_a_convention)
+
+    custom_id: str = Field(
+        description="Column holding the Custom Profile ID (with convention batch_cloud_sync: 'custom_id' by default)."
+    )
     email: str | None = Field(None, description="Column for $email_address.")
     phone: str | None = Field(None, description="Column for $phone_number (normalised to E.164).")
     language: str | None = Field(None, description="Column for $language (ISO 639-1).")
@@ -158,6 +171,34 @@ class MappingConfig(_Strict):
     default_phone_region: str | None = Field(
         None, description="Region used to read national phone numbers (e.g. FR for 06 12 34 56 78)."
     )
+    convention: MappingConvention | None = Field(
+        None,
+        description="batch_cloud_sync: map the segment's columns by Batch Cloud Sync's names (custom_id, "
+        "batch__email_address and the other natives, date__x, url__x, any other column as an attribute of its "
+        "name; last_updated_at is not read). Explicit entries win (docs/coming-from-batch-cloud-sync.md).",
+    )
+    on_null: dict[str, NullPolicy] = Field(
+        default_factory=dict,
+        description="Per native field (email, phone, language, region, timezone, email_marketing, sms_marketing): "
+        "clear | keep a null value; beats the activation's on_null.",
+        json_schema_extra={"propertyNames": {"enum": [native.field for native in NATIVE_FIELDS]}},
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _convention_names_the_id(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("convention") is not None and "custom_id" not in data:
+            return {**data, "custom_id": CLOUD_SYNC_ID_COLUMN}
+        return data
+
+    @field_validator("on_null")
+    @classmethod
+    def _native_names(cls, value: dict[str, NullPolicy]) -> dict[str, NullPolicy]:
+        known = [native.field for native in NATIVE_FIELDS]
+        for name in value:
+            if name not in known:
+                raise ValueError(f"{name!r} is not a native field; give one of {', '.join(known)}")
+        return value
 
     @field_validator("default_phone_region")
     @classmethod
@@ -188,6 +229,9 @@ class CustomAttributeConfig(_Strict):
     column: str = Field(description="Source column.")
     name: str | None = Field(None, description="Batch attribute name (default: the column name).")
     type: AttributeType | None = Field(None, description="Batch type (default: inferred from the source type).")
+    on_null: NullPolicy | None = Field(
+        None, description="clear: a null value erases the attribute in Batch; keep: it is left out. Default: on_null."
+    )
 
     @property
     def batch_name(self) -> str:
@@ -387,6 +431,17 @@ class Activation(_Strict):
         "only the attributes whose value changed since Batch's last acknowledgement (first syncs and full "
         "passes send everything).",
     )
+    on_null: NullPolicy = Field(
+        NullPolicy.CLEAR,
+        description="clear: a null value is sent as null (Batch erases the attribute); keep: a null is never sent, "
+        "Batch keeps what it holds. attributes[].on_null and mapping.on_null override it per field.",
+    )
+    on_remove: RemovalPolicy | None = Field(
+        None,
+        description="Mirror mode, a profile that left the segment. clear (default): every attribute this "
+        "activation owns is sent as null; keep: nothing is sent and the profile is no longer tracked. "
+        "Default: clear, or keep when the activation has an audience (the leaver leaves the audience).",
+    )
     guards: GuardsConfig = Field(default_factory=lambda: GuardsConfig())
     journal: JournalConfig = Field(default_factory=lambda: JournalConfig())
     diff: DiffConfig = Field(default_factory=lambda: DiffConfig())
@@ -395,6 +450,9 @@ class Activation(_Strict):
         None, description="Write run records and rejected rows as tables (docs/results.md); off when absent."
     )
     owner: OwnerConfig | None = Field(None, description="Who answers for this sync (dbt exposure owner).")
+    audience: str | None = Field(
+        None, description="Keep the segment's membership in this Batch audience (docs/audiences.md); mirror only."
+    )
     # Where the activation was loaded from, for error messages (not part of the file).
     _source_path: str | None = PrivateAttr(default=None)
 
@@ -414,12 +472,32 @@ class Activation(_Strict):
     def _cross_field_rules(self) -> Activation:
         if self.sync_mode is SyncMode.MIRROR and self.run_type is not RunType.FULL_THEN_DELTA:
             raise ValueError("sync_mode 'mirror' needs run_type 'full_then_delta' (it must know what it synced)")
+        if self.audience is not None:
+            if not AUDIENCE_NAME.match(self.audience):
+                raise _FieldError("audience", "a Batch audience name is 1-255 characters of A-Z, a-z, 0-9, _ and -")
+            if self.sync_mode is not SyncMode.MIRROR:
+                # An audience is the segment's membership: leavers must leave it, which is mirror.
+                raise _FieldError(
+                    "audience",
+                    "an audience needs sync_mode 'mirror' (leavers are removed from it); with an audience, "
+                    "mirror keeps the leavers' attributes and only takes them out of the audience",
+                )
         if len(self.attributes) > MAX_CUSTOM_ATTRIBUTES:
             raise ValueError(
                 f"{len(self.attributes)} custom attributes; Batch accepts at most {MAX_CUSTOM_ATTRIBUTES} per profile"
             )
+        if self.on_remove is not None and self.sync_mode is not SyncMode.MIRROR:
+            raise _FieldError("on_remove", "on_remove applies to sync_mode 'mirror' only (upsert never removes)")
+        for native_field in self.mapping.on_null if self.mapping.convention is None else ():
+            if getattr(self.mapping, native_field) is None:
+                raise _FieldError(
+                    f"mapping.on_null.{native_field}",
+                    f"mapping.{native_field} is not mapped, so there is no null of it to clear or keep",
+                )
         seen: dict[str, int] = {}
         for index, attribute in enumerate(self.attributes):
+            if self.mapping.convention is not None and attribute.name is None:
+                continue  # the convention names it from its column, checked at run start (sync/convention.py)
             name = attribute.batch_name
             if not ATTRIBUTE_NAME.match(name):
                 raise _FieldError(
@@ -464,13 +542,42 @@ class Activation(_Strict):
         columns += [a.column for a in self.attributes]
         return list(dict.fromkeys(columns))
 
+    @property
+    def removal_policy(self) -> RemovalPolicy:
+        """What mirror removal does: ``on_remove``, else its default: keep with an audience, clear without.
+
+        With an ``audience``, a leaver leaves the audience (``sync.audience``) and keeps its
+        attributes unless ``on_remove: clear`` says to clear them too (docs/audiences.md).
+        """
+        if self.on_remove is not None:
+            return self.on_remove
+        return RemovalPolicy.KEEP if self.audience is not None else RemovalPolicy.CLEAR
+
+    def keeps_null(self, policy: NullPolicy | None) -> bool:
+        """A field's null is kept (never sent): its own policy, else the activation's ``on_null``."""
+        return (policy if policy is not None else self.on_null) is NullPolicy.KEEP
+
+    def kept_null_keys(self) -> list[str]:
+        """The Batch keys whose nulls are never sent, sorted (part of the mapping version)."""
+        keys = [n.key for n, _ in self.mapping.mapped_natives() if self.keeps_null(self.mapping.on_null.get(n.field))]
+        return sorted([*keys, *(a.batch_name for a in self.attributes if self.keeps_null(a.on_null))])
+
     def mapping_spec(self) -> dict[str, object]:
-        """The part of the config that decides payloads; its hash is the mapping version."""
-        return {
-            "mapping": self.mapping.model_dump(mode="json"),
-            "attributes": [a.model_dump(mode="json") for a in self.attributes],
+        """The part of the config that decides payloads; its hash is the mapping version.
+
+        How a policy is written (the activation's default or per field) and a convention
+        (which expands to explicit entries before a run) are left out; what they decide is
+        in: the keys whose nulls are kept. An activation without them hashes as before.
+        """
+        spec: dict[str, object] = {
+            "mapping": self.mapping.model_dump(mode="json", exclude={"convention", "on_null"}),
+            "attributes": [a.model_dump(mode="json", exclude={"on_null"}) for a in self.attributes],
             "on_invalid_value": self.on_invalid_value.value,
         }
+        kept = self.kept_null_keys()
+        if kept:
+            spec["null_kept"] = kept
+        return spec
 
 
 class _FieldError(ValueError):
@@ -496,6 +603,8 @@ def mapping_version(activation: Activation) -> str:
 __all__ = [
     "ACTIVATION_NAME",
     "ATTRIBUTE_NAME",
+    "AUDIENCE_NAME",
+    "CLOUD_SYNC_ID_COLUMN",
     "CRON_FIELD",
     "ENV_VAR_NAME",
     "HTTP_URL",
@@ -519,7 +628,10 @@ __all__ = [
     "InvalidValuePolicy",
     "JournalConfig",
     "MappingConfig",
+    "MappingConvention",
+    "NullPolicy",
     "OwnerConfig",
+    "RemovalPolicy",
     "ResultsConfig",
     "RunType",
     "ScheduleConfig",

@@ -159,11 +159,16 @@ def dates_in_columns(array: pa.Array) -> pa.StringArray | None:
     years = pc.min_max(pc.year(naive))
     if years["min"].as_py() < 2 or years["max"].as_py() > 9998:
         return None
+    # Arrow's cast to string writes ISO-8601 with the year padded to four digits, the fields
+    # convert_date formats, at a fraction of strftime's cost (strftime goes through a
+    # locale-aware stream per value). Years 2..9998 always have four digits, so the date and
+    # time are split at the same place in every value.
     if pa.types.is_date(arrow_type):
-        days: pa.StringArray = pc.strftime(naive, format="%Y-%m-%dT00:00:00Z")
+        days: pa.StringArray = pc.binary_join_element_wise(naive.cast(pa.string()), "T00:00:00Z", "")
         return days
     seconds = pc.floor_temporal(naive, unit="second")
-    base = pc.strftime(seconds.cast(pa.timestamp("s")), format="%Y-%m-%dT%H:%M:%S")
+    # "YYYY-MM-DD HH:MM:SS" -> "YYYY-MM-DDTHH:MM:SS"
+    base = pc.utf8_replace_slice(seconds.cast(pa.timestamp("s")).cast(pa.string()), start=10, stop=11, replacement="T")
     # Milliseconds when there are any (microseconds are cut, as convert_date cuts them).
     millis = pc.milliseconds_between(seconds, naive)
     fraction = pc.binary_join_element_wise(".", pc.utf8_lpad(millis.cast(pa.string()), 3, "0"), "Z", "")

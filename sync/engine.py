@@ -3,13 +3,12 @@
     prepare → lease → recover → scan → plan moved rows → guards → claim
       → stream (read → diff → map → send, in one pipeline) → removals → settle → finish
 
-The stages are pure (:mod:`sync.plan` through :class:`sync.planner.Planner`), or edges the
-run is handed: the source, the state store, the differ and its fingerprint store
-(:class:`sync.differ.DifferFactory`, built by ``sync.runtime``), the Batch client, the
-clock. The rooms around the run each keep one concern: the lease and time
-(:mod:`sync.lease`), the counts and samples (:mod:`sync.runbook`), the requests and the
-journal (:mod:`sync.send`). Guarantees kept here (the numbers are those of the README's
-table):
+The stages are pure (:mod:`sync.plan` through :class:`sync.planner.Planner`), or edges the run is
+handed: the source, the state store, the differ and its fingerprint store (:class:`sync.differ.DifferFactory`,
+built by ``sync.runtime``), the Batch client, the clock. The rooms around the run each keep one concern:
+the lease and time (:mod:`sync.lease`), the counts and samples (:mod:`sync.runbook`), the requests and the
+journal (:mod:`sync.send`), the audience (:mod:`sync.audience`). Guarantees kept here (the numbers are
+those of the README's table):
 
 1. A fingerprint moves only through the journal (:class:`sync.send.Journal`), fed by
    acknowledged profiles only.
@@ -33,19 +32,22 @@ from typing import Final
 import pyarrow as pa
 import structlog
 
+from sync.audience import AudienceRun
 from sync.batch.client import BatchClient, choose_endpoint
 from sync.batch.endpoint import Endpoint
 from sync.config import Activation, AttributeType, DiffMode, RunType, SyncMode, mapping_version
+from sync.convention import resolve_mapping
 from sync.differ import DifferFactory, DiffRequest
 from sync.errors import ConfigError, GuardTripped, LeaseHeld, SyncError
 from sync.lease import LeaseKeeper
-from sync.mapping import ProfileMapper, resolve_attribute_types
+from sync.mapping import ProfileMapper
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import ActivationMeta, Refusal
 from sync.pipeline import Moved, Producer, Scan
 from sync.plan import PlanCounts, evaluate_guards, guard_refusal
 from sync.planner import Planner
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, is_retryable, status_of_error
+from sync.removals import send_removals
 from sync.results import hook as results_hook
 from sync.runbook import RejectSink, RunBook
 from sync.runconfig import config_as_run
@@ -68,15 +70,14 @@ __all__ = ["EXIT_CODES", "Clock", "PlanPreview", "Progress", "Run", "RunOptions"
 
 log = structlog.get_logger("cepsync.engine")
 
-# Mapped send groups waiting for a free request slot. The slots themselves (`concurrency`
-# requests, most of them waiting for the rate limiter's next token) are the buffer against
-# Batch's pace; the mapping thread works one group ahead of them. A mass-update group holds
-# ~3 MB of bodies, so every group queued per slot cost ~12 MB at the peak of a 1M full load
-# for the same wall time (docs/how-a-run-works.md, "Memory").
+# Mapped send groups waiting for a free request slot. The slots themselves (`concurrency` requests, most of
+# them waiting for the rate limiter's next token) are the buffer against Batch's pace; the mapping thread works
+# one group ahead of them. A mass-update group holds ~3 MB of bodies, so every group queued per slot cost
+# ~12 MB at the peak of a 1M full load for the same wall time (docs/how-a-run-works.md, "Memory").
 QUEUED_GROUPS: Final = 1
-# Intents are noted for this many profiles of send groups at once (at least one group): one
-# state append per 2,000 profiles on /update, one per request on mass-update. Not the flush
-# window: a large one would hold the first request back.
+# Intents are noted for this many profiles of send groups at once (at least one group): one state append
+# per 2,000 profiles on /update, one per request on mass-update. Not the flush window: a large one would
+# hold the first request back.
 INTENT_WINDOW_PROFILES: Final = 2_000
 # The run record is saved with the checkpoint at most this often (seconds; one document).
 CHECKPOINT_RECORD_SECONDS: Final = 5.0
@@ -150,6 +151,7 @@ class Run:
         )
         # Every rejected row as a record (the run record keeps a sample): `cepsync run --rejects`.
         self.book = RunBook(self.run, rejects=rejects)
+        self.audience = AudienceRun(activation, store, self.run, self.keeper)  # a no-op without `audience:`
 
     @property
     def record(self) -> dict[str, object]:
@@ -166,8 +168,10 @@ class Run:
                 field="diff.mode",
             )
         schema = self.source.schema()
-        types = resolve_attribute_types(self.activation, schema, source=self.activation.origin)
-        return _Prepared(ProfileMapper(self.activation, types), mapping_version(self.activation), schema, types)
+        activation, types = resolve_mapping(self.activation, schema, source=self.activation.origin)
+        if activation is not self.activation:  # a mapping convention, expanded (sync/convention.py)
+            self.run.config, self.activation = config_as_run(self.activation, resolved=activation), activation
+        return _Prepared(ProfileMapper(activation, types), mapping_version(activation), schema, types)
 
     async def plan_only(self, *, sample: int = 5) -> PlanPreview:
         """Dry run: read, diff, map and check guards. No lease, no send, no state change."""
@@ -179,6 +183,7 @@ class Run:
         try:
             producer = self._producer(scan)
             moved = await asyncio.to_thread(producer.moved)
+            await self.audience.scan(self.source, prepared.schema)
             self._check_guards(scan, moved, raise_on_trip=False)
             tally = PlanCounts()
             tally.add(moved.tally if not scan.full else PlanCounts())
@@ -223,8 +228,8 @@ class Run:
         results = results_hook.collector(self.activation, self.run)
         if results is not None:
             self.book.rejects = results.tee(self.book.rejects)
-        # Renewed from now on: what follows talks to the state store, which can take a while
-        # (a remote Firestore), and a short lease must not expire meanwhile.
+        # Renewed from now on: what follows talks to the state store, which can take a while (a remote
+        # Firestore), and a short lease must not expire meanwhile.
         renewer = asyncio.create_task(self.keeper.renew_forever())
         try:
             await asyncio.to_thread(close_abandoned_runs, self.store, self.activation.name, self.run_id)
@@ -286,14 +291,14 @@ class Run:
             producer = self._producer(scan)
             moved = await asyncio.to_thread(producer.moved)
             release_free_memory()
+            await self.audience.scan(self.source, prepared.schema)
             self._check_guards(scan, moved, raise_on_trip=True)
             await self._claim(prepared, scan)
             tally = PlanCounts()
             if not scan.full:
                 tally.add(moved.tally)
             sender = await self._stream(producer, moved, tally)
-            # The differ (and the stored fingerprints it holds) is done before the state is
-            # compacted, so the two never take memory at the same time.
+            # The differ (and its stored fingerprints) is done before the state is compacted: never both in memory.
             scan.diff.close()
             release_free_memory()
             await self._settle(scan, moved, sender)
@@ -307,9 +312,8 @@ class Run:
         """Load the state as arrays and read the id column: counts, duplicates, removals."""
         activation = self.activation
         mirror = activation.sync_mode is SyncMode.MIRROR
-        # Intents an earlier run noted and never settled: ids it may have sent without a
-        # committed acknowledgement. Mirror mode owns them; in both modes, what Batch holds
-        # for them may differ from their stored fingerprint (docs/how-state-is-kept.md).
+        # Intents an earlier run noted and never settled: ids it may have sent without a committed ack.
+        # Mirror mode owns them; in both modes, what Batch holds may differ from their stored fingerprint.
         intents = await asyncio.to_thread(self.store.load_intents, activation.name)
         if intents:
             self.run.counts["unconfirmed"] = len(intents)
@@ -336,7 +340,7 @@ class Run:
         if not mirror:
             ids.removed = []
         elif ids.removed and self.book.refusals and not self.options.full:
-            ids.removed = self.book.hold_refused_removals(ids.removed, meta.owned_keys)
+            ids.removed = self.book.hold_refused_removals(ids.removed, meta.owned_keys, activation.removal_policy)
         self.run.full = full
         self.run.source = self.source.stats()
         self.progress.planned({"rows": ids.rows})
@@ -359,11 +363,11 @@ class Run:
             synced_before=scan.ids.synced,
             sync_mode=activation.sync_mode,
             allow=self.options.allow_guards,
-        )
+        ) + self.audience.verdicts(self.options.allow_guards)
         self.run.guards = [v.as_record() for v in verdicts]
         if scan.ids.rows == 0 and scan.ids.synced == 0 and not self.run.warnings:
-            # The empty-segment guard protects synced profiles; here there are none, so an
-            # empty first run is allowed (a new segment may be empty) but never silent.
+            # The empty-segment guard protects synced profiles; here there are none, so an empty first
+            # run is allowed (a new segment may be empty) but never silent.
             warning = (
                 "the segment returned no rows and this activation has synced nothing yet: check source.query "
                 "(or source.table) if profiles were expected"
@@ -383,8 +387,8 @@ class Run:
             await asyncio.to_thread(self.store.save_meta, self.keeper.lease, scan.meta)
 
     def _producer(self, scan: Scan) -> Producer:
-        # A full pass that may hand over to a continuation (a run with a time budget) sends
-        # in id order, for its watermark; a differ that sorts in memory sorts only then.
+        # A full pass that may hand over to a continuation (a run with a time budget) sends in id order,
+        # for its watermark; a differ that sorts in memory sorts only then.
         may_continue = self.options.time_budget_seconds is not None or scan.diff.orders_for_free
         return Producer(
             scan, self.book, self._stages, self._stop, ordered=may_continue, map_workers=self.options.map_workers
@@ -427,8 +431,17 @@ class Run:
             try:
                 await self._pump(producer, moved, tally, sender, endpoint, expected)
                 if ids.removed and not sender.incomplete and not sender.failed:
-                    await self._send_removals(sender, ids.removed, endpoint.send_batch)
+                    await send_removals(
+                        sender,
+                        ids.removed,
+                        policy=activation.removal_policy,
+                        batch=endpoint.send_batch,
+                        noter=self._noter(),
+                        window=INTENT_WINDOW_PROFILES,
+                        checkpoint=self._checkpoint,
+                    )
                 await sender.drain()
+                await self.audience.send(client)
             finally:
                 self.book.take_sends(sender.tally, final=True)
                 # Noted even when sending stopped on a fatal error: they were answered.
@@ -443,18 +456,6 @@ class Run:
 
     def _noter(self) -> IntentNoter:
         return IntentNoter(self.store, lambda: self.keeper.lease, mirror=self.activation.sync_mode is SyncMode.MIRROR)
-
-    async def _send_removals(self, sender: Sender, removed: list[str], batch: int) -> None:
-        """Mirror removals, a window of groups at a time, each window noted (in a worker thread) first."""
-        groups = [SendGroup(removals=removed[start : start + batch]) for start in range(0, len(removed), batch)]
-        per_window = max(1, INTENT_WINDOW_PROFILES // batch)
-        noter = self._noter()
-        for start in range(0, len(groups), per_window):
-            noted = await asyncio.to_thread(noter.note, groups[start : start + per_window])
-            for group in noted:
-                if not await sender.submit(group):
-                    return
-                await self._checkpoint()
 
     async def _pump(
         self, producer: Producer, moved: Moved, tally: PlanCounts, sender: Sender, endpoint: Endpoint, expected: int
@@ -565,7 +566,7 @@ class Run:
             return
         meta.continuation = None
         meta.mapping_version = prepared.version
-        if self.run.counts.get("failed"):
+        if self.run.counts.get("failed") or self.audience.failed:
             self.run.status = RunStatus.PARTIAL
             return
         meta.last_success_run_id = self.run_id

@@ -41,6 +41,7 @@ class ConfigError(FatalError):
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None) -> None:
         self.source = source
         self.field = field
+        self.message = message  # without the source and field (a caller may re-attribute it)
         where = ", ".join(p for p in (source, f"field '{field}'" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

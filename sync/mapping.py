@@ -66,6 +66,7 @@ class MappedField(NamedTuple):
     key: str  # bare key: "$email_address", "birthdate"; used for null
     present_key: str  # key for a present value: "date(birthdate)", "url(site)", else == key
     convert: Converter
+    keep_null: bool = False  # on_null: keep: a null is left out of the payload, never sent
 
 
 class ProfileMapper:
@@ -80,7 +81,9 @@ class ProfileMapper:
         owned_keys: The bare Batch keys this mapping writes: the native ``$...`` keys it
             maps and the custom attribute names (never ``date(...)``/``url(...)``).
         payload_keys: ``(bare key, present key)`` of every mapped field, in payload order:
-            a payload holds one of the two unless the attribute was dropped.
+            a payload holds one of the two unless the attribute was dropped or its null kept.
+        kept_null_keys: The bare keys whose nulls are kept (``on_null: keep``): a null or
+            dropped value of theirs is left out of the payload and of its fingerprint.
     """
 
     def __init__(self, activation: Activation, attribute_types: Mapping[str, AttributeType]) -> None:
@@ -108,7 +111,13 @@ class ProfileMapper:
                 field="mapping.timezone",
             )
         fields = [
-            MappedField(column, native.key, native.key, native_converter(native.type, mapping.default_phone_region))
+            MappedField(
+                column,
+                native.key,
+                native.key,
+                native_converter(native.type, mapping.default_phone_region),
+                activation.keeps_null(mapping.on_null.get(native.field)),
+            )
             for native, column in natives
         ]
 
@@ -127,12 +136,14 @@ class ProfileMapper:
                 present_key = f"url({name})"
             else:
                 present_key = name
-            fields.append(MappedField(attribute.column, name, present_key, CUSTOM_CONVERTERS[attribute_type]))
+            keep = activation.keeps_null(attribute.on_null)
+            fields.append(MappedField(attribute.column, name, present_key, CUSTOM_CONVERTERS[attribute_type], keep))
 
         self._fields: tuple[MappedField, ...] = tuple(fields)
         self.owned_keys: frozenset[str] = frozenset(field.key for field in fields)
         # (bare key, key of a present value) of every field: what a payload holds when full.
         self.payload_keys: tuple[tuple[str, str], ...] = tuple((field.key, field.present_key) for field in fields)
+        self.kept_null_keys: frozenset[str] = frozenset(field.key for field in fields if field.keep_null)
 
     @property
     def fields(self) -> tuple[MappedField, ...]:
@@ -185,10 +196,10 @@ class ProfileMapper:
 
         decoded: dict[str, DecodedColumn] = {}
         fields: list[ConvertedField] = []
-        for column, key, present_key, convert in self._fields:
+        for column, key, present_key, convert, keep in self._fields:
             position = positions.get(column)
             if position is None:
-                fields.append(ConvertedField(column, key, present_key, [None], zeros(rows), False))
+                fields.append(ConvertedField(column, key, present_key, [None], zeros(rows), False, keep))
                 continue
             array = batch.column(position)
             unreadable: list[tuple[int, Unrepresentable]] = []
@@ -196,7 +207,7 @@ class ProfileMapper:
                 array, unreadable = readable_temporal(array)
                 formatted = None if unreadable else dates_in_columns(array)
                 if formatted is not None:
-                    fields.append(ConvertedField(column, key, present_key, formatted.to_pylist(), None, False))
+                    fields.append(ConvertedField(column, key, present_key, formatted.to_pylist(), None, False, keep))
                     continue
             source = decoded.get(column)
             if source is None:
@@ -204,7 +215,7 @@ class ProfileMapper:
             # None is "no value" both as a source value and as a converter result.
             converted: list[Converted] = [None if value is None else convert(value) for value in source.values]
             has_failure = any(type(result) is Failure for result in converted)
-            fields.append(ConvertedField(column, key, present_key, converted, source.codes, has_failure))
+            fields.append(ConvertedField(column, key, present_key, converted, source.codes, has_failure, keep))
             if has_failure:
                 for row in failed_rows(converted, source.codes):
                     failure = converted[row if source.codes is None else source.codes[row].as_py()]
@@ -223,7 +234,8 @@ class ConvertedField(NamedTuple):
     column: one converter call per distinct value), else ``values[i]``. A result is
     ``None`` (no value: the bare ``key`` is sent as null), a :class:`Failure` (the value
     is invalid: the row is rejected, or the attribute dropped), or the payload value,
-    sent under ``present_key``.
+    sent under ``present_key``. With ``keep_null`` (``on_null: keep``) a ``None`` is left
+    out of the payload instead of sent as null.
     """
 
     column: str
@@ -232,6 +244,7 @@ class ConvertedField(NamedTuple):
     values: list[Converted]
     codes: pa.Int64Array | None
     has_failure: bool
+    keep_null: bool = False
 
 
 class ConvertedBatch(NamedTuple):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.differ import KEY, Differ, IdScan
-from sync.memory import release_free_memory
+from sync.memory import collector_eased, release_free_memory
 from sync.model import ActivationMeta
 from sync.plan import BatchPlan, PlanCounts, ProfileRows
 from sync.planner import Planner
@@ -115,6 +115,12 @@ class Producer:
         """
         pending = moved.sends
         pool = self._mapping_pool()
+        with collector_eased():
+            yield from self._cut(pending, pool, tally, group_size=group_size)
+
+    def _cut(
+        self, pending: ProfileRows, pool: MappingPool | None, tally: PlanCounts, *, group_size: int
+    ) -> Iterator[SendGroup]:
         try:
             if pool is None:
                 planned_batches: Iterator[BatchPlan] = (

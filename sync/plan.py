@@ -576,7 +576,7 @@ def evaluate_guards(
                 "removed_percent",
                 tripped,
                 tripped and "removed_percent" in allowed,
-                f"{removed} of {synced} synced profiles would be cleared ({share:.1f}%, limit "
+                f"{removed} of {synced} synced profiles left the segment and would be removed ({share:.1f}%, limit "
                 f"{guards.max_removed_percent:g}%)",
             )
         )

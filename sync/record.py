@@ -197,6 +197,8 @@ class RunRecord:
     # contention retries), from sync.state.base.operations_between.
     state_ops: dict[str, str | int] | None = None
     duplicate_of: str | None = None
+    # The run's Batch audience: membership changes, calls, indexing tokens (sync.audience).
+    audience: dict[str, object] | None = None
     # Things that did not stop the run but deserve a look (an empty first segment).
     warnings: list[str] = field(default_factory=list)
     # The activation's config as it ran, without secrets (sync.runconfig).
@@ -208,7 +210,7 @@ class RunRecord:
         """The stored JSON shape (a plain dict; ``extra`` keys at the top level)."""
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
         data["status"] = self.status.value
-        for optional in ("retryable", "journal", "state_ops", "duplicate_of", "warnings", "allow"):
+        for optional in ("retryable", "journal", "state_ops", "duplicate_of", "warnings", "allow", "audience"):
             if not data[optional] and data[optional] is not False:
                 del data[optional]
         data.update(self.extra)

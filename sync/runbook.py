@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from sync.config import RemovalPolicy
 from sync.differ import IdScan
 from sync.fingerprint import payload_fingerprint_of
 from sync.model import NO_ATTRIBUTE, PERSISTENT_AFTER_RUNS, Reason, Refusal, RowIssue
@@ -97,6 +98,8 @@ class RunBook:
             counts["failed_by_item_error"] = len(tally.item_failures)
             counts["failed"] = max(tally.failed, tally.attempted - answered) if final else tally.failed
             counts["sent"] = tally.attempted if final else answered + tally.failed
+            if tally.forgotten:  # on_remove: keep: removed ids dropped from the state, nothing sent
+                counts["forgotten"] = tally.forgotten
 
     def checkpoint(self, tally: SendTally, *, committed: int, watermark: str | None, at: str) -> bool:
         """Note how far the run got in the record's ``checkpoint``; False when nothing moved since."""
@@ -174,13 +177,17 @@ class RunBook:
                     samples.append(rejected.as_record())
             samples.sort(key=_row_of)
 
-    def hold_refused_removals(self, removed: list[str], owned_keys: frozenset[str] | set[str]) -> list[str]:
+    def hold_refused_removals(
+        self, removed: list[str], owned_keys: frozenset[str] | set[str], policy: RemovalPolicy = RemovalPolicy.CLEAR
+    ) -> list[str]:
         """``removed`` without the ids whose clearing payload Batch refused before (listed, counted).
 
         A refused removal is remembered like a refused upsert (``Sender._remember``): by
         the removal payload's fingerprint, so a change of the owned keys sends it again, and
-        ``--full`` does too.
+        ``--full`` does too. Under ``on_remove: keep`` nothing is sent, so nothing is held.
         """
+        if policy is RemovalPolicy.KEEP:
+            return removed
         payload = payload_fingerprint_of(removal_body(owned_keys))
         kept: list[str] = []
         for custom_id in removed:

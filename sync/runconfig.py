@@ -55,13 +55,20 @@ def _without_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def config_as_run(activation: Activation) -> dict[str, object]:
-    """The activation as JSON-ready data, plus its mapping version; no secret values."""
+def config_as_run(activation: Activation, *, resolved: Activation | None = None) -> dict[str, object]:
+    """The activation as JSON-ready data, plus its mapping version; no secret values.
+
+    ``resolved``: the activation as the run mapped it, when a mapping convention was
+    expanded against the segment (sync/convention.py): its explicit ``mapping`` and
+    ``attributes`` are kept as ``resolved_mapping``, and the mapping version is its own.
+    """
     data = activation.model_dump(mode="json")
     destination = data.get("destination") or {}
     if isinstance(destination.get("base_url"), str):
         destination["base_url"] = _without_credentials(destination["base_url"])
-    data["mapping_version"] = mapping_version(activation)
+    if resolved is not None:
+        data["resolved_mapping"] = resolved.model_dump(mode="json", include={"mapping", "attributes"})
+    data["mapping_version"] = mapping_version(resolved or activation)
     kept = bounded(data)
     assert isinstance(kept, dict)  # a map stays a map
     return {str(key): value for key, value in kept.items()}

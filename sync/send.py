@@ -105,6 +105,8 @@ class Journal:
         # Acknowledged outcomes: the sender's columns (JOURNAL_SCHEMA tables) or entries.
         self._pending: list[pa.Table | Sequence[JournalEntry]] = []
         self._pending_rows = 0
+        # Stale intents to clear once the pending entries are committed (forgotten ids).
+        self._pending_clear: list[str] = []
         # Intent windows not settled yet (in the order they were first answered).
         self._windows: list[IntentWindow] = []
         self._last_flush = clock()
@@ -139,6 +141,17 @@ class Journal:
             if all(known is not window for known in self._windows):
                 self._windows.append(window)
 
+    def forget(self, custom_ids: Sequence[str]) -> None:
+        """Drop ids from the state without any send (mirror, ``on_remove: keep``).
+
+        Their fingerprints are deleted by the next commit, and the intents an earlier run
+        left for them are cleared right after it: until then they still count as synced,
+        so a crash in between only forgets them again.
+        """
+        self._pending.append([JournalEntry(custom_id, None) for custom_id in custom_ids])
+        self._pending_rows += len(custom_ids)
+        self._pending_clear.extend(custom_id for custom_id in custom_ids if custom_id in self._stale)
+
     def due(self) -> bool:
         return self._pending_rows > 0 and (
             self._pending_rows >= self._every or self._clock() - self._last_flush >= self._seconds
@@ -161,7 +174,7 @@ class Journal:
         pending, rows, self._pending, self._pending_rows = self._pending, self._pending_rows, [], 0
         # What this commit settles is fixed now, with the entries it commits: a group
         # answered while the commit is under way waits for the next one.
-        cleared: list[str] = []
+        cleared, self._pending_clear = self._pending_clear, []
         for window in self._windows:
             window.committing, window.acknowledged = window.acknowledged, []
         self._last_flush = self._clock()
@@ -268,6 +281,8 @@ class SendTally:
     wait_seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     cleared: int = 0
+    # Ids that left a mirror segment, dropped from the state with nothing sent (on_remove: keep).
+    forgotten: int = 0
     # Payloads Batch refused (a partial error about the value), remembered so they are not
     # sent again unchanged, and those it failed with another per-item error after every
     # retry (kind ITEM_ERROR, one run: the engine counts the runs in a row).
@@ -488,6 +503,18 @@ class Sender:
                         RefusalKind.ITEM_ERROR,
                     )
                 )
+
+    def forget(self, removed: Sequence[str]) -> None:
+        """Mirror removals under ``on_remove: keep``: nothing is sent, the ids leave the state.
+
+        Batch keeps the profiles as they are; what the state remembered of them goes with
+        them (fingerprints, earlier intents, remembered refusals), so one that comes back
+        to the segment is synced as new.
+        """
+        self._journal.forget(removed)
+        self.tally.forgotten += len(removed)
+        if self._remembered:
+            self.tally.acknowledged_remembered.extend(c for c in removed if c in self._remembered)
 
     async def drain(self) -> None:
         """Wait for every request in flight; re-raise the first fatal error (after a flush)."""

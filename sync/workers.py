@@ -15,9 +15,11 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
 
 import pyarrow as pa
 
+from sync.memory import collector_eased
 from sync.plan import BatchPlan
 from sync.planner import Planner, PlannerSpec
 
@@ -29,6 +31,8 @@ AUTO_POOL_MIN_ROWS = 50_000
 AUTO_POOL_MAX_WORKERS = 4
 
 _planner: Planner | None = None
+# A worker maps for one stream and exits with it: its collector stays eased (sync/memory.py).
+_worker_scope = ExitStack()
 
 
 def auto_workers() -> int:
@@ -43,6 +47,7 @@ def auto_workers() -> int:
 def _start(spec: PlannerSpec) -> None:
     global _planner
     _planner = Planner.from_spec(spec)
+    _worker_scope.enter_context(collector_eased())
 
 
 def _map_and_plan(batch: pa.RecordBatch, full: bool) -> tuple[BatchPlan, float]:

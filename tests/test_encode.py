@@ -18,7 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sync.batch.client import EncodedProfiles, ProfileUpdate
+from sync.config_file import parse_activation
 from sync.encode import (
+    COLUMN_TEXTS_MIN_VALUES,
+    _value_texts,
     encode_batch,
     json_strings,
     json_value,
@@ -27,14 +30,17 @@ from sync.encode import (
     request_body,
 )
 from sync.fingerprint import canonical_payload, payload_fingerprint_of
+from sync.mapping import ProfileMapper, resolve_attribute_types
 from tests.support.reference_mapping import encode_rows, map_row
-from tests.test_mapping_columns import batches, make_mapper
+from tests.test_mapping_columns import ATTRIBUTES, MAPPING, TYPES, batches, make_mapper
 
 
-def assert_encodes_like_rows(batch: pa.RecordBatch, policy: str, region: str | None) -> None:
-    mapper = make_mapper(batch.schema, policy, region)
+def assert_encodes_like_rows(
+    batch: pa.RecordBatch, policy: str, region: str | None, mapper: ProfileMapper | None = None
+) -> None:
+    mapper = mapper or make_mapper(batch.schema, policy, region)
     rows = [map_row(mapper, row) for row in batch.to_pylist()]
-    expected = encode_rows(rows, mapper.payload_keys)
+    expected = encode_rows(rows, mapper.payload_keys, mapper.kept_null_keys)
     actual = encode_batch(mapper.convert_batch(batch))
     assert actual.custom_ids == expected.custom_ids
     assert actual.issues == expected.issues
@@ -57,6 +63,144 @@ def test_columnar_payloads_are_the_canonical_bytes_of_map_row(
     batch: pa.RecordBatch, policy: str, region: str | None
 ) -> None:
     assert_encodes_like_rows(batch, policy, region)
+
+
+NATIVE_FIELDS_MAPPED = [field for field in MAPPING if field != "custom_id"]
+
+
+def null_policy_mapper(
+    schema: pa.Schema, policy: str, default: str, natives: dict[str, str], attributes: list[str | None]
+) -> ProfileMapper:
+    """The columns test's mapping, with an activation null policy and per-field overrides."""
+    activation = parse_activation(
+        {
+            "name": "columns",
+            "source": {"type": "duckdb", "database": "segment.duckdb", "table": "segment"},
+            "destination": {"api_key_env": "BATCH_KEY", "project_key_env": "BATCH_PROJECT"},
+            "mapping": {**MAPPING, "on_null": natives},
+            "attributes": [
+                {**attribute, **({} if own is None else {"on_null": own})}
+                for attribute, own in zip(ATTRIBUTES, attributes, strict=True)
+            ],
+            "on_invalid_value": policy,
+            "on_null": default,
+        },
+        source="columns.yaml",
+    )
+    return ProfileMapper(activation, resolve_attribute_types(activation, schema, source="columns.yaml"))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=batches(),
+    policy=st.sampled_from(["reject_row", "drop_attribute"]),
+    default=st.sampled_from(["clear", "keep"]),
+    natives=st.dictionaries(st.sampled_from(NATIVE_FIELDS_MAPPED), st.sampled_from(["clear", "keep"])),
+    attributes=st.lists(st.sampled_from([None, "clear", "keep"]), min_size=len(ATTRIBUTES), max_size=len(ATTRIBUTES)),
+)
+def test_kept_nulls_are_left_out_of_bodies_and_fingerprints_as_map_row_leaves_them_out(
+    batch: pa.RecordBatch, policy: str, default: str, natives: dict[str, str], attributes: list[str | None]
+) -> None:
+    mapper = null_policy_mapper(batch.schema, policy, default, natives, attributes)
+    assert_encodes_like_rows(batch, policy, None, mapper)
+
+
+def test_a_kept_null_is_absent_not_null_and_a_dropped_kept_value_is_absent_too() -> None:
+    batch = pa.RecordBatch.from_pylist(
+        [
+            {"id": "a", "email": None, "c_string": None, "c_integer": 1},
+            {"id": "b", "email": None, "c_string": "x", "c_integer": None},
+            {"id": "c", "email": "not-an-email", "c_string": None, "c_integer": 2},
+        ],
+        schema=pa.schema(
+            [("id", pa.string()), ("email", pa.string()), ("c_string", pa.string()), ("c_integer", pa.int64())]
+        ),
+    )
+    config = {
+        "name": "kept",
+        "source": {"type": "duckdb", "database": "segment.duckdb", "table": "segment"},
+        "destination": {"api_key_env": "BATCH_KEY", "project_key_env": "BATCH_PROJECT"},
+        "mapping": {"custom_id": "id", "email": "email", "on_null": {"email": "keep"}},
+        "attributes": [{"column": "c_string", "on_null": "keep"}, {"column": "c_integer"}],
+        "on_invalid_value": "drop_attribute",
+    }
+    activation = parse_activation(config, source="kept.yaml")
+    mapper = ProfileMapper(activation, resolve_attribute_types(activation, batch.schema, source="kept.yaml"))
+    assert mapper.kept_null_keys == {"$email_address", "c_string"}
+    encoded = encode_batch(mapper.convert_batch(batch))
+    assert encoded.bodies.to_pylist() == ['{"c_integer":1}', '{"c_integer":null,"c_string":"x"}', '{"c_integer":2}']
+    # The invalid email is dropped: absent from the fingerprint as a kept null is, so rows a and c
+    # differ only by c_integer, and a row whose kept attributes are all null fingerprints as "{...}" alone.
+    assert encoded.payloads.to_pylist()[2] == payload_fingerprint_of(b'{"c_integer":2}')
+    assert encoded.payloads.to_pylist()[0] == payload_fingerprint_of(b'{"c_integer":1}')
+    # Under clear, the same null is sent as null, and fingerprints apart from "absent".
+    cleared = parse_activation(
+        {
+            **config,
+            "mapping": {"custom_id": "id", "email": "email"},
+            "attributes": [{"column": "c_string"}, {"column": "c_integer"}],
+        },
+        source="kept.yaml",
+    )
+    clear_mapper = ProfileMapper(cleared, resolve_attribute_types(cleared, batch.schema, source="kept.yaml"))
+    clear = encode_batch(clear_mapper.convert_batch(batch))
+    assert clear.bodies.to_pylist()[0] == '{"$email_address":null,"c_integer":1,"c_string":null}'
+    assert clear.payloads.to_pylist()[0] != encoded.payloads.to_pylist()[0]
+
+
+def long_batch(column: str, cells: pa.Array) -> pa.RecordBatch:
+    """A batch of ``len(cells)`` rows: valid ids, ``column`` holding ``cells``, every other column null."""
+    rows = len(cells)
+    arrays = {name: pa.nulls(rows, choices[0][0]) for name, choices in TYPES.items()}
+    arrays["id"] = pa.array([f"u{row}" for row in range(rows)], pa.string())
+    arrays[column] = cells
+    return pa.RecordBatch.from_pydict(arrays)
+
+
+LONG = st.integers(COLUMN_TEXTS_MIN_VALUES, 3 * COLUMN_TEXTS_MIN_VALUES)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    rows=LONG,
+    arrow_type=st.sampled_from([pa.int64(), pa.uint64(), pa.int32()]),
+    policy=st.sampled_from(["reject_row", "drop_attribute"]),
+)
+def test_a_long_integer_column_is_encoded_in_columns_like_rows(
+    data: st.DataObject, rows: int, arrow_type: pa.DataType, policy: str
+) -> None:
+    """A column long enough for its integers to be written by Arrow (uint64 adds values beyond
+    int64, refused by the converter, which keep the fragments in Python)."""
+    bits = arrow_type.bit_width
+    low, high = (0, 2**bits - 1) if arrow_type == pa.uint64() else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    edges = st.sampled_from([low, high, 0, -1 if low < 0 else 1])
+    cells = data.draw(st.lists(st.none() | edges | st.integers(low, high), min_size=rows, max_size=rows))
+    assert_encodes_like_rows(long_batch("c_integer", pa.array(cells, arrow_type)), policy, None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cells=st.lists(
+        st.none() | st.integers(-(2**63), 2**63 - 1) | st.sampled_from([-(2**63), 2**63 - 1, 0]),
+        min_size=1,
+        max_size=200,
+    )
+)
+def test_integers_written_by_arrow_are_what_json_value_writes(cells: list[int | None]) -> None:
+    texts = _value_texts(list(cells))
+    if all(cell is None for cell in cells):
+        assert texts is None  # nothing to gain: the fragments are all null
+        return
+    assert texts is not None
+    assert texts.to_pylist() == [None if cell is None else json_value(cell) for cell in cells]
+
+
+def test_values_other_than_integers_keep_the_python_path() -> None:
+    assert _value_texts(["a", None] * 40) is None
+    assert _value_texts([1, 2.5] * 40) is None
+    assert _value_texts([True, 1] * 40) is None  # a bool is not written as an integer
+    assert _value_texts([2**63, 1] * 40) is None  # beyond int64
 
 
 scalars = (

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import subprocess
 import sys
+import weakref
 
 import pyarrow as pa
 import pytest
 
-from sync.memory import release_free_memory, tune_allocators
+from sync.memory import EASED_YOUNG_THRESHOLD, collector_eased, release_free_memory, tune_allocators
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -50,3 +52,32 @@ print(rss())
         for mode in ("untuned", "tuned")
     }
     assert resident["untuned"] - resident["tuned"] > 60_000_000
+
+
+def test_the_collector_is_eased_while_held_and_given_back_after_the_last_holder() -> None:
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    with collector_eased():
+        assert gc.get_threshold() == (EASED_YOUNG_THRESHOLD, *before[1:])
+        frozen = gc.get_freeze_count()
+        assert frozen > 0  # the objects alive on entry are out of the collector's walks
+        with collector_eased():  # a second run in the same process shares the easing
+            assert gc.get_threshold()[0] == EASED_YOUNG_THRESHOLD
+        assert gc.get_threshold()[0] == EASED_YOUNG_THRESHOLD  # still held by the outer one
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0  # handed back: a warm process leaks no frozen garbage
+
+
+def test_a_cycle_made_while_eased_is_collected_once_the_easing_ends() -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.other: Node | None = None
+
+    with collector_eased():
+        first, second = Node(), Node()
+        first.other, second.other = second, first
+        probe = weakref.ref(first)
+        del first, second
+    gc.collect()
+    assert probe() is None

@@ -36,6 +36,12 @@ optional ``time`` (ISO-8601 string; the 24 h window of the MEP API is not enforc
 stay clock-free) and optional ``attributes`` (an object, stored as sent). Unknown top-level
 item keys are ignored.
 
+A simulator started with ``keep_every=N`` (``cepsync simulator --keep-every N``) keeps the
+attributes of one custom id in N (those whose CRC-32 is a multiple of N, :func:`kept`) and only
+an update count for the others: a whole profile costs ~1.9 kB of Python objects, so ten million
+kept whole need ~18 GB, and a benchmark at that size checks a sample anyway. The view of an id
+that is only counted says ``"kept": false`` and has no attributes.
+
 Inspection and control (no auth):
 
 * ``GET /_sim/projects/{project_key}/profiles`` ->
@@ -47,6 +53,7 @@ Inspection and control (no auth):
   "profiles_received": n, "profiles_applied": n, "profiles_rejected": n,
   "max_updates_per_custom_id": n, "too_many_requests": n, "connections_dropped": n,
   "profiles_stored": n, "item_errors": {"value": n, "server": n, "unknown": n, "none": n}}``.
+  ``profiles_stored`` counts every custom id ever applied, kept whole or only counted (below).
   ``profiles_received`` counts the items of every well-formed, authenticated request (retries
   included); ``profiles_applied`` counts items applied (an item re-sent after a dropped
   connection counts again: that is what ``max_updates_per_custom_id`` makes visible);
@@ -85,6 +92,8 @@ Inspection and control (no auth):
   is a value refusal too (category ``identifiers``); an item it rejects, or that breaks a
   rule, is never given an injected error on top.
 * ``POST /_sim/reset`` clears profiles, stats, faults and rate-limit buckets, and re-seeds the RNG.
+* The Audience API (``/audiences/create``, ``/update``, ``/view``), its faults and its views
+  under ``/_sim/``: :mod:`sync.dev.audiences`.
 
 Order of processing for a Profile API request: latency, route version, auth, body parsing,
 injected failure (``fail_next``, then ``failure_rate``), rate limit, item validation,
@@ -110,6 +119,7 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -120,6 +130,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from aiohttp import web
 
+from sync.dev.audiences import AudienceAPI
 from sync.errors import ConfigError
 
 __all__ = ["ITEM_ERROR_KINDS", "BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
@@ -749,7 +760,13 @@ class BatchSimulator:
         rate_limit: bool = True,
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
+        keep_every: int = 1,
     ) -> None:
+        if keep_every < 1:
+            raise ValueError(f"keep_every must be at least 1, not {keep_every}")
+        self._keep_every = keep_every
+        # custom_id -> updates, for ids whose attributes are not kept (keep_every > 1).
+        self._counted: dict[str, dict[str, int]] = {}
         self._credentials = dict(credentials)
         self._rate_limit = rate_limit
         self._clock = clock
@@ -764,6 +781,8 @@ class BatchSimulator:
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None  # set while serving
         self.faults = SimulatorFaults()
+        # The Audience API (sync/dev/audiences.py): its own routes, faults and state.
+        self.audiences = AudienceAPI(self._authenticated, rate_limit=rate_limit, clock=clock, seed=seed)
         self.app = self._build_app()
 
     # -- public in-process API ------------------------------------------------------------
@@ -815,7 +834,8 @@ class BatchSimulator:
                 "max_updates_per_custom_id": stats.max_updates_per_custom_id,
                 "too_many_requests": stats.too_many_requests,
                 "connections_dropped": stats.connections_dropped,
-                "profiles_stored": sum(len(store) for store in self._projects.values()),
+                "profiles_stored": sum(len(store) for store in self._projects.values())
+                + sum(len(counted) for counted in self._counted.values()),
                 "item_errors": dict(stats.item_errors),
             }
 
@@ -823,10 +843,12 @@ class BatchSimulator:
         """Forget profiles, stats, faults and rate-limit state; re-seed the RNG."""
         with self._lock:
             self._projects.clear()
+            self._counted.clear()
             self._buckets.clear()
             self._stats = _Stats()
             self._rng = random.Random(self._seed)
         self.faults.clear()
+        self.audiences.reset()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0 picks a free port) and return the base URL.
@@ -869,6 +891,7 @@ class BatchSimulator:
         app.router.add_get("/_sim/projects/{project_key}/profiles/{custom_id:.+}", self._handle_profile_view)
         app.router.add_post("/{version}/profiles/update", functools.partial(self._handle_api, UPDATE))
         app.router.add_post("/{version}/profiles/mass-update", functools.partial(self._handle_api, MASS_UPDATE))
+        self.audiences.add_routes(app)
         return app
 
     def _count_status(self, status: int) -> None:
@@ -994,6 +1017,8 @@ class BatchSimulator:
     ) -> None:
         with self._lock:
             store = self._projects.setdefault(project_key, {})
+            counted = self._counted.setdefault(project_key, {})
+            keep_every = self._keep_every
             stats = self._stats
             for kind, count in injected.items():
                 stats.item_errors[kind] += count
@@ -1001,6 +1026,10 @@ class BatchSimulator:
             for custom_id, ops, events in accepted:
                 if custom_id is None:
                     continue  # installation-identified: acknowledged, not modelled (shape unconfirmed)
+                if keep_every > 1 and not kept(custom_id, keep_every):
+                    updates = counted[custom_id] = counted.get(custom_id, 0) + 1
+                    most = max(most, updates)
+                    continue
                 profile = store.get(custom_id)
                 if profile is None:
                     profile = store[custom_id] = _Profile()
@@ -1054,6 +1083,9 @@ class BatchSimulator:
         with self._lock:
             profile = self._projects.get(project_key, {}).get(custom_id)
             record = None if profile is None else profile.view()
+            updates = self._counted.get(project_key, {}).get(custom_id)
+        if record is None and updates is not None:
+            return web.json_response({"kept": False, "updates": updates})
         if record is None:
             return web.json_response(
                 {"error_code": "PROFILE_NOT_FOUND", "error_message": "No such profile in this project"},
@@ -1180,7 +1212,14 @@ class SimulatorThread:
             loop.close()
 
 
-def serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: bool = True) -> None:
+def kept(custom_id: str, keep_every: int) -> bool:
+    """Whether a simulator started with ``keep_every`` keeps this id's attributes (CRC-32 of its UTF-8)."""
+    return keep_every <= 1 or zlib.crc32(custom_id.encode("utf-8", "surrogatepass")) % keep_every == 0
+
+
+def serve(
+    host: str, port: int, credentials: Mapping[str, str], *, rate_limit: bool = True, keep_every: int = 1
+) -> None:
     """Serve a simulator until SIGINT or SIGTERM (blocking; used by ``cepsync simulator``).
 
     Args:
@@ -1188,6 +1227,7 @@ def serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: b
         port: Port to bind (0 picks a free one; the URL is logged).
         credentials: project key -> REST API key.
         rate_limit: Enforce Batch's rate limits.
+        keep_every: Keep the attributes of one custom id in this many (:func:`kept`).
 
     Raises:
         ConfigError: The address cannot be listened on (a port in use or out of range, a
@@ -1195,7 +1235,9 @@ def serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: b
     """
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range: give 0 to 65535 (0 picks a free one)", field="--port")
-    asyncio.run(_serve(host, port, credentials, rate_limit=rate_limit))
+    if keep_every < 1:
+        raise ConfigError(f"--keep-every {keep_every}: give 1 (keep every profile) or more", field="--keep-every")
+    asyncio.run(_serve(host, port, credentials, rate_limit=rate_limit, keep_every=keep_every))
 
 
 def _listen_error(host: str, port: int, error: OSError) -> ConfigError:
@@ -1221,8 +1263,8 @@ def _listen_error(host: str, port: int, error: OSError) -> ConfigError:
     return ConfigError(f"cannot listen on {where}: {error.strerror or error}", field="--host")
 
 
-async def _serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: bool) -> None:
-    simulator = BatchSimulator(credentials, rate_limit=rate_limit)
+async def _serve(host: str, port: int, credentials: Mapping[str, str], *, rate_limit: bool, keep_every: int) -> None:
+    simulator = BatchSimulator(credentials, rate_limit=rate_limit, keep_every=keep_every)
     try:
         url = await simulator.start(host, port)
     except OSError as error:  # socket.gaierror included
@@ -1238,7 +1280,9 @@ async def _serve(host: str, port: int, credentials: Mapping[str, str], *, rate_l
             loop.add_signal_handler(signum, stopping.set)
             installed.append(signum)
     # Project keys are identifiers, not secrets, but the API keys are never logged.
-    _log.info("batch_simulator_listening", url=url, projects=len(credentials), rate_limit=rate_limit)
+    _log.info(
+        "batch_simulator_listening", url=url, projects=len(credentials), rate_limit=rate_limit, keep_every=keep_every
+    )
     try:
         await stopping.wait()
     finally:

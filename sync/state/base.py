@@ -30,8 +30,11 @@ Guarantees a backend must keep (the conformance suite in tests/state/ proves the
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
 
 from sync.differ import FingerprintStore
 from sync.model import ActivationMeta, IntentsNote, Lease, Refusal
@@ -42,6 +45,8 @@ __all__ = [
     "FingerprintStore",
     "IntentStore",
     "LeaseStore",
+    "MemberStore",
+    "Members",
     "RunStore",
     "StateStore",
     "operation_counts",
@@ -161,6 +166,59 @@ class IntentStore(Protocol):
         """Forget the entries of these ids (Batch acknowledged a payload since; fenced)."""
 
 
+@dataclass(frozen=True)
+class Members:
+    """An activation's audience as its state holds it (``docs/audiences.md``).
+
+    ``audience``: the audience the members belong to (None: no audience was ever started).
+    ``ids``: the members Batch acknowledged (a string array, each id once).
+    ``unconfirmed``: ids an audience call may have changed without a committed
+    acknowledgement (a crash, a call that failed): their membership in Batch is unknown,
+    so a run sends each of them again, as it should be now.
+    """
+
+    audience: str | None
+    ids: pa.Array
+    unconfirmed: pa.Array
+
+
+class MemberStore(Protocol):
+    """The members of an activation's Batch audience, and the ids a call may have changed.
+
+    Sets of ids, packed (a million members cost a few blobs, never a row or a Python object
+    per id). Every write is fenced by the lease. An activation has at most one audience:
+    :meth:`start_members` names it, and forgets the state of another one.
+    """
+
+    def load_members(self, activation: str) -> Members:
+        """The audience, its acknowledged members and its unconfirmed ids (empty arrays for none)."""
+
+    def start_members(self, lease: Lease, audience: str) -> bool:
+        """Make ``audience`` the one the member state is about (fenced).
+
+        When the state was about another audience, its members and unconfirmed ids are
+        forgotten first. Returns whether anything was forgotten.
+        """
+
+    def forget_members(self, lease: Lease) -> None:
+        """Forget every member and unconfirmed id, keeping the audience's name (fenced)."""
+
+    def record_member_intents(self, lease: Lease, custom_ids: pa.Array) -> IntentsNote:
+        """Durably note ids an audience call is about to add or remove, before it leaves (fenced)."""
+
+    def retire_member_intents(self, lease: Lease, note: IntentsNote) -> None:
+        """Forget a note's ids once their outcome is committed (fenced; another note's may stay)."""
+
+    def clear_member_intents(self, lease: Lease, custom_ids: pa.Array) -> None:
+        """Forget these ids' unconfirmed marks, however often noted (fenced)."""
+
+    def commit_members(self, lease: Lease, added: pa.Array, removed: pa.Array) -> None:
+        """Apply what Batch acknowledged: ``added`` become members, ``removed`` are not (fenced, all or none)."""
+
+    def compact_members(self, lease: Lease) -> None:
+        """Fold what commits appended into the packed sets (a no-op where nothing is appended; fenced)."""
+
+
 class RunStore(Protocol):
     """What the runs of an activation leave behind: their records, delivery counts, idempotency keys.
 
@@ -211,11 +269,11 @@ class RunStore(Protocol):
 
 
 @runtime_checkable
-class StateStore(FingerprintStore, LeaseStore, IntentStore, RunStore, Protocol):
+class StateStore(FingerprintStore, LeaseStore, IntentStore, MemberStore, RunStore, Protocol):
     """Every role in one store, as a backend (SQLite, Firestore) implements them, plus what spans them."""
 
     def reset(self, activation: str, *, now: datetime | None = None) -> None:
-        """Forget fingerprints, intents, refusals and meta (not run history): the next run is full.
+        """Forget fingerprints, intents, refusals, members and meta (not run history): the next run is full.
 
         Neither run records nor the lease's token counter are forgotten. Refuses while a run
         holds the lease rather than pull state from under it.

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from sync.dev.simulator import BatchSimulator, SimulatorFaults, SimulatorThread
+from sync.dev.simulator import BatchSimulator, SimulatorFaults, SimulatorThread, kept
 
 PROJECT = "project_0664hxvwffvbpn278gxdyhsadddqgna6"
 KEY = "rest-key-a"
@@ -969,3 +969,42 @@ def test_serve_logs_its_url_and_stops_on_sigterm() -> None:
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+# --- keep_every: a large benchmark keeps a sample whole -----------------------------------
+
+
+async def test_keep_every_keeps_a_sample_whole_and_counts_every_other_profile(
+    clock: FakeClock, session: aiohttp.ClientSession
+) -> None:
+    simulator = BatchSimulator(CREDENTIALS, clock=clock, seed=7, keep_every=4, rate_limit=False)
+    await simulator.start()
+    try:
+        ids = [f"u{i}" for i in range(200)]
+        for _ in range(2):
+            status, _ = await post(session, simulator, [profile(cid, n=1) for cid in ids])
+            assert status == 202
+        whole = [cid for cid in ids if kept(cid, 4)]
+        counted = [cid for cid in ids if not kept(cid, 4)]
+        assert 20 < len(whole) < 80  # about one in four, by CRC-32
+        assert set(simulator.profiles(PROJECT)) == set(whole)
+        stats = simulator.stats()
+        assert stats["profiles_stored"] == 200
+        assert stats["max_updates_per_custom_id"] == 2
+        views = f"{base(simulator)}/_sim/projects/{PROJECT}/profiles"
+        async with session.get(f"{views}/{whole[0]}") as resp:
+            record = await resp.json()
+            assert record["attributes"] == {"n": 1}
+            assert record["updates"] == 2
+        async with session.get(f"{views}/{counted[0]}") as resp:
+            assert await resp.json() == {"kept": False, "updates": 2}
+        async with session.get(f"{views}/nobody") as resp:
+            assert resp.status == 404
+    finally:
+        await simulator.stop()
+
+
+def test_keep_every_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="keep_every"):
+        BatchSimulator(CREDENTIALS, keep_every=0)
+    assert kept("anyone", 1)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from google.cloud import firestore
+from member_conformance import MemberStoreContract
 from state_conformance import TTL, StateStoreContract, at, entries, fp
 
 from sync.errors import LeaseHeld, LeaseLost, TransientError
@@ -37,7 +38,7 @@ MakeStore = Callable[..., FirestoreStateStore]
 MIB = 1_048_576
 
 
-class TestFirestoreStateStore(StateStoreContract):
+class TestFirestoreStateStore(StateStoreContract, MemberStoreContract):
     @pytest.fixture
     def store(self, make_firestore_store: MakeStore) -> StateStore:
         return make_firestore_store()

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from member_conformance import MemberStoreContract
 from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
 
 import sync.state.sqlite.fingerprints as sqlite_state
@@ -28,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LEGACY = Path(__file__).resolve().parent / "legacy_sqlite"
 
 
-class TestSQLiteStateStore(StateStoreContract):
+class TestSQLiteStateStore(StateStoreContract, MemberStoreContract):
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[StateStore]:
         s = SQLiteStateStore(tmp_path / "state.db")

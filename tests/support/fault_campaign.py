@@ -69,6 +69,15 @@ acknowledgement (a kill before the journal flush, a dropped answer; mirror: a cl
 checked like any other: the campaign found that such rows were never sent again, and the
 engine now notes every changing send as an intent and re-sends what a run left noted.
 
+**The audience dimension** (docs/audiences.md): a mirror scenario whose ``seed // 2`` is odd
+keeps its membership in a Batch audience too (drawn from the seed without touching its random
+stream, so the other scenarios replay as before). Every action's HTTP faults are applied to
+the audience routes as well. The audience must then equal the set of valid ids of the final
+segment: every present row whose id is valid, value-rejected and duplicated rows included.
+Leavers keep their attributes (checked as in upsert mode), and since their fingerprints are
+forgotten, a row that comes back sends its profile once more: those re-sends are legitimate
+and counted apart (``returned_resends``).
+
 Replay one scenario: ``CEPSYNC_CAMPAIGN_SEED=SEED pytest tests/test_fault_campaign.py``, or
 ``python -m tests.support.fault_campaign --seed SEED --rows N``. The whole campaign:
 ``make campaign`` (``--rows``, ``--scenarios``, ``--campaign-seed``, ``--state firestore``,
@@ -101,6 +110,17 @@ from sync.dev.simulator import BatchSimulator, SimulatorThread
 from tests.support.engine_support import API_KEY, ENV, PROJECT_KEY, write_segment
 
 ACTIVATION: Final = "campaign"
+AUDIENCE: Final = "campaign-members"
+# Simulator faults the audience routes take too (sync/dev/audiences.py).
+AUDIENCE_FAULTS: Final = (
+    "latency_ms",
+    "fail_next",
+    "fail_status",
+    "failure_rate",
+    "failure_status",
+    "drop_before_apply",
+    "drop_after_apply",
+)
 BATCH: Final = 200  # profiles per /profiles/update request
 # The attributes the activation owns: what a mirror removal sets to null.
 OWNED: Final = ("$email_address", "$phone_number", "firstname", "points")
@@ -171,6 +191,12 @@ class Scenario:
     value_rate: float
     refused_ids: tuple[str, ...]
     actions: tuple[Action, ...]  # one per segment version
+    audience: bool = False  # mirror only: the membership kept in a Batch audience too
+
+    @property
+    def clears(self) -> bool:
+        """Mirror removals clear attributes (with an audience, leavers keep theirs)."""
+        return self.mode == "mirror" and not self.audience
 
     @property
     def kill_window(self) -> int:
@@ -186,7 +212,7 @@ class Scenario:
             f"scenario seed={self.seed} rows={self.rows} mode={self.mode} send={self.send} "
             f"concurrency={self.concurrency} "
             f"flush_every={self.flush_every} flush_seconds={self.flush_seconds} value_refusal_rate={self.value_rate} "
-            f"refused_ids={list(self.refused_ids)}"
+            f"refused_ids={list(self.refused_ids)} audience={self.audience}"
         ]
         lines.extend(f"  v{number}: {action.describe()}" for number, action in enumerate(self.actions))
         return "\n".join(lines)
@@ -267,6 +293,7 @@ def plan_scenario(seed: int, rows: int, *, versions: int = BIG_VERSIONS) -> Scen
         value_rate=value_rate,
         refused_ids=refused,
         actions=tuple(planned),
+        audience=mode == "mirror" and (seed // 2) % 2 == 1,
     )
 
 
@@ -487,6 +514,16 @@ class SimulatorControl:
     def profiles(self) -> dict[str, dict[str, Any]]:
         return dict(self._call(f"/_sim/projects/{PROJECT_KEY}/profiles")["profiles"])
 
+    def set_audience_faults(self, settings: Mapping[str, Any]) -> None:
+        defaults = {"latency_ms": 0, "fail_next": 0, "failure_rate": 0.0, "drop_before_apply": 0, "drop_after_apply": 0}
+        self._call("/_sim/audiences/faults", {**defaults, **{k: settings[k] for k in AUDIENCE_FAULTS if k in settings}})
+
+    def audience_members(self) -> set[str]:
+        """The audience's indexed members (empty when it does not exist)."""
+        if AUDIENCE not in self._call(f"/_sim/projects/{PROJECT_KEY}/audiences")["audiences"]:
+            return set()
+        return set(self._call(f"/_sim/projects/{PROJECT_KEY}/audiences/{AUDIENCE}")["members"])
+
     def refused(self, payloads: Mapping[str, Mapping[str, Any]]) -> set[str]:
         """The ids whose payload Batch refuses, asked on the probe project (the main one is untouched)."""
         refused: set[str] = set()
@@ -544,6 +581,7 @@ class ScenarioResult:
     lease_held_exits: int = 0
     partial_runs: int = 0
     redundant: int = 0
+    returned_resends: int = 0
     harmless_clears: int = 0
     refused: int = 0
     segment_changes: Counter[str] = field(default_factory=Counter)
@@ -646,6 +684,8 @@ class ScenarioRunner:
             # Guards are not under test: a quarter of a small segment may move between versions.
             "guards": {"max_removed_percent": 100, "max_changed_percent": 100},
         }
+        if scenario.audience:
+            config["audience"] = AUDIENCE
         self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     def _start(self, lease_ttl: float) -> tuple[subprocess.Popen[str], Path]:
@@ -772,6 +812,8 @@ class ScenarioRunner:
         stats_before = self.sim.stats()
         faults = {**action.faults, "item_errors": {**action.faults["item_errors"], **base["item_errors"]}}
         self.sim.set_faults({**faults, "reject_custom_ids": base["reject_custom_ids"]})
+        if self.scenario.audience:
+            self.sim.set_audience_faults(action.faults)
         try:
             if action.kind == "kill":
                 self._kill(action)
@@ -782,6 +824,8 @@ class ScenarioRunner:
         finally:
             left = self.sim.faults()
             self.sim.clear_faults(base)
+            if self.scenario.audience:
+                self.sim.set_audience_faults({})
         self._count_faults(action, stats_before, self.sim.stats(), left)
         self._count_resends(before, self.sim.profiles())
         if self.result.redundant > self.result.resend_bound:
@@ -811,7 +855,7 @@ class ScenarioRunner:
 
     def _count_resends(self, before: Mapping[str, dict[str, Any]], after: Mapping[str, dict[str, Any]]) -> None:
         stray: list[str] = []
-        departed = self.segment.departed() if self.scenario.mode == "mirror" else set()
+        departed = self.segment.departed() if self.scenario.clears else set()
         for cid, record in after.items():
             earlier = before.get(cid)
             applied = record["updates"] - (earlier["updates"] if earlier else 0)
@@ -827,6 +871,9 @@ class ScenarioRunner:
                     stray.append(cid)
             elif record["attributes"] != held_before:
                 self.result.redundant += applied - 1
+            elif self.scenario.audience and cid in self.segment.returned:
+                # Its fingerprint was forgotten when it left (it kept its attributes): sent once more.
+                self.result.returned_resends += applied
             else:
                 self.result.redundant += applied
         self.result.problems.setdefault("clear_of_a_profile_never_synced", []).extend(stray)
@@ -874,7 +921,7 @@ class ScenarioRunner:
         held = {cid: profile["attributes"] for cid, profile in self.sim.profiles().items()}
         valid = segment.valid()
         departed = segment.departed()
-        clears = {cid: dict.fromkeys(OWNED) for cid in departed} if scenario.mode == "mirror" else {}
+        clears = {cid: dict.fromkeys(OWNED) for cid in departed} if scenario.clears else {}
         # Batch's answer for each payload the final state calls for: the probe project asks the
         # simulator with the payload itself (value refusals depend on nothing else).
         refusable = self.sim.refused(valid) | self.sim.refused(clears)
@@ -889,12 +936,12 @@ class ScenarioRunner:
         problems["stale"] = stale
         problems["wrongly_refused"] = sorted(reported - refusable)
         must_report = {cid for cid in valid if cid in refusable}
-        if scenario.mode == "mirror":
+        if scenario.clears:
             must_report |= {cid for cid in departed if cid in refusable and held.get(cid)}
         problems["refusal_not_reported"] = sorted(must_report - reported)
         problems["lost"] = sorted((set(missing) | set(stale)) - reported)
         self.result.refused = len(must_report)
-        if scenario.mode == "mirror":
+        if scenario.clears:
             problems["not_cleared"] = sorted(cid for cid in departed if held.get(cid) and cid not in refusable)
         else:
             problems["changed_after_leaving"] = sorted(
@@ -902,9 +949,14 @@ class ScenarioRunner:
             )
         for cid in segment.invalid_present():
             allowed = segment.past_views.get(cid, [])
-            if cid in held and held[cid] not in allowed and (held[cid] or scenario.mode != "mirror"):
+            if cid in held and held[cid] not in allowed and (held[cid] or not scenario.clears):
                 problems.setdefault("invalid_row_changed", []).append(cid)
         problems["never_valid_but_created"] = sorted(set(held) - set(segment.past_views))
+        if scenario.audience:
+            # The audience is the set of valid ids of the segment (value-rejected and duplicated rows included).
+            members, expected = self.sim.audience_members(), set(segment.present())
+            problems["audience_missing"] = sorted(expected - members)
+            problems["audience_extra"] = sorted(members - expected)
         if self.result.redundant > self.result.resend_bound:
             problems.setdefault("redundant_resends_over_bound", []).append(
                 f"{self.result.redundant} re-sent by the end > {self.result.resend_bound}"
@@ -1011,6 +1063,7 @@ class CampaignSummary:
             f"at most {sum(min(r.redundant, r.drops_after_apply * BATCH) for r in results)} of them after "
             f"dropped answers (necessary); "
             f"harmless clears: {sum(r.harmless_clears for r in results)}",
+            f"returned (audience) re-sends: {sum(r.returned_resends for r in results)}",
             f"max redundant in one scenario: {max((r.redundant for r in results), default=0)}, "
             f"max share of its bound: "
             f"{max((r.redundant / r.resend_bound for r in results if r.resend_bound), default=0):.2f}",

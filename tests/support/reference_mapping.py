@@ -17,7 +17,7 @@ which the columnar one must agree with value for value:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -79,14 +79,17 @@ def map_row(mapper: ProfileMapper, row: Mapping[str, object]) -> MappedRow:
         custom_id = converted_id
 
     attributes: Attributes = {}
-    for column, key, present_key, convert in mapper.fields:
+    for column, key, present_key, convert, keep_null in mapper.fields:
         value = row.get(column)
+        # on_null: keep: a null is left out of the payload (Batch keeps what it holds).
         if value is None:
-            attributes[key] = None
+            if not keep_null:
+                attributes[key] = None
             continue
         result = convert(value)
         if result is None:
-            attributes[key] = None
+            if not keep_null:
+                attributes[key] = None
         elif isinstance(result, Failure):
             issues.append(RowIssue(column, result.reason, result.detail))
         else:
@@ -117,7 +120,8 @@ def map_batch(mapper: ProfileMapper, batch: pa.RecordBatch) -> list[MappedRow]:
         key, present_key = converted_field.key, converted_field.present_key
         for payload, result in zip(payloads, results, strict=True):
             if result is None:
-                payload[key] = None
+                if not converted_field.keep_null:
+                    payload[key] = None
             elif not isinstance(result, Failure):
                 payload[present_key] = result
     mapped: list[MappedRow] = []
@@ -132,13 +136,17 @@ def map_batch(mapper: ProfileMapper, batch: pa.RecordBatch) -> list[MappedRow]:
     return mapped
 
 
-def encode_rows(mapped: Sequence[MappedRow], payload_keys: Sequence[tuple[str, str]] = ()) -> EncodedBatch:
+def encode_rows(
+    mapped: Sequence[MappedRow], payload_keys: Sequence[tuple[str, str]] = (), kept: Collection[str] = ()
+) -> EncodedBatch:
     """The columns of :func:`sync.encode.encode_batch`, from rows mapped one by one: the reference.
 
     Args:
         mapped: Mapped rows, in batch order.
         payload_keys: ``ProfileMapper.payload_keys``, to find the attributes a row lost
             (fingerprinted as if each were null, as ``encode_batch`` does).
+        kept: ``ProfileMapper.kept_null_keys``: a lost attribute whose nulls are kept is
+            left out of the fingerprint too (absent, not null).
     """
     bodies: list[str | None] = []
     payloads: list[int | None] = []
@@ -154,7 +162,11 @@ def encode_rows(mapped: Sequence[MappedRow], payload_keys: Sequence[tuple[str, s
         body = canonical_payload(attributes)
         compared = body
         if mapped_row.issues and payload_keys:
-            dropped = [key for key, present in payload_keys if key not in attributes and present not in attributes]
+            dropped = [
+                key
+                for key, present in payload_keys
+                if key not in attributes and present not in attributes and key not in kept
+            ]
             if dropped:
                 compared = canonical_payload({**attributes, **dict.fromkeys(dropped)})
         bodies.append(body.decode("utf-8"))

@@ -12,6 +12,10 @@ Layout (``P`` is the collection prefix, ``cepsync`` by default)::
                                           by their live range ``low <= seq < next``)
       intent_shards/{gen:06d}-{k:05d}     the same two layers for mirror-mode intents
       intent_journal/t{token:012d}-{seq:012d}
+      member_shards/, member_journal/     the same for the members of the activation's Batch
+      member_intent_shards/,              audience and the ids an audience call may have
+      member_intent_journal/              changed ("members", "member_intents"; the audience's
+                                          name is the activation document's ``audience_name``)
       refusals/{sha256(custom_id)}        custom_id, payload (decimal text: a u64), field,
                                           reason, gen: a payload Batch refused. One document
                                           per refused profile (they are few: the mapper
@@ -147,6 +151,10 @@ def index_exemptions(prefix: str = "cepsync") -> list[IndexExemption]:
         IndexExemption("fp_journal", "blob", blob),
         IndexExemption("intent_shards", "blob", blob),
         IndexExemption("intent_journal", "blob", blob),
+        IndexExemption("member_shards", "blob", blob),
+        IndexExemption("member_journal", "blob", blob),
+        IndexExemption("member_intent_shards", "blob", blob),
+        IndexExemption("member_intent_journal", "blob", blob),
         IndexExemption(f"{prefix}_activations", "meta_json", "meta as JSON, never queried"),
         IndexExemption(f"{prefix}_runs", "record_json", "run record as JSON, never queried"),
     ]
@@ -171,6 +179,11 @@ class Namespace:
 FP: Final = Namespace("fp", "fp_shards", "fp_journal", with_values=True)
 INTENTS: Final = Namespace("intents", "intent_shards", "intent_journal", with_values=False)
 NAMESPACES: Final = (FP, INTENTS)
+# An activation's Batch audience (docs/audiences.md): sets of ids like the intents, compacted by
+# the run that keeps the audience (MemberStore.compact_members), emptied by a reset too.
+MEMBERS: Final = Namespace("members", "member_shards", "member_journal", with_values=False)
+MEMBER_INTENTS: Final = Namespace("member_intents", "member_intent_shards", "member_intent_journal", with_values=False)
+AUDIENCE_NAMESPACES: Final = (MEMBERS, MEMBER_INTENTS)
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from sync.state.firestore.compaction import CompactionStep, Compactor
 from sync.state.firestore.documents import Documents, lease_record
 from sync.state.firestore.journal import Journal
 from sync.state.firestore.layout import (
+    AUDIENCE_NAMESPACES,
     FP,
     INTENTS,
     MAX_RECORD_JSON_BYTES,
@@ -45,13 +46,14 @@ from sync.state.firestore.layout import (
     run_key,
     trigger_key,
 )
+from sync.state.firestore.members import AUDIENCE_FIELD, FirestoreMembers
 from sync.state.fold import fold_journal
 
 # Writes one refusal transaction may hold besides the activation document, with room to spare.
 _REFUSALS_PER_TRANSACTION = MAX_WRITES_PER_COMMIT - 100
 
 
-class FirestoreStateStore:
+class FirestoreStateStore(FirestoreMembers):
     """A :class:`sync.state.base.StateStore` on Cloud Firestore (Native mode).
 
     Safe to share between threads (the Firestore client is; the counters take a lock).
@@ -521,7 +523,7 @@ class FirestoreStateStore:
                 return False
             core.refuse_if_held(activation, lease_record(doc), moment, taker=None)
             token = int(doc.get("lease_token", 0))
-            for ns in NAMESPACES:
+            for ns in (*NAMESPACES, *AUDIENCE_NAMESPACES):
                 state = NamespaceState.from_doc(doc, ns)
                 state.empty(token)
                 doc[ns.key] = state.to_doc()
@@ -530,12 +532,13 @@ class FirestoreStateStore:
                 # (its appends would be forgotten by the reset anyway, being under its token).
                 doc["lease_expires_at"] = None
             doc.pop("meta_json", None)
+            doc.pop(AUDIENCE_FIELD, None)
             doc["refusals_gen"] = int(doc.get("refusals_gen", 0)) + 1
             self._docs.set(txn, ref, doc)
             return True
 
         if self._docs.transact(body, what=f"resetting activation {activation!r}"):
-            for ns in NAMESPACES:
+            for ns in (*NAMESPACES, *AUDIENCE_NAMESPACES):
                 for _ in self._compactor.collect_garbage(activation, ns):
                     pass
             self._delete_forgotten_refusals(activation)

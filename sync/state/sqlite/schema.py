@@ -17,6 +17,7 @@ from sync.differ import FINGERPRINT_SCHEMA
 from sync.state.sqlite.connection import StateSchemaError
 from sync.state.sqlite.fingerprints import write_base
 from sync.state.sqlite.intents import insert_intent_chunks
+from sync.state.sqlite.members import CREATE as MEMBER_TABLES
 
 SCHEMA_VERSION: Final = 4
 
@@ -118,6 +119,8 @@ _SCHEMA: Final = (
         PRIMARY KEY (activation, custom_id)
     ) WITHOUT ROWID
     """,
+    # Added the same way: an activation's Batch audience (StateStore.load_members...).
+    *MEMBER_TABLES,
 )
 # Columns of the refusals table added after it first shipped, with their types.
 _REFUSAL_COLUMNS_V4: Final = (("kind", "TEXT"), ("runs", "INTEGER"))

@@ -22,10 +22,12 @@ from sync.state.sqlite.connection import StateNotInitialised
 from sync.state.sqlite.fingerprints import FingerprintTables
 from sync.state.sqlite.intents import IntentTables
 from sync.state.sqlite.leases import LeaseTables
+from sync.state.sqlite.members import TABLES as MEMBER_TABLES
+from sync.state.sqlite.members import MemberTables
 from sync.state.sqlite.runs import RunTables
 
 
-class SQLiteStateStore(FingerprintTables, LeaseTables, IntentTables, RunTables):
+class SQLiteStateStore(FingerprintTables, LeaseTables, IntentTables, MemberTables, RunTables):
     """A :class:`sync.state.base.StateStore` in one SQLite file (or ``":memory:"``).
 
     Safe to share between threads (one connection, one internal lock) and between
@@ -189,10 +191,17 @@ class SQLiteStateStore(FingerprintTables, LeaseTables, IntentTables, RunTables):
         with self._write() as conn:
             core.refuse_if_held(activation, self._lease_record(conn, activation), moment, taker=None)
             rows = 0
-            for table in ("fingerprint_base", "fingerprint_journal", "intent_batches", "refusals", "meta"):
+            for table in (
+                "fingerprint_base",
+                "fingerprint_journal",
+                "intent_batches",
+                "refusals",
+                "meta",
+                *MEMBER_TABLES,
+            ):
                 # Table names come from the fixed tuple above, never from input.
                 rows += conn.execute(f"DELETE FROM {table} WHERE activation = ?", (activation,)).rowcount  # noqa: S608
-            self._count(5, rows)
+            self._count(5 + len(MEMBER_TABLES), rows)
 
     # -- housekeeping -------------------------------------------------------------------------
 
