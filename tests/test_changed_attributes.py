@@ -293,3 +293,26 @@ async def test_a_refused_change_is_remembered_and_the_next_change_goes_through(
     fixed = await run_once(activation, state)
     assert fixed.record["counts"]["changed"] == 1
     assert (profile(simulator, "c00002")["points"], profile(simulator, "c00002")["firstname"]) == (21, "Appy")
+
+
+async def test_a_kept_null_is_a_refresh_and_batch_keeps_its_value(
+    sim: tuple[BatchSimulator, str], tmp_path: Path
+) -> None:
+    simulator, url = sim
+    segment, state = tmp_path / "segment.duckdb", tmp_path / "state.db"
+    rows = people(10)
+    write_segment(segment, rows)
+    activation = make_activation(tmp_path, url, on_null="keep", **CHANGED)
+    await run_once(activation, state)
+    received = simulator.stats()["profiles_received"]
+    rows[3]["first_name"] = None  # kept: never sent as null
+    write_segment(segment, rows)
+    result = await run_once(activation, state)
+    counts = result.record["counts"]
+    assert (counts["changed"], counts["refreshed"], counts["sent"]) == (0, 1, 0)
+    assert simulator.stats()["profiles_received"] == received
+    assert profile(simulator, "c00003")["firstname"] == "Name3"
+    rows[3]["points"] = 30
+    write_segment(segment, rows)
+    await run_once(activation, state)
+    assert (profile(simulator, "c00003")["points"], profile(simulator, "c00003")["firstname"]) == (30, "Name3")
