@@ -6,18 +6,33 @@ batches into an in-memory DuckDB database (the *differ*), which computes each ro
 Custom ID key and raw-values hash and joins them against the stored fingerprints, an Arrow
 table of ``custom_id, raw, payload, attributes``. Only the rows that need mapping come back out.
 
-Three reads of the segment, each one streamed (``docs/how-a-run-works.md``):
+What each call hands over (``docs/how-a-run-works.md``, "Following one row"):
 
-1. :meth:`SegmentDiff.scan_ids` reads the Custom ID column alone: row count, null ids,
-   duplicated ids (``GROUP BY … HAVING count(*) > 1``), how many ids already have a stored
-   fingerprint, and the ids that left the segment (mirror removals, an anti-join against
-   the synced ids). Everything a guard needs is known before anything is mapped or sent.
+1. :meth:`SegmentDiff.scan_ids`: row count, null ids, duplicated ids (``GROUP BY … HAVING
+   count(*) > 1``), how many ids already have a stored fingerprint, and the ids that left
+   the segment (mirror removals, an anti-join against the synced ids). Everything a guard
+   needs is known before anything is mapped or sent.
 2. :meth:`SegmentDiff.moved_rows` (runs that have state): rows with a stored fingerprint
    whose raw hash moved. They are few in a delta and must be mapped before the first send,
    because the ``changed_percent`` guard counts the payloads that really differ.
 3. :meth:`SegmentDiff.rows_to_send`: rows without a stored fingerprint (new), rows with a
-   bad or duplicated id (to be rejected with a reason), and in a full pass every row. This
-   read feeds the send pipeline as it goes: the first request leaves after one batch.
+   bad or duplicated id (to be rejected with a reason), and in a full pass every row. It
+   feeds the send pipeline as it goes: the first request leaves after one batch.
+
+How often the segment is read:
+
+- **with stored fingerprints, one read** for a delta (:mod:`sync.delta_pass`): the id scan
+  reads every mapped column once, drops in DuckDB the rows whose (id, raw hash) pair is
+  stored, and keeps the others (null, new, moved ids) as Arrow; the ids go to a file from
+  which the counts, duplicates and removals are computed. The moved rows and the stream
+  are then served from the kept rows. Only a stored id that is now duplicated with an
+  unchanged copy needs a read of its own (restricted to the duplicated ids). A delta whose
+  new rows exceed :data:`sync.delta_pass.KEPT_BUDGET_BYTES` (a first sync's continuation)
+  keeps its moved rows only and streams the new ones in a second read; one whose moved rows
+  alone exceed it (a mapping change) reads again as below. A full pass reads twice: the
+  pass, then every row.
+- **with nothing stored** (a first sync), two reads: the Custom ID column alone, then every
+  row (nothing to compare, nothing to keep).
 
 The **raw hash** recipe is DuckDB's ``hash()`` over the mapped columns, salted with the
 mapping version, the columns' Arrow types, the source engine and the DuckDB version::
@@ -40,12 +55,24 @@ import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Final
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.delta_pass import (
+    KEPT_BUDGET_BYTES,
+    IdTee,
+    KeptRows,
+    duplicated_rows_sql,
+    hash_pairs_sql,
+    kept_moved_sql,
+    kept_table_sql,
+    kept_to_send_sql,
+    pass_sql,
+)
 from sync.differ import (
     DUPLICATE,
     KEY,
@@ -145,7 +172,7 @@ class SegmentDiff:
     over to a continuation (``orders_for_free`` is false).
 
     Args:
-        source: Where the segment comes from (read up to three times, streamed each time).
+        source: Where the segment comes from (streamed; read once in a delta, see the module docstring).
         columns: The mapped columns, Custom ID first (``ProfileMapper.columns``).
         schema: The segment's Arrow schema (``Source.schema()``).
         stored: The acknowledged fingerprints (``sync.differ.FINGERPRINT_SCHEMA``).
@@ -156,6 +183,8 @@ class SegmentDiff:
         salt: :func:`raw_salt` of this run.
         after: A continued full pass's watermark: :meth:`rows_to_send` leaves out the rows
             whose id is at or below it (its first legs sent them), before joining or sorting.
+        kept_budget_bytes: The most a delta's pass keeps of the rows it carries on
+            (:data:`sync.delta_pass.KEPT_BUDGET_BYTES`); past it, the segment is read again.
     """
 
     def __init__(
@@ -170,8 +199,10 @@ class SegmentDiff:
         salt: str,
         on_rows: Callable[[int], None] | None = None,
         after: str | None = None,
+        kept_budget_bytes: int = KEPT_BUDGET_BYTES,
     ) -> None:
         self._source = source
+        self._kept_budget = kept_budget_bytes
         self._columns = list(columns)
         self._id_column = self._columns[0]
         self._schema = schema
@@ -187,8 +218,17 @@ class SegmentDiff:
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
         self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})
-        # Set by the id scan: a delta's stream may find new ids by their hashes (exact then).
+        # Set by the id scan: no segment id shares its hash with another stored id, so
+        # matching ids by their 8-byte hashes is exact (the pass, and a delta's stream).
         self._new_by_hash = False
+        # Set by the id scan's pass: the rows it kept are in the table ``kept`` (and, when
+        # ``_kept_duplicates``, every copy of every duplicated id among them).
+        self._kept = False
+        # ... and the new and null ids' rows too (not only the moved ones): a delta's stream
+        # is served from them, without a read.
+        self._kept_all = False
+        self._kept_duplicates = True
+        self._reported = False  # on_rows heard of the segment's rows once already
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
 
@@ -226,13 +266,24 @@ class SegmentDiff:
     # -- reads -------------------------------------------------------------------------------
 
     def _stream(
-        self, columns: list[str], *, numbered: bool, report: bool = False, con: duckdb.DuckDBPyConnection | None = None
+        self,
+        columns: list[str],
+        *,
+        numbered: bool,
+        report: bool = False,
+        con: duckdb.DuckDBPyConnection | None = None,
+        tee: Callable[[pa.RecordBatch], None] | None = None,
     ) -> str:
-        """Register one streamed read of the segment (in ``con``, the differ's by default); return its name."""
+        """Register one streamed read of the segment (in ``con``, the differ's by default); return its name.
+
+        ``report``: tell ``on_rows`` (unless an earlier read did); ``tee``: handed every batch read.
+        """
         batches = self._source.read_batches(columns)
         schema = pa.schema([self._schema.field(c) for c in columns])
         if numbered:
             schema = schema.append(pa.field(ROW, pa.int64()))
+        report = report and not self._reported
+        self._reported = self._reported or report
 
         def timed() -> Iterator[pa.RecordBatch]:
             row = 0
@@ -245,6 +296,8 @@ class SegmentDiff:
                     return
                 if report and self._on_rows is not None:
                     self._on_rows(batch.num_rows)
+                if tee is not None:
+                    tee(batch)
                 if numbered:
                     # Row numbers (from 1, in read order) for rejected rows: one shared base
                     # array, shifted per batch, never a Python int per row.
@@ -262,6 +315,9 @@ class SegmentDiff:
     def _fetch(self, sql: str, con: duckdb.DuckDBPyConnection | None = None) -> Iterator[pa.RecordBatch]:
         started = time.perf_counter()
         reader: pa.RecordBatchReader = (self._con if con is None else con).sql(sql).to_arrow_reader(OUTPUT_BATCH_ROWS)
+        yield from self._drain(reader, started)
+
+    def _drain(self, reader: pa.RecordBatchReader, started: float) -> Iterator[pa.RecordBatch]:
         read_before = self.seconds["read"]
         try:
             while True:
@@ -277,16 +333,32 @@ class SegmentDiff:
         self.seconds["hash_and_diff"] += max(0.0, elapsed - (self.seconds["read"] - read_before))
 
     def scan_ids(self) -> IdScan:
-        """Read the Custom ID column once: counts, duplicates, and the ids that left."""
+        """Counts, duplicates, and the ids that left; with stored fingerprints, the delta's one read.
+
+        With nothing stored, the Custom ID column alone is read. Otherwise :meth:`_pass`
+        reads every mapped column once and keeps the rows that may need mapping.
+        """
         started = time.perf_counter()
         read_before = self.seconds["read"]
+        tee: IdTee | None = None
+        kept: KeptRows | None = None
         # A database of its own, closed at the end: DuckDB keeps what a query freed for
         # reuse until its database closes, and the scan's hash tables (tens of MB a
         # million ids) are never needed again. Only the duplicated ids move over.
-        con = self._connect()
+        con: duckdb.DuckDBPyConnection | None = None
         try:
-            view = self._stream([self._id_column], numbered=False, con=con)
+            if self.stored_count:
+                tee, kept = self._pass()
+                con = self._connect()
+                con.register("segment_ids", tee.reader())
+                view = "segment_ids"
+            else:
+                con = self._connect()
+                view = self._stream([self._id_column], numbered=False, con=con)
             con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
+            if tee is not None:
+                con.unregister("segment_ids")
+                tee.remove()
             rows, keyed = con.execute("SELECT count(*), count(k) FROM seen").fetchone() or (0, 0)
             # Every query below builds its hash table on the smaller side, or on 8-byte
             # hashes of the ids, never on a million ids as strings twice over: the scan's
@@ -300,48 +372,43 @@ class SegmentDiff:
             )
             copies = con.sql("SELECT k, copies FROM duplicates").to_arrow_table()
             duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
-            # Stored ids are unique: the stored rows found in the segment, less the
-            # duplicated ones, are the distinct non-duplicated ids that have a fingerprint.
-            matched_row = con.execute(
-                "SELECT count(*) FROM stored SEMI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s "
-                "ON s.k = stored.custom_id ANTI JOIN duplicates ON duplicates.k = stored.custom_id"
-            ).fetchone()
-            matched = int(matched_row[0]) if matched_row else 0
             distinct = int(keyed) - sum(duplicates.values()) + len(duplicates)
             # Stored and intent ids stream through one anti-join on the segment's ids; only
             # the few that come out are deduplicated (an intent may also be stored).
-            removed = [
-                key
-                for (key,) in con.execute(
-                    "SELECT DISTINCT custom_id FROM (SELECT custom_id FROM stored UNION ALL "
-                    "SELECT custom_id FROM intents) synced ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s "
-                    "ON s.k = synced.custom_id ORDER BY custom_id"
-                ).fetchall()
-            ]
+            gone = con.execute(
+                "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
+                "UNION ALL SELECT custom_id, FALSE FROM intents) synced "
+                "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id "
+                "GROUP BY custom_id ORDER BY custom_id"
+            ).fetchall()
+            removed = [key for key, _ in gone]
+            # Stored ids are unique: those in the segment are the stored ones less those
+            # that left, and the matched ones are those less the duplicated ones.
+            ((stored_duplicated,),) = con.execute(
+                "SELECT count(*) FROM stored SEMI JOIN duplicates ON duplicates.k = stored.custom_id"
+            ).fetchall()
+            matched = self.stored_count - sum(1 for _, is_stored in gone if is_stored) - int(stored_duplicated)
             # Intent ids are unique (a sorted set): the synced ids are the stored ones plus
             # the intents that are not stored, counted by a join built on the intents.
             overlap_row = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchone()
             overlap = int(overlap_row[0]) if overlap_row else 0
             synced = self.stored_count + self._intents.num_rows - overlap
-            if self.stored_count and not self._after:
-                # Whether a delta's stream may find new ids by their 8-byte hash alone: yes
-                # when no new id's hash equals a stored id's, i.e. when the distinct
-                # non-duplicated ids whose hash is stored are exactly the matched ones.
-                hashed_row = con.execute(
-                    "SELECT count(*) FROM (SELECT k FROM seen WHERE k IS NOT NULL) s "
-                    "ANTI JOIN duplicates ON duplicates.k = s.k "
-                    "SEMI JOIN (SELECT hash(custom_id) AS h FROM stored) sh ON sh.h = hash(s.k)"
-                ).fetchone()
-                self._new_by_hash = (int(hashed_row[0]) if hashed_row else -1) == matched
+            if self.stored_count:
+                self._new_by_hash = self._hashes_are_exact(con, matched + int(stored_duplicated))
             below_row = (
                 con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
                 if self._after is not None
                 else None
             )
         finally:
-            con.close()
+            if con is not None:
+                con.close()
+            if tee is not None:
+                tee.remove()
         self._duplicates = copies
         self._load_duplicates(self._con)
+        if kept is not None and not kept.overflowed:
+            self._keep(kept, duplicate_rows=sum(duplicates.values()))
         self._account(started, read_before)
         return IdScan(
             rows=int(rows),
@@ -353,6 +420,61 @@ class SegmentDiff:
             synced=synced,
             below_watermark=int(below_row[0]) if below_row else 0,
         )
+
+    def _pass(self) -> tuple[IdTee, KeptRows]:
+        """The delta's one read: the rows whose (id, raw hash) pair is not stored, and every id.
+
+        Rows are matched on their id's 8-byte hash (16 bytes a stored id in the join), which
+        :meth:`_hashes_are_exact` proves exact before any kept row is used.
+        """
+        tee = IdTee(Path(self._spill.name) / "segment-ids.arrows", self._schema.field(self._id_column))
+        kept = KeptRows(self._kept_budget)
+        # A database of its own, closed once read: its hash table is not needed after it.
+        con = self._connect()
+        try:
+            view = self._stream(self._columns, numbered=True, report=True, con=con, tee=tee)
+            reader: pa.RecordBatchReader = con.sql(pass_sql(self._select(view))).to_arrow_reader(OUTPUT_BATCH_ROWS)
+            kept.schema = reader.schema
+            for batch in reader:
+                kept.add(batch)
+        except BaseException:
+            tee.remove()
+            raise
+        finally:
+            con.close()
+        return tee, kept
+
+    def _hashes_are_exact(self, con: duckdb.DuckDBPyConnection, present: int) -> bool:
+        """Whether each segment id's 8-byte hash is the hash of no stored id but itself.
+
+        ``present``: the distinct segment ids that are stored. Every one of them pairs
+        with its own stored hash, so the (segment id, stored id) pairs of equal hashes
+        number ``present`` exactly when no segment id pairs with another stored id. Then
+        the pass dropped exactly the rows whose id and raw hash are stored, and a delta's
+        stream may tell a new id by its hash.
+        """
+        ((pairs,),) = con.execute(hash_pairs_sql()).fetchall()
+        return int(pairs) == present
+
+    def _keep(self, kept: KeptRows, *, duplicate_rows: int) -> None:
+        """The pass's rows, with their stored fingerprint, into the differ's table ``kept``."""
+        self._con.register("kept_rows", kept.table())
+        kept.batches.clear()
+        try:
+            self._con.execute(f"CREATE OR REPLACE TEMP TABLE kept AS {kept_table_sql(self._columns, 'kept_rows')}")
+        finally:
+            self._con.unregister("kept_rows")
+        ((count,),) = self._con.execute(
+            f"SELECT count(*) FROM kept SEMI JOIN duplicates d ON d.k = kept.{KEY}"
+        ).fetchall()
+        # Every copy of every duplicated id was kept (a new id's copies always are): the
+        # stream needs no read of its own for them.
+        self._kept_duplicates = int(count) == duplicate_rows
+        self._kept = True
+        self._kept_all = not kept.moved_only
+
+    def _serves_kept(self) -> bool:
+        return self._kept and self._new_by_hash
 
     def _select(self, view: str, *, after: str | None = None) -> str:
         columns = ", ".join(quote_identifier(c) for c in self._columns)
@@ -366,6 +488,9 @@ class SegmentDiff:
         """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
         if self.stored_count == 0:
             return iter(())
+        if self._serves_kept():
+            # Re-checked exactly: the kept rows met the stored ones on the id itself.
+            return self._fetch(kept_moved_sql(self._columns))
         return self._moved_rows()
 
     def _moved_rows(self) -> Iterator[pa.RecordBatch]:
@@ -404,6 +529,8 @@ class SegmentDiff:
 
         Rows at or below the watermark (``after``) never come out.
         """
+        if not full and self.stored_count and self._serves_kept() and self._kept_all:
+            return self._kept_to_send()
         view = self._stream(self._columns, numbered=True, report=True)
         order = f"ORDER BY s.{KEY}" if ordered else ""
         # A continuation never joins or sorts what its first legs sent.
@@ -452,6 +579,16 @@ class SegmentDiff:
                 f"WHERE st.custom_id IS NULL OR d.k IS NOT NULL {order}"
             )
         return self._fetch(sql)
+
+    def _kept_to_send(self) -> Iterator[pa.RecordBatch]:
+        """A delta's rows to send from what the pass kept; the duplicated ids' own read if it must."""
+        yield from self._fetch(kept_to_send_sql(self._columns, duplicates=self._kept_duplicates, after=self._after))
+        if not self._kept_duplicates:
+            # A stored id now duplicated, a copy of it unchanged: the pass could not know
+            # it would be duplicated, and dropped that copy. Only then, a read restricted to
+            # the duplicated ids brings every copy (with its row number).
+            view = self._stream(self._columns, numbered=True)
+            yield from self._fetch(duplicated_rows_sql(self._select(view, after=self._after)))
 
 
 class EmbeddedDiffer:

@@ -103,7 +103,8 @@ class DiffRequest:
         unconfirmed: Ids an earlier run sent without a committed acknowledgement: read as
             if their stored fingerprint were zero, so they are mapped and sent again.
         after: A continued full pass's watermark: rows at or below it may be left out.
-        on_rows: Told how many rows the id scan has read so far (a progress bar).
+        on_rows: Told how many segment rows have been read so far (a progress bar): each row
+            once, by the first read that reads every mapped column.
     """
 
     columns: Sequence[str]
@@ -130,7 +131,11 @@ class Differ(Protocol):
     orders_for_free: bool
 
     def scan_ids(self) -> IdScan:
-        """Read the Custom ID column once: counts, duplicates, removals. Called first."""
+        """Counts, duplicates, removals. Called first.
+
+        A differ may read the whole segment here, once, and serve the two calls below from
+        what it kept (a delta then reads the segment once: ``docs/how-a-run-works.md``).
+        """
 
     def moved_rows(self) -> Iterator[pa.RecordBatch]:
         """Rows with a stored fingerprint whose raw hash moved (mapped before the first send)."""

@@ -421,10 +421,76 @@ async def test_every_statement_is_the_pinned_sql_with_parameters_and_a_bytes_cap
     columns = ["customer_id", "email", "first_name", "points"]
     assert sql.merge_sql(fingerprints, journal, fence) in texts
     assert sql.drop_merged_sql(journal, fence) in texts
-    assert sql.id_scan_sql(segment, "`customer_id`", fingerprints) in texts
     assert sql.diff_sql(segment, columns, "`customer_id`", fingerprints) in texts
     assert sql.full_sql(segment, columns, "`customer_id`", fingerprints, ordered=True) in texts
     assert sql.register_fence_sql(fence) in texts
+
+
+def query_texts(proxy: RecordingProxy, since: int = 0) -> list[str]:
+    """The text of every query job sent through ``proxy`` from its ``since``-th request on."""
+    return [
+        request.json()["configuration"]["query"]["query"]
+        for request in proxy.requests[since:]
+        if request.method == "POST"
+        and request.path.split("?")[0].endswith("/jobs")
+        and "query" in request.json()["configuration"]
+    ]
+
+
+@pytest.mark.emulator
+async def test_a_delta_is_one_scan_of_the_segment_and_a_full_pass_two(
+    sim: tuple[BatchSimulator, str],
+    bq_client: bigquery.Client,
+    bq_dataset: bigquery.Dataset,
+    bq_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    # Issue 20, item 1: on BigQuery, one read means one billed scan. BigQuery bills a
+    # query for the columns of each table it references, so a run's scans of the segment
+    # are its queries that name the segment. The emulator bills nothing; the ledger and the
+    # statements that reached BigQuery say which jobs touched the segment.
+    simulator, url = sim
+    activation = activation_for(bq_dataset, url)
+    state = tmp_path / "state.sqlite"
+    proxy_client = bq_proxy.client(bq_dataset.project)
+    segment_sql = sql.table_sql(bq_dataset.table("people"))
+    rows = people(20)
+    write_segment(bq_client, bq_dataset, rows)
+    # c00003 moved, c00018 and c00019 left, c00020 is new, c00005 comes twice.
+    changed = [person(i, first_name="Moved") if i == 3 else person(i) for i in range(18)] + [person(20), person(5)]
+    steps = [("first sync", rows, False), ("delta", changed, False), ("no change", changed, False)]
+    steps.append(("full pass", changed, True))
+    scans: dict[str, int] = {}
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        for name, segment, full in steps:
+            write_segment(bq_client, bq_dataset, segment)
+            before = len(bq_proxy.requests)
+            record, _ = await run(activation, proxy_client, bq_dataset, state, full=full)
+            assert record["status"] in ("succeeded", "succeeded_with_rejections"), (name, record.get("error"))
+            touching = [text for text in query_texts(bq_proxy, before) if segment_sql in text]
+            assert all(text.count(segment_sql) == 1 for text in touching)  # named once in each
+            scanning = [job for job in record["warehouse"]["jobs"] if job["purpose"] in ("diff", "full pass")]
+            assert len(scanning) == len(touching), name  # the ledger names the same jobs
+            assert all(job["job_id"] and "bytes_billed" in job for job in scanning)
+            scans[name], records[name] = len(touching), record
+    finally:
+        proxy_client.close()  # type: ignore[no-untyped-call]
+    assert scans == {"first sync": 1, "delta": 1, "no change": 1, "full pass": 2}
+
+    # And the one scan said everything the three reads used to.
+    delta = records["delta"]
+    assert delta["counts"]["rows"] == 20
+    assert delta["counts"]["removed"] == 2  # c00018, c00019 left (mirror)
+    assert delta["counts"]["duplicates"] == 2  # both copies of c00005, rejected with a reason
+    assert delta["rejected_by_reason"] == {"duplicate_custom_id": 2}
+    assert (delta["counts"]["changed"], delta["counts"]["new"]) == (1, 1)  # c00003, c00020
+    assert rows_out(delta) == 4  # c00003 (moved), c00020 (new), c00005 twice (bad): nothing else left BigQuery
+    assert held(simulator)["c00003"]["firstname"] == "Moved"
+    assert "c00018" not in held(simulator)
+    assert records["no change"]["counts"]["sent"] == 0
+    assert rows_out(records["no change"]) == 2  # the duplicated id's two rows, rejected again
+    assert records["full pass"]["counts"]["acknowledged"] == 18  # every valid id: 19 less the duplicated c00005
 
 
 @pytest.mark.parametrize(

@@ -4,14 +4,18 @@
 :class:`sync.diff.SegmentDiff`, so the engine maps, plans and sends its batches unchanged. Queries of a run
 (sync/warehouse/sql.py has their text):
 
-1. ``id scan`` (:meth:`scan_ids`) reads the Custom ID column only: row count, null ids,
-   duplicated ids with their copies, how many ids have a stored fingerprint, and in mirror
-   mode the ids that left. Only the duplicated and removed ids leave the warehouse.
-2. ``diff`` (delta runs) hashes every row in SQL and joins it to the state table; its
-   result table holds only rows that are new, moved, or have a null/duplicated id.
-   :meth:`moved_rows` and :meth:`rows_to_send` each read one part of that small table.
-3. ``full`` (full passes only) returns every row with its stored fingerprint, ordered by
-   Custom ID when the engine checkpoints a full pass.
+1. ``diff`` (:meth:`scan_ids`) is the run's one scan of the segment, so a delta is billed
+   for the segment once: it hashes every row in SQL, joins it to the state table, and
+   writes to its result table only the rows that are new, moved, or have a
+   null/duplicated id, followed by the id scan's figures (row count, null ids, duplicated
+   ids with their copies, how many ids have a stored fingerprint, and in mirror mode the
+   ids that left).
+2. ``id scan`` reads those figures from the result table: only they, the duplicated and
+   the removed ids leave the warehouse at this point.
+3. ``moved rows`` (:meth:`moved_rows`) and ``new and bad rows`` (:meth:`rows_to_send` in a
+   delta) each read one part of that small table.
+4. ``full pass`` (full passes only) returns every row with its stored fingerprint, ordered
+   by Custom ID when the engine checkpoints a full pass: a full pass scans the segment twice.
 
 Rows that leave the warehouse carry no row number (``__cepsync_row`` is NULL): BigQuery
 has no stable row order, and numbering 100M rows would serialise the query on one worker.
@@ -123,14 +127,11 @@ class WarehouseDiff:
             yield batch
 
     def scan_ids(self) -> IdScan:
-        job = self._query(
-            "id scan",
-            sql.id_scan_sql(self._segment, self._key, self._fingerprints),
-            [
-                bigquery.ArrayQueryParameter("cepsync_intents", "STRING", self._intents),
-                bigquery.ScalarQueryParameter("cepsync_mirror", "BOOL", self._mirror),
-            ],
-        )
+        """Run the diff (the one scan of the segment) and read the id scan's figures from its result."""
+        diff = self._diff()
+        if diff.destination is None:
+            raise RuntimeError("the warehouse diff's query wrote no result table")
+        job = self._query("id scan", sql.scan_result_sql(sql.table_sql(diff.destination)))
         schema = pa.schema([("kind", pa.string()), ("k", pa.string()), ("n", pa.int64())])
         counts: dict[str, int] = {}
         duplicates: dict[str, int] = {}
@@ -166,7 +167,13 @@ class WarehouseDiff:
     def _diff(self) -> bigquery.QueryJob:
         if self._diff_job is None:
             self._diff_job = self._query(
-                "diff", sql.diff_sql(self._segment, self._columns, self._key, self._fingerprints), [self._unconfirmed]
+                "diff",
+                sql.diff_sql(self._segment, self._columns, self._key, self._fingerprints),
+                [
+                    self._unconfirmed,
+                    bigquery.ArrayQueryParameter("cepsync_intents", "STRING", self._intents),
+                    bigquery.ScalarQueryParameter("cepsync_mirror", "BOOL", self._mirror),
+                ],
             )
         return self._diff_job
 

@@ -29,13 +29,19 @@ from google.cloud import bigquery
 from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.errors import ConfigError
 
-# The result column saying why a row left the warehouse: 'moved', 'new' or 'bad' (null or
-# duplicated id).
+# The diff result's column saying what a row is: a segment row that is 'moved', 'new' or
+# 'bad' (null or duplicated id), or one of the id scan's figures (:data:`SCAN_KINDS`).
 KIND: Final = "__cepsync_kind"
+# The diff result's count column: a figure's value, a duplicated id's copies (NULL on segment rows).
+COUNT: Final = "__cepsync_n"
+ROW_KINDS: Final = ("moved", "new", "bad")
+SCAN_KINDS: Final = ("rows", "null_ids", "distinct", "matched", "synced", "stored", "duplicate", "removed")
 FINGERPRINTS: Final = "cepsync_fingerprints"
 JOURNAL: Final = "cepsync_journal"
 FENCE: Final = "cepsync_fence"
 # BigQuery column names: letters, digits and underscores, not starting with a digit.
+# The stored fingerprint's columns each row carries out: (state table column, output column).
+STORED_OUTPUT: Final = (("raw", STORED_RAW), ("payload", STORED_PAYLOAD), ("attributes", STORED_ATTRIBUTES))
 _COLUMN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
 _PROJECT: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _DATASET: Final = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
@@ -103,27 +109,6 @@ def raw_salt(mapping_version: str, types: Sequence[str]) -> str:
     return f"cepsync/raw/bq2|{mapping_version}|bigquery-warehouse|{';'.join(types)}"
 
 
-def id_scan_sql(segment: str, key: str, fingerprints: str) -> str:
-    """One query over the id column: counts, duplicated ids and (mirror) the ids that left."""
-    return (
-        f"WITH seg AS (SELECT {key} AS k FROM {segment}),\n"
-        "counts AS (SELECT k, COUNT(*) AS n FROM seg WHERE k IS NOT NULL GROUP BY k),\n"
-        f"stored AS (SELECT custom_id FROM {fingerprints} WHERE activation = @cepsync_activation),\n"
-        "synced AS (SELECT custom_id FROM stored UNION DISTINCT "
-        "SELECT custom_id FROM UNNEST(@cepsync_intents) AS custom_id)\n"
-        "SELECT 'rows' AS kind, CAST(NULL AS STRING) AS k, (SELECT COUNT(*) FROM seg) AS n\n"
-        "UNION ALL SELECT 'null_ids', NULL, (SELECT COUNTIF(k IS NULL) FROM seg)\n"
-        "UNION ALL SELECT 'distinct', NULL, (SELECT COUNT(*) FROM counts)\n"
-        "UNION ALL SELECT 'matched', NULL, "
-        "(SELECT COUNT(*) FROM counts JOIN stored ON stored.custom_id = counts.k WHERE counts.n = 1)\n"
-        "UNION ALL SELECT 'synced', NULL, (SELECT COUNT(*) FROM synced)\n"
-        "UNION ALL SELECT 'stored', NULL, (SELECT COUNT(*) FROM stored)\n"
-        "UNION ALL SELECT 'duplicate', k, n FROM counts WHERE n > 1\n"
-        "UNION ALL SELECT 'removed', synced.custom_id, 0 FROM synced "
-        "LEFT JOIN counts ON counts.k = synced.custom_id WHERE @cepsync_mirror AND counts.k IS NULL"
-    )
-
-
 def _rows_sql(segment: str, columns: Sequence[str], key: str) -> str:
     selected = ", ".join(column_sql(c) for c in columns)
     return (
@@ -137,7 +122,7 @@ def _output(columns: Sequence[str]) -> str:
     return (
         f"{selected}, CAST(NULL AS INT64) AS {ROW}, seg.{KEY}, seg.{RAW}, "
         f"(seg.{KEY} IS NOT NULL AND seg.copies > 1) AS {DUPLICATE}, "
-        f"st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, st.attributes AS {STORED_ATTRIBUTES}"
+        + ", ".join(f"st.{name} AS {output}" for name, output in STORED_OUTPUT)
     )
 
 
@@ -150,21 +135,61 @@ def _stored_sql(fingerprints: str) -> str:
     return (
         f"st AS (SELECT custom_id, IF({unconfirmed}, 0, raw) AS raw, IF({unconfirmed}, 0, payload) AS payload, "
         f"IF({unconfirmed}, NULL, attributes) AS attributes "
-        f"FROM {fingerprints} WHERE activation = @cepsync_activation)\n"
+        f"FROM {fingerprints} WHERE activation = @cepsync_activation)"
     )
+
+
+def _figure(columns: Sequence[str], kind: str, key: str, count: str) -> str:
+    """One id-scan line of the diff result: the segment row's columns NULL, then kind, key, count."""
+    # In _output's order: mapped columns, ROW, KEY, RAW, DUPLICATE, the stored columns.
+    nulls = ["NULL"] * len(columns) + ["NULL", key, "NULL", "NULL"] + ["NULL"] * len(STORED_OUTPUT)
+    return f"SELECT {', '.join(nulls)}, {kind}, {count}"
 
 
 def diff_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str) -> str:
-    """The delta diff: only rows that are new, moved, or carry a null or duplicated id."""
+    """The run's one scan of the segment: the rows that may need mapping, and the id scan's figures.
+
+    Its result (an anonymous table) holds the rows that are new, moved, or carry a null or
+    duplicated id (``KIND`` 'new', 'moved', 'bad'), then one line per figure of the id
+    scan: counts, duplicated ids with their copies and, in mirror mode, the ids that left
+    (``KIND`` in :data:`SCAN_KINDS`). Everything after it reads that result, never the
+    segment: the segment is referenced once, so BigQuery bills its columns once.
+    """
+    figures = [
+        _figure(columns, "'rows'", "NULL", "(SELECT COUNT(*) FROM seg)"),
+        _figure(columns, "'null_ids'", "NULL", f"(SELECT COUNTIF({KEY} IS NULL) FROM seg)"),
+        _figure(columns, "'distinct'", "NULL", "(SELECT COUNT(*) FROM counts)"),
+        _figure(
+            columns,
+            "'matched'",
+            "NULL",
+            "(SELECT COUNT(*) FROM counts JOIN st ON st.custom_id = counts.k WHERE counts.n = 1)",
+        ),
+        _figure(columns, "'synced'", "NULL", "(SELECT COUNT(*) FROM synced)"),
+        _figure(columns, "'stored'", "NULL", "(SELECT COUNT(*) FROM st)"),
+        _figure(columns, "'duplicate'", "k", "n") + " FROM counts WHERE n > 1",
+        _figure(columns, "'removed'", "synced.custom_id", "0")
+        + " FROM synced LEFT JOIN counts ON counts.k = synced.custom_id WHERE @cepsync_mirror AND counts.k IS NULL",
+    ]
     return (
         f"WITH seg AS ({_rows_sql(segment, columns, key)}),\n"
-        f"{_stored_sql(fingerprints)}"
+        f"{_stored_sql(fingerprints)},\n"
+        f"counts AS (SELECT {KEY} AS k, COUNT(*) AS n FROM seg WHERE {KEY} IS NOT NULL GROUP BY {KEY}),\n"
+        "synced AS (SELECT custom_id FROM st UNION DISTINCT "
+        "SELECT custom_id FROM UNNEST(@cepsync_intents) AS custom_id)\n"
         f"SELECT {_output(columns)},\n"
         f"  CASE WHEN seg.{KEY} IS NULL OR seg.copies > 1 THEN 'bad' "
-        f"WHEN st.custom_id IS NULL THEN 'new' ELSE 'moved' END AS {KIND}\n"
+        f"WHEN st.custom_id IS NULL THEN 'new' ELSE 'moved' END AS {KIND}, CAST(NULL AS INT64) AS {COUNT}\n"
         f"FROM seg LEFT JOIN st ON st.custom_id = seg.{KEY}\n"
-        f"WHERE seg.{KEY} IS NULL OR seg.copies > 1 OR st.custom_id IS NULL OR st.raw <> seg.{RAW}"
+        f"WHERE seg.{KEY} IS NULL OR seg.copies > 1 OR st.custom_id IS NULL OR st.raw <> seg.{RAW}\n"
+        + "\n".join(f"UNION ALL {figure}" for figure in figures)
     )
+
+
+def scan_result_sql(result: str) -> str:
+    """The id scan's figures from a diff result (a few rows: counts, duplicated and removed ids)."""
+    kinds = ", ".join(f"'{kind}'" for kind in SCAN_KINDS)
+    return f"SELECT {KIND} AS kind, {KEY} AS k, {COUNT} AS n FROM {result} WHERE {KIND} IN ({kinds})"
 
 
 def full_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str, *, ordered: bool) -> str:
@@ -172,16 +197,16 @@ def full_sql(segment: str, columns: Sequence[str], key: str, fingerprints: str, 
     order = f"\nORDER BY seg.{KEY}" if ordered else ""
     return (
         f"WITH seg AS ({_rows_sql(segment, columns, key)}),\n"
-        f"{_stored_sql(fingerprints)}"
+        f"{_stored_sql(fingerprints)}\n"
         f"SELECT {_output(columns)}\n"
         f"FROM seg LEFT JOIN st ON st.custom_id = seg.{KEY}{order}"
     )
 
 
 def result_part_sql(result: str, *, moved: bool) -> str:
-    """The moved rows, or the others, of a diff result (a small table: only the changes)."""
-    condition = "=" if moved else "<>"
-    return f"SELECT * EXCEPT ({KIND}) FROM {result} WHERE {KIND} {condition} 'moved'"
+    """The moved rows, or the new and bad ones, of a diff result (a small table: only the changes)."""
+    condition = f"{KIND} = 'moved'" if moved else f"{KIND} IN ('new', 'bad')"
+    return f"SELECT * EXCEPT ({KIND}, {COUNT}) FROM {result} WHERE {condition}"
 
 
 def _latest_journal(journal: str, fence: str) -> str:

@@ -1,0 +1,339 @@
+"""A delta's one pass over the segment (issue 20, item 1): what it hands over, and how often it reads.
+
+The differ is checked against a plain Python reference on generated segments and states
+(null ids, duplicated ids whose copies moved or did not, removed ids, stored ids the
+segment never had, unconfirmed ids, a watermark, a budget too small to keep anything),
+and a whole run is checked on SQLite and on Firestore state with a source that counts
+its reads: one in a delta, and a second only when a stored id became duplicated with
+an unchanged copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sync.delta_pass import KEPT_BUDGET_BYTES
+from sync.dev.simulator import BatchSimulator
+from sync.diff import SegmentDiff
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.engine import Run, RunOptions, RunResult
+from sync.sources.duckdb import DuckDBSource
+from sync.state.base import StateStore
+from sync.state.sqlite import SQLiteStateStore
+from tests.support.engine_support import (
+    API_KEY,
+    PROJECT_KEY,
+    make_activation,
+    make_client,
+    people,
+    person,
+    write_segment,
+)
+from tests.test_diff import TableSource, raw_hashes, rows_of, stored_table
+
+POOL = ["a", "b", "é", "日本", "x y", "", "k1", "k2"]
+NEVER_IN_SEGMENT = ["gone", "left", "never"]
+
+
+def reference_row(
+    number: int, cid: str | None, value: int, raw: int, stored: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
+    fingerprint = stored.get(cid) if cid is not None else None
+    return {
+        "id": cid,
+        "v": value,
+        ROW: number,
+        KEY: cid,
+        RAW: raw,
+        STORED_RAW: fingerprint[0] if fingerprint else None,
+        STORED_PAYLOAD: fingerprint[1] if fingerprint else None,
+    }
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.one_of(st.none(), st.sampled_from(POOL)), st.integers(0, 1)), max_size=14),
+    modes=st.dictionaries(st.sampled_from(POOL + NEVER_IN_SEGMENT), st.sampled_from(["same", "moved"])),
+    unconfirmed=st.sets(st.sampled_from(POOL + NEVER_IN_SEGMENT)),
+    intents=st.sets(st.sampled_from(POOL + NEVER_IN_SEGMENT)),
+    after=st.one_of(st.none(), st.sampled_from(POOL)),
+    budget=st.sampled_from([KEPT_BUDGET_BYTES, 1]),
+)
+def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
+    rows: list[tuple[str | None, int]],
+    modes: dict[str, str],
+    unconfirmed: set[str],
+    intents: set[str],
+    after: str | None,
+    budget: int,
+) -> None:
+    ids = [cid for cid, _ in rows]
+    segment = pa.table({"id": pa.array(ids, pa.string()), "v": pa.array([value for _, value in rows], pa.int64())})
+    raws = raw_hashes(segment) if rows else []
+    first_raw = {cid: raw for cid, raw in reversed(list(zip(ids, raws, strict=True))) if cid is not None}
+    # "same": the stored raw hash is the id's first row's ("moved": one off); a duplicated
+    # id's other copies may have the same values (unchanged) or not.
+    stored = {cid: (first_raw.get(cid, 5) + (1 if mode == "moved" else 0), 9 + len(cid)) for cid, mode in modes.items()}
+    # What the differ compares with: an unconfirmed id reads as zero fingerprints.
+    effective = {cid: ((0, 0) if cid in unconfirmed else fingerprint) for cid, fingerprint in stored.items()}
+    present = [cid for cid in ids if cid is not None]
+    duplicated = {cid for cid in present if present.count(cid) > 1}
+    singles = set(present) - duplicated
+    numbered = [
+        (number, cid, value, raw) for number, ((cid, value), raw) in enumerate(zip(rows, raws, strict=True), start=1)
+    ]
+
+    def kept(cid: str | None, raw: int) -> bool:
+        return cid is None or cid not in effective or effective[cid][0] != raw
+
+    def above(cid: str | None) -> bool:
+        return after is None or cid is None or cid > after
+
+    moved = [
+        {**reference_row(n, cid, value, raw, effective), DUPLICATE: False}
+        for n, cid, value, raw in numbered
+        if cid in singles and cid in effective and effective[cid][0] != raw
+    ]
+    to_send = [
+        {**reference_row(n, cid, value, raw, effective), DUPLICATE: cid in duplicated}
+        for n, cid, value, raw in numbered
+        if (cid is None or cid in duplicated or cid not in effective) and above(cid)
+    ]
+    every = [
+        {**reference_row(n, cid, value, raw, effective), DUPLICATE: cid in duplicated}
+        for n, cid, value, raw in numbered
+        if above(cid)
+    ]
+    # Reads: with state, the pass; a read of the duplicated ids when one of their copies
+    # was dropped as unchanged. Past the budget, the new rows are let go (the stream reads
+    # them again), and past it with the moved rows alone, the earlier two reads follow.
+    any_kept = any(kept(cid, raw) for _, cid, _, raw in numbered)
+    any_moved = any(cid in effective and effective[cid][0] != raw for _, cid, _, raw in numbered)
+    if not stored:
+        delta_reads = 2  # the id column, then the stream
+    elif budget == 1 and any_moved:
+        delta_reads = 3
+    elif budget == 1 and any_kept:
+        delta_reads = 2  # the pass (the moved rows, none here), then the stream of the new ones
+    else:
+        delta_reads = 1 + any(cid in duplicated and not kept(cid, raw) for _, cid, _, raw in numbered)
+
+    source = TableSource(segment)
+    told: list[int] = []
+    diff = SegmentDiff(
+        source,
+        columns=["id", "v"],
+        schema=segment.schema,
+        stored=stored_table(stored),
+        intents=sorted(intents),
+        unconfirmed=sorted(unconfirmed),
+        salt="salt",
+        on_rows=told.append,
+        after=after,
+        kept_budget_bytes=budget,
+    )
+    try:
+        scan = diff.scan_ids()
+        got_moved = rows_of(diff.moved_rows())
+        got_to_send = rows_of(diff.rows_to_send(full=False))
+        reads_of_the_delta = len(source.reads)
+        got_every = rows_of(diff.rows_to_send(full=True))
+        reads_with_a_full_pass = len(source.reads)
+        # As when an id's hash is shared: the exact reads, same answers.
+        diff._new_by_hash = False
+        exact_moved = rows_of(diff.moved_rows())
+        exact_to_send = rows_of(diff.rows_to_send(full=False))
+    finally:
+        diff.close()
+
+    assert scan.rows == len(ids)
+    assert scan.null_ids == ids.count(None)
+    assert scan.duplicates == {cid: present.count(cid) for cid in duplicated}
+    assert scan.matched == len(singles & set(stored))
+    assert scan.new_ids == len(singles - set(stored))
+    assert scan.removed == sorted((set(stored) | intents) - set(present))
+    assert scan.synced == len(set(stored) | intents)
+    assert scan.below_watermark == (sum(1 for cid in present if cid <= after) if after is not None else 0)
+    assert got_moved == moved
+    assert got_to_send == to_send
+    assert got_every == every
+    assert exact_moved == moved
+    assert exact_to_send == to_send
+    assert reads_of_the_delta == delta_reads
+    assert reads_with_a_full_pass == delta_reads + 1
+    assert sum(told) == len(ids)  # the progress hears of each row once, however often it is read
+
+
+def test_a_read_of_the_duplicated_ids_is_taken_only_when_a_stored_id_has_an_unchanged_copy() -> None:
+    segment = pa.table({"id": pa.array(["a", "b", "b", "c", "c"]), "v": pa.array([1, 2, 2, 3, 4], pa.int64())})
+    raws = dict(zip(segment["id"].to_pylist(), raw_hashes(segment), strict=False))
+    cases = {
+        # "b" was synced and now comes twice with its synced values: a copy the pass drops.
+        "stored id, unchanged copies": ({"a": (raws["a"], 1), "b": (raws["b"], 2)}, 2),
+        # "b" was synced and now comes twice with new values: the pass keeps every copy.
+        "stored id, moved copies": ({"a": (raws["a"], 1), "b": (7, 2)}, 1),
+        # Duplicated ids that were never synced are new: every copy is kept.
+        "new duplicated ids": ({"a": (raws["a"], 1)}, 1),
+    }
+    for name, (stored, reads) in cases.items():
+        source = TableSource(segment)
+        diff = SegmentDiff(source, columns=["id", "v"], schema=segment.schema, stored=stored_table(stored), salt="salt")
+        try:
+            scan = diff.scan_ids()
+            sent = rows_of(diff.rows_to_send(full=False))
+        finally:
+            diff.close()
+        assert scan.duplicates == {"b": 2, "c": 2}, name
+        assert [(row[ROW], row["id"], row[DUPLICATE]) for row in sent] == [
+            (2, "b", True),
+            (3, "b", True),
+            (4, "c", True),
+            (5, "c", True),
+        ], name
+        assert len(source.reads) == reads, name
+
+
+def test_a_pass_whose_new_rows_exceed_the_budget_keeps_its_moved_rows_and_streams_the_new_ones() -> None:
+    """A first sync's continuation: most ids are new. The moved rows stay kept; two reads, not three."""
+    ids = [f"id{n:04d}" for n in range(400)]
+    segment = pa.table({"id": pa.array(ids), "v": pa.array(range(400), pa.int64())})
+    raws = dict(zip(ids, raw_hashes(segment), strict=True))
+    # 20 ids synced by an earlier leg: 18 unchanged, 2 moved since; 380 new.
+    stored = {cid: (raws[cid] + (1 if n < 2 else 0), 3) for n, cid in enumerate(ids[:20])}
+    answers = {}
+    for budget in (KEPT_BUDGET_BYTES, 4_000):
+        source = TableSource(segment)
+        diff = SegmentDiff(
+            source,
+            columns=["id", "v"],
+            schema=segment.schema,
+            stored=stored_table(stored),
+            salt="salt",
+            kept_budget_bytes=budget,
+        )
+        try:
+            scan = diff.scan_ids()
+            moved = rows_of(diff.moved_rows())
+            to_send = rows_of(diff.rows_to_send(full=False))
+        finally:
+            diff.close()
+        assert (scan.matched, scan.new_ids) == (20, 380)
+        answers[budget] = (moved, to_send, len(source.reads))
+    moved, to_send, reads = answers[4_000]
+    assert [row["id"] for row in moved] == ["id0000", "id0001"]
+    assert sorted(row["id"] for row in to_send) == ids[20:]
+    assert reads == 2  # the pass (kept the 2 moved rows), then the stream of the new ones
+    assert answers[KEPT_BUDGET_BYTES][2] == 1  # within the budget: one read
+    assert answers[KEPT_BUDGET_BYTES][0] == moved
+    assert sorted(map(str, answers[KEPT_BUDGET_BYTES][1])) == sorted(map(str, to_send))
+
+
+# -- whole runs ------------------------------------------------------------------------------
+
+
+class CountingSource:
+    """The DuckDB segment, with every read's columns noted (the Source protocol, delegated)."""
+
+    def __init__(self, inner: DuckDBSource) -> None:
+        self.inner = inner
+        self.engine = inner.engine
+        self.reads: list[list[str]] = []
+
+    def schema(self) -> pa.Schema:
+        return self.inner.schema()
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        self.reads.append(list(columns))
+        return self.inner.read_batches(columns)
+
+    def stats(self) -> dict[str, object]:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def counted_run(store: StateStore, activation: Any, **options: Any) -> tuple[RunResult, list[list[str]]]:
+    source = CountingSource(DuckDBSource(activation.source, activation=activation.name))
+    try:
+        result = await Run(
+            activation, source=source, store=store, client=make_client(activation), options=RunOptions(**options)
+        ).execute()
+    finally:
+        source.close()
+    return result, source.reads
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+def state_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    if request.param == "sqlite":
+        store: StateStore = SQLiteStateStore(tmp_path / "state.db")
+    else:
+        make: Callable[..., StateStore] = request.getfixturevalue("make_firestore_store")
+        store = make()
+    try:
+        yield store
+    finally:
+        if request.param == "sqlite":
+            store.close()
+
+
+@pytest.fixture
+async def sim_url() -> AsyncIterator[str]:
+    simulator = BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)
+    url = await simulator.start()
+    yield url
+    await simulator.stop()
+
+
+@pytest.mark.emulator
+async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_state(
+    state_store: StateStore, sim_url: str, tmp_path: Path
+) -> None:
+    activation = make_activation(
+        tmp_path,
+        sim_url,
+        sync_mode="mirror",
+        guards={"max_removed_percent": 100, "max_changed_percent": 100},
+    )
+    segment = tmp_path / "segment.duckdb"
+    mapped = ["customer_id", "email", "phone", "first_name", "points"]
+    write_segment(segment, people(200))
+    first, reads = await counted_run(state_store, activation)
+    assert first.record["status"] == "succeeded", first.record.get("error")
+    assert reads == [["customer_id"], mapped]  # nothing stored: the ids, then every row
+
+    # A delta: 3 moved, 2 cosmetic (the same phone written otherwise), 2 left, 1 new, a
+    # null id, and a synced id now twice with its synced values.
+    rows = people(198)
+    for index in (10, 11, 12):
+        rows[index] = person(index, points=index + 1_000)
+    for index in (20, 21):
+        rows[index] = person(index, phone=f"+33 6 12 34 {index // 100 % 100:02d} {index % 100:02d}")
+    rows += [person(500), {**person(501), "customer_id": None}, person(30)]
+    write_segment(segment, rows)
+    delta, reads = await counted_run(state_store, activation)
+    counts = delta.record["counts"]
+    assert delta.record["status"] == "succeeded_with_rejections", delta.record.get("error")
+    assert (counts["changed"], counts["refreshed"], counts["new"], counts["removed"]) == (3, 2, 1, 2)
+    assert delta.record["rejected_by_reason"] == {"duplicate_custom_id": 2, "missing_custom_id": 1}
+    assert counts["sent"] == 6  # 3 changed, 1 new, 2 removals
+    assert reads == [mapped, mapped]  # the pass, then the duplicated id's own read
+
+    rows.pop()  # c00030 once again
+    write_segment(segment, rows)
+    delta, reads = await counted_run(state_store, activation)
+    assert delta.record["counts"]["sent"] == 0
+    assert delta.record["rejected_by_reason"] == {"missing_custom_id": 1}
+    assert reads == [mapped]  # one read
+
+    full, reads = await counted_run(state_store, activation, full=True)
+    assert full.record["counts"]["acknowledged"] == 199  # every valid row
+    assert reads == [mapped, mapped]  # a full pass: the pass, then every row
