@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_firestore.py                   # 20k on /update (c4, c8), 1M on mass-update
     .venv/bin/python bench/bench_firestore.py --quick           # 5,000 on /update, no 1M case
     .venv/bin/python bench/bench_firestore.py --baseline none --rows-large 0    # this engine, 20k cases
+    .venv/bin/python bench/bench_firestore.py --quick --baseline none --send changed_attributes
 
 What runs (bench/README.md says how to read the figures):
 
@@ -158,6 +159,8 @@ def run_case(
     with simulator_process(env, scratch / "simulator.log") as base_url:
         spec["activation"] = build_activation(database, base_url, case.concurrency)
         spec["activation"]["destination"]["endpoint"] = case.endpoint
+        if args.send != "whole_profile":  # an engine older than the option refuses the key
+            spec["activation"]["send"] = args.send
         for run_name in RUNS:
             if run_name == "delta":
                 change_rows(database, case.rows, args.changed_percent)
@@ -509,6 +512,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--run-timeout", type=float, default=RUN_TIMEOUT_SECONDS, help="seconds before a run is killed as failed"
     )
+    parser.add_argument(
+        "--send",
+        choices=("whole_profile", "changed_attributes"),
+        default="whole_profile",
+        help="the activation's send (changed_attributes keeps attribute sets in the state; use --baseline none)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON figures")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (segments, logs)")
@@ -538,6 +547,7 @@ def main(argv: list[str]) -> int:
         "repeat": args.repeat,
         "baseline": None if args.baseline == "none" else args.baseline,
         "states": args.states,
+        "send": args.send,
         "cases": {c.name: {"rows": c.rows, "endpoint": c.endpoint, "concurrency": c.concurrency} for c in cases},
         "floors": {str(c.rows): update_floor(c.rows) for c in cases if c.endpoint == "update"},
         "machine": machine(),

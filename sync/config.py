@@ -93,6 +93,13 @@ class InvalidValuePolicy(enum.StrEnum):
     DROP_ATTRIBUTE = "drop_attribute"
 
 
+class SendPolicy(enum.StrEnum):
+    """What a changed profile's payload holds (docs/changed-attributes.md)."""
+
+    WHOLE_PROFILE = "whole_profile"
+    CHANGED_ATTRIBUTES = "changed_attributes"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -418,6 +425,12 @@ class Activation(_Strict):
         InvalidValuePolicy.REJECT_ROW,
         description="reject_row: the whole row is not sent; drop_attribute: only the bad value is left out.",
     )
+    send: SendPolicy = Field(
+        SendPolicy.WHOLE_PROFILE,
+        description="whole_profile: a changed profile is sent with every mapped attribute; changed_attributes: "
+        "only the attributes whose value changed since Batch's last acknowledgement (first syncs and full "
+        "passes send everything).",
+    )
     on_null: NullPolicy = Field(
         NullPolicy.CLEAR,
         description="clear: a null value is sent as null (Batch erases the attribute); keep: a null is never sent, "
@@ -622,6 +635,7 @@ __all__ = [
     "ResultsConfig",
     "RunType",
     "ScheduleConfig",
+    "SendPolicy",
     "SourceConfig",
     "SyncMode",
     "base_url_problem",

@@ -24,7 +24,7 @@ from typing import Final
 
 import pyarrow as pa
 
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.duckdb_sql import quote_identifier, quote_literal
 
 __all__ = [
@@ -55,7 +55,11 @@ STORED_HIT: Final = "__cepsync_stored_hit"
 # The pass's flag: the row's id hash is a stored id's (moved, not new, once hashes are exact).
 KNOWN: Final = "__cepsync_known"
 # The stored fingerprint's columns a differ's batches carry: (stored column, output column, type).
-STORED_COLUMNS: Final = (("raw", STORED_RAW, "UBIGINT"), ("payload", STORED_PAYLOAD, "UBIGINT"))
+STORED_COLUMNS: Final = (
+    ("raw", STORED_RAW, "UBIGINT"),
+    ("payload", STORED_PAYLOAD, "UBIGINT"),
+    ("attributes", STORED_ATTRIBUTES, "BLOB"),
+)
 
 
 def stored_sql(alias: str | None) -> str:

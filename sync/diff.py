@@ -4,7 +4,7 @@ A delta run must look at every segment row, and most rows did not move. This sta
 builds a Python object for a row that did not move: the segment streams as Arrow record
 batches into an in-memory DuckDB database (the *differ*), which computes each row's
 Custom ID key and raw-values hash and joins them against the stored fingerprints, an Arrow
-table of ``custom_id, raw, payload``. Only the rows that need mapping come back out.
+table of ``custom_id, raw, payload, attributes``. Only the rows that need mapping come back out.
 
 What each call hands over (``docs/how-a-run-works.md``, "Following one row"):
 
@@ -78,11 +78,13 @@ from sync.differ import (
     KEY,
     RAW,
     ROW,
+    STORED_ATTRIBUTES,
     STORED_PAYLOAD,
     STORED_RAW,
     DiffRequest,
     FingerprintStore,
     IdScan,
+    with_attributes,
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError
@@ -140,7 +142,11 @@ def raw_salt(mapping_version: str, schema: pa.Schema, columns: Sequence[str], en
 
 
 def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
-    """``stored`` with zero fingerprints for the ``unconfirmed`` ids (so they never look unchanged)."""
+    """``stored`` with zero fingerprints and no attribute sets for the ``unconfirmed`` ids.
+
+    So they never look unchanged, and one that changed is sent whole: Batch may hold values
+    of the unacknowledged send that the stored attribute set does not say.
+    """
     if not unconfirmed:
         return stored
     doubtful = pc.fill_null(
@@ -153,7 +159,9 @@ def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
         stored = stored.set_column(
             stored.schema.get_field_index(name), name, pc.if_else(doubtful, zero, stored.column(name))
         )
-    return stored
+    unknown = pa.scalar(None, pa.binary())
+    index = stored.schema.get_field_index("attributes")
+    return stored.set_column(index, "attributes", pc.if_else(doubtful, unknown, stored.column(index)))
 
 
 class SegmentDiff:
@@ -206,7 +214,7 @@ class SegmentDiff:
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self.orders_for_free = False
-        self._stored = _distrusted(stored, unconfirmed)
+        self._stored = _distrusted(with_attributes(stored), unconfirmed)
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
         self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})
@@ -499,7 +507,8 @@ class SegmentDiff:
         try:
             view = self._stream(self._columns, numbered=True, con=con)
             sql = (
-                f"SELECT c.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+                f"SELECT c.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, "
+                f"st.attributes AS {STORED_ATTRIBUTES} "
                 f"FROM stored st JOIN ("
                 f"SELECT s.* FROM ({self._select(view)}) s "
                 f"SEMI JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh "
@@ -531,12 +540,13 @@ class SegmentDiff:
             # Nothing stored: every row is new, and there is nothing to join.
             sql = (
                 f"SELECT s.*, {flags}, CAST(NULL AS UBIGINT) AS {STORED_RAW}, "
-                f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD} "
+                f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD}, CAST(NULL AS BLOB) AS {STORED_ATTRIBUTES} "
                 f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
             )
         elif full:
             sql = (
-                f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD} "
+                f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, "
+                f"st.attributes AS {STORED_ATTRIBUTES} "
                 f"FROM ({selected}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
                 f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
             )
@@ -545,10 +555,11 @@ class SegmentDiff:
             # that no new id's hash is a stored id's, so a row whose id hash is not stored is
             # exactly a row without a stored fingerprint (the hash table is ~40% smaller).
             sql = (
-                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD} "
+                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD}, "
+                f"sd.attributes AS {STORED_ATTRIBUTES} "
                 f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} "
-                f"LEFT JOIN (SELECT custom_id, raw, payload FROM stored SEMI JOIN duplicates ON duplicates.k = "
-                f"stored.custom_id) sd ON sd.custom_id = s.{KEY} "
+                f"LEFT JOIN (SELECT custom_id, raw, payload, attributes FROM stored "
+                f"SEMI JOIN duplicates ON duplicates.k = stored.custom_id) sd ON sd.custom_id = s.{KEY} "
                 f"WHERE s.{KEY} IS NULL OR d.k IS NOT NULL "
                 f"OR hash(s.{KEY}) NOT IN (SELECT hash(custom_id) FROM stored) {order}"
             )
@@ -559,11 +570,12 @@ class SegmentDiff:
             # from the stored rows of the duplicated ids, found by probing the stored table
             # through the small table of duplicates.
             sql = (
-                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD} "
+                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD}, "
+                f"sd.attributes AS {STORED_ATTRIBUTES} "
                 f"FROM ({selected}) s LEFT JOIN (SELECT custom_id FROM stored) st ON st.custom_id = s.{KEY} "
                 f"LEFT JOIN duplicates d ON d.k = s.{KEY} "
-                f"LEFT JOIN (SELECT custom_id, raw, payload FROM stored SEMI JOIN duplicates ON duplicates.k = "
-                f"stored.custom_id) sd ON sd.custom_id = s.{KEY} "
+                f"LEFT JOIN (SELECT custom_id, raw, payload, attributes FROM stored "
+                f"SEMI JOIN duplicates ON duplicates.k = stored.custom_id) sd ON sd.custom_id = s.{KEY} "
                 f"WHERE st.custom_id IS NULL OR d.k IS NOT NULL {order}"
             )
         return self._fetch(sql)

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Final, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.model import Fingerprint, JournalEntry, Lease
 
@@ -28,11 +29,42 @@ ROW: Final = "__cepsync_row"  # the row's number in the segment (NULL from BigQu
 DUPLICATE: Final = "__cepsync_duplicate"  # the id appears more than once in the segment
 STORED_RAW: Final = "__cepsync_stored_raw"  # the acknowledged fingerprint's raw hash, or NULL
 STORED_PAYLOAD: Final = "__cepsync_stored_payload"  # ... and its payload fingerprint
+STORED_ATTRIBUTES: Final = "__cepsync_stored_attributes"  # ... and its attribute hashes, or NULL
 
 # The acknowledged fingerprints of an activation, as every state store hands them over.
-FINGERPRINT_SCHEMA: Final = pa.schema([("custom_id", pa.string()), ("raw", pa.uint64()), ("payload", pa.uint64())])
+# ``attributes`` is kept only for an activation with ``send: changed_attributes``: the sorted
+# 32-bit hashes of the acknowledged payload's attributes, 4 little-endian bytes each
+# (sync.attributes); NULL where not kept (the next changed payload is then sent whole).
+FINGERPRINT_SCHEMA: Final = pa.schema(
+    [("custom_id", pa.string()), ("raw", pa.uint64()), ("payload", pa.uint64()), ("attributes", pa.binary())]
+)
+# The columns of a fingerprint, in order (a state blob written before ``attributes`` lacks it).
+FINGERPRINT_COLUMNS: Final = tuple(FINGERPRINT_SCHEMA.names)
 # A journal of acknowledged changes: ``put`` false is a mirror removal (raw and payload 0).
 JOURNAL_SCHEMA: Final = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
+
+
+# Bytes of one attribute hash in a stored attribute set (sync.attributes).
+HASH_BYTES: Final = 4
+
+
+def set_problem(sets: pa.Array | pa.ChunkedArray) -> str | None:
+    """Why a column of attribute sets is not one (a length not a whole number of hashes), or None."""
+    lengths = pc.binary_length(sets)
+    if pc.any(pc.not_equal(pc.bit_wise_and(lengths, HASH_BYTES - 1), 0)).as_py():
+        return f"an attribute set's length is not a multiple of {HASH_BYTES} bytes"
+    return None
+
+
+def with_attributes(table: pa.Table) -> pa.Table:
+    """A fingerprint or journal table with its ``attributes`` column (all null if it had none).
+
+    Blobs written before attribute sets existed hold ``custom_id, raw, payload`` [``, put``].
+    """
+    if "attributes" in table.column_names:
+        return table
+    index = table.column_names.index("payload") + 1
+    return table.add_column(index, pa.field("attributes", pa.binary()), pa.nulls(table.num_rows, pa.binary()))
 
 
 @dataclass
@@ -88,7 +120,8 @@ class Differ(Protocol):
     """One run's comparison of the segment with the acknowledged fingerprints.
 
     Every batch a differ yields has the mapped columns plus :data:`KEY`, :data:`RAW`,
-    :data:`ROW`, :data:`DUPLICATE`, :data:`STORED_RAW` and :data:`STORED_PAYLOAD`.
+    :data:`ROW`, :data:`DUPLICATE`, :data:`STORED_RAW`, :data:`STORED_PAYLOAD` and
+    :data:`STORED_ATTRIBUTES` (NULL for an unconfirmed id, like its zeroed fingerprint).
     """
 
     # Seconds spent reading rows ("read") and hashing and joining them ("hash_and_diff").

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -78,6 +79,9 @@ class EncodedBatch:
             null: Batch keeps its old value for a key we leave out, so a previously-null
             attribute whose new value is invalid is no change to send. A key whose nulls
             are kept is left out of the fingerprint when null or dropped, as of the body.
+        slots: With ``keep_slots``: the fragments the bodies were joined from, as (key they
+            sort by, one fragment per row; "" where the row has none). A dropped attribute
+            has no fragment here either, so :mod:`sync.attributes` neither hashes nor sends it.
     """
 
     custom_ids: list[str | None]
@@ -85,10 +89,14 @@ class EncodedBatch:
     valid: pa.BooleanArray
     bodies: pa.StringArray
     payloads: pa.UInt64Array
+    slots: tuple[tuple[str, pa.StringArray], ...] | None = None
 
 
-def encode_batch(converted: ConvertedBatch) -> EncodedBatch:
-    """Encode the payloads of a converted batch (:meth:`ProfileMapper.convert_batch`)."""
+def encode_batch(converted: ConvertedBatch, *, keep_slots: bool = False) -> EncodedBatch:
+    """Encode the payloads of a converted batch (:meth:`ProfileMapper.convert_batch`).
+
+    ``keep_slots``: keep each field's fragments (``send: changed_attributes`` hashes them).
+    """
     rows = converted.rows
     valid_rows = [custom_id is not None for custom_id in converted.custom_ids]
     if converted.reject_row:
@@ -103,8 +111,8 @@ def encode_batch(converted: ConvertedBatch) -> EncodedBatch:
         slots.extend(field_slots)
         if drops:
             compared_slots.extend(_field_slots(field, dropped_as_null=True) if field.has_failure else field_slots)
-    bodies = _join_objects(slots, rows)
-    compared = _join_objects(compared_slots, rows) if drops else bodies
+    bodies = join_objects(slots, rows)
+    compared = join_objects(compared_slots, rows) if drops else bodies
     null_string = pa.scalar(None, pa.string())
     return EncodedBatch(
         custom_ids=converted.custom_ids,
@@ -112,6 +120,7 @@ def encode_batch(converted: ConvertedBatch) -> EncodedBatch:
         valid=valid,
         bodies=pc.if_else(valid, bodies, null_string),
         payloads=pc.if_else(valid, payload_fingerprints(compared), pa.scalar(None, pa.uint64())),
+        slots=tuple(slots) if keep_slots else None,
     )
 
 
@@ -182,7 +191,7 @@ def _gather(fragments: list[str] | pa.StringArray, codes: pa.Int64Array | None) 
     return array if codes is None else array.take(codes)
 
 
-def _join_objects(slots: list[tuple[str, pa.StringArray]], rows: int) -> pa.StringArray:
+def join_objects(slots: Sequence[tuple[str, pa.StringArray]], rows: int) -> pa.StringArray:
     """Each row's fragments in sorted key order, as one JSON object per row."""
     if not slots:
         return pa.array(["{}"] * rows, pa.string())

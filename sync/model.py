@@ -68,12 +68,15 @@ class Fingerprint(NamedTuple):
     ``raw`` hashes the source values of the mapped columns, salted with the mapping
     version (an unchanged ``raw`` means the row need not even be mapped). ``payload``
     hashes the canonical payload Batch acknowledged (it decides what is sent).
-    Both are unsigned 64-bit integers. A named tuple: one is built per row that moved,
-    and a tuple costs a third of a frozen dataclass to make.
+    Both are unsigned 64-bit integers. ``attributes`` (``send: changed_attributes`` only)
+    is the sorted set of the payload's attribute hashes, 4 bytes each (:mod:`sync.attributes`),
+    or None where it is not kept. A named tuple: one is built per row that moved, and a
+    tuple costs a third of a frozen dataclass to make.
     """
 
     raw: int
     payload: int
+    attributes: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,9 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.attributes import AttributeColumns, ChangedBodies, changed_bodies
 from sync.config import GuardsConfig, SyncMode
-from sync.differ import DUPLICATE, JOURNAL_SCHEMA, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, JOURNAL_SCHEMA, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.encode import EncodedBatch
 from sync.errors import GuardTripped
 
@@ -112,7 +113,9 @@ class PlannedSend(NamedTuple):
     custom_id: str
     kind: Outcome  # new | changed | unchanged (a full pass sends those too)
     fingerprint: Fingerprint
-    body: bytes  # canonical JSON of the attributes (sync.fingerprint), sent as it is
+    # Canonical JSON of the attributes (sync.fingerprint), sent as it is; with ``send:
+    # changed_attributes``, of only the changed ones (the fingerprint is the whole payload's).
+    body: bytes
 
 
 # Profiles to send (or fingerprints to refresh), one row each. ``kind`` is an index into
@@ -124,6 +127,8 @@ PROFILE_ROWS_SCHEMA = pa.schema(
         pa.field("raw", pa.uint64(), nullable=False),
         pa.field("payload", pa.uint64(), nullable=False),
         pa.field("body", pa.string(), nullable=False),
+        # The payload's attribute set (sync.attributes), null unless send: changed_attributes.
+        pa.field("attributes", pa.binary()),
     ]
 )
 _KINDS = (Outcome.NEW, Outcome.CHANGED, Outcome.UNCHANGED)
@@ -160,8 +165,8 @@ class ProfileRows:
 
     def __iter__(self) -> Iterator[PlannedSend]:
         columns = [self.table.column(name).to_pylist() for name in PROFILE_ROWS_SCHEMA.names]
-        for custom_id, kind, raw, payload, body in zip(*columns, strict=True):
-            yield PlannedSend(custom_id, _KINDS[kind], Fingerprint(raw, payload), body.encode("utf-8"))
+        for custom_id, kind, raw, payload, body, attributes in zip(*columns, strict=True):
+            yield PlannedSend(custom_id, _KINDS[kind], Fingerprint(raw, payload, attributes), body.encode("utf-8"))
 
     def __getitem__(self, index: int) -> PlannedSend:
         return next(iter(self.slice(index if index >= 0 else len(self) + index, 1)))
@@ -212,6 +217,7 @@ class ProfileRows:
                 table.column("custom_id"),
                 table.column("raw"),
                 table.column("payload"),
+                table.column("attributes"),
                 pa.repeat(pa.scalar(True), table.num_rows),
             ],
             schema=JOURNAL_SCHEMA,
@@ -263,6 +269,7 @@ def plan_rows(
     duplicates: Mapping[str, int],
     id_column: str,
     refused: Mapping[str, Refusal] | None = None,
+    attributes: AttributeColumns | None = None,
 ) -> BatchPlan:
     """Classify the mapped rows of one differ batch (see the module docstring).
 
@@ -287,19 +294,29 @@ def plan_rows(
             again (Batch would refuse it again): it is listed with Batch's reason and counted
             ``refused_unchanged`` (a value refusal) or ``persistent_unchanged`` (a
             persistent per-item error). A changed payload is sent as usual.
+        attributes: The batch's attribute hashes, for ``send: changed_attributes``
+            (:mod:`sync.attributes`): outside a full pass, a changed row with a stored
+            attribute set is sent with only its changed attributes, and one whose changes
+            Batch holds already (every attribute found) is refreshed, not sent. Its stored
+            fingerprint is always the whole payload's, attribute set included.
     """
     plan = BatchPlan()
     plan.tally.counts["rows_mapped"] += batch.num_rows
     if batch.num_rows == 0:
         return plan
     masks = _Masks.of(batch, mapped, full=full)
+    partial: ChangedBodies | None = None
+    if attributes is not None and not full:
+        changed_rows = pc.and_(masks.sent, pc.invert(masks.new))
+        partial = changed_bodies(attributes, batch.column(STORED_ATTRIBUTES), changed_rows)
+        masks = masks.holding(partial.nothing)
     ids = pa.array(mapped.custom_ids, pa.string())
     words = _RowWords(plan, mapped, masks, batch.column(ROW), duplicates, id_column, refused)
     refused_again = words.say(_rows_needing_a_word(mapped, masks, ids, refused))
     if refused_again:
         masks = masks.without(refused_again)
     _count_outcomes(plan.tally.counts, masks)
-    _assemble_profiles(plan, batch, mapped, masks, ids, full=full)
+    _assemble_profiles(plan, batch, mapped, masks, ids, full=full, attributes=attributes, partial=partial)
     return plan
 
 
@@ -311,6 +328,7 @@ class _Masks(NamedTuple):
     new: pa.BooleanArray  # no stored fingerprint
     unchanged: pa.BooleanArray  # payload equals the acknowledged one
     sent: pa.BooleanArray  # eligible, and changed unless in a full pass
+    held: pa.BooleanArray  # payload moved, but Batch holds every attribute of it (changed_attributes)
 
     @classmethod
     def of(cls, batch: pa.RecordBatch, encoded: EncodedBatch, *, full: bool) -> _Masks:
@@ -321,7 +339,13 @@ class _Masks(NamedTuple):
         new = pc.is_null(stored_payload)
         unchanged = pc.fill_null(pc.equal(stored_payload, encoded.payloads), False)
         sent = eligible if full else pc.and_(eligible, pc.invert(unchanged))
-        return cls(duplicate, eligible, new, unchanged, sent)
+        return cls(duplicate, eligible, new, unchanged, sent, pa.repeat(pa.scalar(False), len(eligible)))
+
+    def holding(self, held: pa.BooleanArray) -> _Masks:
+        """The same decisions with ``held`` rows unchanged: refreshed, not sent (nothing Batch lacks)."""
+        return self._replace(
+            unchanged=pc.or_(self.unchanged, held), sent=pc.and_(self.sent, pc.invert(held)), held=held
+        )
 
     def without(self, rows: Sequence[int]) -> _Masks:
         """The same decisions with ``rows`` neither eligible nor sent (Batch refused that very payload)."""
@@ -435,20 +459,32 @@ def _count_outcomes(counts: Counter[str], masks: _Masks) -> None:
 
 
 def _assemble_profiles(
-    plan: BatchPlan, batch: pa.RecordBatch, encoded: EncodedBatch, masks: _Masks, ids: pa.StringArray, *, full: bool
+    plan: BatchPlan,
+    batch: pa.RecordBatch,
+    encoded: EncodedBatch,
+    masks: _Masks,
+    ids: pa.StringArray,
+    *,
+    full: bool,
+    attributes: AttributeColumns | None,
+    partial: ChangedBodies | None,
 ) -> None:
     """The plan's sends, and outside a full pass its refreshes, from the batch's columns."""
     changed_or_not = pc.if_else(masks.unchanged, _KIND_CODE[Outcome.UNCHANGED], _KIND_CODE[Outcome.CHANGED])
     kind = pc.if_else(masks.new, _KIND_CODE[Outcome.NEW], changed_or_not)
-    columns = [ids, kind.cast(pa.int8()), batch.column(RAW), encoded.payloads, encoded.bodies]
+    bodies = encoded.bodies if partial is None else pc.coalesce(partial.bodies, encoded.bodies)
+    sets = pa.nulls(batch.num_rows, pa.binary()) if attributes is None else attributes.sets
+    columns = [ids, kind.cast(pa.int8()), batch.column(RAW), encoded.payloads, bodies, sets]
     profiles = pa.table(columns, names=PROFILE_ROWS_SCHEMA.names)
     plan.sends = ProfileRows(_as_profile_rows(profiles.filter(masks.sent)))
     if not full:
         # Same payload as acknowledged (a cosmetic source change, or a mapping change that
         # does not touch this profile): remember the new raw hash so the next run skips
         # mapping the row. The payload fingerprint never moves without a 202.
+        # A row whose payload moved while Batch holds every attribute of it (``held``: a
+        # mapping that dropped an attribute, with changed_attributes) is refreshed too.
         moved_raw = pc.fill_null(pc.not_equal(batch.column(STORED_RAW), batch.column(RAW)), True)
-        refresh = pc.and_(pc.and_(masks.eligible, masks.unchanged), moved_raw)
+        refresh = pc.and_(pc.and_(masks.eligible, masks.unchanged), pc.or_(moved_raw, masks.held))
         plan.refreshes = ProfileRows(_as_profile_rows(profiles.filter(refresh)))
         plan.tally.counts["refreshed"] += len(plan.refreshes)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from sync.config import Activation, AttributeType
+from sync.attributes import attribute_columns
+from sync.config import Activation, AttributeType, SendPolicy
 from sync.encode import encode_batch
 from sync.mapping import ProfileMapper
 from sync.model import Refusal
@@ -58,17 +59,21 @@ class Planner:
         self.duplicates = duplicates
         self.refused = refused
         self.id_column = activation.mapping.custom_id
+        # send: changed_attributes hashes each attribute (sync.attributes); nobody else pays for it.
+        self.by_attribute = activation.send is SendPolicy.CHANGED_ATTRIBUTES
 
     def plan(self, batch: pa.RecordBatch, *, full: bool) -> tuple[BatchPlan, float]:
         """The batch's plan, and the seconds mapping and planning it took."""
         started = time.perf_counter()
+        encoded = encode_batch(self.mapper.convert_batch(batch), keep_slots=self.by_attribute)
         planned = plan_rows(
             batch,
-            encode_batch(self.mapper.convert_batch(batch)),
+            encoded,
             full=full,
             duplicates=self.duplicates,
             id_column=self.id_column,
             refused=self.refused,
+            attributes=attribute_columns(encoded) if self.by_attribute else None,
         )
         return planned, time.perf_counter() - started
 

@@ -140,10 +140,16 @@ class RunBook:
             for key, value in self._refused.items():
                 run.rejected_by_reason[key] = run.rejected_by_reason.get(key, 0) + value
             if mapping["changed"]:
+                # send: changed_attributes (the config as it ran says so) sends only what moved.
+                what = (
+                    "with only the new or changed attributes"
+                    if run.config.get("send") == "changed_attributes"
+                    else "whole"
+                )
                 mapping["explanation"] = (
                     f"the mapping changed since the last successful run ({previous} → {version}): every row "
-                    f"was mapped again; {run.counts['changed']} profiles whose payload differs are resent, the "
-                    "others are unchanged"
+                    f"was mapped again; {run.counts['changed']} profiles whose payload differs are resent "
+                    f"({what}), the others are unchanged"
                 )
             run.mapping_version = mapping
 

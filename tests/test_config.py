@@ -163,6 +163,19 @@ def test_mapping_version_follows_the_mapping_only() -> None:
     assert len(mapping_version(one)) == 16
 
 
+def test_send_defaults_to_the_whole_profile_and_leaves_the_mapping_version_alone() -> None:
+    whole = parse_activation(base_config(), source="a.yaml")
+    changed = parse_activation(base_config(send="changed_attributes"), source="a.yaml")
+    assert whole.send == "whole_profile"
+    assert changed.send == "changed_attributes"
+    # Switching it sends nothing by itself: no re-mapping of every row.
+    assert mapping_version(whole) == mapping_version(changed)
+    error = error_of(base_config(send="changed"))
+    assert error.field == "send"
+    assert "changed_attributes" in str(error)
+    assert "send" in json_schema()["properties"]
+
+
 def test_json_schema_describes_the_model() -> None:
     schema = json_schema()
     assert schema["title"] == "cepsync activation"

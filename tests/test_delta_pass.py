@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sync.delta_pass import KEPT_BUDGET_BYTES
 from sync.dev.simulator import BatchSimulator
 from sync.diff import SegmentDiff
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.engine import Run, RunOptions, RunResult
 from sync.sources.duckdb import DuckDBSource
 from sync.state.base import StateStore
@@ -54,6 +54,7 @@ def reference_row(
         RAW: raw,
         STORED_RAW: fingerprint[0] if fingerprint else None,
         STORED_PAYLOAD: fingerprint[1] if fingerprint else None,
+        STORED_ATTRIBUTES: None,  # stored_table keeps no attribute sets (and an unconfirmed id has none)
     }
 
 

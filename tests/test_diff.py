@@ -54,6 +54,7 @@ def stored_table(rows: dict[str, tuple[int, int]]) -> pa.Table:
             pa.array(list(rows), pa.string()),
             pa.array([raw for raw, _ in rows.values()], pa.uint64()),
             pa.array([payload for _, payload in rows.values()], pa.uint64()),
+            pa.nulls(len(rows), pa.binary()),
         ],
         schema=FINGERPRINT_SCHEMA,
     )

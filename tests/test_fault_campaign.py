@@ -69,6 +69,23 @@ def test_a_seed_draws_the_same_scenario_and_segments_every_time() -> None:
     assert first.never_valid
 
 
+def test_the_suites_scenarios_cover_both_ways_of_sending_in_both_modes() -> None:
+    # Changed-attribute sending is a scenario dimension: the SQLite scenarios of the suite
+    # run it in upsert and in mirror, and the Firestore ones run it at least once.
+    drawn = {
+        (plan.mode, plan.send)
+        for plan in (
+            plan_scenario(seed, SMALL_ROWS) for seed in scenario_seeds(DEFAULT_CAMPAIGN_SEED, SQLITE_SCENARIOS)
+        )
+    }
+    assert drawn == {(mode, send) for mode in ("upsert", "mirror") for send in ("whole_profile", "changed_attributes")}
+    on_firestore = {
+        plan_scenario(seed, FIRESTORE_ROWS).send
+        for seed in scenario_seeds(DEFAULT_CAMPAIGN_SEED + 1, FIRESTORE_SCENARIOS)
+    }
+    assert on_firestore == {"whole_profile", "changed_attributes"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", _seeds(SQLITE_SCENARIOS, 0), ids=lambda seed: f"sqlite-seed{seed}")
 def test_scenario_converges_on_sqlite_state(seed: int, tmp_path: Path) -> None:

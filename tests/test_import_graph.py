@@ -162,7 +162,16 @@ def _every_import(path: Path) -> set[str]:
 
 # The pure core: mapping, encoding, planning. It may stand on the differ's contract
 # (sync.differ), never on a differ, the state, or the warehouse (docs/how-a-run-works.md, "The rooms").
-CORE = ("sync.plan", "sync.planner", "sync.mapping", "sync.convert", "sync.decode", "sync.encode", "sync.fingerprint")
+CORE = (
+    "sync.plan",
+    "sync.planner",
+    "sync.mapping",
+    "sync.convert",
+    "sync.decode",
+    "sync.encode",
+    "sync.attributes",
+    "sync.fingerprint",
+)
 EDGES = ("sync.diff", "sync.state", "sync.warehouse", "sync.runtime", "sync.engine")
 
 

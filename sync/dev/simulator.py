@@ -799,6 +799,28 @@ class BatchSimulator:
             store = self._projects.get(project_key, {})
             return {cid: profile.view() for cid, profile in store.items()}
 
+    def write_as_app(self, project_key: str, custom_id: str, attributes: Mapping[str, Any]) -> None:
+        """Write attributes to a profile as the app's SDK would: not through the API.
+
+        Validated like an API item's ``attributes`` (``null`` deletes), but neither rate
+        limited nor counted in the stats or the profile's ``updates``: a value the app owns,
+        which a sync must not overwrite unless the warehouse changed it
+        (``send: changed_attributes``, docs/changed-attributes.md).
+
+        Raises:
+            ValueError: An attribute Batch would refuse (the message says which and why).
+        """
+        errors: list[dict[str, Any]] = []
+        ops = _validate_attributes(0, dict(attributes), errors)
+        if errors:
+            raise ValueError("; ".join(f"{error.get('attribute')}: {error['reason']}" for error in errors))
+        with self._lock:
+            store = self._projects.setdefault(project_key, {})
+            profile = store.get(custom_id)
+            if profile is None:
+                profile = store[custom_id] = _Profile()
+            profile.apply(ops)
+
     def stats(self) -> dict[str, Any]:
         """Totals since start or the last reset (keys described in the module docstring)."""
         with self._lock:

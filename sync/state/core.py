@@ -18,7 +18,7 @@ from typing import Any, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.differ import JOURNAL_SCHEMA
+from sync.differ import HASH_BYTES, JOURNAL_SCHEMA, set_problem, with_attributes
 from sync.errors import FatalError, LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease
 
@@ -153,33 +153,54 @@ def journal_table(activation: str, entries: Iterable[JournalEntry] | pa.Table) -
     kept as it is when its ids are distinct, with no Python object per row.
 
     Raises:
-        ValueError: A fingerprint is not an unsigned 64-bit int, or a custom_id is not
-            valid text.
+        ValueError: A fingerprint is not an unsigned 64-bit int, an attribute set is not a
+            whole number of hashes, or a custom_id is not valid text.
     """
     if isinstance(entries, pa.Table):
-        table = entries.select(JOURNAL_SCHEMA.names).cast(JOURNAL_SCHEMA)
+        table = with_attributes(entries).select(JOURNAL_SCHEMA.names).cast(JOURNAL_SCHEMA)
         ids = table.column("custom_id")
         if ids.null_count:
             raise ValueError(f"activation {activation!r}: custom_id must be a str, got None")
+        problem = set_problem(table.column("attributes"))
+        if problem is not None:
+            raise ValueError(f"activation {activation!r}: {problem}")
         if pc.count_distinct(ids).as_py() == table.num_rows:
             return table.combine_chunks()
         entries = [
-            JournalEntry(custom_id, Fingerprint(raw, payload) if put else None)
-            for custom_id, raw, payload, put in zip(*(column.to_pylist() for column in table.columns), strict=True)
+            JournalEntry(custom_id, Fingerprint(raw, payload, attributes) if put else None)
+            for custom_id, raw, payload, attributes, put in zip(
+                *(column.to_pylist() for column in table.columns), strict=True
+            )
         ]
     latest = latest_entries(entries)
     ids_list = unique_ids(activation, latest)
     raws = [0 if fp is None else check_u64(fp.raw, activation, i, "raw") for i, fp in latest.items()]
     payloads = [0 if fp is None else check_u64(fp.payload, activation, i, "payload") for i, fp in latest.items()]
+    sets = [None if fp is None else check_set(fp.attributes, activation, i) for i, fp in latest.items()]
     puts = [fp is not None for fp in latest.values()]
     columns = [pa.array(ids_list, pa.string()), pa.array(raws, pa.uint64()), pa.array(payloads, pa.uint64())]
+    columns.append(pa.array(sets, pa.binary()))
     return pa.table([*columns, pa.array(puts, pa.bool_())], schema=JOURNAL_SCHEMA)
+
+
+def check_set(value: bytes | None, activation: str, custom_id: str) -> bytes | None:
+    """``value`` itself, if it is None or an attribute set (bytes, a whole number of 4-byte hashes)."""
+    if value is None:
+        return None
+    if type(value) is not bytes or len(value) % HASH_BYTES:
+        raise ValueError(
+            f"activation {activation!r}, custom_id {custom_id!r}: an attribute set must be bytes holding "
+            f"{HASH_BYTES}-byte hashes, got {value!r:.80}"
+        )
+    return value
 
 
 def fingerprints_of(table: pa.Table) -> dict[str, Fingerprint]:
     """A :data:`~sync.differ.FINGERPRINT_SCHEMA` table as ``{custom_id: Fingerprint}``."""
+    table = with_attributes(table)
     raws, payloads = table.column("raw").to_pylist(), table.column("payload").to_pylist()
-    return dict(zip(table.column("custom_id").to_pylist(), map(Fingerprint, raws, payloads), strict=True))
+    sets = table.column("attributes").to_pylist()
+    return dict(zip(table.column("custom_id").to_pylist(), map(Fingerprint, raws, payloads, sets), strict=True))
 
 
 def meta_json(activation: str, meta: ActivationMeta) -> str:
@@ -298,6 +319,8 @@ def unpack_table(blob: bytes, schema: pa.Schema, where: str, error: type[FatalEr
         table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise error(f"{where}: a state blob cannot be read ({exc})") from exc
+    if not table.schema.equals(schema) and "attributes" in schema.names and "attributes" not in table.column_names:
+        table = with_attributes(table)  # written before attribute sets were kept
     if not table.schema.equals(schema):
         raise error(f"{where}: a state blob has columns {table.schema.names}, expected {schema.names}")
     return table

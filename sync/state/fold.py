@@ -16,23 +16,26 @@ from typing import TYPE_CHECKING, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
+from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA, with_attributes
 
 if TYPE_CHECKING:
     import duckdb
 
 
 def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Table:
-    """Apply journal tables (``custom_id, raw, payload, put: bool``, oldest first) to base tables.
+    """Apply journal tables (``custom_id, raw, payload, attributes, put: bool``, oldest first) to base tables.
 
     The base tables hold each id at most once between them; in the journal the last entry of
     an id wins, and ``put = false`` deletes it. Done in columns, so a large journal (a run
     that crashed mid full load) never becomes Python objects, and with bounded memory:
     only what the fold returns is held whole (``docs/how-a-run-works.md``, "Memory").
     """
-    base_table = pa.concat_tables(base) if base else FINGERPRINT_SCHEMA.empty_table()
+    base_table = (
+        pa.concat_tables([with_attributes(table) for table in base]) if base else FINGERPRINT_SCHEMA.empty_table()
+    )
     if not journal:
         return base_table.cast(FINGERPRINT_SCHEMA)
+    journal = [with_attributes(table) for table in journal]
     entries = pa.concat_tables(journal)
     repeats = has_repeats(entries.column("custom_id"))
     if not repeats:
@@ -45,8 +48,8 @@ def fold_journal(base: Sequence[pa.Table], journal: Sequence[pa.Table]) -> pa.Ta
         latest = _latest_in(con, journal) if repeats else entries
         con.register("latest", latest)
         folded: pa.Table = con.sql(
-            "SELECT custom_id, raw, payload FROM base ANTI JOIN latest USING (custom_id) "
-            "UNION ALL SELECT custom_id, raw, payload FROM latest WHERE put"
+            "SELECT custom_id, raw, payload, attributes FROM base ANTI JOIN latest USING (custom_id) "
+            "UNION ALL SELECT custom_id, raw, payload, attributes FROM latest WHERE put"
         ).to_arrow_table()
     return folded.cast(FINGERPRINT_SCHEMA)
 
@@ -55,7 +58,7 @@ def latest_entries_table(journal: Sequence[pa.Table]) -> pa.Table:
     """Each id of journal tables (oldest first) once, as its last entry left it (``put`` kept)."""
     if not journal:
         return JOURNAL_SCHEMA.empty_table()
-    entries = pa.concat_tables(journal).select(["custom_id", "raw", "payload", "put"])
+    entries = pa.concat_tables([with_attributes(table) for table in journal]).select(JOURNAL_SCHEMA.names)
     if not has_repeats(entries.column("custom_id")):
         return entries
     with _fold_database() as con:
@@ -81,16 +84,16 @@ def _latest_in(con: duckdb.DuckDBPyConnection, journal: Sequence[pa.Table]) -> p
     """The last entry of every id of ``journal`` (oldest table first), computed in ``con``."""
     sequenced = pa.concat_tables(
         [
-            table.select(["custom_id", "raw", "payload", "put"]).append_column(
-                "seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows)
-            )
+            with_attributes(table)
+            .select(JOURNAL_SCHEMA.names)
+            .append_column("seq", pa.repeat(pa.scalar(index, pa.int64()), table.num_rows))
             for index, table in enumerate(journal)
         ]
     )
     con.register("entries", sequenced)
     latest: pa.Table = con.sql(
-        "SELECT custom_id, raw, payload, put FROM ("
-        "  SELECT custom_id, raw, payload, put,"
+        "SELECT custom_id, raw, payload, attributes, put FROM ("
+        "  SELECT custom_id, raw, payload, attributes, put,"
         "         row_number() OVER (PARTITION BY custom_id ORDER BY seq DESC, pos DESC) AS r"
         "  FROM (SELECT *, row_number() OVER () AS pos FROM entries)"
         ") WHERE r = 1"
@@ -114,7 +117,7 @@ def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:
         return None
     if base.num_rows and not no_common_ids(base.column("custom_id"), entries.column("custom_id")):
         return None
-    added = entries.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA)
+    added = entries.select(list(FINGERPRINT_COLUMNS)).cast(FINGERPRINT_SCHEMA)
     return pa.concat_tables([base.cast(FINGERPRINT_SCHEMA), added])
 
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 from google.cloud import bigquery
 
 from sync.config import Activation, BigQuerySourceConfig
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW, DiffRequest, IdScan
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW, DiffRequest, IdScan
 from sync.errors import ConfigError
 from sync.sources.bigquery import parse_table_reference, query_parameters
 from sync.warehouse import sql
@@ -93,6 +93,7 @@ class WarehouseDiff:
                 pa.field(DUPLICATE, pa.bool_()),
                 pa.field(STORED_RAW, pa.uint64()),
                 pa.field(STORED_PAYLOAD, pa.uint64()),
+                pa.field(STORED_ATTRIBUTES, pa.binary()),
             ]
         )
         self._on_rows = on_rows

@@ -26,7 +26,7 @@ from typing import Final
 
 from google.cloud import bigquery
 
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.errors import ConfigError
 
 # The diff result's column saying what a row is: a segment row that is 'moved', 'new' or
@@ -41,7 +41,7 @@ JOURNAL: Final = "cepsync_journal"
 FENCE: Final = "cepsync_fence"
 # BigQuery column names: letters, digits and underscores, not starting with a digit.
 # The stored fingerprint's columns each row carries out: (state table column, output column).
-STORED_OUTPUT: Final = (("raw", STORED_RAW), ("payload", STORED_PAYLOAD))
+STORED_OUTPUT: Final = (("raw", STORED_RAW), ("payload", STORED_PAYLOAD), ("attributes", STORED_ATTRIBUTES))
 _COLUMN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
 _PROJECT: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _DATASET: Final = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
@@ -52,6 +52,9 @@ FINGERPRINTS_SCHEMA: Final = [
     bigquery.SchemaField("custom_id", "STRING", mode="REQUIRED"),
     bigquery.SchemaField("raw", "INT64", mode="REQUIRED"),
     bigquery.SchemaField("payload", "INT64", mode="REQUIRED"),
+    # The attribute set (send: changed_attributes), NULL where not kept; a column added to
+    # tables created before it (WarehouseFingerprints.ensure_tables).
+    bigquery.SchemaField("attributes", "BYTES", mode="NULLABLE"),
     # The lease token of the run that acknowledged it (run records carry lease_token), and
     # its position in that run's journal: the merge keeps the newest (token, flush, pos).
     bigquery.SchemaField("token", "INT64", mode="REQUIRED"),
@@ -124,10 +127,14 @@ def _output(columns: Sequence[str]) -> str:
 
 
 def _stored_sql(fingerprints: str) -> str:
-    """The stored fingerprints, zero for the unconfirmed ids (a send of theirs may have landed unacknowledged)."""
+    """The stored fingerprints, zero (no attribute set) for the unconfirmed ids.
+
+    A send of theirs may have landed unacknowledged.
+    """
     unconfirmed = "custom_id IN UNNEST(@cepsync_unconfirmed)"
     return (
-        f"st AS (SELECT custom_id, IF({unconfirmed}, 0, raw) AS raw, IF({unconfirmed}, 0, payload) AS payload "
+        f"st AS (SELECT custom_id, IF({unconfirmed}, 0, raw) AS raw, IF({unconfirmed}, 0, payload) AS payload, "
+        f"IF({unconfirmed}, NULL, attributes) AS attributes "
         f"FROM {fingerprints} WHERE activation = @cepsync_activation)"
     )
 
@@ -204,7 +211,7 @@ def result_part_sql(result: str, *, moved: bool) -> str:
 
 def _latest_journal(journal: str, fence: str) -> str:
     return (
-        "SELECT custom_id, raw, payload, put, token, flush, pos, acknowledged_at "
+        "SELECT custom_id, raw, payload, attributes, put, token, flush, pos, acknowledged_at "
         f"FROM {journal} WHERE activation = @cepsync_activation AND token <= @cepsync_token "
         f"AND @cepsync_token = (SELECT MAX(token) FROM {fence} WHERE activation = @cepsync_activation)\n"
         "  QUALIFY ROW_NUMBER() OVER (PARTITION BY custom_id ORDER BY token DESC, flush DESC, pos DESC) = 1"
@@ -281,10 +288,11 @@ def merge_sql(fingerprints: str, journal: str, fence: str) -> str:
         "ON t.activation = @cepsync_activation AND t.custom_id = j.custom_id\n"
         f"WHEN MATCHED AND NOT j.put AND {_NEWER} THEN DELETE\n"
         f"WHEN MATCHED AND j.put AND {_NEWER} THEN UPDATE SET raw = j.raw, payload = j.payload, "
-        "token = j.token, flush = j.flush, pos = j.pos, acknowledged_at = j.acknowledged_at\n"
-        "WHEN NOT MATCHED AND j.put THEN INSERT (activation, custom_id, raw, payload, token, flush, pos, "
-        "acknowledged_at) VALUES (@cepsync_activation, j.custom_id, j.raw, j.payload, j.token, j.flush, j.pos, "
-        "j.acknowledged_at)"
+        "attributes = j.attributes, token = j.token, flush = j.flush, pos = j.pos, "
+        "acknowledged_at = j.acknowledged_at\n"
+        "WHEN NOT MATCHED AND j.put THEN INSERT (activation, custom_id, raw, payload, attributes, token, flush, pos, "
+        "acknowledged_at) VALUES (@cepsync_activation, j.custom_id, j.raw, j.payload, j.attributes, j.token, j.flush, "
+        "j.pos, j.acknowledged_at)"
     )
 
 
@@ -298,11 +306,11 @@ def drop_merged_sql(journal: str, fence: str) -> str:
 def folded_sql(fingerprints: str, journal: str) -> str:
     """Every acknowledged fingerprint of the activation: the state table with its journal applied."""
     return (
-        "SELECT custom_id, raw, payload FROM (\n"
+        "SELECT custom_id, raw, payload, attributes FROM (\n"
         "  SELECT * FROM (\n"
-        "    SELECT custom_id, raw, payload, TRUE AS put, token, flush, pos "
+        "    SELECT custom_id, raw, payload, attributes, TRUE AS put, token, flush, pos "
         f"FROM {fingerprints} WHERE activation = @cepsync_activation\n"
-        "    UNION ALL SELECT custom_id, raw, payload, put, token, flush, pos "
+        "    UNION ALL SELECT custom_id, raw, payload, attributes, put, token, flush, pos "
         f"FROM {journal} WHERE activation = @cepsync_activation\n"
         "  ) WHERE TRUE\n"
         "  QUALIFY ROW_NUMBER() OVER (PARTITION BY custom_id ORDER BY token DESC, flush DESC, pos DESC) = 1\n"

@@ -10,7 +10,8 @@
 * **BigQuery** keeps the acknowledged fingerprints, in three tables of the dataset the
   activation names (``diff.dataset``):
 
-  ``cepsync_fingerprints``  activation, custom_id, raw, payload, token, flush, pos, acknowledged_at
+  ``cepsync_fingerprints``  activation, custom_id, raw, payload, attributes, token, flush, pos,
+                            acknowledged_at (``attributes``: the attribute set, or NULL)
   ``cepsync_journal``       the same plus ``put`` (false = a mirror removal); append-only
   ``cepsync_fence``         activation, token: the tokens that registered to merge (a run's
                             token is its lease token plus the activation's offset, a row
@@ -46,7 +47,7 @@ import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
-from sync.differ import FINGERPRINT_SCHEMA, FingerprintStore
+from sync.differ import FINGERPRINT_SCHEMA, FingerprintStore, with_attributes
 from sync.errors import ConfigError, LeaseLost
 from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
@@ -84,7 +85,11 @@ class WarehouseFingerprints:
 
     # -- BigQuery tables ------------------------------------------------------------------
     def ensure_tables(self) -> None:
-        """Create the three tables if missing (the dataset itself comes from Terraform)."""
+        """Create the three tables if missing (the dataset itself comes from Terraform).
+
+        A table created by an earlier version gets the columns added since (``attributes``,
+        NULLABLE: BigQuery adds such a column to a table in place, its rows NULL).
+        """
         if self._tables_ready:
             return
         for reference, schema, clustering in (
@@ -95,9 +100,16 @@ class WarehouseFingerprints:
             table = bigquery.Table(reference, schema=schema)
             table.clustering_fields = clustering
             try:
-                self.warehouse.client.create_table(table, exists_ok=True)
+                existing = self.warehouse.client.create_table(table, exists_ok=True)
+                names = {field.name for field in existing.schema}
+                missing = [field for field in schema if field.name not in names]
+                if missing:
+                    existing.schema = [*existing.schema, *missing]
+                    self.warehouse.client.update_table(existing, ["schema"])
             except api_exceptions.NotFound:
                 raise self.missing_dataset() from None
+            except api_exceptions.GoogleAPICallError as error:
+                raise self.warehouse.translate(f"preparing the table {reference.table_id}", error) from error
         self._tables_ready = True
 
     def missing_dataset(self) -> ConfigError:
@@ -148,58 +160,36 @@ class WarehouseFingerprints:
         return 0 if row is None else int(row[0] or 0)
 
     def load_fingerprints(self, activation: str) -> dict[str, Fingerprint]:
-        table = self.load_fingerprint_table(activation)
-        return {
-            custom_id: Fingerprint(raw, payload)
-            for custom_id, raw, payload in zip(
-                table.column("custom_id").to_pylist(),
-                table.column("raw").to_pylist(),
-                table.column("payload").to_pylist(),
-                strict=True,
-            )
-        }
+        return core.fingerprints_of(self.load_fingerprint_table(activation))
 
     def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Append acknowledged entries to the journal: one load job, all rows or none (fenced)."""
         self.base.compact(lease, now)  # raises LeaseLost for a stale lease before anything is written
-        if isinstance(entries, pa.Table):
-            table = core.journal_table(lease.activation, entries)
-            if table.num_rows:
-                ids, raws, payloads, puts = (table.column(name).combine_chunks() for name in table.column_names)
-                self.append(lease, ids, raws, payloads, puts, now)
+        if not isinstance(entries, pa.Table) and not entries:
             return
-        if not entries:
-            return
-        raws = [0 if e.fingerprint is None else e.fingerprint.raw for e in entries]
-        payloads = [0 if e.fingerprint is None else e.fingerprint.payload for e in entries]
-        self.append(
-            lease,
-            pa.array([e.custom_id for e in entries], pa.string()),
-            pa.array(raws, pa.uint64()),
-            pa.array(payloads, pa.uint64()),
-            pa.array([e.fingerprint is not None for e in entries], pa.bool_()),
-            now,
-        )
+        table = core.journal_table(lease.activation, entries)
+        if table.num_rows:
+            self.append(lease, table.combine_chunks(), now)
 
-    def append(
-        self, lease: Lease, custom_ids: pa.Array, raws: pa.Array, payloads: pa.Array, puts: pa.Array, now: datetime
-    ) -> None:
-        """One load job of journal rows, built from arrays (no Python object per profile)."""
+    def append(self, lease: Lease, entries: pa.Table, now: datetime) -> None:
+        """One load job of journal rows (a ``JOURNAL_SCHEMA`` table; no Python object per profile)."""
         self.ensure_tables()
         token = self.token(lease)
         flush = next(self._flushes)
-        count = len(custom_ids)
+        count = entries.num_rows
+        entries = with_attributes(entries)
         rows = pa.table(
             {
                 "activation": pa.array([lease.activation] * count, pa.string()),
-                "custom_id": custom_ids,
-                "raw": to_signed(raws),
-                "payload": to_signed(payloads),
+                "custom_id": entries.column("custom_id"),
+                "raw": to_signed(entries.column("raw").combine_chunks()),
+                "payload": to_signed(entries.column("payload").combine_chunks()),
+                "attributes": entries.column("attributes"),
                 "token": pa.array([token] * count, pa.int64()),
                 "flush": pa.array([flush] * count, pa.int64()),
                 "pos": pa.array(range(count), pa.int64()),
                 "acknowledged_at": pa.array([now] * count, pa.timestamp("us", tz="UTC")),
-                "put": puts,
+                "put": entries.column("put"),
             }
         )
         self.warehouse.load("journal append", self.journal, rows)

@@ -24,7 +24,7 @@ import pyarrow as pa
 from sync.config import Activation, DiffMode
 from sync.differ import FingerprintStore
 from sync.errors import ConfigError
-from sync.model import Fingerprint, JournalEntry
+from sync.model import JournalEntry
 from sync.state.base import StateStore
 from sync.warehouse.store import WarehouseFingerprints
 
@@ -51,14 +51,8 @@ def switch_diff(
             table = base.load_fingerprint_table(name)
             warehouse.register(lease)
             if table.num_rows:
-                warehouse.append(
-                    lease,
-                    table.column("custom_id").combine_chunks(),
-                    table.column("raw").combine_chunks(),
-                    table.column("payload").combine_chunks(),
-                    pa.array([True] * table.num_rows, pa.bool_()),
-                    moment,
-                )
+                puts = pa.repeat(pa.scalar(True), table.num_rows)
+                warehouse.append(lease, table.append_column("put", puts).combine_chunks(), moment)
             warehouse.compact(lease, moment)
             ids = table.column("custom_id").to_pylist()
             for start in range(0, len(ids), CHUNK):
@@ -66,15 +60,10 @@ def switch_diff(
             base.compact(lease, moment)
         else:
             table = warehouse.load_fingerprint_table(name)
-            ids = table.column("custom_id").to_pylist()
-            raws = table.column("raw").to_pylist()
-            payloads = table.column("payload").to_pylist()
-            for start in range(0, len(ids), CHUNK):
-                entries = [
-                    JournalEntry(ids[i], Fingerprint(raws[i], payloads[i]))
-                    for i in range(start, min(start + CHUNK, len(ids)))
-                ]
-                base.commit(lease, entries, moment)
+            puts = pa.repeat(pa.scalar(True), table.num_rows)
+            journal = table.append_column("put", puts)
+            for start in range(0, table.num_rows, CHUNK):
+                base.commit(lease, journal.slice(start, CHUNK), moment)
             base.compact(lease, moment)
             warehouse.forget(name)
         return int(table.num_rows)

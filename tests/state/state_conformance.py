@@ -26,9 +26,10 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
-from sync.differ import FINGERPRINT_SCHEMA
+from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import PERSISTENT_AFTER_RUNS, ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal, RefusalKind
 from sync.state.base import StateStore
@@ -68,6 +69,11 @@ def at(seconds: float) -> datetime:
 def fp(n: int) -> Fingerprint:
     """A distinct, deterministic fingerprint per n."""
     return Fingerprint(raw=(n * 0x9E3779B97F4A7C15) % 2**64, payload=(n * 0xC2B2AE3D27D4EB4F + 1) % 2**64)
+
+
+def attribute_set(*hashes: int) -> bytes:
+    """An attribute set as sync.attributes packs one: sorted 32-bit hashes, 4 little-endian bytes each."""
+    return b"".join(value.to_bytes(4, "little") for value in sorted(hashes))
 
 
 def entries(*pairs: tuple[str, Fingerprint | None]) -> list[JournalEntry]:
@@ -340,6 +346,78 @@ class StateStoreContract:
                 }
             )
             store.compact(lease, at(4))
+
+    # -- attribute sets (send: changed_attributes) ------------------------------------------
+
+    def test_attribute_sets_round_trip_beside_fingerprints(self, store: StateStore) -> None:
+        # A set, an empty set (a payload without attributes) and none kept, side by side,
+        # through commits, a compaction, and a later entry that changes or forgets the set.
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        sets = {
+            "u1": attribute_set(1, 2, 3),
+            "u2": b"",
+            "u3": None,
+            "é-4": attribute_set(0, 2**32 - 1),
+        }
+        committed = {custom_id: fp(n)._replace(attributes=sets[custom_id]) for n, custom_id in enumerate(sets)}
+        store.commit(lease, [JournalEntry(k, v) for k, v in committed.items()], at(1))
+        assert store.load_fingerprints("act") == committed
+        store.compact(lease, at(2))
+        assert store.load_fingerprints("act") == committed
+        later = {"u1": fp(11), "u3": fp(13)._replace(attributes=attribute_set(7)), "u2": None}
+        store.commit(lease, [JournalEntry(k, v) for k, v in later.items()], at(3))
+        expected = {"u1": fp(11), "u3": later["u3"], "é-4": committed["é-4"]}
+        for _ in range(2):
+            assert store.load_fingerprints("act") == expected
+            table = store.load_fingerprint_table("act")
+            assert table.schema.equals(FINGERPRINT_SCHEMA)
+            held = dict(zip(table.column("custom_id").to_pylist(), table.column("attributes").to_pylist(), strict=True))
+            assert held == {"u1": None, "u3": attribute_set(7), "é-4": attribute_set(0, 2**32 - 1)}
+            store.compact(lease, at(4))
+
+    def test_a_journal_table_with_attribute_sets_commits_as_the_sender_writes_it(self, store: StateStore) -> None:
+        # The sender commits JOURNAL_SCHEMA tables (sync.plan.ProfileRows.journal), not entries.
+        rnd = random.Random(7)
+        ids = [f"user-{n:05d}" for n in range(3_000)]
+        sets = [attribute_set(*(rnd.getrandbits(32) for _ in range(n % 25))) if n % 7 else None for n in range(3_000)]
+        table = pa.table(
+            [
+                pa.array(ids, pa.string()),
+                pa.array([fp(n).raw for n in range(3_000)], pa.uint64()),
+                pa.array([fp(n).payload for n in range(3_000)], pa.uint64()),
+                pa.array(sets, pa.binary()),
+                pa.array([True] * 3_000, pa.bool_()),
+            ],
+            schema=JOURNAL_SCHEMA,
+        )
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, table, at(1))
+        store.compact(lease, at(2))
+        loaded = store.load_fingerprints("act")
+        assert loaded == {ids[n]: fp(n)._replace(attributes=sets[n]) for n in range(3_000)}
+
+    def test_large_attribute_sets_of_many_profiles_survive_compaction(self, store: StateStore) -> None:
+        # 50 attributes a profile (4 bytes each, incompressible hashes) for 20,000 profiles:
+        # 4 MB of sets, so a store that cuts documents by size must cut them by it.
+        rnd = random.Random(20261207)
+        committed = {
+            f"user-{n:06d}": Fingerprint(
+                rnd.getrandbits(64), rnd.getrandbits(64), attribute_set(*(rnd.getrandbits(32) for _ in range(50)))
+            )
+            for n in range(20_000)
+        }
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        items = [JournalEntry(k, v) for k, v in committed.items()]
+        for start in range(0, len(items), 10_000):
+            store.commit(lease, items[start : start + 10_000], at(1))
+        store.compact(lease, at(2))
+        assert store.load_fingerprints("act") == committed
+
+    def test_an_attribute_set_that_is_not_whole_hashes_is_refused_and_writes_nothing(self, store: StateStore) -> None:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        with pytest.raises(ValueError, match="attribute set"):
+            store.commit(lease, entries(("u1", fp(1)), ("u2", Fingerprint(1, 2, b"\x00\x01\x02"))), at(1))
+        assert store.load_fingerprints("act") == {}
 
     def test_odd_custom_ids_round_trip(self, store: StateStore) -> None:
         lease = store.acquire_lease("act", "run-a", TTL, T0)

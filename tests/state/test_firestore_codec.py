@@ -46,6 +46,8 @@ def expected_table(ns: Namespace, journal: bool, rows: list[tuple[str, int, int,
     if ns.with_values:
         columns["raw"] = [r[1] for r in rows]
         columns["payload"] = [r[2] for r in rows]
+        # Written before attribute sets were kept: none.
+        columns["attributes"] = [None] * len(rows)
     if journal:
         columns["put"] = [r[3] for r in rows]
     return pa.table(columns, schema=codec.schema(ns, journal=journal))
@@ -65,6 +67,22 @@ def test_blobs_round_trip_through_arrow_ipc(name: str) -> None:
     blob = codec.encode(table)
     assert blob[:4] == b"\xff\xff\xff\xff"  # an IPC stream, not the legacy packing
     assert codec.decode(blob, ns, journal=journal, where=name).equals(table)
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_ipc_blobs_written_before_attribute_sets_decode_with_none(journal: bool) -> None:
+    rows = [("a", 1, 2, True), ("é", U64_MAX, 0, False)]
+    table = expected_table(FP, journal, rows).drop_columns(["attributes"])
+    decoded = codec.decode(codec.encode(table), FP, journal=journal, where="old")
+    assert decoded.equals(expected_table(FP, journal, rows))
+
+
+def test_attribute_sets_round_trip_through_blobs_and_shards() -> None:
+    table = expected_table(FP, True, [("a", 1, 2, True), ("b", 3, 4, True)])
+    sets = pa.array([b"\x01\x00\x00\x00\x02\x00\x00\x00", None], pa.binary())
+    table = table.set_column(table.schema.get_field_index("attributes"), "attributes", sets)
+    assert codec.decode(codec.encode(table), FP, journal=True, where="doc").equals(table)
+    assert codec.shard_table(FP, table).column("attributes").to_pylist() == sets.to_pylist()
 
 
 def test_a_blob_of_the_wrong_kind_is_refused() -> None:

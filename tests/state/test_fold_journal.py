@@ -16,12 +16,17 @@ from sync.state.fold import fold_journal
 JOURNAL_SCHEMA = FINGERPRINT_SCHEMA.append(pa.field("put", pa.bool_()))
 IDS = st.sampled_from(["a", "b", "c", "d", "é", "ü-1", "long-id-0000000001"])
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
+# An attribute set (send: changed_attributes) or none kept.
+SETS = st.one_of(st.none(), st.lists(st.binary(min_size=4, max_size=4), max_size=3).map(b"".join))
 
 
 def table(
-    rows: list[tuple[str, int, int]], schema: pa.Schema = FINGERPRINT_SCHEMA, puts: list[bool] | None = None
+    rows: list[tuple[str, int, int]] | list[tuple[str, int, int, bytes | None]],
+    schema: pa.Schema = FINGERPRINT_SCHEMA,
+    puts: list[bool] | None = None,
 ) -> pa.Table:
     columns: list[Any] = [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]]
+    columns.append([r[3] if len(r) > 3 else None for r in rows])
     if puts is not None:
         columns.append(puts)
     return pa.table(columns, schema=schema)
@@ -35,28 +40,37 @@ def as_dict(folded: pa.Table) -> dict[str, tuple[int, int]]:
     )
 
 
+def sets_of(folded: pa.Table) -> dict[str, bytes | None]:
+    return dict(zip(folded.column("custom_id").to_pylist(), folded.column("attributes").to_pylist(), strict=True))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    base=st.dictionaries(IDS, st.tuples(U64, U64), max_size=5),
-    journal=st.lists(st.lists(st.tuples(IDS, U64, U64, st.booleans()), max_size=6), max_size=4),
+    base=st.dictionaries(IDS, st.tuples(U64, U64, SETS), max_size=5),
+    journal=st.lists(st.lists(st.tuples(IDS, U64, U64, SETS, st.booleans()), max_size=6), max_size=4),
 )
 def test_the_fold_is_the_last_entry_per_id_applied_to_the_base(
-    base: dict[str, tuple[int, int]], journal: list[list[tuple[str, int, int, bool]]]
+    base: dict[str, tuple[int, int, bytes | None]], journal: list[list[tuple[str, int, int, bytes | None, bool]]]
 ) -> None:
-    expected = dict(base)
+    expected = {custom_id: (raw, payload) for custom_id, (raw, payload, _) in base.items()}
+    expected_sets = {custom_id: attributes for custom_id, (_, _, attributes) in base.items()}
     for entries in journal:
-        for custom_id, raw, payload, put in entries:
+        for custom_id, raw, payload, attributes, put in entries:
             if put:
                 expected[custom_id] = (raw, payload)
+                expected_sets[custom_id] = attributes
             else:
                 expected.pop(custom_id, None)
+                expected_sets.pop(custom_id, None)
     base_table = table([(k, *v) for k, v in base.items()])
     journal_tables = [
-        table([(e[0], e[1], e[2]) for e in entries], JOURNAL_SCHEMA, [e[3] for e in entries]) for entries in journal
+        table([(e[0], e[1], e[2], e[3]) for e in entries], JOURNAL_SCHEMA, [e[4] for e in entries])
+        for entries in journal
     ]
     folded = fold_journal([base_table], journal_tables)
     assert folded.schema.equals(FINGERPRINT_SCHEMA)
     assert as_dict(folded) == expected
+    assert sets_of(folded) == expected_sets
 
 
 def test_a_journal_of_new_ids_only_is_appended_as_it_is() -> None:

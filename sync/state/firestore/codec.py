@@ -1,7 +1,8 @@
 """The blobs of shard and journal documents: Arrow IPC streams, zstd-compressed.
 
-A blob holds one table: ``custom_id`` (and for fingerprints ``raw``, ``payload`` as u64),
-plus ``put`` in a journal blob (false: the entry deletes the id). Reading one is a handful
+A blob holds one table: ``custom_id`` (and for fingerprints ``raw``, ``payload`` as u64 and
+``attributes``, an activation's attribute set or null), plus ``put`` in a journal blob (false:
+the entry deletes the id). Reading one is a handful
 of C-level calls with no Python object per record, and its columns are what the differ
 joins against. zstd, not SQLite's lz4: on "user-NNNNNNN" ids and random fingerprints it
 packs 20 % tighter (about as tight as the zlib packing it replaces), which is fewer shard
@@ -19,7 +20,7 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
+from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA, with_attributes
 from sync.errors import FatalError
 from sync.state import core
 from sync.state.firestore import legacy
@@ -32,9 +33,10 @@ _IPC_MARKER: Final = b"\xff\xff\xff\xff"
 _INTENT_SCHEMA: Final = pa.schema([("custom_id", pa.string())])
 _INTENT_JOURNAL_SCHEMA: Final = _INTENT_SCHEMA.append(pa.field("put", pa.bool_()))
 
-# Upper bound of the uncompressed bytes one record adds to a blob, besides its id's UTF-8:
-# an offset (4), raw and payload (8 + 8), a put flag (1).
-RECORD_FIXED_BYTES: Final = 4 + 8 + 8 + 1
+# Upper bound of the uncompressed bytes one record adds to a blob, besides its id's UTF-8 and
+# its attribute set: an offset (4), raw and payload (8 + 8), the attribute set's offset (4),
+# validity bits, a put flag (1).
+RECORD_FIXED_BYTES: Final = 4 + 8 + 8 + 4 + 1 + 1
 # Upper bound of what a blob holds besides its records (schema, batch header, padding).
 BLOB_OVERHEAD_BYTES: Final = 2048
 
@@ -60,7 +62,8 @@ def decode(blob: bytes, ns: Namespace, *, journal: bool, where: str) -> pa.Table
     if blob[:4] == _IPC_MARKER:
         return core.unpack_table(blob, expected, where, StateCorruptError)
     try:
-        return legacy.decode(blob, ns.key, journal=journal, where=where).cast(expected)
+        table = legacy.decode(blob, ns.key, journal=journal, where=where)
+        return (with_attributes(table) if ns.with_values else table).cast(expected)
     except legacy.LegacyBlobError as exc:
         raise StateCorruptError(str(exc)) from exc
 
@@ -84,8 +87,13 @@ def latest_table(ns: Namespace, journal: Iterable[pa.Table]) -> pa.Table:
 
 
 def entries(ns: Namespace, table: pa.Table) -> pa.Table:
-    """A journal table of ``ns`` in its canonical columns (``custom_id`` [, ``raw``, ``payload``], ``put``)."""
+    """A journal table of ``ns`` in its canonical columns.
+
+    ``custom_id`` [, ``raw``, ``payload``, ``attributes``], ``put``.
+    """
     journal_schema = schema(ns, journal=True)
+    if ns.with_values:
+        table = with_attributes(table)
     canonical: pa.Table = table.select(journal_schema.names).cast(journal_schema)
     return canonical
 
@@ -111,10 +119,12 @@ def last_per_id(journal: pa.Table) -> pa.Table:
 
 
 def shard_table(ns: Namespace, records: pa.Table) -> pa.Table:
-    """Records (``custom_id`` [, ``raw``, ``payload``]) as a shard's table, sorted by id.
+    """Records (``custom_id`` [, ``raw``, ``payload``, ``attributes``]) as a shard's table, sorted by id.
 
     Sorted so that blobs are deterministic and shared id prefixes pack tighter.
     """
-    columns = ["custom_id", "raw", "payload"] if ns.with_values else ["custom_id"]
+    if ns.with_values:
+        records = with_attributes(records)
+    columns = list(FINGERPRINT_COLUMNS) if ns.with_values else ["custom_id"]
     ordered: pa.Table = records.select(columns).sort_by("custom_id")
     return ordered.cast(schema(ns, journal=False))

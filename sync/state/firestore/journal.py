@@ -158,7 +158,10 @@ class Journal:
         a blob over the target all the same is cut in two again.
         """
         budget = self._target - codec.BLOB_OVERHEAD_BYTES
-        sizes = pc.add(pc.binary_length(table.column("custom_id")), codec.RECORD_FIXED_BYTES).to_pylist()
+        sizes = pc.add(pc.binary_length(table.column("custom_id")), codec.RECORD_FIXED_BYTES)
+        if "attributes" in table.column_names:
+            sizes = pc.add(sizes, pc.fill_null(pc.binary_length(table.column("attributes")), 0))
+        sizes = sizes.to_pylist()
         blobs: list[_Blob] = []
         start = size = 0
         for row, entry_size in enumerate(sizes):

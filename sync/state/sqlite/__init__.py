@@ -20,9 +20,11 @@ Layout (schema version 4)::
     refusals(activation, custom_id, payload, field, reason, kind, runs)  -- PK (activation, custom_id)
 
 Fingerprints are packed, as in the Firestore store: a run loads a million of them as a
-handful of Arrow IPC blobs (``custom_id, raw, payload``), read straight into the Arrow
-table the differ joins against, with no Python object per profile. Each
-:meth:`SQLiteStateStore.commit` appends one journal blob (``custom_id, raw, payload, put``;
+handful of Arrow IPC blobs (``custom_id, raw, payload, attributes``: the attribute set of
+``send: changed_attributes``, null otherwise; blobs written before it have no such column and
+read as null), read straight into the Arrow table the differ joins against, with no Python
+object per profile. Each :meth:`SQLiteStateStore.commit` appends one journal blob (the same
+columns and ``put``;
 absolute values, so applying one twice changes nothing); :meth:`SQLiteStateStore.compact`
 folds the journal into the base chunks in the same fenced transaction, at the start of a run
 (after a crash) and at its end.

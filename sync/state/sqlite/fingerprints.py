@@ -15,7 +15,7 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.differ import FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
+from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.memory import release_free_memory
 from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
@@ -197,7 +197,7 @@ class FingerprintTables(SQLiteTables):
             rows = pending[0].num_rows
             conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, next_chunk))
         for table in tables:
-            pending.append(table.select(["custom_id", "raw", "payload"]).cast(FINGERPRINT_SCHEMA))
+            pending.append(table.select(list(FINGERPRINT_COLUMNS)).cast(FINGERPRINT_SCHEMA))
             rows += table.num_rows
             while rows >= _CHUNK_ROWS:
                 gathered = pa.concat_tables(pending)

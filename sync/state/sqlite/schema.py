@@ -174,6 +174,7 @@ def _migrate_from_v1(conn: sqlite3.Connection) -> None:
                 # Version 1 stored the u64 fingerprints as their signed two's complement.
                 pa.array(raws, pa.int64()).view(pa.uint64()),
                 pa.array(payloads, pa.int64()).view(pa.uint64()),
+                pa.nulls(len(ids), pa.binary()),
             ],
             schema=FINGERPRINT_SCHEMA,
         )
