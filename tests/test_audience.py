@@ -89,6 +89,17 @@ async def run(act: Any, store: StateStore, **options: Any) -> RunResult:
 
 
 def members(simulator: BatchSimulator) -> set[str] | None:
+    """The audience's members once Batch indexed every update it accepted.
+
+    A run that stopped before following its indexing tokens (a failed commit) leaves an
+    update the simulator indexes a moment later (``indexing_delay_seconds``): read after it.
+    """
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        described = simulator.audiences.describe(PROJECT_KEY, AUDIENCE)
+        if described is None or not described["pending"]:
+            break
+        time.sleep(0.01)
     return simulator.audiences.members(PROJECT_KEY, AUDIENCE)
 
 
