@@ -20,17 +20,14 @@ import pytest
 from google.cloud import bigquery
 
 from sync.config import Activation
-from sync.config_file import parse_activation
 from sync.dev.simulator import BatchSimulator
 from sync.engine import Run, RunOptions
 from sync.model import Fingerprint, JournalEntry
 from sync.sources.bigquery import BigQuerySource
-from sync.state.sqlite import SQLiteStateStore
 from sync.warehouse import sql
-from sync.warehouse.bq import Warehouse
 from sync.warehouse.diff import WarehouseDiffer
-from sync.warehouse.store import WarehouseFingerprints
-from tests.support.engine_support import API_KEY, PROJECT_KEY, SCHEMA, make_client, people
+from tests.support.engine_support import API_KEY, PROJECT_KEY, make_client, people
+from tests.test_warehouse_diff import activation_for, open_store, write_segment
 
 NAME = "wh_attrs"
 pytestmark = pytest.mark.emulator
@@ -44,49 +41,10 @@ async def sim() -> AsyncIterator[tuple[BatchSimulator, str]]:
     await simulator.stop()
 
 
-def write_segment(client: bigquery.Client, dataset: bigquery.Dataset, rows: list[dict[str, Any]]) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer)
-    buffer.seek(0)
-    config = bigquery.LoadJobConfig(
-        source_format=bigquery.SourceFormat.PARQUET, write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE
-    )
-    client.load_table_from_file(buffer, dataset.table("people"), job_config=config).result()
-
-
-def activation_for(dataset: bigquery.Dataset, base_url: str) -> Activation:
-    return parse_activation(
-        {
-            "name": NAME,
-            "source": {"type": "bigquery", "project": dataset.project, "table": f"{dataset.dataset_id}.people"},
-            "destination": {
-                "api_key_env": "BATCH_REST_API_KEY",
-                "project_key_env": "BATCH_PROJECT_KEY",
-                "base_url": base_url,
-                "concurrency": 2,
-                "max_attempts": 2,
-            },
-            "sync_mode": "mirror",
-            "send": "changed_attributes",
-            "mapping": {"custom_id": "customer_id", "email": "email"},
-            "attributes": [{"column": "first_name", "name": "firstname"}, {"column": "points"}],
-            "guards": {"max_removed_percent": 50, "max_changed_percent": 100},
-            "journal": {"flush_every_profiles": 100_000, "flush_every_seconds": 30},
-            "diff": {"mode": "warehouse", "dataset": dataset.dataset_id, "maximum_bytes_billed": 10_000_000_000},
-        },
-        source="test",
-    )
-
-
-def open_store(client: bigquery.Client, dataset: bigquery.Dataset, state: Path) -> WarehouseFingerprints:
-    warehouse = Warehouse(client, activation=NAME, maximum_bytes_billed=10_000_000_000)
-    return WarehouseFingerprints(SQLiteStateStore(state), warehouse, dataset.reference)
-
-
 async def run(
     activation: Activation, client: bigquery.Client, dataset: bigquery.Dataset, state: Path
 ) -> dict[str, Any]:
-    store = open_store(client, dataset, state)
+    store = open_store(client, dataset, state, name=NAME)
     source = BigQuerySource(activation.source, activation=NAME, client=client)  # type: ignore[arg-type]
     try:
         result = await Run(
@@ -114,7 +72,7 @@ async def test_what_the_app_wrote_survives_a_warehouse_diff_delta(
     sim: tuple[BatchSimulator, str], bq_client: bigquery.Client, bq_dataset: bigquery.Dataset, tmp_path: Path
 ) -> None:
     simulator, url = sim
-    activation = activation_for(bq_dataset, url)
+    activation = activation_for(bq_dataset, url, name=NAME, send="changed_attributes")
     state = tmp_path / "state.sqlite"
     segment = people(12)
     write_segment(bq_client, bq_dataset, segment)

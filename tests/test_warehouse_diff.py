@@ -64,10 +64,11 @@ def write_segment(client: bigquery.Client, dataset: bigquery.Dataset, rows: list
     client.load_table_from_file(buffer, dataset.table("people"), job_config=config).result()
 
 
-def activation_for(dataset: bigquery.Dataset, base_url: str) -> Activation:
+def activation_for(dataset: bigquery.Dataset, base_url: str, *, name: str = NAME, **settings: Any) -> Activation:
+    """The tests' mirror activation with a warehouse diff; ``settings`` add or replace top-level keys."""
     return parse_activation(
         {
-            "name": NAME,
+            "name": name,
             "source": {"type": "bigquery", "project": dataset.project, "table": f"{dataset.dataset_id}.people"},
             "destination": {
                 "api_key_env": "BATCH_REST_API_KEY",
@@ -82,13 +83,16 @@ def activation_for(dataset: bigquery.Dataset, base_url: str) -> Activation:
             "guards": {"max_removed_percent": 50, "max_changed_percent": 100},
             "journal": {"flush_every_profiles": 100_000, "flush_every_seconds": 30},
             "diff": {"mode": "warehouse", "dataset": dataset.dataset_id, "maximum_bytes_billed": 10_000_000_000},
+            **settings,
         },
         source="test",
     )
 
 
-def open_store(client: bigquery.Client, dataset: bigquery.Dataset, state: Path) -> WarehouseFingerprints:
-    warehouse = Warehouse(client, activation=NAME, maximum_bytes_billed=10_000_000_000)
+def open_store(
+    client: bigquery.Client, dataset: bigquery.Dataset, state: Path, *, name: str = NAME
+) -> WarehouseFingerprints:
+    warehouse = Warehouse(client, activation=name, maximum_bytes_billed=10_000_000_000)
     return WarehouseFingerprints(SQLiteStateStore(state), warehouse, dataset.reference)
 
 
