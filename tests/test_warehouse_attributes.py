@@ -123,7 +123,7 @@ def test_tables_made_before_attribute_sets_get_the_column_and_keep_their_rows(
     config = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET)
     bq_client.load_table_from_file(buffer, bq_dataset.table(sql.FINGERPRINTS), job_config=config).result()
 
-    store = open_store(bq_client, bq_dataset, tmp_path / "state.sqlite")
+    store = open_store(bq_client, bq_dataset, tmp_path / "state.sqlite", name=NAME)
     try:
         store.ensure_tables()
         names = {field.name for field in bq_client.get_table(bq_dataset.table(sql.FINGERPRINTS)).schema}
