@@ -55,6 +55,7 @@ import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Final
 
@@ -88,7 +89,15 @@ from sync.differ import (
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError
-from sync.sources.base import Source
+from sync.local_pass import (
+    FETCH_SURVIVORS_MAX,
+    fetch_sql,
+    roundtrip_problem,
+    seen_sql,
+    survivor_counts_sql,
+    survivors_sql,
+)
+from sync.sources.base import LocalSegment, Source, local_segment
 
 __all__ = ["OUTPUT_BATCH_ROWS", "EmbeddedDiffer", "SegmentDiff", "key_sql", "raw_salt"]
 
@@ -231,6 +240,10 @@ class SegmentDiff:
         self._reported = False  # on_rows heard of the segment's rows once already
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
+        # A DuckDB source: a delta's pass runs in its database (sync.local_pass), unless a
+        # mapped column would hash otherwise there (then ``local_problem`` says why).
+        self._local: LocalSegment | None = local_segment(source)
+        self.local_problem: str | None = None
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A differ database: the stored fingerprints and intents registered, memory bounded."""
@@ -344,10 +357,16 @@ class SegmentDiff:
         kept: KeptRows | None = None
         # A database of its own, closed at the end: DuckDB keeps what a query freed for
         # reuse until its database closes, and the scan's hash tables (tens of MB a
-        # million ids) are never needed again. Only the duplicated ids move over.
+        # million ids) are never needed again. Only the duplicated ids move over. (A local
+        # segment's pass and scan run in the source's database, on a cursor of their own.)
         con: duckdb.DuckDBPyConnection | None = None
+        stack = ExitStack()
         try:
-            if self.stored_count:
+            local = self._local_connection(stack) if self.stored_count else None
+            if local is not None:
+                con = local
+                kept = self._local_pass(con)
+            elif self.stored_count:
                 tee, kept = self._pass()
                 con = self._connect()
                 con.register("segment_ids", tee.reader())
@@ -355,7 +374,8 @@ class SegmentDiff:
             else:
                 con = self._connect()
                 view = self._stream([self._id_column], numbered=False, con=con)
-            con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
+            if local is None:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
             if tee is not None:
                 con.unregister("segment_ids")
                 tee.remove()
@@ -403,6 +423,7 @@ class SegmentDiff:
         finally:
             if con is not None:
                 con.close()
+            stack.close()
             if tee is not None:
                 tee.remove()
         self._duplicates = copies
@@ -420,6 +441,59 @@ class SegmentDiff:
             synced=synced,
             below_watermark=int(below_row[0]) if below_row else 0,
         )
+
+    def _local_connection(self, stack: ExitStack) -> duckdb.DuckDBPyConnection | None:
+        """A cursor on the local segment's database for the pass and the id scan, or None to stream.
+
+        None when the source is not local, or when a mapped column would hash otherwise
+        there than streamed (``local_problem`` then says which).
+        """
+        if self._local is None:
+            return None
+        con = stack.enter_context(self._local.differ_cursor())
+        segment = self._local.segment_sql(self._columns)
+        self.local_problem = roundtrip_problem(con, segment, self._schema, self._columns)
+        if self.local_problem is not None:
+            return None
+        con.register("stored", self._stored)
+        con.register("intents", self._intents)
+        con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+        return con
+
+    def _local_pass(self, con: duckdb.DuckDBPyConnection) -> KeptRows:
+        """The delta's pass in the local segment's database: ``seen``, the survivors, then their rows.
+
+        Returns the rows to carry on as :meth:`_pass` keeps them. When the fetch does not
+        bring exactly the survivors' rows (a segment query whose rows differ between two
+        reads), nothing is kept and the differ streams the segment instead.
+        """
+        assert self._local is not None
+        segment = self._local.segment_sql(self._columns)
+        con.execute(seen_sql(segment, self._key, self._raw))
+        if self._on_rows is not None and not self._reported:
+            ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
+            self._on_rows(int(rows))
+        self._reported = True
+        con.execute(survivors_sql())
+        ((survivors, known, _null_keys),) = con.execute(survivor_counts_sql()).fetchall()
+        kept = KeptRows(self._kept_budget)
+        if survivors > FETCH_SURVIVORS_MAX:
+            # Mostly new ids (a continuation): fetch the moved rows only, stream the new ones.
+            kept.moved_only = True
+        expected = int(known) if kept.moved_only else int(survivors)
+        if kept.moved_only and expected > FETCH_SURVIVORS_MAX:
+            kept.overflowed = True  # more moved rows than any delta has: the segment is streamed
+            return kept
+        sql = fetch_sql(segment, self._columns, self._key, self._raw, moved_only=kept.moved_only)
+        relation = con.sql(sql if expected else f"{sql} LIMIT 0")
+        reader: pa.RecordBatchReader = relation.to_arrow_reader(OUTPUT_BATCH_ROWS)
+        kept.schema = reader.schema
+        for batch in reader:
+            kept.add(batch)
+        if kept.rows != expected:
+            kept.overflowed = True
+            kept.batches.clear()
+        return kept
 
     def _pass(self) -> tuple[IdTee, KeptRows]:
         """The delta's one read: the rows whose (id, raw hash) pair is not stored, and every id.

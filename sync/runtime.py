@@ -37,7 +37,7 @@ from sync.bigquery_clients import BigQueryEmulatorEndpoints, emulator_clients
 from sync.config import Activation, BigQuerySourceConfig, Credentials, DiffMode, DuckDBSourceConfig
 from sync.differ import DifferFactory
 from sync.errors import ConfigError, FatalError
-from sync.sources.base import Source
+from sync.sources.base import LocalSegment, Source, local_segment
 from sync.state.base import StateStore
 
 # State URLs are read in their own room (the CLI names its state before anything heavy loads).
@@ -164,6 +164,9 @@ class _SourceWithClients:
 
     def stats(self) -> dict[str, object]:
         return self._source.stats()
+
+    def local_segment(self) -> LocalSegment | None:
+        return local_segment(self._source)
 
     def close(self) -> None:
         self._source.close()

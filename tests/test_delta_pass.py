@@ -10,15 +10,18 @@ an unchanged copy.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sync.config import DuckDBSourceConfig
 from sync.delta_pass import KEPT_BUDGET_BYTES
 from sync.dev.simulator import BatchSimulator
 from sync.diff import SegmentDiff
@@ -39,6 +42,23 @@ from tests.support.engine_support import (
 from tests.test_diff import TableSource, raw_hashes, rows_of, stored_table
 
 POOL = ["a", "b", "é", "日本", "x y", "", "k1", "k2"]
+
+
+class LocalSource(DuckDBSource):
+    """A DuckDB segment written from an Arrow table, its streamed reads noted (the local pass makes none)."""
+
+    def __init__(self, table: pa.Table, directory: Path, *, query: str | None = None) -> None:
+        path = directory / "segment.duckdb"
+        with duckdb.connect(str(path)) as con:
+            con.register("rows", table)
+            con.execute("CREATE TABLE segment AS SELECT * FROM rows")
+        config = DuckDBSourceConfig(database=str(path), **({"query": query} if query else {"table": "segment"}))
+        super().__init__(config, activation="local")
+        self.reads: list[list[str]] = []
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        self.reads.append(list(columns))
+        return super().read_batches(columns)
 NEVER_IN_SEGMENT = ["gone", "left", "never"]
 
 
@@ -66,6 +86,7 @@ def reference_row(
     intents=st.sets(st.sampled_from(POOL + NEVER_IN_SEGMENT)),
     after=st.one_of(st.none(), st.sampled_from(POOL)),
     budget=st.sampled_from([KEPT_BUDGET_BYTES, 1]),
+    local=st.booleans(),
 )
 def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
     rows: list[tuple[str | None, int]],
@@ -74,7 +95,9 @@ def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
     intents: set[str],
     after: str | None,
     budget: int,
+    local: bool,
 ) -> None:
+    """Streamed, or in a DuckDB segment's own database (``local``: the pass then reads no stream)."""
     ids = [cid for cid, _ in rows]
     segment = pa.table({"id": pa.array(ids, pa.string()), "v": pa.array([value for _, value in rows], pa.int64())})
     raws = raw_hashes(segment) if rows else []
@@ -126,7 +149,10 @@ def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
     else:
         delta_reads = 1 + any(cid in duplicated and not kept(cid, raw) for _, cid, _, raw in numbered)
 
-    source = TableSource(segment)
+    if local and stored:
+        delta_reads -= 1  # the pass queried the segment where it lies
+    directory = tempfile.TemporaryDirectory()
+    source: TableSource | LocalSource = LocalSource(segment, Path(directory.name)) if local else TableSource(segment)
     told: list[int] = []
     diff = SegmentDiff(
         source,
@@ -153,6 +179,8 @@ def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
         exact_to_send = rows_of(diff.rows_to_send(full=False))
     finally:
         diff.close()
+        source.close()
+        directory.cleanup()
 
     assert scan.rows == len(ids)
     assert scan.null_ids == ids.count(None)
@@ -170,6 +198,7 @@ def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
     assert reads_of_the_delta == delta_reads
     assert reads_with_a_full_pass == delta_reads + 1
     assert sum(told) == len(ids)  # the progress hears of each row once, however often it is read
+    assert diff.local_problem is None
 
 
 def test_a_read_of_the_duplicated_ids_is_taken_only_when_a_stored_id_has_an_unchanged_copy() -> None:
@@ -236,6 +265,58 @@ def test_a_pass_whose_new_rows_exceed_the_budget_keeps_its_moved_rows_and_stream
     assert sorted(map(str, answers[KEPT_BUDGET_BYTES][1])) == sorted(map(str, to_send))
 
 
+def local_answers(source: DuckDBSource, stored: dict[str, tuple[int, int]], schema: pa.Schema) -> tuple[Any, ...]:
+    diff = SegmentDiff(source, columns=schema.names, schema=schema, stored=stored_table(stored), salt="salt")
+    try:
+        scan = diff.scan_ids()
+        answers = (scan.matched, scan.new_ids, scan.removed, rows_of(diff.moved_rows()))
+        return (*answers, rows_of(diff.rows_to_send(full=False)), diff.local_problem)
+    finally:
+        diff.close()
+
+
+def test_a_column_arrow_carries_as_another_type_keeps_the_streamed_pass(tmp_path: Path) -> None:
+    """A UUID streams as a string: hashed natively it would differ from every stored hash."""
+    with duckdb.connect(str(tmp_path / "segment.duckdb")) as con:
+        con.execute("CREATE TABLE segment AS SELECT 'id' || i AS id, uuidv4() AS u FROM range(6) t(i)")
+    config = DuckDBSourceConfig(database=str(tmp_path / "segment.duckdb"), table="segment")
+    source = CountingLocalSource(config, activation="local")
+    try:
+        schema = source.schema()
+        streamed = pa.Table.from_batches(list(source.read_batches(["id", "u"])))
+        source.reads.clear()
+        raws = dict(zip(streamed["id"].to_pylist(), raw_hashes(streamed), strict=True))
+        stored = {cid: (raw, 1) for cid, raw in raws.items() if cid != "id5"}
+        matched, new_ids, removed, moved, to_send, problem = local_answers(source, stored, schema)
+    finally:
+        source.close()
+    assert problem is not None and "'u' is UUID" in problem
+    assert (matched, new_ids, removed, moved) == (5, 1, [], [])  # nothing moved: the streamed hashes agree
+    assert [row["id"] for row in to_send] == ["id5"]
+    assert len(source.reads) == 1  # the streamed pass
+
+
+def test_a_segment_whose_rows_differ_between_two_queries_is_streamed_instead(tmp_path: Path) -> None:
+    """The fetch must bring exactly the survivors' rows; a query with random values does not."""
+    segment = pa.table({"id": pa.array([f"id{n}" for n in range(50)]), "v": pa.array(range(50), pa.int64())})
+    raws = dict(zip(segment["id"].to_pylist(), raw_hashes(segment), strict=True))
+    # Ten rows moved since they were stored; the query adds a random 0 or 1 to v on every read.
+    stored = {cid: (raw + (1 if n < 10 else 0), 1) for n, (cid, raw) in enumerate(raws.items())}
+    source = LocalSource(segment, tmp_path, query="SELECT id, v + CAST(random() < 0.5 AS BIGINT) AS v FROM segment")
+    try:
+        diff = SegmentDiff(source, columns=["id", "v"], schema=source.schema(), stored=stored_table(stored), salt="salt")
+        try:
+            scan = diff.scan_ids()
+            assert (scan.matched, scan.new_ids) == (50, 0)
+            assert not diff._kept  # nothing kept from a fetch that did not match its pass
+            list(diff.moved_rows())
+            assert source.reads == [["id", "v"]]  # the moved rows were streamed
+        finally:
+            diff.close()
+    finally:
+        source.close()
+
+
 # -- whole runs ------------------------------------------------------------------------------
 
 
@@ -261,8 +342,26 @@ class CountingSource:
         self.inner.close()
 
 
-async def counted_run(store: StateStore, activation: Any, **options: Any) -> tuple[RunResult, list[list[str]]]:
-    source = CountingSource(DuckDBSource(activation.source, activation=activation.name))
+class CountingLocalSource(DuckDBSource):
+    """The DuckDB segment itself (its delta's pass runs in its database), streamed reads noted."""
+
+    def __init__(self, config: DuckDBSourceConfig, *, activation: str) -> None:
+        super().__init__(config, activation=activation)
+        self.reads: list[list[str]] = []
+
+    def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        self.reads.append(list(columns))
+        return super().read_batches(columns)
+
+
+async def counted_run(
+    store: StateStore, activation: Any, *, local: bool = False, **options: Any
+) -> tuple[RunResult, list[list[str]]]:
+    source: CountingSource | CountingLocalSource = (
+        CountingLocalSource(activation.source, activation=activation.name)
+        if local
+        else CountingSource(DuckDBSource(activation.source, activation=activation.name))
+    )
     try:
         result = await Run(
             activation, source=source, store=store, client=make_client(activation), options=RunOptions(**options)
@@ -295,9 +394,13 @@ async def sim_url() -> AsyncIterator[str]:
 
 
 @pytest.mark.emulator
+@pytest.mark.parametrize("local", [False, True], ids=["streamed", "local"])
 async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_state(
-    state_store: StateStore, sim_url: str, tmp_path: Path
+    state_store: StateStore, sim_url: str, tmp_path: Path, local: bool
 ) -> None:
+    """Streamed, a delta reads the segment once; local, its pass queries it where it lies and streams nothing."""
+    # The pass, when it reads the segment as a stream (a local segment's is a query there).
+    the_pass = [] if local else [["customer_id", "email", "phone", "first_name", "points"]]
     activation = make_activation(
         tmp_path,
         sim_url,
@@ -307,7 +410,7 @@ async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_sta
     segment = tmp_path / "segment.duckdb"
     mapped = ["customer_id", "email", "phone", "first_name", "points"]
     write_segment(segment, people(200))
-    first, reads = await counted_run(state_store, activation)
+    first, reads = await counted_run(state_store, activation, local=local)
     assert first.record["status"] == "succeeded", first.record.get("error")
     assert reads == [["customer_id"], mapped]  # nothing stored: the ids, then every row
 
@@ -320,21 +423,23 @@ async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_sta
         rows[index] = person(index, phone=f"+33 6 12 34 {index // 100 % 100:02d} {index % 100:02d}")
     rows += [person(500), {**person(501), "customer_id": None}, person(30)]
     write_segment(segment, rows)
-    delta, reads = await counted_run(state_store, activation)
+    delta, reads = await counted_run(state_store, activation, local=local)
     counts = delta.record["counts"]
     assert delta.record["status"] == "succeeded_with_rejections", delta.record.get("error")
     assert (counts["changed"], counts["refreshed"], counts["new"], counts["removed"]) == (3, 2, 1, 2)
     assert delta.record["rejected_by_reason"] == {"duplicate_custom_id": 2, "missing_custom_id": 1}
     assert counts["sent"] == 6  # 3 changed, 1 new, 2 removals
-    assert reads == [mapped, mapped]  # the pass, then the duplicated id's own read
+    assert reads == [*the_pass, mapped]  # the pass, then the duplicated id's own read
+    missing = next(s for s in delta.record["rejected_samples"] if s["issues"][0]["reason"] == "missing_custom_id")
+    assert missing["row"] == 200  # numbered in read order, on either path
 
     rows.pop()  # c00030 once again
     write_segment(segment, rows)
-    delta, reads = await counted_run(state_store, activation)
+    delta, reads = await counted_run(state_store, activation, local=local)
     assert delta.record["counts"]["sent"] == 0
     assert delta.record["rejected_by_reason"] == {"missing_custom_id": 1}
-    assert reads == [mapped]  # one read
+    assert reads == the_pass  # one read, or none streamed
 
-    full, reads = await counted_run(state_store, activation, full=True)
+    full, reads = await counted_run(state_store, activation, local=local, full=True)
     assert full.record["counts"]["acknowledged"] == 199  # every valid row
-    assert reads == [mapped, mapped]  # a full pass: the pass, then every row
+    assert reads == [*the_pass, mapped]  # a full pass: the pass, then every row

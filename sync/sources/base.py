@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 class Source(Protocol):
@@ -30,3 +34,23 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class LocalSegment(Protocol):
+    """A segment in a local DuckDB database, which the embedded differ may query where it lies.
+
+    ``sync.local_pass`` runs a delta's pass there, with the database's threads, instead of
+    streaming every row through Python (``docs/how-a-run-works.md``, "A local segment").
+    """
+
+    def segment_sql(self, columns: list[str]) -> str:
+        """SQL of the segment's ``columns``, every row, in the order :meth:`Source.read_batches` reads them."""
+
+    def differ_cursor(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A cursor on the segment's database for the differ's queries, its settings restored after."""
+
+
+def local_segment(source: object) -> LocalSegment | None:
+    """``source`` as a :class:`LocalSegment`, or None when its segment is not local."""
+    found = getattr(source, "local_segment", None)
+    return found() if callable(found) else None

@@ -31,6 +31,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -54,6 +55,10 @@ STREAM_PER_COLUMN_MB: Final = 0.75
 # cap, up to this one: a single value of up to about 200 MB (a string, a list) passes.
 # Beyond it, the activation must set source.memory_limit.
 STREAM_RETRY_CEILING_MB: Final = 512
+
+# The cap of the embedded differ's queries in the segment's database (sync.local_pass): a
+# delta's ids and raw hashes (~24 bytes a row) and its joins spill past it.
+DIFFER_MEMORY_LIMIT_MB: Final = 256
 
 # How DuckDB's out-of-memory errors begin, also once Arrow's stream reader has wrapped one.
 OUT_OF_MEMORY: Final = "Out of Memory Error"
@@ -263,6 +268,35 @@ class DuckDBSource:
             f"read by default ({self._limit}; source.memory_limit is not set): set source.memory_limit "
             f"in the activation, for example 1GB. DuckDB said: {error}"
         )
+
+    def local_segment(self) -> DuckDBSource:
+        """This source as a :class:`sync.sources.base.LocalSegment`: the differ may query it here."""
+        return self
+
+    def segment_sql(self, columns: list[str]) -> str:
+        """The SQL :meth:`read_batches` reads ``columns`` with."""
+        return self._read_sql(columns)
+
+    @contextmanager
+    def differ_cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor for the embedded differ's queries: every thread, :data:`DIFFER_MEMORY_LIMIT_MB`.
+
+        Under the activation's own ``source.memory_limit`` when it sets one. DuckDB's
+        settings are the database's, not the cursor's: the read settings are put back
+        after (each read sizes its own anyway, :meth:`_bound_read`).
+        """
+        limit = self._config.memory_limit or f"{DIFFER_MEMORY_LIMIT_MB}MB"
+        cursor = self._connection.cursor()
+        try:
+            cursor.execute(f"SET memory_limit = {quote_literal(limit)}")
+            cursor.execute("RESET threads")
+            yield cursor
+        except duckdb.Error as error:
+            raise FatalError(f"activation '{self._activation}': comparing the segment failed: {error}") from None
+        finally:
+            cursor.close()
+            self._connection.execute(f"SET memory_limit = {quote_literal(self._limit)}")
+            self._connection.execute("SET threads = 1")
 
     def stats(self) -> dict[str, object]:
         return {

@@ -1,0 +1,128 @@
+"""A delta's pass run where a local segment lies: in the DuckDB source's own database.
+
+The embedded differ compares a streamed segment with the stored fingerprints in a DuckDB
+database of its own (:mod:`sync.delta_pass`): every mapped column of every row crosses
+from the source into Arrow, through Python, and into the differ, on one thread. When the
+segment is itself a DuckDB query, that crossing is most of a delta's cost (at 10M rows,
+~30 s of a ~50 s run with nothing changed). This pass asks the source's database instead,
+with all its threads, and lets only what moved cross (``docs/how-a-run-works.md``, "A
+local segment"):
+
+1. **One narrow read** (:func:`seen_sql`): each row's Custom ID key and raw hash, into the
+   temporary table ``seen`` — the id scan's table, so the counts, duplicates and removals
+   come from it, as they come from the streamed pass's id file.
+2. **The survivors** (:func:`survivors_sql`): the ``seen`` rows whose (id hash, raw hash)
+   pair is not stored, with :data:`sync.delta_pass.KNOWN` — the very condition of the
+   streamed pass (:func:`sync.delta_pass.pass_sql`), on two narrow columns.
+3. **The fetch** (:func:`fetch_sql`), only when something survived: the segment's rows whose
+   (key, raw hash) is a survivor's, every mapped column, numbered in read order. They are
+   the streamed pass's kept rows, with the same columns, and go on the same way.
+
+No row that did not move leaves DuckDB, and a run where nothing moved reads the segment's
+mapped columns once, into two 8-byte hashes and its ids.
+
+The raw hash must be the streamed one, or every delta would find every row moved: the
+stored hashes were computed over the segment as it comes back from Arrow. So the pass runs
+here only when each mapped column's type is the same natively and after that round trip
+(:func:`roundtrip_problem`); the same DuckDB then hashes the same values. Otherwise (a
+UUID, an ENUM, a HUGEINT: types Arrow carries differently) the streamed pass runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import duckdb
+import pyarrow as pa
+
+from sync.delta_pass import KNOWN
+from sync.differ import KEY, RAW, ROW
+from sync.duckdb_sql import quote_identifier
+
+__all__ = [
+    "FETCH_SURVIVORS_MAX",
+    "SURVIVORS",
+    "fetch_sql",
+    "roundtrip_problem",
+    "seen_sql",
+    "survivor_counts_sql",
+    "survivors_sql",
+]
+
+# The temporary table of the rows that survived the narrow pass (key, raw hash, known).
+SURVIVORS: Final = "survivors"
+# The most survivors the fetch builds its join on. A delta's moved and new rows are far
+# fewer; a first sync's continuation (most ids new) has more, and then only the moved ones
+# are fetched (the new ones stream, as past the kept budget of the streamed pass); with more
+# moved ones than this (a mapping change), nothing is fetched and the segment is streamed.
+FETCH_SURVIVORS_MAX: Final = 1_000_000
+
+
+def roundtrip_problem(
+    con: duckdb.DuckDBPyConnection, segment_sql: str, schema: pa.Schema, columns: Sequence[str]
+) -> str | None:
+    """Why a mapped column would hash otherwise here than streamed through Arrow, or None.
+
+    Compares each column's DuckDB type in the segment query with its DuckDB type once read
+    back from the Arrow type the source streams it as (``schema``).
+    """
+    probe = pa.table({name: pa.array([], schema.field(name).type) for name in columns})
+    con.register("__cepsync_roundtrip", probe)
+    try:
+        selected = ", ".join(quote_identifier(c) for c in columns)
+        streamed = con.sql(f"SELECT {selected} FROM __cepsync_roundtrip").types
+        native = con.sql(f"SELECT {selected} FROM ({segment_sql}) AS segment").types
+    finally:
+        con.unregister("__cepsync_roundtrip")
+    for name, here, there in zip(columns, native, streamed, strict=True):
+        if str(here) != str(there):
+            return f"column {name!r} is {here} in DuckDB and {there} once streamed through Arrow"
+    return None
+
+
+def seen_sql(segment_sql: str, key: str, raw: str) -> str:
+    """``seen``: every row's key and raw hash, from one read of the segment's mapped columns."""
+    return f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {key} AS k, {raw} AS raw FROM ({segment_sql}) AS segment"
+
+
+def survivors_sql() -> str:
+    """The ``seen`` rows whose (id hash, raw hash) pair is not stored: the streamed pass's condition.
+
+    A null key has a null hash, which matches nothing: its rows always survive, not known.
+    """
+    return (
+        f"CREATE OR REPLACE TEMP TABLE {SURVIVORS} AS "
+        f"SELECT s.k, s.raw, sh.h IS NOT NULL AS known FROM ("
+        f"SELECT k, raw, CASE WHEN k IS NOT NULL THEN hash(k) END AS h FROM seen"
+        f") s LEFT JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh ON sh.h = s.h "
+        f"WHERE sh.h IS NULL OR sh.raw <> s.raw"
+    )
+
+
+def survivor_counts_sql() -> str:
+    """How many survivors there are, how many are known, and how many have a null key."""
+    return f"SELECT count(*), count(*) FILTER (WHERE known), count(*) FILTER (WHERE k IS NULL) FROM {SURVIVORS}"
+
+
+def fetch_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, *, moved_only: bool) -> str:
+    """The survivors' rows, every mapped column, numbered in read order (the streamed pass's kept rows).
+
+    A row is fetched when its (key, raw hash) is a survivor's, or its key is null (unless
+    ``moved_only``: only known survivors then, and no null key). The survivors are
+    deduplicated first (a duplicated id's identical copies share one), so each segment row
+    comes out once. Columns: the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`,
+    :data:`KNOWN`, as :func:`sync.delta_pass.pass_sql` gives them.
+    """
+    selected = ", ".join(quote_identifier(c) for c in columns)
+    wanted = f"SELECT k, raw, bool_or(known) AS known FROM {SURVIVORS} WHERE k IS NOT NULL"
+    if moved_only:
+        wanted += " AND known"
+    wanted += " GROUP BY k, raw"
+    condition = "v.k IS NOT NULL" if moved_only else f"v.k IS NOT NULL OR s.{KEY} IS NULL"
+    numbered = f"SELECT {selected}, row_number() OVER () AS {ROW} FROM ({segment_sql}) AS segment"
+    return (
+        f"SELECT s.*, coalesce(v.known, FALSE) AS {KNOWN} FROM ("
+        f"SELECT {selected}, {ROW}, {key} AS {KEY}, {raw} AS {RAW} FROM ({numbered}) AS numbered"
+        f") s LEFT JOIN ({wanted}) v ON v.k = s.{KEY} AND v.raw = s.{RAW} WHERE {condition}"
+    )
