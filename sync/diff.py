@@ -92,6 +92,7 @@ from sync.errors import ConfigError
 from sync.local_pass import (
     FETCH_SURVIVORS_MAX,
     fetch_sql,
+    removed_sql,
     roundtrip_problem,
     seen_sql,
     survivor_counts_sql,
@@ -237,6 +238,8 @@ class SegmentDiff:
         # is served from them, without a read.
         self._kept_all = False
         self._kept_duplicates = True
+        # Set by a local pass: its kept rows met the stored ones on the ids themselves.
+        self._kept_exact = False
         self._reported = False  # on_rows heard of the segment's rows once already
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
@@ -244,6 +247,9 @@ class SegmentDiff:
         # mapped column would hash otherwise there (then ``local_problem`` says why).
         self._local: LocalSegment | None = local_segment(source)
         self.local_problem: str | None = None
+        # Where a delta's pass ran, for the run record: None (no pass: nothing stored),
+        # "segment_database" (sync.local_pass) or "stream" (sync.delta_pass).
+        self.compared_in: str | None = None
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A differ database: the stored fingerprints and intents registered, memory bounded."""
@@ -366,8 +372,10 @@ class SegmentDiff:
             if local is not None:
                 con = local
                 kept = self._local_pass(con)
+                self.compared_in = "segment_database"
             elif self.stored_count:
                 tee, kept = self._pass()
+                self.compared_in = "stream"
                 con = self._connect()
                 con.register("segment_ids", tee.reader())
                 view = "segment_ids"
@@ -396,7 +404,9 @@ class SegmentDiff:
             # Stored and intent ids stream through one anti-join on the segment's ids; only
             # the few that come out are deduplicated (an intent may also be stored).
             gone = con.execute(
-                "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
+                removed_sql()
+                if local is not None
+                else "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
                 "UNION ALL SELECT custom_id, FALSE FROM intents) synced "
                 "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id "
                 "GROUP BY custom_id ORDER BY custom_id"
@@ -413,7 +423,7 @@ class SegmentDiff:
             overlap_row = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchone()
             overlap = int(overlap_row[0]) if overlap_row else 0
             synced = self.stored_count + self._intents.num_rows - overlap
-            if self.stored_count:
+            if self.stored_count and local is None:
                 self._new_by_hash = self._hashes_are_exact(con, matched + int(stored_duplicated))
             below_row = (
                 con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
@@ -475,7 +485,7 @@ class SegmentDiff:
             self._on_rows(int(rows))
         self._reported = True
         con.execute(survivors_sql())
-        ((survivors, known, _null_keys),) = con.execute(survivor_counts_sql()).fetchall()
+        ((survivors, known),) = con.execute(survivor_counts_sql()).fetchall()
         kept = KeptRows(self._kept_budget)
         if survivors > FETCH_SURVIVORS_MAX:
             # Mostly new ids (a continuation): fetch the moved rows only, stream the new ones.
@@ -493,6 +503,7 @@ class SegmentDiff:
         if kept.rows != expected:
             kept.overflowed = True
             kept.batches.clear()
+        self._kept_exact = True
         return kept
 
     def _pass(self) -> tuple[IdTee, KeptRows]:
@@ -548,7 +559,7 @@ class SegmentDiff:
         self._kept_all = not kept.moved_only
 
     def _serves_kept(self) -> bool:
-        return self._kept and self._new_by_hash
+        return self._kept and (self._new_by_hash or self._kept_exact)
 
     def _select(self, view: str, *, after: str | None = None) -> str:
         columns = ", ".join(quote_identifier(c) for c in self._columns)
@@ -679,6 +690,7 @@ class EmbeddedDiffer:
     def __init__(self, source: Source, fingerprints: FingerprintStore) -> None:
         self._source = source
         self._fingerprints = fingerprints
+        self._opened: SegmentDiff | None = None
 
     @property
     def fingerprints(self) -> FingerprintStore:
@@ -687,7 +699,7 @@ class EmbeddedDiffer:
     def open(self, activation: str, request: DiffRequest) -> SegmentDiff:
         stored = self._fingerprints.load_fingerprint_table(activation)
         salt = raw_salt(request.mapping_version, request.schema, request.columns, self._source.engine)
-        return SegmentDiff(
+        self._opened = SegmentDiff(
             self._source,
             columns=request.columns,
             schema=request.schema,
@@ -698,9 +710,17 @@ class EmbeddedDiffer:
             on_rows=request.on_rows,
             after=request.after,
         )
+        return self._opened
 
     def record(self) -> dict[str, object]:
-        return {}
+        """Where the run's delta pass ran, and why not in a local segment's database if it could not."""
+        diff = self._opened
+        if diff is None or diff.compared_in is None:
+            return {}
+        where: dict[str, object] = {"ran_in": diff.compared_in}
+        if diff.local_problem is not None:
+            where["not_in_segment_database_because"] = diff.local_problem
+        return {"delta_pass": where}
 
     def close(self) -> None:
         """Nothing of its own to close: the source and the store are their opener's."""

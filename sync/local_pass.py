@@ -11,9 +11,11 @@ local segment"):
 1. **One narrow read** (:func:`seen_sql`): each row's Custom ID key and raw hash, into the
    temporary table ``seen`` — the id scan's table, so the counts, duplicates and removals
    come from it, as they come from the streamed pass's id file.
-2. **The survivors** (:func:`survivors_sql`): the ``seen`` rows whose (id hash, raw hash)
-   pair is not stored, with :data:`sync.delta_pass.KNOWN` — the very condition of the
-   streamed pass (:func:`sync.delta_pass.pass_sql`), on two narrow columns.
+2. **The survivors** (:func:`survivors_sql`): one join of ``seen`` and the stored
+   fingerprints on the ids themselves gives the rows whose id is new or whose raw hash moved
+   (with :data:`sync.delta_pass.KNOWN`: moved), and the stored ids no row has (the
+   removals). It is exact, so the streamed pass's proof that id hashes do not collide is
+   not needed here.
 3. **The fetch** (:func:`fetch_sql`), only when something survived: the segment's rows whose
    (key, raw hash) is a survivor's, every mapped column, numbered in read order. They are
    the streamed pass's kept rows, with the same columns, and go on the same way.
@@ -44,6 +46,7 @@ __all__ = [
     "FETCH_SURVIVORS_MAX",
     "SURVIVORS",
     "fetch_sql",
+    "removed_sql",
     "roundtrip_problem",
     "seen_sql",
     "survivor_counts_sql",
@@ -87,42 +90,63 @@ def seen_sql(segment_sql: str, key: str, raw: str) -> str:
 
 
 def survivors_sql() -> str:
-    """The ``seen`` rows whose (id hash, raw hash) pair is not stored: the streamed pass's condition.
+    """The ``seen`` rows whose id is not stored, or stored with another raw hash; and the stored ids not seen.
 
-    A null key has a null hash, which matches nothing: its rows always survive, not known.
+    One join on the ids themselves, so exact: a row that survives is new (not ``known``) or
+    moved (``known``); a null id matches nothing and always survives. The stored ids no
+    row has come out ``gone``, with the id in ``stored_id``: the removals.
     """
     return (
         f"CREATE OR REPLACE TEMP TABLE {SURVIVORS} AS "
-        f"SELECT s.k, s.raw, sh.h IS NOT NULL AS known FROM ("
-        f"SELECT k, raw, CASE WHEN k IS NOT NULL THEN hash(k) END AS h FROM seen"
-        f") s LEFT JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh ON sh.h = s.h "
-        f"WHERE sh.h IS NULL OR sh.raw <> s.raw"
+        f"SELECT s.k, s.raw, st.custom_id IS NOT NULL AS known, s.here IS NULL AS gone, st.custom_id AS stored_id "
+        f"FROM (SELECT k, raw, TRUE AS here FROM seen) s "
+        f"FULL JOIN (SELECT custom_id, raw FROM stored) st ON st.custom_id = s.k "
+        f"WHERE s.here IS NULL OR st.custom_id IS NULL OR st.raw <> s.raw"
     )
 
 
 def survivor_counts_sql() -> str:
-    """How many survivors there are, how many are known, and how many have a null key."""
-    return f"SELECT count(*), count(*) FILTER (WHERE known), count(*) FILTER (WHERE k IS NULL) FROM {SURVIVORS}"
+    """How many segment rows survived, and how many of them are known (moved)."""
+    return f"SELECT count(*) FILTER (WHERE NOT gone), count(*) FILTER (WHERE known AND NOT gone) FROM {SURVIVORS}"
+
+
+def removed_sql() -> str:
+    """The synced ids no segment row has, sorted, each with whether it is stored (else an intent).
+
+    The stored ones are the survivors' ``gone``; the intents (few) meet the segment's ids.
+    """
+    return (
+        f"SELECT custom_id, bool_or(is_stored) FROM ("
+        f"SELECT stored_id AS custom_id, TRUE AS is_stored FROM {SURVIVORS} WHERE gone "
+        f"UNION ALL SELECT custom_id, FALSE FROM intents "
+        f"ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = intents.custom_id"
+        f") synced GROUP BY custom_id ORDER BY custom_id"
+    )
 
 
 def fetch_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, *, moved_only: bool) -> str:
     """The survivors' rows, every mapped column, numbered in read order (the streamed pass's kept rows).
 
     A row is fetched when its (key, raw hash) is a survivor's, or its key is null (unless
-    ``moved_only``: only known survivors then, and no null key). The survivors are
-    deduplicated first (a duplicated id's identical copies share one), so each segment row
+    ``moved_only``: only known survivors then, and no null key). Rows are numbered first,
+    then narrowed to the survivors' ids, and only those are hashed again. The survivors
+    are deduplicated (a duplicated id's identical copies share one), so each segment row
     comes out once. Columns: the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`,
     :data:`KNOWN`, as :func:`sync.delta_pass.pass_sql` gives them.
     """
     selected = ", ".join(quote_identifier(c) for c in columns)
-    wanted = f"SELECT k, raw, bool_or(known) AS known FROM {SURVIVORS} WHERE k IS NOT NULL"
+    wanted = f"SELECT k, raw, bool_or(known) AS known FROM {SURVIVORS} WHERE k IS NOT NULL AND NOT gone"
     if moved_only:
         wanted += " AND known"
     wanted += " GROUP BY k, raw"
-    condition = "v.k IS NOT NULL" if moved_only else f"v.k IS NOT NULL OR s.{KEY} IS NULL"
+    narrowed = f"{KEY} IN (SELECT k FROM ({wanted}) w)"
+    if not moved_only:
+        narrowed = f"{KEY} IS NULL OR {narrowed}"
     numbered = f"SELECT {selected}, row_number() OVER () AS {ROW} FROM ({segment_sql}) AS segment"
+    keyed = f"SELECT {selected}, {ROW}, {key} AS {KEY} FROM ({numbered}) AS numbered"
+    condition = "v.k IS NOT NULL" if moved_only else f"v.k IS NOT NULL OR c.{KEY} IS NULL"
     return (
-        f"SELECT s.*, coalesce(v.known, FALSE) AS {KNOWN} FROM ("
-        f"SELECT {selected}, {ROW}, {key} AS {KEY}, {raw} AS {RAW} FROM ({numbered}) AS numbered"
-        f") s LEFT JOIN ({wanted}) v ON v.k = s.{KEY} AND v.raw = s.{RAW} WHERE {condition}"
+        f"SELECT c.*, coalesce(v.known, FALSE) AS {KNOWN} FROM ("
+        f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {narrowed}"
+        f") c LEFT JOIN ({wanted}) v ON v.k = c.{KEY} AND v.raw = c.{RAW} WHERE {condition}"
     )

@@ -432,6 +432,7 @@ async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_sta
     assert reads == [*the_pass, mapped]  # the pass, then the duplicated id's own read
     missing = next(s for s in delta.record["rejected_samples"] if s["issues"][0]["reason"] == "missing_custom_id")
     assert missing["row"] == 200  # numbered in read order, on either path
+    assert delta.record["delta_pass"] == {"ran_in": "segment_database" if local else "stream"}
 
     rows.pop()  # c00030 once again
     write_segment(segment, rows)
