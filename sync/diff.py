@@ -89,16 +89,9 @@ from sync.differ import (
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError
-from sync.local_pass import (
-    FETCH_SURVIVORS_MAX,
-    fetch_sql,
-    removed_sql,
-    roundtrip_problem,
-    seen_sql,
-    survivor_counts_sql,
-    survivors_sql,
-)
+from sync.local_pass import local_memory_limit, numbered_sql, removed_sql, roundtrip_problem, run_pass
 from sync.sources.base import LocalSegment, Source, local_segment
+from sync.stream_sql import send_sql
 
 __all__ = ["OUTPUT_BATCH_ROWS", "EmbeddedDiffer", "SegmentDiff", "key_sql", "raw_salt"]
 
@@ -241,6 +234,7 @@ class SegmentDiff:
         # Set by a local pass: its kept rows met the stored ones on the ids themselves.
         self._kept_exact = False
         self._reported = False  # on_rows heard of the segment's rows once already
+        self._scanned_rows = 0  # the id scan's row count
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
         # A DuckDB source: a delta's pass runs in its database (sync.local_pass), unless a
@@ -379,10 +373,15 @@ class SegmentDiff:
                 con = self._connect()
                 con.register("segment_ids", tee.reader())
                 view = "segment_ids"
+            elif (local := self._local_connection(stack)) is not None:
+                # Nothing stored, a local segment: its ids, queried where they lie.
+                con = local
+                assert self._local is not None
+                view = f"({self._local.segment_sql([self._id_column])}) AS segment"
             else:
                 con = self._connect()
                 view = self._stream([self._id_column], numbered=False, con=con)
-            if local is None:
+            if self.stored_count == 0 or local is None:
                 con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
             if tee is not None:
                 con.unregister("segment_ids")
@@ -402,10 +401,11 @@ class SegmentDiff:
             duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
             distinct = int(keyed) - sum(duplicates.values()) + len(duplicates)
             # Stored and intent ids stream through one anti-join on the segment's ids; only
-            # the few that come out are deduplicated (an intent may also be stored).
+            # the few that come out are deduplicated (an intent may also be stored). After a
+            # local pass, its join found the stored ones.
             gone = con.execute(
                 removed_sql()
-                if local is not None
+                if local is not None and self.stored_count
                 else "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
                 "UNION ALL SELECT custom_id, FALSE FROM intents) synced "
                 "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id "
@@ -425,6 +425,7 @@ class SegmentDiff:
             synced = self.stored_count + self._intents.num_rows - overlap
             if self.stored_count and local is None:
                 self._new_by_hash = self._hashes_are_exact(con, matched + int(stored_duplicated))
+            self._scanned_rows = int(rows)
             below_row = (
                 con.execute("SELECT count(*) FROM seen WHERE k <= ?", [self._after]).fetchone()
                 if self._after is not None
@@ -460,7 +461,7 @@ class SegmentDiff:
         """
         if self._local is None:
             return None
-        con = stack.enter_context(self._local.differ_cursor())
+        con = stack.enter_context(self._local.differ_cursor(local_memory_limit(self.stored_count)))
         segment = self._local.segment_sql(self._columns)
         self.local_problem = roundtrip_problem(con, segment, self._schema, self._columns)
         if self.local_problem is not None:
@@ -471,38 +472,12 @@ class SegmentDiff:
         return con
 
     def _local_pass(self, con: duckdb.DuckDBPyConnection) -> KeptRows:
-        """The delta's pass in the local segment's database: ``seen``, the survivors, then their rows.
-
-        Returns the rows to carry on as :meth:`_pass` keeps them. When the fetch does not
-        bring exactly the survivors' rows (a segment query whose rows differ between two
-        reads), nothing is kept and the differ streams the segment instead.
-        """
+        """The delta's pass in the local segment's database (:func:`sync.local_pass.run_pass`)."""
         assert self._local is not None
         segment = self._local.segment_sql(self._columns)
-        con.execute(seen_sql(segment, self._key, self._raw))
-        if self._on_rows is not None and not self._reported:
-            ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
-            self._on_rows(int(rows))
+        report = self._on_rows if not self._reported else None
         self._reported = True
-        con.execute(survivors_sql())
-        ((survivors, known),) = con.execute(survivor_counts_sql()).fetchall()
-        kept = KeptRows(self._kept_budget)
-        if survivors > FETCH_SURVIVORS_MAX:
-            # Mostly new ids (a continuation): fetch the moved rows only, stream the new ones.
-            kept.moved_only = True
-        expected = int(known) if kept.moved_only else int(survivors)
-        if kept.moved_only and expected > FETCH_SURVIVORS_MAX:
-            kept.overflowed = True  # more moved rows than any delta has: the segment is streamed
-            return kept
-        sql = fetch_sql(segment, self._columns, self._key, self._raw, moved_only=kept.moved_only)
-        relation = con.sql(sql if expected else f"{sql} LIMIT 0")
-        reader: pa.RecordBatchReader = relation.to_arrow_reader(OUTPUT_BATCH_ROWS)
-        kept.schema = reader.schema
-        for batch in reader:
-            kept.add(batch)
-        if kept.rows != expected:
-            kept.overflowed = True
-            kept.batches.clear()
+        kept = run_pass(con, segment, self._columns, self._key, self._raw, budget=self._kept_budget, on_rows=report)
         self._kept_exact = True
         return kept
 
@@ -616,54 +591,43 @@ class SegmentDiff:
         """
         if not full and self.stored_count and self._serves_kept() and self._kept_all:
             return self._kept_to_send()
-        view = self._stream(self._columns, numbered=True, report=True)
-        order = f"ORDER BY s.{KEY}" if ordered else ""
+        if self._local is not None and self.local_problem is None:
+            return self._local_rows_to_send(full=full, ordered=ordered)
+        return self._streamed_rows_to_send(full=full, ordered=ordered)
+
+    def _send_sql(self, view: str, *, full: bool, ordered: bool) -> str:
         # A continuation never joins or sorts what its first legs sent.
         selected = self._select(view, after=self._after)
-        flags = f"d.k IS NOT NULL AS {DUPLICATE}"
-        if self.stored_count == 0:
-            # Nothing stored: every row is new, and there is nothing to join.
-            sql = (
-                f"SELECT s.*, {flags}, CAST(NULL AS UBIGINT) AS {STORED_RAW}, "
-                f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD}, CAST(NULL AS BLOB) AS {STORED_ATTRIBUTES} "
-                f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
-            )
-        elif full:
-            sql = (
-                f"SELECT s.*, {flags}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, "
-                f"st.attributes AS {STORED_ATTRIBUTES} "
-                f"FROM ({selected}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
-                f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
-            )
-        elif self._new_by_hash:
-            # As below, but the stored ids are met by their 8-byte hashes: the id scan found
-            # that no new id's hash is a stored id's, so a row whose id hash is not stored is
-            # exactly a row without a stored fingerprint (the hash table is ~40% smaller).
-            sql = (
-                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD}, "
-                f"sd.attributes AS {STORED_ATTRIBUTES} "
-                f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} "
-                f"LEFT JOIN (SELECT custom_id, raw, payload, attributes FROM stored "
-                f"SEMI JOIN duplicates ON duplicates.k = stored.custom_id) sd ON sd.custom_id = s.{KEY} "
-                f"WHERE s.{KEY} IS NULL OR d.k IS NOT NULL "
-                f"OR hash(s.{KEY}) NOT IN (SELECT hash(custom_id) FROM stored) {order}"
-            )
-        else:
-            # Only rows without a stored fingerprint and rows with a duplicated id come out, so
-            # the join against every stored id needs the ids alone (its hash table is then
-            # about half as large); the few duplicated rows take their stored fingerprints
-            # from the stored rows of the duplicated ids, found by probing the stored table
-            # through the small table of duplicates.
-            sql = (
-                f"SELECT s.*, {flags}, sd.raw AS {STORED_RAW}, sd.payload AS {STORED_PAYLOAD}, "
-                f"sd.attributes AS {STORED_ATTRIBUTES} "
-                f"FROM ({selected}) s LEFT JOIN (SELECT custom_id FROM stored) st ON st.custom_id = s.{KEY} "
-                f"LEFT JOIN duplicates d ON d.k = s.{KEY} "
-                f"LEFT JOIN (SELECT custom_id, raw, payload, attributes FROM stored "
-                f"SEMI JOIN duplicates ON duplicates.k = stored.custom_id) sd ON sd.custom_id = s.{KEY} "
-                f"WHERE st.custom_id IS NULL OR d.k IS NOT NULL {order}"
-            )
-        return self._fetch(sql)
+        stored = bool(self.stored_count)
+        return send_sql(selected, stored=stored, full=full, new_by_hash=self._new_by_hash, ordered=ordered)
+
+    def _streamed_rows_to_send(self, *, full: bool, ordered: bool) -> Iterator[pa.RecordBatch]:
+        view = self._stream(self._columns, numbered=True, report=True)
+        return self._fetch(self._send_sql(view, full=full, ordered=ordered))
+
+    def _local_rows_to_send(self, *, full: bool, ordered: bool) -> Iterator[pa.RecordBatch]:
+        """:meth:`rows_to_send` in the local segment's database: the same SQL, the rows numbered there.
+
+        The progress hears of the rows as they come out, then of the rest of the segment's.
+        """
+        with ExitStack() as stack:
+            con = self._local_connection(stack)
+            if con is None:  # a mapped column would hash otherwise there
+                yield from self._streamed_rows_to_send(full=full, ordered=ordered)
+                return
+            self._load_duplicates(con)
+            assert self._local is not None
+            view = f"({numbered_sql(self._local.segment_sql(self._columns), self._columns)}) AS numbered"
+            report = self._on_rows if not self._reported else None
+            self._reported = True
+            told = 0
+            for batch in self._fetch(self._send_sql(view, full=full, ordered=ordered), con):
+                if report is not None:
+                    report(batch.num_rows)
+                    told += batch.num_rows
+                yield batch
+            if report is not None and self._scanned_rows > told:
+                report(self._scanned_rows - told)
 
     def _kept_to_send(self) -> Iterator[pa.RecordBatch]:
         """A delta's rows to send from what the pass kept; the duplicated ids' own read if it must."""

@@ -32,13 +32,13 @@ UUID, an ENUM, a HUGEINT: types Arrow carries differently) the streamed pass run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import duckdb
 import pyarrow as pa
 
-from sync.delta_pass import KNOWN
+from sync.delta_pass import KNOWN, KeptRows
 from sync.differ import KEY, RAW, ROW
 from sync.duckdb_sql import quote_identifier
 
@@ -46,12 +46,25 @@ __all__ = [
     "FETCH_SURVIVORS_MAX",
     "SURVIVORS",
     "fetch_sql",
+    "local_memory_limit",
+    "numbered_sql",
     "removed_sql",
     "roundtrip_problem",
+    "run_pass",
     "seen_sql",
     "survivor_counts_sql",
     "survivors_sql",
 ]
+
+# The cap of the pass's queries in the segment's database, spilling past it. DuckDB fills
+# its cache of the file's blocks up to the cap as the pass reads every mapped column, so the
+# cap is also what the pass adds to the run's peak memory. Measured on the benchmark's
+# segment (docs/how-a-run-works.md, "A local segment"): at 1M stored ids, 32 MB gives the
+# lowest peak (230 MB against 318 MB at 128 MB) for ~0.3 s more; at 10M, 128 MB gives a
+# peak of 715 MB against 839 MB at 256 MB, in the same time.
+SMALL_STATE_MEMORY_LIMIT: Final = "32MB"
+LARGE_STATE_MEMORY_LIMIT: Final = "128MB"
+LARGE_STATE_ROWS: Final = 2_000_000
 
 # The temporary table of the rows that survived the narrow pass (key, raw hash, known).
 SURVIVORS: Final = "survivors"
@@ -60,6 +73,11 @@ SURVIVORS: Final = "survivors"
 # are fetched (the new ones stream, as past the kept budget of the streamed pass); with more
 # moved ones than this (a mapping change), nothing is fetched and the segment is streamed.
 FETCH_SURVIVORS_MAX: Final = 1_000_000
+
+
+def local_memory_limit(stored_rows: int) -> str:
+    """The pass's cap for a state of ``stored_rows`` fingerprints."""
+    return LARGE_STATE_MEMORY_LIMIT if stored_rows > LARGE_STATE_ROWS else SMALL_STATE_MEMORY_LIMIT
 
 
 def roundtrip_problem(
@@ -124,6 +142,12 @@ def removed_sql() -> str:
     )
 
 
+def numbered_sql(segment_sql: str, columns: Sequence[str]) -> str:
+    """The segment's ``columns`` with :data:`ROW`, each row's number in read order (from 1)."""
+    selected = ", ".join(quote_identifier(c) for c in columns)
+    return f"SELECT {selected}, row_number() OVER () AS {ROW} FROM ({segment_sql}) AS segment"
+
+
 def fetch_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, *, moved_only: bool) -> str:
     """The survivors' rows, every mapped column, numbered in read order (the streamed pass's kept rows).
 
@@ -142,11 +166,53 @@ def fetch_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, *, m
     narrowed = f"{KEY} IN (SELECT k FROM ({wanted}) w)"
     if not moved_only:
         narrowed = f"{KEY} IS NULL OR {narrowed}"
-    numbered = f"SELECT {selected}, row_number() OVER () AS {ROW} FROM ({segment_sql}) AS segment"
-    keyed = f"SELECT {selected}, {ROW}, {key} AS {KEY} FROM ({numbered}) AS numbered"
+    keyed = f"SELECT {selected}, {ROW}, {key} AS {KEY} FROM ({numbered_sql(segment_sql, columns)}) AS numbered"
     condition = "v.k IS NOT NULL" if moved_only else f"v.k IS NOT NULL OR c.{KEY} IS NULL"
     return (
         f"SELECT c.*, coalesce(v.known, FALSE) AS {KNOWN} FROM ("
         f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {narrowed}"
         f") c LEFT JOIN ({wanted}) v ON v.k = c.{KEY} AND v.raw = c.{RAW} WHERE {condition}"
     )
+
+
+def run_pass(
+    con: duckdb.DuckDBPyConnection,
+    segment_sql: str,
+    columns: Sequence[str],
+    key: str,
+    raw: str,
+    *,
+    budget: int,
+    on_rows: Callable[[int], None] | None,
+    batch_rows: int = 2_048,
+) -> KeptRows:
+    """The delta's pass in ``con`` (``stored``, ``intents`` registered): ``seen``, the survivors, their rows.
+
+    Returns the rows to carry on, as the streamed pass keeps them (under ``budget``
+    bytes). When the fetch does not bring exactly the survivors' rows (a segment query
+    whose rows differ between two executions), nothing is kept and the differ streams the
+    segment instead. ``on_rows`` hears of the segment's rows once ``seen`` is written.
+    """
+    con.execute(seen_sql(segment_sql, key, raw))
+    if on_rows is not None:
+        ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
+        on_rows(int(rows))
+    con.execute(survivors_sql())
+    ((survivors, known),) = con.execute(survivor_counts_sql()).fetchall()
+    kept = KeptRows(budget)
+    if survivors > FETCH_SURVIVORS_MAX:
+        # Mostly new ids (a continuation): fetch the moved rows only, stream the new ones.
+        kept.moved_only = True
+    expected = int(known) if kept.moved_only else int(survivors)
+    if kept.moved_only and expected > FETCH_SURVIVORS_MAX:
+        kept.overflowed = True  # more moved rows than any delta has: the segment is streamed
+        return kept
+    sql = fetch_sql(segment_sql, columns, key, raw, moved_only=kept.moved_only)
+    reader: pa.RecordBatchReader = con.sql(sql if expected else f"{sql} LIMIT 0").to_arrow_reader(batch_rows)
+    kept.schema = reader.schema
+    for batch in reader:
+        kept.add(batch)
+    if kept.rows != expected:
+        kept.overflowed = True
+        kept.batches.clear()
+    return kept

@@ -46,8 +46,8 @@ class LocalSegment(Protocol):
     def segment_sql(self, columns: list[str]) -> str:
         """SQL of the segment's ``columns``, every row, in the order :meth:`Source.read_batches` reads them."""
 
-    def differ_cursor(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """A cursor on the segment's database for the differ's queries, its settings restored after."""
+    def differ_cursor(self, memory_limit: str) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A cursor on the segment's database for the differ's queries (capped), its settings restored after."""
 
 
 def local_segment(source: object) -> LocalSegment | None:

@@ -56,10 +56,6 @@ STREAM_PER_COLUMN_MB: Final = 0.75
 # Beyond it, the activation must set source.memory_limit.
 STREAM_RETRY_CEILING_MB: Final = 512
 
-# The cap of the embedded differ's queries in the segment's database (sync.local_pass): a
-# delta's ids and raw hashes (~24 bytes a row) and its joins spill past it.
-DIFFER_MEMORY_LIMIT_MB: Final = 256
-
 # How DuckDB's out-of-memory errors begin, also once Arrow's stream reader has wrapped one.
 OUT_OF_MEMORY: Final = "Out of Memory Error"
 
@@ -278,14 +274,14 @@ class DuckDBSource:
         return self._read_sql(columns)
 
     @contextmanager
-    def differ_cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor for the embedded differ's queries: every thread, :data:`DIFFER_MEMORY_LIMIT_MB`.
+    def differ_cursor(self, memory_limit: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor for the embedded differ's queries: every thread, ``memory_limit``.
 
-        Under the activation's own ``source.memory_limit`` when it sets one. DuckDB's
-        settings are the database's, not the cursor's: the read settings are put back
-        after (each read sizes its own anyway, :meth:`_bound_read`).
+        Under the activation's own ``source.memory_limit`` instead when it sets one.
+        DuckDB's settings are the database's, not the cursor's: the read settings are put
+        back after (each read sizes its own anyway, :meth:`_bound_read`).
         """
-        limit = self._config.memory_limit or f"{DIFFER_MEMORY_LIMIT_MB}MB"
+        limit = self._config.memory_limit or memory_limit
         cursor = self._connection.cursor()
         try:
             cursor.execute(f"SET memory_limit = {quote_literal(limit)}")
