@@ -59,6 +59,8 @@ class LocalSource(DuckDBSource):
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         self.reads.append(list(columns))
         return super().read_batches(columns)
+
+
 NEVER_IN_SEGMENT = ["gone", "left", "never"]
 
 
