@@ -157,8 +157,8 @@ class AudienceRun:
     ) -> Membership:
         import duckdb
 
-        from sync.diff import key_sql
         from sync.duckdb_sql import bound_memory
+        from sync.raw_hash import key_sql
 
         with tempfile.TemporaryDirectory(prefix="cepsync-audience-") as spill, duckdb.connect(":memory:") as con:
             bound_memory(con, memory_limit=MEMORY_LIMIT, spill_directory=spill)

@@ -34,19 +34,7 @@ How often the segment is read:
 - **with nothing stored** (a first sync), two reads: the Custom ID column alone, then every
   row (nothing to compare, nothing to keep).
 
-The **raw hash** recipe is DuckDB's ``hash()`` over the mapped columns, salted with the
-mapping version, the columns' Arrow types, the source engine and the DuckDB version::
-
-    hash('<salt>', c1, c2, …, cn)        -- UBIGINT, order-sensitive over its arguments
-
-It only says "the source values may have moved": a mismatch (a DuckDB upgrade, say) costs
-one re-mapping, never a wrong send, because the payload fingerprint (computed in Python from
-the canonical payload, :mod:`sync.fingerprint`) alone decides what is sent.
-
-The **key** is the Custom ID as the mapper writes it (:func:`key_sql`): the string itself,
-or the decimal digits of an integer id. It must equal the mapper's ``custom_id`` exactly,
-or a stored fingerprint would be missed (a resend) and, in mirror mode, the profile taken
-for a removal; ``tests/test_diff.py`` holds the two together on every id type.
+The raw hash and the key are :mod:`sync.raw_hash`'s recipes.
 """
 
 from __future__ import annotations
@@ -88,8 +76,15 @@ from sync.differ import (
     with_attributes,
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
-from sync.errors import ConfigError
-from sync.local_pass import local_memory_limit, numbered_sql, removed_sql, roundtrip_problem, run_pass
+from sync.local_pass import (
+    local_memory_limit,
+    numbered_sql,
+    out_of_memory,
+    removed_sql,
+    roundtrip_problem,
+    run_pass,
+)
+from sync.raw_hash import key_sql, raw_salt
 from sync.sources.base import LocalSegment, Source, local_segment
 from sync.stream_sql import send_sql
 
@@ -109,39 +104,6 @@ OUTPUT_BATCH_ROWS: Final = 2_048
 DIFFER_MEMORY_LIMIT: Final = "128MB"
 DIFFER_MEMORY_LIMIT_LARGE_STATE: Final = "64MB"
 LARGE_STATE_ROWS: Final = 2_000_000
-
-
-def key_sql(column: str, arrow_type: pa.DataType) -> str:
-    """SQL for the Custom ID key of ``column``, exactly as ``sync.mapping`` writes the id.
-
-    Strings are taken as they are (never trimmed: Batch ids are whitespace-sensitive);
-    integers become their decimal digits; a decimal becomes the digits of its integral value
-    and NULL when it has a fraction (the mapper rejects such an id, so it has no key).
-    """
-    ref = quote_identifier(column)
-    if pa.types.is_dictionary(arrow_type):
-        arrow_type = arrow_type.value_type
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type):
-        return f"CAST({ref} AS VARCHAR)"
-    if pa.types.is_integer(arrow_type):
-        return f"CAST({ref} AS VARCHAR)"
-    if pa.types.is_decimal(arrow_type):
-        if arrow_type.scale == 0:
-            return f"CAST(CAST({ref} AS HUGEINT) AS VARCHAR)"
-        return f"CASE WHEN {ref} = trunc({ref}) THEN CAST(CAST({ref} AS HUGEINT) AS VARCHAR) END"
-    raise ConfigError(
-        f"column '{column}' of Arrow type {arrow_type} cannot hold a Custom ID", field="mapping.custom_id"
-    )
-
-
-def raw_salt(mapping_version: str, schema: pa.Schema, columns: Sequence[str], engine: str) -> str:
-    """What the raw hash is salted with: mapping version, column types, source engine, DuckDB.
-
-    ``engine`` is the source's :attr:`sync.sources.base.Source.engine`: a name each source
-    states explicitly (a class rename must never re-map every profile).
-    """
-    types = ";".join(f"{name}:{schema.field(name).type}" for name in columns)
-    return f"cepsync/raw/2|{mapping_version}|{engine}|duckdb {duckdb.__version__}|{types}"
 
 
 def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
@@ -188,6 +150,8 @@ class SegmentDiff:
             whose id is at or below it (its first legs sent them), before joining or sorting.
         kept_budget_bytes: The most a delta's pass keeps of the rows it carries on
             (:data:`sync.delta_pass.KEPT_BUDGET_BYTES`); past it, the segment is read again.
+        local_memory: The cap of the differ's queries in a local segment's database
+            (default :func:`sync.local_pass.local_memory_limit`).
     """
 
     def __init__(
@@ -203,9 +167,11 @@ class SegmentDiff:
         on_rows: Callable[[int], None] | None = None,
         after: str | None = None,
         kept_budget_bytes: int = KEPT_BUDGET_BYTES,
+        local_memory: str | None = None,
     ) -> None:
         self._source = source
         self._kept_budget = kept_budget_bytes
+        self._local_memory = local_memory
         self._columns = list(columns)
         self._id_column = self._columns[0]
         self._schema = schema
@@ -349,8 +315,25 @@ class SegmentDiff:
         """Counts, duplicates, and the ids that left; with stored fingerprints, the delta's one read.
 
         With nothing stored, the Custom ID column alone is read. Otherwise :meth:`_pass`
-        reads every mapped column once and keeps the rows that may need mapping.
+        reads every mapped column once and keeps the rows that may need mapping (or, in a
+        local segment's database, :func:`sync.local_pass.run_pass`; should that run out of
+        memory, the segment is streamed instead).
         """
+        try:
+            return self._scan_ids()
+        except (duckdb.OutOfMemoryException, OSError) as error:
+            if not self._give_up_local(error):
+                raise
+            return self._scan_ids()
+
+    def _give_up_local(self, error: BaseException) -> bool:
+        """Whether ``error`` is the local segment's database out of memory (then stream from now on)."""
+        if self._local is None or self.local_problem is not None or not out_of_memory(error):
+            return False
+        self.local_problem = f"the segment's database ran out of memory: {str(error).splitlines()[0]}"
+        return True
+
+    def _scan_ids(self) -> IdScan:
         started = time.perf_counter()
         read_before = self.seconds["read"]
         tee: IdTee | None = None
@@ -453,15 +436,17 @@ class SegmentDiff:
             below_watermark=int(below_row[0]) if below_row else 0,
         )
 
-    def _local_connection(self, stack: ExitStack) -> duckdb.DuckDBPyConnection | None:
-        """A cursor on the local segment's database for the pass and the id scan, or None to stream.
+    def _local_connection(self, stack: ExitStack, *, sorts: bool = False) -> duckdb.DuckDBPyConnection | None:
+        """A cursor on the local segment's database for the differ's queries, or None to stream.
 
         None when the source is not local, or when a mapped column would hash otherwise
-        there than streamed (``local_problem`` then says which).
+        there than streamed (``local_problem`` then says which). ``sorts``: its query sorts
+        the segment's rows (a larger cap).
         """
-        if self._local is None:
+        if self._local is None or self.local_problem is not None:
             return None
-        con = stack.enter_context(self._local.differ_cursor(local_memory_limit(self.stored_count)))
+        limit = self._local_memory or local_memory_limit(self.stored_count, sorts=sorts)
+        con = stack.enter_context(self._local.differ_cursor(limit))
         segment = self._local.segment_sql(self._columns)
         self.local_problem = roundtrip_problem(con, segment, self._schema, self._columns)
         if self.local_problem is not None:
@@ -611,7 +596,7 @@ class SegmentDiff:
         The progress hears of the rows as they come out, then of the rest of the segment's.
         """
         with ExitStack() as stack:
-            con = self._local_connection(stack)
+            con = self._local_connection(stack, sorts=ordered)
             if con is None:  # a mapped column would hash otherwise there
                 yield from self._streamed_rows_to_send(full=full, ordered=ordered)
                 return
@@ -621,7 +606,16 @@ class SegmentDiff:
             report = self._on_rows if not self._reported else None
             self._reported = True
             told = 0
-            for batch in self._fetch(self._send_sql(view, full=full, ordered=ordered), con):
+            batches = self._fetch(self._send_sql(view, full=full, ordered=ordered), con)
+            try:
+                first = next(batches, None)  # a sort runs before its first batch: out of memory, if ever, here
+            except (duckdb.OutOfMemoryException, OSError) as error:
+                if not self._give_up_local(error):
+                    raise
+                self._reported = report is None
+                yield from self._streamed_rows_to_send(full=full, ordered=ordered)
+                return
+            for batch in itertools.chain([first] if first is not None else [], batches):
                 if report is not None:
                     report(batch.num_rows)
                     told += batch.num_rows

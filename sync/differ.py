@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from sync.model import Fingerprint, JournalEntry, Lease
 
 # Columns a differ adds to the mapped ones (names no warehouse column is likely to use).
-KEY: Final = "__cepsync_key"  # the Custom ID as the mapper writes it (sync.diff.key_sql)
+KEY: Final = "__cepsync_key"  # the Custom ID as the mapper writes it (sync.raw_hash.key_sql)
 RAW: Final = "__cepsync_raw"  # the raw-values hash of the row
 ROW: Final = "__cepsync_row"  # the row's number in the segment (NULL from BigQuery)
 DUPLICATE: Final = "__cepsync_duplicate"  # the id appears more than once in the segment

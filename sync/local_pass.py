@@ -48,6 +48,7 @@ __all__ = [
     "fetch_sql",
     "local_memory_limit",
     "numbered_sql",
+    "out_of_memory",
     "removed_sql",
     "roundtrip_problem",
     "run_pass",
@@ -75,9 +76,18 @@ SURVIVORS: Final = "survivors"
 FETCH_SURVIVORS_MAX: Final = 1_000_000
 
 
-def local_memory_limit(stored_rows: int) -> str:
-    """The pass's cap for a state of ``stored_rows`` fingerprints."""
-    return LARGE_STATE_MEMORY_LIMIT if stored_rows > LARGE_STATE_ROWS else SMALL_STATE_MEMORY_LIMIT
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is DuckDB out of memory (raised, or through Arrow's stream reader as an OSError)."""
+    return isinstance(error, duckdb.OutOfMemoryException) or "Out of Memory Error" in str(error)
+
+
+def local_memory_limit(stored_rows: int, *, sorts: bool = False) -> str:
+    """The cap of the differ's queries in the segment's database, for ``stored_rows`` fingerprints.
+
+    ``sorts``: the query sorts the segment's rows (a full pass a continuation may follow),
+    which DuckDB cannot do on every thread under 32 MB; it gets the larger cap.
+    """
+    return LARGE_STATE_MEMORY_LIMIT if sorts or stored_rows > LARGE_STATE_ROWS else SMALL_STATE_MEMORY_LIMIT
 
 
 def roundtrip_problem(

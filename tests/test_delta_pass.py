@@ -48,6 +48,7 @@ class LocalSource(DuckDBSource):
     """A DuckDB segment written from an Arrow table, its streamed reads noted (the local pass makes none)."""
 
     def __init__(self, table: pa.Table, directory: Path, *, query: str | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         path = directory / "segment.duckdb"
         with duckdb.connect(str(path)) as con:
             con.register("rows", table)
@@ -321,6 +322,46 @@ def test_a_segment_whose_rows_differ_between_two_queries_is_streamed_instead(tmp
             diff.close()
     finally:
         source.close()
+
+
+def test_a_local_pass_out_of_memory_streams_the_segment_with_the_same_answers(tmp_path: Path) -> None:
+    """Under a cap too small for the segment's database, the differ streams, and says why."""
+    ids = [f"id{n:06d}" for n in range(60_000)]
+    segment = pa.table({"id": pa.array(ids), "v": pa.array(range(60_000), pa.int64())})
+    raws = raw_hashes(segment)
+    stored = {
+        cid: (raw + (1 if n % 7 == 0 else 0), 1)
+        for n, (cid, raw) in enumerate(zip(ids[:50_000], raws[:50_000], strict=True))
+    }
+    answers = []
+    for cap in (None, "1MB"):
+        source = LocalSource(segment, tmp_path / (cap or "default"))
+        diff = SegmentDiff(
+            source,
+            columns=["id", "v"],
+            schema=source.schema(),
+            stored=stored_table(stored),
+            salt="salt",
+            local_memory=cap,
+        )
+        try:
+            scan = diff.scan_ids()
+            moved = rows_of(diff.moved_rows())
+            to_send = rows_of(diff.rows_to_send(full=False))
+            every = rows_of(diff.rows_to_send(full=True, ordered=True))
+            answers.append((scan.matched, scan.new_ids, len(moved), moved[:3], len(to_send), to_send[:3], every[:3]))
+            problems = (diff.local_problem, diff.compared_in)
+        finally:
+            diff.close()
+            source.close()
+        if cap is None:
+            assert problems == (None, "segment_database")
+        else:
+            assert problems[0] is not None
+            assert problems[0].startswith("the segment's database ran out of memory")
+            assert problems[1] == "stream"
+    assert answers[0] == answers[1]
+    assert answers[0][:3] == (50_000, 10_000, 7_143)
 
 
 # -- whole runs ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class Source(Protocol):
-    # The engine that reads the segment, as the raw hash's salt names it (sync.diff.raw_salt):
+    # The engine that reads the segment, as the raw hash's salt names it (sync.raw_hash.raw_salt):
     # the same values read by another engine may come as other Arrow types, so a change of
     # engine re-maps every row once. Stated by each source and never derived from a class
     # name, so renaming a class re-maps nothing; tests/test_diff.py pins the strings.

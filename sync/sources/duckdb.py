@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -55,6 +56,10 @@ STREAM_PER_COLUMN_MB: Final = 0.75
 # cap, up to this one: a single value of up to about 200 MB (a string, a list) passes.
 # Beyond it, the activation must set source.memory_limit.
 STREAM_RETRY_CEILING_MB: Final = 512
+
+# Threads of the embedded differ's queries in the segment's database (sync.local_pass): a
+# sort needs ~16 MB a thread, and its cap is 128 MB.
+DIFFER_THREADS: Final = min(4, os.cpu_count() or 1)
 
 # How DuckDB's out-of-memory errors begin, also once Arrow's stream reader has wrapped one.
 OUT_OF_MEMORY: Final = "Out of Memory Error"
@@ -275,7 +280,7 @@ class DuckDBSource:
 
     @contextmanager
     def differ_cursor(self, memory_limit: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor for the embedded differ's queries: every thread, ``memory_limit``.
+        """A cursor for the embedded differ's queries: up to :data:`DIFFER_THREADS` threads, ``memory_limit``.
 
         Under the activation's own ``source.memory_limit`` instead when it sets one.
         DuckDB's settings are the database's, not the cursor's: the read settings are put
@@ -285,8 +290,10 @@ class DuckDBSource:
         cursor = self._connection.cursor()
         try:
             cursor.execute(f"SET memory_limit = {quote_literal(limit)}")
-            cursor.execute("RESET threads")
+            cursor.execute(f"SET threads = {DIFFER_THREADS}")
             yield cursor
+        except duckdb.OutOfMemoryException:
+            raise  # the differ streams the segment instead
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': comparing the segment failed: {error}") from None
         finally:
