@@ -331,6 +331,7 @@ class SegmentDiff:
         if self._local is None or self.local_problem is not None or not out_of_memory(error):
             return False
         self.local_problem = f"the segment's database ran out of memory: {str(error).splitlines()[0]}"
+        self._kept_exact = False  # what the streamed pass keeps is proven otherwise
         return True
 
     def _scan_ids(self) -> IdScan:
