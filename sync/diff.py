@@ -80,6 +80,8 @@ from sync.local_pass import (
     local_memory_limit,
     numbered_sql,
     out_of_memory,
+    piece_bounds,
+    piece_sql,
     removed_sql,
     roundtrip_problem,
     run_pass,
@@ -201,6 +203,7 @@ class SegmentDiff:
         self._kept_exact = False
         self._reported = False  # on_rows heard of the segment's rows once already
         self._scanned_rows = 0  # the id scan's row count
+        self._below_watermark = 0  # ... and how many of its rows are at or below ``after``
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
         self._con = self._connect()
         # A DuckDB source: a delta's pass runs in its database (sync.local_pass), unless a
@@ -415,6 +418,7 @@ class SegmentDiff:
                 if self._after is not None
                 else None
             )
+            self._below_watermark = int(below_row[0]) if below_row else 0
         finally:
             if con is not None:
                 con.close()
@@ -607,7 +611,17 @@ class SegmentDiff:
             report = self._on_rows if not self._reported else None
             self._reported = True
             told = 0
-            batches = self._fetch(self._send_sql(view, full=full, ordered=ordered), con)
+            # In id order, in pieces of consecutive ids (sync.local_pass.SORT_PIECE_ROWS).
+            ids = self._local.segment_sql([self._id_column])
+            above = self._scanned_rows - self._below_watermark
+            bounds = piece_bounds(con, ids, self._key, after=self._after, rows=above) if ordered else []
+            selected = self._select(view, after=self._after)
+            pieces = [piece_sql(selected, lower, upper) for lower, upper in itertools.pairwise([None, *bounds, None])]
+            stored = bool(self.stored_count)
+            batches = itertools.chain.from_iterable(
+                self._fetch(send_sql(piece, stored=stored, full=full, new_by_hash=False, ordered=ordered), con)
+                for piece in (pieces if bounds else [selected])
+            )
             try:
                 first = next(batches, None)  # a sort runs before its first batch: out of memory, if ever, here
             except (duckdb.OutOfMemoryException, OSError) as error:

@@ -40,15 +40,18 @@ import pyarrow as pa
 
 from sync.delta_pass import KNOWN, KeptRows
 from sync.differ import KEY, RAW, ROW
-from sync.duckdb_sql import quote_identifier
+from sync.duckdb_sql import quote_identifier, quote_literal
 
 __all__ = [
     "FETCH_SURVIVORS_MAX",
+    "SORT_PIECE_ROWS",
     "SURVIVORS",
     "fetch_sql",
     "local_memory_limit",
     "numbered_sql",
     "out_of_memory",
+    "piece_bounds",
+    "piece_sql",
     "removed_sql",
     "roundtrip_problem",
     "run_pass",
@@ -66,6 +69,14 @@ __all__ = [
 SMALL_STATE_MEMORY_LIMIT: Final = "32MB"
 LARGE_STATE_MEMORY_LIMIT: Final = "128MB"
 LARGE_STATE_ROWS: Final = 2_000_000
+
+# Rows of one sorted piece of an id-ordered stream (a full pass a continuation may follow).
+# Sorted whole, a continuation's millions of new rows kept its first request waiting for the
+# sort (~50 s at 5M rows); in pieces of consecutive ids, each a query of its own, the first
+# leaves after one piece, and each sort stays small.
+SORT_PIECE_ROWS: Final = 250_000
+# Ids sampled to cut the pieces (their sizes vary with the sample, never their bounds' order).
+SORT_SAMPLE_ROWS: Final = 20_000
 
 # The temporary table of the rows that survived the narrow pass (key, raw hash, known).
 SURVIVORS: Final = "survivors"
@@ -226,3 +237,35 @@ def run_pass(
         kept.overflowed = True
         kept.batches.clear()
     return kept
+
+
+def piece_bounds(con: duckdb.DuckDBPyConnection, ids_sql: str, key: str, *, after: str | None, rows: int) -> list[str]:
+    """Ids that cut the segment's rows above ``after`` into pieces of about :data:`SORT_PIECE_ROWS`.
+
+    ``ids_sql`` reads the segment's Custom ID column; ``rows`` is how many rows lie above
+    ``after``. The bounds come from a sample of the ids, sorted and deduplicated: none when
+    the rows make one piece.
+    """
+    pieces = -(-rows // SORT_PIECE_ROWS)
+    if pieces <= 1:
+        return []
+    wanted = "k IS NOT NULL" if after is None else f"k > {quote_literal(after)}"
+    sample = con.execute(
+        f"SELECT k FROM (SELECT k FROM (SELECT {key} AS k FROM ({ids_sql}) AS segment) WHERE {wanted}) "
+        f"USING SAMPLE reservoir({SORT_SAMPLE_ROWS} ROWS) REPEATABLE (20) ORDER BY k"
+    ).fetchall()
+    keys = [k for (k,) in sample]
+    return sorted({keys[len(keys) * n // pieces] for n in range(1, pieces)}) if keys else []
+
+
+def piece_sql(selected: str, lower: str | None, upper: str | None) -> str:
+    """The rows of ``selected`` with an id in (``lower``, ``upper``]; the null ids with the last piece."""
+    conditions = []
+    if lower is not None:
+        conditions.append(f"{KEY} > {quote_literal(lower)}")
+    if upper is not None:
+        conditions.append(f"{KEY} <= {quote_literal(upper)}")
+    where = " AND ".join(conditions) or "TRUE"
+    if upper is None:
+        where = f"{KEY} IS NULL OR ({where})"
+    return f"SELECT * FROM ({selected}) AS piece WHERE {where}"

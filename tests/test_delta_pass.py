@@ -27,6 +27,7 @@ from sync.dev.simulator import BatchSimulator
 from sync.diff import SegmentDiff
 from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.engine import Run, RunOptions, RunResult
+from sync.local_pass import SORT_PIECE_ROWS
 from sync.sources.duckdb import DuckDBSource
 from sync.state.base import StateStore
 from sync.state.sqlite import SQLiteStateStore
@@ -362,6 +363,61 @@ def test_a_local_pass_out_of_memory_streams_the_segment_with_the_same_answers(tm
             assert problems[1] == "stream"
     assert answers[0] == answers[1]
     assert answers[0][:3] == (50_000, 10_000, 7_143)
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full pass", "continuation"])
+def test_an_id_ordered_stream_in_pieces_comes_out_as_one_sort_would(tmp_path: Path, full: bool) -> None:
+    """Past SORT_PIECE_ROWS, a local segment's ordered stream is cut into pieces of consecutive ids.
+
+    It must hand over what the streamed differ's one sort does, in the same order: every row
+    above the watermark (or, in a continuation, the new ones), null ids last, duplicated ids
+    flagged.
+    """
+    rows = 3 * SORT_PIECE_ROWS
+    path = tmp_path / "segment.duckdb"
+    with duckdb.connect(str(path)) as con:
+        # Ids out of order; every 1,000th row has no id, and every 5,000th id comes twice.
+        con.execute(
+            "CREATE TABLE segment AS SELECT CASE WHEN i % 1000 = 7 THEN NULL "
+            "ELSE 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0') END AS id, i AS v "
+            "FROM range($rows) t(i) UNION ALL "
+            "SELECT 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0'), -i FROM range(0, $rows, 5000) t(i)",
+            {"rows": rows},
+        )
+        table = con.sql("SELECT * FROM segment").to_arrow_table()
+    ids = [cid for cid in table["id"].to_pylist() if cid is not None]
+    # Half the ids below the watermark were synced by earlier legs (and a few above it).
+    after = sorted(ids)[len(ids) // 3]
+    stored = {cid: (5, 1) for cid in sorted(set(ids))[: len(ids) // 3 : 2]}
+    stored.update({cid: (5, 1) for cid in sorted(set(ids))[len(ids) // 2 :: 97]})
+    answers = []
+    for local in (True, False):
+        source: DuckDBSource | TableSource = (
+            DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
+            if local
+            else TableSource(table, batch_rows=50_000)
+        )
+        diff = SegmentDiff(
+            source, columns=["id", "v"], schema=table.schema, stored=stored_table(stored), salt="salt", after=after
+        )
+        try:
+            diff.scan_ids()
+            got = [
+                (row[KEY], row[ROW], row[DUPLICATE], row[STORED_RAW])
+                for batch in diff.rows_to_send(full=full, ordered=True)
+                for row in batch.to_pylist()
+            ]
+        finally:
+            diff.close()
+            source.close()
+        answers.append(got)
+    pieced, sorted_once = answers
+    keys = [key for key, *_ in pieced]
+    assert keys == [key for key, *_ in sorted_once]  # the same order: by id, null ids last
+    assert sorted(pieced, key=str) == sorted(sorted_once, key=str)
+    assert keys[-1] is None
+    assert all(key is None or key > after for key in keys)
+    assert len(pieced) > SORT_PIECE_ROWS  # enough rows for pieces
 
 
 # -- whole runs ------------------------------------------------------------------------------
