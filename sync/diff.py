@@ -63,21 +63,20 @@ from sync.delta_pass import (
     pass_sql,
 )
 from sync.differ import (
-    DUPLICATE,
     KEY,
     RAW,
     ROW,
-    STORED_ATTRIBUTES,
-    STORED_PAYLOAD,
-    STORED_RAW,
     DiffRequest,
     FingerprintStore,
     IdScan,
+    distrusted,
     with_attributes,
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.local_pass import (
+    NEW_IDS_SQL,
     local_memory_limit,
+    moved_sql,
     numbered_sql,
     out_of_memory,
     piece_bounds,
@@ -88,7 +87,7 @@ from sync.local_pass import (
 )
 from sync.raw_hash import key_sql, raw_salt
 from sync.sources.base import LocalSegment, Source, local_segment
-from sync.stream_sql import send_sql
+from sync.stream_sql import NEW_BY_HASH_SQL, send_sql, streamed_moved_sql
 
 __all__ = ["OUTPUT_BATCH_ROWS", "EmbeddedDiffer", "SegmentDiff", "key_sql", "raw_salt"]
 
@@ -106,29 +105,6 @@ OUTPUT_BATCH_ROWS: Final = 2_048
 DIFFER_MEMORY_LIMIT: Final = "128MB"
 DIFFER_MEMORY_LIMIT_LARGE_STATE: Final = "64MB"
 LARGE_STATE_ROWS: Final = 2_000_000
-
-
-def _distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
-    """``stored`` with zero fingerprints and no attribute sets for the ``unconfirmed`` ids.
-
-    So they never look unchanged, and one that changed is sent whole: Batch may hold values
-    of the unacknowledged send that the stored attribute set does not say.
-    """
-    if not unconfirmed:
-        return stored
-    doubtful = pc.fill_null(
-        pc.is_in(stored.column("custom_id"), value_set=pa.array(sorted(set(unconfirmed)), pa.string())), False
-    )
-    if not pc.any(doubtful).as_py():
-        return stored
-    zero = pa.scalar(0, pa.uint64())
-    for name in ("raw", "payload"):
-        stored = stored.set_column(
-            stored.schema.get_field_index(name), name, pc.if_else(doubtful, zero, stored.column(name))
-        )
-    unknown = pa.scalar(None, pa.binary())
-    index = stored.schema.get_field_index("attributes")
-    return stored.set_column(index, "attributes", pc.if_else(doubtful, unknown, stored.column(index)))
 
 
 class SegmentDiff:
@@ -185,7 +161,7 @@ class SegmentDiff:
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self.orders_for_free = False
-        self._stored = _distrusted(with_attributes(stored), unconfirmed)
+        self._stored = distrusted(with_attributes(stored), unconfirmed)
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
         self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})
@@ -199,8 +175,6 @@ class SegmentDiff:
         # is served from them, without a read.
         self._kept_all = False
         self._kept_duplicates = True
-        # Set by a local pass: its kept rows met the stored ones on the ids themselves.
-        self._kept_exact = False
         self._reported = False  # on_rows heard of the segment's rows once already
         self._scanned_rows = 0  # the id scan's row count
         self._below_watermark = 0  # ... and how many of its rows are at or below ``after``
@@ -209,6 +183,9 @@ class SegmentDiff:
         # A DuckDB source: a delta's pass runs in its database (sync.local_pass), unless a
         # mapped column would hash otherwise there (then ``local_problem`` says why).
         self._local: LocalSegment | None = local_segment(source)
+        self._local_con: duckdb.DuckDBPyConnection | None = None  # sync.local_pass's cursor, once open
+        self._survivors = False  # ... and it holds the pass's table of survivors
+        self._moved = 0  # ... of which this many moved
         self.local_problem: str | None = None
         # Where a delta's pass ran, for the run record: None (no pass: nothing stored),
         # "segment_database" (sync.local_pass) or "stream" (sync.delta_pass).
@@ -241,6 +218,7 @@ class SegmentDiff:
 
     def close(self) -> None:
         self._con.close()
+        self._close_local()
         self._spill.cleanup()
         # The stored fingerprints (tens of MB a million) are not needed past the diff.
         self._stored = self._stored.slice(0, 0)
@@ -329,12 +307,18 @@ class SegmentDiff:
                 raise
             return self._scan_ids()
 
+    def _close_local(self) -> None:
+        if self._local_con is not None:
+            self._local_con.close()
+            self._local_con = None
+            self._survivors = False
+
     def _give_up_local(self, error: BaseException) -> bool:
         """Whether ``error`` is the local segment's database out of memory (then stream from now on)."""
         if self._local is None or self.local_problem is not None or not out_of_memory(error):
             return False
         self.local_problem = f"the segment's database ran out of memory: {str(error).splitlines()[0]}"
-        self._kept_exact = False  # what the streamed pass keeps is proven otherwise
+        self._close_local()
         return True
 
     def _scan_ids(self) -> IdScan:
@@ -352,7 +336,7 @@ class SegmentDiff:
             local = self._local_connection(stack) if self.stored_count else None
             if local is not None:
                 con = local
-                kept = self._local_pass(con)
+                self._local_pass(con)
                 self.compared_in = "segment_database"
             elif self.stored_count:
                 tee, kept = self._pass()
@@ -420,8 +404,10 @@ class SegmentDiff:
             )
             self._below_watermark = int(below_row[0]) if below_row else 0
         finally:
-            if con is not None:
+            if con is not None and con is not self._local_con:
                 con.close()
+            elif con is not None:
+                con.execute("DROP TABLE IF EXISTS seen")  # the survivors stay, for the stream
             stack.close()
             if tee is not None:
                 tee.remove()
@@ -442,34 +428,39 @@ class SegmentDiff:
         )
 
     def _local_connection(self, stack: ExitStack, *, sorts: bool = False) -> duckdb.DuckDBPyConnection | None:
-        """A cursor on the local segment's database for the differ's queries, or None to stream.
+        """The differ's cursor on the local segment's database, its settings held by ``stack``; or None.
 
-        None when the source is not local, or when a mapped column would hash otherwise
-        there than streamed (``local_problem`` then says which). ``sorts``: its query sorts
-        the segment's rows (a larger cap).
+        One cursor serves the scan and the stream, so the stream may use the pass's
+        survivors. None when the source is not local, or when a mapped column would hash
+        otherwise there than streamed (``local_problem`` then says which). ``sorts``: the
+        query sorts the segment's rows (a larger cap).
         """
         if self._local is None or self.local_problem is not None:
             return None
+        con = self._local_con
+        if con is None:
+            con = self._local.differ_cursor()
+            segment = self._local.segment_sql(self._columns)
+            self.local_problem = roundtrip_problem(con, segment, self._schema, self._columns)
+            if self.local_problem is not None:
+                con.close()
+                return None
+            con.register("stored", self._stored)
+            con.register("intents", self._intents)
+            con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+            self._local_con = con
         limit = self._local_memory or local_memory_limit(self.stored_count, sorts=sorts)
-        con = stack.enter_context(self._local.differ_cursor(limit))
-        segment = self._local.segment_sql(self._columns)
-        self.local_problem = roundtrip_problem(con, segment, self._schema, self._columns)
-        if self.local_problem is not None:
-            return None
-        con.register("stored", self._stored)
-        con.register("intents", self._intents)
-        con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+        stack.enter_context(self._local.differ_settings(con, limit, sorts=sorts))
         return con
 
-    def _local_pass(self, con: duckdb.DuckDBPyConnection) -> KeptRows:
+    def _local_pass(self, con: duckdb.DuckDBPyConnection) -> None:
         """The delta's pass in the local segment's database (:func:`sync.local_pass.run_pass`)."""
         assert self._local is not None
-        segment = self._local.segment_sql(self._columns)
-        report = self._on_rows if not self._reported else None
+        rows, self._moved = run_pass(con, self._local.segment_sql(self._columns), self._key, self._raw)
+        if self._on_rows is not None and not self._reported:
+            self._on_rows(rows)
         self._reported = True
-        kept = run_pass(con, segment, self._columns, self._key, self._raw, budget=self._kept_budget, on_rows=report)
-        self._kept_exact = True
-        return kept
+        self._survivors = True
 
     def _pass(self) -> tuple[IdTee, KeptRows]:
         """The delta's one read: the rows whose (id, raw hash) pair is not stored, and every id.
@@ -524,7 +515,7 @@ class SegmentDiff:
         self._kept_all = not kept.moved_only
 
     def _serves_kept(self) -> bool:
-        return self._kept and (self._new_by_hash or self._kept_exact)
+        return self._kept and self._new_by_hash
 
     def _select(self, view: str, *, after: str | None = None) -> str:
         columns = ", ".join(quote_identifier(c) for c in self._columns)
@@ -536,37 +527,30 @@ class SegmentDiff:
 
     def moved_rows(self) -> Iterator[pa.RecordBatch]:
         """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
-        if self.stored_count == 0:
+        if self.stored_count == 0 or (self._survivors and not self._moved):
             return iter(())
+        if self._survivors and self._local_con is not None:
+            return self._or_streamed(self._local_moved_rows(self._local_con), self._moved_rows)
         if self._serves_kept():
             # Re-checked exactly: the kept rows met the stored ones on the id itself.
             return self._fetch(kept_moved_sql(self._columns))
         return self._moved_rows()
 
+    def _local_moved_rows(self, con: duckdb.DuckDBPyConnection) -> Iterator[pa.RecordBatch]:
+        """The pass's moved ids' rows, queried in the segment's database (:func:`sync.local_pass.moved_sql`)."""
+        assert self._local is not None
+        with ExitStack() as stack:
+            self._local_connection(stack)
+            sql = moved_sql(self._local.segment_sql(self._columns), self._columns, self._key, self._raw)
+            yield from self._fetch(sql, con)
+
     def _moved_rows(self) -> Iterator[pa.RecordBatch]:
         # In a database of its own, closed once read: its hash tables are not kept for the
-        # stream, which builds its own.
-        #
-        # Two joins, so that neither holds the stored ids as strings (~100 bytes an id with
-        # their hashes): the segment first meets the stored (hash of id, raw hash) pairs,
-        # 16 bytes an id, and keeps the rows whose id hash is stored beside another raw hash.
-        # That is every moved row, and maybe a few more when two ids' hashes collide. Only
-        # those candidates (few in a delta) are then built into the exact join on the id,
-        # which the stored table probes: it drops the extra ones and brings the stored hashes.
+        # stream, which builds its own (sync.stream_sql.moved_sql says how it joins).
         con = self._connect()
         try:
             view = self._stream(self._columns, numbered=True, con=con)
-            sql = (
-                f"SELECT c.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, "
-                f"st.attributes AS {STORED_ATTRIBUTES} "
-                f"FROM stored st JOIN ("
-                f"SELECT s.* FROM ({self._select(view)}) s "
-                f"SEMI JOIN (SELECT hash(custom_id) AS h, raw FROM stored) sh "
-                f"ON sh.h = hash(s.{KEY}) AND sh.raw <> s.{RAW}"
-                f") c ON st.custom_id = c.{KEY} "
-                f"ANTI JOIN duplicates d ON d.k = c.{KEY} WHERE st.raw <> c.{RAW}"
-            )
-            yield from self._fetch(sql, con)
+            yield from self._fetch(streamed_moved_sql(self._select(view)), con)
         finally:
             con.close()
 
@@ -589,7 +573,8 @@ class SegmentDiff:
         # A continuation never joins or sorts what its first legs sent.
         selected = self._select(view, after=self._after)
         stored = bool(self.stored_count)
-        return send_sql(selected, stored=stored, full=full, new_by_hash=self._new_by_hash, ordered=ordered)
+        new = NEW_BY_HASH_SQL if self._new_by_hash else None
+        return send_sql(selected, stored=stored, full=full, new=new, ordered=ordered)
 
     def _streamed_rows_to_send(self, *, full: bool, ordered: bool) -> Iterator[pa.RecordBatch]:
         view = self._stream(self._columns, numbered=True, report=True)
@@ -600,17 +585,26 @@ class SegmentDiff:
 
         The progress hears of the rows as they come out, then of the rest of the segment's.
         """
+        report = self._on_rows if not self._reported else None
+        self._reported = True
+        told = 0
+        local = self._local_stream(full=full, ordered=ordered)
+        for batch in self._or_streamed(local, lambda: self._streamed_rows_to_send(full=full, ordered=ordered)):
+            if report is not None:
+                report(batch.num_rows)
+                told += batch.num_rows
+            yield batch
+        if report is not None and self._scanned_rows > told:
+            report(self._scanned_rows - told)
+
+    def _local_stream(self, *, full: bool, ordered: bool) -> Iterator[pa.RecordBatch]:
         with ExitStack() as stack:
             con = self._local_connection(stack, sorts=ordered)
             if con is None:  # a mapped column would hash otherwise there
                 yield from self._streamed_rows_to_send(full=full, ordered=ordered)
                 return
-            self._load_duplicates(con)
             assert self._local is not None
             view = f"({numbered_sql(self._local.segment_sql(self._columns), self._columns)}) AS numbered"
-            report = self._on_rows if not self._reported else None
-            self._reported = True
-            told = 0
             # In id order, in pieces of consecutive ids (sync.local_pass.SORT_PIECE_ROWS).
             ids = self._local.segment_sql([self._id_column])
             above = self._scanned_rows - self._below_watermark
@@ -618,25 +612,27 @@ class SegmentDiff:
             selected = self._select(view, after=self._after)
             pieces = [piece_sql(selected, lower, upper) for lower, upper in itertools.pairwise([None, *bounds, None])]
             stored = bool(self.stored_count)
-            batches = itertools.chain.from_iterable(
-                self._fetch(send_sql(piece, stored=stored, full=full, new_by_hash=False, ordered=ordered), con)
-                for piece in (pieces if bounds else [selected])
-            )
-            try:
-                first = next(batches, None)  # a sort runs before its first batch: out of memory, if ever, here
-            except (duckdb.OutOfMemoryException, OSError) as error:
-                if not self._give_up_local(error):
-                    raise
-                self._reported = report is None
-                yield from self._streamed_rows_to_send(full=full, ordered=ordered)
-                return
-            for batch in itertools.chain([first] if first is not None else [], batches):
-                if report is not None:
-                    report(batch.num_rows)
-                    told += batch.num_rows
-                yield batch
-            if report is not None and self._scanned_rows > told:
-                report(self._scanned_rows - told)
+            new = NEW_IDS_SQL if self._survivors else None  # the pass's new ids, exact: no join with every stored id
+            for piece in pieces if bounds else [selected]:
+                yield from self._fetch(send_sql(piece, stored=stored, full=full, new=new, ordered=ordered), con)
+
+    def _or_streamed(
+        self, local: Iterator[pa.RecordBatch], streamed: Callable[[], Iterator[pa.RecordBatch]]
+    ) -> Iterator[pa.RecordBatch]:
+        """``local``'s batches; ``streamed``'s if its first ran the segment's database out of memory.
+
+        A sort runs before its first batch: out of memory, if ever, there.
+        """
+        try:
+            first = next(local, None)
+        except (duckdb.OutOfMemoryException, OSError) as error:
+            if not self._give_up_local(error):
+                raise
+            yield from streamed()
+            return
+        if first is not None:
+            yield first
+            yield from local
 
     def _kept_to_send(self) -> Iterator[pa.RecordBatch]:
         """A delta's rows to send from what the pass kept; the duplicated ids' own read if it must."""

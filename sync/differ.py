@@ -67,6 +67,29 @@ def with_attributes(table: pa.Table) -> pa.Table:
     return table.add_column(index, pa.field("attributes", pa.binary()), pa.nulls(table.num_rows, pa.binary()))
 
 
+def distrusted(stored: pa.Table, unconfirmed: Sequence[str]) -> pa.Table:
+    """``stored`` with zero fingerprints and no attribute sets for the ``unconfirmed`` ids.
+
+    So they never look unchanged, and one that changed is sent whole: Batch may hold values
+    of the unacknowledged send that the stored attribute set does not say.
+    """
+    if not unconfirmed:
+        return stored
+    doubtful = pc.fill_null(
+        pc.is_in(stored.column("custom_id"), value_set=pa.array(sorted(set(unconfirmed)), pa.string())), False
+    )
+    if not pc.any(doubtful).as_py():
+        return stored
+    zero = pa.scalar(0, pa.uint64())
+    for name in ("raw", "payload"):
+        stored = stored.set_column(
+            stored.schema.get_field_index(name), name, pc.if_else(doubtful, zero, stored.column(name))
+        )
+    unknown = pa.scalar(None, pa.binary())
+    index = stored.schema.get_field_index("attributes")
+    return stored.set_column(index, "attributes", pc.if_else(doubtful, unknown, stored.column(index)))
+
+
 @dataclass
 class IdScan:
     """What one read of the Custom ID column says about the segment."""

@@ -1,53 +1,53 @@
-"""A delta's pass run where a local segment lies: in the DuckDB source's own database.
+"""The differ's queries where a local segment lies: in the DuckDB source's own database.
 
 The embedded differ compares a streamed segment with the stored fingerprints in a DuckDB
 database of its own (:mod:`sync.delta_pass`): every mapped column of every row crosses
 from the source into Arrow, through Python, and into the differ, on one thread. When the
 segment is itself a DuckDB query, that crossing is most of a delta's cost (at 10M rows,
-~30 s of a ~50 s run with nothing changed). This pass asks the source's database instead,
-with all its threads, and lets only what moved cross (``docs/how-a-run-works.md``, "A
-local segment"):
+~30 s of a ~50 s run with nothing changed). The differ then asks the source's database
+instead, on one cursor with up to four threads, and lets only what moved cross
+(``docs/how-a-run-works.md``, "A local segment"):
 
 1. **One narrow read** (:func:`seen_sql`): each row's Custom ID key and raw hash, into the
    temporary table ``seen`` — the id scan's table, so the counts, duplicates and removals
    come from it, as they come from the streamed pass's id file.
 2. **The survivors** (:func:`survivors_sql`): one join of ``seen`` and the stored
-   fingerprints on the ids themselves gives the rows whose id is new or whose raw hash moved
-   (with :data:`sync.delta_pass.KNOWN`: moved), and the stored ids no row has (the
-   removals). It is exact, so the streamed pass's proof that id hashes do not collide is
-   not needed here.
-3. **The fetch** (:func:`fetch_sql`), only when something survived: the segment's rows whose
-   (key, raw hash) is a survivor's, every mapped column, numbered in read order. They are
-   the streamed pass's kept rows, with the same columns, and go on the same way.
+   fingerprints on the ids themselves gives the ids that are new or whose raw hash moved
+   (``known``: moved), and the stored ids no row has (the removals). It is exact, so the
+   streamed pass's proof that id hashes do not collide is not needed here. ``seen`` is
+   dropped once the scan has ended; the survivors stay on the cursor.
+3. **The rows**, only when asked and only what survived: the moved ones
+   (:func:`moved_sql`), and the stream (:mod:`sync.stream_sql`, new ids told by
+   :data:`NEW_IDS_SQL`), each a query of the segment numbered in read order. Nothing is
+   held in Python between them, whatever their number.
 
-No row that did not move leaves DuckDB, and a run where nothing moved reads the segment's
-mapped columns once, into two 8-byte hashes and its ids.
+No row that did not move leaves DuckDB, and a run where nothing moved and every id is valid
+reads the segment's mapped columns once, into two 8-byte hashes and its ids.
 
 The raw hash must be the streamed one, or every delta would find every row moved: the
-stored hashes were computed over the segment as it comes back from Arrow. So the pass runs
-here only when each mapped column's type is the same natively and after that round trip
-(:func:`roundtrip_problem`); the same DuckDB then hashes the same values. Otherwise (a
-UUID, an ENUM, a HUGEINT: types Arrow carries differently) the streamed pass runs.
+stored hashes were computed over the segment as it comes back from Arrow. So the differ
+queries here only when each mapped column's type is the same natively and after that
+round trip (:func:`roundtrip_problem`); the same DuckDB then hashes the same values.
+Otherwise (a UUID, an ENUM, a HUGEINT: types Arrow carries differently) it streams.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 import duckdb
 import pyarrow as pa
 
-from sync.delta_pass import KNOWN, KeptRows
-from sync.differ import KEY, RAW, ROW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.duckdb_sql import quote_identifier, quote_literal
 
 __all__ = [
-    "FETCH_SURVIVORS_MAX",
+    "NEW_IDS_SQL",
     "SORT_PIECE_ROWS",
     "SURVIVORS",
-    "fetch_sql",
     "local_memory_limit",
+    "moved_sql",
     "numbered_sql",
     "out_of_memory",
     "piece_bounds",
@@ -80,11 +80,9 @@ SORT_SAMPLE_ROWS: Final = 20_000
 
 # The temporary table of the rows that survived the narrow pass (key, raw hash, known).
 SURVIVORS: Final = "survivors"
-# The most survivors the fetch builds its join on. A delta's moved and new rows are far
-# fewer; a first sync's continuation (most ids new) has more, and then only the moved ones
-# are fetched (the new ones stream, as past the kept budget of the streamed pass); with more
-# moved ones than this (a mapping change), nothing is fetched and the segment is streamed.
-FETCH_SURVIVORS_MAX: Final = 1_000_000
+# A stream's row whose id the pass found new (no stored fingerprint): exact, and a join on
+# the new ids alone, not on every stored one (sync.stream_sql.send_sql's ``new``).
+NEW_IDS_SQL: Final = f"s.{KEY} IN (SELECT k FROM {SURVIVORS} WHERE NOT known AND NOT gone AND k IS NOT NULL)"
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -169,74 +167,37 @@ def numbered_sql(segment_sql: str, columns: Sequence[str]) -> str:
     return f"SELECT {selected}, row_number() OVER () AS {ROW} FROM ({segment_sql}) AS segment"
 
 
-def fetch_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, *, moved_only: bool) -> str:
-    """The survivors' rows, every mapped column, numbered in read order (the streamed pass's kept rows).
+def moved_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str) -> str:
+    """The moved rows (known survivors, not duplicated), with their stored fingerprints, re-checked.
 
-    A row is fetched when its (key, raw hash) is a survivor's, or its key is null (unless
-    ``moved_only``: only known survivors then, and no null key). Rows are numbered first,
-    then narrowed to the survivors' ids, and only those are hashed again. The survivors
-    are deduplicated (a duplicated id's identical copies share one), so each segment row
-    comes out once. Columns: the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`,
-    :data:`KNOWN`, as :func:`sync.delta_pass.pass_sql` gives them.
+    Rows are numbered in read order, narrowed to the moved ids before anything is hashed
+    again, and met with the stored table on the id itself; a row whose raw hash is its
+    stored one after all (the segment changed since the pass) does not come out. Columns:
+    the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`, then the duplicate flag and
+    the stored fingerprint, as every differ's batches have them.
     """
     selected = ", ".join(quote_identifier(c) for c in columns)
-    wanted = f"SELECT k, raw, bool_or(known) AS known FROM {SURVIVORS} WHERE k IS NOT NULL AND NOT gone"
-    if moved_only:
-        wanted += " AND known"
-    wanted += " GROUP BY k, raw"
-    narrowed = f"{KEY} IN (SELECT k FROM ({wanted}) w)"
-    if not moved_only:
-        narrowed = f"{KEY} IS NULL OR {narrowed}"
     keyed = f"SELECT {selected}, {ROW}, {key} AS {KEY} FROM ({numbered_sql(segment_sql, columns)}) AS numbered"
-    condition = "v.k IS NOT NULL" if moved_only else f"v.k IS NOT NULL OR c.{KEY} IS NULL"
+    moved = f"SELECT k FROM {SURVIVORS} WHERE known AND NOT gone"
     return (
-        f"SELECT c.*, coalesce(v.known, FALSE) AS {KNOWN} FROM ("
-        f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {narrowed}"
-        f") c LEFT JOIN ({wanted}) v ON v.k = c.{KEY} AND v.raw = c.{RAW} WHERE {condition}"
+        f"SELECT c.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, "
+        f"st.attributes AS {STORED_ATTRIBUTES} FROM ("
+        f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {KEY} IN ({moved})"
+        f") c JOIN stored st ON st.custom_id = c.{KEY} "
+        f"ANTI JOIN duplicates d ON d.k = c.{KEY} WHERE st.raw <> c.{RAW}"
     )
 
 
-def run_pass(
-    con: duckdb.DuckDBPyConnection,
-    segment_sql: str,
-    columns: Sequence[str],
-    key: str,
-    raw: str,
-    *,
-    budget: int,
-    on_rows: Callable[[int], None] | None,
-    batch_rows: int = 2_048,
-) -> KeptRows:
-    """The delta's pass in ``con`` (``stored``, ``intents`` registered): ``seen``, the survivors, their rows.
+def run_pass(con: duckdb.DuckDBPyConnection, segment_sql: str, key: str, raw: str) -> tuple[int, int]:
+    """The delta's pass in ``con`` (``stored``, ``intents`` registered): ``seen``, then the survivors.
 
-    Returns the rows to carry on, as the streamed pass keeps them (under ``budget``
-    bytes). When the fetch does not bring exactly the survivors' rows (a segment query
-    whose rows differ between two executions), nothing is kept and the differ streams the
-    segment instead. ``on_rows`` hears of the segment's rows once ``seen`` is written.
+    Returns how many rows there are, and how many of them moved (known survivors).
     """
     con.execute(seen_sql(segment_sql, key, raw))
-    if on_rows is not None:
-        ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
-        on_rows(int(rows))
+    ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
     con.execute(survivors_sql())
-    ((survivors, known),) = con.execute(survivor_counts_sql()).fetchall()
-    kept = KeptRows(budget)
-    if survivors > FETCH_SURVIVORS_MAX:
-        # Mostly new ids (a continuation): fetch the moved rows only, stream the new ones.
-        kept.moved_only = True
-    expected = int(known) if kept.moved_only else int(survivors)
-    if kept.moved_only and expected > FETCH_SURVIVORS_MAX:
-        kept.overflowed = True  # more moved rows than any delta has: the segment is streamed
-        return kept
-    sql = fetch_sql(segment_sql, columns, key, raw, moved_only=kept.moved_only)
-    reader: pa.RecordBatchReader = con.sql(sql if expected else f"{sql} LIMIT 0").to_arrow_reader(batch_rows)
-    kept.schema = reader.schema
-    for batch in reader:
-        kept.add(batch)
-    if kept.rows != expected:
-        kept.overflowed = True
-        kept.batches.clear()
-    return kept
+    ((_survivors, known),) = con.execute(survivor_counts_sql()).fetchall()
+    return int(rows), int(known)
 
 
 def piece_bounds(con: duckdb.DuckDBPyConnection, ids_sql: str, key: str, *, after: str | None, rows: int) -> list[str]:

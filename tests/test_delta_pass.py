@@ -154,9 +154,7 @@ def test_the_pass_hands_over_what_a_reference_says_and_reads_the_segment_once(
         delta_reads = 1 + any(cid in duplicated and not kept(cid, raw) for _, cid, _, raw in numbered)
 
     if local:
-        # The segment's database answers the id scan, the pass and the stream: only the
-        # moved rows past the budget, and the duplicated ids' own read, are streamed.
-        delta_reads = 0 if not stored else delta_reads - 1 - (budget == 1 and (any_moved or any_kept))
+        delta_reads = 0  # the segment's database answers the id scan, the pass, the moved rows and the stream
     directory = tempfile.TemporaryDirectory()
     source: TableSource | LocalSource = LocalSource(segment, Path(directory.name)) if local else TableSource(segment)
     told: list[int] = []
@@ -303,26 +301,28 @@ def test_a_column_arrow_carries_as_another_type_keeps_the_streamed_pass(tmp_path
     assert len(source.reads) == 1  # the streamed pass
 
 
-def test_a_segment_whose_rows_differ_between_two_queries_is_streamed_instead(tmp_path: Path) -> None:
-    """The fetch must bring exactly the survivors' rows; a query with random values does not."""
+def test_a_local_segments_moved_rows_are_rechecked_by_the_query_that_hands_them_over(tmp_path: Path) -> None:
+    """The pass's survivors are ids; a segment whose values differ from one query to the next is re-checked."""
     segment = pa.table({"id": pa.array([f"id{n}" for n in range(50)]), "v": pa.array(range(50), pa.int64())})
     raws = dict(zip(segment["id"].to_pylist(), raw_hashes(segment), strict=True))
-    # Ten rows moved since they were stored; the query adds a random 0 or 1 to v on every read.
-    stored = {cid: (raw + (1 if n < 10 else 0), 1) for n, (cid, raw) in enumerate(raws.items())}
+    stored = {cid: (raw, 1) for cid, raw in raws.items()}
+    # The query adds a random 0 or 1 to v on every read: the pass and the moved rows' query disagree.
     source = LocalSource(segment, tmp_path, query="SELECT id, v + CAST(random() < 0.5 AS BIGINT) AS v FROM segment")
     try:
         schema = source.schema()
         diff = SegmentDiff(source, columns=["id", "v"], schema=schema, stored=stored_table(stored), salt="salt")
         try:
             scan = diff.scan_ids()
-            assert (scan.matched, scan.new_ids) == (50, 0)
-            assert not diff._kept  # nothing kept from a fetch that did not match its pass
-            list(diff.moved_rows())
-            assert source.reads == [["id", "v"]]  # the moved rows were streamed
+            moved = rows_of(diff.moved_rows())
         finally:
             diff.close()
     finally:
         source.close()
+    assert (scan.matched, scan.new_ids) == (50, 0)
+    assert moved  # some moved (each id had one chance in two, twice)
+    assert all(row[RAW] != row[STORED_RAW] for row in moved)  # as read by the query that handed it over
+    assert all(row["v"] == int(row["id"][2:]) + 1 for row in moved)
+    assert source.reads == []
 
 
 def test_a_local_pass_out_of_memory_streams_the_segment_with_the_same_answers(tmp_path: Path) -> None:
@@ -501,15 +501,13 @@ async def sim_url() -> AsyncIterator[str]:
 async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_state(
     state_store: StateStore, sim_url: str, tmp_path: Path, local: bool
 ) -> None:
-    """Streamed, a delta reads the segment once; local, the segment's database is queried and nothing streamed.
-
-    Local, only the duplicated id's own read streams.
-    """
-    # The pass, when it reads the segment as a stream (a local segment's is a query there).
-    the_pass = [] if local else [["customer_id", "email", "phone", "first_name", "points"]]
-    # ... and a first sync's id read and a full pass's stream.
+    """Streamed, a delta reads the segment once; local, the segment's database is queried and nothing streamed."""
+    mapped = ["customer_id", "email", "phone", "first_name", "points"]
+    # The pass, a first sync's id read, and any stream, when they read the segment as a
+    # stream (a local segment's are queries where it lies).
+    the_pass = [] if local else [mapped]
     ids = [] if local else [["customer_id"]]
-    stream = [] if local else [the_pass[0]]
+    stream = [] if local else [mapped]
     activation = make_activation(
         tmp_path,
         sim_url,
@@ -517,7 +515,6 @@ async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_sta
         guards={"max_removed_percent": 100, "max_changed_percent": 100},
     )
     segment = tmp_path / "segment.duckdb"
-    mapped = ["customer_id", "email", "phone", "first_name", "points"]
     write_segment(segment, people(200))
     first, reads = await counted_run(state_store, activation, local=local)
     assert first.record["status"] == "succeeded", first.record.get("error")
@@ -538,7 +535,7 @@ async def test_runs_read_the_segment_once_in_a_delta_on_sqlite_and_firestore_sta
     assert (counts["changed"], counts["refreshed"], counts["new"], counts["removed"]) == (3, 2, 1, 2)
     assert delta.record["rejected_by_reason"] == {"duplicate_custom_id": 2, "missing_custom_id": 1}
     assert counts["sent"] == 6  # 3 changed, 1 new, 2 removals
-    assert reads == [*the_pass, mapped]  # the pass, then the duplicated id's own read
+    assert reads == [*the_pass, *stream]  # the pass, then the duplicated id's own read
     missing = next(s for s in delta.record["rejected_samples"] if s["issues"][0]["reason"] == "missing_custom_id")
     assert missing["row"] == 200  # numbered in read order, on either path
     assert delta.record["delta_pass"] == {"ran_in": "segment_database" if local else "stream"}

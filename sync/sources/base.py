@@ -46,8 +46,13 @@ class LocalSegment(Protocol):
     def segment_sql(self, columns: list[str]) -> str:
         """SQL of the segment's ``columns``, every row, in the order :meth:`Source.read_batches` reads them."""
 
-    def differ_cursor(self, memory_limit: str) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """A cursor on the segment's database for the differ's queries (capped), its settings restored after."""
+    def differ_cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of its own on the segment's database for the differ's queries (its to close)."""
+
+    def differ_settings(
+        self, cursor: duckdb.DuckDBPyConnection, memory_limit: str, *, sorts: bool
+    ) -> AbstractContextManager[None]:
+        """The differ's settings (threads, a cap; one thread if ``sorts``) while its queries run; restored after."""
 
 
 def local_segment(source: object) -> LocalSegment | None:

@@ -57,8 +57,8 @@ STREAM_PER_COLUMN_MB: Final = 0.75
 # Beyond it, the activation must set source.memory_limit.
 STREAM_RETRY_CEILING_MB: Final = 512
 
-# Threads of the embedded differ's queries in the segment's database (sync.local_pass): a
-# sort needs ~16 MB a thread, and its cap is 128 MB.
+# Threads of the embedded differ's queries in the segment's database (sync.local_pass),
+# but a sort's (one).
 DIFFER_THREADS: Final = min(4, os.cpu_count() or 1)
 
 # How DuckDB's out-of-memory errors begin, also once Arrow's stream reader has wrapped one.
@@ -278,26 +278,33 @@ class DuckDBSource:
         """The SQL :meth:`read_batches` reads ``columns`` with."""
         return self._read_sql(columns)
 
+    def differ_cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of its own for the embedded differ's queries (its temporary tables live there)."""
+        return self._connection.cursor()
+
     @contextmanager
-    def differ_cursor(self, memory_limit: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor for the embedded differ's queries: up to :data:`DIFFER_THREADS` threads, ``memory_limit``.
+    def differ_settings(self, cursor: duckdb.DuckDBPyConnection, memory_limit: str, *, sorts: bool) -> Iterator[None]:
+        """The differ's settings while its queries run: up to :data:`DIFFER_THREADS` threads, ``memory_limit``.
+
+        ``sorts``: the queries sort the segment's rows, on one thread (on two, a sort of
+        166k of the benchmark's rows handed to Arrow ran out of memory under 128 MB; on one
+        it passes under 64 MB).
 
         Under the activation's own ``source.memory_limit`` instead when it sets one.
         DuckDB's settings are the database's, not the cursor's: the read settings are put
-        back after (each read sizes its own anyway, :meth:`_bound_read`).
+        back after (each read sizes its own anyway, :meth:`_bound_read`). DuckDB's errors
+        but running out of memory (the differ then streams) become the run's failure.
         """
         limit = self._config.memory_limit or memory_limit
-        cursor = self._connection.cursor()
         try:
             cursor.execute(f"SET memory_limit = {quote_literal(limit)}")
-            cursor.execute(f"SET threads = {DIFFER_THREADS}")
-            yield cursor
+            cursor.execute(f"SET threads = {1 if sorts else DIFFER_THREADS}")
+            yield
         except duckdb.OutOfMemoryException:
-            raise  # the differ streams the segment instead
+            raise
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': comparing the segment failed: {error}") from None
         finally:
-            cursor.close()
             self._connection.execute(f"SET memory_limit = {quote_literal(self._limit)}")
             self._connection.execute("SET threads = 1")
 
