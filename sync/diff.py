@@ -77,6 +77,7 @@ from sync.local_pass import (
     NEW_IDS_SQL,
     local_memory_limit,
     moved_sql,
+    narrowed_sql,
     numbered_sql,
     out_of_memory,
     piece_bounds,
@@ -84,6 +85,7 @@ from sync.local_pass import (
     removed_sql,
     roundtrip_problem,
     run_pass,
+    streamed_condition,
 )
 from sync.raw_hash import key_sql, raw_salt
 from sync.sources.base import LocalSegment, Source, local_segment
@@ -296,9 +298,8 @@ class SegmentDiff:
         """Counts, duplicates, and the ids that left; with stored fingerprints, the delta's one read.
 
         With nothing stored, the Custom ID column alone is read. Otherwise :meth:`_pass`
-        reads every mapped column once and keeps the rows that may need mapping (or, in a
-        local segment's database, :func:`sync.local_pass.run_pass`; should that run out of
-        memory, the segment is streamed instead).
+        reads every mapped column once and keeps the rows that may need mapping (a local
+        segment: :func:`sync.local_pass.run_pass`, or, out of memory there, the stream).
         """
         try:
             return self._scan_ids()
@@ -326,10 +327,10 @@ class SegmentDiff:
         read_before = self.seconds["read"]
         tee: IdTee | None = None
         kept: KeptRows | None = None
-        # A database of its own, closed at the end: DuckDB keeps what a query freed for
-        # reuse until its database closes, and the scan's hash tables (tens of MB a
-        # million ids) are never needed again. Only the duplicated ids move over. (A local
-        # segment's pass and scan run in the source's database, on a cursor of their own.)
+        # A database of its own, closed at the end: DuckDB keeps what a query freed for reuse
+        # until its database closes, and the scan's hash tables (tens of MB a million ids)
+        # are never needed again. Only the duplicated ids move over. (A local segment's scan
+        # runs on the differ's cursor in the source's database, and leaves the survivors.)
         con: duckdb.DuckDBPyConnection | None = None
         stack = ExitStack()
         try:
@@ -604,12 +605,16 @@ class SegmentDiff:
                 yield from self._streamed_rows_to_send(full=full, ordered=ordered)
                 return
             assert self._local is not None
-            view = f"({numbered_sql(self._local.segment_sql(self._columns), self._columns)}) AS numbered"
+            segment = self._local.segment_sql(self._columns)
             # In id order, in pieces of consecutive ids (sync.local_pass.SORT_PIECE_ROWS).
             ids = self._local.segment_sql([self._id_column])
             above = self._scanned_rows - self._below_watermark
             bounds = piece_bounds(con, ids, self._key, after=self._after, rows=above) if ordered else []
-            selected = self._select(view, after=self._after)
+            if self._survivors and not full:  # a delta's null, new and duplicated ids, hashed once narrowed
+                condition = streamed_condition(self._after)
+                selected = narrowed_sql(segment, self._columns, self._key, self._raw, condition)
+            else:
+                selected = self._select(f"({numbered_sql(segment, self._columns)}) AS numbered", after=self._after)
             pieces = [piece_sql(selected, lower, upper) for lower, upper in itertools.pairwise([None, *bounds, None])]
             stored = bool(self.stored_count)
             new = NEW_IDS_SQL if self._survivors else None  # the pass's new ids, exact: no join with every stored id

@@ -48,6 +48,7 @@ __all__ = [
     "SURVIVORS",
     "local_memory_limit",
     "moved_sql",
+    "narrowed_sql",
     "numbered_sql",
     "out_of_memory",
     "piece_bounds",
@@ -56,6 +57,7 @@ __all__ = [
     "roundtrip_problem",
     "run_pass",
     "seen_sql",
+    "streamed_condition",
     "survivor_counts_sql",
     "survivors_sql",
 ]
@@ -130,14 +132,16 @@ def survivors_sql() -> str:
     """The ``seen`` rows whose id is not stored, or stored with another raw hash; and the stored ids not seen.
 
     One join on the ids themselves, so exact: a row that survives is new (not ``known``) or
-    moved (``known``); a null id matches nothing and always survives. The stored ids no
-    row has come out ``gone``, with the id in ``stored_id``: the removals.
+    moved (``known``, with its stored fingerprint); a null id matches nothing and always
+    survives. The stored ids no row has come out ``gone``, with the id in ``stored_id``:
+    the removals.
     """
     return (
         f"CREATE OR REPLACE TEMP TABLE {SURVIVORS} AS "
-        f"SELECT s.k, s.raw, st.custom_id IS NOT NULL AS known, s.here IS NULL AS gone, st.custom_id AS stored_id "
+        f"SELECT s.k, s.raw, st.custom_id IS NOT NULL AS known, s.here IS NULL AS gone, st.custom_id AS stored_id, "
+        f"st.raw AS stored_raw, st.payload AS stored_payload, st.attributes AS stored_attributes "
         f"FROM (SELECT k, raw, TRUE AS here FROM seen) s "
-        f"FULL JOIN (SELECT custom_id, raw FROM stored) st ON st.custom_id = s.k "
+        f"FULL JOIN stored st ON st.custom_id = s.k "
         f"WHERE s.here IS NULL OR st.custom_id IS NULL OR st.raw <> s.raw"
     )
 
@@ -171,21 +175,36 @@ def moved_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str) -> s
     """The moved rows (known survivors, not duplicated), with their stored fingerprints, re-checked.
 
     Rows are numbered in read order, narrowed to the moved ids before anything is hashed
-    again, and met with the stored table on the id itself; a row whose raw hash is its
-    stored one after all (the segment changed since the pass) does not come out. Columns:
-    the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`, then the duplicate flag and
-    the stored fingerprint, as every differ's batches have them.
+    again, and met with the survivors (their stored fingerprints) on the id itself; a row
+    whose raw hash is its stored one after all (the segment changed since the pass) does
+    not come out. Columns: the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`, then the
+    duplicate flag and the stored fingerprint, as every differ's batches have them.
+    """
+    moved = f"SELECT k, stored_raw, stored_payload, stored_attributes FROM {SURVIVORS} WHERE known AND NOT gone"
+    return (
+        f"SELECT c.*, FALSE AS {DUPLICATE}, v.stored_raw AS {STORED_RAW}, v.stored_payload AS {STORED_PAYLOAD}, "
+        f"v.stored_attributes AS {STORED_ATTRIBUTES} FROM ("
+        f"{narrowed_sql(segment_sql, columns, key, raw, f'{KEY} IN (SELECT k FROM ({moved}) m)')}"
+        f") c JOIN ({moved}) v ON v.k = c.{KEY} "
+        f"ANTI JOIN duplicates d ON d.k = c.{KEY} WHERE v.stored_raw <> c.{RAW}"
+    )
+
+
+def narrowed_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, condition: str) -> str:
+    """The segment's rows whose ``condition`` on :data:`KEY` holds: numbered in read order, hashed after narrowing.
+
+    Columns: the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`.
     """
     selected = ", ".join(quote_identifier(c) for c in columns)
     keyed = f"SELECT {selected}, {ROW}, {key} AS {KEY} FROM ({numbered_sql(segment_sql, columns)}) AS numbered"
-    moved = f"SELECT k FROM {SURVIVORS} WHERE known AND NOT gone"
-    return (
-        f"SELECT c.*, FALSE AS {DUPLICATE}, st.raw AS {STORED_RAW}, st.payload AS {STORED_PAYLOAD}, "
-        f"st.attributes AS {STORED_ATTRIBUTES} FROM ("
-        f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {KEY} IN ({moved})"
-        f") c JOIN stored st ON st.custom_id = c.{KEY} "
-        f"ANTI JOIN duplicates d ON d.k = c.{KEY} WHERE st.raw <> c.{RAW}"
-    )
+    return f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {condition}"
+
+
+def streamed_condition(after: str | None) -> str:
+    """A delta's stream after the pass: null, new or duplicated ids, above ``after`` (continuations)."""
+    new = f"SELECT k FROM {SURVIVORS} WHERE NOT known AND NOT gone AND k IS NOT NULL"
+    wanted = f"({KEY} IS NULL OR {KEY} IN ({new}) OR {KEY} IN (SELECT k FROM duplicates))"
+    return wanted if after is None else f"{wanted} AND ({KEY} IS NULL OR {KEY} > {quote_literal(after)})"
 
 
 def run_pass(con: duckdb.DuckDBPyConnection, segment_sql: str, key: str, raw: str) -> tuple[int, int]:
