@@ -195,13 +195,13 @@ _PLAIN_EMAIL = re.compile(
 )
 _EMAIL_MAX_LENGTH: Final = 254  # email-validator's EMAIL_MAX_LENGTH (RFC 5321 4.5.3.1.3)
 _DNS_LABEL_MAX_LENGTH: Final = 63  # RFC 1035 2.3.1
-_SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
-_CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
 def _plain_domain(domain: str, tld: str) -> bool:
     """A domain the patterns matched that email-validator accepts as its lowercase self."""
-    if tld.lower() in _SPECIAL_USE_TLDS:
+    if tld.lower() in SPECIAL_USE_TLDS:
         return False
     return len(domain) <= _DNS_LABEL_MAX_LENGTH or max(map(len, domain.split("."))) <= _DNS_LABEL_MAX_LENGTH
 
@@ -217,7 +217,7 @@ def _plain_email(text: str) -> str | None:
     if not _plain_domain(domain, tld):
         return None
     local = text[: match.start(1) - 1]
-    if local.lower() in _CASE_INSENSITIVE_MAILBOXES:
+    if local.lower() in CASE_INSENSITIVE_MAILBOXES:
         return None
     return f"{local}@{domain.lower()}"
 
@@ -552,7 +552,7 @@ def convert_date(value: object) -> str | Failure | None:
 # would find scheme "http(s)" and a non-empty host (no brackets, so no ValueError), so it
 # is accepted without the ~2 µs urlsplit costs. Whitespace and control characters are
 # refused before this pattern is tried, and it admits none.
-_PLAIN_WEB_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]+)?(?:[/?#][!-~]*)?")
+PLAIN_WEB_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]+)?(?:[/?#][!-~]*)?")
 
 
 def _convert_url(value: object) -> str | Failure | None:
@@ -566,7 +566,7 @@ def _convert_url(value: object) -> str | Failure | None:
     # RFC 3986 has no raw spaces or control characters; urlsplit would silently drop some.
     if " " in text or not text.isprintable():
         return _fail(Reason.INVALID_URL, "contains whitespace or control characters", value)
-    if _PLAIN_WEB_URL.fullmatch(text) is not None:
+    if PLAIN_WEB_URL.fullmatch(text) is not None:
         return text
     try:
         parts = urlsplit(text)

@@ -140,23 +140,51 @@ def _field_slots(field: ConvertedField, *, dropped_as_null: bool = False) -> lis
     # A failure is left out of the payload (the attribute is dropped), or, in the payload
     # the fingerprint is taken of, written as null (as absent when nulls are kept).
     failed = null if dropped_as_null else ""
-    texts = _value_texts(values) if len(values) >= COLUMN_TEXTS_MIN_VALUES else None
-    if texts is not None:
+    texts: pa.StringArray | None = None
+    if field.texts is not None:
+        # Rows with a text hold a present value (proven in columns); their code is null, so
+        # the fragments gathered from the values below are null there, and filled from it.
+        texts = pc.binary_join_element_wise(prefix, field.texts, "")
+        if not values:
+            if key == present_key:
+                return [(key, texts)]
+            return [(key, pa.repeat(pa.scalar("", pa.string()), len(texts))), (present_key, texts)]
+    value_texts = _value_texts(values) if len(values) >= COLUMN_TEXTS_MIN_VALUES else None
+    if value_texts is not None:
         # No failure among the values: a present one is prefix + text, a null one is null.
-        present = pc.binary_join_element_wise(prefix, texts, "")
+        written = pc.binary_join_element_wise(prefix, value_texts, "")
         if key == present_key:
-            return [(key, _gather(pc.fill_null(present, null), field.codes))]
-        absent = pc.if_else(pc.is_null(texts), null, "")
-        return [(key, _gather(absent, field.codes)), (present_key, _gather(pc.fill_null(present, ""), field.codes))]
+            merged_column = _gather(pc.fill_null(written, null), field.codes)
+            return [(key, _merged(merged_column, texts))]
+        absent = pc.if_else(pc.is_null(value_texts), null, "")
+        return [
+            (key, _merged(_gather(absent, field.codes), texts, "")),
+            (present_key, _merged(_gather(pc.fill_null(written, ""), field.codes), texts)),
+        ]
     if key == present_key:
         merged = [
             null if value is None else failed if type(value) is Failure else prefix + json_value(value)
             for value in values
         ]
-        return [(key, _gather(merged, field.codes))]
+        return [(key, _merged(_gather(merged, field.codes), texts))]
     nulls = [null if value is None else failed if type(value) is Failure else "" for value in values]
     presents = ["" if value is None or type(value) is Failure else prefix + json_value(value) for value in values]
-    return [(key, _gather(nulls, field.codes)), (present_key, _gather(presents, field.codes))]
+    return [
+        (key, _merged(_gather(nulls, field.codes), texts, "")),
+        (present_key, _merged(_gather(presents, field.codes), texts)),
+    ]
+
+
+def _merged(gathered: pa.StringArray, texts: pa.StringArray | None, fill: str | None = None) -> pa.StringArray:
+    """The fragments gathered from a field's values, with its rows proven in columns filled in.
+
+    ``texts``: the present fragment of each such row (null for the others). Those rows get
+    it, or ``fill`` when given (the bare key's slot of a field whose keys differ).
+    """
+    if texts is None:
+        return gathered
+    filled: pa.StringArray = pc.fill_null(gathered, fill) if fill is not None else pc.coalesce(gathered, texts)
+    return filled
 
 
 # A field with at least this many values (distinct values, or rows when the column does not
