@@ -113,12 +113,12 @@ def encode_batch(converted: ConvertedBatch, *, keep_slots: bool = False) -> Enco
             compared_slots.extend(_field_slots(field, dropped_as_null=True) if field.has_failure else field_slots)
     bodies = join_objects(slots, rows)
     compared = join_objects(compared_slots, rows) if drops else bodies
-    null_string = pa.scalar(None, pa.string())
+    # Bodies are the largest arrays of a batch: copied to null the rejected rows' only when there are some.
     return EncodedBatch(
         custom_ids=converted.custom_ids,
         issues=converted.issues,
         valid=valid,
-        bodies=pc.if_else(valid, bodies, null_string),
+        bodies=bodies if valid.false_count == 0 else pc.if_else(valid, bodies, pa.scalar(None, pa.string())),
         payloads=pc.if_else(valid, payload_fingerprints(compared), pa.scalar(None, pa.uint64())),
         slots=tuple(slots) if keep_slots else None,
     )
@@ -225,9 +225,25 @@ def join_objects(slots: Sequence[tuple[str, pa.StringArray]], rows: int) -> pa.S
         return pa.array(["{}"] * rows, pa.string())
     # Keys are unique per mapping (config), so sorting the slots sorts every row's keys.
     ordered = [array for _, array in sorted(slots, key=lambda slot: slot[0])]
-    joined = pc.binary_join_element_wise(*ordered, "")
-    # Every fragment starts with a comma: drop the first one and wrap in braces.
-    objects: pa.StringArray = pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 1), "}", "")
+    # Every fragment starts with a comma: a row's first fragment opens the object instead.
+    # Done on the fragments (a few bytes a row) before the one join that writes the
+    # objects, which are not then copied again; usually the first slot opens every row.
+    empty: pa.BooleanArray = pa.repeat(pa.scalar(True), rows)  # rows without a fragment so far
+    for index, fragments in enumerate(ordered):
+        present = pc.greater(pc.binary_length(fragments), 0)
+        opens = pc.and_(empty, present)
+        if pc.any(opens).as_py():
+            opened = pc.binary_replace_slice(fragments, start=0, stop=1, replacement="{")
+            ordered[index] = opened if pc.all(opens).as_py() else pc.if_else(opens, opened, fragments)
+        empty = pc.and_not(empty, present)
+        if not pc.any(empty).as_py():
+            return _joined([*ordered, "}"])
+    # Some rows have no fragment at all (every field's null kept): "{}".
+    return _joined([*ordered, pc.if_else(empty, "{}", "}")])
+
+
+def _joined(parts: list[pa.StringArray | str]) -> pa.StringArray:
+    objects: pa.StringArray = pc.binary_join_element_wise(*parts, "")
     return objects
 
 
@@ -236,7 +252,8 @@ def payload_fingerprints(bodies: pa.StringArray) -> pa.UInt64Array:
     salted = hashlib.blake2b(PAYLOAD_SALT, digest_size=8)
     digests: list[bytes] = []
     append = digests.append
-    for body in pc.fill_null(bodies, "").cast(pa.binary()).to_pylist():
+    filled = bodies if bodies.null_count == 0 else pc.fill_null(bodies, "")
+    for body in filled.cast(pa.binary()).to_pylist():
         hasher = salted.copy()
         hasher.update(body)
         # The fingerprint reads the digest big-endian; Arrow's uint64 buffer is little-endian.
