@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,27 +279,43 @@ class RequestBody(NamedTuple):
     ends: array[int]
 
 
-def request_body(custom_ids: pa.StringArray, bodies: pa.StringArray) -> RequestBody:
+def request_body(custom_ids: pa.StringArray, bodies: pa.StringArray | pa.ChunkedArray) -> RequestBody:
     """The JSON array of profiles a Batch request carries, from ids and canonical bodies.
 
-    ``ends[i]`` is the byte offset just past item ``i`` (8 bytes an item, next to the item's
-    few hundred): the client cuts the items Batch failed alone out of the array with them,
-    to resend those without re-encoding anything (docs/batch-api.md, "Per-item errors").
+    ``bodies`` may come in chunks (the slices of the batches a request gathers): they are
+    not combined first. ``ends[i]`` is the byte offset just past item ``i`` (8 bytes an
+    item, next to the item's few hundred): the client cuts the items Batch failed alone out
+    of the array with them, to resend those without re-encoding anything
+    (docs/batch-api.md, "Per-item errors").
     """
+    if len(custom_ids) == 0:
+        return RequestBody(b"[]", array("q"))
+    # Each item with the comma that follows it: the items' data, back to back, are then the
+    # array's inside, and the only copies of the bodies are this join and the bytes below.
     items = pc.binary_join_element_wise(
-        '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "}", ""
+        '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "},", ""
     )
-    listed = pa.ListArray.from_arrays(pa.array([0, len(items)], pa.int32()), items)
-    framed = pc.binary_join_element_wise("[", pc.binary_join(listed, ","), "]", "")
-    # Straight to bytes, one copy: through a Python str it took three more (and up to four
-    # bytes a character for a body with a character beyond Latin-1).
-    payload: bytes = framed.cast(pa.binary())[0].as_py()
-    # Item i ends after "[", the i+1 first items and the i commas between them.
-    ends = pc.cumulative_sum(pc.add(pc.binary_length(items).cast(pa.int64()), 1))
-    offsets = array("q")
+    parts: list[bytes | memoryview] = [b"["]
+    for chunk in items.chunks if isinstance(items, pa.ChunkedArray) else [items]:
+        if len(chunk):
+            offsets, data = chunk.buffers()[1:3]
+            first, last = (
+                struct.unpack_from("<i", offsets, 4 * chunk.offset)[0],
+                struct.unpack_from("<i", offsets, 4 * (chunk.offset + len(chunk)))[0],
+            )
+            parts.append(memoryview(data)[first:last])
+    parts[-1] = parts[-1][:-1]  # the last item's comma
+    parts.append(b"]")
+    payload = b"".join(parts)
+    # Item i ends after "[", the i+1 first items and the i commas between them: where its
+    # comma is in the items' data, plus the "[".
+    ends = pc.cumulative_sum(pc.binary_length(items).cast(pa.int64()))
+    if isinstance(ends, pa.ChunkedArray):
+        ends = ends.combine_chunks()
+    offsets_out = array("q")
     # The int64 values buffer, as it is (no nulls): 8 bytes an item, no Python int each.
-    offsets.frombytes(memoryview(ends.buffers()[1])[ends.offset * 8 : (ends.offset + len(ends)) * 8])
-    return RequestBody(payload, offsets)
+    offsets_out.frombytes(memoryview(ends.buffers()[1])[ends.offset * 8 : (ends.offset + len(ends)) * 8])
+    return RequestBody(payload, offsets_out)
 
 
 def request_array(custom_ids: pa.StringArray, bodies: pa.StringArray) -> bytes:
