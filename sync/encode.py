@@ -24,6 +24,7 @@ import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Final, NamedTuple
 
 import pyarrow as pa
@@ -251,12 +252,18 @@ def _joined(parts: list[pa.StringArray | str]) -> pa.StringArray:
 def payload_fingerprints(bodies: pa.StringArray) -> pa.UInt64Array:
     """:func:`sync.fingerprint.payload_fingerprint_of` of every body, as a uint64 array (nulls → 0)."""
     salted = hashlib.blake2b(PAYLOAD_SALT, digest_size=8)
+    filled = bodies if bodies.null_count == 0 else pc.fill_null(bodies, "")
+    # Each body hashed where it lies in the array's data (a view, not a bytes copy of it).
+    offsets = array("i")
+    offsets.frombytes(memoryview(filled.buffers()[1])[filled.offset * 4 : (filled.offset + len(filled) + 1) * 4])
+    data = filled.buffers()[2]
+    view = memoryview(data) if data is not None else memoryview(b"")
+    copy = salted.copy
     digests: list[bytes] = []
     append = digests.append
-    filled = bodies if bodies.null_count == 0 else pc.fill_null(bodies, "")
-    for body in filled.cast(pa.binary()).to_pylist():
-        hasher = salted.copy()
-        hasher.update(body)
+    for start, end in pairwise(offsets):
+        hasher = copy()
+        hasher.update(view[start:end])
         # The fingerprint reads the digest big-endian; Arrow's uint64 buffer is little-endian.
         append(hasher.digest()[::-1])
     buffer = pa.py_buffer(b"".join(digests))

@@ -303,3 +303,15 @@ def test_payload_fingerprints_are_the_row_by_row_ones() -> None:
     fingerprints = payload_fingerprints(pa.array(bodies, pa.string())).to_pylist()
     assert fingerprints == [payload_fingerprint_of(body.encode("utf-8")) for body in bodies]
     assert payload_fingerprints(pa.array([], pa.string())).to_pylist() == []
+
+
+def test_payload_fingerprints_of_a_slice_hash_its_own_bodies() -> None:
+    """Bodies are hashed where they lie in the array's data: a slice starts part way into it."""
+    bodies = ['{"a":1}', "{}", '{"é":"✓"}', '{"b":[1,2]}', ""]
+    whole = pa.array(bodies, pa.string())
+    for start in range(len(bodies)):
+        part = payload_fingerprints(whole.slice(start, 2)).to_pylist()
+        assert part == [payload_fingerprint_of(body.encode("utf-8")) for body in bodies[start : start + 2]]
+    # A null (a rejected row's body) is hashed as the empty body, as before.
+    with_null = payload_fingerprints(pa.array([None, '{"a":1}'], pa.string())).to_pylist()
+    assert with_null == [payload_fingerprint_of(b""), payload_fingerprint_of(b'{"a":1}')]
