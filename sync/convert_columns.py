@@ -147,6 +147,24 @@ def _integer_texts(integers: pa.Array) -> pa.StringArray:
     return texts
 
 
+def _float_texts(floats: pa.Array) -> pa.StringArray:
+    """``_convert_float``: a finite float is sent as ``float.__repr__`` writes it, -0.0 as 0.0.
+
+    Not in Arrow alone (its shortest form is spelled apart from Python's: "1" for 1.0), but
+    the very calls the converter and ``json_value`` make, without their per-value checks; a
+    NaN or an infinity is left to the converter, which refuses it.
+    """
+    finite = pc.is_finite(floats)
+    # Each -0.0 (equal to 0) becomes 0.0, as the converter sends it.
+    values = pc.if_else(pc.equal(floats, 0), pa.scalar(0.0, floats.type), floats).to_pylist()
+    texts: pa.StringArray = pc.if_else(
+        pc.fill_null(finite, False),
+        pa.array([None if value is None else float.__repr__(value) for value in values], pa.string()),
+        None,
+    )
+    return texts
+
+
 def _string_array_texts(lists: pa.Array) -> pa.StringArray:
     """``_convert_string_array``: 1 to 25 items, each a plain string, is sent as it is.
 
@@ -175,6 +193,11 @@ def _is_list_of_strings(arrow_type: pa.DataType) -> bool:
     return bool(pa.types.is_list(arrow_type) and pa.types.is_string(arrow_type.value_type))
 
 
+def _is_double_or_single(arrow_type: pa.DataType) -> bool:
+    # A half float reads back as a numpy value, not a float: the converter's.
+    return arrow_type in (pa.float32(), pa.float64())
+
+
 def _is_exact_integer(arrow_type: pa.DataType) -> bool:
     # uint64 can exceed Batch's signed 64-bit range: its values go to the converter.
     return bool(pa.types.is_signed_integer(arrow_type) or arrow_type in (pa.uint8(), pa.uint16(), pa.uint32()))
@@ -185,6 +208,7 @@ _COLUMN_PATHS: Final[Mapping[Converter, tuple[Callable[[pa.DataType], bool], Cal
     CUSTOM_CONVERTERS[AttributeType.STRING]: (pa.types.is_string, _string_texts),
     CUSTOM_CONVERTERS[AttributeType.URL]: (pa.types.is_string, _url_texts),
     CUSTOM_CONVERTERS[AttributeType.INTEGER]: (_is_exact_integer, _integer_texts),
+    CUSTOM_CONVERTERS[AttributeType.FLOAT]: (_is_double_or_single, _float_texts),
     CUSTOM_CONVERTERS[AttributeType.STRING_ARRAY]: (_is_list_of_strings, _string_array_texts),
 }
 

@@ -213,6 +213,25 @@ def test_integers(arrow_type: pa.DataType) -> None:
     assert accepted_texts(convert_integer, array) == len(values) - 1
 
 
+convert_float = CUSTOM_CONVERTERS[AttributeType.FLOAT]
+
+
+@pytest.mark.parametrize("arrow_type", [pa.float64(), pa.float32()])
+def test_floats(arrow_type: pa.DataType) -> None:
+    values = [0.0, -0.0, 1.0, 0.1, -2.5, 1e16, 1e-5, 123456789012345680.0, 5e-324, float("nan"), float("inf"), None]
+    array = pa.array(values, arrow_type)
+    assert accepted_texts(convert_float, array) == 9
+    texts = column_texts(convert_float, array)
+    assert texts is not None
+    assert texts.to_pylist()[:3] == ["0.0", "0.0", "1.0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.none() | st.floats(), max_size=8))
+def test_generated_floats(values: list[float | None]) -> None:
+    accepted_texts(convert_float, pa.array(values, pa.float64()))
+
+
 def test_a_uint64_column_is_left_to_the_converter() -> None:
     assert column_texts(convert_integer, pa.array([1, 2**64 - 1], pa.uint64())) is None
 
@@ -297,6 +316,8 @@ def test_generated_custom_ids(values: list[str]) -> None:
 def test_only_the_known_converters_and_types_have_a_column_path() -> None:
     strings = pa.array(["a"], pa.string())
     assert column_texts(CUSTOM_CONVERTERS[AttributeType.FLOAT], strings) is None
+    assert column_texts(CUSTOM_CONVERTERS[AttributeType.FLOAT], pa.array([1], pa.int64())) is None
+    assert column_texts(CUSTOM_CONVERTERS[AttributeType.FLOAT], pa.array([1.5], pa.float16())) is None
     assert column_texts(convert_email, pa.array(["a@b.io"], pa.large_string())) is None
     assert column_texts(convert_string, pa.array(["a"]).dictionary_encode()) is None
     # The texts are JSON a reader parses back to the value.
