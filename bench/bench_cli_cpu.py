@@ -16,8 +16,10 @@ Per run type and checkout, the median over the repetitions of:
 * ``CPU µs/row``: user + system CPU of the command and every process it waited for (worker
   processes included), per row of the segment, from the operating system's accounting of
   the reaped child (``os.wait4``);
-* ``peak RSS MB``: the largest resident set of the command's process (``ru_maxrss`` of that
-  child alone, 10^6 bytes);
+* ``user µs/row``, ``system µs/row``: the same, split (system CPU is mostly page faults);
+* ``peak RSS MB``: the command's own ``VmHWM``, read by its process just before it exits
+  (``bench/cli_run.py``; not ``ru_maxrss``, which Linux carries over from this bench's process,
+  itself ~300 MB after generating a 1M-row segment), 10^6 bytes;
 * ``wall s``: the command from start to exit.
 
 and the ratio baseline / this checkout (above 1: this checkout is cheaper). Nothing is
@@ -27,19 +29,17 @@ asserted: the bench prints figures; it exits 1 if a run did not succeed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
+import cli_run
 import yaml
 from bench_sync import (
     baseline_tree,
@@ -62,28 +62,28 @@ def reset_simulator(base_url: str) -> None:
         pass
 
 
-def run_command(tree: Path, activation: Path, state: Path, env: dict[str, str]) -> dict[str, float | str]:
+def run_command(
+    tree: Path, activation: Path, state: Path, env: dict[str, str], scratch: Path, label: str
+) -> dict[str, float | str]:
     """One ``cepsync run`` of ``tree``'s code; its CPU, peak RSS, wall time and status."""
-    command = [sys.executable, "-m", "sync.cli", "run", str(activation), "--state", f"sqlite:///{state}", "--json"]
-    started = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(  # noqa: S603 - this interpreter, our own CLI
-            command, env={**env, "PYTHONPATH": str(tree)}, cwd=tree, stdout=out, stderr=err
-        )
-        _, code, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(code)
-        out.seek(0)
-        err.seek(0)
-        output, errors = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    try:
-        status = str(json.loads(output).get("status"))
-    except ValueError:
-        status = f"exit {process.returncode}: {(errors or output)[-500:]}"
+    result = cli_run.run_command(
+        ["run", str(activation), "--state", f"sqlite:///{state}", "--json"],
+        tree=tree,
+        env=env,
+        workdir=scratch,
+        label=label,
+    )
+    if result.record is not None:
+        status = str(result.record.get("status"))
+    else:
+        errors = result.stderr_path.read_text(encoding="utf-8", errors="replace")
+        status = f"exit {result.exit_code}: {(result.error or errors)[-500:]}"
     return {
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "rss_mb": usage.ru_maxrss * 1024 / 1e6,
-        "wall_s": wall,
+        "cpu_s": result.cpu_seconds,
+        "user_s": result.user_seconds,
+        "system_s": result.system_seconds,
+        "rss_mb": (result.peak_rss_bytes or 0) / 1e6,
+        "wall_s": result.wall_seconds,
         "status": status,
     }
 
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
                         if run == "delta":
                             change_rows(database, args.rows, 1.0)
                             remove_rows(database, args.rows, 0.5)
-                        result = run_command(tree, activation, state, env)
+                        result = run_command(tree, activation, state, env, scratch, run)
                         figures.setdefault((name, run), []).append(result)
                         print(f"{repetition + 1}/{args.repeat} {name} {run}: {result}", file=sys.stderr)
                         if result["status"] not in SUCCEEDED:
@@ -158,6 +158,8 @@ def print_table(
     for run in runs:
         for label, key, scale in (
             ("CPU µs/row", "cpu_s", 1e6 / rows),
+            ("user µs/row", "user_s", 1e6 / rows),
+            ("system µs/row", "system_s", 1e6 / rows),
             ("peak RSS MB", "rss_mb", 1.0),
             ("wall s", "wall_s", 1.0),
         ):

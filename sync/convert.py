@@ -22,6 +22,7 @@ bad value. ``docs/mapping.md`` says what each Batch field accepts and how we nor
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import unicodedata
@@ -81,8 +82,16 @@ SUBSCRIPTION_VALUES: Final[Mapping[str, str]] = {
 
 @functools.cache
 def _languages() -> dict[str, str]:
-    """ISO 639-1 code (lowercase) -> itself."""
-    return {lang.alpha_2.lower(): lang.alpha_2.lower() for lang in pycountry.languages if hasattr(lang, "alpha_2")}
+    """ISO 639-1 code (lowercase) -> itself, from pycountry's own ISO 639-3 file.
+
+    Read from the file rather than through ``pycountry.languages``, which builds an object
+    and index entries for each of its ~7,900 languages (~6 MB, kept for the process's life)
+    to give the 184 that have a two-letter code.
+    """
+    database = pycountry.languages
+    with open(database.filename, encoding="utf-8") as file:
+        entries: list[dict[str, str]] = json.load(file)[database.root_key]
+    return {entry["alpha_2"].lower(): entry["alpha_2"].lower() for entry in entries if "alpha_2" in entry}
 
 
 @functools.cache
@@ -195,13 +204,13 @@ _PLAIN_EMAIL = re.compile(
 )
 _EMAIL_MAX_LENGTH: Final = 254  # email-validator's EMAIL_MAX_LENGTH (RFC 5321 4.5.3.1.3)
 _DNS_LABEL_MAX_LENGTH: Final = 63  # RFC 1035 2.3.1
-_SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
-_CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
 def _plain_domain(domain: str, tld: str) -> bool:
     """A domain the patterns matched that email-validator accepts as its lowercase self."""
-    if tld.lower() in _SPECIAL_USE_TLDS:
+    if tld.lower() in SPECIAL_USE_TLDS:
         return False
     return len(domain) <= _DNS_LABEL_MAX_LENGTH or max(map(len, domain.split("."))) <= _DNS_LABEL_MAX_LENGTH
 
@@ -217,7 +226,7 @@ def _plain_email(text: str) -> str | None:
     if not _plain_domain(domain, tld):
         return None
     local = text[: match.start(1) - 1]
-    if local.lower() in _CASE_INSENSITIVE_MAILBOXES:
+    if local.lower() in CASE_INSENSITIVE_MAILBOXES:
         return None
     return f"{local}@{domain.lower()}"
 
@@ -288,11 +297,10 @@ def convert_email(value: object) -> str | Failure | None:
 
 
 def phone_converter(default_region: str | None) -> Converter:
-    # The phone libraries (~0.03 s of imports) load when an activation maps a phone field.
-    import phonenumbers
+    # The phone libraries (~0.03 s of imports) load when an activation maps a phone field;
+    # phonenumbers (a second opinion, ~2 MB more) only once rphonenumbers refuses a number.
     import rphonenumbers
 
-    e164 = phonenumbers.PhoneNumberFormat.E164
     fast_e164 = rphonenumbers.PhoneNumberFormat.E164
 
     def convert(value: object) -> str | Failure | None:
@@ -319,6 +327,8 @@ def phone_converter(default_region: str | None) -> Converter:
             if rphonenumbers.is_valid_number(fast):
                 formatted: str = rphonenumbers.format_number(fast, fast_e164)  # untyped library
                 return formatted
+        import phonenumbers
+
         try:
             number = phonenumbers.parse(text, default_region)
         except phonenumbers.NumberParseException:
@@ -326,7 +336,7 @@ def phone_converter(default_region: str | None) -> Converter:
         if not phonenumbers.is_valid_number(number):
             return _fail(Reason.INVALID_PHONE, "not a valid phone number", value)
         # E.164 is what Batch accepts (SDK pattern ^\+[0-9]{1,15}$); extensions are dropped.
-        return phonenumbers.format_number(number, e164)
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
     return convert
 
@@ -552,7 +562,7 @@ def convert_date(value: object) -> str | Failure | None:
 # would find scheme "http(s)" and a non-empty host (no brackets, so no ValueError), so it
 # is accepted without the ~2 µs urlsplit costs. Whitespace and control characters are
 # refused before this pattern is tried, and it admits none.
-_PLAIN_WEB_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]+)?(?:[/?#][!-~]*)?")
+PLAIN_WEB_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]+)?(?:[/?#][!-~]*)?")
 
 
 def _convert_url(value: object) -> str | Failure | None:
@@ -566,7 +576,7 @@ def _convert_url(value: object) -> str | Failure | None:
     # RFC 3986 has no raw spaces or control characters; urlsplit would silently drop some.
     if " " in text or not text.isprintable():
         return _fail(Reason.INVALID_URL, "contains whitespace or control characters", value)
-    if _PLAIN_WEB_URL.fullmatch(text) is not None:
+    if PLAIN_WEB_URL.fullmatch(text) is not None:
         return text
     try:
         parts = urlsplit(text)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Final, NamedTuple
 
 import pyarrow as pa
@@ -113,12 +115,12 @@ def encode_batch(converted: ConvertedBatch, *, keep_slots: bool = False) -> Enco
             compared_slots.extend(_field_slots(field, dropped_as_null=True) if field.has_failure else field_slots)
     bodies = join_objects(slots, rows)
     compared = join_objects(compared_slots, rows) if drops else bodies
-    null_string = pa.scalar(None, pa.string())
+    # Bodies are the largest arrays of a batch: copied to null the rejected rows' only when there are some.
     return EncodedBatch(
         custom_ids=converted.custom_ids,
         issues=converted.issues,
         valid=valid,
-        bodies=pc.if_else(valid, bodies, null_string),
+        bodies=bodies if valid.false_count == 0 else pc.if_else(valid, bodies, pa.scalar(None, pa.string())),
         payloads=pc.if_else(valid, payload_fingerprints(compared), pa.scalar(None, pa.uint64())),
         slots=tuple(slots) if keep_slots else None,
     )
@@ -140,23 +142,51 @@ def _field_slots(field: ConvertedField, *, dropped_as_null: bool = False) -> lis
     # A failure is left out of the payload (the attribute is dropped), or, in the payload
     # the fingerprint is taken of, written as null (as absent when nulls are kept).
     failed = null if dropped_as_null else ""
-    texts = _value_texts(values) if len(values) >= COLUMN_TEXTS_MIN_VALUES else None
-    if texts is not None:
+    texts: pa.StringArray | None = None
+    if field.texts is not None:
+        # Rows with a text hold a present value (proven in columns); their code is null, so
+        # the fragments gathered from the values below are null there, and filled from it.
+        texts = pc.binary_join_element_wise(prefix, field.texts, "")
+        if not values:
+            if key == present_key:
+                return [(key, texts)]
+            return [(key, pa.repeat(pa.scalar("", pa.string()), len(texts))), (present_key, texts)]
+    value_texts = _value_texts(values) if len(values) >= COLUMN_TEXTS_MIN_VALUES else None
+    if value_texts is not None:
         # No failure among the values: a present one is prefix + text, a null one is null.
-        present = pc.binary_join_element_wise(prefix, texts, "")
+        written = pc.binary_join_element_wise(prefix, value_texts, "")
         if key == present_key:
-            return [(key, _gather(pc.fill_null(present, null), field.codes))]
-        absent = pc.if_else(pc.is_null(texts), null, "")
-        return [(key, _gather(absent, field.codes)), (present_key, _gather(pc.fill_null(present, ""), field.codes))]
+            merged_column = _gather(pc.fill_null(written, null), field.codes)
+            return [(key, _merged(merged_column, texts))]
+        absent = pc.if_else(pc.is_null(value_texts), null, "")
+        return [
+            (key, _merged(_gather(absent, field.codes), texts, "")),
+            (present_key, _merged(_gather(pc.fill_null(written, ""), field.codes), texts)),
+        ]
     if key == present_key:
         merged = [
             null if value is None else failed if type(value) is Failure else prefix + json_value(value)
             for value in values
         ]
-        return [(key, _gather(merged, field.codes))]
+        return [(key, _merged(_gather(merged, field.codes), texts))]
     nulls = [null if value is None else failed if type(value) is Failure else "" for value in values]
     presents = ["" if value is None or type(value) is Failure else prefix + json_value(value) for value in values]
-    return [(key, _gather(nulls, field.codes)), (present_key, _gather(presents, field.codes))]
+    return [
+        (key, _merged(_gather(nulls, field.codes), texts, "")),
+        (present_key, _merged(_gather(presents, field.codes), texts)),
+    ]
+
+
+def _merged(gathered: pa.StringArray, texts: pa.StringArray | None, fill: str | None = None) -> pa.StringArray:
+    """The fragments gathered from a field's values, with its rows proven in columns filled in.
+
+    ``texts``: the present fragment of each such row (null for the others). Those rows get
+    it, or ``fill`` when given (the bare key's slot of a field whose keys differ).
+    """
+    if texts is None:
+        return gathered
+    filled: pa.StringArray = pc.fill_null(gathered, fill) if fill is not None else pc.coalesce(gathered, texts)
+    return filled
 
 
 # A field with at least this many values (distinct values, or rows when the column does not
@@ -197,20 +227,43 @@ def join_objects(slots: Sequence[tuple[str, pa.StringArray]], rows: int) -> pa.S
         return pa.array(["{}"] * rows, pa.string())
     # Keys are unique per mapping (config), so sorting the slots sorts every row's keys.
     ordered = [array for _, array in sorted(slots, key=lambda slot: slot[0])]
-    joined = pc.binary_join_element_wise(*ordered, "")
-    # Every fragment starts with a comma: drop the first one and wrap in braces.
-    objects: pa.StringArray = pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 1), "}", "")
+    # Every fragment starts with a comma: a row's first fragment opens the object instead.
+    # Done on the fragments (a few bytes a row) before the one join that writes the
+    # objects, which are not then copied again; usually the first slot opens every row.
+    empty: pa.BooleanArray = pa.repeat(pa.scalar(True), rows)  # rows without a fragment so far
+    for index, fragments in enumerate(ordered):
+        present = pc.greater(pc.binary_length(fragments), 0)
+        opens = pc.and_(empty, present)
+        if pc.any(opens).as_py():
+            opened = pc.binary_replace_slice(fragments, start=0, stop=1, replacement="{")
+            ordered[index] = opened if pc.all(opens).as_py() else pc.if_else(opens, opened, fragments)
+        empty = pc.and_not(empty, present)
+        if not pc.any(empty).as_py():
+            return _joined([*ordered, "}"])
+    # Some rows have no fragment at all (every field's null kept): "{}".
+    return _joined([*ordered, pc.if_else(empty, "{}", "}")])
+
+
+def _joined(parts: list[pa.StringArray | str]) -> pa.StringArray:
+    objects: pa.StringArray = pc.binary_join_element_wise(*parts, "")
     return objects
 
 
 def payload_fingerprints(bodies: pa.StringArray) -> pa.UInt64Array:
     """:func:`sync.fingerprint.payload_fingerprint_of` of every body, as a uint64 array (nulls → 0)."""
     salted = hashlib.blake2b(PAYLOAD_SALT, digest_size=8)
+    filled = bodies if bodies.null_count == 0 else pc.fill_null(bodies, "")
+    # Each body hashed where it lies in the array's data (a view, not a bytes copy of it).
+    offsets = array("i")
+    offsets.frombytes(memoryview(filled.buffers()[1])[filled.offset * 4 : (filled.offset + len(filled) + 1) * 4])
+    data = filled.buffers()[2]
+    view = memoryview(data) if data is not None else memoryview(b"")
+    copy = salted.copy
     digests: list[bytes] = []
     append = digests.append
-    for body in pc.fill_null(bodies, "").cast(pa.binary()).to_pylist():
-        hasher = salted.copy()
-        hasher.update(body)
+    for start, end in pairwise(offsets):
+        hasher = copy()
+        hasher.update(view[start:end])
         # The fingerprint reads the digest big-endian; Arrow's uint64 buffer is little-endian.
         append(hasher.digest()[::-1])
     buffer = pa.py_buffer(b"".join(digests))
@@ -233,27 +286,43 @@ class RequestBody(NamedTuple):
     ends: array[int]
 
 
-def request_body(custom_ids: pa.StringArray, bodies: pa.StringArray) -> RequestBody:
+def request_body(custom_ids: pa.StringArray, bodies: pa.StringArray | pa.ChunkedArray) -> RequestBody:
     """The JSON array of profiles a Batch request carries, from ids and canonical bodies.
 
-    ``ends[i]`` is the byte offset just past item ``i`` (8 bytes an item, next to the item's
-    few hundred): the client cuts the items Batch failed alone out of the array with them,
-    to resend those without re-encoding anything (docs/batch-api.md, "Per-item errors").
+    ``bodies`` may come in chunks (the slices of the batches a request gathers): they are
+    not combined first. ``ends[i]`` is the byte offset just past item ``i`` (8 bytes an
+    item, next to the item's few hundred): the client cuts the items Batch failed alone out
+    of the array with them, to resend those without re-encoding anything
+    (docs/batch-api.md, "Per-item errors").
     """
+    if len(custom_ids) == 0:
+        return RequestBody(b"[]", array("q"))
+    # Each item with the comma that follows it: the items' data, back to back, are then the
+    # array's inside, and the only copies of the bodies are this join and the bytes below.
     items = pc.binary_join_element_wise(
-        '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "}", ""
+        '{"identifiers":{"custom_id":', json_strings(custom_ids), '},"attributes":', bodies, "},", ""
     )
-    listed = pa.ListArray.from_arrays(pa.array([0, len(items)], pa.int32()), items)
-    framed = pc.binary_join_element_wise("[", pc.binary_join(listed, ","), "]", "")
-    # Straight to bytes, one copy: through a Python str it took three more (and up to four
-    # bytes a character for a body with a character beyond Latin-1).
-    payload: bytes = framed.cast(pa.binary())[0].as_py()
-    # Item i ends after "[", the i+1 first items and the i commas between them.
-    ends = pc.cumulative_sum(pc.add(pc.binary_length(items).cast(pa.int64()), 1))
-    offsets = array("q")
+    parts: list[bytes | memoryview] = [b"["]
+    for chunk in items.chunks if isinstance(items, pa.ChunkedArray) else [items]:
+        if len(chunk):
+            offsets, data = chunk.buffers()[1:3]
+            first, last = (
+                struct.unpack_from("<i", offsets, 4 * chunk.offset)[0],
+                struct.unpack_from("<i", offsets, 4 * (chunk.offset + len(chunk)))[0],
+            )
+            parts.append(memoryview(data)[first:last])
+    parts[-1] = parts[-1][:-1]  # the last item's comma
+    parts.append(b"]")
+    payload = b"".join(parts)
+    # Item i ends after "[", the i+1 first items and the i commas between them: where its
+    # comma is in the items' data, plus the "[".
+    ends = pc.cumulative_sum(pc.binary_length(items).cast(pa.int64()))
+    if isinstance(ends, pa.ChunkedArray):
+        ends = ends.combine_chunks()
+    offsets_out = array("q")
     # The int64 values buffer, as it is (no nulls): 8 bytes an item, no Python int each.
-    offsets.frombytes(memoryview(ends.buffers()[1])[ends.offset * 8 : (ends.offset + len(ends)) * 8])
-    return RequestBody(payload, offsets)
+    offsets_out.frombytes(memoryview(ends.buffers()[1])[ends.offset * 8 : (ends.offset + len(ends)) * 8])
+    return RequestBody(payload, offsets_out)
 
 
 def request_array(custom_ids: pa.StringArray, bodies: pa.StringArray) -> bytes:

@@ -21,10 +21,12 @@ is what the batch path must agree with; the tests hold the two together.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync.config import Activation, AttributeType, CustomAttributeConfig, InvalidValuePolicy, MappingConfig
 from sync.convert import (
@@ -38,6 +40,7 @@ from sync.convert import (
     has_timezone_data,
     native_converter,
 )
+from sync.convert_columns import column_texts, custom_id_column, quoted
 from sync.decode import (
     DecodedColumn,
     dates_in_columns,
@@ -183,16 +186,8 @@ class ProfileMapper:
         # Last one wins for a repeated name, as in the dicts of RecordBatch.to_pylist().
         positions = {name: index for index, name in enumerate(batch.schema.names)}
         id_position = positions.get(self._id_column)
-        id_values = batch.column(id_position).to_pylist() if id_position is not None else [None] * rows
         issues: dict[int, list[RowIssue]] = {}
-        custom_ids: list[str | None] = []
-        for row, value in enumerate(id_values):
-            converted_id = convert_custom_id(value)
-            if isinstance(converted_id, Failure):
-                issues[row] = [RowIssue(self._id_column, converted_id.reason, converted_id.detail)]
-                custom_ids.append(None)
-            else:
-                custom_ids.append(converted_id)
+        custom_ids = self._custom_ids(batch.column(id_position) if id_position is not None else None, rows, issues)
 
         decoded: dict[str, DecodedColumn] = {}
         fields: list[ConvertedField] = []
@@ -203,25 +198,74 @@ class ProfileMapper:
                 continue
             array = batch.column(position)
             unreadable: list[tuple[int, Unrepresentable]] = []
+            texts: pa.StringArray | None = None
             if convert is convert_date and is_temporal(array.type):
                 array, unreadable = readable_temporal(array)
                 formatted = None if unreadable else dates_in_columns(array)
                 if formatted is not None:
-                    fields.append(ConvertedField(column, key, present_key, formatted.to_pylist(), None, False, keep))
-                    continue
-            source = decoded.get(column)
-            if source is None:
-                source = decoded[column] = with_unrepresentable(decode_column(array), unreadable)
+                    texts = quoted(formatted)  # digits, '-', ':', 'T', '.', 'Z': nothing to escape
+            elif not unreadable:
+                texts = column_texts(convert, array)
+            if texts is None:
+                source = decoded.get(column)
+                if source is None:
+                    source = decoded[column] = with_unrepresentable(decode_column(array), unreadable)
+                values, codes = source
+            else:
+                # The rows Arrow answered for are done; the others (nulls, values the
+                # column checks are unsure of) go to the converter, as any column's rows.
+                values, codes = _the_rest(array, texts)
             # None is "no value" both as a source value and as a converter result.
-            converted: list[Converted] = [None if value is None else convert(value) for value in source.values]
+            converted: list[Converted] = [None if value is None else convert(value) for value in values]
             has_failure = any(type(result) is Failure for result in converted)
-            fields.append(ConvertedField(column, key, present_key, converted, source.codes, has_failure, keep))
+            fields.append(ConvertedField(column, key, present_key, converted, codes, has_failure, keep, texts))
             if has_failure:
-                for row in failed_rows(converted, source.codes):
-                    failure = converted[row if source.codes is None else source.codes[row].as_py()]
+                for row in failed_rows(converted, codes):
+                    failure = converted[row if codes is None else codes[row].as_py()]
                     assert isinstance(failure, Failure)  # failed_rows lists only these
                     issues.setdefault(row, []).append(RowIssue(column, failure.reason, failure.detail))
         return ConvertedBatch(rows, custom_ids, issues, tuple(fields), self._reject_row)
+
+    def _custom_ids(self, array: pa.Array | None, rows: int, issues: dict[int, list[RowIssue]]) -> list[str | None]:
+        """Each row's Custom ID (None when missing or invalid, with its issue added to ``issues``)."""
+        if array is None:
+            id_values: list[object] = [None] * rows
+            known: list[str | None] = [None] * rows
+        else:
+            proven = custom_id_column(array)
+            known = [None] * rows if proven is None else proven.to_pylist()
+            if proven is not None and proven.null_count == 0:
+                return known
+            id_values = array.to_pylist()
+        custom_ids: list[str | None] = []
+        for row, (value, custom_id) in enumerate(zip(id_values, known, strict=True)):
+            if custom_id is not None:
+                custom_ids.append(custom_id)
+                continue
+            converted_id = convert_custom_id(value)
+            if isinstance(converted_id, Failure):
+                issues[row] = [RowIssue(self._id_column, converted_id.reason, converted_id.detail)]
+                custom_ids.append(None)
+            else:
+                custom_ids.append(converted_id)
+        return custom_ids
+
+
+def _the_rest(array: pa.Array, texts: pa.StringArray) -> tuple[list[object], pa.Int64Array]:
+    """The values of the rows ``texts`` has no text for, and the codes of every row (null where it has one)."""
+    rows = len(array)
+    if texts.null_count == 0:
+        return [], pa.nulls(rows, pa.int64())
+    rest = pc.is_null(texts)
+    left = array.filter(rest)
+    if left.null_count == len(left):
+        # Only nulls are left (the usual case): each points at one None.
+        return [None], pc.if_else(rest, pa.scalar(0, pa.int64()), pa.scalar(None, pa.int64()))
+    values, codes = decode_column(left)
+    if codes is None:
+        codes = pa.array(range(len(values)), pa.int64())
+    placed: pa.Int64Array = pc.replace_with_mask(pa.nulls(rows, pa.int64()), rest, codes)
+    return values, placed
 
 
 # --- Columns: what convert_batch hands to the encoder ---------------------------------------
@@ -230,8 +274,10 @@ class ProfileMapper:
 class ConvertedField(NamedTuple):
     """One mapped field of a batch after conversion.
 
-    Row i's result is ``values[codes[i]]`` when ``codes`` is set (a dictionary-encoded
-    column: one converter call per distinct value), else ``values[i]``. A result is
+    Row i's result is, when ``texts`` is set and holds a text for it, that text: the JSON
+    of a present value, proven in columns (:mod:`sync.convert_columns`); else
+    ``values[codes[i]]`` when ``codes`` is set (a dictionary-encoded column: one converter
+    call per distinct value; a row with a text has a null code), else ``values[i]``. A result is
     ``None`` (no value: the bare ``key`` is sent as null), a :class:`Failure` (the value
     is invalid: the row is rejected, or the attribute dropped), or the payload value,
     sent under ``present_key``. With ``keep_null`` (``on_null: keep``) a ``None`` is left
@@ -245,6 +291,20 @@ class ConvertedField(NamedTuple):
     codes: pa.Int64Array | None
     has_failure: bool
     keep_null: bool = False
+    texts: pa.StringArray | None = None
+
+    def results(self) -> list[Converted]:
+        """Each row's result as a Python value (a text read back from its JSON): for tests and previews."""
+        codes: list[int | None] = self.codes.to_pylist() if self.codes is not None else list(range(len(self.values)))
+        texts: list[str | None] = self.texts.to_pylist() if self.texts is not None else [None] * len(codes)
+        results: list[Converted] = []
+        for code, text in zip(codes, texts, strict=True):
+            if text is not None:
+                results.append(json.loads(text))
+            else:
+                assert code is not None, "a row without a text has a code"
+                results.append(self.values[code])
+        return results
 
 
 class ConvertedBatch(NamedTuple):

@@ -440,7 +440,7 @@ class Sender:
             # Guarantee 7: own what we may create, or change, durably, before the request leaves.
             raise RuntimeError("a group reached the sender before its intents were noted")
         ids, bodies = upserts.table.column("custom_id"), upserts.table.column("body")
-        body = request_body(ids.combine_chunks(), bodies.combine_chunks())
+        body = request_body(ids.combine_chunks(), bodies)
         profiles = EncodedProfiles(ids.to_pylist(), body.payload, body.ends)
         del body, bodies
         # The request holds the bodies now; what is left is what the journal needs.

@@ -270,6 +270,29 @@ def test_any_subset_of_a_request_is_cut_out_without_re_encoding(ids: list[str], 
         assert json.loads(again.payload) == [json.loads(expected[-1])]
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    ids=st.lists(st.text(min_size=1) | st.sampled_from(HOSTILE_IDS), min_size=1, max_size=10),
+    data=st.data(),
+)
+def test_a_request_of_bodies_in_chunks_is_the_request_of_the_same_bodies_in_one(
+    ids: list[str], data: st.DataObject
+) -> None:
+    """The sender hands the bodies as slices of the batches a request gathers (offsets not at 0)."""
+    bodies = [canonical_payload({"firstname": f"Ann ✓ {index}", "n": index}).decode() for index in range(len(ids))]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=4)))
+    lead = data.draw(st.lists(st.sampled_from(bodies), max_size=3))  # rows before the slice, in its batch
+    whole = pa.array(lead + bodies, pa.string())
+    chunks = [
+        whole.slice(len(lead) + start, end - start) for start, end in zip([0, *cuts], [*cuts, len(ids)], strict=True)
+    ]
+    chunked = request_body(pa.array(ids, pa.string()), pa.chunked_array(chunks, pa.string()))
+    one = request_body(pa.array(ids, pa.string()), pa.array(bodies, pa.string()))
+    assert chunked.payload == one.payload
+    assert list(chunked.ends) == list(one.ends)
+    assert [item["attributes"] for item in json.loads(chunked.payload)] == [json.loads(b) for b in bodies]
+
+
 def test_json_strings_escape_only_when_a_value_needs_it() -> None:
     assert json_strings(pa.array(["a", "é"])).to_pylist() == ['"a"', '"é"']
     assert json_strings(pa.array(["a", 'b"'])).to_pylist() == ['"a"', '"b\\""']
@@ -280,3 +303,15 @@ def test_payload_fingerprints_are_the_row_by_row_ones() -> None:
     fingerprints = payload_fingerprints(pa.array(bodies, pa.string())).to_pylist()
     assert fingerprints == [payload_fingerprint_of(body.encode("utf-8")) for body in bodies]
     assert payload_fingerprints(pa.array([], pa.string())).to_pylist() == []
+
+
+def test_payload_fingerprints_of_a_slice_hash_its_own_bodies() -> None:
+    """Bodies are hashed where they lie in the array's data: a slice starts part way into it."""
+    bodies = ['{"a":1}', "{}", '{"é":"✓"}', '{"b":[1,2]}', ""]
+    whole = pa.array(bodies, pa.string())
+    for start in range(len(bodies)):
+        part = payload_fingerprints(whole.slice(start, 2)).to_pylist()
+        assert part == [payload_fingerprint_of(body.encode("utf-8")) for body in bodies[start : start + 2]]
+    # A null (a rejected row's body) is hashed as the empty body, as before.
+    with_null = payload_fingerprints(pa.array([None, '{"a":1}'], pa.string())).to_pylist()
+    assert with_null == [payload_fingerprint_of(b""), payload_fingerprint_of(b'{"a":1}')]

@@ -81,8 +81,7 @@ def _convert(select: str) -> tuple[list[Any], dict[int, list[RowIssue]]]:
     mapper = custom_mapper(AttributeType.DATE, name="birthdate")
     converted = mapper.convert_batch(_duckdb_batch(select))
     (field,) = converted.fields
-    codes = field.codes.to_pylist() if field.codes is not None else range(len(field.values))
-    return [field.values[code] for code in codes], converted.issues
+    return field.results(), converted.issues
 
 
 @pytest.mark.parametrize(
@@ -112,8 +111,7 @@ def test_nanosecond_timestamps_zoned_outside_utc_are_cut_too() -> None:
     mapper = custom_mapper(AttributeType.DATE, name="birthdate")
     converted = mapper.convert_batch(batch)
     (field,) = converted.fields
-    codes = field.codes.to_pylist() if field.codes is not None else range(len(field.values))
-    assert [field.values[code] for code in codes] == ["2024-01-02T03:04:05.123Z", "1969-12-31T23:59:59.999Z"]
+    assert field.results() == ["2024-01-02T03:04:05.123Z", "1969-12-31T23:59:59.999Z"]
 
 
 @pytest.mark.parametrize(

@@ -114,9 +114,7 @@ def map_batch(mapper: ProfileMapper, batch: pa.RecordBatch) -> list[MappedRow]:
     converted = mapper.convert_batch(batch)
     payloads: list[Attributes] = [{} for _ in range(converted.rows)]
     for converted_field in converted.fields:
-        values = converted_field.values
-        codes = converted_field.codes
-        results = values if codes is None else list(map(values.__getitem__, codes.to_pylist()))
+        results = converted_field.results()
         key, present_key = converted_field.key, converted_field.present_key
         for payload, result in zip(payloads, results, strict=True):
             if result is None:
