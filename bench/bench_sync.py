@@ -76,7 +76,7 @@ ACTIVATION_NAME = "bench_customers"
 FULL_ROWS = 1_000_000
 # The previous main (the lease's single Budget protocol), before issue 20's work on a run's
 # cost: the engine and the command a user ran before it.
-BASELINE_REF = "b4888e3fa7ed62c5353933179eea0705c54b8a16"
+BASELINE_REF = "67c4b5d8829dd2745345bf047ca7b7d826a2d197"
 # A command still running after this long is killed and reported as crashed.
 CLI_TIMEOUT_SECONDS = 3600.0
 QUICK_ROWS = 100_000
