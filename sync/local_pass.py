@@ -84,7 +84,8 @@ SORT_SAMPLE_ROWS: Final = 20_000
 SURVIVORS: Final = "survivors"
 # A stream's row whose id the pass found new (no stored fingerprint): exact, and a join on
 # the new ids alone, not on every stored one (sync.stream_sql.send_sql's ``new``).
-NEW_IDS_SQL: Final = f"s.{KEY} IN (SELECT k FROM {SURVIVORS} WHERE NOT known AND NOT gone AND k IS NOT NULL)"
+_NEW_IDS: Final = f"SELECT k FROM {SURVIVORS} WHERE NOT known AND NOT gone AND k IS NOT NULL"
+NEW_IDS_SQL: Final = f"s.{KEY} IN ({_NEW_IDS})"
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -147,8 +148,8 @@ def survivors_sql() -> str:
 
 
 def survivor_counts_sql() -> str:
-    """How many segment rows survived, and how many of them are known (moved)."""
-    return f"SELECT count(*) FILTER (WHERE NOT gone), count(*) FILTER (WHERE known AND NOT gone) FROM {SURVIVORS}"
+    """How many segment rows moved (known survivors, not gone)."""
+    return f"SELECT count(*) FROM {SURVIVORS} WHERE known AND NOT gone"
 
 
 def removed_sql() -> str:
@@ -202,8 +203,7 @@ def narrowed_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, c
 
 def streamed_condition(after: str | None) -> str:
     """A delta's stream after the pass: null, new or duplicated ids, above ``after`` (continuations)."""
-    new = f"SELECT k FROM {SURVIVORS} WHERE NOT known AND NOT gone AND k IS NOT NULL"
-    wanted = f"({KEY} IS NULL OR {KEY} IN ({new}) OR {KEY} IN (SELECT k FROM duplicates))"
+    wanted = f"({KEY} IS NULL OR {KEY} IN ({_NEW_IDS}) OR {KEY} IN (SELECT k FROM duplicates))"
     return wanted if after is None else f"{wanted} AND ({KEY} IS NULL OR {KEY} > {quote_literal(after)})"
 
 
@@ -215,7 +215,7 @@ def run_pass(con: duckdb.DuckDBPyConnection, segment_sql: str, key: str, raw: st
     con.execute(seen_sql(segment_sql, key, raw))
     ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
     con.execute(survivors_sql())
-    ((_survivors, known),) = con.execute(survivor_counts_sql()).fetchall()
+    ((known,),) = con.execute(survivor_counts_sql()).fetchall()
     return int(rows), int(known)
 
 
