@@ -186,8 +186,13 @@ class FingerprintStore(Protocol):
     def commit(self, lease: Lease, entries: Sequence[JournalEntry] | pa.Table, now: datetime) -> None:
         """Append acknowledged entries (a :data:`JOURNAL_SCHEMA` table or entries), all or none."""
 
-    def compact(self, lease: Lease, now: datetime) -> None:
-        """Fold the journal into the fingerprints (a crashed run's too); checks the lease."""
+    def compact(self, lease: Lease, now: datetime, *, when_due: bool = False) -> None:
+        """Fold the journal into the fingerprints (a crashed run's too); checks the lease.
+
+        ``when_due``: only if the journal has grown enough for folding to be worth its cost
+        (:func:`sync.state.fold.fold_due`; a store may always fold). A journal left is
+        applied by every load, so what a load returns is the same either way.
+        """
 
 
 class DifferFactory(Protocol):

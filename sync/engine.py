@@ -284,7 +284,7 @@ class Run:
     # -- stages ----------------------------------------------------------------------------
     async def _under_lease(self, prepared: _Prepared) -> None:
         lease = self.keeper.lease
-        await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now())  # recover a crashed run's journal
+        await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now(), when_due=True)  # once due
         meta = await asyncio.to_thread(self.store.load_meta, self.activation.name)
         scan = await self._scan(prepared, meta)
         try:
@@ -536,7 +536,7 @@ class Run:
             await asyncio.to_thread(self.store.record_refusals, lease, self._answers)
         if sender.tally.acknowledged_remembered:
             await asyncio.to_thread(self.store.clear_refusals, lease, sender.tally.acknowledged_remembered)
-        await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now())
+        await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now(), when_due=True)  # see fold_due
 
     def _finish(self, prepared: _Prepared, scan: Scan, sender: Sender) -> None:
         """The run's status, and the activation meta (continuation, mapping version, success)."""

@@ -315,9 +315,12 @@ class WarehouseFingerprints:
         )
         self._check_fence(lease)
 
-    def compact(self, lease: Lease, now: datetime) -> None:
-        """Check the lease, then merge the journal (a crashed run's too) into the state table."""
-        self.base.compact(lease, now)
+    def compact(self, lease: Lease, now: datetime, *, when_due: bool = False) -> None:
+        """Check the lease, then merge the journal (a crashed run's too) into the state table.
+
+        Always merged, ``when_due`` or not: the warehouse diff reads the state table alone.
+        """
+        self.base.compact(lease, now, when_due=when_due)
         self.merge_journal(lease)
         self.drop_merged(lease)
 

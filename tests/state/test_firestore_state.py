@@ -425,6 +425,52 @@ def test_shard_count_grows_in_powers_of_two_and_old_shards_are_deleted(
     assert make_firestore_store(new_client=True).load_fingerprints("act") == expected
 
 
+def test_a_run_leaves_a_small_journal_unfolded_and_folds_it_once_due(
+    make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
+) -> None:
+    # compact(when_due=True), as a run calls it: a delta far below FOLD_DUE_SHARE of the
+    # state writes no shard (its journal documents stay live, every load applies them);
+    # deltas that bring the journal to the share are folded, shards rewritten in place.
+    target = 16_384
+    store = make_firestore_store(target_shard_bytes=target)
+    lease = store.acquire_lease("act", "run-a", TTL, at(0))
+    expected: dict[str, Fingerprint | None] = dict(random_fingerprints(20_000, seed=8))
+    commit_in_flushes(store, lease, dict(expected), flush=5_000)
+    store.compact(lease, at(1), when_due=True)  # nothing was stored: always due
+    folded = raw_layout(firestore_client, firestore_prefix, "act")
+    assert folded.live_journal_ids == []
+    assert folded.state["count"] > 1
+    shards_before = dict(folded.shard_sizes)
+
+    rnd = random.Random(9)
+    ids = sorted(expected)
+    small = {custom_id: fp(rnd.getrandbits(32)) for custom_id in rnd.sample(ids, 60)}
+    small.update(dict.fromkeys(rnd.sample(ids, 20)))
+    commit_in_flushes(store, lease, dict(small), flush=40)
+    expected.update(small)
+    before = store.op_counts()
+    store.compact(lease, at(2), when_due=True)
+    assert delta(before, store.op_counts())["writes"] == 0
+    left = raw_layout(firestore_client, firestore_prefix, "act")
+    assert len(left.live_journal_ids) == 2
+    assert left.shard_sizes == shards_before
+    wanted = {k: v for k, v in expected.items() if v is not None}
+    assert store.load_fingerprints("act") == wanted
+    assert make_firestore_store(new_client=True).load_fingerprints("act") == wanted
+
+    # A fifth of the state at once: due whatever the shards' fill.
+    large = {custom_id: fp(rnd.getrandbits(32)) for custom_id in rnd.sample(ids, 4_000)}
+    commit_in_flushes(store, lease, dict(large), flush=2_000)
+    expected.update(large)
+    store.compact(lease, at(3), when_due=True)
+    done = raw_layout(firestore_client, firestore_prefix, "act")
+    assert done.live_journal_ids == []
+    assert done.shard_sizes != shards_before
+    wanted = {k: v for k, v in expected.items() if v is not None}
+    assert store.load_fingerprints("act") == wanted
+    assert make_firestore_store(new_client=True).load_fingerprints("act") == wanted
+
+
 def test_reset_deletes_shards_and_journal_documents(
     make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
 ) -> None:

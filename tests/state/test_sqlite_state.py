@@ -22,6 +22,7 @@ import sync.state.sqlite.fingerprints as sqlite_state
 from sync.errors import LeaseHeld, LeaseLost
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal, RefusalKind
 from sync.state.base import DELIVERY_RETENTION, StateStore
+from sync.state.fold import FOLD_DUE_DOCUMENTS, FOLD_DUE_ROWS, FOLD_DUE_SHARE, fold_due
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
 from sync.state.sqlite import intents as sqlite_module
 
@@ -458,6 +459,56 @@ def test_a_version_1_file_is_converted_to_packed_fingerprints_on_open(db_path: P
         assert "fingerprints" not in tables
     finally:
         check.close()
+
+
+def test_a_run_leaves_a_small_journal_for_a_later_run_and_folds_it_once_it_is_due(db_path: Path) -> None:
+    # compact(when_due=True), as a run calls it: a first sync's journal folds (nothing is
+    # stored); a delta's, below FOLD_DUE_SHARE of the stored fingerprints, stays, and is
+    # applied by each load; the run that brings the journal to the share folds all of it.
+    stored = 4_000
+    share = int(FOLD_DUE_SHARE * stored)
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        expected = {f"u{n:05d}": fp(n) for n in range(stored)}
+        store.commit(lease, [JournalEntry(k, v) for k, v in expected.items()], at(1))
+        store.compact(lease, at(1), when_due=True)
+        raw = sqlite3.connect(db_path)
+        try:
+
+            def journal() -> tuple[int, int]:
+                row = raw.execute("SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM fingerprint_journal").fetchone()
+                return int(row[0]), int(row[1])
+
+            assert journal() == (0, 0)
+            delta = share // 2 - 1
+            for run, start in enumerate((0, delta)):
+                batch = [JournalEntry(f"u{n:05d}", fp(10_000 + n)) for n in range(start, start + delta)]
+                store.commit(lease, batch, at(2 + run))
+                expected.update(dict(batch))
+                store.compact(lease, at(2 + run), when_due=True)
+                assert journal() == (run + 1, (run + 1) * delta)  # left for a later run
+                assert store.load_fingerprints("act") == expected
+            # The third delta brings the journal past the share: all of it is folded.
+            batch = [JournalEntry(f"u{n:05d}", None) for n in range(2 * delta, 2 * delta + 3)]
+            store.commit(lease, batch, at(5))
+            for entry in batch:
+                expected.pop(entry.custom_id)
+            store.compact(lease, at(5), when_due=True)
+            assert journal() == (0, 0)
+            assert raw.execute("SELECT SUM(rows) FROM fingerprint_base").fetchone() == (len(expected),)
+        finally:
+            raw.close()
+        assert store.load_fingerprints("act") == expected
+
+
+def test_fold_due_weighs_the_journal_against_the_stored_fingerprints() -> None:
+    assert not fold_due(journal_rows=0, journal_documents=0, stored_rows=0)
+    assert fold_due(journal_rows=1, journal_documents=1, stored_rows=0)  # a first sync
+    assert not fold_due(journal_rows=49, journal_documents=3, stored_rows=1_000)
+    assert fold_due(journal_rows=50, journal_documents=3, stored_rows=1_000)
+    assert fold_due(journal_rows=1, journal_documents=FOLD_DUE_DOCUMENTS + 1, stored_rows=10**9)
+    assert not fold_due(journal_rows=FOLD_DUE_ROWS, journal_documents=10, stored_rows=10**8)
+    assert fold_due(journal_rows=FOLD_DUE_ROWS + 1, journal_documents=10, stored_rows=10**8)
 
 
 def test_commits_append_journal_blobs_that_compaction_folds(db_path: Path) -> None:

@@ -36,6 +36,7 @@ from sync.state.firestore.layout import (
     next_power_of_two,
     shard_hashes,
 )
+from sync.state.fold import FOLD_DUE_ROWS, fold_due
 
 # Journal entries cut by shard at once: compressing a part costs a fixed ~0.2 ms whatever
 # its size, so parts of a few hundred entries (one 10,000-entry journal document cut 64
@@ -132,14 +133,37 @@ class Compactor:
         self._journal = journal
         self._target = target_bytes
 
-    def compact(self, lease: Lease, ns: Namespace) -> Iterator[CompactionStep]:
-        """Fold the live journal of ``ns`` into its shards, then collect its garbage."""
+    def compact(self, lease: Lease, ns: Namespace, *, when_due: bool = False) -> Iterator[CompactionStep]:
+        """Fold the live journal of ``ns`` into its shards, then collect its garbage.
+
+        ``when_due``: only once the journal is worth folding (:meth:`_due`); a journal
+        left is applied by every load.
+        """
         ref = self._collections.activation(lease.activation)
         state = NamespaceState.from_doc(self._docs.fenced(ref, lease), ns)
         live = self._journal.read_live(ref, ns, state)
-        if live.documents or state.building is not None:
+        if state.building is not None or (live.documents and (not when_due or self._due(state, live))):
             yield from self._fold(_Fold(lease, ns, ref, state, live))
         yield from self.collect_garbage(lease.activation, ns)
+
+    def _due(self, state: NamespaceState, live: LiveJournal) -> bool:
+        """Whether the live journal is worth folding now (:func:`sync.state.fold.fold_due`).
+
+        The shards do not count their fingerprints, so the store passes an estimate: K
+        shards filled to half the target on average, at the journal's own compressed bytes
+        per entry (both are the same records, packed alike). A first build, and a numbered
+        journal an older cepsync wrote, are always due.
+        """
+        if state.count == 0 or state.low < state.next:
+            return True
+        rows = 0
+        for path, blob in live.blobs:
+            rows += codec.decode(blob, live.ns, journal=True, where=path).num_rows
+            if rows > FOLD_DUE_ROWS:
+                return True
+        per_entry = live.compressed_bytes / max(rows, 1)
+        stored = int(state.count * self._target / 2 / max(per_entry, 1.0))
+        return fold_due(journal_rows=rows, journal_documents=live.documents, stored_rows=stored)
 
     # -- folding ------------------------------------------------------------------------------
 

@@ -201,7 +201,7 @@ class FirestoreStateStore(FirestoreMembers):
         core.require_aware(now, "now")
         self._journal.append(lease, FP, core.journal_table(lease.activation, entries), now)
 
-    def compact(self, lease: Lease, now: datetime) -> None:
+    def compact(self, lease: Lease, now: datetime, *, when_due: bool = False) -> None:
         """Fold the journals (fingerprints and intents) into the shards (fenced).
 
         Idempotent and crash-safe: see :meth:`iter_compaction`.
@@ -209,10 +209,12 @@ class FirestoreStateStore(FirestoreMembers):
         Raises:
             LeaseLost: ``lease`` is no longer current. What was written before is harmless.
         """
-        for _ in self.iter_compaction(lease, now):
+        for _ in self.iter_compaction(lease, now, when_due=when_due):
             pass
 
-    def iter_compaction(self, lease: Lease, now: datetime) -> Generator[CompactionStep, None, None]:
+    def iter_compaction(
+        self, lease: Lease, now: datetime, *, when_due: bool = False
+    ) -> Generator[CompactionStep, None, None]:
         """Compact step by step, yielding after each durable write.
 
         Stopping the iteration at any point (a time budget running out, a crash) leaves
@@ -221,12 +223,15 @@ class FirestoreStateStore(FirestoreMembers):
         transactions, and the journal is dropped only once every shard holding its
         entries is written.
 
+        ``when_due``: the fingerprints' journal is folded only once it is worth it
+        (:meth:`Compactor.compact`); the intents' always is.
+
         Raises:
             LeaseLost: ``lease`` is no longer current.
         """
         core.require_aware(now, "now")
         for ns in NAMESPACES:
-            yield from self._compactor.compact(lease, ns)
+            yield from self._compactor.compact(lease, ns, when_due=when_due and ns is FP)
 
     # -- mirror intents -----------------------------------------------------------------------
 

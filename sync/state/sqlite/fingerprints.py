@@ -19,7 +19,7 @@ from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.memory import release_free_memory
 from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
-from sync.state.fold import fold_journal, has_repeats, latest_entries_table, no_common_ids
+from sync.state.fold import fold_due, fold_journal, has_repeats, latest_entries_table, no_common_ids
 from sync.state.sqlite.connection import SQLiteTables, unpack
 
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
@@ -98,8 +98,11 @@ class FingerprintTables(SQLiteTables):
             )
             self._count(3, table.num_rows)
 
-    def compact(self, lease: Lease, now: datetime) -> None:
+    def compact(self, lease: Lease, now: datetime, *, when_due: bool = False) -> None:
         """Fold the journal into the base blobs, in one fenced transaction.
+
+        ``when_due``: only if the journal is large enough for folding to be worth it now
+        (:func:`sync.state.fold.fold_due`); otherwise it stays, and every load applies it.
 
         Raises:
             LeaseLost: ``lease`` is no longer current; nothing is written.
@@ -108,11 +111,24 @@ class FingerprintTables(SQLiteTables):
         with self._write() as conn:
             self._check_lease(conn, lease)
             pending = conn.execute(
-                "SELECT COUNT(*) FROM fingerprint_journal WHERE activation = ?", (activation,)
+                "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM fingerprint_journal WHERE activation = ?",
+                (activation,),
             ).fetchone()
             if not pending or not pending[0]:
                 self._count(2, 0)
                 return
+            if when_due:
+                stored = conn.execute(
+                    "SELECT COALESCE(SUM(rows), 0) FROM fingerprint_base WHERE activation = ?", (activation,)
+                ).fetchone()
+                due = fold_due(
+                    journal_rows=int(pending[1]),
+                    journal_documents=int(pending[0]),
+                    stored_rows=int(stored[0]) if stored else 0,
+                )
+                if not due:
+                    self._count(3, 0)
+                    return
             # A journal of at most one chunk (a delta) is folded a stored chunk at a time; a
             # larger one that only adds ids (a first sync) is appended; anything else folds.
             appended = self._fold_by_chunk(conn, activation)
