@@ -67,10 +67,22 @@ def test_the_fold_is_the_last_entry_per_id_applied_to_the_base(
         table([(e[0], e[1], e[2], e[3]) for e in entries], JOURNAL_SCHEMA, [e[4] for e in entries])
         for entries in journal
     ]
-    folded = fold_journal([base_table], journal_tables)
-    assert folded.schema.equals(FINGERPRINT_SCHEMA)
-    assert as_dict(folded) == expected
-    assert sets_of(folded) == expected_sets
+    # The same answer from both ways of folding: a small journal applied a base table at a
+    # time (what a load does with a journal left unfolded), and the general fold; the base
+    # whole or in several tables, each let go as it is folded.
+    for small in (True, False):
+        for cut in (base_table.num_rows, 2, 1):
+            tables = [base_table.slice(start, cut) for start in range(0, base_table.num_rows, max(cut, 1))]
+            saved = state_fold.FOLD_DUE_ROWS
+            state_fold.FOLD_DUE_ROWS = saved if small else -1
+            try:
+                folded = fold_journal(tables, journal_tables)
+            finally:
+                state_fold.FOLD_DUE_ROWS = saved
+            assert tables == []
+            assert folded.schema.equals(FINGERPRINT_SCHEMA)
+            assert as_dict(folded) == expected
+            assert sets_of(folded) == expected_sets
 
 
 def test_a_journal_of_new_ids_only_is_appended_as_it_is() -> None:
@@ -82,8 +94,10 @@ def test_a_journal_of_new_ids_only_is_appended_as_it_is() -> None:
 
 
 def test_past_the_overlap_check_limit_the_general_fold_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Above the limit the fast path does not build a set of ids; the general fold runs.
+    # Above the limits neither a small journal's path nor the overlap check builds a set
+    # of ids; the general fold runs.
     monkeypatch.setattr(state_fold, "_MAX_OVERLAP_SET", 1)
+    monkeypatch.setattr(state_fold, "FOLD_DUE_ROWS", 1)
     base = table([("a", 1, 2), ("b", 3, 4), ("c", 5, 6)])
     journal = [table([("d", 7, 8), ("e", 9, 10)], JOURNAL_SCHEMA, [True, True])]
     assert as_dict(fold_journal([base], journal)) == {
