@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA, with_attributes
+from sync.memory import release_free_memory
 
 if TYPE_CHECKING:
     import duckdb
@@ -86,6 +87,10 @@ def _without_ids(base: list[pa.Table], ids: pa.ChunkedArray) -> Iterator[pa.Tabl
             hit = pc.is_in(table.column("custom_id"), value_set=touched)
             if pc.any(hit).as_py():
                 table = table.filter(pc.invert(hit))
+                # The table it replaces is gone: hand its memory back before the next one
+                # (the allocator would keep it, and a load would hold the state twice).
+                del hit
+                release_free_memory()
         yield table
 
 
