@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -45,7 +46,7 @@ NEVER = (
     "jinja2",
 )
 
-# Loaded when a run opens its Batch session, not when the command starts.
+# Loaded when a run sends its first request to Batch, not when the command starts.
 NOT_AT_START = ("aiohttp", "croniter")
 
 _PROBE = """
@@ -206,6 +207,61 @@ def test_the_first_line_comes_before_the_engine_and_says_what_runs(tmp_path: Pat
     # The run it announced is the run that happened: same id in the record, 20 profiles sent.
     run_id = line.split("run id ", 1)[1].split(",", 1)[0]
     assert f"first_line · run {run_id} · succeeded" in done.stdout
+    assert simulator.simulator.stats()["profiles_received"] == 20
+
+
+# The console script, noting ``sys.modules`` when the process exits.
+_NOTED_RUN = """
+import atexit, json, sys
+
+out = sys.argv.pop(1)
+
+def note():
+    with open(out, "w", encoding="utf-8") as file:
+        json.dump(sorted(sys.modules), file)
+
+atexit.register(note)
+from sync.cli import app
+sys.exit(app())
+"""
+
+# Loaded only by a run that sends something, or writes a log line.
+ONLY_WHEN_USED = ("aiohttp", "structlog", "rich.traceback", "rich.pretty")
+
+
+def _noted_run(tmp_path: Path, note: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", _NOTED_RUN, str(note), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # --json: nothing on stderr, no log line either
+    record: dict[str, Any] = json.loads(done.stdout)
+    return record, json.loads(note.read_text(encoding="utf-8"))
+
+
+def test_a_run_with_nothing_to_send_never_loads_the_http_client_nor_structlog(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    activation = _people_activation(tmp_path, simulator.base_url)
+    arguments = ("run", str(activation), "--state", f"sqlite:///{tmp_path / 'state.db'}", "--json")
+    # The first run sends every profile: its requests load aiohttp.
+    first, first_modules = _noted_run(tmp_path, tmp_path / "first.json", *arguments)
+    assert first["counts"]["acknowledged"] == 20
+    assert "aiohttp" in first_modules
+    # Nothing changed: the run opens and closes its Batch client without a request, and
+    # writes no log line.
+    again, again_modules = _noted_run(tmp_path, tmp_path / "again.json", *arguments)
+    assert again["status"] == "succeeded"
+    assert (again["counts"]["sent"], again["counts"]["unchanged"]) == (0, 20)
+    assert _loaded(again_modules, ONLY_WHEN_USED) == []
+    assert "sync.engine" in again_modules  # it did run
     assert simulator.simulator.stats()["profiles_received"] == 20
 
 

@@ -183,8 +183,8 @@ class BatchClient:
     owns one ``aiohttp.ClientSession`` with an explicit total timeout and a connection pool
     sized to ``destination.concurrency`` (callers bound their own in-flight requests to the
     same number). The session is made by the first request, not on entering: a run with
-    nothing to send never loads aiohttp (docs/how-a-run-works.md, "Start-up"). The activation's audience calls go through the same transport
-    (:attr:`transport`).
+    nothing to send never loads aiohttp (docs/how-a-run-works.md, "Start-up"). The
+    activation's audience calls go through the same transport (:attr:`transport`).
 
     Args:
         destination: The activation's destination settings.

@@ -30,20 +30,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypedDict, TypeVar
 
-import structlog
-from structlog.typing import FilteringBoundLogger
-
 from sync import __version__
 from sync.batch.answers import QUOTE_LIMIT, error_details, parse_retry_after
 from sync.batch.ratelimit import PROCESS_LIMITERS, Budget, ProfileRateLimiter, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable
+from sync.logs import Logger, get_logger
 from sync.redact import Redactor
 
 if TYPE_CHECKING:
     import aiohttp
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 USER_AGENT = f"cepsync/{__version__}"
 
@@ -243,7 +241,7 @@ class Transport:
         self._sleep = sleep
         self._random = random
         self._clock = clock
-        self.log: FilteringBoundLogger = log.bind(activation=activation)
+        self.log: Logger = log.bind(activation=activation)
         # Attempts in a row that could not connect; any answer from the host resets it.
         self._connect_failures = 0
         # Attempts in a row that connected but got no answer within their full timeout.
