@@ -14,10 +14,13 @@ written, so a heavy import creeping back in front of it fails here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -225,8 +228,9 @@ from sync.cli import app
 sys.exit(app())
 """
 
-# Loaded only by a run that sends something, or writes a log line.
-ONLY_WHEN_USED = ("aiohttp", "structlog", "rich.traceback", "rich.pretty")
+# Loaded only by a run that sends something (aiohttp), writes a log line (structlog, which
+# brings rich's tracebacks) or writes for a person (rich: bars, tables; never with --json).
+ONLY_WHEN_USED = ("aiohttp", "structlog", "rich")
 
 
 def _noted_run(tmp_path: Path, note: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
@@ -255,8 +259,8 @@ def test_a_run_with_nothing_to_send_never_loads_the_http_client_nor_structlog(
     first, first_modules = _noted_run(tmp_path, tmp_path / "first.json", *arguments)
     assert first["counts"]["acknowledged"] == 20
     assert "aiohttp" in first_modules
-    # Nothing changed: the run opens and closes its Batch client without a request, and
-    # writes no log line.
+    # Nothing changed: the run opens and closes its Batch client without a request, writes
+    # no log line, and prints its record as JSON.
     again, again_modules = _noted_run(tmp_path, tmp_path / "again.json", *arguments)
     assert again["status"] == "succeeded"
     assert (again["counts"]["sent"], again["counts"]["unchanged"]) == (0, 20)
@@ -271,6 +275,54 @@ def test_a_run_with_json_writes_one_document_and_no_first_line(tmp_path: Path, s
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["acknowledged"] == 20
     assert done.stderr == ""
+
+
+def _at_a_terminal(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """The command with stderr on a pseudo-terminal (stdout a pipe): its result and what the terminal got."""
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    for name in ("TTY_COMPATIBLE", "FORCE_COLOR", "NO_COLOR", "TERM"):
+        env.pop(name, None)
+    leader, follower = pty.openpty()
+    received = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the command's end of the terminal is closed
+            while chunk := os.read(leader, 65536):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sync.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=30)
+        os.close(leader)
+    return done, received.decode(errors="replace")
+
+
+def test_a_run_with_json_at_a_terminal_draws_no_bars(tmp_path: Path, simulator: SimulatorThread) -> None:
+    activation = _people_activation(tmp_path, simulator.base_url)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    done, terminal = _at_a_terminal(tmp_path, "run", str(activation), "--state", state, "--json")
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["counts"]["acknowledged"] == 20
+    assert terminal == ""
+    # Without --json, the same terminal gets the start line and the bars.
+    done, terminal = _at_a_terminal(tmp_path, "run", str(activation), "--state", state, "--full")
+    assert done.returncode == 0
+    assert terminal.startswith("run starting: activation first_line")
+    assert "reading segment" in terminal
+    assert "sending to /profiles/update" in terminal
 
 
 def test_a_bad_argument_fails_before_the_first_line(tmp_path: Path) -> None:
