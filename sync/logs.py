@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
@@ -89,8 +90,10 @@ class _Settings:
 # Until structlog loads, lines below this level are dropped here: the level of the last
 # configure_logging (structlog's own default, before any, lets every level through).
 _threshold = logging.NOTSET
-# The configuration structlog gets when it loads, if configure_logging came first.
+# The configuration structlog gets when it loads, if configure_logging came first, and the
+# lock under which a configuration is applied.
 _pending: _Settings | None = None
+_applying = threading.Lock()
 
 
 def configure_logging(*, json: bool = False, level: str = "info", stream: TextIO | None = None) -> None:
@@ -106,12 +109,13 @@ def configure_logging(*, json: bool = False, level: str = "info", stream: TextIO
     """
     global _threshold, _pending
     settings = _Settings(json=json, level=logging.getLevelNamesMapping()[level.upper()], stream=stream)
-    _threshold = settings.level
-    if "structlog" in sys.modules:
-        _pending = None
-        _apply(settings)
-    else:
-        _pending = settings
+    with _applying:
+        _threshold = settings.level
+        if "structlog" in sys.modules:
+            _apply(settings)
+            _pending = None
+        else:
+            _pending = settings
 
 
 def _apply(settings: _Settings) -> None:
@@ -137,14 +141,19 @@ def _apply(settings: _Settings) -> None:
     )
 
 
-def _load_structlog() -> None:
-    """Import structlog, and give it the configuration waiting for it (once)."""
-    global _pending
-    import structlog  # noqa: F401 - loaded here, on purpose (module docstring)
+def _configure_pending() -> None:
+    """Give structlog the configuration waiting for it, once, before any line is written with it.
 
-    settings, _pending = _pending, None
-    if settings is not None:
-        _apply(settings)
+    The function's threads may write their first lines together: the others wait until the
+    configuration is applied, and none writes with structlog's defaults meanwhile.
+    """
+    global _pending
+    if _pending is None:
+        return
+    with _applying:
+        if _pending is not None:
+            _apply(_pending)
+            _pending = None
 
 
 class Logger:
@@ -192,8 +201,8 @@ class Logger:
             # Below the configured level: structlog would drop it, it need not load for that.
             # Once it is loaded, its own filter decides, as it always did.
             return
-        _load_structlog()
-        import structlog
+        _configure_pending()
+        import structlog  # loaded here, with the first line written (module docstring)
 
         logger = structlog.get_logger(self._name)
         if self._fields:
@@ -208,7 +217,7 @@ def get_logger(name: str) -> Logger:
 
 def bind_context(**fields: object) -> None:
     """Add ``fields`` to every line written from this context on (structlog's contextvars)."""
-    _load_structlog()
+    _configure_pending()
     import structlog
 
     structlog.contextvars.bind_contextvars(**fields)

@@ -121,6 +121,37 @@ def test_the_json_lines_are_cloud_loggings_whenever_structlog_loads() -> None:
     assert not any(SECRET in line for line in late)
 
 
+_THREADS = """
+import sys, threading
+from sync.logs import configure_logging, get_logger
+configure_logging(json=True, level="info")
+start = threading.Barrier(8)
+
+def first_line(n):
+    start.wait()
+    get_logger("cepsync.test").bind(activation=f"a{n}").info("first line", n=n)
+
+threads = [threading.Thread(target=first_line, args=(n,)) for n in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
+
+
+def test_threads_writing_their_first_lines_together_all_write_configured_lines() -> None:
+    # structlog loads with these lines: none of them may be written with its defaults.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS], env=env, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    documents = [json.loads(line) for line in done.stderr.splitlines()]
+    assert sorted(d["n"] for d in documents) == list(range(8))
+    assert {d["severity"] for d in documents} == {"INFO"}
+
+
 def test_context_fields_are_added_to_every_line_until_cleared() -> None:
     stream = io.StringIO()
     saved = structlog.get_config()
