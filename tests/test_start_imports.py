@@ -10,6 +10,10 @@ activation on SQLite state (what `cepsync run` does before the engine starts); i
 The run's first line (docs/how-a-run-works.md, "Start-up") is pinned the same way: the real
 command runs in a fresh interpreter whose stderr notes ``sys.modules`` when that line is
 written, so a heavy import creeping back in front of it fails here.
+
+What a whole run loads is checked when the process exits: a run with nothing to send, nothing
+to log and its record printed as JSON never loads aiohttp, structlog nor rich
+(docs/how-a-run-works.md, "What loads only when it is used").
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ NEVER = (
     "jinja2",
 )
 
-# Loaded when a run sends its first request to Batch, not when the command starts.
+# Not when the command starts: aiohttp loads with a run's first request to Batch, croniter with an
+# activation that has a schedule.
 NOT_AT_START = ("aiohttp", "croniter")
 
 _PROBE = """
@@ -115,6 +120,8 @@ def test_a_duckdb_sqlite_run_imports_nothing_it_never_needs(tmp_path: Path) -> N
     modules = json.loads(done.stdout.strip().splitlines()[-1])
     assert _loaded(modules["edges_built"], NEVER) == []
     assert _loaded(modules["at_start"], NOT_AT_START) == []
+    # Building the Batch client loads no HTTP library: its first request will.
+    assert _loaded(modules["edges_built"], ("aiohttp", "structlog")) == []
     # The probe did build the run's edges: the DuckDB source and the SQLite store are loaded.
     assert "sync.sources.duckdb" in modules["edges_built"]
     assert "sync.state.sqlite" in modules["edges_built"]

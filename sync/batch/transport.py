@@ -236,7 +236,7 @@ class Transport:
         self._injected_session = session
         self._session: aiohttp.ClientSession | None = session
         # Between open() and close(): calls may be sent (the session itself comes with the first).
-        self._open = False
+        self._is_open = False
         self._limiters = PROCESS_LIMITERS if limiters is None else limiters
         self._sleep = sleep
         self._random = random
@@ -263,11 +263,11 @@ class Transport:
         aiohttp (~0.1 s of imports, TLS contexts built with them) or making a session
         (docs/how-a-run-works.md, "Start-up").
         """
-        self._open = True
+        self._is_open = True
 
     async def close(self) -> None:
         """Close the session if this transport created one; a transport that sent nothing has none."""
-        self._open = False
+        self._is_open = False
         session, self._session = self._session, self._injected_session
         if session is not None and session is not self._injected_session:
             await session.close()
@@ -540,7 +540,7 @@ class Transport:
         """
         if self._session is not None:  # made by an earlier call, or injected
             return self._session
-        if not self._open:
+        if not self._is_open:
             raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
         # aiohttp loads here, with the first call, not with every command or every run.
         import aiohttp
