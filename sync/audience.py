@@ -35,20 +35,20 @@ from typing import Final, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import structlog
 
 from sync.batch.audiences import FINAL_STATES, MAX_IDS_PER_CALL, AudienceCallFailed, AudienceClient
 from sync.batch.client import BatchClient
 from sync.config import Activation, SyncMode
 from sync.convert import BLOCKED_CUSTOM_IDS, MAX_CUSTOM_ID_LENGTH
 from sync.errors import BatchContractError, ConfigError
+from sync.logs import get_logger
 from sync.model import Lease
 from sync.plan import GuardVerdict, evaluate_guards
 from sync.record import RunRecord
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
-log = structlog.get_logger("cepsync.audience")
+log = get_logger("cepsync.audience")
 
 # What Python's str.isspace() calls whitespace (a blank id is refused by the mapper), as code
 # points: RE2's \s is ASCII only. tests/test_audience.py checks the list against Python's own.

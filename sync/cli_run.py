@@ -4,7 +4,7 @@
 first line (docs/how-a-run-works.md, "Start-up") with nothing heavy loaded; this module is imported
 after that line: it loads the engine, the source, the state store and the Batch client, runs,
 and prints the record. Progress bars (rich.progress) load only when stderr is a terminal,
-the only place they are drawn.
+the only place they are drawn, and never with ``--json`` (stderr holds nothing then).
 """
 
 from __future__ import annotations
@@ -71,9 +71,12 @@ def progress_bars() -> Progress:
 
 
 @contextlib.contextmanager
-def rich_progress() -> Iterator[RichProgress | None]:
-    """Bars for a run when stderr is a terminal; None (and rich.progress never loaded) otherwise."""
-    if not console_err().is_terminal:
+def rich_progress(*, enabled: bool = True) -> Iterator[RichProgress | None]:
+    """Bars for a run when ``enabled`` and stderr is a terminal; None (and rich.progress never loaded) otherwise.
+
+    Not ``enabled`` (``--json``: stderr holds nothing), rich is not even loaded to ask about the terminal.
+    """
+    if not enabled or not console_err().is_terminal:
         yield None
         return
     with progress_bars() as bars:
@@ -155,7 +158,7 @@ def run_and_print(
     """
     configure_logging(level="warning")
     try:
-        with rich_progress() as progress:
+        with rich_progress(enabled=not json_output) as progress:
             result = execute_run(activation, state=state, options=options, progress=progress, rejects=rejects)
     except RunInterrupted as interrupted:
         record: Mapping[str, object] = interrupted.record

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import pyarrow as pa
-import structlog
 
 from sync.audience import AudienceRun
 from sync.batch.client import BatchClient, choose_endpoint
@@ -40,6 +39,7 @@ from sync.convention import resolve_mapping
 from sync.differ import DifferFactory, DiffRequest
 from sync.errors import ConfigError, GuardTripped, LeaseHeld, SyncError
 from sync.lease import LeaseKeeper
+from sync.logs import get_logger
 from sync.mapping import ProfileMapper
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import ActivationMeta, Refusal
@@ -68,7 +68,7 @@ from sync.state.base import StateStore, operation_counts, operations_between
 
 __all__ = ["EXIT_CODES", "Clock", "PlanPreview", "Progress", "Run", "RunOptions", "RunResult"]
 
-log = structlog.get_logger("cepsync.engine")
+log = get_logger("cepsync.engine")
 
 # Mapped send groups waiting for a free request slot. The slots themselves (`concurrency` requests, most of
 # them waiting for the rate limiter's next token) are the buffer against Batch's pace; the mapping thread works

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
 from sync.errors import LeaseLost
+from sync.logs import get_logger
 from sync.model import Lease
 from sync.runs import Clock, RunOptions
 from sync.state.base import LeaseStore
 
-log = structlog.get_logger("cepsync.lease")
+log = get_logger("cepsync.lease")
 
 
 class LeaseKeeper:

@@ -23,9 +23,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TypedDict
 
-import structlog
-
 from sync import __version__
+from sync.logs import Logger, get_logger
 from sync.record import RunStatus
 
 RUN_END_EVENT = "run_end.v1"
@@ -259,15 +258,15 @@ def run_end_message(record: Mapping[str, object]) -> str:
     return text
 
 
-def log_run_end(record: Mapping[str, object], logger: structlog.typing.BindableLogger | None = None) -> None:
-    """Write the run-end line at the run's severity through structlog.
+def log_run_end(record: Mapping[str, object], logger: Logger | None = None) -> None:
+    """Write the run-end line at the run's severity (:mod:`sync.logs`).
 
     A record without a run id (a stale continuation answered without running) is not a
     run: nothing is written.
     """
     if not record.get("run_id"):
         return
-    bound = logger if logger is not None else structlog.get_logger("cepsync.run")
+    bound = logger if logger is not None else get_logger("cepsync.run")
     status = str(record.get("status") or "unknown")
     getattr(bound, severity(status))(run_end_message(record), **run_end_entry(record))
 

@@ -28,19 +28,19 @@ from datetime import datetime
 from typing import Protocol
 
 import pyarrow as pa
-import structlog
 
 from sync.batch.client import BatchClient, EncodedProfiles, ProfileUpdate, SendOutcome
 from sync.batch.endpoint import Endpoint
 from sync.differ import FingerprintStore
 from sync.encode import request_body
 from sync.fingerprint import canonical_json, payload_fingerprint_of
+from sync.logs import get_logger
 from sync.model import NO_ATTRIBUTE, IntentsNote, JournalEntry, Lease, Refusal, RefusalKind
 from sync.plan import ProfileRows
 from sync.state import core
 from sync.state.base import IntentStore
 
-log = structlog.get_logger("cepsync.send")
+log = get_logger("cepsync.send")
 
 
 @dataclass(eq=False)

@@ -10,11 +10,10 @@ one core there is no pool: the pipeline alone carries the load.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from contextlib import ExitStack
 
 import pyarrow as pa
@@ -64,6 +63,10 @@ class MappingPool:
     """
 
     def __init__(self, workers: int, planner: Planner) -> None:
+        # multiprocessing (~0.01 s of imports) loads with a pool, not with every run.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         self.workers = workers
         # spawn, not fork: the parent runs DuckDB and asyncio threads, which a fork would
         # copy in whatever state they are in.

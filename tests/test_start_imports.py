@@ -10,16 +10,24 @@ activation on SQLite state (what `cepsync run` does before the engine starts); i
 The run's first line (docs/how-a-run-works.md, "Start-up") is pinned the same way: the real
 command runs in a fresh interpreter whose stderr notes ``sys.modules`` when that line is
 written, so a heavy import creeping back in front of it fails here.
+
+What a whole run loads is checked when the process exits: a run with nothing to send, nothing
+to log and its record printed as JSON never loads aiohttp, structlog nor rich
+(docs/how-a-run-works.md, "What loads only when it is used").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -45,7 +53,8 @@ NEVER = (
     "jinja2",
 )
 
-# Loaded when a run opens its Batch session, not when the command starts.
+# Not when the command starts: aiohttp loads with a run's first request to Batch, croniter with an
+# activation that has a schedule.
 NOT_AT_START = ("aiohttp", "croniter")
 
 _PROBE = """
@@ -111,6 +120,8 @@ def test_a_duckdb_sqlite_run_imports_nothing_it_never_needs(tmp_path: Path) -> N
     modules = json.loads(done.stdout.strip().splitlines()[-1])
     assert _loaded(modules["edges_built"], NEVER) == []
     assert _loaded(modules["at_start"], NOT_AT_START) == []
+    # Building the Batch client loads no HTTP library: its first request will.
+    assert _loaded(modules["edges_built"], ("aiohttp", "structlog")) == []
     # The probe did build the run's edges: the DuckDB source and the SQLite store are loaded.
     assert "sync.sources.duckdb" in modules["edges_built"]
     assert "sync.state.sqlite" in modules["edges_built"]
@@ -209,12 +220,116 @@ def test_the_first_line_comes_before_the_engine_and_says_what_runs(tmp_path: Pat
     assert simulator.simulator.stats()["profiles_received"] == 20
 
 
+# The console script, noting ``sys.modules`` when the process exits.
+_NOTED_RUN = """
+import atexit, json, sys
+
+out = sys.argv.pop(1)
+
+def note():
+    with open(out, "w", encoding="utf-8") as file:
+        json.dump(sorted(sys.modules), file)
+
+atexit.register(note)
+from sync.cli import app
+sys.exit(app())
+"""
+
+# Loaded only by a run that sends something (aiohttp), writes a log line (structlog, which
+# brings rich's tracebacks) or writes for a person (rich: bars, tables; never with --json).
+ONLY_WHEN_USED = ("aiohttp", "structlog", "rich")
+
+
+def _noted_run(tmp_path: Path, note: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", _NOTED_RUN, str(note), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # --json: nothing on stderr, no log line either
+    record: dict[str, Any] = json.loads(done.stdout)
+    return record, json.loads(note.read_text(encoding="utf-8"))
+
+
+def test_a_run_with_nothing_to_send_never_loads_the_http_client_nor_structlog(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    activation = _people_activation(tmp_path, simulator.base_url)
+    arguments = ("run", str(activation), "--state", f"sqlite:///{tmp_path / 'state.db'}", "--json")
+    # The first run sends every profile: its requests load aiohttp.
+    first, first_modules = _noted_run(tmp_path, tmp_path / "first.json", *arguments)
+    assert first["counts"]["acknowledged"] == 20
+    assert "aiohttp" in first_modules
+    # Nothing changed: the run opens and closes its Batch client without a request, writes
+    # no log line, and prints its record as JSON.
+    again, again_modules = _noted_run(tmp_path, tmp_path / "again.json", *arguments)
+    assert again["status"] == "succeeded"
+    assert (again["counts"]["sent"], again["counts"]["unchanged"]) == (0, 20)
+    assert _loaded(again_modules, ONLY_WHEN_USED) == []
+    assert "sync.engine" in again_modules  # it did run
+    assert simulator.simulator.stats()["profiles_received"] == 20
+
+
 def test_a_run_with_json_writes_one_document_and_no_first_line(tmp_path: Path, simulator: SimulatorThread) -> None:
     activation = _people_activation(tmp_path, simulator.base_url)
     done = _command(tmp_path, "run", str(activation), "--state", f"sqlite:///{tmp_path / 'state.db'}", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["acknowledged"] == 20
     assert done.stderr == ""
+
+
+def _at_a_terminal(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """The command with stderr on a pseudo-terminal (stdout a pipe): its result and what the terminal got."""
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    for name in ("TTY_COMPATIBLE", "FORCE_COLOR", "NO_COLOR", "TERM"):
+        env.pop(name, None)
+    leader, follower = pty.openpty()
+    received = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the command's end of the terminal is closed
+            while chunk := os.read(leader, 65536):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sync.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=30)
+        os.close(leader)
+    return done, received.decode(errors="replace")
+
+
+def test_a_run_with_json_at_a_terminal_draws_no_bars(tmp_path: Path, simulator: SimulatorThread) -> None:
+    activation = _people_activation(tmp_path, simulator.base_url)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    done, terminal = _at_a_terminal(tmp_path, "run", str(activation), "--state", state, "--json")
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["counts"]["acknowledged"] == 20
+    assert terminal == ""
+    # Without --json, the same terminal gets the start line and the bars.
+    done, terminal = _at_a_terminal(tmp_path, "run", str(activation), "--state", state, "--full")
+    assert done.returncode == 0
+    assert terminal.startswith("run starting: activation first_line")
+    assert "reading segment" in terminal
+    assert "sending to /profiles/update" in terminal
 
 
 def test_a_bad_argument_fails_before_the_first_line(tmp_path: Path) -> None:

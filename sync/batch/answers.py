@@ -16,10 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from structlog.typing import FilteringBoundLogger
-
 from sync.batch.endpoint import Endpoint
 from sync.batch.item_errors import is_value_refusal
+from sync.logs import Logger
 
 # How much of a server-provided text we quote in errors and logs.
 QUOTE_LIMIT = 300
@@ -53,9 +52,7 @@ class Answer(NamedTuple):
     item_errors: list[Rejection]  # their errors, in the same order
 
 
-def read_accepted(
-    body: bytes, ids: list[str], endpoint: Endpoint, *, scrub: Scrub, log: FilteringBoundLogger
-) -> Answer | None:
+def read_accepted(body: bytes, ids: list[str], endpoint: Endpoint, *, scrub: Scrub, log: Logger) -> Answer | None:
     """Map a 202 body to what became of each row, or None when the body is not understood.
 
     ``log`` receives the evidence of what was read past: an ``errors`` that is not a list,

@@ -182,8 +182,9 @@ class BatchClient:
     Use as an async context manager. Unless a session is injected, the client's transport
     owns one ``aiohttp.ClientSession`` with an explicit total timeout and a connection pool
     sized to ``destination.concurrency`` (callers bound their own in-flight requests to the
-    same number). The activation's audience calls go through the same transport
-    (:attr:`transport`).
+    same number). The session is made by the first request, not on entering: a run with
+    nothing to send never loads aiohttp (docs/how-a-run-works.md, "Start-up"). The
+    activation's audience calls go through the same transport (:attr:`transport`).
 
     Args:
         destination: The activation's destination settings.
@@ -223,7 +224,7 @@ class BatchClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the session if this client created it."""
+        """Close the session if this client created one (a client that sent nothing has none)."""
         await self.transport.close()
 
     def url(self, endpoint: Endpoint) -> str:

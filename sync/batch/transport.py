@@ -30,20 +30,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypedDict, TypeVar
 
-import structlog
-from structlog.typing import FilteringBoundLogger
-
 from sync import __version__
 from sync.batch.answers import QUOTE_LIMIT, error_details, parse_retry_after
 from sync.batch.ratelimit import PROCESS_LIMITERS, Budget, ProfileRateLimiter, RateLimiterRegistry, RateLimitWaitTooLong
 from sync.config import Credentials, DestinationConfig
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable
+from sync.logs import Logger, get_logger
 from sync.redact import Redactor
 
 if TYPE_CHECKING:
     import aiohttp
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 USER_AGENT = f"cepsync/{__version__}"
 
@@ -204,7 +202,8 @@ class Transport:
     Use between :meth:`open` and :meth:`close`. Unless a session is injected, the transport
     owns one ``aiohttp.ClientSession`` with an explicit total timeout and a connection pool
     sized to ``destination.concurrency`` (callers bound their own in-flight calls to the
-    same number).
+    same number); it is made by the first call, so a transport that sends nothing never
+    loads aiohttp.
 
     Args:
         destination: The activation's destination settings.
@@ -236,11 +235,13 @@ class Transport:
         self._redactor = Redactor([credentials.api_key.get_secret_value(), credentials.project_key.get_secret_value()])
         self._injected_session = session
         self._session: aiohttp.ClientSession | None = session
+        # Between open() and close(): calls may be sent (the session itself comes with the first).
+        self._is_open = False
         self._limiters = PROCESS_LIMITERS if limiters is None else limiters
         self._sleep = sleep
         self._random = random
         self._clock = clock
-        self.log: FilteringBoundLogger = log.bind(activation=activation)
+        self.log: Logger = log.bind(activation=activation)
         # Attempts in a row that could not connect; any answer from the host resets it.
         self._connect_failures = 0
         # Attempts in a row that connected but got no answer within their full timeout.
@@ -256,21 +257,20 @@ class Transport:
     # -- the session -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the session, unless one was injected or is open already (the one place a session is made)."""
-        if self._session is None:
-            # aiohttp (~0.14 s of imports) loads when a transport opens its session, not with every command.
-            import aiohttp
+        """Let calls be sent; the session is made by the first of them (:meth:`_opened`), not here.
 
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.destination.request_timeout_seconds),
-                connector=aiohttp.TCPConnector(limit=self.destination.concurrency),
-            )
+        A run with nothing to send opens and closes its transport without ever importing
+        aiohttp (~0.1 s of imports, TLS contexts built with them) or making a session
+        (docs/how-a-run-works.md, "Start-up").
+        """
+        self._is_open = True
 
     async def close(self) -> None:
-        """Close the session if this transport created it."""
-        if self._session is not None and self._session is not self._injected_session:
-            await self._session.close()
-        self._session = self._injected_session
+        """Close the session if this transport created one; a transport that sent nothing has none."""
+        self._is_open = False
+        session, self._session = self._session, self._injected_session
+        if session is not None and session is not self._injected_session:
+            await session.close()
 
     # -- one call, with its retries ----------------------------------------------------------
 
@@ -411,7 +411,7 @@ class Transport:
             BatchUnreachable: Too many attempts in a row could not connect, or got no answer
                 within their full timeout.
         """
-        import aiohttp  # loaded with the session (see open)
+        import aiohttp  # loaded with the session (see _opened)
 
         if isinstance(error, aiohttp.ClientConnectorError):
             self._connect_failures += 1
@@ -444,7 +444,7 @@ class Transport:
         """
         if self._probed:
             return
-        import aiohttp  # loaded with the session (see open)
+        import aiohttp  # loaded with the session (see _opened)
 
         async with self._probe_lock:
             silent = 0
@@ -483,7 +483,7 @@ class Transport:
 
     async def _probe(self, timeout_seconds: float) -> None:
         """A GET on the API root that changes nothing and carries no key; any HTTP answer will do."""
-        import aiohttp  # loaded with the session (see open)
+        import aiohttp  # loaded with the session (see _opened)
 
         async with self._opened().get(
             f"{self.destination.base_url}/",
@@ -519,7 +519,7 @@ class Transport:
         return await self._send("GET", url, None, timeout_seconds)
 
     async def _send(self, method: str, url: str, payload: bytes | None, timeout_seconds: float) -> Response:
-        import aiohttp  # loaded with the session (see open)
+        import aiohttp  # loaded with the session (see _opened)
 
         async with self._opened().request(
             method,
@@ -533,8 +533,22 @@ class Transport:
             return Response(response.status, body, parse_retry_after(response.headers.get("Retry-After")))
 
     def _opened(self) -> aiohttp.ClientSession:
-        if self._session is None:
+        """The session, made by the first call that needs one (the one place a session is made).
+
+        Nothing awaits between the check and the assignment, so calls that start together on
+        the event loop share one session.
+        """
+        if self._session is not None:  # made by an earlier call, or injected
+            return self._session
+        if not self._is_open:
             raise RuntimeError("BatchClient must be used as 'async with BatchClient(...)'")
+        # aiohttp loads here, with the first call, not with every command or every run.
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.destination.request_timeout_seconds),
+            connector=aiohttp.TCPConnector(limit=self.destination.concurrency),
+        )
         return self._session
 
     def _headers(self, *, json_body: bool) -> dict[str, str]:

@@ -127,15 +127,15 @@ from types import TracebackType
 from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import structlog
 from aiohttp import web
 
 from sync.dev.audiences import AudienceAPI
 from sync.errors import ConfigError
+from sync.logs import get_logger
 
 __all__ = ["ITEM_ERROR_KINDS", "BatchSimulator", "SimulatorFaults", "SimulatorThread", "serve"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 # --- Batch limits (docs/batch-api.md, "Limits, counted in profiles") -------------------------------------------------
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 
-import structlog
-
 from sync.config import Activation
 from sync.config_file import load_activations
 from sync.engine import Run
@@ -33,6 +31,7 @@ from sync.function.messages import (
 )
 from sync.function.settings import Settings
 from sync.function.trace import Headers, TraceContext, trace_from_headers
+from sync.logs import bind_context, clear_context, get_logger
 from sync.record import RETRY_HTTP_STATUS, RunRecord, RunStatus, http_status_of, is_retryable, status_of_error
 from sync.runlog import log_run_end
 from sync.runs import Clock, RunOptions, RunResult, new_run_id
@@ -40,7 +39,7 @@ from sync.runtime import build_client, open_differ, open_source, open_store
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
-log = structlog.get_logger("cepsync.function")
+log = get_logger("cepsync.function")
 
 # The message of the one ERROR line logged when a message's attempts are exhausted: stable,
 # documented in infra/README.md; log-based alerts match on it.
@@ -184,11 +183,11 @@ def _bind_context(
     trace: TraceContext | None, environ: Mapping[str, str], *, trigger: str, trigger_id: str | None
 ) -> None:
     # Gunicorn reuses threads across requests: start every invocation from a clean context.
-    structlog.contextvars.clear_contextvars()
+    clear_context()
     fields: dict[str, object] = {"trigger": trigger, "trigger_id": trigger_id}
     if trace is not None:
         fields.update(trace.log_fields(environ.get("GOOGLE_CLOUD_PROJECT") or None))
-    structlog.contextvars.bind_contextvars(**fields)
+    bind_context(**fields)
 
 
 # --- one invocation -----------------------------------------------------------------------------
@@ -221,7 +220,7 @@ class _Invocation:
 
 
 def _invoke(request: SyncRequest, invocation: _Invocation, *, http: bool) -> InvocationOutcome:
-    structlog.contextvars.bind_contextvars(activation=request.activation)
+    bind_context(activation=request.activation)
     try:
         invocation.settings = Settings.from_env(invocation.environ, http=http)
     except ConfigError as error:

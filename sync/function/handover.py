@@ -17,15 +17,14 @@ import contextlib
 import json
 from collections.abc import Mapping
 
-import structlog
-
 from sync.errors import RetryableRunError
 from sync.function.messages import SyncRequest
 from sync.function.settings import Settings
+from sync.logs import get_logger
 from sync.record import RunRecord, RunStatus
 from sync.state.base import StateStore
 
-log = structlog.get_logger("cepsync.function")
+log = get_logger("cepsync.function")
 
 # A bounded wait for the continuation publish: past it the invocation fails and Pub/Sub
 # redelivers the event, whose duplicate run then publishes the hand-over again.

@@ -18,16 +18,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-import structlog
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sync.bigquery_clients import BigQueryEmulatorEndpoints
 from sync.errors import ConfigError
-from sync.logs import configure_logging
+from sync.logs import configure_logging, get_logger
 
-log = structlog.get_logger("cepsync.function")
+log = get_logger("cepsync.function")
 
 # Cloud Functions (2nd gen) kill an event-triggered invocation at 540 s and an HTTP one at
 # 3600 s. The defaults leave room for the final flush, compaction and run record after the

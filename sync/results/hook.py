@@ -16,15 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
-import structlog
 
 from sync.config import Activation, DuckDBSourceConfig
+from sync.logs import get_logger
 from sync.record import RunRecord
 from sync.redact import redact
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
-log = structlog.get_logger("cepsync.results")
+log = get_logger("cepsync.results")
 
 # The engine's rejects sink (sync.runbook.RejectSink): one rejected row as a record.
 Rejects = Callable[[dict[str, object]], None]
