@@ -148,39 +148,47 @@ class LocalDiff:
     def stream(
         self, con: duckdb.DuckDBPyConnection, fetch: Fetch, *, full: bool, ordered: bool, rows: int
     ) -> Iterator[pa.RecordBatch]:
-        """Rows to map and send (:func:`sync.stream_sql.send_sql`); ``rows``: the segment's above ``after``.
-
-        After a pass, a delta's null, new and duplicated ids: none (no query), few
-        (:func:`sync.local_rows.sparse_rows`), or the numbered segment narrowed to them.
-        """
+        """Rows to map and send (:func:`sync.stream_sql.send_sql`); ``rows``: the segment's above ``after``."""
+        if self.survivors and not full:
+            yield from self._delta_stream(con, fetch, ordered=ordered, rows=rows)
+            return
         segment = self._segment.segment_sql(self._columns)
-        delta = self.survivors and not full
-        if delta:
-            ((nulls, keyed),) = con.execute(stream_size_sql(self._after)).fetchall()
-            if not nulls and not keyed:
-                return  # nothing to stream
-            if int(nulls) + int(keyed) <= SPARSE_ROWS:
-                ids = streamed_ids_sql(self._after)
-                few = sparse_rows(con, segment, self._columns, self._key, self._raw, ids=ids, nulls=bool(nulls))
-                if few is not None:
-                    try:
-                        sql = send_sql(
-                            few,
-                            stored=True,
-                            full=False,
-                            new=NEW_IDS_SQL,
-                            ordered=ordered,
-                            stored_duplicates=self._stored_duplicates,
-                        )
-                        yield from fetch(sql if ordered else f"{sql} ORDER BY {ROW}", con)
-                    finally:
-                        drop_sparse_rows(con)
-                    return
-            condition = streamed_condition(self._after)
-            selected = narrowed_sql(segment, self._columns, self._key, self._raw, condition)
-        else:
-            selected = self._select(f"({numbered_sql(segment, self._columns)}) AS numbered")
-        # In id order, in pieces of consecutive ids (sync.local_pass.SORT_PIECE_ROWS).
+        selected = self._select(f"({numbered_sql(segment, self._columns)}) AS numbered")
+        yield from self._pieces(con, fetch, selected, full=full, ordered=ordered, rows=rows)
+
+    def _delta_stream(
+        self, con: duckdb.DuckDBPyConnection, fetch: Fetch, *, ordered: bool, rows: int
+    ) -> Iterator[pa.RecordBatch]:
+        """After a pass, a delta's null, new and duplicated ids: none (no query), few, or the numbered segment's."""
+        ((nulls, keyed),) = con.execute(stream_size_sql(self._after)).fetchall()
+        if not nulls and not keyed:
+            return  # nothing to stream: the segment is not queried
+        segment = self._segment.segment_sql(self._columns)
+        if int(nulls) + int(keyed) <= SPARSE_ROWS:
+            ids = streamed_ids_sql(self._after)
+            few = sparse_rows(con, segment, self._columns, self._key, self._raw, ids=ids, nulls=bool(nulls))
+            if few is not None:
+                # Every row is new or has no id, but a stored id's copies: only they may be stored.
+                try:
+                    sql = send_sql(
+                        few,
+                        stored=True,
+                        full=False,
+                        new=NEW_IDS_SQL,
+                        ordered=ordered,
+                        stored_duplicates=self._stored_duplicates,
+                    )
+                    yield from fetch(sql if ordered else f"{sql} ORDER BY {ROW}", con)
+                finally:
+                    drop_sparse_rows(con)
+                return
+        selected = narrowed_sql(segment, self._columns, self._key, self._raw, streamed_condition(self._after))
+        yield from self._pieces(con, fetch, selected, full=False, ordered=ordered, rows=rows)
+
+    def _pieces(
+        self, con: duckdb.DuckDBPyConnection, fetch: Fetch, selected: str, *, full: bool, ordered: bool, rows: int
+    ) -> Iterator[pa.RecordBatch]:
+        """``selected``'s rows to send; in id order, in pieces of consecutive ids (sync.local_pass.SORT_PIECE_ROWS)."""
         ids_sql = self._segment.segment_sql([self._columns[0]])
         bounds = piece_bounds(con, ids_sql, self._key, after=self._after, rows=rows) if ordered else []
         pieces = [piece_sql(selected, lower, upper) for lower, upper in itertools.pairwise([None, *bounds, None])]
