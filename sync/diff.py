@@ -167,7 +167,7 @@ class SegmentDiff:
         self._scanned_rows = 0  # the id scan's row count
         self._below_watermark = 0  # ... and how many of its rows are at or below ``after``
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
-        self._con = self._connect()
+        self._own: duckdb.DuckDBPyConnection | None = None  # the differ's own database, once needed
         # A DuckDB source: a delta's pass runs in its database (sync.local_differ), unless a
         # mapped column would hash otherwise there (then ``local_problem`` says why).
         segment = local_segment(source)
@@ -187,6 +187,13 @@ class SegmentDiff:
         # Where a delta's pass ran, for the run record: None (no pass: nothing stored),
         # "segment_database" (sync.local_pass) or "stream" (sync.delta_pass).
         self.compared_in: str | None = None
+
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        """The differ's own database (a local segment's delta never needs it: it is opened when first used)."""
+        if self._own is None:
+            self._own = self._connect()
+        return self._own
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A differ database: the stored fingerprints and intents registered, memory bounded."""
@@ -214,7 +221,8 @@ class SegmentDiff:
             con.unregister("duplicates_found")
 
     def close(self) -> None:
-        self._con.close()
+        if self._own is not None:
+            self._own.close()
         if self._local is not None:
             self._local.close()
         self._spill.cleanup()
@@ -402,8 +410,9 @@ class SegmentDiff:
             stack.close()
             if tee is not None:
                 tee.remove()
-        self._duplicates = copies
-        self._load_duplicates(self._con)
+        self._duplicates = copies  # into the differ's own database (now, or once opened)
+        if self._own is not None:
+            self._load_duplicates(self._own)
         if kept is not None and not kept.overflowed:
             self._keep(kept, duplicate_rows=sum(duplicates.values()))
         self._account(started, read_before)
@@ -428,8 +437,9 @@ class SegmentDiff:
         if self._on_rows is not None and not self._reported:
             self._on_rows(found.scan.rows)
         self._reported = True
-        self._duplicates = found.duplicates
-        self._load_duplicates(self._con)
+        self._duplicates = found.duplicates  # into the differ's own database if ever opened
+        if self._own is not None:
+            self._load_duplicates(self._own)
         self._account(started, read_before)
         return found.scan
 
