@@ -77,6 +77,7 @@ class LocalDiff:
         self._key = key
         self._raw = raw
         self._stored = stored
+        self._stored_rows = stored.num_rows
         self._intents = intents
         self._after = after
         self._memory = memory
@@ -109,7 +110,7 @@ class LocalDiff:
             con.register("intents", self._intents)
             con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
             self._con = con
-        limit = self._memory or local_memory_limit(self._stored.num_rows, sorts=sorts)
+        limit = self._memory or local_memory_limit(self._stored_rows, sorts=sorts)
         stack.enter_context(self._segment.differ_settings(con, limit, sorts=sorts))
         return con
 
@@ -120,7 +121,7 @@ class LocalDiff:
             self._segment.segment_sql(self._columns),
             self._key,
             self._raw,
-            stored_rows=self._stored.num_rows,
+            stored_rows=self._stored_rows,
             intents=self._intents.num_rows,
             after=self._after,
         )
@@ -192,7 +193,7 @@ class LocalDiff:
         ids_sql = self._segment.segment_sql([self._columns[0]])
         bounds = piece_bounds(con, ids_sql, self._key, after=self._after, rows=rows) if ordered else []
         pieces = [piece_sql(selected, lower, upper) for lower, upper in itertools.pairwise([None, *bounds, None])]
-        stored = bool(self._stored.num_rows)
+        stored = bool(self._stored_rows)
         new = NEW_IDS_SQL if self.survivors else None  # the pass's new ids, exact: no join with every stored id
         for piece in pieces if bounds else [selected]:
             yield from fetch(send_sql(piece, stored=stored, full=full, new=new, ordered=ordered), con)
@@ -214,7 +215,9 @@ class LocalDiff:
         return True
 
     def close(self) -> None:
+        """Close the cursor, and let go of the stored fingerprints (tens of MB a million): the differ is done here."""
         if self._con is not None:
             self._con.close()
             self._con = None
             self.survivors = False
+        self._stored = self._stored.slice(0, 0)
