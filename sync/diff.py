@@ -73,22 +73,9 @@ from sync.differ import (
     with_attributes,
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
-from sync.local_pass import (
-    NEW_IDS_SQL,
-    local_memory_limit,
-    moved_sql,
-    narrowed_sql,
-    numbered_sql,
-    out_of_memory,
-    piece_bounds,
-    piece_sql,
-    removed_sql,
-    roundtrip_problem,
-    run_pass,
-    streamed_condition,
-)
+from sync.local_differ import LocalDiff
 from sync.raw_hash import key_sql, raw_salt
-from sync.sources.base import LocalSegment, Source, local_segment
+from sync.sources.base import Source, local_segment
 from sync.stream_sql import NEW_BY_HASH_SQL, send_sql, streamed_moved_sql
 
 __all__ = ["OUTPUT_BATCH_ROWS", "EmbeddedDiffer", "SegmentDiff", "key_sql", "raw_salt"]
@@ -151,7 +138,6 @@ class SegmentDiff:
     ) -> None:
         self._source = source
         self._kept_budget = kept_budget_bytes
-        self._local_memory = local_memory
         self._columns = list(columns)
         self._id_column = self._columns[0]
         self._schema = schema
@@ -181,17 +167,33 @@ class SegmentDiff:
         self._scanned_rows = 0  # the id scan's row count
         self._below_watermark = 0  # ... and how many of its rows are at or below ``after``
         self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
-        self._con = self._connect()
-        # A DuckDB source: a delta's pass runs in its database (sync.local_pass), unless a
+        self._own: duckdb.DuckDBPyConnection | None = None  # the differ's own database, once needed
+        # A DuckDB source: a delta's pass runs in its database (sync.local_differ), unless a
         # mapped column would hash otherwise there (then ``local_problem`` says why).
-        self._local: LocalSegment | None = local_segment(source)
-        self._local_con: duckdb.DuckDBPyConnection | None = None  # sync.local_pass's cursor, once open
-        self._survivors = False  # ... and it holds the pass's table of survivors
-        self._moved = 0  # ... of which this many moved
-        self.local_problem: str | None = None
+        segment = local_segment(source)
+        self._local: LocalDiff | None = None
+        if segment is not None:
+            self._local = LocalDiff(
+                segment,
+                columns=self._columns,
+                schema=schema,
+                key=self._key,
+                raw=self._raw,
+                stored=self._stored,
+                intents=self._intents,
+                after=after,
+                memory=local_memory,
+            )
         # Where a delta's pass ran, for the run record: None (no pass: nothing stored),
         # "segment_database" (sync.local_pass) or "stream" (sync.delta_pass).
         self.compared_in: str | None = None
+
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        """The differ's own database (a local segment's delta never needs it: it is opened when first used)."""
+        if self._own is None:
+            self._own = self._connect()
+        return self._own
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A differ database: the stored fingerprints and intents registered, memory bounded."""
@@ -219,11 +221,21 @@ class SegmentDiff:
             con.unregister("duplicates_found")
 
     def close(self) -> None:
-        self._con.close()
-        self._close_local()
+        if self._own is not None:
+            self._own.close()
+        if self._local is not None:
+            self._local.close()
         self._spill.cleanup()
         # The stored fingerprints (tens of MB a million) are not needed past the diff.
         self._stored = self._stored.slice(0, 0)
+
+    @property
+    def local_problem(self) -> str | None:
+        """Why a local segment's database is not queried (a column's type, out of memory), or None."""
+        return self._local.problem if self._local is not None else None
+
+    def _queries_locally(self) -> bool:
+        return self._local is not None and self._local.problem is None
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -308,21 +320,16 @@ class SegmentDiff:
                 raise
             return self._scan_ids()
 
-    def _close_local(self) -> None:
-        if self._local_con is not None:
-            self._local_con.close()
-            self._local_con = None
-            self._survivors = False
-
     def _give_up_local(self, error: BaseException) -> bool:
         """Whether ``error`` is the local segment's database out of memory (then stream from now on)."""
-        if self._local is None or self.local_problem is not None or not out_of_memory(error):
-            return False
-        self.local_problem = f"the segment's database ran out of memory: {str(error).splitlines()[0]}"
-        self._close_local()
-        return True
+        return self._local is not None and self._local.give_up(error)
 
     def _scan_ids(self) -> IdScan:
+        if self.stored_count and self._local is not None:
+            with ExitStack() as settings:
+                local = self._local.connection(settings)
+                if local is not None:
+                    return self._local_pass(local)
         started = time.perf_counter()
         read_before = self.seconds["read"]
         tee: IdTee | None = None
@@ -330,31 +337,25 @@ class SegmentDiff:
         # A database of its own, closed at the end: DuckDB keeps what a query freed for reuse
         # until its database closes, and the scan's hash tables (tens of MB a million ids)
         # are never needed again. Only the duplicated ids move over. (A local segment's scan
-        # runs on the differ's cursor in the source's database, and leaves the survivors.)
+        # runs on the differ's cursor in the source's database: _local_pass.)
         con: duckdb.DuckDBPyConnection | None = None
         stack = ExitStack()
         try:
-            local = self._local_connection(stack) if self.stored_count else None
-            if local is not None:
-                con = local
-                self._local_pass(con)
-                self.compared_in = "segment_database"
-            elif self.stored_count:
+            local = None
+            if self.stored_count:
                 tee, kept = self._pass()
                 self.compared_in = "stream"
                 con = self._connect()
                 con.register("segment_ids", tee.reader())
                 view = "segment_ids"
-            elif (local := self._local_connection(stack)) is not None:
+            elif self._local is not None and (local := self._local.connection(stack)) is not None:
                 # Nothing stored, a local segment: its ids, queried where they lie.
                 con = local
-                assert self._local is not None
                 view = f"({self._local.segment_sql([self._id_column])}) AS segment"
             else:
                 con = self._connect()
                 view = self._stream([self._id_column], numbered=False, con=con)
-            if self.stored_count == 0 or local is None:
-                con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {self._key} AS k FROM {view}")
             if tee is not None:
                 con.unregister("segment_ids")
                 tee.remove()
@@ -373,12 +374,9 @@ class SegmentDiff:
             duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
             distinct = int(keyed) - sum(duplicates.values()) + len(duplicates)
             # Stored and intent ids stream through one anti-join on the segment's ids; only
-            # the few that come out are deduplicated (an intent may also be stored). After a
-            # local pass, its join found the stored ones.
+            # the few that come out are deduplicated (an intent may also be stored).
             gone = con.execute(
-                removed_sql()
-                if local is not None and self.stored_count
-                else "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
+                "SELECT custom_id, bool_or(is_stored) FROM (SELECT custom_id, TRUE AS is_stored FROM stored "
                 "UNION ALL SELECT custom_id, FALSE FROM intents) synced "
                 "ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = synced.custom_id "
                 "GROUP BY custom_id ORDER BY custom_id"
@@ -395,7 +393,7 @@ class SegmentDiff:
             overlap_row = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchone()
             overlap = int(overlap_row[0]) if overlap_row else 0
             synced = self.stored_count + self._intents.num_rows - overlap
-            if self.stored_count and local is None:
+            if self.stored_count:
                 self._new_by_hash = self._hashes_are_exact(con, matched + int(stored_duplicated))
             self._scanned_rows = int(rows)
             below_row = (
@@ -405,15 +403,16 @@ class SegmentDiff:
             )
             self._below_watermark = int(below_row[0]) if below_row else 0
         finally:
-            if con is not None and con is not self._local_con:
+            if con is not None and con is not local:
                 con.close()
             elif con is not None:
-                con.execute("DROP TABLE IF EXISTS seen")  # the survivors stay, for the stream
+                con.execute("DROP TABLE IF EXISTS seen")
             stack.close()
             if tee is not None:
                 tee.remove()
-        self._duplicates = copies
-        self._load_duplicates(self._con)
+        self._duplicates = copies  # into the differ's own database (now, or once opened)
+        if self._own is not None:
+            self._load_duplicates(self._own)
         if kept is not None and not kept.overflowed:
             self._keep(kept, duplicate_rows=sum(duplicates.values()))
         self._account(started, read_before)
@@ -428,40 +427,21 @@ class SegmentDiff:
             below_watermark=int(below_row[0]) if below_row else 0,
         )
 
-    def _local_connection(self, stack: ExitStack, *, sorts: bool = False) -> duckdb.DuckDBPyConnection | None:
-        """The differ's cursor on the local segment's database, its settings held by ``stack``; or None.
-
-        One cursor serves the scan and the stream, so the stream may use the pass's
-        survivors. None when the source is not local, or when a mapped column would hash
-        otherwise there than streamed (``local_problem`` then says which). ``sorts``: the
-        query sorts the segment's rows (a larger cap).
-        """
-        if self._local is None or self.local_problem is not None:
-            return None
-        con = self._local_con
-        if con is None:
-            con = self._local.differ_cursor()
-            segment = self._local.segment_sql(self._columns)
-            self.local_problem = roundtrip_problem(con, segment, self._schema, self._columns)
-            if self.local_problem is not None:
-                con.close()
-                return None
-            con.register("stored", self._stored)
-            con.register("intents", self._intents)
-            con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
-            self._local_con = con
-        limit = self._local_memory or local_memory_limit(self.stored_count, sorts=sorts)
-        stack.enter_context(self._local.differ_settings(con, limit, sorts=sorts))
-        return con
-
-    def _local_pass(self, con: duckdb.DuckDBPyConnection) -> None:
-        """The delta's pass in the local segment's database (:func:`sync.local_pass.run_pass`)."""
+    def _local_pass(self, con: duckdb.DuckDBPyConnection) -> IdScan:
+        """The delta's pass and id scan in the local segment's database (:func:`sync.local_pass.run_pass`)."""
         assert self._local is not None
-        rows, self._moved = run_pass(con, self._local.segment_sql(self._columns), self._key, self._raw)
+        started, read_before = time.perf_counter(), self.seconds["read"]
+        found = self._local.run_pass(con)
+        self.compared_in = "segment_database"
+        self._scanned_rows, self._below_watermark = found.scan.rows, found.scan.below_watermark
         if self._on_rows is not None and not self._reported:
-            self._on_rows(rows)
+            self._on_rows(found.scan.rows)
         self._reported = True
-        self._survivors = True
+        self._duplicates = found.duplicates  # into the differ's own database if ever opened
+        if self._own is not None:
+            self._load_duplicates(self._own)
+        self._account(started, read_before)
+        return found.scan
 
     def _pass(self) -> tuple[IdTee, KeptRows]:
         """The delta's one read: the rows whose (id, raw hash) pair is not stored, and every id.
@@ -528,22 +508,15 @@ class SegmentDiff:
 
     def moved_rows(self) -> Iterator[pa.RecordBatch]:
         """Rows with a stored fingerprint whose raw hash moved (not duplicated)."""
-        if self.stored_count == 0 or (self._survivors and not self._moved):
+        local = self._local if self._local is not None and self._local.survivors else None
+        if self.stored_count == 0 or (local is not None and not local.moved):
             return iter(())
-        if self._survivors and self._local_con is not None:
-            return self._or_streamed(self._local_moved_rows(self._local_con), self._moved_rows)
+        if local is not None:
+            return self._or_streamed(local.moved_rows(self._fetch), self._moved_rows)
         if self._serves_kept():
             # Re-checked exactly: the kept rows met the stored ones on the id itself.
             return self._fetch(kept_moved_sql(self._columns))
         return self._moved_rows()
-
-    def _local_moved_rows(self, con: duckdb.DuckDBPyConnection) -> Iterator[pa.RecordBatch]:
-        """The pass's moved ids' rows, queried in the segment's database (:func:`sync.local_pass.moved_sql`)."""
-        assert self._local is not None
-        with ExitStack() as stack:
-            self._local_connection(stack)
-            sql = moved_sql(self._local.segment_sql(self._columns), self._columns, self._key, self._raw)
-            yield from self._fetch(sql, con)
 
     def _moved_rows(self) -> Iterator[pa.RecordBatch]:
         # In a database of its own, closed once read: its hash tables are not kept for the
@@ -566,7 +539,7 @@ class SegmentDiff:
         """
         if not full and self.stored_count and self._serves_kept() and self._kept_all:
             return self._kept_to_send()
-        if self._local is not None and self.local_problem is None:
+        if self._queries_locally():
             return self._local_rows_to_send(full=full, ordered=ordered)
         return self._streamed_rows_to_send(full=full, ordered=ordered)
 
@@ -599,27 +572,14 @@ class SegmentDiff:
             report(self._scanned_rows - told)
 
     def _local_stream(self, *, full: bool, ordered: bool) -> Iterator[pa.RecordBatch]:
+        assert self._local is not None
         with ExitStack() as stack:
-            con = self._local_connection(stack, sorts=ordered)
+            con = self._local.connection(stack, sorts=ordered)
             if con is None:  # a mapped column would hash otherwise there
                 yield from self._streamed_rows_to_send(full=full, ordered=ordered)
                 return
-            assert self._local is not None
-            segment = self._local.segment_sql(self._columns)
-            # In id order, in pieces of consecutive ids (sync.local_pass.SORT_PIECE_ROWS).
-            ids = self._local.segment_sql([self._id_column])
-            above = self._scanned_rows - self._below_watermark
-            bounds = piece_bounds(con, ids, self._key, after=self._after, rows=above) if ordered else []
-            if self._survivors and not full:  # a delta's null, new and duplicated ids, hashed once narrowed
-                condition = streamed_condition(self._after)
-                selected = narrowed_sql(segment, self._columns, self._key, self._raw, condition)
-            else:
-                selected = self._select(f"({numbered_sql(segment, self._columns)}) AS numbered", after=self._after)
-            pieces = [piece_sql(selected, lower, upper) for lower, upper in itertools.pairwise([None, *bounds, None])]
-            stored = bool(self.stored_count)
-            new = NEW_IDS_SQL if self._survivors else None  # the pass's new ids, exact: no join with every stored id
-            for piece in pieces if bounds else [selected]:
-                yield from self._fetch(send_sql(piece, stored=stored, full=full, new=new, ordered=ordered), con)
+            rows = self._scanned_rows - self._below_watermark
+            yield from self._local.stream(con, self._fetch, full=full, ordered=ordered, rows=rows)
 
     def _or_streamed(
         self, local: Iterator[pa.RecordBatch], streamed: Callable[[], Iterator[pa.RecordBatch]]

@@ -8,21 +8,27 @@ segment is itself a DuckDB query, that crossing is most of a delta's cost (at 10
 instead, on one cursor with up to four threads, and lets only what moved cross
 (``docs/how-a-run-works.md``, "A local segment"):
 
-1. **One narrow read** (:func:`seen_sql`): each row's Custom ID key and raw hash, into the
-   temporary table ``seen`` — the id scan's table, so the counts, duplicates and removals
-   come from it, as they come from the streamed pass's id file.
-2. **The survivors** (:func:`survivors_sql`): one join of ``seen`` and the stored
-   fingerprints on the ids themselves gives the ids that are new or whose raw hash moved
-   (``known``: moved), and the stored ids no row has (the removals). It is exact, so the
-   streamed pass's proof that id hashes do not collide is not needed here. ``seen`` is
-   dropped once the scan has ended; the survivors stay on the cursor.
+1. **One join** (:func:`survivors_sql`): each row's Custom ID key and raw hash, straight from
+   one read of the segment's mapped columns, meet the stored fingerprints on the ids
+   themselves. Out come the ids that are new or whose raw hash moved (``known``: moved), and
+   the stored ids no row has (the removals): the temporary table ``survivors``, a few rows
+   in a delta. It is exact, so the streamed pass's proof that id hashes do not collide is
+   not needed here. Nothing else of the segment is kept: no table of every row.
+2. **The counts** (:func:`run_pass`): one read of the Custom ID column alone gives how many
+   rows and ids there are. A keyed row either meets its stored id (stored ids are unique)
+   or survives as new, so the rows that met a stored id are the ids less the new ones; when
+   they are no more than the stored ids still there, no stored id is duplicated, and the
+   duplicated ids are found among the few new ones. Only otherwise are every id's copies
+   counted.
 3. **The rows**, only when asked and only what survived: the moved ones
    (:func:`moved_sql`), and the stream (:mod:`sync.stream_sql`, new ids told by
-   :data:`NEW_IDS_SQL`), each a query of the segment numbered in read order. Nothing is
-   held in Python between them, whatever their number.
+   :data:`NEW_IDS_SQL`), each a query of the segment numbered in read order, or, when they
+   are few, :mod:`sync.local_rows`'s two narrow reads. Nothing is held in Python between
+   them, whatever their number. A delta whose stream has nothing (no null, new or
+   duplicated id) runs no query for it.
 
 No row that did not move leaves DuckDB, and a run where nothing moved and every id is valid
-reads the segment's mapped columns once, into two 8-byte hashes and its ids.
+reads the segment's mapped columns once, into one join, and its id column once more.
 
 The raw hash must be the streamed one, or every delta would find every row moved: the
 stored hashes were computed over the segment as it comes back from Arrow. So the differ
@@ -34,18 +40,21 @@ Otherwise (a UUID, an ENUM, a HUGEINT: types Arrow carries differently) it strea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import duckdb
 import pyarrow as pa
 
-from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
+from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW, IdScan
 from sync.duckdb_sql import quote_identifier, quote_literal
 
 __all__ = [
     "NEW_IDS_SQL",
     "SORT_PIECE_ROWS",
     "SURVIVORS",
+    "LocalPass",
+    "ids_sql",
     "local_memory_limit",
     "moved_sql",
     "narrowed_sql",
@@ -56,9 +65,9 @@ __all__ = [
     "removed_sql",
     "roundtrip_problem",
     "run_pass",
-    "seen_sql",
+    "stream_size_sql",
     "streamed_condition",
-    "survivor_counts_sql",
+    "streamed_ids_sql",
     "survivors_sql",
 ]
 
@@ -124,44 +133,45 @@ def roundtrip_problem(
     return None
 
 
-def seen_sql(segment_sql: str, key: str, raw: str) -> str:
-    """``seen``: every row's key and raw hash, from one read of the segment's mapped columns."""
-    return f"CREATE OR REPLACE TEMP TABLE seen AS SELECT {key} AS k, {raw} AS raw FROM ({segment_sql}) AS segment"
+def ids_sql(segment_sql: str, key: str) -> str:
+    """Every row's Custom ID key, ``k`` (DuckDB reads the id column alone: the others are not used)."""
+    return f"SELECT {key} AS k FROM ({segment_sql}) AS segment"
 
 
-def survivors_sql() -> str:
-    """The ``seen`` rows whose id is not stored, or stored with another raw hash; and the stored ids not seen.
+def survivors_sql(segment_sql: str, key: str, raw: str) -> str:
+    """The segment's rows whose id is not stored, or stored with another raw hash; and the stored ids no row has.
 
-    One join on the ids themselves, so exact: a row that survives is new (not ``known``) or
-    moved (``known``, with its stored fingerprint); a null id matches nothing and always
-    survives. The stored ids no row has come out ``gone``, with the id in ``stored_id``:
-    the removals.
+    One join of the segment's rows (key and raw hash, computed as they are read) and the
+    stored ids with their raw hashes, on the ids themselves, so exact: a row that survives
+    is new (not ``known``) or moved (``known``, with its stored raw hash); a null id matches
+    nothing and always survives. The stored ids no row has come out ``gone``, with the id
+    in ``stored_id``: the removals. The stored payloads stay out of the join (its hash
+    table holds ids and raw hashes only); :func:`moved_sql` fetches the moved ones'.
     """
     return (
         f"CREATE OR REPLACE TEMP TABLE {SURVIVORS} AS "
         f"SELECT s.k, s.raw, st.custom_id IS NOT NULL AS known, s.here IS NULL AS gone, st.custom_id AS stored_id, "
-        f"st.raw AS stored_raw, st.payload AS stored_payload, st.attributes AS stored_attributes "
-        f"FROM (SELECT k, raw, TRUE AS here FROM seen) s "
-        f"FULL JOIN stored st ON st.custom_id = s.k "
+        f"st.raw AS stored_raw "
+        f"FROM (SELECT {key} AS k, {raw} AS raw, TRUE AS here FROM ({segment_sql}) AS segment) s "
+        f"FULL JOIN (SELECT custom_id, raw FROM stored) st ON st.custom_id = s.k "
         f"WHERE s.here IS NULL OR st.custom_id IS NULL OR st.raw <> s.raw"
     )
 
 
-def survivor_counts_sql() -> str:
-    """How many segment rows moved (known survivors, not gone)."""
-    return f"SELECT count(*) FROM {SURVIVORS} WHERE known AND NOT gone"
-
-
-def removed_sql() -> str:
+def removed_sql(ids: str | None) -> str:
     """The synced ids no segment row has, sorted, each with whether it is stored (else an intent).
 
-    The stored ones are the survivors' ``gone``; the intents (few) meet the segment's ids.
+    The stored ones are the survivors' ``gone``; the intents (few), when there are some,
+    meet the segment's ids (``ids``: :func:`ids_sql`).
     """
+    intents = (
+        f" UNION ALL SELECT custom_id, FALSE FROM intents ANTI JOIN ({ids}) s ON s.k = intents.custom_id"
+        if ids is not None
+        else ""
+    )
     return (
         f"SELECT custom_id, bool_or(is_stored) FROM ("
-        f"SELECT stored_id AS custom_id, TRUE AS is_stored FROM {SURVIVORS} WHERE gone "
-        f"UNION ALL SELECT custom_id, FALSE FROM intents "
-        f"ANTI JOIN (SELECT k FROM seen WHERE k IS NOT NULL) s ON s.k = intents.custom_id"
+        f"SELECT stored_id AS custom_id, TRUE AS is_stored FROM {SURVIVORS} WHERE gone{intents}"
         f") synced GROUP BY custom_id ORDER BY custom_id"
     )
 
@@ -172,21 +182,25 @@ def numbered_sql(segment_sql: str, columns: Sequence[str]) -> str:
     return f"SELECT {selected}, row_number() OVER () AS {ROW} FROM ({segment_sql}) AS segment"
 
 
-def moved_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str) -> str:
+def moved_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, selected: str | None = None) -> str:
     """The moved rows (known survivors, not duplicated), with their stored fingerprints, re-checked.
 
-    Rows are numbered in read order, narrowed to the moved ids before anything is hashed
-    again, and met with the survivors (their stored fingerprints) on the id itself; a row
-    whose raw hash is its stored one after all (the segment changed since the pass) does
-    not come out. Columns: the mapped ones, :data:`ROW`, :data:`KEY`, :data:`RAW`, then the
-    duplicate flag and the stored fingerprint, as every differ's batches have them.
+    Rows are numbered in read order and narrowed to the moved ids before anything is hashed
+    again (or ``selected``: those rows, as :func:`sync.local_rows.sparse_rows` gives them),
+    and met with the survivors (their stored raw hashes) on the id itself; a row whose raw
+    hash is its stored one after all (the segment changed since the pass) does not come out.
+    The stored payloads and attribute sets of the moved ids alone are fetched, by probing the
+    stored table through them. Columns: the mapped ones, :data:`ROW`, :data:`KEY`,
+    :data:`RAW`, then the duplicate flag and the stored fingerprint, as every differ's
+    batches have them.
     """
-    moved = f"SELECT k, stored_raw, stored_payload, stored_attributes FROM {SURVIVORS} WHERE known AND NOT gone"
+    moved = f"SELECT k, stored_raw FROM {SURVIVORS} WHERE known AND NOT gone"
+    rows = selected or narrowed_sql(segment_sql, columns, key, raw, f"{KEY} IN (SELECT k FROM ({moved}) m)")
+    fingerprints = f"SELECT custom_id, payload, attributes FROM stored SEMI JOIN ({moved}) m ON m.k = stored.custom_id"
     return (
-        f"SELECT c.*, FALSE AS {DUPLICATE}, v.stored_raw AS {STORED_RAW}, v.stored_payload AS {STORED_PAYLOAD}, "
-        f"v.stored_attributes AS {STORED_ATTRIBUTES} FROM ("
-        f"{narrowed_sql(segment_sql, columns, key, raw, f'{KEY} IN (SELECT k FROM ({moved}) m)')}"
-        f") c JOIN ({moved}) v ON v.k = c.{KEY} "
+        f"SELECT c.*, FALSE AS {DUPLICATE}, v.stored_raw AS {STORED_RAW}, f.payload AS {STORED_PAYLOAD}, "
+        f"f.attributes AS {STORED_ATTRIBUTES} FROM ({rows}) c JOIN ({moved}) v ON v.k = c.{KEY} "
+        f"JOIN ({fingerprints}) f ON f.custom_id = c.{KEY} "
         f"ANTI JOIN duplicates d ON d.k = c.{KEY} WHERE v.stored_raw <> c.{RAW}"
     )
 
@@ -201,22 +215,114 @@ def narrowed_sql(segment_sql: str, columns: Sequence[str], key: str, raw: str, c
     return f"SELECT s.*, {raw} AS {RAW} FROM ({keyed}) s WHERE {condition}"
 
 
+def _above(after: str | None) -> str:
+    return "" if after is None else f" AND k > {quote_literal(after)}"
+
+
+def streamed_ids_sql(after: str | None) -> str:
+    """A delta's stream after the pass: its new and duplicated ids (``k``) above ``after`` (continuations)."""
+    return f"{_NEW_IDS}{_above(after)} UNION SELECT k FROM duplicates WHERE k IS NOT NULL{_above(after)}"
+
+
+def stream_size_sql(after: str | None) -> str:
+    """How many rows a delta's stream has without an id, and at most how many with one (above ``after``)."""
+    return (
+        f"SELECT (SELECT count(*) FROM {SURVIVORS} WHERE k IS NULL AND NOT gone), "
+        f"(SELECT count(*) FROM {SURVIVORS} WHERE NOT known AND NOT gone AND k IS NOT NULL{_above(after)}) "
+        f"+ (SELECT coalesce(sum(copies), 0) FROM duplicates WHERE k IS NOT NULL{_above(after)})"
+    )
+
+
 def streamed_condition(after: str | None) -> str:
     """A delta's stream after the pass: null, new or duplicated ids, above ``after`` (continuations)."""
     wanted = f"({KEY} IS NULL OR {KEY} IN ({_NEW_IDS}) OR {KEY} IN (SELECT k FROM duplicates))"
     return wanted if after is None else f"{wanted} AND ({KEY} IS NULL OR {KEY} > {quote_literal(after)})"
 
 
-def run_pass(con: duckdb.DuckDBPyConnection, segment_sql: str, key: str, raw: str) -> tuple[int, int]:
-    """The delta's pass in ``con`` (``stored``, ``intents`` registered): ``seen``, then the survivors.
+@dataclass(frozen=True)
+class LocalPass:
+    """What :func:`run_pass` found: the id scan, the duplicated ids (``k``, ``copies``), and how many rows moved.
 
-    Returns how many rows there are, and how many of them moved (known survivors).
+    ``stored_duplicates``: some stored id comes more than once (else every duplicated id is new).
     """
-    con.execute(seen_sql(segment_sql, key, raw))
-    ((rows,),) = con.execute("SELECT count(*) FROM seen").fetchall()
-    con.execute(survivors_sql())
-    ((known,),) = con.execute(survivor_counts_sql()).fetchall()
-    return int(rows), int(known)
+
+    scan: IdScan
+    duplicates: pa.Table
+    moved: int
+    stored_duplicates: bool
+
+
+def run_pass(
+    con: duckdb.DuckDBPyConnection,
+    segment_sql: str,
+    key: str,
+    raw: str,
+    *,
+    stored_rows: int,
+    intents: int,
+    after: str | None,
+) -> LocalPass:
+    """The delta's pass in ``con`` (``stored``, ``intents``, an empty ``duplicates``): survivors and counts.
+
+    ``stored_rows`` and ``intents``: how many stored fingerprints and intents there are;
+    ``after``: a continued full pass's watermark. Fills ``duplicates``.
+    """
+    # The counts first: the join then needs every block of the cap, and DuckDB's cache of
+    # the id column's blocks does not outlive it (it would stay, ~6 MB a million rows).
+    ids = ids_sql(segment_sql, key)
+    below = "count(*) FILTER (WHERE k <= $after)" if after is not None else "0"
+    rows, keyed, below_watermark = con.execute(
+        f"SELECT count(*), count(k), {below} FROM ({ids}) segment_ids", {"after": after} if after is not None else {}
+    ).fetchone() or (0, 0, 0)
+    con.execute(survivors_sql(segment_sql, key, raw))
+    new_rows, gone, moved = con.execute(
+        f"SELECT count(*) FILTER (WHERE NOT known AND NOT gone AND k IS NOT NULL), count(*) FILTER (WHERE gone), "
+        f"count(*) FILTER (WHERE known AND NOT gone) FROM {SURVIVORS}"
+    ).fetchone() or (0, 0, 0)
+    # Every keyed row meets its stored id (one at most: stored ids are unique) or survives as
+    # new. The rows that met one outnumber the stored ids still in the segment exactly when a
+    # stored id comes more than once; otherwise duplicated ids are new ones, all survivors.
+    stored_copies = int(keyed) - int(new_rows) - (stored_rows - int(gone))
+    if stored_copies:
+        # Among the ids whose 8-byte hash repeats (the duplicated ones, and the rare distinct
+        # ids whose hashes collide), counted exactly: no hash table of every id as a string.
+        con.execute(
+            f"INSERT INTO duplicates WITH segment_ids AS ({ids}) SELECT k, count(*) FROM segment_ids "
+            "SEMI JOIN (SELECT hash(k) AS h FROM segment_ids WHERE k IS NOT NULL GROUP BY h HAVING count(*) > 1) c "
+            "ON c.h = hash(segment_ids.k) WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1"
+        )
+    else:
+        con.execute(
+            f"INSERT INTO duplicates SELECT k, count(*) FROM {SURVIVORS} WHERE NOT known AND NOT gone "
+            "AND k IS NOT NULL GROUP BY k HAVING count(*) > 1"
+        )
+    copies = con.sql("SELECT k, copies FROM duplicates ORDER BY k").to_arrow_table()
+    duplicates = dict(zip(copies["k"].to_pylist(), copies["copies"].to_pylist(), strict=True))
+    distinct = int(keyed) - sum(duplicates.values()) + len(duplicates)
+    removed = con.execute(removed_sql(ids if intents else None)).fetchall()
+    # Stored ids are unique: those in the segment are the stored ones less those that left,
+    # and the matched ones are those less the duplicated ones.
+    stored_duplicated = 0
+    if stored_copies:
+        ((stored_duplicated,),) = con.execute(
+            "SELECT count(*) FROM stored SEMI JOIN duplicates ON duplicates.k = stored.custom_id"
+        ).fetchall()
+    matched = stored_rows - int(gone) - int(stored_duplicated)
+    # Intent ids are unique: the synced ids are the stored ones plus the intents not stored.
+    overlap = 0
+    if intents:
+        ((overlap,),) = con.execute("SELECT count(*) FROM stored SEMI JOIN intents USING (custom_id)").fetchall()
+    scan = IdScan(
+        rows=int(rows),
+        null_ids=int(rows) - int(keyed),
+        duplicates=duplicates,
+        matched=matched,
+        new_ids=distinct - len(duplicates) - matched,
+        removed=[custom_id for custom_id, _ in removed],
+        synced=stored_rows + intents - int(overlap),
+        below_watermark=int(below_watermark),
+    )
+    return LocalPass(scan=scan, duplicates=copies, moved=int(moved), stored_duplicates=bool(stored_copies))
 
 
 def piece_bounds(con: duckdb.DuckDBPyConnection, ids_sql: str, key: str, *, after: str | None, rows: int) -> list[str]:

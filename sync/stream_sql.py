@@ -18,7 +18,9 @@ __all__ = ["NEW_BY_HASH_SQL", "send_sql", "streamed_moved_sql"]
 NEW_BY_HASH_SQL: Final = f"hash(s.{KEY}) NOT IN (SELECT hash(custom_id) FROM stored)"
 
 
-def send_sql(selected: str, *, stored: bool, full: bool, new: str | None, ordered: bool) -> str:
+def send_sql(
+    selected: str, *, stored: bool, full: bool, new: str | None, ordered: bool, stored_duplicates: bool = True
+) -> str:
     """Rows to map and send from ``selected`` (mapped columns, row, key, raw hash, past any watermark).
 
     Args:
@@ -29,6 +31,8 @@ def send_sql(selected: str, *, stored: bool, full: bool, new: str | None, ordere
             condition on ``s.__cepsync_key`` (:data:`NEW_BY_HASH_SQL` once the id scan proved
             that no new id's hash is a stored id's; a local pass's own new ids).
         ordered: In Custom ID order (a full pass with a send checkpoint needs it).
+        stored_duplicates: Some duplicated id may be stored (else, known from a local pass,
+            a delta's rows need no stored fingerprint, and the stored table is not read).
     """
     order = f"ORDER BY s.{KEY}" if ordered else ""
     flags = f"d.k IS NOT NULL AS {DUPLICATE}"
@@ -45,6 +49,14 @@ def send_sql(selected: str, *, stored: bool, full: bool, new: str | None, ordere
             f"st.attributes AS {STORED_ATTRIBUTES} "
             f"FROM ({selected}) s LEFT JOIN stored st ON st.custom_id = s.{KEY} "
             f"LEFT JOIN duplicates d ON d.k = s.{KEY} {order}"
+        )
+    if new is not None and not stored_duplicates:
+        # A delta's rows are new or without an id: none has a stored fingerprint.
+        return (
+            f"SELECT s.*, {flags}, CAST(NULL AS UBIGINT) AS {STORED_RAW}, "
+            f"CAST(NULL AS UBIGINT) AS {STORED_PAYLOAD}, CAST(NULL AS BLOB) AS {STORED_ATTRIBUTES} "
+            f"FROM ({selected}) s LEFT JOIN duplicates d ON d.k = s.{KEY} "
+            f"WHERE s.{KEY} IS NULL OR d.k IS NOT NULL OR {new} {order}"
         )
     if new is not None:
         # As below, but a new id is told without joining every stored id: by its 8-byte hash

@@ -28,6 +28,7 @@ from sync.diff import SegmentDiff
 from sync.differ import DUPLICATE, KEY, RAW, ROW, STORED_ATTRIBUTES, STORED_PAYLOAD, STORED_RAW
 from sync.engine import Run, RunOptions, RunResult
 from sync.local_pass import SORT_PIECE_ROWS
+from sync.local_rows import LISTED_IDS, drop_sparse_rows, sparse_rows
 from sync.sources.duckdb import DuckDBSource
 from sync.state.base import StateStore
 from sync.state.sqlite import SQLiteStateStore
@@ -57,10 +58,16 @@ class LocalSource(DuckDBSource):
         config = DuckDBSourceConfig(database=str(path), **({"query": query} if query else {"table": "segment"}))
         super().__init__(config, activation="local")
         self.reads: list[list[str]] = []
+        # The columns of every query of the segment the differ built (each needs its SQL).
+        self.queries: list[list[str]] = []
 
     def read_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         self.reads.append(list(columns))
         return super().read_batches(columns)
+
+    def segment_sql(self, columns: list[str]) -> str:
+        self.queries.append(list(columns))
+        return super().segment_sql(columns)
 
 
 NEVER_IN_SEGMENT = ["gone", "left", "never"]
@@ -363,6 +370,120 @@ def test_a_local_pass_out_of_memory_streams_the_segment_with_the_same_answers(tm
             assert problems[1] == "stream"
     assert answers[0] == answers[1]
     assert answers[0][:3] == (50_000, 10_000, 7_143)
+
+
+def test_a_local_delta_with_nothing_to_stream_queries_no_segment_rows(tmp_path: Path) -> None:
+    """No null, new or duplicated id: the stream runs no query of the segment; one null id, and it does."""
+    ids: list[str | None] = [f"id{n:03d}" for n in range(40)]
+    segment = pa.table({"id": pa.array(ids, pa.string()), "v": pa.array(range(40), pa.int64())})
+    stored = {cid: (raw, 1) for cid, raw in zip(ids, raw_hashes(segment), strict=True) if cid is not None}
+    answers = []
+    for extra in ([], [None]):
+        table = pa.table({"id": pa.array(ids + extra, pa.string()), "v": pa.array(range(40 + len(extra)), pa.int64())})
+        source = LocalSource(table, tmp_path / str(len(extra)))
+        diff = SegmentDiff(source, columns=["id", "v"], schema=table.schema, stored=stored_table(stored), salt="salt")
+        try:
+            scan = diff.scan_ids()
+            moved = rows_of(diff.moved_rows())
+            source.queries.clear()
+            to_send = rows_of(diff.rows_to_send(full=False))
+            answers.append((scan.rows, scan.matched, moved, [(row[ROW], row["id"]) for row in to_send], source.queries))
+        finally:
+            diff.close()
+            source.close()
+    assert answers[0] == (40, 40, [], [], [])  # nothing to stream, and no query of the segment for it
+    rows, matched, moved, to_send, queries = answers[1]
+    assert (rows, matched, moved, to_send) == (41, 40, [], [(41, None)])
+    assert queries  # the null id's row was fetched from the segment
+
+
+@pytest.mark.parametrize("new_ids", [5, 3 * LISTED_IDS], ids=["ids listed", "ids joined"])
+def test_a_local_deltas_few_rows_come_out_with_their_read_order_numbers(tmp_path: Path, new_ids: int) -> None:
+    """The stream's and the moved rows' numbers, fetched without numbering every row, are the streamed differ's."""
+    count = 3_000
+    # Ids out of order; a null id every 97th row; the stored ids are all but ``new_ids`` of them.
+    ids: list[str | None] = [None if n % 97 == 5 else f"id{(n * 7919) % count:05d}" for n in range(count)]
+    # A new id twice (both copies new), a stored id twice (one copy unchanged).
+    ids += ["id00003", f"id{(11 * 7919) % count:05d}"]
+    values = list(range(len(ids)))
+    values[-1] = values[11]  # the stored id's second copy: its first's values (unchanged)
+    segment = pa.table({"id": pa.array(ids, pa.string()), "v": pa.array(values, pa.int64())})
+    raws = raw_hashes(segment)
+    present = sorted({cid for cid in ids if cid is not None})
+    new = set(present[:: len(present) // new_ids][:new_ids]) | {"id00003"}
+    first_raw = {cid: raw for cid, raw in reversed(list(zip(ids, raws, strict=True))) if cid is not None}
+    # Every 50th stored id moved (one off), the others did not.
+    shifted = {cid for n, cid in enumerate(present) if n % 50 == 0} - new
+    stored = {cid: (first_raw[cid] + (cid in shifted), 4) for cid in present if cid not in new}
+    answers = []
+    for local in (True, False):
+        source: LocalSource | TableSource = LocalSource(segment, tmp_path) if local else TableSource(segment)
+        diff = SegmentDiff(source, columns=["id", "v"], schema=segment.schema, stored=stored_table(stored), salt="salt")
+        try:
+            scan = diff.scan_ids()
+            answers.append((scan, rows_of(diff.moved_rows()), rows_of(diff.rows_to_send(full=False))))
+            assert diff.compared_in == ("segment_database" if local else "stream")
+        finally:
+            diff.close()
+            source.close()
+    (local_scan, local_moved, local_sent), (scan, moved, sent) = answers
+    assert local_scan == scan
+    assert local_moved == moved
+    assert local_sent == sent
+    assert {row["id"] for row in moved} == shifted - {ids[-1]}  # a duplicated id is sent (rejected), not moved
+    assert all(row[ROW] == ids.index(row["id"]) + 1 for row in moved)  # read order, from 1
+    assert [row[ROW] for row in sent if row["id"] is None] == [n + 1 for n, cid in enumerate(ids) if cid is None]
+    assert {row["id"] for row in sent if row["id"] is not None} == new | {ids[-1]}
+    assert all(values[row[ROW] - 1] == row["v"] and ids[row[ROW] - 1] == row["id"] for row in sent)
+
+
+def test_a_segment_read_otherwise_each_time_gets_every_row_numbered(tmp_path: Path) -> None:
+    """Rows in another order on each read: the few rows and their numbers disagree, so every row is numbered."""
+    ids: list[str | None] = [f"id{n:03d}" for n in range(300)] + [None, None, "new1", "new2"]
+    segment = pa.table({"id": pa.array(ids, pa.string()), "v": pa.array(range(len(ids)), pa.int64())})
+    stored = {cid: (raw, 1) for cid, raw in zip(ids[:300], raw_hashes(segment)[:300], strict=True)}
+    source = LocalSource(segment, tmp_path, query="SELECT id, v FROM segment ORDER BY random()")
+    try:
+        schema = source.schema()
+        diff = SegmentDiff(source, columns=["id", "v"], schema=schema, stored=stored_table(stored), salt="salt")
+        try:
+            diff.scan_ids()
+            sent = rows_of(diff.rows_to_send(full=False))
+        finally:
+            diff.close()
+    finally:
+        source.close()
+    expected = [(300, "None"), (301, "None"), (302, "new1"), (303, "new2")]
+    assert sorted((row["v"], str(row["id"])) for row in sent) == expected
+    numbers = [row[ROW] for row in sent]
+    assert len(set(numbers)) == 4  # each row its own number, as the one read that handed them over gave them
+    assert all(1 <= number <= len(ids) for number in numbers)
+    assert source.reads == []
+
+
+def test_the_few_rows_are_refused_when_two_reads_of_the_segment_disagree() -> None:
+    """The numbers (one read of the ids) and the rows (another of every column) must meet id for id, in order."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(
+            "CREATE TABLE segment AS SELECT CASE WHEN i % 50 = 7 THEN NULL ELSE 'id' || lpad(i::VARCHAR, 4, '0') END "
+            "AS id, i AS v FROM range(2000) t(i)"
+        )
+        wanted = [f"id{n:04d}" for n in range(3, 2000, 61)]  # 33 ids (none null)
+        ids = "SELECT k FROM (VALUES " + ", ".join(f"('{k}')" for k in wanted) + ") t(k)"
+        key, raw = 'CAST("id" AS VARCHAR)', 'hash(\'salt\', "id", "v")'
+        selected = sparse_rows(con, "SELECT id, v FROM segment", ["id", "v"], key, raw, ids=ids, nulls=True)
+        assert selected is not None
+        got = con.sql(f"SELECT {ROW}, id, v FROM ({selected}) ORDER BY {ROW}").fetchall()
+        expected = [(n + 1, None if n % 50 == 7 else f"id{n:04d}", n) for n in range(2000)]
+        assert got == [row for row in expected if row[1] is None or row[1] in wanted]
+        drop_sparse_rows(con)
+        # Another order on each read: the ids do not meet in order, and nothing is left behind.
+        shuffled = "SELECT id, v FROM segment ORDER BY random()"
+        assert sparse_rows(con, shuffled, ["id", "v"], key, raw, ids=ids, nulls=True) is None
+        assert con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'sparse%'").fetchall() == [(0,)]
+    finally:
+        con.close()
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full pass", "continuation"])

@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Final
 
@@ -60,6 +60,10 @@ STREAM_RETRY_CEILING_MB: Final = 512
 # Threads of the embedded differ's queries in the segment's database (sync.local_pass),
 # but a sort's (one).
 DIFFER_THREADS: Final = min(4, os.cpu_count() or 1)
+
+# The cap set for a moment once the differ's queries end, so that DuckDB lets go of the
+# file's blocks they cached (what a cap cannot free, DuckDB keeps: the setting then fails).
+RELEASE_MEMORY_LIMIT: Final = "1MB"
 
 # How DuckDB's out-of-memory errors begin, also once Arrow's stream reader has wrapped one.
 OUT_OF_MEMORY: Final = "Out of Memory Error"
@@ -305,6 +309,11 @@ class DuckDBSource:
         except duckdb.Error as error:
             raise FatalError(f"activation '{self._activation}': comparing the segment failed: {error}") from None
         finally:
+            # The blocks the differ's queries cached (up to their cap: every mapped column's)
+            # are let go: DuckDB would keep them until the database closes, through the
+            # run's commit, where its peak memory is (docs/how-a-run-works.md, "A local segment").
+            with suppress(duckdb.Error):
+                self._connection.execute(f"SET memory_limit = {quote_literal(RELEASE_MEMORY_LIMIT)}")
             self._connection.execute(f"SET memory_limit = {quote_literal(self._limit)}")
             self._connection.execute("SET threads = 1")
 
