@@ -501,6 +501,33 @@ def test_a_run_leaves_a_small_journal_for_a_later_run_and_folds_it_once_it_is_du
         assert store.load_fingerprints("act") == expected
 
 
+def test_the_fold_check_counts_stored_fingerprints_without_reading_their_blobs(db_path: Path) -> None:
+    # compact(when_due=True) sums the chunks' rows at the start and the end of every run: a
+    # covering index answers it, never the table (whose rows carry the blobs), in a new
+    # file and in one an older cepsync wrote without the index.
+    with SQLiteStateStore(db_path) as store:
+        lease = store.acquire_lease("act", "run-a", TTL, T0)
+        store.commit(lease, entries(("u1", fp(1))), at(1))
+        store.compact(lease, at(1))
+    raw = sqlite3.connect(db_path)
+    query = "SELECT COALESCE(SUM(rows), 0) FROM fingerprint_base WHERE activation = ?"
+    try:
+        plan = " ".join(str(row) for row in raw.execute("EXPLAIN QUERY PLAN " + query, ("act",)))
+        assert "COVERING INDEX fingerprint_base_rows" in plan
+        raw.execute("DROP INDEX fingerprint_base_rows")
+        raw.commit()
+    finally:
+        raw.close()
+    with SQLiteStateStore(db_path) as store:
+        assert store.load_fingerprints("act") == {"u1": fp(1)}
+    raw = sqlite3.connect(db_path)
+    try:
+        plan = " ".join(str(row) for row in raw.execute("EXPLAIN QUERY PLAN " + query, ("act",)))
+        assert "COVERING INDEX fingerprint_base_rows" in plan
+    finally:
+        raw.close()
+
+
 def test_fold_due_weighs_the_journal_against_the_stored_fingerprints() -> None:
     assert not fold_due(journal_rows=0, journal_documents=0, stored_rows=0)
     assert fold_due(journal_rows=1, journal_documents=1, stored_rows=0)  # a first sync
