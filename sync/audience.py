@@ -240,6 +240,8 @@ class AudienceRun:
         await asyncio.to_thread(store.compact_members, lease)
         if await asyncio.to_thread(store.start_members, lease, self.name):
             self._warnings.append(f"the state held audience {membership.audience_before!r}: forgotten")
+        # The session first (its making, the run's first call's, must not eat a call's deadline).
+        client.transport.ready()
         api = AudienceClient(client.transport, self.name)
         try:
             await self._ensure(api, membership)

@@ -402,6 +402,7 @@ class Sender:
             profiles, noted = self._request_of(group)
             self.tally.attempted += len(profiles)
             self.tally.requests += 1
+            self._client.transport.ready()  # the session first: its making must not eat the deadline
             outcome = await self._client.send(self._endpoint, profiles, deadline=self._budget.deadline())
             self.tally.count(outcome)
             # An id whose value Batch refused was answered, and not applied: its intent is

@@ -532,6 +532,16 @@ class Transport:
             body = await response.read()
             return Response(response.status, body, parse_retry_after(response.headers.get("Retry-After")))
 
+    def ready(self) -> None:
+        """Make the session now, if no call has yet: before a caller computes a call's deadline.
+
+        The first call would make it (:meth:`_opened`), but importing aiohttp and building its
+        TLS contexts takes ~0.1 s, more on a busy machine, and a deadline computed before
+        would lose that time: with a short lease, a first call could find its deadline gone
+        before its first attempt. Idempotent; cheap once the session exists.
+        """
+        self._opened()
+
     def _opened(self) -> aiohttp.ClientSession:
         """The session, made by the first call that needs one (the one place a session is made).
 

@@ -135,3 +135,23 @@ async def test_an_injected_session_is_used_without_entering_and_never_closed(
         assert not session.closed
     assert len(outcome.acknowledged) == len(again.acknowledged) == 2
     assert len(sim.profiles(PROJECT_KEY)) == 4
+
+
+async def test_ready_makes_the_session_before_a_first_call_computes_its_deadline(
+    simulator: tuple[BatchSimulator, str], sessions: list[aiohttp.ClientSession]
+) -> None:
+    # A sender or the audience calls ready() before computing the deadline of their first
+    # call: a session made inside that call would spend its deadline importing aiohttp (a run
+    # with a 2 s lease once failed its first audience call after 0 attempts).
+    _, base_url = simulator
+    client = make_client(base_url)
+    with pytest.raises(RuntimeError, match="async with BatchClient"):
+        client.transport.ready()
+    async with client:
+        client.transport.ready()
+        client.transport.ready()
+        assert len(sessions) == 1
+        outcome = await client.send(Endpoint.UPDATE, profiles(3))
+        assert len(outcome.acknowledged) == 3
+        assert len(sessions) == 1  # the call used the session ready() made
+    assert sessions[0].closed
