@@ -79,18 +79,29 @@ def _consumed(tables: list[pa.Table] | Iterator[pa.Table]) -> Iterator[pa.Table]
         yield tables.pop()
 
 
+def without_ids(table: pa.Table, touched: pa.Array) -> pa.Table | None:
+    """``table`` without the rows whose ``custom_id`` is in ``touched``; None when it holds none (nothing copied).
+
+    The one way a stored table meets a journal's ids, a table at a time: when a load applies
+    a journal, and when the SQLite store folds a small one into its chunks.
+    """
+    if not len(touched):
+        return None
+    hit = pc.is_in(table.column("custom_id"), value_set=touched)
+    return table.filter(pc.invert(hit)) if pc.any(hit).as_py() else None
+
+
 def _without_ids(base: list[pa.Table], ids: pa.ChunkedArray) -> Iterator[pa.Table]:
     """Each base table without the rows whose id is in ``ids`` (a table untouched is not copied)."""
     touched = ids.combine_chunks()
     for table in _consumed(base):
-        if len(touched):
-            hit = pc.is_in(table.column("custom_id"), value_set=touched)
-            if pc.any(hit).as_py():
-                table = table.filter(pc.invert(hit))
-                # The table it replaces is gone: hand its memory back before the next one
-                # (the allocator would keep it, and a load would hold the state twice).
-                del hit
-                release_free_memory()
+        remaining = without_ids(table, touched)
+        if remaining is not None:
+            # The table it replaces is gone: hand its memory back before the next one
+            # (the allocator would keep it, and a load would hold the state twice).
+            table = remaining
+            del remaining
+            release_free_memory()
         yield table
 
 

@@ -19,7 +19,7 @@ from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.memory import release_free_memory
 from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
-from sync.state.fold import fold_due, fold_journal, has_repeats, latest_entries_table, no_common_ids
+from sync.state.fold import fold_due, fold_journal, has_repeats, latest_entries_table, no_common_ids, without_ids
 from sync.state.sqlite.connection import SQLiteTables, unpack
 
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
@@ -258,18 +258,16 @@ class FingerprintTables(SQLiteTables):
         rewritten = 0
         for chunk, rows in chunks:
             stored = self._base_chunk(conn, activation, chunk, where)
-            hit = pc.is_in(stored.column("custom_id"), value_set=touched)
-            if pc.any(hit).as_py():
-                remaining = stored.filter(pc.invert(hit))
+            remaining = without_ids(stored, touched)
+            if remaining is not None:
                 conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk))
                 if remaining.num_rows:
                     self._insert_chunk(conn, activation, chunk, remaining)
                 rows = remaining.num_rows
                 rewritten += rows
-                del remaining
             if rows:
                 kept.append((chunk, rows))
-            del stored, hit
+            del stored, remaining
             release_free_memory()  # one chunk at a time: the next one reuses this one's memory
         puts = latest.filter(latest.column("put"))
         self._append_chunks(conn, activation, kept, [puts], where)
