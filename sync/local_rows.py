@@ -11,10 +11,18 @@ when they are at most :data:`SPARSE_ROWS` (``docs/how-a-run-works.md``, "A local
 2. **The rows** (``sparse_rows``): the segment's mapped columns, narrowed to the same ids as
    they are read (on every thread), kept in read order (DuckDB keeps a query's order when
    it creates a table from it).
-3. **Met in order**: the n-th row of the one is the n-th number of the other. Both reads are
-   the same query of the same database, so they agree; should they not (a segment query
-   whose rows change from one read to the next), the ids met in order differ, and the
-   caller numbers every row as before. Only then is anything read a second time.
+3. **Met**: both reads are the same query of the same database, so they hold the same rows.
+   When the second kept the read order (a plain filter does: a few ids written out), the
+   n-th row of the one is the n-th number of the other. Filtered by a hash join (more ids)
+   on every thread, DuckDB hands the rows over in any order: an earlier version, meeting
+   them in order only, numbered every row on most deltas after all. Then each row meets
+   its number on its Custom ID and its rank among that id's copies (null ids ranked
+   together): ids are unique but for duplicated and null ones, and copies ranked in any
+   order are only interchangeable when their values are all equal.
+4. **Or not**: when neither way meets every row with one number of the same id (a segment
+   query whose rows change from one read to the next), or two copies of an id met by id
+   differ in a value, the caller numbers every row as before. Only then is anything read
+   a second time.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ _IDS: Final = "sparse_ids"
 _K: Final = "__cepsync_sparse_key"
 _N: Final = "__cepsync_sparse_row"
 _ORDINAL: Final = "__cepsync_sparse_ordinal"
+_COPY: Final = "__cepsync_sparse_copy"  # a row's rank among its id's copies
 
 
 def sparse_rows(
@@ -78,7 +87,8 @@ def sparse_rows(
 
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {_NUMBERS} AS "
-        f"SELECT {_K}, {_N}, row_number() OVER (ORDER BY {_N}) AS {_ORDINAL} "
+        f"SELECT {_K}, {_N}, row_number() OVER (ORDER BY {_N}) AS {_ORDINAL}, "
+        f"row_number() OVER (PARTITION BY {_K} ORDER BY {_N}) AS {_COPY} "
         f"FROM (SELECT {key} AS {_K}, row_number() OVER () AS {_N} FROM ({segment_sql}) AS segment) numbered "
         f"WHERE {wanted(_K)}"
     )
@@ -87,19 +97,44 @@ def sparse_rows(
         f"CREATE OR REPLACE TEMP TABLE {_ROWS} AS SELECT {selected}, {key} AS {KEY} "
         f"FROM ({segment_sql}) AS segment WHERE {wanted(key)}"
     )
-    ordered = f"SELECT *, row_number() OVER (ORDER BY rowid) AS {_ORDINAL} FROM {_ROWS}"
+    mapped = ", ".join(f"r.{quote_identifier(c)}" for c in columns)
+    for ranked, met, by_id in _MEETINGS:
+        if _meet(con, ranked, met) and not (by_id and _unlike_copies(con, selected)):
+            numbered = f"({ranked}) r JOIN {_NUMBERS} n ON {met}"
+            return f"SELECT {mapped}, n.{_N} AS {ROW}, r.{KEY}, {raw} AS {RAW} FROM {numbered}"
+    drop_sparse_rows(con)
+    return None
+
+
+# How the rows meet their numbers (the module's docstring, step 3): the table's n-th row is
+# the n-th number (the read kept its order); or, met by id, a row meets the number of its
+# id's copy of the same rank (ranked in the table's order, whatever it is).
+_MEETINGS: Final = (
+    (f"SELECT *, row_number() OVER (ORDER BY rowid) AS {_ORDINAL} FROM {_ROWS}", f"n.{_ORDINAL} = r.{_ORDINAL}", False),
+    (
+        f"SELECT *, row_number() OVER (PARTITION BY {KEY} ORDER BY rowid) AS {_ORDINAL} FROM {_ROWS}",
+        f"n.{_K} IS NOT DISTINCT FROM r.{KEY} AND n.{_COPY} = r.{_ORDINAL}",
+        True,
+    ),
+)
+
+
+def _meet(con: duckdb.DuckDBPyConnection, ranked: str, met: str) -> bool:
+    """Whether every row meets one number and every number one row, with the same id."""
     ((disagreements,),) = con.execute(
-        f"SELECT count(*) FROM ({ordered}) r FULL JOIN {_NUMBERS} n ON n.{_ORDINAL} = r.{_ORDINAL} "
+        f"SELECT count(*) FROM ({ranked}) r FULL JOIN {_NUMBERS} n ON {met} "
         f"WHERE n.{_ORDINAL} IS NULL OR r.{_ORDINAL} IS NULL OR n.{_K} IS DISTINCT FROM r.{KEY}"
     ).fetchall()
-    if disagreements:
-        drop_sparse_rows(con)
-        return None
-    mapped = ", ".join(f"r.{quote_identifier(c)}" for c in columns)
-    return (
-        f"SELECT {mapped}, n.{_N} AS {ROW}, r.{KEY}, {raw} AS {RAW} "
-        f"FROM ({ordered}) r JOIN {_NUMBERS} n ON n.{_ORDINAL} = r.{_ORDINAL}"
-    )
+    return not disagreements
+
+
+def _unlike_copies(con: duckdb.DuckDBPyConnection, selected: str) -> bool:
+    """Whether two copies of an id (or two rows without one) differ in a value (met by id, which is whose?)."""
+    ((unlike,),) = con.execute(
+        f"SELECT count(*) FROM (SELECT {KEY} FROM {_ROWS} GROUP BY {KEY} "
+        f"HAVING count(*) > 1 AND count(DISTINCT row({selected})) > 1) copies"
+    ).fetchall()
+    return bool(unlike)
 
 
 def drop_sparse_rows(con: duckdb.DuckDBPyConnection) -> None:

@@ -461,8 +461,46 @@ def test_a_segment_read_otherwise_each_time_gets_every_row_numbered(tmp_path: Pa
     assert source.reads == []
 
 
-def test_the_few_rows_are_refused_when_two_reads_of_the_segment_disagree() -> None:
-    """The numbers (one read of the ids) and the rows (another of every column) must meet id for id, in order."""
+def test_the_few_rows_meet_their_numbers_by_id_whatever_order_each_read_hands_them_over() -> None:
+    """The numbers (one read of the ids) and the rows (another, of every column) meet on the id and its copy.
+
+    Past :data:`LISTED_IDS` ids, the second read is filtered by a hash join on two threads,
+    which hands its rows over in any order: each row must still get its own number.
+    """
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET threads = 2")
+        # Row groups of their own, so that both threads filter the rows; every 50th has no id,
+        # and 'id0100' comes twice, its two copies alike.
+        con.execute(
+            "CREATE TABLE segment AS SELECT CASE WHEN i % 50 = 7 THEN NULL ELSE 'id' || lpad(i::VARCHAR, 6, '0') END "
+            "AS id, i % 1000 AS v FROM range(300000) t(i)"
+        )
+        con.execute("UPDATE segment SET id = 'id000100', v = 100 WHERE id = 'id001100'")
+        wanted = [f"id{n:06d}" for n in range(3, 300000, 97)]  # thousands of ids, among them the copies'
+        wanted.append("id000100")
+        con.execute("CREATE TABLE wanted AS SELECT unnest($ids) AS k", {"ids": wanted})
+        key, raw = 'CAST("id" AS VARCHAR)', 'hash(\'salt\', "id", "v")'
+        among = set(wanted)
+        expected = [
+            (n + 1, f"id{n:06d}" if n != 1100 else "id000100", n % 1000)
+            for n in range(300000)
+            if n % 50 != 7 and (f"id{n:06d}" in among or n == 1100)
+        ]
+        for attempt in range(3):  # a lucky order would pass an order-bound meeting by chance
+            selected = sparse_rows(
+                con, "SELECT id, v FROM segment", ["id", "v"], key, raw, ids="SELECT k FROM wanted", nulls=False
+            )
+            assert selected is not None, attempt
+            got = con.sql(f"SELECT {ROW}, id, v FROM ({selected}) ORDER BY {ROW}").fetchall()
+            assert got == expected, attempt
+            drop_sparse_rows(con)
+    finally:
+        con.close()
+
+
+def test_the_few_rows_are_refused_when_copies_differ_or_two_reads_of_the_segment_disagree() -> None:
+    """Two copies of an id (here, rows without one) that differ cannot be told apart; nor reads that disagree."""
     con = duckdb.connect(":memory:")
     try:
         con.execute(
@@ -472,15 +510,23 @@ def test_the_few_rows_are_refused_when_two_reads_of_the_segment_disagree() -> No
         wanted = [f"id{n:04d}" for n in range(3, 2000, 61)]  # 33 ids (none null)
         ids = "SELECT k FROM (VALUES " + ", ".join(f"('{k}')" for k in wanted) + ") t(k)"
         key, raw = 'CAST("id" AS VARCHAR)', 'hash(\'salt\', "id", "v")'
-        selected = sparse_rows(con, "SELECT id, v FROM segment", ["id", "v"], key, raw, ids=ids, nulls=True)
+        selected = sparse_rows(con, "SELECT id, v FROM segment", ["id", "v"], key, raw, ids=ids, nulls=False)
         assert selected is not None
         got = con.sql(f"SELECT {ROW}, id, v FROM ({selected}) ORDER BY {ROW}").fetchall()
-        expected = [(n + 1, None if n % 50 == 7 else f"id{n:04d}", n) for n in range(2000)]
-        assert got == [row for row in expected if row[1] is None or row[1] in wanted]
+        assert got == [(n + 1, f"id{n:04d}", n) for n in range(2000) if n % 50 != 7 and f"id{n:04d}" in wanted]
         drop_sparse_rows(con)
-        # Another order on each read: the ids do not meet in order, and nothing is left behind.
+        # Read in another order each time, the rows meet their numbers by id, but the rows
+        # without an id differ (their values): which number is whose is unknown.
         shuffled = "SELECT id, v FROM segment ORDER BY random()"
         assert sparse_rows(con, shuffled, ["id", "v"], key, raw, ids=ids, nulls=True) is None
+        selected = sparse_rows(con, shuffled, ["id", "v"], key, raw, ids=ids, nulls=False)
+        assert selected is not None
+        got = con.sql(f"SELECT id, v FROM ({selected}) ORDER BY id").fetchall()
+        assert got == [(f"id{n:04d}", n) for n in range(2000) if n % 50 != 7 and f"id{n:04d}" in wanted]
+        drop_sparse_rows(con)
+        # Another set of rows on each read: the ids do not meet as often, and nothing is left behind.
+        changing = "SELECT id, v FROM segment WHERE random() < 0.5"
+        assert sparse_rows(con, changing, ["id", "v"], key, raw, ids=ids, nulls=False) is None
         assert con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'sparse%'").fetchall() == [(0,)]
     finally:
         con.close()
