@@ -108,6 +108,9 @@ class IdScan:
     synced: int = 0
     # Rows whose id is at or below a continued full pass's watermark (left out of its stream).
     below_watermark: int = 0
+    # Stored ids whose raw hash moved, when the differ's pass counted them (None: unknown
+    # until the moved rows are read). A hint (Scan.may_send), not a finding: not compared.
+    moved: int | None = field(default=None, compare=False)
 
     @property
     def duplicate_rows(self) -> int:

@@ -287,6 +287,8 @@ class Run:
         await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now(), when_due=True)  # once due
         meta = await asyncio.to_thread(self.store.load_meta, self.activation.name)
         scan = await self._scan(prepared, meta)
+        if self.client is not None and scan.may_send:
+            self.client.transport.warm()  # aiohttp imports while the moved rows are read (sync.preload)
         try:
             producer = self._producer(scan)
             moved = await asyncio.to_thread(producer.moved)

@@ -321,6 +321,7 @@ def run_pass(
         removed=[custom_id for custom_id, _ in removed],
         synced=stored_rows + intents - int(overlap),
         below_watermark=int(below_watermark),
+        moved=int(moved),
     )
     return LocalPass(scan=scan, duplicates=copies, moved=int(moved), stored_duplicates=bool(stored_copies))
 

@@ -47,6 +47,16 @@ class Scan:
     # Intents an earlier run left unsettled (a crash, failed requests): usually none.
     stale_intents: frozenset[str] = frozenset()
 
+    @property
+    def may_send(self) -> bool:
+        """Whether the run will likely send: a full pass, removals, moved rows or unsettled intents.
+
+        New ids alone do not count: a segment's rows whose values Batch cannot take are new
+        on every run (never acknowledged, never stored), and rejected again before any send.
+        """
+        ids = self.ids
+        return self.full or bool(ids.removed or ids.moved != 0 or self.stale_intents)
+
 
 @dataclass
 class Moved:

@@ -36,6 +36,7 @@ from sync.batch.ratelimit import PROCESS_LIMITERS, Budget, ProfileRateLimiter, R
 from sync.config import Credentials, DestinationConfig
 from sync.errors import BatchAuthError, BatchContractError, BatchUnreachable
 from sync.logs import Logger, get_logger
+from sync.preload import preload
 from sync.redact import Redactor
 
 if TYPE_CHECKING:
@@ -531,6 +532,15 @@ class Transport:
         ) as response:
             body = await response.read()
             return Response(response.status, body, parse_retry_after(response.headers.get("Retry-After")))
+
+    def warm(self) -> None:
+        """Begin importing aiohttp on a thread of its own, for a run that will send soon (:mod:`sync.preload`).
+
+        Nothing is made: the first call still makes the session (:meth:`_opened`), it only
+        finds aiohttp imported, or waits for the import already under way.
+        """
+        if self._session is None:
+            preload("aiohttp")
 
     def ready(self) -> None:
         """Make the session now, if no call has yet: before a caller computes a call's deadline.
