@@ -131,16 +131,20 @@ class LocalDiff:
 
     def moved_rows(self, fetch: Fetch) -> Iterator[pa.RecordBatch]:
         """The pass's moved ids' rows (:func:`sync.local_pass.moved_sql`); few, without numbering every row."""
+        segment = self._segment.segment_sql(self._columns)
+        selected = None
+        if self.moved <= SPARSE_ROWS:
+            with ExitStack() as stack:
+                con = self.connection(stack)
+                assert con is not None
+                ids = "SELECT k FROM survivors WHERE known AND NOT gone"
+                selected = sparse_rows(con, segment, self._columns, self._key, self._raw, ids=ids, nulls=False)
+            # Leaving the differ's settings let go of the segment's blocks the reads cached (up
+            # to the cap: 128 MB at 10M rows), before the rows are mapped and held; the few
+            # rows stay, in their temporary tables.
         with ExitStack() as stack:
             con = self.connection(stack)
             assert con is not None
-            segment = self._segment.segment_sql(self._columns)
-            ids = "SELECT k FROM survivors WHERE known AND NOT gone"
-            selected = (
-                sparse_rows(con, segment, self._columns, self._key, self._raw, ids=ids, nulls=False)
-                if self.moved <= SPARSE_ROWS
-                else None
-            )
             try:
                 yield from fetch(moved_sql(segment, self._columns, self._key, self._raw, selected), con)
             finally:
