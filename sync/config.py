@@ -207,12 +207,14 @@ class MappingConfig(_Strict):
             return value
         if not re.match(r"^[A-Z]{2}$", value):
             raise ValueError("must be an ISO 3166-1 alpha-2 code in uppercase, e.g. FR")
-        # The phone library's tables load when a region is given (an activation mapping phones).
-        import phonenumbers
+        # The phone library's tables load when a region is given (an activation mapping phones):
+        # rphonenumbers, which the mapper asks first (sync.convert.phone_converter); phonenumbers,
+        # its second opinion, knows the same regions (tests/test_config.py holds them together).
+        import rphonenumbers
 
         # A code the phone library has no numbering plan for (XX, or a region without
         # phones of its own) would reject every national number of the segment.
-        if value not in phonenumbers.SUPPORTED_REGIONS:
+        if value not in rphonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a region with a phone numbering plan (libphonenumber); e.g. FR, GB, US")
         return value
 

@@ -34,9 +34,6 @@ from typing import Final, TypeAlias, assert_never
 from urllib.parse import urlsplit
 
 import pycountry
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
-from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
-from email_validator.syntax import validate_email_local_part
 
 from sync.config import AttributeType
 from sync.model import Reason
@@ -204,13 +201,24 @@ _PLAIN_EMAIL = re.compile(
 )
 _EMAIL_MAX_LENGTH: Final = 254  # email-validator's EMAIL_MAX_LENGTH (RFC 5321 4.5.3.1.3)
 _DNS_LABEL_MAX_LENGTH: Final = 63  # RFC 1035 2.3.1
-SPECIAL_USE_TLDS: Final = frozenset(SPECIAL_USE_DOMAIN_NAMES)
-CASE_INSENSITIVE_MAILBOXES: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+@functools.cache
+def email_names() -> tuple[frozenset[str], frozenset[str]]:
+    """email-validator's special-use top-level domains, and the mailbox names it lowercases.
+
+    email-validator (~0.03 s of imports) loads with the first address, not with this module:
+    a run that maps no row (a quiet segment) never imports it.
+    """
+    from email_validator import SPECIAL_USE_DOMAIN_NAMES
+    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+
+    return frozenset(SPECIAL_USE_DOMAIN_NAMES), frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
 def _plain_domain(domain: str, tld: str) -> bool:
     """A domain the patterns matched that email-validator accepts as its lowercase self."""
-    if tld.lower() in SPECIAL_USE_TLDS:
+    if tld.lower() in email_names()[0]:
         return False
     return len(domain) <= _DNS_LABEL_MAX_LENGTH or max(map(len, domain.split("."))) <= _DNS_LABEL_MAX_LENGTH
 
@@ -226,7 +234,7 @@ def _plain_email(text: str) -> str | None:
     if not _plain_domain(domain, tld):
         return None
     local = text[: match.start(1) - 1]
-    if local.lower() in CASE_INSENSITIVE_MAILBOXES:
+    if local.lower() in email_names()[1]:
         return None
     return f"{local}@{domain.lower()}"
 
@@ -248,6 +256,9 @@ def _plain_domain_email(text: str) -> str | None:
     local, domain, tld = match.group(1, 2, 3)
     if not _plain_domain(domain, tld):
         return None
+    from email_validator import EmailNotValidError
+    from email_validator.syntax import validate_email_local_part
+
     normalized = unicodedata.normalize("NFC", local)
     try:
         checked = validate_email_local_part(local)
@@ -274,6 +285,8 @@ def convert_email(value: object) -> str | Failure | None:
     plain = _plain_email(text)
     if plain is not None:
         return plain
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         # Syntax only: a DNS lookup per row would be slow, flaky and a network call.
         validated = validate_email(text, check_deliverability=False)

@@ -26,16 +26,15 @@ import pyarrow.compute as pc
 from sync.config import AttributeType
 from sync.convert import (
     BLOCKED_CUSTOM_IDS,
-    CASE_INSENSITIVE_MAILBOXES,
     CUSTOM_CONVERTERS,
     MAX_ARRAY_ITEMS,
     MAX_CUSTOM_ID_LENGTH,
     MAX_STRING_LENGTH,
     MAX_URL_LENGTH,
     PLAIN_WEB_URL,
-    SPECIAL_USE_TLDS,
     Converter,
     convert_email,
+    email_names,
 )
 
 __all__ = ["column_texts", "custom_id_column", "quoted"]
@@ -121,8 +120,9 @@ def _email_texts(strings: pa.Array) -> pa.StringArray:
         pc.less_equal(pc.utf8_length(strings), _LOWER_EMAIL_MAX_LENGTH),
         pc.match_substring_regex(strings, _LOWER_EMAIL),
     )
-    special = pc.match_substring_regex(strings, rf"\.(?:{_alternatives(SPECIAL_USE_TLDS)})\z")
-    mailbox = pc.match_substring_regex(strings, rf"\A(?i:{_alternatives(CASE_INSENSITIVE_MAILBOXES)})@")
+    special_tlds, mailboxes = email_names()
+    special = pc.match_substring_regex(strings, rf"\.(?:{_alternatives(special_tlds)})\z")
+    mailbox = pc.match_substring_regex(strings, rf"\A(?i:{_alternatives(mailboxes)})@")
     return _accepted(strings, pc.and_(accepted, pc.invert(pc.or_(special, mailbox))))
 
 

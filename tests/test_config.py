@@ -280,6 +280,14 @@ def test_a_default_phone_region_unknown_to_the_phone_library_is_refused(region: 
     assert region in str(error)
 
 
+def test_both_phone_libraries_know_the_same_regions() -> None:
+    """The region is checked against rphonenumbers (asked first); phonenumbers, the second opinion, must agree."""
+    import phonenumbers
+    import rphonenumbers
+
+    assert set(rphonenumbers.SUPPORTED_REGIONS) == set(phonenumbers.SUPPORTED_REGIONS)
+
+
 @pytest.mark.parametrize("region", ["FR", "GB", "US", "DE", "RE"])
 def test_a_real_default_phone_region_loads(region: str) -> None:
     config = base_config(mapping={"custom_id": "customer_id", "phone": "phone", "default_phone_region": region})

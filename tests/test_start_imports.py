@@ -235,9 +235,10 @@ from sync.cli import app
 sys.exit(app())
 """
 
-# Loaded only by a run that sends something (aiohttp), writes a log line (structlog, which
-# brings rich's tracebacks) or writes for a person (rich: bars, tables; never with --json).
-ONLY_WHEN_USED = ("aiohttp", "structlog", "rich")
+# Loaded only by a run that sends something (aiohttp), maps an address (email_validator),
+# writes a log line (structlog, which brings rich's tracebacks) or writes for a person (rich:
+# bars, tables; never with --json).
+ONLY_WHEN_USED = ("aiohttp", "email_validator", "structlog", "rich")
 
 
 def _noted_run(tmp_path: Path, note: Path, *args: str) -> tuple[dict[str, Any], list[str]]:
