@@ -133,3 +133,17 @@ def test_a_repeat_is_found_wherever_it_falls_among_the_slices_of_sorted_ids(
     ]
     folded = as_dict(fold_journal([], journal))
     assert folded == {cid: (100, 100) if cid == ids[repeated] else (n, n) for n, cid in enumerate(ids)}
+
+
+def test_a_journal_applied_to_many_tables_keeps_their_order_and_lets_each_go() -> None:
+    """More base tables than are looked up at once (FOLD_THREADS): handed out in order, each consumed."""
+    tables = [table([(f"{n}-{i}", n, i) for i in range(3)]) for n in range(7)]
+    journal = [
+        table([("1-0", 9, 9), ("4-2", 9, 9), ("6-1", 0, 0), ("9-9", 1, 1)], JOURNAL_SCHEMA, [True, False, False, True])
+    ]
+    assert len(tables) > state_fold.FOLD_THREADS
+    folded = fold_journal(tables, journal)
+    assert tables == []
+    kept = [f"{n}-{i}" for n in range(7) for i in range(3) if f"{n}-{i}" not in {"1-0", "4-2", "6-1"}]
+    assert folded.column("custom_id").to_pylist() == [*kept, "1-0", "9-9"]
+    assert as_dict(folded)["1-0"] == (9, 9)
