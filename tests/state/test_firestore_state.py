@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from google.cloud import firestore
 from member_conformance import MemberStoreContract
@@ -29,7 +30,7 @@ from state_conformance import TTL, StateStoreContract, at, entries, fp
 from sync.errors import LeaseHeld, LeaseLost, TransientError
 from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal, RefusalKind
 from sync.state.base import StateStore
-from sync.state.firestore import INDEX_EXEMPTIONS, FirestoreStateStore, index_exemptions
+from sync.state.firestore import INDEX_EXEMPTIONS, FirestoreStateStore, codec, index_exemptions
 from tests.support.firestore_emulator import FirestoreEmulator
 
 pytestmark = pytest.mark.emulator
@@ -426,7 +427,10 @@ def test_shard_count_grows_in_powers_of_two_and_old_shards_are_deleted(
 
 
 def test_a_run_leaves_a_small_journal_unfolded_and_folds_it_once_due(
-    make_firestore_store: MakeStore, firestore_client: firestore.Client, firestore_prefix: str
+    make_firestore_store: MakeStore,
+    firestore_client: firestore.Client,
+    firestore_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # compact(when_due=True), as a run calls it: a delta far below FOLD_DUE_SHARE of the
     # state writes no shard (its journal documents stay live, every load applies them);
@@ -449,7 +453,18 @@ def test_a_run_leaves_a_small_journal_unfolded_and_folds_it_once_due(
     commit_in_flushes(store, lease, dict(small), flush=40)
     expected.update(small)
     before = store.op_counts()
+    decoded: list[str] = []
+    decode = codec.decode
+
+    def counted(blob: bytes, *args: Any, **kwargs: Any) -> pa.Table:
+        decoded.append(kwargs["where"])
+        return decode(blob, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode", counted)
     store.compact(lease, at(2), when_due=True)
+    monkeypatch.setattr(codec, "decode", decode)
+    # The journal documents say how many entries they hold: none is decoded to count them.
+    assert decoded == []
     assert delta(before, store.op_counts())["writes"] == 0
     left = raw_layout(firestore_client, firestore_prefix, "act")
     assert len(left.live_journal_ids) == 2

@@ -80,6 +80,9 @@ class LiveJournal:
     ns: Namespace
     blobs: list[_Stored]
     upto: JournalMark
+    # The entries the documents say they hold, summed; None when one does not say (a
+    # numbered journal an older cepsync wrote): then they are counted by decoding.
+    entries: int | None = None
 
     @property
     def documents(self) -> int:
@@ -220,18 +223,27 @@ class Journal:
         """
         numbered_refs = [self._collections.journal(ref, ns, seq) for seq in range(state.low, state.next)]
         blobs = _numbered_blobs(self._docs.get_all(numbered_refs), numbered_refs, "", state.low)
-        named = self._named_blobs(ref, ns, state.folded, None)
+        counts: list[int | None] = [None] * len(blobs)
+        named = self._named_docs(ref, ns, state.folded, None)
+        blobs += [(path, doc["blob"]) for path, doc in named]
+        counts += [doc.get("entries") for _, doc in named]
         last = named[-1][0].rsplit("/", 1)[-1] if named else state.folded
-        return LiveJournal(ns, blobs + named, JournalMark(numbered=state.next, named=last))
+        entries = None if None in counts else sum(count for count in counts if count is not None)
+        return LiveJournal(ns, blobs, JournalMark(numbered=state.next, named=last), entries)
 
     def _named_blobs(
         self, ref: DocumentReference, ns: Namespace, folded: str, txn: Transaction | None
     ) -> list[_Stored]:
         """(path, blob) of every named journal document above ``folded``, in id order."""
+        return [(path, doc["blob"]) for path, doc in self._named_docs(ref, ns, folded, txn)]
+
+    def _named_docs(
+        self, ref: DocumentReference, ns: Namespace, folded: str, txn: Transaction | None
+    ) -> list[tuple[str, Doc]]:
+        """(path, document) of every named journal document above ``folded``, in id order."""
         collection = self._collections.journal_collection(ref, ns)
         query = _named_range(collection, after=folded or JOURNAL_ID_PREFIX)
-        docs = self._docs.query(query, f"reading the live {ns.journal} of {ref.path}", txn)
-        return [(path, doc["blob"]) for path, doc in docs]
+        return list(self._docs.query(query, f"reading the live {ns.journal} of {ref.path}", txn))
 
     def folded_refs(self, ref: DocumentReference, ns: Namespace, after: str, upto: str) -> list[DocumentReference]:
         """Named journal documents in ``(after, upto]``: folded ones, for garbage collection."""
