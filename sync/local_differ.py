@@ -23,14 +23,18 @@ from sync.local_pass import (
     NEW_IDS_SQL,
     LocalPass,
     local_memory_limit,
+    memory_mib,
     moved_sql,
     narrowed_sql,
     numbered_sql,
     out_of_memory,
+    part_condition,
     piece_bounds,
     piece_sql,
     roundtrip_problem,
     run_pass,
+    segment_counts,
+    stream_parts,
     stream_size_sql,
     streamed_condition,
     streamed_ids_sql,
@@ -87,6 +91,7 @@ class LocalDiff:
         self.survivors = False  # the cursor holds the pass's table of survivors
         self.moved = 0  # ... of which this many moved
         self._stored_duplicates = True  # ... and whether a stored id comes more than once
+        self._counts: tuple[int, int, int] | None = None  # the segment's, for the pass (something stored)
 
     def segment_sql(self, columns: list[str]) -> str:
         return self._segment.segment_sql(columns)
@@ -109,8 +114,13 @@ class LocalDiff:
             con.register("stored", self._stored)
             con.register("intents", self._intents)
             con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
+            if self._stored_rows:
+                # The pass's counts come first: a segment with many more rows than stored ids
+                # (a first sync's later leg) has as many survivors, and needs the larger cap.
+                self._counts = segment_counts(con, segment, self._key, after=self._after)
             self._con = con
-        limit = self._memory or local_memory_limit(self._stored_rows, sorts=sorts)
+        rows = self._counts[0] if self._counts is not None else 0
+        limit = self._memory or local_memory_limit(self._stored_rows, sorts=sorts, rows=rows)
         stack.enter_context(self._segment.differ_settings(con, limit, sorts=sorts))
         return con
 
@@ -124,6 +134,8 @@ class LocalDiff:
             stored_rows=self._stored_rows,
             intents=self._intents.num_rows,
             after=self._after,
+            counts=self._counts
+            or segment_counts(con, self._segment.segment_sql(self._columns), self._key, after=self._after),
         )
         self.moved, self.survivors = found.moved, True
         self._stored_duplicates = found.stored_duplicates
@@ -187,8 +199,39 @@ class LocalDiff:
                 finally:
                     drop_sparse_rows(con)
                 return
-        selected = narrowed_sql(segment, self._columns, self._key, self._raw, streamed_condition(self._after))
-        yield from self._pieces(con, fetch, selected, full=False, ordered=ordered, rows=rows)
+        if ordered:
+            selected = narrowed_sql(segment, self._columns, self._key, self._raw, streamed_condition(self._after))
+            yield from self._pieces(con, fetch, selected, full=False, ordered=True, rows=rows)
+            return
+        yield from self._stream_in_parts(con, fetch, segment, keyed=int(keyed))
+
+    def _stream_in_parts(
+        self, con: duckdb.DuckDBPyConnection, fetch: Fetch, segment: str, *, keyed: int
+    ) -> Iterator[pa.RecordBatch]:
+        """A delta's large stream (``keyed``: its keyed rows, at most), in parts by id hash, each test within the cap.
+
+        Telling a new id is a hash table of ids: the new ones', or the stored ones' when
+        fewer (a first sync's second leg). Past the cap DuckDB spills the segment's rows too
+        (:data:`sync.local_pass.STREAM_IDS_PER_MIB`), so the ids are cut by their hash into
+        parts that fit (:func:`sync.local_pass.stream_parts`), each a read of the segment.
+        The narrowed rows are exactly the stream's: ``send_sql`` tests nothing again.
+        """
+        by_stored = self._stored_rows < keyed
+        parts = stream_parts(self._stored_rows if by_stored else keyed, cap_mib=memory_mib(con))
+        for part in range(parts):
+            condition = part_condition(self._after, part, parts, by_stored=by_stored)
+            selected = narrowed_sql(segment, self._columns, self._key, self._raw, condition)
+            yield from fetch(
+                send_sql(
+                    selected,
+                    stored=True,
+                    full=False,
+                    new="TRUE",
+                    ordered=False,
+                    stored_duplicates=self._stored_duplicates,
+                ),
+                con,
+            )
 
     def _pieces(
         self, con: duckdb.DuckDBPyConnection, fetch: Fetch, selected: str, *, full: bool, ordered: bool, rows: int

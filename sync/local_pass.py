@@ -56,15 +56,19 @@ __all__ = [
     "LocalPass",
     "ids_sql",
     "local_memory_limit",
+    "memory_mib",
     "moved_sql",
     "narrowed_sql",
     "numbered_sql",
     "out_of_memory",
+    "part_condition",
     "piece_bounds",
     "piece_sql",
     "removed_sql",
     "roundtrip_problem",
     "run_pass",
+    "segment_counts",
+    "stream_parts",
     "stream_size_sql",
     "streamed_condition",
     "streamed_ids_sql",
@@ -80,6 +84,11 @@ __all__ = [
 SMALL_STATE_MEMORY_LIMIT: Final = "32MB"
 LARGE_STATE_MEMORY_LIMIT: Final = "128MB"
 LARGE_STATE_ROWS: Final = 2_000_000
+# A segment with this many more rows than stored ids (a first sync's later legs, an audience
+# grown by as much) has as many survivors, held beside the pass's join: under 32 MB, a
+# 600,000-row segment with 330,000 stored ids ran out of memory in the pass (and the differ
+# streamed it all), so such a pass gets the larger cap. It sends that many profiles anyway.
+MANY_NEW_ROWS: Final = 250_000
 
 # Rows of one sorted piece of an id-ordered stream (a full pass a continuation may follow).
 # Sorted whole, a continuation's millions of new rows kept its first request waiting for the
@@ -88,6 +97,14 @@ LARGE_STATE_ROWS: Final = 2_000_000
 SORT_PIECE_ROWS: Final = 250_000
 # Ids sampled to cut the pieces (their sizes vary with the sample, never their bounds' order).
 SORT_SAMPLE_ROWS: Final = 20_000
+
+# Ids one part of a delta's large stream may test its rows against, per MiB of the cap
+# (stream_parts). Whether a row's id is new is a hash table of ids, and one over the cap
+# makes DuckDB spill the segment's rows beside it: at 10M rows with 5.8M new ids, the stream
+# took 22 s under 128 MB and wrote 2.6 GB to disk, against 13 s in four parts of ~1.1M ids
+# (each part a read of the segment, ~3.3 s there). 1.9M ids a part still spilled (29 s in
+# three); 880k overflowed a 32 MB cap. This keeps a margin under both.
+STREAM_IDS_PER_MIB: Final = 8_000
 
 # The temporary table of the rows that survived the narrow pass (key, raw hash, known).
 SURVIVORS: Final = "survivors"
@@ -102,13 +119,27 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, duckdb.OutOfMemoryException) or "Out of Memory Error" in str(error)
 
 
-def local_memory_limit(stored_rows: int, *, sorts: bool = False) -> str:
+def local_memory_limit(stored_rows: int, *, sorts: bool = False, rows: int = 0) -> str:
     """The cap of the differ's queries in the segment's database, for ``stored_rows`` fingerprints.
 
     ``sorts``: the query sorts the segment's rows (a full pass a continuation may follow),
-    which DuckDB cannot do on every thread under 32 MB; it gets the larger cap.
+    which DuckDB cannot do on every thread under 32 MB; it gets the larger cap. So does a
+    segment of ``rows`` that has :data:`MANY_NEW_ROWS` more than there are stored ids.
     """
-    return LARGE_STATE_MEMORY_LIMIT if sorts or stored_rows > LARGE_STATE_ROWS else SMALL_STATE_MEMORY_LIMIT
+    large = sorts or stored_rows > LARGE_STATE_ROWS or rows - stored_rows > MANY_NEW_ROWS
+    return LARGE_STATE_MEMORY_LIMIT if large else SMALL_STATE_MEMORY_LIMIT
+
+
+def segment_counts(
+    con: duckdb.DuckDBPyConnection, segment_sql: str, key: str, *, after: str | None
+) -> tuple[int, int, int]:
+    """The segment's rows, keyed rows, and keyed rows at or below ``after``: one read of its id column."""
+    ids = ids_sql(segment_sql, key)
+    below = "count(*) FILTER (WHERE k <= $after)" if after is not None else "0"
+    rows, keyed, below_watermark = con.execute(
+        f"SELECT count(*), count(k), {below} FROM ({ids}) segment_ids", {"after": after} if after is not None else {}
+    ).fetchone() or (0, 0, 0)
+    return int(rows), int(keyed), int(below_watermark)
 
 
 def roundtrip_problem(
@@ -176,6 +207,16 @@ def removed_sql(ids: str | None) -> str:
     )
 
 
+def memory_mib(con: duckdb.DuckDBPyConnection) -> float:
+    """The memory cap in force on ``con``'s database, in MiB (DuckDB shows it as, say, ``122.0 MiB``)."""
+    ((shown,),) = con.execute("SELECT current_setting('memory_limit')").fetchall()
+    number, _, unit = str(shown).partition(" ")
+    scale = {"bytes": 1 / 2**20, "KiB": 1 / 2**10, "MiB": 1.0, "GiB": 2.0**10, "TiB": 2.0**20}.get(unit)
+    if scale is None:
+        raise ValueError(f"DuckDB shows its memory limit as {shown!r}, not a size in bytes, KiB, MiB, GiB or TiB")
+    return float(number) * scale
+
+
 def numbered_sql(segment_sql: str, columns: Sequence[str]) -> str:
     """The segment's ``columns`` with :data:`ROW`, each row's number in read order (from 1)."""
     selected = ", ".join(quote_identifier(c) for c in columns)
@@ -239,6 +280,30 @@ def streamed_condition(after: str | None) -> str:
     return wanted if after is None else f"{wanted} AND ({KEY} IS NULL OR {KEY} > {quote_literal(after)})"
 
 
+def stream_parts(ids: int, *, cap_mib: float) -> int:
+    """Parts to cut a delta's large stream into, so that each tests its rows against at most ``ids / parts`` ids."""
+    per_part = max(1, int(cap_mib * STREAM_IDS_PER_MIB))
+    return max(1, -(-ids // per_part))
+
+
+def part_condition(after: str | None, part: int, parts: int, *, by_stored: bool) -> str:
+    """:func:`streamed_condition` for the keyed rows whose id's hash falls in ``part`` of ``parts`` (null ids: part 0).
+
+    Each keyed row lies in exactly one part, and the part's test holds only that part's
+    ids: the new ones (the survivors'), or, ``by_stored``, the stored ones, whose absence
+    is the same thing: a keyed row whose id no stored fingerprint has is what the pass
+    found new. Duplicated ids' rows come out in their own id's part, each once.
+    """
+    mine = f"hash({KEY}) % {parts} = {part}"
+    if by_stored:
+        new = f"{KEY} NOT IN (SELECT custom_id FROM stored WHERE hash(custom_id) % {parts} = {part})"
+    else:
+        new = f"{KEY} IN ({_NEW_IDS} AND hash(k) % {parts} = {part})"
+    keyed = f"({KEY} IS NOT NULL AND {mine} AND ({new} OR {KEY} IN (SELECT k FROM duplicates)))"
+    wanted = f"({KEY} IS NULL OR {keyed})" if part == 0 else keyed
+    return wanted if after is None else f"{wanted} AND ({KEY} IS NULL OR {KEY} > {quote_literal(after)})"
+
+
 @dataclass(frozen=True)
 class LocalPass:
     """What :func:`run_pass` found: the id scan, the duplicated ids (``k``, ``copies``), and how many rows moved.
@@ -261,19 +326,17 @@ def run_pass(
     stored_rows: int,
     intents: int,
     after: str | None,
+    counts: tuple[int, int, int],
 ) -> LocalPass:
     """The delta's pass in ``con`` (``stored``, ``intents``, an empty ``duplicates``): survivors and counts.
 
     ``stored_rows`` and ``intents``: how many stored fingerprints and intents there are;
-    ``after``: a continued full pass's watermark. Fills ``duplicates``.
+    ``after``: a continued full pass's watermark; ``counts``: :func:`segment_counts`, taken
+    first (the join then needs every block of the cap, and DuckDB's cache of the id column's
+    blocks does not outlive it: it would stay, ~6 MB a million rows). Fills ``duplicates``.
     """
-    # The counts first: the join then needs every block of the cap, and DuckDB's cache of
-    # the id column's blocks does not outlive it (it would stay, ~6 MB a million rows).
     ids = ids_sql(segment_sql, key)
-    below = "count(*) FILTER (WHERE k <= $after)" if after is not None else "0"
-    rows, keyed, below_watermark = con.execute(
-        f"SELECT count(*), count(k), {below} FROM ({ids}) segment_ids", {"after": after} if after is not None else {}
-    ).fetchone() or (0, 0, 0)
+    rows, keyed, below_watermark = counts
     con.execute(survivors_sql(segment_sql, key, raw))
     new_rows, gone, moved = con.execute(
         f"SELECT count(*) FILTER (WHERE NOT known AND NOT gone AND k IS NOT NULL), count(*) FILTER (WHERE gone), "

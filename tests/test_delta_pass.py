@@ -11,6 +11,7 @@ an unchanged copy.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sync import local_differ
 from sync.config import DuckDBSourceConfig
 from sync.delta_pass import KEPT_BUDGET_BYTES
 from sync.dev.simulator import BatchSimulator
@@ -585,6 +587,99 @@ def test_an_id_ordered_stream_in_pieces_comes_out_as_one_sort_would(tmp_path: Pa
     assert keys[-1] is None
     assert all(key is None or key > after for key in keys)
     assert len(pieced) > SORT_PIECE_ROWS  # enough rows for pieces
+
+
+@pytest.mark.parametrize("stored_ids", [150_000, 330_000], ids=["tested by the stored ids", "tested by the new ids"])
+def test_a_local_deltas_large_stream_comes_out_in_parts_as_the_streamed_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored_ids: int
+) -> None:
+    """Past SPARSE_ROWS, a delta's stream is cut by id hash into parts whose id tests fit the cap.
+
+    A first sync's second leg is such a delta: hundreds of thousands of new ids beside as
+    many stored ones. Each part must test its rows against the fewer of the two sets, and
+    the parts together must hand over what the streamed differ does: every new, null and
+    duplicated id's row once, with its read-order number; nothing stored and unchanged.
+    """
+    monkeypatch.setattr("sync.local_pass.STREAM_IDS_PER_MIB", 700)  # ~85k ids a part under 128 MB
+    parts: list[tuple[int, int, bool]] = []
+    condition = local_differ.part_condition
+
+    def noted(after: str | None, part: int, count: int, *, by_stored: bool) -> str:
+        parts.append((part, count, by_stored))
+        return condition(after, part, count, by_stored=by_stored)
+
+    monkeypatch.setattr(local_differ, "part_condition", noted)
+    rows = 600_000
+    path = tmp_path / "segment.duckdb"
+    with duckdb.connect(str(path)) as con:
+        # Ids out of order; every 1,000th row has no id; every 20,000th id comes twice.
+        con.execute(
+            "CREATE TABLE segment AS SELECT CASE WHEN i % 1000 = 7 THEN NULL "
+            "ELSE 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0') END AS id, i AS v "
+            "FROM range($rows) t(i) UNION ALL "
+            "SELECT 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0'), i FROM range(3, $rows, 20000) t(i)",
+            {"rows": rows},
+        )
+        table = con.sql("SELECT * FROM segment").to_arrow_table()
+    ids = table["id"].to_pylist()
+    hashing = SegmentDiff(
+        TableSource(table, batch_rows=50_000),
+        columns=["id", "v"],
+        schema=table.schema,
+        stored=stored_table({}),
+        salt="s",
+    )
+    try:
+        first_raw: dict[str, int] = {}
+        for row in rows_of(hashing.rows_to_send(full=True)):
+            if row["id"] is not None:
+                first_raw.setdefault(row["id"], row[RAW])
+    finally:
+        hashing.close()
+    present = sorted(first_raw)
+    # Every 2nd, then 3rd, ... id up to ``stored_ids``: unchanged, but every 50th moved; and
+    # three stored ids the segment no longer has.
+    chosen = present[::2][:stored_ids] + present[1::2][: max(0, stored_ids - len(present[::2]))]
+    stored = {cid: (first_raw[cid] + (n % 50 == 0), 1) for n, cid in enumerate(chosen)}
+    stored.update({f"zz-gone-{n}": (5, 1) for n in range(3)})
+    new = set(present) - set(stored)
+    by_stored = len(stored) < len(new)
+    assert len(new) > 250_000  # past SPARSE_ROWS: the stream is queried whole, in parts
+    answers = []
+    for local in (True, False):
+        source: DuckDBSource | TableSource = (
+            DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
+            if local
+            else TableSource(table, batch_rows=50_000)
+        )
+        diff = SegmentDiff(source, columns=["id", "v"], schema=table.schema, stored=stored_table(stored), salt="s")
+        try:
+            scan = diff.scan_ids()
+            moved = rows_of(diff.moved_rows())
+            sent = [
+                (row[ROW], row[KEY], row["v"], row[DUPLICATE], row[STORED_RAW])
+                for batch in diff.rows_to_send(full=False)
+                for row in batch.to_pylist()
+            ]
+            assert diff.local_problem is None
+        finally:
+            diff.close()
+            source.close()
+        answers.append((scan, moved, sent))
+    (local_scan, local_moved, local_sent), (scan, moved, sent) = answers
+    assert local_scan == scan
+    assert local_moved == moved
+    assert len(local_sent) == len({number for number, *_ in local_sent})  # each row once
+    assert sorted(local_sent) == sorted(sent)
+    duplicated = {cid for cid, copies in Counter(ids).items() if cid is not None and copies > 1}
+    assert duplicated
+    assert set(scan.duplicates) == duplicated
+    assert {key for _, key, *_ in local_sent} == new | duplicated | {None}
+    assert all(ids[number - 1] == key for number, key, *_ in local_sent)  # read-order numbers
+    assert len({count for _, count, _ in parts}) == 1
+    assert {part for part, _, _ in parts} == set(range(parts[0][1]))
+    assert parts[0][1] > 1
+    assert all(stored_side == by_stored for *_, stored_side in parts)
 
 
 # -- whole runs ------------------------------------------------------------------------------
