@@ -21,6 +21,7 @@ from sync.differ import KEY, RAW, ROW
 from sync.duckdb_sql import quote_identifier, quote_literal
 from sync.local_pass import (
     NEW_IDS_SQL,
+    WIDE_ROWS,
     LocalPass,
     local_memory_limit,
     memory_mib,
@@ -92,6 +93,7 @@ class LocalDiff:
         self.moved = 0  # ... of which this many moved
         self._stored_duplicates = True  # ... and whether a stored id comes more than once
         self._counts: tuple[int, int, int] | None = None  # the segment's, for the pass (something stored)
+        self._wide = False  # more than WIDE_ROWS rows to hand over: the larger cap
 
     def segment_sql(self, columns: list[str]) -> str:
         return self._segment.segment_sql(columns)
@@ -116,11 +118,11 @@ class LocalDiff:
             con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
             if self._stored_rows:
                 # The pass's counts come first: a segment with many more rows than stored ids
-                # (a first sync's later leg) has as many survivors, and needs the larger cap.
+                # (a first sync's later leg) has as many survivors (sync.local_pass.WIDE_ROWS).
                 self._counts = segment_counts(con, segment, self._key, after=self._after)
+                self._wide = self._counts[0] - self._stored_rows > WIDE_ROWS
             self._con = con
-        rows = self._counts[0] if self._counts is not None else 0
-        limit = self._memory or local_memory_limit(self._stored_rows, sorts=sorts, rows=rows)
+        limit = self._memory or local_memory_limit(self._stored_rows, sorts=sorts, wide=self._wide)
         stack.enter_context(self._segment.differ_settings(con, limit, sorts=sorts))
         return con
 
@@ -138,6 +140,8 @@ class LocalDiff:
             or segment_counts(con, self._segment.segment_sql(self._columns), self._key, after=self._after),
         )
         self.moved, self.survivors = found.moved, True
+        scan = found.scan
+        self._wide = self._wide or found.moved + scan.null_ids + scan.new_ids + scan.duplicate_rows > WIDE_ROWS
         self._stored_duplicates = found.stored_duplicates
         return found
 

@@ -53,6 +53,7 @@ __all__ = [
     "NEW_IDS_SQL",
     "SORT_PIECE_ROWS",
     "SURVIVORS",
+    "WIDE_ROWS",
     "LocalPass",
     "ids_sql",
     "local_memory_limit",
@@ -84,11 +85,15 @@ __all__ = [
 SMALL_STATE_MEMORY_LIMIT: Final = "32MB"
 LARGE_STATE_MEMORY_LIMIT: Final = "128MB"
 LARGE_STATE_ROWS: Final = 2_000_000
-# A segment with this many more rows than stored ids (a first sync's later legs, an audience
-# grown by as much) has as many survivors, held beside the pass's join: under 32 MB, a
-# 600,000-row segment with 330,000 stored ids ran out of memory in the pass (and the differ
-# streamed it all), so such a pass gets the larger cap. It sends that many profiles anyway.
-MANY_NEW_ROWS: Final = 250_000
+# Past this many rows to hand over, the differ's queries get the larger cap: the survivors
+# (every new id), and the few rows' temporary tables (every mapped column of up to
+# local_rows.SPARSE_ROWS rows, ~150 bytes a row in the benchmark), are held beside the joins.
+# Under 32 MB, a 600,000-row segment with 330,000 stored ids ran out of memory in the pass,
+# and a 300,000-row one with 126,000 stored ids in meeting its 174,000 new rows with their
+# numbers; the differ then streamed the whole segment instead. Before the pass, the segment's
+# rows past the stored ids tell; after it, the moved and streamed rows it found. A run that
+# hands over this many sends as many profiles anyway.
+WIDE_ROWS: Final = 25_000
 
 # Rows of one sorted piece of an id-ordered stream (a full pass a continuation may follow).
 # Sorted whole, a continuation's millions of new rows kept its first request waiting for the
@@ -119,14 +124,14 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, duckdb.OutOfMemoryException) or "Out of Memory Error" in str(error)
 
 
-def local_memory_limit(stored_rows: int, *, sorts: bool = False, rows: int = 0) -> str:
+def local_memory_limit(stored_rows: int, *, sorts: bool = False, wide: bool = False) -> str:
     """The cap of the differ's queries in the segment's database, for ``stored_rows`` fingerprints.
 
     ``sorts``: the query sorts the segment's rows (a full pass a continuation may follow),
     which DuckDB cannot do on every thread under 32 MB; it gets the larger cap. So does a
-    segment of ``rows`` that has :data:`MANY_NEW_ROWS` more than there are stored ids.
+    ``wide`` delta, with more than :data:`WIDE_ROWS` rows to hand over.
     """
-    large = sorts or stored_rows > LARGE_STATE_ROWS or rows - stored_rows > MANY_NEW_ROWS
+    large = sorts or wide or stored_rows > LARGE_STATE_ROWS
     return LARGE_STATE_MEMORY_LIMIT if large else SMALL_STATE_MEMORY_LIMIT
 
 

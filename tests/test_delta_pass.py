@@ -682,6 +682,57 @@ def test_a_local_deltas_large_stream_comes_out_in_parts_as_the_streamed_differs(
     assert all(stored_side == by_stored for *_, stored_side in parts)
 
 
+def test_a_local_delta_with_a_hundred_thousand_new_wide_rows_is_answered_where_the_segment_lies(
+    tmp_path: Path,
+) -> None:
+    """The few rows' temporary tables hold every mapped column: past WIDE_ROWS, the larger cap.
+
+    300,000 rows of ~150 bytes with 126,000 stored ids: under 32 MB, meeting the 174,000 new
+    rows with their numbers ran out of memory, and the differ streamed the whole segment.
+    The answers must still be the streamed differ's.
+    """
+    rows = 300_000
+    path = tmp_path / "segment.duckdb"
+    text = ", ".join(f"repeat(chr(CAST(97 + (i * {n}) % 26 AS INTEGER)), 24) AS s{n}" for n in range(1, 6))
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            f"CREATE TABLE segment AS SELECT 'id' || lpad(CAST(i AS VARCHAR), 8, '0') AS id, i AS v, {text} "
+            "FROM range($rows) t(i)",
+            {"rows": rows},
+        )
+        table = con.sql("SELECT * FROM segment").to_arrow_table()
+    columns = table.schema.names
+    source = TableSource(table, batch_rows=50_000)
+    hashing = SegmentDiff(source, columns=columns, schema=table.schema, stored=stored_table({}), salt="s")
+    try:
+        raws = {row["id"]: row[RAW] for row in rows_of(hashing.rows_to_send(full=True))}
+    finally:
+        hashing.close()
+    stored = {cid: (raws[cid] + (n % 100 == 0), 1) for n, cid in enumerate(sorted(raws)[:126_000])}
+    answers = []
+    for local in (True, False):
+        segment: DuckDBSource | TableSource = (
+            DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
+            if local
+            else TableSource(table, batch_rows=50_000)
+        )
+        diff = SegmentDiff(segment, columns=columns, schema=table.schema, stored=stored_table(stored), salt="s")
+        try:
+            scan = diff.scan_ids()
+            moved = [(row[ROW], row[KEY]) for row in rows_of(diff.moved_rows())]
+            sent = sorted((row[ROW], row[KEY]) for batch in diff.rows_to_send(full=False) for row in batch.to_pylist())
+            assert diff.local_problem is None
+        finally:
+            diff.close()
+            segment.close()
+        answers.append((scan, moved, sent))
+    assert answers[0] == answers[1]
+    (scan, moved, sent) = answers[0]
+    assert scan.new_ids == len(sent) == rows - 126_000
+    assert len(moved) == 1_260
+    assert all(key == f"id{number - 1:08d}" for number, key in sent + moved)  # read-order numbers
+
+
 # -- whole runs ------------------------------------------------------------------------------
 
 
