@@ -233,8 +233,10 @@ def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 @contextmanager
-def simulator_process(env: dict[str, str], log_path: Path, *, keep_every: int = 1) -> Iterator[str]:
-    """Run ``cepsync simulator`` (rate limits on) in its own process; yield its base URL.
+def simulator_process(
+    env: dict[str, str], log_path: Path, *, keep_every: int = 1, rate_limit: bool = True
+) -> Iterator[str]:
+    """Run ``cepsync simulator`` (Batch's rate limits on, unless not ``rate_limit``) in its own process; yield its URL.
 
     ``keep_every`` above 1: the simulator keeps the attributes of one profile in that many
     (``--keep-every``), and only an update count for the others (a 5M or 10M segment).
@@ -244,6 +246,8 @@ def simulator_process(env: dict[str, str], log_path: Path, *, keep_every: int = 
     command = [sys.executable, "-m", "sync.cli", "simulator", "--host", "127.0.0.1", "--port", str(port)]
     if keep_every > 1:
         command += ["--keep-every", str(keep_every)]
+    if not rate_limit:
+        command.append("--no-rate-limit")
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603 - our own CLI, fixed arguments
         try:
