@@ -534,6 +534,28 @@ def test_the_few_rows_are_refused_when_copies_differ_or_two_reads_of_the_segment
         con.close()
 
 
+def segment_source(local: bool, path: Path, table: pa.Table) -> DuckDBSource | TableSource:
+    """The ``segment`` table of the database at ``path`` where it lies (``local``), or ``table`` streamed."""
+    if local:
+        return DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
+    return TableSource(table, batch_rows=50_000)
+
+
+def scrambled_segment(path: Path, rows: int, *, twice_every: int, twice_from: int, copy_value: str) -> pa.Table:
+    """A ``segment`` table of ``rows`` ids out of order (every 1,000th row has none), and every
+    ``twice_every``-th id from ``twice_from`` again, its ``v`` the SQL ``copy_value`` of ``i``."""
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            "CREATE TABLE segment AS SELECT CASE WHEN i % 1000 = 7 THEN NULL "
+            "ELSE 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0') END AS id, i AS v "
+            "FROM range($rows) t(i) UNION ALL "
+            f"SELECT 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0'), {copy_value} "
+            "FROM range($first, $rows, $every) t(i)",
+            {"rows": rows, "first": twice_from, "every": twice_every},
+        )
+        return con.sql("SELECT * FROM segment").to_arrow_table()
+
+
 @pytest.mark.parametrize("full", [True, False], ids=["full pass", "continuation"])
 def test_an_id_ordered_stream_in_pieces_comes_out_as_one_sort_would(tmp_path: Path, full: bool) -> None:
     """Past SORT_PIECE_ROWS, a local segment's ordered stream is cut into pieces of consecutive ids.
@@ -542,18 +564,8 @@ def test_an_id_ordered_stream_in_pieces_comes_out_as_one_sort_would(tmp_path: Pa
     above the watermark (or, in a continuation, the new ones), null ids last, duplicated ids
     flagged.
     """
-    rows = 3 * SORT_PIECE_ROWS
     path = tmp_path / "segment.duckdb"
-    with duckdb.connect(str(path)) as con:
-        # Ids out of order; every 1,000th row has no id, and every 5,000th id comes twice.
-        con.execute(
-            "CREATE TABLE segment AS SELECT CASE WHEN i % 1000 = 7 THEN NULL "
-            "ELSE 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0') END AS id, i AS v "
-            "FROM range($rows) t(i) UNION ALL "
-            "SELECT 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0'), -i FROM range(0, $rows, 5000) t(i)",
-            {"rows": rows},
-        )
-        table = con.sql("SELECT * FROM segment").to_arrow_table()
+    table = scrambled_segment(path, 3 * SORT_PIECE_ROWS, twice_every=5_000, twice_from=0, copy_value="-i")
     ids = [cid for cid in table["id"].to_pylist() if cid is not None]
     # Half the ids below the watermark were synced by earlier legs (and a few above it).
     after = sorted(ids)[len(ids) // 3]
@@ -561,11 +573,7 @@ def test_an_id_ordered_stream_in_pieces_comes_out_as_one_sort_would(tmp_path: Pa
     stored.update({cid: (5, 1) for cid in sorted(set(ids))[len(ids) // 2 :: 97]})
     answers = []
     for local in (True, False):
-        source: DuckDBSource | TableSource = (
-            DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
-            if local
-            else TableSource(table, batch_rows=50_000)
-        )
+        source = segment_source(local, path, table)
         diff = SegmentDiff(
             source, columns=["id", "v"], schema=table.schema, stored=stored_table(stored), salt="salt", after=after
         )
@@ -609,18 +617,8 @@ def test_a_local_deltas_large_stream_comes_out_in_parts_as_the_streamed_differs(
         return condition(after, part, count, by_stored=by_stored)
 
     monkeypatch.setattr(local_differ, "part_condition", noted)
-    rows = 600_000
     path = tmp_path / "segment.duckdb"
-    with duckdb.connect(str(path)) as con:
-        # Ids out of order; every 1,000th row has no id; every 20,000th id comes twice.
-        con.execute(
-            "CREATE TABLE segment AS SELECT CASE WHEN i % 1000 = 7 THEN NULL "
-            "ELSE 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0') END AS id, i AS v "
-            "FROM range($rows) t(i) UNION ALL "
-            "SELECT 'id' || lpad(CAST((i * 7919) % $rows AS VARCHAR), 8, '0'), i FROM range(3, $rows, 20000) t(i)",
-            {"rows": rows},
-        )
-        table = con.sql("SELECT * FROM segment").to_arrow_table()
+    table = scrambled_segment(path, 600_000, twice_every=20_000, twice_from=3, copy_value="i")
     ids = table["id"].to_pylist()
     hashing = SegmentDiff(
         TableSource(table, batch_rows=50_000),
@@ -647,11 +645,7 @@ def test_a_local_deltas_large_stream_comes_out_in_parts_as_the_streamed_differs(
     assert len(new) > 250_000  # past SPARSE_ROWS: the stream is queried whole, in parts
     answers = []
     for local in (True, False):
-        source: DuckDBSource | TableSource = (
-            DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
-            if local
-            else TableSource(table, batch_rows=50_000)
-        )
+        source = segment_source(local, path, table)
         diff = SegmentDiff(source, columns=["id", "v"], schema=table.schema, stored=stored_table(stored), salt="s")
         try:
             scan = diff.scan_ids()
@@ -711,11 +705,7 @@ def test_a_local_delta_with_a_hundred_thousand_new_wide_rows_is_answered_where_t
     stored = {cid: (raws[cid] + (n % 100 == 0), 1) for n, cid in enumerate(sorted(raws)[:126_000])}
     answers = []
     for local in (True, False):
-        segment: DuckDBSource | TableSource = (
-            DuckDBSource(DuckDBSourceConfig(database=str(path), table="segment"), activation="local")
-            if local
-            else TableSource(table, batch_rows=50_000)
-        )
+        segment = segment_source(local, path, table)
         diff = SegmentDiff(segment, columns=columns, schema=table.schema, stored=stored_table(stored), salt="s")
         try:
             scan = diff.scan_ids()
