@@ -54,14 +54,17 @@ class ProfileRateLimiter:
     """A token bucket counted in profiles: ``capacity`` tokens, refilled at ``rate`` per second.
 
     The bucket starts full, so a fresh process may send ``capacity`` profiles at once
-    (Batch's burst) and is then paced at ``rate``.
+    (Batch's burst) and is then paced at ``rate``. A ``ceiling`` below ``capacity`` is the
+    most it fills to, at first and after any pause: a request larger than that waits for
+    the rest (the reservation below), so that after a pause no more than ``ceiling``
+    profiles leave at once.
 
     Args:
         rate: Tokens (profiles) added per second.
-        capacity: Most tokens the bucket holds; also the largest single ``acquire``.
+        capacity: The largest single ``acquire``; also the most tokens the bucket holds, but for a ``ceiling``.
         clock: Monotonic clock in seconds (injectable for tests).
         sleep: Coroutine that sleeps for a number of seconds (injectable for tests).
-        initial: Tokens in the bucket at first (default: full).
+        ceiling: Most tokens the bucket fills to, and holds at first (default: ``capacity``).
     """
 
     def __init__(
@@ -71,7 +74,7 @@ class ProfileRateLimiter:
         *,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
-        initial: float | None = None,
+        ceiling: float | None = None,
     ) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be positive, got {rate}")
@@ -79,9 +82,10 @@ class ProfileRateLimiter:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.rate = float(rate)
         self.capacity = capacity
+        self.ceiling = float(capacity if ceiling is None else min(ceiling, capacity))
         self._clock = clock
         self._sleep = sleep
-        self._tokens = float(capacity if initial is None else min(initial, capacity))
+        self._tokens = self.ceiling
         self._updated = clock()
 
     def __repr__(self) -> str:
@@ -90,7 +94,7 @@ class ProfileRateLimiter:
     def _refill(self) -> None:
         now = self._clock()
         elapsed = max(0.0, now - self._updated)
-        self._tokens = min(float(self.capacity), self._tokens + elapsed * self.rate)
+        self._tokens = min(self.ceiling, self._tokens + elapsed * self.rate)
         self._updated = now
 
     def available(self) -> float:
@@ -133,7 +137,7 @@ class ProfileRateLimiter:
             # Nothing will be sent with these tokens: give them back. Callers that reserved
             # after us already computed their waits with our debt, so they stay on the safe side.
             self._refill()
-            self._tokens = min(float(self.capacity), self._tokens + profiles)
+            self._tokens = min(self.ceiling, self._tokens + profiles)
             raise
         return wait
 
@@ -142,13 +146,13 @@ class Budget(NamedTuple):
     """A rate budget that every client of a process using one project key shares.
 
     ``name`` tells budgets of one project key apart; ``rate`` (tokens a second) and
-    ``capacity`` shape its bucket, which holds ``initial`` tokens at first (default: full).
+    ``capacity`` shape its bucket, which fills to ``ceiling`` tokens at most (default: full).
     """
 
     name: str
     rate: float
     capacity: int
-    initial: float | None = None
+    ceiling: float | None = None
 
 
 def endpoint_budget(endpoint: Endpoint) -> Budget:
@@ -156,12 +160,16 @@ def endpoint_budget(endpoint: Endpoint) -> Budget:
     # A little under Batch's published rate: our clock and Batch's bucket never start in
     # step, and a 429 costs a round trip plus a backoff, far more than 3 %.
     # /mass-update has "no burst": Batch counts a request when it has read and parsed it,
-    # which for a 5,000-profile body lags the moment we took our tokens. Starting with one
+    # which for a 5,000-profile body lags the moment we took our tokens. Filling to one
     # request's worth, not the whole second, leaves that lag as slack: the second request
     # of a run leaves half a second after the first instead of at once (a 1M full load
-    # measured one 429 at its start without it).
-    initial = endpoint.burst - endpoint.send_batch if endpoint is Endpoint.MASS_UPDATE else None
-    return Budget(endpoint.value, endpoint.rate_per_second * RATE_HEADROOM, endpoint.burst, initial)
+    # measured one 429 at its start without it). The same holds after any pause (the
+    # sender waiting on the differ, as a continuation leg's stream moves from one part to
+    # the next): two requests at once would spend Batch's whole second, and the paced ones
+    # after them would arrive with no slack against jitter for ~17 s (our 3 % headroom
+    # refills it at 300 profiles a second).
+    ceiling = endpoint.burst - endpoint.send_batch if endpoint is Endpoint.MASS_UPDATE else None
+    return Budget(endpoint.value, endpoint.rate_per_second * RATE_HEADROOM, endpoint.burst, ceiling)
 
 
 class RateLimiterRegistry:
@@ -195,7 +203,7 @@ class RateLimiterRegistry:
         limiter = self._limiters.get(key)
         if limiter is None:
             limiter = ProfileRateLimiter(
-                budget.rate, budget.capacity, clock=self._clock, sleep=self._sleep, initial=budget.initial
+                budget.rate, budget.capacity, clock=self._clock, sleep=self._sleep, ceiling=budget.ceiling
             )
             self._limiters[key] = limiter
         return limiter

@@ -856,6 +856,30 @@ async def test_limiter_allows_the_burst_then_paces_at_the_rate() -> None:
     assert await limiter.acquire(300) == pytest.approx(1.0)
 
 
+async def test_a_mass_update_bucket_fills_to_one_request_at_first_and_after_any_pause() -> None:
+    """Batch's mass-update has no burst: two requests at once would spend its whole second.
+
+    Then the paced requests after them would reach Batch with no slack for jitter until our
+    headroom refilled it (~17 s), and any that came early was a 429 and a 5,000-profile
+    resend. So, at a run's start and after a pause alike, one request leaves at once and
+    the next after its share of the rate; a full 10,000-profile request waits for the rest.
+    """
+    time = FakeTime()
+    registry = RateLimiterRegistry(clock=time.clock, sleep=time.sleep)
+    limiter = registry.get(PROJECT_KEY, Endpoint.MASS_UPDATE)
+    batch, rate = Endpoint.MASS_UPDATE.send_batch, 10_000 * RATE_HEADROOM
+    assert [await limiter.acquire(batch) for _ in range(3)] == pytest.approx([0.0, batch / rate, batch / rate])
+
+    time.now += 30.0  # the sender waited (the differ between two parts of its stream)
+    assert limiter.available() == pytest.approx(batch)
+    assert [await limiter.acquire(batch) for _ in range(2)] == pytest.approx([0.0, batch / rate])
+
+    time.now += 30.0
+    assert await limiter.acquire(Endpoint.MASS_UPDATE.max_batch) == pytest.approx(batch / rate)
+    update = registry.get(PROJECT_KEY, Endpoint.UPDATE)  # /update keeps Batch's burst of 1,000
+    assert [await update.acquire(200) for _ in range(5)] == [0.0] * 5
+
+
 async def test_concurrent_callers_queue_with_exact_waits() -> None:
     recorded: list[float] = []
 
