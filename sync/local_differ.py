@@ -116,18 +116,24 @@ class LocalDiff:
             con.register("stored", self._stored)
             con.register("intents", self._intents)
             con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
-            if self._stored_rows:
-                # The pass's counts come first: a segment with many more rows than stored ids
-                # (a first sync's later leg) has as many survivors (sync.local_pass.WIDE_ROWS).
-                self._counts = segment_counts(con, segment, self._key, after=self._after)
-                self._wide = self._counts[0] - self._stored_rows > WIDE_ROWS
             self._con = con
         limit = self._memory or local_memory_limit(self._stored_rows, sorts=sorts, wide=self._wide)
         stack.enter_context(self._segment.differ_settings(con, limit, sorts=sorts))
+        if self._stored_rows and self._counts is None:
+            # The pass's counts come first: a segment with many more rows than stored ids
+            # (a first sync's later leg) has as many survivors (sync.local_pass.WIDE_ROWS),
+            # and its queries get the larger cap from now on.
+            self._counts = segment_counts(con, self._segment.segment_sql(self._columns), self._key, after=self._after)
+            if self._counts[0] - self._stored_rows > WIDE_ROWS:
+                self._wide = True
+                wider = self._memory or local_memory_limit(self._stored_rows, sorts=sorts, wide=True)
+                if wider != limit:
+                    stack.enter_context(self._segment.differ_settings(con, wider, sorts=sorts))
         return con
 
     def run_pass(self, con: duckdb.DuckDBPyConnection) -> LocalPass:
         """The delta's pass and id scan (:func:`sync.local_pass.run_pass`); the survivors stay on the cursor."""
+        assert self._counts is not None, "the cursor counts the segment when it opens, before the pass"
         found = run_pass(
             con,
             self._segment.segment_sql(self._columns),
@@ -136,8 +142,7 @@ class LocalDiff:
             stored_rows=self._stored_rows,
             intents=self._intents.num_rows,
             after=self._after,
-            counts=self._counts
-            or segment_counts(con, self._segment.segment_sql(self._columns), self._key, after=self._after),
+            counts=self._counts,
         )
         self.moved, self.survivors = found.moved, True
         scan = found.scan
