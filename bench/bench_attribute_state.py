@@ -17,9 +17,11 @@ process of its own (so its peak memory is its own), through the store's own meth
 
 Ids are ``user-NNNNNNNN`` (13 bytes). Printed per variant and per store: the bytes the
 fingerprints take (SQLite: the base blobs, and the file; Firestore: the shard documents'
-blobs, and how many there are, which is what a run reads), the seconds to load them, the
-loaded Arrow table's bytes, and the child's peak RSS. Firestore runs on the official emulator,
-which this script starts (the tests' wrapper).
+blobs, and how many there are, which is what a run reads), the seconds to commit them, to
+compact them and to load them back in the same child, the seconds a second child takes to
+load them (``fresh load s``: what a run's first load costs, its memory untouched; the
+allocators tuned as a run tunes them), the loaded Arrow table's bytes, and the first child's
+peak RSS. Firestore runs on the official emulator, which this script starts (the tests' wrapper).
 
 Then what computing the sets costs the mapping stage: ``--hash-rows`` rows of the benchmark's
 ``customers`` table (bench_sync.py's generator, the demo's mapping) encoded as every run does,
@@ -72,8 +74,11 @@ def _journal(start: int, stop: int, attributes: int | None, rnd: random.Random) 
     return pa.table(columns)
 
 
-def _child(state: str, rows: int, attributes: int | None, where: str) -> dict[str, Any]:
-    """Commit, compact and load ``rows`` fingerprints with whichever ``sync`` is importable."""
+def _child(state: str, rows: int, attributes: int | None, where: str, *, load_only: bool = False) -> dict[str, Any]:
+    """Commit, compact and load ``rows`` fingerprints with whichever ``sync`` is importable.
+
+    ``load_only``: open the state another child wrote and load it, as a run's fresh process does.
+    """
     rnd = random.Random(20261207)
     if state == "sqlite":
         from sync.state.sqlite import SQLiteStateStore
@@ -90,6 +95,19 @@ def _child(state: str, rows: int, attributes: int | None, where: str) -> dict[st
         client = firestore.Client(project=project, credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
         store = FirestoreStateStore(client, prefix=prefix)
     figures: dict[str, Any] = {}
+    if load_only:
+        try:
+            from sync.memory import tune_allocators
+        except ImportError:  # a baseline from before it
+            pass
+        else:
+            tune_allocators()  # as a run does before it loads its state
+        started = time.perf_counter()
+        table = store.load_fingerprint_table(ACTIVATION)
+        figures["load_s"] = time.perf_counter() - started
+        assert table.num_rows == rows, (table.num_rows, rows)
+        store.close()
+        return figures
     now = datetime.now(UTC)
     lease = store.acquire_lease(ACTIVATION, "bench", 3600.0, now)
     started = time.perf_counter()
@@ -135,15 +153,20 @@ def _extract(ref: str, into: Path) -> Path:
 
 
 def _run_child(code_root: Path, state: str, rows: int, attributes: int | None, where: str) -> dict[str, Any]:
+    """The writing child's figures, and ``fresh_load_s``: the same state loaded by a child of its own."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(code_root), str(REPO_ROOT)])
     command = [sys.executable, str(Path(__file__).resolve()), "--_child", state, "--_where", where]
     command += ["--rows", str(rows), "--_attributes", "none" if attributes is None else str(attributes)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)  # noqa: S603
-    if done.returncode != 0:
-        raise SystemExit(f"bench child ({state}) failed:\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    return result
+    results: list[dict[str, Any]] = []
+    for extra in ([], ["--_load-only"]):
+        done = subprocess.run(command + extra, capture_output=True, text=True, env=env, check=False)  # noqa: S603
+        if done.returncode != 0:
+            raise SystemExit(f"bench child ({state}) failed:\n{done.stderr}")
+        results.append(json.loads(done.stdout.splitlines()[-1]))
+    written, fresh = results
+    written["fresh_load_s"] = fresh["load_s"]
+    return written
 
 
 def _hashing(rows: int) -> None:
@@ -182,12 +205,14 @@ def _print(rows: int, results: dict[str, dict[str, dict[str, Any]]]) -> None:
     per_million = 1_000_000 / rows
     for state, variants in results.items():
         print(f"\n{state}: {rows:,} profiles (sizes also per 1M profiles)")
-        head = f"{'variant':<10} {'state MB':>9} {'/1M MB':>8} {'B/profile':>10} {'docs':>6} {'load s':>7} "
+        head = f"{'variant':<10} {'state MB':>9} {'/1M MB':>8} {'B/profile':>10} {'docs':>6} {'commit s':>9} "
+        head += f"{'compact s':>10} {'load s':>7} {'fresh load s':>13}"
         print(head + f"{'table MB':>9} {'peak RSS MB':>12}")
         for name, figures in variants.items():
             print(
                 f"{name:<10} {figures['state_bytes'] / 1e6:>9.1f} {figures['state_bytes'] * per_million / 1e6:>8.1f} "
-                f"{figures['state_bytes'] / rows:>10.1f} {figures['documents']:>6} {figures['load_s']:>7.2f} "
+                f"{figures['state_bytes'] / rows:>10.1f} {figures['documents']:>6} {figures['commit_s']:>9.2f} "
+                f"{figures['compact_s']:>10.2f} {figures['load_s']:>7.2f} {figures['fresh_load_s']:>13.3f}"
                 f"{figures['table_bytes'] / 1e6:>9.1f} {figures['peak_rss_mb']:>12.0f}"
             )
             if "largest_document_bytes" in figures:
@@ -206,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_child", choices=("sqlite", "firestore"), help=argparse.SUPPRESS)
     parser.add_argument("--_where", help=argparse.SUPPRESS)
     parser.add_argument("--_attributes", help=argparse.SUPPRESS)
+    parser.add_argument("--_load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
         attributes = None if args._attributes == "none" else int(args._attributes)
-        print(json.dumps(_child(args._child, args.rows, attributes, args._where)))
+        print(json.dumps(_child(args._child, args.rows, attributes, args._where, load_only=args._load_only)))
         return 0
     states = [state for state in args.states.split(",") if state]
     if not states and args.hash_rows:

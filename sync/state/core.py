@@ -304,6 +304,16 @@ def check_limit(activation: str, limit: int) -> None:
 
 # -- Arrow IPC blobs ----------------------------------------------------------------------
 
+# A state blob is encoded and decoded on the calling thread, not on pyarrow's CPU pool: a
+# blob is a few megabytes in a handful of buffers, and a function instance has one or two
+# vCPUs (docs/how-state-is-kept.md, "Encoding a blob", with the figures).
+IPC_READ_OPTIONS: Final = pa.ipc.IpcReadOptions(use_threads=False)
+
+
+def ipc_write_options(compression: str | None = None) -> pa.ipc.IpcWriteOptions:
+    """How a store encodes its blobs: ``compression`` (lz4, zstd or none), on the calling thread."""
+    return pa.ipc.IpcWriteOptions(compression=compression, use_threads=False)
+
 
 def pack_table(table: pa.Table, options: pa.ipc.IpcWriteOptions) -> pa.Buffer:
     """A table as one Arrow IPC stream (what a state blob holds)."""
@@ -316,7 +326,7 @@ def pack_table(table: pa.Table, options: pa.ipc.IpcWriteOptions) -> pa.Buffer:
 def unpack_table(blob: bytes, schema: pa.Schema, where: str, error: type[FatalError]) -> pa.Table:
     """The table an IPC blob holds, which must have ``schema``; else ``error``, naming ``where``."""
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
+        table = pa.ipc.open_stream(pa.py_buffer(blob), options=IPC_READ_OPTIONS).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise error(f"{where}: a state blob cannot be read ({exc})") from exc
     if not table.schema.equals(schema) and "attributes" in schema.names and "attributes" not in table.column_names:

@@ -27,7 +27,7 @@ from sync.state.firestore import legacy
 from sync.state.firestore.layout import Namespace
 from sync.state.fold import has_repeats
 
-_IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="zstd")
+_IPC_OPTIONS: Final = core.ipc_write_options("zstd")
 # Every IPC stream starts with a continuation marker; a legacy zlib stream never does.
 _IPC_MARKER: Final = b"\xff\xff\xff\xff"
 _INTENT_SCHEMA: Final = pa.schema([("custom_id", pa.string())])

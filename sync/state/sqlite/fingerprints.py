@@ -26,7 +26,7 @@ from sync.state.sqlite.connection import SQLiteTables, unpack
 # into ~15-30 MB).
 _CHUNK_ROWS: Final = 250_000
 # lz4: ids compress about 3x, at a few ms per million fingerprints.
-_IPC_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
+_IPC_OPTIONS: Final = core.ipc_write_options("lz4")
 
 
 def _pack(table: pa.Table) -> memoryview:
