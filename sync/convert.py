@@ -670,6 +670,20 @@ def has_timezone_data() -> bool:
     return bool(_timezones()[0])
 
 
+def lazy_modules(native_type: NativeType) -> tuple[str, ...]:
+    """What a native field's converter imports on its first value, not with this module.
+
+    email-validator at the first address (:func:`email_names`), phonenumbers at the first
+    number rphonenumbers refuses (:func:`phone_converter`). A run about to map rows imports
+    them on a thread while DuckDB reads those rows (``ProfileMapper.warm``, :mod:`sync.preload`).
+    """
+    if native_type is NativeType.EMAIL:
+        return ("email_validator",)
+    if native_type is NativeType.PHONE:
+        return ("phonenumbers",)
+    return ()
+
+
 def native_converter(native_type: NativeType, default_phone_region: str | None) -> Converter:
     """The converter of a native field of this type (its lookup table is built on first use)."""
     if native_type is NativeType.EMAIL:

@@ -287,8 +287,11 @@ class Run:
         await asyncio.to_thread(self.fingerprints.compact, lease, self.clock.now(), when_due=True)  # once due
         meta = await asyncio.to_thread(self.store.load_meta, self.activation.name)
         scan = await self._scan(prepared, meta)
+        # Imports the run will need in a moment, on threads while DuckDB reads the rows to map (sync.preload).
+        if scan.may_map:
+            prepared.mapper.warm()  # the validators the converters load on first use
         if self.client is not None and scan.may_send:
-            self.client.transport.warm()  # aiohttp imports while the moved rows are read (sync.preload)
+            self.client.transport.warm()  # aiohttp
         try:
             producer = self._producer(scan)
             moved = await asyncio.to_thread(producer.moved)

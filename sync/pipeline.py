@@ -57,6 +57,12 @@ class Scan:
         ids = self.ids
         return self.full or bool(ids.removed or ids.moved != 0 or self.stale_intents)
 
+    @property
+    def may_map(self) -> bool:
+        """Whether the run will likely map rows: a full pass, moved rows, or rows with new, null or duplicated ids."""
+        ids = self.ids
+        return self.full or bool(ids.moved != 0 or ids.new_ids or ids.null_ids or ids.duplicates)
+
 
 @dataclass
 class Moved:

@@ -5,7 +5,9 @@ A run that will send imports aiohttp at its first request (:mod:`sync.batch.tran
 the last moved row and sending the first one. Begun on a thread as soon as the delta's pass
 says something will be sent, the import overlaps the moved rows' queries, which run in
 DuckDB without holding the GIL (``docs/how-a-run-works.md``, "Start-up"). A run with
-nothing to send never starts it.
+nothing to send never starts it. Likewise the validators a mapper loads at its first value
+(email-validator, phonenumbers: ~0.06 s), begun once the pass says rows will be mapped
+(``ProfileMapper.warm``); a run with no row to map never imports them.
 
 Python's import lock keeps this safe: a module another thread is importing is waited for,
 never imported twice. Whatever goes wrong here is left for the real import to report.

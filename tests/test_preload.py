@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -75,3 +78,64 @@ def _scan(*, full: bool = False, stale: frozenset[str] = frozenset(), **ids: Any
 )
 def test_a_run_warms_its_http_client_when_its_scan_says_it_will_likely_send(scan: Scan, may_send: bool) -> None:
     assert scan.may_send is may_send
+
+
+@pytest.mark.parametrize(
+    ("scan", "may_map"),
+    [
+        (_scan(moved=0), False),
+        (_scan(moved=0, removed=["gone"]), False),  # removals are sent without a mapped row
+        (_scan(moved=0, stale=frozenset({"unsettled"})), False),
+        (_scan(moved=3), True),
+        (_scan(), True),  # moved rows not counted by the differ: maybe some
+        (_scan(moved=0, new_ids=1), True),
+        (_scan(moved=0, null_ids=1), True),
+        (_scan(moved=0, duplicates={"a": 2}), True),
+        (_scan(moved=0, full=True), True),
+    ],
+    ids=["nothing", "only removed", "only unsettled", "moved", "moved unknown", "new", "null id", "duplicated", "full"],
+)
+def test_a_run_warms_its_validators_when_its_scan_says_it_will_map_rows(scan: Scan, may_map: bool) -> None:
+    assert scan.may_map is may_map
+
+
+# A fresh interpreter: this one may have imported the validators already.
+_WARMED = """
+import json, sys
+from tests.support.mapping_support import make_mapper
+
+mapper = make_mapper(json.loads(sys.argv[1]))
+before = {name for name in ("email_validator", "phonenumbers") if name in sys.modules}
+thread = mapper.warm()
+if thread is not None:
+    thread.join(timeout=60)
+after = sorted(name for name in ("email_validator", "phonenumbers") if name in sys.modules)
+print(json.dumps({"before": sorted(before), "started": thread is not None, "after": after}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mapping", "started", "after"),
+    [
+        ({"email": "email", "phone": "phone", "default_phone_region": "FR"}, True, ["email_validator", "phonenumbers"]),
+        ({"email": "email"}, True, ["email_validator"]),
+        ({"language": "language", "timezone": "tz"}, False, []),
+    ],
+    ids=["email and phone", "email", "neither"],
+)
+def test_a_mapper_warms_the_validators_its_fields_load_on_first_use(
+    mapping: dict[str, str], started: bool, after: list[str]
+) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _WARMED, json.dumps(mapping)],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    found = json.loads(done.stdout)
+    assert found["before"] == []  # building the mapper imports neither
+    assert (found["started"], found["after"]) == (started, after)
