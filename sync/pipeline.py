@@ -12,7 +12,7 @@ goes to the run book, the one owner of the run's counts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -138,6 +138,11 @@ class Producer:
         self, pending: ProfileRows, pool: MappingPool | None, tally: PlanCounts, *, group_size: int
     ) -> Iterator[SendGroup]:
         try:
+            # The moved rows are mapped already: their full groups leave before the stream's
+            # first read, which would otherwise come between the pass and the first request.
+            pending = yield from _full_groups(pending, group_size)
+            if self.stop.is_set():
+                return
             if pool is None:
                 planned_batches: Iterator[BatchPlan] = (
                     self.plan(batch, full=self.scan.full) for batch in self._batches()
@@ -154,9 +159,7 @@ class Producer:
                 self.book.keep_rejected(planned)
                 if planned.sends:
                     pending = ProfileRows.concat([pending, planned.sends])
-                while len(pending) >= group_size:
-                    group, pending = pending.slice(0, group_size), pending.slice(group_size)
-                    yield SendGroup(upserts=group)
+                pending = yield from _full_groups(pending, group_size)
                 if self.stop.is_set():
                     return
         finally:
@@ -201,3 +204,11 @@ class Producer:
         for planned, seconds in results:
             self.stages.map += seconds
             yield planned
+
+
+def _full_groups(pending: ProfileRows, group_size: int) -> Generator[SendGroup, None, ProfileRows]:
+    """The full groups of ``pending``, one request each; returns the rest (less than a group)."""
+    while len(pending) >= group_size:
+        group, pending = pending.slice(0, group_size), pending.slice(group_size)
+        yield SendGroup(upserts=group)
+    return pending
