@@ -1,6 +1,6 @@
 """One run of one activation, as a straight line of stages (``docs/how-a-run-works.md``):
 
-    prepare → lease → recover → scan → plan moved rows → guards → claim
+    prepare → lease → recover → scan → audience scan → moved rows (mapped, or left to the stream) → guards → claim
       → stream (read → diff → map → send, in one pipeline) → removals → settle → finish
 
 The stages are pure (:mod:`sync.plan` through :class:`sync.planner.Planner`), or edges the run is
@@ -44,7 +44,7 @@ from sync.mapping import ProfileMapper
 from sync.memory import release_free_memory, tune_allocators
 from sync.model import ActivationMeta, Refusal
 from sync.pipeline import Moved, Producer, Scan
-from sync.plan import PlanCounts, evaluate_guards, guard_refusal
+from sync.plan import GuardVerdict, PlanCounts, evaluate_guards, guard_refusal
 from sync.planner import Planner
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, is_retryable, status_of_error
 from sync.removals import send_removals
@@ -294,15 +294,24 @@ class Run:
             self.client.transport.warm()  # aiohttp
         try:
             producer = self._producer(scan)
-            moved = await asyncio.to_thread(producer.moved)
-            release_free_memory()
             await self.audience.scan(self.source, prepared.schema)
-            self._check_guards(scan, moved, raise_on_trip=True)
+            # The moved rows are mapped before anything is sent, so the guards judge their
+            # exact count, unless the guards hold even if every one of them changed: then the
+            # stream maps them, and their first group leaves as soon as it is full.
+            map_moved = self._guards_hold_for_any_change(scan)
+            if map_moved:
+                moved = Moved.to_map()
+            else:
+                moved = await asyncio.to_thread(producer.moved)
+                release_free_memory()
+            self._check_guards(scan, moved, raise_on_trip=True, changed=scan.ids.moved if map_moved else None)
             await self._claim(prepared, scan)
             tally = PlanCounts()
-            if not scan.full:
+            if not scan.full and not map_moved:
                 tally.add(moved.tally)
-            sender = await self._stream(producer, moved, tally)
+            sender = await self._stream(producer, moved, tally, map_moved=map_moved)
+            if map_moved:  # the record's verdicts, on the exact count (below the bound that held)
+                self.run.guards = [v.as_record() for v in self._verdicts(scan, moved.tally.counts["changed"])]
             # The differ (and its stored fingerprints) is done before the state is compacted: never both in memory.
             scan.diff.close()
             release_free_memory()
@@ -359,16 +368,32 @@ class Run:
         )
         return Scan(diff, ids, meta, planner, full, watermark, prepared.version, frozenset(intents))
 
-    def _check_guards(self, scan: Scan, moved: Moved, *, raise_on_trip: bool) -> None:
+    def _verdicts(self, scan: Scan, changed: int) -> list[GuardVerdict]:
         activation = self.activation
-        counts = {"rows": scan.ids.rows, "removed": len(scan.ids.removed), "changed": moved.tally.counts["changed"]}
-        verdicts = evaluate_guards(
+        counts = {"rows": scan.ids.rows, "removed": len(scan.ids.removed), "changed": changed}
+        return evaluate_guards(
             counts,
             activation.guards,
             synced_before=scan.ids.synced,
             sync_mode=activation.sync_mode,
             allow=self.options.allow_guards,
         ) + self.audience.verdicts(self.options.allow_guards)
+
+    def _guards_hold_for_any_change(self, scan: Scan) -> bool:
+        """Whether no guard trips even if every moved row changed (a delta whose differ counted them).
+
+        A moved row's payload may be the same (a cosmetic change), never more than changed:
+        the moved count bounds the changed one, so guards that hold on it hold on the exact count.
+        """
+        moved = scan.ids.moved
+        if scan.full or moved is None or moved == 0:
+            return False
+        return not any(v.tripped and not v.overridden for v in self._verdicts(scan, moved))
+
+    def _check_guards(self, scan: Scan, moved: Moved, *, raise_on_trip: bool, changed: int | None = None) -> None:
+        """Judge the guards on the moved rows' changed count (or ``changed``, a bound of it); raise if one tripped."""
+        activation = self.activation
+        verdicts = self._verdicts(scan, moved.tally.counts["changed"] if changed is None else changed)
         self.run.guards = [v.as_record() for v in verdicts]
         if scan.ids.rows == 0 and scan.ids.synced == 0 and not self.run.warnings:
             # The empty-segment guard protects synced profiles; here there are none, so an empty first
@@ -399,12 +424,17 @@ class Run:
             scan, self.book, self._stages, self._stop, ordered=may_continue, map_workers=self.options.map_workers
         )
 
-    async def _stream(self, producer: Producer, moved: Moved, tally: PlanCounts) -> Sender:
-        """The pipeline: a worker thread reads and maps; the event loop sends as groups arrive."""
+    async def _stream(self, producer: Producer, moved: Moved, tally: PlanCounts, *, map_moved: bool = False) -> Sender:
+        """The pipeline: a worker thread reads and maps; the event loop sends as groups arrive.
+
+        ``map_moved``: the moved rows are mapped by the stream (``Producer.groups``); until
+        then only their count is known, which bounds the changed ones.
+        """
         activation = self.activation
         scan = producer.scan
         ids = scan.ids
-        expected = len(moved.sends) + ids.new_ids + (ids.matched if scan.full else 0) + len(ids.removed)
+        changed = (ids.moved or 0) if map_moved else len(moved.sends)
+        expected = changed + ids.new_ids + (ids.matched if scan.full else 0) + len(ids.removed)
         endpoint = choose_endpoint(
             activation.destination.endpoint, expected, activation.destination.mass_update_threshold
         )
@@ -434,7 +464,7 @@ class Run:
                 on_answer=self.progress.sent,
             )
             try:
-                await self._pump(producer, moved, tally, sender, endpoint, expected)
+                await self._pump(producer, moved, tally, sender, endpoint, expected, map_moved=map_moved)
                 if ids.removed and not sender.incomplete and not sender.failed:
                     await send_removals(
                         sender,
@@ -463,7 +493,15 @@ class Run:
         return IntentNoter(self.store, lambda: self.keeper.lease, mirror=self.activation.sync_mode is SyncMode.MIRROR)
 
     async def _pump(
-        self, producer: Producer, moved: Moved, tally: PlanCounts, sender: Sender, endpoint: Endpoint, expected: int
+        self,
+        producer: Producer,
+        moved: Moved,
+        tally: PlanCounts,
+        sender: Sender,
+        endpoint: Endpoint,
+        expected: int,
+        *,
+        map_moved: bool,
     ) -> None:
         """Feed the mapping thread's groups to the sender, under backpressure."""
         loop = asyncio.get_running_loop()
@@ -473,7 +511,7 @@ class Run:
 
         def produce() -> None:
             try:
-                groups = producer.groups(moved, tally, group_size=endpoint.send_batch)
+                groups = producer.groups(moved, tally, group_size=endpoint.send_batch, map_moved=map_moved)
                 for group in noter.in_windows(groups, window=INTENT_WINDOW_PROFILES):
                     asyncio.run_coroutine_threadsafe(queue.put(group), loop).result()
                     if self._stop.is_set():

@@ -11,6 +11,7 @@ goes to the run book, the one owner of the run's counts.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -66,11 +67,28 @@ class Scan:
 
 @dataclass
 class Moved:
-    """Rows with a stored fingerprint whose raw values moved, mapped before the first send."""
+    """Rows with a stored fingerprint whose raw values moved: mapped before the first send, or as it goes.
+
+    ``Producer.moved`` maps them all before anything is sent (``sends`` holds the changed
+    ones). When the guards cannot trip whatever they hold, the stream maps them first
+    instead, sending each group as it fills (``Producer.groups(..., map_moved=True)``), and
+    fills ``refreshes`` and ``tally`` here as it goes; ``sends`` stays empty.
+    """
 
     sends: ProfileRows
     refreshes: ProfileRows
     tally: PlanCounts
+
+    @classmethod
+    def to_map(cls) -> Moved:
+        """Nothing mapped yet: the stream maps the moved rows (``Producer.groups(..., map_moved=True)``)."""
+        return cls(ProfileRows(), ProfileRows(), PlanCounts())
+
+    def take(self, planned: BatchPlan) -> None:
+        """Add a planned batch of moved rows' refreshes and counts (its sends are the caller's)."""
+        self.tally.add(planned.tally)
+        if planned.refreshes:
+            self.refreshes = ProfileRows.concat([self.refreshes, planned.refreshes])
 
 
 class Producer:
@@ -114,8 +132,7 @@ class Producer:
         tally = PlanCounts()
         sends: list[ProfileRows] = []
         refreshes: list[ProfileRows] = []
-        for batch in scan.diff.moved_rows():
-            planned = self.plan(batch, full=False)
+        for planned in self._moved_plans():
             tally.add(planned.tally)
             if not scan.full:
                 sends.append(planned.sends)
@@ -123,16 +140,51 @@ class Producer:
                 self.book.keep_rejected(planned)
         return Moved(ProfileRows.concat(sends), ProfileRows.concat(refreshes), tally)
 
-    def groups(self, moved: Moved, tally: PlanCounts, *, group_size: int) -> Iterator[SendGroup]:
+    def _moved_plans(self) -> Iterator[BatchPlan]:
+        for batch in self.scan.diff.moved_rows():
+            yield self.plan(batch, full=False)
+
+    def groups(
+        self, moved: Moved, tally: PlanCounts, *, group_size: int, map_moved: bool = False
+    ) -> Iterator[SendGroup]:
         """Read, diff, map and plan the rows to send, one group (one request) at a time.
 
         Runs in a worker thread: DuckDB and Arrow release the GIL, the mapping does not.
-        ``tally`` is added every planned batch's counts.
+        ``tally`` is added every planned batch's counts. ``map_moved``: the moved rows are
+        not mapped yet (``Moved.to_map``); they come first, each group sent as it fills, and
+        they are all mapped even if sending stops early, so the run's counts stay exact.
         """
-        pending = moved.sends
-        pool = self._mapping_pool()
         with collector_eased():
-            yield from self._cut(pending, pool, tally, group_size=group_size)
+            pending = moved.sends
+            if map_moved:
+                pending = yield from self._moved_groups(moved, tally, group_size=group_size)
+            yield from self._cut(pending, self._mapping_pool(), tally, group_size=group_size)
+
+    def _moved_groups(
+        self, moved: Moved, tally: PlanCounts, *, group_size: int
+    ) -> Generator[SendGroup, None, ProfileRows]:
+        """The moved rows' full groups as they are mapped; returns what is left (less than a group)."""
+        pending = ProfileRows()
+        plans = self._moved_plans()
+        try:
+            for planned in plans:
+                moved.take(planned)
+                tally.add(planned.tally)
+                self.book.keep_rejected(planned)
+                if planned.sends:
+                    pending = ProfileRows.concat([pending, planned.sends])
+                pending = yield from _full_groups(pending, group_size)
+        except GeneratorExit:
+            # Sending stopped (a failure, the time budget): the rest are still mapped, so the
+            # record counts every changed row, as when they are all mapped before sending. A
+            # failure while doing so leaves the counts short; the run reports what stopped it.
+            with contextlib.suppress(Exception):
+                for planned in plans:
+                    moved.take(planned)
+                    tally.add(planned.tally)
+                    self.book.keep_rejected(planned)
+            raise
+        return pending
 
     def _cut(
         self, pending: ProfileRows, pool: MappingPool | None, tally: PlanCounts, *, group_size: int

@@ -531,8 +531,10 @@ def evaluate_guards(
     """Check a run's counts against the activation's guards, before anything is sent.
 
     Args:
-        counts: ``rows``, ``removed`` and ``changed`` (exact: the differ found the removals,
-            and every row that could have changed was mapped before the first send).
+        counts: ``rows``, ``removed`` and ``changed`` (the differ found the removals exactly;
+            ``changed`` is exact when every row that could have changed was mapped before the
+            first send, or the count of those rows, which bounds it, when the run sends
+            them as they are mapped because the guards hold even if all of them changed).
         guards: The activation's guards.
         synced_before: Profiles this activation had synced (stored fingerprints + intents).
         sync_mode: Removals are only guarded in mirror mode.
