@@ -2,7 +2,7 @@
 
 The emulator fixtures live in plugin modules there: each starts its emulator once per
 session, on a free port, only when a test asks for it, and fails loudly (never skips) if it
-can't.
+can't. So does ``unlimited_sim``, the Batch simulator in a test's own event loop.
 """
 
 from __future__ import annotations
@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.fixtures_pubsub",
     "tests.support.fixtures_firestore",
     "tests.support.fixtures_bigquery",
+    "tests.support.fixtures_simulator",
 ]

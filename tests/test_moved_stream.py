@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
-from sync.batch.client import BatchClient
 from sync.dev.simulator import BatchSimulator
 from sync.diff import EmbeddedDiffer
 from sync.differ import Differ, DiffRequest
-from sync.engine import Run
-from sync.runs import RunOptions
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
 from tests.support.engine_support import (
-    API_KEY,
     PROJECT_KEY,
     make_activation,
     make_client,
@@ -41,14 +37,6 @@ from tests.support.engine_support import (
 ROWS = 8_000
 Hold = Callable[[int, bool], None]  # a batch's index, and whether it is the last
 COSMETIC_EVERY = 100  # one row in 100 only changes form
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[tuple[BatchSimulator, str]]:
-    simulator = BatchSimulator({PROJECT_KEY: API_KEY}, rate_limit=False)
-    base_url = await simulator.start()
-    yield simulator, base_url
-    await simulator.stop()
 
 
 class _Events:
@@ -119,37 +107,11 @@ class _WatchedDiffer(EmbeddedDiffer):
         return _Watched(opened, self._events, hold=self._hold)  # type: ignore[return-value]
 
 
-async def _watched_run(
-    activation: Any,
-    state: Path,
-    events: _Events,
-    *,
-    hold: Hold | None = None,
-    client: BatchClient | None = None,
-) -> Any:
-    source = DuckDBSource(activation.source, activation=activation.name)
-    store = SQLiteStateStore(state)
-    try:
-        run = Run(
-            activation,
-            source=source,
-            store=store,
-            client=client or make_client(activation),
-            differ=_WatchedDiffer(source, store, events, hold=hold),
-            options=RunOptions(),
-            progress=events,
-        )
-        return await run.execute()
-    finally:
-        source.close()
-        store.close()
-
-
 @pytest.mark.parametrize("limit", [100.0, 99.5], ids=["guards hold", "changed guard judged on the exact count"])
 async def test_moved_rows_are_sent_as_they_are_mapped_when_the_guards_hold_whatever_they_hold(
-    sim: tuple[BatchSimulator, str], tmp_path: Path, limit: float
+    unlimited_sim: tuple[BatchSimulator, str], tmp_path: Path, limit: float
 ) -> None:
-    simulator, url = sim
+    simulator, url = unlimited_sim
     rows = people(ROWS)
     write_segment(tmp_path / "segment.duckdb", rows)
     activation = make_activation(
@@ -180,7 +142,12 @@ async def test_moved_rows_are_sent_as_they_are_mapped_when_the_guards_hold_whate
         if last and limit == 100:
             events.announced.wait(timeout=30)
 
-    second = await _watched_run(activation, tmp_path / "state.db", events, hold=hold)
+    second = await run_once(
+        activation,
+        tmp_path / "state.db",
+        differ=lambda source, store: _WatchedDiffer(source, store, events, hold=hold),
+        progress=events,
+    )
 
     assert second.status == "succeeded", second.record["error"]
     counts = second.record["counts"]
@@ -210,10 +177,10 @@ async def test_moved_rows_are_sent_as_they_are_mapped_when_the_guards_hold_whate
 
 
 async def test_a_run_that_stops_sending_early_still_counts_every_moved_row(
-    sim: tuple[BatchSimulator, str], tmp_path: Path
+    unlimited_sim: tuple[BatchSimulator, str], tmp_path: Path
 ) -> None:
     """Sending stops at the first request (a wrong key) with moved rows still unread: they are mapped all the same."""
-    _, url = sim
+    _, url = unlimited_sim
     rows = people(ROWS)
     write_segment(tmp_path / "segment.duckdb", rows)
     # Loaded and checked on mass-update (fast); the stopped run sends on /update, 200 a group.
@@ -234,8 +201,12 @@ async def test_a_run_that_stops_sending_early_still_counts_every_moved_row(
             events.announced.wait(timeout=30)
             time.sleep(2)
 
-    stopped = await _watched_run(
-        activation, tmp_path / "state.db", events, hold=hold, client=make_client(activation, api_key="wrong-key")
+    stopped = await run_once(
+        activation,
+        tmp_path / "state.db",
+        client=make_client(activation, api_key="wrong-key"),
+        differ=lambda source, store: _WatchedDiffer(source, store, events, hold=hold),
+        progress=events,
     )
     assert stopped.status == "auth_error"
     assert events.seen.count("moved batch") >= 3

@@ -18,7 +18,9 @@ from sync.batch.client import BatchClient
 from sync.batch.ratelimit import RateLimiterRegistry
 from sync.config import Activation, Credentials
 from sync.config_file import parse_activation
+from sync.differ import DifferFactory
 from sync.engine import Run, RunOptions, RunResult
+from sync.runs import Progress
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
 
@@ -112,8 +114,11 @@ async def run_once(
     *,
     client: BatchClient | None = None,
     rejects: Callable[[dict[str, Any]], None] | None = None,
+    differ: Callable[[DuckDBSource, SQLiteStateStore], DifferFactory] | None = None,
+    progress: Progress | None = None,
     **options: Any,
 ) -> RunResult:
+    """One run; ``differ`` builds the run's differ from its source and store (default: the embedded one)."""
     source = DuckDBSource(activation.source, activation=activation.name)  # type: ignore[arg-type]
     store = SQLiteStateStore(state_path)
     try:
@@ -122,7 +127,9 @@ async def run_once(
             source=source,
             store=store,
             client=client or make_client(activation),
+            differ=None if differ is None else differ(source, store),
             options=RunOptions(**options),
+            progress=progress,
             rejects=rejects,
         )
         return await run.execute()
