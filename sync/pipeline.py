@@ -164,13 +164,17 @@ class Producer:
         self, moved: Moved, tally: PlanCounts, *, group_size: int
     ) -> Generator[SendGroup, None, ProfileRows]:
         """The moved rows' full groups as they are mapped; returns what is left (less than a group)."""
+
+        def take(planned: BatchPlan) -> None:
+            moved.take(planned)
+            tally.add(planned.tally)
+            self.book.keep_rejected(planned)
+
         pending = ProfileRows()
         plans = self._moved_plans()
         try:
             for planned in plans:
-                moved.take(planned)
-                tally.add(planned.tally)
-                self.book.keep_rejected(planned)
+                take(planned)
                 if planned.sends:
                     pending = ProfileRows.concat([pending, planned.sends])
                 pending = yield from _full_groups(pending, group_size)
@@ -180,9 +184,7 @@ class Producer:
             # failure while doing so leaves the counts short; the run reports what stopped it.
             with contextlib.suppress(Exception):
                 for planned in plans:
-                    moved.take(planned)
-                    tally.add(planned.tally)
-                    self.book.keep_rejected(planned)
+                    take(planned)
             raise
         return pending
 
