@@ -81,7 +81,7 @@ class Moved:
 
     @classmethod
     def to_map(cls) -> Moved:
-        """Nothing mapped yet: the stream maps the moved rows (``Producer.groups(..., map_moved=True)``)."""
+        """Nothing mapped yet: filled by :meth:`take` as the moved rows are (``Producer.moved``, or the stream's)."""
         return cls(ProfileRows(), ProfileRows(), PlanCounts())
 
     def take(self, planned: BatchPlan) -> None:
@@ -128,17 +128,17 @@ class Producer:
 
     def moved(self) -> Moved:
         """Map the rows whose stored fingerprint may have changed: the changed count is exact."""
-        scan = self.scan
-        tally = PlanCounts()
+        moved = Moved.to_map()
         sends: list[ProfileRows] = []
-        refreshes: list[ProfileRows] = []
         for planned in self._moved_plans():
-            tally.add(planned.tally)
-            if not scan.full:
-                sends.append(planned.sends)
-                refreshes.append(planned.refreshes)
-                self.book.keep_rejected(planned)
-        return Moved(ProfileRows.concat(sends), ProfileRows.concat(refreshes), tally)
+            if self.scan.full:  # counted for the guards; the full pass sends every row itself
+                moved.tally.add(planned.tally)
+                continue
+            moved.take(planned)
+            sends.append(planned.sends)
+            self.book.keep_rejected(planned)
+        moved.sends = ProfileRows.concat(sends)
+        return moved
 
     def _moved_plans(self) -> Iterator[BatchPlan]:
         for batch in self.scan.diff.moved_rows():

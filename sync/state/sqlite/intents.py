@@ -15,12 +15,12 @@ import pyarrow.compute as pc
 
 from sync.model import IntentsNote, Lease, Refusal
 from sync.state import core
-from sync.state.core import U64_LIMIT, ipc_write_options
+from sync.state.core import U64_LIMIT
 from sync.state.sqlite.connection import SQLiteTables, signed, unpack
 
 # A blob of mirror intents: the ids alone.
 _INTENT_SCHEMA: Final = pa.schema([("custom_id", pa.string())])
-_INTENT_IPC_OPTIONS: Final = ipc_write_options()
+_INTENT_IPC_OPTIONS: Final = core.ipc_write_options()
 # Ids per blob when intents are merged (sorted, so each blob holds a narrow range of ids and
 # a clear reads only the blobs its ids fall in): ~1 MB of ids, ~1 ms to unpack.
 _INTENT_CHUNK_ROWS: Final = 50_000
