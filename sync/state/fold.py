@@ -13,7 +13,7 @@ import itertools
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
 
@@ -211,6 +211,90 @@ def _latest_in(con: duckdb.DuckDBPyConnection, journal: Sequence[pa.Table]) -> p
 
 # What the general fold's DuckDB may hold before it spills to a temporary directory.
 FOLD_MEMORY_LIMIT: Final = "256MB"
+
+
+class SpillingFold:
+    """The general fold of :func:`fold_journal` for a store that writes its result back a part at a time.
+
+    :func:`fold_journal` returns the folded state whole, as a load needs it, and on its way
+    holds the stored tables and the result at once: at 10 million profiles a compaction of
+    a large journal peaked over 1 GB that way. Here the stored tables and the journal are
+    copied, one table at a time, into a DuckDB database capped at :data:`FOLD_MEMORY_LIMIT`
+    (it spills the rest to a temporary directory of its own), and the result is read back
+    ``rows`` at a time. The caller may therefore read its stored tables, delete them, and
+    then write the result, holding one table of it at a time
+    (``docs/how-a-run-works.md``, "Memory").
+
+    Use as a context manager: :meth:`add_base` and :meth:`add_journal` (journal tables
+    oldest first, as committed), then :meth:`folded` once.
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._journal_rows = 0
+
+    def __enter__(self) -> SpillingFold:
+        con = self._stack.enter_context(_fold_database())
+        con.execute("CREATE TABLE base (custom_id VARCHAR, raw UBIGINT, payload UBIGINT, attributes BLOB)")
+        con.execute(
+            "CREATE TABLE journal (custom_id VARCHAR, raw UBIGINT, payload UBIGINT, attributes BLOB, put BOOLEAN,"
+            " ordinal BIGINT)"
+        )
+        self._con = con
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._con = None
+        self._stack.close()
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise RuntimeError("SpillingFold is used outside its with block")
+        return self._con
+
+    def add_base(self, tables: Iterable[pa.Table]) -> None:
+        """Copy stored tables (each id in one of them at most) into the fold, one at a time."""
+        con = self._connection()
+        for table in tables:
+            part = with_attributes(table).select(list(FINGERPRINT_COLUMNS)).cast(FINGERPRINT_SCHEMA)
+            del table
+            con.register("part", part)
+            con.execute("INSERT INTO base SELECT custom_id, raw, payload, attributes FROM part")
+            con.unregister("part")
+            del part
+
+    def add_journal(self, tables: Iterable[pa.Table]) -> None:
+        """Copy journal tables (oldest first; within one, later rows are later entries) into the fold."""
+        con = self._connection()
+        for table in tables:
+            rows = table.num_rows
+            if not rows:
+                continue
+            # Each entry's place in the whole journal: the last one of an id wins.
+            ordinal = pc.add(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), rows)), self._journal_rows)
+            part = with_attributes(table).select(JOURNAL_SCHEMA.names).append_column("ordinal", ordinal)
+            del table
+            con.register("part", part)
+            con.execute("INSERT INTO journal SELECT custom_id, raw, payload, attributes, put, ordinal FROM part")
+            con.unregister("part")
+            del part
+            self._journal_rows += rows
+
+    def folded(self, rows: int) -> Iterator[pa.Table]:
+        """The folded fingerprints (:data:`FINGERPRINT_SCHEMA`), at most ``rows`` a table, in no set order."""
+        con = self._connection()
+        con.execute(
+            "CREATE TABLE latest AS SELECT custom_id, raw, payload, attributes, put FROM journal"
+            " QUALIFY row_number() OVER (PARTITION BY custom_id ORDER BY ordinal DESC) = 1"
+        )
+        con.execute("DROP TABLE journal")
+        reader: pa.RecordBatchReader = con.sql(
+            "SELECT custom_id, raw, payload, attributes FROM base ANTI JOIN latest USING (custom_id)"
+            " UNION ALL SELECT custom_id, raw, payload, attributes FROM latest WHERE put"
+        ).to_arrow_reader(rows)
+        for batch in reader:
+            yield pa.Table.from_batches([batch]).cast(FINGERPRINT_SCHEMA)
 
 
 def _appended_only(base: pa.Table, entries: pa.Table) -> pa.Table | None:

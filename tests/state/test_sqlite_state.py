@@ -18,9 +18,10 @@ import pytest
 from member_conformance import MemberStoreContract
 from state_conformance import CENTURY, T0, TTL, StateStoreContract, at, entries, fp, run_record
 
+import sync.state.fold as fold_module
 import sync.state.sqlite.fingerprints as sqlite_state
 from sync.errors import LeaseHeld, LeaseLost
-from sync.model import ActivationMeta, Fingerprint, JournalEntry, Refusal, RefusalKind
+from sync.model import ActivationMeta, Fingerprint, JournalEntry, Lease, Refusal, RefusalKind
 from sync.state.base import DELIVERY_RETENTION, StateStore
 from sync.state.fold import FOLD_DUE_DOCUMENTS, FOLD_DUE_ROWS, FOLD_DUE_SHARE, fold_due
 from sync.state.sqlite import SCHEMA_VERSION, SQLiteStateStore, StateSchemaError
@@ -877,24 +878,107 @@ def test_a_small_journal_folds_a_chunk_at_a_time_like_the_general_fold(
             assert conn.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (0,)
 
 
-def test_a_journal_larger_than_a_chunk_goes_through_the_general_fold(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
+def _stored(store: SQLiteStateStore, count: int) -> tuple[Lease, dict[str, Fingerprint]]:
+    """``count`` ids committed and compacted (ids ``id-000000``...), under a lease kept for the test."""
+    lease = store.acquire_lease("a", "run", TTL, at(0))
+    expected: dict[str, Fingerprint] = {f"id-{n:06d}": fp(n) for n in range(count)}
+    store.commit(lease, entries(*expected.items()), at(1))
+    store.compact(lease, at(2))
+    return lease, expected
+
+
+def _commit_changes(
+    store: SQLiteStateStore, lease: Lease, rng: random.Random, expected: dict[str, Fingerprint], *, commits: int
 ) -> None:
-    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 3)
+    """A journal of updates, deletions, new ids and repeats (never the first six ids), applied to ``expected``."""
+    stored = len(expected)
+    pool = [f"id-{n:06d}" for n in range(6, stored + stored // 2)]
+    for number in range(commits):
+        picked = rng.sample(pool, rng.randint(2, 6))
+        commit = [(custom_id, None if rng.random() < 0.3 else fp(rng.randint(1000, 9999))) for custom_id in picked]
+        if number == 0:
+            commit.append((f"id-{stored - 1:06d}", None))  # a deletion: never the append-only path
+        store.commit(lease, entries(*commit), at(3))
+        for custom_id, value in commit:
+            if value is None:
+                expected.pop(custom_id, None)
+            else:
+                expected[custom_id] = value
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_journal_of_several_chunks_folds_a_chunk_at_a_time_like_the_reference(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A journal larger than a chunk (several deltas' journals, once due) that updates, deletes
+    and repeats ids, folded a stored chunk at a time (SQLite on this thread, the lookup on a
+    worker): the reference's fingerprints, no chunk over its size, and the first chunk, which
+    no entry touches, not rewritten."""
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 6)
+    rng = random.Random(seed)
+    with SQLiteStateStore(db_path) as store:
+        lease, expected = _stored(store, 40)
+        before = _chunk_blobs(db_path)
+        _commit_changes(store, lease, rng, expected, commits=rng.randint(3, 6))
+        store.compact(lease, at(4))
+        assert store.load_fingerprints("a") == expected
+        chunks = _base_chunks(db_path)
+        assert all(rows <= 6 for _chunk, rows in chunks)
+        assert sum(rows for _chunk, rows in chunks) == len(expected)
+        assert _chunk_blobs(db_path)[0] == before[0]  # untouched: not rewritten
+        with sqlite3.connect(db_path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_journal_past_the_chunked_fold_goes_through_the_spilling_fold_like_the_reference(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A journal larger than the chunked fold takes (a --full run that changed most profiles)
+    and not only adding ids: the reference's fingerprints, written back as full chunks."""
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 6)
+    monkeypatch.setattr(sqlite_state, "_FOLD_BY_CHUNK_ROWS", 4)
+    rng = random.Random(seed)
+    with SQLiteStateStore(db_path) as store:
+        lease, expected = _stored(store, 40)
+        _commit_changes(store, lease, rng, expected, commits=rng.randint(3, 6))
+        store.compact(lease, at(4))
+        assert store.load_fingerprints("a") == expected
+        rows = [rows for _chunk, rows in _base_chunks(db_path)]
+        full, last = divmod(len(expected), 6)
+        assert rows == [6] * full + ([last] if last else [])
+        with sqlite3.connect(db_path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (0,)
+
+
+def test_the_spilling_fold_holds_more_than_its_cap(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state and journal larger than the fold's cap (here 32 MB): DuckDB cannot hold them, so
+    the fold completes only by spilling to disk, and gives the reference's fingerprints."""
+    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 100_000)
+    monkeypatch.setattr(sqlite_state, "_FOLD_BY_CHUNK_ROWS", 1_000)
+    monkeypatch.setattr(fold_module, "FOLD_MEMORY_LIMIT", "32MB")
+    count = 600_000
+    width = "x" * 48  # ids of ~60 bytes: ~36 MB of ids alone in the stored table
+    rng = random.Random(7)
     with SQLiteStateStore(db_path) as store:
         lease = store.acquire_lease("a", "run", TTL, at(0))
-        store.commit(lease, entries(*((f"id-{n}", fp(n)) for n in range(6))), at(1))
+        for start in range(0, count, 100_000):
+            part = [(f"{width}-{n:07d}", fp(n)) for n in range(start, start + 100_000)]
+            store.commit(lease, entries(*part), at(1))
         store.compact(lease, at(2))
-        store.commit(lease, entries(("id-0", None), ("id-1", fp(11)), ("id-2", fp(12)), ("id-9", fp(9))), at(3))
+        changed = rng.sample(range(count), 30_000)
+        commit = [(f"{width}-{n:07d}", None if n % 3 == 0 else fp(n + count)) for n in changed]
+        commit += [(f"{width}-{n:07d}", fp(n)) for n in range(count, count + 5_000)]
+        store.commit(lease, entries(*commit), at(3))
         store.compact(lease, at(4))
-        assert store.load_fingerprints("a") == {
-            "id-1": fp(11),
-            "id-2": fp(12),
-            "id-3": fp(3),
-            "id-4": fp(4),
-            "id-5": fp(5),
-            "id-9": fp(9),
-        }
+        loaded = store.load_fingerprints("a")
+    expected = {f"{width}-{n:07d}": fp(n) for n in range(count + 5_000)}
+    for custom_id, value in commit:
+        if value is None:
+            del expected[custom_id]
+        else:
+            expected[custom_id] = value
+    assert loaded == expected
 
 
 def test_runs_opening_a_new_state_file_at_the_same_moment_all_open_it(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ compaction that folds the journal into the base chunks decides between three way
 from __future__ import annotations
 
 import sqlite3
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Final
 
@@ -19,12 +21,26 @@ from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA
 from sync.memory import release_free_memory
 from sync.model import Fingerprint, JournalEntry, Lease
 from sync.state import core
-from sync.state.fold import fold_due, fold_journal, has_repeats, latest_entries_table, no_common_ids, without_ids
+from sync.state.fold import (
+    SpillingFold,
+    fold_due,
+    fold_journal,
+    has_repeats,
+    latest_entries_table,
+    no_common_ids,
+    without_ids,
+)
 from sync.state.sqlite.connection import SQLiteTables, unpack
 
 # Fingerprints per base blob (a SQLite blob is at most 1 GB; a million fingerprints pack
 # into ~15-30 MB).
 _CHUNK_ROWS: Final = 250_000
+# The largest journal folded a stored chunk at a time (:meth:`FingerprintTables._fold_by_chunk`).
+# It holds the journal's last entry of each id and, while a chunk is looked up, a hash set of
+# their ids: ~200 bytes an entry at most, ~200 MB at this size, whatever the state's size. A
+# larger journal that is not a first sync's is folded by :class:`sync.state.fold.SpillingFold`,
+# within its cap.
+_FOLD_BY_CHUNK_ROWS: Final = 1_000_000
 # lz4: ids compress about 3x, at a few ms per million fingerprints.
 _IPC_OPTIONS: Final = core.ipc_write_options("lz4")
 
@@ -129,8 +145,9 @@ class FingerprintTables(SQLiteTables):
                 if not due:
                     self._count(3, 0)
                     return
-            # A journal of at most one chunk (a delta) is folded a stored chunk at a time; a
-            # larger one that only adds ids (a first sync) is appended; anything else folds.
+            # A journal of up to a million entries (a delta) is folded a stored chunk at a time;
+            # a larger one that only adds ids (a first sync) is appended; anything else goes
+            # through a fold that spills to disk past its cap.
             appended = self._fold_by_chunk(conn, activation)
             if appended is None:
                 appended = self._append_to_base(conn, activation)
@@ -138,11 +155,9 @@ class FingerprintTables(SQLiteTables):
                 conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
                 self._count(6, appended)
                 return
-            base, journal = self._read_blobs(conn, activation)
-            folded = fold_journal(base, journal)
+            written = self._fold_spilling(conn, activation)
             conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
-            write_base(conn, activation, folded)
-            self._count(6, folded.num_rows)
+            self._count(6, written)
 
     def _append_to_base(self, conn: sqlite3.Connection, activation: str) -> int | None:
         """Compact a journal larger than a chunk that only adds new ids by appending them.
@@ -223,24 +238,26 @@ class FingerprintTables(SQLiteTables):
             self._insert_chunk(conn, activation, next_chunk, pa.concat_tables(pending))
 
     def _fold_by_chunk(self, conn: sqlite3.Connection, activation: str) -> int | None:
-        """Compact a journal of at most one chunk, a stored chunk at a time.
+        """Compact a journal of at most :data:`_FOLD_BY_CHUNK_ROWS` entries, a stored chunk at a time.
 
         The usual delta: a few thousand changed, new and removed profiles against millions
-        stored. The journal's last entry per id is taken; each stored chunk that holds one
-        of its ids is rewritten without them; the ids it puts are then appended. The same
-        result as the general fold (``fold_journal``), reading each stored chunk once and
-        holding one at a time instead of the whole state (``docs/how-a-run-works.md``,
-        "Memory"). A journal that only adds ids rewrites no stored chunk but the last.
+        stored (a few hundred thousand once several deltas' journals are due). The journal's
+        last entry per id is taken; each stored chunk that holds one of its ids is rewritten
+        without them; the ids it puts are then appended. The same result as the general fold
+        (``fold_journal``), reading each stored chunk once and holding two at a time instead
+        of the whole state (``docs/how-a-run-works.md``, "Memory"): one in SQLite's hands on
+        this thread, the one before it decoded, looked up and packed again on a worker. A
+        journal that only adds ids rewrites no stored chunk but the last.
 
         Returns:
             The number of fingerprints written, or None (nothing written) when the journal
-            is larger than a chunk: appending or the general fold then runs.
+            is larger: appending or :meth:`_fold_spilling` then runs.
         """
         where = self._where(activation)
         row = conn.execute(
             "SELECT COALESCE(SUM(rows), 0) FROM fingerprint_journal WHERE activation = ?", (activation,)
         ).fetchone()
-        if not row or row[0] > _CHUNK_ROWS:
+        if not row or row[0] > _FOLD_BY_CHUNK_ROWS:
             return None
         journal = [
             unpack(blob, JOURNAL_SCHEMA, where)
@@ -256,22 +273,88 @@ class FingerprintTables(SQLiteTables):
         ).fetchall()
         kept: list[tuple[int, int]] = []
         rewritten = 0
-        for chunk, rows in chunks:
-            stored = self._base_chunk(conn, activation, chunk, where)
-            remaining = without_ids(stored, touched)
-            if remaining is not None:
-                conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk))
-                if remaining.num_rows:
-                    self._insert_chunk(conn, activation, chunk, remaining)
-                rows = remaining.num_rows
+
+        def settle(chunk: int, rows: int, rewrite: Future[tuple[int, memoryview | None] | None]) -> None:
+            nonlocal rewritten
+            result = rewrite.result()
+            if result is not None:
+                rows, packed = result
+                if packed is None:
+                    conn.execute("DELETE FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk))
+                else:
+                    conn.execute(
+                        "UPDATE fingerprint_base SET rows = ?, blob = ? WHERE activation = ? AND chunk = ?",
+                        (rows, packed, activation, chunk),
+                    )
                 rewritten += rows
+                del packed
+                release_free_memory()  # a chunk at a time: the next one reuses this one's memory
             if rows:
                 kept.append((chunk, rows))
-            del stored, remaining
-            release_free_memory()  # one chunk at a time: the next one reuses this one's memory
+
+        # SQLite reads and writes on this thread while a worker decodes, looks up and packs
+        # the chunk read before (Arrow and lz4 let the GIL go): two chunks in hand at most.
+        with ThreadPoolExecutor(1, thread_name_prefix="cepsync-fold") as pool:
+            pending: deque[tuple[int, int, Future[tuple[int, memoryview | None] | None]]] = deque()
+            for chunk, rows in chunks:
+                blob = self._base_blob(conn, activation, chunk)
+                pending.append((chunk, rows, pool.submit(_rewritten, blob, touched, where)))
+                del blob
+                if len(pending) > 1:
+                    settle(*pending.popleft())
+            while pending:
+                settle(*pending.popleft())
         puts = latest.filter(latest.column("put"))
         self._append_chunks(conn, activation, kept, [puts], where)
         return rewritten + int(puts.num_rows)
+
+    def _fold_spilling(self, conn: sqlite3.Connection, activation: str) -> int:
+        """Compact any other journal (larger than a chunk, and deleting, repeating or updating ids).
+
+        The stored chunks and the journal are read a blob at a time into a fold that spills
+        to disk past its cap (:class:`sync.state.fold.SpillingFold`); the chunks are then
+        replaced by the result, written a chunk at a time. Memory is the fold's cap plus a
+        chunk, whatever the state's size (``docs/how-a-run-works.md``, "Memory").
+
+        Returns:
+            The number of fingerprints written.
+        """
+        where = self._where(activation)
+        chunks = [
+            chunk
+            for (chunk,) in conn.execute(
+                "SELECT chunk FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
+            )
+        ]
+        seqs = [
+            seq
+            for (seq,) in conn.execute(
+                "SELECT seq FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+
+        def journal() -> Iterator[pa.Table]:
+            for seq in seqs:
+                row = conn.execute(
+                    "SELECT blob FROM fingerprint_journal WHERE activation = ? AND seq = ?", (activation, seq)
+                ).fetchone()
+                yield unpack(row[0], JOURNAL_SCHEMA, where)
+
+        with SpillingFold() as fold:
+            fold.add_base(self._base_chunk(conn, activation, chunk, where) for chunk in chunks)
+            fold.add_journal(journal())
+            release_free_memory()
+            conn.execute("DELETE FROM fingerprint_base WHERE activation = ?", (activation,))
+            written = 0
+
+            def folded() -> Iterator[pa.Table]:
+                nonlocal written
+                for table in fold.folded(_CHUNK_ROWS):
+                    written += table.num_rows
+                    yield table
+
+            self._append_chunks(conn, activation, [], folded(), where)
+        return written
 
     @staticmethod
     def _journal_ids(tables: Iterable[pa.Table]) -> pa.ChunkedArray | None:
@@ -296,11 +379,15 @@ class FingerprintTables(SQLiteTables):
         return pa.chunked_array(gathered, pa.string())
 
     @staticmethod
-    def _base_chunk(conn: sqlite3.Connection, activation: str, chunk: int, where: str) -> pa.Table:
+    def _base_blob(conn: sqlite3.Connection, activation: str, chunk: int) -> bytes:
         row = conn.execute(
             "SELECT blob FROM fingerprint_base WHERE activation = ? AND chunk = ?", (activation, chunk)
         ).fetchone()
-        return unpack(row[0], FINGERPRINT_SCHEMA, where)
+        return bytes(row[0])
+
+    @classmethod
+    def _base_chunk(cls, conn: sqlite3.Connection, activation: str, chunk: int, where: str) -> pa.Table:
+        return unpack(cls._base_blob(conn, activation, chunk), FINGERPRINT_SCHEMA, where)
 
     @staticmethod
     def _insert_chunk(conn: sqlite3.Connection, activation: str, chunk: int, table: pa.Table) -> None:
@@ -309,6 +396,17 @@ class FingerprintTables(SQLiteTables):
             (activation, chunk, table.num_rows, _pack(table)),
         )
         release_free_memory()  # the packed chunk is written: the next one reuses its memory
+
+
+def _rewritten(blob: bytes, touched: pa.Array, where: str) -> tuple[int, memoryview | None] | None:
+    """A stored chunk's blob without the ``touched`` ids: its rows and new blob (None: none left).
+
+    None when the chunk holds none of them (nothing to write).
+    """
+    remaining = without_ids(unpack(blob, FINGERPRINT_SCHEMA, where), touched)
+    if remaining is None:
+        return None
+    return remaining.num_rows, _pack(remaining) if remaining.num_rows else None
 
 
 def write_base(conn: sqlite3.Connection, activation: str, table: pa.Table) -> None:
