@@ -69,8 +69,8 @@ from sync.differ import (
     DiffRequest,
     FingerprintStore,
     IdScan,
-    distrusted,
-    with_attributes,
+    for_the_differ,
+    register_stored,
 )
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.local_differ import LocalDiff
@@ -149,7 +149,7 @@ class SegmentDiff:
         self.stored_count = stored.num_rows
         self.seconds = {"read": 0.0, "hash_and_diff": 0.0}
         self.orders_for_free = False
-        self._stored = distrusted(with_attributes(stored), unconfirmed)
+        self._stored = for_the_differ(stored, unconfirmed)
         self._intents = pa.table({"custom_id": pa.array(sorted(set(intents)), pa.string())})
         # Ids the id scan found more than once (key, copies), copied into every database.
         self._duplicates = pa.table({"k": pa.array([], pa.string()), "copies": pa.array([], pa.int64())})
@@ -208,7 +208,7 @@ class SegmentDiff:
         con.execute("SET allocator_background_threads = true")
         con.execute("SET preserve_insertion_order = false")
         con.execute("SET threads = 1")
-        con.register("stored", self._stored)
+        register_stored(con, self._stored)
         con.register("intents", self._intents)
         con.execute("CREATE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
         self._load_duplicates(con)

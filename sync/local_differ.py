@@ -17,7 +17,7 @@ from contextlib import ExitStack
 import duckdb
 import pyarrow as pa
 
-from sync.differ import KEY, RAW, ROW
+from sync.differ import KEY, RAW, ROW, register_stored
 from sync.duckdb_sql import quote_identifier, quote_literal
 from sync.local_pass import (
     NEW_IDS_SQL,
@@ -113,7 +113,7 @@ class LocalDiff:
             if self.problem is not None:
                 con.close()
                 return None
-            con.register("stored", self._stored)
+            register_stored(con, self._stored)
             con.register("intents", self._intents)
             con.execute("CREATE OR REPLACE TEMP TABLE duplicates (k VARCHAR, copies BIGINT)")
             self._con = con

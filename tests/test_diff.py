@@ -19,7 +19,17 @@ from hypothesis import strategies as st
 
 from sync.config_file import parse_activation
 from sync.diff import SegmentDiff, key_sql, raw_salt
-from sync.differ import DUPLICATE, FINGERPRINT_SCHEMA, KEY, RAW, ROW, STORED_PAYLOAD, STORED_RAW
+from sync.differ import (
+    DUPLICATE,
+    FINGERPRINT_SCHEMA,
+    KEY,
+    RAW,
+    ROW,
+    STORED_PAYLOAD,
+    STORED_RAW,
+    for_the_differ,
+    register_stored,
+)
 from sync.mapping import ProfileMapper, resolve_attribute_types
 from tests.support.reference_mapping import map_batch
 
@@ -257,6 +267,26 @@ def test_moved_rows_are_stored_ids_whose_raw_hash_moved_and_nothing_else() -> No
     finally:
         diff.close()
     assert [(row["id"], row[STORED_PAYLOAD], row[DUPLICATE]) for row in moved] == [("a", 10, False)]
+
+
+def test_stored_fingerprints_without_attribute_sets_are_held_without_the_column_and_read_as_nulls() -> None:
+    """An activation that keeps no attribute set holds no attributes column while it diffs
+    (its offsets are 4 bytes a profile), yet every query sees all four columns; one set kept
+    keeps the column; an unconfirmed id is distrusted either way."""
+    plain = stored_table({"a": (1, 10), "b": (2, 20)})
+    kept = plain.set_column(3, "attributes", pa.array([b"\x01\x00\x00\x00", b"\x02\x00\x00\x00"], pa.binary()))
+    held_plain, held_kept = for_the_differ(plain, ["b"]), for_the_differ(kept, ["b"])
+    assert held_plain.column_names == ["custom_id", "raw", "payload"]
+    assert held_plain.nbytes < plain.nbytes
+    assert held_kept.column_names == FINGERPRINT_SCHEMA.names
+    for held, sets in ((held_plain, [None, None]), (held_kept, [b"\x01\x00\x00\x00", None])):  # "b" distrusted
+        with duckdb.connect() as con:
+            register_stored(con, held)
+            rows = con.execute("SELECT custom_id, raw, payload, attributes FROM stored ORDER BY custom_id").fetchall()
+        assert rows == [("a", 1, 10, sets[0]), ("b", 0, 0, sets[1])]
+    with duckdb.connect() as con:
+        register_stored(con, for_the_differ(kept, []))
+        assert con.execute("SELECT attributes FROM stored WHERE custom_id = 'b'").fetchall() == [(b"\x02\x00\x00\x00",)]
 
 
 def test_a_delta_read_hands_over_new_duplicated_and_unkeyed_rows_with_their_row_numbers() -> None:

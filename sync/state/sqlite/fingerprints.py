@@ -145,12 +145,15 @@ class FingerprintTables(SQLiteTables):
                 if not due:
                     self._count(3, 0)
                     return
-            # A journal of up to a million entries (a delta) is folded a stored chunk at a time;
-            # a larger one that only adds ids (a first sync) is appended; anything else goes
+            # A journal of at most a chunk (a delta) is folded a stored chunk at a time; a larger
+            # one that only adds ids (a first sync) is appended; one of up to a million entries
+            # (several deltas' journals) is folded a stored chunk at a time; anything else goes
             # through a fold that spills to disk past its cap.
-            appended = self._fold_by_chunk(conn, activation)
+            appended = self._fold_by_chunk(conn, activation, up_to=_CHUNK_ROWS)
             if appended is None:
                 appended = self._append_to_base(conn, activation)
+            if appended is None:
+                appended = self._fold_by_chunk(conn, activation, up_to=_FOLD_BY_CHUNK_ROWS)
             if appended is not None:
                 conn.execute("DELETE FROM fingerprint_journal WHERE activation = ?", (activation,))
                 self._count(6, appended)
@@ -237,8 +240,8 @@ class FingerprintTables(SQLiteTables):
         if rows:
             self._insert_chunk(conn, activation, next_chunk, pa.concat_tables(pending))
 
-    def _fold_by_chunk(self, conn: sqlite3.Connection, activation: str) -> int | None:
-        """Compact a journal of at most :data:`_FOLD_BY_CHUNK_ROWS` entries, a stored chunk at a time.
+    def _fold_by_chunk(self, conn: sqlite3.Connection, activation: str, *, up_to: int) -> int | None:
+        """Compact a journal of at most ``up_to`` entries, a stored chunk at a time.
 
         The usual delta: a few thousand changed, new and removed profiles against millions
         stored (a few hundred thousand once several deltas' journals are due). The journal's
@@ -251,13 +254,13 @@ class FingerprintTables(SQLiteTables):
 
         Returns:
             The number of fingerprints written, or None (nothing written) when the journal
-            is larger: appending or :meth:`_fold_spilling` then runs.
+            has more than ``up_to`` entries.
         """
         where = self._where(activation)
         row = conn.execute(
             "SELECT COALESCE(SUM(rows), 0) FROM fingerprint_journal WHERE activation = ?", (activation,)
         ).fetchone()
-        if not row or row[0] > _FOLD_BY_CHUNK_ROWS:
+        if not row or row[0] > up_to:
             return None
         journal = [
             unpack(blob, JOURNAL_SCHEMA, where)
