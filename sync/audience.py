@@ -27,7 +27,6 @@ still a person in the segment: a member. A row whose id is invalid cannot be one
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from sync.logs import get_logger
 from sync.model import Lease
 from sync.plan import GuardVerdict, evaluate_guards
 from sync.record import RunRecord
+from sync.scratch import scratch_directory
 from sync.sources.base import Source
 from sync.state.base import StateStore
 
@@ -160,7 +160,7 @@ class AudienceRun:
         from sync.duckdb_sql import bound_memory
         from sync.raw_hash import key_sql
 
-        with tempfile.TemporaryDirectory(prefix="cepsync-audience-") as spill, duckdb.connect(":memory:") as con:
+        with scratch_directory("audience") as spill, duckdb.connect(":memory:") as con:
             bound_memory(con, memory_limit=MEMORY_LIMIT, spill_directory=spill)
             con.execute("CREATE TABLE seen (k VARCHAR, ok BOOLEAN)")
             key = key_sql(column, arrow_type)

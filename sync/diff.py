@@ -40,7 +40,6 @@ The raw hash and the key are :mod:`sync.raw_hash`'s recipes.
 from __future__ import annotations
 
 import itertools
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -75,6 +74,7 @@ from sync.differ import (
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.local_differ import LocalDiff
 from sync.raw_hash import key_sql, raw_salt
+from sync.scratch import scratch_directory
 from sync.sources.base import Source, local_segment
 from sync.stream_sql import NEW_BY_HASH_SQL, send_sql, streamed_moved_sql
 
@@ -166,7 +166,7 @@ class SegmentDiff:
         self._reported = False  # on_rows heard of the segment's rows once already
         self._scanned_rows = 0  # the id scan's row count
         self._below_watermark = 0  # ... and how many of its rows are at or below ``after``
-        self._spill = tempfile.TemporaryDirectory(prefix="cepsync-diff-")
+        self._spill = scratch_directory("diff")
         self._own: duckdb.DuckDBPyConnection | None = None  # the differ's own database, once needed
         # A DuckDB source: a delta's pass runs in its database (sync.local_differ), unless a
         # mapped column would hash otherwise there (then ``local_problem`` says why).

@@ -33,6 +33,8 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sync.scratch import scratch_prefix
+
 RUNS_TABLE: Final = "cepsync_runs"
 REJECTIONS_TABLE: Final = "cepsync_rejections"
 # Rows held in memory before the spool writes them to its file as one Parquet row group.
@@ -284,7 +286,7 @@ class RejectionSpool:
         self._started_at = _timestamp(started_at)
         self._include_values = include_values
         self._max_rows = max_rows
-        self._directory = Path(tempfile.mkdtemp(prefix="cepsync-results-"))
+        self._directory = Path(tempfile.mkdtemp(prefix=scratch_prefix("results")))
         # Removed at the latest when the spool is collected (an interrupted run never finishes it).
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._directory, ignore_errors=True)
         self.path = self._directory / "rejections.parquet"

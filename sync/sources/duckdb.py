@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -42,6 +41,7 @@ import pyarrow as pa
 from sync.config import DuckDBSourceConfig
 from sync.duckdb_sql import bound_memory, quote_identifier, quote_literal
 from sync.errors import ConfigError, FatalError
+from sync.scratch import scratch_directory
 
 # The cap of a read whose plan holds rows (sorts, joins, aggregates, windows), and of any
 # read's when the activation sets none.
@@ -143,7 +143,7 @@ class DuckDBSource:
         # Bounded, it evicts them as the stream moves on, and a heavy segment query spills
         # to a directory of its own (a read-only database has none by default). Every size
         # the config's pattern lets through is one DuckDB accepts.
-        self._spill = tempfile.TemporaryDirectory(prefix="cepsync-source-")
+        self._spill = scratch_directory("source")
         self._limit = config.memory_limit or f"{QUERY_MEMORY_LIMIT_MB}MB"
         bound_memory(self._connection, memory_limit=self._limit, spill_directory=self._spill.name)
 

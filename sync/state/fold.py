@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 
 from sync.differ import FINGERPRINT_COLUMNS, FINGERPRINT_SCHEMA, JOURNAL_SCHEMA, with_attributes
 from sync.memory import release_free_memory
+from sync.scratch import scratch_directory
 
 if TYPE_CHECKING:
     import duckdb
@@ -178,7 +178,7 @@ def _fold_database() -> Iterator[duckdb.DuckDBPyConnection]:
 
     from sync.duckdb_sql import bound_memory
 
-    with duckdb.connect(":memory:") as con, tempfile.TemporaryDirectory(prefix="cepsync-fold-") as spill:
+    with duckdb.connect(":memory:") as con, scratch_directory("fold") as spill:
         # A journal of millions of entries meets a base of millions: the join spills to
         # disk past FOLD_MEMORY_LIMIT instead of building its whole hash table in memory.
         bound_memory(con, memory_limit=FOLD_MEMORY_LIMIT, spill_directory=spill)
