@@ -838,46 +838,6 @@ def _chunk_blobs(path: Path) -> dict[int, bytes]:
         return {chunk: bytes(blob) for chunk, blob in rows}
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_a_small_journal_folds_a_chunk_at_a_time_like_the_general_fold(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
-) -> None:
-    """Updates, deletions, new and repeated ids against several chunks: the same fingerprints
-    as the reference (last entry wins, a deletion removes), chunks no larger than a chunk,
-    and a chunk the journal does not touch left as it was."""
-    monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 6)
-    rng = random.Random(seed)
-    with SQLiteStateStore(db_path) as store:
-        lease = store.acquire_lease("a", "run", TTL, at(0))
-        expected: dict[str, Fingerprint] = {f"id-{n:02d}": fp(n) for n in range(20)}
-        store.commit(lease, entries(*expected.items()), at(1))
-        store.compact(lease, at(2))
-        assert _base_chunks(db_path) == [(0, 6), (1, 6), (2, 6), (3, 2)]
-        before = _chunk_blobs(db_path)
-        pool = [f"id-{n:02d}" for n in range(6, 25)]  # never chunk 0's ids; some new ones
-        commits = []
-        for _ in range(rng.randint(1, 3)):  # at most 6 entries: one chunk
-            picked = rng.sample(pool, rng.randint(1, 2))
-            commits.append(
-                [(custom_id, None if rng.random() < 0.4 else fp(rng.randint(100, 999))) for custom_id in picked]
-            )
-        for commit in commits:
-            store.commit(lease, entries(*commit), at(3))
-            for custom_id, value in commit:
-                if value is None:
-                    expected.pop(custom_id, None)
-                else:
-                    expected[custom_id] = value
-        store.compact(lease, at(4))
-        assert store.load_fingerprints("a") == expected
-        chunks = _base_chunks(db_path)
-        assert all(rows <= 6 for _chunk, rows in chunks)
-        assert sum(rows for _chunk, rows in chunks) == len(expected)
-        assert _chunk_blobs(db_path)[0] == before[0]  # untouched: not rewritten
-        with sqlite3.connect(db_path) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM fingerprint_journal").fetchone() == (0,)
-
-
 def _stored(store: SQLiteStateStore, count: int) -> tuple[Lease, dict[str, Fingerprint]]:
     """``count`` ids committed and compacted (ids ``id-000000``...), under a lease kept for the test."""
     lease = store.acquire_lease("a", "run", TTL, at(0))
@@ -888,13 +848,22 @@ def _stored(store: SQLiteStateStore, count: int) -> tuple[Lease, dict[str, Finge
 
 
 def _commit_changes(
-    store: SQLiteStateStore, lease: Lease, rng: random.Random, expected: dict[str, Fingerprint], *, commits: int
+    store: SQLiteStateStore,
+    lease: Lease,
+    rng: random.Random,
+    expected: dict[str, Fingerprint],
+    *,
+    commits: int,
+    per_commit: tuple[int, int] = (2, 6),
 ) -> None:
-    """A journal of updates, deletions, new ids and repeats (never the first six ids), applied to ``expected``."""
+    """A journal of updates, deletions, new ids and repeats (never the first six ids), applied to ``expected``.
+
+    ``per_commit``: the fewest and most entries a commit adds to the first deletion.
+    """
     stored = len(expected)
     pool = [f"id-{n:06d}" for n in range(6, stored + stored // 2)]
     for number in range(commits):
-        picked = rng.sample(pool, rng.randint(2, 6))
+        picked = rng.sample(pool, rng.randint(*per_commit))
         commit = [(custom_id, None if rng.random() < 0.3 else fp(rng.randint(1000, 9999))) for custom_id in picked]
         if number == 0:
             commit.append((f"id-{stored - 1:06d}", None))  # a deletion: never the append-only path
@@ -907,19 +876,23 @@ def _commit_changes(
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_a_journal_of_several_chunks_folds_a_chunk_at_a_time_like_the_reference(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+@pytest.mark.parametrize("journal", ["one chunk", "several chunks"])
+def test_a_journal_folds_a_chunk_at_a_time_like_the_reference(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, journal: str
 ) -> None:
-    """A journal larger than a chunk (several deltas' journals, once due) that updates, deletes
-    and repeats ids, folded a stored chunk at a time (SQLite on this thread, the lookup on a
-    worker): the reference's fingerprints, no chunk over its size, and the first chunk, which
-    no entry touches, not rewritten."""
+    """A journal that updates, deletes and repeats ids, new ones too, of at most a chunk (a
+    delta) or of several (several deltas' journals, once due), folded a stored chunk at a
+    time (SQLite on this thread, the lookup on a worker): the reference's fingerprints, no
+    chunk over its size, and the first chunk, which no entry touches, not rewritten."""
     monkeypatch.setattr(sqlite_state, "_CHUNK_ROWS", 6)
     rng = random.Random(seed)
     with SQLiteStateStore(db_path) as store:
         lease, expected = _stored(store, 40)
         before = _chunk_blobs(db_path)
-        _commit_changes(store, lease, rng, expected, commits=rng.randint(3, 6))
+        if journal == "one chunk":
+            _commit_changes(store, lease, rng, expected, commits=rng.randint(1, 2), per_commit=(1, 1))
+        else:
+            _commit_changes(store, lease, rng, expected, commits=rng.randint(3, 6))
         store.compact(lease, at(4))
         assert store.load_fingerprints("a") == expected
         chunks = _base_chunks(db_path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Final
@@ -176,19 +176,7 @@ class FingerprintTables(SQLiteTables):
             deletes, repeats or updates an id: the general fold then runs.
         """
         where = self._where(activation)
-        seqs = [
-            seq
-            for (seq,) in conn.execute(
-                "SELECT seq FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
-            )
-        ]
-
-        def journal() -> Iterator[pa.Table]:
-            for seq in seqs:
-                row = conn.execute(
-                    "SELECT blob FROM fingerprint_journal WHERE activation = ? AND seq = ?", (activation, seq)
-                ).fetchone()
-                yield unpack(row[0], JOURNAL_SCHEMA, where)
+        journal = self._journal_reader(conn, activation, where)
 
         ids = self._journal_ids(journal())
         if ids is None or has_repeats(ids):
@@ -329,19 +317,7 @@ class FingerprintTables(SQLiteTables):
                 "SELECT chunk FROM fingerprint_base WHERE activation = ? ORDER BY chunk", (activation,)
             )
         ]
-        seqs = [
-            seq
-            for (seq,) in conn.execute(
-                "SELECT seq FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
-            )
-        ]
-
-        def journal() -> Iterator[pa.Table]:
-            for seq in seqs:
-                row = conn.execute(
-                    "SELECT blob FROM fingerprint_journal WHERE activation = ? AND seq = ?", (activation, seq)
-                ).fetchone()
-                yield unpack(row[0], JOURNAL_SCHEMA, where)
+        journal = self._journal_reader(conn, activation, where)
 
         with SpillingFold() as fold:
             fold.add_base(self._base_chunk(conn, activation, chunk, where) for chunk in chunks)
@@ -358,6 +334,25 @@ class FingerprintTables(SQLiteTables):
 
             self._append_chunks(conn, activation, [], folded(), where)
         return written
+
+    @staticmethod
+    def _journal_reader(conn: sqlite3.Connection, activation: str, where: str) -> Callable[[], Iterator[pa.Table]]:
+        """The journal's tables, oldest first, a blob at a time; each call of the result reads them again."""
+        seqs = [
+            seq
+            for (seq,) in conn.execute(
+                "SELECT seq FROM fingerprint_journal WHERE activation = ? ORDER BY seq", (activation,)
+            )
+        ]
+
+        def journal() -> Iterator[pa.Table]:
+            for seq in seqs:
+                row = conn.execute(
+                    "SELECT blob FROM fingerprint_journal WHERE activation = ? AND seq = ?", (activation, seq)
+                ).fetchone()
+                yield unpack(row[0], JOURNAL_SCHEMA, where)
+
+        return journal
 
     @staticmethod
     def _journal_ids(tables: Iterable[pa.Table]) -> pa.ChunkedArray | None:
