@@ -46,6 +46,7 @@ from sync.model import ActivationMeta, Refusal
 from sync.pipeline import Moved, Producer, Scan
 from sync.plan import GuardVerdict, PlanCounts, evaluate_guards, guard_refusal
 from sync.planner import Planner
+from sync.policies import RemovalPolicy
 from sync.record import EXIT_CODES, RunRecord, RunStatus, StageTimings, is_retryable, status_of_error
 from sync.removals import send_removals
 from sync.results import hook as results_hook
@@ -463,21 +464,31 @@ class Run:
                 remembered=self.book.refusals,
                 on_answer=self.progress.sent,
             )
+            removals: asyncio.Task[None] | None = None
             try:
-                await self._pump(producer, moved, tally, sender, endpoint, expected, map_moved=map_moved)
-                if ids.removed and not sender.incomplete and not sender.failed:
-                    await send_removals(
-                        sender,
-                        ids.removed,
-                        policy=activation.removal_policy,
-                        batch=endpoint.send_batch,
-                        noter=self._noter(),
-                        window=INTENT_WINDOW_PROFILES,
-                        checkpoint=self._checkpoint,
-                    )
+                clearing = bool(ids.removed) and activation.removal_policy is RemovalPolicy.CLEAR and not scan.full
+                if clearing:
+                    # Every guard was judged before the stream, and the ids that left a delta
+                    # need no mapping: their requests leave now, while the mapping thread reads
+                    # and maps the rows to send. Both share the sender's slots and Batch's pace,
+                    # so sending takes as long, started earlier (docs/how-a-run-works.md). A
+                    # full pass keeps them last: its watermark counts its groups in id order.
+                    self.progress.sending(expected, endpoint.value)
+                    removals = asyncio.create_task(self._clear(sender, ids.removed, endpoint))
+                await self._pump(
+                    producer, moved, tally, sender, endpoint, expected, map_moved=map_moved, announced=clearing
+                )
+                if removals is not None:
+                    await removals
+                elif ids.removed and not sender.incomplete and not sender.failed:
+                    await self._clear(sender, ids.removed, endpoint)  # on_remove: keep (only forgotten)
                 await sender.drain()
                 await self.audience.send(client)
             finally:
+                if removals is not None and not removals.done():
+                    removals.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await removals
                 self.book.take_sends(sender.tally, final=True)
                 # Noted even when sending stopped on a fatal error: they were answered.
                 self._answers = self.book.batch_answers(sender.tally)
@@ -488,6 +499,18 @@ class Run:
             self._stages.send = time.perf_counter() - sender.started_at if sender.started_at else 0.0
         self.run.endpoint = endpoint.value if sender.tally.requests else None
         return sender
+
+    async def _clear(self, sender: Sender, removed: list[str], endpoint: Endpoint) -> None:
+        """The removals of a mirror run (sync/removals.py), through the run's sender."""
+        await send_removals(
+            sender,
+            removed,
+            policy=self.activation.removal_policy,
+            batch=endpoint.send_batch,
+            noter=self._noter(),
+            window=INTENT_WINDOW_PROFILES,
+            checkpoint=self._checkpoint,
+        )
 
     def _noter(self) -> IntentNoter:
         return IntentNoter(self.store, lambda: self.keeper.lease, mirror=self.activation.sync_mode is SyncMode.MIRROR)
@@ -502,11 +525,14 @@ class Run:
         expected: int,
         *,
         map_moved: bool,
+        announced: bool = False,
     ) -> None:
-        """Feed the mapping thread's groups to the sender, under backpressure."""
+        """Feed the mapping thread's groups to the sender, under backpressure.
+
+        ``announced``: sending was announced already (the removals went first).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SendGroup | BaseException | None] = asyncio.Queue(maxsize=QUEUED_GROUPS)
-        announced = False
         noter = self._noter()
 
         def produce() -> None:
