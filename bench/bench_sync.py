@@ -304,7 +304,6 @@ def child_main(kind: str, spec_path: str) -> int:
     return measured_child(spec_path, _open_child_store)
 
 
-@contextmanager
 def compile_sources(*trees: Path) -> None:
     """Byte-compile each checkout's ``sync`` package, so that no command compiles it as it starts.
 
@@ -319,6 +318,7 @@ def compile_sources(*trees: Path) -> None:
         )
 
 
+@contextmanager
 def baseline_tree(ref: str, workdir: Path) -> Iterator[Path]:
     """A detached checkout of ``ref`` (the engine to compare against), removed afterwards."""
     tree = workdir / f"baseline-{ref[:12]}"
