@@ -18,9 +18,11 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from sync.config import Activation
 from sync.dev.simulator import BatchSimulator
 from sync.diff import EmbeddedDiffer
 from sync.differ import Differ, DiffRequest
+from sync.runs import RunResult
 from sync.sources.duckdb import DuckDBSource
 from sync.state.sqlite import SQLiteStateStore
 from tests.support.engine_support import (
@@ -107,6 +109,19 @@ class _WatchedDiffer(EmbeddedDiffer):
         return _Watched(opened, self._events, hold=self._hold)  # type: ignore[return-value]
 
 
+async def run_watched(
+    activation: Activation, state_path: Path, events: _Events, hold: Hold, **options: Any
+) -> RunResult:
+    """One run whose moved rows are noted in ``events`` as they are read, each batch after ``hold``."""
+    return await run_once(
+        activation,
+        state_path,
+        differ=lambda source, store: _WatchedDiffer(source, store, events, hold=hold),
+        progress=events,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("limit", [100.0, 99.5], ids=["guards hold", "changed guard judged on the exact count"])
 async def test_moved_rows_are_sent_as_they_are_mapped_when_the_guards_hold_whatever_they_hold(
     unlimited_sim: tuple[BatchSimulator, str], tmp_path: Path, limit: float
@@ -142,12 +157,7 @@ async def test_moved_rows_are_sent_as_they_are_mapped_when_the_guards_hold_whate
         if last and limit == 100:
             events.announced.wait(timeout=30)
 
-    second = await run_once(
-        activation,
-        tmp_path / "state.db",
-        differ=lambda source, store: _WatchedDiffer(source, store, events, hold=hold),
-        progress=events,
-    )
+    second = await run_watched(activation, tmp_path / "state.db", events, hold)
 
     assert second.status == "succeeded", second.record["error"]
     counts = second.record["counts"]
@@ -201,12 +211,8 @@ async def test_a_run_that_stops_sending_early_still_counts_every_moved_row(
             events.announced.wait(timeout=30)
             time.sleep(2)
 
-    stopped = await run_once(
-        activation,
-        tmp_path / "state.db",
-        client=make_client(activation, api_key="wrong-key"),
-        differ=lambda source, store: _WatchedDiffer(source, store, events, hold=hold),
-        progress=events,
+    stopped = await run_watched(
+        activation, tmp_path / "state.db", events, hold, client=make_client(activation, api_key="wrong-key")
     )
     assert stopped.status == "auth_error"
     assert events.seen.count("moved batch") >= 3

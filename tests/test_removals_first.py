@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sync.dev.simulator import BatchSimulator
 from tests.support.engine_support import PROJECT_KEY, make_activation, people, run_once, write_segment
-from tests.test_moved_stream import _Events, _WatchedDiffer
+from tests.test_moved_stream import _Events, run_watched
 
 ROWS = 8_000
 GONE_EVERY = 8  # one row in 8 leaves the segment: 1,000
@@ -62,12 +62,7 @@ async def test_removals_leave_before_the_moved_rows_are_read(
         if index == 0:
             events.answered.wait(timeout=10)
 
-    second = await run_once(
-        activation,
-        tmp_path / "state.db",
-        differ=lambda source, store: _WatchedDiffer(source, store, events, hold=hold),
-        progress=events,
-    )
+    second = await run_watched(activation, tmp_path / "state.db", events, hold)
 
     assert second.status == "succeeded", second.record["error"]
     assert events.seen.index("answered") < events.seen.index("moved batch")
