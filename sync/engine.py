@@ -481,7 +481,8 @@ class Run:
                 if removals is not None:
                     await removals
                 elif ids.removed and not sender.incomplete and not sender.failed:
-                    await self._clear(sender, ids.removed, endpoint)  # on_remove: keep (only forgotten)
+                    # A full pass's removals, after its last group; or, on_remove: keep, only forgotten.
+                    await self._clear(sender, ids.removed, endpoint)
                 await sender.drain()
                 await self.audience.send(client)
             finally:
