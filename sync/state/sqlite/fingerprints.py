@@ -173,7 +173,7 @@ class FingerprintTables(SQLiteTables):
 
         Returns:
             The number of fingerprints appended, or None (nothing written) when the journal
-            deletes, repeats or updates an id: the general fold then runs.
+            deletes, repeats or updates an id: the chunked or the spilling fold then runs.
         """
         where = self._where(activation)
         journal = self._journal_reader(conn, activation, where)
@@ -300,12 +300,13 @@ class FingerprintTables(SQLiteTables):
         return rewritten + int(puts.num_rows)
 
     def _fold_spilling(self, conn: sqlite3.Connection, activation: str) -> int:
-        """Compact any other journal (larger than a chunk, and deleting, repeating or updating ids).
+        """Compact any other journal (over :data:`_FOLD_BY_CHUNK_ROWS` entries, not only adding ids).
 
         The stored chunks and the journal are read a blob at a time into a fold that spills
         to disk past its cap (:class:`sync.state.fold.SpillingFold`); the chunks are then
-        replaced by the result, written a chunk at a time. Memory is the fold's cap plus a
-        chunk, whatever the state's size (``docs/how-a-run-works.md``, "Memory").
+        replaced by the result, written a chunk at a time. Memory is bounded by the fold's
+        cap (and DuckDB's own overhead beside it) and a chunk, not by the state's size
+        (``docs/how-a-run-works.md``, "Memory").
 
         Returns:
             The number of fingerprints written.
@@ -408,7 +409,7 @@ def _rewritten(blob: bytes, touched: pa.Array, where: str) -> tuple[int, memoryv
 
 
 def write_base(conn: sqlite3.Connection, activation: str, table: pa.Table) -> None:
-    """Replace the activation's base chunks with ``table`` (after a general fold, or a version-1 file)."""
+    """Replace the activation's base chunks with ``table`` (a version-1 file's fingerprints, converted)."""
     conn.execute("DELETE FROM fingerprint_base WHERE activation = ?", (activation,))
     for chunk, start in enumerate(range(0, table.num_rows, _CHUNK_ROWS)):
         part = table.slice(start, _CHUNK_ROWS)
